@@ -1,0 +1,176 @@
+//! The embedded feature and result stores: tables keyed by record id, first write wins.
+
+use std::collections::HashMap;
+
+use async_trait::async_trait;
+use rusqlite::{params, params_from_iter};
+
+use super::{Db, placeholders};
+use crate::backend::{FeatureStore, PutOutcome, ResultCounts, ResultStore};
+use crate::envelope::{RecordId, now_ms};
+use crate::error::Result;
+use crate::record::{PredictionResult, ResultStatus};
+
+/// SQLite's default limit on bound parameters is 32766; stay far below it.
+const IN_LIST_CHUNK: usize = 500;
+
+pub(super) struct EmbeddedFeatureStore {
+    db: Db,
+}
+
+impl EmbeddedFeatureStore {
+    pub(super) fn new(db: Db) -> Self {
+        Self { db }
+    }
+}
+
+fn vector_to_bytes(vector: &[f32]) -> Vec<u8> {
+    vector.iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
+fn vector_from_bytes(bytes: &[u8]) -> Vec<f32> {
+    bytes.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes"))).collect()
+}
+
+/// Runs `query` (with one `{}` for the placeholder list) over `ids` in chunks.
+fn select_in<T>(
+    conn: &rusqlite::Connection,
+    query: &str,
+    ids: &[RecordId],
+    mut row: impl FnMut(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+) -> rusqlite::Result<Vec<T>> {
+    let mut out = Vec::with_capacity(ids.len());
+    for chunk in ids.chunks(IN_LIST_CHUNK) {
+        let sql = query.replace("{}", &placeholders(chunk.len()));
+        let mut stmt = conn.prepare(&sql)?;
+        let rows = stmt.query_map(params_from_iter(chunk.iter().map(RecordId::as_str)), &mut row)?;
+        for r in rows {
+            out.push(r?);
+        }
+    }
+    Ok(out)
+}
+
+#[async_trait]
+impl FeatureStore for EmbeddedFeatureStore {
+    async fn put_if_absent(&self, items: Vec<(RecordId, Vec<f32>)>) -> Result<()> {
+        self.db
+            .write(move |tx| {
+                let mut insert = tx.prepare_cached(
+                    "INSERT OR IGNORE INTO features (record_id, vector, created_ms) VALUES (?1, ?2, ?3)",
+                )?;
+                let now = now_ms() as i64;
+                for (id, vector) in items {
+                    insert.execute(params![id.as_str(), vector_to_bytes(&vector), now])?;
+                }
+                Ok(())
+            })
+            .await
+    }
+
+    async fn get_batch(&self, ids: &[RecordId]) -> Result<HashMap<RecordId, Vec<f32>>> {
+        let ids = ids.to_vec();
+        self.db
+            .call(move |conn| {
+                let rows = select_in(conn, "SELECT record_id, vector FROM features WHERE record_id IN ({})", &ids, |r| {
+                    Ok((r.get::<_, String>(0)?, vector_from_bytes(&r.get::<_, Vec<u8>>(1)?)))
+                })?;
+                Ok(rows.into_iter().filter_map(|(id, v)| Some((RecordId::parse(id).ok()?, v))).collect())
+            })
+            .await
+    }
+}
+
+pub(super) struct EmbeddedResultStore {
+    db: Db,
+}
+
+impl EmbeddedResultStore {
+    pub(super) fn new(db: Db) -> Self {
+        Self { db }
+    }
+}
+
+fn decode_result(body: &str) -> rusqlite::Result<PredictionResult> {
+    serde_json::from_str(body).map_err(|e| rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e)))
+}
+
+#[async_trait]
+impl ResultStore for EmbeddedResultStore {
+    async fn put_if_absent(&self, results: Vec<PredictionResult>) -> Result<Vec<PutOutcome>> {
+        self.db
+            .write(move |tx| {
+                let mut insert = tx.prepare_cached(
+                    "INSERT OR IGNORE INTO results (record_id, status, body, created_ms) VALUES (?1, ?2, ?3, ?4)",
+                )?;
+                let mut existing = tx.prepare_cached("SELECT body FROM results WHERE record_id = ?1")?;
+                let now = now_ms() as i64;
+                let mut outcomes = Vec::with_capacity(results.len());
+                for result in results {
+                    let body = serde_json::to_string(&result).expect("a result serialises");
+                    let inserted =
+                        insert.execute(params![result.record_id.as_str(), result.status.as_str(), body, now])?;
+                    if inserted == 1 {
+                        outcomes.push(PutOutcome::Inserted);
+                    } else {
+                        let stored: String = existing.query_row([result.record_id.as_str()], |r| r.get(0))?;
+                        outcomes.push(PutOutcome::AlreadyPresent(Box::new(decode_result(&stored)?)));
+                    }
+                }
+                Ok(outcomes)
+            })
+            .await
+    }
+
+    async fn get_batch(&self, ids: &[RecordId]) -> Result<HashMap<RecordId, PredictionResult>> {
+        let ids = ids.to_vec();
+        self.db
+            .call(move |conn| {
+                let rows = select_in(conn, "SELECT body FROM results WHERE record_id IN ({})", &ids, |r| {
+                    decode_result(&r.get::<_, String>(0)?)
+                })?;
+                Ok(rows.into_iter().map(|r| (r.record_id.clone(), r)).collect())
+            })
+            .await
+    }
+
+    async fn counts(&self) -> Result<ResultCounts> {
+        self.db
+            .call(|conn| {
+                let mut counts = ResultCounts::default();
+                let mut stmt = conn.prepare("SELECT status, COUNT(*) FROM results GROUP BY status")?;
+                let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
+                for row in rows {
+                    let (status, n) = row?;
+                    match ResultStatus::parse(&status) {
+                        Some(ResultStatus::Accepted) => counts.accepted = n as u64,
+                        Some(ResultStatus::Review) => counts.review = n as u64,
+                        Some(ResultStatus::Reviewed) => counts.reviewed = n as u64,
+                        None => {}
+                    }
+                }
+                Ok(counts)
+            })
+            .await
+    }
+
+    async fn scan(
+        &self,
+        after: Option<&RecordId>,
+        limit: usize,
+        status: Option<ResultStatus>,
+    ) -> Result<Vec<PredictionResult>> {
+        let after = after.map(|id| id.as_str().to_owned()).unwrap_or_default();
+        let status = status.map(ResultStatus::as_str);
+        self.db
+            .call(move |conn| {
+                let mut stmt = conn.prepare_cached(
+                    "SELECT body FROM results WHERE record_id > ?1 AND (?2 IS NULL OR status = ?2) \
+                     ORDER BY record_id LIMIT ?3",
+                )?;
+                let rows = stmt.query_map(params![after, status, limit as i64], |r| decode_result(&r.get::<_, String>(0)?))?;
+                rows.collect()
+            })
+            .await
+    }
+}

@@ -1,0 +1,302 @@
+//! The embedded stream: a log table split into shards, with one lease row per shard.
+//!
+//! All workers share one machine and so one clock, so lease expiry is a wall-clock time here.
+//! (The Kinesis consumer cannot do that across machines and judges expiry by counters.)
+
+use std::collections::BTreeMap;
+
+use async_trait::async_trait;
+use rusqlite::{OptionalExtension, params};
+use sha2::{Digest, Sha256};
+
+use super::Db;
+use crate::backend::{RecordStream, StreamConsumer, StreamInput, StreamRecord, StreamStats};
+use crate::config::StoreConfig;
+use crate::envelope::now_ms;
+use crate::error::{ReasonCode, Result, SluiceError};
+
+pub(super) struct EmbeddedStream {
+    db: Db,
+    lease_ms: u64,
+}
+
+impl EmbeddedStream {
+    pub(super) fn new(db: Db, config: &StoreConfig) -> Self {
+        Self { db, lease_ms: config.lease_duration_ms }
+    }
+}
+
+fn shard_name(shard: i64) -> String {
+    format!("shard-{shard:04}")
+}
+
+fn parse_shard(name: &str) -> Result<i64> {
+    name.strip_prefix("shard-")
+        .and_then(|n| n.parse().ok())
+        .ok_or_else(|| SluiceError::permanent(ReasonCode::Internal, format!("not an embedded shard id: {name}")))
+}
+
+fn parse_sequence(sequence: &str) -> Result<i64> {
+    sequence
+        .parse()
+        .map_err(|_| SluiceError::permanent(ReasonCode::Internal, format!("not an embedded sequence: {sequence}")))
+}
+
+/// Stable across processes and releases, like Kinesis's MD5 of the partition key.
+fn shard_for(partition_key: &str, shards: i64) -> i64 {
+    let digest = Sha256::digest(partition_key.as_bytes());
+    let hash = u64::from_be_bytes(digest[..8].try_into().expect("8 bytes"));
+    (hash % shards as u64) as i64
+}
+
+#[async_trait]
+impl RecordStream for EmbeddedStream {
+    async fn put_records(&self, records: Vec<StreamInput>) -> Result<()> {
+        self.db
+            .write(move |tx| {
+                let shards: i64 = tx.query_row("SELECT COUNT(*) FROM stream_shards", [], |r| r.get(0))?;
+                let mut insert = tx.prepare_cached(
+                    "INSERT INTO stream_records (shard, partition_key, data, arrived_ms) VALUES (?1, ?2, ?3, ?4)",
+                )?;
+                let now = now_ms() as i64;
+                for record in &records {
+                    insert.execute(params![
+                        shard_for(&record.partition_key, shards),
+                        record.partition_key,
+                        record.data,
+                        now
+                    ])?;
+                }
+                Ok(())
+            })
+            .await
+    }
+
+    async fn consumer(&self, worker_id: &str) -> Result<Box<dyn StreamConsumer>> {
+        Ok(Box::new(EmbeddedConsumer {
+            db: self.db.clone(),
+            owner: worker_id.to_owned(),
+            lease_ms: self.lease_ms,
+            positions: BTreeMap::new(),
+        }))
+    }
+
+    async fn stats(&self) -> Result<StreamStats> {
+        self.db
+            .call(|conn| {
+                let shards: i64 = conn.query_row("SELECT COUNT(*) FROM stream_shards", [], |r| r.get(0))?;
+                let records: i64 = conn.query_row("SELECT COUNT(*) FROM stream_records", [], |r| r.get(0))?;
+                let pending: i64 = conn.query_row(
+                    "SELECT COUNT(*) FROM stream_records r JOIN stream_shards s ON r.shard = s.shard \
+                     WHERE r.seq > s.checkpoint",
+                    [],
+                    |r| r.get(0),
+                )?;
+                Ok(StreamStats { shards: shards as usize, records: records as u64, pending: pending as u64 })
+            })
+            .await
+    }
+}
+
+/// A consumer's view: the shards it holds and how far it has read in each.
+struct EmbeddedConsumer {
+    db: Db,
+    owner: String,
+    lease_ms: u64,
+    /// Shard → last sequence read (not necessarily checkpointed).
+    positions: BTreeMap<i64, i64>,
+}
+
+impl EmbeddedConsumer {
+    /// Renews held leases and takes a fair share of the rest: free and expired shards first,
+    /// then one from the most loaded worker if this one holds less than its share.
+    async fn balance_leases(&mut self) -> Result<()> {
+        let owner = self.owner.clone();
+        let lease_ms = self.lease_ms as i64;
+        let held: Vec<(i64, i64)> = self
+            .db
+            .write(move |tx| {
+                let now = now_ms() as i64;
+                tx.execute(
+                    "UPDATE stream_shards SET lease_expires_ms = ?1, lease_counter = lease_counter + 1 \
+                     WHERE lease_owner = ?2",
+                    params![now + lease_ms, owner],
+                )?;
+                let total: i64 = tx.query_row("SELECT COUNT(*) FROM stream_shards", [], |r| r.get(0))?;
+                let others: i64 = tx.query_row(
+                    "SELECT COUNT(DISTINCT lease_owner) FROM stream_shards \
+                     WHERE lease_owner IS NOT NULL AND lease_owner != ?1 AND lease_expires_ms > ?2",
+                    params![owner, now],
+                    |r| r.get(0),
+                )?;
+                let target = (total + others) / (others + 1); // ceil(total / workers)
+                let mine: i64 = tx.query_row(
+                    "SELECT COUNT(*) FROM stream_shards WHERE lease_owner = ?1",
+                    params![owner],
+                    |r| r.get(0),
+                )?;
+                let wanted = target - mine;
+                if wanted > 0 {
+                    tx.execute(
+                        "UPDATE stream_shards SET lease_owner = ?1, lease_expires_ms = ?2, \
+                         lease_counter = lease_counter + 1 WHERE shard IN (SELECT shard FROM stream_shards \
+                         WHERE lease_owner IS NULL OR lease_expires_ms <= ?3 ORDER BY shard LIMIT ?4)",
+                        params![owner, now + lease_ms, now, wanted],
+                    )?;
+                    let mine_now: i64 = tx.query_row(
+                        "SELECT COUNT(*) FROM stream_shards WHERE lease_owner = ?1",
+                        params![owner],
+                        |r| r.get(0),
+                    )?;
+                    if mine_now < target {
+                        steal_one(tx, &owner, target, now + lease_ms)?;
+                    }
+                }
+                let mut stmt =
+                    tx.prepare("SELECT shard, checkpoint FROM stream_shards WHERE lease_owner = ?1 ORDER BY shard")?;
+                let rows = stmt.query_map(params![owner], |r| Ok((r.get(0)?, r.get(1)?)))?;
+                rows.collect()
+            })
+            .await?;
+        let mut positions = BTreeMap::new();
+        for (shard, checkpoint) in held {
+            // Keep the read position of shards already held; a new one starts at its checkpoint.
+            positions.insert(shard, self.positions.get(&shard).copied().unwrap_or(checkpoint));
+        }
+        self.positions = positions;
+        Ok(())
+    }
+}
+
+/// Takes one shard from the worker holding the most, if it holds more than `target`.
+fn steal_one(tx: &rusqlite::Transaction<'_>, owner: &str, target: i64, expires: i64) -> rusqlite::Result<()> {
+    let victim: Option<i64> = tx
+        .query_row(
+            "SELECT MAX(shard) FROM stream_shards WHERE lease_owner = \
+             (SELECT lease_owner FROM stream_shards WHERE lease_owner IS NOT NULL AND lease_owner != ?1 \
+              GROUP BY lease_owner HAVING COUNT(*) > ?2 ORDER BY COUNT(*) DESC LIMIT 1)",
+            params![owner, target],
+            |r| r.get(0),
+        )
+        .optional()?
+        .flatten();
+    if let Some(shard) = victim {
+        tx.execute(
+            "UPDATE stream_shards SET lease_owner = ?1, lease_expires_ms = ?2, lease_counter = lease_counter + 1 \
+             WHERE shard = ?3",
+            params![owner, expires, shard],
+        )?;
+    }
+    Ok(())
+}
+
+#[async_trait]
+impl StreamConsumer for EmbeddedConsumer {
+    async fn poll(&mut self, max: usize) -> Result<Vec<StreamRecord>> {
+        self.balance_leases().await?;
+        let positions = self.positions.clone();
+        let records: Vec<StreamRecord> = self
+            .db
+            .call(move |conn| {
+                let mut out = Vec::new();
+                let mut stmt = conn.prepare_cached(
+                    "SELECT seq, partition_key, data, arrived_ms FROM stream_records \
+                     WHERE shard = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
+                )?;
+                for (shard, after) in positions {
+                    let remaining = max.saturating_sub(out.len());
+                    if remaining == 0 {
+                        break;
+                    }
+                    let rows = stmt.query_map(params![shard, after, remaining as i64], |r| {
+                        Ok(StreamRecord {
+                            shard: shard_name(shard),
+                            sequence: r.get::<_, i64>(0)?.to_string(),
+                            partition_key: r.get(1)?,
+                            data: r.get(2)?,
+                            arrived_ms: r.get::<_, i64>(3)? as u64,
+                        })
+                    })?;
+                    for row in rows {
+                        out.push(row?);
+                    }
+                }
+                Ok(out)
+            })
+            .await?;
+        for record in &records {
+            let shard = parse_shard(&record.shard)?;
+            self.positions.insert(shard, parse_sequence(&record.sequence)?);
+        }
+        Ok(records)
+    }
+
+    async fn checkpoint(&mut self, shard: &str, sequence: &str) -> Result<()> {
+        let shard_id = parse_shard(shard)?;
+        let seq = parse_sequence(sequence)?;
+        let owner = self.owner.clone();
+        let lease_ms = self.lease_ms as i64;
+        let updated = self
+            .db
+            .write(move |tx| {
+                tx.execute(
+                    "UPDATE stream_shards SET checkpoint = MAX(checkpoint, ?1), lease_expires_ms = ?2 \
+                     WHERE shard = ?3 AND lease_owner = ?4",
+                    params![seq, now_ms() as i64 + lease_ms, shard_id, owner],
+                )
+            })
+            .await?;
+        if updated == 0 {
+            self.positions.remove(&shard_id);
+            return Err(SluiceError::retryable(ReasonCode::LeaseLost, format!("{shard} is now held by another worker")));
+        }
+        Ok(())
+    }
+
+    async fn rewind(&mut self, shard: &str) -> Result<()> {
+        let shard_id = parse_shard(shard)?;
+        let checkpoint: i64 = self
+            .db
+            .call(move |conn| {
+                conn.query_row("SELECT checkpoint FROM stream_shards WHERE shard = ?1", [shard_id], |r| r.get(0))
+            })
+            .await?;
+        if let Some(position) = self.positions.get_mut(&shard_id) {
+            *position = checkpoint;
+        }
+        Ok(())
+    }
+
+    async fn release(&mut self) -> Result<()> {
+        let owner = self.owner.clone();
+        self.db
+            .write(move |tx| {
+                tx.execute(
+                    "UPDATE stream_shards SET lease_owner = NULL, lease_expires_ms = 0 WHERE lease_owner = ?1",
+                    [owner],
+                )
+            })
+            .await?;
+        self.positions.clear();
+        Ok(())
+    }
+
+    fn shards(&self) -> Vec<String> {
+        self.positions.keys().map(|&s| shard_name(s)).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn partition_keys_spread_over_shards_stably() {
+        let mut counts = [0; 4];
+        for i in 0..1000 {
+            counts[shard_for(&format!("key-{i}"), 4) as usize] += 1;
+        }
+        assert!(counts.iter().all(|&c| c > 150), "{counts:?}");
+        assert_eq!(shard_for("abc", 4), shard_for("abc", 4));
+    }
+}

@@ -1,0 +1,221 @@
+//! The storage contracts every stage relies on, and the backends that implement them.
+//!
+//! One set of traits, two implementations: [`embedded`] (one SQLite file) and, later, `aws`.
+//! The conformance suite in `core/tests/conformance.rs` runs against each.
+
+pub mod embedded;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::Serialize;
+
+use crate::config::StoreConfig;
+use crate::envelope::RecordId;
+use crate::error::Result;
+use crate::record::{PredictionResult, ResultStatus};
+use crate::topology::QueueName;
+
+/// A record as a producer writes it to the stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamInput {
+    pub partition_key: String,
+    pub data: Vec<u8>,
+}
+
+/// A record as a consumer reads it from one shard.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamRecord {
+    pub shard: String,
+    /// Opaque, ordered within its shard.
+    pub sequence: String,
+    pub partition_key: String,
+    pub data: Vec<u8>,
+    pub arrived_ms: u64,
+}
+
+/// How far consumers have got.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct StreamStats {
+    pub shards: usize,
+    /// Records written since the stream was created.
+    pub records: u64,
+    /// Records past every shard's checkpoint.
+    pub pending: u64,
+}
+
+/// The sharded record stream (Kinesis, or the embedded log).
+#[async_trait]
+pub trait RecordStream: Send + Sync {
+    /// Appends records; each goes to the shard its partition key hashes to.
+    async fn put_records(&self, records: Vec<StreamInput>) -> Result<()>;
+
+    /// A consumer that holds leases on shards in the name of `worker_id`.
+    async fn consumer(&self, worker_id: &str) -> Result<Box<dyn StreamConsumer>>;
+
+    async fn stats(&self) -> Result<StreamStats>;
+}
+
+/// Reads the shards whose leases it holds, and checkpoints them.
+#[async_trait]
+pub trait StreamConsumer: Send {
+    /// Renews held leases, takes free or expired ones, and returns up to `max` records from the
+    /// shards it holds, in order within each shard. Returns an empty batch when there is nothing.
+    async fn poll(&mut self, max: usize) -> Result<Vec<StreamRecord>>;
+
+    /// Records that everything in `shard` up to and including `sequence` is durably handled.
+    /// Fails with `lease_lost` if another worker took the shard.
+    async fn checkpoint(&mut self, shard: &str, sequence: &str) -> Result<()>;
+
+    /// Goes back to the last checkpoint of `shard`, so the records after it are read again.
+    async fn rewind(&mut self, shard: &str) -> Result<()>;
+
+    /// Gives up every lease so another worker can continue at once.
+    async fn release(&mut self) -> Result<()>;
+
+    /// The shards this consumer holds now.
+    fn shards(&self) -> Vec<String>;
+}
+
+/// A message to send to a queue.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct OutgoingMessage {
+    pub body: Vec<u8>,
+    pub attributes: BTreeMap<String, String>,
+    /// When set, a message with the same key already in the queue makes this one a no-op.
+    pub dedup_key: Option<String>,
+}
+
+/// Identifies one receipt of a message; needed to acknowledge it or change its visibility.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Receipt(pub String);
+
+/// A message as received from a queue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReceivedMessage {
+    pub body: Vec<u8>,
+    pub attributes: BTreeMap<String, String>,
+    pub receipt: Receipt,
+    /// How many times it has been received, this time included.
+    pub receive_count: u32,
+    pub sent_at_ms: u64,
+}
+
+/// How many messages a queue holds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct QueueDepth {
+    pub visible: u64,
+    pub in_flight: u64,
+}
+
+impl QueueDepth {
+    pub fn total(&self) -> u64 {
+        self.visible + self.in_flight
+    }
+}
+
+/// A work queue with visibility timeouts, receive counts and a redrive policy.
+#[async_trait]
+pub trait WorkQueue: Send + Sync {
+    fn name(&self) -> QueueName;
+
+    async fn send_batch(&self, messages: Vec<OutgoingMessage>) -> Result<()>;
+
+    /// Receives up to `max` messages, waiting up to `wait` for the first (long poll). Each is
+    /// invisible to other receivers for the queue's visibility timeout. A message past
+    /// `max_receives` moves to the queue's DLQ instead of being returned.
+    async fn receive(&self, max: usize, wait: Duration) -> Result<Vec<ReceivedMessage>>;
+
+    /// Deletes received messages. Call only once their downstream writes are durable.
+    async fn ack(&self, receipts: &[Receipt]) -> Result<()>;
+
+    /// Keeps received messages invisible for `by` from now (heartbeat for long work).
+    async fn extend_visibility(&self, receipts: &[Receipt], by: Duration) -> Result<()>;
+
+    /// Makes received messages visible again after `delay`, to be retried.
+    async fn release(&self, receipts: &[Receipt], delay: Duration) -> Result<()>;
+
+    async fn depth(&self) -> Result<QueueDepth>;
+
+    /// Reads up to `max` messages without receiving them (for operators inspecting a DLQ).
+    async fn peek(&self, max: usize) -> Result<Vec<ReceivedMessage>>;
+}
+
+/// Feature vectors by record id.
+#[async_trait]
+pub trait FeatureStore: Send + Sync {
+    /// Writes each vector unless its record already has one (the first write wins).
+    async fn put_if_absent(&self, items: Vec<(RecordId, Vec<f32>)>) -> Result<()>;
+
+    /// The vectors that exist among `ids`; missing ones are simply absent from the map.
+    async fn get_batch(&self, ids: &[RecordId]) -> Result<HashMap<RecordId, Vec<f32>>>;
+}
+
+/// What a conditional result write found.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PutOutcome {
+    Inserted,
+    /// The record already had a result; it is returned as stored.
+    AlreadyPresent(Box<PredictionResult>),
+}
+
+/// Counts of results by status.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct ResultCounts {
+    pub accepted: u64,
+    pub review: u64,
+    pub reviewed: u64,
+}
+
+/// The one result per record.
+#[async_trait]
+pub trait ResultStore: Send + Sync {
+    /// Writes each result unless its record already has one; one outcome per input, in order.
+    async fn put_if_absent(&self, results: Vec<PredictionResult>) -> Result<Vec<PutOutcome>>;
+
+    async fn get_batch(&self, ids: &[RecordId]) -> Result<HashMap<RecordId, PredictionResult>>;
+
+    async fn counts(&self) -> Result<ResultCounts>;
+
+    /// Up to `limit` results after `after` in record id order, optionally of one status.
+    async fn scan(
+        &self,
+        after: Option<&RecordId>,
+        limit: usize,
+        status: Option<ResultStatus>,
+    ) -> Result<Vec<PredictionResult>>;
+}
+
+/// Large payloads, referenced from envelopes by claim-check.
+#[async_trait]
+pub trait BlobStore: Send + Sync {
+    /// Stores `data` and returns the reference to put in an envelope.
+    async fn put(&self, data: Vec<u8>) -> Result<String>;
+
+    /// Loads a referenced blob. A reference this store may not read is a permanent
+    /// `claim_check_rejected`; a missing blob is `claim_check_missing`.
+    async fn get(&self, reference: &str) -> Result<Vec<u8>>;
+}
+
+/// Everything a worker needs from its backend, opened once.
+#[derive(Clone)]
+pub struct Backend {
+    pub stream: Arc<dyn RecordStream>,
+    pub features: Arc<dyn FeatureStore>,
+    pub results: Arc<dyn ResultStore>,
+    pub blobs: Arc<dyn BlobStore>,
+    queues: Arc<BTreeMap<QueueName, Arc<dyn WorkQueue>>>,
+}
+
+impl Backend {
+    /// Opens the configured backend, creating its resources if they do not exist.
+    pub fn open(config: &StoreConfig) -> Result<Self> {
+        embedded::EmbeddedStore::open(config).map(|store| store.into_backend())
+    }
+
+    pub fn queue(&self, name: QueueName) -> Arc<dyn WorkQueue> {
+        Arc::clone(&self.queues[&name])
+    }
+}

@@ -1,0 +1,135 @@
+//! Configuration: one TOML file plus environment overrides (`SLUICE__SECTION__KEY`), the same
+//! for every binary. Each component reads its own section into its own serde config struct.
+
+use std::path::{Path, PathBuf};
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+/// A configuration that cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[error("configuration: {0}")]
+pub struct ConfigError(String);
+
+/// The layered configuration every binary starts from.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    figment: Figment,
+}
+
+impl Settings {
+    /// Reads `file` (which must exist when given), then `SLUICE__SECTION__KEY` variables.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        let mut figment = Figment::new();
+        if let Some(path) = file {
+            if !path.is_file() {
+                return Err(ConfigError(format!("config file {} does not exist", path.display())));
+            }
+            figment = figment.merge(Toml::file_exact(path));
+        }
+        figment = figment.merge(Env::prefixed("SLUICE__").split("__"));
+        Ok(Self { figment })
+    }
+
+    /// Overrides one value, as a command-line flag does (`key` is `section.field`).
+    pub fn set(mut self, key: &str, value: impl Serialize) -> Self {
+        self.figment = self.figment.merge(Serialized::default(key, value));
+        self
+    }
+
+    /// One section, with defaults for whatever it leaves out. Unknown keys are errors.
+    pub fn section<T: DeserializeOwned>(&self, name: &str) -> Result<T, ConfigError> {
+        self.figment.focus(name).extract().map_err(|e| ConfigError(format!("[{name}] {e}")))
+    }
+
+    pub fn store(&self) -> Result<StoreConfig, ConfigError> {
+        self.section("store")
+    }
+
+    pub fn worker(&self) -> Result<WorkerConfig, ConfigError> {
+        self.section("worker")
+    }
+}
+
+/// `[store]`: where the pipeline's state lives and how its queues behave.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// The embedded store's SQLite file.
+    pub path: PathBuf,
+    /// Shards of the stream, fixed when the store is created.
+    pub shards: u32,
+    /// How long a received message stays invisible to other receivers.
+    pub visibility_timeout_ms: u64,
+    /// Receives after which an unacknowledged message moves to its stage's DLQ.
+    pub max_receives: u32,
+    /// How long a shard lease lasts without renewal before another worker may take it.
+    pub lease_duration_ms: u64,
+    /// How long a write waits for another process's write to finish.
+    pub busy_timeout_ms: u64,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            path: PathBuf::from("sluice.sqlite"),
+            shards: default_shards(),
+            visibility_timeout_ms: 30_000,
+            max_receives: 5,
+            lease_duration_ms: 10_000,
+            busy_timeout_ms: 10_000,
+        }
+    }
+}
+
+const fn default_shards() -> u32 {
+    4
+}
+
+/// `[worker]`: the shared loop's timing.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WorkerConfig {
+    /// Long-poll wait for the first message of a batch.
+    pub poll_wait_ms: u64,
+    /// How long a worker may take to finish in-flight work after SIGTERM.
+    pub shutdown_grace_ms: u64,
+    /// Delay before a retryable failure is tried again.
+    pub retry_delay_ms: u64,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        Self { poll_wait_ms: 500, shutdown_grace_ms: 30_000, retry_delay_ms: 1_000 }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, Default, Deserialize, PartialEq)]
+    #[serde(deny_unknown_fields, default)]
+    struct Demo {
+        batch_size: usize,
+    }
+
+    #[test]
+    fn sections_default_merge_and_reject_unknown_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("sluice.toml");
+        std::fs::write(&file, "[store]\nshards = 2\n[demo]\nbatch_size = 7\n").unwrap();
+        let settings = Settings::load(Some(&file)).unwrap();
+        assert_eq!(settings.store().unwrap().shards, 2);
+        assert_eq!(settings.section::<Demo>("demo").unwrap().batch_size, 7);
+        assert_eq!(settings.section::<Demo>("absent").unwrap(), Demo::default());
+        let settings = settings.set("store.path", "/tmp/x.sqlite");
+        assert_eq!(settings.store().unwrap().path, PathBuf::from("/tmp/x.sqlite"));
+
+        std::fs::write(&file, "[store]\nshardz = 2\n").unwrap();
+        assert!(Settings::load(Some(&file)).unwrap().store().is_err());
+        assert!(Settings::load(Some(&dir.path().join("missing.toml"))).is_err());
+    }
+}

@@ -1,0 +1,329 @@
+//! The versioned record envelope that travels between stages.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::error::{ReasonCode, Result, SluiceError};
+
+/// The envelope schema this build writes and reads.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// Longest record id accepted: DynamoDB and SQS dedup keys stay well within their limits.
+const MAX_RECORD_ID_LEN: usize = 200;
+
+/// A record's identity, the idempotency key of every sink. Once it exists it is valid.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct RecordId(String);
+
+impl RecordId {
+    /// Accepts 1 to 200 printable ASCII characters without whitespace.
+    pub fn parse(raw: impl Into<String>) -> Result<Self> {
+        let raw = raw.into();
+        if raw.is_empty() || raw.len() > MAX_RECORD_ID_LEN {
+            return Err(SluiceError::permanent(
+                ReasonCode::SchemaMismatch,
+                format!("record id must be 1 to {MAX_RECORD_ID_LEN} characters, got {}", raw.len()),
+            ));
+        }
+        if let Some(c) = raw.chars().find(|c| !c.is_ascii_graphic()) {
+            return Err(SluiceError::permanent(
+                ReasonCode::SchemaMismatch,
+                format!("record id contains {c:?}; only printable ASCII without spaces is allowed"),
+            ));
+        }
+        Ok(Self(raw))
+    }
+
+    /// The id of a record that brought none: a hash of its content.
+    pub fn from_content(bytes: &[u8]) -> Self {
+        let digest = Sha256::digest(bytes);
+        let hex: String = digest.iter().take(16).map(|b| format!("{b:02x}")).collect();
+        Self(format!("sha256-{hex}"))
+    }
+
+    /// The id of a raw record taken from its stream position, stable across redeliveries.
+    pub fn from_stream_position(shard: &str, sequence: &str) -> Self {
+        Self(format!("{shard}:{sequence}"))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for RecordId {
+    type Error = SluiceError;
+    fn try_from(value: String) -> Result<Self> {
+        Self::parse(value)
+    }
+}
+
+impl From<RecordId> for String {
+    fn from(id: RecordId) -> Self {
+        id.0
+    }
+}
+
+impl fmt::Display for RecordId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// The content types sluice processes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum ContentType {
+    Png,
+    Jpeg,
+    Json,
+}
+
+impl ContentType {
+    pub fn parse(raw: &str) -> Result<Self> {
+        let essence = raw.split(';').next().unwrap_or_default().trim().to_ascii_lowercase();
+        match essence.as_str() {
+            "image/png" => Ok(Self::Png),
+            "image/jpeg" | "image/jpg" => Ok(Self::Jpeg),
+            "application/json" => Ok(Self::Json),
+            _ => Err(SluiceError::permanent(
+                ReasonCode::UnsupportedContentType,
+                format!("content type {raw:?} is not one of image/png, image/jpeg, application/json"),
+            )),
+        }
+    }
+
+    /// Recognises a raw payload by its first bytes, as a producer that sends bare data needs.
+    pub fn sniff(bytes: &[u8]) -> Option<Self> {
+        const PNG_MAGIC: &[u8] = b"\x89PNG\r\n\x1a\n";
+        const JPEG_MAGIC: &[u8] = b"\xff\xd8\xff";
+        if bytes.starts_with(PNG_MAGIC) {
+            return Some(Self::Png);
+        }
+        if bytes.starts_with(JPEG_MAGIC) {
+            return Some(Self::Jpeg);
+        }
+        match bytes.iter().find(|b| !b.is_ascii_whitespace()) {
+            Some(b'{') | Some(b'[') => Some(Self::Json),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Png => "image/png",
+            Self::Jpeg => "image/jpeg",
+            Self::Json => "application/json",
+        }
+    }
+
+    pub fn is_image(self) -> bool {
+        matches!(self, Self::Png | Self::Jpeg)
+    }
+}
+
+impl TryFrom<String> for ContentType {
+    type Error = SluiceError;
+    fn try_from(value: String) -> Result<Self> {
+        Self::parse(&value)
+    }
+}
+
+impl From<ContentType> for String {
+    fn from(ct: ContentType) -> Self {
+        ct.as_str().to_owned()
+    }
+}
+
+/// Where a record's bytes are.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Payload {
+    /// The bytes themselves, base64 in JSON.
+    Inline {
+        #[serde(with = "base64_bytes")]
+        data: Vec<u8>,
+    },
+    /// A claim-check: `blob:<id>` on the embedded store, `s3://bucket/key` on AWS.
+    ClaimCheck { reference: String },
+    /// Dropped after the features stage: the record's vector is in the feature store.
+    Released,
+}
+
+/// Milliseconds since the Unix epoch at which each stage handled the record.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StageTimes {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub produced_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ingested_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub featured_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inferred_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stored_ms: Option<u64>,
+}
+
+/// A record as it travels through the pipeline.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Envelope {
+    pub schema_version: u32,
+    pub record_id: RecordId,
+    pub source: String,
+    pub content_type: ContentType,
+    pub payload: Payload,
+    #[serde(default)]
+    pub attributes: BTreeMap<String, String>,
+    /// W3C `traceparent`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace: Option<String>,
+    #[serde(default)]
+    pub timestamps: StageTimes,
+}
+
+/// The envelope as it arrives, before its content type is checked, so that an unknown content
+/// type is reported as such and not as a schema error.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WireEnvelope {
+    schema_version: u32,
+    record_id: String,
+    source: String,
+    content_type: String,
+    payload: Payload,
+    #[serde(default)]
+    attributes: BTreeMap<String, String>,
+    #[serde(default)]
+    trace: Option<String>,
+    #[serde(default)]
+    timestamps: StageTimes,
+}
+
+impl Envelope {
+    /// A new envelope with an inline payload, stamped as produced now.
+    pub fn inline(record_id: RecordId, source: &str, content_type: ContentType, data: Vec<u8>) -> Self {
+        Self {
+            schema_version: SCHEMA_VERSION,
+            record_id,
+            source: source.to_owned(),
+            content_type,
+            payload: Payload::Inline { data },
+            attributes: BTreeMap::new(),
+            trace: None,
+            timestamps: StageTimes { produced_ms: Some(now_ms()), ..StageTimes::default() },
+        }
+    }
+
+    /// Whether these bytes are meant to be a sluice envelope (as opposed to a raw JSON event).
+    pub fn looks_like_envelope(value: &serde_json::Value) -> bool {
+        value.as_object().is_some_and(|o| o.contains_key("schema_version") && o.contains_key("payload"))
+    }
+
+    /// Parses an envelope received from a producer, classifying every way it can be wrong.
+    pub fn from_value(value: serde_json::Value) -> Result<Self> {
+        let version = value.get("schema_version").and_then(serde_json::Value::as_u64);
+        if version != Some(u64::from(SCHEMA_VERSION)) {
+            return Err(SluiceError::permanent(
+                ReasonCode::UnsupportedSchemaVersion,
+                format!("schema_version {version:?} is not supported; this build reads {SCHEMA_VERSION}"),
+            ));
+        }
+        let wire: WireEnvelope = serde_json::from_value(value)
+            .map_err(|e| SluiceError::permanent(ReasonCode::SchemaMismatch, format!("envelope: {e}")))?;
+        Ok(Self {
+            schema_version: wire.schema_version,
+            record_id: RecordId::parse(wire.record_id)?,
+            source: wire.source,
+            content_type: ContentType::parse(&wire.content_type)?,
+            payload: wire.payload,
+            attributes: wire.attributes,
+            trace: wire.trace,
+            timestamps: wire.timestamps,
+        })
+    }
+
+    pub fn to_json(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("an envelope always serialises")
+    }
+
+    /// Decodes an envelope that a sluice stage wrote onto a queue.
+    pub fn from_json(bytes: &[u8]) -> Result<Self> {
+        serde_json::from_slice(bytes)
+            .map_err(|e| SluiceError::permanent(ReasonCode::MalformedMessage, format!("envelope: {e}")))
+    }
+}
+
+/// Milliseconds since the Unix epoch, now.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or_default()
+}
+
+/// A fresh W3C `traceparent` for a record that arrived without one.
+pub fn new_traceparent() -> String {
+    let trace = uuid::Uuid::new_v4().simple().to_string();
+    let span = &uuid::Uuid::new_v4().simple().to_string()[..16];
+    format!("00-{trace}-{span}-01")
+}
+
+mod base64_bytes {
+    use base64::Engine as _;
+    use base64::engine::general_purpose::STANDARD;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub(super) fn serialize<S: Serializer>(bytes: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&STANDARD.encode(bytes))
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let text = String::deserialize(d)?;
+        STANDARD.decode(text.as_bytes()).map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn record_ids_are_parsed_not_trusted() {
+        assert!(RecordId::parse("digits-test-0001").is_ok());
+        assert!(RecordId::parse("").is_err());
+        assert!(RecordId::parse("has space").is_err());
+        assert!(RecordId::parse("x".repeat(201)).is_err());
+        assert_eq!(RecordId::from_content(b"abc"), RecordId::from_content(b"abc"));
+        assert_ne!(RecordId::from_content(b"abc"), RecordId::from_content(b"abd"));
+    }
+
+    #[test]
+    fn content_types_are_sniffed() {
+        assert_eq!(ContentType::sniff(b"\x89PNG\r\n\x1a\nrest"), Some(ContentType::Png));
+        assert_eq!(ContentType::sniff(b"\xff\xd8\xff\xe0"), Some(ContentType::Jpeg));
+        assert_eq!(ContentType::sniff(b"  {\"a\":1}"), Some(ContentType::Json));
+        assert_eq!(ContentType::sniff(b"GIF89a"), None);
+        assert_eq!(ContentType::parse("image/PNG; charset=binary").unwrap(), ContentType::Png);
+        assert_eq!(ContentType::parse("text/plain").unwrap_err().code(), ReasonCode::UnsupportedContentType);
+    }
+
+    #[test]
+    fn envelope_round_trips_and_classifies_errors() {
+        let env = Envelope::inline(RecordId::parse("r1").unwrap(), "test", ContentType::Png, vec![1, 2, 3]);
+        let back = Envelope::from_json(&env.to_json()).unwrap();
+        assert_eq!(back, env);
+
+        let mut value = serde_json::to_value(&env).unwrap();
+        assert!(Envelope::looks_like_envelope(&value));
+        value["content_type"] = "application/x-unknown".into();
+        assert_eq!(Envelope::from_value(value.clone()).unwrap_err().code(), ReasonCode::UnsupportedContentType);
+        value["schema_version"] = 99.into();
+        assert_eq!(Envelope::from_value(value).unwrap_err().code(), ReasonCode::UnsupportedSchemaVersion);
+    }
+}

@@ -1,0 +1,299 @@
+//! The model bundle: a directory with `model.toml` (what the model is, what it takes, what its
+//! outputs mean, how sure it must be) and `model.safetensors` (its weights).
+//!
+//! [`ModelBundle::load`] checks everything the stages rely on, so a loaded bundle is a valid one.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+pub const MANIFEST_FILE: &str = "model.toml";
+pub const WEIGHTS_FILE: &str = "model.safetensors";
+
+/// A bundle that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum BundleError {
+    #[error("model bundle {path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("model bundle {path}: {source}")]
+    Parse { path: PathBuf, source: toml::de::Error },
+    #[error("model bundle {path}: {problem}")]
+    Invalid { path: PathBuf, problem: String },
+}
+
+/// The network a bundle's weights are for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Architecture {
+    /// Two 3×3 convolutions and two dense layers over 8×8 greyscale digits.
+    DigitsCnn,
+}
+
+/// `model.toml`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelManifest {
+    pub name: String,
+    pub version: String,
+    pub architecture: Architecture,
+    /// Output classes, in the order of the model's outputs.
+    pub labels: Vec<String>,
+    pub input: InputSpec,
+    pub thresholds: Thresholds,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fallback: Option<FallbackSpec>,
+    /// Figures measured when the bundle was trained (accuracy, calibration), for the record.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub metrics: BTreeMap<String, f64>,
+}
+
+/// What the model takes. A bundle may accept images, tabular events, or both, as long as both
+/// produce vectors of the same length.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InputSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<ImageInput>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tabular: Option<TabularSpec>,
+}
+
+/// Images are resized to `width`×`height`, converted to `channels`, scaled to 0..1 and then
+/// normalised per channel as `(x - mean) / std`. The vector is channel-major (C, H, W).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImageInput {
+    pub width: u32,
+    pub height: u32,
+    pub channels: u32,
+    pub mean: Vec<f32>,
+    pub std: Vec<f32>,
+}
+
+impl ImageInput {
+    pub fn vector_len(&self) -> usize {
+        (self.width * self.height * self.channels) as usize
+    }
+}
+
+/// A declarative feature spec for JSON events: each field becomes one or more vector entries.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TabularSpec {
+    pub fields: Vec<FieldSpec>,
+}
+
+impl TabularSpec {
+    pub fn vector_len(&self) -> usize {
+        self.fields.iter().map(FieldSpec::width).sum()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum FieldSpec {
+    /// A number, scaled from `min..max` to 0..1; `default` (in raw units) when missing.
+    Numeric { name: String, min: f32, max: f32, default: f32 },
+    /// One of `categories`, one-hot encoded; an unknown or missing value is all zeros unless a
+    /// `default` category is given.
+    Categorical {
+        name: String,
+        categories: Vec<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        default: Option<String>,
+    },
+}
+
+impl FieldSpec {
+    pub fn name(&self) -> &str {
+        match self {
+            Self::Numeric { name, .. } | Self::Categorical { name, .. } => name,
+        }
+    }
+
+    /// Vector entries this field produces.
+    pub fn width(&self) -> usize {
+        match self {
+            Self::Numeric { .. } => 1,
+            Self::Categorical { categories, .. } => categories.len(),
+        }
+    }
+}
+
+/// Minimum confidence for a prediction to be accepted without review.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Thresholds {
+    pub default: f32,
+    /// Per predicted label; labels not listed use `default`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub per_class: BTreeMap<String, f32>,
+}
+
+/// Where to send feature vectors when the local model cannot serve.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FallbackSpec {
+    /// SageMaker endpoint name.
+    pub endpoint: String,
+}
+
+/// A loaded, checked bundle.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelBundle {
+    pub manifest: ModelManifest,
+    pub dir: PathBuf,
+}
+
+impl ModelBundle {
+    pub fn load(dir: impl AsRef<Path>) -> Result<Self, BundleError> {
+        let dir = dir.as_ref().to_path_buf();
+        let path = dir.join(MANIFEST_FILE);
+        let text = std::fs::read_to_string(&path).map_err(|source| BundleError::Io { path: path.clone(), source })?;
+        let manifest: ModelManifest =
+            toml::from_str(&text).map_err(|source| BundleError::Parse { path: path.clone(), source })?;
+        manifest.check().map_err(|problem| BundleError::Invalid { path: path.clone(), problem })?;
+        let weights = dir.join(WEIGHTS_FILE);
+        if !weights.is_file() {
+            return Err(BundleError::Invalid { path: weights, problem: "weights file is missing".to_owned() });
+        }
+        Ok(Self { manifest, dir })
+    }
+
+    pub fn weights_path(&self) -> PathBuf {
+        self.dir.join(WEIGHTS_FILE)
+    }
+}
+
+impl ModelManifest {
+    /// Checks what [`ModelBundle::load`] promises.
+    pub fn check(&self) -> Result<(), String> {
+        if self.labels.is_empty() {
+            return Err("labels must not be empty".to_owned());
+        }
+        let in_unit = |t: f32| (0.0..=1.0).contains(&t);
+        if !in_unit(self.thresholds.default) || !self.thresholds.per_class.values().all(|&t| in_unit(t)) {
+            return Err("thresholds must lie in 0..=1".to_owned());
+        }
+        if let Some(unknown) = self.thresholds.per_class.keys().find(|l| !self.labels.contains(l)) {
+            return Err(format!("threshold for unknown label {unknown:?}"));
+        }
+        let image_len = match &self.input.image {
+            Some(image) => {
+                if image.width == 0 || image.height == 0 || !matches!(image.channels, 1 | 3) {
+                    return Err("input.image needs a non-zero size and 1 or 3 channels".to_owned());
+                }
+                let per_channel = image.channels as usize;
+                if image.mean.len() != per_channel || image.std.len() != per_channel {
+                    return Err("input.image mean and std need one value per channel".to_owned());
+                }
+                if image.std.iter().any(|&s| s <= 0.0) {
+                    return Err("input.image std must be positive".to_owned());
+                }
+                Some(image.vector_len())
+            }
+            None => None,
+        };
+        let tabular_len = match &self.input.tabular {
+            Some(spec) => {
+                for field in &spec.fields {
+                    match field {
+                        FieldSpec::Numeric { name, min, max, .. } if max <= min => {
+                            return Err(format!("field {name:?}: max must exceed min"));
+                        }
+                        FieldSpec::Categorical { name, categories, default } => {
+                            if categories.is_empty() {
+                                return Err(format!("field {name:?}: categories must not be empty"));
+                            }
+                            if default.as_ref().is_some_and(|d| !categories.contains(d)) {
+                                return Err(format!("field {name:?}: default is not one of its categories"));
+                            }
+                        }
+                        FieldSpec::Numeric { .. } => {}
+                    }
+                }
+                Some(spec.vector_len())
+            }
+            None => None,
+        };
+        match (image_len, tabular_len) {
+            (None, None) => Err("input needs an image or a tabular spec".to_owned()),
+            (Some(a), Some(b)) if a != b => Err(format!("image input gives {a} features but tabular gives {b}")),
+            _ => Ok(()),
+        }
+    }
+
+    /// Length of the feature vector the model takes.
+    pub fn vector_len(&self) -> usize {
+        self.input
+            .image
+            .as_ref()
+            .map(ImageInput::vector_len)
+            .or_else(|| self.input.tabular.as_ref().map(TabularSpec::vector_len))
+            .unwrap_or_default()
+    }
+
+    /// The confidence a prediction of `label` needs to be accepted.
+    pub fn threshold(&self, label: &str) -> f32 {
+        self.thresholds.per_class.get(label).copied().unwrap_or(self.thresholds.default)
+    }
+
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("a manifest serialises")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn manifest() -> ModelManifest {
+        ModelManifest {
+            name: "m".into(),
+            version: "1".into(),
+            architecture: Architecture::DigitsCnn,
+            labels: vec!["a".into(), "b".into()],
+            input: InputSpec {
+                image: Some(ImageInput { width: 2, height: 1, channels: 1, mean: vec![0.0], std: vec![1.0] }),
+                tabular: Some(TabularSpec {
+                    fields: vec![FieldSpec::Categorical {
+                        name: "c".into(),
+                        categories: vec!["x".into(), "y".into()],
+                        default: None,
+                    }],
+                }),
+            },
+            thresholds: Thresholds { default: 0.9, per_class: BTreeMap::from([("b".into(), 0.5)]) },
+            fallback: None,
+            metrics: BTreeMap::new(),
+        }
+    }
+
+    #[test]
+    fn manifest_round_trips_and_is_checked() {
+        let m = manifest();
+        assert_eq!(m.check(), Ok(()));
+        assert_eq!(toml::from_str::<ModelManifest>(&m.to_toml()).unwrap(), m);
+        assert_eq!(m.threshold("a"), 0.9);
+        assert_eq!(m.threshold("b"), 0.5);
+        assert_eq!(m.vector_len(), 2);
+
+        let mut bad = manifest();
+        bad.thresholds.per_class.insert("zzz".into(), 0.5);
+        assert!(bad.check().is_err());
+        let mut bad = manifest();
+        bad.input.image.as_mut().unwrap().width = 3;
+        assert!(bad.check().unwrap_err().contains("tabular"));
+    }
+
+    #[test]
+    fn load_rejects_a_bundle_without_weights() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(MANIFEST_FILE), manifest().to_toml()).unwrap();
+        let err = ModelBundle::load(dir.path()).unwrap_err();
+        assert!(err.to_string().contains("weights"), "{err}");
+        std::fs::write(dir.path().join(WEIGHTS_FILE), b"").unwrap();
+        assert!(ModelBundle::load(dir.path()).is_ok());
+    }
+}

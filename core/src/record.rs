@@ -1,0 +1,200 @@
+//! What the stages hand each other after features, and what the pipeline ends in: results and
+//! dead-letter entries.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::envelope::{Envelope, RecordId, StageTimes, now_ms};
+use crate::error::{ReasonCode, Result, SluiceError};
+use crate::topology::StageName;
+
+/// A model's output for one record, as the inference stage forwards it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Prediction {
+    pub probabilities: Vec<f32>,
+    pub model: String,
+    pub model_version: String,
+    /// `candle-cpu`, `candle-cuda` or `sagemaker`.
+    pub backend: String,
+}
+
+/// The message on the results queue.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InferredRecord {
+    pub envelope: Envelope,
+    pub prediction: Prediction,
+}
+
+impl InferredRecord {
+    pub fn to_json(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("an inferred record always serialises")
+    }
+
+    pub fn from_json(bytes: &[u8]) -> Result<Self> {
+        serde_json::from_slice(bytes)
+            .map_err(|e| SluiceError::permanent(ReasonCode::MalformedMessage, format!("inferred record: {e}")))
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ResultStatus {
+    /// Confident enough to act on.
+    Accepted,
+    /// Under its class threshold: waiting for a person.
+    Review,
+    /// A person has looked at it.
+    Reviewed,
+}
+
+impl ResultStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Accepted => "accepted",
+            Self::Review => "review",
+            Self::Reviewed => "reviewed",
+        }
+    }
+
+    pub fn parse(raw: &str) -> Option<Self> {
+        [Self::Accepted, Self::Review, Self::Reviewed].into_iter().find(|s| s.as_str() == raw)
+    }
+}
+
+/// The one result a record ends in.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PredictionResult {
+    pub record_id: RecordId,
+    pub label: String,
+    pub confidence: f32,
+    pub probabilities: Vec<f32>,
+    pub model: String,
+    pub model_version: String,
+    pub backend: String,
+    pub status: ResultStatus,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ground_truth: Option<String>,
+    pub timestamps: StageTimes,
+}
+
+impl PredictionResult {
+    /// End-to-end latency from production to storage, when both are known.
+    pub fn latency_ms(&self) -> Option<u64> {
+        let t = &self.timestamps;
+        Some(t.stored_ms?.saturating_sub(t.produced_ms?))
+    }
+
+    pub fn is_correct(&self) -> Option<bool> {
+        self.ground_truth.as_ref().map(|truth| *truth == self.label)
+    }
+}
+
+/// Attribute keys under which a DLQ message carries why it is there. The message body is the
+/// original, byte for byte: nothing a DLQ receives is rewritten.
+pub mod dlq_attr {
+    pub const STAGE: &str = "sluice.stage";
+    pub const REASON: &str = "sluice.reason";
+    pub const DETAIL: &str = "sluice.detail";
+    pub const ATTEMPTS: &str = "sluice.attempts";
+    pub const FIRST_FAILURE_MS: &str = "sluice.first_failure_ms";
+    pub const LAST_FAILURE_MS: &str = "sluice.last_failure_ms";
+    pub const RECORD_ID: &str = "sluice.record_id";
+}
+
+/// A dead-letter entry: the original message plus why and when it failed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DlqEntry {
+    pub stage: StageName,
+    pub reason: ReasonCode,
+    pub detail: String,
+    pub attempts: u32,
+    pub first_failure_ms: u64,
+    pub last_failure_ms: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub record_id: Option<RecordId>,
+    /// The original message body, as the failing stage received it.
+    #[serde(skip)]
+    pub body: Vec<u8>,
+}
+
+impl DlqEntry {
+    /// An entry for a failure that happened just now.
+    pub fn new(stage: StageName, error: &SluiceError, attempts: u32, record_id: Option<RecordId>, body: Vec<u8>) -> Self {
+        let now = now_ms();
+        Self {
+            stage,
+            reason: error.code(),
+            detail: error.detail().to_owned(),
+            attempts,
+            first_failure_ms: now,
+            last_failure_ms: now,
+            record_id,
+            body,
+        }
+    }
+
+    pub fn attributes(&self) -> BTreeMap<String, String> {
+        let mut attrs = BTreeMap::from([
+            (dlq_attr::STAGE.to_owned(), self.stage.as_str().to_owned()),
+            (dlq_attr::REASON.to_owned(), self.reason.as_str().to_owned()),
+            (dlq_attr::DETAIL.to_owned(), self.detail.clone()),
+            (dlq_attr::ATTEMPTS.to_owned(), self.attempts.to_string()),
+            (dlq_attr::FIRST_FAILURE_MS.to_owned(), self.first_failure_ms.to_string()),
+            (dlq_attr::LAST_FAILURE_MS.to_owned(), self.last_failure_ms.to_string()),
+        ]);
+        if let Some(id) = &self.record_id {
+            attrs.insert(dlq_attr::RECORD_ID.to_owned(), id.to_string());
+        }
+        attrs
+    }
+
+    /// Reads an entry back from a DLQ message. A message the queue itself redrove carries no
+    /// sluice attributes; it is reported as `max_receives_exceeded`.
+    pub fn from_message(
+        stage: StageName,
+        body: Vec<u8>,
+        attrs: &BTreeMap<String, String>,
+        receive_count: u32,
+        sent_at_ms: u64,
+    ) -> Self {
+        let num = |key: &str| attrs.get(key).and_then(|v| v.parse::<u64>().ok());
+        let reason = attrs
+            .get(dlq_attr::REASON)
+            .and_then(|r| serde_json::from_value(serde_json::Value::String(r.clone())).ok())
+            .unwrap_or(ReasonCode::MaxReceivesExceeded);
+        Self {
+            stage,
+            reason,
+            detail: attrs.get(dlq_attr::DETAIL).cloned().unwrap_or_else(|| {
+                "received more than max_receives times without being acknowledged".to_owned()
+            }),
+            attempts: num(dlq_attr::ATTEMPTS).map(|n| n as u32).unwrap_or(receive_count),
+            first_failure_ms: num(dlq_attr::FIRST_FAILURE_MS).unwrap_or(sent_at_ms),
+            last_failure_ms: num(dlq_attr::LAST_FAILURE_MS).unwrap_or(sent_at_ms),
+            record_id: attrs.get(dlq_attr::RECORD_ID).and_then(|id| RecordId::parse(id.clone()).ok()),
+            body,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dlq_entries_round_trip_through_attributes() {
+        let err = SluiceError::permanent(ReasonCode::ImageTooLarge, "100000x100000");
+        let entry = DlqEntry::new(StageName::Ingest, &err, 1, Some(RecordId::parse("r9").unwrap()), b"orig".to_vec());
+        let back = DlqEntry::from_message(StageName::Ingest, b"orig".to_vec(), &entry.attributes(), 7, 0);
+        assert_eq!(back, entry);
+    }
+
+    #[test]
+    fn a_redriven_message_reads_as_max_receives_exceeded() {
+        let entry = DlqEntry::from_message(StageName::Features, b"x".to_vec(), &BTreeMap::new(), 5, 1234);
+        assert_eq!(entry.reason, ReasonCode::MaxReceivesExceeded);
+        assert_eq!(entry.attempts, 5);
+        assert_eq!(entry.first_failure_ms, 1234);
+    }
+}

@@ -1,0 +1,55 @@
+//! Where every record is: the numbers `sluice stats`, `sluice run --until-drained` and the
+//! demo report.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+
+use crate::backend::{Backend, QueueDepth, StreamStats};
+use crate::error::Result;
+use crate::topology::{QueueName, StageName};
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PipelineStats {
+    /// Records written to the stream.
+    pub records_in: u64,
+    /// Results not waiting for review (accepted, or reviewed by a person).
+    pub results: u64,
+    /// Results waiting for a person.
+    pub review: u64,
+    /// DLQ entries by stage.
+    pub dlq: BTreeMap<StageName, u64>,
+    pub stream: StreamStats,
+    /// Depth of every queue.
+    pub queues: BTreeMap<QueueName, QueueDepth>,
+}
+
+impl PipelineStats {
+    pub async fn collect(backend: &Backend) -> Result<Self> {
+        let stream = backend.stream.stats().await?;
+        let counts = backend.results.counts().await?;
+        let mut queues = BTreeMap::new();
+        for name in QueueName::ALL {
+            queues.insert(name, backend.queue(name).depth().await?);
+        }
+        let dlq = StageName::ALL.into_iter().map(|stage| (stage, queues[&stage.dlq()].total())).collect();
+        Ok(Self {
+            records_in: stream.records,
+            results: counts.accepted + counts.reviewed,
+            review: counts.review,
+            dlq,
+            stream,
+            queues,
+        })
+    }
+
+    /// Records that have reached an end: a result, a review, or a DLQ entry.
+    pub fn accounted(&self) -> u64 {
+        self.results + self.review + self.dlq.values().sum::<u64>()
+    }
+
+    /// Nothing left to do: the stream is checkpointed to its end and no work queue holds a message.
+    pub fn is_drained(&self) -> bool {
+        self.stream.pending == 0 && QueueName::WORK.iter().all(|q| self.queues[q].total() == 0)
+    }
+}

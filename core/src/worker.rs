@@ -1,0 +1,431 @@
+//! The one loop every stage runs: receive a batch → stage function → durable downstream write →
+//! acknowledge.
+//!
+//! A stage never acknowledges anything itself. It returns one [`Outcome`] per delivery; the loop
+//! sends what is to be forwarded and what failed permanently (to the stage's DLQ), and only once
+//! those writes are durable does it acknowledge (delete, checkpoint). A retryable failure is left
+//! unacknowledged and comes back after a delay, until the queue's redrive policy moves it to the DLQ.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use backon::{BackoffBuilder, ExponentialBuilder};
+use tokio_util::sync::CancellationToken;
+
+use crate::backend::{Backend, OutgoingMessage, Receipt, StreamConsumer, WorkQueue};
+use crate::config::{StoreConfig, WorkerConfig};
+use crate::envelope::RecordId;
+use crate::error::{ReasonCode, Result, SluiceError};
+use crate::record::DlqEntry;
+use crate::topology::{QueueName, StageName};
+
+/// Where a delivery came from, and so how to acknowledge it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Origin {
+    Queue(Receipt),
+    Stream { shard: String, sequence: String, arrived_ms: u64 },
+}
+
+/// One message or stream record handed to a stage.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    pub body: Vec<u8>,
+    pub attributes: BTreeMap<String, String>,
+    /// 1 on first delivery.
+    pub receive_count: u32,
+    pub origin: Origin,
+}
+
+/// What became of one delivery.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// Handled. These messages go downstream (none when the stage's own sink was the end).
+    Forward(Vec<(QueueName, OutgoingMessage)>),
+    /// Not handled: a permanent error goes to the stage's DLQ, a retryable one is retried.
+    Failed { error: SluiceError, record_id: Option<RecordId> },
+}
+
+impl Outcome {
+    pub fn forward(queue: QueueName, message: OutgoingMessage) -> Self {
+        Self::Forward(vec![(queue, message)])
+    }
+
+    pub fn failed(error: SluiceError, record_id: Option<RecordId>) -> Self {
+        Self::Failed { error, record_id }
+    }
+}
+
+/// How a stage wants its input batched.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchPolicy {
+    pub max_size: usize,
+    /// After the first delivery arrives, how long to wait for more to fill the batch.
+    pub max_wait: Duration,
+}
+
+/// A stage function: a batch in, one outcome per delivery out, in order.
+#[async_trait]
+pub trait Stage: Send + Sync {
+    fn name(&self) -> StageName;
+
+    fn batch_policy(&self) -> BatchPolicy;
+
+    /// Any write to the stage's own sink (feature store, result store) must be durable before
+    /// this returns; the loop acknowledges right after forwarding.
+    async fn process(&self, batch: &[Delivery]) -> Vec<Outcome>;
+}
+
+/// Where a worker's deliveries come from.
+#[async_trait]
+pub trait Source: Send {
+    /// Up to `max` deliveries, waiting up to `wait` for the first.
+    async fn receive(&mut self, max: usize, wait: Duration) -> Result<Vec<Delivery>>;
+
+    /// Acknowledges `done` (their downstream writes are durable) and schedules `retry` again.
+    async fn settle(&mut self, done: &[&Origin], retry: &[&Origin], retry_delay: Duration) -> Result<()>;
+
+    /// Keeps in-flight deliveries from being handed to another worker.
+    async fn heartbeat(&mut self, in_flight: &[&Origin]) -> Result<()>;
+
+    /// Lets go of everything held (stream leases) so another worker continues at once.
+    async fn close(&mut self) -> Result<()>;
+}
+
+/// Reads a work queue.
+pub struct QueueSource {
+    queue: Arc<dyn WorkQueue>,
+    visibility: Duration,
+}
+
+impl QueueSource {
+    pub fn new(queue: Arc<dyn WorkQueue>, store: &StoreConfig) -> Self {
+        Self { queue, visibility: Duration::from_millis(store.visibility_timeout_ms) }
+    }
+}
+
+fn receipts<'a>(origins: &'a [&'a Origin]) -> Vec<Receipt> {
+    origins
+        .iter()
+        .filter_map(|o| match o {
+            Origin::Queue(r) => Some(r.clone()),
+            Origin::Stream { .. } => None,
+        })
+        .collect()
+}
+
+#[async_trait]
+impl Source for QueueSource {
+    async fn receive(&mut self, max: usize, wait: Duration) -> Result<Vec<Delivery>> {
+        let messages = self.queue.receive(max, wait).await?;
+        Ok(messages
+            .into_iter()
+            .map(|m| Delivery {
+                body: m.body,
+                attributes: m.attributes,
+                receive_count: m.receive_count,
+                origin: Origin::Queue(m.receipt),
+            })
+            .collect())
+    }
+
+    async fn settle(&mut self, done: &[&Origin], retry: &[&Origin], retry_delay: Duration) -> Result<()> {
+        if !done.is_empty() {
+            self.queue.ack(&receipts(done)).await?;
+        }
+        if !retry.is_empty() {
+            self.queue.release(&receipts(retry), retry_delay).await?;
+        }
+        Ok(())
+    }
+
+    async fn heartbeat(&mut self, in_flight: &[&Origin]) -> Result<()> {
+        self.queue.extend_visibility(&receipts(in_flight), self.visibility).await
+    }
+
+    async fn close(&mut self) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// Reads the record stream through a lease-holding consumer.
+pub struct StreamSource {
+    consumer: Box<dyn StreamConsumer>,
+}
+
+/// How often an idle stream consumer polls (Kinesis allows 5 GetRecords per shard per second).
+const STREAM_IDLE_POLL: Duration = Duration::from_millis(200);
+
+impl StreamSource {
+    pub fn new(consumer: Box<dyn StreamConsumer>) -> Self {
+        Self { consumer }
+    }
+}
+
+#[async_trait]
+impl Source for StreamSource {
+    async fn receive(&mut self, max: usize, wait: Duration) -> Result<Vec<Delivery>> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let records = self.consumer.poll(max).await?;
+            let now = tokio::time::Instant::now();
+            if !records.is_empty() || now >= deadline {
+                return Ok(records
+                    .into_iter()
+                    .map(|r| Delivery {
+                        body: r.data,
+                        attributes: BTreeMap::from([("partition_key".to_owned(), r.partition_key)]),
+                        receive_count: 1,
+                        origin: Origin::Stream { shard: r.shard, sequence: r.sequence, arrived_ms: r.arrived_ms },
+                    })
+                    .collect());
+            }
+            tokio::time::sleep(STREAM_IDLE_POLL.min(deadline - now)).await;
+        }
+    }
+
+    /// Checkpoints each shard up to the last record before its first retry; a shard with a
+    /// retry is rewound so the records from there on are read again.
+    async fn settle(&mut self, done: &[&Origin], retry: &[&Origin], _retry_delay: Duration) -> Result<()> {
+        let mut shards: BTreeMap<&str, ShardProgress<'_>> = BTreeMap::new();
+        for (origin, ok) in done.iter().map(|o| (o, true)).chain(retry.iter().map(|o| (o, false))) {
+            if let Origin::Stream { shard, sequence, .. } = origin {
+                shards.entry(shard).or_default().seen.push((sequence, ok));
+            }
+        }
+        for (shard, mut progress) in shards {
+            progress.seen.sort_by(|a, b| compare_sequences(a.0, b.0));
+            let handled = progress.seen.iter().take_while(|(_, ok)| *ok).last().map(|(seq, _)| *seq);
+            if let Some(sequence) = handled {
+                match self.consumer.checkpoint(shard, sequence).await {
+                    Err(e) if e.code() == ReasonCode::LeaseLost => {
+                        tracing::warn!(shard, "lease lost before checkpoint; the new owner re-reads from the last checkpoint");
+                        continue;
+                    }
+                    other => other?,
+                }
+            }
+            if progress.seen.iter().any(|(_, ok)| !ok) {
+                self.consumer.rewind(shard).await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn heartbeat(&mut self, _in_flight: &[&Origin]) -> Result<()> {
+        Ok(())
+    }
+
+    async fn close(&mut self) -> Result<()> {
+        self.consumer.release().await
+    }
+}
+
+#[derive(Default)]
+struct ShardProgress<'a> {
+    seen: Vec<(&'a str, bool)>,
+}
+
+/// Sequence numbers are decimal strings of any length (Kinesis's exceed 64 bits).
+fn compare_sequences(a: &str, b: &str) -> std::cmp::Ordering {
+    a.len().cmp(&b.len()).then_with(|| a.cmp(b))
+}
+
+/// The source a stage reads: the stream for ingest, its input queue for the others.
+pub async fn source_for(stage: StageName, backend: &Backend, store: &StoreConfig, worker_id: &str) -> Result<Box<dyn Source>> {
+    Ok(match stage.input_queue() {
+        Some(queue) => Box::new(QueueSource::new(backend.queue(queue), store)),
+        None => Box::new(StreamSource::new(backend.stream.consumer(worker_id).await?)),
+    })
+}
+
+/// What a worker did before it stopped.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WorkerReport {
+    pub batches: u64,
+    pub handled: u64,
+    pub dead_lettered: u64,
+    pub retried: u64,
+}
+
+/// One stage's loop.
+pub struct Worker {
+    stage: Arc<dyn Stage>,
+    source: Box<dyn Source>,
+    backend: Backend,
+    config: WorkerConfig,
+    heartbeat_every: Duration,
+}
+
+impl Worker {
+    pub fn new(stage: Arc<dyn Stage>, source: Box<dyn Source>, backend: Backend, config: WorkerConfig, store: &StoreConfig) -> Self {
+        Self {
+            stage,
+            source,
+            backend,
+            config,
+            heartbeat_every: Duration::from_millis((store.visibility_timeout_ms / 2).max(1)),
+        }
+    }
+
+    /// Runs until `shutdown` is cancelled, then finishes the batch in hand, acknowledges it and
+    /// lets go of its leases.
+    #[tracing::instrument(skip_all, fields(stage = %self.stage.name()))]
+    pub async fn run(mut self, shutdown: CancellationToken) -> Result<WorkerReport> {
+        let mut report = WorkerReport::default();
+        let mut backoff = new_backoff();
+        while !shutdown.is_cancelled() {
+            match self.run_once(&mut report).await {
+                Ok(()) => backoff = new_backoff(),
+                Err(e) if e.is_retryable() => {
+                    let delay = backoff.next().unwrap_or(Duration::from_secs(10));
+                    tracing::warn!(error = %e, ?delay, "batch failed; backing off");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => {}
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                }
+                Err(e) => {
+                    let _ = self.source.close().await;
+                    return Err(e);
+                }
+            }
+        }
+        self.source.close().await?;
+        tracing::info!(?report, "worker stopped");
+        Ok(report)
+    }
+
+    async fn run_once(&mut self, report: &mut WorkerReport) -> Result<()> {
+        let batch = self.collect_batch().await?;
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let outcomes = self.process_with_heartbeat(&batch).await;
+        let outcomes = if outcomes.len() == batch.len() {
+            outcomes
+        } else {
+            let error = SluiceError::retryable(
+                ReasonCode::Internal,
+                format!("stage returned {} outcomes for {} deliveries", outcomes.len(), batch.len()),
+            );
+            vec![Outcome::failed(error, None); batch.len()]
+        };
+
+        let stage = self.stage.name();
+        let mut sends: BTreeMap<QueueName, Vec<OutgoingMessage>> = BTreeMap::new();
+        let (mut done, mut retry) = (Vec::new(), Vec::new());
+        for (delivery, outcome) in batch.iter().zip(outcomes) {
+            match outcome {
+                Outcome::Forward(messages) => {
+                    for (queue, message) in messages {
+                        sends.entry(queue).or_default().push(message);
+                    }
+                    done.push(&delivery.origin);
+                }
+                Outcome::Failed { error, record_id } if !error.is_retryable() => {
+                    tracing::info!(%stage, record_id = record_id.as_ref().map(|r| r.as_str()), code = %error.code(), detail = error.detail(), "dead-lettered");
+                    sends.entry(stage.dlq()).or_default().push(dlq_message(stage, delivery, &error, record_id));
+                    report.dead_lettered += 1;
+                    done.push(&delivery.origin);
+                }
+                Outcome::Failed { error, record_id } => {
+                    tracing::warn!(%stage, record_id = record_id.as_ref().map(|r| r.as_str()), %error, "will retry");
+                    report.retried += 1;
+                    retry.push(&delivery.origin);
+                }
+            }
+        }
+
+        let retry_delay = Duration::from_millis(self.config.retry_delay_ms);
+        for (queue, messages) in sends {
+            if let Err(e) = self.backend.queue(queue).send_batch(messages).await {
+                // Nothing is acknowledged: the whole batch comes back and is redone; sinks are idempotent.
+                let all: Vec<&Origin> = batch.iter().map(|d| &d.origin).collect();
+                self.source.settle(&[], &all, retry_delay).await?;
+                return Err(e);
+            }
+        }
+        self.source.settle(&done, &retry, retry_delay).await?;
+        report.batches += 1;
+        report.handled += done.len() as u64;
+        Ok(())
+    }
+
+    /// Waits for the first delivery, then up to the stage's `max_wait` to fill the batch.
+    async fn collect_batch(&mut self) -> Result<Vec<Delivery>> {
+        let policy = self.stage.batch_policy();
+        let mut batch = self.source.receive(policy.max_size, Duration::from_millis(self.config.poll_wait_ms)).await?;
+        if batch.is_empty() || policy.max_wait.is_zero() {
+            return Ok(batch);
+        }
+        let deadline = tokio::time::Instant::now() + policy.max_wait;
+        while batch.len() < policy.max_size {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            let more = self.source.receive(policy.max_size - batch.len(), left).await?;
+            if more.is_empty() {
+                break;
+            }
+            batch.extend(more);
+        }
+        Ok(batch)
+    }
+
+    /// Runs the stage, extending the batch's visibility while it works.
+    async fn process_with_heartbeat(&mut self, batch: &[Delivery]) -> Vec<Outcome> {
+        let stage = Arc::clone(&self.stage);
+        let process = stage.process(batch);
+        tokio::pin!(process);
+        let mut ticks = tokio::time::interval(self.heartbeat_every);
+        ticks.tick().await;
+        loop {
+            tokio::select! {
+                outcomes = &mut process => return outcomes,
+                _ = ticks.tick() => {
+                    let in_flight: Vec<&Origin> = batch.iter().map(|d| &d.origin).collect();
+                    if let Err(e) = self.source.heartbeat(&in_flight).await {
+                        tracing::warn!(error = %e, "visibility heartbeat failed");
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn new_backoff() -> impl Iterator<Item = Duration> {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(100))
+        .with_max_delay(Duration::from_secs(10))
+        .with_jitter()
+        .without_max_times()
+        .build()
+}
+
+/// The DLQ message for a permanent failure: the body as received, the reason in attributes.
+fn dlq_message(stage: StageName, delivery: &Delivery, error: &SluiceError, record_id: Option<RecordId>) -> OutgoingMessage {
+    let entry = DlqEntry::new(stage, error, delivery.receive_count, record_id.clone(), Vec::new());
+    let mut attributes = delivery.attributes.clone();
+    if let Origin::Stream { shard, sequence, .. } = &delivery.origin {
+        attributes.insert("shard".to_owned(), shard.clone());
+        attributes.insert("sequence".to_owned(), sequence.clone());
+    }
+    attributes.extend(entry.attributes());
+    OutgoingMessage { body: delivery.body.clone(), attributes, dedup_key: record_id.map(String::from) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_sequence_numbers_order_numerically() {
+        use std::cmp::Ordering::*;
+        assert_eq!(compare_sequences("9", "10"), Less);
+        assert_eq!(compare_sequences("49590338271490256608559692538361571095921575989136588898", "9"), Greater);
+        assert_eq!(compare_sequences("12", "12"), Equal);
+    }
+}
