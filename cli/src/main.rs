@@ -1,1 +1,170 @@
-fn main() {}
+//! `sluice`: the operator's command line.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use sluice_core::backend::Backend;
+use sluice_core::config::Settings;
+use sluice_core::stats::PipelineStats;
+use sluice_core::topology::StageName;
+use sluice_core::ReasonCode;
+use sluice_cli::{demo, dlq, pipeline, produce, train};
+
+#[derive(Debug, Parser)]
+#[command(name = "sluice", version, about = "A queue-driven streaming ML inference pipeline")]
+struct Cli {
+    /// TOML configuration file (environment `SLUICE__SECTION__KEY` overrides it).
+    #[arg(long, global = true, env = "SLUICE_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the whole pipeline on a fresh embedded store with the held-out digits and print a summary.
+    Demo(demo::DemoArgs),
+    /// Write records to the stream.
+    Produce {
+        #[command(flatten)]
+        store: StoreArg,
+        #[command(flatten)]
+        args: produce::ProduceArgs,
+    },
+    /// Train the digits CNN and write its model bundle.
+    Train(train::TrainArgs),
+    /// Run all four stages in this process.
+    Run {
+        #[command(flatten)]
+        store: StoreArg,
+        /// Exit 0 once the stream and every work queue are empty.
+        #[arg(long)]
+        until_drained: bool,
+    },
+    /// Where every record is: stream, queues, results, review, DLQs.
+    Stats {
+        #[command(flatten)]
+        store: StoreArg,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Inspect and replay dead-letter queues.
+    Dlq {
+        #[command(subcommand)]
+        command: DlqCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum DlqCommand {
+    /// List a stage's DLQ entries, oldest first.
+    List {
+        #[command(flatten)]
+        store: StoreArg,
+        #[arg(long)]
+        stage: StageName,
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Move a stage's DLQ entries back to where the stage reads them.
+    Replay {
+        #[command(flatten)]
+        store: StoreArg,
+        #[arg(long)]
+        stage: StageName,
+        /// Only entries with this reason code (e.g. `max_receives_exceeded`).
+        #[arg(long)]
+        reason: Option<String>,
+        #[arg(long, default_value_t = usize::MAX)]
+        limit: usize,
+    },
+}
+
+#[derive(Debug, Clone, clap::Args)]
+struct StoreArg {
+    /// The embedded store file (overrides `store.path`).
+    #[arg(long)]
+    store: Option<PathBuf>,
+}
+
+impl StoreArg {
+    fn apply(&self, settings: Settings) -> Settings {
+        match &self.store {
+            Some(path) => settings.set("store.path", path),
+            None => settings,
+        }
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    // The demo's output is its summary; its workers' logs would bury it.
+    let _telemetry = sluice_core::telemetry::init(if matches!(cli.command, Command::Demo(_)) { "warn" } else { "info" });
+    let settings = Settings::load(cli.config.as_deref())?;
+    if let Command::Train(args) = &cli.command {
+        let report = train::train(args)?;
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        println!("bundle written to {}", args.out.display());
+        return Ok(());
+    }
+    tokio::runtime::Runtime::new()?.block_on(run(cli.command, settings))
+}
+
+async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
+    match command {
+        Command::Train(_) => unreachable!("handled before the runtime starts"),
+        Command::Demo(args) => {
+            let summary = demo::demo(&args, settings).await?;
+            if args.json {
+                println!("{}", serde_json::to_string(&summary)?);
+            } else {
+                summary.print_text();
+            }
+        }
+        Command::Produce { store, args } => {
+            let backend = open(&store.apply(settings))?;
+            let n = produce::put_all(backend.stream.as_ref(), produce::records_for(&args)?).await?;
+            println!("produced {n} records");
+        }
+        Command::Run { store, until_drained } => {
+            let settings = store.apply(settings);
+            let shutdown = sluice_core::shutdown::on_signal();
+            pipeline::run_all(&settings, shutdown, until_drained).await?;
+        }
+        Command::Stats { store, json } => {
+            let stats = PipelineStats::collect(&open(&store.apply(settings))?).await?;
+            if json {
+                println!("{}", serde_json::to_string(&stats)?);
+            } else {
+                println!("{}", serde_json::to_string_pretty(&stats)?);
+            }
+        }
+        Command::Dlq { command: DlqCommand::List { store, stage, limit, json } } => {
+            let entries = dlq::entries(&open(&store.apply(settings))?, stage, limit).await?;
+            for entry in entries {
+                if json {
+                    println!("{}", serde_json::to_string(&entry)?);
+                } else {
+                    let id = entry.record_id.as_ref().map_or("-", |id| id.as_str());
+                    println!("{id}\t{}\tattempts={}\t{}", entry.reason, entry.attempts, entry.detail);
+                }
+            }
+        }
+        Command::Dlq { command: DlqCommand::Replay { store, stage, reason, limit } } => {
+            let reason = reason
+                .map(|r| serde_json::from_value::<ReasonCode>(serde_json::Value::String(r.clone())))
+                .transpose()
+                .context("unknown reason code")?;
+            let moved = dlq::replay(&open(&store.apply(settings))?, stage, reason, limit).await?;
+            println!("replayed {moved} entries from the {stage} DLQ");
+        }
+    }
+    Ok(())
+}
+
+fn open(settings: &Settings) -> anyhow::Result<Backend> {
+    Ok(Backend::open(&settings.store()?)?)
+}

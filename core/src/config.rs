@@ -51,6 +51,24 @@ impl Settings {
     pub fn worker(&self) -> Result<WorkerConfig, ConfigError> {
         self.section("worker")
     }
+
+    pub fn model(&self) -> Result<ModelConfig, ConfigError> {
+        self.section("model")
+    }
+}
+
+/// `[model]`: the bundle the features, inference and results stages share.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelConfig {
+    /// Directory holding `model.toml` and `model.safetensors`.
+    pub dir: PathBuf,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        Self { dir: PathBuf::from("models/digits") }
+    }
 }
 
 /// `[store]`: where the pipeline's state lives and how its queues behave.

@@ -75,7 +75,7 @@ where
     S: Stage + 'static,
     F: FnOnce(&Settings, &Backend) -> Result<S, BuildError>,
 {
-    let _telemetry = crate::telemetry::init();
+    let _telemetry = crate::telemetry::init("info");
     let args = WorkerArgs::parse();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,

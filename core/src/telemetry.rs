@@ -7,9 +7,9 @@ use tracing_subscriber::EnvFilter;
 #[must_use = "telemetry is flushed when the guard drops"]
 pub struct TelemetryGuard(());
 
-/// Logs to stderr, filtered by `RUST_LOG` (default `info`).
-pub fn init() -> TelemetryGuard {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+/// Logs to stderr, filtered by `RUST_LOG` (default `default_level`, e.g. `info`).
+pub fn init(default_level: &str) -> TelemetryGuard {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
     // A second init (tests, `sluice run` after `sluice train`) keeps the first subscriber.
     let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
     TelemetryGuard(())

@@ -1,0 +1,132 @@
+//! The features stage: turns each record's payload into the feature vector its model takes
+//! (images: decode, resize, normalise; JSON events: the bundle's declarative feature spec),
+//! writes the vector to the feature store, and forwards the record to the inference queue.
+
+pub mod image;
+pub mod tabular;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use sluice_core::backend::{Backend, BlobStore, FeatureStore, OutgoingMessage};
+use sluice_core::config::Settings;
+use sluice_core::envelope::{ContentType, Envelope, Payload, RecordId, now_ms};
+use sluice_core::image::ImageLimits;
+use sluice_core::model::{ModelBundle, ModelManifest};
+use sluice_core::service::BuildError;
+use sluice_core::topology::{QueueName, StageName};
+use sluice_core::worker::{BatchPolicy, Delivery, Outcome, Stage};
+use sluice_core::{ReasonCode, Result, SluiceError};
+
+/// `[features]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FeaturesConfig {
+    pub batch_size: usize,
+    pub image_limits: ImageLimits,
+}
+
+impl Default for FeaturesConfig {
+    fn default() -> Self {
+        Self { batch_size: 50, image_limits: ImageLimits::default() }
+    }
+}
+
+pub struct FeaturesStage {
+    config: FeaturesConfig,
+    manifest: ModelManifest,
+    blobs: Arc<dyn BlobStore>,
+    store: Arc<dyn FeatureStore>,
+}
+
+impl FeaturesStage {
+    pub fn build(settings: &Settings, backend: &Backend) -> Result<Self, BuildError> {
+        let bundle = ModelBundle::load(settings.model()?.dir)?;
+        Ok(Self {
+            config: settings.section("features")?,
+            manifest: bundle.manifest,
+            blobs: Arc::clone(&backend.blobs),
+            store: Arc::clone(&backend.features),
+        })
+    }
+
+    async fn vector_for(&self, envelope: &Envelope) -> Result<Vec<f32>> {
+        let data = match &envelope.payload {
+            Payload::Inline { data } => data.clone(),
+            Payload::ClaimCheck { reference } => self.blobs.get(reference).await?,
+            Payload::Released => {
+                return Err(SluiceError::permanent(ReasonCode::SchemaMismatch, "the record carries no payload"));
+            }
+        };
+        vectorise(&self.manifest, envelope.content_type, &data, &self.config.image_limits)
+    }
+}
+
+/// The feature vector of one payload, as `manifest` wants it.
+pub fn vectorise(manifest: &ModelManifest, content_type: ContentType, data: &[u8], limits: &ImageLimits) -> Result<Vec<f32>> {
+    let unsupported = |what: &str| {
+        SluiceError::permanent(ReasonCode::SchemaMismatch, format!("model {} takes no {what} input", manifest.name))
+    };
+    if content_type.is_image() {
+        let spec = manifest.input.image.as_ref().ok_or_else(|| unsupported("image"))?;
+        let decoded = sluice_core::image::decode(data, content_type, limits)?;
+        Ok(image::preprocess(&decoded, spec))
+    } else {
+        let spec = manifest.input.tabular.as_ref().ok_or_else(|| unsupported("tabular"))?;
+        let event: serde_json::Value = serde_json::from_slice(data)
+            .map_err(|e| SluiceError::permanent(ReasonCode::InvalidJson, format!("payload is not valid JSON: {e}")))?;
+        tabular::vectorise(spec, &event)
+    }
+}
+
+#[async_trait]
+impl Stage for FeaturesStage {
+    fn name(&self) -> StageName {
+        StageName::Features
+    }
+
+    fn batch_policy(&self) -> BatchPolicy {
+        BatchPolicy { max_size: self.config.batch_size.max(1), max_wait: Duration::ZERO }
+    }
+
+    async fn process(&self, batch: &[Delivery]) -> Vec<Outcome> {
+        let mut outcomes = Vec::with_capacity(batch.len());
+        let mut vectors: Vec<(RecordId, Vec<f32>)> = Vec::new();
+        for delivery in batch {
+            let mut envelope = match Envelope::from_json(&delivery.body) {
+                Ok(envelope) => envelope,
+                Err(error) => {
+                    outcomes.push(Outcome::failed(error, None));
+                    continue;
+                }
+            };
+            match self.vector_for(&envelope).await {
+                Ok(vector) => {
+                    vectors.push((envelope.record_id.clone(), vector));
+                    envelope.payload = Payload::Released;
+                    envelope.timestamps.featured_ms = Some(now_ms());
+                    let message = OutgoingMessage {
+                        body: envelope.to_json(),
+                        attributes: delivery.attributes.clone(),
+                        dedup_key: Some(envelope.record_id.to_string()),
+                    };
+                    outcomes.push(Outcome::forward(QueueName::Inference, message));
+                }
+                Err(error) => outcomes.push(Outcome::failed(error, Some(envelope.record_id))),
+            }
+        }
+        if !vectors.is_empty()
+            && let Err(error) = self.store.put_if_absent(vectors).await
+        {
+            // Nothing forwarded may go ahead of its vector.
+            for outcome in &mut outcomes {
+                if matches!(outcome, Outcome::Forward(_)) {
+                    *outcome = Outcome::failed(error.clone(), None);
+                }
+            }
+        }
+        outcomes
+    }
+}

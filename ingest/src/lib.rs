@@ -1,0 +1,79 @@
+//! The ingest stage: reads the stream, turns each record (a sluice envelope, or raw bytes as any
+//! Kinesis producer writes them) into a checked envelope, and forwards it to the features queue.
+//! Anything invalid goes to the ingest DLQ with its reason.
+
+mod config;
+pub mod samples;
+mod validate;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sluice_core::backend::{Backend, BlobStore, OutgoingMessage};
+use sluice_core::config::Settings;
+use sluice_core::envelope::RecordId;
+use sluice_core::service::BuildError;
+use sluice_core::topology::{QueueName, StageName};
+use sluice_core::worker::{BatchPolicy, Delivery, Origin, Outcome, Stage};
+use sluice_core::{ReasonCode, SluiceError};
+
+pub use config::IngestConfig;
+
+pub struct IngestStage {
+    config: IngestConfig,
+    blobs: Arc<dyn BlobStore>,
+}
+
+impl IngestStage {
+    pub fn build(settings: &Settings, backend: &Backend) -> Result<Self, BuildError> {
+        Ok(Self::new(settings.section("ingest")?, Arc::clone(&backend.blobs)))
+    }
+
+    pub fn new(config: IngestConfig, blobs: Arc<dyn BlobStore>) -> Self {
+        Self { config, blobs }
+    }
+
+    async fn ingest_one(&self, delivery: &Delivery) -> Outcome {
+        let Origin::Stream { shard, sequence, arrived_ms } = &delivery.origin else {
+            let error = SluiceError::permanent(ReasonCode::Internal, "ingest reads the stream, not a queue");
+            return Outcome::failed(error, None);
+        };
+        let position = RecordId::from_stream_position(shard, sequence);
+        let mut envelope = match validate::parse(&delivery.body, &position, *arrived_ms, &self.config) {
+            Ok(envelope) => envelope,
+            Err(error) => return Outcome::failed(error, Some(position)),
+        };
+        let record_id = envelope.record_id.clone();
+        if let Err(error) = validate::check_payload(&mut envelope, self.blobs.as_ref(), &self.config).await {
+            return Outcome::failed(error, Some(record_id));
+        }
+        let mut attributes = std::collections::BTreeMap::new();
+        if let Some(trace) = &envelope.trace {
+            attributes.insert("traceparent".to_owned(), trace.clone());
+        }
+        Outcome::forward(
+            QueueName::Features,
+            OutgoingMessage { body: envelope.to_json(), attributes, dedup_key: Some(record_id.into()) },
+        )
+    }
+}
+
+#[async_trait]
+impl Stage for IngestStage {
+    fn name(&self) -> StageName {
+        StageName::Ingest
+    }
+
+    fn batch_policy(&self) -> BatchPolicy {
+        BatchPolicy { max_size: self.config.batch_size.max(1), max_wait: Duration::ZERO }
+    }
+
+    async fn process(&self, batch: &[Delivery]) -> Vec<Outcome> {
+        let mut outcomes = Vec::with_capacity(batch.len());
+        for delivery in batch {
+            outcomes.push(self.ingest_one(delivery).await);
+        }
+        outcomes
+    }
+}

@@ -1,0 +1,151 @@
+//! The results stage: applies the bundle's per-class confidence thresholds, writes each result
+//! once (put-if-absent by record id), and sends low-confidence ones to the review queue.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use sluice_core::backend::{Backend, OutgoingMessage, PutOutcome, ResultStore};
+use sluice_core::config::Settings;
+use sluice_core::envelope::now_ms;
+use sluice_core::model::{ModelBundle, ModelManifest};
+use sluice_core::record::{InferredRecord, PredictionResult, ResultStatus, dlq_attr};
+use sluice_core::service::BuildError;
+use sluice_core::topology::{QueueName, StageName};
+use sluice_core::worker::{BatchPolicy, Delivery, Outcome, Stage};
+use sluice_core::{ReasonCode, Result, SluiceError};
+
+/// `[results]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ResultsConfig {
+    pub batch_size: usize,
+    /// The envelope attribute that carries a record's true label, when a producer knows it.
+    pub ground_truth_attribute: String,
+}
+
+impl Default for ResultsConfig {
+    fn default() -> Self {
+        Self { batch_size: 100, ground_truth_attribute: "label".to_owned() }
+    }
+}
+
+pub struct ResultsStage {
+    config: ResultsConfig,
+    manifest: ModelManifest,
+    store: Arc<dyn ResultStore>,
+}
+
+impl ResultsStage {
+    pub fn build(settings: &Settings, backend: &Backend) -> Result<Self, BuildError> {
+        let bundle = ModelBundle::load(settings.model()?.dir)?;
+        Ok(Self { config: settings.section("results")?, manifest: bundle.manifest, store: Arc::clone(&backend.results) })
+    }
+
+    /// The result a prediction becomes under this bundle's labels and thresholds.
+    fn judge(&self, record: InferredRecord) -> Result<PredictionResult> {
+        let InferredRecord { mut envelope, prediction } = record;
+        let labels = &self.manifest.labels;
+        if prediction.probabilities.len() != labels.len() {
+            return Err(SluiceError::permanent(
+                ReasonCode::InvalidModelOutput,
+                format!("{} probabilities for {} labels", prediction.probabilities.len(), labels.len()),
+            ));
+        }
+        let (best, &confidence) = prediction
+            .probabilities
+            .iter()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .expect("labels are not empty");
+        let label = labels[best].clone();
+        let status =
+            if confidence >= self.manifest.threshold(&label) { ResultStatus::Accepted } else { ResultStatus::Review };
+        envelope.timestamps.stored_ms = Some(now_ms());
+        Ok(PredictionResult {
+            record_id: envelope.record_id,
+            label,
+            confidence,
+            probabilities: prediction.probabilities,
+            model: prediction.model,
+            model_version: prediction.model_version,
+            backend: prediction.backend,
+            status,
+            ground_truth: envelope.attributes.get(&self.config.ground_truth_attribute).cloned(),
+            timestamps: envelope.timestamps,
+        })
+    }
+
+    /// Where a stored result goes next: nowhere, or to the review queue.
+    fn route(&self, stored: &PredictionResult) -> Outcome {
+        if stored.status != ResultStatus::Review {
+            return Outcome::Forward(Vec::new());
+        }
+        let threshold = self.manifest.threshold(&stored.label);
+        let attributes = BTreeMap::from([
+            (dlq_attr::REASON.to_owned(), ReasonCode::BelowThreshold.as_str().to_owned()),
+            (
+                dlq_attr::DETAIL.to_owned(),
+                format!("confidence {:.4} for {:?} is under its threshold {threshold}", stored.confidence, stored.label),
+            ),
+            (dlq_attr::RECORD_ID.to_owned(), stored.record_id.to_string()),
+        ]);
+        let message = OutgoingMessage {
+            body: serde_json::to_vec(stored).expect("a result serialises"),
+            attributes,
+            dedup_key: Some(stored.record_id.to_string()),
+        };
+        Outcome::forward(QueueName::Review, message)
+    }
+}
+
+#[async_trait]
+impl Stage for ResultsStage {
+    fn name(&self) -> StageName {
+        StageName::Results
+    }
+
+    fn batch_policy(&self) -> BatchPolicy {
+        BatchPolicy { max_size: self.config.batch_size.max(1), max_wait: Duration::ZERO }
+    }
+
+    async fn process(&self, batch: &[Delivery]) -> Vec<Outcome> {
+        let mut outcomes: Vec<Option<Outcome>> = vec![None; batch.len()];
+        let mut judged: Vec<(usize, PredictionResult)> = Vec::new();
+        for (i, delivery) in batch.iter().enumerate() {
+            let record = match InferredRecord::from_json(&delivery.body) {
+                Ok(record) => record,
+                Err(error) => {
+                    outcomes[i] = Some(Outcome::failed(error, None));
+                    continue;
+                }
+            };
+            let id = record.envelope.record_id.clone();
+            match self.judge(record) {
+                Ok(result) => judged.push((i, result)),
+                Err(error) => outcomes[i] = Some(Outcome::failed(error, Some(id))),
+            }
+        }
+        let (slots, results): (Vec<usize>, Vec<PredictionResult>) = judged.into_iter().unzip();
+        match self.store.put_if_absent(results.clone()).await {
+            Ok(puts) => {
+                for ((i, ours), put) in slots.into_iter().zip(results).zip(puts) {
+                    // A redelivered record keeps the result it was first given.
+                    let stored = match put {
+                        PutOutcome::Inserted => ours,
+                        PutOutcome::AlreadyPresent(existing) => *existing,
+                    };
+                    outcomes[i] = Some(self.route(&stored));
+                }
+            }
+            Err(error) => {
+                for (i, result) in slots.into_iter().zip(results) {
+                    outcomes[i] = Some(Outcome::failed(error.clone(), Some(result.record_id)));
+                }
+            }
+        }
+        outcomes.into_iter().map(|o| o.expect("every delivery has an outcome")).collect()
+    }
+}

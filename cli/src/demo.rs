@@ -1,0 +1,179 @@
+//! `sluice demo`: a fresh embedded store, the held-out digits plus a handful of corrupt records,
+//! all four stages in one process until drained, and a summary read back from the store.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::bail;
+use serde::Serialize;
+use sluice_core::backend::Backend;
+use sluice_core::config::Settings;
+use sluice_core::record::PredictionResult;
+use sluice_core::stats::PipelineStats;
+use sluice_core::topology::StageName;
+use tokio_util::sync::CancellationToken;
+
+use crate::digits::{self, Split};
+use crate::produce::{digit_records, put_all, run_tag};
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct DemoArgs {
+    /// Store file to create (must not exist); default: a temporary one, removed afterwards.
+    #[arg(long)]
+    pub store: Option<PathBuf>,
+    /// Print the summary as one JSON object.
+    #[arg(long)]
+    pub json: bool,
+    /// Produce the held-out digits this many times.
+    #[arg(long, default_value_t = 1)]
+    pub repeat: usize,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Summary {
+    pub records_in: u64,
+    pub results: u64,
+    pub review: u64,
+    pub dlq: BTreeMap<StageName, u64>,
+    /// Correct predictions among all results (accepted and review) that carry a label.
+    pub accuracy: f64,
+    /// Correct predictions among accepted results.
+    pub accepted_accuracy: f64,
+    pub throughput_rps: f64,
+    pub latency_ms: Latency,
+    pub elapsed_s: f64,
+    /// DLQ entries by stage and reason code.
+    pub dlq_reasons: BTreeMap<String, u64>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Latency {
+    pub p50: f64,
+    pub p99: f64,
+}
+
+pub async fn demo(args: &DemoArgs, settings: Settings) -> anyhow::Result<Summary> {
+    let temp = tempfile::tempdir()?;
+    let path = match &args.store {
+        Some(path) if path.exists() => bail!("{} already exists; the demo starts from a fresh store", path.display()),
+        Some(path) => path.clone(),
+        None => temp.path().join("demo.sqlite"),
+    };
+    let settings = settings.set("store.path", &path);
+    let store = settings.store()?;
+    let backend = Backend::open(&store)?;
+
+    let test = digits::load_split(Split::Test)?;
+    let mut records = digit_records(&test, Split::Test, args.repeat.max(1), false, &run_tag());
+    let ingest: sluice_ingest::IngestConfig = settings.section("ingest")?;
+    let bad = sluice_ingest::samples::bad_records(&test[0].to_png(), ingest.max_payload_bytes);
+    records.extend(bad.into_iter().map(|b| b.input));
+
+    let started = Instant::now();
+    put_all(backend.stream.as_ref(), records).await?;
+    crate::pipeline::run_all(&settings, CancellationToken::new(), true).await?;
+    let elapsed = started.elapsed().as_secs_f64();
+    summarise(&backend, elapsed).await
+}
+
+pub async fn summarise(backend: &Backend, elapsed_s: f64) -> anyhow::Result<Summary> {
+    let stats = PipelineStats::collect(backend).await?;
+    let results = all_results(backend).await?;
+    let labelled: Vec<bool> = results.iter().filter_map(PredictionResult::is_correct).collect();
+    let accepted: Vec<bool> = results
+        .iter()
+        .filter(|r| r.status == sluice_core::record::ResultStatus::Accepted)
+        .filter_map(PredictionResult::is_correct)
+        .collect();
+    let mut latencies: Vec<u64> = results.iter().filter_map(PredictionResult::latency_ms).collect();
+    latencies.sort_unstable();
+    Ok(Summary {
+        records_in: stats.records_in,
+        results: stats.results,
+        review: stats.review,
+        dlq: stats.dlq.clone(),
+        accuracy: fraction(&labelled),
+        accepted_accuracy: fraction(&accepted),
+        throughput_rps: stats.records_in as f64 / elapsed_s.max(1e-9),
+        latency_ms: Latency { p50: percentile(&latencies, 0.50), p99: percentile(&latencies, 0.99) },
+        elapsed_s,
+        dlq_reasons: dlq_reasons(backend).await?,
+    })
+}
+
+async fn all_results(backend: &Backend) -> anyhow::Result<Vec<PredictionResult>> {
+    let mut out: Vec<PredictionResult> = Vec::new();
+    loop {
+        let page = backend.results.scan(out.last().map(|r| &r.record_id), 1000, None).await?;
+        if page.is_empty() {
+            return Ok(out);
+        }
+        out.extend(page);
+    }
+}
+
+async fn dlq_reasons(backend: &Backend) -> anyhow::Result<BTreeMap<String, u64>> {
+    let mut out = BTreeMap::new();
+    for stage in StageName::ALL {
+        for entry in crate::dlq::entries(backend, stage, usize::MAX).await? {
+            *out.entry(format!("{stage}/{}", entry.reason)).or_default() += 1;
+        }
+    }
+    Ok(out)
+}
+
+fn fraction(flags: &[bool]) -> f64 {
+    flags.iter().filter(|&&ok| ok).count() as f64 / flags.len().max(1) as f64
+}
+
+/// Nearest-rank percentile of sorted values.
+fn percentile(sorted: &[u64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
+    sorted[rank - 1] as f64
+}
+
+impl Summary {
+    pub fn print_text(&self) {
+        let dlq_total: u64 = self.dlq.values().sum();
+        println!("sluice demo: {} records through ingest → features → inference → results", self.records_in);
+        println!();
+        println!("  records in      {:>8}", self.records_in);
+        println!("  results         {:>8}   (accepted above their class threshold)", self.results);
+        println!("  review          {:>8}   (below threshold, waiting for a person)", self.review);
+        for (stage, n) in &self.dlq {
+            println!("  dlq {:<11} {:>8}", stage.as_str(), n);
+        }
+        println!("  accounted       {:>8}   (results + review + dlq)", self.results + self.review + dlq_total);
+        println!();
+        println!("  accuracy        {:>8.2}%  over all labelled results", self.accuracy * 100.0);
+        println!("  accepted acc.   {:>8.2}%  over accepted results", self.accepted_accuracy * 100.0);
+        println!("  throughput      {:>8.0} records/s  ({:.2} s end to end)", self.throughput_rps, self.elapsed_s);
+        println!("  latency p50     {:>8.0} ms  (produced → result stored)", self.latency_ms.p50);
+        println!("  latency p99     {:>8.0} ms", self.latency_ms.p99);
+        if !self.dlq_reasons.is_empty() {
+            println!();
+            println!("  dead-lettered, by reason:");
+            for (reason, n) in &self.dlq_reasons {
+                println!("    {reason:<40} {n}");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_use_nearest_rank() {
+        let v: Vec<u64> = (1..=100).collect();
+        assert_eq!(percentile(&v, 0.5), 50.0);
+        assert_eq!(percentile(&v, 0.99), 99.0);
+        assert_eq!(percentile(&[7], 0.99), 7.0);
+        assert_eq!(percentile(&[], 0.5), 0.0);
+    }
+}

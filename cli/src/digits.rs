@@ -1,0 +1,119 @@
+//! The UCI optical recognition of handwritten digits data (the 1,797 8×8 images scikit-learn
+//! bundles), shipped in `data/digits/` and compiled into the binary, with its fixed split.
+
+use std::io::Read;
+
+use anyhow::{Context, bail};
+use image::{GrayImage, ImageFormat, Luma};
+
+const DATA: &[u8] = include_bytes!("../../data/digits/digits.csv.gz");
+
+/// Pixel intensities run 0..=16 (counts of set pixels in 4×4 blocks).
+pub const MAX_INTENSITY: u8 = 16;
+pub const SIDE: u32 = 8;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Split {
+    Train,
+    Validation,
+    Test,
+}
+
+/// The documented, fixed split (see `data/digits/README.md`): by row index `i` (0-based),
+/// test if `i % 5 == 4`, validation if `i % 10 == 0`, train otherwise.
+pub fn split_of(index: usize) -> Split {
+    if index % 5 == 4 {
+        Split::Test
+    } else if index % 10 == 0 {
+        Split::Validation
+    } else {
+        Split::Train
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Digit {
+    /// Row in the data file, 0-based.
+    pub index: usize,
+    pub pixels: [u8; 64],
+    pub label: u8,
+}
+
+impl Digit {
+    pub fn split(&self) -> Split {
+        split_of(self.index)
+    }
+
+    /// The digit as an 8-bit greyscale image, intensities scaled from 0..=16 to 0..=255.
+    pub fn to_image(&self) -> GrayImage {
+        GrayImage::from_fn(SIDE, SIDE, |x, y| {
+            let v = u32::from(self.pixels[(y * SIDE + x) as usize]);
+            Luma([((v * 255 + u32::from(MAX_INTENSITY) / 2) / u32::from(MAX_INTENSITY)) as u8])
+        })
+    }
+
+    pub fn to_png(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        self.to_image().write_to(&mut std::io::Cursor::new(&mut out), ImageFormat::Png).expect("PNG encodes to memory");
+        out
+    }
+
+    /// The digit as a tabular JSON event with fields `p00`..`p63`.
+    pub fn to_event(&self) -> serde_json::Value {
+        let fields = self.pixels.iter().enumerate().map(|(i, &v)| (field_name(i), serde_json::Value::from(v)));
+        serde_json::Value::Object(fields.collect())
+    }
+}
+
+pub fn field_name(i: usize) -> String {
+    format!("p{i:02}")
+}
+
+/// Every digit, in file order.
+pub fn load() -> anyhow::Result<Vec<Digit>> {
+    let mut text = String::new();
+    flate2::read::GzDecoder::new(DATA).read_to_string(&mut text).context("decompressing the digits data")?;
+    let mut digits = Vec::with_capacity(1797);
+    for (index, line) in text.lines().filter(|l| !l.trim().is_empty()).enumerate() {
+        let values: Vec<u8> = line
+            .split(',')
+            .map(|v| v.trim().parse::<f32>().map(|f| f as u8))
+            .collect::<Result<_, _>>()
+            .with_context(|| format!("digits row {index}"))?;
+        if values.len() != 65 || values[..64].iter().any(|&v| v > MAX_INTENSITY) || values[64] > 9 {
+            bail!("digits row {index} is not 64 intensities in 0..=16 and a label in 0..=9");
+        }
+        digits.push(Digit { index, pixels: values[..64].try_into().expect("64 values"), label: values[64] });
+    }
+    Ok(digits)
+}
+
+pub fn load_split(split: Split) -> anyhow::Result<Vec<Digit>> {
+    Ok(load()?.into_iter().filter(|d| d.split() == split).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_data_and_split_are_as_documented() {
+        let digits = load().unwrap();
+        assert_eq!(digits.len(), 1797);
+        let count = |s| digits.iter().filter(|d| d.split() == s).count();
+        assert_eq!((count(Split::Train), count(Split::Validation), count(Split::Test)), (1258, 180, 359));
+        for label in 0..10 {
+            assert!(digits.iter().filter(|d| d.split() == Split::Test && d.label == label).count() >= 30);
+        }
+    }
+
+    #[test]
+    fn images_keep_the_intensities() {
+        let digit = &load().unwrap()[0];
+        let img = digit.to_image();
+        for (i, p) in img.pixels().enumerate() {
+            let back = (f32::from(p.0[0]) / 255.0 * 16.0).round() as u8;
+            assert_eq!(back, digit.pixels[i]);
+        }
+    }
+}

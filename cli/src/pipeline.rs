@@ -1,0 +1,71 @@
+//! All four stages in one process (`sluice run`, `sluice demo`).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::anyhow;
+use sluice_core::backend::Backend;
+use sluice_core::config::Settings;
+use sluice_core::service::{BuildError, default_worker_id, serve};
+use sluice_core::stats::PipelineStats;
+use sluice_core::topology::StageName;
+use sluice_core::worker::Stage;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+/// How often `--until-drained` looks at the store, and how many looks in a row must find it drained.
+const DRAIN_CHECK: Duration = Duration::from_millis(200);
+const DRAINED_LOOKS: u32 = 2;
+
+pub fn build_stage(stage: StageName, settings: &Settings, backend: &Backend) -> Result<Arc<dyn Stage>, BuildError> {
+    Ok(match stage {
+        StageName::Ingest => Arc::new(sluice_ingest::IngestStage::build(settings, backend)?),
+        StageName::Features => Arc::new(sluice_features::FeaturesStage::build(settings, backend)?),
+        StageName::Inference => Arc::new(sluice_inference::InferenceStage::build(settings, backend)?),
+        StageName::Results => Arc::new(sluice_results::ResultsStage::build(settings, backend)?),
+    })
+}
+
+/// Runs every stage until `shutdown` (or, with `until_drained`, until nothing is left to do).
+pub async fn run_all(settings: &Settings, shutdown: CancellationToken, until_drained: bool) -> anyhow::Result<()> {
+    let store = settings.store()?;
+    let mut workers = JoinSet::new();
+    for stage_name in StageName::ALL {
+        // One connection per stage, as separate processes would have.
+        let backend = Backend::open(&store)?;
+        let stage = build_stage(stage_name, settings, &backend).map_err(|e| anyhow!("{stage_name}: {e}"))?;
+        let (settings, token) = (settings.clone(), shutdown.clone());
+        workers.spawn(async move {
+            let worker_id = default_worker_id(stage_name.as_str());
+            serve(stage, &settings, backend, &worker_id, token).await.map_err(|e| anyhow!("{stage_name} worker: {e}"))
+        });
+    }
+    if until_drained {
+        let backend = Backend::open(&store)?;
+        let token = shutdown.clone();
+        tokio::spawn(async move {
+            let mut looks = 0;
+            while !token.is_cancelled() {
+                tokio::time::sleep(DRAIN_CHECK).await;
+                match PipelineStats::collect(&backend).await {
+                    Ok(stats) if stats.is_drained() => looks += 1,
+                    Ok(_) => looks = 0,
+                    Err(e) => tracing::warn!(error = %e, "cannot read pipeline stats"),
+                }
+                if looks >= DRAINED_LOOKS {
+                    tracing::info!("stream and queues drained; stopping");
+                    token.cancel();
+                }
+            }
+        });
+    }
+    let mut first_error = None;
+    while let Some(joined) = workers.join_next().await {
+        let outcome = joined.map_err(anyhow::Error::from).and_then(|r| r);
+        if let Err(e) = outcome {
+            shutdown.cancel();
+            first_error.get_or_insert(e);
+        }
+    }
+    first_error.map_or(Ok(()), Err)
+}

@@ -1,0 +1,76 @@
+//! JSON events through the bundle's declarative feature spec.
+
+use sluice_core::model::{FieldSpec, TabularSpec};
+use sluice_core::{ReasonCode, Result, SluiceError};
+
+/// One event's feature vector: numeric fields scaled to 0..1 (missing → default), categorical
+/// fields one-hot (missing or unknown → the default category, or all zeros).
+pub fn vectorise(spec: &TabularSpec, event: &serde_json::Value) -> Result<Vec<f32>> {
+    let object = event
+        .as_object()
+        .ok_or_else(|| SluiceError::permanent(ReasonCode::SchemaMismatch, "a JSON event must be an object"))?;
+    let mut out = Vec::with_capacity(spec.vector_len());
+    for field in &spec.fields {
+        let value = object.get(field.name()).filter(|v| !v.is_null());
+        match field {
+            FieldSpec::Numeric { name, min, max, default } => {
+                let raw = match value {
+                    None => *default,
+                    Some(v) => v.as_f64().map(|x| x as f32).ok_or_else(|| {
+                        SluiceError::permanent(ReasonCode::SchemaMismatch, format!("field {name:?} must be a number, got {v}"))
+                    })?,
+                };
+                out.push((raw - min) / (max - min));
+            }
+            FieldSpec::Categorical { categories, default, .. } => {
+                let given = value.map(|v| match v {
+                    serde_json::Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                });
+                let chosen = given
+                    .as_ref()
+                    .filter(|g| categories.contains(g))
+                    .or(default.as_ref());
+                out.extend(categories.iter().map(|c| if Some(c) == chosen { 1.0 } else { 0.0 }));
+            }
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn spec() -> TabularSpec {
+        TabularSpec {
+            fields: vec![
+                FieldSpec::Numeric { name: "amount".into(), min: 0.0, max: 200.0, default: 50.0 },
+                FieldSpec::Categorical {
+                    name: "country".into(),
+                    categories: vec!["de".into(), "fr".into(), "other".into()],
+                    default: Some("other".into()),
+                },
+            ],
+        }
+    }
+
+    #[test]
+    fn scales_numbers_and_one_hot_encodes_categories() {
+        assert_eq!(vectorise(&spec(), &json!({"amount": 100, "country": "fr"})).unwrap(), vec![0.5, 0.0, 1.0, 0.0]);
+    }
+
+    #[test]
+    fn fills_defaults_for_missing_and_unknown_values() {
+        assert_eq!(vectorise(&spec(), &json!({"country": "jp"})).unwrap(), vec![0.25, 0.0, 0.0, 1.0]);
+        assert_eq!(vectorise(&spec(), &json!({"amount": null})).unwrap(), vec![0.25, 0.0, 0.0, 1.0]);
+    }
+
+    #[test]
+    fn rejects_wrong_types() {
+        let err = vectorise(&spec(), &json!({"amount": "lots"})).unwrap_err();
+        assert_eq!(err.code(), ReasonCode::SchemaMismatch);
+        assert!(vectorise(&spec(), &json!([1, 2])).is_err());
+    }
+}

@@ -1,0 +1,81 @@
+//! Models the inference stage can run, and the device they run on.
+
+mod digits_cnn;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use sluice_core::model::{Architecture, ModelBundle};
+use sluice_core::{ReasonCode, SluiceError};
+
+pub use digits_cnn::DigitsCnn;
+
+/// Which device to run on.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DevicePreference {
+    /// The GPU when built with `cuda` and one works, else the CPU.
+    #[default]
+    Auto,
+    Cpu,
+}
+
+/// The device to use, and the backend name results record.
+pub fn select_device(preference: DevicePreference) -> (Device, &'static str) {
+    if preference == DevicePreference::Auto && cfg!(feature = "cuda") {
+        // `Device::cuda_if_available` does not fall back when initialisation fails; this does.
+        match Device::new_cuda(0) {
+            Ok(device) => return (device, "candle-cuda"),
+            Err(e) => tracing::warn!(error = %e, "CUDA device unavailable; running on the CPU"),
+        }
+    }
+    (Device::Cpu, "candle-cpu")
+}
+
+/// A loaded classifier: feature vectors in, probability vectors out.
+pub struct CandleClassifier {
+    model: DigitsCnn,
+    device: Device,
+    backend: &'static str,
+    input_shape: (usize, usize, usize),
+}
+
+impl CandleClassifier {
+    pub fn load(bundle: &ModelBundle, device: Device, backend: &'static str) -> Result<Self, SluiceError> {
+        let manifest = &bundle.manifest;
+        let image = manifest.input.image.as_ref().ok_or_else(|| {
+            SluiceError::permanent(ReasonCode::ModelFailure, "the digits CNN needs an image input spec")
+        })?;
+        let input_shape = (image.channels as usize, image.height as usize, image.width as usize);
+        let weights = std::fs::read(bundle.weights_path()).map_err(|e| {
+            SluiceError::permanent(ReasonCode::ModelFailure, format!("{}: {e}", bundle.weights_path().display()))
+        })?;
+        let vb = VarBuilder::from_buffered_safetensors(weights, DType::F32, &device).map_err(model_error)?;
+        let model = match manifest.architecture {
+            Architecture::DigitsCnn => DigitsCnn::new(vb, input_shape, manifest.labels.len()).map_err(model_error)?,
+        };
+        Ok(Self { model, device, backend, input_shape })
+    }
+
+    /// `candle-cpu` or `candle-cuda`.
+    pub fn backend(&self) -> &'static str {
+        self.backend
+    }
+
+    pub fn vector_len(&self) -> usize {
+        let (c, h, w) = self.input_shape;
+        c * h * w
+    }
+
+    /// Class probabilities for `batch` vectors laid end to end in `inputs`.
+    pub fn predict(&self, inputs: Vec<f32>, batch: usize) -> Result<Vec<Vec<f32>>, SluiceError> {
+        let (c, h, w) = self.input_shape;
+        let xs = Tensor::from_vec(inputs, (batch, c, h, w), &self.device).map_err(model_error)?;
+        let logits = self.model.forward(&xs).map_err(model_error)?;
+        let probabilities = candle_nn::ops::softmax_last_dim(&logits).map_err(model_error)?;
+        probabilities.to_vec2::<f32>().map_err(model_error)
+    }
+}
+
+fn model_error(e: candle_core::Error) -> SluiceError {
+    SluiceError::retryable(ReasonCode::ModelFailure, e.to_string())
+}

@@ -1,0 +1,34 @@
+use serde::{Deserialize, Serialize};
+use sluice_core::image::ImageLimits;
+
+/// `[ingest]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IngestConfig {
+    /// Stream records per batch.
+    pub batch_size: usize,
+    /// Largest payload accepted inline in a stream record (Kinesis's own limit is 1 MiB).
+    pub max_payload_bytes: usize,
+    /// Largest payload accepted behind a claim-check.
+    pub max_claim_check_bytes: usize,
+    /// Payloads over this size travel on as claim-checks, to stay under queue message limits
+    /// (SQS: 256 KiB, and the envelope base64-encodes its payload).
+    pub inline_limit_bytes: usize,
+    /// The JSON field that names a raw event's record id. Without it (or when an event lacks
+    /// it) the id is the stream position, so a redelivery keeps its id.
+    pub record_id_field: Option<String>,
+    pub image_limits: ImageLimits,
+}
+
+impl Default for IngestConfig {
+    fn default() -> Self {
+        Self {
+            batch_size: 100,
+            max_payload_bytes: 1024 * 1024,
+            max_claim_check_bytes: 32 * 1024 * 1024,
+            inline_limit_bytes: 128 * 1024,
+            record_id_field: None,
+            image_limits: ImageLimits::default(),
+        }
+    }
+}
