@@ -1,0 +1,396 @@
+//! The backend conformance suite: every backend must pass every test here unchanged.
+//!
+//! Each test takes a fresh [`Fixture`]; `conformance!` instantiates the suite per backend.
+
+use std::collections::{BTreeSet, HashSet};
+use std::time::Duration;
+
+use sluice_core::backend::{Backend, OutgoingMessage, PutOutcome, StreamInput};
+use sluice_core::config::StoreConfig;
+use sluice_core::envelope::{RecordId, StageTimes};
+use sluice_core::record::{DlqEntry, PredictionResult, ResultStatus};
+use sluice_core::topology::{QueueName, StageName};
+use sluice_core::ReasonCode;
+
+/// Short timeouts so visibility and lease expiry can be observed quickly.
+const VISIBILITY_MS: u64 = 300;
+const LEASE_MS: u64 = 400;
+const MAX_RECEIVES: u32 = 3;
+
+/// A backend plus whatever keeps it alive, and a way to open a second handle on the same state
+/// (another process, as far as the backend can tell).
+struct Fixture {
+    config: StoreConfig,
+    _dir: tempfile::TempDir,
+}
+
+impl Fixture {
+    fn embedded() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let config = StoreConfig {
+            path: dir.path().join("store.sqlite"),
+            shards: 4,
+            visibility_timeout_ms: VISIBILITY_MS,
+            max_receives: MAX_RECEIVES,
+            lease_duration_ms: LEASE_MS,
+            ..StoreConfig::default()
+        };
+        Self { config, _dir: dir }
+    }
+
+    fn open(&self) -> Backend {
+        Backend::open(&self.config).unwrap()
+    }
+}
+
+fn id(s: &str) -> RecordId {
+    RecordId::parse(s).unwrap()
+}
+
+fn msg(body: &str) -> OutgoingMessage {
+    OutgoingMessage { body: body.as_bytes().to_vec(), ..OutgoingMessage::default() }
+}
+
+fn bodies(messages: &[sluice_core::backend::ReceivedMessage]) -> Vec<String> {
+    messages.iter().map(|m| String::from_utf8(m.body.clone()).unwrap()).collect()
+}
+
+fn result(record: &str, label: &str, status: ResultStatus) -> PredictionResult {
+    PredictionResult {
+        record_id: id(record),
+        label: label.to_owned(),
+        confidence: 0.9,
+        probabilities: vec![0.1, 0.9],
+        model: "m".to_owned(),
+        model_version: "1".to_owned(),
+        backend: "candle-cpu".to_owned(),
+        status,
+        ground_truth: None,
+        timestamps: StageTimes::default(),
+    }
+}
+
+async fn queue_round_trip(f: Fixture) {
+    let b = f.open();
+    let q = b.queue(QueueName::Features);
+    q.send_batch((0..5).map(|i| msg(&format!("m{i}"))).collect()).await.unwrap();
+    assert_eq!(q.depth().await.unwrap().visible, 5);
+    let got = q.receive(3, Duration::ZERO).await.unwrap();
+    assert_eq!(bodies(&got), ["m0", "m1", "m2"]);
+    assert!(got.iter().all(|m| m.receive_count == 1));
+    let depth = q.depth().await.unwrap();
+    assert_eq!((depth.visible, depth.in_flight), (2, 3));
+    q.ack(&got.iter().map(|m| m.receipt.clone()).collect::<Vec<_>>()).await.unwrap();
+    assert_eq!(q.depth().await.unwrap().total(), 2);
+    // Other queues are untouched.
+    assert_eq!(b.queue(QueueName::Inference).depth().await.unwrap().total(), 0);
+}
+
+async fn long_poll_waits_for_a_message(f: Fixture) {
+    let b = f.open();
+    let q = b.queue(QueueName::Inference);
+    let sender = f.open();
+    let send = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        sender.queue(QueueName::Inference).send_batch(vec![msg("late")]).await.unwrap();
+    });
+    let got = q.receive(10, Duration::from_secs(5)).await.unwrap();
+    assert_eq!(bodies(&got), ["late"]);
+    send.await.unwrap();
+    let empty = q.receive(10, Duration::from_millis(100)).await.unwrap();
+    assert!(empty.is_empty());
+}
+
+async fn unacknowledged_messages_come_back_after_the_visibility_timeout(f: Fixture) {
+    let b = f.open();
+    let q = b.queue(QueueName::Results);
+    q.send_batch(vec![msg("a")]).await.unwrap();
+    let first = q.receive(1, Duration::ZERO).await.unwrap();
+    assert!(q.receive(1, Duration::ZERO).await.unwrap().is_empty(), "invisible while in flight");
+    tokio::time::sleep(Duration::from_millis(VISIBILITY_MS + 100)).await;
+    let second = q.receive(1, Duration::ZERO).await.unwrap();
+    assert_eq!(bodies(&second), ["a"]);
+    assert_eq!(second[0].receive_count, 2);
+    // The first receipt is stale: acknowledging with it does not delete the message.
+    q.ack(&[first[0].receipt.clone()]).await.unwrap();
+    assert_eq!(q.depth().await.unwrap().total(), 1);
+    q.ack(&[second[0].receipt.clone()]).await.unwrap();
+    assert_eq!(q.depth().await.unwrap().total(), 0);
+}
+
+async fn visibility_can_be_extended_and_released(f: Fixture) {
+    let b = f.open();
+    let q = b.queue(QueueName::Features);
+    q.send_batch(vec![msg("a"), msg("b")]).await.unwrap();
+    let got = q.receive(2, Duration::ZERO).await.unwrap();
+    q.extend_visibility(&[got[0].receipt.clone()], Duration::from_secs(10)).await.unwrap();
+    q.release(&[got[1].receipt.clone()], Duration::ZERO).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(VISIBILITY_MS + 100)).await;
+    let again = q.receive(10, Duration::ZERO).await.unwrap();
+    assert_eq!(bodies(&again), ["b"], "a is still extended; b was released");
+}
+
+async fn messages_past_max_receives_are_redriven_to_the_stage_dlq(f: Fixture) {
+    let b = f.open();
+    let q = b.queue(QueueName::Inference);
+    let mut attrs = std::collections::BTreeMap::new();
+    attrs.insert("traceparent".to_owned(), "00-abc-def-01".to_owned());
+    q.send_batch(vec![OutgoingMessage { body: b"poison".to_vec(), attributes: attrs, dedup_key: Some("r1".into()) }])
+        .await
+        .unwrap();
+    for attempt in 1..=MAX_RECEIVES {
+        let got = q.receive(1, Duration::ZERO).await.unwrap();
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].receive_count, attempt);
+        q.release(&[got[0].receipt.clone()], Duration::ZERO).await.unwrap();
+    }
+    assert!(q.receive(1, Duration::ZERO).await.unwrap().is_empty(), "redriven instead of delivered");
+    let dlq = b.queue(QueueName::InferenceDlq).peek(10).await.unwrap();
+    assert_eq!(dlq.len(), 1);
+    assert_eq!(dlq[0].body, b"poison", "the body is never rewritten");
+    assert_eq!(dlq[0].attributes["traceparent"], "00-abc-def-01");
+    let entry = DlqEntry::from_message(StageName::Inference, dlq[0].body.clone(), &dlq[0].attributes, 0, 0);
+    assert_eq!(entry.reason, ReasonCode::MaxReceivesExceeded);
+    assert_eq!(entry.attempts, MAX_RECEIVES);
+    assert_eq!(entry.record_id, Some(id("r1")));
+}
+
+async fn dedup_keys_collapse_duplicates_in_a_queue(f: Fixture) {
+    let b = f.open();
+    let q = b.queue(QueueName::IngestDlq);
+    let keyed = |k: &str| OutgoingMessage { body: k.as_bytes().to_vec(), dedup_key: Some(k.to_owned()), ..Default::default() };
+    q.send_batch(vec![keyed("x"), keyed("x"), keyed("y")]).await.unwrap();
+    q.send_batch(vec![keyed("x")]).await.unwrap();
+    assert_eq!(q.depth().await.unwrap().total(), 2);
+}
+
+async fn concurrent_receivers_never_share_a_message(f: Fixture) {
+    let b = f.open();
+    let total = 300;
+    b.queue(QueueName::Features).send_batch((0..total).map(|i| msg(&format!("{i}"))).collect()).await.unwrap();
+    let mut tasks = Vec::new();
+    for _ in 0..4 {
+        let handle = f.open();
+        tasks.push(tokio::spawn(async move {
+            let q = handle.queue(QueueName::Features);
+            let mut seen = Vec::new();
+            loop {
+                let got = q.receive(7, Duration::ZERO).await.unwrap();
+                if got.is_empty() {
+                    return seen;
+                }
+                q.ack(&got.iter().map(|m| m.receipt.clone()).collect::<Vec<_>>()).await.unwrap();
+                seen.extend(bodies(&got));
+            }
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap());
+    }
+    let unique: HashSet<_> = all.iter().collect();
+    assert_eq!(all.len(), total, "every message received once");
+    assert_eq!(unique.len(), total);
+}
+
+fn inputs(n: usize) -> Vec<StreamInput> {
+    (0..n).map(|i| StreamInput { partition_key: format!("key-{i}"), data: format!("rec-{i}").into_bytes() }).collect()
+}
+
+async fn read_all(consumer: &mut Box<dyn sluice_core::backend::StreamConsumer>, checkpoint: bool) -> Vec<String> {
+    let mut out = Vec::new();
+    loop {
+        let batch = consumer.poll(50).await.unwrap();
+        if batch.is_empty() {
+            return out;
+        }
+        for r in &batch {
+            if checkpoint {
+                consumer.checkpoint(&r.shard, &r.sequence).await.unwrap();
+            }
+            out.push(String::from_utf8(r.data.clone()).unwrap());
+        }
+    }
+}
+
+async fn stream_delivers_everything_in_shard_order(f: Fixture) {
+    let b = f.open();
+    b.stream.put_records(inputs(100)).await.unwrap();
+    let mut consumer = b.stream.consumer("w1").await.unwrap();
+    let mut per_shard: std::collections::BTreeMap<String, Vec<u64>> = Default::default();
+    loop {
+        let batch = consumer.poll(30).await.unwrap();
+        if batch.is_empty() {
+            break;
+        }
+        for r in batch {
+            let n: u64 = String::from_utf8(r.data).unwrap()[4..].parse().unwrap();
+            per_shard.entry(r.shard).or_default().push(n);
+        }
+    }
+    assert_eq!(consumer.shards().len(), 4, "a lone consumer holds every shard");
+    let all: BTreeSet<u64> = per_shard.values().flatten().copied().collect();
+    assert_eq!(all.len(), 100);
+    for seq in per_shard.values() {
+        assert!(seq.windows(2).all(|w| w[0] < w[1]), "records of one shard arrive in order");
+    }
+    let stats = b.stream.stats().await.unwrap();
+    assert_eq!((stats.records, stats.pending), (100, 100), "nothing checkpointed yet");
+}
+
+async fn a_new_consumer_resumes_after_the_checkpoint(f: Fixture) {
+    let b = f.open();
+    b.stream.put_records(inputs(40)).await.unwrap();
+    let mut first = b.stream.consumer("w1").await.unwrap();
+    let got = read_all(&mut first, true).await;
+    assert_eq!(got.len(), 40);
+    first.release().await.unwrap();
+    assert_eq!(b.stream.stats().await.unwrap().pending, 0);
+
+    b.stream.put_records(inputs(10)).await.unwrap();
+    let mut second = f.open().stream.consumer("w2").await.unwrap();
+    let rest = read_all(&mut second, false).await;
+    assert_eq!(rest.len(), 10, "only what came after the checkpoint");
+}
+
+async fn rewind_goes_back_to_the_checkpoint(f: Fixture) {
+    let b = f.open();
+    b.stream.put_records(inputs(20)).await.unwrap();
+    let mut c = b.stream.consumer("w1").await.unwrap();
+    let batch = c.poll(100).await.unwrap();
+    assert_eq!(batch.len(), 20);
+    for shard in c.shards() {
+        c.rewind(&shard).await.unwrap();
+    }
+    assert_eq!(c.poll(100).await.unwrap().len(), 20, "unacknowledged records are read again");
+}
+
+async fn consumers_share_shards_and_take_over_expired_leases(f: Fixture) {
+    let b = f.open();
+    b.stream.put_records(inputs(8)).await.unwrap();
+    let mut one = b.stream.consumer("w1").await.unwrap();
+    let mut two = f.open().stream.consumer("w2").await.unwrap();
+    one.poll(1).await.unwrap();
+    // The second takes its share from the first, which sees the loss on its next poll.
+    for _ in 0..3 {
+        two.poll(1).await.unwrap();
+        one.poll(1).await.unwrap();
+    }
+    assert_eq!((one.shards().len(), two.shards().len()), (2, 2));
+    let (a, b2): (BTreeSet<_>, BTreeSet<_>) = (one.shards().into_iter().collect(), two.shards().into_iter().collect());
+    assert!(a.is_disjoint(&b2));
+
+    // w1 dies without releasing: after the lease expires w2 holds everything.
+    drop(one);
+    tokio::time::sleep(Duration::from_millis(LEASE_MS + 100)).await;
+    two.poll(1).await.unwrap();
+    assert_eq!(two.shards().len(), 4);
+}
+
+async fn a_lost_lease_refuses_the_checkpoint(f: Fixture) {
+    let b = f.open();
+    b.stream.put_records(inputs(8)).await.unwrap();
+    let mut one = b.stream.consumer("w1").await.unwrap();
+    let batch = one.poll(8).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(LEASE_MS + 100)).await;
+    let mut two = f.open().stream.consumer("w2").await.unwrap();
+    two.poll(1).await.unwrap();
+    assert_eq!(two.shards().len(), 4);
+    let err = one.checkpoint(&batch[0].shard, &batch[0].sequence).await.unwrap_err();
+    assert_eq!(err.code(), ReasonCode::LeaseLost);
+    assert!(err.is_retryable());
+}
+
+async fn feature_store_keeps_the_first_write(f: Fixture) {
+    let b = f.open();
+    b.features.put_if_absent(vec![(id("a"), vec![1.0, 2.0]), (id("b"), vec![3.0])]).await.unwrap();
+    b.features.put_if_absent(vec![(id("a"), vec![9.0, 9.0])]).await.unwrap();
+    let got = b.features.get_batch(&[id("a"), id("b"), id("missing")]).await.unwrap();
+    assert_eq!(got.len(), 2);
+    assert_eq!(got[&id("a")], vec![1.0, 2.0]);
+    assert_eq!(got[&id("b")], vec![3.0]);
+}
+
+async fn result_store_is_put_if_absent(f: Fixture) {
+    let b = f.open();
+    let first = b
+        .results
+        .put_if_absent(vec![result("r1", "7", ResultStatus::Accepted), result("r2", "1", ResultStatus::Review)])
+        .await
+        .unwrap();
+    assert_eq!(first, vec![PutOutcome::Inserted, PutOutcome::Inserted]);
+    let again = b.results.put_if_absent(vec![result("r1", "3", ResultStatus::Review)]).await.unwrap();
+    match &again[0] {
+        PutOutcome::AlreadyPresent(existing) => assert_eq!(existing.label, "7"),
+        other => panic!("expected AlreadyPresent, got {other:?}"),
+    }
+    let counts = b.results.counts().await.unwrap();
+    assert_eq!((counts.accepted, counts.review), (1, 1));
+    let got = b.results.get_batch(&[id("r1"), id("nope")]).await.unwrap();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[&id("r1")].label, "7");
+}
+
+async fn result_store_scans_in_pages(f: Fixture) {
+    let b = f.open();
+    let all: Vec<_> = (0..25)
+        .map(|i| result(&format!("r{i:02}"), "1", if i % 5 == 0 { ResultStatus::Review } else { ResultStatus::Accepted }))
+        .collect();
+    b.results.put_if_absent(all).await.unwrap();
+    let mut seen = Vec::new();
+    loop {
+        let page = b.results.scan(seen.last(), 10, None).await.unwrap();
+        if page.is_empty() {
+            break;
+        }
+        seen.extend(page.into_iter().map(|r| r.record_id));
+    }
+    assert_eq!(seen.len(), 25);
+    assert!(seen.windows(2).all(|w| w[0] < w[1]));
+    let review = b.results.scan(None, 100, Some(ResultStatus::Review)).await.unwrap();
+    assert_eq!(review.len(), 5);
+}
+
+async fn blobs_round_trip_and_refuse_foreign_references(f: Fixture) {
+    let b = f.open();
+    let data = vec![7u8; 300_000];
+    let reference = b.blobs.put(data.clone()).await.unwrap();
+    assert_eq!(b.blobs.get(&reference).await.unwrap(), data);
+    let foreign = b.blobs.get("https://example.com/x.png").await.unwrap_err();
+    assert_eq!(foreign.code(), ReasonCode::ClaimCheckRejected);
+    assert!(!foreign.is_retryable());
+    let missing = b.blobs.get(&reference.replace(&reference[reference.len() - 4..], "0000")).await.unwrap_err();
+    assert_eq!(missing.code(), ReasonCode::ClaimCheckMissing);
+}
+
+macro_rules! conformance {
+    ($backend:ident: $($test:ident),+ $(,)?) => {
+        mod $backend {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $test() {
+                    super::$test(super::Fixture::$backend()).await;
+                }
+            )+
+        }
+    };
+}
+
+conformance!(embedded:
+    queue_round_trip,
+    long_poll_waits_for_a_message,
+    unacknowledged_messages_come_back_after_the_visibility_timeout,
+    visibility_can_be_extended_and_released,
+    messages_past_max_receives_are_redriven_to_the_stage_dlq,
+    dedup_keys_collapse_duplicates_in_a_queue,
+    concurrent_receivers_never_share_a_message,
+    stream_delivers_everything_in_shard_order,
+    a_new_consumer_resumes_after_the_checkpoint,
+    rewind_goes_back_to_the_checkpoint,
+    consumers_share_shards_and_take_over_expired_leases,
+    a_lost_lease_refuses_the_checkpoint,
+    feature_store_keeps_the_first_write,
+    result_store_is_put_if_absent,
+    result_store_scans_in_pages,
+    blobs_round_trip_and_refuse_foreign_references,
+);
