@@ -102,7 +102,8 @@ pub async fn summarise(backend: &Backend, elapsed_s: f64) -> anyhow::Result<Summ
     })
 }
 
-async fn all_results(backend: &Backend) -> anyhow::Result<Vec<PredictionResult>> {
+/// Every stored result, in record id order.
+pub async fn all_results(backend: &Backend) -> anyhow::Result<Vec<PredictionResult>> {
     let mut out: Vec<PredictionResult> = Vec::new();
     loop {
         let page = backend.results.scan(out.last().map(|r| &r.record_id), 1000, None).await?;

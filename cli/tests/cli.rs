@@ -1,0 +1,65 @@
+//! The `sluice` command as a user runs it.
+
+mod common;
+
+use std::process::Command;
+
+use common::{bin, test_env};
+
+fn sluice(args: &[&str]) -> std::process::Output {
+    let out = test_env(&mut Command::new(bin("sluice"))).args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "sluice {args:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn json(out: &std::process::Output) -> serde_json::Value {
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)))
+}
+
+#[test]
+fn demo_accounts_for_every_record_and_meets_the_accuracy_bar() {
+    let summary = json(&sluice(&["demo", "--json"]));
+    for key in ["records_in", "results", "review", "dlq", "accuracy", "throughput_rps", "latency_ms"] {
+        assert!(summary.get(key).is_some(), "missing {key} in {summary}");
+    }
+    let n = |v: &serde_json::Value| v.as_u64().unwrap();
+    let dlq: u64 = summary["dlq"].as_object().unwrap().values().map(n).sum();
+    assert_eq!(n(&summary["records_in"]), n(&summary["results"]) + n(&summary["review"]) + dlq);
+    assert_eq!(n(&summary["records_in"]), 359 + 6, "the held-out digits plus six corrupt records");
+    assert_eq!(n(&summary["dlq"]["ingest"]), 6);
+    assert!(summary["accuracy"].as_f64().unwrap() >= 0.97, "{summary}");
+    assert!(summary["latency_ms"]["p99"].as_f64().unwrap() >= summary["latency_ms"]["p50"].as_f64().unwrap());
+    assert!(summary["throughput_rps"].as_f64().unwrap() > 0.0);
+}
+
+#[test]
+fn produce_run_and_stats_as_separate_commands() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("s.sqlite");
+    let store = store.to_str().unwrap();
+    sluice(&["produce", "--store", store, "--digits", "test", "--repeat", "2"]);
+    sluice(&["produce", "--store", store, "--digits", "validation", "--json"]);
+    let files = dir.path().join("files");
+    std::fs::create_dir(&files).unwrap();
+    std::fs::write(files.join("empty.png"), b"").unwrap();
+    std::fs::write(files.join("notes.txt"), b"not an image").unwrap();
+    sluice(&["produce", "--store", store, "--dir", files.to_str().unwrap()]);
+
+    let before = json(&sluice(&["stats", "--store", store, "--json"]));
+    assert_eq!(before["records_in"], 359 * 2 + 180 + 2);
+    assert_eq!(before["results"], 0);
+
+    sluice(&["run", "--store", store, "--until-drained"]);
+    let after = json(&sluice(&["stats", "--store", store, "--json"]));
+    let n = |k: &str| after[k].as_u64().unwrap();
+    assert_eq!(n("records_in"), 359 * 2 + 180 + 2);
+    assert_eq!(n("results") + n("review"), 359 * 2 + 180, "repeats and JSON events are distinct records");
+    assert_eq!(after["dlq"]["ingest"], 2);
+
+    let listed = String::from_utf8(sluice(&["dlq", "list", "--store", store, "--stage", "ingest"]).stdout).unwrap();
+    assert!(listed.contains("empty_payload") && listed.contains("unsupported_content_type"), "{listed}");
+}

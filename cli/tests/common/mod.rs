@@ -1,0 +1,102 @@
+//! Helpers for tests that run the real binaries against a store file.
+
+#![allow(dead_code, unreachable_pub)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use sluice_core::backend::Backend;
+use sluice_core::config::StoreConfig;
+use sluice_core::stats::PipelineStats;
+
+/// A binary of this workspace, built beside `sluice` by `cargo test --workspace`.
+pub fn bin(name: &str) -> PathBuf {
+    let path = Path::new(env!("CARGO_BIN_EXE_sluice")).with_file_name(name);
+    assert!(path.exists(), "{} is missing: run `cargo test --workspace` (or `cargo build --workspace --bins`)", path.display());
+    path
+}
+
+pub fn model_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/digits")
+}
+
+/// Environment every process of a test shares: short timeouts so a killed worker's messages
+/// come back quickly, and the shipped model bundle.
+pub fn test_env(cmd: &mut Command) -> &mut Command {
+    cmd.env("SLUICE__MODEL__DIR", model_dir())
+        .env("SLUICE__STORE__VISIBILITY_TIMEOUT_MS", "3000")
+        .env("SLUICE__STORE__LEASE_DURATION_MS", "3000")
+        .env("SLUICE__WORKER__SHUTDOWN_GRACE_MS", "10000")
+        .env("RUST_LOG", "info")
+}
+
+pub fn store_config(path: &Path) -> StoreConfig {
+    StoreConfig { path: path.to_path_buf(), visibility_timeout_ms: 3000, lease_duration_ms: 3000, ..StoreConfig::default() }
+}
+
+/// A worker process whose stderr goes to a log file.
+pub struct Worker {
+    pub name: String,
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Worker {
+    pub fn start(binary: &str, name: &str, store: &Path, logs: &Path) -> Self {
+        let log = logs.join(format!("{name}.log"));
+        let mut cmd = Command::new(bin(binary));
+        test_env(&mut cmd)
+            .args(["--store", store.to_str().unwrap(), "--worker-id", name])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap());
+        Self { name: name.to_owned(), child: cmd.spawn().unwrap(), log }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGTERM, then wait for a clean exit.
+    pub fn terminate(mut self, within: Duration) -> String {
+        let status = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().unwrap();
+        assert!(status.success());
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(exit) = self.child.try_wait().unwrap() {
+                assert!(exit.success(), "{} exited with {exit} after SIGTERM:\n{}", self.name, self.log_text());
+                return self.log_text();
+            }
+            assert!(Instant::now() < deadline, "{} did not stop within {within:?} of SIGTERM", self.name);
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// SIGKILL: no chance to finish or acknowledge anything.
+    pub fn kill(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+}
+
+/// Polls the store until `done` holds, or fails after `timeout`.
+pub async fn wait_for(backend: &Backend, timeout: Duration, what: &str, done: impl Fn(&PipelineStats) -> bool) -> PipelineStats {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let stats = PipelineStats::collect(backend).await.unwrap();
+        if done(&stats) {
+            return stats;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}: {stats:#?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The `handled: N` a worker logs when it stops.
+pub fn handled(log: &str) -> u64 {
+    log.lines()
+        .filter_map(|l| l.split("handled: ").nth(1))
+        .filter_map(|rest| rest.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok())
+        .last()
+        .unwrap_or(0)
+}

@@ -1,0 +1,98 @@
+//! Every kind of bad input ends in the ingest DLQ with its own reason code, through the real
+//! worker loop, and the good records beside them go on to the features queue.
+
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sluice_core::backend::{Backend, StreamInput};
+use sluice_core::config::{StoreConfig, WorkerConfig};
+use sluice_core::envelope::{ContentType, Envelope, RecordId};
+use sluice_core::record::DlqEntry;
+use sluice_core::topology::{QueueName, StageName};
+use sluice_core::worker::{StreamSource, Worker};
+use sluice_ingest::samples::bad_records;
+use sluice_ingest::{IngestConfig, IngestStage};
+use tokio_util::sync::CancellationToken;
+
+fn png(width: u32, height: u32) -> Vec<u8> {
+    let img = image::GrayImage::from_fn(width, height, |x, y| image::Luma([(x * 30 + y) as u8]));
+    let mut out = Vec::new();
+    img.write_to(&mut std::io::Cursor::new(&mut out), image::ImageFormat::Png).unwrap();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_bad_record_is_dead_lettered_with_its_own_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = StoreConfig { path: dir.path().join("s.sqlite"), ..StoreConfig::default() };
+    let backend = Backend::open(&store).unwrap();
+    let config = IngestConfig { inline_limit_bytes: 1024, ..IngestConfig::default() };
+
+    let bad = bad_records(&png(8, 8), config.max_payload_bytes);
+    let mut inputs: Vec<StreamInput> = bad.iter().map(|b| b.input.clone()).collect();
+    let good_envelope = Envelope::inline(RecordId::parse("good-1").unwrap(), "t", ContentType::Png, png(8, 8));
+    inputs.push(StreamInput { partition_key: "good-1".into(), data: good_envelope.to_json() });
+    inputs.push(StreamInput { partition_key: "raw-event".into(), data: br#"{"amount": 3}"#.to_vec() });
+    // Over the inline limit: goes on as a claim-check.
+    inputs.push(StreamInput { partition_key: "big".into(), data: png(200, 200) });
+    backend.stream.put_records(inputs).await.unwrap();
+
+    let stage = Arc::new(IngestStage::new(config, Arc::clone(&backend.blobs)));
+    let source = StreamSource::new(backend.stream.consumer("test").await.unwrap());
+    let worker = Worker::new(stage, Box::new(source), backend.clone(), WorkerConfig::default(), &store);
+    let shutdown = CancellationToken::new();
+    let running = tokio::spawn(worker.run(shutdown.clone()));
+    for _ in 0..100 {
+        if backend.stream.stats().await.unwrap().pending == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    shutdown.cancel();
+    let report = running.await.unwrap().unwrap();
+    assert_eq!(report.dead_lettered, bad.len() as u64);
+
+    let dlq = backend.queue(QueueName::IngestDlq).peek(100).await.unwrap();
+    let mut reasons: Vec<_> = dlq
+        .iter()
+        .map(|m| DlqEntry::from_message(StageName::Ingest, m.body.clone(), &m.attributes, 0, 0).reason)
+        .collect();
+    let mut expected: Vec<_> = bad.iter().map(|b| b.expected).collect();
+    reasons.sort_by_key(|r| r.as_str());
+    expected.sort_by_key(|r| r.as_str());
+    assert_eq!(reasons, expected);
+    let unique: std::collections::HashSet<_> = expected.iter().collect();
+    assert_eq!(unique.len(), expected.len(), "every bad record has a reason of its own");
+    // The DLQ keeps the bytes exactly as produced.
+    for m in &dlq {
+        assert!(bad.iter().any(|b| b.input.data == m.body), "a DLQ body was rewritten");
+    }
+
+    let forwarded = backend.queue(QueueName::Features).peek(100).await.unwrap();
+    let envelopes: Vec<Envelope> = forwarded.iter().map(|m| Envelope::from_json(&m.body).unwrap()).collect();
+    assert_eq!(envelopes.len(), 3);
+    assert!(envelopes.iter().any(|e| e.record_id.as_str() == "good-1"));
+    assert!(envelopes.iter().all(|e| e.timestamps.ingested_ms.is_some() && e.trace.is_some()));
+    let claim_checked = envelopes.iter().find(|e| e.content_type == ContentType::Png && e.record_id.as_str() != "good-1").unwrap();
+    match &claim_checked.payload {
+        sluice_core::envelope::Payload::ClaimCheck { reference } => {
+            assert_eq!(backend.blobs.get(reference).await.unwrap(), png(200, 200));
+        }
+        other => panic!("a large payload should travel as a claim-check, got {other:?}"),
+    }
+}
+
+#[test]
+fn the_worker_binary_explains_a_bad_config_and_exits_non_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("sluice.toml");
+    std::fs::write(&config, "[ingest]\nbatch_sise = 10\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_sluice-ingest"))
+        .args(["--config", config.to_str().unwrap(), "--store", dir.path().join("s.sqlite").to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("batch_sise"), "{stderr}");
+}
