@@ -19,12 +19,13 @@ pub enum Split {
     Test,
 }
 
-/// The documented, fixed split (see `data/digits/README.md`): by row index `i` (0-based),
-/// test if `i % 5 == 4`, validation if `i % 10 == 0`, train otherwise.
-pub fn split_of(index: usize) -> Split {
-    if index % 5 == 4 {
+/// The documented, fixed split (see `data/digits/README.md`), stratified by class: the `k`-th
+/// image of a class in file order (0-based) is test if `k % 5 == 4`, validation if
+/// `k % 10 == 0`, train otherwise.
+pub fn split_of(occurrence: usize) -> Split {
+    if occurrence % 5 == 4 {
         Split::Test
-    } else if index % 10 == 0 {
+    } else if occurrence.is_multiple_of(10) {
         Split::Validation
     } else {
         Split::Train
@@ -37,13 +38,10 @@ pub struct Digit {
     pub index: usize,
     pub pixels: [u8; 64],
     pub label: u8,
+    pub split: Split,
 }
 
 impl Digit {
-    pub fn split(&self) -> Split {
-        split_of(self.index)
-    }
-
     /// The digit as an 8-bit greyscale image, intensities scaled from 0..=16 to 0..=255.
     pub fn to_image(&self) -> GrayImage {
         GrayImage::from_fn(SIDE, SIDE, |x, y| {
@@ -74,6 +72,7 @@ pub fn load() -> anyhow::Result<Vec<Digit>> {
     let mut text = String::new();
     flate2::read::GzDecoder::new(DATA).read_to_string(&mut text).context("decompressing the digits data")?;
     let mut digits = Vec::with_capacity(1797);
+    let mut seen_of_class = [0usize; 10];
     for (index, line) in text.lines().filter(|l| !l.trim().is_empty()).enumerate() {
         let values: Vec<u8> = line
             .split(',')
@@ -83,13 +82,16 @@ pub fn load() -> anyhow::Result<Vec<Digit>> {
         if values.len() != 65 || values[..64].iter().any(|&v| v > MAX_INTENSITY) || values[64] > 9 {
             bail!("digits row {index} is not 64 intensities in 0..=16 and a label in 0..=9");
         }
-        digits.push(Digit { index, pixels: values[..64].try_into().expect("64 values"), label: values[64] });
+        let label = values[64];
+        let split = split_of(seen_of_class[usize::from(label)]);
+        seen_of_class[usize::from(label)] += 1;
+        digits.push(Digit { index, pixels: values[..64].try_into().expect("64 values"), label, split });
     }
     Ok(digits)
 }
 
 pub fn load_split(split: Split) -> anyhow::Result<Vec<Digit>> {
-    Ok(load()?.into_iter().filter(|d| d.split() == split).collect())
+    Ok(load()?.into_iter().filter(|d| d.split == split).collect())
 }
 
 #[cfg(test)]
@@ -100,10 +102,12 @@ mod tests {
     fn the_data_and_split_are_as_documented() {
         let digits = load().unwrap();
         assert_eq!(digits.len(), 1797);
-        let count = |s| digits.iter().filter(|d| d.split() == s).count();
-        assert_eq!((count(Split::Train), count(Split::Validation), count(Split::Test)), (1258, 180, 359));
+        let count = |s| digits.iter().filter(|d| d.split == s).count();
+        assert_eq!((count(Split::Train), count(Split::Validation), count(Split::Test)), (1257, 185, 355));
         for label in 0..10 {
-            assert!(digits.iter().filter(|d| d.split() == Split::Test && d.label == label).count() >= 30);
+            let of_class = |s| digits.iter().filter(|d| d.split == s && d.label == label).count();
+            assert!((34..=37).contains(&of_class(Split::Test)), "class {label} is stratified");
+            assert!((18..=19).contains(&of_class(Split::Validation)), "class {label} is stratified");
         }
     }
 

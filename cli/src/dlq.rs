@@ -22,7 +22,12 @@ pub async fn entries(backend: &Backend, stage: StageName, limit: usize) -> Resul
 
 /// Moves up to `limit` entries (only those with `reason`, if given) back to where `stage` reads,
 /// body and original attributes as they were. Returns how many moved.
-pub async fn replay(backend: &Backend, stage: StageName, reason: Option<ReasonCode>, limit: usize) -> Result<usize, SluiceError> {
+pub async fn replay(
+    backend: &Backend,
+    stage: StageName,
+    reason: Option<ReasonCode>,
+    limit: usize,
+) -> Result<usize, SluiceError> {
     let dlq = backend.queue(stage.dlq());
     let mut moved = 0;
     let mut skipped = Vec::new();
@@ -33,7 +38,13 @@ pub async fn replay(backend: &Backend, stage: StageName, reason: Option<ReasonCo
         }
         let (mut take, mut receipts, mut stream_records) = (Vec::new(), Vec::new(), Vec::new());
         for message in batch {
-            let entry = DlqEntry::from_message(stage, Vec::new(), &message.attributes, message.receive_count, message.sent_at_ms);
+            let entry = DlqEntry::from_message(
+                stage,
+                Vec::new(),
+                &message.attributes,
+                message.receive_count,
+                message.sent_at_ms,
+            );
             if reason.is_some_and(|r| r != entry.reason) {
                 skipped.push(message.receipt);
                 continue;

@@ -4,12 +4,12 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use sluice_cli::{demo, dlq, pipeline, produce, train};
+use sluice_core::ReasonCode;
 use sluice_core::backend::Backend;
 use sluice_core::config::Settings;
 use sluice_core::stats::PipelineStats;
 use sluice_core::topology::StageName;
-use sluice_core::ReasonCode;
-use sluice_cli::{demo, dlq, pipeline, produce, train};
 
 #[derive(Debug, Parser)]
 #[command(name = "sluice", version, about = "A queue-driven streaming ML inference pipeline")]
@@ -102,7 +102,8 @@ impl StoreArg {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     // The demo's output is its summary; its workers' logs would bury it.
-    let _telemetry = sluice_core::telemetry::init(if matches!(cli.command, Command::Demo(_)) { "warn" } else { "info" });
+    let _telemetry =
+        sluice_core::telemetry::init(if matches!(cli.command, Command::Demo(_)) { "warn" } else { "info" });
     let settings = Settings::load(cli.config.as_deref())?;
     if let Command::Train(args) = &cli.command {
         let report = train::train(args)?;

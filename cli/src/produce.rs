@@ -35,7 +35,8 @@ pub fn digit_records(set: &[Digit], split: Split, repeat: usize, as_json: bool, 
     let mut out = Vec::with_capacity(set.len() * repeat);
     for copy in 0..repeat {
         for digit in set {
-            let id = RecordId::parse(format!("digits-{run}-{split_name}-{:04}-{copy}", digit.index)).expect("a valid id");
+            let id =
+                RecordId::parse(format!("digits-{run}-{split_name}-{:04}-{copy}", digit.index)).expect("a valid id");
             let (content_type, data) = if as_json {
                 (ContentType::Json, serde_json::to_vec(&digit.to_event()).expect("serialises"))
             } else {

@@ -10,8 +10,8 @@ use std::path::Path;
 use anyhow::Context;
 use candle_core::{D, DType, Device, Tensor, Var};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
-use rand::{RngExt, SeedableRng};
 use rand::seq::SliceRandom;
+use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 use sluice_core::model::{
@@ -78,7 +78,7 @@ pub fn input_spec() -> InputSpec {
 
 pub fn train(args: &TrainArgs) -> anyhow::Result<TrainReport> {
     let all = digits::load()?;
-    let of = |split| all.iter().filter(|d| d.split() == split).cloned().collect::<Vec<_>>();
+    let of = |split| all.iter().filter(|d| d.split == split).cloned().collect::<Vec<_>>();
     let (train_set, validation, test) = (of(Split::Train), of(Split::Validation), of(Split::Test));
     let spec = input_spec();
     let image_spec = spec.image.clone().expect("digits take images");
@@ -195,7 +195,12 @@ fn seed_weights(varmap: &VarMap, rng: &mut ChaCha8Rng) -> anyhow::Result<()> {
 }
 
 /// (probabilities, true label) per record.
-fn predict(model: &DigitsCnn, set: &[Digit], spec: &ImageInput, device: &Device) -> anyhow::Result<Vec<(Vec<f32>, u8)>> {
+fn predict(
+    model: &DigitsCnn,
+    set: &[Digit],
+    spec: &ImageInput,
+    device: &Device,
+) -> anyhow::Result<Vec<(Vec<f32>, u8)>> {
     let (x, _) = tensors(set, spec, device)?;
     let probabilities = candle_nn::ops::softmax(&model.forward(&x)?, D::Minus1)?.to_vec2::<f32>()?;
     Ok(probabilities.into_iter().zip(set.iter().map(|d| d.label)).collect())

@@ -8,11 +8,7 @@ use common::{bin, test_env};
 
 fn sluice(args: &[&str]) -> std::process::Output {
     let out = test_env(&mut Command::new(bin("sluice"))).args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "sluice {args:?} failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "sluice {args:?} failed:\n{}", String::from_utf8_lossy(&out.stderr));
     out
 }
 
@@ -29,7 +25,7 @@ fn demo_accounts_for_every_record_and_meets_the_accuracy_bar() {
     let n = |v: &serde_json::Value| v.as_u64().unwrap();
     let dlq: u64 = summary["dlq"].as_object().unwrap().values().map(n).sum();
     assert_eq!(n(&summary["records_in"]), n(&summary["results"]) + n(&summary["review"]) + dlq);
-    assert_eq!(n(&summary["records_in"]), 359 + 6, "the held-out digits plus six corrupt records");
+    assert_eq!(n(&summary["records_in"]), 355 + 6, "the held-out digits plus six corrupt records");
     assert_eq!(n(&summary["dlq"]["ingest"]), 6);
     assert!(summary["accuracy"].as_f64().unwrap() >= 0.97, "{summary}");
     assert!(summary["latency_ms"]["p99"].as_f64().unwrap() >= summary["latency_ms"]["p50"].as_f64().unwrap());
@@ -50,16 +46,42 @@ fn produce_run_and_stats_as_separate_commands() {
     sluice(&["produce", "--store", store, "--dir", files.to_str().unwrap()]);
 
     let before = json(&sluice(&["stats", "--store", store, "--json"]));
-    assert_eq!(before["records_in"], 359 * 2 + 180 + 2);
+    assert_eq!(before["records_in"], 355 * 2 + 185 + 2);
     assert_eq!(before["results"], 0);
 
     sluice(&["run", "--store", store, "--until-drained"]);
     let after = json(&sluice(&["stats", "--store", store, "--json"]));
     let n = |k: &str| after[k].as_u64().unwrap();
-    assert_eq!(n("records_in"), 359 * 2 + 180 + 2);
-    assert_eq!(n("results") + n("review"), 359 * 2 + 180, "repeats and JSON events are distinct records");
+    assert_eq!(n("records_in"), 355 * 2 + 185 + 2);
+    assert_eq!(n("results") + n("review"), 355 * 2 + 185, "repeats and JSON events are distinct records");
     assert_eq!(after["dlq"]["ingest"], 2);
 
     let listed = String::from_utf8(sluice(&["dlq", "list", "--store", store, "--stage", "ingest"]).stdout).unwrap();
     assert!(listed.contains("empty_payload") && listed.contains("unsupported_content_type"), "{listed}");
+}
+
+#[test]
+fn worker_binaries_explain_bad_setup_and_exit_non_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("s.sqlite");
+    let config = dir.path().join("sluice.toml");
+    std::fs::write(&config, "[worker]\npoll_wait = 10\n").unwrap();
+    for stage in ["ingest", "features", "inference", "results"] {
+        let run = |extra: &[&str], model: &std::path::Path| {
+            let out = Command::new(bin(&format!("sluice-{stage}")))
+                .env("SLUICE__MODEL__DIR", model)
+                .args(["--store", store.to_str().unwrap()])
+                .args(extra)
+                .output()
+                .unwrap();
+            assert!(!out.status.success(), "sluice-{stage} should refuse to start");
+            String::from_utf8_lossy(&out.stderr).into_owned()
+        };
+        let stderr = run(&["--config", config.to_str().unwrap()], &common::model_dir());
+        assert!(stderr.contains("poll_wait"), "sluice-{stage} does not name the unknown key:\n{stderr}");
+        if stage != "ingest" {
+            let stderr = run(&[], &dir.path().join("no-such-model"));
+            assert!(stderr.contains("model bundle"), "sluice-{stage} does not explain the missing bundle:\n{stderr}");
+        }
+    }
 }

@@ -24,10 +24,8 @@ async fn workers_drain_10k_records_through_a_sigkill() {
     let test = digits::load_split(Split::Test).unwrap();
     let mut records = digit_records(&test, Split::Test, RECORDS.div_ceil(test.len()), false, "mp");
     records.truncate(RECORDS);
-    let produced: BTreeSet<String> = records
-        .iter()
-        .map(|r| Envelope::from_json(&r.data).unwrap().record_id.to_string())
-        .collect();
+    let produced: BTreeSet<String> =
+        records.iter().map(|r| Envelope::from_json(&r.data).unwrap().record_id.to_string()).collect();
     assert_eq!(produced.len(), RECORDS);
     put_all(backend.stream.as_ref(), records).await.unwrap();
 

@@ -70,7 +70,11 @@ fn looks_truncated(error: &ImageError) -> bool {
             return true;
         }
         let text = e.to_string().to_ascii_lowercase();
-        if text.contains("eof") || text.contains("end of file") || text.contains("truncated") || text.contains("unexpected end") {
+        if text.contains("eof")
+            || text.contains("end of file")
+            || text.contains("truncated")
+            || text.contains("unexpected end")
+        {
             return true;
         }
         source = e.source();

@@ -120,7 +120,13 @@ pub struct DlqEntry {
 
 impl DlqEntry {
     /// An entry for a failure that happened just now.
-    pub fn new(stage: StageName, error: &SluiceError, attempts: u32, record_id: Option<RecordId>, body: Vec<u8>) -> Self {
+    pub fn new(
+        stage: StageName,
+        error: &SluiceError,
+        attempts: u32,
+        record_id: Option<RecordId>,
+        body: Vec<u8>,
+    ) -> Self {
         let now = now_ms();
         Self {
             stage,
@@ -166,9 +172,10 @@ impl DlqEntry {
         Self {
             stage,
             reason,
-            detail: attrs.get(dlq_attr::DETAIL).cloned().unwrap_or_else(|| {
-                "received more than max_receives times without being acknowledged".to_owned()
-            }),
+            detail: attrs
+                .get(dlq_attr::DETAIL)
+                .cloned()
+                .unwrap_or_else(|| "received more than max_receives times without being acknowledged".to_owned()),
             attempts: num(dlq_attr::ATTEMPTS).map(|n| n as u32).unwrap_or(receive_count),
             first_failure_ms: num(dlq_attr::FIRST_FAILURE_MS).unwrap_or(sent_at_ms),
             last_failure_ms: num(dlq_attr::LAST_FAILURE_MS).unwrap_or(sent_at_ms),

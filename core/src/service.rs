@@ -65,7 +65,10 @@ pub async fn serve(
     }
     match tokio::time::timeout(grace, running).await {
         Ok(finished) => Ok(finished??),
-        Err(_) => Err(format!("in-flight work did not finish within the {grace:?} grace period; it will be redelivered").into()),
+        Err(_) => {
+            Err(format!("in-flight work did not finish within the {grace:?} grace period; it will be redelivered")
+                .into())
+        }
     }
 }
 

@@ -200,7 +200,10 @@ impl Source for StreamSource {
             if let Some(sequence) = handled {
                 match self.consumer.checkpoint(shard, sequence).await {
                     Err(e) if e.code() == ReasonCode::LeaseLost => {
-                        tracing::warn!(shard, "lease lost before checkpoint; the new owner re-reads from the last checkpoint");
+                        tracing::warn!(
+                            shard,
+                            "lease lost before checkpoint; the new owner re-reads from the last checkpoint"
+                        );
                         continue;
                     }
                     other => other?,
@@ -233,7 +236,12 @@ fn compare_sequences(a: &str, b: &str) -> std::cmp::Ordering {
 }
 
 /// The source a stage reads: the stream for ingest, its input queue for the others.
-pub async fn source_for(stage: StageName, backend: &Backend, store: &StoreConfig, worker_id: &str) -> Result<Box<dyn Source>> {
+pub async fn source_for(
+    stage: StageName,
+    backend: &Backend,
+    store: &StoreConfig,
+    worker_id: &str,
+) -> Result<Box<dyn Source>> {
     Ok(match stage.input_queue() {
         Some(queue) => Box::new(QueueSource::new(backend.queue(queue), store)),
         None => Box::new(StreamSource::new(backend.stream.consumer(worker_id).await?)),
@@ -259,7 +267,13 @@ pub struct Worker {
 }
 
 impl Worker {
-    pub fn new(stage: Arc<dyn Stage>, source: Box<dyn Source>, backend: Backend, config: WorkerConfig, store: &StoreConfig) -> Self {
+    pub fn new(
+        stage: Arc<dyn Stage>,
+        source: Box<dyn Source>,
+        backend: Backend,
+        config: WorkerConfig,
+        store: &StoreConfig,
+    ) -> Self {
         Self {
             stage,
             source,
@@ -406,7 +420,12 @@ fn new_backoff() -> impl Iterator<Item = Duration> {
 }
 
 /// The DLQ message for a permanent failure: the body as received, the reason in attributes.
-fn dlq_message(stage: StageName, delivery: &Delivery, error: &SluiceError, record_id: Option<RecordId>) -> OutgoingMessage {
+fn dlq_message(
+    stage: StageName,
+    delivery: &Delivery,
+    error: &SluiceError,
+    record_id: Option<RecordId>,
+) -> OutgoingMessage {
     let entry = DlqEntry::new(stage, error, delivery.receive_count, record_id.clone(), Vec::new());
     let mut attributes = delivery.attributes.clone();
     if let Origin::Stream { shard, sequence, .. } = &delivery.origin {

@@ -5,12 +5,12 @@
 use std::collections::{BTreeSet, HashSet};
 use std::time::Duration;
 
+use sluice_core::ReasonCode;
 use sluice_core::backend::{Backend, OutgoingMessage, PutOutcome, StreamInput};
 use sluice_core::config::StoreConfig;
 use sluice_core::envelope::{RecordId, StageTimes};
 use sluice_core::record::{DlqEntry, PredictionResult, ResultStatus};
 use sluice_core::topology::{QueueName, StageName};
-use sluice_core::ReasonCode;
 
 /// Short timeouts so visibility and lease expiry can be observed quickly.
 const VISIBILITY_MS: u64 = 300;
@@ -158,7 +158,8 @@ async fn messages_past_max_receives_are_redriven_to_the_stage_dlq(f: Fixture) {
 async fn dedup_keys_collapse_duplicates_in_a_queue(f: Fixture) {
     let b = f.open();
     let q = b.queue(QueueName::IngestDlq);
-    let keyed = |k: &str| OutgoingMessage { body: k.as_bytes().to_vec(), dedup_key: Some(k.to_owned()), ..Default::default() };
+    let keyed =
+        |k: &str| OutgoingMessage { body: k.as_bytes().to_vec(), dedup_key: Some(k.to_owned()), ..Default::default() };
     q.send_batch(vec![keyed("x"), keyed("x"), keyed("y")]).await.unwrap();
     q.send_batch(vec![keyed("x")]).await.unwrap();
     assert_eq!(q.depth().await.unwrap().total(), 2);
@@ -334,7 +335,9 @@ async fn result_store_is_put_if_absent(f: Fixture) {
 async fn result_store_scans_in_pages(f: Fixture) {
     let b = f.open();
     let all: Vec<_> = (0..25)
-        .map(|i| result(&format!("r{i:02}"), "1", if i % 5 == 0 { ResultStatus::Review } else { ResultStatus::Accepted }))
+        .map(|i| {
+            result(&format!("r{i:02}"), "1", if i % 5 == 0 { ResultStatus::Review } else { ResultStatus::Accepted })
+        })
         .collect();
     b.results.put_if_absent(all).await.unwrap();
     let mut seen = Vec::new();

@@ -45,7 +45,7 @@ mod tests {
 
     #[test]
     fn keeps_an_image_of_the_right_size_exact() {
-        let img = DynamicImage::ImageLuma8(image::GrayImage::from_fn(2, 2, |x, y| image::Luma([(x * 255 + y * 0) as u8])));
+        let img = DynamicImage::ImageLuma8(image::GrayImage::from_fn(2, 2, |x, _| image::Luma([(x * 255) as u8])));
         assert_eq!(preprocess(&img, &spec(2, 2, 1)), vec![-1.0, 1.0, -1.0, 1.0]);
     }
 

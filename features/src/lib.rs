@@ -65,7 +65,12 @@ impl FeaturesStage {
 }
 
 /// The feature vector of one payload, as `manifest` wants it.
-pub fn vectorise(manifest: &ModelManifest, content_type: ContentType, data: &[u8], limits: &ImageLimits) -> Result<Vec<f32>> {
+pub fn vectorise(
+    manifest: &ModelManifest,
+    content_type: ContentType,
+    data: &[u8],
+    limits: &ImageLimits,
+) -> Result<Vec<f32>> {
     let unsupported = |what: &str| {
         SluiceError::permanent(ReasonCode::SchemaMismatch, format!("model {} takes no {what} input", manifest.name))
     };

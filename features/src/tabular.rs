@@ -17,7 +17,10 @@ pub fn vectorise(spec: &TabularSpec, event: &serde_json::Value) -> Result<Vec<f3
                 let raw = match value {
                     None => *default,
                     Some(v) => v.as_f64().map(|x| x as f32).ok_or_else(|| {
-                        SluiceError::permanent(ReasonCode::SchemaMismatch, format!("field {name:?} must be a number, got {v}"))
+                        SluiceError::permanent(
+                            ReasonCode::SchemaMismatch,
+                            format!("field {name:?} must be a number, got {v}"),
+                        )
                     })?,
                 };
                 out.push((raw - min) / (max - min));
@@ -27,10 +30,7 @@ pub fn vectorise(spec: &TabularSpec, event: &serde_json::Value) -> Result<Vec<f3
                     serde_json::Value::String(s) => s.clone(),
                     other => other.to_string(),
                 });
-                let chosen = given
-                    .as_ref()
-                    .filter(|g| categories.contains(g))
-                    .or(default.as_ref());
+                let chosen = given.as_ref().filter(|g| categories.contains(g)).or(default.as_ref());
                 out.extend(categories.iter().map(|c| if Some(c) == chosen { 1.0 } else { 0.0 }));
             }
         }

@@ -51,8 +51,18 @@ impl InferenceStage {
         let bundle = ModelBundle::load(settings.model()?.dir)?;
         let (device, backend_name) = select_device(config.device);
         let classifier = CandleClassifier::load(&bundle, device, backend_name)?;
-        tracing::info!(model = bundle.manifest.name, version = bundle.manifest.version, backend = backend_name, "model loaded");
-        Ok(Self { config, manifest: bundle.manifest, classifier: Arc::new(classifier), features: Arc::clone(&backend.features) })
+        tracing::info!(
+            model = bundle.manifest.name,
+            version = bundle.manifest.version,
+            backend = backend_name,
+            "model loaded"
+        );
+        Ok(Self {
+            config,
+            manifest: bundle.manifest,
+            classifier: Arc::new(classifier),
+            features: Arc::clone(&backend.features),
+        })
     }
 
     async fn run_model(&self, inputs: Vec<f32>, rows: usize) -> Result<Vec<Vec<f32>>, SluiceError> {
@@ -71,7 +81,10 @@ impl Stage for InferenceStage {
     }
 
     fn batch_policy(&self) -> BatchPolicy {
-        BatchPolicy { max_size: self.config.batch_size.max(1), max_wait: Duration::from_millis(self.config.max_wait_ms) }
+        BatchPolicy {
+            max_size: self.config.batch_size.max(1),
+            max_wait: Duration::from_millis(self.config.max_wait_ms),
+        }
     }
 
     async fn process(&self, batch: &[Delivery]) -> Vec<Outcome> {
@@ -98,7 +111,8 @@ impl Stage for InferenceStage {
             let id = envelope.record_id.clone();
             match vectors.remove(&id) {
                 None => {
-                    let error = SluiceError::permanent(ReasonCode::MissingFeatures, "no feature vector stored for this record");
+                    let error =
+                        SluiceError::permanent(ReasonCode::MissingFeatures, "no feature vector stored for this record");
                     outcomes[i] = Some(Outcome::failed(error, Some(id)));
                 }
                 Some(v) if v.len() != want => {

@@ -34,6 +34,10 @@ pub fn bad_records(valid_png: &[u8], max_payload_bytes: usize) -> Vec<BadRecord>
         raw("png-bomb", sluice_core::image::png_header_only(100_000, 100_000), ReasonCode::ImageTooLarge),
         raw("invalid-json", br#"{"p00": 3, "p01": "#.to_vec(), ReasonCode::InvalidJson),
         raw("oversized", vec![b'x'; max_payload_bytes + 1], ReasonCode::PayloadTooLarge),
-        raw("unknown-content-type", serde_json::to_vec(&unknown_json).expect("serialises"), ReasonCode::UnsupportedContentType),
+        raw(
+            "unknown-content-type",
+            serde_json::to_vec(&unknown_json).expect("serialises"),
+            ReasonCode::UnsupportedContentType,
+        ),
     ]
 }

@@ -20,8 +20,9 @@ pub(crate) fn parse(body: &[u8], position: &RecordId, arrived_ms: u64, config: &
     }
     let mut envelope = match ContentType::sniff(body) {
         Some(ContentType::Json) => {
-            let value: serde_json::Value = serde_json::from_slice(body)
-                .map_err(|e| SluiceError::permanent(ReasonCode::InvalidJson, format!("record is not valid JSON: {e}")))?;
+            let value: serde_json::Value = serde_json::from_slice(body).map_err(|e| {
+                SluiceError::permanent(ReasonCode::InvalidJson, format!("record is not valid JSON: {e}"))
+            })?;
             if Envelope::looks_like_envelope(&value) {
                 Envelope::from_value(value)?
             } else {
@@ -65,7 +66,10 @@ pub(crate) async fn check_payload(envelope: &mut Envelope, blobs: &dyn BlobStore
         Payload::Inline { data } => (data.clone(), config.max_payload_bytes),
         Payload::ClaimCheck { reference } => (blobs.get(reference).await?, config.max_claim_check_bytes),
         Payload::Released => {
-            return Err(SluiceError::permanent(ReasonCode::SchemaMismatch, "a producer's envelope must carry a payload"));
+            return Err(SluiceError::permanent(
+                ReasonCode::SchemaMismatch,
+                "a producer's envelope must carry a payload",
+            ));
         }
     };
     if data.is_empty() {
@@ -76,8 +80,9 @@ pub(crate) async fn check_payload(envelope: &mut Envelope, blobs: &dyn BlobStore
     }
     match envelope.content_type {
         ContentType::Json => {
-            let value: serde_json::Value = serde_json::from_slice(&data)
-                .map_err(|e| SluiceError::permanent(ReasonCode::InvalidJson, format!("payload is not valid JSON: {e}")))?;
+            let value: serde_json::Value = serde_json::from_slice(&data).map_err(|e| {
+                SluiceError::permanent(ReasonCode::InvalidJson, format!("payload is not valid JSON: {e}"))
+            })?;
             if !value.is_object() {
                 return Err(SluiceError::permanent(ReasonCode::SchemaMismatch, "a JSON event must be an object"));
             }

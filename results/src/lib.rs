@@ -41,7 +41,11 @@ pub struct ResultsStage {
 impl ResultsStage {
     pub fn build(settings: &Settings, backend: &Backend) -> Result<Self, BuildError> {
         let bundle = ModelBundle::load(settings.model()?.dir)?;
-        Ok(Self { config: settings.section("results")?, manifest: bundle.manifest, store: Arc::clone(&backend.results) })
+        Ok(Self {
+            config: settings.section("results")?,
+            manifest: bundle.manifest,
+            store: Arc::clone(&backend.results),
+        })
     }
 
     /// The result a prediction becomes under this bundle's labels and thresholds.
@@ -88,7 +92,10 @@ impl ResultsStage {
             (dlq_attr::REASON.to_owned(), ReasonCode::BelowThreshold.as_str().to_owned()),
             (
                 dlq_attr::DETAIL.to_owned(),
-                format!("confidence {:.4} for {:?} is under its threshold {threshold}", stored.confidence, stored.label),
+                format!(
+                    "confidence {:.4} for {:?} is under its threshold {threshold}",
+                    stored.confidence, stored.label
+                ),
             ),
             (dlq_attr::RECORD_ID.to_owned(), stored.record_id.to_string()),
         ]);

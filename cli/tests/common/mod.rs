@@ -13,7 +13,11 @@ use sluice_core::stats::PipelineStats;
 /// A binary of this workspace, built beside `sluice` by `cargo test --workspace`.
 pub fn bin(name: &str) -> PathBuf {
     let path = Path::new(env!("CARGO_BIN_EXE_sluice")).with_file_name(name);
-    assert!(path.exists(), "{} is missing: run `cargo test --workspace` (or `cargo build --workspace --bins`)", path.display());
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo test --workspace` (or `cargo build --workspace --bins`)",
+        path.display()
+    );
     path
 }
 
@@ -32,7 +36,12 @@ pub fn test_env(cmd: &mut Command) -> &mut Command {
 }
 
 pub fn store_config(path: &Path) -> StoreConfig {
-    StoreConfig { path: path.to_path_buf(), visibility_timeout_ms: 3000, lease_duration_ms: 3000, ..StoreConfig::default() }
+    StoreConfig {
+        path: path.to_path_buf(),
+        visibility_timeout_ms: 3000,
+        lease_duration_ms: 3000,
+        ..StoreConfig::default()
+    }
 }
 
 /// A worker process whose stderr goes to a log file.
@@ -80,7 +89,12 @@ impl Worker {
 }
 
 /// Polls the store until `done` holds, or fails after `timeout`.
-pub async fn wait_for(backend: &Backend, timeout: Duration, what: &str, done: impl Fn(&PipelineStats) -> bool) -> PipelineStats {
+pub async fn wait_for(
+    backend: &Backend,
+    timeout: Duration,
+    what: &str,
+    done: impl Fn(&PipelineStats) -> bool,
+) -> PipelineStats {
     let deadline = Instant::now() + timeout;
     loop {
         let stats = PipelineStats::collect(backend).await.unwrap();
@@ -95,8 +109,8 @@ pub async fn wait_for(backend: &Backend, timeout: Duration, what: &str, done: im
 /// The `handled: N` a worker logs when it stops.
 pub fn handled(log: &str) -> u64 {
     log.lines()
+        .rev()
         .filter_map(|l| l.split("handled: ").nth(1))
-        .filter_map(|rest| rest.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok())
-        .last()
+        .find_map(|rest| rest.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok())
         .unwrap_or(0)
 }

@@ -102,7 +102,13 @@ struct Row {
 }
 
 /// Moves a message that was received too often to `dlq`, body untouched, reason attached.
-fn redrive(tx: &rusqlite::Transaction<'_>, from: QueueName, dlq: QueueName, row: &Row, now: i64) -> rusqlite::Result<()> {
+fn redrive(
+    tx: &rusqlite::Transaction<'_>,
+    from: QueueName,
+    dlq: QueueName,
+    row: &Row,
+    now: i64,
+) -> rusqlite::Result<()> {
     let stage = dlq.dlq_stage().expect("a redrive target is a stage DLQ");
     let error = SluiceError::permanent(
         ReasonCode::MaxReceivesExceeded,
@@ -118,7 +124,13 @@ fn redrive(tx: &rusqlite::Transaction<'_>, from: QueueName, dlq: QueueName, row:
     tx.execute(
         "INSERT OR IGNORE INTO messages (queue, body, attributes, dedup_key, visible_at_ms, sent_at_ms) \
          VALUES (?1, ?2, ?3, ?4, ?5, ?5)",
-        params![dlq.as_str(), row.body, serde_json::to_string(&attributes).expect("map serialises"), row.dedup_key, now],
+        params![
+            dlq.as_str(),
+            row.body,
+            serde_json::to_string(&attributes).expect("map serialises"),
+            row.dedup_key,
+            now
+        ],
     )?;
     tx.execute("DELETE FROM messages WHERE id = ?1", [row.id])?;
     Ok(())

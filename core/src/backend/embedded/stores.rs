@@ -72,9 +72,10 @@ impl FeatureStore for EmbeddedFeatureStore {
         let ids = ids.to_vec();
         self.db
             .call(move |conn| {
-                let rows = select_in(conn, "SELECT record_id, vector FROM features WHERE record_id IN ({})", &ids, |r| {
-                    Ok((r.get::<_, String>(0)?, vector_from_bytes(&r.get::<_, Vec<u8>>(1)?)))
-                })?;
+                let rows =
+                    select_in(conn, "SELECT record_id, vector FROM features WHERE record_id IN ({})", &ids, |r| {
+                        Ok((r.get::<_, String>(0)?, vector_from_bytes(&r.get::<_, Vec<u8>>(1)?)))
+                    })?;
                 Ok(rows.into_iter().filter_map(|(id, v)| Some((RecordId::parse(id).ok()?, v))).collect())
             })
             .await
@@ -92,7 +93,8 @@ impl EmbeddedResultStore {
 }
 
 fn decode_result(body: &str) -> rusqlite::Result<PredictionResult> {
-    serde_json::from_str(body).map_err(|e| rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e)))
+    serde_json::from_str(body)
+        .map_err(|e| rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e)))
 }
 
 #[async_trait]
@@ -168,7 +170,8 @@ impl ResultStore for EmbeddedResultStore {
                     "SELECT body FROM results WHERE record_id > ?1 AND (?2 IS NULL OR status = ?2) \
                      ORDER BY record_id LIMIT ?3",
                 )?;
-                let rows = stmt.query_map(params![after, status, limit as i64], |r| decode_result(&r.get::<_, String>(0)?))?;
+                let rows =
+                    stmt.query_map(params![after, status, limit as i64], |r| decode_result(&r.get::<_, String>(0)?))?;
                 rows.collect()
             })
             .await

@@ -130,11 +130,10 @@ impl EmbeddedConsumer {
                     |r| r.get(0),
                 )?;
                 let target = (total + others) / (others + 1); // ceil(total / workers)
-                let mine: i64 = tx.query_row(
-                    "SELECT COUNT(*) FROM stream_shards WHERE lease_owner = ?1",
-                    params![owner],
-                    |r| r.get(0),
-                )?;
+                let mine: i64 =
+                    tx.query_row("SELECT COUNT(*) FROM stream_shards WHERE lease_owner = ?1", params![owner], |r| {
+                        r.get(0)
+                    })?;
                 let wanted = target - mine;
                 if wanted > 0 {
                     tx.execute(
@@ -248,7 +247,10 @@ impl StreamConsumer for EmbeddedConsumer {
             .await?;
         if updated == 0 {
             self.positions.remove(&shard_id);
-            return Err(SluiceError::retryable(ReasonCode::LeaseLost, format!("{shard} is now held by another worker")));
+            return Err(SluiceError::retryable(
+                ReasonCode::LeaseLost,
+                format!("{shard} is now held by another worker"),
+            ));
         }
         Ok(())
     }

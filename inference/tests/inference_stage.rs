@@ -1,0 +1,71 @@
+//! The inference stage on the shipped digits bundle.
+
+use std::path::Path;
+
+use sluice_core::ReasonCode;
+use sluice_core::backend::{Backend, Receipt};
+use sluice_core::config::{Settings, StoreConfig};
+use sluice_core::envelope::{ContentType, Envelope, Payload, RecordId};
+use sluice_core::record::InferredRecord;
+use sluice_core::topology::QueueName;
+use sluice_core::worker::{Delivery, Origin, Outcome, Stage};
+use sluice_inference::InferenceStage;
+
+fn delivery(id: &str) -> Delivery {
+    let mut envelope = Envelope::inline(RecordId::parse(id).unwrap(), "test", ContentType::Png, Vec::new());
+    envelope.payload = Payload::Released;
+    Delivery {
+        body: envelope.to_json(),
+        attributes: Default::default(),
+        receive_count: 1,
+        origin: Origin::Queue(Receipt(id.into())),
+    }
+}
+
+/// A "1": a vertical bar down the middle of an 8×8 image, intensities 0..1.
+fn one() -> Vec<f32> {
+    (0..64).map(|i| if (3..5).contains(&(i % 8)) { 1.0 } else { 0.0 }).collect()
+}
+
+#[tokio::test]
+async fn predicts_a_batch_and_classifies_missing_or_misshapen_vectors() {
+    let dir = tempfile::tempdir().unwrap();
+    let backend = Backend::open(&StoreConfig { path: dir.path().join("s.sqlite"), ..StoreConfig::default() }).unwrap();
+    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/digits");
+    let settings = Settings::load(None).unwrap().set("model.dir", model).set("inference.device", "cpu");
+    let stage = InferenceStage::build(&settings, &backend).unwrap();
+
+    let id = |s: &str| RecordId::parse(s).unwrap();
+    backend
+        .features
+        .put_if_absent(vec![(id("a"), one()), (id("b"), vec![0.0; 64]), (id("short"), vec![0.5; 10])])
+        .await
+        .unwrap();
+    let outcomes = stage.process(&[delivery("a"), delivery("missing"), delivery("b"), delivery("short")]).await;
+    assert_eq!(outcomes.len(), 4);
+
+    for i in [0, 2] {
+        let Outcome::Forward(messages) = &outcomes[i] else { panic!("expected a forward, got {:?}", outcomes[i]) };
+        assert_eq!(messages[0].0, QueueName::Results);
+        let record = InferredRecord::from_json(&messages[0].1.body).unwrap();
+        let p = &record.prediction;
+        assert_eq!(p.probabilities.len(), 10);
+        assert!((p.probabilities.iter().sum::<f32>() - 1.0).abs() < 1e-4);
+        assert_eq!(
+            (p.model.as_str(), p.model_version.as_str(), p.backend.as_str()),
+            ("digits-cnn", "1.0.0", "candle-cpu")
+        );
+        assert!(record.envelope.timestamps.inferred_ms.is_some());
+    }
+    let Outcome::Forward(messages) = &outcomes[0] else { unreachable!() };
+    let p = InferredRecord::from_json(&messages[0].1.body).unwrap().prediction.probabilities;
+    let best = p.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).unwrap().0;
+    assert_eq!(best, 1, "a vertical bar is a one: {p:?}");
+
+    let code = |o: &Outcome| match o {
+        Outcome::Failed { error, .. } if !error.is_retryable() => error.code(),
+        other => panic!("expected a permanent failure, got {other:?}"),
+    };
+    assert_eq!(code(&outcomes[1]), ReasonCode::MissingFeatures);
+    assert_eq!(code(&outcomes[3]), ReasonCode::FeatureShapeMismatch);
+}

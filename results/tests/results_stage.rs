@@ -1,0 +1,75 @@
+//! The results stage: thresholds, review routing, and one result per record.
+
+use std::path::Path;
+
+use sluice_core::ReasonCode;
+use sluice_core::backend::{Backend, Receipt};
+use sluice_core::config::{Settings, StoreConfig};
+use sluice_core::envelope::{ContentType, Envelope, RecordId};
+use sluice_core::record::{InferredRecord, Prediction, ResultStatus, dlq_attr};
+use sluice_core::topology::QueueName;
+use sluice_core::worker::{Delivery, Origin, Outcome, Stage};
+use sluice_results::ResultsStage;
+
+fn delivery(id: &str, probabilities: Vec<f32>) -> Delivery {
+    let mut envelope = Envelope::inline(RecordId::parse(id).unwrap(), "test", ContentType::Png, Vec::new());
+    envelope.attributes.insert("label".into(), "3".into());
+    let record = InferredRecord {
+        envelope,
+        prediction: Prediction {
+            probabilities,
+            model: "digits-cnn".into(),
+            model_version: "1.0.0".into(),
+            backend: "candle-cpu".into(),
+        },
+    };
+    Delivery {
+        body: record.to_json(),
+        attributes: Default::default(),
+        receive_count: 1,
+        origin: Origin::Queue(Receipt(id.into())),
+    }
+}
+
+fn peaked(class: usize, p: f32) -> Vec<f32> {
+    (0..10).map(|i| if i == class { p } else { (1.0 - p) / 9.0 }).collect()
+}
+
+#[tokio::test]
+async fn applies_thresholds_routes_review_and_keeps_the_first_result() {
+    let dir = tempfile::tempdir().unwrap();
+    let backend = Backend::open(&StoreConfig { path: dir.path().join("s.sqlite"), ..StoreConfig::default() }).unwrap();
+    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/digits");
+    let settings = Settings::load(None).unwrap().set("model.dir", model);
+    let stage = ResultsStage::build(&settings, &backend).unwrap();
+
+    let outcomes = stage
+        .process(&[delivery("sure", peaked(3, 0.97)), delivery("unsure", peaked(5, 0.3)), delivery("bad", vec![1.0])])
+        .await;
+    assert_eq!(outcomes[0], Outcome::Forward(vec![]), "an accepted result goes nowhere else");
+    let Outcome::Forward(review) = &outcomes[1] else { panic!("{:?}", outcomes[1]) };
+    assert_eq!(review[0].0, QueueName::Review);
+    assert_eq!(review[0].1.attributes[dlq_attr::REASON], ReasonCode::BelowThreshold.as_str());
+    match &outcomes[2] {
+        Outcome::Failed { error, .. } => assert_eq!(error.code(), ReasonCode::InvalidModelOutput),
+        other => panic!("{other:?}"),
+    }
+
+    let ids: Vec<RecordId> = ["sure", "unsure"].iter().map(|s| RecordId::parse(*s).unwrap()).collect();
+    let stored = backend.results.get_batch(&ids).await.unwrap();
+    let sure = &stored[&ids[0]];
+    assert_eq!(
+        (sure.label.as_str(), sure.status, sure.ground_truth.as_deref()),
+        ("3", ResultStatus::Accepted, Some("3"))
+    );
+    assert!(sure.timestamps.stored_ms.is_some());
+    assert_eq!(stored[&ids[1]].status, ResultStatus::Review);
+
+    // A redelivery with a different prediction changes nothing, and review is routed again
+    // from what is stored, so a crash between the write and the review send loses nothing.
+    let again = stage.process(&[delivery("unsure", peaked(5, 0.99)), delivery("sure", peaked(4, 0.2))]).await;
+    assert!(matches!(&again[0], Outcome::Forward(m) if m[0].0 == QueueName::Review));
+    assert_eq!(again[1], Outcome::Forward(vec![]));
+    let counts = backend.results.counts().await.unwrap();
+    assert_eq!((counts.accepted, counts.review), (1, 1));
+}
