@@ -1,0 +1,23 @@
+//! `sluice.example.toml` lists every key with its default: it must parse into every section and
+//! match what the code does without it.
+
+use std::path::Path;
+
+use sluice_core::config::{ModelConfig, Settings, StoreConfig, WorkerConfig};
+use sluice_features::FeaturesConfig;
+use sluice_inference::InferenceConfig;
+use sluice_ingest::IngestConfig;
+use sluice_results::ResultsConfig;
+
+#[test]
+fn the_example_config_is_complete_and_states_the_defaults() {
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../sluice.example.toml");
+    let settings = Settings::load(Some(&example)).unwrap();
+    assert_eq!(settings.store().unwrap(), StoreConfig::default());
+    assert_eq!(settings.worker().unwrap(), WorkerConfig::default());
+    assert_eq!(settings.model().unwrap(), ModelConfig::default());
+    assert_eq!(settings.section::<IngestConfig>("ingest").unwrap(), IngestConfig::default());
+    assert_eq!(settings.section::<FeaturesConfig>("features").unwrap(), FeaturesConfig::default());
+    assert_eq!(settings.section::<InferenceConfig>("inference").unwrap(), InferenceConfig::default());
+    assert_eq!(settings.section::<ResultsConfig>("results").unwrap(), ResultsConfig::default());
+}
