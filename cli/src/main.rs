@@ -8,6 +8,7 @@ use sluice_cli::{demo, dlq, pipeline, produce, train};
 use sluice_core::ReasonCode;
 use sluice_core::backend::Backend;
 use sluice_core::config::Settings;
+use sluice_core::record::ResultStatus;
 use sluice_core::stats::PipelineStats;
 use sluice_core::topology::StageName;
 
@@ -46,6 +47,18 @@ enum Command {
     Stats {
         #[command(flatten)]
         store: StoreArg,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List stored results, oldest record id first (e.g. `--status review` for the review queue).
+    Results {
+        #[command(flatten)]
+        store: StoreArg,
+        /// accepted, review or reviewed.
+        #[arg(long)]
+        status: Option<String>,
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
         #[arg(long)]
         json: bool,
     },
@@ -141,6 +154,18 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string(&stats)?);
             } else {
                 println!("{}", serde_json::to_string_pretty(&stats)?);
+            }
+        }
+        Command::Results { store, status, limit, json } => {
+            let status =
+                status.map(|s| ResultStatus::parse(&s).with_context(|| format!("unknown status {s:?}"))).transpose()?;
+            let results = open(&store.apply(settings))?.results.scan(None, limit, status).await?;
+            for r in results {
+                if json {
+                    println!("{}", serde_json::to_string(&r)?);
+                } else {
+                    println!("{}\t{}\t{:.4}\t{}\t{}", r.record_id, r.label, r.confidence, r.status.as_str(), r.backend);
+                }
             }
         }
         Command::Dlq { command: DlqCommand::List { store, stage, limit, json } } => {

@@ -56,6 +56,11 @@ fn produce_run_and_stats_as_separate_commands() {
     assert_eq!(n("results") + n("review"), 355 * 2 + 185, "repeats and JSON events are distinct records");
     assert_eq!(after["dlq"]["ingest"], 2);
 
+    let review = String::from_utf8(
+        sluice(&["results", "--store", store, "--status", "review", "--limit", "100000", "--json"]).stdout,
+    )
+    .unwrap();
+    assert_eq!(review.lines().count() as u64, n("review"));
     let listed = String::from_utf8(sluice(&["dlq", "list", "--store", store, "--stage", "ingest"]).stdout).unwrap();
     assert!(listed.contains("empty_payload") && listed.contains("unsupported_content_type"), "{listed}");
 }

@@ -65,6 +65,18 @@ pub struct BatchPolicy {
     pub max_wait: Duration,
 }
 
+impl BatchPolicy {
+    /// Batches of at most `max_size` (at least 1), taking whatever has arrived without waiting.
+    pub fn up_to(max_size: usize) -> Self {
+        Self { max_size: max_size.max(1), max_wait: Duration::ZERO }
+    }
+
+    /// Waits up to `max_wait` after the first delivery for the batch to fill (micro-batching).
+    pub fn waiting(self, max_wait: Duration) -> Self {
+        Self { max_wait, ..self }
+    }
+}
+
 /// A stage function: a batch in, one outcome per delivery out, in order.
 #[async_trait]
 pub trait Stage: Send + Sync {

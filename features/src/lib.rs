@@ -6,7 +6,6 @@ pub mod image;
 pub mod tabular;
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
@@ -93,7 +92,7 @@ impl Stage for FeaturesStage {
     }
 
     fn batch_policy(&self) -> BatchPolicy {
-        BatchPolicy { max_size: self.config.batch_size.max(1), max_wait: Duration::ZERO }
+        BatchPolicy::up_to(self.config.batch_size)
     }
 
     async fn process(&self, batch: &[Delivery]) -> Vec<Outcome> {

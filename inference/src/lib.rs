@@ -81,10 +81,7 @@ impl Stage for InferenceStage {
     }
 
     fn batch_policy(&self) -> BatchPolicy {
-        BatchPolicy {
-            max_size: self.config.batch_size.max(1),
-            max_wait: Duration::from_millis(self.config.max_wait_ms),
-        }
+        BatchPolicy::up_to(self.config.batch_size).waiting(Duration::from_millis(self.config.max_wait_ms))
     }
 
     async fn process(&self, batch: &[Delivery]) -> Vec<Outcome> {

@@ -7,7 +7,6 @@ pub mod samples;
 mod validate;
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use async_trait::async_trait;
 use sluice_core::backend::{Backend, BlobStore, OutgoingMessage};
@@ -66,7 +65,7 @@ impl Stage for IngestStage {
     }
 
     fn batch_policy(&self) -> BatchPolicy {
-        BatchPolicy { max_size: self.config.batch_size.max(1), max_wait: Duration::ZERO }
+        BatchPolicy::up_to(self.config.batch_size)
     }
 
     async fn process(&self, batch: &[Delivery]) -> Vec<Outcome> {

@@ -3,7 +3,6 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Duration;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
@@ -115,7 +114,7 @@ impl Stage for ResultsStage {
     }
 
     fn batch_policy(&self) -> BatchPolicy {
-        BatchPolicy { max_size: self.config.batch_size.max(1), max_wait: Duration::ZERO }
+        BatchPolicy::up_to(self.config.batch_size)
     }
 
     async fn process(&self, batch: &[Delivery]) -> Vec<Outcome> {

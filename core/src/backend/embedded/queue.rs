@@ -30,7 +30,21 @@ impl EmbeddedQueue {
         Self { db, name, visibility_ms: config.visibility_timeout_ms, max_receives: config.max_receives.max(1) }
     }
 
+    /// A read-only look, so idle receivers poll without taking the write lock.
+    async fn has_visible(&self) -> Result<bool> {
+        let queue = self.name;
+        self.db
+            .call(move |conn| {
+                conn.prepare_cached("SELECT EXISTS (SELECT 1 FROM messages WHERE queue = ?1 AND visible_at_ms <= ?2)")?
+                    .query_row(params![queue.as_str(), now_ms() as i64], |r| r.get(0))
+            })
+            .await
+    }
+
     async fn try_receive(&self, max: usize) -> Result<Vec<ReceivedMessage>> {
+        if !self.has_visible().await? {
+            return Ok(Vec::new());
+        }
         let queue = self.name;
         let visibility_ms = self.visibility_ms as i64;
         let max_receives = self.max_receives;
