@@ -13,8 +13,8 @@ use sluice_core::record::{DlqEntry, PredictionResult, ResultStatus};
 use sluice_core::topology::{QueueName, StageName};
 
 /// Short timeouts so visibility and lease expiry can be observed quickly.
-const VISIBILITY_MS: u64 = 300;
-const LEASE_MS: u64 = 400;
+const VISIBILITY_MS: u64 = 1000;
+const LEASE_MS: u64 = 1000;
 const MAX_RECEIVES: u32 = 3;
 
 /// A backend plus whatever keeps it alive, and a way to open a second handle on the same state
