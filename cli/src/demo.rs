@@ -2,13 +2,13 @@
 //! all four stages in one process until drained, and a summary read back from the store.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::bail;
 use serde::Serialize;
 use sluice_core::backend::Backend;
-use sluice_core::config::Settings;
+use sluice_core::backend::aws::requests;
+use sluice_core::config::{BackendKind, Settings, StoreArgs};
 use sluice_core::record::PredictionResult;
 use sluice_core::stats::PipelineStats;
 use sluice_core::topology::StageName;
@@ -19,9 +19,11 @@ use crate::produce::{digit_records, put_all, run_tag};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct DemoArgs {
-    /// Store file to create (must not exist); default: a temporary one, removed afterwards.
-    #[arg(long)]
-    pub store: Option<PathBuf>,
+    /// The embedded store file to create (must not exist; default: a temporary one, removed
+    /// afterwards), or with `--backend aws` the endpoint and resource prefix (default: a fresh
+    /// `sluice-demo-<run>` set of resources, created first).
+    #[command(flatten)]
+    pub store: StoreArgs,
     /// Print the summary as one JSON object.
     #[arg(long)]
     pub json: bool,
@@ -43,6 +45,12 @@ pub struct Summary {
     pub throughput_rps: f64,
     pub latency_ms: Latency,
     pub elapsed_s: f64,
+    /// AWS requests the pipeline sent per record in (AWS backend only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub aws_requests_per_record: Option<f64>,
+    /// Those requests by service and operation.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub aws_requests: BTreeMap<String, u64>,
     /// DLQ entries by stage and reason code.
     pub dlq_reasons: BTreeMap<String, u64>,
 }
@@ -55,14 +63,27 @@ pub struct Latency {
 
 pub async fn demo(args: &DemoArgs, settings: Settings) -> anyhow::Result<Summary> {
     let temp = tempfile::tempdir()?;
-    let path = match &args.store {
-        Some(path) if path.exists() => bail!("{} already exists; the demo starts from a fresh store", path.display()),
-        Some(path) => path.clone(),
-        None => temp.path().join("demo.sqlite"),
-    };
-    let settings = settings.set("store.path", &path);
+    let mut settings = args.store.apply(settings);
+    match settings.store()?.backend {
+        BackendKind::Embedded => {
+            let path = match &args.store.store {
+                Some(path) if path.exists() => {
+                    bail!("{} already exists; the demo starts from a fresh store", path.display())
+                }
+                Some(path) => path.clone(),
+                None => temp.path().join("demo.sqlite"),
+            };
+            settings = settings.set("store.path", &path);
+        }
+        BackendKind::Aws => {
+            if args.store.prefix.is_none() {
+                settings = settings.set("store.aws.prefix", format!("sluice-demo-{}", run_tag()));
+            }
+            sluice_core::backend::aws::bootstrap::bootstrap(&settings.store()?).await?;
+        }
+    }
     let store = settings.store()?;
-    let backend = Backend::open(&store)?;
+    let backend = Backend::open(&store).await?;
 
     let test = digits::load_split(Split::Test)?;
     let mut records = digit_records(&test, Split::Test, args.repeat.max(1), false, &run_tag());
@@ -71,10 +92,17 @@ pub async fn demo(args: &DemoArgs, settings: Settings) -> anyhow::Result<Summary
     records.extend(bad.into_iter().map(|b| b.input));
 
     let started = Instant::now();
-    put_all(backend.stream.as_ref(), records).await?;
+    put_all(&backend, records).await?;
     crate::pipeline::run_all(&settings, CancellationToken::new(), true).await?;
     let elapsed = started.elapsed().as_secs_f64();
-    summarise(&backend, elapsed).await
+    let pipeline_requests = requests().snapshot();
+    let mut summary = summarise(&Backend::open_observer(&store).await?, elapsed).await?;
+    if store.backend == BackendKind::Aws {
+        let total: u64 = pipeline_requests.values().sum();
+        summary.aws_requests_per_record = Some(total as f64 / summary.records_in.max(1) as f64);
+        summary.aws_requests = pipeline_requests;
+    }
+    Ok(summary)
 }
 
 pub async fn summarise(backend: &Backend, elapsed_s: f64) -> anyhow::Result<Summary> {
@@ -98,6 +126,8 @@ pub async fn summarise(backend: &Backend, elapsed_s: f64) -> anyhow::Result<Summ
         throughput_rps: stats.records_in as f64 / elapsed_s.max(1e-9),
         latency_ms: Latency { p50: percentile(&latencies, 0.50), p99: percentile(&latencies, 0.99) },
         elapsed_s,
+        aws_requests_per_record: None,
+        aws_requests: BTreeMap::new(),
         dlq_reasons: dlq_reasons(backend).await?,
     })
 }
@@ -155,6 +185,9 @@ impl Summary {
         println!("  throughput      {:>8.0} records/s  ({:.2} s end to end)", self.throughput_rps, self.elapsed_s);
         println!("  latency p50     {:>8.0} ms  (produced → result stored)", self.latency_ms.p50);
         println!("  latency p99     {:>8.0} ms", self.latency_ms.p99);
+        if let Some(per_record) = self.aws_requests_per_record {
+            println!("  AWS requests    {per_record:>8.2} per record");
+        }
         if !self.dlq_reasons.is_empty() {
             println!();
             println!("  dead-lettered, by reason:");

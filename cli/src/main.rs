@@ -7,7 +7,7 @@ use clap::{Parser, Subcommand};
 use sluice_cli::{demo, dlq, pipeline, produce, train};
 use sluice_core::ReasonCode;
 use sluice_core::backend::Backend;
-use sluice_core::config::Settings;
+use sluice_core::config::{Settings, StoreArgs};
 use sluice_core::record::ResultStatus;
 use sluice_core::stats::PipelineStats;
 use sluice_core::topology::StageName;
@@ -29,7 +29,7 @@ enum Command {
     /// Write records to the stream.
     Produce {
         #[command(flatten)]
-        store: StoreArg,
+        store: StoreArgs,
         #[command(flatten)]
         args: produce::ProduceArgs,
     },
@@ -38,7 +38,7 @@ enum Command {
     /// Run all four stages in this process.
     Run {
         #[command(flatten)]
-        store: StoreArg,
+        store: StoreArgs,
         /// Exit 0 once the stream and every work queue are empty.
         #[arg(long)]
         until_drained: bool,
@@ -46,14 +46,14 @@ enum Command {
     /// Where every record is: stream, queues, results, review, DLQs.
     Stats {
         #[command(flatten)]
-        store: StoreArg,
+        store: StoreArgs,
         #[arg(long)]
         json: bool,
     },
     /// List stored results, oldest record id first (e.g. `--status review` for the review queue).
     Results {
         #[command(flatten)]
-        store: StoreArg,
+        store: StoreArgs,
         /// accepted, review or reviewed.
         #[arg(long)]
         status: Option<String>,
@@ -61,6 +61,11 @@ enum Command {
         limit: usize,
         #[arg(long)]
         json: bool,
+    },
+    /// Work with AWS resources.
+    Aws {
+        #[command(subcommand)]
+        command: AwsCommand,
     },
     /// Inspect and replay dead-letter queues.
     Dlq {
@@ -70,11 +75,21 @@ enum Command {
 }
 
 #[derive(Debug, Subcommand)]
+enum AwsCommand {
+    /// Create the stream, queues (with DLQs and redrive policies), tables and bucket of a
+    /// pipeline, for local development and tests. Safe to run again.
+    Bootstrap {
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 enum DlqCommand {
     /// List a stage's DLQ entries, oldest first.
     List {
         #[command(flatten)]
-        store: StoreArg,
+        store: StoreArgs,
         #[arg(long)]
         stage: StageName,
         #[arg(long, default_value_t = 50)]
@@ -85,7 +100,7 @@ enum DlqCommand {
     /// Move a stage's DLQ entries back to where the stage reads them.
     Replay {
         #[command(flatten)]
-        store: StoreArg,
+        store: StoreArgs,
         #[arg(long)]
         stage: StageName,
         /// Only entries with this reason code (e.g. `max_receives_exceeded`).
@@ -94,22 +109,6 @@ enum DlqCommand {
         #[arg(long, default_value_t = usize::MAX)]
         limit: usize,
     },
-}
-
-#[derive(Debug, Clone, clap::Args)]
-struct StoreArg {
-    /// The embedded store file (overrides `store.path`).
-    #[arg(long)]
-    store: Option<PathBuf>,
-}
-
-impl StoreArg {
-    fn apply(&self, settings: Settings) -> Settings {
-        match &self.store {
-            Some(path) => settings.set("store.path", path),
-            None => settings,
-        }
-    }
 }
 
 fn main() -> anyhow::Result<()> {
@@ -139,8 +138,8 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
             }
         }
         Command::Produce { store, args } => {
-            let backend = open(&store.apply(settings))?;
-            let n = produce::put_all(backend.stream.as_ref(), produce::records_for(&args)?).await?;
+            let backend = open(&store.apply(settings)).await?;
+            let n = produce::put_all(&backend, produce::records_for(&args)?).await?;
             println!("produced {n} records");
         }
         Command::Run { store, until_drained } => {
@@ -149,17 +148,22 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
             pipeline::run_all(&settings, shutdown, until_drained).await?;
         }
         Command::Stats { store, json } => {
-            let stats = PipelineStats::collect(&open(&store.apply(settings))?).await?;
+            let stats = PipelineStats::collect(&open(&store.apply(settings)).await?).await?;
             if json {
                 println!("{}", serde_json::to_string(&stats)?);
             } else {
                 println!("{}", serde_json::to_string_pretty(&stats)?);
             }
         }
+        Command::Aws { command: AwsCommand::Bootstrap { store } } => {
+            let store = store.apply(settings).set("store.backend", "aws").store()?;
+            let made = sluice_core::backend::aws::bootstrap::bootstrap(&store).await?;
+            println!("{}", serde_json::to_string_pretty(&made)?);
+        }
         Command::Results { store, status, limit, json } => {
             let status =
                 status.map(|s| ResultStatus::parse(&s).with_context(|| format!("unknown status {s:?}"))).transpose()?;
-            let results = open(&store.apply(settings))?.results.scan(None, limit, status).await?;
+            let results = open(&store.apply(settings)).await?.results.scan(None, limit, status).await?;
             for r in results {
                 if json {
                     println!("{}", serde_json::to_string(&r)?);
@@ -169,7 +173,7 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
             }
         }
         Command::Dlq { command: DlqCommand::List { store, stage, limit, json } } => {
-            let entries = dlq::entries(&open(&store.apply(settings))?, stage, limit).await?;
+            let entries = dlq::entries(&open(&store.apply(settings)).await?, stage, limit).await?;
             for entry in entries {
                 if json {
                     println!("{}", serde_json::to_string(&entry)?);
@@ -184,13 +188,13 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
                 .map(|r| serde_json::from_value::<ReasonCode>(serde_json::Value::String(r.clone())))
                 .transpose()
                 .context("unknown reason code")?;
-            let moved = dlq::replay(&open(&store.apply(settings))?, stage, reason, limit).await?;
+            let moved = dlq::replay(&open(&store.apply(settings)).await?, stage, reason, limit).await?;
             println!("replayed {moved} entries from the {stage} DLQ");
         }
     }
     Ok(())
 }
 
-fn open(settings: &Settings) -> anyhow::Result<Backend> {
-    Ok(Backend::open(&settings.store()?)?)
+async fn open(settings: &Settings) -> anyhow::Result<Backend> {
+    Ok(Backend::open_observer(&settings.store()?).await?)
 }

@@ -13,9 +13,12 @@ use sluice_core::worker::Stage;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-/// How often `--until-drained` looks at the store, and how many looks in a row must find it drained.
+/// How often `--until-drained` looks at the store, and how many looks in a row must find it
+/// drained: two when every record is accounted for, more when some are not (duplicate record
+/// ids, or queue counts that lag, as SQS's approximate ones can).
 const DRAIN_CHECK: Duration = Duration::from_millis(200);
 const DRAINED_LOOKS: u32 = 2;
+const DRAINED_LOOKS_UNACCOUNTED: u32 = 25;
 
 pub fn build_stage(stage: StageName, settings: &Settings, backend: &Backend) -> Result<Arc<dyn Stage>, BuildError> {
     Ok(match stage {
@@ -32,7 +35,7 @@ pub async fn run_all(settings: &Settings, shutdown: CancellationToken, until_dra
     let mut workers = JoinSet::new();
     for stage_name in StageName::ALL {
         // One connection per stage, as separate processes would have.
-        let backend = Backend::open(&store)?;
+        let backend = Backend::open(&store).await?;
         let stage = build_stage(stage_name, settings, &backend).map_err(|e| anyhow!("{stage_name}: {e}"))?;
         let (settings, token) = (settings.clone(), shutdown.clone());
         workers.spawn(async move {
@@ -41,18 +44,26 @@ pub async fn run_all(settings: &Settings, shutdown: CancellationToken, until_dra
         });
     }
     if until_drained {
-        let backend = Backend::open(&store)?;
+        let backend = Backend::open_observer(&store).await?;
         let token = shutdown.clone();
         tokio::spawn(async move {
             let mut looks = 0;
+            let mut needed = DRAINED_LOOKS;
             while !token.is_cancelled() {
                 tokio::time::sleep(DRAIN_CHECK).await;
                 match PipelineStats::collect(&backend).await {
-                    Ok(stats) if stats.is_drained() => looks += 1,
+                    Ok(stats) if stats.is_drained() => {
+                        looks += 1;
+                        needed = if stats.accounted() >= stats.records_in {
+                            DRAINED_LOOKS
+                        } else {
+                            DRAINED_LOOKS_UNACCOUNTED
+                        };
+                    }
                     Ok(_) => looks = 0,
                     Err(e) => tracing::warn!(error = %e, "cannot read pipeline stats"),
                 }
-                if looks >= DRAINED_LOOKS {
+                if looks >= needed {
                     tracing::info!("stream and queues drained; stopping");
                     token.cancel();
                 }

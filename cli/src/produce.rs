@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
-use sluice_core::backend::{RecordStream, StreamInput};
+use sluice_core::backend::{Backend, BlobStore, RecordStream, StreamInput};
 use sluice_core::envelope::{ContentType, Envelope, RecordId};
 
 use crate::digits::{self, Digit, Split};
@@ -55,15 +55,45 @@ pub fn run_tag() -> String {
     uuid::Uuid::new_v4().simple().to_string()[..8].to_owned()
 }
 
-pub async fn put_all(stream: &dyn RecordStream, records: Vec<StreamInput>) -> anyhow::Result<usize> {
+/// The most a stream record may carry, partition key included (Kinesis: 1 MiB).
+const MAX_STREAM_RECORD: usize = 1024 * 1024;
+
+/// Writes `records` to the stream in batches. A record too large for the stream goes to the
+/// blob store first and travels as an envelope holding the claim-check reference.
+pub async fn put_all(backend: &Backend, records: Vec<StreamInput>) -> anyhow::Result<usize> {
     let n = records.len();
-    let mut records = records;
+    let mut checked = Vec::with_capacity(records.len());
+    for record in records {
+        checked.push(claim_check_if_large(backend.blobs.as_ref(), record).await?);
+    }
+    let stream: &dyn RecordStream = backend.stream.as_ref();
+    let mut records = checked;
     while !records.is_empty() {
         let rest = records.split_off(records.len().min(PUT_BATCH));
         stream.put_records(records).await?;
         records = rest;
     }
     Ok(n)
+}
+
+async fn claim_check_if_large(blobs: &dyn BlobStore, record: StreamInput) -> anyhow::Result<StreamInput> {
+    if record.data.len() + record.partition_key.len() <= MAX_STREAM_RECORD {
+        return Ok(record);
+    }
+    let content_type = ContentType::sniff(&record.data).map_or("application/octet-stream", ContentType::as_str);
+    let id = RecordId::from_content(&record.data);
+    let reference = blobs.put(record.data).await?;
+    // Built as JSON, not as an `Envelope`: the content type may be one sluice does not take,
+    // and ingest is where that is judged and dead-lettered.
+    let envelope = serde_json::json!({
+        "schema_version": sluice_core::envelope::SCHEMA_VERSION,
+        "record_id": id,
+        "source": "sluice-produce",
+        "content_type": content_type,
+        "payload": { "kind": "claim_check", "reference": reference },
+        "timestamps": { "produced_ms": sluice_core::envelope::now_ms() },
+    });
+    Ok(StreamInput { partition_key: record.partition_key, data: serde_json::to_vec(&envelope)? })
 }
 
 /// What `args` asks to produce.

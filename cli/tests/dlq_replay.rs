@@ -19,7 +19,7 @@ async fn a_fixed_record_replays_from_its_dlq_to_a_result() {
         .unwrap()
         .set("store.path", dir.path().join("s.sqlite"))
         .set("model.dir", common::model_dir());
-    let backend = Backend::open(&settings.store().unwrap()).unwrap();
+    let backend = Backend::open(&settings.store().unwrap()).await.unwrap();
 
     // A record reaches inference without its feature vector.
     let id = RecordId::parse("orphan-1").unwrap();

@@ -19,7 +19,7 @@ const RECORDS: usize = 10_000;
 async fn workers_drain_10k_records_through_a_sigkill() {
     let dir = tempfile::tempdir().unwrap();
     let store = dir.path().join("store.sqlite");
-    let backend = Backend::open(&store_config(&store)).unwrap();
+    let backend = Backend::open(&store_config(&store)).await.unwrap();
 
     let test = digits::load_split(Split::Test).unwrap();
     let mut records = digit_records(&test, Split::Test, RECORDS.div_ceil(test.len()), false, "mp");
@@ -27,7 +27,7 @@ async fn workers_drain_10k_records_through_a_sigkill() {
     let produced: BTreeSet<String> =
         records.iter().map(|r| Envelope::from_json(&r.data).unwrap().record_id.to_string()).collect();
     assert_eq!(produced.len(), RECORDS);
-    put_all(backend.stream.as_ref(), records).await.unwrap();
+    put_all(&backend, records).await.unwrap();
 
     let logs = dir.path();
     let ingest = Worker::start("sluice-ingest", "ingest", &store, logs);

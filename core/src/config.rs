@@ -71,10 +71,58 @@ impl Default for ModelConfig {
     }
 }
 
+/// Which implementation of the backend traits to use.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum BackendKind {
+    /// One SQLite file: the default, for one machine.
+    #[default]
+    Embedded,
+    /// Kinesis, SQS, DynamoDB and S3.
+    Aws,
+}
+
+/// The command-line flags that choose the store, shared by every binary.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct StoreArgs {
+    /// The embedded store file (overrides `store.path`).
+    #[arg(long)]
+    pub store: Option<PathBuf>,
+    /// `embedded` or `aws` (overrides `store.backend`).
+    #[arg(long, value_enum)]
+    pub backend: Option<BackendKind>,
+    /// A local AWS-compatible endpoint such as `http://127.0.0.1:5000` (overrides
+    /// `store.aws.endpoint_url`).
+    #[arg(long)]
+    pub endpoint_url: Option<String>,
+    /// Prefix of every AWS resource name (overrides `store.aws.prefix`).
+    #[arg(long)]
+    pub prefix: Option<String>,
+}
+
+impl StoreArgs {
+    pub fn apply(&self, mut settings: Settings) -> Settings {
+        if let Some(path) = &self.store {
+            settings = settings.set("store.path", path);
+        }
+        if let Some(backend) = self.backend {
+            settings = settings.set("store.backend", backend);
+        }
+        if let Some(url) = &self.endpoint_url {
+            settings = settings.set("store.aws.endpoint_url", url);
+        }
+        if let Some(prefix) = &self.prefix {
+            settings = settings.set("store.aws.prefix", prefix);
+        }
+        settings
+    }
+}
+
 /// `[store]`: where the pipeline's state lives and how its queues behave.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StoreConfig {
+    pub backend: BackendKind,
     /// The embedded store's SQLite file.
     pub path: PathBuf,
     /// Shards of the stream, fixed when the store is created.
@@ -87,17 +135,60 @@ pub struct StoreConfig {
     pub lease_duration_ms: u64,
     /// How long a write waits for another process's write to finish.
     pub busy_timeout_ms: u64,
+    /// `[store.aws]`: used when `backend = "aws"`.
+    pub aws: AwsConfig,
+}
+
+/// `[store.aws]`: where the AWS resources are and what they are called.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AwsConfig {
+    /// Region; default from the standard chain (`AWS_REGION`, profile), else `us-east-1`.
+    pub region: Option<String>,
+    /// A local AWS-compatible endpoint (e.g. `http://127.0.0.1:5000`) instead of AWS.
+    pub endpoint_url: Option<String>,
+    /// Every resource is named `<prefix>-…`: stream `<prefix>-records`, queue
+    /// `<prefix>-features`, table `<prefix>-results`, bucket `<prefix>-claims`, and so on.
+    pub prefix: String,
+    /// Buckets claim-check references may point into, besides `<prefix>-claims`.
+    pub claim_check_buckets: Vec<String>,
+    /// A shard lease whose counter has not moved for this long (on the observer's clock) has
+    /// expired and may be taken.
+    pub lease_failover_ms: u64,
+    /// Results expire this many days after they are written (DynamoDB TTL); 0 keeps them.
+    pub result_ttl_days: u64,
+    /// Static credentials, for local endpoints only (they accept any). On AWS leave these
+    /// unset: the standard chain (environment, profile, ECS task role…) is used.
+    pub access_key_id: Option<String>,
+    pub secret_access_key: Option<String>,
+}
+
+impl Default for AwsConfig {
+    fn default() -> Self {
+        Self {
+            region: None,
+            endpoint_url: None,
+            prefix: "sluice".to_owned(),
+            claim_check_buckets: Vec::new(),
+            lease_failover_ms: 10_000,
+            result_ttl_days: 0,
+            access_key_id: None,
+            secret_access_key: None,
+        }
+    }
 }
 
 impl Default for StoreConfig {
     fn default() -> Self {
         Self {
+            backend: BackendKind::Embedded,
             path: PathBuf::from("sluice.sqlite"),
             shards: default_shards(),
             visibility_timeout_ms: 30_000,
             max_receives: 5,
             lease_duration_ms: 10_000,
             busy_timeout_ms: 10_000,
+            aws: AwsConfig::default(),
         }
     }
 }

@@ -18,6 +18,7 @@ pub mod service;
 pub mod shutdown;
 pub mod stats;
 pub mod telemetry;
+pub mod testing;
 pub mod topology;
 pub mod worker;
 

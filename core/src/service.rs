@@ -9,7 +9,7 @@ use clap::Parser;
 use tokio_util::sync::CancellationToken;
 
 use crate::backend::Backend;
-use crate::config::Settings;
+use crate::config::{Settings, StoreArgs};
 use crate::worker::{Stage, Worker, WorkerReport, source_for};
 
 /// An error while building a stage (bad config, missing model bundle…).
@@ -21,9 +21,8 @@ pub struct WorkerArgs {
     /// TOML configuration file (environment `SLUICE__SECTION__KEY` overrides it).
     #[arg(long, env = "SLUICE_CONFIG")]
     pub config: Option<PathBuf>,
-    /// The embedded store file (overrides `store.path`).
-    #[arg(long)]
-    pub store: Option<PathBuf>,
+    #[command(flatten)]
+    pub store: StoreArgs,
     /// This worker's name in shard leases; defaults to host and process id.
     #[arg(long)]
     pub worker_id: Option<String>,
@@ -31,11 +30,7 @@ pub struct WorkerArgs {
 
 impl WorkerArgs {
     pub fn settings(&self) -> Result<Settings, BuildError> {
-        let mut settings = Settings::load(self.config.as_deref())?;
-        if let Some(store) = &self.store {
-            settings = settings.set("store.path", store);
-        }
-        Ok(settings)
+        Ok(self.store.apply(Settings::load(self.config.as_deref())?))
     }
 }
 
@@ -89,10 +84,10 @@ where
     };
     let result = runtime.block_on(async {
         let settings = args.settings()?;
-        let backend = Backend::open(&settings.store()?)?;
+        let backend = Backend::open(&settings.store()?).await?;
         let stage = build(&settings, &backend)?;
         let worker_id = args.worker_id.clone().unwrap_or_else(|| default_worker_id(stage_name));
-        tracing::info!(worker_id, store = %settings.store()?.path.display(), "{stage_name} worker started");
+        tracing::info!(worker_id, backend = ?settings.store()?.backend, "{stage_name} worker started");
         serve(Arc::new(stage), &settings, backend, &worker_id, crate::shutdown::on_signal()).await
     });
     match result {

@@ -6,6 +6,7 @@ pub mod image;
 pub mod tabular;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
@@ -24,12 +25,15 @@ use sluice_core::{ReasonCode, Result, SluiceError};
 #[serde(deny_unknown_fields, default)]
 pub struct FeaturesConfig {
     pub batch_size: usize,
+    /// How long to wait for a batch to fill once its first record is in: fuller batches mean
+    /// fewer store and queue requests per record.
+    pub max_wait_ms: u64,
     pub image_limits: ImageLimits,
 }
 
 impl Default for FeaturesConfig {
     fn default() -> Self {
-        Self { batch_size: 50, image_limits: ImageLimits::default() }
+        Self { batch_size: 50, max_wait_ms: 20, image_limits: ImageLimits::default() }
     }
 }
 
@@ -92,7 +96,7 @@ impl Stage for FeaturesStage {
     }
 
     fn batch_policy(&self) -> BatchPolicy {
-        BatchPolicy::up_to(self.config.batch_size)
+        BatchPolicy::up_to(self.config.batch_size).waiting(Duration::from_millis(self.config.max_wait_ms))
     }
 
     async fn process(&self, batch: &[Delivery]) -> Vec<Outcome> {

@@ -11,10 +11,10 @@ use sluice_core::topology::QueueName;
 use sluice_core::worker::{Delivery, Origin, Outcome, Stage};
 use sluice_features::FeaturesStage;
 
-fn setup() -> (tempfile::TempDir, Backend, FeaturesStage) {
+async fn setup() -> (tempfile::TempDir, Backend, FeaturesStage) {
     let dir = tempfile::tempdir().unwrap();
     let store = StoreConfig { path: dir.path().join("s.sqlite"), ..StoreConfig::default() };
-    let backend = Backend::open(&store).unwrap();
+    let backend = Backend::open(&store).await.unwrap();
     let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/digits");
     let settings = Settings::load(None).unwrap().set("model.dir", model);
     let stage = FeaturesStage::build(&settings, &backend).unwrap();
@@ -56,7 +56,7 @@ fn envelope(id: &str, content_type: ContentType, data: Vec<u8>) -> Envelope {
 
 #[tokio::test]
 async fn images_and_events_become_the_same_vector() {
-    let (_dir, backend, stage) = setup();
+    let (_dir, backend, stage) = setup().await;
     let pixels = digit_pixels();
     let event: serde_json::Map<String, serde_json::Value> =
         pixels.iter().enumerate().map(|(i, &v)| (format!("p{i:02}"), v.into())).collect();
@@ -88,7 +88,7 @@ async fn images_and_events_become_the_same_vector() {
 
 #[tokio::test]
 async fn what_cannot_be_vectorised_fails_permanently_with_a_reason() {
-    let (_dir, backend, stage) = setup();
+    let (_dir, backend, stage) = setup().await;
     let batch = [
         delivery(&envelope("bad-field", ContentType::Json, br#"{"p00": "dark"}"#.to_vec())),
         delivery(&envelope("not-object", ContentType::Json, b"[1, 2, 3]".to_vec())),

@@ -30,7 +30,8 @@ fn one() -> Vec<f32> {
 #[tokio::test]
 async fn predicts_a_batch_and_classifies_missing_or_misshapen_vectors() {
     let dir = tempfile::tempdir().unwrap();
-    let backend = Backend::open(&StoreConfig { path: dir.path().join("s.sqlite"), ..StoreConfig::default() }).unwrap();
+    let backend =
+        Backend::open(&StoreConfig { path: dir.path().join("s.sqlite"), ..StoreConfig::default() }).await.unwrap();
     let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/digits");
     let settings = Settings::load(None).unwrap().set("model.dir", model).set("inference.device", "cpu");
     let stage = InferenceStage::build(&settings, &backend).unwrap();

@@ -7,7 +7,8 @@ use sluice_core::image::ImageLimits;
 pub struct IngestConfig {
     /// Stream records per batch.
     pub batch_size: usize,
-    /// Largest payload accepted inline in a stream record (Kinesis's own limit is 1 MiB).
+    /// Largest payload accepted inline in a stream record; under Kinesis's own 1 MiB record
+    /// limit, so that an oversized record still arrives and is dead-lettered with its reason.
     pub max_payload_bytes: usize,
     /// Largest payload accepted behind a claim-check.
     pub max_claim_check_bytes: usize,
@@ -24,7 +25,7 @@ impl Default for IngestConfig {
     fn default() -> Self {
         Self {
             batch_size: 100,
-            max_payload_bytes: 1024 * 1024,
+            max_payload_bytes: 1_000_000,
             max_claim_check_bytes: 32 * 1024 * 1024,
             inline_limit_bytes: 128 * 1024,
             record_id_field: None,

@@ -25,7 +25,7 @@ fn png(width: u32, height: u32) -> Vec<u8> {
 async fn each_bad_record_is_dead_lettered_with_its_own_reason() {
     let dir = tempfile::tempdir().unwrap();
     let store = StoreConfig { path: dir.path().join("s.sqlite"), ..StoreConfig::default() };
-    let backend = Backend::open(&store).unwrap();
+    let backend = Backend::open(&store).await.unwrap();
     let config = IngestConfig { inline_limit_bytes: 1024, ..IngestConfig::default() };
 
     let bad = bad_records(&png(8, 8), config.max_payload_bytes);

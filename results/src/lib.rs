@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
@@ -21,13 +22,16 @@ use sluice_core::{ReasonCode, Result, SluiceError};
 #[serde(deny_unknown_fields, default)]
 pub struct ResultsConfig {
     pub batch_size: usize,
+    /// How long to wait for a batch to fill once its first record is in: fuller batches mean
+    /// fewer store and queue requests per record.
+    pub max_wait_ms: u64,
     /// The envelope attribute that carries a record's true label, when a producer knows it.
     pub ground_truth_attribute: String,
 }
 
 impl Default for ResultsConfig {
     fn default() -> Self {
-        Self { batch_size: 100, ground_truth_attribute: "label".to_owned() }
+        Self { batch_size: 100, max_wait_ms: 20, ground_truth_attribute: "label".to_owned() }
     }
 }
 
@@ -114,7 +118,7 @@ impl Stage for ResultsStage {
     }
 
     fn batch_policy(&self) -> BatchPolicy {
-        BatchPolicy::up_to(self.config.batch_size)
+        BatchPolicy::up_to(self.config.batch_size).waiting(Duration::from_millis(self.config.max_wait_ms))
     }
 
     async fn process(&self, batch: &[Delivery]) -> Vec<Outcome> {

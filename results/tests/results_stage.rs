@@ -38,7 +38,8 @@ fn peaked(class: usize, p: f32) -> Vec<f32> {
 #[tokio::test]
 async fn applies_thresholds_routes_review_and_keeps_the_first_result() {
     let dir = tempfile::tempdir().unwrap();
-    let backend = Backend::open(&StoreConfig { path: dir.path().join("s.sqlite"), ..StoreConfig::default() }).unwrap();
+    let backend =
+        Backend::open(&StoreConfig { path: dir.path().join("s.sqlite"), ..StoreConfig::default() }).await.unwrap();
     let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/digits");
     let settings = Settings::load(None).unwrap().set("model.dir", model);
     let stage = ResultsStage::build(&settings, &backend).unwrap();

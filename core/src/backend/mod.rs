@@ -1,8 +1,9 @@
 //! The storage contracts every stage relies on, and the backends that implement them.
 //!
-//! One set of traits, two implementations: [`embedded`] (one SQLite file) and, later, `aws`.
+//! One set of traits, two implementations: [`embedded`] (one SQLite file) and [`aws`].
 //! The conformance suite in `core/tests/conformance.rs` runs against each.
 
+pub mod aws;
 pub mod embedded;
 
 use std::collections::{BTreeMap, HashMap};
@@ -12,7 +13,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use serde::Serialize;
 
-use crate::config::StoreConfig;
+use crate::config::{BackendKind, StoreConfig};
 use crate::envelope::RecordId;
 use crate::error::Result;
 use crate::record::{PredictionResult, ResultStatus};
@@ -42,8 +43,14 @@ pub struct StreamStats {
     pub shards: usize,
     /// Records written since the stream was created.
     pub records: u64,
-    /// Records past every shard's checkpoint.
+    /// Records past every shard's checkpoint (on Kinesis, which counts nothing, what one read
+    /// past each checkpoint finds: a lower bound).
     pub pending: u64,
+    /// How far the oldest checkpoint is behind the tip of the stream, where the stream says.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub millis_behind_latest: Option<u64>,
+    /// Shards held by each consumer with a live lease.
+    pub leases: BTreeMap<String, u64>,
 }
 
 /// The sharded record stream (Kinesis, or the embedded log).
@@ -210,9 +217,23 @@ pub struct Backend {
 }
 
 impl Backend {
-    /// Opens the configured backend, creating its resources if they do not exist.
-    pub fn open(config: &StoreConfig) -> Result<Self> {
-        embedded::EmbeddedStore::open(config).map(|store| store.into_backend())
+    /// Opens the configured backend for pipeline work. The embedded store is created if it
+    /// does not exist; AWS resources must exist already (`sluice aws bootstrap`).
+    pub async fn open(config: &StoreConfig) -> Result<Self> {
+        Self::open_counted(config, aws::requests().clone()).await
+    }
+
+    /// Opens the backend for watching the pipeline (stats, drain checks): its AWS requests are
+    /// not counted as the pipeline's.
+    pub async fn open_observer(config: &StoreConfig) -> Result<Self> {
+        Self::open_counted(config, aws::RequestCounter::default()).await
+    }
+
+    async fn open_counted(config: &StoreConfig, counter: aws::RequestCounter) -> Result<Self> {
+        match config.backend {
+            BackendKind::Embedded => embedded::EmbeddedStore::open(config).map(|store| store.into_backend()),
+            BackendKind::Aws => aws::open(config, counter).await,
+        }
     }
 
     pub fn queue(&self, name: QueueName) -> Arc<dyn WorkQueue> {

@@ -92,7 +92,20 @@ impl RecordStream for EmbeddedStream {
                     [],
                     |r| r.get(0),
                 )?;
-                Ok(StreamStats { shards: shards as usize, records: records as u64, pending: pending as u64 })
+                let mut owners = conn.prepare(
+                    "SELECT lease_owner, COUNT(*) FROM stream_shards \
+                     WHERE lease_owner IS NOT NULL AND lease_expires_ms > ?1 GROUP BY lease_owner",
+                )?;
+                let leases = owners
+                    .query_map([now_ms() as i64], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64)))?
+                    .collect::<rusqlite::Result<_>>()?;
+                Ok(StreamStats {
+                    shards: shards as usize,
+                    records: records as u64,
+                    pending: pending as u64,
+                    millis_behind_latest: None,
+                    leases,
+                })
             })
             .await
     }

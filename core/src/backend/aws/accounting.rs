@@ -1,0 +1,50 @@
+//! Counts every HTTP request the AWS SDK sends, by service and operation (retries included), so
+//! `sluice stats` and the demo can report requests per record.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use aws_smithy_runtime_api::box_error::BoxError;
+use aws_smithy_runtime_api::client::interceptors::Intercept;
+use aws_smithy_runtime_api::client::interceptors::context::BeforeTransmitInterceptorContextRef;
+use aws_smithy_runtime_api::client::orchestrator::Metadata;
+use aws_smithy_runtime_api::client::runtime_components::RuntimeComponents;
+use aws_smithy_types::config_bag::ConfigBag;
+
+/// Request counts keyed by (service, operation). Cheap to clone; clones share the counts.
+#[derive(Debug, Clone, Default)]
+pub struct RequestCounter {
+    counts: Arc<Mutex<BTreeMap<(String, String), u64>>>,
+}
+
+impl RequestCounter {
+    /// A snapshot: `"Service.Operation" → requests`.
+    pub fn snapshot(&self) -> BTreeMap<String, u64> {
+        let counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        counts.iter().map(|((service, op), n)| (format!("{service}.{op}"), *n)).collect()
+    }
+
+    pub fn total(&self) -> u64 {
+        self.counts.lock().unwrap_or_else(|p| p.into_inner()).values().sum()
+    }
+}
+
+impl Intercept for RequestCounter {
+    fn name(&self) -> &'static str {
+        "sluice-request-counter"
+    }
+
+    fn read_before_transmit(
+        &self,
+        _context: &BeforeTransmitInterceptorContextRef<'_>,
+        _runtime_components: &RuntimeComponents,
+        cfg: &mut ConfigBag,
+    ) -> Result<(), BoxError> {
+        let (service, operation) = cfg
+            .load::<Metadata>()
+            .map(|m| (m.service().to_owned(), m.name().to_owned()))
+            .unwrap_or_else(|| ("unknown".to_owned(), "unknown".to_owned()));
+        *self.counts.lock().unwrap_or_else(|p| p.into_inner()).entry((service, operation)).or_default() += 1;
+        Ok(())
+    }
+}

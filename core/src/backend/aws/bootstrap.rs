@@ -1,0 +1,168 @@
+//! `sluice aws bootstrap`: creates the stream, queues (with DLQs and redrive policies), tables
+//! and bucket a pipeline needs, for local development and tests. Running it again is harmless.
+//! Production infrastructure is declared under `deploy/`.
+
+use std::time::Duration;
+
+use aws_sdk_dynamodb::client::Waiters as _;
+use aws_sdk_dynamodb::types::{
+    AttributeDefinition, BillingMode, KeySchemaElement, KeyType, ScalarAttributeType, TimeToLiveSpecification,
+};
+use aws_sdk_kinesis::types::StreamStatus;
+use aws_sdk_sqs::types::QueueAttributeName;
+
+use super::{Clients, Names, classify, error_code};
+use crate::config::StoreConfig;
+use crate::error::{ReasonCode, Result, SluiceError};
+use crate::topology::QueueName;
+
+/// What bootstrap made (or found already there).
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Bootstrapped {
+    pub stream: String,
+    pub queues: Vec<String>,
+    pub tables: Vec<String>,
+    pub bucket: String,
+}
+
+pub async fn bootstrap(config: &StoreConfig) -> Result<Bootstrapped> {
+    let clients = Clients::load(&config.aws, super::RequestCounter::default()).await;
+    let names = Names::new(&config.aws.prefix);
+    let mut made = Bootstrapped { stream: names.stream(), bucket: names.bucket(), ..Default::default() };
+
+    create_stream(&clients.kinesis, &names.stream(), config.shards.max(1) as i32).await?;
+
+    // DLQs first: the work queues' redrive policies name them.
+    let visibility = (config.visibility_timeout_ms / 1000).max(1).to_string();
+    let order = [
+        QueueName::IngestDlq,
+        QueueName::FeaturesDlq,
+        QueueName::InferenceDlq,
+        QueueName::ResultsDlq,
+        QueueName::Review,
+        QueueName::Features,
+        QueueName::Inference,
+        QueueName::Results,
+    ];
+    for queue in order {
+        let mut request = clients
+            .sqs
+            .create_queue()
+            .queue_name(names.queue(queue))
+            .attributes(QueueAttributeName::VisibilityTimeout, &visibility)
+            // DLQ entries wait for operators: keep them the 14 days SQS allows.
+            .attributes(QueueAttributeName::MessageRetentionPeriod, "1209600");
+        if let Some(dlq) = queue.redrive_target() {
+            let arn = queue_arn(&clients.sqs, &names.queue(dlq)).await?;
+            let policy = serde_json::json!({ "deadLetterTargetArn": arn, "maxReceiveCount": config.max_receives });
+            request = request.attributes(QueueAttributeName::RedrivePolicy, policy.to_string());
+        }
+        request.send().await.map_err(|e| classify("CreateQueue", e))?;
+        made.queues.push(names.queue(queue));
+    }
+
+    for (table, key) in [
+        (names.features_table(), "record_id"),
+        (names.results_table(), "record_id"),
+        (names.lease_table(), "leaseKey"),
+        (names.counters_table(), "name"),
+    ] {
+        create_table(&clients.dynamodb, &table, key).await?;
+        made.tables.push(table);
+    }
+    if config.aws.result_ttl_days > 0 {
+        let ttl = TimeToLiveSpecification::builder()
+            .enabled(true)
+            .attribute_name("expires_at")
+            .build()
+            .map_err(|e| SluiceError::permanent(ReasonCode::Internal, e.to_string()))?;
+        let result = clients
+            .dynamodb
+            .update_time_to_live()
+            .table_name(names.results_table())
+            .time_to_live_specification(ttl)
+            .send()
+            .await;
+        if let Err(e) = result {
+            // Already enabled is fine; anything else is not.
+            if error_code(&e) != Some("ValidationException") {
+                return Err(classify("UpdateTimeToLive", e));
+            }
+        }
+    }
+
+    match clients.s3.create_bucket().bucket(names.bucket()).send().await {
+        Ok(_) => {}
+        Err(e) if matches!(error_code(&e), Some("BucketAlreadyOwnedByYou" | "BucketAlreadyExists")) => {}
+        Err(e) => return Err(classify("CreateBucket", e)),
+    }
+    Ok(made)
+}
+
+async fn queue_arn(sqs: &aws_sdk_sqs::Client, name: &str) -> Result<String> {
+    let url = sqs.get_queue_url().queue_name(name).send().await.map_err(|e| classify("GetQueueUrl", e))?.queue_url;
+    let attrs = sqs
+        .get_queue_attributes()
+        .set_queue_url(url)
+        .attribute_names(QueueAttributeName::QueueArn)
+        .send()
+        .await
+        .map_err(|e| classify("GetQueueAttributes", e))?;
+    attrs
+        .attributes
+        .and_then(|a| a.get(&QueueAttributeName::QueueArn).cloned())
+        .ok_or_else(|| SluiceError::permanent(ReasonCode::StoreUnavailable, format!("no ARN for queue {name}")))
+}
+
+async fn create_stream(kinesis: &aws_sdk_kinesis::Client, name: &str, shards: i32) -> Result<()> {
+    match kinesis.create_stream().stream_name(name).shard_count(shards).send().await {
+        Ok(_) => {}
+        Err(e) if error_code(&e) == Some("ResourceInUseException") => {}
+        Err(e) => return Err(classify("CreateStream", e)),
+    }
+    for _ in 0..120 {
+        let summary = kinesis.describe_stream_summary().stream_name(name).send().await;
+        let status = summary
+            .map_err(|e| classify("DescribeStreamSummary", e))?
+            .stream_description_summary
+            .map(|s| s.stream_status);
+        if status == Some(StreamStatus::Active) {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    Err(SluiceError::retryable(ReasonCode::StoreUnavailable, format!("stream {name} did not become active")))
+}
+
+async fn create_table(dynamodb: &aws_sdk_dynamodb::Client, name: &str, key: &str) -> Result<()> {
+    let build_error =
+        |e: aws_sdk_dynamodb::error::BuildError| SluiceError::permanent(ReasonCode::Internal, e.to_string());
+    let result = dynamodb
+        .create_table()
+        .table_name(name)
+        .billing_mode(BillingMode::PayPerRequest)
+        .attribute_definitions(
+            AttributeDefinition::builder()
+                .attribute_name(key)
+                .attribute_type(ScalarAttributeType::S)
+                .build()
+                .map_err(build_error)?,
+        )
+        .key_schema(
+            KeySchemaElement::builder().attribute_name(key).key_type(KeyType::Hash).build().map_err(build_error)?,
+        )
+        .send()
+        .await;
+    match result {
+        Ok(_) => {}
+        Err(e) if error_code(&e) == Some("ResourceInUseException") => return Ok(()),
+        Err(e) => return Err(classify("CreateTable", e)),
+    }
+    dynamodb
+        .wait_until_table_exists()
+        .table_name(name)
+        .wait(Duration::from_secs(60))
+        .await
+        .map_err(|e| SluiceError::retryable(ReasonCode::StoreUnavailable, format!("table {name}: {e}")))?;
+    Ok(())
+}

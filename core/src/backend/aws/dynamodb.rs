@@ -1,0 +1,336 @@
+//! The feature store and the result store on DynamoDB.
+//!
+//! Features: `BatchWriteItem` (25 a call) with the vector as a binary attribute; a vector is a
+//! pure function of the record's payload and bundle, so a redelivery rewriting it is harmless.
+//! Results: `BatchWriteItem` cannot carry conditions, so results go in `TransactWriteItems`
+//! calls, each item a put conditional on `attribute_not_exists(record_id)`, together with an
+//! update of the per-status counters: one request per batch, and a redelivered record never
+//! gets a second result.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
+use aws_sdk_dynamodb::primitives::Blob;
+use aws_sdk_dynamodb::types::{
+    AttributeValue, KeysAndAttributes, Put, PutRequest, TransactWriteItem, Update, WriteRequest,
+};
+use backon::{BackoffBuilder, ExponentialBuilder};
+
+use super::classify;
+use crate::backend::{FeatureStore, PutOutcome, ResultCounts, ResultStore};
+use crate::envelope::{RecordId, now_ms};
+use crate::error::{ReasonCode, Result, SluiceError};
+use crate::record::{PredictionResult, ResultStatus};
+
+const KEY: &str = "record_id";
+const BATCH_GET_KEYS: usize = 100;
+const BATCH_WRITE_ITEMS: usize = 25;
+/// 100 items per transaction, one of them the counter update.
+const TRANSACT_RESULTS: usize = 99;
+/// The counters item that holds result counts by status.
+const RESULT_COUNTERS: &str = "results";
+pub(super) const COUNTER_KEY: &str = "name";
+
+type Item = HashMap<String, AttributeValue>;
+
+/// Retries what a batch call left unprocessed (the SDK retries whole calls, not those).
+pub(super) fn unprocessed_backoff() -> impl Iterator<Item = Duration> {
+    ExponentialBuilder::default().with_min_delay(Duration::from_millis(50)).with_max_times(8).with_jitter().build()
+}
+
+fn unprocessed_error(operation: &str, left: usize) -> SluiceError {
+    SluiceError::retryable(ReasonCode::StoreBusy, format!("{operation}: {left} items still unprocessed after retries"))
+}
+
+fn key(id: &RecordId) -> Item {
+    HashMap::from([(KEY.to_owned(), AttributeValue::S(id.to_string()))])
+}
+
+/// `BatchGetItem` over any number of ids, retrying unprocessed keys.
+async fn batch_get(client: &aws_sdk_dynamodb::Client, table: &str, ids: &[RecordId]) -> Result<Vec<Item>> {
+    let mut out = Vec::with_capacity(ids.len());
+    for chunk in ids.chunks(BATCH_GET_KEYS) {
+        let mut unique: Vec<&RecordId> = chunk.iter().collect();
+        unique.sort();
+        unique.dedup();
+        let mut request = KeysAndAttributes::builder()
+            .set_keys(Some(unique.into_iter().map(key).collect()))
+            .build()
+            .map_err(|e| SluiceError::permanent(ReasonCode::Internal, e.to_string()))?;
+        let mut delays = unprocessed_backoff();
+        loop {
+            let output = client
+                .batch_get_item()
+                .request_items(table, request)
+                .send()
+                .await
+                .map_err(|e| classify("BatchGetItem", e))?;
+            out.extend(output.responses.unwrap_or_default().remove(table).unwrap_or_default());
+            match output.unprocessed_keys.unwrap_or_default().remove(table) {
+                Some(left) if !left.keys.is_empty() => {
+                    let delay = delays.next().ok_or_else(|| unprocessed_error("BatchGetItem", left.keys.len()))?;
+                    tokio::time::sleep(delay).await;
+                    request = left;
+                }
+                _ => break,
+            }
+        }
+    }
+    Ok(out)
+}
+
+pub(super) struct DynamoFeatureStore {
+    client: aws_sdk_dynamodb::Client,
+    table: String,
+}
+
+impl DynamoFeatureStore {
+    pub(super) fn new(client: aws_sdk_dynamodb::Client, table: String) -> Self {
+        Self { client, table }
+    }
+}
+
+#[async_trait]
+impl FeatureStore for DynamoFeatureStore {
+    async fn put_if_absent(&self, items: Vec<(RecordId, Vec<f32>)>) -> Result<()> {
+        let now = now_ms().to_string();
+        let mut requests: Vec<WriteRequest> = Vec::with_capacity(items.len());
+        let mut seen = std::collections::HashSet::new();
+        for (id, vector) in items {
+            if !seen.insert(id.clone()) {
+                continue; // one batch may not write a key twice
+            }
+            let bytes: Vec<u8> = vector.iter().flat_map(|v| v.to_le_bytes()).collect();
+            let mut item = key(&id);
+            item.insert("vector".to_owned(), AttributeValue::B(Blob::new(bytes)));
+            item.insert("created_ms".to_owned(), AttributeValue::N(now.clone()));
+            let put = PutRequest::builder()
+                .set_item(Some(item))
+                .build()
+                .map_err(|e| SluiceError::permanent(ReasonCode::Internal, e.to_string()))?;
+            requests.push(WriteRequest::builder().put_request(put).build());
+        }
+        for chunk in requests.chunks(BATCH_WRITE_ITEMS) {
+            let mut pending = chunk.to_vec();
+            let mut delays = unprocessed_backoff();
+            loop {
+                let output = self
+                    .client
+                    .batch_write_item()
+                    .request_items(&self.table, pending)
+                    .send()
+                    .await
+                    .map_err(|e| classify("BatchWriteItem", e))?;
+                match output.unprocessed_items.unwrap_or_default().remove(&self.table) {
+                    Some(left) if !left.is_empty() => {
+                        let delay = delays.next().ok_or_else(|| unprocessed_error("BatchWriteItem", left.len()))?;
+                        tokio::time::sleep(delay).await;
+                        pending = left;
+                    }
+                    _ => break,
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn get_batch(&self, ids: &[RecordId]) -> Result<HashMap<RecordId, Vec<f32>>> {
+        let items = batch_get(&self.client, &self.table, ids).await?;
+        Ok(items
+            .into_iter()
+            .filter_map(|item| {
+                let id = RecordId::parse(item.get(KEY)?.as_s().ok()?.clone()).ok()?;
+                let bytes = item.get("vector")?.as_b().ok()?.as_ref();
+                Some((id, bytes.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes"))).collect()))
+            })
+            .collect())
+    }
+}
+
+pub(super) struct DynamoResultStore {
+    client: aws_sdk_dynamodb::Client,
+    table: String,
+    ttl_days: u64,
+}
+
+impl DynamoResultStore {
+    pub(super) fn new(client: aws_sdk_dynamodb::Client, table: String, ttl_days: u64) -> Self {
+        Self { client, table, ttl_days }
+    }
+
+    fn counters_table(&self) -> String {
+        // `<prefix>-results` → `<prefix>-counters`
+        format!("{}-counters", self.table.trim_end_matches("-results"))
+    }
+
+    fn put_item(&self, result: &PredictionResult) -> Result<TransactWriteItem> {
+        let mut item = key(&result.record_id);
+        item.insert("status".to_owned(), AttributeValue::S(result.status.as_str().to_owned()));
+        item.insert("body".to_owned(), AttributeValue::S(serde_json::to_string(result).expect("a result serialises")));
+        item.insert("created_ms".to_owned(), AttributeValue::N(now_ms().to_string()));
+        if self.ttl_days > 0 {
+            let expires = now_ms() / 1000 + self.ttl_days * 86_400;
+            item.insert("expires_at".to_owned(), AttributeValue::N(expires.to_string()));
+        }
+        let put = Put::builder()
+            .table_name(&self.table)
+            .set_item(Some(item))
+            .condition_expression("attribute_not_exists(record_id)")
+            .build()
+            .map_err(|e| SluiceError::permanent(ReasonCode::Internal, e.to_string()))?;
+        Ok(TransactWriteItem::builder().put(put).build())
+    }
+
+    fn count_update(&self, results: &[&PredictionResult]) -> Result<TransactWriteItem> {
+        let n = |status| results.iter().filter(|r| r.status == status).count().to_string();
+        let update = Update::builder()
+            .table_name(self.counters_table())
+            .key(COUNTER_KEY, AttributeValue::S(RESULT_COUNTERS.to_owned()))
+            .update_expression("ADD accepted :a, review :r, reviewed :d")
+            .expression_attribute_values(":a", AttributeValue::N(n(ResultStatus::Accepted)))
+            .expression_attribute_values(":r", AttributeValue::N(n(ResultStatus::Review)))
+            .expression_attribute_values(":d", AttributeValue::N(n(ResultStatus::Reviewed)))
+            .build()
+            .map_err(|e| SluiceError::permanent(ReasonCode::Internal, e.to_string()))?;
+        Ok(TransactWriteItem::builder().update(update).build())
+    }
+
+    /// Writes those of `results` whose records have none yet; returns the indexes that already had one.
+    async fn insert_new(&self, results: &[PredictionResult]) -> Result<Vec<usize>> {
+        let mut candidates: Vec<usize> = (0..results.len()).collect();
+        let mut present = Vec::new();
+        while !candidates.is_empty() {
+            let mut items = candidates.iter().map(|&i| self.put_item(&results[i])).collect::<Result<Vec<_>>>()?;
+            items.push(self.count_update(&candidates.iter().map(|&i| &results[i]).collect::<Vec<_>>())?);
+            match self.client.transact_write_items().set_transact_items(Some(items)).send().await {
+                Ok(_) => break,
+                Err(e) => {
+                    let reasons = match e.as_service_error() {
+                        Some(TransactWriteItemsError::TransactionCanceledException(cancelled)) => {
+                            cancelled.cancellation_reasons().to_vec()
+                        }
+                        _ => return Err(classify("TransactWriteItems", e)),
+                    };
+                    let code = |i: usize| reasons.get(i).and_then(|r| r.code()).unwrap_or("None");
+                    if !(0..candidates.len()).any(|i| code(i) == "ConditionalCheckFailed") {
+                        // Conflicts or throttling: nothing was written; the caller retries.
+                        return Err(SluiceError::retryable(
+                            ReasonCode::StoreBusy,
+                            format!(
+                                "TransactWriteItems cancelled: {:?}",
+                                (0..=candidates.len()).map(code).collect::<Vec<_>>()
+                            ),
+                        ));
+                    }
+                    let (taken, rest): (Vec<_>, Vec<_>) =
+                        candidates.iter().enumerate().partition(|(i, _)| code(*i) == "ConditionalCheckFailed");
+                    present.extend(taken.into_iter().map(|(_, &idx)| idx));
+                    candidates = rest.into_iter().map(|(_, &idx)| idx).collect();
+                }
+            }
+        }
+        Ok(present)
+    }
+}
+
+fn decode_result(item: &Item) -> Result<PredictionResult> {
+    let body = item
+        .get("body")
+        .and_then(|v| v.as_s().ok())
+        .ok_or_else(|| SluiceError::permanent(ReasonCode::StoreUnavailable, "a stored result has no body"))?;
+    serde_json::from_str(body).map_err(|e| {
+        SluiceError::permanent(ReasonCode::StoreUnavailable, format!("a stored result does not parse: {e}"))
+    })
+}
+
+#[async_trait]
+impl ResultStore for DynamoResultStore {
+    async fn put_if_absent(&self, results: Vec<PredictionResult>) -> Result<Vec<PutOutcome>> {
+        let mut outcomes: Vec<PutOutcome> = vec![PutOutcome::Inserted; results.len()];
+        // A transaction may not touch one key twice: later duplicates in the batch see the first.
+        let mut first_of: HashMap<&RecordId, usize> = HashMap::new();
+        let mut unique = Vec::new();
+        let mut duplicates = Vec::new();
+        for (i, r) in results.iter().enumerate() {
+            match first_of.get(&r.record_id) {
+                Some(_) => duplicates.push(i),
+                None => {
+                    first_of.insert(&r.record_id, i);
+                    unique.push(i);
+                }
+            }
+        }
+        let mut present_ids: Vec<RecordId> = duplicates.iter().map(|&i| results[i].record_id.clone()).collect();
+        let mut present_idx = duplicates;
+        for chunk in unique.chunks(TRANSACT_RESULTS) {
+            let batch: Vec<PredictionResult> = chunk.iter().map(|&i| results[i].clone()).collect();
+            for j in self.insert_new(&batch).await? {
+                present_idx.push(chunk[j]);
+                present_ids.push(results[chunk[j]].record_id.clone());
+            }
+        }
+        if !present_idx.is_empty() {
+            let stored = self.get_batch(&present_ids).await?;
+            for i in present_idx {
+                let existing = stored.get(&results[i].record_id).cloned().ok_or_else(|| {
+                    SluiceError::retryable(ReasonCode::StoreBusy, "a result reported present could not be read yet")
+                })?;
+                outcomes[i] = PutOutcome::AlreadyPresent(Box::new(existing));
+            }
+        }
+        Ok(outcomes)
+    }
+
+    async fn get_batch(&self, ids: &[RecordId]) -> Result<HashMap<RecordId, PredictionResult>> {
+        let items = batch_get(&self.client, &self.table, ids).await?;
+        items.iter().map(|item| decode_result(item).map(|r| (r.record_id.clone(), r))).collect()
+    }
+
+    async fn counts(&self) -> Result<ResultCounts> {
+        let output = self
+            .client
+            .get_item()
+            .table_name(self.counters_table())
+            .key(COUNTER_KEY, AttributeValue::S(RESULT_COUNTERS.to_owned()))
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(|e| classify("GetItem", e))?;
+        let item = output.item.unwrap_or_default();
+        let n = |k: &str| item.get(k).and_then(|v| v.as_n().ok()).and_then(|v| v.parse().ok()).unwrap_or(0);
+        Ok(ResultCounts { accepted: n("accepted"), review: n("review"), reviewed: n("reviewed") })
+    }
+
+    /// Pages in DynamoDB's scan order (stable, not sorted): resume after the last id returned.
+    async fn scan(
+        &self,
+        after: Option<&RecordId>,
+        limit: usize,
+        status: Option<ResultStatus>,
+    ) -> Result<Vec<PredictionResult>> {
+        let mut out = Vec::new();
+        let mut start = after.map(key);
+        while out.len() < limit {
+            let mut request = self.client.scan().table_name(&self.table).set_exclusive_start_key(start.take());
+            if let Some(status) = status {
+                request = request
+                    .filter_expression("#s = :s")
+                    .expression_attribute_names("#s", "status")
+                    .expression_attribute_values(":s", AttributeValue::S(status.as_str().to_owned()));
+            }
+            let output =
+                request.limit((limit - out.len()).min(1000) as i32).send().await.map_err(|e| classify("Scan", e))?;
+            for item in output.items.unwrap_or_default() {
+                out.push(decode_result(&item)?);
+            }
+            match output.last_evaluated_key {
+                Some(last) if !last.is_empty() => start = Some(last),
+                _ => break,
+            }
+        }
+        out.truncate(limit);
+        Ok(out)
+    }
+}

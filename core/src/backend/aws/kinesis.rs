@@ -1,0 +1,420 @@
+//! The record stream on Kinesis: a `PutRecords` producer that retries only the records that
+//! failed, and a consumer that reads the shards its leases (see `lease_coordinator`) give it.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use aws_sdk_dynamodb::types::AttributeValue;
+use aws_sdk_kinesis::primitives::Blob;
+use aws_sdk_kinesis::types::{PutRecordsRequestEntry, ShardIteratorType};
+
+use super::dynamodb::COUNTER_KEY;
+use super::lease_coordinator::{LeaseCoordinator, SHARD_END, TRIM_HORIZON};
+use super::{Clients, Names, classify, error_code};
+use crate::backend::{RecordStream, StreamConsumer, StreamInput, StreamRecord, StreamStats};
+use crate::config::StoreConfig;
+use crate::error::{ReasonCode, Result, SluiceError};
+
+/// PutRecords limits: 500 records and 5 MiB (data plus partition keys) a call.
+const PUT_RECORDS: usize = 500;
+const PUT_BYTES: usize = 5 * 1024 * 1024;
+/// Kinesis allows five GetRecords calls per shard per second; a shard that is caught up is
+/// read every 1.5 s (the KCL's default idle time between reads).
+const GET_RECORDS_INTERVAL: Duration = Duration::from_millis(200);
+const IDLE_READ_INTERVAL: Duration = Duration::from_millis(1500);
+/// How often the shard list is read again to find new shards (a reshard) even when no shard
+/// this worker reads has ended.
+const SHARD_SYNC_INTERVAL: Duration = Duration::from_secs(30);
+/// Pause for a shard whose read throughput is exceeded (the SDK has already retried).
+const THROTTLED_PAUSE: Duration = Duration::from_secs(1);
+const GET_RECORDS_LIMIT: usize = 10_000;
+const RECORDS_IN: &str = "records_in";
+
+pub(super) struct KinesisStream {
+    clients: Clients,
+    stream: String,
+    lease_table: String,
+    counters_table: String,
+    failover: Duration,
+}
+
+impl KinesisStream {
+    pub(super) fn new(clients: Clients, names: &Names, config: &StoreConfig) -> Self {
+        Self {
+            clients,
+            stream: names.stream(),
+            lease_table: names.lease_table(),
+            counters_table: names.counters_table(),
+            failover: Duration::from_millis(config.aws.lease_failover_ms),
+        }
+    }
+}
+
+/// Every shard of the stream, open and closed, with its parents.
+async fn list_shards(client: &aws_sdk_kinesis::Client, stream: &str) -> Result<Vec<(String, Vec<String>)>> {
+    let mut shards = Vec::new();
+    let mut token: Option<String> = None;
+    loop {
+        // Real Kinesis rejects StreamName together with NextToken.
+        let request = match &token {
+            Some(t) => client.list_shards().next_token(t),
+            None => client.list_shards().stream_name(stream),
+        };
+        let output = request.send().await.map_err(|e| classify("ListShards", e))?;
+        for shard in output.shards() {
+            let parents = [shard.parent_shard_id(), shard.adjacent_parent_shard_id()].into_iter().flatten();
+            shards.push((shard.shard_id().to_owned(), parents.map(str::to_owned).collect()));
+        }
+        match output.next_token {
+            Some(t) if !t.is_empty() => token = Some(t),
+            _ => return Ok(shards),
+        }
+    }
+}
+
+#[async_trait]
+impl RecordStream for KinesisStream {
+    async fn put_records(&self, records: Vec<StreamInput>) -> Result<()> {
+        let total = records.len();
+        let mut rest = records;
+        while !rest.is_empty() {
+            let mut take = 0;
+            let mut bytes = 0;
+            while take < rest.len() && take < PUT_RECORDS {
+                let size = rest[take].data.len() + rest[take].partition_key.len();
+                if take > 0 && bytes + size > PUT_BYTES {
+                    break;
+                }
+                bytes += size;
+                take += 1;
+            }
+            let batch: Vec<StreamInput> = rest.drain(..take).collect();
+            self.put_batch(batch).await?;
+        }
+        if total > 0 {
+            self.clients
+                .dynamodb
+                .update_item()
+                .table_name(&self.counters_table)
+                .key(COUNTER_KEY, AttributeValue::S(RECORDS_IN.to_owned()))
+                .update_expression("ADD #n :n")
+                .expression_attribute_names("#n", "count")
+                .expression_attribute_values(":n", AttributeValue::N(total.to_string()))
+                .send()
+                .await
+                .map_err(|e| classify("UpdateItem", e))?;
+        }
+        Ok(())
+    }
+
+    async fn consumer(&self, worker_id: &str) -> Result<Box<dyn StreamConsumer>> {
+        let coordinator = LeaseCoordinator::new(
+            self.clients.dynamodb.clone(),
+            self.lease_table.clone(),
+            worker_id.to_owned(),
+            self.failover,
+        );
+        Ok(Box::new(KinesisConsumer {
+            kinesis: self.clients.kinesis.clone(),
+            stream: self.stream.clone(),
+            coordinator,
+            readers: BTreeMap::new(),
+            next_rebalance: Instant::now(),
+            next_shard_sync: Instant::now(),
+            rebalance_every: self.failover / 3,
+            lag_ms: None,
+        }))
+    }
+
+    async fn stats(&self) -> Result<StreamStats> {
+        let records_in = self
+            .clients
+            .dynamodb
+            .get_item()
+            .table_name(&self.counters_table)
+            .key(COUNTER_KEY, AttributeValue::S(RECORDS_IN.to_owned()))
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(|e| classify("GetItem", e))?
+            .item
+            .and_then(|item| item.get("count").and_then(|v| v.as_n().ok()).and_then(|v| v.parse().ok()))
+            .unwrap_or(0);
+        let shards = list_shards(&self.clients.kinesis, &self.stream).await?;
+        let coordinator = LeaseCoordinator::new(
+            self.clients.dynamodb.clone(),
+            self.lease_table.clone(),
+            String::new(),
+            self.failover,
+        );
+        let all = coordinator.scan().await?;
+        let mut owners: BTreeMap<String, u64> = BTreeMap::new();
+        for owner in all.iter().filter_map(|l| l.owner.clone()) {
+            *owners.entry(owner).or_default() += 1;
+        }
+        let leases: BTreeMap<String, String> = all.into_iter().map(|l| (l.shard, l.checkpoint)).collect();
+        // Kinesis does not count records: pending is what one read past each checkpoint finds.
+        let mut pending = 0u64;
+        let mut lag = None::<u64>;
+        for (shard, _) in &shards {
+            let checkpoint = leases.get(shard).map(String::as_str).unwrap_or(TRIM_HORIZON);
+            if checkpoint == SHARD_END {
+                continue;
+            }
+            let iterator = shard_iterator(&self.clients.kinesis, &self.stream, shard, checkpoint).await?;
+            let output = self
+                .clients
+                .kinesis
+                .get_records()
+                .shard_iterator(iterator)
+                .limit(GET_RECORDS_LIMIT as i32)
+                .send()
+                .await
+                .map_err(|e| classify("GetRecords", e))?;
+            pending += output.records().len() as u64;
+            if let Some(ms) = output.millis_behind_latest() {
+                lag = Some(lag.unwrap_or(0).max(ms.max(0) as u64));
+            }
+        }
+        Ok(StreamStats {
+            shards: shards.len(),
+            records: records_in,
+            pending,
+            millis_behind_latest: lag,
+            leases: owners,
+        })
+    }
+}
+
+impl KinesisStream {
+    /// One PutRecords call, then again with only the records that failed, until none do.
+    async fn put_batch(&self, batch: Vec<StreamInput>) -> Result<()> {
+        let mut pending: Vec<PutRecordsRequestEntry> = batch
+            .into_iter()
+            .map(|r| {
+                PutRecordsRequestEntry::builder()
+                    .data(Blob::new(r.data))
+                    .partition_key(r.partition_key)
+                    .build()
+                    .map_err(|e| SluiceError::permanent(ReasonCode::Internal, e.to_string()))
+            })
+            .collect::<Result<_>>()?;
+        let mut delays = super::dynamodb::unprocessed_backoff();
+        loop {
+            let output = self
+                .clients
+                .kinesis
+                .put_records()
+                .stream_name(&self.stream)
+                .set_records(Some(pending.clone()))
+                .send()
+                .await
+                .map_err(|e| classify("PutRecords", e))?;
+            if output.failed_record_count().unwrap_or(0) == 0 {
+                return Ok(());
+            }
+            let failed: Vec<PutRecordsRequestEntry> = pending
+                .into_iter()
+                .zip(output.records())
+                .filter(|(_, result)| result.error_code().is_some())
+                .map(|(entry, _)| entry)
+                .collect();
+            let delay = delays.next().ok_or_else(|| {
+                SluiceError::retryable(
+                    ReasonCode::StoreBusy,
+                    format!("PutRecords: {} records still failing", failed.len()),
+                )
+            })?;
+            tracing::debug!(failed = failed.len(), ?delay, "retrying the records PutRecords refused");
+            tokio::time::sleep(delay).await;
+            pending = failed;
+        }
+    }
+}
+
+async fn shard_iterator(
+    client: &aws_sdk_kinesis::Client,
+    stream: &str,
+    shard: &str,
+    checkpoint: &str,
+) -> Result<String> {
+    let request = client.get_shard_iterator().stream_name(stream).shard_id(shard);
+    let request = if checkpoint == TRIM_HORIZON {
+        request.shard_iterator_type(ShardIteratorType::TrimHorizon)
+    } else {
+        request.shard_iterator_type(ShardIteratorType::AfterSequenceNumber).starting_sequence_number(checkpoint)
+    };
+    let output = request.send().await.map_err(|e| classify("GetShardIterator", e))?;
+    output
+        .shard_iterator
+        .ok_or_else(|| SluiceError::retryable(ReasonCode::StoreUnavailable, format!("no iterator for {shard}")))
+}
+
+/// Where reading one held shard stands.
+struct ShardReader {
+    iterator: Option<String>,
+    /// Last sequence handed out, and last one checkpointed.
+    read: Option<String>,
+    checkpointed: String,
+    /// The shard is closed and everything in it has been read.
+    ended: bool,
+    next_read: Instant,
+}
+
+impl ShardReader {
+    fn starting_at(checkpoint: String) -> Self {
+        Self { iterator: None, read: None, checkpointed: checkpoint, ended: false, next_read: Instant::now() }
+    }
+}
+
+struct KinesisConsumer {
+    kinesis: aws_sdk_kinesis::Client,
+    stream: String,
+    coordinator: LeaseCoordinator,
+    readers: BTreeMap<String, ShardReader>,
+    next_rebalance: Instant,
+    next_shard_sync: Instant,
+    rebalance_every: Duration,
+    lag_ms: Option<i64>,
+}
+
+impl KinesisConsumer {
+    async fn maintain_leases(&mut self) -> Result<()> {
+        if Instant::now() < self.next_rebalance {
+            return Ok(());
+        }
+        self.next_rebalance = Instant::now() + self.rebalance_every;
+        if Instant::now() >= self.next_shard_sync {
+            self.next_shard_sync = Instant::now() + SHARD_SYNC_INTERVAL;
+            let known: std::collections::HashSet<String> =
+                self.coordinator.scan().await?.into_iter().map(|l| l.shard).collect();
+            for (shard, parents) in list_shards(&self.kinesis, &self.stream).await? {
+                if !known.contains(&shard) {
+                    self.coordinator.ensure_lease(&shard, &parents).await?;
+                }
+            }
+        }
+        let leases = self.coordinator.rebalance().await?;
+        let held: Vec<String> = self.coordinator.held().cloned().collect();
+        self.readers.retain(|shard, _| held.contains(shard));
+        for shard in held {
+            if let std::collections::btree_map::Entry::Vacant(slot) = self.readers.entry(shard) {
+                let checkpoint = leases.iter().find(|l| l.shard == *slot.key()).map(|l| l.checkpoint.clone());
+                slot.insert(ShardReader::starting_at(checkpoint.unwrap_or_else(|| TRIM_HORIZON.to_owned())));
+            }
+        }
+        Ok(())
+    }
+
+    /// A closed shard whose every record is checkpointed is finished: say so in its lease.
+    async fn finish_ended_shards(&mut self) -> Result<()> {
+        let done: Vec<String> = self
+            .readers
+            .iter()
+            .filter(|(_, r)| r.ended && r.read.as_ref().is_none_or(|seq| *seq == r.checkpointed))
+            .map(|(s, _)| s.clone())
+            .collect();
+        for shard in done {
+            self.coordinator.checkpoint(&shard, SHARD_END).await?;
+            self.readers.remove(&shard);
+            tracing::info!(shard, "shard finished; its children may start");
+            // Children become available at once: list shards and leases again on the next poll.
+            self.next_rebalance = Instant::now();
+            self.next_shard_sync = Instant::now();
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl StreamConsumer for KinesisConsumer {
+    async fn poll(&mut self, max: usize) -> Result<Vec<StreamRecord>> {
+        self.maintain_leases().await?;
+        self.finish_ended_shards().await?;
+        let mut out = Vec::new();
+        let shards: Vec<String> = self.readers.keys().cloned().collect();
+        for shard in shards {
+            let remaining = max.saturating_sub(out.len());
+            let reader = self.readers.get_mut(&shard).expect("listed above");
+            if remaining == 0 || reader.ended || Instant::now() < reader.next_read {
+                continue;
+            }
+            if reader.iterator.is_none() {
+                let from = reader.read.clone().unwrap_or_else(|| reader.checkpointed.clone());
+                reader.iterator = Some(shard_iterator(&self.kinesis, &self.stream, &shard, &from).await?);
+            }
+            reader.next_read = Instant::now() + GET_RECORDS_INTERVAL;
+            let result = self
+                .kinesis
+                .get_records()
+                .shard_iterator(reader.iterator.clone().expect("set above"))
+                .limit(remaining.min(GET_RECORDS_LIMIT) as i32)
+                .send()
+                .await;
+            let output = match result {
+                Ok(output) => output,
+                Err(e) if error_code(&e) == Some("ProvisionedThroughputExceededException") => {
+                    reader.next_read = Instant::now() + THROTTLED_PAUSE;
+                    continue;
+                }
+                Err(e) if error_code(&e) == Some("ExpiredIteratorException") => {
+                    reader.iterator = None;
+                    continue;
+                }
+                Err(e) => return Err(classify("GetRecords", e)),
+            };
+            self.lag_ms = output.millis_behind_latest();
+            if output.records().is_empty() && output.millis_behind_latest().unwrap_or(0) == 0 {
+                reader.next_read = Instant::now() + IDLE_READ_INTERVAL;
+            }
+            // End of a closed shard: no next iterator, or the children are named.
+            reader.ended = output.next_shard_iterator().is_none() || !output.child_shards().is_empty();
+            reader.iterator = output.next_shard_iterator().map(str::to_owned);
+            for record in output.records() {
+                reader.read = Some(record.sequence_number().to_owned());
+                out.push(StreamRecord {
+                    shard: shard.clone(),
+                    sequence: record.sequence_number().to_owned(),
+                    partition_key: record.partition_key().to_owned(),
+                    data: record.data().as_ref().to_vec(),
+                    arrived_ms: record.approximate_arrival_timestamp().and_then(|t| t.to_millis().ok()).unwrap_or(0)
+                        as u64,
+                });
+            }
+        }
+        if let Some(lag) = self.lag_ms {
+            tracing::debug!(millis_behind_latest = lag, "stream lag");
+        }
+        Ok(out)
+    }
+
+    async fn checkpoint(&mut self, shard: &str, sequence: &str) -> Result<()> {
+        let result = self.coordinator.checkpoint(shard, sequence).await;
+        match (&result, self.readers.get_mut(shard)) {
+            (Ok(()), Some(reader)) => reader.checkpointed = sequence.to_owned(),
+            (Err(_), _) => {
+                self.readers.remove(shard);
+            }
+            _ => {}
+        }
+        result
+    }
+
+    async fn rewind(&mut self, shard: &str) -> Result<()> {
+        let checkpoint = self.coordinator.stored_checkpoint(shard).await?;
+        if let Some(reader) = self.readers.get_mut(shard) {
+            *reader = ShardReader::starting_at(checkpoint);
+        }
+        Ok(())
+    }
+
+    async fn release(&mut self) -> Result<()> {
+        self.readers.clear();
+        self.coordinator.release_all().await
+    }
+
+    fn shards(&self) -> Vec<String> {
+        self.coordinator.held().cloned().collect()
+    }
+}

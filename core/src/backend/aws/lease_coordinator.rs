@@ -1,0 +1,345 @@
+//! KCL-style shard leases in a DynamoDB table. No maintained Rust crate coordinates Kinesis
+//! leases, so this follows the KCL v2 lease table: one item per shard with `leaseKey`,
+//! `leaseOwner`, `leaseCounter`, `checkpoint`, `parentShardIds` and
+//! `ownerSwitchesSinceCheckpoint`.
+//!
+//! - A holder renews by a conditional increment of the counter.
+//! - An observer judges a lease expired when its counter has not moved for the failover time on
+//!   the observer's own clock: no wall-clock comparison across machines.
+//! - A worker takes expired (or free) leases first, then steals one at a time from the most
+//!   loaded worker only while it holds less than its fair share: no churn once balanced.
+//! - A child shard's lease becomes available only once every parent is checkpointed at
+//!   `SHARD_END`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, Instant};
+
+use aws_sdk_dynamodb::types::AttributeValue;
+
+use super::{classify, error_code};
+use crate::error::{ReasonCode, Result, SluiceError};
+
+pub(super) const TRIM_HORIZON: &str = "TRIM_HORIZON";
+pub(super) const SHARD_END: &str = "SHARD_END";
+
+const LEASE_KEY: &str = "leaseKey";
+const OWNER: &str = "leaseOwner";
+const COUNTER: &str = "leaseCounter";
+const CHECKPOINT: &str = "checkpoint";
+const PARENTS: &str = "parentShardIds";
+const SWITCHES: &str = "ownerSwitchesSinceCheckpoint";
+
+/// One shard's lease as read from the table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Lease {
+    pub(super) shard: String,
+    pub(super) owner: Option<String>,
+    pub(super) counter: u64,
+    pub(super) checkpoint: String,
+    pub(super) parents: Vec<String>,
+}
+
+impl Lease {
+    fn from_item(item: &HashMap<String, AttributeValue>) -> Option<Self> {
+        let s = |k: &str| item.get(k).and_then(|v| v.as_s().ok()).cloned();
+        Some(Self {
+            shard: s(LEASE_KEY)?,
+            owner: s(OWNER),
+            counter: item.get(COUNTER).and_then(|v| v.as_n().ok()).and_then(|n| n.parse().ok()).unwrap_or(0),
+            checkpoint: s(CHECKPOINT).unwrap_or_else(|| TRIM_HORIZON.to_owned()),
+            parents: item.get(PARENTS).and_then(|v| v.as_ss().ok()).cloned().unwrap_or_default(),
+        })
+    }
+
+    pub(super) fn finished(&self) -> bool {
+        self.checkpoint == SHARD_END
+    }
+}
+
+pub(super) struct LeaseCoordinator {
+    client: aws_sdk_dynamodb::Client,
+    table: String,
+    owner: String,
+    failover: Duration,
+    /// Shard → (counter last seen, when this observer first saw that counter).
+    observed: HashMap<String, (u64, Instant)>,
+    /// Shard → the counter this worker last wrote, and when.
+    held: BTreeMap<String, (u64, Instant)>,
+}
+
+fn n(value: u64) -> AttributeValue {
+    AttributeValue::N(value.to_string())
+}
+
+fn s(value: &str) -> AttributeValue {
+    AttributeValue::S(value.to_owned())
+}
+
+impl LeaseCoordinator {
+    pub(super) fn new(client: aws_sdk_dynamodb::Client, table: String, owner: String, failover: Duration) -> Self {
+        Self { client, table, owner, failover, observed: HashMap::new(), held: BTreeMap::new() }
+    }
+
+    pub(super) fn held(&self) -> impl Iterator<Item = &String> {
+        self.held.keys()
+    }
+
+    /// Creates the lease of a shard that has none yet (a no-op if it exists).
+    pub(super) async fn ensure_lease(&self, shard: &str, parents: &[String]) -> Result<()> {
+        let mut put = self
+            .client
+            .put_item()
+            .table_name(&self.table)
+            .item(LEASE_KEY, s(shard))
+            .item(COUNTER, n(0))
+            .item(CHECKPOINT, s(TRIM_HORIZON))
+            .item(SWITCHES, n(0))
+            .condition_expression("attribute_not_exists(leaseKey)");
+        if !parents.is_empty() {
+            put = put.item(PARENTS, AttributeValue::Ss(parents.to_vec()));
+        }
+        match put.send().await {
+            Ok(_) => Ok(()),
+            Err(e) if error_code(&e) == Some("ConditionalCheckFailedException") => Ok(()),
+            Err(e) => Err(classify("PutItem", e)),
+        }
+    }
+
+    /// Every lease, read consistently.
+    pub(super) async fn scan(&self) -> Result<Vec<Lease>> {
+        let mut leases = Vec::new();
+        let mut start = None;
+        loop {
+            let output = self
+                .client
+                .scan()
+                .table_name(&self.table)
+                .consistent_read(true)
+                .set_exclusive_start_key(start)
+                .send()
+                .await
+                .map_err(|e| classify("Scan", e))?;
+            leases.extend(output.items.unwrap_or_default().iter().filter_map(Lease::from_item));
+            match output.last_evaluated_key {
+                Some(key) if !key.is_empty() => start = Some(key),
+                _ => return Ok(leases),
+            }
+        }
+    }
+
+    /// Renews held leases, then takes a fair share. Returns every lease as last read.
+    pub(super) async fn rebalance(&mut self) -> Result<Vec<Lease>> {
+        self.renew().await?;
+        let leases = self.scan().await?;
+        let now = Instant::now();
+        for lease in &leases {
+            let seen = self.observed.entry(lease.shard.clone()).or_insert((lease.counter, now));
+            if seen.0 != lease.counter {
+                *seen = (lease.counter, now);
+            }
+            if self.held.contains_key(&lease.shard) && lease.owner.as_deref() != Some(&self.owner) {
+                tracing::warn!(shard = lease.shard, thief = ?lease.owner, "lease taken by another worker");
+                self.held.remove(&lease.shard);
+            }
+        }
+
+        let finished: HashMap<&str, bool> = leases.iter().map(|l| (l.shard.as_str(), l.finished())).collect();
+        // A parent whose lease is gone has aged out of the stream: it counts as finished.
+        let available: Vec<&Lease> = leases
+            .iter()
+            .filter(|l| !l.finished() && l.parents.iter().all(|p| finished.get(p.as_str()).copied().unwrap_or(true)))
+            .collect();
+        let is_expired = |l: &Lease| match &l.owner {
+            None => true,
+            Some(owner) if *owner == self.owner => false,
+            Some(_) => {
+                self.observed.get(&l.shard).is_some_and(|(_, since)| now.duration_since(*since) >= self.failover)
+            }
+        };
+        let expired: Vec<Lease> = available.iter().filter(|l| is_expired(l)).map(|l| (*l).clone()).collect();
+        let mut load: BTreeMap<String, Vec<Lease>> = BTreeMap::new();
+        for lease in available.iter().filter(|l| !is_expired(l)) {
+            if let Some(owner) = &lease.owner {
+                load.entry(owner.clone()).or_default().push((*lease).clone());
+            }
+        }
+        let workers = load.keys().filter(|o| **o != self.owner).count() + 1;
+        let target = available.len().div_ceil(workers);
+        let mine = available.iter().filter(|l| self.held.contains_key(&l.shard)).count();
+        drop(available);
+
+        let mut wanted = target.saturating_sub(mine);
+        for lease in &expired {
+            if wanted == 0 {
+                break;
+            }
+            if self.take(lease).await? {
+                wanted -= 1;
+            }
+        }
+        if wanted > 0 {
+            let busiest = load.iter().filter(|(o, _)| **o != self.owner).max_by_key(|(_, ls)| ls.len());
+            if let Some((_, theirs)) = busiest.filter(|(_, ls)| ls.len() > target) {
+                let victim = theirs.last().expect("non-empty").clone();
+                self.take(&victim).await?;
+            }
+        }
+        Ok(leases)
+    }
+
+    /// Conditional on the counter this worker observed: whoever moved it first wins.
+    async fn take(&mut self, lease: &Lease) -> Result<bool> {
+        let next = lease.counter + 1;
+        let result = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .key(LEASE_KEY, s(&lease.shard))
+            .update_expression("SET #o = :me, #c = :next ADD #w :one")
+            .condition_expression("attribute_exists(#k) AND #c = :seen")
+            .expression_attribute_names("#o", OWNER)
+            .expression_attribute_names("#c", COUNTER)
+            .expression_attribute_names("#w", SWITCHES)
+            .expression_attribute_names("#k", LEASE_KEY)
+            .expression_attribute_values(":me", s(&self.owner))
+            .expression_attribute_values(":next", n(next))
+            .expression_attribute_values(":seen", n(lease.counter))
+            .expression_attribute_values(":one", n(1))
+            .send()
+            .await;
+        match result {
+            Ok(_) => {
+                tracing::info!(shard = lease.shard, previous = ?lease.owner, "lease taken");
+                self.held.insert(lease.shard.clone(), (next, Instant::now()));
+                Ok(true)
+            }
+            Err(e) if error_code(&e) == Some("ConditionalCheckFailedException") => Ok(false),
+            Err(e) => Err(classify("UpdateItem", e)),
+        }
+    }
+
+    /// Renews the held leases not written (renewed, taken or checkpointed) in the last third
+    /// of the failover time.
+    async fn renew(&mut self) -> Result<()> {
+        let stale = Instant::now() - self.failover / 3;
+        let held: Vec<(String, u64)> =
+            self.held.iter().filter(|(_, (_, at))| *at <= stale).map(|(k, (c, _))| (k.clone(), *c)).collect();
+        for (shard, counter) in held {
+            let result = self
+                .client
+                .update_item()
+                .table_name(&self.table)
+                .key(LEASE_KEY, s(&shard))
+                .update_expression("SET #c = :next")
+                .condition_expression("#o = :me AND #c = :held")
+                .expression_attribute_names("#o", OWNER)
+                .expression_attribute_names("#c", COUNTER)
+                .expression_attribute_values(":me", s(&self.owner))
+                .expression_attribute_values(":held", n(counter))
+                .expression_attribute_values(":next", n(counter + 1))
+                .send()
+                .await;
+            match result {
+                Ok(_) => {
+                    self.held.insert(shard, (counter + 1, Instant::now()));
+                }
+                Err(e) if error_code(&e) == Some("ConditionalCheckFailedException") => {
+                    tracing::warn!(shard, "lease lost before renewal");
+                    self.held.remove(&shard);
+                }
+                Err(e) => return Err(classify("UpdateItem", e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Records progress in `shard`; fails with `lease_lost` if another worker holds it now.
+    /// A checkpoint moves the counter too, so it renews the lease. Checkpointing `SHARD_END`
+    /// also gives the lease up: there is nothing more to read.
+    pub(super) async fn checkpoint(&mut self, shard: &str, checkpoint: &str) -> Result<()> {
+        let Some(&(counter, _)) = self.held.get(shard) else {
+            return Err(SluiceError::retryable(ReasonCode::LeaseLost, format!("{shard} is not held by this worker")));
+        };
+        let mut update = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .key(LEASE_KEY, s(shard))
+            .condition_expression("#o = :me AND #c = :held")
+            .expression_attribute_names("#o", OWNER)
+            .expression_attribute_names("#c", COUNTER)
+            .expression_attribute_names("#p", CHECKPOINT)
+            .expression_attribute_names("#w", SWITCHES)
+            .expression_attribute_values(":me", s(&self.owner))
+            .expression_attribute_values(":held", n(counter))
+            .expression_attribute_values(":next", n(counter + 1))
+            .expression_attribute_values(":cp", s(checkpoint))
+            .expression_attribute_values(":zero", n(0));
+        update = if checkpoint == SHARD_END {
+            update.update_expression("SET #p = :cp, #w = :zero, #c = :next REMOVE #o")
+        } else {
+            update.update_expression("SET #p = :cp, #w = :zero, #c = :next")
+        };
+        match update.send().await {
+            Ok(_) => {
+                if checkpoint == SHARD_END {
+                    self.held.remove(shard);
+                } else {
+                    self.held.insert(shard.to_owned(), (counter + 1, Instant::now()));
+                }
+                Ok(())
+            }
+            Err(e) if error_code(&e) == Some("ConditionalCheckFailedException") => {
+                self.held.remove(shard);
+                Err(SluiceError::retryable(ReasonCode::LeaseLost, format!("{shard} is now held by another worker")))
+            }
+            Err(e) => Err(classify("UpdateItem", e)),
+        }
+    }
+
+    /// The checkpoint stored for `shard`.
+    pub(super) async fn stored_checkpoint(&self, shard: &str) -> Result<String> {
+        let output = self
+            .client
+            .get_item()
+            .table_name(&self.table)
+            .key(LEASE_KEY, s(shard))
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(|e| classify("GetItem", e))?;
+        Ok(output
+            .item
+            .as_ref()
+            .and_then(Lease::from_item)
+            .map(|l| l.checkpoint)
+            .unwrap_or_else(|| TRIM_HORIZON.to_owned()))
+    }
+
+    /// Gives every held lease up so another worker can take it at once.
+    pub(super) async fn release_all(&mut self) -> Result<()> {
+        let held: Vec<String> = self.held.keys().cloned().collect();
+        for shard in held {
+            let result = self
+                .client
+                .update_item()
+                .table_name(&self.table)
+                .key(LEASE_KEY, s(&shard))
+                .update_expression("REMOVE #o ADD #c :one")
+                .condition_expression("#o = :me")
+                .expression_attribute_names("#o", OWNER)
+                .expression_attribute_names("#c", COUNTER)
+                .expression_attribute_values(":me", s(&self.owner))
+                .expression_attribute_values(":one", n(1))
+                .send()
+                .await;
+            match result {
+                Ok(_) => {}
+                Err(e) if error_code(&e) == Some("ConditionalCheckFailedException") => {}
+                Err(e) => return Err(classify("UpdateItem", e)),
+            }
+            self.held.remove(&shard);
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,216 @@
+//! The AWS backend: the stream on Kinesis (with KCL-style leases in DynamoDB), queues on SQS,
+//! the feature and result stores on DynamoDB, claim-checks on S3. Same traits, same conformance
+//! suite as the embedded store; chosen with `[store] backend = "aws"`.
+//!
+//! The SDK's own retry policy handles throttling and transient errors of each call; sluice adds
+//! retries only where the SDK cannot (records a batch call left unprocessed).
+
+mod accounting;
+pub mod bootstrap;
+mod dynamodb;
+mod kinesis;
+mod lease_coordinator;
+mod s3;
+mod sqs;
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, LazyLock};
+
+use aws_config::{BehaviorVersion, Region};
+use aws_smithy_runtime_api::client::result::SdkError;
+use aws_smithy_types::error::metadata::ProvideErrorMetadata;
+
+pub use accounting::RequestCounter;
+
+use super::{Backend, WorkQueue};
+use crate::config::{AwsConfig, StoreConfig};
+use crate::error::{ReasonCode, Result, SluiceError};
+use crate::topology::QueueName;
+
+/// The pipeline's AWS requests in this process, whichever backend handle sent them.
+static REQUESTS: LazyLock<RequestCounter> = LazyLock::new(RequestCounter::default);
+
+/// The pipeline's request counts in this process so far (observers' requests not included).
+pub fn requests() -> &'static RequestCounter {
+    &REQUESTS
+}
+
+/// Resource names derived from the configured prefix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Names {
+    prefix: String,
+}
+
+impl Names {
+    pub fn new(prefix: &str) -> Self {
+        Self { prefix: prefix.to_owned() }
+    }
+
+    pub fn stream(&self) -> String {
+        format!("{}-records", self.prefix)
+    }
+
+    pub fn queue(&self, queue: QueueName) -> String {
+        format!("{}-{}", self.prefix, queue.as_str())
+    }
+
+    pub fn features_table(&self) -> String {
+        format!("{}-features", self.prefix)
+    }
+
+    pub fn results_table(&self) -> String {
+        format!("{}-results", self.prefix)
+    }
+
+    pub fn lease_table(&self) -> String {
+        format!("{}-leases", self.prefix)
+    }
+
+    /// Counters the pipeline keeps for itself (records produced).
+    pub fn counters_table(&self) -> String {
+        format!("{}-counters", self.prefix)
+    }
+
+    pub fn bucket(&self) -> String {
+        format!("{}-claims", self.prefix)
+    }
+}
+
+/// The SDK clients, configured once, all counting their requests.
+#[derive(Clone)]
+pub struct Clients {
+    pub kinesis: aws_sdk_kinesis::Client,
+    pub sqs: aws_sdk_sqs::Client,
+    pub dynamodb: aws_sdk_dynamodb::Client,
+    pub s3: aws_sdk_s3::Client,
+}
+
+impl Clients {
+    /// Loads the standard credential chain and region, pointed at `endpoint_url` if set; every
+    /// request is counted in `counter`.
+    pub async fn load(config: &AwsConfig, counter: RequestCounter) -> Self {
+        let mut loader = aws_config::defaults(BehaviorVersion::latest());
+        if let Some(region) = &config.region {
+            loader = loader.region(Region::new(region.clone()));
+        }
+        if let Some(endpoint) = &config.endpoint_url {
+            loader = loader.endpoint_url(endpoint);
+        }
+        if let (Some(id), Some(secret)) = (&config.access_key_id, &config.secret_access_key) {
+            loader = loader.credentials_provider(aws_credential_types::Credentials::from_keys(id, secret, None));
+        }
+        let mut shared = loader.load().await;
+        if shared.region().is_none() {
+            shared = shared.into_builder().region(Region::from_static("us-east-1")).build();
+        }
+        Self {
+            kinesis: aws_sdk_kinesis::Client::from_conf(
+                aws_sdk_kinesis::config::Builder::from(&shared).interceptor(counter.clone()).build(),
+            ),
+            sqs: aws_sdk_sqs::Client::from_conf(
+                aws_sdk_sqs::config::Builder::from(&shared).interceptor(counter.clone()).build(),
+            ),
+            dynamodb: aws_sdk_dynamodb::Client::from_conf(
+                aws_sdk_dynamodb::config::Builder::from(&shared).interceptor(counter.clone()).build(),
+            ),
+            // Local endpoints serve buckets by path, not by virtual host.
+            s3: aws_sdk_s3::Client::from_conf(
+                aws_sdk_s3::config::Builder::from(&shared)
+                    .force_path_style(config.endpoint_url.is_some())
+                    .interceptor(counter)
+                    .build(),
+            ),
+        }
+    }
+}
+
+/// Opens the AWS backend; its resources must exist (`sluice aws bootstrap` creates them).
+/// Its requests are counted in `counter`.
+pub async fn open(config: &StoreConfig, counter: RequestCounter) -> Result<Backend> {
+    let aws = &config.aws;
+    let clients = Clients::load(aws, counter).await;
+    let names = Names::new(&aws.prefix);
+    let blobs = Arc::new(s3::S3BlobStore::new(clients.s3.clone(), names.bucket(), &aws.claim_check_buckets));
+    let mut queues: BTreeMap<QueueName, Arc<dyn WorkQueue>> = BTreeMap::new();
+    for name in QueueName::ALL {
+        let queue = sqs::SqsQueue::new(clients.sqs.clone(), name, names.queue(name), Arc::clone(&blobs));
+        queues.insert(name, Arc::new(queue));
+    }
+    Ok(Backend {
+        stream: Arc::new(kinesis::KinesisStream::new(clients.clone(), &names, config)),
+        features: Arc::new(dynamodb::DynamoFeatureStore::new(clients.dynamodb.clone(), names.features_table())),
+        results: Arc::new(dynamodb::DynamoResultStore::new(
+            clients.dynamodb.clone(),
+            names.results_table(),
+            aws.result_ttl_days,
+        )),
+        blobs,
+        queues: Arc::new(queues),
+    })
+}
+
+/// Error codes that mean "slow down or try again".
+const RETRYABLE_CODES: &[&str] = &[
+    "ThrottlingException",
+    "Throttling",
+    "ProvisionedThroughputExceededException",
+    "RequestLimitExceeded",
+    "LimitExceededException",
+    "ServiceUnavailable",
+    "InternalServerError",
+    "InternalFailure",
+    "InternalError",
+    "TransactionConflictException",
+    "KMSThrottlingException",
+    "SlowDown",
+    "RequestTimeout",
+];
+
+/// Classifies an SDK failure: transport trouble, throttling and 5xx are retryable; the rest
+/// (missing resources, bad requests, access denied) need a person.
+pub(crate) fn classify<E, R>(operation: &str, error: SdkError<E, R>) -> SluiceError
+where
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+    R: std::fmt::Debug,
+{
+    match &error {
+        SdkError::ServiceError(service) => {
+            let code = service.err().code().unwrap_or("Unknown").to_owned();
+            let message = service.err().message().unwrap_or_default().to_owned();
+            let detail = format!("{operation}: {code}: {message}");
+            if RETRYABLE_CODES.contains(&code.as_str()) {
+                SluiceError::retryable(ReasonCode::StoreBusy, detail)
+            } else if code.contains("NotFound") || code.contains("NonExistent") || code == "NoSuchBucket" {
+                SluiceError::permanent(
+                    ReasonCode::StoreUnavailable,
+                    format!("{detail} (has `sluice aws bootstrap` created the resources?)"),
+                )
+            } else {
+                SluiceError::permanent(ReasonCode::StoreUnavailable, detail)
+            }
+        }
+        SdkError::ConstructionFailure(_) => {
+            SluiceError::permanent(ReasonCode::Internal, format!("{operation}: {}", display_chain(&error)))
+        }
+        _ => SluiceError::retryable(ReasonCode::StoreUnavailable, format!("{operation}: {}", display_chain(&error))),
+    }
+}
+
+fn display_chain(error: &dyn std::error::Error) -> String {
+    let mut out = error.to_string();
+    let mut source = error.source();
+    while let Some(e) = source {
+        out.push_str(": ");
+        out.push_str(&e.to_string());
+        source = e.source();
+    }
+    out
+}
+
+/// The service error code of an SDK failure, if the service answered.
+pub(crate) fn error_code<E: ProvideErrorMetadata, R>(error: &SdkError<E, R>) -> Option<&str> {
+    match error {
+        SdkError::ServiceError(service) => service.err().code(),
+        _ => None,
+    }
+}

@@ -1,0 +1,73 @@
+//! Claim-check blobs on S3, readable only from allowlisted buckets: a reference anywhere else
+//! is a permanent error, never a fetch.
+
+use async_trait::async_trait;
+use aws_sdk_s3::primitives::ByteStream;
+
+use super::{classify, error_code};
+use crate::backend::BlobStore;
+use crate::envelope::RecordId;
+use crate::error::{ReasonCode, Result, SluiceError};
+
+pub(super) struct S3BlobStore {
+    client: aws_sdk_s3::Client,
+    bucket: String,
+    allowed: Vec<String>,
+}
+
+impl S3BlobStore {
+    pub(super) fn new(client: aws_sdk_s3::Client, bucket: String, extra_allowed: &[String]) -> Self {
+        let mut allowed = vec![bucket.clone()];
+        allowed.extend(extra_allowed.iter().cloned());
+        Self { client, bucket, allowed }
+    }
+
+    /// `s3://bucket/key` → (bucket, key), if the bucket is allowlisted.
+    fn parse<'a>(&self, reference: &'a str) -> Result<(&'a str, &'a str)> {
+        let rejected = |why: &str| {
+            SluiceError::permanent(ReasonCode::ClaimCheckRejected, format!("claim-check {reference:?}: {why}"))
+        };
+        let rest = reference.strip_prefix("s3://").ok_or_else(|| rejected("not an s3:// reference"))?;
+        let (bucket, key) = rest.split_once('/').ok_or_else(|| rejected("no key"))?;
+        if key.is_empty() {
+            return Err(rejected("no key"));
+        }
+        if !self.allowed.iter().any(|b| b == bucket) {
+            return Err(rejected(&format!("bucket {bucket:?} is not in the allowlist")));
+        }
+        Ok((bucket, key))
+    }
+}
+
+#[async_trait]
+impl BlobStore for S3BlobStore {
+    async fn put(&self, data: Vec<u8>) -> Result<String> {
+        let key = format!("claims/{}", RecordId::from_content(&data));
+        self.client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(&key)
+            .body(ByteStream::from(data))
+            .send()
+            .await
+            .map_err(|e| classify("PutObject", e))?;
+        Ok(format!("s3://{}/{key}", self.bucket))
+    }
+
+    async fn get(&self, reference: &str) -> Result<Vec<u8>> {
+        let (bucket, key) = self.parse(reference)?;
+        let object = match self.client.get_object().bucket(bucket).key(key).send().await {
+            Ok(object) => object,
+            Err(e) if error_code(&e) == Some("NoSuchKey") => {
+                return Err(SluiceError::permanent(ReasonCode::ClaimCheckMissing, format!("no object {reference}")));
+            }
+            Err(e) => return Err(classify("GetObject", e)),
+        };
+        let bytes = object
+            .body
+            .collect()
+            .await
+            .map_err(|e| SluiceError::retryable(ReasonCode::StoreUnavailable, format!("GetObject body: {e}")))?;
+        Ok(bytes.into_bytes().to_vec())
+    }
+}

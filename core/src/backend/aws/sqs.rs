@@ -1,0 +1,359 @@
+//! Work queues on SQS: batches of ten, long polling, visibility changes, and SQS's own redrive
+//! policy (set by `sluice aws bootstrap`) to move poison messages to the stage's DLQ.
+//!
+//! A message body must be XML-safe text of at most 256 KiB. JSON envelopes are sent as they
+//! are; other bodies (raw producer bytes in the ingest DLQ) are base64-encoded, and anything too
+//! large after that is stored in S3 and referenced — the body a receiver sees is always the
+//! original bytes.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use aws_sdk_sqs::types::{
+    ChangeMessageVisibilityBatchRequestEntry, DeleteMessageBatchRequestEntry, MessageAttributeValue,
+    MessageSystemAttributeName, QueueAttributeName, SendMessageBatchRequestEntry,
+};
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD;
+
+use super::classify;
+use super::s3::S3BlobStore;
+use crate::backend::{BlobStore, OutgoingMessage, QueueDepth, Receipt, ReceivedMessage, WorkQueue};
+use crate::error::{ReasonCode, Result, SluiceError};
+use crate::record::dlq_attr;
+use crate::topology::QueueName;
+
+/// SQS's limits on one batch call.
+const BATCH_ENTRIES: usize = 10;
+const MAX_BATCH_BYTES: usize = 256 * 1024;
+/// Bodies over this go to S3; leaves room for attributes within a 256 KiB message.
+const MAX_INLINE_BODY: usize = 200 * 1024;
+const MAX_WAIT_SECONDS: u64 = 20;
+
+/// Message attribute names sluice uses on SQS.
+const ATTRIBUTES: &str = "sluice.attributes";
+const BODY_ENCODING: &str = "sluice.body_encoding";
+const BODY_REF: &str = "sluice.body_ref";
+const TRACEPARENT: &str = "traceparent";
+
+pub(super) struct SqsQueue {
+    client: aws_sdk_sqs::Client,
+    name: QueueName,
+    queue_name: String,
+    /// Looked up on first use: a worker touches only the few queues its stage uses.
+    url: tokio::sync::OnceCell<String>,
+    blobs: Arc<S3BlobStore>,
+}
+
+impl SqsQueue {
+    pub(super) fn new(
+        client: aws_sdk_sqs::Client,
+        name: QueueName,
+        queue_name: String,
+        blobs: Arc<S3BlobStore>,
+    ) -> Self {
+        Self { client, name, queue_name, url: tokio::sync::OnceCell::new(), blobs }
+    }
+
+    async fn url(&self) -> Result<&str> {
+        self.url
+            .get_or_try_init(|| async {
+                self.client
+                    .get_queue_url()
+                    .queue_name(&self.queue_name)
+                    .send()
+                    .await
+                    .map_err(|e| classify("GetQueueUrl", e))?
+                    .queue_url
+                    .ok_or_else(|| {
+                        SluiceError::permanent(ReasonCode::StoreUnavailable, format!("no URL for {}", self.queue_name))
+                    })
+            })
+            .await
+            .map(String::as_str)
+    }
+
+    /// The SQS form of a message: text body plus attributes.
+    async fn encode(&self, message: OutgoingMessage, id: usize) -> Result<(SendMessageBatchRequestEntry, usize)> {
+        let mut attributes = message.attributes;
+        if let Some(key) = &message.dedup_key {
+            attributes.entry(dlq_attr::RECORD_ID.to_owned()).or_insert_with(|| key.clone());
+        }
+        let mut sqs_attrs = BTreeMap::new();
+        if let Some(trace) = attributes.get(TRACEPARENT) {
+            sqs_attrs.insert(TRACEPARENT.to_owned(), trace.clone());
+        }
+        let mut body = match String::from_utf8(message.body) {
+            Ok(text) if is_xml_safe(&text) => text,
+            Ok(text) => encode_base64(text.into_bytes(), &mut sqs_attrs),
+            Err(e) => encode_base64(e.into_bytes(), &mut sqs_attrs),
+        };
+        if body.len() > MAX_INLINE_BODY {
+            let reference = self.blobs.put(std::mem::take(&mut body).into_bytes()).await?;
+            sqs_attrs.insert(BODY_REF.to_owned(), reference);
+        }
+        sqs_attrs.insert(ATTRIBUTES.to_owned(), serde_json::to_string(&attributes).expect("map serialises"));
+        let size = body.len() + sqs_attrs.iter().map(|(k, v)| k.len() + v.len() + 16).sum::<usize>();
+        let mut entry = SendMessageBatchRequestEntry::builder().id(id.to_string()).message_body(body);
+        for (key, value) in sqs_attrs {
+            entry = entry.message_attributes(key, string_attribute(value));
+        }
+        let entry = entry.build().map_err(|e| SluiceError::permanent(ReasonCode::Internal, e.to_string()))?;
+        Ok((entry, size))
+    }
+
+    /// The message as sent, with SQS's message id (stable across receives).
+    async fn decode(&self, message: aws_sdk_sqs::types::Message) -> Result<(String, ReceivedMessage)> {
+        let id = message.message_id.clone().unwrap_or_default();
+        let attrs = message.message_attributes.unwrap_or_default();
+        let text = |key: &str| attrs.get(key).and_then(|v| v.string_value.clone());
+        let mut body = match text(BODY_REF) {
+            Some(reference) => self.blobs.get(&reference).await?,
+            None => message.body.unwrap_or_default().into_bytes(),
+        };
+        if text(BODY_ENCODING).as_deref() == Some("base64") {
+            body = STANDARD.decode(&body).map_err(|e| {
+                SluiceError::permanent(ReasonCode::MalformedMessage, format!("base64 body does not decode: {e}"))
+            })?;
+        }
+        let attributes: BTreeMap<String, String> =
+            text(ATTRIBUTES).and_then(|json| serde_json::from_str(&json).ok()).unwrap_or_default();
+        let system = message.attributes.unwrap_or_default();
+        let number = |name: MessageSystemAttributeName| system.get(&name).and_then(|v| v.parse::<u64>().ok());
+        Ok((
+            id,
+            ReceivedMessage {
+                body,
+                attributes,
+                receipt: Receipt(message.receipt_handle.unwrap_or_default()),
+                receive_count: number(MessageSystemAttributeName::ApproximateReceiveCount).unwrap_or(1) as u32,
+                sent_at_ms: number(MessageSystemAttributeName::SentTimestamp).unwrap_or_default(),
+            },
+        ))
+    }
+
+    async fn receive_raw(
+        &self,
+        max: usize,
+        wait: Duration,
+        visibility: Option<i32>,
+    ) -> Result<Vec<(String, ReceivedMessage)>> {
+        let wait_seconds = (wait.as_secs_f64().round() as u64).min(MAX_WAIT_SECONDS) as i32;
+        let mut request = self
+            .client
+            .receive_message()
+            .queue_url(self.url().await?)
+            .max_number_of_messages(max.clamp(1, BATCH_ENTRIES) as i32)
+            .wait_time_seconds(wait_seconds)
+            .message_system_attribute_names(MessageSystemAttributeName::ApproximateReceiveCount)
+            .message_system_attribute_names(MessageSystemAttributeName::SentTimestamp)
+            .message_attribute_names("All");
+        if let Some(seconds) = visibility {
+            request = request.visibility_timeout(seconds);
+        }
+        let output = request.send().await.map_err(|e| classify("ReceiveMessage", e))?;
+        let mut out = Vec::new();
+        for message in output.messages.unwrap_or_default() {
+            out.push(self.decode(message).await?);
+        }
+        Ok(out)
+    }
+
+    async fn change_visibility(&self, receipts: &[Receipt], seconds: i32) -> Result<()> {
+        for chunk in receipts.chunks(BATCH_ENTRIES) {
+            let entries = chunk
+                .iter()
+                .enumerate()
+                .map(|(i, r)| {
+                    ChangeMessageVisibilityBatchRequestEntry::builder()
+                        .id(i.to_string())
+                        .receipt_handle(&r.0)
+                        .visibility_timeout(seconds)
+                        .build()
+                        .map_err(|e| SluiceError::permanent(ReasonCode::Internal, e.to_string()))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let output = self
+                .client
+                .change_message_visibility_batch()
+                .queue_url(self.url().await?)
+                .set_entries(Some(entries))
+                .send()
+                .await
+                .map_err(|e| classify("ChangeMessageVisibilityBatch", e))?;
+            check_failed(
+                "ChangeMessageVisibilityBatch",
+                output.failed.iter().map(|f| (f.code.as_str(), f.sender_fault)),
+            )?;
+        }
+        Ok(())
+    }
+}
+
+fn string_attribute(value: String) -> MessageAttributeValue {
+    MessageAttributeValue::builder().data_type("String").string_value(value).build().expect("data type is set")
+}
+
+fn encode_base64(bytes: Vec<u8>, attrs: &mut BTreeMap<String, String>) -> String {
+    attrs.insert(BODY_ENCODING.to_owned(), "base64".to_owned());
+    STANDARD.encode(bytes)
+}
+
+/// The characters SQS accepts in a message body (XML 1.0 characters).
+fn is_xml_safe(text: &str) -> bool {
+    text.chars().all(|c| matches!(c, '\u{9}' | '\u{A}' | '\u{D}' | '\u{20}'..='\u{D7FF}' | '\u{E000}'..='\u{FFFD}' | '\u{10000}'..='\u{10FFFF}'))
+}
+
+/// A failed entry of a batch call: a stale receipt (the message was received again, or is
+/// gone) is no failure for sluice; anything else fails the call, retryably unless it is the
+/// sender's fault.
+fn check_failed<'a>(operation: &str, failed: impl Iterator<Item = (&'a str, bool)>) -> Result<()> {
+    for (code, sender_fault) in failed {
+        if matches!(
+            code,
+            "ReceiptHandleIsInvalid" | "InvalidReceiptHandle" | "AWS.SimpleQueueService.ReceiptHandleIsInvalid"
+        ) {
+            continue;
+        }
+        let detail = format!("{operation}: entry failed with {code}");
+        return Err(if sender_fault {
+            SluiceError::permanent(ReasonCode::StoreUnavailable, detail)
+        } else {
+            SluiceError::retryable(ReasonCode::StoreBusy, detail)
+        });
+    }
+    Ok(())
+}
+
+#[async_trait]
+impl WorkQueue for SqsQueue {
+    fn name(&self) -> QueueName {
+        self.name
+    }
+
+    async fn send_batch(&self, messages: Vec<OutgoingMessage>) -> Result<()> {
+        let mut pending: Vec<(SendMessageBatchRequestEntry, usize)> = Vec::with_capacity(messages.len());
+        for (i, message) in messages.into_iter().enumerate() {
+            pending.push(self.encode(message, i).await?);
+        }
+        while !pending.is_empty() {
+            // Up to ten entries and 256 KiB a call.
+            let mut take = 0;
+            let mut bytes = 0;
+            while take < pending.len()
+                && take < BATCH_ENTRIES
+                && (take == 0 || bytes + pending[take].1 <= MAX_BATCH_BYTES)
+            {
+                bytes += pending[take].1;
+                take += 1;
+            }
+            let batch: Vec<_> = pending.drain(..take).collect();
+            let output = self
+                .client
+                .send_message_batch()
+                .queue_url(self.url().await?)
+                .set_entries(Some(batch.iter().map(|(e, _)| e.clone()).collect()))
+                .send()
+                .await
+                .map_err(|e| classify("SendMessageBatch", e))?;
+            // Entries SQS could not take are failures of the whole send: the caller acknowledges
+            // nothing and the batch is redone (sinks are idempotent).
+            check_failed("SendMessageBatch", output.failed.iter().map(|f| (f.code.as_str(), f.sender_fault)))?;
+        }
+        Ok(())
+    }
+
+    async fn receive(&self, max: usize, wait: Duration) -> Result<Vec<ReceivedMessage>> {
+        Ok(self.receive_raw(max, wait, None).await?.into_iter().map(|(_, m)| m).collect())
+    }
+
+    async fn ack(&self, receipts: &[Receipt]) -> Result<()> {
+        for chunk in receipts.chunks(BATCH_ENTRIES) {
+            let entries = chunk
+                .iter()
+                .enumerate()
+                .map(|(i, r)| {
+                    DeleteMessageBatchRequestEntry::builder()
+                        .id(i.to_string())
+                        .receipt_handle(&r.0)
+                        .build()
+                        .map_err(|e| SluiceError::permanent(ReasonCode::Internal, e.to_string()))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let output = self
+                .client
+                .delete_message_batch()
+                .queue_url(self.url().await?)
+                .set_entries(Some(entries))
+                .send()
+                .await
+                .map_err(|e| classify("DeleteMessageBatch", e))?;
+            check_failed("DeleteMessageBatch", output.failed.iter().map(|f| (f.code.as_str(), f.sender_fault)))?;
+        }
+        Ok(())
+    }
+
+    async fn extend_visibility(&self, receipts: &[Receipt], by: Duration) -> Result<()> {
+        self.change_visibility(receipts, by.as_secs().clamp(1, 43_200) as i32).await
+    }
+
+    async fn release(&self, receipts: &[Receipt], delay: Duration) -> Result<()> {
+        self.change_visibility(receipts, delay.as_secs().min(43_200) as i32).await
+    }
+
+    async fn depth(&self) -> Result<QueueDepth> {
+        let output = self
+            .client
+            .get_queue_attributes()
+            .queue_url(self.url().await?)
+            .attribute_names(QueueAttributeName::ApproximateNumberOfMessages)
+            .attribute_names(QueueAttributeName::ApproximateNumberOfMessagesNotVisible)
+            .attribute_names(QueueAttributeName::ApproximateNumberOfMessagesDelayed)
+            .send()
+            .await
+            .map_err(|e| classify("GetQueueAttributes", e))?;
+        let attrs = output.attributes.unwrap_or_default();
+        let get = |name: QueueAttributeName| attrs.get(&name).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        Ok(QueueDepth {
+            visible: get(QueueAttributeName::ApproximateNumberOfMessages),
+            in_flight: get(QueueAttributeName::ApproximateNumberOfMessagesNotVisible)
+                + get(QueueAttributeName::ApproximateNumberOfMessagesDelayed),
+        })
+    }
+
+    /// SQS cannot read without receiving: this receives with a zero visibility timeout, so the
+    /// messages stay available (their receive counts go up by one).
+    async fn peek(&self, max: usize) -> Result<Vec<ReceivedMessage>> {
+        let mut out: Vec<ReceivedMessage> = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        while out.len() < max {
+            let batch = self.receive_raw(max - out.len(), Duration::ZERO, Some(0)).await?;
+            let fresh: Vec<_> = batch.into_iter().filter(|(id, _)| seen.insert(id.clone())).collect();
+            if fresh.is_empty() {
+                break;
+            }
+            out.extend(fresh.into_iter().map(|(_, m)| m));
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_xml_characters_are_sent_as_text() {
+        assert!(is_xml_safe("{\"a\": \"ünïcode\"}\n"));
+        assert!(!is_xml_safe("nul \u{0} inside"));
+    }
+
+    #[test]
+    fn stale_receipts_are_not_failures() {
+        assert!(check_failed("X", [("ReceiptHandleIsInvalid", true)].into_iter()).is_ok());
+        assert!(check_failed("X", [("InternalError", false)].into_iter()).unwrap_err().is_retryable());
+        assert!(!check_failed("X", [("InvalidParameterValue", true)].into_iter()).unwrap_err().is_retryable());
+    }
+}
