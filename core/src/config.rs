@@ -147,6 +147,8 @@ pub struct AwsConfig {
     pub region: Option<String>,
     /// A local AWS-compatible endpoint (e.g. `http://127.0.0.1:5000`) instead of AWS.
     pub endpoint_url: Option<String>,
+    /// A separate local endpoint for Kinesis only (e.g. a Kinesis emulator beside moto).
+    pub kinesis_endpoint_url: Option<String>,
     /// Every resource is named `<prefix>-…`: stream `<prefix>-records`, queue
     /// `<prefix>-features`, table `<prefix>-results`, bucket `<prefix>-claims`, and so on.
     pub prefix: String,
@@ -168,6 +170,7 @@ impl Default for AwsConfig {
         Self {
             region: None,
             endpoint_url: None,
+            kinesis_endpoint_url: None,
             prefix: "sluice".to_owned(),
             claim_check_buckets: Vec::new(),
             lease_failover_ms: 10_000,

@@ -52,17 +52,39 @@ pub async fn serve(
     let worker_config = settings.worker()?;
     let grace = Duration::from_millis(worker_config.shutdown_grace_ms);
     let source = source_for(stage.name(), &backend, &store, worker_id).await?;
+    let ledger = Arc::clone(&backend.requests);
     let worker = Worker::new(stage, source, backend, worker_config, &store);
+    let reporting = tokio::spawn(report_requests(Arc::clone(&ledger), shutdown.clone()));
     let mut running = tokio::spawn(worker.run(shutdown.clone()));
-    tokio::select! {
-        finished = &mut running => return Ok(finished??),
-        _ = shutdown.cancelled() => {}
+    let finished: Result<WorkerReport, BuildError> = tokio::select! {
+        finished = &mut running => flatten(finished),
+        _ = shutdown.cancelled() => match tokio::time::timeout(grace, running).await {
+            Ok(finished) => flatten(finished),
+            Err(_) => Err(format!("in-flight work did not finish within the {grace:?} grace period; it will be redelivered").into()),
+        },
+    };
+    reporting.abort();
+    if let Err(e) = crate::backend::aws::flush_requests(ledger.as_ref()).await {
+        tracing::warn!(error = %e, "could not record this worker's AWS requests");
     }
-    match tokio::time::timeout(grace, running).await {
-        Ok(finished) => Ok(finished??),
-        Err(_) => {
-            Err(format!("in-flight work did not finish within the {grace:?} grace period; it will be redelivered")
-                .into())
+    finished
+}
+
+fn flatten(joined: Result<crate::Result<WorkerReport>, tokio::task::JoinError>) -> Result<WorkerReport, BuildError> {
+    Ok(joined??)
+}
+
+/// How often a worker adds its AWS requests to the shared ledger.
+const REQUEST_REPORT_EVERY: Duration = Duration::from_secs(10);
+
+async fn report_requests(ledger: Arc<dyn crate::backend::RequestLedger>, shutdown: CancellationToken) {
+    while !shutdown.is_cancelled() {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(REQUEST_REPORT_EVERY) => {}
+        }
+        if let Err(e) = crate::backend::aws::flush_requests(ledger.as_ref()).await {
+            tracing::warn!(error = %e, "could not record this worker's AWS requests");
         }
     }
 }

@@ -22,6 +22,12 @@ pub struct PipelineStats {
     pub stream: StreamStats,
     /// Depth of every queue.
     pub queues: BTreeMap<QueueName, QueueDepth>,
+    /// AWS requests the workers have sent, per record in (AWS backend only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub aws_requests_per_record: Option<f64>,
+    /// Those requests by service and operation.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub aws_requests: BTreeMap<String, u64>,
 }
 
 impl PipelineStats {
@@ -33,7 +39,11 @@ impl PipelineStats {
             queues.insert(name, backend.queue(name).depth().await?);
         }
         let dlq = StageName::ALL.into_iter().map(|stage| (stage, queues[&stage.dlq()].total())).collect();
+        let aws_requests = backend.requests.totals().await?;
+        let total: u64 = aws_requests.values().sum();
         Ok(Self {
+            aws_requests_per_record: (total > 0).then(|| total as f64 / stream.records.max(1) as f64),
+            aws_requests,
             records_in: stream.records,
             results: counts.accepted + counts.reviewed,
             review: counts.review,

@@ -10,8 +10,35 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 pub const ENDPOINT_VAR: &str = "SLUICE_TEST_AWS_ENDPOINT";
+/// A Kinesis emulator that behaves like Kinesis where moto does not (closed shards end).
+pub const KINESIS_ENDPOINT_VAR: &str = "SLUICE_TEST_KINESIS_ENDPOINT";
 
 static ENDPOINT: OnceLock<String> = OnceLock::new();
+static KINESIS_ENDPOINT: OnceLock<String> = OnceLock::new();
+
+/// The Kinesis emulator to test resharding against: `SLUICE_TEST_KINESIS_ENDPOINT`, or
+/// `kinesis-local` (npm) started on a free loopback port.
+///
+/// # Panics
+/// If there is none and `kinesis-local` cannot be started.
+pub fn kinesis_endpoint() -> String {
+    KINESIS_ENDPOINT
+        .get_or_init(|| {
+            if let Ok(url) = std::env::var(KINESIS_ENDPOINT_VAR) {
+                return url;
+            }
+            let tls_port = free_port().unwrap_or(0);
+            // kinesis-local reads its TLS certificate (server.json) from the working directory.
+            start_watched(&format!(
+                "cd \"$(dirname \"$(readlink -f \"$(command -v kinesis-local)\")\")\" && \
+                 KINESIS_MOCK_PLAIN_PORT={{port}} KINESIS_MOCK_TLS_PORT={tls_port} SHARD_LIMIT=100 exec node main.js"
+            ))
+            .unwrap_or_else(|e| {
+                panic!("resharding tests need a Kinesis emulator: set {KINESIS_ENDPOINT_VAR}, or `npm install -g kinesis-local` ({e})")
+            })
+        })
+        .clone()
+}
 
 /// Store settings for a fresh, uniquely named set of resources on the test endpoint, with the
 /// dummy credentials local endpoints accept.
@@ -40,17 +67,24 @@ pub fn aws_endpoint() -> String {
             if let Ok(url) = std::env::var(ENDPOINT_VAR) {
                 return url;
             }
-            start_moto().unwrap_or_else(|e| {
+            start_watched("moto_server -H 127.0.0.1 -p {port}").unwrap_or_else(|e| {
                 panic!("AWS tests need an endpoint: set {ENDPOINT_VAR}, or `pip install \"moto[server]\"` ({e})")
             })
         })
         .clone()
 }
 
-fn start_moto() -> Result<String, String> {
-    let port = TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map_err(|e| e.to_string())?.port();
+fn free_port() -> Result<u16, String> {
+    Ok(TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map_err(|e| e.to_string())?.port())
+}
+
+/// Starts `command` (with `{port}` replaced by a free loopback port) under a watcher that stops
+/// it when this process ends, and waits until it listens.
+fn start_watched(command: &str) -> Result<String, String> {
+    let port = free_port()?;
+    let command = command.replace("{port}", &port.to_string());
     let script = format!(
-        "moto_server -H 127.0.0.1 -p {port} >/dev/null 2>&1 & child=$!; \
+        "({command}) >/dev/null 2>&1 & child=$!; \
          while kill -0 {parent} 2>/dev/null && kill -0 $child 2>/dev/null; do sleep 1; done; kill $child 2>/dev/null",
         parent = std::process::id()
     );
@@ -62,12 +96,12 @@ fn start_moto() -> Result<String, String> {
         .spawn()
         .map_err(|e| e.to_string())?;
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    let deadline = Instant::now() + Duration::from_secs(30);
+    let deadline = Instant::now() + Duration::from_secs(60);
     while Instant::now() < deadline {
         if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
             return Ok(format!("http://127.0.0.1:{port}"));
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    Err("moto_server did not start listening within 30 s (is it installed?)".to_owned())
+    Err(format!("`{command}` did not start listening within 60 s (is it installed?)"))
 }

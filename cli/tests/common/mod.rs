@@ -35,6 +35,20 @@ pub fn test_env(cmd: &mut Command) -> &mut Command {
         .env("RUST_LOG", "info")
 }
 
+/// The AWS backend on the test endpoint, under `prefix`, with the dummy credentials local
+/// endpoints accept; the store's timeouts stay at their defaults.
+pub fn aws_env<'a>(cmd: &'a mut Command, prefix: &str) -> &'a mut Command {
+    cmd.env("SLUICE__MODEL__DIR", model_dir())
+        .env("SLUICE__WORKER__SHUTDOWN_GRACE_MS", "10000")
+        .env("RUST_LOG", "info")
+        .env("AWS_ACCESS_KEY_ID", "testing")
+        .env("AWS_SECRET_ACCESS_KEY", "testing")
+        .env("AWS_REGION", "us-east-1")
+        .env("SLUICE__STORE__BACKEND", "aws")
+        .env("SLUICE__STORE__AWS__ENDPOINT_URL", sluice_core::testing::aws_endpoint())
+        .env("SLUICE__STORE__AWS__PREFIX", prefix)
+}
+
 pub fn store_config(path: &Path) -> StoreConfig {
     StoreConfig {
         path: path.to_path_buf(),

@@ -206,6 +206,16 @@ pub trait BlobStore: Send + Sync {
     async fn get(&self, reference: &str) -> Result<Vec<u8>>;
 }
 
+/// Where worker processes add up the AWS requests they send, so that any process (`sluice
+/// stats`) can report requests per record. Backends that send none keep nothing.
+#[async_trait]
+pub trait RequestLedger: Send + Sync {
+    /// Adds requests by `"Service.Operation"`.
+    async fn add(&self, delta: BTreeMap<String, u64>) -> Result<()>;
+
+    async fn totals(&self) -> Result<BTreeMap<String, u64>>;
+}
+
 /// Everything a worker needs from its backend, opened once.
 #[derive(Clone)]
 pub struct Backend {
@@ -213,6 +223,7 @@ pub struct Backend {
     pub features: Arc<dyn FeatureStore>,
     pub results: Arc<dyn ResultStore>,
     pub blobs: Arc<dyn BlobStore>,
+    pub requests: Arc<dyn RequestLedger>,
     queues: Arc<BTreeMap<QueueName, Arc<dyn WorkQueue>>>,
 }
 

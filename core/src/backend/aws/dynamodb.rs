@@ -152,17 +152,13 @@ impl FeatureStore for DynamoFeatureStore {
 pub(super) struct DynamoResultStore {
     client: aws_sdk_dynamodb::Client,
     table: String,
+    counters: String,
     ttl_days: u64,
 }
 
 impl DynamoResultStore {
-    pub(super) fn new(client: aws_sdk_dynamodb::Client, table: String, ttl_days: u64) -> Self {
-        Self { client, table, ttl_days }
-    }
-
-    fn counters_table(&self) -> String {
-        // `<prefix>-results` → `<prefix>-counters`
-        format!("{}-counters", self.table.trim_end_matches("-results"))
+    pub(super) fn new(client: aws_sdk_dynamodb::Client, table: String, counters: String, ttl_days: u64) -> Self {
+        Self { client, table, counters, ttl_days }
     }
 
     fn put_item(&self, result: &PredictionResult) -> Result<TransactWriteItem> {
@@ -186,7 +182,7 @@ impl DynamoResultStore {
     fn count_update(&self, results: &[&PredictionResult]) -> Result<TransactWriteItem> {
         let n = |status| results.iter().filter(|r| r.status == status).count().to_string();
         let update = Update::builder()
-            .table_name(self.counters_table())
+            .table_name(&self.counters)
             .key(COUNTER_KEY, AttributeValue::S(RESULT_COUNTERS.to_owned()))
             .update_expression("ADD accepted :a, review :r, reviewed :d")
             .expression_attribute_values(":a", AttributeValue::N(n(ResultStatus::Accepted)))
@@ -292,7 +288,7 @@ impl ResultStore for DynamoResultStore {
         let output = self
             .client
             .get_item()
-            .table_name(self.counters_table())
+            .table_name(&self.counters)
             .key(COUNTER_KEY, AttributeValue::S(RESULT_COUNTERS.to_owned()))
             .consistent_read(true)
             .send()
@@ -332,5 +328,61 @@ impl ResultStore for DynamoResultStore {
         }
         out.truncate(limit);
         Ok(out)
+    }
+}
+
+/// The counters item where worker processes add up their AWS requests.
+const REQUEST_COUNTERS: &str = "requests";
+
+pub(super) struct DynamoRequestLedger {
+    client: aws_sdk_dynamodb::Client,
+    table: String,
+}
+
+impl DynamoRequestLedger {
+    pub(super) fn new(client: aws_sdk_dynamodb::Client, table: String) -> Self {
+        Self { client, table }
+    }
+}
+
+#[async_trait]
+impl crate::backend::RequestLedger for DynamoRequestLedger {
+    async fn add(&self, delta: std::collections::BTreeMap<String, u64>) -> Result<()> {
+        let delta: Vec<(String, u64)> = delta.into_iter().filter(|(_, n)| *n > 0).collect();
+        if delta.is_empty() {
+            return Ok(());
+        }
+        let terms: Vec<String> = (0..delta.len()).map(|i| format!("#k{i} :v{i}")).collect();
+        let mut update = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .key(COUNTER_KEY, AttributeValue::S(REQUEST_COUNTERS.to_owned()))
+            .update_expression(format!("ADD {}", terms.join(", ")));
+        for (i, (name, n)) in delta.into_iter().enumerate() {
+            update = update
+                .expression_attribute_names(format!("#k{i}"), name)
+                .expression_attribute_values(format!(":v{i}"), AttributeValue::N(n.to_string()));
+        }
+        update.send().await.map_err(|e| classify("UpdateItem", e))?;
+        Ok(())
+    }
+
+    async fn totals(&self) -> Result<std::collections::BTreeMap<String, u64>> {
+        let output = self
+            .client
+            .get_item()
+            .table_name(&self.table)
+            .key(COUNTER_KEY, AttributeValue::S(REQUEST_COUNTERS.to_owned()))
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(|e| classify("GetItem", e))?;
+        Ok(output
+            .item
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|(k, v)| Some((k, v.as_n().ok()?.parse().ok()?)))
+            .collect())
     }
 }

@@ -35,6 +35,27 @@ pub fn requests() -> &'static RequestCounter {
     &REQUESTS
 }
 
+/// What this process has already added to the shared ledger.
+static FLUSHED: LazyLock<tokio::sync::Mutex<BTreeMap<String, u64>>> = LazyLock::new(Default::default);
+
+/// Adds this process's pipeline requests since the last flush to `ledger`. Whichever worker
+/// loop of the process calls it, each request is added once.
+pub async fn flush_requests(ledger: &dyn super::RequestLedger) -> Result<()> {
+    let mut flushed = FLUSHED.lock().await;
+    let now = requests().snapshot();
+    let delta: BTreeMap<String, u64> = now
+        .iter()
+        .map(|(k, n)| (k.clone(), n - flushed.get(k).copied().unwrap_or(0)))
+        .filter(|(_, n)| *n > 0)
+        .collect();
+    if delta.is_empty() {
+        return Ok(());
+    }
+    ledger.add(delta).await?;
+    *flushed = now;
+    Ok(())
+}
+
 /// Resource names derived from the configured prefix.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Names {
@@ -104,9 +125,13 @@ impl Clients {
             shared = shared.into_builder().region(Region::from_static("us-east-1")).build();
         }
         Self {
-            kinesis: aws_sdk_kinesis::Client::from_conf(
-                aws_sdk_kinesis::config::Builder::from(&shared).interceptor(counter.clone()).build(),
-            ),
+            kinesis: {
+                let mut kinesis = aws_sdk_kinesis::config::Builder::from(&shared).interceptor(counter.clone());
+                if let Some(url) = &config.kinesis_endpoint_url {
+                    kinesis = kinesis.endpoint_url(url);
+                }
+                aws_sdk_kinesis::Client::from_conf(kinesis.build())
+            },
             sqs: aws_sdk_sqs::Client::from_conf(
                 aws_sdk_sqs::config::Builder::from(&shared).interceptor(counter.clone()).build(),
             ),
@@ -142,8 +167,10 @@ pub async fn open(config: &StoreConfig, counter: RequestCounter) -> Result<Backe
         results: Arc::new(dynamodb::DynamoResultStore::new(
             clients.dynamodb.clone(),
             names.results_table(),
+            names.counters_table(),
             aws.result_ttl_days,
         )),
+        requests: Arc::new(dynamodb::DynamoRequestLedger::new(clients.dynamodb.clone(), names.counters_table())),
         blobs,
         queues: Arc::new(queues),
     })

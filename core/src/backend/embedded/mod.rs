@@ -50,8 +50,23 @@ impl EmbeddedStore {
             features: Arc::new(stores::EmbeddedFeatureStore::new(self.db.clone())),
             results: Arc::new(stores::EmbeddedResultStore::new(self.db.clone())),
             blobs: Arc::new(blobs::EmbeddedBlobStore::new(self.db.clone())),
+            requests: Arc::new(NoRequests),
             queues: Arc::new(queues),
         }
+    }
+}
+
+/// The embedded store sends no AWS requests, so it keeps no ledger of them.
+struct NoRequests;
+
+#[async_trait::async_trait]
+impl super::RequestLedger for NoRequests {
+    async fn add(&self, _delta: BTreeMap<String, u64>) -> Result<()> {
+        Ok(())
+    }
+
+    async fn totals(&self) -> Result<BTreeMap<String, u64>> {
+        Ok(BTreeMap::new())
     }
 }
 
