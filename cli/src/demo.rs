@@ -24,6 +24,8 @@ pub struct DemoArgs {
     /// `sluice-demo-<run>` set of resources, created first).
     #[command(flatten)]
     pub store: StoreArgs,
+    #[command(flatten)]
+    pub inference: sluice_inference::InferenceArgs,
     /// Print the summary as one JSON object.
     #[arg(long)]
     pub json: bool,
@@ -53,6 +55,8 @@ pub struct Summary {
     pub aws_requests: BTreeMap<String, u64>,
     /// DLQ entries by stage and reason code.
     pub dlq_reasons: BTreeMap<String, u64>,
+    /// Results and review entries by the backend that served their prediction.
+    pub served_by: BTreeMap<String, u64>,
 }
 
 #[derive(Debug, Clone, Copy, Serialize)]
@@ -61,9 +65,12 @@ pub struct Latency {
     pub p99: f64,
 }
 
+/// Shards of the stream the demo creates on AWS.
+const DEMO_AWS_SHARDS: u32 = 2;
+
 pub async fn demo(args: &DemoArgs, settings: Settings) -> anyhow::Result<Summary> {
     let temp = tempfile::tempdir()?;
-    let mut settings = args.store.apply(settings);
+    let mut settings = args.inference.apply(args.store.apply(settings));
     match settings.store()?.backend {
         BackendKind::Embedded => {
             let path = match &args.store.store {
@@ -77,7 +84,12 @@ pub async fn demo(args: &DemoArgs, settings: Settings) -> anyhow::Result<Summary
         }
         BackendKind::Aws => {
             if args.store.prefix.is_none() {
-                settings = settings.set("store.aws.prefix", format!("sluice-demo-{}", run_tag()));
+                // Fresh resources, sized to the demo: a few hundred records need far less than one
+                // shard's 1 MB/s, and every shard adds idle reads and lease renewals that a run
+                // this short pays for per record.
+                settings = settings
+                    .set("store.aws.prefix", format!("sluice-demo-{}", run_tag()))
+                    .set("store.shards", DEMO_AWS_SHARDS);
             }
             sluice_core::backend::aws::bootstrap::bootstrap(&settings.store()?).await?;
         }
@@ -129,6 +141,10 @@ pub async fn summarise(backend: &Backend, elapsed_s: f64) -> anyhow::Result<Summ
         aws_requests_per_record: None,
         aws_requests: BTreeMap::new(),
         dlq_reasons: dlq_reasons(backend).await?,
+        served_by: results.iter().fold(BTreeMap::new(), |mut by, r| {
+            *by.entry(r.backend.clone()).or_default() += 1;
+            by
+        }),
     })
 }
 
@@ -185,6 +201,8 @@ impl Summary {
         println!("  throughput      {:>8.0} records/s  ({:.2} s end to end)", self.throughput_rps, self.elapsed_s);
         println!("  latency p50     {:>8.0} ms  (produced → result stored)", self.latency_ms.p50);
         println!("  latency p99     {:>8.0} ms", self.latency_ms.p99);
+        let served: Vec<String> = self.served_by.iter().map(|(backend, n)| format!("{backend} {n}")).collect();
+        println!("  served by       {}", served.join(", "));
         if let Some(per_record) = self.aws_requests_per_record {
             println!("  AWS requests    {per_record:>8.2} per record");
         }

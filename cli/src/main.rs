@@ -39,6 +39,8 @@ enum Command {
     Run {
         #[command(flatten)]
         store: StoreArgs,
+        #[command(flatten)]
+        inference: sluice_inference::InferenceArgs,
         /// Exit 0 once the stream and every work queue are empty.
         #[arg(long)]
         until_drained: bool,
@@ -142,8 +144,8 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
             let n = produce::put_all(&backend, produce::records_for(&args)?).await?;
             println!("produced {n} records");
         }
-        Command::Run { store, until_drained } => {
-            let settings = store.apply(settings);
+        Command::Run { store, inference, until_drained } => {
+            let settings = inference.apply(store.apply(settings));
             let shutdown = sluice_core::shutdown::on_signal();
             pipeline::run_all(&settings, shutdown, until_drained).await?;
         }

@@ -45,6 +45,8 @@ pub enum ReasonCode {
     ModelFailure,
     /// The model produced output that is not a probability vector.
     InvalidModelOutput,
+    /// The fallback endpoint could not serve the batch (e.g. SageMaker's ModelError).
+    FallbackFailure,
     /// The message was received `max_receives` times without being acknowledged.
     MaxReceivesExceeded,
     /// The prediction's confidence is under its class threshold (review queue).
@@ -80,6 +82,7 @@ impl ReasonCode {
             Self::MalformedMessage => "malformed_message",
             Self::ModelFailure => "model_failure",
             Self::InvalidModelOutput => "invalid_model_output",
+            Self::FallbackFailure => "fallback_failure",
             Self::MaxReceivesExceeded => "max_receives_exceeded",
             Self::BelowThreshold => "below_threshold",
             Self::StoreBusy => "store_busy",

@@ -2,7 +2,8 @@
 //!
 //! `SLUICE_TEST_AWS_ENDPOINT` names one (CI starts moto server once for the whole run); without
 //! it, the first caller starts `moto_server` (from `pip install "moto[server]"`) on a free
-//! loopback port, watched so that it stops when the test process does.
+//! loopback port, watched so that it stops when the test process does. The Kinesis emulator and
+//! the local SageMaker XGBoost endpoint are found, or started, the same way.
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::process::{Command, Stdio};
@@ -15,6 +16,58 @@ pub const KINESIS_ENDPOINT_VAR: &str = "SLUICE_TEST_KINESIS_ENDPOINT";
 
 static ENDPOINT: OnceLock<String> = OnceLock::new();
 static KINESIS_ENDPOINT: OnceLock<String> = OnceLock::new();
+
+/// A local stand-in for a SageMaker XGBoost endpoint (`deploy/sagemaker/local_endpoint.py`).
+pub const XGBOOST_ENDPOINT_VAR: &str = "SLUICE_TEST_XGBOOST_ENDPOINT";
+/// What `deploy/sagemaker/train_xgboost.py` wrote for the model that endpoint serves.
+pub const XGBOOST_MODEL_VAR: &str = "SLUICE_TEST_XGBOOST_MODEL";
+/// The Python with `deploy/sagemaker/requirements.txt` installed (default `python3`).
+pub const PYTHON_VAR: &str = "SLUICE_TEST_PYTHON";
+
+/// The local XGBoost endpoint and the training run behind the model it serves.
+#[derive(Debug, Clone)]
+pub struct XgboostEndpoint {
+    pub url: String,
+    /// `model.tar.gz`, `test_features.csv`, `test_predictions.csv`, `metrics.json`.
+    pub model_dir: std::path::PathBuf,
+}
+
+static XGBOOST: OnceLock<XgboostEndpoint> = OnceLock::new();
+
+/// The local SageMaker XGBoost endpoint: `SLUICE_TEST_XGBOOST_ENDPOINT` with
+/// `SLUICE_TEST_XGBOOST_MODEL`, or else the model is trained into a temporary folder and the
+/// endpoint started on a free loopback port, with `SLUICE_TEST_PYTHON` (or `python3`).
+///
+/// # Panics
+/// If there is none and the Python side cannot train or serve.
+pub fn xgboost_endpoint() -> XgboostEndpoint {
+    XGBOOST
+        .get_or_init(|| {
+            if let (Ok(url), Ok(dir)) = (std::env::var(XGBOOST_ENDPOINT_VAR), std::env::var(XGBOOST_MODEL_VAR)) {
+                return XgboostEndpoint { url, model_dir: dir.into() };
+            }
+            let python = std::env::var(PYTHON_VAR).unwrap_or_else(|_| "python3".to_owned());
+            let scripts = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/sagemaker");
+            let model_dir = std::env::temp_dir().join(format!("sluice-xgboost-{}", std::process::id()));
+            let hint = "pip install -r deploy/sagemaker/requirements.txt";
+            let trained = Command::new(&python)
+                .arg(scripts.join("train_xgboost.py"))
+                .arg("--out")
+                .arg(&model_dir)
+                .stdout(Stdio::null())
+                .status()
+                .unwrap_or_else(|e| panic!("{python}: {e} ({hint})"));
+            assert!(trained.success(), "train_xgboost.py failed ({hint}, or set {XGBOOST_ENDPOINT_VAR})");
+            let url = start_watched(&format!(
+                "exec {python} {} --model {} --port {{port}}",
+                scripts.join("local_endpoint.py").display(),
+                model_dir.join("model.tar.gz").display()
+            ))
+            .unwrap_or_else(|e| panic!("the local XGBoost endpoint did not start: {e}"));
+            XgboostEndpoint { url, model_dir }
+        })
+        .clone()
+}
 
 /// The Kinesis emulator to test resharding against: `SLUICE_TEST_KINESIS_ENDPOINT`, or
 /// `kinesis-local` (npm) started on a free loopback port.

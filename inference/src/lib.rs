@@ -1,11 +1,18 @@
 //! The inference stage: micro-batches records, reads their vectors from the feature store in one
 //! batch get, runs the model, and forwards the probabilities with model name, version and backend.
+//!
+//! The model is Candle's; when it cannot serve (it failed to load, a batch fails, or the circuit
+//! breaker has opened on failures or latency) and a SageMaker XGBoost endpoint is configured, the
+//! same vectors go there instead. `backend = "sagemaker"` sends every batch there.
 
+pub mod breaker;
 pub mod model;
+pub mod sagemaker;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
@@ -19,7 +26,59 @@ use sluice_core::topology::{QueueName, StageName};
 use sluice_core::worker::{BatchPolicy, Delivery, Outcome, Stage};
 use sluice_core::{ReasonCode, SluiceError};
 
+use crate::breaker::{BreakerConfig, CircuitBreaker, Route};
 use crate::model::{CandleClassifier, DevicePreference, select_device};
+use crate::sagemaker::{SageMakerConfig, SageMakerFallback};
+
+/// Which model serves batches.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum InferenceBackend {
+    /// Candle, with the SageMaker fallback when `[inference.sagemaker]` names an endpoint.
+    #[default]
+    Candle,
+    /// Every batch to the SageMaker endpoint.
+    Sagemaker,
+}
+
+/// Command-line flags for the inference stage (`sluice demo`, `sluice run`).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct InferenceArgs {
+    /// Which model serves batches (overrides `inference.backend`).
+    #[arg(long, value_enum)]
+    pub inference_backend: Option<InferenceBackend>,
+    /// The SageMaker XGBoost endpoint to fall back to (overrides
+    /// `inference.sagemaker.endpoint_name`).
+    #[arg(long)]
+    pub sagemaker_endpoint: Option<String>,
+    /// A local stand-in for the SageMaker runtime (overrides `inference.sagemaker.endpoint_url`).
+    #[arg(long)]
+    pub sagemaker_endpoint_url: Option<String>,
+}
+
+impl InferenceArgs {
+    pub fn apply(&self, mut settings: Settings) -> Settings {
+        if let Some(backend) = self.inference_backend {
+            settings = settings.set("inference.backend", backend);
+        }
+        if let Some(name) = &self.sagemaker_endpoint {
+            settings = settings.set("inference.sagemaker.endpoint_name", name);
+        }
+        if let Some(url) = &self.sagemaker_endpoint_url {
+            settings = settings.set("inference.sagemaker.endpoint_url", url);
+        }
+        settings
+    }
+}
+
+/// `[inference.inject_failures]`: make Candle fail on purpose, for drills and tests of the
+/// fallback. Batches number `after_batches` + 1 to `after_batches` + `batches` fail.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct InjectFailures {
+    pub after_batches: u64,
+    pub batches: u64,
+}
 
 /// `[inference]`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -30,18 +89,42 @@ pub struct InferenceConfig {
     /// How long to wait for a batch to fill once its first record is in.
     pub max_wait_ms: u64,
     pub device: DevicePreference,
+    pub backend: InferenceBackend,
+    pub breaker: BreakerConfig,
+    pub sagemaker: SageMakerConfig,
+    pub inject_failures: InjectFailures,
 }
 
 impl Default for InferenceConfig {
     fn default() -> Self {
-        Self { batch_size: 64, max_wait_ms: 20, device: DevicePreference::Auto }
+        Self {
+            batch_size: 64,
+            max_wait_ms: 20,
+            device: DevicePreference::Auto,
+            backend: InferenceBackend::Candle,
+            breaker: BreakerConfig::default(),
+            sagemaker: SageMakerConfig::default(),
+            inject_failures: InjectFailures::default(),
+        }
     }
+}
+
+/// The model, version and backend a prediction names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Served {
+    model: String,
+    version: String,
+    backend: String,
 }
 
 pub struct InferenceStage {
     config: InferenceConfig,
     manifest: ModelManifest,
-    classifier: Arc<CandleClassifier>,
+    /// None when Candle could not load (or is not wanted) and the fallback serves alone.
+    classifier: Option<Arc<CandleClassifier>>,
+    fallback: Option<SageMakerFallback>,
+    breaker: CircuitBreaker,
+    model_batches: AtomicU64,
     features: Arc<dyn FeatureStore>,
 }
 
@@ -49,24 +132,96 @@ impl InferenceStage {
     pub fn build(settings: &Settings, backend: &Backend) -> Result<Self, BuildError> {
         let config: InferenceConfig = settings.section("inference")?;
         let bundle = ModelBundle::load(settings.model()?.dir)?;
-        let (device, backend_name) = select_device(config.device);
-        let classifier = CandleClassifier::load(&bundle, device, backend_name)?;
+        let fallback = SageMakerFallback::new(&config.sagemaker, &settings.store()?.aws);
+        let classifier = match (config.backend, &fallback) {
+            (InferenceBackend::Sagemaker, None) => {
+                return Err(SluiceError::permanent(
+                    ReasonCode::FallbackFailure,
+                    "inference.backend = \"sagemaker\" needs inference.sagemaker.endpoint_name",
+                )
+                .into());
+            }
+            (InferenceBackend::Sagemaker, Some(_)) => None,
+            (InferenceBackend::Candle, _) => {
+                let (device, backend_name) = select_device(config.device);
+                match CandleClassifier::load(&bundle, device, backend_name) {
+                    Ok(classifier) => Some(Arc::new(classifier)),
+                    Err(error) if fallback.is_some() => {
+                        tracing::error!(%error, "Candle cannot serve; every batch goes to the SageMaker fallback");
+                        None
+                    }
+                    Err(error) => return Err(error.into()),
+                }
+            }
+        };
         tracing::info!(
             model = bundle.manifest.name,
             version = bundle.manifest.version,
-            backend = backend_name,
+            backend = classifier.as_ref().map_or(sagemaker::BACKEND, |c| c.backend()),
+            fallback = fallback.as_ref().map(SageMakerFallback::endpoint),
             "model loaded"
         );
         Ok(Self {
+            breaker: CircuitBreaker::new(config.breaker.clone()),
             config,
             manifest: bundle.manifest,
-            classifier: Arc::new(classifier),
+            classifier,
+            fallback,
+            model_batches: AtomicU64::new(0),
             features: Arc::clone(&backend.features),
         })
     }
 
-    async fn run_model(&self, inputs: Vec<f32>, rows: usize) -> Result<Vec<Vec<f32>>, SluiceError> {
-        let classifier = Arc::clone(&self.classifier);
+    /// Class probabilities for `rows` vectors, from Candle or, when it cannot serve, the fallback.
+    async fn predict(&self, inputs: Vec<f32>, rows: usize) -> Result<(Vec<Vec<f32>>, Served), SluiceError> {
+        let Some(classifier) = &self.classifier else {
+            return self.predict_fallback(&inputs).await;
+        };
+        let route = if self.fallback.is_some() { self.breaker.route() } else { Route::Model };
+        if route == Route::Fallback {
+            return self.predict_fallback(&inputs).await;
+        }
+        let started = Instant::now();
+        let keep = self.fallback.as_ref().map(|_| inputs.clone());
+        let result = self.run_candle(classifier, inputs, rows).await;
+        self.breaker.record(route, result.is_ok(), started.elapsed());
+        let served = || Served {
+            model: self.manifest.name.clone(),
+            version: self.manifest.version.clone(),
+            backend: classifier.backend().to_owned(),
+        };
+        match (result, keep) {
+            (Ok(probabilities), _) => Ok((probabilities, served())),
+            (Err(error), Some(inputs)) => {
+                tracing::warn!(%error, "Candle failed; this batch goes to the SageMaker fallback");
+                self.predict_fallback(&inputs).await
+            }
+            (Err(error), None) => Err(error),
+        }
+    }
+
+    async fn predict_fallback(&self, inputs: &[f32]) -> Result<(Vec<Vec<f32>>, Served), SluiceError> {
+        let fallback = self.fallback.as_ref().expect("a stage without Candle has a fallback");
+        let probabilities = fallback.predict(inputs, self.manifest.vector_len(), self.manifest.labels.len()).await?;
+        let (model, version) = fallback.model();
+        Ok((
+            probabilities,
+            Served { model: model.to_owned(), version: version.to_owned(), backend: sagemaker::BACKEND.to_owned() },
+        ))
+    }
+
+    async fn run_candle(
+        &self,
+        classifier: &Arc<CandleClassifier>,
+        inputs: Vec<f32>,
+        rows: usize,
+    ) -> Result<Vec<Vec<f32>>, SluiceError> {
+        let batch = self.model_batches.fetch_add(1, Ordering::Relaxed);
+        let inject = &self.config.inject_failures;
+        if batch >= inject.after_batches && batch < inject.after_batches + inject.batches {
+            return Err(SluiceError::retryable(ReasonCode::ModelFailure, format!("injected failure (batch {batch})")));
+        }
+        let classifier = Arc::clone(classifier);
         // Model math is CPU-bound: keep it off the async threads.
         tokio::task::spawn_blocking(move || classifier.predict(inputs, rows))
             .await
@@ -101,7 +256,7 @@ impl Stage for InferenceStage {
             Err(error) => return vec![Outcome::failed(error, None); batch.len()],
         };
 
-        let want = self.classifier.vector_len();
+        let want = self.manifest.vector_len();
         let mut rows: Vec<(usize, Envelope)> = Vec::new();
         let mut inputs = Vec::with_capacity(envelopes.len() * want);
         for (i, envelope) in envelopes {
@@ -127,10 +282,10 @@ impl Stage for InferenceStage {
         }
 
         if !rows.is_empty() {
-            match self.run_model(inputs, rows.len()).await {
-                Ok(probabilities) => {
+            match self.predict(inputs, rows.len()).await {
+                Ok((probabilities, served)) => {
                     for ((i, mut envelope), probabilities) in rows.into_iter().zip(probabilities) {
-                        outcomes[i] = Some(self.forward(&batch[i], &mut envelope, probabilities));
+                        outcomes[i] = Some(self.forward(&batch[i], &mut envelope, probabilities, &served));
                     }
                 }
                 Err(error) => {
@@ -145,8 +300,14 @@ impl Stage for InferenceStage {
 }
 
 impl InferenceStage {
-    fn forward(&self, delivery: &Delivery, envelope: &mut Envelope, probabilities: Vec<f32>) -> Outcome {
-        if probabilities.iter().any(|p| !p.is_finite()) {
+    fn forward(
+        &self,
+        delivery: &Delivery,
+        envelope: &mut Envelope,
+        probabilities: Vec<f32>,
+        served: &Served,
+    ) -> Outcome {
+        if probabilities.len() != self.manifest.labels.len() || probabilities.iter().any(|p| !p.is_finite()) {
             let error = SluiceError::permanent(ReasonCode::InvalidModelOutput, "model output is not finite");
             return Outcome::failed(error, Some(envelope.record_id.clone()));
         }
@@ -155,9 +316,9 @@ impl InferenceStage {
             envelope: envelope.clone(),
             prediction: Prediction {
                 probabilities,
-                model: self.manifest.name.clone(),
-                model_version: self.manifest.version.clone(),
-                backend: self.classifier.backend().to_owned(),
+                model: served.model.clone(),
+                model_version: served.version.clone(),
+                backend: served.backend.clone(),
             },
         };
         let message = OutgoingMessage {

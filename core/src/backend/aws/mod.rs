@@ -110,20 +110,7 @@ impl Clients {
     /// Loads the standard credential chain and region, pointed at `endpoint_url` if set; every
     /// request is counted in `counter`.
     pub async fn load(config: &AwsConfig, counter: RequestCounter) -> Self {
-        let mut loader = aws_config::defaults(BehaviorVersion::latest());
-        if let Some(region) = &config.region {
-            loader = loader.region(Region::new(region.clone()));
-        }
-        if let Some(endpoint) = &config.endpoint_url {
-            loader = loader.endpoint_url(endpoint);
-        }
-        if let (Some(id), Some(secret)) = (&config.access_key_id, &config.secret_access_key) {
-            loader = loader.credentials_provider(aws_credential_types::Credentials::from_keys(id, secret, None));
-        }
-        let mut shared = loader.load().await;
-        if shared.region().is_none() {
-            shared = shared.into_builder().region(Region::from_static("us-east-1")).build();
-        }
+        let shared = sdk_config(config, config.endpoint_url.as_deref()).await;
         Self {
             kinesis: {
                 let mut kinesis = aws_sdk_kinesis::config::Builder::from(&shared).interceptor(counter.clone());
@@ -147,6 +134,27 @@ impl Clients {
             ),
         }
     }
+}
+
+/// The SDK configuration every client of the pipeline starts from: the standard credential
+/// chain and region (static keys and region from `config` where set, `us-east-1` when nothing
+/// names one), pointed at `endpoint_url` if given.
+pub async fn sdk_config(config: &AwsConfig, endpoint_url: Option<&str>) -> aws_config::SdkConfig {
+    let mut loader = aws_config::defaults(BehaviorVersion::latest());
+    if let Some(region) = &config.region {
+        loader = loader.region(Region::new(region.clone()));
+    }
+    if let Some(endpoint) = endpoint_url {
+        loader = loader.endpoint_url(endpoint);
+    }
+    if let (Some(id), Some(secret)) = (&config.access_key_id, &config.secret_access_key) {
+        loader = loader.credentials_provider(aws_credential_types::Credentials::from_keys(id, secret, None));
+    }
+    let shared = loader.load().await;
+    if shared.region().is_some() {
+        return shared;
+    }
+    shared.into_builder().region(Region::from_static("us-east-1")).build()
 }
 
 /// Opens the AWS backend; its resources must exist (`sluice aws bootstrap` creates them).

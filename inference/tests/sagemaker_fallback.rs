@@ -1,0 +1,137 @@
+//! The SageMaker XGBoost fallback against the local endpoint (`deploy/sagemaker/local_endpoint.py`
+//! on 127.0.0.1, serving the model `train_xgboost.py` trained with the real xgboost library).
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use sluice_core::ReasonCode;
+use sluice_core::backend::{Backend, Receipt};
+use sluice_core::config::{Settings, StoreConfig};
+use sluice_core::envelope::{ContentType, Envelope, Payload, RecordId};
+use sluice_core::record::InferredRecord;
+use sluice_core::testing::xgboost_endpoint;
+use sluice_core::worker::{Delivery, Origin, Outcome, Stage};
+use sluice_inference::InferenceStage;
+
+fn delivery(id: &str) -> Delivery {
+    let mut envelope = Envelope::inline(RecordId::parse(id).unwrap(), "test", ContentType::Png, Vec::new());
+    envelope.payload = Payload::Released;
+    Delivery {
+        body: envelope.to_json(),
+        attributes: Default::default(),
+        receive_count: 1,
+        origin: Origin::Queue(Receipt(id.into())),
+    }
+}
+
+fn read_rows(path: &Path) -> Vec<Vec<f32>> {
+    std::fs::read_to_string(path).unwrap().lines().map(|l| l.split(',').map(|v| v.parse().unwrap()).collect()).collect()
+}
+
+/// Settings for a stage whose fallback is the local endpoint named `endpoint`.
+fn settings(endpoint: &str) -> Settings {
+    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/digits");
+    Settings::load(None)
+        .unwrap()
+        .set("model.dir", model)
+        .set("inference.device", "cpu")
+        .set("inference.sagemaker.endpoint_name", endpoint)
+        .set("inference.sagemaker.endpoint_url", xgboost_endpoint().url)
+        .set("store.aws.region", "us-east-1")
+        .set("store.aws.access_key_id", "testing")
+        .set("store.aws.secret_access_key", "testing")
+}
+
+/// An embedded store holding the held-out digits' vectors as `train_xgboost.py` computed them,
+/// and xgboost's own probabilities for each.
+async fn held_out(dir: &Path) -> (Backend, Vec<String>, Vec<Vec<f32>>) {
+    let endpoint = xgboost_endpoint();
+    let features = read_rows(&endpoint.model_dir.join("test_features.csv"));
+    let expected = read_rows(&endpoint.model_dir.join("test_predictions.csv"));
+    assert_eq!(features.len(), 355);
+    let backend = Backend::open(&StoreConfig { path: dir.join("s.sqlite"), ..StoreConfig::default() }).await.unwrap();
+    let ids: Vec<String> = (0..features.len()).map(|i| format!("digit-{i:03}")).collect();
+    let rows = ids.iter().map(|id| RecordId::parse(id).unwrap()).zip(features).collect();
+    backend.features.put_if_absent(rows).await.unwrap();
+    (backend, ids, expected)
+}
+
+fn forwarded(outcome: &Outcome) -> InferredRecord {
+    let Outcome::Forward(messages) = outcome else { panic!("expected a forward, got {outcome:?}") };
+    InferredRecord::from_json(&messages[0].1.body).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_forced_fallback_returns_xgboosts_own_predictions() {
+    let dir = tempfile::tempdir().unwrap();
+    let (backend, ids, expected) = held_out(dir.path()).await;
+    // Small requests, so that a batch is split across several InvokeEndpoint calls.
+    let settings =
+        settings("digits").set("inference.backend", "sagemaker").set("inference.sagemaker.max_payload_bytes", 20_000);
+    let stage = InferenceStage::build(&settings, &backend).unwrap();
+
+    let mut checked = 0;
+    for (chunk, want) in ids.chunks(128).zip(expected.chunks(128)) {
+        let outcomes = stage.process(&chunk.iter().map(|id| delivery(id)).collect::<Vec<_>>()).await;
+        for (outcome, want) in outcomes.iter().zip(want) {
+            let p = forwarded(outcome).prediction;
+            assert_eq!((p.model.as_str(), p.backend.as_str()), ("digits-xgboost", "sagemaker-xgboost"));
+            for (got, want) in p.probabilities.iter().zip(want) {
+                assert!((got - want).abs() <= 1e-6 * want.abs().max(1e-3), "{got} != {want}");
+            }
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 355);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn candle_failures_go_to_the_fallback_and_the_breaker_closes_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let (backend, ids, _) = held_out(dir.path()).await;
+    // Candle batches 3 to 8 fail; two failures in a window of four open the breaker for 200 ms.
+    let settings = settings("digits")
+        .set("inference.inject_failures.after_batches", 2)
+        .set("inference.inject_failures.batches", 6)
+        .set("inference.breaker.window", 4)
+        .set("inference.breaker.min_batches", 2)
+        .set("inference.breaker.open_ms", 200);
+    let stage = InferenceStage::build(&settings, &backend).unwrap();
+
+    let mut served = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for chunk in ids.chunks(8).cycle() {
+        let outcomes = stage.process(&chunk.iter().map(|id| delivery(id)).collect::<Vec<_>>()).await;
+        let backends: Vec<String> = outcomes.iter().map(|o| forwarded(o).prediction.backend).collect();
+        assert!(backends.windows(2).all(|w| w[0] == w[1]), "one backend per batch: {backends:?}");
+        served.push(backends[0].clone());
+        let candle_again = served.iter().skip_while(|b| *b == "candle-cpu").any(|b| b == "candle-cpu");
+        if candle_again && served.len() >= 12 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "Candle never served again: {served:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(served[..2], ["candle-cpu", "candle-cpu"], "{served:?}");
+    let fallback = served.iter().filter(|b| *b == "sagemaker-xgboost").count();
+    // Six injected failures, each answered by the fallback; more batches than that went there
+    // because the open breaker sent them without trying Candle.
+    assert!(fallback > 6, "{served:?}");
+    assert_eq!(served.last().unwrap(), "candle-cpu", "{served:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endpoint_errors_are_classified() {
+    let dir = tempfile::tempdir().unwrap();
+    let (backend, ids, _) = held_out(dir.path()).await;
+    let batch: Vec<Delivery> = ids[..3].iter().map(|id| delivery(id)).collect();
+    for (endpoint, retryable) in [("broken-model", false), ("unavailable-now", true), ("throttled-now", true)] {
+        let settings = settings(endpoint).set("inference.backend", "sagemaker");
+        let stage = InferenceStage::build(&settings, &backend).unwrap();
+        for outcome in stage.process(&batch).await {
+            let Outcome::Failed { error, .. } = &outcome else { panic!("{endpoint}: expected a failure: {outcome:?}") };
+            assert_eq!(error.code(), ReasonCode::FallbackFailure, "{endpoint}: {error}");
+            assert_eq!(error.is_retryable(), retryable, "{endpoint}: {error}");
+        }
+    }
+}
