@@ -89,6 +89,8 @@ pub struct InferenceConfig {
     /// How long to wait for a batch to fill once its first record is in.
     pub max_wait_ms: u64,
     pub device: DevicePreference,
+    /// CPU threads for model math; 0 uses every core (or `RAYON_NUM_THREADS`).
+    pub threads: usize,
     pub backend: InferenceBackend,
     pub breaker: BreakerConfig,
     pub sagemaker: SageMakerConfig,
@@ -101,6 +103,7 @@ impl Default for InferenceConfig {
             batch_size: 64,
             max_wait_ms: 20,
             device: DevicePreference::Auto,
+            threads: 0,
             backend: InferenceBackend::Candle,
             breaker: BreakerConfig::default(),
             sagemaker: SageMakerConfig::default(),
@@ -132,6 +135,13 @@ impl InferenceStage {
     pub fn build(settings: &Settings, backend: &Backend) -> Result<Self, BuildError> {
         let config: InferenceConfig = settings.section("inference")?;
         let bundle = ModelBundle::load(settings.model()?.dir)?;
+        if config.threads > 0 {
+            // Candle's CPU kernels run on rayon's global pool. It can be sized once per process:
+            // a second stage in the same process keeps the first one's size.
+            if let Err(e) = rayon::ThreadPoolBuilder::new().num_threads(config.threads).build_global() {
+                tracing::warn!(error = %e, "inference.threads not applied");
+            }
+        }
         let fallback = SageMakerFallback::new(&config.sagemaker, &settings.store()?.aws);
         let classifier = match (config.backend, &fallback) {
             (InferenceBackend::Sagemaker, None) => {

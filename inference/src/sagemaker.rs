@@ -227,19 +227,11 @@ where
                 SluiceError::permanent(ReasonCode::FallbackFailure, detail(format!("{code}: {message}")))
             }
         }
-        _ => SluiceError::retryable(ReasonCode::FallbackFailure, detail(error_chain(&error))),
+        _ => SluiceError::retryable(
+            ReasonCode::FallbackFailure,
+            detail(sluice_core::backend::aws::display_chain(&error)),
+        ),
     }
-}
-
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut out = error.to_string();
-    let mut source = error.source();
-    while let Some(e) = source {
-        out.push_str(": ");
-        out.push_str(&e.to_string());
-        source = e.source();
-    }
-    out
 }
 
 #[cfg(test)]

@@ -1,26 +1,18 @@
 //! The inference stage on the shipped digits bundle.
 
+mod common;
+
 use std::path::Path;
 
+use common::delivery;
 use sluice_core::ReasonCode;
-use sluice_core::backend::{Backend, Receipt};
+use sluice_core::backend::Backend;
 use sluice_core::config::{Settings, StoreConfig};
-use sluice_core::envelope::{ContentType, Envelope, Payload, RecordId};
+use sluice_core::envelope::RecordId;
 use sluice_core::record::InferredRecord;
 use sluice_core::topology::QueueName;
-use sluice_core::worker::{Delivery, Origin, Outcome, Stage};
+use sluice_core::worker::{Outcome, Stage};
 use sluice_inference::InferenceStage;
-
-fn delivery(id: &str) -> Delivery {
-    let mut envelope = Envelope::inline(RecordId::parse(id).unwrap(), "test", ContentType::Png, Vec::new());
-    envelope.payload = Payload::Released;
-    Delivery {
-        body: envelope.to_json(),
-        attributes: Default::default(),
-        receive_count: 1,
-        origin: Origin::Queue(Receipt(id.into())),
-    }
-}
 
 /// A "1": a vertical bar down the middle of an 8×8 image, intensities 0..1.
 fn one() -> Vec<f32> {

@@ -1,28 +1,20 @@
 //! The SageMaker XGBoost fallback against the local endpoint (`deploy/sagemaker/local_endpoint.py`
 //! on 127.0.0.1, serving the model `train_xgboost.py` trained with the real xgboost library).
 
+mod common;
+
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use common::delivery;
 use sluice_core::ReasonCode;
-use sluice_core::backend::{Backend, Receipt};
+use sluice_core::backend::Backend;
 use sluice_core::config::{Settings, StoreConfig};
-use sluice_core::envelope::{ContentType, Envelope, Payload, RecordId};
+use sluice_core::envelope::RecordId;
 use sluice_core::record::InferredRecord;
 use sluice_core::testing::xgboost_endpoint;
-use sluice_core::worker::{Delivery, Origin, Outcome, Stage};
+use sluice_core::worker::{Delivery, Outcome, Stage};
 use sluice_inference::InferenceStage;
-
-fn delivery(id: &str) -> Delivery {
-    let mut envelope = Envelope::inline(RecordId::parse(id).unwrap(), "test", ContentType::Png, Vec::new());
-    envelope.payload = Payload::Released;
-    Delivery {
-        body: envelope.to_json(),
-        attributes: Default::default(),
-        receive_count: 1,
-        origin: Origin::Queue(Receipt(id.into())),
-    }
-}
 
 fn read_rows(path: &Path) -> Vec<Vec<f32>> {
     std::fs::read_to_string(path).unwrap().lines().map(|l| l.split(',').map(|v| v.parse().unwrap()).collect()).collect()

@@ -23,12 +23,21 @@ pub enum DevicePreference {
 pub fn select_device(preference: DevicePreference) -> (Device, &'static str) {
     if preference == DevicePreference::Auto && cfg!(feature = "cuda") {
         // `Device::cuda_if_available` does not fall back when initialisation fails; this does.
-        match Device::new_cuda(0) {
+        // A device that opens can still fail its first kernel (driver and toolkit mismatch):
+        // run one small op before trusting it.
+        match Device::new_cuda(0).and_then(|device| probe(&device).map(|()| device)) {
             Ok(device) => return (device, "candle-cuda"),
             Err(e) => tracing::warn!(error = %e, "CUDA device unavailable; running on the CPU"),
         }
     }
     (Device::Cpu, "candle-cpu")
+}
+
+/// A matrix product on `device`, read back: fails if the device cannot run kernels.
+fn probe(device: &Device) -> candle_core::Result<()> {
+    let a = Tensor::ones((8, 8), DType::F32, device)?;
+    let sum: f32 = a.matmul(&a)?.sum_all()?.to_scalar()?;
+    if sum == 512.0 { Ok(()) } else { Err(candle_core::Error::Msg(format!("probe computed {sum}, not 512"))) }
 }
 
 /// A loaded classifier: feature vectors in, probability vectors out.

@@ -231,7 +231,8 @@ where
     }
 }
 
-fn display_chain(error: &dyn std::error::Error) -> String {
+/// An error and its sources, on one line.
+pub fn display_chain(error: &dyn std::error::Error) -> String {
     let mut out = error.to_string();
     let mut source = error.source();
     while let Some(e) = source {
