@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use sluice_cli::{demo, dlq, pipeline, produce, train};
+use sluice_cli::{bench, demo, dlq, pipeline, produce, train};
 use sluice_core::ReasonCode;
 use sluice_core::backend::Backend;
 use sluice_core::config::{Settings, StoreArgs};
@@ -35,6 +35,11 @@ enum Command {
     },
     /// Train the digits CNN and write its model bundle.
     Train(train::TrainArgs),
+    /// Measure against a baseline, side by side.
+    Bench {
+        #[command(subcommand)]
+        command: BenchCommand,
+    },
     /// Run all four stages in this process.
     Run {
         #[command(flatten)]
@@ -74,6 +79,13 @@ enum Command {
         #[command(subcommand)]
         command: DlqCommand,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum BenchCommand {
+    /// Candle against ONNX Runtime: images/s and per-batch latency by batch size, same model,
+    /// weights, inputs and threads (needs `pip install -r bench/requirements.txt`).
+    Inference(bench::BenchInferenceArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -125,12 +137,21 @@ fn main() -> anyhow::Result<()> {
         println!("bundle written to {}", args.out.display());
         return Ok(());
     }
+    if let Command::Bench { command: BenchCommand::Inference(args) } = &cli.command {
+        let report = bench::bench_inference(args)?;
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(&report)?);
+        } else {
+            report.print_text();
+        }
+        return Ok(());
+    }
     tokio::runtime::Runtime::new()?.block_on(run(cli.command, settings))
 }
 
 async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
     match command {
-        Command::Train(_) => unreachable!("handled before the runtime starts"),
+        Command::Train(_) | Command::Bench { .. } => unreachable!("handled before the runtime starts"),
         Command::Demo(args) => {
             let summary = demo::demo(&args, settings).await?;
             if args.json {
