@@ -77,8 +77,7 @@ struct OrtTiming {
 
 pub fn bench_inference(args: &BenchInferenceArgs) -> anyhow::Result<Report> {
     let threads = args.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from));
-    // Candle's CPU kernels run on rayon's global pool; this process is the bench alone.
-    rayon::ThreadPoolBuilder::new().num_threads(threads).build_global().context("sizing the thread pool")?;
+    sluice_inference::model::use_cpu_threads(threads).context("sizing Candle's thread pool")?;
     let bundle = ModelBundle::load(&args.model)?;
     ensure!(
         bundle.manifest.architecture == Architecture::DigitsCnn,

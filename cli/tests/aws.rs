@@ -5,22 +5,17 @@ mod common;
 
 use std::process::Command;
 
-use common::{aws_env, bin};
+use common::{aws_env, bin, demo_summary};
 use sluice_core::testing::unique_prefix;
 
 #[test]
 fn demo_runs_end_to_end_on_aws_and_batches_its_requests() {
-    let out = aws_env(&mut Command::new(bin("sluice")), &unique_prefix("demo"))
-        .args(["demo", "--backend", "aws", "--json"])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let n = |v: &serde_json::Value| v.as_u64().unwrap();
-    let dlq: u64 = summary["dlq"].as_object().unwrap().values().map(n).sum();
-    assert_eq!(n(&summary["records_in"]), 355 + 6);
-    assert_eq!(n(&summary["records_in"]), n(&summary["results"]) + n(&summary["review"]) + dlq, "{summary}");
-    assert_eq!(n(&summary["dlq"]["ingest"]), 6);
+    let summary = demo_summary(aws_env(&mut Command::new(bin("sluice")), &unique_prefix("demo")).args([
+        "demo",
+        "--backend",
+        "aws",
+        "--json",
+    ]));
     assert!(summary["accuracy"].as_f64().unwrap() >= 0.97);
     let per_record = summary["aws_requests_per_record"].as_f64().unwrap();
     assert!(per_record <= 1.5, "{per_record} AWS requests per record: {}", summary["aws_requests"]);

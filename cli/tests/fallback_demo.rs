@@ -5,26 +5,18 @@ mod common;
 
 use std::process::Command;
 
-use common::{bin, test_env};
+use common::{bin, demo_summary, dummy_aws_credentials, test_env};
 use sluice_core::testing::xgboost_endpoint;
 
 fn demo(extra_env: &[(&str, &str)], args: &[&str]) -> serde_json::Value {
     let mut cmd = Command::new(bin("sluice"));
-    test_env(&mut cmd)
-        .env("AWS_ACCESS_KEY_ID", "testing")
-        .env("AWS_SECRET_ACCESS_KEY", "testing")
-        .env("AWS_REGION", "us-east-1")
+    dummy_aws_credentials(test_env(&mut cmd))
         .envs(extra_env.iter().copied())
         .args(["demo", "--json", "--sagemaker-endpoint", "digits", "--sagemaker-endpoint-url"])
         .arg(xgboost_endpoint().url)
         .args(args);
-    let out = cmd.output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let n = |v: &serde_json::Value| v.as_u64().unwrap();
-    let dlq: u64 = summary["dlq"].as_object().unwrap().values().map(n).sum();
-    assert_eq!(n(&summary["records_in"]), 361);
-    assert_eq!(n(&summary["records_in"]), n(&summary["results"]) + n(&summary["review"]) + dlq, "{summary}");
+    let summary = demo_summary(&mut cmd);
+    let dlq: u64 = summary["dlq"].as_object().unwrap().values().map(|v| v.as_u64().unwrap()).sum();
     assert_eq!(dlq, 6, "only the six corrupt records are dead-lettered: {summary}");
     summary
 }

@@ -78,7 +78,7 @@ fn flatten(joined: Result<crate::Result<WorkerReport>, tokio::task::JoinError>) 
 const REQUEST_REPORT_EVERY: Duration = Duration::from_secs(10);
 
 async fn report_requests(ledger: Arc<dyn crate::backend::RequestLedger>, shutdown: CancellationToken) {
-    while !shutdown.is_cancelled() {
+    loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(REQUEST_REPORT_EVERY) => {}

@@ -135,12 +135,11 @@ impl InferenceStage {
     pub fn build(settings: &Settings, backend: &Backend) -> Result<Self, BuildError> {
         let config: InferenceConfig = settings.section("inference")?;
         let bundle = ModelBundle::load(settings.model()?.dir)?;
-        if config.threads > 0 {
-            // Candle's CPU kernels run on rayon's global pool. It can be sized once per process:
-            // a second stage in the same process keeps the first one's size.
-            if let Err(e) = rayon::ThreadPoolBuilder::new().num_threads(config.threads).build_global() {
-                tracing::warn!(error = %e, "inference.threads not applied");
-            }
+        // A second stage in the same process keeps the first one's thread count.
+        if config.threads > 0
+            && let Err(e) = model::use_cpu_threads(config.threads)
+        {
+            tracing::warn!(error = %e, "inference.threads not applied");
         }
         let fallback = SageMakerFallback::new(&config.sagemaker, &settings.store()?.aws);
         let classifier = match (config.backend, &fallback) {

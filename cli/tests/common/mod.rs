@@ -25,28 +25,45 @@ pub fn model_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/digits")
 }
 
-/// Environment every process of a test shares: short timeouts so a killed worker's messages
-/// come back quickly, and the shipped model bundle.
+/// What every process a test starts shares: the shipped model bundle, a grace period, logs.
+fn base_env(cmd: &mut Command) -> &mut Command {
+    cmd.env("SLUICE__MODEL__DIR", model_dir()).env("SLUICE__WORKER__SHUTDOWN_GRACE_MS", "10000").env("RUST_LOG", "info")
+}
+
+/// Environment every process of an embedded-store test shares: short timeouts so a killed
+/// worker's messages come back quickly, and the shipped model bundle.
 pub fn test_env(cmd: &mut Command) -> &mut Command {
-    cmd.env("SLUICE__MODEL__DIR", model_dir())
-        .env("SLUICE__STORE__VISIBILITY_TIMEOUT_MS", "3000")
-        .env("SLUICE__STORE__LEASE_DURATION_MS", "3000")
-        .env("SLUICE__WORKER__SHUTDOWN_GRACE_MS", "10000")
-        .env("RUST_LOG", "info")
+    base_env(cmd).env("SLUICE__STORE__VISIBILITY_TIMEOUT_MS", "3000").env("SLUICE__STORE__LEASE_DURATION_MS", "3000")
+}
+
+/// The dummy credentials and region local AWS stand-ins accept.
+pub fn dummy_aws_credentials(cmd: &mut Command) -> &mut Command {
+    cmd.env("AWS_ACCESS_KEY_ID", "testing").env("AWS_SECRET_ACCESS_KEY", "testing").env("AWS_REGION", "us-east-1")
 }
 
 /// The AWS backend on the test endpoint, under `prefix`, with the dummy credentials local
 /// endpoints accept; the store's timeouts stay at their defaults.
 pub fn aws_env<'a>(cmd: &'a mut Command, prefix: &str) -> &'a mut Command {
-    cmd.env("SLUICE__MODEL__DIR", model_dir())
-        .env("SLUICE__WORKER__SHUTDOWN_GRACE_MS", "10000")
-        .env("RUST_LOG", "info")
-        .env("AWS_ACCESS_KEY_ID", "testing")
-        .env("AWS_SECRET_ACCESS_KEY", "testing")
-        .env("AWS_REGION", "us-east-1")
+    dummy_aws_credentials(base_env(cmd))
         .env("SLUICE__STORE__BACKEND", "aws")
         .env("SLUICE__STORE__AWS__ENDPOINT_URL", sluice_core::testing::aws_endpoint())
         .env("SLUICE__STORE__AWS__PREFIX", prefix)
+}
+
+/// Runs `cmd` (a `sluice demo --json`), and checks its summary accounts for every record: the
+/// 355 held-out digits and six corrupt ones, each in results, review or a DLQ, the six in
+/// the ingest DLQ.
+pub fn demo_summary(cmd: &mut Command) -> serde_json::Value {
+    let out = cmd.output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let summary: serde_json::Value =
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)));
+    let n = |v: &serde_json::Value| v.as_u64().unwrap();
+    let dlq: u64 = summary["dlq"].as_object().unwrap().values().map(n).sum();
+    assert_eq!(n(&summary["records_in"]), n(&summary["results"]) + n(&summary["review"]) + dlq, "{summary}");
+    assert_eq!(n(&summary["records_in"]), 355 + 6, "the held-out digits plus six corrupt records: {summary}");
+    assert_eq!(n(&summary["dlq"]["ingest"]), 6, "{summary}");
+    summary
 }
 
 pub fn store_config(path: &Path) -> StoreConfig {

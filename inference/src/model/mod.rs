@@ -33,6 +33,12 @@ pub fn select_device(preference: DevicePreference) -> (Device, &'static str) {
     (Device::Cpu, "candle-cpu")
 }
 
+/// Sizes the CPU thread pool Candle's kernels run on (rayon's global pool). It can be sized once
+/// per process, before first use; later calls fail and leave it as it is.
+pub fn use_cpu_threads(threads: usize) -> Result<(), rayon::ThreadPoolBuildError> {
+    rayon::ThreadPoolBuilder::new().num_threads(threads).build_global()
+}
+
 /// A matrix product on `device`, read back: fails if the device cannot run kernels.
 fn probe(device: &Device) -> candle_core::Result<()> {
     let a = Tensor::ones((8, 8), DType::F32, device)?;
