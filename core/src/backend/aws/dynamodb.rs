@@ -7,7 +7,7 @@
 //! update of the per-status counters: one request per batch, and a redelivered record never
 //! gets a second result.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -285,17 +285,8 @@ impl ResultStore for DynamoResultStore {
     }
 
     async fn counts(&self) -> Result<ResultCounts> {
-        let output = self
-            .client
-            .get_item()
-            .table_name(&self.counters)
-            .key(COUNTER_KEY, AttributeValue::S(RESULT_COUNTERS.to_owned()))
-            .consistent_read(true)
-            .send()
-            .await
-            .map_err(|e| classify("GetItem", e))?;
-        let item = output.item.unwrap_or_default();
-        let n = |k: &str| item.get(k).and_then(|v| v.as_n().ok()).and_then(|v| v.parse().ok()).unwrap_or(0);
+        let counters = read_counters(&self.client, &self.counters, RESULT_COUNTERS).await?;
+        let n = |k: &str| counters.get(k).copied().unwrap_or(0);
         Ok(ResultCounts { accepted: n("accepted"), review: n("review"), reviewed: n("reviewed") })
     }
 
@@ -334,6 +325,55 @@ impl ResultStore for DynamoResultStore {
 /// The counters item where worker processes add up their AWS requests.
 const REQUEST_COUNTERS: &str = "requests";
 
+/// A counters item (`records_in`, `results`, `requests`, one per name in the counters table):
+/// its numeric attributes, read consistently; empty if the item does not exist yet.
+pub(super) async fn read_counters(
+    client: &aws_sdk_dynamodb::Client,
+    table: &str,
+    name: &str,
+) -> Result<BTreeMap<String, u64>> {
+    let output = client
+        .get_item()
+        .table_name(table)
+        .key(COUNTER_KEY, AttributeValue::S(name.to_owned()))
+        .consistent_read(true)
+        .send()
+        .await
+        .map_err(|e| classify("GetItem", e))?;
+    Ok(output
+        .item
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|(k, v)| Some((k, v.as_n().ok()?.parse().ok()?)))
+        .collect())
+}
+
+/// Adds `delta` to the counters item `name`, atomically, in one request.
+pub(super) async fn add_to_counters(
+    client: &aws_sdk_dynamodb::Client,
+    table: &str,
+    name: &str,
+    delta: BTreeMap<String, u64>,
+) -> Result<()> {
+    let delta: Vec<(String, u64)> = delta.into_iter().filter(|(_, n)| *n > 0).collect();
+    if delta.is_empty() {
+        return Ok(());
+    }
+    let terms: Vec<String> = (0..delta.len()).map(|i| format!("#k{i} :v{i}")).collect();
+    let mut update = client
+        .update_item()
+        .table_name(table)
+        .key(COUNTER_KEY, AttributeValue::S(name.to_owned()))
+        .update_expression(format!("ADD {}", terms.join(", ")));
+    for (i, (counter, n)) in delta.into_iter().enumerate() {
+        update = update
+            .expression_attribute_names(format!("#k{i}"), counter)
+            .expression_attribute_values(format!(":v{i}"), AttributeValue::N(n.to_string()));
+    }
+    update.send().await.map_err(|e| classify("UpdateItem", e))?;
+    Ok(())
+}
+
 pub(super) struct DynamoRequestLedger {
     client: aws_sdk_dynamodb::Client,
     table: String,
@@ -347,42 +387,11 @@ impl DynamoRequestLedger {
 
 #[async_trait]
 impl crate::backend::RequestLedger for DynamoRequestLedger {
-    async fn add(&self, delta: std::collections::BTreeMap<String, u64>) -> Result<()> {
-        let delta: Vec<(String, u64)> = delta.into_iter().filter(|(_, n)| *n > 0).collect();
-        if delta.is_empty() {
-            return Ok(());
-        }
-        let terms: Vec<String> = (0..delta.len()).map(|i| format!("#k{i} :v{i}")).collect();
-        let mut update = self
-            .client
-            .update_item()
-            .table_name(&self.table)
-            .key(COUNTER_KEY, AttributeValue::S(REQUEST_COUNTERS.to_owned()))
-            .update_expression(format!("ADD {}", terms.join(", ")));
-        for (i, (name, n)) in delta.into_iter().enumerate() {
-            update = update
-                .expression_attribute_names(format!("#k{i}"), name)
-                .expression_attribute_values(format!(":v{i}"), AttributeValue::N(n.to_string()));
-        }
-        update.send().await.map_err(|e| classify("UpdateItem", e))?;
-        Ok(())
+    async fn add(&self, delta: BTreeMap<String, u64>) -> Result<()> {
+        add_to_counters(&self.client, &self.table, REQUEST_COUNTERS, delta).await
     }
 
-    async fn totals(&self) -> Result<std::collections::BTreeMap<String, u64>> {
-        let output = self
-            .client
-            .get_item()
-            .table_name(&self.table)
-            .key(COUNTER_KEY, AttributeValue::S(REQUEST_COUNTERS.to_owned()))
-            .consistent_read(true)
-            .send()
-            .await
-            .map_err(|e| classify("GetItem", e))?;
-        Ok(output
-            .item
-            .unwrap_or_default()
-            .into_iter()
-            .filter_map(|(k, v)| Some((k, v.as_n().ok()?.parse().ok()?)))
-            .collect())
+    async fn totals(&self) -> Result<BTreeMap<String, u64>> {
+        read_counters(&self.client, &self.table, REQUEST_COUNTERS).await
     }
 }

@@ -5,11 +5,10 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use aws_sdk_dynamodb::types::AttributeValue;
 use aws_sdk_kinesis::primitives::Blob;
 use aws_sdk_kinesis::types::{PutRecordsRequestEntry, ShardIteratorType};
 
-use super::dynamodb::COUNTER_KEY;
+use super::dynamodb::{add_to_counters, read_counters};
 use super::lease_coordinator::{LeaseCoordinator, SHARD_END, TRIM_HORIZON};
 use super::{Clients, Names, classify, error_code};
 use crate::backend::{RecordStream, StreamConsumer, StreamInput, StreamRecord, StreamStats};
@@ -29,7 +28,9 @@ const SHARD_SYNC_INTERVAL: Duration = Duration::from_secs(30);
 /// Pause for a shard whose read throughput is exceeded (the SDK has already retried).
 const THROTTLED_PAUSE: Duration = Duration::from_secs(1);
 const GET_RECORDS_LIMIT: usize = 10_000;
+/// The counters item of records produced, and its attribute.
 const RECORDS_IN: &str = "records_in";
+const RECORDS_IN_COUNT: &str = "count";
 
 pub(super) struct KinesisStream {
     clients: Clients,
@@ -92,20 +93,8 @@ impl RecordStream for KinesisStream {
             let batch: Vec<StreamInput> = rest.drain(..take).collect();
             self.put_batch(batch).await?;
         }
-        if total > 0 {
-            self.clients
-                .dynamodb
-                .update_item()
-                .table_name(&self.counters_table)
-                .key(COUNTER_KEY, AttributeValue::S(RECORDS_IN.to_owned()))
-                .update_expression("ADD #n :n")
-                .expression_attribute_names("#n", "count")
-                .expression_attribute_values(":n", AttributeValue::N(total.to_string()))
-                .send()
-                .await
-                .map_err(|e| classify("UpdateItem", e))?;
-        }
-        Ok(())
+        let delta = BTreeMap::from([(RECORDS_IN_COUNT.to_owned(), total as u64)]);
+        add_to_counters(&self.clients.dynamodb, &self.counters_table, RECORDS_IN, delta).await
     }
 
     async fn consumer(&self, worker_id: &str) -> Result<Box<dyn StreamConsumer>> {
@@ -128,18 +117,10 @@ impl RecordStream for KinesisStream {
     }
 
     async fn stats(&self) -> Result<StreamStats> {
-        let records_in = self
-            .clients
-            .dynamodb
-            .get_item()
-            .table_name(&self.counters_table)
-            .key(COUNTER_KEY, AttributeValue::S(RECORDS_IN.to_owned()))
-            .consistent_read(true)
-            .send()
-            .await
-            .map_err(|e| classify("GetItem", e))?
-            .item
-            .and_then(|item| item.get("count").and_then(|v| v.as_n().ok()).and_then(|v| v.parse().ok()))
+        let records_in = read_counters(&self.clients.dynamodb, &self.counters_table, RECORDS_IN)
+            .await?
+            .get(RECORDS_IN_COUNT)
+            .copied()
             .unwrap_or(0);
         let shards = list_shards(&self.clients.kinesis, &self.stream).await?;
         let coordinator = LeaseCoordinator::new(
