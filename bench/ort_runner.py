@@ -1,14 +1,16 @@
 #!/usr/bin/env python3
 """The ONNX Runtime side of `sluice bench inference`: the same architecture and weights as Candle.
 
-    python3 bench/ort_runner.py --weights models/digits/model.safetensors --input-shape 1,8,8 \
-        --inputs rows.f32 --threads 2 --batches 1,8,32,128,512 --min-seconds 1 --check-rows 32 \
-        --check-out check.f32
+    python3 bench/ort_runner.py --architecture digits-cnn --weights models/digits/model.safetensors \
+        --input-shape 1,8,8 --inputs rows.f32 --threads 2 --batches 1,8,32,128,512 --min-seconds 1 \
+        --check-rows 32 --check-out check.f32
 
-The graph is built with the `onnx` helpers straight from the safetensors file (no PyTorch):
-conv1 3x3 pad 1 -> ReLU -> conv2 3x3 pad 1 -> ReLU -> max-pool 2x2 -> flatten -> fc1 -> ReLU ->
-fc2 -> softmax, the digits CNN of inference/src/model/digits_cnn.rs. Inputs are little-endian f32
-rows. The probabilities of the first --check-rows rows go to --check-out (f32) so the caller can
+The graph is built with the `onnx` helpers straight from the safetensors file (no PyTorch), for
+  - digits-cnn: conv1 3x3 pad 1 -> ReLU -> conv2 3x3 pad 1 -> ReLU -> max-pool 2x2 -> flatten ->
+    fc1 -> ReLU -> fc2 -> softmax (inference/src/model/digits_cnn.rs);
+  - resnet18: torchvision's ResNet-18 from its parameter names (conv1, bn1, layer1.0.conv1, ...,
+    layer2.0.downsample.0/1, fc), batch norms in inference mode, then softmax.
+Inputs are little-endian f32 rows. The probabilities of the first --check-rows rows go to --check-out (f32) so the caller can
 compare them with Candle's before timing; then one JSON line per batch size:
 {"batch": B, "runs": N, "seconds": T}. One session, sequential execution, --threads intra-op
 threads.
@@ -44,8 +46,52 @@ def digits_cnn(weights):
     return nodes, initializers
 
 
+def resnet18(weights):
+    nodes, used = [], []
+
+    def conv_bn(x, conv, bn, out, kernel, stride, pad, relu):
+        used.append(f"{conv}.weight")
+        used.extend(f"{bn}.{p}" for p in ("weight", "bias", "running_mean", "running_var"))
+        nodes.append(helper.make_node("Conv", [x, f"{conv}.weight"], [f"{out}.conv"], kernel_shape=[kernel, kernel],
+                                      strides=[stride, stride], pads=[pad] * 4))
+        bn_out = f"{out}.bn" if relu else out
+        nodes.append(helper.make_node("BatchNormalization", [f"{out}.conv"] + [f"{bn}.{p}" for p in
+                                      ("weight", "bias", "running_mean", "running_var")], [bn_out], epsilon=1e-5))
+        if relu:
+            nodes.append(helper.make_node("Relu", [bn_out], [out]))
+        return out
+
+    x = conv_bn("x", "conv1", "bn1", "stem", 7, 2, 3, True)
+    nodes.append(helper.make_node("MaxPool", [x], ["pool"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]))
+    x = "pool"
+    for layer in range(1, 5):
+        for block in range(2):
+            p = f"layer{layer}.{block}"
+            stride = 2 if layer > 1 and block == 0 else 1
+            y = conv_bn(x, f"{p}.conv1", f"{p}.bn1", f"{p}.a", 3, stride, 1, True)
+            y = conv_bn(y, f"{p}.conv2", f"{p}.bn2", f"{p}.b", 3, 1, 1, False)
+            if f"{p}.downsample.0.weight" in weights:
+                x = conv_bn(x, f"{p}.downsample.0", f"{p}.downsample.1", f"{p}.skip", 1, stride, 0, False)
+            nodes.append(helper.make_node("Add", [y, x], [f"{p}.sum"]))
+            nodes.append(helper.make_node("Relu", [f"{p}.sum"], [f"{p}.out"]))
+            x = f"{p}.out"
+    used.extend(["fc.weight", "fc.bias"])
+    nodes += [
+        helper.make_node("GlobalAveragePool", [x], ["gap"]),
+        helper.make_node("Flatten", ["gap"], ["features"], axis=1),
+        helper.make_node("Gemm", ["features", "fc.weight", "fc.bias"], ["logits"], transB=1),
+        helper.make_node("Softmax", ["logits"], ["y"], axis=-1),
+    ]
+    initializers = [numpy_helper.from_array(weights[n].astype(np.float32), n) for n in used]
+    return nodes, initializers
+
+
+ARCHITECTURES = {"digits-cnn": (digits_cnn, "fc2.bias"), "resnet18": (resnet18, "fc.bias")}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--architecture", choices=sorted(ARCHITECTURES), default="digits-cnn")
     parser.add_argument("--weights", required=True)
     parser.add_argument("--input-shape", required=True, help="channels,height,width")
     parser.add_argument("--inputs", required=True)
@@ -58,11 +104,12 @@ def main():
 
     c, h, w = (int(v) for v in args.input_shape.split(","))
     weights = load_file(args.weights)
-    nodes, initializers = digits_cnn(weights)
-    classes = weights["fc2.bias"].shape[0]
+    build, classes_from = ARCHITECTURES[args.architecture]
+    nodes, initializers = build(weights)
+    classes = weights[classes_from].shape[0]
     graph = helper.make_graph(
         nodes,
-        "digits-cnn",
+        args.architecture,
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", c, h, w])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", classes])],
         initializers,
@@ -81,8 +128,7 @@ def main():
 
     for batch in (int(b) for b in args.batches.split(",")):
         x = np.ascontiguousarray(rows[np.arange(batch) % len(rows)])
-        for _ in range(3):
-            session.run(["y"], {"x": x})
+        session.run(["y"], {"x": x})  # warm-up
         runs, started = 0, time.perf_counter()
         while True:
             session.run(["y"], {"x": x})

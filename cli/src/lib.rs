@@ -1,4 +1,5 @@
-//! The library behind the `sluice` command: demo, producer, trainer, in-process pipeline, DLQ tools.
+//! The library behind the `sluice` command: demo, producer, trainer, bundle maker, in-process
+//! pipeline, DLQ tools, benchmarks.
 
 pub mod bench;
 pub mod demo;
@@ -6,4 +7,5 @@ pub mod digits;
 pub mod dlq;
 pub mod pipeline;
 pub mod produce;
+pub mod resnet18;
 pub mod train;

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use sluice_cli::{bench, demo, dlq, pipeline, produce, train};
+use sluice_cli::{bench, demo, dlq, pipeline, produce, resnet18, train};
 use sluice_core::ReasonCode;
 use sluice_core::backend::Backend;
 use sluice_core::config::{Settings, StoreArgs};
@@ -35,6 +35,11 @@ enum Command {
     },
     /// Train the digits CNN and write its model bundle.
     Train(train::TrainArgs),
+    /// Make a model bundle from weights trained elsewhere.
+    Bundle {
+        #[command(subcommand)]
+        command: BundleCommand,
+    },
     /// Measure against a baseline, side by side.
     Bench {
         #[command(subcommand)]
@@ -86,6 +91,16 @@ enum BenchCommand {
     /// Candle against ONNX Runtime: images/s and per-batch latency by batch size, same model,
     /// weights, inputs and threads (needs `pip install -r bench/requirements.txt`).
     Inference(bench::BenchInferenceArgs),
+    /// Candle on the GPU against Candle on the CPU, outputs checked first (a build with
+    /// `--features cuda`; `bench/gpu_check.sh` builds and runs it).
+    Cuda(bench::BenchArgs),
+}
+
+#[derive(Debug, Subcommand)]
+enum BundleCommand {
+    /// A torchvision ResNet-18 (safetensors with torchvision's names) and its labels, with
+    /// ImageNet preprocessing (shorter side 256, centre crop 224×224, ImageNet mean and std).
+    Resnet18(resnet18::BundleResnet18Args),
 }
 
 #[derive(Debug, Subcommand)]
@@ -137,12 +152,23 @@ fn main() -> anyhow::Result<()> {
         println!("bundle written to {}", args.out.display());
         return Ok(());
     }
-    if let Command::Bench { command: BenchCommand::Inference(args) } = &cli.command {
-        let report = bench::bench_inference(args)?;
-        if args.json {
-            println!("{}", serde_json::to_string_pretty(&report)?);
+    if let Command::Bundle { command: BundleCommand::Resnet18(args) } = &cli.command {
+        let bundle = resnet18::bundle(args)?;
+        println!("bundle written to {} ({} classes)", bundle.dir.display(), bundle.manifest.labels.len());
+        return Ok(());
+    }
+    if let Command::Bench { command } = &cli.command {
+        let (reports, json) = match command {
+            BenchCommand::Inference(args) => (bench::bench_inference(args)?, args.bench.json),
+            BenchCommand::Cuda(args) => (bench::bench_cuda(args)?, args.json),
+        };
+        if json {
+            println!("{}", serde_json::to_string_pretty(&reports)?);
         } else {
-            report.print_text();
+            for report in &reports {
+                report.print_text();
+                println!();
+            }
         }
         return Ok(());
     }
@@ -151,7 +177,9 @@ fn main() -> anyhow::Result<()> {
 
 async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
     match command {
-        Command::Train(_) | Command::Bench { .. } => unreachable!("handled before the runtime starts"),
+        Command::Train(_) | Command::Bundle { .. } | Command::Bench { .. } => {
+            unreachable!("handled before the runtime starts")
+        }
         Command::Demo(args) => {
             let summary = demo::demo(&args, settings).await?;
             if args.json {

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use anyhow::Context;
-use candle_core::{D, DType, Device, Tensor, Var};
+use candle_core::{D, DType, Device, Module, Tensor, Var};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
 use rand::seq::SliceRandom;
 use rand::{RngExt, SeedableRng};
@@ -71,7 +71,14 @@ pub fn input_spec() -> InputSpec {
         })
         .collect();
     InputSpec {
-        image: Some(ImageInput { width: side, height: side, channels: 1, mean: vec![0.0], std: vec![1.0] }),
+        image: Some(ImageInput {
+            width: side,
+            height: side,
+            channels: 1,
+            mean: vec![0.0],
+            std: vec![1.0],
+            resize_shorter_side: None,
+        }),
         tabular: Some(TabularSpec { fields }),
     }
 }

@@ -1,5 +1,6 @@
 //! `sluice bench inference` runs both runtimes on the same inputs and checks they agree before
-//! timing (a short run: the figures themselves belong in docs/benchmarks.md, not in a test).
+//! timing, for both architectures (a short run: the figures themselves belong in
+//! docs/benchmarks.md, not in a test).
 
 mod common;
 
@@ -23,13 +24,36 @@ fn the_inference_bench_checks_agreement_and_reports_every_batch_size() {
         "{} (pip install -r bench/requirements.txt, or set SLUICE_BENCH_PYTHON)",
         String::from_utf8_lossy(&out.stderr)
     );
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert!(report["max_relative_error"].as_f64().unwrap() < 1e-4, "{report}");
-    let rows = report["rows"].as_array().unwrap();
-    assert_eq!(rows.iter().map(|r| r["batch"].as_u64().unwrap()).collect::<Vec<_>>(), [1, 4]);
-    for row in rows {
-        for key in ["candle_images_per_s", "ort_images_per_s", "ratio"] {
-            assert!(row[key].as_f64().unwrap() > 0.0, "{key}: {report}");
+    let reports: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let reports = reports.as_array().unwrap();
+    let architectures: Vec<&str> = reports.iter().map(|r| r["architecture"].as_str().unwrap()).collect();
+    assert_eq!(architectures, ["digits-cnn", "resnet18"]);
+    assert!(reports[1]["weights"].as_str().unwrap().contains("random"), "ResNet-18 says its weights are random");
+    for report in reports {
+        assert_eq!(report["runtime"], "candle-cpu");
+        assert_eq!(report["baseline"], "onnxruntime-cpu");
+        assert!(report["max_relative_error"].as_f64().unwrap() < 1e-4, "{report}");
+        let rows = report["rows"].as_array().unwrap();
+        assert_eq!(rows.iter().map(|r| r["batch"].as_u64().unwrap()).collect::<Vec<_>>(), [1, 4]);
+        for row in rows {
+            for key in ["images_per_s", "baseline_images_per_s", "ratio"] {
+                assert!(row[key].as_f64().unwrap() > 0.0, "{key}: {report}");
+            }
         }
     }
+}
+
+#[test]
+fn the_cuda_bench_refuses_to_run_without_a_gpu() {
+    if cfg!(feature = "cuda") {
+        return; // a CUDA build may well have a GPU; bench/gpu_check.sh runs it there
+    }
+    let out = Command::new(bin("sluice"))
+        .args(["bench", "cuda", "--architectures", "digits-cnn", "--batches", "1"])
+        .arg("--model")
+        .arg(model_dir())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("no usable CUDA device"), "{stderr}");
 }

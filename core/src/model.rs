@@ -28,6 +28,10 @@ pub enum BundleError {
 pub enum Architecture {
     /// Two 3×3 convolutions and two dense layers over 8×8 greyscale digits.
     DigitsCnn,
+    /// ResNet-18 (He et al., 2015) over RGB images, weights named as torchvision names them
+    /// (`conv1.weight`, `bn1.running_mean`, `layer1.0.conv1.weight`, …, `fc.weight`).
+    #[serde(rename = "resnet18")]
+    Resnet18,
 }
 
 /// `model.toml`.
@@ -59,8 +63,10 @@ pub struct InputSpec {
     pub tabular: Option<TabularSpec>,
 }
 
-/// Images are resized to `width`×`height`, converted to `channels`, scaled to 0..1 and then
-/// normalised per channel as `(x - mean) / std`. The vector is channel-major (C, H, W).
+/// Images are resized to `width`×`height` (or, with `resize_shorter_side`, resized so their
+/// shorter side has that length, aspect kept, and then centre-cropped to `width`×`height`, as
+/// ImageNet models expect), converted to `channels`, scaled to 0..1 and then normalised per
+/// channel as `(x - mean) / std`. The vector is channel-major (C, H, W).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ImageInput {
@@ -69,9 +75,24 @@ pub struct ImageInput {
     pub channels: u32,
     pub mean: Vec<f32>,
     pub std: Vec<f32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resize_shorter_side: Option<u32>,
 }
 
 impl ImageInput {
+    /// ImageNet preprocessing at 224×224: shorter side to 256, centre crop, ImageNet's channel
+    /// means and standard deviations (what torchvision's classifiers were trained with).
+    pub fn imagenet() -> Self {
+        Self {
+            width: 224,
+            height: 224,
+            channels: 3,
+            mean: vec![0.485, 0.456, 0.406],
+            std: vec![0.229, 0.224, 0.225],
+            resize_shorter_side: Some(256),
+        }
+    }
+
     pub fn vector_len(&self) -> usize {
         (self.width * self.height * self.channels) as usize
     }
@@ -191,6 +212,11 @@ impl ModelManifest {
                 if image.std.iter().any(|&s| s <= 0.0) {
                     return Err("input.image std must be positive".to_owned());
                 }
+                if image.resize_shorter_side.is_some_and(|side| side < image.width.max(image.height)) {
+                    return Err(
+                        "input.image resize_shorter_side must be at least the crop's width and height".to_owned()
+                    );
+                }
                 Some(image.vector_len())
             }
             None => None,
@@ -255,7 +281,14 @@ mod tests {
             architecture: Architecture::DigitsCnn,
             labels: vec!["a".into(), "b".into()],
             input: InputSpec {
-                image: Some(ImageInput { width: 2, height: 1, channels: 1, mean: vec![0.0], std: vec![1.0] }),
+                image: Some(ImageInput {
+                    width: 2,
+                    height: 1,
+                    channels: 1,
+                    mean: vec![0.0],
+                    std: vec![1.0],
+                    resize_shorter_side: None,
+                }),
                 tabular: Some(TabularSpec {
                     fields: vec![FieldSpec::Categorical {
                         name: "c".into(),
@@ -285,6 +318,11 @@ mod tests {
         let mut bad = manifest();
         bad.input.image.as_mut().unwrap().width = 3;
         assert!(bad.check().unwrap_err().contains("tabular"));
+        let mut bad = manifest();
+        bad.input.image.as_mut().unwrap().resize_shorter_side = Some(1);
+        assert!(bad.check().unwrap_err().contains("resize_shorter_side"));
+        bad.input.image.as_mut().unwrap().resize_shorter_side = Some(2);
+        assert_eq!(bad.check(), Ok(()));
     }
 
     #[test]

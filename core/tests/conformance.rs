@@ -369,6 +369,14 @@ async fn feature_store_round_trips_and_tolerates_rewrites(f: Fixture) {
     assert_eq!(got.len(), 2);
     assert_eq!(got[&id("a")], vec![1.0, 2.0]);
     assert_eq!(got[&id("b")], vec![3.0]);
+
+    // An ImageNet-sized vector (3×224×224) is larger than a DynamoDB item may be.
+    let large: Vec<f32> = (0..3 * 224 * 224).map(|i| (i % 997) as f32 / 997.0 - 0.5).collect();
+    b.features.put_if_absent(vec![(id("large"), large.clone()), (id("c"), vec![4.0])]).await.unwrap();
+    b.features.put_if_absent(vec![(id("large"), large.clone())]).await.unwrap();
+    let got = b.features.get_batch(&[id("large"), id("c")]).await.unwrap();
+    assert_eq!(got[&id("c")], vec![4.0]);
+    assert!(got[&id("large")] == large, "the large vector came back changed");
 }
 
 async fn result_store_is_put_if_absent(f: Fixture) {

@@ -1,4 +1,5 @@
-//! Image preprocessing: resize to the model's input, convert channels, scale and normalise.
+//! Image preprocessing: resize to the model's input (stretched, or ImageNet-style: shorter side
+//! to a length, then a centre crop), convert channels, scale and normalise.
 
 use image::imageops::{self, FilterType};
 use image::{DynamicImage, ImageBuffer, Pixel};
@@ -20,7 +21,10 @@ where
     let img = if img.dimensions() == (spec.width, spec.height) {
         img
     } else {
-        resized = imageops::resize(img, spec.width, spec.height, FilterType::Triangle);
+        resized = match spec.resize_shorter_side {
+            Some(side) => resize_and_crop(img, side, spec.width, spec.height),
+            None => imageops::resize(img, spec.width, spec.height, FilterType::Triangle),
+        };
         &resized
     };
     let channels = spec.channels as usize;
@@ -34,13 +38,28 @@ where
     out
 }
 
+/// torchvision's `Resize(side)` then `CenterCrop((height, width))`: the shorter side becomes
+/// `side` (the longer one scaled to match, truncated), and the crop is centred, rounding its
+/// offset half to even as Python's `round` does.
+fn resize_and_crop<P>(img: &ImageBuffer<P, Vec<u8>>, side: u32, width: u32, height: u32) -> ImageBuffer<P, Vec<u8>>
+where
+    P: Pixel<Subpixel = u8> + 'static,
+{
+    let (w, h) = img.dimensions();
+    let scale = |long: u32, short: u32| (u64::from(side) * u64::from(long) / u64::from(short)) as u32;
+    let (new_w, new_h) = if w <= h { (side, scale(h, w)) } else { (scale(w, h), side) };
+    let resized = imageops::resize(img, new_w, new_h, FilterType::Triangle);
+    let offset = |outer: u32, inner: u32| ((f64::from(outer) - f64::from(inner)) / 2.0).round_ties_even() as u32;
+    imageops::crop_imm(&resized, offset(new_w, width), offset(new_h, height), width, height).to_image()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn spec(width: u32, height: u32, channels: u32) -> ImageInput {
         let n = channels as usize;
-        ImageInput { width, height, channels, mean: vec![0.5; n], std: vec![0.5; n] }
+        ImageInput { width, height, channels, mean: vec![0.5; n], std: vec![0.5; n], resize_shorter_side: None }
     }
 
     #[test]
@@ -56,5 +75,30 @@ mod tests {
         assert_eq!(v.len(), 48);
         assert!(v[..16].iter().all(|&x| (x - 1.0).abs() < 1e-6));
         assert!(v[16..32].iter().all(|&x| (x + 1.0).abs() < 1e-6));
+    }
+
+    #[test]
+    fn imagenet_preprocessing_keeps_the_aspect_and_crops_the_centre() {
+        // 600×300: the shorter side goes to 256 (512×256), then the centre 224×224 is kept.
+        // The left and right thirds are black, the middle third white: after the crop, the
+        // columns at the edges are black and the centre is white.
+        let img = image::RgbImage::from_fn(600, 300, |x, _| {
+            if (200..400).contains(&x) { image::Rgb([255, 255, 255]) } else { image::Rgb([0, 0, 0]) }
+        });
+        let spec = ImageInput::imagenet();
+        let v = preprocess(&DynamicImage::ImageRgb8(img), &spec);
+        assert_eq!(v.len(), 3 * 224 * 224);
+        let at = |c: usize, y: usize, x: usize| v[c * 224 * 224 + y * 224 + x];
+        // Crop offset (512 - 224) / 2 = 144: crop columns 0..224 are resized columns 144..368,
+        // black up to 170.7 (200 × 512/600) and white from there to 341.3.
+        let black = |c: usize| (0.0 - spec.mean[c]) / spec.std[c];
+        let white = |c: usize| (1.0 - spec.mean[c]) / spec.std[c];
+        for c in 0..3 {
+            assert!((at(c, 100, 0) - black(c)).abs() < 1e-5, "channel {c} left edge {}", at(c, 100, 0));
+            assert!((at(c, 100, 112) - white(c)).abs() < 1e-5, "channel {c} centre {}", at(c, 100, 112));
+            assert!((at(c, 0, 223) - black(c)).abs() < 1e-5, "channel {c} right edge {}", at(c, 0, 223));
+        }
+        let black_columns = (0..224).filter(|&x| (at(0, 50, x) - black(0)).abs() < 1e-5).count();
+        assert!((50..=56).contains(&black_columns), "{black_columns} black columns (about 2 × 26)");
     }
 }

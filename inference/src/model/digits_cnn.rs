@@ -27,9 +27,11 @@ impl DigitsCnn {
             fc2: linear(HIDDEN, classes, vb.pp("fc2"))?,
         })
     }
+}
 
+impl Module for DigitsCnn {
     /// Logits for a (batch, channels, height, width) tensor.
-    pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let xs = self.conv1.forward(xs)?.relu()?;
         let xs = self.conv2.forward(&xs)?.relu()?.max_pool2d(2)?.flatten_from(1)?;
         let xs = self.fc1.forward(&xs)?.relu()?;

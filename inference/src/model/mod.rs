@@ -1,13 +1,15 @@
 //! Models the inference stage can run, and the device they run on.
 
 mod digits_cnn;
+mod resnet18;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::VarBuilder;
 use sluice_core::model::{Architecture, ModelBundle};
 use sluice_core::{ReasonCode, SluiceError};
 
 pub use digits_cnn::DigitsCnn;
+pub use resnet18::Resnet18;
 
 /// Which device to run on.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -48,7 +50,7 @@ fn probe(device: &Device) -> candle_core::Result<()> {
 
 /// A loaded classifier: feature vectors in, probability vectors out.
 pub struct CandleClassifier {
-    model: DigitsCnn,
+    model: Box<dyn Module + Send + Sync>,
     device: Device,
     backend: &'static str,
     input_shape: (usize, usize, usize),
@@ -58,15 +60,22 @@ impl CandleClassifier {
     pub fn load(bundle: &ModelBundle, device: Device, backend: &'static str) -> Result<Self, SluiceError> {
         let manifest = &bundle.manifest;
         let image = manifest.input.image.as_ref().ok_or_else(|| {
-            SluiceError::permanent(ReasonCode::ModelFailure, "the digits CNN needs an image input spec")
+            SluiceError::permanent(ReasonCode::ModelFailure, format!("{} needs an image input spec", manifest.name))
         })?;
         let input_shape = (image.channels as usize, image.height as usize, image.width as usize);
         let weights = std::fs::read(bundle.weights_path()).map_err(|e| {
             SluiceError::permanent(ReasonCode::ModelFailure, format!("{}: {e}", bundle.weights_path().display()))
         })?;
-        let vb = VarBuilder::from_buffered_safetensors(weights, DType::F32, &device).map_err(model_error)?;
-        let model = match manifest.architecture {
-            Architecture::DigitsCnn => DigitsCnn::new(vb, input_shape, manifest.labels.len()).map_err(model_error)?,
+        let vb = VarBuilder::from_buffered_safetensors(weights, DType::F32, &device).map_err(bundle_error)?;
+        let classes = manifest.labels.len();
+        let model: Box<dyn Module + Send + Sync> = match manifest.architecture {
+            Architecture::DigitsCnn => Box::new(DigitsCnn::new(vb, input_shape, classes).map_err(bundle_error)?),
+            Architecture::Resnet18 => {
+                if image.channels != 3 {
+                    return Err(bundle_error("ResNet-18 takes 3-channel images"));
+                }
+                Box::new(Resnet18::new(vb, classes).map_err(bundle_error)?)
+            }
         };
         Ok(Self { model, device, backend, input_shape })
     }
@@ -89,6 +98,11 @@ impl CandleClassifier {
         let probabilities = candle_nn::ops::softmax_last_dim(&logits).map_err(model_error)?;
         probabilities.to_vec2::<f32>().map_err(model_error)
     }
+}
+
+/// Weights that do not fit the architecture (missing names, wrong shapes) will never load.
+fn bundle_error(e: impl std::fmt::Display) -> SluiceError {
+    SluiceError::permanent(ReasonCode::ModelFailure, format!("model bundle: {e}"))
 }
 
 fn model_error(e: candle_core::Error) -> SluiceError {

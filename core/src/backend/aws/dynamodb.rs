@@ -2,12 +2,16 @@
 //!
 //! Features: `BatchWriteItem` (25 a call) with the vector as a binary attribute; a vector is a
 //! pure function of the record's payload and bundle, so a redelivery rewriting it is harmless.
+//! An item may not exceed 400 KB, less than an ImageNet-sized vector (3×224×224 floats, 588 KiB):
+//! a vector over [`INLINE_VECTOR_BYTES`] goes to S3 as a claim-check and the item keeps its
+//! reference.
 //! Results: `BatchWriteItem` cannot carry conditions, so results go in `TransactWriteItems`
 //! calls, each item a put conditional on `attribute_not_exists(record_id)`, together with an
 //! update of the per-status counters: one request per batch, and a redelivered record never
 //! gets a second result.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -17,8 +21,11 @@ use aws_sdk_dynamodb::types::{
     AttributeValue, KeysAndAttributes, Put, PutRequest, TransactWriteItem, Update, WriteRequest,
 };
 use backon::{BackoffBuilder, ExponentialBuilder};
+use futures_util::future::try_join_all;
 
 use super::classify;
+use super::s3::S3BlobStore;
+use crate::backend::BlobStore;
 use crate::backend::{FeatureStore, PutOutcome, ResultCounts, ResultStore};
 use crate::envelope::{RecordId, now_ms};
 use crate::error::{ReasonCode, Result, SluiceError};
@@ -27,6 +34,9 @@ use crate::record::{PredictionResult, ResultStatus};
 const KEY: &str = "record_id";
 const BATCH_GET_KEYS: usize = 100;
 const BATCH_WRITE_ITEMS: usize = 25;
+/// The largest vector kept in its item: DynamoDB's 400 KB item limit, less room for the key and
+/// the other attributes.
+const INLINE_VECTOR_BYTES: usize = 380_000;
 /// 100 items per transaction, one of them the counter update.
 const TRANSACT_RESULTS: usize = 99;
 /// The counters item that holds result counts by status.
@@ -84,11 +94,32 @@ async fn batch_get(client: &aws_sdk_dynamodb::Client, table: &str, ids: &[Record
 pub(super) struct DynamoFeatureStore {
     client: aws_sdk_dynamodb::Client,
     table: String,
+    /// Where vectors too large for an item go.
+    blobs: Arc<S3BlobStore>,
 }
 
 impl DynamoFeatureStore {
-    pub(super) fn new(client: aws_sdk_dynamodb::Client, table: String) -> Self {
-        Self { client, table }
+    pub(super) fn new(client: aws_sdk_dynamodb::Client, table: String, blobs: Arc<S3BlobStore>) -> Self {
+        Self { client, table, blobs }
+    }
+
+    /// The vector's attribute: its bytes, or where in S3 they are.
+    async fn vector_attribute(&self, vector: &[f32]) -> Result<(&'static str, AttributeValue)> {
+        let bytes: Vec<u8> = vector.iter().flat_map(|v| v.to_le_bytes()).collect();
+        if bytes.len() <= INLINE_VECTOR_BYTES {
+            return Ok(("vector", AttributeValue::B(Blob::new(bytes))));
+        }
+        // Content-addressed, so a redelivery rewrites the same object.
+        Ok(("vector_ref", AttributeValue::S(self.blobs.put(bytes).await?)))
+    }
+
+    async fn vector_of(&self, item: &Item) -> Result<Option<Vec<f32>>> {
+        let bytes = match (item.get("vector").and_then(|v| v.as_b().ok()), item.get("vector_ref")) {
+            (Some(blob), _) => blob.as_ref().to_vec(),
+            (None, Some(AttributeValue::S(reference))) => self.blobs.get(reference).await?,
+            _ => return Ok(None),
+        };
+        Ok(Some(bytes.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes"))).collect()))
     }
 }
 
@@ -98,13 +129,20 @@ impl FeatureStore for DynamoFeatureStore {
         let now = now_ms().to_string();
         let mut requests: Vec<WriteRequest> = Vec::with_capacity(items.len());
         let mut seen = std::collections::HashSet::new();
+        let mut pending = Vec::with_capacity(items.len());
         for (id, vector) in items {
             if !seen.insert(id.clone()) {
                 continue; // one batch may not write a key twice
             }
-            let bytes: Vec<u8> = vector.iter().flat_map(|v| v.to_le_bytes()).collect();
+            pending.push(async move {
+                let (name, value) = self.vector_attribute(&vector).await?;
+                Ok::<_, SluiceError>((id, name, value))
+            });
+        }
+        // Vectors bound for S3 go up together, not one after another.
+        for (id, name, value) in try_join_all(pending).await? {
             let mut item = key(&id);
-            item.insert("vector".to_owned(), AttributeValue::B(Blob::new(bytes)));
+            item.insert(name.to_owned(), value);
             item.insert("created_ms".to_owned(), AttributeValue::N(now.clone()));
             let put = PutRequest::builder()
                 .set_item(Some(item))
@@ -138,14 +176,12 @@ impl FeatureStore for DynamoFeatureStore {
 
     async fn get_batch(&self, ids: &[RecordId]) -> Result<HashMap<RecordId, Vec<f32>>> {
         let items = batch_get(&self.client, &self.table, ids).await?;
-        Ok(items
-            .into_iter()
-            .filter_map(|item| {
-                let id = RecordId::parse(item.get(KEY)?.as_s().ok()?.clone()).ok()?;
-                let bytes = item.get("vector")?.as_b().ok()?.as_ref();
-                Some((id, bytes.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes"))).collect()))
-            })
-            .collect())
+        let vectors = try_join_all(items.iter().map(|item| async move {
+            let id = item.get(KEY).and_then(|v| v.as_s().ok()).and_then(|s| RecordId::parse(s.clone()).ok());
+            Ok::<_, SluiceError>(id.zip(self.vector_of(item).await?))
+        }))
+        .await?;
+        Ok(vectors.into_iter().flatten().collect())
     }
 }
 

@@ -171,7 +171,11 @@ pub async fn open(config: &StoreConfig, counter: RequestCounter) -> Result<Backe
     }
     Ok(Backend {
         stream: Arc::new(kinesis::KinesisStream::new(clients.clone(), &names, config)),
-        features: Arc::new(dynamodb::DynamoFeatureStore::new(clients.dynamodb.clone(), names.features_table())),
+        features: Arc::new(dynamodb::DynamoFeatureStore::new(
+            clients.dynamodb.clone(),
+            names.features_table(),
+            Arc::clone(&blobs),
+        )),
         results: Arc::new(dynamodb::DynamoResultStore::new(
             clients.dynamodb.clone(),
             names.results_table(),
