@@ -3,13 +3,16 @@
 # print Candle's throughput on the GPU (against the CPU) by batch size, for both architectures.
 #
 #   bench/gpu_check.sh             build, then run (a machine with Rust, the CUDA toolkit and a GPU)
-#   bench/gpu_check.sh build       build only; the binary lands in target/gpu-check/sluice
-#   bench/gpu_check.sh run [BIN]   run a binary built elsewhere (a GPU machine without Rust)
+#   bench/gpu_check.sh build       build only: target/gpu-check/sluice, and sluice.gz to carry
+#   bench/gpu_check.sh run [BIN]   run a binary (or its .gz) built elsewhere (a GPU machine
+#                                  without Rust), from the repository root
 #
 # Building needs nvcc and the CUDA libraries. Without a system toolkit the script installs them
-# from PyPI into target/gpu-check/cuda (CUDA 12.x, which a 12.x or 13.0 driver runs), and builds
-# PTX for CUDA_COMPUTE_CAP (default 90, H100/H200). Running needs the same libraries: the script
-# looks in a system toolkit, then in any Python's nvidia-* packages (PyTorch ships them).
+# from PyPI into target/gpu-check/cuda (CUDA 13.0: the newest a 13.0 driver runs), and builds
+# for CUDA_COMPUTE_CAP (default 90, H100/H200). On a machine without the NVIDIA driver, the
+# binary is linked against a stub libcuda made from cuda.h (as the toolkit's own stubs are); the
+# GPU machine's driver is what it loads. Running needs the CUDA 13 libraries (cuBLAS, cuRAND,
+# NVRTC, runtime): the script looks in a system toolkit, then in any Python's nvidia packages.
 # Extra arguments after `run BIN` go to `sluice bench cuda` (e.g. --batches 1,32 --json).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,8 +22,20 @@ mode="${1:-all}"
 cuda_wheels() {
   python3 -m venv "$out/cuda"
   "$out/cuda/bin/pip" install --quiet --disable-pip-version-check \
-    "nvidia-cuda-nvcc-cu12==12.8.*" "nvidia-cuda-runtime-cu12==12.8.*" "nvidia-cublas-cu12==12.8.*" \
-    "nvidia-curand-cu12==10.3.9.*" "nvidia-cuda-nvrtc-cu12==12.8.*" "nvidia-cuda-cccl-cu12==12.8.*"
+    "nvidia-cuda-nvcc==13.0.*" "nvidia-cuda-runtime==13.0.*" "nvidia-cublas==13.0.*" \
+    "nvidia-curand==10.4.0.*" "nvidia-cuda-nvrtc==13.0.*" "nvidia-cuda-cccl==13.0.*" \
+    "nvidia-cuda-crt==13.0.*" "nvidia-nvvm==13.0.*"  # nvcc does not pin its own parts
+}
+
+# A libcuda.so exporting every driver function of cuda.h as an empty one, to link against.
+libcuda_stub() {
+  local dir="$out/stubs"
+  mkdir -p "$dir"
+  echo '#include <cuda.h>' | cc -E -P ${CPATH:+-I${CPATH//:/ -I}} - |
+    grep -oE '\bcu[A-Z][A-Za-z0-9_]*[[:space:]]*\(' | tr -d '( \t' | sort -u |
+    awk '{ print "void " $1 "(void) {}" }' >"$dir/libcuda.c"
+  cc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$dir/libcuda.so" "$dir/libcuda.c"
+  echo "$dir"
 }
 
 # Directories of the nvidia-* wheels in the given Python's site-packages.
@@ -57,22 +72,31 @@ build() {
         export LD_LIBRARY_PATH="$d/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
       fi
     done
-    export CUDA_ROOT="$(dirname "$(dirname "$(command -v nvcc)")")"
+    CUDA_ROOT="$(dirname "$(dirname "$(command -v nvcc)")")"
+    export CUDA_ROOT CUDA_HOME="$CUDA_ROOT"
   fi
   # The driver library is only linked against here; the GPU machine's own driver is loaded at run time.
   if ! ldconfig -p 2>/dev/null | grep -q 'libcuda\.so '; then
-    stubs=$(find "$out/cuda" /usr/local/cuda* -path '*stubs/libcuda.so' 2>/dev/null | head -n1 || true)
-    [ -n "$stubs" ] && export LIBRARY_PATH="$(dirname "$stubs")${LIBRARY_PATH:+:$LIBRARY_PATH}"
+    stubs=$(find /usr/local/cuda*/ -path '*stubs/libcuda.so' 2>/dev/null | head -n1 || true)
+    if [ -n "$stubs" ]; then stubs=$(dirname "$stubs"); else stubs=$(libcuda_stub); fi
+    export LIBRARY_PATH="$stubs${LIBRARY_PATH:+:$LIBRARY_PATH}"
   fi
   CUDA_COMPUTE_CAP="${CUDA_COMPUTE_CAP:-90}" cargo build --release --locked --features cuda --bin sluice
   cp "${CARGO_TARGET_DIR:-target}/release/sluice" "$out/sluice"
-  echo "built $out/sluice"
+  # Stripped and compressed (about 30 MB) it travels to a GPU machine that cannot build it.
+  strip "$out/sluice"
+  gzip -1 -k -f "$out/sluice"
+  echo "built $out/sluice and $out/sluice.gz"
 }
 
 run() {
   local bin="${1:-$out/sluice}"
   shift || true
-  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+  if [[ "$bin" == *.gz ]]; then
+    gunzip -c "$bin" >"${TMPDIR:-/tmp}/sluice-cuda" && chmod +x "${TMPDIR:-/tmp}/sluice-cuda"
+    bin="${TMPDIR:-/tmp}/sluice-cuda"
+  fi
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || echo "nvidia-smi: no NVIDIA driver here" >&2
   for python in python3 "$out/cuda/bin/python"; do
     command -v "$python" >/dev/null || continue
     for d in $(nvidia_libs "$python"); do
@@ -83,7 +107,7 @@ run() {
     [ -d "$d" ] && export LD_LIBRARY_PATH="${LD_LIBRARY_PATH:+$LD_LIBRARY_PATH:}$d"
   done
   if ldd "$bin" | grep 'not found'; then
-    echo "$bin needs the CUDA libraries above; install them (e.g. pip install nvidia-cublas-cu12) or set LD_LIBRARY_PATH" >&2
+    echo "$bin needs the CUDA libraries above; install the CUDA 13 toolkit or its wheels (pip install nvidia-cublas==13.0.* nvidia-curand==10.4.0.* nvidia-cuda-runtime==13.0.*), or set LD_LIBRARY_PATH" >&2
     exit 1
   fi
   RUST_LOG=warn "$bin" bench cuda --threads "$(nproc)" "$@"
