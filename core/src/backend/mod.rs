@@ -160,6 +160,16 @@ pub trait FeatureStore: Send + Sync {
     async fn get_batch(&self, ids: &[RecordId]) -> Result<HashMap<RecordId, Vec<f32>>>;
 }
 
+/// A feature vector as stored: little-endian f32s, end to end.
+pub fn vector_to_bytes(vector: &[f32]) -> Vec<u8> {
+    vector.iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
+/// The inverse of [`vector_to_bytes`]; a trailing partial value is ignored.
+pub fn vector_from_bytes(bytes: &[u8]) -> Vec<f32> {
+    bytes.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes"))).collect()
+}
+
 /// What a conditional result write found.
 #[derive(Debug, Clone, PartialEq)]
 pub enum PutOutcome {

@@ -25,8 +25,9 @@ use futures_util::future::try_join_all;
 
 use super::classify;
 use super::s3::S3BlobStore;
-use crate::backend::BlobStore;
-use crate::backend::{FeatureStore, PutOutcome, ResultCounts, ResultStore};
+use crate::backend::{
+    BlobStore, FeatureStore, PutOutcome, ResultCounts, ResultStore, vector_from_bytes, vector_to_bytes,
+};
 use crate::envelope::{RecordId, now_ms};
 use crate::error::{ReasonCode, Result, SluiceError};
 use crate::record::{PredictionResult, ResultStatus};
@@ -105,7 +106,7 @@ impl DynamoFeatureStore {
 
     /// The vector's attribute: its bytes, or where in S3 they are.
     async fn vector_attribute(&self, vector: &[f32]) -> Result<(&'static str, AttributeValue)> {
-        let bytes: Vec<u8> = vector.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let bytes = vector_to_bytes(vector);
         if bytes.len() <= INLINE_VECTOR_BYTES {
             return Ok(("vector", AttributeValue::B(Blob::new(bytes))));
         }
@@ -114,12 +115,13 @@ impl DynamoFeatureStore {
     }
 
     async fn vector_of(&self, item: &Item) -> Result<Option<Vec<f32>>> {
-        let bytes = match (item.get("vector").and_then(|v| v.as_b().ok()), item.get("vector_ref")) {
-            (Some(blob), _) => blob.as_ref().to_vec(),
-            (None, Some(AttributeValue::S(reference))) => self.blobs.get(reference).await?,
-            _ => return Ok(None),
-        };
-        Ok(Some(bytes.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes"))).collect()))
+        match (item.get("vector").and_then(|v| v.as_b().ok()), item.get("vector_ref")) {
+            (Some(blob), _) => Ok(Some(vector_from_bytes(blob.as_ref()))),
+            (None, Some(AttributeValue::S(reference))) => {
+                Ok(Some(vector_from_bytes(&self.blobs.get(reference).await?)))
+            }
+            _ => Ok(None),
+        }
     }
 }
 
@@ -177,8 +179,11 @@ impl FeatureStore for DynamoFeatureStore {
     async fn get_batch(&self, ids: &[RecordId]) -> Result<HashMap<RecordId, Vec<f32>>> {
         let items = batch_get(&self.client, &self.table, ids).await?;
         let vectors = try_join_all(items.iter().map(|item| async move {
-            let id = item.get(KEY).and_then(|v| v.as_s().ok()).and_then(|s| RecordId::parse(s.clone()).ok());
-            Ok::<_, SluiceError>(id.zip(self.vector_of(item).await?))
+            let Some(id) = item.get(KEY).and_then(|v| v.as_s().ok()).and_then(|s| RecordId::parse(s.clone()).ok())
+            else {
+                return Ok(None);
+            };
+            Ok::<_, SluiceError>(self.vector_of(item).await?.map(|vector| (id, vector)))
         }))
         .await?;
         Ok(vectors.into_iter().flatten().collect())

@@ -6,7 +6,7 @@ use async_trait::async_trait;
 use rusqlite::{params, params_from_iter};
 
 use super::{Db, placeholders};
-use crate::backend::{FeatureStore, PutOutcome, ResultCounts, ResultStore};
+use crate::backend::{FeatureStore, PutOutcome, ResultCounts, ResultStore, vector_from_bytes, vector_to_bytes};
 use crate::envelope::{RecordId, now_ms};
 use crate::error::Result;
 use crate::record::{PredictionResult, ResultStatus};
@@ -22,14 +22,6 @@ impl EmbeddedFeatureStore {
     pub(super) fn new(db: Db) -> Self {
         Self { db }
     }
-}
-
-fn vector_to_bytes(vector: &[f32]) -> Vec<u8> {
-    vector.iter().flat_map(|v| v.to_le_bytes()).collect()
-}
-
-fn vector_from_bytes(bytes: &[u8]) -> Vec<f32> {
-    bytes.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes"))).collect()
 }
 
 /// Runs `query` (with one `{}` for the placeholder list) over `ids` in chunks.
