@@ -16,6 +16,7 @@ use anyhow::{Context, bail, ensure};
 use candle_core::Device;
 use image::DynamicImage;
 use serde::{Deserialize, Serialize};
+use sluice_core::backend::{vector_from_bytes, vector_to_bytes};
 use sluice_core::model::{Architecture, ImageInput, MANIFEST_FILE, ModelBundle, WEIGHTS_FILE};
 use sluice_inference::model::{CandleClassifier, DevicePreference, select_device};
 
@@ -117,16 +118,16 @@ struct Subject {
     bundle: ModelBundle,
     weights: String,
     image: ImageInput,
-    /// `rows` input vectors laid end to end.
+    /// Input vectors laid end to end.
     inputs: Vec<f32>,
-    rows: usize,
 }
 
 impl Subject {
     /// `batch` rows, cycling through the inputs.
     fn batch(&self, batch: usize) -> Vec<f32> {
-        let width = self.inputs.len() / self.rows;
-        (0..batch).flat_map(|i| self.inputs[(i % self.rows) * width..][..width].iter().copied()).collect()
+        let width = self.image.vector_len();
+        let rows = self.inputs.len() / width;
+        (0..batch).flat_map(|i| self.inputs[(i % rows) * width..][..width].iter().copied()).collect()
     }
 
     fn check_rows(&self) -> Vec<f32> {
@@ -180,7 +181,7 @@ fn subjects(args: &BenchArgs, scratch: &Path) -> anyhow::Result<Vec<Subject>> {
         let inputs = held_out_rows(&image)?;
         let rows = inputs.len() / image.vector_len();
         ensure!(rows >= CHECK_ROWS, "only {rows} input rows");
-        out.push(Subject { architecture, bundle, weights, image, inputs, rows });
+        out.push(Subject { architecture, bundle, weights, image, inputs });
     }
     Ok(out)
 }
@@ -227,19 +228,13 @@ fn check_agreement(subject: &Subject, a: &[Vec<f32>], b: &[Vec<f32>], sides: &st
     Ok(error)
 }
 
-/// Seconds per batch of `batch` rows on `classifier`: one warm-up, then at least three runs and
-/// `min_seconds`.
-fn time_candle(
-    classifier: &CandleClassifier,
-    subject: &Subject,
-    batch: usize,
-    min_seconds: f64,
-) -> anyhow::Result<f64> {
-    let x = subject.batch(batch);
-    classifier.predict(x.clone(), batch)?;
+/// Seconds per batch on `classifier` for `x`, `batch` rows: one warm-up, then at least three
+/// runs and `min_seconds`.
+fn time_candle(classifier: &CandleClassifier, x: &[f32], batch: usize, min_seconds: f64) -> anyhow::Result<f64> {
+    classifier.predict(x.to_vec(), batch)?;
     let (mut runs, started) = (0u64, Instant::now());
     while runs < 3 || started.elapsed().as_secs_f64() < min_seconds {
-        classifier.predict(x.clone(), batch)?;
+        classifier.predict(x.to_vec(), batch)?;
         runs += 1;
     }
     Ok(started.elapsed().as_secs_f64() / runs as f64)
@@ -268,7 +263,7 @@ pub fn bench_inference(args: &BenchInferenceArgs) -> anyhow::Result<Vec<Report>>
         let error = check_agreement(&subject, &candle_check, &ort.check, "Candle and ONNX Runtime")?;
         let mut rows = Vec::new();
         for &batch in &args.bench.batches {
-            let candle = time_candle(&classifier, &subject, batch, args.bench.min_seconds)?;
+            let candle = time_candle(&classifier, &subject.batch(batch), batch, args.bench.min_seconds)?;
             let o = ort.timings.iter().find(|t| t.batch == batch).context("no ONNX Runtime timing")?;
             rows.push(row(batch, candle, o.seconds / o.runs as f64));
         }
@@ -293,7 +288,7 @@ struct OrtRun {
 /// Runs `bench/ort_runner.py` over `subject`: its outputs for the check rows, and its timings.
 fn run_ort(args: &BenchInferenceArgs, threads: usize, subject: &Subject, scratch: &Path) -> anyhow::Result<OrtRun> {
     let inputs_file = scratch.join("rows.f32");
-    std::fs::write(&inputs_file, subject.inputs.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>())?;
+    std::fs::write(&inputs_file, vector_to_bytes(&subject.inputs))?;
     let check_file = scratch.join("check.f32");
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../bench/ort_runner.py");
     let batches: Vec<String> = args.bench.batches.iter().map(usize::to_string).collect();
@@ -316,10 +311,7 @@ fn run_ort(args: &BenchInferenceArgs, threads: usize, subject: &Subject, scratch
         bail!("{} failed:\n{}", script.display(), String::from_utf8_lossy(&output.stderr));
     }
     let classes = subject.bundle.manifest.labels.len();
-    let values: Vec<f32> = std::fs::read(&check_file)?
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes")))
-        .collect();
+    let values = vector_from_bytes(&std::fs::read(&check_file)?);
     ensure!(values.len() == CHECK_ROWS * classes, "ONNX Runtime gave {} values", values.len());
     let timings = String::from_utf8(output.stdout)?
         .lines()
@@ -342,13 +334,15 @@ pub fn bench_cuda(args: &BenchArgs) -> anyhow::Result<Vec<Report>> {
     for subject in subjects(args, scratch.path())? {
         let cpu = CandleClassifier::load(&subject.bundle, Device::Cpu, "candle-cpu")?;
         let gpu = CandleClassifier::load(&subject.bundle, device.clone(), backend)?;
-        let gpu_check = gpu.predict(subject.check_rows(), CHECK_ROWS)?;
-        let cpu_check = cpu.predict(subject.check_rows(), CHECK_ROWS)?;
+        let check_rows = subject.check_rows();
+        let gpu_check = gpu.predict(check_rows.clone(), CHECK_ROWS)?;
+        let cpu_check = cpu.predict(check_rows, CHECK_ROWS)?;
         let error = check_agreement(&subject, &gpu_check, &cpu_check, "CUDA and CPU")?;
         let mut rows = Vec::new();
         for &batch in &args.batches {
-            let on_gpu = time_candle(&gpu, &subject, batch, args.min_seconds)?;
-            let on_cpu = time_candle(&cpu, &subject, batch, args.min_seconds)?;
+            let x = subject.batch(batch);
+            let on_gpu = time_candle(&gpu, &x, batch, args.min_seconds)?;
+            let on_cpu = time_candle(&cpu, &x, batch, args.min_seconds)?;
             rows.push(row(batch, on_gpu, on_cpu));
         }
         reports.push(subject.report(backend, "candle-cpu", threads, error, rows));

@@ -24,6 +24,19 @@ fn sluice(bundle: &Path, args: &[&str]) -> std::process::Output {
     out
 }
 
+/// `sluice bundle resnet18`, whatever its outcome.
+fn bundle_resnet18(weights: &Path, labels: &Path, out: &Path) -> std::process::Output {
+    Command::new(bin("sluice"))
+        .args(["bundle", "resnet18", "--weights"])
+        .arg(weights)
+        .arg("--labels")
+        .arg(labels)
+        .arg("--out")
+        .arg(out)
+        .output()
+        .unwrap()
+}
+
 fn photo(width: u32, height: u32, format: ImageFormat) -> Vec<u8> {
     let img = RgbImage::from_fn(width, height, |x, y| {
         image::Rgb([(x * 255 / width) as u8, (y * 255 / height) as u8, ((x + y) % 256) as u8])
@@ -45,29 +58,13 @@ fn a_resnet18_bundle_classifies_photos_through_the_pipeline() {
     let few = dir.path().join("few.txt");
     std::fs::write(&few, "a\nb\nc\n").unwrap();
     let wrong = dir.path().join("wrong");
-    let out = Command::new(bin("sluice"))
-        .args(["bundle", "resnet18", "--weights"])
-        .arg(&weights)
-        .arg("--labels")
-        .arg(&few)
-        .arg("--out")
-        .arg(&wrong)
-        .output()
-        .unwrap();
+    let out = bundle_resnet18(&weights, &few, &wrong);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && stderr.contains("3 classes"), "{stderr}");
     assert!(!wrong.exists());
 
     let bundle_dir = dir.path().join("bundle");
-    let out = Command::new(bin("sluice"))
-        .args(["bundle", "resnet18", "--weights"])
-        .arg(&weights)
-        .arg("--labels")
-        .arg(&labels)
-        .arg("--out")
-        .arg(&bundle_dir)
-        .output()
-        .unwrap();
+    let out = bundle_resnet18(&weights, &labels, &bundle_dir);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let bundle = ModelBundle::load(&bundle_dir).unwrap();
 
