@@ -21,8 +21,9 @@ fn the_inference_bench_checks_agreement_and_reports_every_batch_size() {
         .unwrap();
     assert!(
         out.status.success(),
-        "{} (pip install -r bench/requirements.txt, or set SLUICE_BENCH_PYTHON)",
-        String::from_utf8_lossy(&out.stderr)
+        "{} (ONNX Runtime: {}; or pip install -r bench/requirements.txt and set SLUICE_BENCH_PYTHON)",
+        String::from_utf8_lossy(&out.stderr),
+        sluice_core::testing::SETUP_HINT
     );
     let reports: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let reports = reports.as_array().unwrap();

@@ -24,6 +24,10 @@ pub const XGBOOST_MODEL_VAR: &str = "SLUICE_TEST_XGBOOST_MODEL";
 /// The Python with `deploy/sagemaker/requirements.txt` installed (default `python3`).
 pub const PYTHON_VAR: &str = "SLUICE_TEST_PYTHON";
 
+/// What a test that lacks a local stand-in tells the developer to run.
+pub const SETUP_HINT: &str =
+    "scripts/test (the README's test command) installs every local stand-in and runs the tests with them";
+
 /// The local XGBoost endpoint and the training run behind the model it serves.
 #[derive(Debug, Clone)]
 pub struct XgboostEndpoint {
@@ -49,7 +53,7 @@ pub fn xgboost_endpoint() -> XgboostEndpoint {
             let python = std::env::var(PYTHON_VAR).unwrap_or_else(|_| "python3".to_owned());
             let scripts = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/sagemaker");
             let model_dir = std::env::temp_dir().join(format!("sluice-xgboost-{}", std::process::id()));
-            let hint = "pip install -r deploy/sagemaker/requirements.txt";
+            let hint = format!("pip install -r deploy/sagemaker/requirements.txt, or {SETUP_HINT}");
             let trained = Command::new(&python)
                 .arg(scripts.join("train_xgboost.py"))
                 .arg("--out")
@@ -57,13 +61,13 @@ pub fn xgboost_endpoint() -> XgboostEndpoint {
                 .stdout(Stdio::null())
                 .status()
                 .unwrap_or_else(|e| panic!("{python}: {e} ({hint})"));
-            assert!(trained.success(), "train_xgboost.py failed ({hint}, or set {XGBOOST_ENDPOINT_VAR})");
+            assert!(trained.success(), "train_xgboost.py failed ({hint}; or set {XGBOOST_ENDPOINT_VAR})");
             let url = start_watched(&format!(
                 "exec {python} {} --model {} --port {{port}}",
                 scripts.join("local_endpoint.py").display(),
                 model_dir.join("model.tar.gz").display()
             ))
-            .unwrap_or_else(|e| panic!("the local XGBoost endpoint did not start: {e}"));
+            .unwrap_or_else(|e| panic!("the local XGBoost endpoint did not start: {e} ({hint})"));
             XgboostEndpoint { url, model_dir }
         })
         .clone()
@@ -87,7 +91,7 @@ pub fn kinesis_endpoint() -> String {
                  KINESIS_MOCK_PLAIN_PORT={{port}} KINESIS_MOCK_TLS_PORT={tls_port} SHARD_LIMIT=100 exec node main.js"
             ))
             .unwrap_or_else(|e| {
-                panic!("resharding tests need a Kinesis emulator: set {KINESIS_ENDPOINT_VAR}, or `npm install -g kinesis-local` ({e})")
+                panic!("resharding tests need a Kinesis emulator: {SETUP_HINT}; or set {KINESIS_ENDPOINT_VAR}, or `npm install -g kinesis-local` ({e})")
             })
         })
         .clone()
@@ -121,7 +125,7 @@ pub fn aws_endpoint() -> String {
                 return url;
             }
             start_watched("moto_server -H 127.0.0.1 -p {port}").unwrap_or_else(|e| {
-                panic!("AWS tests need an endpoint: set {ENDPOINT_VAR}, or `pip install \"moto[server]\"` ({e})")
+                panic!("AWS tests need an endpoint: {SETUP_HINT}; or set {ENDPOINT_VAR}, or `pip install \"moto[server]\"` ({e})")
             })
         })
         .clone()
