@@ -61,19 +61,14 @@ pub async fn bootstrap(config: &StoreConfig) -> Result<Bootstrapped> {
         made.queues.push(names.queue(queue));
     }
 
-    for (table, key) in [
-        (names.features_table(), "record_id"),
-        (names.results_table(), "record_id"),
-        (names.lease_table(), "leaseKey"),
-        (names.counters_table(), "name"),
-    ] {
-        create_table(&clients.dynamodb, &table, key).await?;
+    for (table, spec) in names.tables() {
+        create_table(&clients.dynamodb, &table, &spec.key).await?;
         made.tables.push(table);
     }
     if config.aws.result_ttl_days > 0 {
         let ttl = TimeToLiveSpecification::builder()
             .enabled(true)
-            .attribute_name("expires_at")
+            .attribute_name(super::resources::result_ttl_attribute())
             .build()
             .map_err(|e| SluiceError::permanent(ReasonCode::Internal, e.to_string()))?;
         let result = clients

@@ -32,7 +32,7 @@ use crate::envelope::{RecordId, now_ms};
 use crate::error::{ReasonCode, Result, SluiceError};
 use crate::record::{PredictionResult, ResultStatus};
 
-const KEY: &str = "record_id";
+pub(super) const RECORD_KEY: &str = "record_id";
 const BATCH_GET_KEYS: usize = 100;
 const BATCH_WRITE_ITEMS: usize = 25;
 /// The largest vector kept in its item: DynamoDB's 400 KB item limit, less room for the key and
@@ -56,7 +56,7 @@ fn unprocessed_error(operation: &str, left: usize) -> SluiceError {
 }
 
 fn key(id: &RecordId) -> Item {
-    HashMap::from([(KEY.to_owned(), AttributeValue::S(id.to_string()))])
+    HashMap::from([(RECORD_KEY.to_owned(), AttributeValue::S(id.to_string()))])
 }
 
 /// `BatchGetItem` over any number of ids, retrying unprocessed keys.
@@ -179,7 +179,7 @@ impl FeatureStore for DynamoFeatureStore {
     async fn get_batch(&self, ids: &[RecordId]) -> Result<HashMap<RecordId, Vec<f32>>> {
         let items = batch_get(&self.client, &self.table, ids).await?;
         let vectors = try_join_all(items.iter().map(|item| async move {
-            let Some(id) = item.get(KEY).and_then(|v| v.as_s().ok()).and_then(|s| RecordId::parse(s.clone()).ok())
+            let Some(id) = item.get(RECORD_KEY).and_then(|v| v.as_s().ok()).and_then(|s| RecordId::parse(s.clone()).ok())
             else {
                 return Ok(None);
             };
@@ -209,7 +209,7 @@ impl DynamoResultStore {
         item.insert("created_ms".to_owned(), AttributeValue::N(now_ms().to_string()));
         if self.ttl_days > 0 {
             let expires = now_ms() / 1000 + self.ttl_days * 86_400;
-            item.insert("expires_at".to_owned(), AttributeValue::N(expires.to_string()));
+            item.insert(super::resources::result_ttl_attribute().to_owned(), AttributeValue::N(expires.to_string()));
         }
         let put = Put::builder()
             .table_name(&self.table)

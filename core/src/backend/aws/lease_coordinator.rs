@@ -22,7 +22,8 @@ use crate::error::{ReasonCode, Result, SluiceError};
 pub(super) const TRIM_HORIZON: &str = "TRIM_HORIZON";
 pub(super) const SHARD_END: &str = "SHARD_END";
 
-const LEASE_KEY: &str = "leaseKey";
+/// The lease table's hash key, as `resources.json` names it.
+pub(super) const LEASE_KEY: &str = "leaseKey";
 const OWNER: &str = "leaseOwner";
 const COUNTER: &str = "leaseCounter";
 const CHECKPOINT: &str = "checkpoint";

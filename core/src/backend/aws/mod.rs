@@ -10,6 +10,7 @@ pub mod bootstrap;
 mod dynamodb;
 mod kinesis;
 mod lease_coordinator;
+mod resources;
 mod s3;
 mod sqs;
 
@@ -21,6 +22,7 @@ use aws_smithy_runtime_api::client::result::SdkError;
 use aws_smithy_types::error::metadata::ProvideErrorMetadata;
 
 pub use accounting::RequestCounter;
+pub use resources::Names;
 
 use super::{Backend, WorkQueue};
 use crate::config::{AwsConfig, StoreConfig};
@@ -54,47 +56,6 @@ pub async fn flush_requests(ledger: &dyn super::RequestLedger) -> Result<()> {
     ledger.add(delta).await?;
     *flushed = now;
     Ok(())
-}
-
-/// Resource names derived from the configured prefix.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Names {
-    prefix: String,
-}
-
-impl Names {
-    pub fn new(prefix: &str) -> Self {
-        Self { prefix: prefix.to_owned() }
-    }
-
-    pub fn stream(&self) -> String {
-        format!("{}-records", self.prefix)
-    }
-
-    pub fn queue(&self, queue: QueueName) -> String {
-        format!("{}-{}", self.prefix, queue.as_str())
-    }
-
-    pub fn features_table(&self) -> String {
-        format!("{}-features", self.prefix)
-    }
-
-    pub fn results_table(&self) -> String {
-        format!("{}-results", self.prefix)
-    }
-
-    pub fn lease_table(&self) -> String {
-        format!("{}-leases", self.prefix)
-    }
-
-    /// Counters the pipeline keeps for itself (records produced).
-    pub fn counters_table(&self) -> String {
-        format!("{}-counters", self.prefix)
-    }
-
-    pub fn bucket(&self) -> String {
-        format!("{}-claims", self.prefix)
-    }
 }
 
 /// The SDK clients, configured once, all counting their requests.

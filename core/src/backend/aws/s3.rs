@@ -42,7 +42,7 @@ impl S3BlobStore {
 #[async_trait]
 impl BlobStore for S3BlobStore {
     async fn put(&self, data: Vec<u8>) -> Result<String> {
-        let key = format!("claims/{}", RecordId::from_content(&data));
+        let key = format!("{}{}", super::resources::claim_check_key_prefix(), RecordId::from_content(&data));
         self.client
             .put_object()
             .bucket(&self.bucket)

@@ -1,0 +1,142 @@
+//! What the pipeline's AWS resources are called and keyed by: `resources.json`, which the CDK
+//! app in `deploy/cdk` reads too, so the stack makes exactly what the workers look for.
+
+use std::collections::BTreeMap;
+use std::sync::LazyLock;
+
+use serde::Deserialize;
+
+use crate::topology::QueueName;
+
+/// `resources.json`, parsed once.
+#[derive(Debug, Deserialize)]
+struct Resources {
+    stream: String,
+    queues: BTreeMap<String, String>,
+    tables: Tables,
+    bucket: String,
+    claim_check_key_prefix: String,
+}
+
+#[derive(Debug, Deserialize)]
+struct Tables {
+    features: Table,
+    results: Table,
+    leases: Table,
+    counters: Table,
+}
+
+/// A DynamoDB table: its name after the prefix and its string hash key.
+#[derive(Debug, Deserialize)]
+pub(super) struct Table {
+    pub(super) name: String,
+    pub(super) key: String,
+    pub(super) ttl_attribute: Option<String>,
+}
+
+static RESOURCES: LazyLock<Resources> = LazyLock::new(|| {
+    serde_json::from_str(include_str!("resources.json")).expect("resources.json is valid (unit-tested)")
+});
+
+/// Resource names derived from the configured prefix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Names {
+    prefix: String,
+}
+
+impl Names {
+    pub fn new(prefix: &str) -> Self {
+        Self { prefix: prefix.to_owned() }
+    }
+
+    fn named(&self, name: &str) -> String {
+        format!("{}-{name}", self.prefix)
+    }
+
+    pub fn stream(&self) -> String {
+        self.named(&RESOURCES.stream)
+    }
+
+    pub fn queue(&self, queue: QueueName) -> String {
+        self.named(&RESOURCES.queues[queue.as_str()])
+    }
+
+    pub fn features_table(&self) -> String {
+        self.named(&RESOURCES.tables.features.name)
+    }
+
+    pub fn results_table(&self) -> String {
+        self.named(&RESOURCES.tables.results.name)
+    }
+
+    pub fn lease_table(&self) -> String {
+        self.named(&RESOURCES.tables.leases.name)
+    }
+
+    /// Counters the pipeline keeps for itself (records produced, results, requests).
+    pub fn counters_table(&self) -> String {
+        self.named(&RESOURCES.tables.counters.name)
+    }
+
+    pub fn bucket(&self) -> String {
+        self.named(&RESOURCES.bucket)
+    }
+
+    /// Every table with its name, in the order bootstrap creates them.
+    pub(super) fn tables(&self) -> [(String, &'static Table); 4] {
+        let tables = &RESOURCES.tables;
+        [&tables.features, &tables.results, &tables.leases, &tables.counters].map(|t| (self.named(&t.name), t))
+    }
+}
+
+/// Where claim-checks and offloaded vectors go in the bucket (the stack expires them there).
+pub(super) fn claim_check_key_prefix() -> &'static str {
+    &RESOURCES.claim_check_key_prefix
+}
+
+/// The attribute DynamoDB's TTL reads on the results table.
+pub(super) fn result_ttl_attribute() -> &'static str {
+    RESOURCES.tables.results.ttl_attribute.as_deref().expect("resources.json names the results TTL attribute")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_queue_and_table_has_a_name() {
+        assert_eq!(RESOURCES.queues.len(), QueueName::ALL.len());
+        let names = Names::new("p");
+        for queue in QueueName::ALL {
+            assert_eq!(names.queue(queue), format!("p-{queue}"));
+        }
+        assert_eq!(names.stream(), "p-records");
+        assert_eq!(names.bucket(), "p-claims");
+        assert_eq!(names.tables().map(|(name, _)| name), ["p-features", "p-results", "p-leases", "p-counters"]);
+        assert_eq!(result_ttl_attribute(), "expires_at");
+        assert!(claim_check_key_prefix().ends_with('/'));
+    }
+
+    #[test]
+    fn the_stores_use_the_keys_named_here() {
+        let tables = &RESOURCES.tables;
+        assert_eq!(tables.leases.key, super::super::lease_coordinator::LEASE_KEY);
+        assert_eq!(tables.counters.key, super::super::dynamodb::COUNTER_KEY);
+        assert_eq!(tables.features.key, super::super::dynamodb::RECORD_KEY);
+        assert_eq!(tables.results.key, super::super::dynamodb::RECORD_KEY);
+    }
+
+    #[test]
+    fn the_redrive_map_is_the_topology() {
+        let json: serde_json::Value = serde_json::from_str(include_str!("resources.json")).unwrap();
+        for queue in QueueName::ALL {
+            let target = json["redrive"][queue.as_str()].as_str();
+            assert_eq!(target, queue.redrive_target().map(QueueName::as_str), "{queue}");
+        }
+        for stage in crate::topology::StageName::ALL {
+            let spec = &json["stages"][stage.as_str()];
+            assert_eq!(spec["input"].as_str(), stage.input_queue().map(QueueName::as_str), "{stage}");
+            assert_eq!(spec["dlq"].as_str(), Some(stage.dlq().as_str()), "{stage}");
+        }
+    }
+}

@@ -1,0 +1,70 @@
+// The app: for `-c env=beta|prod`, a data stack (stream, queues, tables, bucket) and a compute
+// stack (workers, scaling, alarms, fallback), checked by cdk-nag's AwsSolutions rules.
+import * as fs from 'fs';
+import * as path from 'path';
+import { App, Environment, Validations } from 'aws-cdk-lib';
+import * as ecs from 'aws-cdk-lib/aws-ecs';
+import { AwsSolutionsChecks } from 'cdk-nag';
+import { ComputeStack } from './compute-stack';
+import { DataStack } from './data-stack';
+import { ENVIRONMENTS } from './environments';
+import { REPO_ROOT } from './resources';
+
+/** The model `deploy/sagemaker/train_xgboost.py --out deploy/sagemaker/model` writes. */
+export const DEFAULT_FALLBACK_MODEL = path.join(REPO_ROOT, 'deploy', 'sagemaker', 'model', 'model.tar.gz');
+
+export interface SluiceStacks {
+  data: DataStack;
+  compute: ComputeStack;
+}
+
+/**
+ * Context: `env` (beta | prod, required), `prefix` (default sluice-<env>), `inference` (gpu |
+ * cpu, default gpu), `fallbackModel` (a model.tar.gz, or `none`), `fallbackImage`, `alarmEmail`,
+ * `image`/`cudaImage` (image URIs already pushed; default: built from deploy/docker).
+ */
+export function buildStacks(app: App, env?: Environment): SluiceStacks {
+  // Any AwsSolutions finding not acknowledged (with its reason) beside its construct stops synth.
+  Validations.of(app).addPlugins(new AwsSolutionsChecks(app, { verbose: true }));
+  const context = (key: string): string | undefined => app.node.tryGetContext(key);
+  const name = context('env');
+  if (name !== 'beta' && name !== 'prod') {
+    throw new Error(`choose an environment: -c env=beta or -c env=prod (got ${JSON.stringify(name)})`);
+  }
+  const config = ENVIRONMENTS[name];
+  const prefix = context('prefix') ?? `sluice-${name}`;
+  const inference = context('inference') ?? 'gpu';
+  if (inference !== 'gpu' && inference !== 'cpu') throw new Error(`-c inference=gpu|cpu (got ${inference})`);
+  const fallbackModel = context('fallbackModel') ?? DEFAULT_FALLBACK_MODEL;
+  if (fallbackModel !== 'none' && !fs.existsSync(fallbackModel)) {
+    throw new Error(
+      `the SageMaker fallback's model ${fallbackModel} does not exist: train it with ` +
+        '`python3 deploy/sagemaker/train_xgboost.py --out deploy/sagemaker/model` ' +
+        '(pip install -r deploy/sagemaker/requirements.txt), pass -c fallbackModel=PATH, or -c fallbackModel=none',
+    );
+  }
+  const image = (uri: string | undefined, dockerfile: string) =>
+    uri ? ecs.ContainerImage.fromRegistry(uri) : ecs.ContainerImage.fromAsset(REPO_ROOT, { file: `deploy/docker/${dockerfile}` });
+
+  const data = new DataStack(app, `sluice-${name}-data`, {
+    env,
+    config,
+    prefix,
+    description: `sluice ${name}: stream, queues, tables and claim-check bucket (prefix ${prefix})`,
+    terminationProtection: config.retain,
+  });
+  const compute = new ComputeStack(app, `sluice-${name}-compute`, {
+    env,
+    config,
+    data,
+    inference,
+    images: { cpu: image(context('image'), 'Dockerfile'), cuda: image(context('cudaImage'), 'Dockerfile.cuda') },
+    fallbackModel: fallbackModel === 'none' ? undefined : fallbackModel,
+    fallbackImage: context('fallbackImage'),
+    alarmEmail: context('alarmEmail'),
+    description: `sluice ${name}: the four workers on ECS, their scaling, alarms and the SageMaker fallback`,
+    terminationProtection: config.retain,
+  });
+  compute.addDependency(data);
+  return { data, compute };
+}

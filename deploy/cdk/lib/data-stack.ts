@@ -1,0 +1,135 @@
+// The pipeline's state: the records stream, the stage queues and their DLQs, the review queue,
+// the feature/result/lease/counter tables and the claim-check bucket, each named as the workers
+// expect from their prefix. Kept apart from the compute stack so that the workers can be
+// replaced, resized or torn down without touching a record.
+import { CfnOutput, Duration, RemovalPolicy, Stack, StackProps, Validations } from 'aws-cdk-lib';
+import * as dynamodb from 'aws-cdk-lib/aws-dynamodb';
+import * as kinesis from 'aws-cdk-lib/aws-kinesis';
+import * as s3 from 'aws-cdk-lib/aws-s3';
+import * as sqs from 'aws-cdk-lib/aws-sqs';
+import { Construct } from 'constructs';
+import { EnvironmentConfig } from './environments';
+import { RESOURCES, TableName, configNumber, resourceName } from './resources';
+
+export interface DataStackProps extends StackProps {
+  config: EnvironmentConfig;
+  /** Every resource is named `<prefix>-…` (the workers' `store.aws.prefix`). */
+  prefix: string;
+}
+
+/** SQS keeps a message at most 14 days: DLQ and review entries wait that long for people. */
+const DLQ_RETENTION = Duration.days(14);
+/** Work queues keep a message 4 days (SQS's default): less than their DLQs, as SQS requires. */
+const WORK_RETENTION = Duration.days(4);
+
+export class DataStack extends Stack {
+  readonly prefix: string;
+  readonly stream: kinesis.Stream;
+  /** Every queue by its name in resources.json (`features`, `ingest-dlq`, `review`…). */
+  readonly queues = new Map<string, sqs.Queue>();
+  readonly tables = new Map<TableName, dynamodb.Table>();
+  readonly bucket: s3.Bucket;
+
+  constructor(scope: Construct, id: string, props: DataStackProps) {
+    super(scope, id, props);
+    const { config, prefix } = props;
+    this.prefix = prefix;
+    const removalPolicy = config.retain ? RemovalPolicy.RETAIN : RemovalPolicy.DESTROY;
+    const name = (n: string) => resourceName(prefix, n);
+
+    this.stream = new kinesis.Stream(this, 'Records', {
+      streamName: name(RESOURCES.stream),
+      ...(config.shards === 'on-demand'
+        ? { streamMode: kinesis.StreamMode.ON_DEMAND }
+        : { streamMode: kinesis.StreamMode.PROVISIONED, shardCount: config.shards }),
+      retentionPeriod: config.streamRetention,
+      encryption: kinesis.StreamEncryption.MANAGED,
+      removalPolicy,
+    });
+
+    const maxReceiveCount = configNumber('store.max_receives');
+    const visibilityTimeout = Duration.millis(configNumber('store.visibility_timeout_ms'));
+    // DLQs (and review) first: the work queues' redrive policies name them.
+    const redriveTargets = new Set(Object.values(RESOURCES.redrive));
+    const all = Object.keys(RESOURCES.queues);
+    const order = [...all.filter((q) => !(q in RESOURCES.redrive)), ...all.filter((q) => q in RESOURCES.redrive)];
+    for (const queue of order) {
+      const dlqName = RESOURCES.redrive[queue];
+      const held = redriveTargets.has(queue) || !dlqName;
+      const created = new sqs.Queue(this, pascal(queue), {
+        queueName: name(RESOURCES.queues[queue]),
+        encryption: sqs.QueueEncryption.SQS_MANAGED,
+        enforceSSL: true,
+        visibilityTimeout,
+        retentionPeriod: held ? DLQ_RETENTION : WORK_RETENTION,
+        deadLetterQueue: dlqName ? { queue: this.queues.get(dlqName)!, maxReceiveCount } : undefined,
+        removalPolicy,
+      });
+      this.queues.set(queue, created);
+      if (!dlqName) {
+        Validations.of(created).acknowledge(
+          {
+            id: 'AwsSolutions-SQS3',
+            reason:
+              queue === 'review'
+                ? 'The review queue is worked through by people (sluice review), not by a consumer that can fail: a dead-letter queue behind it would only hide items from them.'
+                : 'This is a dead-letter queue itself; operators inspect and replay it (sluice dlq).',
+          },
+        )
+      }
+    }
+
+    for (const [key, spec] of Object.entries(RESOURCES.tables) as [TableName, (typeof RESOURCES.tables)[TableName]][]) {
+      const table = new dynamodb.Table(this, `${pascal(key)}Table`, {
+        tableName: name(spec.name),
+        partitionKey: { name: spec.key, type: dynamodb.AttributeType.STRING },
+        billingMode: dynamodb.BillingMode.PAY_PER_REQUEST,
+        pointInTimeRecoverySpecification: { pointInTimeRecoveryEnabled: true },
+        encryption: dynamodb.TableEncryption.AWS_MANAGED,
+        timeToLiveAttribute: spec.ttl_attribute,
+        deletionProtection: config.retain,
+        removalPolicy,
+      });
+      this.tables.set(key, table);
+    }
+
+    this.bucket = new s3.Bucket(this, 'Claims', {
+      bucketName: name(RESOURCES.bucket),
+      blockPublicAccess: s3.BlockPublicAccess.BLOCK_ALL,
+      encryption: s3.BucketEncryption.S3_MANAGED,
+      enforceSSL: true,
+      lifecycleRules: [
+        // Claim-checks and offloaded feature vectors are content-addressed copies that only
+        // matter while their records are in flight (and in DLQs, which keep 14 days at most).
+        { id: 'expire-claim-checks', prefix: RESOURCES.claim_check_key_prefix, expiration: config.claimCheckExpiry },
+        { id: 'abort-incomplete-uploads', abortIncompleteMultipartUploadAfter: Duration.days(1) },
+      ],
+      removalPolicy,
+    });
+    Validations.of(this.bucket).acknowledge(
+      {
+        id: 'AwsSolutions-S1',
+        reason:
+          'Only the workers read and write claim-checks, by content hash; object-level access is audited with CloudTrail data events where an account turns them on, not with a second bucket of access logs.',
+      },
+    )
+
+    new CfnOutput(this, 'Prefix', { value: prefix, description: 'store.aws.prefix of every worker' });
+    new CfnOutput(this, 'StreamName', { value: this.stream.streamName });
+  }
+
+  queue(name: string): sqs.Queue {
+    const queue = this.queues.get(name);
+    if (!queue) throw new Error(`no queue ${name} in resources.json`);
+    return queue;
+  }
+
+  table(name: TableName): dynamodb.Table {
+    return this.tables.get(name)!;
+  }
+}
+
+/** `ingest-dlq` → `IngestDlq`, for construct ids. */
+export function pascal(name: string): string {
+  return name.replace(/(^|-)([a-z])/g, (_, __, c: string) => c.toUpperCase());
+}
