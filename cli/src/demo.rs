@@ -32,6 +32,10 @@ pub struct DemoArgs {
     /// Produce the held-out digits this many times.
     #[arg(long, default_value_t = 1)]
     pub repeat: usize,
+    /// With `--backend aws --prefix P`: use the resources that are there (a deployed stack),
+    /// creating none; the demo stops first if any is missing.
+    #[arg(long, requires = "prefix")]
+    pub no_bootstrap: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -91,7 +95,11 @@ pub async fn demo(args: &DemoArgs, settings: Settings) -> anyhow::Result<Summary
                     .set("store.aws.prefix", format!("sluice-demo-{}", run_tag()))
                     .set("store.shards", DEMO_AWS_SHARDS);
             }
-            sluice_core::backend::aws::bootstrap::bootstrap(&settings.store()?).await?;
+            if args.no_bootstrap {
+                sluice_core::backend::aws::bootstrap::check(&settings.store()?).await?;
+            } else {
+                sluice_core::backend::aws::bootstrap::bootstrap(&settings.store()?).await?;
+            }
         }
     }
     let store = settings.store()?;

@@ -111,6 +111,12 @@ enum AwsCommand {
         #[command(flatten)]
         store: StoreArgs,
     },
+    /// Check that every resource the workers of a prefix use exists (a deployed stack, say),
+    /// creating nothing; exits non-zero naming whatever is missing.
+    Check {
+        #[command(flatten)]
+        store: StoreArgs,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -210,6 +216,11 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
             let store = store.apply(settings).set("store.backend", "aws").store()?;
             let made = sluice_core::backend::aws::bootstrap::bootstrap(&store).await?;
             println!("{}", serde_json::to_string_pretty(&made)?);
+        }
+        Command::Aws { command: AwsCommand::Check { store } } => {
+            let store = store.apply(settings).set("store.backend", "aws").store()?;
+            let found = sluice_core::backend::aws::bootstrap::check(&store).await?;
+            println!("{}", serde_json::to_string_pretty(&found)?);
         }
         Command::Results { store, status, limit, json } => {
             let status =

@@ -499,7 +499,8 @@ export class ComputeStack extends Stack {
       executionRoleArn: role.roleArn,
       primaryContainer: { image: imageUri, modelDataUrl: artifact.s3ObjectUrl },
     });
-    model.node.addDependency(role);
+    // SageMaker checks that the role can read the artifact when it creates the model.
+    model.node.addDependency(role.node.findChild('DefaultPolicy'));
     const endpointConfig = new sagemaker.CfnEndpointConfig(this, 'FallbackEndpointConfig', {
       productionVariants: [
         {

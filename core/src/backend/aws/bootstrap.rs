@@ -1,6 +1,7 @@
 //! `sluice aws bootstrap`: creates the stream, queues (with DLQs and redrive policies), tables
 //! and bucket a pipeline needs, for local development and tests. Running it again is harmless.
-//! Production infrastructure is declared under `deploy/`.
+//! Production infrastructure is declared under `deploy/cdk`; `sluice aws check` tells whether a
+//! deployed stack holds everything the workers will look for.
 
 use std::time::Duration;
 
@@ -92,6 +93,41 @@ pub async fn bootstrap(config: &StoreConfig) -> Result<Bootstrapped> {
         Err(e) => return Err(classify("CreateBucket", e)),
     }
     Ok(made)
+}
+
+/// Finds every resource the workers of `config.aws.prefix` will use, creating nothing; the error
+/// names each one that is missing or unreadable.
+pub async fn check(config: &StoreConfig) -> Result<Bootstrapped> {
+    let clients = Clients::load(&config.aws, super::RequestCounter::default()).await;
+    let names = Names::new(&config.aws.prefix);
+    let mut missing = Vec::new();
+    let mut found = Bootstrapped { stream: names.stream(), bucket: names.bucket(), ..Default::default() };
+    if let Err(e) = clients.kinesis.describe_stream_summary().stream_name(names.stream()).send().await {
+        missing.push(format!("stream {}: {}", names.stream(), classify("DescribeStreamSummary", e)));
+    }
+    for queue in QueueName::ALL {
+        match clients.sqs.get_queue_url().queue_name(names.queue(queue)).send().await {
+            Ok(_) => found.queues.push(names.queue(queue)),
+            Err(e) => missing.push(format!("queue {}: {}", names.queue(queue), classify("GetQueueUrl", e))),
+        }
+    }
+    for (table, _) in names.tables() {
+        match clients.dynamodb.describe_table().table_name(&table).send().await {
+            Ok(_) => found.tables.push(table),
+            Err(e) => missing.push(format!("table {table}: {}", classify("DescribeTable", e))),
+        }
+    }
+    if let Err(e) = clients.s3.head_bucket().bucket(names.bucket()).send().await {
+        missing.push(format!("bucket {}: {}", names.bucket(), classify("HeadBucket", e)));
+    }
+    if missing.is_empty() {
+        Ok(found)
+    } else {
+        Err(SluiceError::permanent(
+            ReasonCode::StoreUnavailable,
+            format!("the resources of prefix {:?} are incomplete: {}", config.aws.prefix, missing.join("; ")),
+        ))
+    }
 }
 
 async fn queue_arn(sqs: &aws_sdk_sqs::Client, name: &str) -> Result<String> {

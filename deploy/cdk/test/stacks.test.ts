@@ -1,0 +1,244 @@
+// What the deployment promises, checked on the synthesized templates of both environments.
+import * as assert from 'node:assert/strict';
+import * as fs from 'node:fs';
+import * as os from 'node:os';
+import * as path from 'node:path';
+import { describe, it } from 'node:test';
+import { App } from 'aws-cdk-lib';
+import { Template } from 'aws-cdk-lib/assertions';
+import { AwsSolutionsChecks } from 'cdk-nag';
+import { SluiceStacks, buildStacks } from '../lib/app';
+import { ENVIRONMENTS } from '../lib/environments';
+import { RESOURCES, STAGES, Stage, configNumber, resourceName } from '../lib/resources';
+
+type Resource = { Type: string; Properties: Record<string, any>; DeletionPolicy?: string };
+
+// A stand-in for the fallback's model.tar.gz: the app only hashes and uploads it.
+const model = path.join(fs.mkdtempSync(path.join(os.tmpdir(), 'sluice-cdk-')), 'model.tar.gz');
+fs.writeFileSync(model, 'not a real model');
+
+function synth(env: 'beta' | 'prod', extra: Record<string, string> = {}) {
+  // Image URIs: the unit tests need no Docker build context staged.
+  const app = new App({ context: { env, fallbackModel: model, image: 'sluice:test', cudaImage: 'sluice-cuda:test', ...extra } });
+  const stacks = buildStacks(app, { account: '123456789012', region: 'eu-west-1' });
+  return { stacks, data: Template.fromStack(stacks.data), compute: Template.fromStack(stacks.compute) };
+}
+
+const beta = synth('beta');
+const prod = synth('prod');
+
+function resources(template: Template, type: string): [string, Resource][] {
+  return Object.entries(template.findResources(type) as Record<string, Resource>);
+}
+
+/** The logical id of the data stack's resource named `name` (queue, table…). */
+function logicalIdOf(template: Template, type: string, nameKey: string, name: string): string {
+  const found = resources(template, type).find(([, r]) => r.Properties[nameKey] === name);
+  assert.ok(found, `no ${type} named ${name}`);
+  return found[0];
+}
+
+/** Every logical id of the data stack a policy document mentions (through cross-stack imports). */
+function referencedIds(value: unknown): string[] {
+  const text = JSON.stringify(value);
+  return [...text.matchAll(/ExportsOutputFnGetAtt([A-Za-z0-9]+?)[0-9A-F]{8}(Arn|QueueName|StreamArn)/g)].map((m) => m[1]);
+}
+
+function taskRolePolicy(stacks: SluiceStacks, template: Template, stage: Stage): any[] {
+  const roleId = stacks.compute.getLogicalId(stacks.compute.taskRoles.get(stage)!.node.defaultChild as any);
+  const policies = resources(template, 'AWS::IAM::Policy').filter(([, p]) =>
+    (p.Properties.Roles as any[]).some((r) => r.Ref === roleId),
+  );
+  return policies.flatMap(([, p]) => p.Properties.PolicyDocument.Statement);
+}
+
+for (const [env, synthed] of [['beta', beta], ['prod', prod]] as const) {
+  describe(`${env}`, () => {
+    const prefix = `sluice-${env}`;
+    const { data, compute, stacks } = synthed;
+
+    it('names every resource as the workers expect from their prefix', () => {
+      data.hasResourceProperties('AWS::Kinesis::Stream', { Name: resourceName(prefix, RESOURCES.stream) });
+      for (const queue of Object.values(RESOURCES.queues)) {
+        data.hasResourceProperties('AWS::SQS::Queue', { QueueName: resourceName(prefix, queue) });
+      }
+      for (const table of Object.values(RESOURCES.tables)) {
+        data.hasResourceProperties('AWS::DynamoDB::Table', {
+          TableName: resourceName(prefix, table.name),
+          KeySchema: [{ AttributeName: table.key, KeyType: 'HASH' }],
+        });
+      }
+      data.hasResourceProperties('AWS::S3::Bucket', { BucketName: resourceName(prefix, RESOURCES.bucket) });
+      for (const [, service] of resources(compute, 'AWS::ECS::TaskDefinition')) {
+        const env = service.Properties.ContainerDefinitions[0].Environment as { Name: string; Value: unknown }[];
+        assert.deepEqual(env.find((e) => e.Name === 'SLUICE__STORE__AWS__PREFIX')?.Value, prefix);
+      }
+    });
+
+    it('gives every work queue a DLQ that keeps messages longer, and encrypts every queue', () => {
+      for (const [queue, dlq] of Object.entries(RESOURCES.redrive)) {
+        const dlqId = logicalIdOf(data, 'AWS::SQS::Queue', 'QueueName', resourceName(prefix, dlq));
+        const [, work] = resources(data, 'AWS::SQS::Queue').find(([, r]) => r.Properties.QueueName === resourceName(prefix, queue))!;
+        assert.deepEqual(work.Properties.RedrivePolicy, {
+          deadLetterTargetArn: { 'Fn::GetAtt': [dlqId, 'Arn'] },
+          maxReceiveCount: configNumber('store.max_receives'),
+        });
+        const dlqRetention = data.toJSON().Resources[dlqId].Properties.MessageRetentionPeriod;
+        assert.ok(dlqRetention > work.Properties.MessageRetentionPeriod, `${dlq} outlives ${queue}`);
+      }
+      for (const [, queue] of resources(data, 'AWS::SQS::Queue')) {
+        assert.equal(queue.Properties.SqsManagedSseEnabled, true, queue.Properties.QueueName);
+      }
+    });
+
+    it('keeps tables recoverable, encrypted and on demand, with TTL where the workers write it', () => {
+      for (const [, table] of resources(data, 'AWS::DynamoDB::Table')) {
+        assert.deepEqual(table.Properties.PointInTimeRecoverySpecification, { PointInTimeRecoveryEnabled: true });
+        assert.equal(table.Properties.BillingMode, 'PAY_PER_REQUEST');
+        assert.equal(table.Properties.SSESpecification.SSEEnabled, true);
+      }
+      data.hasResourceProperties('AWS::DynamoDB::Table', {
+        TableName: resourceName(prefix, RESOURCES.tables.results.name),
+        TimeToLiveSpecification: { AttributeName: RESOURCES.tables.results.ttl_attribute, Enabled: true },
+      });
+    });
+
+    it('locks the claim-check bucket down and expires claim-checks', () => {
+      data.hasResourceProperties('AWS::S3::Bucket', {
+        PublicAccessBlockConfiguration: { BlockPublicAcls: true, BlockPublicPolicy: true, IgnorePublicAcls: true, RestrictPublicBuckets: true },
+        LifecycleConfiguration: { Rules: [{ Prefix: RESOURCES.claim_check_key_prefix, Status: 'Enabled', ExpirationInDays: ENVIRONMENTS[env].claimCheckExpiry.toDays() }, {}] },
+      });
+      const [, policy] = resources(data, 'AWS::S3::BucketPolicy')[0];
+      const denyInsecure = policy.Properties.PolicyDocument.Statement.find((s: any) => s.Effect === 'Deny');
+      assert.deepEqual(denyInsecure.Condition, { Bool: { 'aws:SecureTransport': 'false' } });
+    });
+
+    it('scales every SQS-fed service on backlog per task', () => {
+      const policies = resources(compute, 'AWS::ApplicationAutoScaling::ScalingPolicy').filter(
+        ([, p]) => p.Properties.PolicyType === 'TargetTrackingScaling',
+      );
+      const fed = STAGES.filter((s) => RESOURCES.stages[s].input);
+      assert.equal(policies.length, fed.length);
+      for (const stage of fed) {
+        const [, policy] = policies.find(([, p]) => p.Properties.PolicyName === `${prefix}-${stage}-backlog-per-task`)!;
+        const config = policy.Properties.TargetTrackingScalingPolicyConfiguration;
+        const metrics = config.CustomizedMetricSpecification.Metrics;
+        const visible = metrics.find((m: any) => m.Id === 'visible').MetricStat.Metric;
+        assert.equal(visible.MetricName, 'ApproximateNumberOfMessagesVisible');
+        const queueId = logicalIdOf(data, 'AWS::SQS::Queue', 'QueueName', resourceName(prefix, RESOURCES.stages[stage].input!));
+        assert.deepEqual(referencedIds(visible.Dimensions), [queueId.replace(/[0-9A-F]{8}$/, '')]);
+        assert.equal(metrics.find((m: any) => m.Id === 'tasks').MetricStat.Metric.MetricName, 'RunningTaskCount');
+        assert.match(metrics.find((m: any) => m.ReturnData === true).Expression, /visible \/ .*tasks/);
+        assert.ok(config.TargetValue >= 1, `${stage} target ${config.TargetValue}`);
+      }
+    });
+
+    it('runs ingest with at most one task per shard and scales it on iterator age', () => {
+      const shards = ENVIRONMENTS[env].shards as number;
+      const targets = resources(compute, 'AWS::ApplicationAutoScaling::ScalableTarget');
+      const maxes = targets.map(([, t]) => t.Properties.MaxCapacity);
+      assert.ok(maxes.includes(Math.min(shards, ENVIRONMENTS[env].workers.ingest.maxTasks)));
+      compute.hasResourceProperties('AWS::ApplicationAutoScaling::ScalingPolicy', {
+        PolicyType: 'StepScaling',
+      });
+      compute.hasResourceProperties('AWS::CloudWatch::Alarm', { MetricName: 'GetRecords.IteratorAgeMilliseconds', Threshold: 60000 });
+    });
+
+    it('grants each worker only its own stage queues, and consuming only from its input', () => {
+      const queueIds = new Map(
+        Object.values(RESOURCES.queues).map((q) => [
+          logicalIdOf(data, 'AWS::SQS::Queue', 'QueueName', resourceName(prefix, q)).replace(/[0-9A-F]{8}$/, ''),
+          q,
+        ]),
+      );
+      for (const stage of STAGES) {
+        const spec = RESOURCES.stages[stage];
+        const statements = taskRolePolicy(stacks, compute, stage);
+        const queuesIn = (pred: (s: any) => boolean) =>
+          new Set(statements.filter(pred).flatMap((s) => referencedIds(s.Resource)).filter((id) => queueIds.has(id)).map((id) => queueIds.get(id)));
+        const actions = (s: any) => [s.Action].flat() as string[];
+        assert.deepEqual(queuesIn((s) => actions(s).some((a) => a.startsWith('sqs:'))), new Set([spec.input, ...spec.sends, spec.dlq].filter(Boolean)), stage);
+        assert.deepEqual(queuesIn((s) => actions(s).includes('sqs:ReceiveMessage')), new Set(spec.input ? [spec.input] : []), stage);
+        for (const s of statements) {
+          assert.ok(!actions(s).some((a) => a.endsWith('*')), `${stage}: wildcard action ${actions(s)}`);
+          assert.notEqual(s.Resource, '*', `${stage}: statement ${s.Sid} on every resource`);
+        }
+      }
+    });
+
+    it('asks for a GPU for inference by default, and runs it on Fargate with inference=cpu', () => {
+      compute.hasResourceProperties('AWS::ECS::TaskDefinition', {
+        ContainerDefinitions: [{ Command: ['/usr/local/bin/sluice-inference'], ResourceRequirements: [{ Type: 'GPU', Value: '1' }] }],
+        RequiresCompatibilities: ['EC2'],
+      });
+      compute.hasResourceProperties('AWS::ECS::CapacityProvider', {});
+      const cpu = synth(env, { inference: 'cpu' }).compute;
+      cpu.resourceCountIs('AWS::ECS::CapacityProvider', 0);
+      cpu.hasResourceProperties('AWS::ECS::TaskDefinition', {
+        ContainerDefinitions: [{ Command: ['/usr/local/bin/sluice-inference'] }],
+        RequiresCompatibilities: ['FARGATE'],
+      });
+    });
+
+    it('runs workers read-only, stopping within the stop timeout, with logs kept', () => {
+      const grace = (c: any) => Number(c.Environment.find((e: any) => e.Name === 'SLUICE__WORKER__SHUTDOWN_GRACE_MS').Value);
+      for (const [, task] of resources(compute, 'AWS::ECS::TaskDefinition')) {
+        const [container] = task.Properties.ContainerDefinitions;
+        assert.equal(container.ReadonlyRootFilesystem, true);
+        assert.ok(grace(container) < container.StopTimeout * 1000, 'the grace period ends before SIGKILL');
+        assert.equal(container.LogConfiguration.LogDriver, 'awslogs');
+      }
+      for (const [, group] of resources(compute, 'AWS::Logs::LogGroup')) assert.ok(group.Properties.RetentionInDays > 0);
+    });
+
+    it('alarms on every DLQ, the review backlog and iterator age, to one topic', () => {
+      for (const stage of STAGES) {
+        compute.hasResourceProperties('AWS::CloudWatch::Alarm', { AlarmName: `${prefix}-${stage}-dlq-not-empty`, Threshold: 0 });
+      }
+      compute.hasResourceProperties('AWS::CloudWatch::Alarm', { AlarmName: `${prefix}-review-backlog` });
+      for (const [, alarm] of resources(compute, 'AWS::CloudWatch::Alarm')) assert.equal(alarm.Properties.AlarmActions.length, 1);
+    });
+
+    it('wires the SageMaker fallback into the inference service', () => {
+      compute.hasResourceProperties('AWS::SageMaker::Endpoint', { EndpointName: `${prefix}-fallback` });
+      const endpointId = resources(compute, 'AWS::SageMaker::Endpoint')[0][0];
+      const [, task] = resources(compute, 'AWS::ECS::TaskDefinition').find(
+        ([, t]) => t.Properties.ContainerDefinitions[0].Command[0] === '/usr/local/bin/sluice-inference',
+      )!;
+      const variable = task.Properties.ContainerDefinitions[0].Environment.find(
+        (e: any) => e.Name === 'SLUICE__INFERENCE__SAGEMAKER__ENDPOINT_NAME',
+      );
+      assert.deepEqual(variable.Value, { 'Fn::GetAtt': [endpointId, 'EndpointName'] });
+      const statements = taskRolePolicy(stacks, compute, 'inference');
+      assert.ok(statements.some((s) => s.Action === 'sagemaker:InvokeEndpoint'));
+    });
+
+    it('leaves no cdk-nag AwsSolutions finding unacknowledged', () => {
+      for (const stack of [stacks.data, stacks.compute]) {
+        const report = new AwsSolutionsChecks().validateScope(stack);
+        assert.deepEqual(report.violations.map((v) => `${v.ruleName}: ${v.violatingResources.map((r) => r.resourceLogicalId)}`), []);
+      }
+    });
+  });
+}
+
+describe('environments', () => {
+  it('keeps prod data through deletion and sizes it above beta', () => {
+    for (const [, table] of resources(prod.data, 'AWS::DynamoDB::Table')) {
+      assert.equal(table.DeletionPolicy, 'Retain');
+      assert.equal(table.Properties.DeletionProtectionEnabled, true);
+    }
+    for (const type of ['AWS::Kinesis::Stream', 'AWS::S3::Bucket', 'AWS::SQS::Queue']) {
+      for (const [, r] of resources(prod.data, type)) assert.equal(r.DeletionPolicy, 'Retain', type);
+      for (const [, r] of resources(beta.data, type)) assert.equal(r.DeletionPolicy, 'Delete', type);
+    }
+    assert.equal(prod.stacks.data.terminationProtection, true);
+    for (const stage of STAGES) {
+      assert.ok(ENVIRONMENTS.prod.workers[stage].maxTasks > ENVIRONMENTS.beta.workers[stage].maxTasks, stage);
+    }
+  });
+
+  it('refuses to synthesize without an environment', () => {
+    assert.throws(() => buildStacks(new App()), /-c env=beta or -c env=prod/);
+  });
+});
