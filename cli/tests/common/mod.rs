@@ -98,8 +98,15 @@ impl Worker {
     }
 
     /// SIGTERM, then wait for a clean exit.
-    pub fn terminate(mut self, within: Duration) -> String {
-        let status = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().unwrap();
+    pub fn terminate(self, within: Duration) -> String {
+        let pid = self.child.id();
+        self.terminate_process(pid, within)
+    }
+
+    /// SIGTERM to `pid` (the worker itself, where `child` is a sandbox around it), then wait for
+    /// `child` to exit cleanly.
+    pub fn terminate_process(mut self, pid: u32, within: Duration) -> String {
+        let status = Command::new("kill").args(["-TERM", &pid.to_string()]).status().unwrap();
         assert!(status.success());
         let deadline = Instant::now() + within;
         loop {
