@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
 # Per-task throughput of each stage, the figure docs/deploy.md sizes ECS services from: one
-# worker process of one stage at a time drains the backlog the stage before it left, on the
-# embedded store, digits model. Prints records/s per stage (and JSON with --json).
+# worker process of one stage at a time drains the backlog the stage before it left, digits
+# model. Prints records/s per stage and, on AWS, the stage's AWS requests per record (JSON with
+# --json).
 #
 #   bench/stage_throughput.sh [BIN_DIR] [--json]    (BIN_DIR default target/release;
 #                                                     REPEAT=30: 30 × 355 held-out digits)
+#
+# On the embedded store by default; with SLUICE_BENCH_AWS_ENDPOINT=http://127.0.0.1:PORT (moto
+# server), on fresh AWS resources there (keep REPEAT small: moto's SQS is slow).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bin=${1:-${CARGO_TARGET_DIR:-target}/release}
@@ -13,8 +17,14 @@ json=false
 [[ "$bin" == --json ]] && bin=${CARGO_TARGET_DIR:-target}/release
 dir=$(mktemp -d)
 trap 'rm -rf "$dir"' EXIT
-store="$dir/stages.sqlite"
-export SLUICE__STORE__PATH="$store" RUST_LOG=warn
+export SLUICE__STORE__PATH="$dir/stages.sqlite" RUST_LOG=warn
+if [[ -n "${SLUICE_BENCH_AWS_ENDPOINT:-}" ]]; then
+  export SLUICE__STORE__BACKEND=aws SLUICE__STORE__AWS__ENDPOINT_URL="$SLUICE_BENCH_AWS_ENDPOINT" \
+    SLUICE__STORE__AWS__PREFIX="bench-stages-$RANDOM$RANDOM" AWS_ACCESS_KEY_ID=testing \
+    AWS_SECRET_ACCESS_KEY=testing AWS_REGION=us-east-1
+  "$bin/sluice" aws bootstrap >/dev/null
+fi
+requests() { "$bin/sluice" stats --json | python3 -c 'import json,sys; print(sum(json.load(sys.stdin).get("aws_requests", {}).values()))'; }
 
 "$bin/sluice" produce --digits test --repeat "${REPEAT:-30}" >/dev/null
 records=$("$bin/sluice" stats --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["records_in"])')
@@ -31,6 +41,7 @@ sys.exit(0 if left == 0 else 1)' "$1"
 
 results=()
 for stage in ingest features inference results; do
+  before=$(requests)
   start=$(date +%s.%N)
   "$bin/sluice-$stage" &
   pid=$!
@@ -39,8 +50,10 @@ for stage in ingest features inference results; do
   kill -TERM "$pid"
   wait "$pid"
   rate=$(python3 -c "print(round($records / ($end - $start)))")
-  results+=("\"$stage\": $rate")
-  $json || printf '%-10s %8s records/s  (%s records, one process, %s cores)\n' "$stage" "$rate" "$records" "$(nproc)"
+  per_record=$(python3 -c "print(round(($(requests) - $before) / $records, 3))")
+  results+=("\"$stage\": {\"records_per_s\": $rate, \"aws_requests_per_record\": $per_record}")
+  $json || printf '%-10s %8s records/s  %6s AWS requests/record  (%s records, one process, %s cores)\n' \
+    "$stage" "$rate" "$per_record" "$records" "$(nproc)"
 done
 $json && echo "{\"records\": $records, \"cores\": $(nproc), $(IFS=,; echo "${results[*]}")}"
 exit 0

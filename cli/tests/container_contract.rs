@@ -42,7 +42,9 @@ fn task_environment(prefix: &str, model: &Path) -> Vec<(&'static str, String)> {
 /// `environment`, working directory `/`. The binary and the model stay readable where they are.
 fn in_container(binary: &Path, model: &Path, environment: &[(&str, String)]) -> Command {
     let bwrap = which("bwrap").unwrap_or_else(|| {
-        panic!("the container-contract test runs the workers under bubblewrap: apt-get install bubblewrap, or {SETUP_HINT}")
+        panic!(
+            "the container-contract test runs the workers under bubblewrap: apt-get install bubblewrap, or {SETUP_HINT}"
+        )
     });
     let mut cmd = Command::new(bwrap);
     cmd.args(["--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp"]);

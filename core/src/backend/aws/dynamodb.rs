@@ -32,6 +32,7 @@ use crate::envelope::{RecordId, now_ms};
 use crate::error::{ReasonCode, Result, SluiceError};
 use crate::record::{PredictionResult, ResultStatus};
 
+/// The feature and result tables' hash key, as `resources.json` names it.
 pub(super) const RECORD_KEY: &str = "record_id";
 const BATCH_GET_KEYS: usize = 100;
 const BATCH_WRITE_ITEMS: usize = 25;
@@ -179,7 +180,8 @@ impl FeatureStore for DynamoFeatureStore {
     async fn get_batch(&self, ids: &[RecordId]) -> Result<HashMap<RecordId, Vec<f32>>> {
         let items = batch_get(&self.client, &self.table, ids).await?;
         let vectors = try_join_all(items.iter().map(|item| async move {
-            let Some(id) = item.get(RECORD_KEY).and_then(|v| v.as_s().ok()).and_then(|s| RecordId::parse(s.clone()).ok())
+            let Some(id) =
+                item.get(RECORD_KEY).and_then(|v| v.as_s().ok()).and_then(|s| RecordId::parse(s.clone()).ok())
             else {
                 return Ok(None);
             };
