@@ -11,6 +11,7 @@ use sluice_core::backend::aws::requests;
 use sluice_core::config::{BackendKind, Settings, StoreArgs};
 use sluice_core::record::PredictionResult;
 use sluice_core::stats::PipelineStats;
+use sluice_core::telemetry::health::Health;
 use sluice_core::topology::StageName;
 use tokio_util::sync::CancellationToken;
 
@@ -113,7 +114,7 @@ pub async fn demo(args: &DemoArgs, settings: Settings) -> anyhow::Result<Summary
 
     let started = Instant::now();
     put_all(&backend, records).await?;
-    crate::pipeline::run_all(&settings, CancellationToken::new(), true).await?;
+    crate::pipeline::run_all(&settings, CancellationToken::new(), true, &Health::new(StageName::ALL.len())).await?;
     let elapsed = started.elapsed().as_secs_f64();
     let pipeline_requests = requests().snapshot();
     let mut summary = summarise(&Backend::open_observer(&store).await?, elapsed).await?;

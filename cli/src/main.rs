@@ -2,14 +2,16 @@
 
 use std::path::PathBuf;
 
-use anyhow::Context;
+use anyhow::{Context, anyhow};
 use clap::{Parser, Subcommand};
 use sluice_cli::{bench, demo, dlq, pipeline, produce, resnet18, train};
 use sluice_core::ReasonCode;
 use sluice_core::backend::Backend;
 use sluice_core::config::{Settings, StoreArgs};
 use sluice_core::record::ResultStatus;
+use sluice_core::service::spawn_health_endpoints;
 use sluice_core::stats::PipelineStats;
+use sluice_core::telemetry::health::Health;
 use sluice_core::topology::StageName;
 
 #[derive(Debug, Parser)]
@@ -202,7 +204,9 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
         Command::Run { store, inference, until_drained } => {
             let settings = inference.apply(store.apply(settings));
             let shutdown = sluice_core::shutdown::on_signal();
-            pipeline::run_all(&settings, shutdown, until_drained).await?;
+            let health = Health::new(StageName::ALL.len());
+            spawn_health_endpoints(&settings, None, health.clone(), shutdown.clone()).map_err(|e| anyhow!(e))?;
+            pipeline::run_all(&settings, shutdown, until_drained, &health).await?;
         }
         Command::Stats { store, json } => {
             let stats = PipelineStats::collect(&open(&store.apply(settings)).await?).await?;

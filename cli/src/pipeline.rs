@@ -8,6 +8,7 @@ use sluice_core::backend::Backend;
 use sluice_core::config::Settings;
 use sluice_core::service::{BuildError, default_worker_id, serve};
 use sluice_core::stats::PipelineStats;
+use sluice_core::telemetry::health::Health;
 use sluice_core::topology::StageName;
 use sluice_core::worker::Stage;
 use tokio::task::JoinSet;
@@ -29,18 +30,26 @@ pub fn build_stage(stage: StageName, settings: &Settings, backend: &Backend) -> 
     })
 }
 
-/// Runs every stage until `shutdown` (or, with `until_drained`, until nothing is left to do).
-pub async fn run_all(settings: &Settings, shutdown: CancellationToken, until_drained: bool) -> anyhow::Result<()> {
+/// Runs every stage until `shutdown` (or, with `until_drained`, until nothing is left to do),
+/// telling `health` as each starts and stops (`Health::new(4)`).
+pub async fn run_all(
+    settings: &Settings,
+    shutdown: CancellationToken,
+    until_drained: bool,
+    health: &Health,
+) -> anyhow::Result<()> {
     let store = settings.store()?;
     let mut workers = JoinSet::new();
     for stage_name in StageName::ALL {
         // One connection per stage, as separate processes would have.
         let backend = Backend::open(&store).await?;
         let stage = build_stage(stage_name, settings, &backend).map_err(|e| anyhow!("{stage_name}: {e}"))?;
-        let (settings, token) = (settings.clone(), shutdown.clone());
+        let (settings, token, health) = (settings.clone(), shutdown.clone(), health.clone());
         workers.spawn(async move {
             let worker_id = default_worker_id(stage_name.as_str());
-            serve(stage, &settings, backend, &worker_id, token).await.map_err(|e| anyhow!("{stage_name} worker: {e}"))
+            serve(stage, &settings, backend, &worker_id, token, &health)
+                .await
+                .map_err(|e| anyhow!("{stage_name} worker: {e}"))
         });
     }
     if until_drained {

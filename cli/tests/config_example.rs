@@ -4,6 +4,7 @@
 use std::path::Path;
 
 use sluice_core::config::{ModelConfig, Settings, StoreConfig, WorkerConfig};
+use sluice_core::telemetry::health::TelemetryConfig;
 use sluice_features::FeaturesConfig;
 use sluice_inference::InferenceConfig;
 use sluice_ingest::IngestConfig;
@@ -16,6 +17,7 @@ fn the_example_config_is_complete_and_states_the_defaults() {
     assert_eq!(settings.store().unwrap(), StoreConfig::default());
     assert_eq!(settings.worker().unwrap(), WorkerConfig::default());
     assert_eq!(settings.model().unwrap(), ModelConfig::default());
+    assert_eq!(settings.telemetry().unwrap(), TelemetryConfig::default());
     assert_eq!(settings.section::<IngestConfig>("ingest").unwrap(), IngestConfig::default());
     assert_eq!(settings.section::<FeaturesConfig>("features").unwrap(), FeaturesConfig::default());
     assert_eq!(settings.section::<InferenceConfig>("inference").unwrap(), InferenceConfig::default());

@@ -2,7 +2,8 @@
 //! its ECS task's command would start it in the image (deploy/docker) — no flags, configuration
 //! from `SLUICE__…` variables alone, user 65532 (distroless's nonroot) without capabilities, a
 //! read-only root filesystem with only /tmp writable — drains a pipeline on the AWS stand-in,
-//! logs, and exits 0 within its grace period after SIGTERM.
+//! answers its container health check (`--healthcheck`) and `/readyz` while it runs, logs, and
+//! exits 0 within its grace period after SIGTERM.
 //!
 //! The sandbox is bubblewrap (`bwrap`: a user namespace, `/` bound read-only, a tmpfs on /tmp);
 //! `scripts/test` installs it where it is missing.
@@ -13,18 +14,22 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{bin, model_dir, wait_for};
+use common::{bin, free_port, model_dir, wait_for};
 use sluice_cli::digits::{Split, load_split};
 use sluice_cli::produce::{digit_records, put_all, run_tag};
 use sluice_core::backend::{Backend, StreamInput};
+use sluice_core::telemetry::health::probe;
 use sluice_core::testing::{SETUP_HINT, aws_endpoint, aws_store_config, unique_prefix};
 
 const RECORDS: usize = 24;
 const GRACE_MS: u64 = 10_000;
 
+/// A worker's environment, as `(variable, value)` pairs.
+type Environment = Vec<(&'static str, String)>;
+
 /// What the ECS task definition sets (deploy/cdk/lib/compute-stack.ts) plus the image's own
 /// `ENV`, pointed at the stand-in; the dummy credentials stand in for the task role's.
-fn task_environment(prefix: &str, model: &Path) -> Vec<(&'static str, String)> {
+fn task_environment(prefix: &str, model: &Path) -> Environment {
     vec![
         ("SLUICE__STORE__BACKEND", "aws".to_owned()),
         ("SLUICE__STORE__AWS__PREFIX", prefix.to_owned()),
@@ -89,20 +94,24 @@ async fn workers_run_unprivileged_on_a_read_only_root_configured_by_environment_
     put_all(&backend, records).await.unwrap();
 
     let model = model_dir().canonicalize().unwrap();
-    let environment = task_environment(&prefix, &model);
     let dir = tempfile::tempdir().unwrap();
-    let workers: Vec<common::Worker> = ["sluice-ingest", "sluice-features", "sluice-inference", "sluice-results"]
-        .into_iter()
-        .map(|name| {
-            let log = dir.path().join(format!("{name}.log"));
-            let child = in_container(&bin(name).canonicalize().unwrap(), &model, &environment)
-                .stdout(Stdio::null())
-                .stderr(std::fs::File::create(&log).unwrap())
-                .spawn()
-                .unwrap();
-            common::Worker { name: name.to_owned(), child, log }
-        })
-        .collect();
+    // Each with a port of its own for its health endpoints (tests share the host).
+    let workers: Vec<(common::Worker, Environment, u16)> =
+        ["sluice-ingest", "sluice-features", "sluice-inference", "sluice-results"]
+            .into_iter()
+            .map(|name| {
+                let port = free_port();
+                let mut environment = task_environment(&prefix, &model);
+                environment.push(("SLUICE__TELEMETRY__PORT", port.to_string()));
+                let log = dir.path().join(format!("{name}.log"));
+                let child = in_container(&bin(name).canonicalize().unwrap(), &model, &environment)
+                    .stdout(Stdio::null())
+                    .stderr(std::fs::File::create(&log).unwrap())
+                    .spawn()
+                    .unwrap();
+                (common::Worker { name: name.to_owned(), child, log }, environment, port)
+            })
+            .collect();
 
     let stats = wait_for(&backend, Duration::from_secs(120), "every record accounted for", |s| {
         s.records_in == RECORDS as u64 && s.accounted() == s.records_in && s.is_drained()
@@ -110,12 +119,19 @@ async fn workers_run_unprivileged_on_a_read_only_root_configured_by_environment_
     .await;
     assert_eq!(stats.dlq.values().sum::<u64>(), 1, "the bad record alone is in a DLQ: {stats:#?}");
 
-    for worker in workers {
+    for (worker, environment, port) in workers {
+        let binary = bin(&worker.name).canonicalize().unwrap();
+        let healthcheck = || in_container(&binary, &model, &environment).arg("--healthcheck").output().unwrap();
+        let answer = healthcheck();
+        assert!(answer.status.success(), "{}: {}", worker.name, String::from_utf8_lossy(&answer.stderr));
+        let address = ([127, 0, 0, 1], port).into();
+        assert!(probe(address, "/readyz").await.unwrap(), "{} is ready", worker.name);
         // ECS signals the container's first process, the worker itself (bwrap passes no signal on).
         let pid = sandboxed_pid(worker.child.id());
         let log = worker.terminate_process(pid, Duration::from_millis(GRACE_MS + 5_000));
         assert!(log.contains("worker started"), "logged nothing useful:\n{log}");
         assert!(!log.contains("Read-only file system"), "tried to write outside /tmp:\n{log}");
+        assert!(!healthcheck().status.success(), "a stopped worker fails its health check");
     }
 }
 

@@ -9,6 +9,7 @@ use sluice_core::backend::{Backend, OutgoingMessage};
 use sluice_core::config::Settings;
 use sluice_core::envelope::{ContentType, Envelope, Payload, RecordId};
 use sluice_core::stats::PipelineStats;
+use sluice_core::telemetry::health::Health;
 use sluice_core::topology::{QueueName, StageName};
 use tokio_util::sync::CancellationToken;
 
@@ -28,7 +29,7 @@ async fn a_fixed_record_replays_from_its_dlq_to_a_result() {
     let original = envelope.to_json();
     let message = OutgoingMessage { body: original.clone(), dedup_key: Some(id.to_string()), ..Default::default() };
     backend.queue(QueueName::Inference).send_batch(vec![message]).await.unwrap();
-    pipeline::run_all(&settings, CancellationToken::new(), true).await.unwrap();
+    pipeline::run_all(&settings, CancellationToken::new(), true, &Health::new(4)).await.unwrap();
 
     let entries = dlq::entries(&backend, StageName::Inference, 10).await.unwrap();
     assert_eq!(entries.len(), 1);
@@ -43,7 +44,7 @@ async fn a_fixed_record_replays_from_its_dlq_to_a_result() {
     backend.features.put_if_absent(vec![(id.clone(), vec![0.0; 64])]).await.unwrap();
     let moved = dlq::replay(&backend, StageName::Inference, Some(ReasonCode::MissingFeatures), 10).await.unwrap();
     assert_eq!(moved, 1);
-    pipeline::run_all(&settings, CancellationToken::new(), true).await.unwrap();
+    pipeline::run_all(&settings, CancellationToken::new(), true, &Health::new(4)).await.unwrap();
 
     let stats = PipelineStats::collect(&backend).await.unwrap();
     assert_eq!(stats.dlq[&StageName::Inference], 0);

@@ -55,6 +55,10 @@ impl Settings {
     pub fn model(&self) -> Result<ModelConfig, ConfigError> {
         self.section("model")
     }
+
+    pub fn telemetry(&self) -> Result<crate::telemetry::health::TelemetryConfig, ConfigError> {
+        self.section("telemetry")
+    }
 }
 
 /// `[model]`: the bundle the features, inference and results stages share.

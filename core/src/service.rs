@@ -10,6 +10,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::backend::Backend;
 use crate::config::{Settings, StoreArgs};
+use crate::telemetry::health::{self, Health};
+use crate::topology::StageName;
 use crate::worker::{Stage, Worker, WorkerReport, source_for};
 
 /// An error while building a stage (bad config, missing model bundle…).
@@ -26,6 +28,10 @@ pub struct WorkerArgs {
     /// This worker's name in shard leases; defaults to host and process id.
     #[arg(long)]
     pub worker_id: Option<String>,
+    /// Do not run: ask the health endpoint of this worker kind on this host (`/healthz`) and
+    /// exit 0 if it answers 200 (the container health check; the images have no curl).
+    #[arg(long)]
+    pub healthcheck: bool,
 }
 
 impl WorkerArgs {
@@ -40,25 +46,28 @@ pub fn default_worker_id(stage: &str) -> String {
     format!("{stage}-{host}-{}-{}", std::process::id(), &uuid::Uuid::new_v4().simple().to_string()[..8])
 }
 
-/// Runs one stage's worker until `shutdown`, then gives it the configured grace period.
+/// Runs one stage's worker until `shutdown`, then gives it the configured grace period; tells
+/// `health` once it runs and again when it stops.
 pub async fn serve(
     stage: Arc<dyn Stage>,
     settings: &Settings,
     backend: Backend,
     worker_id: &str,
     shutdown: CancellationToken,
+    health: &Health,
 ) -> Result<WorkerReport, BuildError> {
     let store = settings.store()?;
     let worker_config = settings.worker()?;
     let grace = Duration::from_millis(worker_config.shutdown_grace_ms);
     let source = source_for(stage.name(), &backend, &store, worker_id).await?;
+    health.worker_ready();
     let ledger = Arc::clone(&backend.requests);
     let worker = Worker::new(stage, source, backend, worker_config, &store);
     let reporting = tokio::spawn(report_requests(Arc::clone(&ledger), shutdown.clone()));
     let mut running = tokio::spawn(worker.run(shutdown.clone()));
     let finished: Result<WorkerReport, BuildError> = tokio::select! {
         finished = &mut running => flatten(finished),
-        _ = shutdown.cancelled() => match tokio::time::timeout(grace, running).await {
+        _ = shutdown.cancelled() => match { health.stopping(); tokio::time::timeout(grace, running) }.await {
             Ok(finished) => flatten(finished),
             Err(_) => Err(format!("in-flight work did not finish within the {grace:?} grace period; it will be redelivered").into()),
         },
@@ -89,8 +98,26 @@ async fn report_requests(ledger: Arc<dyn crate::backend::RequestLedger>, shutdow
     }
 }
 
+/// Serves `/healthz` and `/readyz` for `stage` (or all of `sluice run`) until `shutdown`, where
+/// `[telemetry]` says; a port already taken is logged, not fatal (the work goes on).
+pub fn spawn_health_endpoints(
+    settings: &Settings,
+    stage: Option<StageName>,
+    health: Health,
+    shutdown: CancellationToken,
+) -> Result<(), BuildError> {
+    if let Some(address) = settings.telemetry()?.health_address(stage) {
+        tokio::spawn(async move {
+            if let Err(e) = health::serve(address, health, shutdown).await {
+                tracing::error!(%address, error = %e, "health endpoints not served");
+            }
+        });
+    }
+    Ok(())
+}
+
 /// The whole `main` of a worker binary: parse arguments, build the stage, run until signalled.
-pub fn binary_main<S, F>(stage_name: &str, build: F) -> ExitCode
+pub fn binary_main<S, F>(stage_name: StageName, build: F) -> ExitCode
 where
     S: Stage + 'static,
     F: FnOnce(&Settings, &Backend) -> Result<S, BuildError>,
@@ -104,13 +131,19 @@ where
             return ExitCode::FAILURE;
         }
     };
+    if args.healthcheck {
+        return runtime.block_on(healthcheck(&args, stage_name));
+    }
     let result = runtime.block_on(async {
         let settings = args.settings()?;
+        let shutdown = crate::shutdown::on_signal();
+        let health = Health::new(1);
+        spawn_health_endpoints(&settings, Some(stage_name), health.clone(), shutdown.clone())?;
         let backend = Backend::open(&settings.store()?).await?;
         let stage = build(&settings, &backend)?;
-        let worker_id = args.worker_id.clone().unwrap_or_else(|| default_worker_id(stage_name));
+        let worker_id = args.worker_id.clone().unwrap_or_else(|| default_worker_id(stage_name.as_str()));
         tracing::info!(worker_id, backend = ?settings.store()?.backend, "{stage_name} worker started");
-        serve(Arc::new(stage), &settings, backend, &worker_id, crate::shutdown::on_signal()).await
+        serve(Arc::new(stage), &settings, backend, &worker_id, shutdown, &health).await
     });
     match result {
         Ok(_) => ExitCode::SUCCESS,
@@ -119,4 +152,29 @@ where
             ExitCode::FAILURE
         }
     }
+}
+
+async fn healthcheck(args: &WorkerArgs, stage: StageName) -> ExitCode {
+    let address = match args.settings().map(|s| s.telemetry()) {
+        Ok(Ok(config)) => config.health_address(Some(stage)),
+        Ok(Err(e)) => return fail(&e),
+        Err(e) => return fail(&*e),
+    };
+    let Some(mut address) = address else {
+        eprintln!("health endpoints are off ([telemetry] port = 0)");
+        return ExitCode::FAILURE;
+    };
+    if address.ip().is_unspecified() {
+        address.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    match health::probe(address, "/healthz").await {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => fail(&format!("{address}/healthz did not answer 200")),
+        Err(e) => fail(&format!("{address}/healthz: {e}")),
+    }
+}
+
+fn fail(error: &dyn std::fmt::Display) -> ExitCode {
+    eprintln!("unhealthy: {error}");
+    ExitCode::FAILURE
 }

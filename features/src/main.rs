@@ -1,5 +1,5 @@
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
-    sluice_core::service::binary_main("features", sluice_features::FeaturesStage::build)
+    sluice_core::service::binary_main(sluice_core::topology::StageName::Features, sluice_features::FeaturesStage::build)
 }

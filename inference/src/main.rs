@@ -1,5 +1,8 @@
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
-    sluice_core::service::binary_main("inference", sluice_inference::InferenceStage::build)
+    sluice_core::service::binary_main(
+        sluice_core::topology::StageName::Inference,
+        sluice_inference::InferenceStage::build,
+    )
 }

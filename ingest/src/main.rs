@@ -1,5 +1,5 @@
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
-    sluice_core::service::binary_main("ingest", sluice_ingest::IngestStage::build)
+    sluice_core::service::binary_main(sluice_core::topology::StageName::Ingest, sluice_ingest::IngestStage::build)
 }

@@ -26,8 +26,18 @@ pub fn model_dir() -> PathBuf {
 }
 
 /// What every process a test starts shares: the shipped model bundle, a grace period, logs.
+/// Health endpoints are off: tests run many workers on one host at once, and those that probe
+/// them choose free ports.
 fn base_env(cmd: &mut Command) -> &mut Command {
-    cmd.env("SLUICE__MODEL__DIR", model_dir()).env("SLUICE__WORKER__SHUTDOWN_GRACE_MS", "10000").env("RUST_LOG", "info")
+    cmd.env("SLUICE__MODEL__DIR", model_dir())
+        .env("SLUICE__WORKER__SHUTDOWN_GRACE_MS", "10000")
+        .env("SLUICE__TELEMETRY__PORT", "0")
+        .env("RUST_LOG", "info")
+}
+
+/// A loopback port nothing listens on now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 /// Environment every process of an embedded-store test shares: short timeouts so a killed

@@ -149,6 +149,15 @@ export class ComputeStack extends Stack {
         readonlyRootFilesystem: true,
         stopTimeout: STOP_TIMEOUT,
         essential: true,
+        // The worker asks its own /healthz (the images have no curl); the start period covers
+        // loading the model.
+        healthCheck: {
+          command: ['CMD', `/usr/local/bin/sluice-${stage}`, '--healthcheck'],
+          interval: Duration.seconds(30),
+          timeout: Duration.seconds(5),
+          retries: 3,
+          startPeriod: Duration.seconds(60),
+        },
       };
       const service = gpu
         ? this.gpuService(cluster, vpc, securityGroup, role, container, config)

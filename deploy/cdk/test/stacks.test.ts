@@ -180,13 +180,14 @@ for (const [env, synthed] of [['beta', beta], ['prod', prod]] as const) {
       });
     });
 
-    it('runs workers read-only, stopping within the stop timeout, with logs kept', () => {
+    it('runs workers read-only, health-checked, stopping within the stop timeout, with logs kept', () => {
       const grace = (c: any) => Number(c.Environment.find((e: any) => e.Name === 'SLUICE__WORKER__SHUTDOWN_GRACE_MS').Value);
       for (const [, task] of resources(compute, 'AWS::ECS::TaskDefinition')) {
         const [container] = task.Properties.ContainerDefinitions;
         assert.equal(container.ReadonlyRootFilesystem, true);
         assert.ok(grace(container) < container.StopTimeout * 1000, 'the grace period ends before SIGKILL');
         assert.equal(container.LogConfiguration.LogDriver, 'awslogs');
+        assert.deepEqual(container.HealthCheck.Command, ['CMD', container.Command[0], '--healthcheck']);
       }
       for (const [, group] of resources(compute, 'AWS::Logs::LogGroup')) assert.ok(group.Properties.RetentionInDays > 0);
     });

@@ -1,4 +1,7 @@
-//! Telemetry set up in one place: every binary calls [`init`] first.
+//! Telemetry set up in one place: every binary calls [`init`] first; workers serve their health
+//! endpoints from [`health`].
+
+pub mod health;
 
 use tracing_subscriber::EnvFilter;
 
