@@ -210,7 +210,8 @@ const fn default_shards() -> u32 {
 pub struct WorkerConfig {
     /// Long-poll wait for the first message of a batch.
     pub poll_wait_ms: u64,
-    /// How long a worker may take to finish in-flight work after SIGTERM.
+    /// How long a worker may take to finish in-flight work after SIGTERM; the default stays under
+    /// ECS's default 30 s stop timeout, so SIGKILL never cuts a batch short.
     pub shutdown_grace_ms: u64,
     /// Delay before a retryable failure is tried again.
     pub retry_delay_ms: u64,
@@ -218,7 +219,7 @@ pub struct WorkerConfig {
 
 impl Default for WorkerConfig {
     fn default() -> Self {
-        Self { poll_wait_ms: 500, shutdown_grace_ms: 30_000, retry_delay_ms: 1_000 }
+        Self { poll_wait_ms: 500, shutdown_grace_ms: 25_000, retry_delay_ms: 1_000 }
     }
 }
 
