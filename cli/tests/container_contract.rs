@@ -2,8 +2,8 @@
 //! its ECS task's command would start it in the image (deploy/docker) — no flags, configuration
 //! from `SLUICE__…` variables alone, user 65532 (distroless's nonroot) without capabilities, a
 //! read-only root filesystem with only /tmp writable — drains a pipeline on the AWS stand-in,
-//! answers its container health check (`--healthcheck`) and `/readyz` while it runs, logs, and
-//! exits 0 within its grace period after SIGTERM.
+//! answers its container health check (`--healthcheck`) and `/readyz` while it runs, logs JSON
+//! lines (its stderr is no terminal), and exits 0 within its grace period after SIGTERM.
 //!
 //! The sandbox is bubblewrap (`bwrap`: a user namespace, `/` bound read-only, a tmpfs on /tmp);
 //! `scripts/test` installs it where it is missing.
@@ -130,6 +130,11 @@ async fn workers_run_unprivileged_on_a_read_only_root_configured_by_environment_
         let pid = sandboxed_pid(worker.child.id());
         let log = worker.terminate_process(pid, Duration::from_millis(GRACE_MS + 5_000));
         assert!(log.contains("worker started"), "logged nothing useful:\n{log}");
+        for line in log.lines() {
+            let event: serde_json::Value =
+                serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: not JSON: {line}"));
+            assert!(event["level"].is_string() && event["message"].is_string(), "a log event: {line}");
+        }
         assert!(!log.contains("Read-only file system"), "tried to write outside /tmp:\n{log}");
         assert!(!healthcheck().status.success(), "a stopped worker fails its health check");
     }
