@@ -8,4 +8,5 @@ pub mod dlq;
 pub mod pipeline;
 pub mod produce;
 pub mod resnet18;
+pub mod stats;
 pub mod train;

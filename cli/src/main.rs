@@ -57,7 +57,7 @@ enum Command {
         #[arg(long)]
         until_drained: bool,
     },
-    /// Where every record is: stream, queues, results, review, DLQs.
+    /// Where every record is: stream, queues, results, review, DLQs (a table; `--json` for the numbers).
     Stats {
         #[command(flatten)]
         store: StoreArgs,
@@ -213,7 +213,7 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
             if json {
                 println!("{}", serde_json::to_string(&stats)?);
             } else {
-                println!("{}", serde_json::to_string_pretty(&stats)?);
+                print!("{}", sluice_cli::stats::render(&stats));
             }
         }
         Command::Aws { command: AwsCommand::Bootstrap { store } } => {

@@ -1,0 +1,80 @@
+//! `sluice stats` for people: where every record is, as a table (`--json` gives the numbers).
+
+use std::fmt::Write as _;
+
+use sluice_core::stats::PipelineStats;
+use sluice_core::topology::{QueueName, StageName};
+
+/// The stats as a few aligned lines: records in and where they ended, the stream, each queue.
+pub fn render(stats: &PipelineStats) -> String {
+    let mut out = String::new();
+    let accounted = stats.accounted();
+    let in_flight = stats.records_in.saturating_sub(accounted);
+    let _ = writeln!(out, "records in      {:>10}", stats.records_in);
+    let _ = writeln!(out, "  results       {:>10}", stats.results);
+    let _ =
+        writeln!(out, "  review        {:>10}   (waiting for a person: sluice results --status review)", stats.review);
+    for stage in StageName::ALL {
+        let _ = writeln!(out, "  dlq {:<9} {:>10}", stage.as_str(), stats.dlq.get(&stage).copied().unwrap_or(0));
+    }
+    let _ = writeln!(out, "  not yet done  {:>10}", in_flight);
+
+    let stream = &stats.stream;
+    let behind = stream.millis_behind_latest.map(|ms| format!(", {ms} ms behind")).unwrap_or_default();
+    let _ = writeln!(
+        out,
+        "\nstream          {} shards, {} records past the checkpoints{behind}",
+        stream.shards, stream.pending
+    );
+    for (owner, shards) in &stream.leases {
+        let _ = writeln!(out, "  lease         {owner} holds {shards}");
+    }
+
+    let _ = writeln!(out, "\nqueue           {:>10} {:>10}", "visible", "in flight");
+    for queue in QueueName::ALL {
+        let depth = &stats.queues[&queue];
+        let _ = writeln!(out, "  {:<13} {:>10} {:>10}", queue.as_str(), depth.visible, depth.in_flight);
+    }
+    if let Some(per_record) = stats.aws_requests_per_record {
+        let _ = writeln!(out, "\nAWS requests    {per_record:.2} per record in");
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use sluice_core::backend::{QueueDepth, StreamStats};
+
+    use super::*;
+
+    #[test]
+    fn the_table_names_every_end_and_queue() {
+        let queues = QueueName::ALL.into_iter().map(|q| (q, QueueDepth { visible: 2, in_flight: 1 })).collect();
+        let stats = PipelineStats {
+            records_in: 10,
+            results: 5,
+            review: 1,
+            dlq: BTreeMap::from([(StageName::Ingest, 1)]),
+            stream: StreamStats {
+                shards: 4,
+                records: 10,
+                pending: 0,
+                millis_behind_latest: Some(20),
+                leases: BTreeMap::from([("ingest-a".to_owned(), 4)]),
+            },
+            queues,
+            aws_requests_per_record: None,
+            aws_requests: BTreeMap::new(),
+        };
+        let text = render(&stats);
+        assert!(text.contains("records in              10"), "{text}");
+        assert!(text.contains("not yet done           3"), "{text}");
+        assert!(text.contains("ingest-a holds 4") && text.contains("20 ms behind"), "{text}");
+        for queue in QueueName::ALL {
+            assert!(text.contains(&format!("  {:<13}          2          1", queue.as_str())), "{queue}: {text}");
+        }
+        assert!(!text.contains("AWS requests"));
+    }
+}
