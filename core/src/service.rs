@@ -98,7 +98,8 @@ async fn report_requests(ledger: Arc<dyn crate::backend::RequestLedger>, shutdow
     }
 }
 
-/// Serves `/healthz` and `/readyz` for `stage` (or all of `sluice run`) until `shutdown`, where
+/// Serves `/healthz` and `/readyz` for `stage` (or all of `sluice run`) until `shutdown` (which
+/// should come after the workers' own, so a draining process answers "not ready"), where
 /// `[telemetry]` says; a port already taken is logged, not fatal (the work goes on).
 pub fn spawn_health_endpoints(
     settings: &Settings,
@@ -138,7 +139,10 @@ where
         let settings = args.settings()?;
         let shutdown = crate::shutdown::on_signal();
         let health = Health::new(1);
-        spawn_health_endpoints(&settings, Some(stage_name), health.clone(), shutdown.clone())?;
+        // The endpoints outlive the drain, so probes see "not ready" rather than a closed port.
+        let endpoints = CancellationToken::new();
+        let _stop_endpoints = endpoints.clone().drop_guard();
+        spawn_health_endpoints(&settings, Some(stage_name), health.clone(), endpoints)?;
         let backend = Backend::open(&settings.store()?).await?;
         let stage = build(&settings, &backend)?;
         let worker_id = args.worker_id.clone().unwrap_or_else(|| default_worker_id(stage_name.as_str()));

@@ -66,12 +66,13 @@ for stage in ingest features inference results; do
     "${environment[@]}" "$image" "/usr/local/bin/sluice-$stage" >/dev/null
 done
 
-for _ in $(seq 1 600); do
+for attempt in $(seq 1 600); do
   stats=$("$bin/sluice" stats "${aws[@]}" --json 2>/dev/null)
   if python3 -c 'import json, sys
 s = json.loads(sys.argv[1])
 done = s["results"] + s["review"] + sum(s["dlq"].values())
 sys.exit(0 if s["records_in"] > 0 and done == s["records_in"] else 1)' "$stats"; then break; fi
+  if ((attempt == 600)); then echo "the pipeline did not drain within 5 minutes: $stats" >&2; exit 1; fi
   sleep 0.5
 done
 echo "pipeline: $(python3 -c 'import json, sys; s = json.loads(sys.argv[1]); print(s["records_in"], "in,", s["results"], "results,", s["review"], "review,", sum(s["dlq"].values()), "DLQ")' "$stats")"

@@ -3,7 +3,6 @@
 import * as fs from 'fs';
 import * as path from 'path';
 import { App, Environment, Validations } from 'aws-cdk-lib';
-import * as ecs from 'aws-cdk-lib/aws-ecs';
 import { AwsSolutionsChecks } from 'cdk-nag';
 import { ComputeStack } from './compute-stack';
 import { DataStack } from './data-stack';
@@ -43,8 +42,6 @@ export function buildStacks(app: App, env?: Environment): SluiceStacks {
         '(pip install -r deploy/sagemaker/requirements.txt), pass -c fallbackModel=PATH, or -c fallbackModel=none',
     );
   }
-  const image = (uri: string | undefined, dockerfile: string) =>
-    uri ? ecs.ContainerImage.fromRegistry(uri) : ecs.ContainerImage.fromAsset(REPO_ROOT, { file: `deploy/docker/${dockerfile}` });
 
   const data = new DataStack(app, `sluice-${name}-data`, {
     env,
@@ -58,7 +55,10 @@ export function buildStacks(app: App, env?: Environment): SluiceStacks {
     config,
     data,
     inference,
-    images: { cpu: image(context('image'), 'Dockerfile'), cuda: image(context('cudaImage'), 'Dockerfile.cuda') },
+    images: {
+      cpu: { uri: context('image'), dockerfile: 'deploy/docker/Dockerfile' },
+      cuda: { uri: context('cudaImage'), dockerfile: 'deploy/docker/Dockerfile.cuda' },
+    },
     fallbackModel: fallbackModel === 'none' ? undefined : fallbackModel,
     fallbackImage: context('fallbackImage'),
     alarmEmail: context('alarmEmail'),

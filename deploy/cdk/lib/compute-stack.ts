@@ -8,6 +8,7 @@ import * as autoscaling from 'aws-cdk-lib/aws-autoscaling';
 import * as cloudwatch from 'aws-cdk-lib/aws-cloudwatch';
 import * as cw_actions from 'aws-cdk-lib/aws-cloudwatch-actions';
 import * as ec2 from 'aws-cdk-lib/aws-ec2';
+import * as ecr from 'aws-cdk-lib/aws-ecr';
 import * as ecs from 'aws-cdk-lib/aws-ecs';
 import * as iam from 'aws-cdk-lib/aws-iam';
 import * as kms from 'aws-cdk-lib/aws-kms';
@@ -20,15 +21,15 @@ import { Construct } from 'constructs';
 import { backlogPerTaskTarget } from './capacity';
 import { DataStack, pascal } from './data-stack';
 import { EnvironmentConfig } from './environments';
-import { RESOURCES, STAGES, Stage, configNumber, resourceName } from './resources';
+import { REPO_ROOT, RESOURCES, STAGES, Stage, configNumber, resourceName } from './resources';
 
 export interface ComputeStackProps extends StackProps {
   config: EnvironmentConfig;
   data: DataStack;
   /** `gpu`: inference on EC2 GPU instances (CUDA image); `cpu`: on Fargate (CPU image). */
   inference: 'gpu' | 'cpu';
-  /** The worker image (deploy/docker/Dockerfile) and its CUDA variant (Dockerfile.cuda). */
-  images: { cpu: ecs.ContainerImage; cuda: ecs.ContainerImage };
+  /** The worker image and its CUDA variant: pushed already (`uri`), or built from `dockerfile`. */
+  images: { cpu: ImageSource; cuda: ImageSource };
   /** The fallback's `model.tar.gz` (deploy/sagemaker/train_xgboost.py); none: no fallback. */
   fallbackModel?: string;
   /** Overrides the region's built-in SageMaker XGBoost 1.7-1 image. */
@@ -36,6 +37,15 @@ export interface ComputeStackProps extends StackProps {
   /** Subscribed to the alarm topic, if given. */
   alarmEmail?: string;
 }
+
+/** An image pushed already, or to build from a Dockerfile of the repository (a CDK asset). */
+export interface ImageSource {
+  uri?: string;
+  dockerfile: string;
+}
+
+/** `ACCOUNT.dkr.ecr.REGION.amazonaws.com/REPOSITORY[:TAG]`, in parts. */
+const ECR_URI = /^(\d{12})\.dkr\.ecr\.([a-z0-9-]+)\.amazonaws\.com(?:\.cn)?\/([^:@]+)(?::([^@]+))?$/;
 
 /** Where the images keep the model bundle the workers load. */
 const MODEL_DIR = '/opt/sluice/models/digits';
@@ -119,6 +129,7 @@ export class ComputeStack extends Stack {
       SLUICE__STORE__MAX_RECEIVES: String(configNumber('store.max_receives')),
       SLUICE__STORE__VISIBILITY_TIMEOUT_MS: String(configNumber('store.visibility_timeout_ms')),
       SLUICE__WORKER__SHUTDOWN_GRACE_MS: String(SHUTDOWN_GRACE.toMilliseconds()),
+      SLUICE__STORE__AWS__RESULT_TTL_DAYS: String(config.resultTtlDays),
       SLUICE__MODEL__DIR: MODEL_DIR,
       RUST_LOG: 'info',
     };
@@ -142,7 +153,7 @@ export class ComputeStack extends Stack {
       };
       const gpu = stage === 'inference' && props.inference === 'gpu';
       const container: ecs.ContainerDefinitionOptions = {
-        image: gpu ? props.images.cuda : props.images.cpu,
+        image: this.containerImage(gpu ? 'CudaImage' : 'Image', gpu ? props.images.cuda : props.images.cpu),
         command: [`/usr/local/bin/sluice-${stage}`],
         environment: stageEnvironment,
         logging: ecs.LogDrivers.awsLogs({ logGroup, streamPrefix: stage }),
@@ -169,6 +180,23 @@ export class ComputeStack extends Stack {
     this.alarmTopic = this.alarms(data, config, props.alarmEmail);
     new CfnOutput(this, 'ClusterName', { value: cluster.clusterName });
     new CfnOutput(this, 'AlarmTopic', { value: this.alarmTopic.topicArn });
+  }
+
+  /**
+   * The image of `source`: an ECR image through its repository (so the execution role is granted
+   * the pull), another registry's as it is, or a CDK asset built from the Dockerfile.
+   */
+  private containerImage(id: string, source: ImageSource): ecs.ContainerImage {
+    if (!source.uri) return ecs.ContainerImage.fromAsset(REPO_ROOT, { file: source.dockerfile });
+    const ecrImage = ECR_URI.exec(source.uri);
+    if (!ecrImage) return ecs.ContainerImage.fromRegistry(source.uri);
+    const [, account, region, repositoryName, tag] = ecrImage;
+    const repository = (this.node.tryFindChild(id) as ecr.IRepository | undefined) ??
+      ecr.Repository.fromRepositoryAttributes(this, id, {
+        repositoryArn: `arn:${Aws.PARTITION}:ecr:${region}:${account}:repository/${repositoryName}`,
+        repositoryName,
+      });
+    return ecs.ContainerImage.fromEcrRepository(repository, tag ?? 'latest');
   }
 
   /** Exactly the calls a worker of `stage` makes, on exactly its resources. */
@@ -310,7 +338,9 @@ export class ComputeStack extends Stack {
       securityGroups: [securityGroup],
       vpcSubnets: { subnetType: ec2.SubnetType.PRIVATE_WITH_EGRESS },
       capacityProviderStrategies: [{ capacityProvider: provider.capacityProviderName, weight: 1 }],
-      minHealthyPercent: 100,
+      // One GPU a task, no spare GPU for a second copy: a deployment replaces half at a time.
+      minHealthyPercent: 50,
+      maxHealthyPercent: 100,
       circuitBreaker: { rollback: true },
     });
   }
@@ -333,7 +363,13 @@ export class ComputeStack extends Stack {
   private scale(stage: Stage, cluster: ecs.Cluster, service: ecs.BaseService, data: DataStack, config: EnvironmentConfig): void {
     const sizing = config.workers[stage];
     const input = RESOURCES.stages[stage].input;
-    const maxTasks = !input && config.shards !== 'on-demand' ? Math.min(sizing.maxTasks, config.shards) : sizing.maxTasks;
+    const gpu = service instanceof ecs.Ec2Service;
+    // Ingest: one consumer per shard is the most that helps. GPU inference: one task per GPU.
+    const maxTasks = gpu
+      ? Math.min(sizing.maxTasks, config.gpu.maxInstances)
+      : !input && config.shards !== 'on-demand'
+        ? Math.min(sizing.maxTasks, config.shards)
+        : sizing.maxTasks;
     const target = new appscaling.ScalableTarget(this, `${pascal(stage)}Scaling`, {
       serviceNamespace: appscaling.ServiceNamespace.ECS,
       resourceId: `service/${cluster.clusterName}/${service.serviceName}`,
@@ -354,7 +390,7 @@ export class ComputeStack extends Stack {
       });
       return;
     }
-    const vcpu = stage === 'inference' && service instanceof ecs.Ec2Service ? config.gpu.cpu / 1024 : sizing.cpu / 1024;
+    const vcpu = gpu ? config.gpu.cpu / 1024 : sizing.cpu / 1024;
     // Target tracking on metric math has no L2 construct (it accepts only single metrics).
     new appscaling.CfnScalingPolicy(this, `${pascal(stage)}BacklogPerTask`, {
       policyName: `${data.prefix}-${stage}-backlog-per-task`,
@@ -453,13 +489,7 @@ export class ComputeStack extends Stack {
       assumedBy: new iam.ServicePrincipal('sagemaker.amazonaws.com'),
       description: 'SageMaker hosting of the XGBoost fallback: its model artifact, image, logs and metrics',
     });
-    const accounts = new CfnMapping(this, 'XgboostImageAccounts', {
-      lazy: true,
-      mapping: Object.fromEntries(Object.entries(XGBOOST_IMAGE_ACCOUNTS).map(([region, account]) => [region, { account }])),
-    });
     const stack = Stack.of(this);
-    const imageAccount = accounts.findInMap(stack.region, 'account');
-    const imageUri = image ?? `${imageAccount}.dkr.ecr.${stack.region}.${stack.urlSuffix}/sagemaker-xgboost:1.7-1`;
     role.addToPolicy(
       new iam.PolicyStatement({
         sid: 'ReadModelArtifact',
@@ -467,12 +497,26 @@ export class ComputeStack extends Stack {
         resources: [`arn:${stack.partition}:s3:::${artifact.s3BucketName}/${artifact.s3ObjectKey}`],
       }),
     );
-    if (!image) {
+    let imageUri = image;
+    let repository: string | undefined;
+    if (image === undefined) {
+      const accounts = new CfnMapping(this, 'XgboostImageAccounts', {
+        lazy: true,
+        mapping: Object.fromEntries(Object.entries(XGBOOST_IMAGE_ACCOUNTS).map(([region, account]) => [region, { account }])),
+      });
+      const imageAccount = accounts.findInMap(stack.region, 'account');
+      imageUri = `${imageAccount}.dkr.ecr.${stack.region}.${stack.urlSuffix}/sagemaker-xgboost:1.7-1`;
+      repository = `arn:${stack.partition}:ecr:${stack.region}:${imageAccount}:repository/sagemaker-xgboost`;
+    } else {
+      const ecrImage = ECR_URI.exec(image);
+      if (ecrImage) repository = `arn:${stack.partition}:ecr:${ecrImage[2]}:${ecrImage[1]}:repository/${ecrImage[3]}`;
+    }
+    if (repository) {
       role.addToPolicy(
         new iam.PolicyStatement({
           sid: 'PullImage',
           actions: ['ecr:BatchGetImage', 'ecr:GetDownloadUrlForLayer', 'ecr:BatchCheckLayerAvailability'],
-          resources: [`arn:${stack.partition}:ecr:${stack.region}:${imageAccount}:repository/sagemaker-xgboost`],
+          resources: [repository],
         }),
       );
     }

@@ -18,9 +18,9 @@ export interface DataStackProps extends StackProps {
 }
 
 /** SQS keeps a message at most 14 days: DLQ and review entries wait that long for people. */
-const DLQ_RETENTION = Duration.days(14);
+export const DLQ_RETENTION = Duration.days(14);
 /** Work queues keep a message 4 days (SQS's default): less than their DLQs, as SQS requires. */
-const WORK_RETENTION = Duration.days(4);
+export const WORK_RETENTION = Duration.days(4);
 
 export class DataStack extends Stack {
   readonly prefix: string;
@@ -35,6 +35,9 @@ export class DataStack extends Stack {
     const { config, prefix } = props;
     this.prefix = prefix;
     const removalPolicy = config.retain ? RemovalPolicy.RETAIN : RemovalPolicy.DESTROY;
+    if (config.claimCheckExpiry.toDays() <= WORK_RETENTION.toDays() + DLQ_RETENTION.toDays()) {
+      throw new Error(`claim-checks must outlive a message in a work queue and its DLQ (${config.name})`);
+    }
     const name = (n: string) => resourceName(prefix, n);
 
     this.stream = new kinesis.Stream(this, 'Records', {
@@ -100,7 +103,7 @@ export class DataStack extends Stack {
       enforceSSL: true,
       lifecycleRules: [
         // Claim-checks and offloaded feature vectors are content-addressed copies that only
-        // matter while their records are in flight (and in DLQs, which keep 14 days at most).
+        // matter while their records are in flight or in a DLQ (environments.ts says how long).
         { id: 'expire-claim-checks', prefix: RESOURCES.claim_check_key_prefix, expiration: config.claimCheckExpiry },
         { id: 'abort-incomplete-uploads', abortIncompleteMultipartUploadAfter: Duration.days(1) },
       ],

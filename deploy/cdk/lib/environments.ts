@@ -25,8 +25,13 @@ export interface EnvironmentConfig {
   reviewBacklogAlarm: number;
   natGateways: number;
   logRetention: RetentionDays;
-  /** Claim-checks and offloaded vectors are deleted this long after they were written. */
+  /**
+   * Claim-checks and offloaded vectors are deleted this long after they were written: longer than
+   * a message can live in a work queue and then its DLQ (4 + 14 days), so a replay finds them.
+   */
   claimCheckExpiry: Duration;
+  /** Results expire this many days after they are written (DynamoDB TTL); 0 keeps them. */
+  resultTtlDays: number;
   /** Stateful resources survive `cdk destroy`; tables and stream refuse deletion. */
   retain: boolean;
   fallback: { instanceType: string; instanceCount: number };
@@ -48,7 +53,8 @@ export const ENVIRONMENTS: Record<'beta' | 'prod', EnvironmentConfig> = {
     reviewBacklogAlarm: 1000,
     natGateways: 1,
     logRetention: RetentionDays.ONE_MONTH,
-    claimCheckExpiry: Duration.days(7),
+    claimCheckExpiry: Duration.days(21),
+    resultTtlDays: 30,
     retain: false,
     fallback: { instanceType: 'ml.m5.large', instanceCount: 1 },
   },
@@ -68,6 +74,7 @@ export const ENVIRONMENTS: Record<'beta' | 'prod', EnvironmentConfig> = {
     natGateways: 2,
     logRetention: RetentionDays.ONE_YEAR,
     claimCheckExpiry: Duration.days(30),
+    resultTtlDays: 0,
     retain: true,
     fallback: { instanceType: 'ml.m5.large', instanceCount: 2 },
   },

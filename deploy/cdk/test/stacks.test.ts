@@ -108,6 +108,7 @@ for (const [env, synthed] of [['beta', beta], ['prod', prod]] as const) {
         PublicAccessBlockConfiguration: { BlockPublicAcls: true, BlockPublicPolicy: true, IgnorePublicAcls: true, RestrictPublicBuckets: true },
         LifecycleConfiguration: { Rules: [{ Prefix: RESOURCES.claim_check_key_prefix, Status: 'Enabled', ExpirationInDays: ENVIRONMENTS[env].claimCheckExpiry.toDays() }, {}] },
       });
+      assert.ok(ENVIRONMENTS[env].claimCheckExpiry.toDays() > 4 + 14, 'claim-checks outlive work queue + DLQ');
       const [, policy] = resources(data, 'AWS::S3::BucketPolicy')[0];
       const denyInsecure = policy.Properties.PolicyDocument.Statement.find((s: any) => s.Effect === 'Deny');
       assert.deepEqual(denyInsecure.Condition, { Bool: { 'aws:SecureTransport': 'false' } });
@@ -164,6 +165,27 @@ for (const [env, synthed] of [['beta', beta], ['prod', prod]] as const) {
           assert.notEqual(s.Resource, '*', `${stage}: statement ${s.Sid} on every resource`);
         }
       }
+    });
+
+    it('runs at most one GPU task per GPU instance, and replaces them in place', () => {
+      const [, service] = resources(compute, 'AWS::ECS::Service').find(([, r]) => r.Properties.CapacityProviderStrategy)!;
+      assert.deepEqual(service.Properties.DeploymentConfiguration.MinimumHealthyPercent, 50);
+      assert.deepEqual(service.Properties.DeploymentConfiguration.MaximumPercent, 100);
+      const maxes = resources(compute, 'AWS::ApplicationAutoScaling::ScalableTarget').map(([, t]) => t.Properties.MaxCapacity);
+      assert.ok(maxes.includes(Math.min(ENVIRONMENTS[env].workers.inference.maxTasks, ENVIRONMENTS[env].gpu.maxInstances)));
+      compute.hasResourceProperties('AWS::AutoScaling::AutoScalingGroup', { MaxSize: String(ENVIRONMENTS[env].gpu.maxInstances) });
+    });
+
+    it('pulls pushed ECR images through a grant to the execution role', () => {
+      const uri = '123456789012.dkr.ecr.eu-west-1.amazonaws.com/sluice:abc';
+      const pushed = synth(env, { image: uri, fallbackImage: '123456789012.dkr.ecr.eu-west-1.amazonaws.com/xgb:1' }).compute;
+      const pulls = JSON.stringify(pushed.findResources('AWS::IAM::Policy'));
+      assert.match(pulls, /ecr:BatchGetImage/);
+      assert.match(pulls, /repository\/sluice"/);
+      assert.match(pulls, /repository\/xgb"/, 'the fallback override is pulled too');
+      pushed.hasResourceProperties('AWS::ECS::TaskDefinition', {
+        ContainerDefinitions: [{ Command: ['/usr/local/bin/sluice-ingest'], Image: { 'Fn::Join': ['', ['123456789012.dkr.ecr.eu-west-1.', { Ref: 'AWS::URLSuffix' }, '/sluice:abc']] } }],
+      });
     });
 
     it('asks for a GPU for inference by default, and runs it on Fargate with inference=cpu', () => {
