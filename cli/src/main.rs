@@ -13,7 +13,6 @@ use sluice_core::service::spawn_health_endpoints;
 use sluice_core::stats::PipelineStats;
 use sluice_core::telemetry::health::Health;
 use sluice_core::topology::StageName;
-use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, Parser)]
 #[command(name = "sluice", version, about = "A queue-driven streaming ML inference pipeline")]
@@ -206,9 +205,7 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
             let settings = inference.apply(store.apply(settings));
             let shutdown = sluice_core::shutdown::on_signal();
             let health = Health::new(StageName::ALL.len());
-            let endpoints = CancellationToken::new();
-            let _stop_endpoints = endpoints.clone().drop_guard();
-            spawn_health_endpoints(&settings, None, health.clone(), endpoints).map_err(|e| anyhow!(e))?;
+            let _endpoints = spawn_health_endpoints(&settings, None, health.clone()).map_err(|e| anyhow!(e))?;
             pipeline::run_all(&settings, shutdown, until_drained, &health).await?;
         }
         Command::Stats { store, json } => {

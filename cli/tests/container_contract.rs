@@ -14,12 +14,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{bin, free_port, model_dir, wait_for};
+use common::{bin, model_dir, wait_for};
 use sluice_cli::digits::{Split, load_split};
 use sluice_cli::produce::{digit_records, put_all, run_tag};
 use sluice_core::backend::{Backend, StreamInput};
 use sluice_core::telemetry::health::probe;
-use sluice_core::testing::{SETUP_HINT, aws_endpoint, aws_store_config, unique_prefix};
+use sluice_core::testing::{SETUP_HINT, aws_endpoint, aws_store_config, free_port, unique_prefix};
 
 const RECORDS: usize = 24;
 const GRACE_MS: u64 = 10_000;
@@ -100,7 +100,7 @@ async fn workers_run_unprivileged_on_a_read_only_root_configured_by_environment_
         ["sluice-ingest", "sluice-features", "sluice-inference", "sluice-results"]
             .into_iter()
             .map(|name| {
-                let port = free_port();
+                let port = free_port().unwrap();
                 let mut environment = task_environment(&prefix, &model);
                 environment.push(("SLUICE__TELEMETRY__PORT", port.to_string()));
                 let log = dir.path().join(format!("{name}.log"));

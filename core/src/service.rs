@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, DropGuard};
 
 use crate::backend::Backend;
 use crate::config::{Settings, StoreArgs};
@@ -98,23 +98,25 @@ async fn report_requests(ledger: Arc<dyn crate::backend::RequestLedger>, shutdow
     }
 }
 
-/// Serves `/healthz` and `/readyz` for `stage` (or all of `sluice run`) until `shutdown` (which
-/// should come after the workers' own, so a draining process answers "not ready"), where
-/// `[telemetry]` says; a port already taken is logged, not fatal (the work goes on).
+/// Serves `/healthz` and `/readyz` for `stage` (or all of `sluice run`) where `[telemetry]`
+/// says, until the returned guard drops: hold it past the workers' drain, so a stopping process
+/// answers "not ready" rather than closing its port. A port already taken is logged, not fatal
+/// (the work goes on).
 pub fn spawn_health_endpoints(
     settings: &Settings,
     stage: Option<StageName>,
     health: Health,
-    shutdown: CancellationToken,
-) -> Result<(), BuildError> {
+) -> Result<DropGuard, BuildError> {
+    let stop = CancellationToken::new();
     if let Some(address) = settings.telemetry()?.health_address(stage) {
+        let stopped = stop.clone();
         tokio::spawn(async move {
-            if let Err(e) = health::serve(address, health, shutdown).await {
+            if let Err(e) = health::serve(address, health, stopped).await {
                 tracing::error!(%address, error = %e, "health endpoints not served");
             }
         });
     }
-    Ok(())
+    Ok(stop.drop_guard())
 }
 
 /// The whole `main` of a worker binary: parse arguments, build the stage, run until signalled.
@@ -139,10 +141,7 @@ where
         let settings = args.settings()?;
         let shutdown = crate::shutdown::on_signal();
         let health = Health::new(1);
-        // The endpoints outlive the drain, so probes see "not ready" rather than a closed port.
-        let endpoints = CancellationToken::new();
-        let _stop_endpoints = endpoints.clone().drop_guard();
-        spawn_health_endpoints(&settings, Some(stage_name), health.clone(), endpoints)?;
+        let _endpoints = spawn_health_endpoints(&settings, Some(stage_name), health.clone())?;
         let backend = Backend::open(&settings.store()?).await?;
         let stage = build(&settings, &backend)?;
         let worker_id = args.worker_id.clone().unwrap_or_else(|| default_worker_id(stage_name.as_str()));

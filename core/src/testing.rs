@@ -131,7 +131,8 @@ pub fn aws_endpoint() -> String {
         .clone()
 }
 
-fn free_port() -> Result<u16, String> {
+/// A loopback port nothing listens on now.
+pub fn free_port() -> Result<u16, String> {
     Ok(TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map_err(|e| e.to_string())?.port())
 }
 

@@ -35,11 +35,6 @@ fn base_env(cmd: &mut Command) -> &mut Command {
         .env("RUST_LOG", "info")
 }
 
-/// A loopback port nothing listens on now.
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 /// Environment every process of an embedded-store test shares: short timeouts so a killed
 /// worker's messages come back quickly, and the shipped model bundle.
 pub fn test_env(cmd: &mut Command) -> &mut Command {
