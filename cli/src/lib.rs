@@ -9,4 +9,5 @@ pub mod pipeline;
 pub mod produce;
 pub mod resnet18;
 pub mod stats;
+pub mod top;
 pub mod train;

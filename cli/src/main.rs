@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, anyhow};
 use clap::{Parser, Subcommand};
-use sluice_cli::{bench, demo, dlq, pipeline, produce, resnet18, train};
+use sluice_cli::{bench, demo, dlq, pipeline, produce, resnet18, top, train};
 use sluice_core::ReasonCode;
 use sluice_core::backend::Backend;
 use sluice_core::config::{Settings, StoreArgs};
@@ -63,6 +63,13 @@ enum Command {
         store: StoreArgs,
         #[arg(long)]
         json: bool,
+    },
+    /// Watch the pipeline live: rates, queue depths, lag, DLQ growth, latency percentiles.
+    Top {
+        #[command(flatten)]
+        store: StoreArgs,
+        #[command(flatten)]
+        args: top::TopArgs,
     },
     /// List stored results, oldest record id first (e.g. `--status review` for the review queue).
     Results {
@@ -152,7 +159,7 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     // The demo's output is its summary; its workers' logs would bury it.
     let _telemetry =
-        sluice_core::telemetry::init(if matches!(cli.command, Command::Demo(_)) { "warn" } else { "info" });
+        sluice_core::telemetry::init("sluice", if matches!(cli.command, Command::Demo(_)) { "warn" } else { "info" });
     let settings = Settings::load(cli.config.as_deref())?;
     if let Command::Train(args) = &cli.command {
         let report = train::train(args)?;
@@ -215,6 +222,11 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
             } else {
                 print!("{}", sluice_cli::stats::render(&stats));
             }
+        }
+        Command::Top { store, args } => {
+            let settings = store.apply(settings);
+            let endpoints = top::endpoints(&args, &settings.telemetry()?);
+            top::top(&open(&settings).await?, &args, &endpoints).await?;
         }
         Command::Aws { command: AwsCommand::Bootstrap { store } } => {
             let store = store.apply(settings).set("store.backend", "aws").store()?;

@@ -4,7 +4,9 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use sluice_core::backend::{Backend, BlobStore, RecordStream, StreamInput};
+use sluice_core::config::BackendKind;
 use sluice_core::envelope::{ContentType, Envelope, RecordId};
+use sluice_core::telemetry::traces;
 
 use crate::digits::{self, Digit, Split};
 
@@ -26,6 +28,9 @@ pub struct ProduceArgs {
     /// Write digits as tabular JSON events instead of PNG images.
     #[arg(long)]
     pub json: bool,
+    /// Write only the first this many records.
+    #[arg(long)]
+    pub limit: Option<usize>,
 }
 
 /// Digits as sluice envelopes labelled with their true class. Ids carry `run` so that every
@@ -64,6 +69,7 @@ pub async fn put_all(backend: &Backend, records: Vec<StreamInput>) -> anyhow::Re
     let n = records.len();
     let mut checked = Vec::with_capacity(records.len());
     for record in records {
+        let record = if traces::enabled() { with_create_span(backend, record) } else { record };
         checked.push(claim_check_if_large(backend.blobs.as_ref(), record).await?);
     }
     let stream: &dyn RecordStream = backend.stream.as_ref();
@@ -74,6 +80,20 @@ pub async fn put_all(backend: &Backend, records: Vec<StreamInput>) -> anyhow::Re
         records = rest;
     }
     Ok(n)
+}
+
+/// Starts the trace of a sluice envelope that has none: a producer's `create` span, whose
+/// context the envelope carries to ingest. A raw record stays as it is (its trace starts at
+/// ingest, as a foreign producer's would).
+fn with_create_span(backend: &Backend, record: StreamInput) -> StreamInput {
+    let Ok(mut envelope) = Envelope::from_json(&record.data) else { return record };
+    if envelope.trace.is_some() {
+        return record;
+    }
+    let (system, _) = traces::messaging_systems(backend.kind() == BackendKind::Aws);
+    let destination = traces::Destination { system, name: traces::STREAM.to_owned() };
+    envelope.trace = traces::create(&destination, envelope.record_id.as_str());
+    StreamInput { partition_key: record.partition_key, data: envelope.to_json() }
 }
 
 async fn claim_check_if_large(blobs: &dyn BlobStore, record: StreamInput) -> anyhow::Result<StreamInput> {
@@ -98,6 +118,14 @@ async fn claim_check_if_large(blobs: &dyn BlobStore, record: StreamInput) -> any
 
 /// What `args` asks to produce.
 pub fn records_for(args: &ProduceArgs) -> anyhow::Result<Vec<StreamInput>> {
+    let mut records = all_records_for(args)?;
+    if let Some(limit) = args.limit {
+        records.truncate(limit);
+    }
+    Ok(records)
+}
+
+fn all_records_for(args: &ProduceArgs) -> anyhow::Result<Vec<StreamInput>> {
     if let Some(split) = args.digits {
         let set = digits::load_split(split)?;
         return Ok(digit_records(&set, split, args.repeat, args.json, &run_tag()));

@@ -10,7 +10,7 @@ pub fn render(stats: &PipelineStats) -> String {
     let mut out = String::new();
     let accounted = stats.accounted();
     let in_flight = stats.records_in.saturating_sub(accounted);
-    let _ = writeln!(out, "records in      {:>10}", stats.records_in);
+    let _ = writeln!(out, "records in      {:>10}   (taken in by ingest, from any producer)", stats.records_in);
     let _ = writeln!(out, "  results       {:>10}", stats.results);
     let _ =
         writeln!(out, "  review        {:>10}   (waiting for a person: sluice results --status review)", stats.review);
@@ -26,6 +26,9 @@ pub fn render(stats: &PipelineStats) -> String {
         "\nstream          {} shards, {} records past the checkpoints{behind}",
         stream.shards, stream.pending
     );
+    for (shard, records) in &stream.arrived {
+        let _ = writeln!(out, "  {shard:<13} {records:>10} taken in");
+    }
     for (owner, shards) in &stream.leases {
         let _ = writeln!(out, "  lease         {owner} holds {shards}");
     }
@@ -60,6 +63,7 @@ mod tests {
             stream: StreamStats {
                 shards: 4,
                 records: 10,
+                arrived: BTreeMap::from([("shard-0".to_owned(), 10)]),
                 pending: 0,
                 millis_behind_latest: Some(20),
                 leases: BTreeMap::from([("ingest-a".to_owned(), 4)]),

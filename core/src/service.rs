@@ -11,7 +11,8 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 use crate::backend::Backend;
 use crate::config::{Settings, StoreArgs};
 use crate::telemetry::health::{self, Health};
-use crate::topology::StageName;
+use crate::telemetry::metrics::metrics;
+use crate::topology::{QueueName, StageName};
 use crate::worker::{Stage, Worker, WorkerReport, source_for};
 
 /// An error while building a stage (bad config, missing model bundle…).
@@ -60,23 +61,46 @@ pub async fn serve(
     let worker_config = settings.worker()?;
     let grace = Duration::from_millis(worker_config.shutdown_grace_ms);
     let source = source_for(stage.name(), &backend, &store, worker_id).await?;
-    health.worker_ready();
     let ledger = Arc::clone(&backend.requests);
-    let worker = Worker::new(stage, source, backend, worker_config, &store);
+    let depths = tokio::spawn(watch_queues(backend.clone(), stage.name(), shutdown.clone()));
+    let abandon = CancellationToken::new();
+    let worker = Worker::new(Arc::clone(&stage), source, backend, worker_config, &store)
+        .reporting_to(health.clone())
+        .abandoning_on(abandon.clone());
     let reporting = tokio::spawn(report_requests(Arc::clone(&ledger), shutdown.clone()));
     let mut running = tokio::spawn(worker.run(shutdown.clone()));
     let finished: Result<WorkerReport, BuildError> = tokio::select! {
         finished = &mut running => flatten(finished),
-        _ = shutdown.cancelled() => match { health.stopping(); tokio::time::timeout(grace, running) }.await {
+        _ = shutdown.cancelled() => match { health.stopping(); stop_within(grace, &abandon, running) }.await {
             Ok(finished) => flatten(finished),
             Err(_) => Err(format!("in-flight work did not finish within the {grace:?} grace period; it will be redelivered").into()),
         },
     };
     reporting.abort();
+    depths.abort();
     if let Err(e) = crate::backend::aws::flush_requests(ledger.as_ref()).await {
         tracing::warn!(error = %e, "could not record this worker's AWS requests");
     }
     finished
+}
+
+/// Waits up to `grace` for the worker to finish its batch and stop; with a fifth of the grace
+/// (at most 5 s) left, tells it to hand an unfinished batch back instead, so that what it holds
+/// is visible to other workers at once and its leases are let go before the process is killed.
+async fn stop_within(
+    grace: Duration,
+    abandon: &CancellationToken,
+    running: tokio::task::JoinHandle<crate::Result<WorkerReport>>,
+) -> Result<Result<crate::Result<WorkerReport>, tokio::task::JoinError>, tokio::time::error::Elapsed> {
+    let finish_by = grace.saturating_sub((grace / 5).min(Duration::from_secs(5)));
+    let abandon = abandon.clone();
+    let deadline = tokio::spawn(async move {
+        tokio::time::sleep(finish_by).await;
+        abandon.cancel();
+    });
+    let stopped = tokio::time::timeout(grace, running).await;
+    deadline.abort();
+    stopped
 }
 
 fn flatten(joined: Result<crate::Result<WorkerReport>, tokio::task::JoinError>) -> Result<WorkerReport, BuildError> {
@@ -94,6 +118,30 @@ async fn report_requests(ledger: Arc<dyn crate::backend::RequestLedger>, shutdow
         }
         if let Err(e) = crate::backend::aws::flush_requests(ledger.as_ref()).await {
             tracing::warn!(error = %e, "could not record this worker's AWS requests");
+        }
+    }
+}
+
+/// How often a worker reports the depth of the queues it reads and writes.
+const QUEUE_DEPTH_EVERY: Duration = Duration::from_secs(15);
+
+/// Reports the depth of `stage`'s input queue, its DLQ (and, for results, the review queue)
+/// as metrics until `shutdown`.
+async fn watch_queues(backend: Backend, stage: StageName, shutdown: CancellationToken) {
+    let mut queues: Vec<QueueName> = stage.input_queue().into_iter().chain([stage.dlq()]).collect();
+    if stage == StageName::Results {
+        queues.push(QueueName::Review);
+    }
+    loop {
+        for &queue in &queues {
+            match backend.queue(queue).depth().await {
+                Ok(depth) => metrics().queue_depth(queue, depth.visible, depth.in_flight),
+                Err(e) => tracing::debug!(%queue, error = %e, "queue depth not read"),
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(QUEUE_DEPTH_EVERY) => {}
         }
     }
 }
@@ -125,7 +173,7 @@ where
     S: Stage + 'static,
     F: FnOnce(&Settings, &Backend) -> Result<S, BuildError>,
 {
-    let _telemetry = crate::telemetry::init("info");
+    let _telemetry = crate::telemetry::init(&format!("sluice-{stage_name}"), "info");
     let args = WorkerArgs::parse();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,

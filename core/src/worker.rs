@@ -8,17 +8,20 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant, SystemTime};
 
 use async_trait::async_trait;
 use backon::{BackoffBuilder, ExponentialBuilder};
 use tokio_util::sync::CancellationToken;
 
 use crate::backend::{Backend, OutgoingMessage, Receipt, StreamConsumer, WorkQueue};
-use crate::config::{StoreConfig, WorkerConfig};
+use crate::config::{BackendKind, StoreConfig, WorkerConfig};
 use crate::envelope::RecordId;
 use crate::error::{ReasonCode, Result, SluiceError};
 use crate::record::DlqEntry;
+use crate::telemetry::health::Health;
+use crate::telemetry::metrics::{FailureAction, metrics};
+use crate::telemetry::traces::{self, BatchTrace, Destination, TRACEPARENT};
 use crate::topology::{QueueName, StageName};
 
 /// Where a delivery came from, and so how to acknowledge it.
@@ -131,6 +134,10 @@ fn receipts<'a>(origins: &'a [&'a Origin]) -> Vec<Receipt> {
 impl Source for QueueSource {
     async fn receive(&mut self, max: usize, wait: Duration) -> Result<Vec<Delivery>> {
         let messages = self.queue.receive(max, wait).await?;
+        if let Some(oldest) = messages.iter().map(|m| m.sent_at_ms).min() {
+            let age_ms = crate::envelope::now_ms().saturating_sub(oldest);
+            metrics().oldest_message_age(self.queue.name(), age_ms as f64 / 1000.0);
+        }
         Ok(messages
             .into_iter()
             .map(|m| Delivery {
@@ -164,6 +171,8 @@ impl Source for QueueSource {
 /// Reads the record stream through a lease-holding consumer.
 pub struct StreamSource {
     consumer: Box<dyn StreamConsumer>,
+    /// The shards held after the last poll, to report leases taken and let go.
+    held: Vec<String>,
 }
 
 /// How often an idle stream consumer polls (Kinesis allows 5 GetRecords per shard per second).
@@ -171,7 +180,21 @@ const STREAM_IDLE_POLL: Duration = Duration::from_millis(200);
 
 impl StreamSource {
     pub fn new(consumer: Box<dyn StreamConsumer>) -> Self {
-        Self { consumer }
+        Self { consumer, held: Vec::new() }
+    }
+
+    /// Reports the leases held now, and a 0 for each one let go since the last report.
+    fn report_leases(&mut self) {
+        let held = self.consumer.shards();
+        if held != self.held {
+            for shard in self.held.iter().filter(|s| !held.contains(s)) {
+                metrics().lease(shard, false);
+            }
+            for shard in &held {
+                metrics().lease(shard, true);
+            }
+            self.held = held;
+        }
     }
 }
 
@@ -181,6 +204,7 @@ impl Source for StreamSource {
         let deadline = tokio::time::Instant::now() + wait;
         loop {
             let records = self.consumer.poll(max).await?;
+            self.report_leases();
             let now = tokio::time::Instant::now();
             if !records.is_empty() || now >= deadline {
                 return Ok(records
@@ -208,9 +232,9 @@ impl Source for StreamSource {
         }
         for (shard, mut progress) in shards {
             progress.seen.sort_by(|a, b| compare_sequences(a.0, b.0));
-            let handled = progress.seen.iter().take_while(|(_, ok)| *ok).last().map(|(seq, _)| *seq);
-            if let Some(sequence) = handled {
-                match self.consumer.checkpoint(shard, sequence).await {
+            let handled = progress.seen.iter().take_while(|(_, ok)| *ok).count();
+            if let Some(&(sequence, _)) = handled.checked_sub(1).and_then(|last| progress.seen.get(last)) {
+                match self.consumer.checkpoint(shard, sequence, handled as u64).await {
                     Err(e) if e.code() == ReasonCode::LeaseLost => {
                         tracing::warn!(
                             shard,
@@ -218,8 +242,15 @@ impl Source for StreamSource {
                         );
                         continue;
                     }
-                    other => other?,
+                    Err(e) => {
+                        // Read again from the stored checkpoint, so that what this batch handled is
+                        // checkpointed (and counted) by a later one; the sinks are idempotent.
+                        let _ = self.consumer.rewind(shard).await;
+                        return Err(e);
+                    }
+                    Ok(()) => {}
                 }
+                metrics().arrived(shard, handled as u64);
             }
             if progress.seen.iter().any(|(_, ok)| !ok) {
                 self.consumer.rewind(shard).await?;
@@ -233,7 +264,9 @@ impl Source for StreamSource {
     }
 
     async fn close(&mut self) -> Result<()> {
-        self.consumer.release().await
+        self.consumer.release().await?;
+        self.report_leases();
+        Ok(())
     }
 }
 
@@ -276,6 +309,14 @@ pub struct Worker {
     backend: Backend,
     config: WorkerConfig,
     heartbeat_every: Duration,
+    /// Told once the first receive has worked (store reachable, leases taken).
+    health: Option<Health>,
+    /// Cancelled when the grace period is nearly up: the batch in hand is handed back unfinished.
+    abandon: CancellationToken,
+    /// `messaging.system` of the queues, for spans.
+    queue_system: &'static str,
+    /// Where the stage reads from, for spans.
+    input: Destination,
 }
 
 impl Worker {
@@ -286,13 +327,36 @@ impl Worker {
         config: WorkerConfig,
         store: &StoreConfig,
     ) -> Self {
+        metrics().start(stage.name());
+        let (stream_system, queue_system) = traces::messaging_systems(store.backend == BackendKind::Aws);
+        let input = match stage.name().input_queue() {
+            Some(queue) => Destination { system: queue_system, name: queue.as_str().to_owned() },
+            None => Destination { system: stream_system, name: traces::STREAM.to_owned() },
+        };
         Self {
             stage,
             source,
             backend,
             config,
             heartbeat_every: Duration::from_millis((store.visibility_timeout_ms / 2).max(1)),
+            health: None,
+            abandon: CancellationToken::new(),
+            queue_system,
+            input,
         }
+    }
+
+    /// Hands the batch in hand back unfinished (visible again at once) when `abandon` is
+    /// cancelled, rather than finish it: for the end of a grace period.
+    pub fn abandoning_on(mut self, abandon: CancellationToken) -> Self {
+        self.abandon = abandon;
+        self
+    }
+
+    /// Tells `health` the worker is ready once its first receive has worked.
+    pub fn reporting_to(mut self, health: Health) -> Self {
+        self.health = Some(health);
+        self
     }
 
     /// Runs until `shutdown` is cancelled, then finishes the batch in hand, acknowledges it and
@@ -303,7 +367,12 @@ impl Worker {
         let mut backoff = new_backoff();
         while !shutdown.is_cancelled() {
             match self.run_once(&mut report).await {
-                Ok(()) => backoff = new_backoff(),
+                Ok(()) => {
+                    backoff = new_backoff();
+                    if let Some(health) = self.health.take() {
+                        health.worker_ready();
+                    }
+                }
                 Err(e) if e.is_retryable() => {
                     let delay = backoff.next().unwrap_or(Duration::from_secs(10));
                     tracing::warn!(error = %e, ?delay, "batch failed; backing off");
@@ -324,11 +393,22 @@ impl Worker {
     }
 
     async fn run_once(&mut self, report: &mut WorkerReport) -> Result<()> {
-        let batch = self.collect_batch().await?;
+        let received_at = SystemTime::now();
+        let mut batch = self.collect_batch().await?;
         if batch.is_empty() {
             return Ok(());
         }
-        let outcomes = self.process_with_heartbeat(&batch).await;
+        let started = Instant::now();
+        let stage = self.stage.name();
+        metrics().received(stage, batch.len());
+        let trace = traces::enabled().then(|| self.start_trace(&mut batch, received_at));
+        let Some(outcomes) = self.process_with_heartbeat(&batch).await else {
+            // Out of time to finish: hand the batch back at once, for another worker to redo.
+            let all: Vec<&Origin> = batch.iter().map(|d| &d.origin).collect();
+            tracing::warn!(%stage, records = all.len(), "stopping before the batch finished; it is handed back");
+            self.source.settle(&[], &all, Duration::ZERO).await?;
+            return Ok(());
+        };
         let outcomes = if outcomes.len() == batch.len() {
             outcomes
         } else {
@@ -339,25 +419,46 @@ impl Worker {
             vec![Outcome::failed(error, None); batch.len()]
         };
 
-        let stage = self.stage.name();
-        let mut sends: BTreeMap<QueueName, Vec<OutgoingMessage>> = BTreeMap::new();
+        // Messages by queue, each with the index of the delivery it came from.
+        let mut sends: BTreeMap<QueueName, Vec<(usize, OutgoingMessage)>> = BTreeMap::new();
         let (mut done, mut retry) = (Vec::new(), Vec::new());
-        for (delivery, outcome) in batch.iter().zip(outcomes) {
+        let mut processed = 0;
+        for (index, (delivery, outcome)) in batch.iter().zip(outcomes).enumerate() {
             match outcome {
                 Outcome::Forward(messages) => {
-                    for (queue, message) in messages {
-                        sends.entry(queue).or_default().push(message);
+                    if let (Some(trace), Some(id)) =
+                        (&trace, messages.first().and_then(|(_, m)| m.dedup_key.as_deref()))
+                    {
+                        trace.record_id(index, id);
                     }
+                    for (queue, message) in messages {
+                        sends.entry(queue).or_default().push((index, message));
+                    }
+                    processed += 1;
                     done.push(&delivery.origin);
                 }
                 Outcome::Failed { error, record_id } if !error.is_retryable() => {
+                    if let (Some(trace), Some(id)) = (&trace, &record_id) {
+                        trace.record_id(index, id.as_str());
+                    }
                     tracing::info!(%stage, record_id = record_id.as_ref().map(|r| r.as_str()), code = %error.code(), detail = error.detail(), "dead-lettered");
-                    sends.entry(stage.dlq()).or_default().push(dlq_message(stage, delivery, &error, record_id));
+                    metrics().failed(stage, error.code().as_str(), FailureAction::DeadLettered);
+                    if let Some(trace) = &trace {
+                        trace.record_failed(index, error.code().as_str(), error.detail());
+                    }
+                    sends
+                        .entry(stage.dlq())
+                        .or_default()
+                        .push((index, dlq_message(stage, delivery, &error, record_id)));
                     report.dead_lettered += 1;
                     done.push(&delivery.origin);
                 }
                 Outcome::Failed { error, record_id } => {
                     tracing::warn!(%stage, record_id = record_id.as_ref().map(|r| r.as_str()), %error, "will retry");
+                    metrics().failed(stage, error.code().as_str(), FailureAction::Retried);
+                    if let Some(trace) = &trace {
+                        trace.record_failed(index, error.code().as_str(), error.detail());
+                    }
                     report.retried += 1;
                     retry.push(&delivery.origin);
                 }
@@ -366,17 +467,54 @@ impl Worker {
 
         let retry_delay = Duration::from_millis(self.config.retry_delay_ms);
         for (queue, messages) in sends {
+            let count = messages.len();
+            let send_span = trace.as_ref().map(|trace| {
+                let records: Vec<usize> = messages.iter().map(|(i, _)| *i).collect();
+                trace.send(&Destination { system: self.queue_system, name: queue.as_str().to_owned() }, &records)
+            });
+            let messages = messages
+                .into_iter()
+                .map(|(index, mut message)| {
+                    if let Some(traceparent) = trace.as_ref().and_then(|t| t.traceparent(index)) {
+                        message.attributes.insert(TRACEPARENT.to_owned(), traceparent);
+                    }
+                    message
+                })
+                .collect();
             if let Err(e) = self.backend.queue(queue).send_batch(messages).await {
+                if let Some(span) = &send_span {
+                    span.failed(&e);
+                }
                 // Nothing is acknowledged: the whole batch comes back and is redone; sinks are idempotent.
                 let all: Vec<&Origin> = batch.iter().map(|d| &d.origin).collect();
                 self.source.settle(&[], &all, retry_delay).await?;
                 return Err(e);
             }
+            metrics().sent(queue, count);
         }
         self.source.settle(&done, &retry, retry_delay).await?;
+        metrics().processed(stage, processed);
+        metrics().batch(stage, batch.len(), started.elapsed().as_secs_f64());
+        if let Some(trace) = trace {
+            trace.finish();
+        }
         report.batches += 1;
         report.handled += done.len() as u64;
         Ok(())
+    }
+
+    /// Starts the batch's spans and hands each delivery the trace context its record carries on
+    /// (the `traceparent` attribute, which the stages pass on and ingest writes into the envelope).
+    fn start_trace(&self, batch: &mut [Delivery], received_at: SystemTime) -> BatchTrace {
+        let parents: Vec<Option<String>> = batch.iter().map(arrived_traceparent).collect();
+        let parents: Vec<Option<&str>> = parents.iter().map(Option::as_deref).collect();
+        let trace = BatchTrace::start(self.stage.name().as_str(), &self.input, &parents, received_at);
+        for (index, delivery) in batch.iter_mut().enumerate() {
+            if let Some(traceparent) = trace.traceparent(index) {
+                delivery.attributes.insert(TRACEPARENT.to_owned(), traceparent);
+            }
+        }
+        trace
     }
 
     /// Waits for the first delivery, then fills the batch: at once from a backlog, else for up to
@@ -410,8 +548,9 @@ impl Worker {
         Ok(batch)
     }
 
-    /// Runs the stage, extending the batch's visibility while it works.
-    async fn process_with_heartbeat(&mut self, batch: &[Delivery]) -> Vec<Outcome> {
+    /// Runs the stage, extending the batch's visibility while it works; `None` if told to
+    /// abandon it first.
+    async fn process_with_heartbeat(&mut self, batch: &[Delivery]) -> Option<Vec<Outcome>> {
         let stage = Arc::clone(&self.stage);
         let process = stage.process(batch);
         tokio::pin!(process);
@@ -419,7 +558,8 @@ impl Worker {
         ticks.tick().await;
         loop {
             tokio::select! {
-                outcomes = &mut process => return outcomes,
+                outcomes = &mut process => return Some(outcomes),
+                _ = self.abandon.cancelled() => return None,
                 _ = ticks.tick() => {
                     let in_flight: Vec<&Origin> = batch.iter().map(|d| &d.origin).collect();
                     if let Err(e) = self.source.heartbeat(&in_flight).await {
@@ -429,6 +569,22 @@ impl Worker {
             }
         }
     }
+}
+
+/// The trace context a delivery arrived with: its `traceparent` attribute (queues), or the
+/// `trace` of the envelope a producer wrote to the stream (none from a foreign producer).
+fn arrived_traceparent(delivery: &Delivery) -> Option<String> {
+    if let Some(value) = delivery.attributes.get(TRACEPARENT) {
+        return Some(value.clone());
+    }
+    #[derive(serde::Deserialize)]
+    struct TraceOnly {
+        trace: Option<String>,
+    }
+    if matches!(delivery.origin, Origin::Stream { .. }) && delivery.body.first() == Some(&b'{') {
+        return serde_json::from_slice::<TraceOnly>(&delivery.body).ok().and_then(|t| t.trace);
+    }
+    None
 }
 
 fn new_backoff() -> impl Iterator<Item = Duration> {

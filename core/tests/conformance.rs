@@ -257,7 +257,7 @@ async fn read_n(consumer: &mut Consumer, want: usize, checkpoint: bool) -> Vec<s
         }
         for r in batch {
             if checkpoint {
-                consumer.checkpoint(&r.shard, &r.sequence).await.unwrap();
+                consumer.checkpoint(&r.shard, &r.sequence, 1).await.unwrap();
             }
             out.push(r);
         }
@@ -297,7 +297,7 @@ async fn stream_delivers_everything_in_shard_order(f: Fixture) {
         assert!(seq.windows(2).all(|w| w[0] < w[1]), "records of one shard arrive in order");
     }
     let stats = b.stream.stats().await.unwrap();
-    assert_eq!((stats.records, stats.pending), (100, 100), "nothing checkpointed yet");
+    assert_eq!((stats.records, stats.pending), (0, 100), "nothing checkpointed, so nothing counted in yet");
 }
 
 async fn a_new_consumer_resumes_after_the_checkpoint(f: Fixture) {
@@ -306,7 +306,9 @@ async fn a_new_consumer_resumes_after_the_checkpoint(f: Fixture) {
     let mut first = b.stream.consumer("w1").await.unwrap();
     read_n(&mut first, 40, true).await;
     first.release().await.unwrap();
-    assert_eq!(b.stream.stats().await.unwrap().pending, 0);
+    let stats = b.stream.stats().await.unwrap();
+    assert_eq!((stats.records, stats.pending), (40, 0), "each checkpointed record counted in once");
+    assert_eq!(stats.arrived.values().sum::<u64>(), 40);
 
     b.stream.put_records(inputs(10)).await.unwrap();
     let mut second = f.open().await.stream.consumer("w2").await.unwrap();
@@ -352,7 +354,7 @@ async fn a_lost_lease_refuses_the_checkpoint(f: Fixture) {
     // w1 stops renewing (it is not polled); w2 takes everything once the leases expire.
     let mut two = f.open().await.stream.consumer("w2").await.unwrap();
     poll_until(&mut [&mut two], "w2 to take the expired leases", |s| s[0].len() == 4).await;
-    let err = one.checkpoint(&batch[0].shard, &batch[0].sequence).await.unwrap_err();
+    let err = one.checkpoint(&batch[0].shard, &batch[0].sequence, 1).await.unwrap_err();
     assert_eq!(err.code(), ReasonCode::LeaseLost);
     assert!(err.is_retryable());
 }

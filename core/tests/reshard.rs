@@ -50,7 +50,7 @@ async fn a_reshard_loses_nothing_and_children_wait_for_their_parents() {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         for record in batch {
-            consumer.checkpoint(&record.shard, &record.sequence).await.unwrap();
+            consumer.checkpoint(&record.shard, &record.sequence, 1).await.unwrap();
             read.push(record);
         }
         if !resharded && read.len() >= 40 {

@@ -22,6 +22,7 @@ use sluice_core::envelope::{Envelope, now_ms};
 use sluice_core::model::{ModelBundle, ModelManifest};
 use sluice_core::record::{InferredRecord, Prediction};
 use sluice_core::service::BuildError;
+use sluice_core::telemetry::metrics::{BreakerGauge, metrics};
 use sluice_core::topology::{QueueName, StageName};
 use sluice_core::worker::{BatchPolicy, Delivery, Outcome, Stage};
 use sluice_core::{ReasonCode, SluiceError};
@@ -153,7 +154,7 @@ impl InferenceStage {
             (InferenceBackend::Sagemaker, Some(_)) => None,
             (InferenceBackend::Candle, _) => {
                 let (device, backend_name) = select_device(config.device);
-                match CandleClassifier::load(&bundle, device, backend_name) {
+                match CandleClassifier::load(&bundle, device, backend_name).and_then(|c| c.warm_up().map(|()| c)) {
                     Ok(classifier) => Some(Arc::new(classifier)),
                     Err(error) if fallback.is_some() => {
                         tracing::error!(%error, "Candle cannot serve; every batch goes to the SageMaker fallback");
@@ -181,8 +182,23 @@ impl InferenceStage {
         })
     }
 
-    /// Class probabilities for `rows` vectors, from Candle or, when it cannot serve, the fallback.
+    /// Class probabilities for `rows` vectors, from Candle or, when it cannot serve, the fallback;
+    /// reports the call's latency by backend and the breaker's state.
     async fn predict(&self, inputs: Vec<f32>, rows: usize) -> Result<(Vec<Vec<f32>>, Served), SluiceError> {
+        let started = Instant::now();
+        let result = self.predict_routed(inputs, rows).await;
+        if let Ok((_, served)) = &result {
+            metrics().inference(&served.backend, rows, started.elapsed().as_secs_f64());
+        }
+        metrics().breaker(match self.breaker.state() {
+            breaker::State::Closed => BreakerGauge::Closed,
+            breaker::State::HalfOpen => BreakerGauge::HalfOpen,
+            breaker::State::Open => BreakerGauge::Open,
+        });
+        result
+    }
+
+    async fn predict_routed(&self, inputs: Vec<f32>, rows: usize) -> Result<(Vec<Vec<f32>>, Served), SluiceError> {
         let Some(classifier) = &self.classifier else {
             return self.predict_fallback(&inputs).await;
         };

@@ -13,6 +13,7 @@ use sluice_core::backend::{Backend, BlobStore, OutgoingMessage};
 use sluice_core::config::Settings;
 use sluice_core::envelope::RecordId;
 use sluice_core::service::BuildError;
+use sluice_core::telemetry::traces::TRACEPARENT;
 use sluice_core::topology::{QueueName, StageName};
 use sluice_core::worker::{BatchPolicy, Delivery, Origin, Outcome, Stage};
 use sluice_core::{ReasonCode, SluiceError};
@@ -43,13 +44,17 @@ impl IngestStage {
             Ok(envelope) => envelope,
             Err(error) => return Outcome::failed(error, Some(position)),
         };
+        // With tracing on, the worker gave the delivery this stage's span: the record carries it on.
+        if let Some(traceparent) = delivery.attributes.get(TRACEPARENT) {
+            envelope.trace = Some(traceparent.clone());
+        }
         let record_id = envelope.record_id.clone();
         if let Err(error) = validate::check_payload(&mut envelope, self.blobs.as_ref(), &self.config).await {
             return Outcome::failed(error, Some(record_id));
         }
         let mut attributes = std::collections::BTreeMap::new();
         if let Some(trace) = &envelope.trace {
-            attributes.insert("traceparent".to_owned(), trace.clone());
+            attributes.insert(TRACEPARENT.to_owned(), trace.clone());
         }
         Outcome::forward(
             QueueName::Features,

@@ -13,6 +13,7 @@ use sluice_core::envelope::now_ms;
 use sluice_core::model::{ModelBundle, ModelManifest};
 use sluice_core::record::{InferredRecord, PredictionResult, ResultStatus, dlq_attr};
 use sluice_core::service::BuildError;
+use sluice_core::telemetry::metrics::metrics;
 use sluice_core::topology::{QueueName, StageName};
 use sluice_core::worker::{BatchPolicy, Delivery, Outcome, Stage};
 use sluice_core::{ReasonCode, Result, SluiceError};
@@ -144,7 +145,10 @@ impl Stage for ResultsStage {
                 for ((i, ours), put) in slots.into_iter().zip(results).zip(puts) {
                     // A redelivered record keeps the result it was first given.
                     let stored = match put {
-                        PutOutcome::Inserted => ours,
+                        PutOutcome::Inserted => {
+                            report_new_result(&ours);
+                            ours
+                        }
                         PutOutcome::AlreadyPresent(existing) => *existing,
                     };
                     outcomes[i] = Some(self.route(&stored));
@@ -157,5 +161,15 @@ impl Stage for ResultsStage {
             }
         }
         outcomes.into_iter().map(|o| o.expect("every delivery has an outcome")).collect()
+    }
+}
+
+/// A result stored for the first time: its confidence by class, and how long its record took
+/// from arrival at ingest to here.
+fn report_new_result(result: &PredictionResult) {
+    metrics().prediction(&result.label, f64::from(result.confidence));
+    let times = &result.timestamps;
+    if let (Some(ingested), Some(stored)) = (times.ingested_ms, times.stored_ms) {
+        metrics().record_latency(stored.saturating_sub(ingested) as f64 / 1000.0);
     }
 }

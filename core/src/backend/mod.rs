@@ -41,8 +41,11 @@ pub struct StreamRecord {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct StreamStats {
     pub shards: usize,
-    /// Records written since the stream was created.
+    /// Records the consumers (ingest) have taken in and checkpointed: every producer's, each
+    /// counted once, as its checkpoint moves past it.
     pub records: u64,
+    /// Those records by shard.
+    pub arrived: BTreeMap<String, u64>,
     /// Records past every shard's checkpoint (on Kinesis, which counts nothing, what one read
     /// past each checkpoint finds: a lower bound).
     pub pending: u64,
@@ -72,9 +75,10 @@ pub trait StreamConsumer: Send {
     /// shards it holds, in order within each shard. Returns an empty batch when there is nothing.
     async fn poll(&mut self, max: usize) -> Result<Vec<StreamRecord>>;
 
-    /// Records that everything in `shard` up to and including `sequence` is durably handled.
+    /// Records that everything in `shard` up to and including `sequence` is durably handled,
+    /// `records` of them newly (counted as arrivals in the same write, so each is counted once).
     /// Fails with `lease_lost` if another worker took the shard.
-    async fn checkpoint(&mut self, shard: &str, sequence: &str) -> Result<()>;
+    async fn checkpoint(&mut self, shard: &str, sequence: &str, records: u64) -> Result<()>;
 
     /// Goes back to the last checkpoint of `shard`, so the records after it are read again.
     async fn rewind(&mut self, shard: &str) -> Result<()>;
@@ -235,6 +239,7 @@ pub struct Backend {
     pub blobs: Arc<dyn BlobStore>,
     pub requests: Arc<dyn RequestLedger>,
     queues: Arc<BTreeMap<QueueName, Arc<dyn WorkQueue>>>,
+    kind: BackendKind,
 }
 
 impl Backend {
@@ -255,6 +260,10 @@ impl Backend {
             BackendKind::Embedded => embedded::EmbeddedStore::open(config).map(|store| store.into_backend()),
             BackendKind::Aws => aws::open(config, counter).await,
         }
+    }
+
+    pub fn kind(&self) -> BackendKind {
+        self.kind
     }
 
     pub fn queue(&self, name: QueueName) -> Arc<dyn WorkQueue> {

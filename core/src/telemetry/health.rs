@@ -93,29 +93,45 @@ impl Health {
 /// Binds `address` and serves the endpoints until `shutdown`.
 pub async fn serve(address: SocketAddr, health: Health, shutdown: CancellationToken) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(address).await?;
-    tracing::info!(%address, "health endpoints: /healthz, /readyz");
+    tracing::info!(%address, "health endpoints: /healthz, /readyz, /metrics");
     axum::serve(listener, router(health)).with_graceful_shutdown(shutdown.cancelled_owned()).await
 }
 
 fn router(health: Health) -> Router {
-    Router::new().route("/healthz", get(|| async { "ok\n" })).route("/readyz", get(readyz)).with_state(health)
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .with_state(health)
 }
 
 async fn readyz(State(health): State<Health>) -> (StatusCode, &'static str) {
     if health.is_ready() { (StatusCode::OK, "ready\n") } else { (StatusCode::SERVICE_UNAVAILABLE, "not ready\n") }
 }
 
+async fn metrics() -> ([(axum::http::header::HeaderName, &'static str); 1], String) {
+    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], super::prometheus_text())
+}
+
 /// GETs `path` on `address` and tells whether it answered 200: the container health check
-/// (`sluice-<stage> --healthcheck`), for images without curl. A bare HTTP/1.0 request on a
-/// socket is all a probe of our own endpoint needs; no HTTP client crate is worth it here.
+/// (`sluice-<stage> --healthcheck`), for images without curl.
 pub async fn probe(address: SocketAddr, path: &str) -> std::io::Result<bool> {
+    Ok(fetch(address, path).await?.0 == 200)
+}
+
+/// GETs `path` on `address`: the status code and the body. A bare HTTP/1.0 request on a socket
+/// is all our own endpoints need (the probe, `sluice top` reading `/metrics`); no HTTP client
+/// crate is worth it here.
+pub async fn fetch(address: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
     let exchange = async {
         let mut stream = tokio::net::TcpStream::connect(address).await?;
         stream.write_all(format!("GET {path} HTTP/1.0\r\nHost: {address}\r\n\r\n").as_bytes()).await?;
         let mut response = Vec::new();
         stream.read_to_end(&mut response).await?;
-        let status_line = response.split(|&b| b == b'\n').next().unwrap_or_default();
-        Ok(String::from_utf8_lossy(status_line).split_whitespace().nth(1) == Some("200"))
+        let response = String::from_utf8_lossy(&response);
+        let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+        let status = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+        Ok((status, body.to_owned()))
     };
     tokio::time::timeout(Duration::from_secs(5), exchange)
         .await

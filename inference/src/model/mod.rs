@@ -90,6 +90,16 @@ impl CandleClassifier {
         c * h * w
     }
 
+    /// Runs one all-zero input through the model, so that the first real batch does not pay for
+    /// first-use work (kernel loading on a GPU, allocations) and a model that cannot run at all
+    /// fails here, before the worker says it is ready.
+    pub fn warm_up(&self) -> Result<(), SluiceError> {
+        let started = std::time::Instant::now();
+        self.predict(vec![0.0; self.vector_len()], 1)?;
+        tracing::info!(backend = self.backend, elapsed_ms = started.elapsed().as_millis() as u64, "model warmed up");
+        Ok(())
+    }
+
     /// Class probabilities for `batch` vectors laid end to end in `inputs`.
     pub fn predict(&self, inputs: Vec<f32>, batch: usize) -> Result<Vec<Vec<f32>>, SluiceError> {
         let (c, h, w) = self.input_shape;

@@ -8,12 +8,12 @@ use async_trait::async_trait;
 use aws_sdk_kinesis::primitives::Blob;
 use aws_sdk_kinesis::types::{PutRecordsRequestEntry, ShardIteratorType};
 
-use super::dynamodb::{add_to_counters, read_counters};
 use super::lease_coordinator::{LeaseCoordinator, SHARD_END, TRIM_HORIZON};
 use super::{Clients, Names, classify, error_code};
 use crate::backend::{RecordStream, StreamConsumer, StreamInput, StreamRecord, StreamStats};
 use crate::config::StoreConfig;
 use crate::error::{ReasonCode, Result, SluiceError};
+use crate::telemetry::metrics::metrics;
 
 /// PutRecords limits: 500 records and 5 MiB (data plus partition keys) a call.
 const PUT_RECORDS: usize = 500;
@@ -28,15 +28,11 @@ const SHARD_SYNC_INTERVAL: Duration = Duration::from_secs(30);
 /// Pause for a shard whose read throughput is exceeded (the SDK has already retried).
 const THROTTLED_PAUSE: Duration = Duration::from_secs(1);
 const GET_RECORDS_LIMIT: usize = 10_000;
-/// The counters item of records produced, and its attribute.
-const RECORDS_IN: &str = "records_in";
-const RECORDS_IN_COUNT: &str = "count";
 
 pub(super) struct KinesisStream {
     clients: Clients,
     stream: String,
     lease_table: String,
-    counters_table: String,
     failover: Duration,
 }
 
@@ -46,7 +42,6 @@ impl KinesisStream {
             clients,
             stream: names.stream(),
             lease_table: names.lease_table(),
-            counters_table: names.counters_table(),
             failover: Duration::from_millis(config.aws.lease_failover_ms),
         }
     }
@@ -77,7 +72,6 @@ async fn list_shards(client: &aws_sdk_kinesis::Client, stream: &str) -> Result<V
 #[async_trait]
 impl RecordStream for KinesisStream {
     async fn put_records(&self, records: Vec<StreamInput>) -> Result<()> {
-        let total = records.len();
         let mut rest = records;
         while !rest.is_empty() {
             let mut take = 0;
@@ -93,8 +87,7 @@ impl RecordStream for KinesisStream {
             let batch: Vec<StreamInput> = rest.drain(..take).collect();
             self.put_batch(batch).await?;
         }
-        let delta = BTreeMap::from([(RECORDS_IN_COUNT.to_owned(), total as u64)]);
-        add_to_counters(&self.clients.dynamodb, &self.counters_table, RECORDS_IN, delta).await
+        Ok(())
     }
 
     async fn consumer(&self, worker_id: &str) -> Result<Box<dyn StreamConsumer>> {
@@ -117,11 +110,6 @@ impl RecordStream for KinesisStream {
     }
 
     async fn stats(&self) -> Result<StreamStats> {
-        let records_in = read_counters(&self.clients.dynamodb, &self.counters_table, RECORDS_IN)
-            .await?
-            .get(RECORDS_IN_COUNT)
-            .copied()
-            .unwrap_or(0);
         let shards = list_shards(&self.clients.kinesis, &self.stream).await?;
         let coordinator = LeaseCoordinator::new(
             self.clients.dynamodb.clone(),
@@ -134,6 +122,7 @@ impl RecordStream for KinesisStream {
         for owner in all.iter().filter_map(|l| l.owner.clone()) {
             *owners.entry(owner).or_default() += 1;
         }
+        let arrived: BTreeMap<String, u64> = all.iter().map(|l| (l.shard.clone(), l.arrived)).collect();
         let leases: BTreeMap<String, String> = all.into_iter().map(|l| (l.shard, l.checkpoint)).collect();
         // Kinesis does not count records: pending is what one read past each checkpoint finds.
         let mut pending = 0u64;
@@ -160,7 +149,8 @@ impl RecordStream for KinesisStream {
         }
         Ok(StreamStats {
             shards: shards.len(),
-            records: records_in,
+            records: arrived.values().sum(),
+            arrived,
             pending,
             millis_behind_latest: lag,
             leases: owners,
@@ -297,7 +287,7 @@ impl KinesisConsumer {
             .map(|(s, _)| s.clone())
             .collect();
         for shard in done {
-            self.coordinator.checkpoint(&shard, SHARD_END).await?;
+            self.coordinator.checkpoint(&shard, SHARD_END, 0).await?;
             self.readers.remove(&shard);
             tracing::info!(shard, "shard finished; its children may start");
             // Children become available at once: list shards and leases again on the next poll.
@@ -346,6 +336,9 @@ impl StreamConsumer for KinesisConsumer {
                 Err(e) => return Err(classify("GetRecords", e)),
             };
             self.lag_ms = output.millis_behind_latest();
+            if let Some(lag) = output.millis_behind_latest() {
+                metrics().stream_lag(&shard, lag.max(0) as u64);
+            }
             if output.records().is_empty() && output.millis_behind_latest().unwrap_or(0) == 0 {
                 reader.next_read = Instant::now() + IDLE_READ_INTERVAL;
             }
@@ -370,8 +363,8 @@ impl StreamConsumer for KinesisConsumer {
         Ok(out)
     }
 
-    async fn checkpoint(&mut self, shard: &str, sequence: &str) -> Result<()> {
-        let result = self.coordinator.checkpoint(shard, sequence).await;
+    async fn checkpoint(&mut self, shard: &str, sequence: &str, records: u64) -> Result<()> {
+        let result = self.coordinator.checkpoint(shard, sequence, records).await;
         match (&result, self.readers.get_mut(shard)) {
             (Ok(()), Some(reader)) => reader.checkpointed = sequence.to_owned(),
             (Err(_), _) => {

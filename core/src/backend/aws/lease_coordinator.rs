@@ -29,6 +29,9 @@ const COUNTER: &str = "leaseCounter";
 const CHECKPOINT: &str = "checkpoint";
 const PARENTS: &str = "parentShardIds";
 const SWITCHES: &str = "ownerSwitchesSinceCheckpoint";
+/// Records checkpointed in the shard so far: what arrived from any producer, counted once
+/// because it moves in the same conditional write as the checkpoint.
+const ARRIVED: &str = "recordsCheckpointed";
 
 /// One shard's lease as read from the table.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -38,15 +41,18 @@ pub(super) struct Lease {
     pub(super) counter: u64,
     pub(super) checkpoint: String,
     pub(super) parents: Vec<String>,
+    pub(super) arrived: u64,
 }
 
 impl Lease {
     fn from_item(item: &HashMap<String, AttributeValue>) -> Option<Self> {
         let s = |k: &str| item.get(k).and_then(|v| v.as_s().ok()).cloned();
+        let n = |k: &str| item.get(k).and_then(|v| v.as_n().ok()).and_then(|n| n.parse().ok()).unwrap_or(0);
         Some(Self {
             shard: s(LEASE_KEY)?,
             owner: s(OWNER),
-            counter: item.get(COUNTER).and_then(|v| v.as_n().ok()).and_then(|n| n.parse().ok()).unwrap_or(0),
+            counter: n(COUNTER),
+            arrived: n(ARRIVED),
             checkpoint: s(CHECKPOINT).unwrap_or_else(|| TRIM_HORIZON.to_owned()),
             parents: item.get(PARENTS).and_then(|v| v.as_ss().ok()).cloned().unwrap_or_default(),
         })
@@ -256,8 +262,9 @@ impl LeaseCoordinator {
 
     /// Records progress in `shard`; fails with `lease_lost` if another worker holds it now.
     /// A checkpoint moves the counter too, so it renews the lease. Checkpointing `SHARD_END`
-    /// also gives the lease up: there is nothing more to read.
-    pub(super) async fn checkpoint(&mut self, shard: &str, checkpoint: &str) -> Result<()> {
+    /// also gives the lease up: there is nothing more to read. `arrived` is how many records
+    /// this checkpoint newly covers.
+    pub(super) async fn checkpoint(&mut self, shard: &str, checkpoint: &str, arrived: u64) -> Result<()> {
         let Some(&(counter, _)) = self.held.get(shard) else {
             return Err(SluiceError::retryable(ReasonCode::LeaseLost, format!("{shard} is not held by this worker")));
         };
@@ -271,15 +278,17 @@ impl LeaseCoordinator {
             .expression_attribute_names("#c", COUNTER)
             .expression_attribute_names("#p", CHECKPOINT)
             .expression_attribute_names("#w", SWITCHES)
+            .expression_attribute_names("#a", ARRIVED)
             .expression_attribute_values(":me", s(&self.owner))
             .expression_attribute_values(":held", n(counter))
             .expression_attribute_values(":next", n(counter + 1))
             .expression_attribute_values(":cp", s(checkpoint))
-            .expression_attribute_values(":zero", n(0));
+            .expression_attribute_values(":zero", n(0))
+            .expression_attribute_values(":arrived", n(arrived));
         update = if checkpoint == SHARD_END {
-            update.update_expression("SET #p = :cp, #w = :zero, #c = :next REMOVE #o")
+            update.update_expression("SET #p = :cp, #w = :zero, #c = :next ADD #a :arrived REMOVE #o")
         } else {
-            update.update_expression("SET #p = :cp, #w = :zero, #c = :next")
+            update.update_expression("SET #p = :cp, #w = :zero, #c = :next ADD #a :arrived")
         };
         match update.send().await {
             Ok(_) => {

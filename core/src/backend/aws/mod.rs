@@ -145,6 +145,7 @@ pub async fn open(config: &StoreConfig, counter: RequestCounter) -> Result<Backe
         )),
         requests: Arc::new(dynamodb::DynamoRequestLedger::new(clients.dynamodb.clone(), names.counters_table())),
         blobs,
+        kind: crate::config::BackendKind::Aws,
         queues: Arc::new(queues),
     })
 }

@@ -52,6 +52,7 @@ impl EmbeddedStore {
             blobs: Arc::new(blobs::EmbeddedBlobStore::new(self.db.clone())),
             requests: Arc::new(NoRequests),
             queues: Arc::new(queues),
+            kind: crate::config::BackendKind::Embedded,
         }
     }
 }

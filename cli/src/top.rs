@@ -1,0 +1,213 @@
+//! `sluice top`: the pipeline live, refreshed in the terminal.
+//!
+//! From the store (any backend): records taken in and their rate, results and review, DLQ
+//! entries and their growth, queue depths, the stream's backlog and lag. From whichever
+//! workers' `/metrics` answer (the default ports on this host, or `--metrics`): each stage's
+//! processed and failed rates, batch latency, and end-to-end latency percentiles.
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use sluice_core::backend::Backend;
+use sluice_core::stats::PipelineStats;
+use sluice_core::telemetry::health::{self, TelemetryConfig};
+use sluice_core::telemetry::scrape::{self, Sample};
+use sluice_core::topology::{QueueName, StageName};
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct TopArgs {
+    /// Seconds between refreshes.
+    #[arg(long, default_value_t = 2.0)]
+    pub interval: f64,
+    /// A worker's health/metrics address to read (repeatable). Default: the default port of
+    /// every worker kind and of `sluice run` on this host, where one answers.
+    #[arg(long = "metrics")]
+    pub metrics: Vec<SocketAddr>,
+    /// Print one view (after one interval, for the rates) and exit.
+    #[arg(long)]
+    pub once: bool,
+}
+
+/// What one look at the pipeline found.
+struct Reading {
+    at: Instant,
+    stats: PipelineStats,
+    samples: Vec<Sample>,
+    endpoints: usize,
+}
+
+async fn read(backend: &Backend, endpoints: &[SocketAddr]) -> anyhow::Result<Reading> {
+    let stats = PipelineStats::collect(backend).await?;
+    let mut samples = Vec::new();
+    let mut answered = 0;
+    for &address in endpoints {
+        if let Ok((200, body)) = health::fetch(address, "/metrics").await {
+            answered += 1;
+            samples.extend(scrape::parse(&body));
+        }
+    }
+    Ok(Reading { at: Instant::now(), stats, samples, endpoints: answered })
+}
+
+/// The addresses to read `/metrics` from.
+pub fn endpoints(args: &TopArgs, telemetry: &TelemetryConfig) -> Vec<SocketAddr> {
+    if !args.metrics.is_empty() {
+        return args.metrics.clone();
+    }
+    let mut out: Vec<SocketAddr> = std::iter::once(None)
+        .chain(StageName::ALL.into_iter().map(Some))
+        .filter_map(|stage| telemetry.health_address(stage))
+        .map(|mut a| {
+            if a.ip().is_unspecified() {
+                a.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+            }
+            a
+        })
+        .collect();
+    out.dedup();
+    out
+}
+
+/// Runs until Ctrl-C (or one view with `--once`).
+pub async fn top(backend: &Backend, args: &TopArgs, endpoints: &[SocketAddr]) -> anyhow::Result<()> {
+    let interval = Duration::from_secs_f64(args.interval.max(0.2));
+    let mut before = read(backend, endpoints).await?;
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+            _ = tokio::time::sleep(interval) => {}
+        }
+        let now = read(backend, endpoints).await?;
+        let view = render(&before, &now);
+        if args.once {
+            print!("{view}");
+            return Ok(());
+        }
+        // Clear the screen and draw from the top-left corner.
+        print!("\x1b[2J\x1b[H{view}");
+        before = now;
+    }
+}
+
+fn render(before: &Reading, now: &Reading) -> String {
+    let seconds = now.at.duration_since(before.at).as_secs_f64().max(1e-9);
+    let rate = |a: u64, b: u64| (b as f64 - a as f64) / seconds;
+    let (b, n) = (&before.stats, &now.stats);
+    let mut out = String::new();
+    let _ = writeln!(out, "sluice top: every {seconds:.1} s (Ctrl-C to quit)\n");
+    let lag = n.stream.millis_behind_latest.map(|ms| format!(", {ms} ms behind")).unwrap_or_default();
+    let _ = writeln!(
+        out,
+        "records in   {:>10}  {:>8.1}/s   {} waiting in the stream{lag}",
+        n.records_in,
+        rate(b.records_in, n.records_in),
+        n.stream.pending
+    );
+    let _ = writeln!(
+        out,
+        "results      {:>10}  {:>8.1}/s   review {} ({:+.1}/s)",
+        n.results + n.review,
+        rate(b.results + b.review, n.results + n.review),
+        n.review,
+        rate(b.review, n.review)
+    );
+    let dlq = StageName::ALL
+        .iter()
+        .map(|s| {
+            let (was, is) = (b.dlq.get(s).copied().unwrap_or(0), n.dlq.get(s).copied().unwrap_or(0));
+            format!("{s} {is} ({:+})", is as i64 - was as i64)
+        })
+        .collect::<Vec<_>>()
+        .join("   ");
+    let _ = writeln!(out, "dlq          {dlq}");
+
+    let _ = writeln!(out, "\nqueue          visible  in flight");
+    for queue in QueueName::ALL {
+        let depth = n.queues.get(&queue).copied().unwrap_or_default();
+        let _ = writeln!(out, "  {:<12} {:>8} {:>10}", queue.as_str(), depth.visible, depth.in_flight);
+    }
+
+    if now.endpoints == 0 {
+        let _ = writeln!(out, "\n(no worker /metrics answered: per-stage rates and latency need --metrics ADDRESS)");
+        return out;
+    }
+    let _ = writeln!(
+        out,
+        "\nstage        processed/s  failed/s   batch p50   batch p99   (/metrics of {} processes)",
+        now.endpoints
+    );
+    let counter_rate = |name: &str, stage: StageName| {
+        let with = [("stage", stage.as_str())];
+        (scrape::total(&now.samples, name, &with) - scrape::total(&before.samples, name, &with)).max(0.0) / seconds
+    };
+    for stage in StageName::ALL {
+        let with = [("stage", stage.as_str())];
+        let window = scrape::bucket_delta(
+            &scrape::buckets(&now.samples, "sluice_batch_duration_seconds", &with),
+            &scrape::buckets(&before.samples, "sluice_batch_duration_seconds", &with),
+        );
+        let _ = writeln!(
+            out,
+            "  {:<10} {:>11.1} {:>9.1} {:>11} {:>11}",
+            stage.as_str(),
+            counter_rate("sluice_records_processed_total", stage),
+            counter_rate("sluice_records_failed_total", stage),
+            millis(scrape::quantile(0.5, &window)),
+            millis(scrape::quantile(0.99, &window)),
+        );
+    }
+    let latency = scrape::bucket_delta(
+        &scrape::buckets(&now.samples, "sluice_record_latency_seconds", &[]),
+        &scrape::buckets(&before.samples, "sluice_record_latency_seconds", &[]),
+    );
+    let _ = writeln!(
+        out,
+        "\nend to end   p50 {}   p99 {}   (arrival at ingest to stored result, this interval)",
+        millis(scrape::quantile(0.5, &latency)),
+        millis(scrape::quantile(0.99, &latency))
+    );
+    out
+}
+
+fn millis(seconds: Option<f64>) -> String {
+    seconds.map_or_else(|| "-".to_owned(), |s| format!("{:.0} ms", s * 1000.0))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use sluice_core::backend::{QueueDepth, StreamStats};
+
+    use super::*;
+
+    fn reading(at: Instant, records: u64, processed: f64) -> Reading {
+        let stats = PipelineStats {
+            records_in: records,
+            results: records / 2,
+            review: 0,
+            dlq: BTreeMap::from([(StageName::Ingest, 1)]),
+            stream: StreamStats::default(),
+            queues: QueueName::ALL.into_iter().map(|q| (q, QueueDepth::default())).collect(),
+            aws_requests_per_record: None,
+            aws_requests: BTreeMap::new(),
+        };
+        let text = format!(
+            "sluice_records_processed_total{{stage=\"features\"}} {processed}\n\
+             sluice_record_latency_seconds_bucket{{le=\"0.1\"}} {processed}\n\
+             sluice_record_latency_seconds_bucket{{le=\"+Inf\"}} {processed}\n"
+        );
+        Reading { at, stats, samples: scrape::parse(&text), endpoints: 1 }
+    }
+
+    #[test]
+    fn rates_come_from_the_difference_between_two_readings() {
+        let start = Instant::now();
+        let view = render(&reading(start, 100, 10.0), &reading(start + Duration::from_secs(2), 300, 50.0));
+        assert!(view.contains("records in          300     100.0/s"), "{view}");
+        assert!(view.contains("  features          20.0"), "{view}");
+        assert!(view.contains("ingest 1 (+0)"), "{view}");
+        assert!(view.contains("end to end   p50 50 ms"), "{view}");
+    }
+}
