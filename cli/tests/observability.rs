@@ -233,6 +233,25 @@ async fn a_run_is_seen_in_traces_metrics_health_and_stats() {
         assert!(exported.contains(name), "the dashboard or alerts query {name}, which no worker exports");
     }
 
+    // deploy/prometheus/metrics.txt, which the dashboard check reads offline, lists exactly the
+    // families exported.
+    let listed = std::fs::read_to_string("../deploy/prometheus/metrics.txt").unwrap();
+    let listed: BTreeMap<&str, &str> = listed
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .filter_map(|l| l.split_once(' '))
+        .collect();
+    let family = |name: &str| -> String {
+        let base = ["_bucket", "_sum", "_count"].iter().find_map(|suffix| name.strip_suffix(suffix));
+        base.filter(|b| listed.get(b) == Some(&"histogram")).unwrap_or(name).to_owned()
+    };
+    let families: BTreeSet<String> = exported.iter().filter(|n| n.starts_with("sluice_")).map(|n| family(n)).collect();
+    assert_eq!(
+        families,
+        listed.keys().map(|k| k.to_string()).collect::<BTreeSet<_>>(),
+        "metrics.txt lists what is exported"
+    );
+
     // SIGTERM: each stops within its grace period, flushing its spans.
     for worker in workers {
         let log = worker.terminate(GRACE + Duration::from_secs(2));
