@@ -1,5 +1,7 @@
 //! Four kinds of worker process on one store file drain 10,000 records with none lost and none
-//! with two results, while one inference worker is killed with SIGKILL mid-run and replaced.
+//! with two results, while one worker of each kind gets SIGTERM mid-run (each must stop within
+//! its grace period, and a fresh one takes over), and one inference worker is killed with
+//! SIGKILL and replaced.
 
 mod common;
 
@@ -16,7 +18,7 @@ use sluice_core::envelope::Envelope;
 const RECORDS: usize = 10_000;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn workers_drain_10k_records_through_a_sigkill() {
+async fn workers_drain_10k_records_through_sigterms_and_a_sigkill() {
     let dir = tempfile::tempdir().unwrap();
     let store = dir.path().join("store.sqlite");
     let backend = Backend::open(&store_config(&store)).await.unwrap();
@@ -30,26 +32,38 @@ async fn workers_drain_10k_records_through_a_sigkill() {
     put_all(&backend, records).await.unwrap();
 
     let logs = dir.path();
-    let ingest = Worker::start("sluice-ingest", "ingest", &store, logs);
-    let features = Worker::start("sluice-features", "features", &store, logs);
+    let grace = Duration::from_secs(10); // SLUICE__WORKER__SHUTDOWN_GRACE_MS in common::test_env
+    let mut stopped = Vec::new();
+    // SIGTERM mid-run: the worker stops within its grace period, cleanly, and a new one goes on.
+    let mut replace = |worker: Worker, binary: &str, name: &str| {
+        stopped.push((worker.name.clone(), worker.terminate(grace + Duration::from_secs(2))));
+        Worker::start(binary, name, &store, logs)
+    };
+    let ingest = Worker::start("sluice-ingest", "ingest-a", &store, logs);
+    let features = Worker::start("sluice-features", "features-a", &store, logs);
     let doomed = Worker::start("sluice-inference", "inference-a", &store, logs);
-    let steady = Worker::start("sluice-inference", "inference-b", &store, logs);
-    let results = Worker::start("sluice-results", "results", &store, logs);
+    let inference = Worker::start("sluice-inference", "inference-b", &store, logs);
+    let results = Worker::start("sluice-results", "results-a", &store, logs);
 
+    wait_for(&backend, Duration::from_secs(300), "the first results", |s| s.results + s.review >= 300).await;
+    let ingest = replace(ingest, "sluice-ingest", "ingest-b");
+    let features = replace(features, "sluice-features", "features-b");
     wait_for(&backend, Duration::from_secs(300), "a fifth of the results", |s| s.results + s.review >= 2_000).await;
     doomed.kill();
     let replacement = Worker::start("sluice-inference", "inference-c", &store, logs);
+    let steady = replace(inference, "sluice-inference", "inference-d");
+    let results = replace(results, "sluice-results", "results-b");
 
     let stats = wait_for(&backend, Duration::from_secs(600), "the pipeline to drain", |s| {
         s.is_drained() && s.accounted() >= RECORDS as u64
     })
     .await;
 
-    let grace = Duration::from_secs(20);
-    let logs: Vec<(String, String)> = [ingest, features, steady, replacement, results]
+    let mut logs: Vec<(String, String)> = [ingest, features, steady, replacement, results]
         .into_iter()
-        .map(|w| (w.name.clone(), w.terminate(grace)))
+        .map(|w| (w.name.clone(), w.terminate(grace + Duration::from_secs(2))))
         .collect();
+    logs.extend(stopped);
 
     assert_eq!(stats.records_in, RECORDS as u64);
     assert_eq!(stats.accounted(), RECORDS as u64, "{stats:#?}");
@@ -64,5 +78,8 @@ async fn workers_drain_10k_records_through_a_sigkill() {
     }
     let by_name = |n: &str| &logs.iter().find(|(name, _)| name == n).unwrap().1;
     assert!(handled(by_name("inference-b")) > 0, "the second inference worker shared the work");
-    assert!(handled(by_name("inference-c")) > 0, "the replacement picked up work");
+    assert!(handled(by_name("inference-c")) + handled(by_name("inference-d")) > 0, "the replacements picked up work");
+    for name in ["ingest-a", "features-a", "results-a"] {
+        assert!(handled(by_name(name)) > 0, "{name} worked before its SIGTERM");
+    }
 }
