@@ -262,7 +262,9 @@ pub fn bench_inference(args: &BenchInferenceArgs) -> anyhow::Result<Vec<Report>>
         let candle_check = classifier.predict(subject.check_rows(), CHECK_ROWS)?;
         let error = check_agreement(&subject, &candle_check, &ort.check, "Candle and ONNX Runtime")?;
         let mut rows = Vec::new();
+        let progress = crate::progress::bar(args.bench.batches.len() as u64, "batch sizes timed");
         for &batch in &args.bench.batches {
+            progress.inc(1);
             let candle = time_candle(&classifier, &subject.batch(batch), batch, args.bench.min_seconds)?;
             let o = ort.timings.iter().find(|t| t.batch == batch).context("no ONNX Runtime timing")?;
             rows.push(row(batch, candle, o.seconds / o.runs as f64));
@@ -339,7 +341,9 @@ pub fn bench_cuda(args: &BenchArgs) -> anyhow::Result<Vec<Report>> {
         let cpu_check = cpu.predict(check_rows, CHECK_ROWS)?;
         let error = check_agreement(&subject, &gpu_check, &cpu_check, "CUDA and CPU")?;
         let mut rows = Vec::new();
+        let progress = crate::progress::bar(args.batches.len() as u64, "batch sizes timed");
         for &batch in &args.batches {
+            progress.inc(1);
             let x = subject.batch(batch);
             let on_gpu = time_candle(&gpu, &x, batch, args.min_seconds)?;
             let on_cpu = time_candle(&cpu, &x, batch, args.min_seconds)?;

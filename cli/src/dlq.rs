@@ -31,6 +31,7 @@ pub async fn replay(
     let dlq = backend.queue(stage.dlq());
     let mut moved = 0;
     let mut skipped = Vec::new();
+    let progress = crate::progress::counter("entries replayed");
     while moved < limit {
         let batch = dlq.receive(REPLAY_BATCH.min(limit - moved), Duration::ZERO).await?;
         if batch.is_empty() {
@@ -65,6 +66,7 @@ pub async fn replay(
             receipts.push(message.receipt);
         }
         moved += receipts.len();
+        progress.inc(receipts.len() as u64);
         match stage.input_queue() {
             Some(queue) => backend.queue(queue).send_batch(take).await?,
             None if !stream_records.is_empty() => backend.stream.put_records(stream_records).await?,
@@ -72,6 +74,7 @@ pub async fn replay(
         }
         dlq.ack(&receipts).await?;
     }
+    progress.finish_and_clear();
     if !skipped.is_empty() {
         dlq.release(&skipped, Duration::ZERO).await?;
     }

@@ -7,6 +7,7 @@ pub mod digits;
 pub mod dlq;
 pub mod pipeline;
 pub mod produce;
+pub mod progress;
 pub mod resnet18;
 pub mod stats;
 pub mod top;

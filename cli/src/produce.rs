@@ -73,12 +73,16 @@ pub async fn put_all(backend: &Backend, records: Vec<StreamInput>) -> anyhow::Re
         checked.push(claim_check_if_large(backend.blobs.as_ref(), record).await?);
     }
     let stream: &dyn RecordStream = backend.stream.as_ref();
+    let progress = crate::progress::bar(n as u64, "records");
     let mut records = checked;
     while !records.is_empty() {
         let rest = records.split_off(records.len().min(PUT_BATCH));
+        let put = records.len() as u64;
         stream.put_records(records).await?;
+        progress.inc(put);
         records = rest;
     }
+    progress.finish_and_clear();
     Ok(n)
 }
 

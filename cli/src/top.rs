@@ -122,10 +122,10 @@ fn render(before: &Reading, now: &Reading) -> String {
         .join("   ");
     let _ = writeln!(out, "dlq          {dlq}");
 
-    let _ = writeln!(out, "\nqueue          visible  in flight");
+    let _ = writeln!(out, "\nqueue            visible  in flight");
     for queue in QueueName::ALL {
         let depth = n.queues.get(&queue).copied().unwrap_or_default();
-        let _ = writeln!(out, "  {:<12} {:>8} {:>10}", queue.as_str(), depth.visible, depth.in_flight);
+        let _ = writeln!(out, "  {:<14} {:>8} {:>10}", queue.as_str(), depth.visible, depth.in_flight);
     }
 
     if now.endpoints == 0 {

@@ -102,7 +102,9 @@ pub fn train(args: &TrainArgs) -> anyhow::Result<TrainReport> {
     let mut optimiser = AdamW::new(varmap.all_vars(), params)?;
 
     let mut order: Vec<u32> = (0..augmented.len() as u32).collect();
+    let progress = crate::progress::bar(args.epochs as u64, "epochs");
     for epoch in 0..args.epochs {
+        progress.inc(1);
         order.shuffle(&mut rng);
         let mut total = 0.0;
         for chunk in order.chunks(args.batch_size.max(1)) {
@@ -117,6 +119,7 @@ pub fn train(args: &TrainArgs) -> anyhow::Result<TrainReport> {
         }
     }
 
+    progress.finish_and_clear();
     let thresholds = pick_thresholds(&predict(&model, &validation, &image_spec, &device)?, args.target_precision);
     let scored_test = predict(&model, &test, &image_spec, &device)?;
     let report = evaluate(&scored_test, &thresholds, train_set.len());
