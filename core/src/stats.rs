@@ -11,7 +11,8 @@ use crate::topology::{QueueName, StageName};
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct PipelineStats {
-    /// Records written to the stream.
+    /// Records ingest has taken in from the stream (checkpointed), from any producer; those
+    /// still waiting in the stream are `stream.pending`.
     pub records_in: u64,
     /// Results not waiting for review (accepted, or reviewed by a person).
     pub results: u64,

@@ -368,7 +368,7 @@ impl ResultStore for DynamoResultStore {
 /// The counters item where worker processes add up their AWS requests.
 const REQUEST_COUNTERS: &str = "requests";
 
-/// A counters item (`records_in`, `results`, `requests`, one per name in the counters table):
+/// A counters item (`results`, `requests`, one per name in the counters table):
 /// its numeric attributes, read consistently; empty if the item does not exist yet.
 pub(super) async fn read_counters(
     client: &aws_sdk_dynamodb::Client,

@@ -73,7 +73,7 @@ impl Names {
         self.named(&RESOURCES.tables.leases.name)
     }
 
-    /// Counters the pipeline keeps for itself (records produced, results, requests).
+    /// Counters the pipeline keeps for itself (results by status, AWS requests).
     pub fn counters_table(&self) -> String {
         self.named(&RESOURCES.tables.counters.name)
     }
