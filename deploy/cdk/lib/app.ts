@@ -6,7 +6,7 @@ import { App, Environment, Validations } from 'aws-cdk-lib';
 import { AwsSolutionsChecks } from 'cdk-nag';
 import { ComputeStack } from './compute-stack';
 import { DataStack } from './data-stack';
-import { ENVIRONMENTS } from './environments';
+import { ENVIRONMENTS, EnvironmentConfig } from './environments';
 import { REPO_ROOT } from './resources';
 
 /** The model `deploy/sagemaker/train_xgboost.py --out deploy/sagemaker/model` writes. */
@@ -21,8 +21,9 @@ export interface SluiceStacks {
  * Context: `env` (beta | prod, required), `prefix` (default sluice-<env>), `inference` (gpu |
  * cpu, default gpu), `fallbackModel` (a model.tar.gz, or `none`), `fallbackImage`, `alarmEmail`,
  * `image`/`cudaImage` (image URIs already pushed; default: built from deploy/docker).
+ * `overrides` replace settings of the chosen environment (tests).
  */
-export function buildStacks(app: App, env?: Environment): SluiceStacks {
+export function buildStacks(app: App, env?: Environment, overrides: Partial<EnvironmentConfig> = {}): SluiceStacks {
   // Any AwsSolutions finding not acknowledged (with its reason) beside its construct stops synth.
   Validations.of(app).addPlugins(new AwsSolutionsChecks(app, { verbose: true }));
   const context = (key: string): string | undefined => app.node.tryGetContext(key);
@@ -30,7 +31,7 @@ export function buildStacks(app: App, env?: Environment): SluiceStacks {
   if (name !== 'beta' && name !== 'prod') {
     throw new Error(`choose an environment: -c env=beta or -c env=prod (got ${JSON.stringify(name)})`);
   }
-  const config = ENVIRONMENTS[name];
+  const config: EnvironmentConfig = { ...ENVIRONMENTS[name], ...overrides };
   const prefix = context('prefix') ?? `sluice-${name}`;
   const inference = context('inference') ?? 'gpu';
   if (inference !== 'gpu' && inference !== 'cpu') throw new Error(`-c inference=gpu|cpu (got ${inference})`);

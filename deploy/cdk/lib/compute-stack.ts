@@ -1,8 +1,9 @@
 // The workers: one ECS service per stage (Fargate; inference on EC2 GPU capacity, or Fargate
 // CPU with `-c inference=cpu`), each with a task role reaching only its own stage's resources,
 // scaled on backlog per task (ingest: on the stream's shards and iterator age), logs with
-// retention, alarms to an SNS topic, and the SageMaker XGBoost fallback endpoint.
-import { Aws, CfnMapping, CfnOutput, Duration, Stack, StackProps, Validations } from 'aws-cdk-lib';
+// retention, an ADOT collector beside each worker (metrics to CloudWatch, traces to X-Ray),
+// alarms to an SNS topic, and the SageMaker XGBoost fallback endpoint.
+import { Aws, CfnMapping, CfnOutput, Duration, RemovalPolicy, Stack, StackProps, Validations } from 'aws-cdk-lib';
 import * as appscaling from 'aws-cdk-lib/aws-applicationautoscaling';
 import * as autoscaling from 'aws-cdk-lib/aws-autoscaling';
 import * as cloudwatch from 'aws-cdk-lib/aws-cloudwatch';
@@ -22,6 +23,16 @@ import { backlogPerTaskTarget } from './capacity';
 import { DataStack, pascal } from './data-stack';
 import { EnvironmentConfig } from './environments';
 import { REPO_ROOT, RESOURCES, STAGES, Stage, configNumber, resourceName } from './resources';
+import {
+  BACKENDS,
+  BREAKER_OPEN,
+  COLLECTOR_HEALTH_PORT,
+  COLLECTOR_IMAGE,
+  COLLECTOR_RESOURCES,
+  METRICS,
+  OTLP_HTTP_PORT,
+  collectorConfig,
+} from './telemetry';
 
 export interface ComputeStackProps extends StackProps {
   config: EnvironmentConfig;
@@ -54,6 +65,16 @@ const STOP_TIMEOUT = Duration.seconds(60);
 /** A worker finishes or returns its in-flight batch within this, well inside STOP_TIMEOUT. */
 const SHUTDOWN_GRACE = Duration.seconds(45);
 
+/** Where the collectors send the workers' telemetry. */
+export interface TelemetryDestinations {
+  /** The CloudWatch namespace of the workers' metrics. */
+  namespace: string;
+  /** The log group the EMF events land in (CloudWatch extracts the metrics from it). */
+  metricsLogs: logs.LogGroup;
+  /** Its name, as the collectors' configuration spells it. */
+  metricsLogGroupName: string;
+}
+
 /**
  * Accounts that host SageMaker's built-in XGBoost image (`sagemaker-xgboost:1.7-1`), by region,
  * from SageMaker's "Docker registry paths" table; other regions: `-c fallbackImage=URI`.
@@ -80,6 +101,8 @@ export class ComputeStack extends Stack {
   readonly services = new Map<Stage, ecs.BaseService>();
   readonly taskRoles = new Map<Stage, iam.Role>();
   readonly alarmTopic: sns.Topic;
+  /** None when `telemetry.collector` is off. */
+  readonly telemetry?: TelemetryDestinations;
 
   constructor(scope: Construct, id: string, props: ComputeStackProps) {
     super(scope, id, props);
@@ -121,6 +144,7 @@ export class ComputeStack extends Stack {
     const fallback = props.fallbackModel
       ? this.fallbackEndpoint(`${data.prefix}-fallback`, props.fallbackModel, props.fallbackImage, config)
       : undefined;
+    this.telemetry = config.telemetry.collector ? this.telemetryDestinations(data.prefix, config) : undefined;
 
     const environment: Record<string, string> = {
       SLUICE__STORE__BACKEND: 'aws',
@@ -145,11 +169,13 @@ export class ComputeStack extends Stack {
         id: `AwsSolutions-IAM5[Resource::${claimCheckObjects(data, '<AWS::Partition>')}]`,
         reason: 'Claim-checks are keyed by their content hash under one prefix: the worker cannot know the keys in advance, and reaches nothing else in the bucket.',
       });
+      if (this.telemetry) this.grantTelemetry(role, this.telemetry);
       this.taskRoles.set(stage, role);
       const logGroup = new logs.LogGroup(this, `${pascal(stage)}Logs`, { retention: config.logRetention });
       const stageEnvironment = {
         ...environment,
         ...(stage === 'inference' && fallback ? { SLUICE__INFERENCE__SAGEMAKER__ENDPOINT_NAME: fallback.attrEndpointName } : {}),
+        ...(this.telemetry ? otelEnvironment(stage, config) : {}),
       };
       const gpu = stage === 'inference' && props.inference === 'gpu';
       const container: ecs.ContainerDefinitionOptions = {
@@ -173,6 +199,7 @@ export class ComputeStack extends Stack {
       const service = gpu
         ? this.gpuService(cluster, vpc, securityGroup, role, container, config)
         : this.fargateService(stage, cluster, securityGroup, role, container, sizing);
+      if (this.telemetry) this.addCollector(stage, service.taskDefinition, logGroup, this.telemetry);
       this.services.set(stage, service);
       this.scale(stage, cluster, service, data, config);
     }
@@ -197,6 +224,74 @@ export class ComputeStack extends Stack {
         repositoryName,
       });
     return ecs.ContainerImage.fromEcrRepository(repository, tag ?? 'latest');
+  }
+
+  /**
+   * The namespace and the log group of the workers' metrics: named for the prefix, so two
+   * deployments in one account and region keep theirs apart.
+   */
+  private telemetryDestinations(prefix: string, config: EnvironmentConfig): TelemetryDestinations {
+    const metricsLogGroupName = `/sluice/${prefix}/metrics`;
+    const metricsLogs = new logs.LogGroup(this, 'MetricsLogs', {
+      logGroupName: metricsLogGroupName,
+      retention: config.logRetention,
+      // A named group left behind would stop the next deployment of the same prefix.
+      removalPolicy: config.retain ? RemovalPolicy.RETAIN : RemovalPolicy.DESTROY,
+    });
+    return { namespace: `sluice/${prefix}`, metricsLogs, metricsLogGroupName };
+  }
+
+  /** What the collector beside a worker calls, with the worker's task role. */
+  private grantTelemetry(role: iam.Role, telemetry: TelemetryDestinations): void {
+    // awsemf writes EMF events to its log group's streams (the group's ARN ends in `:*`); the
+    // services, which depend on their task roles, start once the group exists. No
+    // logs:CreateLogGroup: the stack makes the group, with retention; one the exporter made
+    // would keep its events forever.
+    role.addToPolicy(
+      new iam.PolicyStatement({
+        sid: 'MetricsAsEmfLogs',
+        actions: ['logs:CreateLogStream', 'logs:PutLogEvents', 'logs:DescribeLogStreams'],
+        resources: [telemetry.metricsLogs.logGroupArn],
+      }),
+    );
+    role.addToPolicy(
+      new iam.PolicyStatement({ sid: 'TracesToXRay', actions: ['xray:PutTraceSegments', 'xray:PutTelemetryRecords'], resources: ['*'] }),
+    );
+    Validations.of(role).acknowledge({
+      id: 'AwsSolutions-IAM5[Resource::*]',
+      reason: 'The collector sends traces with xray:PutTraceSegments and xray:PutTelemetryRecords, which have no resource-level permissions: AWS allows only "*".',
+    });
+  }
+
+  /**
+   * The ADOT collector beside `stage`'s worker: not essential (a collector that fails leaves the
+   * worker running, and ECS restarts it), logging to the worker's log group. The worker starts
+   * after it and, stopping first, flushes its last metrics and spans to a collector still there.
+   */
+  private addCollector(stage: Stage, task: ecs.TaskDefinition, logGroup: logs.ILogGroup, telemetry: TelemetryDestinations): void {
+    const worker = task.defaultContainer!;
+    const collector = task.addContainer('otel-collector', {
+      image: ecs.ContainerImage.fromRegistry(COLLECTOR_IMAGE),
+      essential: false,
+      enableRestartPolicy: true,
+      ...COLLECTOR_RESOURCES,
+      readonlyRootFilesystem: true,
+      environment: {
+        AOT_CONFIG_CONTENT: JSON.stringify(
+          collectorConfig({ namespace: telemetry.namespace, logGroupName: telemetry.metricsLogGroupName, stage }),
+        ),
+        AWS_REGION: this.region,
+      },
+      logging: ecs.LogDrivers.awsLogs({ logGroup, streamPrefix: 'otel-collector' }),
+      healthCheck: {
+        command: ['CMD', '/healthcheck', `--port=${COLLECTOR_HEALTH_PORT}`],
+        interval: Duration.seconds(30),
+        timeout: Duration.seconds(5),
+        retries: 3,
+        startPeriod: Duration.seconds(10),
+      },
+    });
+    worker.addContainerDependencies({ container: collector, condition: ecs.ContainerDependencyCondition.START });
   }
 
   /** Exactly the calls a worker of `stage` makes, on exactly its resources. */
@@ -479,7 +574,61 @@ export class ComputeStack extends Stack {
       evaluationPeriods: 5,
       treatMissingData: cloudwatch.TreatMissingData.BREACHING,
     });
+    if (this.telemetry) this.inferenceAlarms(data.prefix, this.telemetry.namespace, config, alarm);
     return topic;
+  }
+
+  /**
+   * Alarms on the workers' own metrics (from the collectors, through EMF): the SageMaker
+   * fallback scoring more than its share of records, and the model's breaker staying open.
+   * Periods without inference count as fine.
+   */
+  private inferenceAlarms(
+    prefix: string,
+    namespace: string,
+    config: EnvironmentConfig,
+    alarm: (id: string, props: cloudwatch.AlarmProps) => void,
+  ): void {
+    const period = Duration.minutes(5);
+    const records = (backend: string) =>
+      new cloudwatch.Metric({ namespace, metricName: METRICS.inferenceRecords, dimensionsMap: { backend }, statistic: 'Sum', period });
+    const share = config.telemetry.fallbackShareAlarm;
+    alarm('FallbackShare', {
+      alarmName: `${prefix}-inference-fallback-share`,
+      alarmDescription:
+        `The SageMaker fallback scored more than ${Math.round(share * 100)}% of records for 15 minutes: the Candle model is failing or slow, ` +
+        'so the circuit breaker sends batches to SageMaker. Read the sluice-inference logs ("Candle failed") and ' +
+        `sluice_breaker_state on its /metrics (${METRICS.breakerState} in ${namespace}; 2 = open).`,
+      // A backend that scored nothing in a period counts 0 (inference=cpu has no candle-cuda).
+      metric: new cloudwatch.MathExpression({
+        expression: 'FILL(sagemaker, 0) / (FILL(cpu, 0) + FILL(cuda, 0) + FILL(sagemaker, 0))',
+        usingMetrics: {
+          cpu: records(BACKENDS.candleCpu),
+          cuda: records(BACKENDS.candleCuda),
+          sagemaker: records(BACKENDS.sagemaker),
+        },
+        label: 'Share of records scored by the SageMaker fallback',
+        period,
+      }),
+      threshold: share,
+      comparisonOperator: cloudwatch.ComparisonOperator.GREATER_THAN_THRESHOLD,
+      evaluationPeriods: 3,
+      datapointsToAlarm: 3,
+      treatMissingData: cloudwatch.TreatMissingData.NOT_BREACHING,
+    });
+    alarm('BreakerOpen', {
+      alarmName: `${prefix}-inference-breaker-open`,
+      alarmDescription:
+        'An inference task\'s model circuit breaker was open in each of the last three 5-minute periods: its batches go to ' +
+        'the SageMaker fallback. Read the sluice-inference logs for Candle\'s errors; sluice_breaker_state on each task\'s ' +
+        '/metrics says which (0 closed, 1 half-open, 2 open).',
+      metric: new cloudwatch.Metric({ namespace, metricName: METRICS.breakerState, statistic: 'Maximum', period }),
+      threshold: BREAKER_OPEN,
+      comparisonOperator: cloudwatch.ComparisonOperator.GREATER_THAN_OR_EQUAL_TO_THRESHOLD,
+      evaluationPeriods: 3,
+      datapointsToAlarm: 3,
+      treatMissingData: cloudwatch.TreatMissingData.NOT_BREACHING,
+    });
   }
 
   /** The SageMaker XGBoost endpoint inference falls back to (deploy/sagemaker's model). */
@@ -576,6 +725,20 @@ export class ComputeStack extends Stack {
       endpointConfigName: endpointConfig.attrEndpointConfigName,
     });
   }
+}
+
+/**
+ * The standard OpenTelemetry variables that send a worker's metrics and traces to the collector
+ * beside it, named for its stage and environment.
+ */
+function otelEnvironment(stage: Stage, config: EnvironmentConfig): Record<string, string> {
+  return {
+    OTEL_EXPORTER_OTLP_ENDPOINT: `http://localhost:${OTLP_HTTP_PORT}`,
+    OTEL_SERVICE_NAME: `sluice-${stage}`,
+    OTEL_RESOURCE_ATTRIBUTES: `deployment.environment=${config.name}`,
+    OTEL_TRACES_SAMPLER: 'parentbased_traceidratio',
+    OTEL_TRACES_SAMPLER_ARG: String(config.telemetry.traceSampleRatio),
+  };
 }
 
 /** The claim-check objects, by the bucket's name (so the ARN reads the same in every template). */

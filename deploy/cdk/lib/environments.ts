@@ -35,6 +35,23 @@ export interface EnvironmentConfig {
   /** Stateful resources survive `cdk destroy`; tables and stream refuse deletion. */
   retain: boolean;
   fallback: { instanceType: string; instanceCount: number };
+  telemetry: TelemetryConfig;
+}
+
+/** Where the workers' OpenTelemetry metrics and traces go on AWS (lib/telemetry.ts). */
+export interface TelemetryConfig {
+  /**
+   * An ADOT collector beside each worker: metrics to CloudWatch (EMF), traces to X-Ray, and the
+   * alarms on those metrics. Off: the workers export nothing over OTLP and serve only /metrics.
+   */
+  collector: boolean;
+  /** The share of traces kept (parent-based: a record's spans are kept or dropped together). */
+  traceSampleRatio: number;
+  /**
+   * The share of records the SageMaker fallback may score, over 15 minutes, before the alarm
+   * rings: above it the Candle model is failing or slow and the breaker routes around it.
+   */
+  fallbackShareAlarm: number;
 }
 
 export const ENVIRONMENTS: Record<'beta' | 'prod', EnvironmentConfig> = {
@@ -57,6 +74,7 @@ export const ENVIRONMENTS: Record<'beta' | 'prod', EnvironmentConfig> = {
     resultTtlDays: 30,
     retain: false,
     fallback: { instanceType: 'ml.m5.large', instanceCount: 1 },
+    telemetry: { collector: true, traceSampleRatio: 1, fallbackShareAlarm: 0.5 },
   },
   prod: {
     name: 'prod',
@@ -77,5 +95,7 @@ export const ENVIRONMENTS: Record<'beta' | 'prod', EnvironmentConfig> = {
     resultTtlDays: 0,
     retain: true,
     fallback: { instanceType: 'ml.m5.large', instanceCount: 2 },
+    // X-Ray bills each span: a span per record per stage adds up at prod's rates.
+    telemetry: { collector: true, traceSampleRatio: 0.1, fallbackShareAlarm: 0.2 },
   },
 };

@@ -5,11 +5,12 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import { describe, it } from 'node:test';
 import { App } from 'aws-cdk-lib';
-import { Template } from 'aws-cdk-lib/assertions';
+import { Match, Template } from 'aws-cdk-lib/assertions';
 import { AwsSolutionsChecks } from 'cdk-nag';
 import { SluiceStacks, buildStacks } from '../lib/app';
-import { ENVIRONMENTS } from '../lib/environments';
-import { RESOURCES, STAGES, Stage, configNumber, resourceName } from '../lib/resources';
+import { ENVIRONMENTS, EnvironmentConfig } from '../lib/environments';
+import { REPO_ROOT, RESOURCES, STAGES, Stage, configNumber, resourceName } from '../lib/resources';
+import { BACKENDS, BREAKER_OPEN, COLLECTOR_IMAGE, EMF_UNITS, METRICS } from '../lib/telemetry';
 
 type Resource = { Type: string; Properties: Record<string, any>; DeletionPolicy?: string };
 
@@ -17,10 +18,10 @@ type Resource = { Type: string; Properties: Record<string, any>; DeletionPolicy?
 const model = path.join(fs.mkdtempSync(path.join(os.tmpdir(), 'sluice-cdk-')), 'model.tar.gz');
 fs.writeFileSync(model, 'not a real model');
 
-function synth(env: 'beta' | 'prod', extra: Record<string, string> = {}) {
+function synth(env: 'beta' | 'prod', extra: Record<string, string> = {}, overrides: Partial<EnvironmentConfig> = {}) {
   // Image URIs: the unit tests need no Docker build context staged.
   const app = new App({ context: { env, fallbackModel: model, image: 'sluice:test', cudaImage: 'sluice-cuda:test', ...extra } });
-  const stacks = buildStacks(app, { account: '123456789012', region: 'eu-west-1' });
+  const stacks = buildStacks(app, { account: '123456789012', region: 'eu-west-1' }, overrides);
   return { stacks, data: Template.fromStack(stacks.data), compute: Template.fromStack(stacks.compute) };
 }
 
@@ -42,6 +43,26 @@ function logicalIdOf(template: Template, type: string, nameKey: string, name: st
 function referencedIds(value: unknown): string[] {
   const text = JSON.stringify(value);
   return [...text.matchAll(/ExportsOutputFnGetAtt([A-Za-z0-9]+?)[0-9A-F]{8}(Arn|QueueName|StreamArn)/g)].map((m) => m[1]);
+}
+
+type Container = { Name: string; Command?: string[]; Environment: { Name: string; Value: any }[]; [key: string]: any };
+
+/** Each worker's task definition: its worker container (the first) and the rest. */
+function workerTasks(template: Template): { stage: Stage; worker: Container; others: Container[] }[] {
+  return resources(template, 'AWS::ECS::TaskDefinition').map(([, task]) => {
+    const [worker, ...others] = task.Properties.ContainerDefinitions as Container[];
+    return { stage: worker.Name as Stage, worker, others };
+  });
+}
+
+function variable(container: Container, name: string): any {
+  return container.Environment.find((e) => e.Name === name)?.Value;
+}
+
+/** The string constants of a Rust source file of the workers, by value. */
+function rustStrings(file: string): Set<string> {
+  const source = fs.readFileSync(path.join(REPO_ROOT, file), 'utf8');
+  return new Set([...source.matchAll(/"([a-z][a-z0-9_.-]*)"/g)].map((m) => m[1]));
 }
 
 function taskRolePolicy(stacks: SluiceStacks, template: Template, stage: Stage): any[] {
@@ -162,8 +183,10 @@ for (const [env, synthed] of [['beta', beta], ['prod', prod]] as const) {
         assert.deepEqual(queuesIn((s) => actions(s).includes('sqs:ReceiveMessage')), new Set(spec.input ? [spec.input] : []), stage);
         for (const s of statements) {
           assert.ok(!actions(s).some((a) => a.endsWith('*')), `${stage}: wildcard action ${actions(s)}`);
-          assert.notEqual(s.Resource, '*', `${stage}: statement ${s.Sid} on every resource`);
         }
+        // X-Ray's calls take no resource: the collector's are the only statement on "*".
+        const everywhere = statements.filter((s) => s.Resource === '*').map((s) => actions(s).sort());
+        assert.deepEqual(everywhere, [['xray:PutTelemetryRecords', 'xray:PutTraceSegments']], stage);
       }
     });
 
@@ -184,20 +207,24 @@ for (const [env, synthed] of [['beta', beta], ['prod', prod]] as const) {
       assert.match(pulls, /repository\/sluice"/);
       assert.match(pulls, /repository\/xgb"/, 'the fallback override is pulled too');
       pushed.hasResourceProperties('AWS::ECS::TaskDefinition', {
-        ContainerDefinitions: [{ Command: ['/usr/local/bin/sluice-ingest'], Image: { 'Fn::Join': ['', ['123456789012.dkr.ecr.eu-west-1.', { Ref: 'AWS::URLSuffix' }, '/sluice:abc']] } }],
+        ContainerDefinitions: Match.arrayWith([
+          Match.objectLike({ Command: ['/usr/local/bin/sluice-ingest'], Image: { 'Fn::Join': ['', ['123456789012.dkr.ecr.eu-west-1.', { Ref: 'AWS::URLSuffix' }, '/sluice:abc']] } }),
+        ]),
       });
     });
 
     it('asks for a GPU for inference by default, and runs it on Fargate with inference=cpu', () => {
       compute.hasResourceProperties('AWS::ECS::TaskDefinition', {
-        ContainerDefinitions: [{ Command: ['/usr/local/bin/sluice-inference'], ResourceRequirements: [{ Type: 'GPU', Value: '1' }] }],
+        ContainerDefinitions: Match.arrayWith([
+          Match.objectLike({ Command: ['/usr/local/bin/sluice-inference'], ResourceRequirements: [{ Type: 'GPU', Value: '1' }] }),
+        ]),
         RequiresCompatibilities: ['EC2'],
       });
       compute.hasResourceProperties('AWS::ECS::CapacityProvider', {});
       const cpu = synth(env, { inference: 'cpu' }).compute;
       cpu.resourceCountIs('AWS::ECS::CapacityProvider', 0);
       cpu.hasResourceProperties('AWS::ECS::TaskDefinition', {
-        ContainerDefinitions: [{ Command: ['/usr/local/bin/sluice-inference'] }],
+        ContainerDefinitions: Match.arrayWith([Match.objectLike({ Command: ['/usr/local/bin/sluice-inference'] })]),
         RequiresCompatibilities: ['FARGATE'],
       });
     });
@@ -236,6 +263,97 @@ for (const [env, synthed] of [['beta', beta], ['prod', prod]] as const) {
       assert.ok(statements.some((s) => s.Action === 'sagemaker:InvokeEndpoint'));
     });
 
+    it('runs an ADOT collector beside every worker, sending metrics to CloudWatch and traces to X-Ray', () => {
+      const tasks = workerTasks(compute);
+      assert.deepEqual(tasks.map((t) => t.stage).sort(), [...STAGES].sort());
+      for (const { stage, worker, others } of tasks) {
+        assert.equal(others.length, 1, `${stage}: one sidecar`);
+        const [collector] = others;
+        assert.equal(collector.Image, COLLECTOR_IMAGE);
+        assert.match(collector.Image, /:v\d+\.\d+\.\d+$/, 'a pinned version');
+        assert.equal(collector.Essential, false, 'a collector that fails leaves the worker running');
+        assert.equal(collector.LogConfiguration.LogDriver, 'awslogs');
+        assert.deepEqual(collector.LogConfiguration.Options['awslogs-group'], worker.LogConfiguration.Options['awslogs-group']);
+        assert.ok(collector.Cpu > 0 && collector.MemoryReservation > 0 && collector.Memory >= collector.MemoryReservation);
+        assert.deepEqual(worker.DependsOn, [{ ContainerName: collector.Name, Condition: 'START' }], 'the worker stops first, and flushes');
+
+        assert.equal(variable(worker, 'OTEL_EXPORTER_OTLP_ENDPOINT'), 'http://localhost:4318');
+        assert.equal(variable(worker, 'OTEL_SERVICE_NAME'), `sluice-${stage}`);
+        assert.equal(variable(worker, 'OTEL_RESOURCE_ATTRIBUTES'), `deployment.environment=${env}`);
+        assert.equal(variable(worker, 'OTEL_TRACES_SAMPLER_ARG'), String(ENVIRONMENTS[env].telemetry.traceSampleRatio));
+
+        const config = JSON.parse(variable(collector, 'AOT_CONFIG_CONTENT'));
+        assert.equal(config.receivers.otlp.protocols.http.endpoint, 'localhost:4318');
+        const emf = config.exporters.awsemf;
+        assert.equal(emf.namespace, `sluice/${prefix}`);
+        assert.equal(emf.log_group_name, `/sluice/${prefix}/metrics`);
+        assert.equal(emf.dimension_rollup_option, 'NoDimensionRollup');
+        assert.deepEqual(emf.metric_declarations.flatMap((d: any) => d.dimensions), [['stage'], ['backend'], []]);
+        assert.deepEqual(config.service.pipelines.metrics.exporters, ['awsemf']);
+        assert.deepEqual(config.service.pipelines.traces.exporters, ['awsxray']);
+        assert.ok('awsxray' in config.exporters);
+      }
+    });
+
+    it('lets the collectors write only to the metrics log group, which it keeps with retention', () => {
+      const [groupId, group] = resources(compute, 'AWS::Logs::LogGroup').find(([, g]) => g.Properties.LogGroupName === `/sluice/${prefix}/metrics`)!;
+      assert.equal(group.Properties.RetentionInDays, ENVIRONMENTS[env].logRetention);
+      for (const stage of STAGES) {
+        const statements = taskRolePolicy(stacks, compute, stage);
+        const logs = statements.filter((s) => [s.Action].flat().some((a: string) => a.startsWith('logs:')));
+        assert.deepEqual(logs.map((s) => s.Resource), [{ 'Fn::GetAtt': [groupId, 'Arn'] }], stage);
+        assert.ok(logs[0].Action.includes('logs:PutLogEvents'), stage);
+      }
+    });
+
+    it('alarms when the SageMaker fallback scores more than its share of records, or the breaker stays open', () => {
+      const namespace = `sluice/${prefix}`;
+      const [, share] = resources(compute, 'AWS::CloudWatch::Alarm').find(([, a]) => a.Properties.AlarmName === `${prefix}-inference-fallback-share`)!;
+      const { Metrics: metrics, ...props } = share.Properties;
+      assert.equal(props.Threshold, ENVIRONMENTS[env].telemetry.fallbackShareAlarm);
+      assert.equal(props.ComparisonOperator, 'GreaterThanThreshold');
+      assert.equal(props.EvaluationPeriods, 3);
+      assert.equal(props.DatapointsToAlarm, 3);
+      assert.equal(props.TreatMissingData, 'notBreaching');
+      assert.match(props.AlarmDescription, /Candle/);
+      assert.match(props.AlarmDescription, /sluice_breaker_state/);
+      const expression = metrics.find((m: any) => m.ReturnData !== false).Expression;
+      assert.equal(expression, 'FILL(sagemaker, 0) / (FILL(cpu, 0) + FILL(cuda, 0) + FILL(sagemaker, 0))');
+      const backends = Object.fromEntries(
+        metrics.filter((m: any) => m.MetricStat).map((m: any) => {
+          const { Metric: metric, Period: period, Stat: stat } = m.MetricStat;
+          assert.deepEqual([metric.Namespace, metric.MetricName, period, stat], [namespace, METRICS.inferenceRecords, 300, 'Sum']);
+          return [m.Id, metric.Dimensions.find((d: any) => d.Name === 'backend').Value];
+        }),
+      );
+      assert.deepEqual(backends, { cpu: BACKENDS.candleCpu, cuda: BACKENDS.candleCuda, sagemaker: BACKENDS.sagemaker });
+      compute.hasResourceProperties('AWS::CloudWatch::Alarm', {
+        AlarmName: `${prefix}-inference-breaker-open`,
+        Namespace: namespace,
+        MetricName: METRICS.breakerState,
+        Statistic: 'Maximum',
+        Threshold: BREAKER_OPEN,
+        ComparisonOperator: 'GreaterThanOrEqualToThreshold',
+        EvaluationPeriods: 3,
+      });
+    });
+
+    it('runs no collector, and no alarm on its metrics, with telemetry.collector off', () => {
+      const off = synth(env, {}, { telemetry: { ...ENVIRONMENTS[env].telemetry, collector: false } });
+      for (const { stage, worker, others } of workerTasks(off.compute)) {
+        assert.deepEqual(others, [], stage);
+        assert.equal(worker.DependsOn, undefined, stage);
+        assert.ok(!worker.Environment.some((e) => e.Name.startsWith('OTEL_')), `${stage}: no OTLP export`);
+        const statements = taskRolePolicy(off.stacks, off.compute, stage);
+        assert.ok(!statements.some((s) => s.Resource === '*'), stage);
+      }
+      assert.ok(!JSON.stringify(off.compute.toJSON()).includes(COLLECTOR_IMAGE));
+      assert.ok(!JSON.stringify(off.compute.findResources('AWS::CloudWatch::Alarm')).includes('sluice.'));
+      off.compute.resourcePropertiesCountIs('AWS::Logs::LogGroup', { LogGroupName: `/sluice/${prefix}/metrics` }, 0);
+      const report = new AwsSolutionsChecks().validateScope(off.stacks.compute);
+      assert.deepEqual(report.violations.map((v) => v.ruleName), []);
+    });
+
     it('leaves no cdk-nag AwsSolutions finding unacknowledged', () => {
       for (const stack of [stacks.data, stacks.compute]) {
         const report = new AwsSolutionsChecks().validateScope(stack);
@@ -259,6 +377,15 @@ describe('environments', () => {
     for (const stage of STAGES) {
       assert.ok(ENVIRONMENTS.prod.workers[stage].maxTasks > ENVIRONMENTS.beta.workers[stage].maxTasks, stage);
     }
+  });
+
+  it('names the metrics and backends the workers report', () => {
+    const metrics = rustStrings('core/src/telemetry/metrics.rs');
+    for (const name of [...Object.values(METRICS), ...Object.keys(EMF_UNITS)]) assert.ok(metrics.has(name), `${name} in metrics.rs`);
+    assert.ok(rustStrings('inference/src/sagemaker.rs').has(BACKENDS.sagemaker));
+    const candle = rustStrings('inference/src/model/mod.rs');
+    assert.ok(candle.has(BACKENDS.candleCpu) && candle.has(BACKENDS.candleCuda));
+    for (const label of ['stage', 'backend']) assert.ok(metrics.has(label), `label ${label}`);
   });
 
   it('refuses to synthesize without an environment', () => {
