@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::digits::{self, Split};
 use crate::produce::{digit_records, put_all, run_tag};
+use sluice_core::dlq::Letters;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct DemoArgs {
@@ -172,8 +173,9 @@ pub async fn all_results(backend: &Backend) -> anyhow::Result<Vec<PredictionResu
 async fn dlq_reasons(backend: &Backend) -> anyhow::Result<BTreeMap<String, u64>> {
     let mut out = BTreeMap::new();
     for stage in StageName::ALL {
-        for entry in crate::dlq::entries(backend, stage, usize::MAX).await? {
-            *out.entry(format!("{stage}/{}", entry.reason)).or_default() += 1;
+        let all = sluice_core::dlq::Filter::default();
+        for item in sluice_core::dlq::list(backend, Letters::Stage(stage), &all, usize::MAX).await? {
+            *out.entry(format!("{stage}/{}", item.entry.reason)).or_default() += 1;
         }
     }
     Ok(out)

@@ -1,82 +1,299 @@
-//! `sluice dlq list|replay`: what operators do with dead letters.
+//! `sluice dlq list|show|stats|replay|purge`: what operators do with dead letters and review
+//! items (the work is in `sluice_core::dlq`).
 
-use std::collections::BTreeMap;
-use std::time::Duration;
+use std::io::{BufRead, IsTerminal, Write};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use sluice_core::backend::{Backend, OutgoingMessage, StreamInput};
-use sluice_core::record::DlqEntry;
+use anyhow::{Context, bail};
+use sluice_core::ReasonCode;
+use sluice_core::backend::Backend;
+use sluice_core::config::{Settings, StoreArgs};
+use sluice_core::dlq::{self, Delete, Filter, Item, Letters, Rejudge, ReplayOptions, SendTo};
+use sluice_core::model::ModelBundle;
 use sluice_core::topology::StageName;
-use sluice_core::{ReasonCode, SluiceError};
 
-/// Messages moved per replay round.
-const REPLAY_BATCH: usize = 100;
-
-/// Up to `limit` entries of `stage`'s DLQ, oldest first, without taking them off the queue.
-pub async fn entries(backend: &Backend, stage: StageName, limit: usize) -> Result<Vec<DlqEntry>, SluiceError> {
-    let messages = backend.queue(stage.dlq()).peek(limit).await?;
-    Ok(messages
-        .into_iter()
-        .map(|m| DlqEntry::from_message(stage, m.body, &m.attributes, m.receive_count, m.sent_at_ms))
-        .collect())
+#[derive(Debug, clap::Subcommand)]
+pub enum DlqCommand {
+    /// List entries, oldest first.
+    List {
+        #[command(flatten)]
+        store: StoreArgs,
+        /// ingest, features, inference, results, or review.
+        #[arg(long)]
+        stage: Letters,
+        #[command(flatten)]
+        filter: FilterArgs,
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        #[arg(long)]
+        json: bool,
+    },
+    /// One entry in full: reason, attempts, failure times, detail, the record's attributes, and
+    /// for a review item the class, confidence and probabilities.
+    Show {
+        #[command(flatten)]
+        store: StoreArgs,
+        /// The record id.
+        id: String,
+        /// Where to look (default: every DLQ and the review queue).
+        #[arg(long)]
+        stage: Option<Letters>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Entries of every DLQ and the review queue, by reason, and the oldest one's age.
+    Stats {
+        #[command(flatten)]
+        store: StoreArgs,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Send entries back to work: to the stage that failed them (or `--to`), unchanged. Review
+    /// items are judged again under the model bundle's current thresholds: those that clear
+    /// them are accepted, the rest stay for a person.
+    Replay {
+        #[command(flatten)]
+        store: StoreArgs,
+        #[arg(long)]
+        stage: Letters,
+        #[command(flatten)]
+        filter: FilterArgs,
+        /// Send them to this stage instead.
+        #[arg(long)]
+        to: Option<StageName>,
+        /// List what would move, and move nothing.
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(long)]
+        limit: Option<usize>,
+        /// At most this many entries a second.
+        #[arg(long)]
+        rate: Option<f64>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete entries for good (asks first, unless `--yes`).
+    Purge {
+        #[command(flatten)]
+        store: StoreArgs,
+        #[arg(long)]
+        stage: Letters,
+        #[command(flatten)]
+        filter: FilterArgs,
+        #[arg(long)]
+        limit: Option<usize>,
+        /// Do not ask.
+        #[arg(long)]
+        yes: bool,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
-/// Moves up to `limit` entries (only those with `reason`, if given) back to where `stage` reads,
-/// body and original attributes as they were. Returns how many moved.
-pub async fn replay(
-    backend: &Backend,
-    stage: StageName,
-    reason: Option<ReasonCode>,
-    limit: usize,
-) -> Result<usize, SluiceError> {
-    let dlq = backend.queue(stage.dlq());
-    let mut moved = 0;
-    let mut skipped = Vec::new();
-    let progress = crate::progress::counter("entries replayed");
-    while moved < limit {
-        let batch = dlq.receive(REPLAY_BATCH.min(limit - moved), Duration::ZERO).await?;
-        if batch.is_empty() {
-            break;
-        }
-        let (mut take, mut receipts, mut stream_records) = (Vec::new(), Vec::new(), Vec::new());
-        for message in batch {
-            let entry = DlqEntry::from_message(
-                stage,
-                Vec::new(),
-                &message.attributes,
-                message.receive_count,
-                message.sent_at_ms,
-            );
-            if reason.is_some_and(|r| r != entry.reason) {
-                skipped.push(message.receipt);
-                continue;
-            }
-            let attributes: BTreeMap<String, String> =
-                message.attributes.into_iter().filter(|(k, _)| !k.starts_with("sluice.")).collect();
-            match stage.input_queue() {
-                Some(_) => take.push(OutgoingMessage {
-                    body: message.body,
-                    attributes,
-                    dedup_key: entry.record_id.map(String::from),
-                }),
-                None => stream_records.push(StreamInput {
-                    partition_key: attributes.get("partition_key").cloned().unwrap_or_else(|| "replay".to_owned()),
-                    data: message.body,
-                }),
-            }
-            receipts.push(message.receipt);
-        }
-        moved += receipts.len();
-        progress.inc(receipts.len() as u64);
-        match stage.input_queue() {
-            Some(queue) => backend.queue(queue).send_batch(take).await?,
-            None if !stream_records.is_empty() => backend.stream.put_records(stream_records).await?,
-            None => {}
-        }
-        dlq.ack(&receipts).await?;
+/// Which entries: every option narrows the set.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct FilterArgs {
+    /// Reason code (e.g. `missing_features`, `below_threshold`).
+    #[arg(long)]
+    pub reason: Option<String>,
+    /// Record ids matching this glob (`digits-*-00??-*`).
+    #[arg(long)]
+    pub record_id: Option<String>,
+    /// Predicted class (review items).
+    #[arg(long)]
+    pub class: Option<String>,
+    #[arg(long)]
+    pub min_confidence: Option<f32>,
+    #[arg(long)]
+    pub max_confidence: Option<f32>,
+    /// Last failed at or after: RFC 3339 (`2026-11-26T09:00:00Z`) or an age (`2h`, `30m`).
+    #[arg(long)]
+    pub since: Option<String>,
+    /// Last failed before: RFC 3339 or an age.
+    #[arg(long)]
+    pub until: Option<String>,
+}
+
+impl FilterArgs {
+    pub fn filter(&self) -> anyhow::Result<Filter> {
+        Ok(Filter {
+            reason: self.reason.as_deref().map(parse_reason).transpose()?,
+            record_id: self
+                .record_id
+                .as_deref()
+                .map(|p| glob::Pattern::new(p).with_context(|| format!("--record-id {p:?} is not a glob")))
+                .transpose()?,
+            class: self.class.clone(),
+            min_confidence: self.min_confidence,
+            max_confidence: self.max_confidence,
+            since_ms: self.since.as_deref().map(parse_time).transpose()?,
+            until_ms: self.until.as_deref().map(parse_time).transpose()?,
+        })
     }
-    progress.finish_and_clear();
-    if !skipped.is_empty() {
-        dlq.release(&skipped, Duration::ZERO).await?;
+}
+
+pub fn parse_reason(raw: &str) -> anyhow::Result<ReasonCode> {
+    serde_json::from_value(serde_json::Value::String(raw.to_owned()))
+        .with_context(|| format!("{raw:?} is not a reason code (they are listed in docs/operations.md)"))
+}
+
+/// Milliseconds since the epoch of an RFC 3339 time, or of now less an age (`90s`, `2h`, `3d`).
+fn parse_time(raw: &str) -> anyhow::Result<u64> {
+    let time = match humantime::parse_duration(raw) {
+        Ok(age) => SystemTime::now() - age,
+        Err(_) => humantime::parse_rfc3339_weak(raw)
+            .with_context(|| format!("{raw:?} is neither a time (2026-11-26T09:00:00Z) nor an age (2h)"))?,
+    };
+    Ok(time.duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as u64)
+}
+
+pub async fn run(command: DlqCommand, settings: Settings) -> anyhow::Result<()> {
+    let open = |store: &StoreArgs| {
+        let settings = store.apply(settings.clone());
+        async move { anyhow::Ok((Backend::open_observer(&settings.store()?).await?, settings)) }
+    };
+    match command {
+        DlqCommand::List { store, stage, filter, limit, json } => {
+            let (backend, _) = open(&store).await?;
+            for item in dlq::list(&backend, stage, &filter.filter()?, limit).await? {
+                print_line(&item, json)?;
+            }
+        }
+        DlqCommand::Show { store, id, stage, json } => {
+            let (backend, _) = open(&store).await?;
+            let item = dlq::show(&backend, stage, &id).await?.with_context(|| format!("no entry for {id}"))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&item)?);
+            } else {
+                print!("{}", describe(&item));
+            }
+        }
+        DlqCommand::Stats { store, json } => {
+            let (backend, _) = open(&store).await?;
+            let stats = dlq::stats(&backend).await?;
+            if json {
+                println!("{}", serde_json::to_string(&stats)?);
+            } else {
+                for queue in stats {
+                    let age = queue
+                        .oldest_age_ms
+                        .map(|ms| format!(", oldest {}", humantime::format_duration(Duration::from_secs(ms / 1000))))
+                        .unwrap_or_default();
+                    println!("{:<10} {:>7} entries{age}", queue.queue.as_str(), queue.entries);
+                    for (reason, n) in queue.by_reason {
+                        println!("  {reason:<28} {n:>7}");
+                    }
+                }
+            }
+        }
+        DlqCommand::Replay { store, stage, filter, to, dry_run, limit, rate, json } => {
+            let (backend, settings) = open(&store).await?;
+            let filter = filter.filter()?;
+            if dry_run {
+                let items = dlq::list(&backend, stage, &filter, limit.unwrap_or(dlq::PEEK_MAX)).await?;
+                for item in &items {
+                    print_line(item, json)?;
+                }
+                eprintln!("dry run: {} entries would be replayed from {stage}; nothing moved", items.len());
+                return Ok(());
+            }
+            let options = ReplayOptions { to, limit, rate };
+            let progress = crate::progress::counter("entries replayed");
+            let report = |n: u64| progress.set_position(n);
+            let moved = match stage {
+                Letters::Review => {
+                    if to.is_some() {
+                        bail!(
+                            "review items are judged again where they are, under the bundle's thresholds: --to does not apply"
+                        );
+                    }
+                    let manifest = ModelBundle::load(settings.model()?.dir)?.manifest;
+                    dlq::apply(&backend, stage, &filter, &Rejudge(manifest), &options, &report).await?
+                }
+                Letters::Stage(failed) => {
+                    dlq::apply(&backend, stage, &filter, &SendTo(to.unwrap_or(failed)), &options, &report).await?
+                }
+            };
+            progress.finish_and_clear();
+            if json {
+                println!("{}", serde_json::to_string(&moved)?);
+            } else if stage == Letters::Review {
+                println!(
+                    "{} review items accepted under the current thresholds; {} stay in review",
+                    moved.moved, moved.kept
+                );
+            } else {
+                println!("replayed {} entries from the {stage} DLQ to {}", moved.moved, to.unwrap_or(stage.stage()));
+            }
+        }
+        DlqCommand::Purge { store, stage, filter, limit, yes, json } => {
+            let (backend, _) = open(&store).await?;
+            let filter = filter.filter()?;
+            if !yes {
+                let n = dlq::list(&backend, stage, &filter, limit.unwrap_or(dlq::PEEK_MAX)).await?.len();
+                if !confirm(&format!("delete {n} entries from {stage} for good?"))? {
+                    bail!("nothing deleted");
+                }
+            }
+            let options = ReplayOptions { limit, ..ReplayOptions::default() };
+            let deleted = dlq::apply(&backend, stage, &filter, &Delete, &options, &|_| {}).await?;
+            if json {
+                println!("{}", serde_json::to_string(&deleted)?);
+            } else {
+                println!("deleted {} entries from {stage}", deleted.moved);
+            }
+        }
     }
-    Ok(moved)
+    Ok(())
+}
+
+fn print_line(item: &Item, json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string(item)?);
+    } else {
+        let id = item.record_id().map_or("-", |id| id.as_str());
+        let verdict = item.verdict.as_ref().map(|v| format!("\t{} {:.4}", v.label, v.confidence)).unwrap_or_default();
+        println!("{id}\t{}\tattempts={}\t{}{verdict}", item.entry.reason, item.entry.attempts, item.entry.detail);
+    }
+    Ok(())
+}
+
+/// One entry, for people.
+pub fn describe(item: &Item) -> String {
+    let e = &item.entry;
+    let time = |ms: u64| humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(ms)).to_string();
+    let mut out = format!(
+        "record        {}\nqueue         {}\nstage         {}\nreason        {}\ndetail        {}\nattempts      {}\nfirst failed  {}\nlast failed   {}\n",
+        item.record_id().map_or("-", |id| id.as_str()),
+        item.queue,
+        e.stage,
+        e.reason,
+        e.detail,
+        e.attempts,
+        time(e.first_failure_ms),
+        time(e.last_failure_ms),
+    );
+    for (key, value) in &item.attributes {
+        out.push_str(&format!("attribute     {key} = {value}\n"));
+    }
+    if let Some(v) = &item.verdict {
+        out.push_str(&format!("class         {} ({:.4})\nprobabilities", v.label, v.confidence));
+        for p in &v.probabilities {
+            out.push_str(&format!(" {p:.3}"));
+        }
+        out.push('\n');
+    }
+    out
+}
+
+/// Asks on the terminal; without one, says no.
+fn confirm(question: &str) -> anyhow::Result<bool> {
+    if !std::io::stdin().is_terminal() {
+        bail!("{question} Pass --yes to confirm without a terminal");
+    }
+    eprint!("{question} [y/N] ");
+    std::io::stderr().flush()?;
+    let mut answer = String::new();
+    std::io::stdin().lock().read_line(&mut answer)?;
+    Ok(matches!(answer.trim(), "y" | "Y" | "yes"))
 }

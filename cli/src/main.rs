@@ -4,8 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, anyhow};
 use clap::{Parser, Subcommand};
-use sluice_cli::{bench, demo, dlq, pipeline, produce, resnet18, top, train};
-use sluice_core::ReasonCode;
+use sluice_cli::{bench, demo, dlq, pipeline, produce, resnet18, review, top, train};
 use sluice_core::backend::Backend;
 use sluice_core::config::{Settings, StoreArgs};
 use sluice_core::record::ResultStatus;
@@ -64,6 +63,9 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Walk the review queue in a terminal and label what the model was unsure about (or label
+    /// one item with `--label ID LABEL`).
+    Review(review::ReviewArgs),
     /// Watch the pipeline live: rates, queue depths, lag, DLQ growth, latency percentiles.
     Top {
         #[command(flatten)]
@@ -91,7 +93,7 @@ enum Command {
     /// Inspect and replay dead-letter queues.
     Dlq {
         #[command(subcommand)]
-        command: DlqCommand,
+        command: dlq::DlqCommand,
     },
 }
 
@@ -125,33 +127,6 @@ enum AwsCommand {
     Check {
         #[command(flatten)]
         store: StoreArgs,
-    },
-}
-
-#[derive(Debug, Subcommand)]
-enum DlqCommand {
-    /// List a stage's DLQ entries, oldest first.
-    List {
-        #[command(flatten)]
-        store: StoreArgs,
-        #[arg(long)]
-        stage: StageName,
-        #[arg(long, default_value_t = 50)]
-        limit: usize,
-        #[arg(long)]
-        json: bool,
-    },
-    /// Move a stage's DLQ entries back to where the stage reads them.
-    Replay {
-        #[command(flatten)]
-        store: StoreArgs,
-        #[arg(long)]
-        stage: StageName,
-        /// Only entries with this reason code (e.g. `max_receives_exceeded`).
-        #[arg(long)]
-        reason: Option<String>,
-        #[arg(long, default_value_t = usize::MAX)]
-        limit: usize,
     },
 }
 
@@ -250,24 +225,15 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
                 }
             }
         }
-        Command::Dlq { command: DlqCommand::List { store, stage, limit, json } } => {
-            let entries = dlq::entries(&open(&store.apply(settings)).await?, stage, limit).await?;
-            for entry in entries {
-                if json {
-                    println!("{}", serde_json::to_string(&entry)?);
-                } else {
-                    let id = entry.record_id.as_ref().map_or("-", |id| id.as_str());
-                    println!("{id}\t{}\tattempts={}\t{}", entry.reason, entry.attempts, entry.detail);
-                }
+        Command::Dlq { command } => dlq::run(command, settings).await?,
+        Command::Review(args) => {
+            let settings = args.store.apply(settings);
+            let backend = open(&settings).await?;
+            let manifest = sluice_core::model::ModelBundle::load(settings.model()?.dir)?.manifest;
+            match args.label.as_deref() {
+                Some([id, label]) => println!("{}", review::label_one(&backend, &manifest, id, label).await?),
+                _ => review::walk(&backend, &manifest, args.save.as_ref()).await?,
             }
-        }
-        Command::Dlq { command: DlqCommand::Replay { store, stage, reason, limit } } => {
-            let reason = reason
-                .map(|r| serde_json::from_value::<ReasonCode>(serde_json::Value::String(r.clone())))
-                .transpose()
-                .context("unknown reason code")?;
-            let moved = dlq::replay(&open(&store.apply(settings)).await?, stage, reason, limit).await?;
-            println!("replayed {moved} entries from the {stage} DLQ");
         }
     }
     Ok(())

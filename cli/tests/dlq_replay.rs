@@ -3,10 +3,11 @@
 
 mod common;
 
-use sluice_cli::{dlq, pipeline};
+use sluice_cli::pipeline;
 use sluice_core::ReasonCode;
 use sluice_core::backend::{Backend, OutgoingMessage};
 use sluice_core::config::Settings;
+use sluice_core::dlq::{self, Filter, Letters, ReplayOptions, SendTo};
 use sluice_core::envelope::{ContentType, Envelope, Payload, RecordId};
 use sluice_core::stats::PipelineStats;
 use sluice_core::telemetry::health::Health;
@@ -31,19 +32,27 @@ async fn a_fixed_record_replays_from_its_dlq_to_a_result() {
     backend.queue(QueueName::Inference).send_batch(vec![message]).await.unwrap();
     pipeline::run_all(&settings, CancellationToken::new(), true, &Health::new(4)).await.unwrap();
 
-    let entries = dlq::entries(&backend, StageName::Inference, 10).await.unwrap();
+    let inference = Letters::Stage(StageName::Inference);
+    let entries = dlq::list(&backend, inference, &Filter::default(), 10).await.unwrap();
     assert_eq!(entries.len(), 1);
-    assert_eq!(entries[0].reason, ReasonCode::MissingFeatures);
-    assert_eq!(entries[0].record_id.as_ref(), Some(&id));
-    assert_eq!(entries[0].body, original, "the DLQ holds the message exactly as received");
+    assert_eq!(entries[0].entry.reason, ReasonCode::MissingFeatures);
+    assert_eq!(entries[0].record_id(), Some(&id));
+    assert_eq!(entries[0].entry.body, original, "the DLQ holds the message exactly as received");
 
+    let replay = |reason| {
+        let backend = backend.clone();
+        async move {
+            let filter = Filter { reason: Some(reason), ..Filter::default() };
+            let to = SendTo(StageName::Inference);
+            dlq::apply(&backend, inference, &filter, &to, &ReplayOptions::default(), &|_| {}).await.unwrap().moved
+        }
+    };
     // A replay filtered to another reason moves nothing.
-    assert_eq!(dlq::replay(&backend, StageName::Inference, Some(ReasonCode::ModelFailure), 10).await.unwrap(), 0);
+    assert_eq!(replay(ReasonCode::ModelFailure).await, 0);
 
     // The operator restores the vector and replays.
     backend.features.put_if_absent(vec![(id.clone(), vec![0.0; 64])]).await.unwrap();
-    let moved = dlq::replay(&backend, StageName::Inference, Some(ReasonCode::MissingFeatures), 10).await.unwrap();
-    assert_eq!(moved, 1);
+    assert_eq!(replay(ReasonCode::MissingFeatures).await, 1);
     pipeline::run_all(&settings, CancellationToken::new(), true, &Health::new(4)).await.unwrap();
 
     let stats = PipelineStats::collect(&backend).await.unwrap();

@@ -50,10 +50,25 @@ impl RecordId {
         Self(format!("{shard}:{sequence}"))
     }
 
+    /// The partition key a replay of this record's DLQ entry is written to the stream with: it
+    /// tells ingest the record's id (a raw record's id comes from its first stream position) and
+    /// that this is no new arrival.
+    pub fn replay_partition_key(&self) -> String {
+        format!("{REPLAY_KEY_PREFIX}{}", self.0)
+    }
+
+    /// The record a replay's partition key names, if it is one.
+    pub fn from_replay_partition_key(partition_key: &str) -> Option<Self> {
+        partition_key.strip_prefix(REPLAY_KEY_PREFIX).and_then(|id| Self::parse(id).ok())
+    }
+
     pub fn as_str(&self) -> &str {
         &self.0
     }
 }
+
+/// Starts the partition key of a record replayed from the ingest DLQ.
+pub const REPLAY_KEY_PREFIX: &str = "sluice-replay/";
 
 impl TryFrom<String> for RecordId {
     type Error = SluiceError;

@@ -9,6 +9,7 @@
 
 pub mod backend;
 pub mod config;
+pub mod dlq;
 pub mod envelope;
 pub mod error;
 pub mod image;

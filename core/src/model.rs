@@ -80,6 +80,26 @@ pub struct ImageInput {
 }
 
 impl ImageInput {
+    /// The picture a feature vector of this input shows: the normalisation undone, channel-major
+    /// planes put back together (grey for one channel). `None` if the length does not fit.
+    pub fn picture(&self, vector: &[f32]) -> Option<image::RgbImage> {
+        let (channels, plane) = (self.channels as usize, (self.width * self.height) as usize);
+        if vector.len() != channels * plane || self.mean.len() < channels || self.std.len() < channels {
+            return None;
+        }
+        let value = |c: usize, i: usize| {
+            let x = vector[c * plane + i] * self.std[c] + self.mean[c];
+            (x.clamp(0.0, 1.0) * 255.0).round() as u8
+        };
+        Some(image::RgbImage::from_fn(self.width, self.height, |x, y| {
+            let i = (y * self.width + x) as usize;
+            match channels {
+                1 => image::Rgb([value(0, i); 3]),
+                _ => image::Rgb([value(0, i), value(1, i), value(2, i)]),
+            }
+        }))
+    }
+
     /// ImageNet preprocessing at 224×224: shorter side to 256, centre crop, ImageNet's channel
     /// means and standard deviations (what torchvision's classifiers were trained with).
     pub fn imagenet() -> Self {

@@ -62,6 +62,15 @@ impl ResultStatus {
     }
 }
 
+/// How a result waiting for review is settled.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Resolution {
+    /// A person says what it is: status `reviewed`, their label kept beside the model's.
+    Label(String),
+    /// Accepted as the model said (its confidence now clears the class threshold).
+    Accept,
+}
+
 /// The one result a record ends in.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PredictionResult {
@@ -75,6 +84,12 @@ pub struct PredictionResult {
     pub status: ResultStatus,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ground_truth: Option<String>,
+    /// The label a person gave it in review, kept beside the model's `label`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reviewed_label: Option<String>,
+    /// When it left review (by a person's label, or accepted under new thresholds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reviewed_ms: Option<u64>,
     pub timestamps: StageTimes,
 }
 
@@ -83,6 +98,20 @@ impl PredictionResult {
     pub fn latency_ms(&self) -> Option<u64> {
         let t = &self.timestamps;
         Some(t.stored_ms?.saturating_sub(t.produced_ms?))
+    }
+
+    /// This result settled out of review: a person's label makes it `reviewed`; accepting it
+    /// (its confidence clears a lowered threshold) makes it `accepted`.
+    pub fn resolved(mut self, resolution: &Resolution) -> Self {
+        match resolution {
+            Resolution::Label(label) => {
+                self.status = ResultStatus::Reviewed;
+                self.reviewed_label = Some(label.clone());
+            }
+            Resolution::Accept => self.status = ResultStatus::Accepted,
+        }
+        self.reviewed_ms = Some(now_ms());
+        self
     }
 
     pub fn is_correct(&self) -> Option<bool> {

@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::backend::{Backend, OutgoingMessage, Receipt, StreamConsumer, WorkQueue};
 use crate::config::{BackendKind, StoreConfig, WorkerConfig};
-use crate::envelope::RecordId;
+use crate::envelope::{REPLAY_KEY_PREFIX, RecordId};
 use crate::error::{ReasonCode, Result, SluiceError};
 use crate::record::DlqEntry;
 use crate::telemetry::health::Health;
@@ -24,11 +24,20 @@ use crate::telemetry::metrics::{FailureAction, metrics};
 use crate::telemetry::traces::{self, BatchTrace, Destination, TRACEPARENT};
 use crate::topology::{QueueName, StageName};
 
+/// The attribute of a stream delivery holding its partition key.
+pub const PARTITION_KEY: &str = "partition_key";
+
 /// Where a delivery came from, and so how to acknowledge it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Origin {
     Queue(Receipt),
-    Stream { shard: String, sequence: String, arrived_ms: u64 },
+    /// `replay`: written back by `sluice dlq replay`, so not a new arrival.
+    Stream {
+        shard: String,
+        sequence: String,
+        arrived_ms: u64,
+        replay: bool,
+    },
 }
 
 /// One message or stream record handed to a stage.
@@ -211,9 +220,14 @@ impl Source for StreamSource {
                     .into_iter()
                     .map(|r| Delivery {
                         body: r.data,
-                        attributes: BTreeMap::from([("partition_key".to_owned(), r.partition_key)]),
+                        origin: Origin::Stream {
+                            shard: r.shard,
+                            sequence: r.sequence,
+                            arrived_ms: r.arrived_ms,
+                            replay: r.partition_key.starts_with(REPLAY_KEY_PREFIX),
+                        },
+                        attributes: BTreeMap::from([(PARTITION_KEY.to_owned(), r.partition_key)]),
                         receive_count: 1,
-                        origin: Origin::Stream { shard: r.shard, sequence: r.sequence, arrived_ms: r.arrived_ms },
                     })
                     .collect());
             }
@@ -226,15 +240,17 @@ impl Source for StreamSource {
     async fn settle(&mut self, done: &[&Origin], retry: &[&Origin], _retry_delay: Duration) -> Result<()> {
         let mut shards: BTreeMap<&str, ShardProgress<'_>> = BTreeMap::new();
         for (origin, ok) in done.iter().map(|o| (o, true)).chain(retry.iter().map(|o| (o, false))) {
-            if let Origin::Stream { shard, sequence, .. } = origin {
-                shards.entry(shard).or_default().seen.push((sequence, ok));
+            if let Origin::Stream { shard, sequence, replay, .. } = origin {
+                shards.entry(shard).or_default().seen.push((sequence, ok, *replay));
             }
         }
         for (shard, mut progress) in shards {
             progress.seen.sort_by(|a, b| compare_sequences(a.0, b.0));
-            let handled = progress.seen.iter().take_while(|(_, ok)| *ok).count();
-            if let Some(&(sequence, _)) = handled.checked_sub(1).and_then(|last| progress.seen.get(last)) {
-                match self.consumer.checkpoint(shard, sequence, handled as u64).await {
+            let handled = progress.seen.iter().take_while(|(_, ok, _)| *ok).count();
+            // Replays are not arrivals: they were counted when they first came.
+            let arrived = progress.seen[..handled].iter().filter(|(_, _, replay)| !replay).count() as u64;
+            if let Some(&(sequence, _, _)) = handled.checked_sub(1).and_then(|last| progress.seen.get(last)) {
+                match self.consumer.checkpoint(shard, sequence, arrived).await {
                     Err(e) if e.code() == ReasonCode::LeaseLost => {
                         tracing::warn!(
                             shard,
@@ -250,9 +266,9 @@ impl Source for StreamSource {
                     }
                     Ok(()) => {}
                 }
-                metrics().arrived(shard, handled as u64);
+                metrics().arrived(shard, arrived);
             }
-            if progress.seen.iter().any(|(_, ok)| !ok) {
+            if progress.seen.iter().any(|(_, ok, _)| !ok) {
                 self.consumer.rewind(shard).await?;
             }
         }
@@ -272,7 +288,8 @@ impl Source for StreamSource {
 
 #[derive(Default)]
 struct ShardProgress<'a> {
-    seen: Vec<(&'a str, bool)>,
+    /// Sequence, handled, replayed.
+    seen: Vec<(&'a str, bool, bool)>,
 }
 
 /// Sequence numbers are decimal strings of any length (Kinesis's exceed 64 bits).

@@ -94,6 +94,8 @@ fn result(record: &str, label: &str, status: ResultStatus) -> PredictionResult {
         backend: "candle-cpu".to_owned(),
         status,
         ground_truth: None,
+        reviewed_label: None,
+        reviewed_ms: None,
         timestamps: StageTimes::default(),
     }
 }

@@ -15,7 +15,7 @@ use sluice_core::envelope::RecordId;
 use sluice_core::service::BuildError;
 use sluice_core::telemetry::traces::TRACEPARENT;
 use sluice_core::topology::{QueueName, StageName};
-use sluice_core::worker::{BatchPolicy, Delivery, Origin, Outcome, Stage};
+use sluice_core::worker::{BatchPolicy, Delivery, Origin, Outcome, PARTITION_KEY, Stage};
 use sluice_core::{ReasonCode, SluiceError};
 
 pub use config::IngestConfig;
@@ -35,11 +35,16 @@ impl IngestStage {
     }
 
     async fn ingest_one(&self, delivery: &Delivery) -> Outcome {
-        let Origin::Stream { shard, sequence, arrived_ms } = &delivery.origin else {
+        let Origin::Stream { shard, sequence, arrived_ms, .. } = &delivery.origin else {
             let error = SluiceError::permanent(ReasonCode::Internal, "ingest reads the stream, not a queue");
             return Outcome::failed(error, None);
         };
-        let position = RecordId::from_stream_position(shard, sequence);
+        // A replayed raw record keeps the id its first stream position gave it.
+        let position = delivery
+            .attributes
+            .get(PARTITION_KEY)
+            .and_then(|key| RecordId::from_replay_partition_key(key))
+            .unwrap_or_else(|| RecordId::from_stream_position(shard, sequence));
         let mut envelope = match validate::parse(&delivery.body, &position, *arrived_ms, &self.config) {
             Ok(envelope) => envelope,
             Err(error) => return Outcome::failed(error, Some(position)),

@@ -82,6 +82,8 @@ impl ResultsStage {
             backend: prediction.backend,
             status,
             ground_truth: envelope.attributes.get(&self.config.ground_truth_attribute).cloned(),
+            reviewed_label: None,
+            reviewed_ms: None,
             timestamps: envelope.timestamps,
         })
     }

@@ -16,7 +16,7 @@ use serde::Serialize;
 use crate::config::{BackendKind, StoreConfig};
 use crate::envelope::RecordId;
 use crate::error::Result;
-use crate::record::{PredictionResult, ResultStatus};
+use crate::record::{PredictionResult, Resolution, ResultStatus};
 use crate::topology::QueueName;
 
 /// A record as a producer writes it to the stream.
@@ -182,6 +182,17 @@ pub enum PutOutcome {
     AlreadyPresent(Box<PredictionResult>),
 }
 
+/// What settling a review found.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ReviewOutcome {
+    /// It was waiting for review and is settled now; the result as stored.
+    Resolved(Box<PredictionResult>),
+    /// It was not waiting for review (settled already, or accepted from the start): unchanged.
+    NotWaiting(Box<PredictionResult>),
+    /// No result for that record.
+    Missing,
+}
+
 /// Counts of results by status.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct ResultCounts {
@@ -199,6 +210,10 @@ pub trait ResultStore: Send + Sync {
     async fn get_batch(&self, ids: &[RecordId]) -> Result<HashMap<RecordId, PredictionResult>>;
 
     async fn counts(&self) -> Result<ResultCounts>;
+
+    /// Settles the result of `id` if, and only if, it is waiting for review (a conditional
+    /// write, so two reviewers or a retried call settle it once), moving the status counts with it.
+    async fn resolve_review(&self, id: &RecordId, resolution: &Resolution) -> Result<ReviewOutcome>;
 
     /// Up to `limit` results after `after` in record id order, optionally of one status.
     async fn scan(

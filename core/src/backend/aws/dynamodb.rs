@@ -26,11 +26,11 @@ use futures_util::future::try_join_all;
 use super::classify;
 use super::s3::S3BlobStore;
 use crate::backend::{
-    BlobStore, FeatureStore, PutOutcome, ResultCounts, ResultStore, vector_from_bytes, vector_to_bytes,
+    BlobStore, FeatureStore, PutOutcome, ResultCounts, ResultStore, ReviewOutcome, vector_from_bytes, vector_to_bytes,
 };
 use crate::envelope::{RecordId, now_ms};
 use crate::error::{ReasonCode, Result, SluiceError};
-use crate::record::{PredictionResult, ResultStatus};
+use crate::record::{PredictionResult, Resolution, ResultStatus};
 
 /// The feature and result tables' hash key, as `resources.json` names it.
 pub(super) const RECORD_KEY: &str = "record_id";
@@ -331,6 +331,64 @@ impl ResultStore for DynamoResultStore {
         let counters = read_counters(&self.client, &self.counters, RESULT_COUNTERS).await?;
         let n = |k: &str| counters.get(k).copied().unwrap_or(0);
         Ok(ResultCounts { accepted: n("accepted"), review: n("review"), reviewed: n("reviewed") })
+    }
+
+    async fn resolve_review(&self, id: &RecordId, resolution: &Resolution) -> Result<ReviewOutcome> {
+        let Some(current) = self.get_batch(std::slice::from_ref(id)).await?.remove(id) else {
+            return Ok(ReviewOutcome::Missing);
+        };
+        if current.status != ResultStatus::Review {
+            return Ok(ReviewOutcome::NotWaiting(Box::new(current)));
+        }
+        let settled = current.resolved(resolution);
+        let internal =
+            |e: aws_sdk_dynamodb::error::BuildError| SluiceError::permanent(ReasonCode::Internal, e.to_string());
+        let result = Update::builder()
+            .table_name(&self.table)
+            .set_key(Some(key(id)))
+            .update_expression("SET #s = :new, body = :body")
+            .condition_expression("#s = :review")
+            .expression_attribute_names("#s", "status")
+            .expression_attribute_values(":new", AttributeValue::S(settled.status.as_str().to_owned()))
+            .expression_attribute_values(":review", AttributeValue::S(ResultStatus::Review.as_str().to_owned()))
+            .expression_attribute_values(
+                ":body",
+                AttributeValue::S(serde_json::to_string(&settled).expect("a result serialises")),
+            )
+            .build()
+            .map_err(internal)?;
+        let one = |status: ResultStatus| AttributeValue::N(u8::from(settled.status == status).to_string());
+        let counts = Update::builder()
+            .table_name(&self.counters)
+            .key(COUNTER_KEY, AttributeValue::S(RESULT_COUNTERS.to_owned()))
+            .update_expression("ADD review :minus, accepted :a, reviewed :d")
+            .expression_attribute_values(":minus", AttributeValue::N("-1".to_owned()))
+            .expression_attribute_values(":a", one(ResultStatus::Accepted))
+            .expression_attribute_values(":d", one(ResultStatus::Reviewed))
+            .build()
+            .map_err(internal)?;
+        let items = vec![
+            TransactWriteItem::builder().update(result).build(),
+            TransactWriteItem::builder().update(counts).build(),
+        ];
+        match self.client.transact_write_items().set_transact_items(Some(items)).send().await {
+            Ok(_) => Ok(ReviewOutcome::Resolved(Box::new(settled))),
+            Err(e) => {
+                let settled_elsewhere = matches!(
+                    e.as_service_error(),
+                    Some(TransactWriteItemsError::TransactionCanceledException(c))
+                        if c.cancellation_reasons().first().and_then(|r| r.code()) == Some("ConditionalCheckFailed")
+                );
+                if !settled_elsewhere {
+                    return Err(classify("TransactWriteItems", e));
+                }
+                // Another reviewer (or a retry of this call) settled it first.
+                match self.get_batch(std::slice::from_ref(id)).await?.remove(id) {
+                    Some(now) => Ok(ReviewOutcome::NotWaiting(Box::new(now))),
+                    None => Ok(ReviewOutcome::Missing),
+                }
+            }
+        }
     }
 
     /// Pages in DynamoDB's scan order (stable, not sorted): resume after the last id returned.

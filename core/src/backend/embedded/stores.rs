@@ -3,13 +3,15 @@
 use std::collections::HashMap;
 
 use async_trait::async_trait;
-use rusqlite::{params, params_from_iter};
+use rusqlite::{OptionalExtension, params, params_from_iter};
 
 use super::{Db, placeholders};
-use crate::backend::{FeatureStore, PutOutcome, ResultCounts, ResultStore, vector_from_bytes, vector_to_bytes};
+use crate::backend::{
+    FeatureStore, PutOutcome, ResultCounts, ResultStore, ReviewOutcome, vector_from_bytes, vector_to_bytes,
+};
 use crate::envelope::{RecordId, now_ms};
 use crate::error::Result;
-use crate::record::{PredictionResult, ResultStatus};
+use crate::record::{PredictionResult, Resolution, ResultStatus};
 
 /// SQLite's default limit on bound parameters is 32766; stay far below it.
 const IN_LIST_CHUNK: usize = 500;
@@ -144,6 +146,28 @@ impl ResultStore for EmbeddedResultStore {
                     }
                 }
                 Ok(counts)
+            })
+            .await
+    }
+
+    async fn resolve_review(&self, id: &RecordId, resolution: &Resolution) -> Result<ReviewOutcome> {
+        let (id, resolution) = (id.as_str().to_owned(), resolution.clone());
+        self.db
+            .write(move |tx| {
+                let stored: Option<String> =
+                    tx.query_row("SELECT body FROM results WHERE record_id = ?1", [&id], |r| r.get(0)).optional()?;
+                let Some(stored) = stored else { return Ok(ReviewOutcome::Missing) };
+                let result = decode_result(&stored)?;
+                if result.status != ResultStatus::Review {
+                    return Ok(ReviewOutcome::NotWaiting(Box::new(result)));
+                }
+                let settled = result.resolved(&resolution);
+                let body = serde_json::to_string(&settled).expect("a result serialises");
+                tx.execute(
+                    "UPDATE results SET status = ?1, body = ?2 WHERE record_id = ?3 AND status = 'review'",
+                    params![settled.status.as_str(), body, id],
+                )?;
+                Ok(ReviewOutcome::Resolved(Box::new(settled)))
             })
             .await
     }

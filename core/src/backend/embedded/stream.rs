@@ -87,10 +87,11 @@ impl RecordStream for EmbeddedStream {
             .call(|conn| {
                 let shards: i64 = conn.query_row("SELECT COUNT(*) FROM stream_shards", [], |r| r.get(0))?;
                 // The log counts itself: what ingest has taken in is what lies at or below each
-                // shard's checkpoint (a checkpoint's record count is not needed here).
+                // shard's checkpoint, less replays (`REPLAY_KEY_PREFIX`), which arrived before.
                 let mut by_shard = conn.prepare(
                     "SELECT s.shard, COUNT(r.seq) FROM stream_shards s \
-                     LEFT JOIN stream_records r ON r.shard = s.shard AND r.seq <= s.checkpoint GROUP BY s.shard",
+                     LEFT JOIN stream_records r ON r.shard = s.shard AND r.seq <= s.checkpoint \
+                     AND r.partition_key NOT LIKE 'sluice-replay/%' GROUP BY s.shard",
                 )?;
                 let arrived: BTreeMap<String, u64> = by_shard
                     .query_map([], |r| Ok((shard_name(r.get(0)?), r.get::<_, i64>(1)? as u64)))?

@@ -1,0 +1,199 @@
+//! `sluice review`: a person walks the review queue in a terminal and says what each item is.
+//!
+//! Each item shows its record, the model's top classes and the image (drawn with half-block
+//! characters, two pixels a cell, or saved as PNG with `--save`), rebuilt from the record's
+//! feature vector. A label settles the result (status `reviewed`, the person's label beside the
+//! model's) and takes the item off the review queue; `s` skips it (it stays for later), `q`
+//! quits. `sluice review --label ID LABEL` does the same for one item without a terminal.
+
+use std::fmt::Write as _;
+use std::io::{BufRead, IsTerminal, Write};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use sluice_core::backend::{Backend, ReviewOutcome};
+use sluice_core::config::StoreArgs;
+use sluice_core::dlq::{self, Filter, Item, Letters, ReplayOptions, Resolve};
+use sluice_core::envelope::RecordId;
+use sluice_core::model::ModelManifest;
+use sluice_core::record::Resolution;
+use sluice_core::topology::QueueName;
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct ReviewArgs {
+    #[command(flatten)]
+    pub store: StoreArgs,
+    /// Settle one item without a terminal: its record id and the true label.
+    #[arg(long, num_args = 2, value_names = ["ID", "LABEL"])]
+    pub label: Option<Vec<String>>,
+    /// Save each item's image as `<record id>.png` here instead of drawing it.
+    #[arg(long)]
+    pub save: Option<PathBuf>,
+}
+
+/// How long an item being looked at stays hidden from other reviewers.
+const LOOKING: Duration = Duration::from_secs(600);
+/// The widest an image is drawn, in terminal cells.
+const MAX_WIDTH: u32 = 56;
+
+/// Settles `id` with `label`, whether or not its review item is still in the queue.
+pub async fn label_one(backend: &Backend, manifest: &ModelManifest, id: &str, label: &str) -> anyhow::Result<String> {
+    check_label(manifest, label)?;
+    let resolution = Resolution::Label(label.to_owned());
+    let filter = Filter { record_id: glob::Pattern::new(&glob::Pattern::escape(id)).ok(), ..Filter::default() };
+    let options = ReplayOptions { limit: Some(1), ..ReplayOptions::default() };
+    let moved = dlq::apply(backend, Letters::Review, &filter, &Resolve(resolution.clone()), &options, &|_| {}).await?;
+    if moved.moved == 1 {
+        return Ok(format!("{id}: reviewed as {label}"));
+    }
+    // Not in the queue now (another reviewer holds it, or it was settled): settle the result.
+    let record = RecordId::parse(id)?;
+    Ok(match backend.results.resolve_review(&record, &resolution).await? {
+        ReviewOutcome::Resolved(_) => format!("{id}: reviewed as {label}"),
+        ReviewOutcome::NotWaiting(r) => {
+            format!(
+                "{id}: not waiting for review (status {}, reviewed label {:?})",
+                r.status.as_str(),
+                r.reviewed_label
+            )
+        }
+        ReviewOutcome::Missing => bail!("no result for {id}"),
+    })
+}
+
+fn check_label(manifest: &ModelManifest, label: &str) -> anyhow::Result<()> {
+    if manifest.labels.iter().any(|l| l == label) {
+        Ok(())
+    } else {
+        bail!("{label:?} is not one of the model's labels: {}", manifest.labels.join(" "))
+    }
+}
+
+/// The interactive walk through the review queue.
+pub async fn walk(backend: &Backend, manifest: &ModelManifest, save: Option<&PathBuf>) -> anyhow::Result<()> {
+    if !std::io::stdin().is_terminal() {
+        bail!("sluice review needs a terminal; without one, use --label ID LABEL");
+    }
+    let queue = backend.queue(QueueName::Review);
+    let mut skipped = Vec::new();
+    let mut settled = 0;
+    let stdin = std::io::stdin();
+    let mut lines = stdin.lock().lines();
+    loop {
+        let Some(message) = queue.receive(1, Duration::ZERO).await?.pop() else {
+            println!("\nthe review queue is empty ({settled} settled, {} skipped)", skipped.len());
+            break;
+        };
+        let receipt = message.receipt.clone();
+        queue.extend_visibility(std::slice::from_ref(&receipt), LOOKING).await?;
+        let item = Item::from_message(Letters::Review, message);
+        print!("{}", show(backend, manifest, &item, save).await?);
+        let answer = loop {
+            print!("label ({}), Enter = the model's, s = skip, q = quit > ", manifest.labels.join(" "));
+            std::io::stdout().flush()?;
+            let line = lines.next().transpose()?.unwrap_or_else(|| "q".to_owned());
+            let line = line.trim().to_owned();
+            match line.as_str() {
+                "s" | "q" => break line,
+                "" => break item.verdict.as_ref().map(|v| v.label.clone()).unwrap_or_default(),
+                label if check_label(manifest, label).is_ok() => break line,
+                other => println!("{other:?} is not a label"),
+            }
+        };
+        match answer.as_str() {
+            "q" => {
+                skipped.push(receipt);
+                break;
+            }
+            "s" => skipped.push(receipt),
+            label => {
+                let done = Resolve(Resolution::Label(label.to_owned())).settle_one(backend, &item).await?;
+                if done {
+                    queue.ack(&[receipt]).await?;
+                    settled += 1;
+                    println!("-> reviewed as {label}\n");
+                } else {
+                    skipped.push(receipt);
+                    println!("-> no stored result to settle; left in the queue\n");
+                }
+            }
+        }
+    }
+    if !skipped.is_empty() {
+        queue.release(&skipped, Duration::ZERO).await?;
+    }
+    Ok(())
+}
+
+/// What a reviewer sees of one item.
+async fn show(
+    backend: &Backend,
+    manifest: &ModelManifest,
+    item: &Item,
+    save: Option<&PathBuf>,
+) -> anyhow::Result<String> {
+    let id = item.record_id().context("a review item without a record id")?;
+    let mut out = format!("\n── {id} ──\n");
+    if let Some(verdict) = &item.verdict {
+        let mut ranked: Vec<(usize, f32)> = verdict.probabilities.iter().copied().enumerate().collect();
+        ranked.sort_by(|a, b| b.1.total_cmp(&a.1));
+        let _ = writeln!(out, "model says {} ({:.1}%)", verdict.label, verdict.confidence * 100.0);
+        for (class, p) in ranked.into_iter().take(3) {
+            let label = manifest.labels.get(class).map_or("?", String::as_str);
+            let _ = writeln!(out, "  {label:<12} {:>5.1}%  {}", p * 100.0, "█".repeat((p * 30.0).round() as usize));
+        }
+    }
+    let vector = backend.features.get_batch(std::slice::from_ref(id)).await?.remove(id);
+    let picture = vector.and_then(|v| manifest.input.image.as_ref()?.picture(&v));
+    match (picture, save) {
+        (Some(picture), Some(dir)) => {
+            std::fs::create_dir_all(dir)?;
+            let path = dir.join(format!("{id}.png"));
+            picture.save(&path).with_context(|| format!("saving {}", path.display()))?;
+            let _ = writeln!(out, "image: {}", path.display());
+        }
+        (Some(picture), None) => out.push_str(&half_blocks(&picture, MAX_WIDTH)),
+        (None, _) => out.push_str("(no image: the record is tabular, or its features are gone)\n"),
+    }
+    Ok(out)
+}
+
+/// `img` drawn with "▀": each cell's foreground is the upper pixel, its background the lower
+/// one (24-bit colour), scaled down to at most `max_width` cells wide.
+pub fn half_blocks(img: &image::RgbImage, max_width: u32) -> String {
+    let img = if img.width() > max_width {
+        let height = (img.height() * max_width / img.width()).max(1);
+        image::imageops::resize(img, max_width, height, image::imageops::FilterType::Triangle)
+    } else {
+        img.clone()
+    };
+    let mut out = String::new();
+    for y in (0..img.height()).step_by(2) {
+        for x in 0..img.width() {
+            let top = img.get_pixel(x, y).0;
+            let bottom = if y + 1 < img.height() { img.get_pixel(x, y + 1).0 } else { [0, 0, 0] };
+            let _ = write!(
+                out,
+                "\x1b[38;2;{};{};{}m\x1b[48;2;{};{};{}m▀",
+                top[0], top[1], top[2], bottom[0], bottom[1], bottom[2]
+            );
+        }
+        out.push_str("\x1b[0m\n");
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn two_pixel_rows_make_one_line_of_half_blocks() {
+        let img = image::RgbImage::from_fn(3, 4, |x, _| image::Rgb([x as u8 * 100, 0, 0]));
+        let drawn = half_blocks(&img, 56);
+        assert_eq!(drawn.lines().count(), 2);
+        assert_eq!(drawn.matches('▀').count(), 6);
+        assert!(drawn.contains("\x1b[38;2;200;0;0m\x1b[48;2;200;0;0m▀"));
+    }
+}

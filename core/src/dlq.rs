@@ -1,0 +1,430 @@
+//! What operators do with dead letters and review items: list, show, count, replay, purge,
+//! each under the same filters, on either backend.
+//!
+//! Replay and purge read a batch (which hides it from others for the visibility timeout), act on
+//! what matches, and give the rest back. A replayed entry is deleted only after its copy is
+//! durably sent, so stopping a replay at any point loses nothing; a copy sent twice is harmless,
+//! because every sink is idempotent by record id. (SQS's StartMessageMoveTask cannot filter.)
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::backend::{Backend, OutgoingMessage, Receipt, ReceivedMessage, ReviewOutcome, StreamInput, WorkQueue};
+use crate::envelope::{Envelope, RecordId, now_ms};
+use crate::error::{ReasonCode, Result, SluiceError};
+use crate::model::ModelManifest;
+use crate::record::{DlqEntry, InferredRecord, PredictionResult, Resolution};
+use crate::topology::{QueueName, StageName};
+
+/// Most messages one read of a queue looks at (`list`, `show`, `stats`).
+pub const PEEK_MAX: usize = 100_000;
+/// Messages moved per round of replay or purge.
+const BATCH: usize = 100;
+
+/// A dead-letter queue: a stage's, or the review queue (results waiting for a person).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Letters {
+    Stage(StageName),
+    Review,
+}
+
+impl Letters {
+    pub const ALL: [Letters; 5] = [
+        Self::Stage(StageName::Ingest),
+        Self::Stage(StageName::Features),
+        Self::Stage(StageName::Inference),
+        Self::Stage(StageName::Results),
+        Self::Review,
+    ];
+
+    pub fn queue(self) -> QueueName {
+        match self {
+            Self::Stage(stage) => stage.dlq(),
+            Self::Review => QueueName::Review,
+        }
+    }
+
+    /// The stage whose failures (or, for review, whose results) these are.
+    pub fn stage(self) -> StageName {
+        match self {
+            Self::Stage(stage) => stage,
+            Self::Review => StageName::Results,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Stage(stage) => stage.as_str(),
+            Self::Review => "review",
+        }
+    }
+}
+
+impl Serialize for Letters {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> std::result::Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.as_str())
+    }
+}
+
+impl fmt::Display for Letters {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Letters {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
+        Self::ALL
+            .into_iter()
+            .find(|l| l.as_str() == s)
+            .ok_or_else(|| format!("{s:?} is not a stage (ingest, features, inference, results) nor review"))
+    }
+}
+
+/// The model's verdict a review item carries.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Verdict {
+    pub label: String,
+    pub confidence: f32,
+    pub probabilities: Vec<f32>,
+}
+
+/// One entry as operators see it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Item {
+    pub queue: Letters,
+    #[serde(flatten)]
+    pub entry: DlqEntry,
+    /// The record's own attributes (its envelope's, or the message's for a raw record).
+    pub attributes: BTreeMap<String, String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub verdict: Option<Verdict>,
+    /// The stored result, for a review item.
+    #[serde(skip)]
+    pub result: Option<PredictionResult>,
+    #[serde(skip)]
+    message_attributes: BTreeMap<String, String>,
+}
+
+impl Item {
+    pub fn from_message(queue: Letters, message: ReceivedMessage) -> Self {
+        let ReceivedMessage { body, attributes, receive_count, sent_at_ms, .. } = message;
+        let mut result = None;
+        let (record_attributes, verdict) = match queue {
+            Letters::Review => {
+                result = serde_json::from_slice::<PredictionResult>(&body).ok();
+                let verdict = result.as_ref().map(|r| Verdict {
+                    label: r.label.clone(),
+                    confidence: r.confidence,
+                    probabilities: r.probabilities.clone(),
+                });
+                (BTreeMap::new(), verdict)
+            }
+            Letters::Stage(_) => {
+                let attributes = match InferredRecord::from_json(&body) {
+                    Ok(inferred) => inferred.envelope.attributes,
+                    Err(_) => match Envelope::from_json(&body) {
+                        Ok(envelope) => envelope.attributes,
+                        Err(_) => record_message_attributes(&attributes),
+                    },
+                };
+                (attributes, None)
+            }
+        };
+        let entry = DlqEntry::from_message(queue.stage(), body, &attributes, receive_count, sent_at_ms);
+        Self { queue, entry, attributes: record_attributes, verdict, result, message_attributes: attributes }
+    }
+
+    pub fn record_id(&self) -> Option<&RecordId> {
+        self.entry.record_id.as_ref().or(self.result.as_ref().map(|r| &r.record_id))
+    }
+
+    /// The message to send to put this entry back to work: the body as it was, the message's
+    /// own attributes (the trace context, `traceparent`, among them), none of the DLQ's; sent
+    /// afresh, its receive count starts again.
+    fn replay_message(&self) -> OutgoingMessage {
+        OutgoingMessage {
+            body: self.entry.body.clone(),
+            attributes: record_message_attributes(&self.message_attributes),
+            dedup_key: self.record_id().map(|id| id.to_string()),
+        }
+    }
+}
+
+/// A message's attributes less the ones a DLQ added (`sluice.*`).
+fn record_message_attributes(attributes: &BTreeMap<String, String>) -> BTreeMap<String, String> {
+    attributes.iter().filter(|(k, _)| !k.starts_with("sluice.")).map(|(k, v)| (k.clone(), v.clone())).collect()
+}
+
+/// Which entries an operation applies to; an unset field matches everything.
+#[derive(Debug, Clone, Default)]
+pub struct Filter {
+    pub reason: Option<ReasonCode>,
+    /// A glob over record ids (`digits-*-0007-*`).
+    pub record_id: Option<glob::Pattern>,
+    /// The predicted class (review items only).
+    pub class: Option<String>,
+    pub min_confidence: Option<f32>,
+    pub max_confidence: Option<f32>,
+    /// Last failure at or after / before, in milliseconds since the epoch.
+    pub since_ms: Option<u64>,
+    pub until_ms: Option<u64>,
+}
+
+impl Filter {
+    pub fn matches(&self, item: &Item) -> bool {
+        let entry = &item.entry;
+        let verdict = item.verdict.as_ref();
+        self.reason.is_none_or(|r| r == entry.reason)
+            && self.record_id.as_ref().is_none_or(|p| item.record_id().is_some_and(|id| p.matches(id.as_str())))
+            && self.class.as_ref().is_none_or(|c| verdict.is_some_and(|v| v.label == *c))
+            && self.min_confidence.is_none_or(|min| verdict.is_some_and(|v| v.confidence >= min))
+            && self.max_confidence.is_none_or(|max| verdict.is_some_and(|v| v.confidence <= max))
+            && self.since_ms.is_none_or(|t| entry.last_failure_ms >= t)
+            && self.until_ms.is_none_or(|t| entry.last_failure_ms < t)
+    }
+}
+
+/// Up to `limit` entries of `letters` that match `filter`, oldest first, left where they are.
+pub async fn list(backend: &Backend, letters: Letters, filter: &Filter, limit: usize) -> Result<Vec<Item>> {
+    let messages = backend.queue(letters.queue()).peek(PEEK_MAX).await?;
+    let mut items: Vec<Item> =
+        messages.into_iter().map(|m| Item::from_message(letters, m)).filter(|i| filter.matches(i)).collect();
+    items.sort_by_key(|i| i.entry.first_failure_ms);
+    items.truncate(limit);
+    Ok(items)
+}
+
+/// The entry for `record_id`, in `letters` or, without it, in any DLQ or the review queue.
+pub async fn show(backend: &Backend, letters: Option<Letters>, record_id: &str) -> Result<Option<Item>> {
+    let filter = Filter { record_id: glob::Pattern::new(&glob::Pattern::escape(record_id)).ok(), ..Filter::default() };
+    for letters in letters.map_or(Letters::ALL.to_vec(), |l| vec![l]) {
+        if let Some(item) = list(backend, letters, &filter, 1).await?.into_iter().next() {
+            return Ok(Some(item));
+        }
+    }
+    Ok(None)
+}
+
+/// One queue's entries by reason, and how old its oldest is.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct QueueStats {
+    pub queue: Letters,
+    pub entries: u64,
+    pub by_reason: BTreeMap<String, u64>,
+    /// Age of the oldest entry's first failure.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub oldest_age_ms: Option<u64>,
+}
+
+/// Counts of every DLQ and the review queue.
+pub async fn stats(backend: &Backend) -> Result<Vec<QueueStats>> {
+    let now = now_ms();
+    let mut out = Vec::new();
+    for letters in Letters::ALL {
+        let items = list(backend, letters, &Filter::default(), PEEK_MAX).await?;
+        let mut by_reason = BTreeMap::new();
+        for item in &items {
+            *by_reason.entry(item.entry.reason.as_str().to_owned()).or_default() += 1;
+        }
+        out.push(QueueStats {
+            queue: letters,
+            entries: items.len() as u64,
+            by_reason,
+            oldest_age_ms: items.iter().map(|i| i.entry.first_failure_ms).min().map(|t| now.saturating_sub(t)),
+        })
+    }
+    Ok(out)
+}
+
+/// Where a replay sends entries, and how fast.
+#[derive(Debug, Clone, Default)]
+pub struct ReplayOptions {
+    /// The stage to send them to; default, the stage that failed them.
+    pub to: Option<StageName>,
+    pub limit: Option<usize>,
+    /// At most this many entries a second.
+    pub rate: Option<f64>,
+}
+
+/// What a replay or purge did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Moved {
+    pub moved: u64,
+    /// Review items left in review (still under their threshold).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub kept: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+/// What to do with each matching entry of a round: `true` to take it off its queue.
+#[async_trait::async_trait]
+pub trait Action: Send + Sync {
+    async fn apply(&self, backend: &Backend, items: &[Item]) -> Result<Vec<bool>>;
+}
+
+/// Sends entries back to work: to a stage's input queue, or ingest's stream.
+pub struct SendTo(pub StageName);
+
+#[async_trait::async_trait]
+impl Action for SendTo {
+    async fn apply(&self, backend: &Backend, items: &[Item]) -> Result<Vec<bool>> {
+        match self.0.input_queue() {
+            Some(queue) => backend.queue(queue).send_batch(items.iter().map(Item::replay_message).collect()).await?,
+            None => {
+                // The partition key says "a replay of this record": ingest gives it back its id
+                // and does not count it as a new arrival.
+                let records = items
+                    .iter()
+                    .map(|item| StreamInput {
+                        partition_key: item.record_id().map(RecordId::replay_partition_key).unwrap_or_else(|| {
+                            let original = item.message_attributes.get(crate::worker::PARTITION_KEY);
+                            original.cloned().unwrap_or_else(|| "replay".to_owned())
+                        }),
+                        data: item.entry.body.clone(),
+                    })
+                    .collect();
+                backend.stream.put_records(records).await?
+            }
+        }
+        Ok(vec![true; items.len()])
+    }
+}
+
+/// Deletes entries.
+pub struct Delete;
+
+#[async_trait::async_trait]
+impl Action for Delete {
+    async fn apply(&self, _backend: &Backend, items: &[Item]) -> Result<Vec<bool>> {
+        Ok(vec![true; items.len()])
+    }
+}
+
+/// Reads `letters` in batches and applies `action` to the entries matching `filter` (up to
+/// `limit`, at most `rate` a second), taking off the queue those it says; the rest go back.
+/// `progress` hears how many moved after each round.
+pub async fn apply(
+    backend: &Backend,
+    letters: Letters,
+    filter: &Filter,
+    action: &dyn Action,
+    options: &ReplayOptions,
+    progress: &(dyn Fn(u64) + Sync),
+) -> Result<Moved> {
+    let queue: Arc<dyn WorkQueue> = backend.queue(letters.queue());
+    let limit = options.limit.unwrap_or(usize::MAX);
+    let started = Instant::now();
+    let mut done = Moved::default();
+    let mut given_back: Vec<Receipt> = Vec::new();
+    // Bodies already looked at and given back (they may come round again once their visibility
+    // ends): seeing only those means the queue has nothing more to offer.
+    let mut seen: BTreeSet<Vec<u8>> = BTreeSet::new();
+    let result = async {
+        while (done.moved as usize) < limit {
+            let want =
+                BATCH.min(limit - done.moved as usize).min(options.rate.map_or(BATCH, |r| r.ceil().max(1.0) as usize));
+            let batch = queue.receive(want, Duration::ZERO).await?;
+            if batch.is_empty() {
+                break;
+            }
+            let mut fresh = false;
+            let (mut take, mut take_receipts) = (Vec::new(), Vec::new());
+            for message in batch {
+                let receipt = message.receipt.clone();
+                let item = Item::from_message(letters, message);
+                if filter.matches(&item) && take.len() + (done.moved as usize) < limit {
+                    fresh = true;
+                    take.push(item);
+                    take_receipts.push(receipt);
+                } else {
+                    fresh |= seen.insert(item.entry.body.clone());
+                    given_back.push(receipt);
+                }
+            }
+            if !take.is_empty() {
+                let verdicts = action.apply(backend, &take).await?;
+                let (gone, kept): (Vec<_>, Vec<_>) = take_receipts.into_iter().zip(verdicts).partition(|(_, v)| *v);
+                // Only now that the copies are durable do the entries leave.
+                queue.ack(&gone.iter().map(|(r, _)| r.clone()).collect::<Vec<_>>()).await?;
+                done.moved += gone.len() as u64;
+                done.kept += kept.len() as u64;
+                given_back.extend(kept.into_iter().map(|(r, _)| r));
+                progress(done.moved);
+            }
+            if !fresh {
+                break;
+            }
+            if let Some(rate) = options.rate.filter(|r| *r > 0.0) {
+                let due = Duration::from_secs_f64(done.moved as f64 / rate);
+                tokio::time::sleep(due.saturating_sub(started.elapsed())).await;
+            }
+        }
+        Ok::<(), SluiceError>(())
+    }
+    .await;
+    if !given_back.is_empty() {
+        queue.release(&given_back, Duration::ZERO).await?;
+    }
+    result.map(|()| done)
+}
+
+/// Settles review items: each gets `resolution` (a person's label, or accepted) in the result
+/// store and leaves the review queue. One whose result was settled already leaves too.
+pub struct Resolve(pub Resolution);
+
+impl Resolve {
+    /// Settles one item's result; whether the item may leave the review queue.
+    pub async fn settle_one(&self, backend: &Backend, item: &Item) -> Result<bool> {
+        settle(backend, item, &self.0).await
+    }
+}
+
+#[async_trait::async_trait]
+impl Action for Resolve {
+    async fn apply(&self, backend: &Backend, items: &[Item]) -> Result<Vec<bool>> {
+        let mut out = Vec::with_capacity(items.len());
+        for item in items {
+            out.push(settle(backend, item, &self.0).await?);
+        }
+        Ok(out)
+    }
+}
+
+/// Replays review items under the bundle's current thresholds: one whose confidence now clears
+/// its class threshold is accepted and leaves the review queue; the rest stay for a person.
+pub struct Rejudge(pub ModelManifest);
+
+#[async_trait::async_trait]
+impl Action for Rejudge {
+    async fn apply(&self, backend: &Backend, items: &[Item]) -> Result<Vec<bool>> {
+        let mut out = Vec::with_capacity(items.len());
+        for item in items {
+            let clears = item.verdict.as_ref().is_some_and(|v| v.confidence >= self.0.threshold(&v.label));
+            out.push(clears && settle(backend, item, &Resolution::Accept).await?);
+        }
+        Ok(out)
+    }
+}
+
+/// Settles one review item's result; whether the item may leave the review queue.
+async fn settle(backend: &Backend, item: &Item, resolution: &Resolution) -> Result<bool> {
+    let Some(id) = item.record_id() else {
+        return Err(SluiceError::permanent(ReasonCode::SchemaMismatch, "a review item without a record id"));
+    };
+    Ok(match backend.results.resolve_review(id, resolution).await? {
+        ReviewOutcome::Resolved(_) | ReviewOutcome::NotWaiting(_) => true,
+        // No result to settle: leave the item for a person to look at.
+        ReviewOutcome::Missing => false,
+    })
+}
