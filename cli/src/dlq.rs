@@ -138,7 +138,7 @@ pub fn parse_reason(raw: &str) -> anyhow::Result<ReasonCode> {
 }
 
 /// Milliseconds since the epoch of an RFC 3339 time, or of now less an age (`90s`, `2h`, `3d`).
-fn parse_time(raw: &str) -> anyhow::Result<u64> {
+pub fn parse_time(raw: &str) -> anyhow::Result<u64> {
     let time = match humantime::parse_duration(raw) {
         Ok(age) => SystemTime::now() - age,
         Err(_) => humantime::parse_rfc3339_weak(raw)

@@ -9,6 +9,7 @@ pub mod pipeline;
 pub mod produce;
 pub mod progress;
 pub mod resnet18;
+pub mod results;
 pub mod review;
 pub mod stats;
 pub mod top;

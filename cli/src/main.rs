@@ -2,12 +2,11 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Context, anyhow};
+use anyhow::anyhow;
 use clap::{Parser, Subcommand};
-use sluice_cli::{bench, demo, dlq, pipeline, produce, resnet18, review, top, train};
+use sluice_cli::{bench, demo, dlq, pipeline, produce, resnet18, results, review, top, train};
 use sluice_core::backend::Backend;
 use sluice_core::config::{Settings, StoreArgs};
-use sluice_core::record::ResultStatus;
 use sluice_core::service::spawn_health_endpoints;
 use sluice_core::stats::PipelineStats;
 use sluice_core::telemetry::health::Health;
@@ -74,16 +73,15 @@ enum Command {
         args: top::TopArgs,
     },
     /// List stored results, oldest record id first (e.g. `--status review` for the review queue).
-    Results {
+    Results(results::ResultsArgs),
+    /// Serve the results and review HTTP API (`GET /results`, `POST /review/{id}`, `/openapi.json`).
+    Serve {
         #[command(flatten)]
         store: StoreArgs,
-        /// accepted, review or reviewed.
-        #[arg(long)]
-        status: Option<String>,
-        #[arg(long, default_value_t = 20)]
-        limit: usize,
-        #[arg(long)]
-        json: bool,
+        #[arg(long, default_value_t = std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST))]
+        address: std::net::IpAddr,
+        #[arg(long, default_value_t = sluice_api::DEFAULT_PORT)]
+        port: u16,
     },
     /// Work with AWS resources.
     Aws {
@@ -213,17 +211,15 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
             let found = sluice_core::backend::aws::bootstrap::check(&store).await?;
             println!("{}", serde_json::to_string_pretty(&found)?);
         }
-        Command::Results { store, status, limit, json } => {
-            let status =
-                status.map(|s| ResultStatus::parse(&s).with_context(|| format!("unknown status {s:?}"))).transpose()?;
-            let results = open(&store.apply(settings)).await?.results.scan(None, limit, status).await?;
-            for r in results {
-                if json {
-                    println!("{}", serde_json::to_string(&r)?);
-                } else {
-                    println!("{}\t{}\t{:.4}\t{}\t{}", r.record_id, r.label, r.confidence, r.status.as_str(), r.backend);
-                }
-            }
+        Command::Results(args) => results::run(args, settings).await?,
+        Command::Serve { store, address, port } => {
+            let settings = store.apply(settings);
+            let state = sluice_api::ApiState::new(
+                open(&settings).await?,
+                sluice_core::model::ModelBundle::load(settings.model()?.dir)?.manifest.labels,
+            );
+            let shutdown = sluice_core::shutdown::on_signal();
+            sluice_api::serve(std::net::SocketAddr::new(address, port), state, shutdown).await?;
         }
         Command::Dlq { command } => dlq::run(command, settings).await?,
         Command::Review(args) => {

@@ -14,7 +14,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use sluice_core::backend::{Backend, ReviewOutcome};
 use sluice_core::config::StoreArgs;
-use sluice_core::dlq::{self, Filter, Item, Letters, ReplayOptions, Resolve};
+use sluice_core::dlq::{self, Item, Letters, Resolve};
 use sluice_core::envelope::RecordId;
 use sluice_core::model::ModelManifest;
 use sluice_core::record::Resolution;
@@ -40,16 +40,7 @@ const MAX_WIDTH: u32 = 56;
 /// Settles `id` with `label`, whether or not its review item is still in the queue.
 pub async fn label_one(backend: &Backend, manifest: &ModelManifest, id: &str, label: &str) -> anyhow::Result<String> {
     check_label(manifest, label)?;
-    let resolution = Resolution::Label(label.to_owned());
-    let filter = Filter { record_id: glob::Pattern::new(&glob::Pattern::escape(id)).ok(), ..Filter::default() };
-    let options = ReplayOptions { limit: Some(1), ..ReplayOptions::default() };
-    let moved = dlq::apply(backend, Letters::Review, &filter, &Resolve(resolution.clone()), &options, &|_| {}).await?;
-    if moved.moved == 1 {
-        return Ok(format!("{id}: reviewed as {label}"));
-    }
-    // Not in the queue now (another reviewer holds it, or it was settled): settle the result.
-    let record = RecordId::parse(id)?;
-    Ok(match backend.results.resolve_review(&record, &resolution).await? {
+    Ok(match dlq::label(backend, &RecordId::parse(id)?, label).await? {
         ReviewOutcome::Resolved(_) => format!("{id}: reviewed as {label}"),
         ReviewOutcome::NotWaiting(r) => {
             format!(

@@ -428,3 +428,18 @@ async fn settle(backend: &Backend, item: &Item, resolution: &Resolution) -> Resu
         ReviewOutcome::Missing => false,
     })
 }
+
+/// A person's label for `id`: settles its result and takes its item off the review queue. If
+/// the item is not in the queue now (another reviewer holds it), the result is settled anyway.
+pub async fn label(backend: &Backend, id: &RecordId, label: &str) -> Result<ReviewOutcome> {
+    let resolution = Resolution::Label(label.to_owned());
+    let filter =
+        Filter { record_id: glob::Pattern::new(&glob::Pattern::escape(id.as_str())).ok(), ..Filter::default() };
+    let options = ReplayOptions { limit: Some(1), ..ReplayOptions::default() };
+    let taken = apply(backend, Letters::Review, &filter, &Resolve(resolution.clone()), &options, &|_| {}).await?;
+    if taken.moved == 1 {
+        let stored = backend.results.get_batch(std::slice::from_ref(id)).await?.remove(id);
+        return Ok(stored.map_or(ReviewOutcome::Missing, |r| ReviewOutcome::Resolved(Box::new(r))));
+    }
+    backend.results.resolve_review(id, &resolution).await
+}

@@ -8,10 +8,10 @@ use std::collections::{BTreeSet, HashSet};
 use std::time::Duration;
 
 use sluice_core::ReasonCode;
-use sluice_core::backend::{Backend, OutgoingMessage, PutOutcome, StreamInput};
+use sluice_core::backend::{Backend, OutgoingMessage, PageToken, PutOutcome, ResultQuery, ReviewOutcome, StreamInput};
 use sluice_core::config::{BackendKind, StoreConfig};
 use sluice_core::envelope::{RecordId, StageTimes};
-use sluice_core::record::{DlqEntry, PredictionResult, ResultStatus};
+use sluice_core::record::{DlqEntry, PredictionResult, Resolution, ResultStatus};
 use sluice_core::topology::{QueueName, StageName};
 
 /// Short timeouts so visibility and lease expiry can be observed quickly.
@@ -425,6 +425,67 @@ async fn result_store_scans_in_pages(f: Fixture) {
     assert_eq!(review.len(), 5);
 }
 
+async fn result_store_lists_by_status_class_and_time_in_pages(f: Fixture) {
+    let b = f.open().await;
+    let early: Vec<_> = (0..12)
+        .map(|i| {
+            let status = if i % 3 == 0 { ResultStatus::Review } else { ResultStatus::Accepted };
+            result(&format!("q{i:02}"), if i % 2 == 0 { "even" } else { "odd" }, status)
+        })
+        .collect();
+    b.results.put_if_absent(early).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let since = sluice_core::envelope::now_ms();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    b.results.put_if_absent(vec![result("z-late", "even", ResultStatus::Accepted)]).await.unwrap();
+
+    let all_pages = |query: ResultQuery| {
+        let results = b.results.clone();
+        async move {
+            let (mut seen, mut query) = (Vec::new(), query);
+            loop {
+                let page = results.query(&query).await.unwrap();
+                assert!(page.results.len() <= query.limit);
+                seen.extend(page.results.into_iter().map(|r| r.record_id.to_string()));
+                match page.next_page_token {
+                    Some(token) => query.page_token = Some(token),
+                    None => return seen,
+                }
+            }
+        }
+    };
+    let everything = all_pages(ResultQuery { limit: 5, ..ResultQuery::default() }).await;
+    assert_eq!(everything.len(), 13, "{everything:?}");
+    assert_eq!(everything.iter().collect::<BTreeSet<_>>().len(), 13, "pages do not overlap");
+    assert_eq!(everything.last().map(String::as_str), Some("z-late"), "in store order");
+    let review =
+        all_pages(ResultQuery { status: Some(ResultStatus::Review), limit: 2, ..ResultQuery::default() }).await;
+    assert_eq!(review, ["q00", "q03", "q06", "q09"]);
+    let odd = all_pages(ResultQuery { class: Some("odd".into()), limit: 4, ..ResultQuery::default() }).await;
+    assert_eq!(odd.len(), 6);
+    let late = all_pages(ResultQuery { since_ms: Some(since), limit: 10, ..ResultQuery::default() }).await;
+    assert_eq!(late, ["z-late"]);
+    let none = all_pages(ResultQuery { min_confidence: Some(0.95), limit: 10, ..ResultQuery::default() }).await;
+    assert!(none.is_empty());
+    assert!(PageToken::parse("nonsense").is_err());
+
+    // A review settles once: a second settle finds it settled.
+    let id = RecordId::parse("q03").unwrap();
+    let first = b.results.resolve_review(&id, &Resolution::Label("odd".into())).await.unwrap();
+    assert!(
+        matches!(first, ReviewOutcome::Resolved(ref r) if r.status == ResultStatus::Reviewed && r.reviewed_label.as_deref() == Some("odd"))
+    );
+    let again = b.results.resolve_review(&id, &Resolution::Accept).await.unwrap();
+    assert!(matches!(again, ReviewOutcome::NotWaiting(ref r) if r.status == ResultStatus::Reviewed));
+    let missing = b.results.resolve_review(&RecordId::parse("nope").unwrap(), &Resolution::Accept).await.unwrap();
+    assert_eq!(missing, ReviewOutcome::Missing);
+    let counts = b.results.counts().await.unwrap();
+    assert_eq!((counts.accepted, counts.review, counts.reviewed), (9, 3, 1));
+    let reviewed =
+        all_pages(ResultQuery { status: Some(ResultStatus::Reviewed), limit: 10, ..ResultQuery::default() }).await;
+    assert_eq!(reviewed, ["q03"], "the index follows the status");
+}
+
 async fn blobs_round_trip_and_refuse_foreign_references(f: Fixture) {
     let b = f.open().await;
     let data = vec![7u8; 300_000];
@@ -474,5 +535,6 @@ conformance!(
     feature_store_round_trips_and_tolerates_rewrites,
     result_store_is_put_if_absent,
     result_store_scans_in_pages,
+    result_store_lists_by_status_class_and_time_in_pages,
     blobs_round_trip_and_refuse_foreign_references,
 );

@@ -15,7 +15,7 @@ use serde::Serialize;
 
 use crate::config::{BackendKind, StoreConfig};
 use crate::envelope::RecordId;
-use crate::error::Result;
+use crate::error::{ReasonCode, Result};
 use crate::record::{PredictionResult, Resolution, ResultStatus};
 use crate::topology::QueueName;
 
@@ -193,6 +193,81 @@ pub enum ReviewOutcome {
     Missing,
 }
 
+/// Which results to list, in the order they were stored (store time, then record id).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct ResultQuery {
+    pub status: Option<ResultStatus>,
+    /// The predicted class.
+    pub class: Option<String>,
+    /// Stored at or after, in milliseconds since the epoch.
+    pub since_ms: Option<u64>,
+    pub min_confidence: Option<f32>,
+    pub max_confidence: Option<f32>,
+    pub limit: usize,
+    /// Where the previous page ended.
+    pub page_token: Option<PageToken>,
+}
+
+impl ResultQuery {
+    /// Whether `result` passes the filters that are not part of the store order.
+    pub fn matches(&self, result: &PredictionResult) -> bool {
+        self.status.is_none_or(|s| s == result.status)
+            && self.class.as_ref().is_none_or(|c| *c == result.label)
+            && self.min_confidence.is_none_or(|min| result.confidence >= min)
+            && self.max_confidence.is_none_or(|max| result.confidence <= max)
+    }
+
+    /// The position to list from: after the page token, at or after `since_ms`.
+    pub fn start(&self) -> PageToken {
+        let since = PageToken { stored_ms: self.since_ms.unwrap_or(0), record_id: None };
+        match &self.page_token {
+            Some(token) if *token > since => token.clone(),
+            _ => since,
+        }
+    }
+}
+
+/// A position in store order. Written `<store ms, 13 digits>#<record id>`: what the DynamoDB
+/// index sorts by, and what pages hand back as their `next_page_token`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct PageToken {
+    pub stored_ms: u64,
+    /// `None`: before every record stored in that millisecond.
+    pub record_id: Option<RecordId>,
+}
+
+impl PageToken {
+    pub fn after(stored_ms: u64, record_id: &RecordId) -> Self {
+        Self { stored_ms, record_id: Some(record_id.clone()) }
+    }
+
+    pub fn parse(raw: &str) -> Result<Self> {
+        let bad =
+            || crate::error::SluiceError::permanent(ReasonCode::SchemaMismatch, format!("{raw:?} is not a page token"));
+        let (ms, id) = raw.split_once('#').ok_or_else(bad)?;
+        if ms.len() != 13 {
+            return Err(bad());
+        }
+        let stored_ms = ms.parse().map_err(|_| bad())?;
+        let record_id = if id.is_empty() { None } else { Some(RecordId::parse(id).map_err(|_| bad())?) };
+        Ok(Self { stored_ms, record_id })
+    }
+}
+
+impl std::fmt::Display for PageToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:013}#{}", self.stored_ms, self.record_id.as_ref().map_or("", |id| id.as_str()))
+    }
+}
+
+/// One page of a [`ResultQuery`].
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct ResultPage {
+    pub results: Vec<PredictionResult>,
+    /// Present when there may be more: pass it as the next query's `page_token`.
+    pub next_page_token: Option<PageToken>,
+}
+
 /// Counts of results by status.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct ResultCounts {
@@ -210,6 +285,10 @@ pub trait ResultStore: Send + Sync {
     async fn get_batch(&self, ids: &[RecordId]) -> Result<HashMap<RecordId, PredictionResult>>;
 
     async fn counts(&self) -> Result<ResultCounts>;
+
+    /// Results matching `query`, in store order, a page at a time. Reads only what the order
+    /// and the status narrow it to (an index on each backend), never the whole store.
+    async fn query(&self, query: &ResultQuery) -> Result<ResultPage>;
 
     /// Settles the result of `id` if, and only if, it is waiting for review (a conditional
     /// write, so two reviewers or a retried call settle it once), moving the status counts with it.

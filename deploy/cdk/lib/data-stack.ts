@@ -93,6 +93,14 @@ export class DataStack extends Stack {
         deletionProtection: config.retain,
         removalPolicy,
       });
+      if (spec.index) {
+        table.addGlobalSecondaryIndex({
+          indexName: spec.index.name,
+          partitionKey: { name: spec.index.partition, type: dynamodb.AttributeType.STRING },
+          sortKey: { name: spec.index.sort, type: dynamodb.AttributeType.STRING },
+          projectionType: dynamodb.ProjectionType.ALL,
+        });
+      }
       this.tables.set(key, table);
     }
 

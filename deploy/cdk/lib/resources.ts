@@ -17,6 +17,8 @@ export interface TableSpec {
   name: string;
   key: string;
   ttl_attribute?: string;
+  /** A global secondary index, both keys strings (the results by status, in store order). */
+  index?: { name: string; partition: string; sort: string };
 }
 
 export interface StageSpec {

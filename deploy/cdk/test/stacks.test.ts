@@ -124,6 +124,23 @@ for (const [env, synthed] of [['beta', beta], ['prod', prod]] as const) {
       });
     });
 
+    it('indexes results by status in store order, as the results API queries them', () => {
+      const index = RESOURCES.tables.results.index!;
+      data.hasResourceProperties('AWS::DynamoDB::Table', {
+        TableName: resourceName(prefix, RESOURCES.tables.results.name),
+        GlobalSecondaryIndexes: [
+          {
+            IndexName: index.name,
+            KeySchema: [
+              { AttributeName: index.partition, KeyType: 'HASH' },
+              { AttributeName: index.sort, KeyType: 'RANGE' },
+            ],
+            Projection: { ProjectionType: 'ALL' },
+          },
+        ],
+      });
+    });
+
     it('locks the claim-check bucket down and expires claim-checks', () => {
       data.hasResourceProperties('AWS::S3::Bucket', {
         PublicAccessBlockConfiguration: { BlockPublicAcls: true, BlockPublicPolicy: true, IgnorePublicAcls: true, RestrictPublicBuckets: true },

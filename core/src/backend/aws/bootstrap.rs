@@ -7,11 +7,13 @@ use std::time::Duration;
 
 use aws_sdk_dynamodb::client::Waiters as _;
 use aws_sdk_dynamodb::types::{
-    AttributeDefinition, BillingMode, KeySchemaElement, KeyType, ScalarAttributeType, TimeToLiveSpecification,
+    AttributeDefinition, BillingMode, GlobalSecondaryIndex, KeySchemaElement, KeyType, Projection, ProjectionType,
+    ScalarAttributeType, TimeToLiveSpecification,
 };
 use aws_sdk_kinesis::types::StreamStatus;
 use aws_sdk_sqs::types::QueueAttributeName;
 
+use super::resources::Table;
 use super::{Clients, Names, classify, error_code};
 use crate::config::StoreConfig;
 use crate::error::{ReasonCode, Result, SluiceError};
@@ -63,7 +65,7 @@ pub async fn bootstrap(config: &StoreConfig) -> Result<Bootstrapped> {
     }
 
     for (table, spec) in names.tables() {
-        create_table(&clients.dynamodb, &table, &spec.key).await?;
+        create_table(&clients.dynamodb, &table, spec).await?;
         made.tables.push(table);
     }
     if config.aws.result_ttl_days > 0 {
@@ -165,25 +167,40 @@ async fn create_stream(kinesis: &aws_sdk_kinesis::Client, name: &str, shards: i3
     Err(SluiceError::retryable(ReasonCode::StoreUnavailable, format!("stream {name} did not become active")))
 }
 
-async fn create_table(dynamodb: &aws_sdk_dynamodb::Client, name: &str, key: &str) -> Result<()> {
+async fn create_table(dynamodb: &aws_sdk_dynamodb::Client, name: &str, spec: &Table) -> Result<()> {
     let build_error =
         |e: aws_sdk_dynamodb::error::BuildError| SluiceError::permanent(ReasonCode::Internal, e.to_string());
-    let result = dynamodb
+    let string = |attribute: &str| {
+        AttributeDefinition::builder()
+            .attribute_name(attribute)
+            .attribute_type(ScalarAttributeType::S)
+            .build()
+            .map_err(build_error)
+    };
+    let key = |attribute: &str, kind: KeyType| {
+        KeySchemaElement::builder().attribute_name(attribute).key_type(kind).build().map_err(build_error)
+    };
+    let mut request = dynamodb
         .create_table()
         .table_name(name)
         .billing_mode(BillingMode::PayPerRequest)
-        .attribute_definitions(
-            AttributeDefinition::builder()
-                .attribute_name(key)
-                .attribute_type(ScalarAttributeType::S)
-                .build()
-                .map_err(build_error)?,
-        )
-        .key_schema(
-            KeySchemaElement::builder().attribute_name(key).key_type(KeyType::Hash).build().map_err(build_error)?,
-        )
-        .send()
-        .await;
+        .attribute_definitions(string(&spec.key)?)
+        .key_schema(key(&spec.key, KeyType::Hash)?);
+    if let Some(index) = &spec.index {
+        request = request
+            .attribute_definitions(string(&index.partition)?)
+            .attribute_definitions(string(&index.sort)?)
+            .global_secondary_indexes(
+                GlobalSecondaryIndex::builder()
+                    .index_name(&index.name)
+                    .key_schema(key(&index.partition, KeyType::Hash)?)
+                    .key_schema(key(&index.sort, KeyType::Range)?)
+                    .projection(Projection::builder().projection_type(ProjectionType::All).build())
+                    .build()
+                    .map_err(build_error)?,
+            );
+    }
+    let result = request.send().await;
     match result {
         Ok(_) => {}
         Err(e) if error_code(&e) == Some("ResourceInUseException") => return Ok(()),

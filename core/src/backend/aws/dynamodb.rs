@@ -26,7 +26,8 @@ use futures_util::future::try_join_all;
 use super::classify;
 use super::s3::S3BlobStore;
 use crate::backend::{
-    BlobStore, FeatureStore, PutOutcome, ResultCounts, ResultStore, ReviewOutcome, vector_from_bytes, vector_to_bytes,
+    BlobStore, FeatureStore, PageToken, PutOutcome, ResultCounts, ResultPage, ResultQuery, ResultStore, ReviewOutcome,
+    vector_from_bytes, vector_to_bytes,
 };
 use crate::envelope::{RecordId, now_ms};
 use crate::error::{ReasonCode, Result, SluiceError};
@@ -206,9 +207,15 @@ impl DynamoResultStore {
 
     fn put_item(&self, result: &PredictionResult) -> Result<TransactWriteItem> {
         let mut item = key(&result.record_id);
+        let created_ms = now_ms();
         item.insert("status".to_owned(), AttributeValue::S(result.status.as_str().to_owned()));
         item.insert("body".to_owned(), AttributeValue::S(serde_json::to_string(result).expect("a result serialises")));
-        item.insert("created_ms".to_owned(), AttributeValue::N(now_ms().to_string()));
+        item.insert("created_ms".to_owned(), AttributeValue::N(created_ms.to_string()));
+        // The index by status sorts on this: store time, then record id.
+        item.insert(
+            super::resources::results_index().sort.clone(),
+            AttributeValue::S(PageToken::after(created_ms, &result.record_id).to_string()),
+        );
         if self.ttl_days > 0 {
             let expires = now_ms() / 1000 + self.ttl_days * 86_400;
             item.insert(super::resources::result_ttl_attribute().to_owned(), AttributeValue::N(expires.to_string()));
@@ -331,6 +338,60 @@ impl ResultStore for DynamoResultStore {
         let counters = read_counters(&self.client, &self.counters, RESULT_COUNTERS).await?;
         let n = |k: &str| counters.get(k).copied().unwrap_or(0);
         Ok(ResultCounts { accepted: n("accepted"), review: n("review"), reviewed: n("reviewed") })
+    }
+
+    /// Queries the index by status (each status in turn when none is asked for) from the page
+    /// token on, and merges them in store order; the class and confidence filters apply to what
+    /// the index returns.
+    async fn query(&self, query: &ResultQuery) -> Result<ResultPage> {
+        let index = super::resources::results_index();
+        let statuses = query
+            .status
+            .map_or(vec![ResultStatus::Accepted, ResultStatus::Review, ResultStatus::Reviewed], |s| vec![s]);
+        let start = query.start().to_string();
+        let limit = query.limit.max(1);
+        let mut found: Vec<(String, PredictionResult)> = Vec::new();
+        for status in statuses {
+            let mut exclusive_start = None;
+            let mut matched = 0;
+            loop {
+                let output = self
+                    .client
+                    .query()
+                    .table_name(&self.table)
+                    .index_name(&index.name)
+                    .key_condition_expression("#p = :status AND #k > :start")
+                    .expression_attribute_names("#p", &index.partition)
+                    .expression_attribute_names("#k", &index.sort)
+                    .expression_attribute_values(":status", AttributeValue::S(status.as_str().to_owned()))
+                    .expression_attribute_values(":start", AttributeValue::S(start.clone()))
+                    .set_exclusive_start_key(exclusive_start.take())
+                    .limit(((limit + 1) * 2).min(1000) as i32)
+                    .send()
+                    .await
+                    .map_err(|e| classify("Query", e))?;
+                for item in output.items() {
+                    let result = decode_result(item)?;
+                    let Some(position) = item.get(&index.sort).and_then(|v| v.as_s().ok()) else { continue };
+                    if query.matches(&result) {
+                        matched += 1;
+                        found.push((position.clone(), result));
+                    }
+                }
+                exclusive_start = output.last_evaluated_key().cloned();
+                if matched > limit || exclusive_start.is_none() {
+                    break;
+                }
+            }
+        }
+        found.sort_by(|a, b| a.0.cmp(&b.0));
+        let more = found.len() > limit;
+        found.truncate(limit);
+        let next_page_token = match found.last() {
+            Some((position, _)) if more => Some(PageToken::parse(position)?),
+            _ => None,
+        };
+        Ok(ResultPage { results: found.into_iter().map(|(_, r)| r).collect(), next_page_token })
     }
 
     async fn resolve_review(&self, id: &RecordId, resolution: &Resolution) -> Result<ReviewOutcome> {

@@ -32,6 +32,22 @@ pub(super) struct Table {
     pub(super) name: String,
     pub(super) key: String,
     pub(super) ttl_attribute: Option<String>,
+    /// A global secondary index, both keys strings.
+    pub(super) index: Option<Index>,
+}
+
+/// A global secondary index: the results by status, in the order they were stored
+/// (`created_key` is the store time, zero-padded, then the record id: unique and sortable).
+#[derive(Debug, Deserialize)]
+pub(super) struct Index {
+    pub(super) name: String,
+    pub(super) partition: String,
+    pub(super) sort: String,
+}
+
+/// The results table's index by status and store time.
+pub(super) fn results_index() -> &'static Index {
+    RESOURCES.tables.results.index.as_ref().expect("resources.json gives the results table its index")
 }
 
 static RESOURCES: LazyLock<Resources> = LazyLock::new(|| {

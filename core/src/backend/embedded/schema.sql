@@ -45,6 +45,8 @@ CREATE TABLE IF NOT EXISTS results (
     created_ms INTEGER NOT NULL
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS results_by_status ON results (status, record_id);
+CREATE INDEX IF NOT EXISTS results_by_time ON results (created_ms, record_id);
+CREATE INDEX IF NOT EXISTS results_by_status_time ON results (status, created_ms, record_id);
 
 CREATE TABLE IF NOT EXISTS blobs (
     id   TEXT PRIMARY KEY,

@@ -7,7 +7,8 @@ use rusqlite::{OptionalExtension, params, params_from_iter};
 
 use super::{Db, placeholders};
 use crate::backend::{
-    FeatureStore, PutOutcome, ResultCounts, ResultStore, ReviewOutcome, vector_from_bytes, vector_to_bytes,
+    FeatureStore, PageToken, PutOutcome, ResultCounts, ResultPage, ResultQuery, ResultStore, ReviewOutcome,
+    vector_from_bytes, vector_to_bytes,
 };
 use crate::envelope::{RecordId, now_ms};
 use crate::error::Result;
@@ -146,6 +147,49 @@ impl ResultStore for EmbeddedResultStore {
                     }
                 }
                 Ok(counts)
+            })
+            .await
+    }
+
+    async fn query(&self, query: &ResultQuery) -> Result<ResultPage> {
+        let query = query.clone();
+        self.db
+            .call(move |conn| {
+                let mut stmt = conn.prepare_cached(
+                    "SELECT created_ms, body FROM results \
+                     WHERE (?1 IS NULL OR status = ?1) AND (created_ms > ?2 OR (created_ms = ?2 AND record_id > ?3)) \
+                     ORDER BY created_ms, record_id LIMIT ?4",
+                )?;
+                let status = query.status.map(ResultStatus::as_str);
+                let mut from = query.start();
+                let mut page = ResultPage::default();
+                let limit = query.limit.max(1);
+                let chunk = (limit * 2).clamp(50, 1000);
+                loop {
+                    let after = from.record_id.as_ref().map_or("", |id| id.as_str()).to_owned();
+                    let rows: Vec<(u64, PredictionResult)> = stmt
+                        .query_map(params![status, from.stored_ms as i64, after, chunk as i64], |r| {
+                            Ok((r.get::<_, i64>(0)? as u64, decode_result(&r.get::<_, String>(1)?)?))
+                        })?
+                        .collect::<rusqlite::Result<_>>()?;
+                    let exhausted = rows.len() < chunk;
+                    for (stored_ms, result) in rows {
+                        from = PageToken::after(stored_ms, &result.record_id);
+                        if !query.matches(&result) {
+                            continue;
+                        }
+                        if page.results.len() == limit {
+                            // One more exists: the page ends at the last one it holds.
+                            return Ok(page);
+                        }
+                        page.results.push(result);
+                        page.next_page_token = Some(from.clone());
+                    }
+                    if exhausted {
+                        page.next_page_token = None;
+                        return Ok(page);
+                    }
+                }
             })
             .await
     }

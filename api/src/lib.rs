@@ -1,0 +1,232 @@
+//! The results and review HTTP API, for applications that read predictions and for review tools:
+//!
+//! - `GET /results/{id}`: one record's result;
+//! - `GET /results?status=&class=&since=&min_confidence=&max_confidence=&limit=&page_token=`:
+//!   results in the order they were stored, a page at a time;
+//! - `GET /review?limit=&page_token=`: the results waiting for a person;
+//! - `POST /review/{id}` with `{"label": "..."}`: a person's label, which settles the result
+//!   (status `reviewed`, both labels kept) and takes the item off the review queue;
+//! - `GET /openapi.json`: the OpenAPI document of all this.
+//!
+//! Bad input (an unknown parameter, a malformed id, a body over 4 KiB or not JSON) gets a 4xx
+//! with `{"error": "..."}` saying what is wrong; only a store that cannot be reached is a 5xx.
+
+mod openapi;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::Json;
+use axum::Router;
+use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use serde::{Deserialize, Serialize};
+use sluice_core::backend::{Backend, PageToken, ResultQuery, ReviewOutcome};
+use sluice_core::envelope::RecordId;
+use sluice_core::record::{PredictionResult, ResultStatus};
+use tokio_util::sync::CancellationToken;
+
+/// The API's port unless told otherwise (the workers' health ports are 9100 to 9104).
+pub const DEFAULT_PORT: u16 = 9105;
+
+/// The largest request body accepted (a label is a few bytes).
+pub const BODY_LIMIT: usize = 4 * 1024;
+/// The most results one page holds, and how many without `limit`.
+pub const MAX_LIMIT: usize = 1000;
+pub const DEFAULT_LIMIT: usize = 100;
+
+/// What the handlers share: the store, and the labels a person may give.
+#[derive(Clone)]
+pub struct ApiState {
+    backend: Backend,
+    labels: Arc<Vec<String>>,
+}
+
+impl ApiState {
+    pub fn new(backend: Backend, labels: Vec<String>) -> Self {
+        Self { backend, labels: Arc::new(labels) }
+    }
+}
+
+pub fn router(state: ApiState) -> Router {
+    Router::new()
+        .route("/results", get(list_results))
+        .route("/results/{id}", get(get_result))
+        .route("/review", get(list_review))
+        .route("/review/{id}", axum::routing::post(label_review))
+        .route(
+            "/openapi.json",
+            get(|State(state): State<ApiState>| async move { Json(openapi::document(&state.labels)) }),
+        )
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such endpoint: see /openapi.json") })
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .with_state(state)
+}
+
+/// Serves the API on `address` until `shutdown`.
+pub async fn serve(address: SocketAddr, state: ApiState, shutdown: CancellationToken) -> std::io::Result<()> {
+    let listener = tokio::net::TcpListener::bind(address).await?;
+    tracing::info!(address = %listener.local_addr()?, "results API: /results, /review, /openapi.json");
+    axum::serve(listener, router(state)).with_graceful_shutdown(shutdown.cancelled_owned()).await
+}
+
+/// An error answer: its status and `{"error": "..."}`.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        Self { status, message: message.into() }
+    }
+
+    fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, Json(serde_json::json!({ "error": self.message }))).into_response()
+    }
+}
+
+impl From<sluice_core::SluiceError> for ApiError {
+    fn from(e: sluice_core::SluiceError) -> Self {
+        tracing::warn!(error = %e, "results API: store error");
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, format!("the result store cannot answer now: {e}"))
+    }
+}
+
+fn rejected(status: StatusCode, body: String) -> ApiError {
+    ApiError::new(status, body)
+}
+
+fn record_id(path: Result<Path<String>, PathRejection>) -> Result<RecordId, ApiError> {
+    let Path(raw) = path.map_err(|e| rejected(e.status(), e.body_text()))?;
+    RecordId::parse(raw).map_err(|e| ApiError::bad_request(e.detail().to_owned()))
+}
+
+/// A page of results.
+#[derive(Debug, Serialize)]
+struct Page {
+    results: Vec<PredictionResult>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    next_page_token: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListParams {
+    status: Option<String>,
+    class: Option<String>,
+    /// Stored at or after, milliseconds since the epoch.
+    since: Option<u64>,
+    min_confidence: Option<f32>,
+    max_confidence: Option<f32>,
+    limit: Option<usize>,
+    page_token: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PageParams {
+    limit: Option<usize>,
+    page_token: Option<String>,
+}
+
+fn page_query(limit: Option<usize>, page_token: Option<&str>) -> Result<ResultQuery, ApiError> {
+    let limit = limit.unwrap_or(DEFAULT_LIMIT);
+    if !(1..=MAX_LIMIT).contains(&limit) {
+        return Err(ApiError::bad_request(format!("limit must be 1 to {MAX_LIMIT}")));
+    }
+    let page_token =
+        page_token.map(PageToken::parse).transpose().map_err(|e| ApiError::bad_request(e.detail().to_owned()))?;
+    Ok(ResultQuery { limit, page_token, ..ResultQuery::default() })
+}
+
+fn confidence(name: &str, value: Option<f32>) -> Result<Option<f32>, ApiError> {
+    match value {
+        Some(v) if !(0.0..=1.0).contains(&v) => Err(ApiError::bad_request(format!("{name} must be between 0 and 1"))),
+        other => Ok(other),
+    }
+}
+
+async fn page(state: &ApiState, query: &ResultQuery) -> Result<Json<Page>, ApiError> {
+    let page = state.backend.results.query(query).await?;
+    Ok(Json(Page { results: page.results, next_page_token: page.next_page_token.map(|t| t.to_string()) }))
+}
+
+async fn list_results(
+    State(state): State<ApiState>,
+    params: Result<Query<ListParams>, QueryRejection>,
+) -> Result<Json<Page>, ApiError> {
+    let Query(params) = params.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let mut query = page_query(params.limit, params.page_token.as_deref())?;
+    query.status = params
+        .status
+        .map(|s| {
+            ResultStatus::parse(&s)
+                .ok_or_else(|| ApiError::bad_request(format!("status {s:?} is none of accepted, review, reviewed")))
+        })
+        .transpose()?;
+    query.class = params.class;
+    query.since_ms = params.since;
+    query.min_confidence = confidence("min_confidence", params.min_confidence)?;
+    query.max_confidence = confidence("max_confidence", params.max_confidence)?;
+    page(&state, &query).await
+}
+
+async fn list_review(
+    State(state): State<ApiState>,
+    params: Result<Query<PageParams>, QueryRejection>,
+) -> Result<Json<Page>, ApiError> {
+    let Query(params) = params.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let mut query = page_query(params.limit, params.page_token.as_deref())?;
+    query.status = Some(ResultStatus::Review);
+    page(&state, &query).await
+}
+
+async fn get_result(
+    State(state): State<ApiState>,
+    id: Result<Path<String>, PathRejection>,
+) -> Result<Json<PredictionResult>, ApiError> {
+    let id = record_id(id)?;
+    let mut found = state.backend.results.get_batch(std::slice::from_ref(&id)).await?;
+    found.remove(&id).map(Json).ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("no result for {id}")))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LabelBody {
+    label: String,
+}
+
+async fn label_review(
+    State(state): State<ApiState>,
+    id: Result<Path<String>, PathRejection>,
+    body: Result<Json<LabelBody>, JsonRejection>,
+) -> Result<Json<PredictionResult>, ApiError> {
+    let id = record_id(id)?;
+    let Json(body) = body.map_err(|e| rejected(e.status(), e.body_text()))?;
+    if !state.labels.contains(&body.label) {
+        return Err(ApiError::bad_request(format!(
+            "{:?} is not one of the model's labels: {}",
+            body.label,
+            state.labels.join(", ")
+        )));
+    }
+    match sluice_core::dlq::label(&state.backend, &id, &body.label).await? {
+        ReviewOutcome::Resolved(result) => Ok(Json(*result)),
+        ReviewOutcome::NotWaiting(result) => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!("{id} is not waiting for review (status {})", result.status.as_str()),
+        )),
+        ReviewOutcome::Missing => Err(ApiError::new(StatusCode::NOT_FOUND, format!("no result for {id}"))),
+    }
+}

@@ -1,0 +1,118 @@
+//! `sluice results [get ID | list]`: stored predictions (the work is the result store's query).
+
+use anyhow::Context;
+use sluice_core::backend::{Backend, PageToken, ResultQuery};
+use sluice_core::config::{Settings, StoreArgs};
+use sluice_core::envelope::RecordId;
+use sluice_core::record::{PredictionResult, ResultStatus};
+
+#[derive(Debug, clap::Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct ResultsArgs {
+    #[command(subcommand)]
+    pub command: Option<ResultsCommand>,
+    /// Without a subcommand: `list`.
+    #[command(flatten)]
+    pub list: ListArgs,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum ResultsCommand {
+    /// One record's result.
+    Get {
+        #[command(flatten)]
+        store: StoreArgs,
+        id: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Results in the order they were stored, a page at a time.
+    List(ListArgs),
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct ListArgs {
+    #[command(flatten)]
+    pub store: StoreArgs,
+    /// accepted, review (waiting for a person) or reviewed.
+    #[arg(long)]
+    pub status: Option<String>,
+    /// The predicted class.
+    #[arg(long)]
+    pub class: Option<String>,
+    /// Stored at or after: RFC 3339 or an age (`2h`).
+    #[arg(long)]
+    pub since: Option<String>,
+    #[arg(long)]
+    pub min_confidence: Option<f32>,
+    #[arg(long)]
+    pub max_confidence: Option<f32>,
+    #[arg(long, default_value_t = 20)]
+    pub limit: usize,
+    /// Where the previous page ended (printed after it).
+    #[arg(long)]
+    pub page_token: Option<String>,
+    /// One JSON object a line.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl ListArgs {
+    fn query(&self) -> anyhow::Result<ResultQuery> {
+        Ok(ResultQuery {
+            status: self
+                .status
+                .as_deref()
+                .map(|s| ResultStatus::parse(s).with_context(|| format!("unknown status {s:?}")))
+                .transpose()?,
+            class: self.class.clone(),
+            since_ms: self.since.as_deref().map(crate::dlq::parse_time).transpose()?,
+            min_confidence: self.min_confidence,
+            max_confidence: self.max_confidence,
+            limit: self.limit.max(1),
+            page_token: self.page_token.as_deref().map(PageToken::parse).transpose()?,
+        })
+    }
+}
+
+fn print(result: &PredictionResult, json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string(result)?);
+    } else {
+        let reviewed = result.reviewed_label.as_ref().map(|l| format!("\treviewed as {l}")).unwrap_or_default();
+        println!(
+            "{}\t{}\t{:.4}\t{}\t{}{reviewed}",
+            result.record_id,
+            result.label,
+            result.confidence,
+            result.status.as_str(),
+            result.backend
+        );
+    }
+    Ok(())
+}
+
+pub async fn run(args: ResultsArgs, settings: Settings) -> anyhow::Result<()> {
+    let open = |store: &StoreArgs| {
+        let store = store.apply(settings.clone()).store();
+        async move { anyhow::Ok(Backend::open_observer(&store?).await?) }
+    };
+    match args.command.unwrap_or(ResultsCommand::List(args.list)) {
+        ResultsCommand::Get { store, id, json } => {
+            let id = RecordId::parse(id)?;
+            let mut found = open(&store).await?.results.get_batch(std::slice::from_ref(&id)).await?;
+            print(&found.remove(&id).with_context(|| format!("no result for {id}"))?, json)?;
+        }
+        ResultsCommand::List(list) => {
+            let backend = open(&list.store).await?;
+            let page = backend.results.query(&list.query()?).await?;
+            for result in &page.results {
+                print(result, list.json)?;
+            }
+            if let Some(token) = page.next_page_token {
+                eprintln!("more: --page-token '{token}'");
+            }
+        }
+    }
+    Ok(())
+}
