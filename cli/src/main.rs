@@ -226,8 +226,9 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
             let settings = args.store.apply(settings);
             let backend = open(&settings).await?;
             let manifest = sluice_core::model::ModelBundle::load(settings.model()?.dir)?.manifest;
-            match args.label.as_deref() {
-                Some([id, label]) => println!("{}", review::label_one(&backend, &manifest, id, label).await?),
+            match (args.label.as_deref(), &args.reject) {
+                (Some([id, label]), _) => println!("{}", review::label_one(&backend, &manifest, id, label).await?),
+                (_, Some(id)) => println!("{}", review::reject_one(&backend, id).await?),
                 _ => review::walk(&backend, &manifest, args.save.as_ref()).await?,
             }
         }

@@ -3,8 +3,10 @@
 //! Each item shows its record, the model's top classes and the image (drawn with half-block
 //! characters, two pixels a cell, or saved as PNG with `--save`), rebuilt from the record's
 //! feature vector. A label settles the result (status `reviewed`, the person's label beside the
-//! model's) and takes the item off the review queue; `s` skips it (it stays for later), `q`
-//! quits. `sluice review --label ID LABEL` does the same for one item without a terminal.
+//! model's) and takes the item off the review queue; `d` sends it to the results DLQ instead
+//! (not fit for a result: its result is taken away); `s` skips it (it stays for later), `q`
+//! quits. `sluice review --label ID LABEL` and `--reject ID` do the same for one item without a
+//! terminal.
 
 use std::fmt::Write as _;
 use std::io::{BufRead, IsTerminal, Write};
@@ -14,7 +16,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use sluice_core::backend::{Backend, ReviewOutcome};
 use sluice_core::config::StoreArgs;
-use sluice_core::dlq::{self, Item, Letters, Resolve};
+use sluice_core::dlq::{self, Action, Item, Letters, Reject, Resolve};
 use sluice_core::envelope::RecordId;
 use sluice_core::model::ModelManifest;
 use sluice_core::record::Resolution;
@@ -27,6 +29,9 @@ pub struct ReviewArgs {
     /// Settle one item without a terminal: its record id and the true label.
     #[arg(long, num_args = 2, value_names = ["ID", "LABEL"])]
     pub label: Option<Vec<String>>,
+    /// Send one item to the results DLQ without a terminal (not fit for a result): its record id.
+    #[arg(long, value_name = "ID", conflicts_with = "label")]
+    pub reject: Option<String>,
     /// Save each item's image as `<record id>.png` here instead of drawing it.
     #[arg(long)]
     pub save: Option<PathBuf>,
@@ -49,6 +54,15 @@ pub async fn label_one(backend: &Backend, manifest: &ModelManifest, id: &str, la
                 r.reviewed_label
             )
         }
+        ReviewOutcome::Missing => bail!("no result for {id}"),
+    })
+}
+
+/// Sends `id` to the results DLQ instead of labelling it.
+pub async fn reject_one(backend: &Backend, id: &str) -> anyhow::Result<String> {
+    Ok(match dlq::reject(backend, &RecordId::parse(id)?).await? {
+        ReviewOutcome::Resolved(_) => format!("{id}: sent to the results DLQ (rejected_in_review)"),
+        ReviewOutcome::NotWaiting(r) => format!("{id}: not waiting for review (status {})", r.status.as_str()),
         ReviewOutcome::Missing => bail!("no result for {id}"),
     })
 }
@@ -81,12 +95,12 @@ pub async fn walk(backend: &Backend, manifest: &ModelManifest, save: Option<&Pat
         let item = Item::from_message(Letters::Review, message);
         print!("{}", show(backend, manifest, &item, save).await?);
         let answer = loop {
-            print!("label ({}), Enter = the model's, s = skip, q = quit > ", manifest.labels.join(" "));
+            print!("label ({}), Enter = the model's, d = to the DLQ, s = skip, q = quit > ", manifest.labels.join(" "));
             std::io::stdout().flush()?;
             let line = lines.next().transpose()?.unwrap_or_else(|| "q".to_owned());
             let line = line.trim().to_owned();
             match line.as_str() {
-                "s" | "q" => break line,
+                "s" | "q" | "d" => break line,
                 "" => break item.verdict.as_ref().map(|v| v.label.clone()).unwrap_or_default(),
                 label if check_label(manifest, label).is_ok() => break line,
                 other => println!("{other:?} is not a label"),
@@ -98,6 +112,16 @@ pub async fn walk(backend: &Backend, manifest: &ModelManifest, save: Option<&Pat
                 break;
             }
             "s" => skipped.push(receipt),
+            "d" => {
+                if Reject.apply(backend, std::slice::from_ref(&item)).await?[0] {
+                    queue.ack(&[receipt]).await?;
+                    settled += 1;
+                    println!("-> sent to the results DLQ\n");
+                } else {
+                    skipped.push(receipt);
+                    println!("-> already settled by someone else; left in the queue\n");
+                }
+            }
             label => {
                 let done = Resolve(Resolution::Label(label.to_owned())).settle_one(backend, &item).await?;
                 if done {

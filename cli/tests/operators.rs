@@ -135,13 +135,26 @@ async fn operators_loop(target: Target) {
     assert_eq!(stored.reviewed_label.as_deref(), Some("7"));
     assert_eq!(stored.label, review[0]["verdict"]["label"].as_str().unwrap(), "the model's label is kept");
 
+    // Another is not fit for a result: it leaves review for the results DLQ, its result gone.
+    let second = review[1]["record_id"].as_str().unwrap().to_owned();
+    target.sluice(&model, &["review", "--reject", &second]);
+    let rejected = lines(
+        &target.sluice(&model, &["dlq", "list", "--stage", "results", "--reason", "rejected_in_review", "--json"]),
+    );
+    assert_eq!(rejected.len(), 1);
+    assert_eq!(rejected[0]["record_id"], second.as_str());
+    let record = RecordId::parse(&second).unwrap();
+    assert!(backend.results.get_batch(std::slice::from_ref(&record)).await.unwrap().is_empty());
+    assert_eq!(stats(&backend).await.accounted(), 361, "one DLQ entry instead of one result");
+
     // The fix: thresholds that accept everything. Replayed, the rest of review ends as results.
     let lenient = lenient_bundle(dir.path());
     let moved = json(&target.sluice(&lenient, &["dlq", "replay", "--stage", "review", "--json"]));
-    assert_eq!(moved["moved"], start.review - 1);
+    assert_eq!(moved["moved"], start.review - 2);
     let after = stats(&backend).await;
     assert_eq!(after.review, 0);
-    assert_eq!(after.results, start.results + start.review);
+    assert_eq!(after.results, start.results + start.review - 1);
+    assert_eq!(after.dlq[&StageName::Results], 1);
     assert_eq!(after.accounted(), 361, "counts stay exact");
 
     // A replay of records that fail again puts each back once: still six ingest entries.

@@ -443,3 +443,54 @@ pub async fn label(backend: &Backend, id: &RecordId, label: &str) -> Result<Revi
     }
     backend.results.resolve_review(id, &resolution).await
 }
+
+/// A reviewer's "not fit for a result": the record goes to the results DLQ (reason
+/// `rejected_in_review`, the review item's body as it was) and its result is taken away, so it
+/// ends in exactly one DLQ entry. The DLQ entry is written first: stopped between the two
+/// steps, the item is still in review and a second `reject` finishes the job.
+pub struct Reject;
+
+#[async_trait::async_trait]
+impl Action for Reject {
+    async fn apply(&self, backend: &Backend, items: &[Item]) -> Result<Vec<bool>> {
+        let mut out = Vec::with_capacity(items.len());
+        for item in items {
+            let Some(id) = item.record_id() else {
+                out.push(false);
+                continue;
+            };
+            send_rejected(backend, id, item.entry.body.clone(), item.entry.attempts).await?;
+            out.push(!matches!(backend.results.withdraw_review(id).await?, ReviewOutcome::NotWaiting(_)));
+        }
+        Ok(out)
+    }
+}
+
+async fn send_rejected(backend: &Backend, id: &RecordId, body: Vec<u8>, attempts: u32) -> Result<()> {
+    let error =
+        SluiceError::permanent(ReasonCode::RejectedInReview, "a reviewer sent it to the DLQ instead of labelling it");
+    let entry = DlqEntry::new(StageName::Results, &error, attempts, Some(id.clone()), Vec::new());
+    let message = OutgoingMessage { body, attributes: entry.attributes(), dedup_key: Some(id.to_string()) };
+    backend.queue(StageName::Results.dlq()).send_batch(vec![message]).await
+}
+
+/// Rejects `id` in review (see [`Reject`]), whether or not its item is in the queue now:
+/// `Resolved` with the result as it was.
+pub async fn reject(backend: &Backend, id: &RecordId) -> Result<ReviewOutcome> {
+    let result = match backend.results.get_batch(std::slice::from_ref(id)).await?.remove(id) {
+        None => return Ok(ReviewOutcome::Missing),
+        Some(result) if result.status != crate::record::ResultStatus::Review => {
+            return Ok(ReviewOutcome::NotWaiting(Box::new(result)));
+        }
+        Some(result) => result,
+    };
+    let filter =
+        Filter { record_id: glob::Pattern::new(&glob::Pattern::escape(id.as_str())).ok(), ..Filter::default() };
+    let options = ReplayOptions { limit: Some(1), ..ReplayOptions::default() };
+    if apply(backend, Letters::Review, &filter, &Reject, &options, &|_| {}).await?.moved == 1 {
+        return Ok(ReviewOutcome::Resolved(Box::new(result)));
+    }
+    // Not in the queue now (another reviewer holds it): the result's own body goes to the DLQ.
+    send_rejected(backend, id, serde_json::to_vec(&result).expect("a result serialises"), 1).await?;
+    backend.results.withdraw_review(id).await
+}

@@ -51,6 +51,8 @@ pub enum ReasonCode {
     MaxReceivesExceeded,
     /// The prediction's confidence is under its class threshold (review queue).
     BelowThreshold,
+    /// A reviewer judged the record unfit for a result (not what the model is for, unreadable).
+    RejectedInReview,
     /// The store is busy or locked; try again.
     StoreBusy,
     /// The store failed in a way that may clear up.
@@ -85,6 +87,7 @@ impl ReasonCode {
             Self::FallbackFailure => "fallback_failure",
             Self::MaxReceivesExceeded => "max_receives_exceeded",
             Self::BelowThreshold => "below_threshold",
+            Self::RejectedInReview => "rejected_in_review",
             Self::StoreBusy => "store_busy",
             Self::StoreUnavailable => "store_unavailable",
             Self::LeaseLost => "lease_lost",

@@ -484,6 +484,15 @@ async fn result_store_lists_by_status_class_and_time_in_pages(f: Fixture) {
     let reviewed =
         all_pages(ResultQuery { status: Some(ResultStatus::Reviewed), limit: 10, ..ResultQuery::default() }).await;
     assert_eq!(reviewed, ["q03"], "the index follows the status");
+
+    // A review withdrawn (the record went to the DLQ instead) leaves no result behind.
+    let q06 = RecordId::parse("q06").unwrap();
+    assert!(matches!(b.results.withdraw_review(&q06).await.unwrap(), ReviewOutcome::Resolved(_)));
+    assert_eq!(b.results.withdraw_review(&q06).await.unwrap(), ReviewOutcome::Missing);
+    assert!(matches!(b.results.withdraw_review(&id).await.unwrap(), ReviewOutcome::NotWaiting(_)), "reviewed stays");
+    assert!(b.results.get_batch(std::slice::from_ref(&q06)).await.unwrap().is_empty());
+    let counts = b.results.counts().await.unwrap();
+    assert_eq!((counts.accepted, counts.review, counts.reviewed), (9, 2, 1));
 }
 
 async fn blobs_round_trip_and_refuse_foreign_references(f: Fixture) {

@@ -286,6 +286,10 @@ pub trait ResultStore: Send + Sync {
 
     async fn counts(&self) -> Result<ResultCounts>;
 
+    /// Takes the result of `id` away if, and only if, it is waiting for review (a reviewer sent
+    /// the record to the DLQ instead): `Resolved` with the result as it was.
+    async fn withdraw_review(&self, id: &RecordId) -> Result<ReviewOutcome>;
+
     /// Results matching `query`, in store order, a page at a time. Reads only what the order
     /// and the status narrow it to (an index on each backend), never the whole store.
     async fn query(&self, query: &ResultQuery) -> Result<ResultPage>;

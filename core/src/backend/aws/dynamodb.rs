@@ -18,7 +18,7 @@ use async_trait::async_trait;
 use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
 use aws_sdk_dynamodb::primitives::Blob;
 use aws_sdk_dynamodb::types::{
-    AttributeValue, KeysAndAttributes, Put, PutRequest, TransactWriteItem, Update, WriteRequest,
+    AttributeValue, Delete, KeysAndAttributes, Put, PutRequest, TransactWriteItem, Update, WriteRequest,
 };
 use backon::{BackoffBuilder, ExponentialBuilder};
 use futures_util::future::try_join_all;
@@ -281,6 +281,15 @@ impl DynamoResultStore {
     }
 }
 
+/// Whether a transaction was cancelled because its first item's condition did not hold.
+fn first_condition_failed<R>(e: &aws_sdk_dynamodb::error::SdkError<TransactWriteItemsError, R>) -> bool {
+    matches!(
+        e.as_service_error(),
+        Some(TransactWriteItemsError::TransactionCanceledException(c))
+            if c.cancellation_reasons().first().and_then(|r| r.code()) == Some("ConditionalCheckFailed")
+    )
+}
+
 fn decode_result(item: &Item) -> Result<PredictionResult> {
     let body = item
         .get("body")
@@ -394,6 +403,44 @@ impl ResultStore for DynamoResultStore {
         Ok(ResultPage { results: found.into_iter().map(|(_, r)| r).collect(), next_page_token })
     }
 
+    async fn withdraw_review(&self, id: &RecordId) -> Result<ReviewOutcome> {
+        let Some(current) = self.get_batch(std::slice::from_ref(id)).await?.remove(id) else {
+            return Ok(ReviewOutcome::Missing);
+        };
+        if current.status != ResultStatus::Review {
+            return Ok(ReviewOutcome::NotWaiting(Box::new(current)));
+        }
+        let internal =
+            |e: aws_sdk_dynamodb::error::BuildError| SluiceError::permanent(ReasonCode::Internal, e.to_string());
+        let delete = Delete::builder()
+            .table_name(&self.table)
+            .set_key(Some(key(id)))
+            .condition_expression("#s = :review")
+            .expression_attribute_names("#s", "status")
+            .expression_attribute_values(":review", AttributeValue::S(ResultStatus::Review.as_str().to_owned()))
+            .build()
+            .map_err(internal)?;
+        let counts = Update::builder()
+            .table_name(&self.counters)
+            .key(COUNTER_KEY, AttributeValue::S(RESULT_COUNTERS.to_owned()))
+            .update_expression("ADD review :minus")
+            .expression_attribute_values(":minus", AttributeValue::N("-1".to_owned()))
+            .build()
+            .map_err(internal)?;
+        let items = vec![
+            TransactWriteItem::builder().delete(delete).build(),
+            TransactWriteItem::builder().update(counts).build(),
+        ];
+        match self.client.transact_write_items().set_transact_items(Some(items)).send().await {
+            Ok(_) => Ok(ReviewOutcome::Resolved(Box::new(current))),
+            Err(e) if first_condition_failed(&e) => match self.get_batch(std::slice::from_ref(id)).await?.remove(id) {
+                Some(now) => Ok(ReviewOutcome::NotWaiting(Box::new(now))),
+                None => Ok(ReviewOutcome::Missing),
+            },
+            Err(e) => Err(classify("TransactWriteItems", e)),
+        }
+    }
+
     async fn resolve_review(&self, id: &RecordId, resolution: &Resolution) -> Result<ReviewOutcome> {
         let Some(current) = self.get_batch(std::slice::from_ref(id)).await?.remove(id) else {
             return Ok(ReviewOutcome::Missing);
@@ -434,21 +481,12 @@ impl ResultStore for DynamoResultStore {
         ];
         match self.client.transact_write_items().set_transact_items(Some(items)).send().await {
             Ok(_) => Ok(ReviewOutcome::Resolved(Box::new(settled))),
-            Err(e) => {
-                let settled_elsewhere = matches!(
-                    e.as_service_error(),
-                    Some(TransactWriteItemsError::TransactionCanceledException(c))
-                        if c.cancellation_reasons().first().and_then(|r| r.code()) == Some("ConditionalCheckFailed")
-                );
-                if !settled_elsewhere {
-                    return Err(classify("TransactWriteItems", e));
-                }
-                // Another reviewer (or a retry of this call) settled it first.
-                match self.get_batch(std::slice::from_ref(id)).await?.remove(id) {
-                    Some(now) => Ok(ReviewOutcome::NotWaiting(Box::new(now))),
-                    None => Ok(ReviewOutcome::Missing),
-                }
-            }
+            // Another reviewer (or a retry of this call) settled it first.
+            Err(e) if first_condition_failed(&e) => match self.get_batch(std::slice::from_ref(id)).await?.remove(id) {
+                Some(now) => Ok(ReviewOutcome::NotWaiting(Box::new(now))),
+                None => Ok(ReviewOutcome::Missing),
+            },
+            Err(e) => Err(classify("TransactWriteItems", e)),
         }
     }
 

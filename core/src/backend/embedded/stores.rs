@@ -194,6 +194,23 @@ impl ResultStore for EmbeddedResultStore {
             .await
     }
 
+    async fn withdraw_review(&self, id: &RecordId) -> Result<ReviewOutcome> {
+        let id = id.as_str().to_owned();
+        self.db
+            .write(move |tx| {
+                let stored: Option<String> =
+                    tx.query_row("SELECT body FROM results WHERE record_id = ?1", [&id], |r| r.get(0)).optional()?;
+                let Some(stored) = stored else { return Ok(ReviewOutcome::Missing) };
+                let result = decode_result(&stored)?;
+                if result.status != ResultStatus::Review {
+                    return Ok(ReviewOutcome::NotWaiting(Box::new(result)));
+                }
+                tx.execute("DELETE FROM results WHERE record_id = ?1 AND status = 'review'", [&id])?;
+                Ok(ReviewOutcome::Resolved(Box::new(result)))
+            })
+            .await
+    }
+
     async fn resolve_review(&self, id: &RecordId, resolution: &Resolution) -> Result<ReviewOutcome> {
         let (id, resolution) = (id.as_str().to_owned(), resolution.clone());
         self.db
