@@ -166,6 +166,22 @@ async fn operators_loop(target: Target) {
     assert_eq!(after.dlq[&StageName::Ingest], 6);
     assert_eq!(after.accounted(), after.records_in, "{after:#?}");
 
+    // Purge deletes for good, only what matches, and never without saying so.
+    let unasked = target
+        .command(&model)
+        .args(["dlq", "purge", "--stage", "ingest"])
+        .args(target.store_args())
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!unasked.status.success(), "no purge without --yes or a terminal");
+    let purged = json(&target.sluice(
+        &model,
+        &["dlq", "purge", "--stage", "ingest", "--reason", "unsupported_content_type", "--yes", "--json"],
+    ));
+    assert_eq!(purged["moved"], 1);
+    assert_eq!(stats(&backend).await.dlq[&StageName::Ingest], 5);
+
     // SIGKILL halfway through a replay, then again to the end: each record one result.
     const ORPHANS: usize = 30;
     let ids: Vec<RecordId> = (0..ORPHANS).map(|i| RecordId::parse(format!("orphan-{i:02}")).unwrap()).collect();
