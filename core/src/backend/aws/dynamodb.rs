@@ -281,6 +281,54 @@ impl DynamoResultStore {
     }
 }
 
+impl DynamoResultStore {
+    /// The result of `id` if it waits for review; else what a review call answers.
+    async fn waiting_for_review(&self, id: &RecordId) -> Result<std::result::Result<PredictionResult, ReviewOutcome>> {
+        Ok(match self.get_batch(std::slice::from_ref(id)).await?.remove(id) {
+            None => Err(ReviewOutcome::Missing),
+            Some(result) if result.status != ResultStatus::Review => Err(ReviewOutcome::NotWaiting(Box::new(result))),
+            Some(result) => Ok(result),
+        })
+    }
+
+    /// Writes `change` (conditional on the result still waiting for review) and moves the status
+    /// counts from review to `to` (none: the result is gone) in one transaction: `Resolved` with
+    /// `done`, or what another reviewer (or a retry of this call) left.
+    async fn change_review(
+        &self,
+        id: &RecordId,
+        change: TransactWriteItem,
+        to: Option<ResultStatus>,
+        done: PredictionResult,
+    ) -> Result<ReviewOutcome> {
+        let one = |status| AttributeValue::N(u8::from(to == Some(status)).to_string());
+        let counts = Update::builder()
+            .table_name(&self.counters)
+            .key(COUNTER_KEY, AttributeValue::S(RESULT_COUNTERS.to_owned()))
+            .update_expression("ADD review :minus, accepted :a, reviewed :d")
+            .expression_attribute_values(":minus", AttributeValue::N("-1".to_owned()))
+            .expression_attribute_values(":a", one(ResultStatus::Accepted))
+            .expression_attribute_values(":d", one(ResultStatus::Reviewed))
+            .build()
+            .map_err(build_error)?;
+        let items = vec![change, TransactWriteItem::builder().update(counts).build()];
+        match self.client.transact_write_items().set_transact_items(Some(items)).send().await {
+            Ok(_) => Ok(ReviewOutcome::Resolved(Box::new(done))),
+            Err(e) if first_condition_failed(&e) => {
+                Ok(match self.get_batch(std::slice::from_ref(id)).await?.remove(id) {
+                    Some(now) => ReviewOutcome::NotWaiting(Box::new(now)),
+                    None => ReviewOutcome::Missing,
+                })
+            }
+            Err(e) => Err(classify("TransactWriteItems", e)),
+        }
+    }
+}
+
+fn build_error(e: aws_sdk_dynamodb::error::BuildError) -> SluiceError {
+    SluiceError::permanent(ReasonCode::Internal, e.to_string())
+}
+
 /// Whether a transaction was cancelled because its first item's condition did not hold.
 fn first_condition_failed<R>(e: &aws_sdk_dynamodb::error::SdkError<TransactWriteItemsError, R>) -> bool {
     matches!(
@@ -404,14 +452,10 @@ impl ResultStore for DynamoResultStore {
     }
 
     async fn withdraw_review(&self, id: &RecordId) -> Result<ReviewOutcome> {
-        let Some(current) = self.get_batch(std::slice::from_ref(id)).await?.remove(id) else {
-            return Ok(ReviewOutcome::Missing);
+        let current = match self.waiting_for_review(id).await? {
+            Ok(result) => result,
+            Err(outcome) => return Ok(outcome),
         };
-        if current.status != ResultStatus::Review {
-            return Ok(ReviewOutcome::NotWaiting(Box::new(current)));
-        }
-        let internal =
-            |e: aws_sdk_dynamodb::error::BuildError| SluiceError::permanent(ReasonCode::Internal, e.to_string());
         let delete = Delete::builder()
             .table_name(&self.table)
             .set_key(Some(key(id)))
@@ -419,39 +463,16 @@ impl ResultStore for DynamoResultStore {
             .expression_attribute_names("#s", "status")
             .expression_attribute_values(":review", AttributeValue::S(ResultStatus::Review.as_str().to_owned()))
             .build()
-            .map_err(internal)?;
-        let counts = Update::builder()
-            .table_name(&self.counters)
-            .key(COUNTER_KEY, AttributeValue::S(RESULT_COUNTERS.to_owned()))
-            .update_expression("ADD review :minus")
-            .expression_attribute_values(":minus", AttributeValue::N("-1".to_owned()))
-            .build()
-            .map_err(internal)?;
-        let items = vec![
-            TransactWriteItem::builder().delete(delete).build(),
-            TransactWriteItem::builder().update(counts).build(),
-        ];
-        match self.client.transact_write_items().set_transact_items(Some(items)).send().await {
-            Ok(_) => Ok(ReviewOutcome::Resolved(Box::new(current))),
-            Err(e) if first_condition_failed(&e) => match self.get_batch(std::slice::from_ref(id)).await?.remove(id) {
-                Some(now) => Ok(ReviewOutcome::NotWaiting(Box::new(now))),
-                None => Ok(ReviewOutcome::Missing),
-            },
-            Err(e) => Err(classify("TransactWriteItems", e)),
-        }
+            .map_err(build_error)?;
+        self.change_review(id, TransactWriteItem::builder().delete(delete).build(), None, current).await
     }
 
     async fn resolve_review(&self, id: &RecordId, resolution: &Resolution) -> Result<ReviewOutcome> {
-        let Some(current) = self.get_batch(std::slice::from_ref(id)).await?.remove(id) else {
-            return Ok(ReviewOutcome::Missing);
+        let settled = match self.waiting_for_review(id).await? {
+            Ok(result) => result.resolved(resolution),
+            Err(outcome) => return Ok(outcome),
         };
-        if current.status != ResultStatus::Review {
-            return Ok(ReviewOutcome::NotWaiting(Box::new(current)));
-        }
-        let settled = current.resolved(resolution);
-        let internal =
-            |e: aws_sdk_dynamodb::error::BuildError| SluiceError::permanent(ReasonCode::Internal, e.to_string());
-        let result = Update::builder()
+        let update = Update::builder()
             .table_name(&self.table)
             .set_key(Some(key(id)))
             .update_expression("SET #s = :new, body = :body")
@@ -464,30 +485,9 @@ impl ResultStore for DynamoResultStore {
                 AttributeValue::S(serde_json::to_string(&settled).expect("a result serialises")),
             )
             .build()
-            .map_err(internal)?;
-        let one = |status: ResultStatus| AttributeValue::N(u8::from(settled.status == status).to_string());
-        let counts = Update::builder()
-            .table_name(&self.counters)
-            .key(COUNTER_KEY, AttributeValue::S(RESULT_COUNTERS.to_owned()))
-            .update_expression("ADD review :minus, accepted :a, reviewed :d")
-            .expression_attribute_values(":minus", AttributeValue::N("-1".to_owned()))
-            .expression_attribute_values(":a", one(ResultStatus::Accepted))
-            .expression_attribute_values(":d", one(ResultStatus::Reviewed))
-            .build()
-            .map_err(internal)?;
-        let items = vec![
-            TransactWriteItem::builder().update(result).build(),
-            TransactWriteItem::builder().update(counts).build(),
-        ];
-        match self.client.transact_write_items().set_transact_items(Some(items)).send().await {
-            Ok(_) => Ok(ReviewOutcome::Resolved(Box::new(settled))),
-            // Another reviewer (or a retry of this call) settled it first.
-            Err(e) if first_condition_failed(&e) => match self.get_batch(std::slice::from_ref(id)).await?.remove(id) {
-                Some(now) => Ok(ReviewOutcome::NotWaiting(Box::new(now))),
-                None => Ok(ReviewOutcome::Missing),
-            },
-            Err(e) => Err(classify("TransactWriteItems", e)),
-        }
+            .map_err(build_error)?;
+        let status = settled.status;
+        self.change_review(id, TransactWriteItem::builder().update(update).build(), Some(status), settled).await
     }
 
     /// Pages in DynamoDB's scan order (stable, not sorted): resume after the last id returned.

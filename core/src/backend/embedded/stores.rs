@@ -87,6 +87,23 @@ impl EmbeddedResultStore {
     }
 }
 
+/// The result of `id` if it waits for review; else what a review call answers (`Missing`,
+/// `NotWaiting`).
+fn waiting_for_review(
+    tx: &rusqlite::Transaction<'_>,
+    id: &str,
+) -> rusqlite::Result<std::result::Result<PredictionResult, ReviewOutcome>> {
+    let stored: Option<String> =
+        tx.query_row("SELECT body FROM results WHERE record_id = ?1", [id], |r| r.get(0)).optional()?;
+    let Some(stored) = stored else { return Ok(Err(ReviewOutcome::Missing)) };
+    let result = decode_result(&stored)?;
+    Ok(if result.status == ResultStatus::Review {
+        Ok(result)
+    } else {
+        Err(ReviewOutcome::NotWaiting(Box::new(result)))
+    })
+}
+
 fn decode_result(body: &str) -> rusqlite::Result<PredictionResult> {
     serde_json::from_str(body)
         .map_err(|e| rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e)))
@@ -198,13 +215,10 @@ impl ResultStore for EmbeddedResultStore {
         let id = id.as_str().to_owned();
         self.db
             .write(move |tx| {
-                let stored: Option<String> =
-                    tx.query_row("SELECT body FROM results WHERE record_id = ?1", [&id], |r| r.get(0)).optional()?;
-                let Some(stored) = stored else { return Ok(ReviewOutcome::Missing) };
-                let result = decode_result(&stored)?;
-                if result.status != ResultStatus::Review {
-                    return Ok(ReviewOutcome::NotWaiting(Box::new(result)));
-                }
+                let result = match waiting_for_review(tx, &id)? {
+                    Ok(result) => result,
+                    Err(outcome) => return Ok(outcome),
+                };
                 tx.execute("DELETE FROM results WHERE record_id = ?1 AND status = 'review'", [&id])?;
                 Ok(ReviewOutcome::Resolved(Box::new(result)))
             })
@@ -215,14 +229,10 @@ impl ResultStore for EmbeddedResultStore {
         let (id, resolution) = (id.as_str().to_owned(), resolution.clone());
         self.db
             .write(move |tx| {
-                let stored: Option<String> =
-                    tx.query_row("SELECT body FROM results WHERE record_id = ?1", [&id], |r| r.get(0)).optional()?;
-                let Some(stored) = stored else { return Ok(ReviewOutcome::Missing) };
-                let result = decode_result(&stored)?;
-                if result.status != ResultStatus::Review {
-                    return Ok(ReviewOutcome::NotWaiting(Box::new(result)));
-                }
-                let settled = result.resolved(&resolution);
+                let settled = match waiting_for_review(tx, &id)? {
+                    Ok(result) => result.resolved(&resolution),
+                    Err(outcome) => return Ok(outcome),
+                };
                 let body = serde_json::to_string(&settled).expect("a result serialises");
                 tx.execute(
                     "UPDATE results SET status = ?1, body = ?2 WHERE record_id = ?3 AND status = 'review'",
