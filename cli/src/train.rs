@@ -79,7 +79,7 @@ pub fn input_spec() -> InputSpec {
             std: vec![1.0],
             resize_shorter_side: None,
         }),
-        tabular: Some(TabularSpec { fields }),
+        tabular: Some(TabularSpec { fields, required: Vec::new(), min_present: None }),
     }
 }
 

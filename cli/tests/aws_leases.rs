@@ -36,9 +36,13 @@ fn ingest(prefix: &str, name: &str, logs: &std::path::Path) -> common::Worker {
     common::Worker { name: name.to_owned(), child: cmd.spawn().unwrap(), log }
 }
 
+/// Raw JSON events carrying one of the digits model's fields (`p00`), so ingest takes them in.
 fn records(tag: &str, n: usize) -> Vec<StreamInput> {
     (0..n)
-        .map(|i| StreamInput { partition_key: format!("{tag}-{i}"), data: format!("{{\"n\": {i}}}").into_bytes() })
+        .map(|i| StreamInput {
+            partition_key: format!("{tag}-{i}"),
+            data: format!("{{\"n\": {i}, \"p00\": 3}}").into_bytes(),
+        })
         .collect()
 }
 

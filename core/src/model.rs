@@ -123,11 +123,43 @@ impl ImageInput {
 #[serde(deny_unknown_fields)]
 pub struct TabularSpec {
     pub fields: Vec<FieldSpec>,
+    /// Fields an event must carry (not missing, not null); the others may fall back to their
+    /// defaults.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub required: Vec<String>,
+    /// The least share (0 to 1) of the fields an event must carry. Unset: at least one: an event
+    /// with none of the fields is not something the model can judge, whatever the defaults say.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_present: Option<f32>,
 }
 
 impl TabularSpec {
     pub fn vector_len(&self) -> usize {
         self.fields.iter().map(FieldSpec::width).sum()
+    }
+
+    /// Whether `event` carries enough of the spec to make a prediction of: every required field,
+    /// and at least the least share (or one) of all fields. The error says what is missing.
+    pub fn check_present(&self, event: &serde_json::Map<String, serde_json::Value>) -> Result<(), String> {
+        let present = |name: &str| event.get(name).is_some_and(|v| !v.is_null());
+        let missing: Vec<&str> = self.required.iter().map(String::as_str).filter(|n| !present(n)).collect();
+        if !missing.is_empty() {
+            return Err(format!("the event lacks the required field(s) {}", missing.join(", ")));
+        }
+        let found = self.fields.iter().filter(|f| present(f.name())).count();
+        let wanted = match self.min_present {
+            Some(share) => (share.clamp(0.0, 1.0) * self.fields.len() as f32).ceil() as usize,
+            None => 1,
+        };
+        if found < wanted.max(1) {
+            let names: Vec<&str> = self.fields.iter().map(FieldSpec::name).collect();
+            return Err(format!(
+                "the event carries {found} of the model's fields ({}); at least {} needed",
+                names.join(", "),
+                wanted.max(1)
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -315,6 +347,8 @@ mod tests {
                         categories: vec!["x".into(), "y".into()],
                         default: None,
                     }],
+                    required: Vec::new(),
+                    min_present: None,
                 }),
             },
             thresholds: Thresholds { default: 0.9, per_class: BTreeMap::from([("b".into(), 0.5)]) },

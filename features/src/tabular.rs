@@ -9,6 +9,7 @@ pub fn vectorise(spec: &TabularSpec, event: &serde_json::Value) -> Result<Vec<f3
     let object = event
         .as_object()
         .ok_or_else(|| SluiceError::permanent(ReasonCode::SchemaMismatch, "a JSON event must be an object"))?;
+    spec.check_present(object).map_err(|missing| SluiceError::permanent(ReasonCode::SchemaMismatch, missing))?;
     let mut out = Vec::with_capacity(spec.vector_len());
     for field in &spec.fields {
         let value = object.get(field.name()).filter(|v| !v.is_null());
@@ -53,6 +54,8 @@ mod tests {
                     default: Some("other".into()),
                 },
             ],
+            required: Vec::new(),
+            min_present: None,
         }
     }
 
@@ -64,7 +67,20 @@ mod tests {
     #[test]
     fn fills_defaults_for_missing_and_unknown_values() {
         assert_eq!(vectorise(&spec(), &json!({"country": "jp"})).unwrap(), vec![0.25, 0.0, 0.0, 1.0]);
-        assert_eq!(vectorise(&spec(), &json!({"amount": null})).unwrap(), vec![0.25, 0.0, 0.0, 1.0]);
+        assert_eq!(vectorise(&spec(), &json!({"amount": null, "country": "jp"})).unwrap(), vec![0.25, 0.0, 0.0, 1.0]);
+    }
+
+    #[test]
+    fn an_event_without_the_spec_is_no_prediction() {
+        let none = vectorise(&spec(), &json!({"event_id": 5})).unwrap_err();
+        assert_eq!(none.code(), ReasonCode::SchemaMismatch);
+        assert!(none.detail().contains("0 of the model's fields"), "{none}");
+        assert!(vectorise(&spec(), &json!({"amount": null})).is_err(), "null is not there");
+        let strict = TabularSpec { required: vec!["country".into()], ..spec() };
+        assert!(vectorise(&strict, &json!({"amount": 3})).unwrap_err().detail().contains("country"));
+        let most = TabularSpec { min_present: Some(1.0), ..spec() };
+        assert!(vectorise(&most, &json!({"amount": 3})).is_err());
+        assert!(vectorise(&most, &json!({"amount": 3, "country": "de"})).is_ok());
     }
 
     #[test]

@@ -16,7 +16,8 @@ pub struct IngestConfig {
     /// (SQS: 256 KiB, and the envelope base64-encodes its payload).
     pub inline_limit_bytes: usize,
     /// The JSON field that names a raw event's record id. Without it (or when an event lacks
-    /// it) the id is the stream position, so a redelivery keeps its id.
+    /// it) the id is the stream position, so a redelivery keeps its id; a value that is not a
+    /// string record id is refused (`schema_mismatch`), never replaced.
     pub record_id_field: Option<String>,
     pub image_limits: ImageLimits,
 }

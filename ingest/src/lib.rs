@@ -12,6 +12,7 @@ use async_trait::async_trait;
 use sluice_core::backend::{Backend, BlobStore, OutgoingMessage};
 use sluice_core::config::Settings;
 use sluice_core::envelope::RecordId;
+use sluice_core::model::{ModelBundle, TabularSpec};
 use sluice_core::service::BuildError;
 use sluice_core::telemetry::traces::TRACEPARENT;
 use sluice_core::topology::{QueueName, StageName};
@@ -23,15 +24,31 @@ pub use config::IngestConfig;
 pub struct IngestStage {
     config: IngestConfig,
     blobs: Arc<dyn BlobStore>,
+    /// The model's feature spec for JSON events, when the bundle is at hand: an event that does
+    /// not carry enough of it is dead-lettered here rather than judged on defaults.
+    tabular: Option<TabularSpec>,
 }
 
 impl IngestStage {
     pub fn build(settings: &Settings, backend: &Backend) -> Result<Self, BuildError> {
-        Ok(Self::new(settings.section("ingest")?, Arc::clone(&backend.blobs)))
+        let stage = Self::new(settings.section("ingest")?, Arc::clone(&backend.blobs));
+        match ModelBundle::load(settings.model()?.dir) {
+            Ok(bundle) => Ok(stage.with_tabular(bundle.manifest.input.tabular)),
+            Err(e) => {
+                tracing::warn!(error = %e, "no model bundle: JSON events are checked against its feature spec at features");
+                Ok(stage)
+            }
+        }
     }
 
     pub fn new(config: IngestConfig, blobs: Arc<dyn BlobStore>) -> Self {
-        Self { config, blobs }
+        Self { config, blobs, tabular: None }
+    }
+
+    /// Checks JSON events against `spec` (the model bundle's).
+    pub fn with_tabular(mut self, spec: Option<TabularSpec>) -> Self {
+        self.tabular = spec;
+        self
     }
 
     async fn ingest_one(&self, delivery: &Delivery) -> Outcome {
@@ -54,7 +71,8 @@ impl IngestStage {
             envelope.trace = Some(traceparent.clone());
         }
         let record_id = envelope.record_id.clone();
-        if let Err(error) = validate::check_payload(&mut envelope, self.blobs.as_ref(), &self.config).await {
+        let checked = validate::check_payload(&mut envelope, self.blobs.as_ref(), &self.config, self.tabular.as_ref());
+        if let Err(error) = checked.await {
             return Outcome::failed(error, Some(record_id));
         }
         let mut attributes = std::collections::BTreeMap::new();

@@ -2,6 +2,7 @@
 
 use sluice_core::backend::BlobStore;
 use sluice_core::envelope::{ContentType, Envelope, Payload, RecordId, new_traceparent, now_ms};
+use sluice_core::model::TabularSpec;
 use sluice_core::{ReasonCode, Result, SluiceError};
 
 use crate::IngestConfig;
@@ -26,7 +27,7 @@ pub(crate) fn parse(body: &[u8], position: &RecordId, arrived_ms: u64, config: &
             if Envelope::looks_like_envelope(&value) {
                 Envelope::from_value(value)?
             } else {
-                let id = raw_event_id(&value, config).unwrap_or_else(|| position.clone());
+                let id = raw_event_id(&value, config)?.unwrap_or_else(|| position.clone());
                 Envelope::inline(id, RAW_SOURCE, ContentType::Json, body.to_vec())
             }
         }
@@ -45,14 +46,21 @@ pub(crate) fn parse(body: &[u8], position: &RecordId, arrived_ms: u64, config: &
     Ok(envelope)
 }
 
-fn raw_event_id(event: &serde_json::Value, config: &IngestConfig) -> Option<RecordId> {
-    let field = config.record_id_field.as_deref()?;
-    let raw = match event.get(field)? {
-        serde_json::Value::String(s) => s.clone(),
-        serde_json::Value::Number(n) => n.to_string(),
-        _ => return None,
-    };
-    RecordId::parse(raw).ok()
+/// The id a raw event names in `record_id_field`: none when it is not configured or the event
+/// lacks the field (the stream position serves); an error when the field holds anything but a
+/// valid record id string, rather than an id made up in its place.
+fn raw_event_id(event: &serde_json::Value, config: &IngestConfig) -> Result<Option<RecordId>> {
+    let Some(field) = config.record_id_field.as_deref() else { return Ok(None) };
+    match event.get(field) {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(serde_json::Value::String(s)) => RecordId::parse(s.clone()).map(Some).map_err(|e| {
+            SluiceError::permanent(ReasonCode::SchemaMismatch, format!("{field:?} is no record id: {}", e.detail()))
+        }),
+        Some(other) => Err(SluiceError::permanent(
+            ReasonCode::SchemaMismatch,
+            format!("{field:?} must be a string record id, got {other}"),
+        )),
+    }
 }
 
 fn too_large(len: usize, limit: usize) -> SluiceError {
@@ -61,7 +69,12 @@ fn too_large(len: usize, limit: usize) -> SluiceError {
 
 /// Loads the payload, checks it is what its content type says, and moves a large inline
 /// payload behind a claim-check.
-pub(crate) async fn check_payload(envelope: &mut Envelope, blobs: &dyn BlobStore, config: &IngestConfig) -> Result<()> {
+pub(crate) async fn check_payload(
+    envelope: &mut Envelope,
+    blobs: &dyn BlobStore,
+    config: &IngestConfig,
+    tabular: Option<&TabularSpec>,
+) -> Result<()> {
     let (data, limit) = match &envelope.payload {
         Payload::Inline { data } => (data.clone(), config.max_payload_bytes),
         Payload::ClaimCheck { reference } => (blobs.get(reference).await?, config.max_claim_check_bytes),
@@ -83,8 +96,12 @@ pub(crate) async fn check_payload(envelope: &mut Envelope, blobs: &dyn BlobStore
             let value: serde_json::Value = serde_json::from_slice(&data).map_err(|e| {
                 SluiceError::permanent(ReasonCode::InvalidJson, format!("payload is not valid JSON: {e}"))
             })?;
-            if !value.is_object() {
+            let Some(event) = value.as_object() else {
                 return Err(SluiceError::permanent(ReasonCode::SchemaMismatch, "a JSON event must be an object"));
+            };
+            if let Some(spec) = tabular {
+                spec.check_present(event)
+                    .map_err(|missing| SluiceError::permanent(ReasonCode::SchemaMismatch, missing))?;
             }
         }
         image => {

@@ -4,12 +4,14 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use sluice_core::ReasonCode;
 use sluice_core::backend::{Backend, StreamInput};
 use sluice_core::config::{StoreConfig, WorkerConfig};
 use sluice_core::envelope::{ContentType, Envelope, RecordId};
+use sluice_core::model::{FieldSpec, TabularSpec};
 use sluice_core::record::DlqEntry;
 use sluice_core::topology::{QueueName, StageName};
-use sluice_core::worker::{StreamSource, Worker};
+use sluice_core::worker::{StreamSource, Worker, WorkerReport};
 use sluice_ingest::samples::bad_records;
 use sluice_ingest::{IngestConfig, IngestStage};
 use tokio_util::sync::CancellationToken;
@@ -37,19 +39,7 @@ async fn each_bad_record_is_dead_lettered_with_its_own_reason() {
     inputs.push(StreamInput { partition_key: "big".into(), data: png(200, 200) });
     backend.stream.put_records(inputs).await.unwrap();
 
-    let stage = Arc::new(IngestStage::new(config, Arc::clone(&backend.blobs)));
-    let source = StreamSource::new(backend.stream.consumer("test").await.unwrap());
-    let worker = Worker::new(stage, Box::new(source), backend.clone(), WorkerConfig::default(), &store);
-    let shutdown = CancellationToken::new();
-    let running = tokio::spawn(worker.run(shutdown.clone()));
-    for _ in 0..100 {
-        if backend.stream.stats().await.unwrap().pending == 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    shutdown.cancel();
-    let report = running.await.unwrap().unwrap();
+    let report = ingest_all(&backend, &store, IngestStage::new(config, Arc::clone(&backend.blobs))).await;
     assert_eq!(report.dead_lettered, bad.len() as u64);
 
     let dlq = backend.queue(QueueName::IngestDlq).peek(100).await.unwrap();
@@ -81,4 +71,59 @@ async fn each_bad_record_is_dead_lettered_with_its_own_reason() {
         }
         other => panic!("a large payload should travel as a claim-check, got {other:?}"),
     }
+}
+
+/// Runs an ingest worker until the stream is read to its end.
+async fn ingest_all(backend: &Backend, store: &StoreConfig, stage: IngestStage) -> WorkerReport {
+    let source = StreamSource::new(backend.stream.consumer("test").await.unwrap());
+    let worker = Worker::new(Arc::new(stage), Box::new(source), backend.clone(), WorkerConfig::default(), store);
+    let shutdown = CancellationToken::new();
+    let running = tokio::spawn(worker.run(shutdown.clone()));
+    for _ in 0..100 {
+        if backend.stream.stats().await.unwrap().pending == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    shutdown.cancel();
+    running.await.unwrap().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_json_event_must_carry_the_model_fields_and_a_string_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = StoreConfig { path: dir.path().join("s.sqlite"), ..StoreConfig::default() };
+    let backend = Backend::open(&store).await.unwrap();
+    let config = IngestConfig { record_id_field: Some("event_id".into()), ..IngestConfig::default() };
+    let spec = TabularSpec {
+        fields: vec![
+            FieldSpec::Numeric { name: "amount".into(), min: 0.0, max: 10.0, default: 5.0 },
+            FieldSpec::Numeric { name: "items".into(), min: 0.0, max: 10.0, default: 1.0 },
+        ],
+        required: Vec::new(),
+        min_present: None,
+    };
+    let events: [&[u8]; 4] = [
+        br#"{"event_id": 5, "amount": 3}"#,
+        br#"{"event_id": "no-fields"}"#,
+        br#"{"event_id": "fine", "amount": 3}"#,
+        br#"{"amount": 4}"#,
+    ];
+    let inputs = events.iter().map(|e| StreamInput { partition_key: "k".into(), data: e.to_vec() }).collect();
+    backend.stream.put_records(inputs).await.unwrap();
+
+    let stage = IngestStage::new(config, Arc::clone(&backend.blobs)).with_tabular(Some(spec));
+    let report = ingest_all(&backend, &store, stage).await;
+    assert_eq!(report.dead_lettered, 2);
+    let dlq = backend.queue(QueueName::IngestDlq).peek(10).await.unwrap();
+    let entries: Vec<DlqEntry> =
+        dlq.iter().map(|m| DlqEntry::from_message(StageName::Ingest, m.body.clone(), &m.attributes, 0, 0)).collect();
+    assert!(entries.iter().all(|e| e.reason == ReasonCode::SchemaMismatch), "{entries:?}");
+    assert!(entries.iter().any(|e| e.detail.contains("must be a string")), "{entries:?}");
+    assert!(entries.iter().any(|e| e.detail.contains("0 of the model's fields")), "{entries:?}");
+    let forwarded = backend.queue(QueueName::Features).peek(10).await.unwrap();
+    let ids: Vec<String> =
+        forwarded.iter().map(|m| Envelope::from_json(&m.body).unwrap().record_id.to_string()).collect();
+    assert_eq!(ids.len(), 2);
+    assert!(ids.contains(&"fine".to_owned()), "a string id is the record's id: {ids:?}");
 }
