@@ -5,6 +5,7 @@ pub mod bench;
 pub mod demo;
 pub mod digits;
 pub mod dlq;
+pub mod load;
 pub mod pipeline;
 pub mod produce;
 pub mod progress;

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::anyhow;
 use clap::{Parser, Subcommand};
-use sluice_cli::{bench, demo, dlq, pipeline, produce, resnet18, results, review, top, train};
+use sluice_cli::{bench, demo, dlq, load, pipeline, produce, resnet18, results, review, top, train};
 use sluice_core::backend::Backend;
 use sluice_core::config::{Settings, StoreArgs};
 use sluice_core::service::spawn_health_endpoints;
@@ -178,8 +178,20 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
         }
         Command::Produce { store, args } => {
             let backend = open(&store.apply(settings)).await?;
-            let n = produce::put_all(&backend, produce::records_for(&args)?).await?;
-            println!("produced {n} records");
+            if let (Some(rate), Some(duration)) = (args.rate, args.duration) {
+                let catalogue = produce::catalogue_for(&args)?;
+                let report = load::run(&backend, &catalogue, rate, duration, args.pattern).await?;
+                println!("{report}");
+            } else {
+                let report = produce::put_all(&backend, produce::records_for(&args)?).await?;
+                println!("produced {} records", report.records);
+                if report.retried > 0 {
+                    println!(
+                        "the stream refused {} of them at first ({} throttled); all were sent again",
+                        report.retried, report.throttled
+                    );
+                }
+            }
         }
         Command::Run { store, inference, until_drained } => {
             let settings = inference.apply(store.apply(settings));

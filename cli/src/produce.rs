@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
-use sluice_core::backend::{Backend, BlobStore, RecordStream, StreamInput};
+use sluice_core::backend::{Backend, BlobStore, PutReport, StreamInput};
 use sluice_core::config::BackendKind;
 use sluice_core::envelope::{ContentType, Envelope, RecordId};
 use sluice_core::telemetry::traces;
@@ -11,7 +11,7 @@ use sluice_core::telemetry::traces;
 use crate::digits::{self, Digit, Split};
 
 /// Kinesis PutRecords takes at most 500 records a call; the embedded stream takes the same.
-const PUT_BATCH: usize = 500;
+pub const PUT_BATCH: usize = 500;
 
 #[derive(Debug, Clone, clap::Args)]
 #[command(group(clap::ArgGroup::new("what").required(true).args(["dir", "digits"])))]
@@ -29,30 +29,70 @@ pub struct ProduceArgs {
     #[arg(long)]
     pub json: bool,
     /// Write only the first this many records.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "rate")]
     pub limit: Option<usize>,
+    /// Write at this many records a second, for `--duration`: a load generator. The chosen
+    /// records are written over and over, each copy a distinct record.
+    #[arg(long, requires = "duration")]
+    pub rate: Option<f64>,
+    /// How long to write at `--rate` (`90s`, `10m`).
+    #[arg(long, value_parser = humantime::parse_duration, requires = "rate")]
+    pub duration: Option<std::time::Duration>,
+    /// How the rate moves over the run.
+    #[arg(long, value_enum, default_value_t = crate::load::Pattern::Steady)]
+    pub pattern: crate::load::Pattern,
 }
 
 /// Digits as sluice envelopes labelled with their true class. Ids carry `run` so that every
 /// produce call, and every repeat, makes distinct records.
 pub fn digit_records(set: &[Digit], split: Split, repeat: usize, as_json: bool, run: &str) -> Vec<StreamInput> {
-    let split_name = format!("{split:?}").to_lowercase();
-    let mut out = Vec::with_capacity(set.len() * repeat);
-    for copy in 0..repeat {
-        for digit in set {
-            let id =
-                RecordId::parse(format!("digits-{run}-{split_name}-{:04}-{copy}", digit.index)).expect("a valid id");
-            let (content_type, data) = if as_json {
-                (ContentType::Json, serde_json::to_vec(&digit.to_event()).expect("serialises"))
-            } else {
-                (ContentType::Png, digit.to_png())
-            };
-            let mut envelope = Envelope::inline(id.clone(), "sluice-produce", content_type, data);
-            envelope.attributes.insert("label".to_owned(), digit.label.to_string());
-            out.push(StreamInput { partition_key: id.to_string(), data: envelope.to_json() });
+    let catalogue = Catalogue::Digits { set: set.to_vec(), split, as_json, run: run.to_owned() };
+    (0..(set.len() * repeat) as u64).map(|i| catalogue.record(i)).collect()
+}
+
+/// What a producer writes, record by record: the `i`-th record of a run that goes through the
+/// set again and again, each pass a new copy (distinct record ids for digits; raw files get
+/// theirs from their stream positions).
+pub enum Catalogue {
+    Digits { set: Vec<Digit>, split: Split, as_json: bool, run: String },
+    Files(Vec<(String, Vec<u8>)>),
+}
+
+impl Catalogue {
+    pub fn len(&self) -> usize {
+        match self {
+            Self::Digits { set, .. } => set.len(),
+            Self::Files(files) => files.len(),
         }
     }
-    out
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn record(&self, i: u64) -> StreamInput {
+        let (copy, at) = (i / self.len().max(1) as u64, (i % self.len().max(1) as u64) as usize);
+        match self {
+            Self::Digits { set, split, as_json, run } => {
+                let digit = &set[at];
+                let split_name = format!("{split:?}").to_lowercase();
+                let id = RecordId::parse(format!("digits-{run}-{split_name}-{:04}-{copy}", digit.index))
+                    .expect("a valid id");
+                let (content_type, data) = if *as_json {
+                    (ContentType::Json, serde_json::to_vec(&digit.to_event()).expect("serialises"))
+                } else {
+                    (ContentType::Png, digit.to_png())
+                };
+                let mut envelope = Envelope::inline(id.clone(), "sluice-produce", content_type, data);
+                envelope.attributes.insert("label".to_owned(), digit.label.to_string());
+                StreamInput { partition_key: id.to_string(), data: envelope.to_json() }
+            }
+            Self::Files(files) => {
+                let (name, data) = &files[at];
+                StreamInput { partition_key: format!("{name}-{copy}"), data: data.clone() }
+            }
+        }
+    }
 }
 
 /// A short random tag for this producer run.
@@ -65,25 +105,28 @@ const MAX_STREAM_RECORD: usize = 1024 * 1024;
 
 /// Writes `records` to the stream in batches. A record too large for the stream goes to the
 /// blob store first and travels as an envelope holding the claim-check reference.
-pub async fn put_all(backend: &Backend, records: Vec<StreamInput>) -> anyhow::Result<usize> {
-    let n = records.len();
+pub async fn put_all(backend: &Backend, records: Vec<StreamInput>) -> anyhow::Result<PutReport> {
+    let progress = crate::progress::bar(records.len() as u64, "records");
+    let mut report = PutReport::default();
+    let mut records = records;
+    while !records.is_empty() {
+        let rest = records.split_off(records.len().min(PUT_BATCH));
+        report += put_batch(backend, records).await?;
+        progress.set_position(report.records);
+        records = rest;
+    }
+    progress.finish_and_clear();
+    Ok(report)
+}
+
+/// Writes up to [`PUT_BATCH`] records in one stream call (claim-checks and trace context first).
+pub async fn put_batch(backend: &Backend, records: Vec<StreamInput>) -> anyhow::Result<PutReport> {
     let mut checked = Vec::with_capacity(records.len());
     for record in records {
         let record = if traces::enabled() { with_create_span(backend, record) } else { record };
         checked.push(claim_check_if_large(backend.blobs.as_ref(), record).await?);
     }
-    let stream: &dyn RecordStream = backend.stream.as_ref();
-    let progress = crate::progress::bar(n as u64, "records");
-    let mut records = checked;
-    while !records.is_empty() {
-        let rest = records.split_off(records.len().min(PUT_BATCH));
-        let put = records.len() as u64;
-        stream.put_records(records).await?;
-        progress.inc(put);
-        records = rest;
-    }
-    progress.finish_and_clear();
-    Ok(n)
+    Ok(backend.stream.put_records(checked).await?)
 }
 
 /// Starts the trace of a sluice envelope that has none: a producer's `create` span, whose
@@ -120,34 +163,31 @@ async fn claim_check_if_large(blobs: &dyn BlobStore, record: StreamInput) -> any
     Ok(StreamInput { partition_key: record.partition_key, data: serde_json::to_vec(&envelope)? })
 }
 
-/// What `args` asks to produce.
+/// What `args` asks to produce (all of it: `--repeat` copies, cut at `--limit`).
 pub fn records_for(args: &ProduceArgs) -> anyhow::Result<Vec<StreamInput>> {
-    let mut records = all_records_for(args)?;
-    if let Some(limit) = args.limit {
-        records.truncate(limit);
-    }
-    Ok(records)
+    let catalogue = catalogue_for(args)?;
+    let total = (catalogue.len() * args.repeat).min(args.limit.unwrap_or(usize::MAX));
+    Ok((0..total as u64).map(|i| catalogue.record(i)).collect())
 }
 
-fn all_records_for(args: &ProduceArgs) -> anyhow::Result<Vec<StreamInput>> {
+/// The set `args` names: the digits of a split, or the files of a directory.
+pub fn catalogue_for(args: &ProduceArgs) -> anyhow::Result<Catalogue> {
     if let Some(split) = args.digits {
         let set = digits::load_split(split)?;
-        return Ok(digit_records(&set, split, args.repeat, args.json, &run_tag()));
+        return Ok(Catalogue::Digits { set, split, as_json: args.json, run: run_tag() });
     }
     let dir = args.dir.as_ref().expect("clap requires --dir or --digits");
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+    let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)
         .with_context(|| format!("reading {}", dir.display()))?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.is_file())
         .collect();
-    files.sort();
-    let mut out = Vec::new();
-    for _ in 0..args.repeat {
-        for path in &files {
-            let data = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-            let key = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-            out.push(StreamInput { partition_key: key, data });
-        }
+    paths.sort();
+    let mut files = Vec::with_capacity(paths.len());
+    for path in &paths {
+        let data = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+        files.push((path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(), data));
     }
-    Ok(out)
+    anyhow::ensure!(!files.is_empty(), "{} holds no files", dir.display());
+    Ok(Catalogue::Files(files))
 }

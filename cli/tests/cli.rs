@@ -86,3 +86,31 @@ fn worker_binaries_explain_bad_setup_and_exit_non_zero() {
         }
     }
 }
+
+#[test]
+fn produce_keeps_to_a_rate_for_a_duration() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("load.sqlite");
+    let store = store.to_str().unwrap();
+    let started = std::time::Instant::now();
+    let out = sluice(&[
+        "produce",
+        "--store",
+        store,
+        "--digits",
+        "test",
+        "--rate",
+        "400",
+        "--duration",
+        "2s",
+        "--pattern",
+        "spikes",
+    ]);
+    let took = started.elapsed();
+    let report = String::from_utf8(out.stdout).unwrap();
+    // Spikes: five times the rate in the first second of every ten: 400 × 5 + 400 × 1 records.
+    assert!(report.contains("produced 2400 records"), "{report}");
+    assert!(took >= std::time::Duration::from_millis(1500), "it paced itself rather than writing at once ({took:?})");
+    let stats = json(&sluice(&["stats", "--store", store, "--json"]));
+    assert_eq!(stats["stream"]["pending"], 2400, "distinct records, all on the stream");
+}

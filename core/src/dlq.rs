@@ -294,7 +294,7 @@ impl Action for SendTo {
                         data: item.entry.body.clone(),
                     })
                     .collect();
-                backend.stream.put_records(records).await?
+                backend.stream.put_records(records).await?;
             }
         }
         Ok(vec![true; items.len()])

@@ -37,6 +37,24 @@ pub struct StreamRecord {
     pub arrived_ms: u64,
 }
 
+/// What writing records to the stream took.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct PutReport {
+    pub records: u64,
+    /// Records the stream refused in a call that partly failed, and that were sent again.
+    pub retried: u64,
+    /// Of those, the ones refused for the shard's write throughput.
+    pub throttled: u64,
+}
+
+impl std::ops::AddAssign for PutReport {
+    fn add_assign(&mut self, other: Self) {
+        self.records += other.records;
+        self.retried += other.retried;
+        self.throttled += other.throttled;
+    }
+}
+
 /// How far consumers have got.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct StreamStats {
@@ -59,8 +77,9 @@ pub struct StreamStats {
 /// The sharded record stream (Kinesis, or the embedded log).
 #[async_trait]
 pub trait RecordStream: Send + Sync {
-    /// Appends records; each goes to the shard its partition key hashes to.
-    async fn put_records(&self, records: Vec<StreamInput>) -> Result<()>;
+    /// Appends records; each goes to the shard its partition key hashes to. Records a call
+    /// refuses are sent again (as the KPL does), and counted in the report.
+    async fn put_records(&self, records: Vec<StreamInput>) -> Result<PutReport>;
 
     /// A consumer that holds leases on shards in the name of `worker_id`.
     async fn consumer(&self, worker_id: &str) -> Result<Box<dyn StreamConsumer>>;

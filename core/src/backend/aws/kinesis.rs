@@ -10,7 +10,7 @@ use aws_sdk_kinesis::types::{PutRecordsRequestEntry, ShardIteratorType};
 
 use super::lease_coordinator::{LeaseCoordinator, SHARD_END, TRIM_HORIZON};
 use super::{Clients, Names, classify, error_code};
-use crate::backend::{RecordStream, StreamConsumer, StreamInput, StreamRecord, StreamStats};
+use crate::backend::{PutReport, RecordStream, StreamConsumer, StreamInput, StreamRecord, StreamStats};
 use crate::config::StoreConfig;
 use crate::error::{ReasonCode, Result, SluiceError};
 use crate::telemetry::metrics::metrics;
@@ -71,7 +71,8 @@ async fn list_shards(client: &aws_sdk_kinesis::Client, stream: &str) -> Result<V
 
 #[async_trait]
 impl RecordStream for KinesisStream {
-    async fn put_records(&self, records: Vec<StreamInput>) -> Result<()> {
+    async fn put_records(&self, records: Vec<StreamInput>) -> Result<PutReport> {
+        let mut report = PutReport::default();
         let mut rest = records;
         while !rest.is_empty() {
             let mut take = 0;
@@ -85,9 +86,9 @@ impl RecordStream for KinesisStream {
                 take += 1;
             }
             let batch: Vec<StreamInput> = rest.drain(..take).collect();
-            self.put_batch(batch).await?;
+            report += self.put_batch(batch).await?;
         }
-        Ok(())
+        Ok(report)
     }
 
     async fn consumer(&self, worker_id: &str) -> Result<Box<dyn StreamConsumer>> {
@@ -160,7 +161,8 @@ impl RecordStream for KinesisStream {
 
 impl KinesisStream {
     /// One PutRecords call, then again with only the records that failed, until none do.
-    async fn put_batch(&self, batch: Vec<StreamInput>) -> Result<()> {
+    async fn put_batch(&self, batch: Vec<StreamInput>) -> Result<PutReport> {
+        let mut report = PutReport { records: batch.len() as u64, ..PutReport::default() };
         let mut pending: Vec<PutRecordsRequestEntry> = batch
             .into_iter()
             .map(|r| {
@@ -183,7 +185,7 @@ impl KinesisStream {
                 .await
                 .map_err(|e| classify("PutRecords", e))?;
             if output.failed_record_count().unwrap_or(0) == 0 {
-                return Ok(());
+                return Ok(report);
             }
             let failed: Vec<PutRecordsRequestEntry> = pending
                 .into_iter()
@@ -191,6 +193,12 @@ impl KinesisStream {
                 .filter(|(_, result)| result.error_code().is_some())
                 .map(|(entry, _)| entry)
                 .collect();
+            report.retried += failed.len() as u64;
+            report.throttled += output
+                .records()
+                .iter()
+                .filter(|r| r.error_code() == Some("ProvisionedThroughputExceededException"))
+                .count() as u64;
             let delay = delays.next().ok_or_else(|| {
                 SluiceError::retryable(
                     ReasonCode::StoreBusy,

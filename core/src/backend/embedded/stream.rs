@@ -10,7 +10,7 @@ use rusqlite::{OptionalExtension, params};
 use sha2::{Digest, Sha256};
 
 use super::Db;
-use crate::backend::{RecordStream, StreamConsumer, StreamInput, StreamRecord, StreamStats};
+use crate::backend::{PutReport, RecordStream, StreamConsumer, StreamInput, StreamRecord, StreamStats};
 use crate::config::StoreConfig;
 use crate::envelope::now_ms;
 use crate::error::{ReasonCode, Result, SluiceError};
@@ -52,7 +52,8 @@ fn shard_for(partition_key: &str, shards: i64) -> i64 {
 
 #[async_trait]
 impl RecordStream for EmbeddedStream {
-    async fn put_records(&self, records: Vec<StreamInput>) -> Result<()> {
+    async fn put_records(&self, records: Vec<StreamInput>) -> Result<PutReport> {
+        let report = PutReport { records: records.len() as u64, ..PutReport::default() };
         self.db
             .write(move |tx| {
                 let shards: i64 = tx.query_row("SELECT COUNT(*) FROM stream_shards", [], |r| r.get(0))?;
@@ -70,7 +71,8 @@ impl RecordStream for EmbeddedStream {
                 }
                 Ok(())
             })
-            .await
+            .await?;
+        Ok(report)
     }
 
     async fn consumer(&self, worker_id: &str) -> Result<Box<dyn StreamConsumer>> {
