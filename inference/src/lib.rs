@@ -276,7 +276,7 @@ impl Stage for InferenceStage {
             }
         }
         let ids: Vec<_> = envelopes.values().map(|e| e.record_id.clone()).collect();
-        let mut vectors = match self.features.get_batch(&ids).await {
+        let vectors = match self.features.get_batch(&ids).await {
             Ok(found) => found,
             Err(error) => return vec![Outcome::failed(error, None); batch.len()],
         };
@@ -286,7 +286,9 @@ impl Stage for InferenceStage {
         let mut inputs = Vec::with_capacity(envelopes.len() * want);
         for (i, envelope) in envelopes {
             let id = envelope.record_id.clone();
-            match vectors.remove(&id) {
+            // Looked up, not taken: a record delivered twice in one batch (at-least-once
+            // transport) finds its vector both times.
+            match vectors.get(&id) {
                 None => {
                     let error =
                         SluiceError::permanent(ReasonCode::MissingFeatures, "no feature vector stored for this record");
@@ -300,7 +302,7 @@ impl Stage for InferenceStage {
                     outcomes[i] = Some(Outcome::failed(error, Some(id)));
                 }
                 Some(v) => {
-                    inputs.extend_from_slice(&v);
+                    inputs.extend_from_slice(v);
                     rows.push((i, envelope));
                 }
             }

@@ -62,3 +62,19 @@ async fn predicts_a_batch_and_classifies_missing_or_misshapen_vectors() {
     assert_eq!(code(&outcomes[1]), ReasonCode::MissingFeatures);
     assert_eq!(code(&outcomes[3]), ReasonCode::FeatureShapeMismatch);
 }
+
+/// At-least-once transport can put one record in a batch twice: both copies are scored (the
+/// result store keeps one), neither is dead-lettered for a vector the first copy used up.
+#[tokio::test]
+async fn a_record_delivered_twice_in_one_batch_is_scored_both_times() {
+    let dir = tempfile::tempdir().unwrap();
+    let backend =
+        Backend::open(&StoreConfig { path: dir.path().join("s.sqlite"), ..StoreConfig::default() }).await.unwrap();
+    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/digits");
+    let settings = Settings::load(None).unwrap().set("model.dir", model).set("inference.device", "cpu");
+    let stage = InferenceStage::build(&settings, &backend).unwrap();
+    backend.features.put_if_absent(vec![(RecordId::parse("twice").unwrap(), one())]).await.unwrap();
+
+    let outcomes = stage.process(&[delivery("twice"), delivery("twice")]).await;
+    assert!(outcomes.iter().all(|o| matches!(o, Outcome::Forward(_))), "{outcomes:?}");
+}

@@ -89,12 +89,17 @@ pub struct Worker {
 
 impl Worker {
     pub fn start(binary: &str, name: &str, store: &Path, logs: &Path) -> Self {
+        Self::spawn(binary, name, logs, |cmd| {
+            test_env(cmd).args(["--store", store.to_str().unwrap()]);
+        })
+    }
+
+    /// `binary` as worker `name`, its stderr in `logs`, set up by `configure` (store, env).
+    pub fn spawn(binary: &str, name: &str, logs: &Path, configure: impl FnOnce(&mut Command)) -> Self {
         let log = logs.join(format!("{name}.log"));
         let mut cmd = Command::new(bin(binary));
-        test_env(&mut cmd)
-            .args(["--store", store.to_str().unwrap(), "--worker-id", name])
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap());
+        configure(&mut cmd);
+        cmd.args(["--worker-id", name]).stdout(Stdio::null()).stderr(std::fs::File::create(&log).unwrap());
         Self { name: name.to_owned(), child: cmd.spawn().unwrap(), log }
     }
 
