@@ -39,7 +39,7 @@ fi
 
 # The binaries as an image of their own, where the Dockerfile's runtime stage takes them from.
 mkdir -p "$work/out/bin"
-for binary in sluice sluice-ingest sluice-features sluice-inference sluice-results; do
+for binary in sluice sluice-ingest sluice-features sluice-inference sluice-results sluice-api; do
   strip -o "$work/out/bin/$binary" "$bin/$binary" # as the Dockerfile's release profile does
 done
 printf 'FROM scratch\nCOPY out/ /out/\n' | "${podman[@]}" build -q -t localhost/sluice-binaries:local -f - "$work" >/dev/null
