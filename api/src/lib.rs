@@ -176,6 +176,9 @@ async fn list_results(
         })
         .transpose()?;
     query.class = params.class;
+    if params.since.is_some_and(|since| since > sluice_core::backend::MAX_STORED_MS) {
+        return Err(ApiError::bad_request(format!("since must be at most {}", sluice_core::backend::MAX_STORED_MS)));
+    }
     query.since_ms = params.since;
     query.min_confidence = confidence("min_confidence", params.min_confidence)?;
     query.max_confidence = confidence("max_confidence", params.max_confidence)?;

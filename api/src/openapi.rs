@@ -82,7 +82,7 @@ pub(crate) fn document(labels: &[String]) -> Value {
                           "schema": { "type": "string" } },
                         { "name": "since", "in": "query", "required": false,
                           "description": "Stored at or after this time, milliseconds since the Unix epoch",
-                          "schema": { "type": "integer", "minimum": 0 } },
+                          "schema": { "type": "integer", "minimum": 0, "maximum": 9_999_999_999_999u64 } },
                         confidence("min_confidence"),
                         confidence("max_confidence"),
                         limit(),

@@ -99,7 +99,8 @@ pub async fn run(
 ) -> anyhow::Result<LoadReport> {
     anyhow::ensure!(rate > 0.0 && rate.is_finite(), "--rate must be a positive number of records a second");
     let length = duration.as_secs_f64();
-    let total = pattern.due(rate, length, length).round() as u64;
+    // Rounded down as `due` is below, so the last record due is the last one written.
+    let total = pattern.due(rate, length, length).floor() as u64;
     let progress = crate::progress::bar(total, "records");
     let started = Instant::now();
     let (mut put, mut most_behind) = (PutReport::default(), 0);

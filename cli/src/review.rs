@@ -61,9 +61,9 @@ pub async fn label_one(backend: &Backend, manifest: &ModelManifest, id: &str, la
 /// Sends `id` to the results DLQ instead of labelling it.
 pub async fn reject_one(backend: &Backend, id: &str) -> anyhow::Result<String> {
     Ok(match dlq::reject(backend, &RecordId::parse(id)?).await? {
-        ReviewOutcome::Resolved(_) => format!("{id}: sent to the results DLQ (rejected_in_review)"),
-        ReviewOutcome::NotWaiting(r) => format!("{id}: not waiting for review (status {})", r.status.as_str()),
-        ReviewOutcome::Missing => bail!("no result for {id}"),
+        dlq::Rejected::Rejected => format!("{id}: sent to the results DLQ (rejected_in_review)"),
+        dlq::Rejected::NotWaiting(r) => format!("{id}: not waiting for review (status {})", r.status.as_str()),
+        dlq::Rejected::Missing => bail!("no result waiting for review, and no review item, for {id}"),
     })
 }
 

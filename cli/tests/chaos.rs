@@ -138,7 +138,8 @@ async fn chaos(setup: Setup, records: usize, seed: u64) {
     }
     for stage in [StageName::Features, StageName::Inference, StageName::Results] {
         let entries = dlq::list(&backend, Letters::Stage(stage), &Filter::default(), 100).await.unwrap();
-        let why: Vec<String> = entries.iter().map(|e| format!("{:?} {} {}", e.record_id(), e.entry.reason, e.entry.detail)).collect();
+        let why: Vec<String> =
+            entries.iter().map(|e| format!("{:?} {} {}", e.record_id(), e.entry.reason, e.entry.detail)).collect();
         assert!(entries.is_empty(), "no good record dead-lettered at {stage}: {why:?}");
     }
     eprintln!(

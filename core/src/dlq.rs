@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use crate::backend::{Backend, OutgoingMessage, Receipt, ReceivedMessage, ReviewOutcome, StreamInput, WorkQueue};
+use crate::config::BackendKind;
 use crate::envelope::{Envelope, RecordId, now_ms};
 use crate::error::{ReasonCode, Result, SluiceError};
 use crate::model::ModelManifest;
@@ -267,6 +268,9 @@ fn is_zero(n: &u64) -> bool {
     *n == 0
 }
 
+/// What tells two DLQ messages apart: their body and attributes.
+type EntryIdentity = (Vec<u8>, Vec<(String, String)>);
+
 /// What to do with each matching entry of a round: `true` to take it off its queue.
 #[async_trait::async_trait]
 pub trait Action: Send + Sync {
@@ -327,28 +331,29 @@ pub async fn apply(
     let started = Instant::now();
     let mut done = Moved::default();
     let mut given_back: Vec<Receipt> = Vec::new();
-    // Bodies already looked at and given back (they may come round again once their visibility
-    // ends): seeing only those means the queue has nothing more to offer.
-    let mut seen: BTreeSet<Vec<u8>> = BTreeSet::new();
+    // Entries already looked at (body and attributes): one that comes round again once its
+    // visibility ends is given back unjudged, so nothing is acted on twice and the run ends when
+    // the queue has nothing unseen left to show.
+    let mut seen: BTreeSet<EntryIdentity> = BTreeSet::new();
+    // SQS may answer a short poll with nothing while messages wait: ask with a short long poll.
+    let wait = if backend.kind() == BackendKind::Aws { Duration::from_secs(1) } else { Duration::ZERO };
     let result = async {
         while (done.moved as usize) < limit {
             let want =
                 BATCH.min(limit - done.moved as usize).min(options.rate.map_or(BATCH, |r| r.ceil().max(1.0) as usize));
-            let batch = queue.receive(want, Duration::ZERO).await?;
+            let batch = queue.receive(want, wait).await?;
             if batch.is_empty() {
                 break;
             }
-            let mut fresh = false;
             let (mut take, mut take_receipts) = (Vec::new(), Vec::new());
             for message in batch {
                 let receipt = message.receipt.clone();
+                let identity = (message.body.clone(), message.attributes.clone().into_iter().collect());
                 let item = Item::from_message(letters, message);
-                if filter.matches(&item) && take.len() + (done.moved as usize) < limit {
-                    fresh = true;
+                if seen.insert(identity) && filter.matches(&item) && take.len() + (done.moved as usize) < limit {
                     take.push(item);
                     take_receipts.push(receipt);
                 } else {
-                    fresh |= seen.insert(item.entry.body.clone());
                     given_back.push(receipt);
                 }
             }
@@ -362,9 +367,6 @@ pub async fn apply(
                 given_back.extend(kept.into_iter().map(|(r, _)| r));
                 progress(done.moved);
             }
-            if !fresh {
-                break;
-            }
             if let Some(rate) = options.rate.filter(|r| *r > 0.0) {
                 let due = Duration::from_secs_f64(done.moved as f64 / rate);
                 tokio::time::sleep(due.saturating_sub(started.elapsed())).await;
@@ -373,8 +375,12 @@ pub async fn apply(
         Ok::<(), SluiceError>(())
     }
     .await;
-    if !given_back.is_empty() {
-        queue.release(&given_back, Duration::ZERO).await?;
+    // Best effort: a receipt gone stale (its message came round again) cannot be released, and
+    // its message is visible again after its timeout anyway.
+    if !given_back.is_empty()
+        && let Err(e) = queue.release(&given_back, Duration::ZERO).await
+    {
+        tracing::warn!(error = %e, "some entries looked at stay hidden until their visibility timeout ends");
     }
     result.map(|()| done)
 }
@@ -422,32 +428,33 @@ async fn settle(backend: &Backend, item: &Item, resolution: &Resolution) -> Resu
     let Some(id) = item.record_id() else {
         return Err(SluiceError::permanent(ReasonCode::SchemaMismatch, "a review item without a record id"));
     };
-    Ok(match backend.results.resolve_review(id, resolution).await? {
-        ReviewOutcome::Resolved(_) | ReviewOutcome::NotWaiting(_) => true,
-        // No result to settle: leave the item for a person to look at.
-        ReviewOutcome::Missing => false,
-    })
+    // Settled now or before, or no result at all (it was withdrawn: the record went to the
+    // DLQ): in every case the item has nothing left to wait for.
+    backend.results.resolve_review(id, resolution).await?;
+    Ok(true)
 }
 
-/// A person's label for `id`: settles its result and takes its item off the review queue. If
-/// the item is not in the queue now (another reviewer holds it), the result is settled anyway.
+/// A person's label for `id`: settles its result (a conditional write: the first label wins)
+/// and takes its item off the review queue. What the result store answered is the answer.
 pub async fn label(backend: &Backend, id: &RecordId, label: &str) -> Result<ReviewOutcome> {
-    let resolution = Resolution::Label(label.to_owned());
-    let filter =
-        Filter { record_id: glob::Pattern::new(&glob::Pattern::escape(id.as_str())).ok(), ..Filter::default() };
-    let options = ReplayOptions { limit: Some(1), ..ReplayOptions::default() };
-    let taken = apply(backend, Letters::Review, &filter, &Resolve(resolution.clone()), &options, &|_| {}).await?;
-    if taken.moved == 1 {
-        let stored = backend.results.get_batch(std::slice::from_ref(id)).await?.remove(id);
-        return Ok(stored.map_or(ReviewOutcome::Missing, |r| ReviewOutcome::Resolved(Box::new(r))));
-    }
-    backend.results.resolve_review(id, &resolution).await
+    let outcome = backend.results.resolve_review(id, &Resolution::Label(label.to_owned())).await?;
+    apply(backend, Letters::Review, &only(id), &Delete, &one(), &|_| {}).await?;
+    Ok(outcome)
 }
 
-/// A reviewer's "not fit for a result": the record goes to the results DLQ (reason
-/// `rejected_in_review`, the review item's body as it was) and its result is taken away, so it
-/// ends in exactly one DLQ entry. The DLQ entry is written first: stopped between the two
-/// steps, the item is still in review and a second `reject` finishes the job.
+/// The filter for one record's entries.
+fn only(id: &RecordId) -> Filter {
+    Filter { record_id: glob::Pattern::new(&glob::Pattern::escape(id.as_str())).ok(), ..Filter::default() }
+}
+
+fn one() -> ReplayOptions {
+    ReplayOptions { limit: Some(1), ..ReplayOptions::default() }
+}
+
+/// A reviewer's "not fit for a result": the record's result is taken away (if it still waits
+/// for review) and it goes to the results DLQ (reason `rejected_in_review`, the review item's
+/// body as it was), so it ends in exactly one DLQ entry. Stopped between the two steps, the item
+/// is still in review with no result, and a second `reject` finishes the job.
 pub struct Reject;
 
 #[async_trait::async_trait]
@@ -459,8 +466,14 @@ impl Action for Reject {
                 out.push(false);
                 continue;
             };
-            send_rejected(backend, id, item.entry.body.clone(), item.entry.attempts).await?;
-            out.push(!matches!(backend.results.withdraw_review(id).await?, ReviewOutcome::NotWaiting(_)));
+            match backend.results.withdraw_review(id).await? {
+                // Settled by someone else in the meantime: nothing to reject, nothing to wait for.
+                ReviewOutcome::NotWaiting(_) => {}
+                ReviewOutcome::Resolved(_) | ReviewOutcome::Missing => {
+                    send_rejected(backend, id, item.entry.body.clone(), item.entry.attempts).await?;
+                }
+            }
+            out.push(true);
         }
         Ok(out)
     }
@@ -474,23 +487,33 @@ async fn send_rejected(backend: &Backend, id: &RecordId, body: Vec<u8>, attempts
     backend.queue(StageName::Results.dlq()).send_batch(vec![message]).await
 }
 
-/// Rejects `id` in review (see [`Reject`]), whether or not its item is in the queue now:
-/// `Resolved` with the result as it was.
-pub async fn reject(backend: &Backend, id: &RecordId) -> Result<ReviewOutcome> {
-    let result = match backend.results.get_batch(std::slice::from_ref(id)).await?.remove(id) {
-        None => return Ok(ReviewOutcome::Missing),
-        Some(result) if result.status != crate::record::ResultStatus::Review => {
-            return Ok(ReviewOutcome::NotWaiting(Box::new(result)));
-        }
-        Some(result) => result,
-    };
-    let filter =
-        Filter { record_id: glob::Pattern::new(&glob::Pattern::escape(id.as_str())).ok(), ..Filter::default() };
-    let options = ReplayOptions { limit: Some(1), ..ReplayOptions::default() };
-    if apply(backend, Letters::Review, &filter, &Reject, &options, &|_| {}).await?.moved == 1 {
-        return Ok(ReviewOutcome::Resolved(Box::new(result)));
+/// What rejecting one record came to.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Rejected {
+    /// It is in the results DLQ now, its result gone.
+    Rejected,
+    /// Its result does not wait for review (settled already): left as it is.
+    NotWaiting(Box<PredictionResult>),
+    /// Neither a result waiting for review nor an item in the review queue.
+    Missing,
+}
+
+/// Rejects `id` in review (see [`Reject`]), whether or not its item is in the queue now.
+pub async fn reject(backend: &Backend, id: &RecordId) -> Result<Rejected> {
+    let before = backend.results.get_batch(std::slice::from_ref(id)).await?.remove(id);
+    if let Some(result) = before.filter(|r| r.status != crate::record::ResultStatus::Review) {
+        return Ok(Rejected::NotWaiting(Box::new(result)));
+    }
+    if apply(backend, Letters::Review, &only(id), &Reject, &one(), &|_| {}).await?.moved == 1 {
+        return Ok(Rejected::Rejected);
     }
     // Not in the queue now (another reviewer holds it): the result's own body goes to the DLQ.
-    send_rejected(backend, id, serde_json::to_vec(&result).expect("a result serialises"), 1).await?;
-    backend.results.withdraw_review(id).await
+    match backend.results.withdraw_review(id).await? {
+        ReviewOutcome::Resolved(result) => {
+            send_rejected(backend, id, serde_json::to_vec(&result).expect("a result serialises"), 1).await?;
+            Ok(Rejected::Rejected)
+        }
+        ReviewOutcome::NotWaiting(result) => Ok(Rejected::NotWaiting(result)),
+        ReviewOutcome::Missing => Ok(Rejected::Missing),
+    }
 }

@@ -236,8 +236,10 @@ impl Source for StreamSource {
     }
 
     /// Checkpoints each shard up to the last record before its first retry; a shard with a
-    /// retry is rewound so the records from there on are read again.
+    /// retry, or whose checkpoint failed, is rewound so the records from there on are read
+    /// again. Every shard is seen to before the first error is returned.
     async fn settle(&mut self, done: &[&Origin], retry: &[&Origin], _retry_delay: Duration) -> Result<()> {
+        let mut first_error = None;
         let mut shards: BTreeMap<&str, ShardProgress<'_>> = BTreeMap::new();
         for (origin, ok) in done.iter().map(|o| (o, true)).chain(retry.iter().map(|o| (o, false))) {
             if let Origin::Stream { shard, sequence, replay, .. } = origin {
@@ -261,18 +263,23 @@ impl Source for StreamSource {
                     Err(e) => {
                         // Read again from the stored checkpoint, so that what this batch handled is
                         // checkpointed (and counted) by a later one; the sinks are idempotent.
-                        let _ = self.consumer.rewind(shard).await;
-                        return Err(e);
+                        if let Err(rewind) = self.consumer.rewind(shard).await {
+                            tracing::warn!(shard, error = %rewind, "could not rewind after a failed checkpoint");
+                        }
+                        first_error.get_or_insert(e);
+                        continue;
                     }
                     Ok(()) => {}
                 }
                 metrics().arrived(shard, arrived);
             }
-            if progress.seen.iter().any(|(_, ok, _)| !ok) {
-                self.consumer.rewind(shard).await?;
+            if progress.seen.iter().any(|(_, ok, _)| !ok)
+                && let Err(e) = self.consumer.rewind(shard).await
+            {
+                first_error.get_or_insert(e);
             }
         }
-        Ok(())
+        first_error.map_or(Ok(()), Err)
     }
 
     async fn heartbeat(&mut self, _in_flight: &[&Origin]) -> Result<()> {

@@ -236,15 +236,19 @@ impl ResultQuery {
             && self.max_confidence.is_none_or(|max| result.confidence <= max)
     }
 
-    /// The position to list from: after the page token, at or after `since_ms`.
+    /// The position to list from: after the page token, at or after `since_ms` (at most the
+    /// largest 13-digit time: positions are written with 13 digits).
     pub fn start(&self) -> PageToken {
-        let since = PageToken { stored_ms: self.since_ms.unwrap_or(0), record_id: None };
+        let since = PageToken { stored_ms: self.since_ms.unwrap_or(0).min(MAX_STORED_MS), record_id: None };
         match &self.page_token {
             Some(token) if *token > since => token.clone(),
             _ => since,
         }
     }
 }
+
+/// The latest store time a position can name (13 digits of milliseconds: the year 2286).
+pub const MAX_STORED_MS: u64 = 9_999_999_999_999;
 
 /// A position in store order. Written `<store ms, 13 digits>#<record id>`: what the DynamoDB
 /// index sorts by, and what pages hand back as their `next_page_token`.

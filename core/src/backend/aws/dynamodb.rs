@@ -320,6 +320,12 @@ impl DynamoResultStore {
                     None => ReviewOutcome::Missing,
                 })
             }
+            // A conflict with another transaction on the counters (the results worker's): again.
+            Err(e)
+                if matches!(e.as_service_error(), Some(TransactWriteItemsError::TransactionCanceledException(_))) =>
+            {
+                Err(SluiceError::retryable(ReasonCode::StoreBusy, format!("TransactWriteItems cancelled: {e}")))
+            }
             Err(e) => Err(classify("TransactWriteItems", e)),
         }
     }
@@ -423,7 +429,7 @@ impl ResultStore for DynamoResultStore {
                     .expression_attribute_values(":status", AttributeValue::S(status.as_str().to_owned()))
                     .expression_attribute_values(":start", AttributeValue::S(start.clone()))
                     .set_exclusive_start_key(exclusive_start.take())
-                    .limit(((limit + 1) * 2).min(1000) as i32)
+                    .limit(limit.saturating_add(1).saturating_mul(2).min(1000) as i32)
                     .send()
                     .await
                     .map_err(|e| classify("Query", e))?;

@@ -181,7 +181,7 @@ impl ResultStore for EmbeddedResultStore {
                 let mut from = query.start();
                 let mut page = ResultPage::default();
                 let limit = query.limit.max(1);
-                let chunk = (limit * 2).clamp(50, 1000);
+                let chunk = limit.saturating_mul(2).clamp(50, 1000);
                 loop {
                     let after = from.record_id.as_ref().map_or("", |id| id.as_str()).to_owned();
                     let rows: Vec<(u64, PredictionResult)> = stmt

@@ -220,11 +220,11 @@ impl StreamConsumer for EmbeddedConsumer {
     async fn poll(&mut self, max: usize) -> Result<Vec<StreamRecord>> {
         self.balance_leases().await?;
         let positions = self.positions.clone();
-        let held: Vec<i64> = positions.keys().copied().collect();
-        let records: Vec<StreamRecord> = self
+        // Each shard read, and whether its read stopped at the limit (so more may wait there).
+        let (records, visited): (Vec<StreamRecord>, Vec<(i64, bool)>) = self
             .db
             .call(move |conn| {
-                let mut out = Vec::new();
+                let (mut out, mut visited) = (Vec::new(), Vec::new());
                 let mut stmt = conn.prepare_cached(
                     "SELECT seq, partition_key, data, arrived_ms FROM stream_records \
                      WHERE shard = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
@@ -234,6 +234,7 @@ impl StreamConsumer for EmbeddedConsumer {
                     if remaining == 0 {
                         break;
                     }
+                    let before = out.len();
                     let rows = stmt.query_map(params![shard, after, remaining as i64], |r| {
                         Ok(StreamRecord {
                             shard: shard_name(shard),
@@ -246,22 +247,23 @@ impl StreamConsumer for EmbeddedConsumer {
                     for row in rows {
                         out.push(row?);
                     }
+                    visited.push((shard, out.len() - before == remaining));
                 }
-                Ok(out)
+                Ok((out, visited))
             })
             .await?;
-        let mut read: BTreeMap<i64, u64> = BTreeMap::new();
+        let mut last_arrived: BTreeMap<i64, u64> = BTreeMap::new();
         for record in &records {
             let shard = parse_shard(&record.shard)?;
             self.positions.insert(shard, parse_sequence(&record.sequence)?);
-            read.insert(shard, record.arrived_ms);
+            last_arrived.insert(shard, record.arrived_ms);
         }
-        // A shard read to its end is caught up; one that filled the batch is behind by the age of
-        // the last record read (the embedded log keeps no "millis behind latest" of its own).
-        let filled = records.len() >= max;
-        for shard in held {
-            let lag = match read.get(&shard) {
-                Some(&last_arrived) if filled => now_ms().saturating_sub(last_arrived),
+        // A shard read to its end is caught up; one whose read stopped at the limit is behind by
+        // the age of the last record read (the embedded log keeps no "millis behind latest" of
+        // its own). Shards not read this time keep what they last reported.
+        for (shard, stopped_at_limit) in visited {
+            let lag = match last_arrived.get(&shard) {
+                Some(&arrived) if stopped_at_limit => now_ms().saturating_sub(arrived),
                 _ => 0,
             };
             metrics().stream_lag(&shard_name(shard), lag);
