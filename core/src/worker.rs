@@ -561,7 +561,15 @@ impl Worker {
                 break;
             }
             let want = policy.max_size - batch.len();
-            let more = self.source.receive(want, left).await?;
+            // The batch in hand is worked on even if a further receive fails: a stream source
+            // has already moved its read position past it.
+            let more = match self.source.receive(want, left).await {
+                Ok(more) => more,
+                Err(e) => {
+                    tracing::warn!(error = %e, "a receive to fill the batch failed; going on with what is in hand");
+                    break;
+                }
+            };
             if more.is_empty() {
                 break;
             }

@@ -321,7 +321,15 @@ impl StreamConsumer for KinesisConsumer {
             }
             if reader.iterator.is_none() {
                 let from = reader.read.clone().unwrap_or_else(|| reader.checkpointed.clone());
-                reader.iterator = Some(shard_iterator(&self.kinesis, &self.stream, &shard, &from).await?);
+                match shard_iterator(&self.kinesis, &self.stream, &shard, &from).await {
+                    Ok(iterator) => reader.iterator = Some(iterator),
+                    // As below: what other shards gave is handed out first.
+                    Err(e) if !out.is_empty() => {
+                        tracing::warn!(shard, error = %e, "GetShardIterator failed; this shard is read again next poll");
+                        break;
+                    }
+                    Err(e) => return Err(e),
+                }
             }
             reader.next_read = Instant::now() + GET_RECORDS_INTERVAL;
             let result = self
@@ -340,6 +348,12 @@ impl StreamConsumer for KinesisConsumer {
                 Err(e) if error_code(&e) == Some("ExpiredIteratorException") => {
                     reader.iterator = None;
                     continue;
+                }
+                // What other shards gave this poll is handed out (their readers have moved past
+                // it); this shard is read again next time from where it was.
+                Err(e) if !out.is_empty() => {
+                    tracing::warn!(shard, error = %classify("GetRecords", e), "GetRecords failed; this shard is read again next poll");
+                    break;
                 }
                 Err(e) => return Err(classify("GetRecords", e)),
             };
