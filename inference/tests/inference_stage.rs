@@ -19,14 +19,20 @@ fn one() -> Vec<f32> {
     (0..64).map(|i| if (3..5).contains(&(i % 8)) { 1.0 } else { 0.0 }).collect()
 }
 
-#[tokio::test]
-async fn predicts_a_batch_and_classifies_missing_or_misshapen_vectors() {
+/// The stage on the shipped bundle, over a fresh embedded store (kept while the directory lives).
+async fn stage() -> (tempfile::TempDir, Backend, InferenceStage) {
     let dir = tempfile::tempdir().unwrap();
     let backend =
         Backend::open(&StoreConfig { path: dir.path().join("s.sqlite"), ..StoreConfig::default() }).await.unwrap();
     let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/digits");
     let settings = Settings::load(None).unwrap().set("model.dir", model).set("inference.device", "cpu");
     let stage = InferenceStage::build(&settings, &backend).unwrap();
+    (dir, backend, stage)
+}
+
+#[tokio::test]
+async fn predicts_a_batch_and_classifies_missing_or_misshapen_vectors() {
+    let (_dir, backend, stage) = stage().await;
 
     let id = |s: &str| RecordId::parse(s).unwrap();
     backend
@@ -67,12 +73,7 @@ async fn predicts_a_batch_and_classifies_missing_or_misshapen_vectors() {
 /// result store keeps one), neither is dead-lettered for a vector the first copy used up.
 #[tokio::test]
 async fn a_record_delivered_twice_in_one_batch_is_scored_both_times() {
-    let dir = tempfile::tempdir().unwrap();
-    let backend =
-        Backend::open(&StoreConfig { path: dir.path().join("s.sqlite"), ..StoreConfig::default() }).await.unwrap();
-    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/digits");
-    let settings = Settings::load(None).unwrap().set("model.dir", model).set("inference.device", "cpu");
-    let stage = InferenceStage::build(&settings, &backend).unwrap();
+    let (_dir, backend, stage) = stage().await;
     backend.features.put_if_absent(vec![(RecordId::parse("twice").unwrap(), one())]).await.unwrap();
 
     let outcomes = stage.process(&[delivery("twice"), delivery("twice")]).await;
