@@ -179,7 +179,9 @@ pub async fn run(command: DlqCommand, settings: Settings) -> anyhow::Result<()> 
                         .oldest_age_ms
                         .map(|ms| format!(", oldest {}", humantime::format_duration(Duration::from_secs(ms / 1000))))
                         .unwrap_or_default();
-                    println!("{:<10} {:>7} entries{age}", queue.queue.as_str(), queue.entries);
+                    let copies = queue.entries - queue.records;
+                    let copies = if copies > 0 { format!(" ({copies} written twice)") } else { String::new() };
+                    println!("{:<10} {:>7} entries{copies}{age}", queue.queue.as_str(), queue.entries);
                     for (reason, n) in queue.by_reason {
                         println!("  {reason:<28} {n:>7}");
                     }

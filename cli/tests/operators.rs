@@ -98,6 +98,7 @@ async fn operators_loop(target: Target) {
     let counts = json(&target.sluice(&model, &["dlq", "stats", "--json"]));
     let of = |queue: &str| counts.as_array().unwrap().iter().find(|q| q["queue"] == queue).unwrap().clone();
     assert_eq!(of("ingest")["entries"], 6);
+    assert_eq!(of("ingest")["records"], 6);
     assert_eq!(of("review")["entries"], start.review);
     assert_eq!(of("ingest")["by_reason"]["invalid_json"], 1);
     let ingest = lines(&target.sluice(&model, &["dlq", "list", "--stage", "ingest", "--json"]));

@@ -219,6 +219,10 @@ pub async fn show(backend: &Backend, letters: Option<Letters>, record_id: &str) 
 pub struct QueueStats {
     pub queue: Letters,
     pub entries: u64,
+    /// Distinct records among the entries: fewer than `entries` when a copy was written twice
+    /// (on SQS, a worker killed between writing an entry and acknowledging its input writes it
+    /// again; a replay of both copies still gives one result).
+    pub records: u64,
     pub by_reason: BTreeMap<String, u64>,
     /// Age of the oldest entry's first failure.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -235,9 +239,13 @@ pub async fn stats(backend: &Backend) -> Result<Vec<QueueStats>> {
         for item in &items {
             *by_reason.entry(item.entry.reason.as_str().to_owned()).or_default() += 1;
         }
+        // An entry without a record id counts as a record of its own.
+        let ids: BTreeSet<&RecordId> = items.iter().filter_map(Item::record_id).collect();
+        let records = ids.len() + items.iter().filter(|i| i.record_id().is_none()).count();
         out.push(QueueStats {
             queue: letters,
             entries: items.len() as u64,
+            records: records as u64,
             by_reason,
             oldest_age_ms: items.iter().map(|i| i.entry.first_failure_ms).min().map(|t| now.saturating_sub(t)),
         })
