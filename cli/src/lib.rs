@@ -7,6 +7,7 @@ pub mod digits;
 pub mod dlq;
 pub mod load;
 pub mod pipeline;
+pub mod pipeline_bench;
 pub mod produce;
 pub mod progress;
 pub mod resnet18;

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::anyhow;
 use clap::{Parser, Subcommand};
-use sluice_cli::{bench, demo, dlq, load, pipeline, produce, resnet18, results, review, top, train};
+use sluice_cli::{bench, demo, dlq, load, pipeline, pipeline_bench, produce, resnet18, results, review, top, train};
 use sluice_core::backend::Backend;
 use sluice_core::config::{Settings, StoreArgs};
 use sluice_core::service::spawn_health_endpoints;
@@ -103,6 +103,9 @@ enum BenchCommand {
     /// Candle on the GPU against Candle on the CPU, outputs checked first (a build with
     /// `--features cuda`; `bench/gpu_check.sh` builds and runs it).
     Cuda(bench::BenchArgs),
+    /// The whole pipeline on the embedded store against a bare decode-preprocess-infer loop,
+    /// same records: records/s, the ratio, busy time per stage, latency.
+    Pipeline(pipeline_bench::BenchPipelineArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -149,6 +152,16 @@ fn main() -> anyhow::Result<()> {
         let (reports, json) = match command {
             BenchCommand::Inference(args) => (bench::bench_inference(args)?, args.bench.json),
             BenchCommand::Cuda(args) => (bench::bench_cuda(args)?, args.json),
+            BenchCommand::Pipeline(args) => {
+                let report =
+                    tokio::runtime::Runtime::new()?.block_on(pipeline_bench::bench_pipeline(args, settings.clone()))?;
+                if args.json {
+                    println!("{}", serde_json::to_string_pretty(&report)?);
+                } else {
+                    print!("{report}");
+                }
+                return Ok(());
+            }
         };
         if json {
             println!("{}", serde_json::to_string_pretty(&reports)?);

@@ -58,3 +58,21 @@ fn the_cuda_bench_refuses_to_run_without_a_gpu() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && stderr.contains("no usable CUDA device"), "{stderr}");
 }
+
+#[test]
+fn the_pipeline_bench_runs_both_sides_on_the_same_records() {
+    let out = common::test_env(&mut Command::new(bin("sluice")))
+        .args(["bench", "pipeline", "--records", "400", "--json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["records"], 400);
+    for key in ["bare_records_per_s", "pipeline_records_per_s", "ratio", "pipeline_s"] {
+        assert!(report[key].as_f64().unwrap() > 0.0, "{key}: {report}");
+    }
+    for stage in ["ingest", "features", "inference", "results"] {
+        assert!(report["stage_busy_s"][stage].as_f64().unwrap() > 0.0, "{stage} worked: {report}");
+    }
+    assert!(report["latency_ms"]["p99"].as_u64().unwrap() >= report["latency_ms"]["p50"].as_u64().unwrap());
+}

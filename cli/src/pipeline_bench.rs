@@ -1,0 +1,160 @@
+//! `sluice bench pipeline`: how close the pipeline comes to its own model.
+//!
+//! The same N labelled digits go (a) through a bare in-memory loop — decode, preprocess, infer
+//! in the inference stage's batch size, no store, no queues — and (b) through the whole pipeline
+//! on a fresh embedded store, all four stages running in this process, from a full stream to the
+//! last result. It prints records/s for both and the ratio, each stage's busy time (the sum of
+//! its batches' receive-to-acknowledge times, from the workers' own metrics) and the records'
+//! latency from ingest to stored result.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use candle_core::Device;
+use serde::Serialize;
+use sluice_core::backend::Backend;
+use sluice_core::config::Settings;
+use sluice_core::envelope::{Envelope, Payload};
+use sluice_core::model::ModelBundle;
+use sluice_core::stats::PipelineStats;
+use sluice_core::telemetry::health::Health;
+use sluice_core::telemetry::scrape;
+use sluice_core::topology::StageName;
+use sluice_inference::model::CandleClassifier;
+use tokio_util::sync::CancellationToken;
+
+use crate::digits::{Split, load_split};
+use crate::produce::{digit_records, put_all, run_tag};
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct BenchPipelineArgs {
+    /// Records through each side.
+    #[arg(long, default_value_t = 10_000)]
+    pub records: usize,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PipelineReport {
+    pub records: usize,
+    pub bare_records_per_s: f64,
+    pub pipeline_records_per_s: f64,
+    /// Pipeline over bare loop.
+    pub ratio: f64,
+    /// Each stage's summed batch time, in seconds.
+    pub stage_busy_s: BTreeMap<String, f64>,
+    pub pipeline_s: f64,
+    pub latency_ms: Latency,
+}
+
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Latency {
+    pub p50: u64,
+    pub p99: u64,
+}
+
+impl fmt::Display for PipelineReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "{} labelled digits, each side", self.records)?;
+        writeln!(f, "  bare loop (decode, preprocess, infer)  {:>9.0} records/s", self.bare_records_per_s)?;
+        writeln!(f, "  whole pipeline, embedded store         {:>9.0} records/s", self.pipeline_records_per_s)?;
+        writeln!(f, "  ratio                                  {:>9.2}", self.ratio)?;
+        writeln!(
+            f,
+            "  latency ingest → stored               p50 {} ms, p99 {} ms",
+            self.latency_ms.p50, self.latency_ms.p99
+        )?;
+        writeln!(f, "  busy time per stage over {:.2} s:", self.pipeline_s)?;
+        for (stage, busy) in &self.stage_busy_s {
+            writeln!(f, "    {stage:<10} {busy:>7.2} s ({:.0}%)", 100.0 * busy / self.pipeline_s.max(1e-9))?;
+        }
+        Ok(())
+    }
+}
+
+pub async fn bench_pipeline(args: &BenchPipelineArgs, settings: Settings) -> anyhow::Result<PipelineReport> {
+    let n = args.records.max(1);
+    let test = load_split(Split::Test)?;
+    let mut records = digit_records(&test, Split::Test, n.div_ceil(test.len()), false, &run_tag());
+    records.truncate(n);
+
+    let bare = bare_loop(&settings, &records)?;
+
+    let dir = tempfile::tempdir()?;
+    let settings = settings
+        .set("store.backend", "embedded")
+        .set("store.path", dir.path().join("bench.sqlite"))
+        .set("telemetry.port", 0);
+    let backend = Backend::open(&settings.store()?).await?;
+    put_all(&backend, records).await?;
+    let shutdown = CancellationToken::new();
+    let started = Instant::now();
+    let running = {
+        let (settings, shutdown) = (settings.clone(), shutdown.clone());
+        tokio::spawn(async move { crate::pipeline::run_all(&settings, shutdown, false, &Health::new(4)).await })
+    };
+    loop {
+        if running.is_finished() {
+            bail!("the pipeline stopped before its records were through: {:?}", running.await?);
+        }
+        if PipelineStats::collect(&backend).await?.accounted() >= n as u64 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let pipeline = started.elapsed().as_secs_f64();
+    shutdown.cancel();
+    running.await??;
+
+    let samples = scrape::parse(&sluice_core::telemetry::prometheus_text());
+    let stage_busy_s = StageName::ALL
+        .iter()
+        .map(|s| {
+            let busy = scrape::total(&samples, "sluice_batch_duration_seconds_sum", &[("stage", s.as_str())]);
+            (s.as_str().to_owned(), busy)
+        })
+        .collect();
+    let mut latencies: Vec<u64> = crate::demo::all_results(&backend)
+        .await?
+        .iter()
+        .filter_map(|r| Some(r.timestamps.stored_ms?.saturating_sub(r.timestamps.ingested_ms?)))
+        .collect();
+    latencies.sort_unstable();
+    let at = |q: f64| latencies.get(((q * latencies.len() as f64).ceil() as usize).saturating_sub(1)).copied();
+    let pipeline_records_per_s = n as f64 / pipeline.max(1e-9);
+    let bare_records_per_s = n as f64 / bare.max(1e-9);
+    Ok(PipelineReport {
+        records: n,
+        bare_records_per_s,
+        pipeline_records_per_s,
+        ratio: pipeline_records_per_s / bare_records_per_s,
+        stage_busy_s,
+        pipeline_s: pipeline,
+        latency_ms: Latency { p50: at(0.5).unwrap_or(0), p99: at(0.99).unwrap_or(0) },
+    })
+}
+
+/// Seconds the bare loop takes over `records`: what the stages do to each, and nothing else.
+fn bare_loop(settings: &Settings, records: &[sluice_core::backend::StreamInput]) -> anyhow::Result<f64> {
+    let bundle = ModelBundle::load(settings.model()?.dir)?;
+    let features: sluice_features::FeaturesConfig = settings.section("features")?;
+    let inference: sluice_inference::InferenceConfig = settings.section("inference")?;
+    let classifier = CandleClassifier::load(&bundle, Device::Cpu, "candle-cpu")?;
+    let started = Instant::now();
+    for chunk in records.chunks(inference.batch_size.max(1)) {
+        let mut inputs = Vec::with_capacity(chunk.len() * bundle.manifest.vector_len());
+        for record in chunk {
+            let envelope = Envelope::from_json(&record.data)?;
+            let Payload::Inline { data } = &envelope.payload else { bail!("a digit record travels inline") };
+            let vector =
+                sluice_features::vectorise(&bundle.manifest, envelope.content_type, data, &features.image_limits)
+                    .context("preprocessing")?;
+            inputs.extend(vector);
+        }
+        classifier.predict(inputs, chunk.len())?;
+    }
+    Ok(started.elapsed().as_secs_f64())
+}
