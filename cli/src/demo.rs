@@ -186,7 +186,7 @@ fn fraction(flags: &[bool]) -> f64 {
 }
 
 /// Nearest-rank percentile of sorted values.
-fn percentile(sorted: &[u64], q: f64) -> f64 {
+pub(crate) fn percentile(sorted: &[u64], q: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
     }

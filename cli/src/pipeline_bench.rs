@@ -123,7 +123,6 @@ pub async fn bench_pipeline(args: &BenchPipelineArgs, settings: Settings) -> any
         .filter_map(|r| Some(r.timestamps.stored_ms?.saturating_sub(r.timestamps.ingested_ms?)))
         .collect();
     latencies.sort_unstable();
-    let at = |q: f64| latencies.get(((q * latencies.len() as f64).ceil() as usize).saturating_sub(1)).copied();
     let pipeline_records_per_s = n as f64 / pipeline.max(1e-9);
     let bare_records_per_s = n as f64 / bare.max(1e-9);
     Ok(PipelineReport {
@@ -133,7 +132,10 @@ pub async fn bench_pipeline(args: &BenchPipelineArgs, settings: Settings) -> any
         ratio: pipeline_records_per_s / bare_records_per_s,
         stage_busy_s,
         pipeline_s: pipeline,
-        latency_ms: Latency { p50: at(0.5).unwrap_or(0), p99: at(0.99).unwrap_or(0) },
+        latency_ms: Latency {
+            p50: crate::demo::percentile(&latencies, 0.5) as u64,
+            p99: crate::demo::percentile(&latencies, 0.99) as u64,
+        },
     })
 }
 

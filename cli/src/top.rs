@@ -57,13 +57,7 @@ pub fn endpoints(args: &TopArgs, telemetry: &TelemetryConfig) -> Vec<SocketAddr>
     }
     let mut out: Vec<SocketAddr> = std::iter::once(None)
         .chain(StageName::ALL.into_iter().map(Some))
-        .filter_map(|stage| telemetry.health_address(stage))
-        .map(|mut a| {
-            if a.ip().is_unspecified() {
-                a.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
-            }
-            a
-        })
+        .filter_map(|stage| telemetry.local_address(stage))
         .collect();
     out.dedup();
     out

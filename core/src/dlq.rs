@@ -205,7 +205,7 @@ pub async fn list(backend: &Backend, letters: Letters, filter: &Filter, limit: u
 
 /// The entry for `record_id`, in `letters` or, without it, in any DLQ or the review queue.
 pub async fn show(backend: &Backend, letters: Option<Letters>, record_id: &str) -> Result<Option<Item>> {
-    let filter = Filter { record_id: glob::Pattern::new(&glob::Pattern::escape(record_id)).ok(), ..Filter::default() };
+    let filter = only(record_id);
     for letters in letters.map_or(Letters::ALL.to_vec(), |l| vec![l]) {
         if let Some(item) = list(backend, letters, &filter, 1).await?.into_iter().next() {
             return Ok(Some(item));
@@ -446,13 +446,13 @@ async fn settle(backend: &Backend, item: &Item, resolution: &Resolution) -> Resu
 /// and takes its item off the review queue. What the result store answered is the answer.
 pub async fn label(backend: &Backend, id: &RecordId, label: &str) -> Result<ReviewOutcome> {
     let outcome = backend.results.resolve_review(id, &Resolution::Label(label.to_owned())).await?;
-    apply(backend, Letters::Review, &only(id), &Delete, &one(), &|_| {}).await?;
+    apply(backend, Letters::Review, &only(id.as_str()), &Delete, &one(), &|_| {}).await?;
     Ok(outcome)
 }
 
 /// The filter for one record's entries.
-fn only(id: &RecordId) -> Filter {
-    Filter { record_id: glob::Pattern::new(&glob::Pattern::escape(id.as_str())).ok(), ..Filter::default() }
+fn only(id: &str) -> Filter {
+    Filter { record_id: glob::Pattern::new(&glob::Pattern::escape(id)).ok(), ..Filter::default() }
 }
 
 fn one() -> ReplayOptions {
@@ -512,7 +512,7 @@ pub async fn reject(backend: &Backend, id: &RecordId) -> Result<Rejected> {
     if let Some(result) = before.filter(|r| r.status != crate::record::ResultStatus::Review) {
         return Ok(Rejected::NotWaiting(Box::new(result)));
     }
-    if apply(backend, Letters::Review, &only(id), &Reject, &one(), &|_| {}).await?.moved == 1 {
+    if apply(backend, Letters::Review, &only(id.as_str()), &Reject, &one(), &|_| {}).await?.moved == 1 {
         return Ok(Rejected::Rejected);
     }
     // Not in the queue now (another reviewer holds it): the result's own body goes to the DLQ.

@@ -207,17 +207,14 @@ where
 
 async fn healthcheck(args: &WorkerArgs, stage: StageName) -> ExitCode {
     let address = match args.settings().map(|s| s.telemetry()) {
-        Ok(Ok(config)) => config.health_address(Some(stage)),
+        Ok(Ok(config)) => config.local_address(Some(stage)),
         Ok(Err(e)) => return fail(&e),
         Err(e) => return fail(&*e),
     };
-    let Some(mut address) = address else {
+    let Some(address) = address else {
         eprintln!("health endpoints are off ([telemetry] port = 0)");
         return ExitCode::FAILURE;
     };
-    if address.ip().is_unspecified() {
-        address.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
-    }
     match health::probe(address, "/healthz").await {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => fail(&format!("{address}/healthz did not answer 200")),

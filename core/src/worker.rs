@@ -461,30 +461,30 @@ impl Worker {
                     processed += 1;
                     done.push(&delivery.origin);
                 }
-                Outcome::Failed { error, record_id } if !error.is_retryable() => {
-                    if let (Some(trace), Some(id)) = (&trace, &record_id) {
-                        trace.record_id(index, id.as_str());
-                    }
-                    tracing::info!(%stage, record_id = record_id.as_ref().map(|r| r.as_str()), code = %error.code(), detail = error.detail(), "dead-lettered");
-                    metrics().failed(stage, error.code().as_str(), FailureAction::DeadLettered);
-                    if let Some(trace) = &trace {
-                        trace.record_failed(index, error.code().as_str(), error.detail());
-                    }
-                    sends
-                        .entry(stage.dlq())
-                        .or_default()
-                        .push((index, dlq_message(stage, delivery, &error, record_id)));
-                    report.dead_lettered += 1;
-                    done.push(&delivery.origin);
-                }
                 Outcome::Failed { error, record_id } => {
-                    tracing::warn!(%stage, record_id = record_id.as_ref().map(|r| r.as_str()), %error, "will retry");
-                    metrics().failed(stage, error.code().as_str(), FailureAction::Retried);
+                    let permanent = !error.is_retryable();
+                    let action = if permanent { FailureAction::DeadLettered } else { FailureAction::Retried };
+                    metrics().failed(stage, error.code().as_str(), action);
                     if let Some(trace) = &trace {
+                        if let Some(id) = &record_id {
+                            trace.record_id(index, id.as_str());
+                        }
                         trace.record_failed(index, error.code().as_str(), error.detail());
                     }
-                    report.retried += 1;
-                    retry.push(&delivery.origin);
+                    let id = record_id.as_ref().map(|r| r.as_str());
+                    if permanent {
+                        tracing::info!(%stage, record_id = id, code = %error.code(), detail = error.detail(), "dead-lettered");
+                        sends
+                            .entry(stage.dlq())
+                            .or_default()
+                            .push((index, dlq_message(stage, delivery, &error, record_id)));
+                        report.dead_lettered += 1;
+                        done.push(&delivery.origin);
+                    } else {
+                        tracing::warn!(%stage, record_id = id, %error, "will retry");
+                        report.retried += 1;
+                        retry.push(&delivery.origin);
+                    }
                 }
             }
         }

@@ -40,6 +40,16 @@ impl TelemetryConfig {
         let port = self.port.unwrap_or_else(|| default_port(stage));
         (port != 0).then_some(SocketAddr::new(self.address, port))
     }
+
+    /// Where a client on this host reaches that worker's endpoints (the loopback address when
+    /// it listens on every address).
+    pub fn local_address(&self, stage: Option<StageName>) -> Option<SocketAddr> {
+        let mut address = self.health_address(stage)?;
+        if address.ip().is_unspecified() {
+            address.set_ip(Ipv4Addr::LOCALHOST.into());
+        }
+        Some(address)
+    }
 }
 
 /// Each worker kind's default port.
