@@ -1,15 +1,18 @@
 //! The library behind the `sluice` command: demo, producer, trainer, bundle maker, in-process
-//! pipeline, DLQ tools, benchmarks.
+//! pipeline, DLQ tools, monitoring, benchmarks.
 
 pub mod bench;
 pub mod demo;
 pub mod digits;
 pub mod dlq;
+pub mod feedback;
 pub mod load;
+pub mod monitor;
 pub mod pipeline;
 pub mod pipeline_bench;
 pub mod produce;
 pub mod progress;
+pub mod report;
 pub mod resnet18;
 pub mod results;
 pub mod review;

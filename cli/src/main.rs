@@ -4,7 +4,10 @@ use std::path::PathBuf;
 
 use anyhow::anyhow;
 use clap::{Parser, Subcommand};
-use sluice_cli::{bench, demo, dlq, load, pipeline, pipeline_bench, produce, resnet18, results, review, top, train};
+use sluice_cli::{
+    bench, demo, dlq, feedback, load, monitor, pipeline, pipeline_bench, produce, report, resnet18, results, review,
+    top, train,
+};
 use sluice_core::backend::Backend;
 use sluice_core::config::{Settings, StoreArgs};
 use sluice_core::service::spawn_health_endpoints;
@@ -93,6 +96,12 @@ enum Command {
         #[command(subcommand)]
         command: dlq::DlqCommand,
     },
+    /// Record true labels for results, by record id, from a CSV or JSON-lines file.
+    Feedback(feedback::FeedbackArgs),
+    /// Judge accuracy and drift over the rolling window and alert on crossings (once, or `--watch`).
+    Monitor(monitor::MonitorArgs),
+    /// Write the monitoring report: one HTML page of charts, readable offline.
+    Report(report::ReportArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -247,6 +256,23 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
             sluice_api::serve(std::net::SocketAddr::new(address, port), state, shutdown).await?;
         }
         Command::Dlq { command } => dlq::run(command, settings).await?,
+        Command::Feedback(args) => {
+            let report = feedback::run(&args, settings).await?;
+            if args.json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                feedback::print_text(&report);
+            }
+        }
+        Command::Monitor(args) => monitor::run(&args, settings).await?,
+        Command::Report(args) => {
+            let summary = report::run(&args, settings).await?;
+            if args.json {
+                println!("{}", serde_json::to_string(&summary)?);
+            } else {
+                report::print_text(&summary);
+            }
+        }
         Command::Review(args) => {
             let settings = args.store.apply(settings);
             let backend = open(&settings).await?;

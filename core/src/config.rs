@@ -141,6 +141,35 @@ pub struct StoreConfig {
     pub busy_timeout_ms: u64,
     /// `[store.aws]`: used when `backend = "aws"`.
     pub aws: AwsConfig,
+    /// `[store.capture]`: the embedded store's prediction capture files.
+    pub capture: CaptureFilesConfig,
+}
+
+/// `[store.capture]`: where the embedded store keeps its prediction capture log (on AWS it is
+/// the `capture/` prefix of the `<prefix>-claims` bucket) and when a file is rotated.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CaptureFilesConfig {
+    /// The directory of JSON-lines files; default: beside the store file, named after it
+    /// (`sluice.sqlite` → `sluice.capture/`).
+    pub dir: Option<PathBuf>,
+    /// A file is closed and a new one started past this size…
+    pub rotate_bytes: u64,
+    /// …or once it is this old.
+    pub rotate_after_s: u64,
+}
+
+impl Default for CaptureFilesConfig {
+    fn default() -> Self {
+        Self { dir: None, rotate_bytes: 64 << 20, rotate_after_s: 3600 }
+    }
+}
+
+impl StoreConfig {
+    /// The embedded store's capture directory.
+    pub fn capture_dir(&self) -> PathBuf {
+        self.capture.dir.clone().unwrap_or_else(|| self.path.with_extension("capture"))
+    }
 }
 
 /// `[store.aws]`: where the AWS resources are and what they are called.
@@ -196,6 +225,7 @@ impl Default for StoreConfig {
             lease_duration_ms: 10_000,
             busy_timeout_ms: 10_000,
             aws: AwsConfig::default(),
+            capture: CaptureFilesConfig::default(),
         }
     }
 }

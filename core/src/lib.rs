@@ -8,6 +8,7 @@
 //! - [`model`]: the model bundle (`model.toml` + `model.safetensors`).
 
 pub mod backend;
+pub mod capture;
 pub mod config;
 pub mod dlq;
 pub mod envelope;

@@ -99,6 +99,10 @@ pub trait Stage: Send + Sync {
     /// Any write to the stage's own sink (feature store, result store) must be durable before
     /// this returns; the loop acknowledges right after forwarding.
     async fn process(&self, batch: &[Delivery]) -> Vec<Outcome>;
+
+    /// Called once when the worker stops (after its last batch): write out anything the stage
+    /// gathers across batches.
+    async fn finish(&self) {}
 }
 
 /// Where a worker's deliveries come from.
@@ -406,11 +410,13 @@ impl Worker {
                     }
                 }
                 Err(e) => {
+                    self.stage.finish().await;
                     let _ = self.source.close().await;
                     return Err(e);
                 }
             }
         }
+        self.stage.finish().await;
         self.source.close().await?;
         tracing::info!(?report, "worker stopped");
         Ok(report)

@@ -8,7 +8,9 @@ use std::collections::{BTreeSet, HashSet};
 use std::time::Duration;
 
 use sluice_core::ReasonCode;
-use sluice_core::backend::{Backend, OutgoingMessage, PageToken, PutOutcome, ResultQuery, ReviewOutcome, StreamInput};
+use sluice_core::backend::{
+    Backend, FeedbackOutcome, OutgoingMessage, PageToken, PutOutcome, ResultQuery, ReviewOutcome, StreamInput,
+};
 use sluice_core::config::{BackendKind, StoreConfig};
 use sluice_core::envelope::{RecordId, StageTimes};
 use sluice_core::record::{DlqEntry, PredictionResult, Resolution, ResultStatus};
@@ -507,6 +509,48 @@ async fn blobs_round_trip_and_refuse_foreign_references(f: Fixture) {
     assert_eq!(missing.code(), ReasonCode::ClaimCheckMissing);
 }
 
+async fn true_labels_are_recorded_once_whatever_the_status(f: Fixture) {
+    let b = f.open().await;
+    b.results
+        .put_if_absent(vec![result("g1", "7", ResultStatus::Accepted), result("g2", "3", ResultStatus::Review)])
+        .await
+        .unwrap();
+    assert_eq!(b.results.set_ground_truth(&id("g1"), "1").await.unwrap(), FeedbackOutcome::Recorded);
+    assert_eq!(b.results.set_ground_truth(&id("g1"), "1").await.unwrap(), FeedbackOutcome::Unchanged);
+    assert_eq!(b.results.set_ground_truth(&id("g1"), "7").await.unwrap(), FeedbackOutcome::Recorded);
+    assert_eq!(b.results.set_ground_truth(&id("g2"), "3").await.unwrap(), FeedbackOutcome::Recorded);
+    assert_eq!(b.results.set_ground_truth(&id("nobody"), "3").await.unwrap(), FeedbackOutcome::Missing);
+    let stored = b.results.get_batch(&[id("g1"), id("g2")]).await.unwrap();
+    assert_eq!(stored[&id("g1")].ground_truth.as_deref(), Some("7"));
+    assert_eq!(stored[&id("g1")].label, "7", "the prediction itself is untouched");
+    assert_eq!(stored[&id("g2")].status, ResultStatus::Review);
+    // A review after the feedback keeps the true label.
+    b.results.resolve_review(&id("g2"), &Resolution::Label("3".to_owned())).await.unwrap();
+    assert_eq!(b.results.get_batch(&[id("g2")]).await.unwrap()[&id("g2")].ground_truth.as_deref(), Some("3"));
+    let counts = b.results.counts().await.unwrap();
+    assert_eq!((counts.accepted, counts.review, counts.reviewed), (1, 0, 1));
+}
+
+async fn capture_chunks_are_read_back_by_window(f: Fixture) {
+    let b = f.open().await;
+    let hour = 3_600_000;
+    let t0 = 1_795_000_000_000;
+    b.capture.append(b"a\n".to_vec(), t0).await.unwrap();
+    b.capture.append(b"b\n".to_vec(), t0 + 1).await.unwrap();
+    b.capture.append(b"c\n".to_vec(), t0 + 30 * hour).await.unwrap();
+    let mut all = b.capture.read(t0, t0 + 40 * hour).await.unwrap();
+    all.sort();
+    assert_eq!(all.concat(), b"a\nb\nc\n");
+    // A window ending before the last chunk was written does not need it.
+    let early = b.capture.read(0, t0 + 2 * hour).await.unwrap().concat();
+    assert!(!early.contains(&b'c'), "{early:?}");
+    assert!(early.starts_with(b"a\n") || early.starts_with(b"b\n"));
+    assert_eq!(b.capture.get_meta("state.json").await.unwrap(), None);
+    b.capture.put_meta("state.json", b"{\"v\":1}".to_vec()).await.unwrap();
+    b.capture.put_meta("state.json", b"{\"v\":2}".to_vec()).await.unwrap();
+    assert_eq!(b.capture.get_meta("state.json").await.unwrap(), Some(b"{\"v\":2}".to_vec()));
+}
+
 /// One module per backend, each running every test of the suite.
 macro_rules! suite_for {
     ($backend:ident: $($test:ident),+) => {
@@ -546,4 +590,6 @@ conformance!(
     result_store_scans_in_pages,
     result_store_lists_by_status_class_and_time_in_pages,
     blobs_round_trip_and_refuse_foreign_references,
+    true_labels_are_recorded_once_whatever_the_status,
+    capture_chunks_are_read_back_by_window,
 );

@@ -1,5 +1,8 @@
 //! The results stage: applies the bundle's per-class confidence thresholds, writes each result
-//! once (put-if-absent by record id), and sends low-confidence ones to the review queue.
+//! once (put-if-absent by record id), sends low-confidence ones to the review queue, and
+//! captures every prediction for the monitor ([`capture`]).
+
+mod capture;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -9,7 +12,7 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use sluice_core::backend::{Backend, OutgoingMessage, PutOutcome, ResultStore};
 use sluice_core::config::Settings;
-use sluice_core::envelope::now_ms;
+use sluice_core::envelope::{ContentType, now_ms};
 use sluice_core::model::{ModelBundle, ModelManifest};
 use sluice_core::record::{InferredRecord, PredictionResult, ResultStatus, dlq_attr};
 use sluice_core::service::BuildError;
@@ -17,6 +20,9 @@ use sluice_core::telemetry::metrics::metrics;
 use sluice_core::topology::{QueueName, StageName};
 use sluice_core::worker::{BatchPolicy, Delivery, Outcome, Stage};
 use sluice_core::{ReasonCode, Result, SluiceError};
+
+pub use crate::capture::CaptureConfig;
+use crate::capture::{CaptureWriter, Captured};
 
 /// `[results]`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -28,11 +34,18 @@ pub struct ResultsConfig {
     pub max_wait_ms: u64,
     /// The envelope attribute that carries a record's true label, when a producer knows it.
     pub ground_truth_attribute: String,
+    /// `[results.capture]`: the prediction capture log.
+    pub capture: CaptureConfig,
 }
 
 impl Default for ResultsConfig {
     fn default() -> Self {
-        Self { batch_size: 100, max_wait_ms: 20, ground_truth_attribute: "label".to_owned() }
+        Self {
+            batch_size: 100,
+            max_wait_ms: 20,
+            ground_truth_attribute: "label".to_owned(),
+            capture: CaptureConfig::default(),
+        }
     }
 }
 
@@ -40,15 +53,28 @@ pub struct ResultsStage {
     config: ResultsConfig,
     manifest: ModelManifest,
     store: Arc<dyn ResultStore>,
+    capture: Option<Arc<CaptureWriter>>,
+    /// Writes gathered capture lines out when they are old enough, between batches too.
+    flusher: std::sync::Once,
 }
 
 impl ResultsStage {
     pub fn build(settings: &Settings, backend: &Backend) -> Result<Self, BuildError> {
         let bundle = ModelBundle::load(settings.model()?.dir)?;
+        let config: ResultsConfig = settings.section("results")?;
+        let capture = config.capture.enabled.then(|| {
+            Arc::new(CaptureWriter::new(
+                Arc::clone(&backend.capture),
+                Arc::clone(&backend.features),
+                config.capture.clone(),
+            ))
+        });
         Ok(Self {
-            config: settings.section("results")?,
+            config,
             manifest: bundle.manifest,
             store: Arc::clone(&backend.results),
+            capture,
+            flusher: std::sync::Once::new(),
         })
     }
 
@@ -124,9 +150,16 @@ impl Stage for ResultsStage {
         BatchPolicy::up_to(self.config.batch_size).waiting(Duration::from_millis(self.config.max_wait_ms))
     }
 
+    async fn finish(&self) {
+        if let Some(capture) = &self.capture {
+            capture.flush(true).await;
+        }
+    }
+
     async fn process(&self, batch: &[Delivery]) -> Vec<Outcome> {
         let mut outcomes: Vec<Option<Outcome>> = vec![None; batch.len()];
         let mut judged: Vec<(usize, PredictionResult)> = Vec::new();
+        let mut content_types = Vec::new();
         for (i, delivery) in batch.iter().enumerate() {
             let record = match InferredRecord::from_json(&delivery.body) {
                 Ok(record) => record,
@@ -136,14 +169,19 @@ impl Stage for ResultsStage {
                 }
             };
             let id = record.envelope.record_id.clone();
+            let content_type = record.envelope.content_type;
             match self.judge(record) {
-                Ok(result) => judged.push((i, result)),
+                Ok(result) => {
+                    judged.push((i, result));
+                    content_types.push(content_type);
+                }
                 Err(error) => outcomes[i] = Some(Outcome::failed(error, Some(id))),
             }
         }
         let (slots, results): (Vec<usize>, Vec<PredictionResult>) = judged.into_iter().unzip();
         match self.store.put_if_absent(results.clone()).await {
             Ok(puts) => {
+                let mut stored_all = Vec::with_capacity(puts.len());
                 for ((i, ours), put) in slots.into_iter().zip(results).zip(puts) {
                     // A redelivered record keeps the result it was first given.
                     let stored = match put {
@@ -154,7 +192,11 @@ impl Stage for ResultsStage {
                         PutOutcome::AlreadyPresent(existing) => *existing,
                     };
                     outcomes[i] = Some(self.route(&stored));
+                    stored_all.push(stored);
                 }
+                // Redeliveries are captured again (their first capture may have been lost with
+                // a killed worker); readers keep one line per record.
+                self.capture(&stored_all, &content_types).await;
             }
             Err(error) => {
                 for (i, result) in slots.into_iter().zip(results) {
@@ -163,6 +205,25 @@ impl Stage for ResultsStage {
             }
         }
         outcomes.into_iter().map(|o| o.expect("every delivery has an outcome")).collect()
+    }
+}
+
+impl ResultsStage {
+    async fn capture(&self, stored: &[PredictionResult], content_types: &[ContentType]) {
+        let Some(capture) = &self.capture else { return };
+        self.flusher.call_once(|| {
+            let (writer, every) = (Arc::downgrade(capture), capture.flush_interval());
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(every).await;
+                    let Some(writer) = writer.upgrade() else { return };
+                    writer.flush(false).await;
+                }
+            });
+        });
+        let captured: Vec<Captured<'_>> =
+            stored.iter().zip(content_types).map(|(result, &content_type)| Captured { result, content_type }).collect();
+        capture.capture(&captured).await;
     }
 }
 

@@ -212,6 +212,17 @@ pub enum ReviewOutcome {
     Missing,
 }
 
+/// What feeding back a record's true label found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FeedbackOutcome {
+    /// The label is recorded (it had none, or another one).
+    Recorded,
+    /// It had that label already: nothing changed.
+    Unchanged,
+    /// No result for that record.
+    Missing,
+}
+
 /// Which results to list, in the order they were stored (store time, then record id).
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct ResultQuery {
@@ -321,6 +332,11 @@ pub trait ResultStore: Send + Sync {
     /// write, so two reviewers or a retried call settle it once), moving the status counts with it.
     async fn resolve_review(&self, id: &RecordId, resolution: &Resolution) -> Result<ReviewOutcome>;
 
+    /// Records `label` as the true label of `id`'s result (its `ground_truth`), whatever its
+    /// status; the rest of the result is left as it is. Feeding the same label again changes
+    /// nothing.
+    async fn set_ground_truth(&self, id: &RecordId, label: &str) -> Result<FeedbackOutcome>;
+
     /// Up to `limit` results after `after` in record id order, optionally of one status.
     async fn scan(
         &self,
@@ -341,6 +357,28 @@ pub trait BlobStore: Send + Sync {
     async fn get(&self, reference: &str) -> Result<Vec<u8>>;
 }
 
+/// The prediction capture log: JSON lines the results stage appends, the monitor reads.
+#[async_trait]
+pub trait CaptureLog: Send + Sync {
+    /// Writes one chunk of captured lines (whole lines, each ending in a newline), written at
+    /// `at_ms`: one file append on the embedded store, one S3 object on AWS.
+    async fn append(&self, lines: Vec<u8>, at_ms: u64) -> Result<()>;
+
+    /// The chunks (files, objects) that may hold lines captured between `since_ms` and
+    /// `until_ms`; the caller filters the lines by their own time.
+    async fn read(&self, since_ms: u64, until_ms: u64) -> Result<Vec<Vec<u8>>>;
+
+    /// A small named document kept beside the capture (the monitor's alert state, its
+    /// reference statistics); `None` when there is none yet.
+    async fn get_meta(&self, name: &str) -> Result<Option<Vec<u8>>>;
+
+    /// Replaces a named document whole.
+    async fn put_meta(&self, name: &str, data: Vec<u8>) -> Result<()>;
+
+    /// Where the log is, for people: a directory or an `s3://` prefix.
+    fn location(&self) -> String;
+}
+
 /// Where worker processes add up the AWS requests they send, so that any process (`sluice
 /// stats`) can report requests per record. Backends that send none keep nothing.
 #[async_trait]
@@ -359,6 +397,7 @@ pub struct Backend {
     pub results: Arc<dyn ResultStore>,
     pub blobs: Arc<dyn BlobStore>,
     pub requests: Arc<dyn RequestLedger>,
+    pub capture: Arc<dyn CaptureLog>,
     queues: Arc<BTreeMap<QueueName, Arc<dyn WorkQueue>>>,
     kind: BackendKind,
 }

@@ -35,6 +35,10 @@ pub const BREAKER_STATE: &str = "sluice.breaker.state";
 pub const PREDICTION_CONFIDENCE: &str = "sluice.prediction.confidence";
 pub const RECORD_LATENCY: &str = "sluice.record.latency";
 pub const AWS_REQUESTS: &str = "sluice.aws.requests";
+pub const CAPTURE_RECORDS: &str = "sluice.capture.records";
+pub const MODEL_ACCURACY: &str = "sluice.model.accuracy";
+pub const DRIFT_PSI: &str = "sluice.drift.psi";
+pub const MONITOR_ALERTS: &str = "sluice.monitor.alerts";
 
 /// Label keys.
 pub const STAGE: &str = "stage";
@@ -46,6 +50,8 @@ pub const SHARD: &str = "shard";
 pub const BACKEND: &str = "backend";
 pub const CLASS: &str = "class";
 pub const OPERATION: &str = "operation";
+pub const OUTCOME: &str = "outcome";
+pub const CHECK: &str = "check";
 
 /// What became of a failed record (`action` of [`RECORDS_FAILED`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -90,6 +96,10 @@ pub struct Metrics {
     breaker_state: Gauge<u64>,
     confidence: Histogram<f64>,
     record_latency: Histogram<f64>,
+    capture_records: Counter<u64>,
+    model_accuracy: Gauge<f64>,
+    drift_psi: Gauge<f64>,
+    monitor_alerts: Counter<u64>,
 }
 
 /// Seconds, from a millisecond up to five minutes: the SDK's default buckets are made for
@@ -175,6 +185,22 @@ impl Metrics {
                 .with_boundaries(CONFIDENCE_BUCKETS.to_vec())
                 .build(),
             record_latency: seconds(RECORD_LATENCY, "Time from a record's arrival at ingest to its stored result"),
+            capture_records: counter(
+                CAPTURE_RECORDS,
+                "{record}",
+                "Predictions written to the capture log, or dropped after it could not be written for too long",
+            ),
+            model_accuracy: meter
+                .f64_gauge(MODEL_ACCURACY)
+                .with_unit("1")
+                .with_description("Accuracy against true labels over the monitor's window, overall (class=all) and per true class")
+                .build(),
+            drift_psi: meter
+                .f64_gauge(DRIFT_PSI)
+                .with_unit("1")
+                .with_description("Population stability index against the reference: predicted classes, confidences, the most moved feature")
+                .build(),
+            monitor_alerts: counter(MONITOR_ALERTS, "{alert}", "Alerts the monitor raised (state=firing) or closed (state=resolved), by check"),
         }
     }
 
@@ -186,6 +212,7 @@ impl Metrics {
         }
         if stage == StageName::Results {
             self.review_entries.add(0, &[]);
+            self.captured(0, 0);
         }
     }
 
@@ -255,6 +282,24 @@ impl Metrics {
 
     pub fn record_latency(&self, seconds: f64) {
         self.record_latency.record(seconds, &[]);
+    }
+
+    pub fn model_accuracy(&self, class: &str, value: f64) {
+        self.model_accuracy.record(value, &[KeyValue::new(CLASS, class.to_owned())]);
+    }
+
+    pub fn drift_psi(&self, check: &str, value: f64) {
+        self.drift_psi.record(value, &[KeyValue::new(CHECK, check.to_owned())]);
+    }
+
+    pub fn monitor_alert(&self, check: &str, firing: bool) {
+        let state = if firing { "firing" } else { "resolved" };
+        self.monitor_alerts.add(1, &[KeyValue::new(CHECK, check.to_owned()), KeyValue::new(STATE, state)]);
+    }
+
+    pub fn captured(&self, written: u64, dropped: u64) {
+        self.capture_records.add(written, &[KeyValue::new(OUTCOME, "written")]);
+        self.capture_records.add(dropped, &[KeyValue::new(OUTCOME, "dropped")]);
     }
 }
 

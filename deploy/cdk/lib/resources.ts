@@ -36,6 +36,10 @@ export interface Resources {
   tables: Record<TableName, TableSpec>;
   bucket: string;
   claim_check_key_prefix: string;
+  /** Where the results stage writes prediction capture objects. */
+  capture_key_prefix: string;
+  /** Where `sluice monitor` keeps its alert state and reference statistics. */
+  monitor_key_prefix: string;
   stages: Record<Stage, StageSpec>;
 }
 

@@ -23,11 +23,11 @@ use aws_sdk_dynamodb::types::{
 use backon::{BackoffBuilder, ExponentialBuilder};
 use futures_util::future::try_join_all;
 
-use super::classify;
 use super::s3::S3BlobStore;
+use super::{classify, error_code};
 use crate::backend::{
-    BlobStore, FeatureStore, PageToken, PutOutcome, ResultCounts, ResultPage, ResultQuery, ResultStore, ReviewOutcome,
-    vector_from_bytes, vector_to_bytes,
+    BlobStore, FeatureStore, FeedbackOutcome, PageToken, PutOutcome, ResultCounts, ResultPage, ResultQuery,
+    ResultStore, ReviewOutcome, vector_from_bytes, vector_to_bytes,
 };
 use crate::envelope::{RecordId, now_ms};
 use crate::error::{ReasonCode, Result, SluiceError};
@@ -331,6 +331,9 @@ impl DynamoResultStore {
     }
 }
 
+/// How many times a true label is written over a result that keeps changing under it.
+const FEEDBACK_ATTEMPTS: usize = 5;
+
 fn build_error(e: aws_sdk_dynamodb::error::BuildError) -> SluiceError {
     SluiceError::permanent(ReasonCode::Internal, e.to_string())
 }
@@ -494,6 +497,43 @@ impl ResultStore for DynamoResultStore {
             .map_err(build_error)?;
         let status = settled.status;
         self.change_review(id, TransactWriteItem::builder().update(update).build(), Some(status), settled).await
+    }
+
+    async fn set_ground_truth(&self, id: &RecordId, label: &str) -> Result<FeedbackOutcome> {
+        // Read, change the body, write it back only if nobody changed it in between (a review
+        // settling it, say); on a clash, read again.
+        for _ in 0..FEEDBACK_ATTEMPTS {
+            let Some(item) = batch_get(&self.client, &self.table, std::slice::from_ref(id)).await?.pop() else {
+                return Ok(FeedbackOutcome::Missing);
+            };
+            let mut result = decode_result(&item)?;
+            if result.ground_truth.as_deref() == Some(label) {
+                return Ok(FeedbackOutcome::Unchanged);
+            }
+            let old = item["body"].clone();
+            result.ground_truth = Some(label.to_owned());
+            let new = AttributeValue::S(serde_json::to_string(&result).expect("a result serialises"));
+            let written = self
+                .client
+                .update_item()
+                .table_name(&self.table)
+                .set_key(Some(key(id)))
+                .update_expression("SET body = :new")
+                .condition_expression("body = :old")
+                .expression_attribute_values(":new", new)
+                .expression_attribute_values(":old", old)
+                .send()
+                .await;
+            match written {
+                Ok(_) => return Ok(FeedbackOutcome::Recorded),
+                Err(e) if error_code(&e) == Some("ConditionalCheckFailedException") => continue,
+                Err(e) => return Err(classify("UpdateItem", e)),
+            }
+        }
+        Err(SluiceError::retryable(
+            ReasonCode::StoreBusy,
+            format!("the result of {id} kept changing while its true label was recorded"),
+        ))
     }
 
     /// Pages in DynamoDB's scan order (stable, not sorted): resume after the last id returned.

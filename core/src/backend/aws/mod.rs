@@ -7,6 +7,7 @@
 
 mod accounting;
 pub mod bootstrap;
+mod capture;
 mod dynamodb;
 mod kinesis;
 mod lease_coordinator;
@@ -144,6 +145,7 @@ pub async fn open(config: &StoreConfig, counter: RequestCounter) -> Result<Backe
             aws.result_ttl_days,
         )),
         requests: Arc::new(dynamodb::DynamoRequestLedger::new(clients.dynamodb.clone(), names.counters_table())),
+        capture: Arc::new(capture::S3CaptureLog::new(clients.s3.clone(), names.bucket())),
         blobs,
         kind: crate::config::BackendKind::Aws,
         queues: Arc::new(queues),

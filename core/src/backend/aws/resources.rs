@@ -16,6 +16,8 @@ struct Resources {
     tables: Tables,
     bucket: String,
     claim_check_key_prefix: String,
+    capture_key_prefix: String,
+    monitor_key_prefix: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -108,6 +110,16 @@ impl Names {
 /// Where claim-checks and offloaded vectors go in the bucket (the stack expires them there).
 pub(super) fn claim_check_key_prefix() -> &'static str {
     &RESOURCES.claim_check_key_prefix
+}
+
+/// Where the results stage writes prediction capture objects in the bucket.
+pub(super) fn capture_key_prefix() -> &'static str {
+    &RESOURCES.capture_key_prefix
+}
+
+/// Where the monitor keeps its alert state and reference statistics in the bucket.
+pub(super) fn monitor_key_prefix() -> &'static str {
+    &RESOURCES.monitor_key_prefix
 }
 
 /// The attribute DynamoDB's TTL reads on the results table.

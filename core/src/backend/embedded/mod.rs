@@ -4,6 +4,7 @@
 //! same message twice.
 
 mod blobs;
+mod capture;
 mod queue;
 mod stores;
 mod stream;
@@ -51,6 +52,7 @@ impl EmbeddedStore {
             results: Arc::new(stores::EmbeddedResultStore::new(self.db.clone())),
             blobs: Arc::new(blobs::EmbeddedBlobStore::new(self.db.clone())),
             requests: Arc::new(NoRequests),
+            capture: Arc::new(capture::CaptureFiles::new(&self.config)),
             queues: Arc::new(queues),
             kind: crate::config::BackendKind::Embedded,
         }

@@ -7,8 +7,8 @@ use rusqlite::{OptionalExtension, params, params_from_iter};
 
 use super::{Db, placeholders};
 use crate::backend::{
-    FeatureStore, PageToken, PutOutcome, ResultCounts, ResultPage, ResultQuery, ResultStore, ReviewOutcome,
-    vector_from_bytes, vector_to_bytes,
+    FeatureStore, FeedbackOutcome, PageToken, PutOutcome, ResultCounts, ResultPage, ResultQuery, ResultStore,
+    ReviewOutcome, vector_from_bytes, vector_to_bytes,
 };
 use crate::envelope::{RecordId, now_ms};
 use crate::error::Result;
@@ -239,6 +239,25 @@ impl ResultStore for EmbeddedResultStore {
                     params![settled.status.as_str(), body, id],
                 )?;
                 Ok(ReviewOutcome::Resolved(Box::new(settled)))
+            })
+            .await
+    }
+
+    async fn set_ground_truth(&self, id: &RecordId, label: &str) -> Result<FeedbackOutcome> {
+        let (id, label) = (id.as_str().to_owned(), label.to_owned());
+        self.db
+            .write(move |tx| {
+                let stored: Option<String> =
+                    tx.query_row("SELECT body FROM results WHERE record_id = ?1", [&id], |r| r.get(0)).optional()?;
+                let Some(stored) = stored else { return Ok(FeedbackOutcome::Missing) };
+                let mut result = decode_result(&stored)?;
+                if result.ground_truth.as_deref() == Some(label.as_str()) {
+                    return Ok(FeedbackOutcome::Unchanged);
+                }
+                result.ground_truth = Some(label);
+                let body = serde_json::to_string(&result).expect("a result serialises");
+                tx.execute("UPDATE results SET body = ?1 WHERE record_id = ?2", params![body, id])?;
+                Ok(FeedbackOutcome::Recorded)
             })
             .await
     }

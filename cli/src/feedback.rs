@@ -1,0 +1,50 @@
+//! `sluice feedback --file labels.csv|labels.jsonl`: true labels onto results, by record id
+//! (the work is `sluice_monitor::feedback`).
+
+use std::path::PathBuf;
+
+use sluice_core::backend::Backend;
+use sluice_core::config::{Settings, StoreArgs};
+use sluice_core::model::ModelBundle;
+use sluice_monitor::feedback::{FeedbackReport, apply, read_labels};
+
+#[derive(Debug, clap::Args)]
+pub struct FeedbackArgs {
+    #[command(flatten)]
+    pub store: StoreArgs,
+    /// CSV (`record_id,label`, header optional) or JSON lines (`{"record_id": …, "label": …}`,
+    /// a `.jsonl`/`.ndjson`/`.json` file).
+    #[arg(long)]
+    pub file: PathBuf,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub async fn run(args: &FeedbackArgs, settings: Settings) -> anyhow::Result<FeedbackReport> {
+    let settings = args.store.apply(settings);
+    let classes = ModelBundle::load(settings.model()?.dir)?.manifest.labels;
+    let backend = Backend::open_observer(&settings.store()?).await?;
+    let mut report = FeedbackReport::default();
+    let labels = read_labels(&args.file, &classes, &mut report.rejected)?;
+    Ok(apply(backend.results.as_ref(), labels, report).await?)
+}
+
+pub fn print_text(report: &FeedbackReport) {
+    println!(
+        "{} labels: {} recorded, {} already known, {} for unknown record ids, {} lines rejected",
+        report.labels,
+        report.recorded,
+        report.unchanged,
+        report.unknown,
+        report.rejected.len()
+    );
+    if !report.unknown_ids.is_empty() {
+        let more = report.unknown - report.unknown_ids.len() as u64;
+        let tail = if more > 0 { format!(" and {more} more") } else { String::new() };
+        println!("  unknown: {}{tail}", report.unknown_ids.join(", "));
+    }
+    for line in &report.rejected {
+        println!("  rejected {line}");
+    }
+}

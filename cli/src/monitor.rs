@@ -1,0 +1,106 @@
+//! `sluice monitor`: accuracy and drift over the rolling window, alerts on crossings; once
+//! (for cron or an ECS scheduled task) or `--watch`. `--set-reference` saves a window's
+//! profile as what drift is measured against. The work is `sluice_monitor::check`.
+
+use std::time::Duration;
+
+use sluice_core::backend::Backend;
+use sluice_core::config::{Settings, StoreArgs};
+use sluice_core::envelope::now_ms;
+use sluice_core::model::ModelBundle;
+use sluice_monitor::MonitorConfig;
+use sluice_monitor::alert::Notifier;
+use sluice_monitor::check::{MonitorRun, run_once, set_reference};
+
+use crate::dlq::parse_time;
+
+#[derive(Debug, clap::Args)]
+pub struct MonitorArgs {
+    #[command(flatten)]
+    pub store: StoreArgs,
+    /// Run the checks every `monitor.interval_s` until stopped, instead of once.
+    #[arg(long)]
+    pub watch: bool,
+    /// Save the profile of a window judged healthy (`--since`, `--until`; default the monitor's
+    /// window) as the reference drift is measured against, and stop.
+    #[arg(long)]
+    pub set_reference: bool,
+    /// With `--set-reference`: the window's start (RFC 3339 or an age such as `2h`).
+    #[arg(long, requires = "set_reference")]
+    pub since: Option<String>,
+    /// With `--set-reference`: the window's end (default now).
+    #[arg(long, requires = "set_reference")]
+    pub until: Option<String>,
+    /// POST alerts here (overrides `monitor.webhook_url`).
+    #[arg(long)]
+    pub webhook_url: Option<String>,
+    /// Print each pass as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub async fn run(args: &MonitorArgs, settings: Settings) -> anyhow::Result<()> {
+    let mut settings = args.store.apply(settings);
+    if let Some(url) = &args.webhook_url {
+        settings = settings.set("monitor.webhook_url", url);
+    }
+    let config: MonitorConfig = settings.section("monitor")?;
+    let store = settings.store()?;
+    let backend = Backend::open_observer(&store).await?;
+    if args.set_reference {
+        let until = args.until.as_deref().map(parse_time).transpose()?.unwrap_or_else(now_ms);
+        let since = match args.since.as_deref() {
+            Some(raw) => parse_time(raw)?,
+            None => until.saturating_sub(config.window_hours * 3_600_000),
+        };
+        let reference = set_reference(&backend, since, until).await?;
+        println!(
+            "reference saved in {}: {} predictions ({} with feature vectors)",
+            backend.capture.location(),
+            reference.profile.records,
+            reference.profile.feature_records
+        );
+        return Ok(());
+    }
+    let manifest = ModelBundle::load(settings.model()?.dir)?.manifest;
+    let notifier = Notifier::new(&config, &store.aws).await;
+    let shutdown = sluice_core::shutdown::on_signal();
+    loop {
+        let pass = run_once(&backend, &config, &manifest, &notifier, now_ms()).await?;
+        if args.json {
+            println!("{}", serde_json::to_string(&pass)?);
+        } else {
+            print_text(&pass);
+        }
+        if !args.watch {
+            anyhow::ensure!(pass.undelivered.is_empty(), "alerts not delivered: {}", pass.undelivered.join("; "));
+            return Ok(());
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            _ = tokio::time::sleep(Duration::from_secs(config.interval_s.max(1))) => {}
+        }
+    }
+}
+
+fn print_text(pass: &MonitorRun) {
+    println!(
+        "sluice monitor: {} predictions over {}",
+        pass.records,
+        humantime::format_duration(Duration::from_secs((pass.until_ms - pass.since_ms) / 1000))
+    );
+    for check in &pass.checks {
+        let verdict = match check.breached {
+            Some(true) => "BREACHED",
+            Some(false) => "ok",
+            None => "not judged",
+        };
+        println!("  {:<18} {:<10} {}", check.name, verdict, check.detail);
+    }
+    for alert in &pass.alerts {
+        println!("  alert {:?}: {}", alert.status, alert.text);
+    }
+    for failure in &pass.undelivered {
+        println!("  NOT DELIVERED {failure}");
+    }
+}

@@ -1,0 +1,180 @@
+//! The embedded store's capture log: JSON-lines files in a directory beside the store file,
+//! one open file per process at a time, rotated by size and age. A file is named
+//! `capture-<first write, ms>-<pid>-<n>.jsonl`, so a reader can tell from the name (and the
+//! file's modification time) which files a window needs.
+
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::UNIX_EPOCH;
+
+use async_trait::async_trait;
+
+use crate::backend::CaptureLog;
+use crate::config::StoreConfig;
+use crate::error::{ReasonCode, Result, SluiceError};
+
+pub(super) struct CaptureFiles {
+    dir: PathBuf,
+    rotate_bytes: u64,
+    rotate_after_ms: u64,
+    current: Arc<Mutex<Option<OpenFile>>>,
+}
+
+struct OpenFile {
+    path: PathBuf,
+    started_ms: u64,
+    bytes: u64,
+}
+
+impl CaptureFiles {
+    pub(super) fn new(config: &StoreConfig) -> Self {
+        Self {
+            dir: config.capture_dir(),
+            rotate_bytes: config.capture.rotate_bytes.max(1),
+            rotate_after_ms: config.capture.rotate_after_s.saturating_mul(1000).max(1),
+            current: Arc::default(),
+        }
+    }
+}
+
+fn io_error(path: &Path, e: std::io::Error) -> SluiceError {
+    SluiceError::retryable(ReasonCode::StoreUnavailable, format!("{}: {e}", path.display()))
+}
+
+/// The first-write time in a capture file's name.
+fn started_ms(name: &str) -> Option<u64> {
+    name.strip_prefix("capture-")?.strip_suffix(".jsonl")?.split('-').next()?.parse().ok()
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| SluiceError::retryable(ReasonCode::Internal, format!("capture task: {e}")))?
+}
+
+#[async_trait]
+impl CaptureLog for CaptureFiles {
+    async fn append(&self, lines: Vec<u8>, at_ms: u64) -> Result<()> {
+        let (dir, current) = (self.dir.clone(), Arc::clone(&self.current));
+        let (rotate_bytes, rotate_after_ms) = (self.rotate_bytes, self.rotate_after_ms);
+        blocking(move || {
+            let mut current = current.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            let due = current.as_ref().is_none_or(|file| {
+                file.bytes >= rotate_bytes || at_ms.saturating_sub(file.started_ms) >= rotate_after_ms
+            });
+            if due {
+                std::fs::create_dir_all(&dir).map_err(|e| io_error(&dir, e))?;
+                let mut n = 0;
+                let path = loop {
+                    let path = dir.join(format!("capture-{at_ms:013}-{}-{n}.jsonl", std::process::id()));
+                    if !path.exists() {
+                        break path;
+                    }
+                    n += 1;
+                };
+                *current = Some(OpenFile { path, started_ms: at_ms, bytes: 0 });
+            }
+            let file = current.as_mut().expect("a file is open");
+            let mut out =
+                OpenOptions::new().create(true).append(true).open(&file.path).map_err(|e| io_error(&file.path, e))?;
+            out.write_all(&lines).map_err(|e| io_error(&file.path, e))?;
+            file.bytes += lines.len() as u64;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn read(&self, since_ms: u64, until_ms: u64) -> Result<Vec<Vec<u8>>> {
+        let dir = self.dir.clone();
+        blocking(move || {
+            let entries = match std::fs::read_dir(&dir) {
+                Ok(entries) => entries,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+                Err(e) => return Err(io_error(&dir, e)),
+            };
+            let mut wanted: Vec<(u64, PathBuf)> = Vec::new();
+            for entry in entries {
+                let entry = entry.map_err(|e| io_error(&dir, e))?;
+                let name = entry.file_name().to_string_lossy().into_owned();
+                let Some(started) = started_ms(&name) else { continue };
+                let modified_ms = entry
+                    .metadata()
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+                    .map_or(u64::MAX, |d| d.as_millis() as u64);
+                // A file holds lines from its first write to its last (its modification time).
+                if started <= until_ms && modified_ms >= since_ms {
+                    wanted.push((started, entry.path()));
+                }
+            }
+            wanted.sort();
+            wanted.into_iter().map(|(_, path)| std::fs::read(&path).map_err(|e| io_error(&path, e))).collect()
+        })
+        .await
+    }
+
+    async fn get_meta(&self, name: &str) -> Result<Option<Vec<u8>>> {
+        let path = self.dir.join("monitor").join(name);
+        blocking(move || match std::fs::read(&path) {
+            Ok(data) => Ok(Some(data)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io_error(&path, e)),
+        })
+        .await
+    }
+
+    async fn put_meta(&self, name: &str, data: Vec<u8>) -> Result<()> {
+        let dir = self.dir.join("monitor");
+        let name = name.to_owned();
+        blocking(move || {
+            std::fs::create_dir_all(&dir).map_err(|e| io_error(&dir, e))?;
+            // Written aside and renamed, so a reader never sees half a document.
+            let (path, partial) = (dir.join(&name), dir.join(format!(".{name}.partial")));
+            std::fs::write(&partial, &data).map_err(|e| io_error(&partial, e))?;
+            std::fs::rename(&partial, &path).map_err(|e| io_error(&path, e))
+        })
+        .await
+    }
+
+    fn location(&self) -> String {
+        self.dir.display().to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_names_carry_their_first_write() {
+        assert_eq!(started_ms("capture-0001795000000000-12-0.jsonl"), Some(1_795_000_000_000));
+        assert_eq!(started_ms("notes.txt"), None);
+    }
+
+    #[tokio::test]
+    async fn files_rotate_by_size_and_age_and_are_read_back_by_window() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = StoreConfig { path: dir.path().join("s.sqlite"), ..Default::default() };
+        config.capture.rotate_bytes = 10;
+        config.capture.rotate_after_s = 60;
+        let log = CaptureFiles::new(&config);
+        log.append(b"aaaa\n".to_vec(), 1_000).await.unwrap();
+        log.append(b"bbbb\n".to_vec(), 2_000).await.unwrap(); // same file: 5 bytes < 10
+        log.append(b"cccc\n".to_vec(), 3_000).await.unwrap(); // full: a new file
+        log.append(b"dddd\n".to_vec(), 70_000).await.unwrap(); // too old: a new file
+        let files = std::fs::read_dir(config.capture_dir()).unwrap().count();
+        assert_eq!(files, 3);
+        let all = log.read(0, u64::MAX).await.unwrap();
+        assert_eq!(all.concat(), b"aaaa\nbbbb\ncccc\ndddd\n");
+        // Files first written after the window's end are left out.
+        assert_eq!(log.read(0, 2_500).await.unwrap().concat(), b"aaaa\nbbbb\n");
+
+        assert_eq!(log.get_meta("state.json").await.unwrap(), None);
+        log.put_meta("state.json", b"{}".to_vec()).await.unwrap();
+        assert_eq!(log.get_meta("state.json").await.unwrap(), Some(b"{}".to_vec()));
+        assert_eq!(log.read(0, u64::MAX).await.unwrap().len(), 3, "meta documents are not capture");
+    }
+}

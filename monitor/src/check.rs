@@ -1,0 +1,163 @@
+//! One monitoring pass: read the window, judge accuracy and drift against their thresholds,
+//! and raise an alert for each crossing.
+
+use serde::Serialize;
+use sluice_core::backend::Backend;
+use sluice_core::model::ModelManifest;
+use sluice_core::telemetry::metrics::metrics;
+use sluice_core::{ReasonCode, Result, SluiceError};
+
+use crate::MonitorConfig;
+use crate::alert::{Alert, AlertState, Check, Notifier, crossings, notify};
+use crate::drift::{Drift, Profile, REFERENCE_DOCUMENT, Reference, compare, feature_names};
+use crate::quality::{Quality, quality};
+use crate::window::Window;
+
+/// What one pass found and did.
+#[derive(Debug, Clone, Serialize)]
+pub struct MonitorRun {
+    pub since_ms: u64,
+    pub until_ms: u64,
+    pub records: u64,
+    pub quality: Quality,
+    /// Against the saved reference; absent without one.
+    pub drift: Option<Drift>,
+    pub checks: Vec<Check>,
+    /// Crossings raised by this pass.
+    pub alerts: Vec<Alert>,
+    /// Alerts a destination could not take (tried again next pass).
+    pub undelivered: Vec<String>,
+    pub skipped_lines: u64,
+}
+
+pub async fn load_reference(backend: &Backend) -> Result<Option<Reference>> {
+    match backend.capture.get_meta(REFERENCE_DOCUMENT).await? {
+        None => Ok(None),
+        Some(bytes) => serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| SluiceError::permanent(ReasonCode::SchemaMismatch, format!("{REFERENCE_DOCUMENT}: {e}"))),
+    }
+}
+
+/// Saves the profile of `since_ms..=until_ms` as the reference later windows are compared with.
+pub async fn set_reference(backend: &Backend, since_ms: u64, until_ms: u64) -> Result<Reference> {
+    let window = Window::read(backend, since_ms, until_ms).await?;
+    let reference = Reference {
+        created_ms: sluice_core::envelope::now_ms(),
+        since_ms,
+        until_ms,
+        profile: Profile::of(window.captures()),
+    };
+    let bytes = serde_json::to_vec_pretty(&reference).expect("a reference serialises");
+    backend.capture.put_meta(REFERENCE_DOCUMENT, bytes).await?;
+    Ok(reference)
+}
+
+/// Judges the window ending at `now_ms` and sends an alert for each crossing.
+pub async fn run_once(
+    backend: &Backend,
+    config: &MonitorConfig,
+    manifest: &ModelManifest,
+    notifier: &Notifier,
+    now_ms: u64,
+) -> Result<MonitorRun> {
+    let since_ms = now_ms.saturating_sub(config.window_hours.saturating_mul(3_600_000));
+    let window = Window::read(backend, since_ms, now_ms).await?;
+    let quality = quality(&window.observations);
+    let reference = load_reference(backend).await?;
+    let profile = Profile::of(window.captures());
+    let drift = reference.as_ref().map(|r| compare(&r.profile, &profile, &feature_names(manifest)));
+    let checks = judge(config, &quality, drift.as_ref(), profile.records, reference.is_some());
+    report_metrics(&quality, drift.as_ref());
+
+    let mut state = AlertState::load(backend.capture.as_ref()).await?;
+    let alerts = crossings(&state, &checks, &manifest.name);
+    let undelivered = notify(&mut state, &alerts, notifier, now_ms).await;
+    if !alerts.is_empty() {
+        state.save(backend.capture.as_ref()).await?;
+    }
+    Ok(MonitorRun {
+        since_ms,
+        until_ms: now_ms,
+        records: profile.records,
+        quality,
+        drift,
+        checks,
+        alerts,
+        undelivered,
+        skipped_lines: window.skipped_lines,
+    })
+}
+
+fn judge(
+    config: &MonitorConfig,
+    quality: &Quality,
+    drift: Option<&Drift>,
+    records: u64,
+    has_reference: bool,
+) -> Vec<Check> {
+    let overall = &quality.overall;
+    let accuracy = overall.value();
+    let mut checks = vec![Check {
+        name: "accuracy".into(),
+        value: accuracy,
+        threshold: config.accuracy_baseline,
+        breached: (overall.labelled >= config.min_labelled).then(|| accuracy.unwrap_or(1.0) < config.accuracy_baseline),
+        detail: match accuracy {
+            Some(a) => format!(
+                "accuracy {:.1}% over {} labelled predictions (baseline {:.1}%{})",
+                a * 100.0,
+                overall.labelled,
+                config.accuracy_baseline * 100.0,
+                if overall.labelled < config.min_labelled {
+                    format!("; not judged under {} labelled", config.min_labelled)
+                } else {
+                    String::new()
+                }
+            ),
+            None => "no labelled predictions in the window".into(),
+        },
+    }];
+    let enough = records >= config.min_records;
+    let why_not = if !has_reference {
+        "no reference saved (sluice monitor --set-reference)".to_owned()
+    } else {
+        format!("{records} predictions in the window; drift is judged from {}", config.min_records)
+    };
+    let psi_check = |name: &str, value: Option<f64>, what: String| Check {
+        name: name.into(),
+        value,
+        threshold: config.psi_threshold,
+        breached: value.filter(|_| enough).map(|v| v > config.psi_threshold),
+        detail: match value {
+            Some(v) if enough => {
+                format!("PSI {v:.3} of {what} against the reference (threshold {})", config.psi_threshold)
+            }
+            _ => why_not.clone(),
+        },
+    };
+    checks.push(psi_check("prediction_drift", drift.map(|d| d.prediction_psi), "the predicted classes".into()));
+    checks.push(psi_check("confidence_drift", drift.map(|d| d.confidence_psi), "the confidences".into()));
+    if let Some(worst) = drift.and_then(Drift::worst_feature) {
+        checks.push(psi_check("feature_drift", Some(worst.1), format!("input feature {:?} (the most moved)", worst.0)));
+    }
+    checks
+}
+
+fn report_metrics(quality: &Quality, drift: Option<&Drift>) {
+    if let Some(a) = quality.overall.value() {
+        metrics().model_accuracy("all", a);
+    }
+    for (class, accuracy) in &quality.by_class {
+        if let Some(a) = accuracy.value() {
+            metrics().model_accuracy(class, a);
+        }
+    }
+    if let Some(d) = drift {
+        metrics().drift_psi("prediction", d.prediction_psi);
+        metrics().drift_psi("confidence", d.confidence_psi);
+        if let Some((_, worst)) = d.worst_feature() {
+            metrics().drift_psi("feature_max", *worst);
+        }
+    }
+}

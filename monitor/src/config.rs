@@ -1,0 +1,40 @@
+//! `[monitor]`: the window, the thresholds and where alerts go.
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MonitorConfig {
+    /// The rolling window every check looks at, in hours (default: seven days).
+    pub window_hours: u64,
+    /// Accuracy against true labels under which an alert goes out.
+    pub accuracy_baseline: f64,
+    /// Fewer labelled predictions in the window than this, and accuracy is not judged.
+    pub min_labelled: u64,
+    /// Population stability index over which a distribution has drifted (0.1 is commonly read
+    /// as "some change", 0.2 as "a significant shift").
+    pub psi_threshold: f64,
+    /// Fewer captured predictions in the window than this, and drift is not judged.
+    pub min_records: u64,
+    /// How often `sluice monitor --watch` runs the checks.
+    pub interval_s: u64,
+    /// Alerts are POSTed here as Slack-compatible JSON (`{"text": …}`).
+    pub webhook_url: Option<String>,
+    /// Alerts are published to this SNS topic.
+    pub sns_topic_arn: Option<String>,
+}
+
+impl Default for MonitorConfig {
+    fn default() -> Self {
+        Self {
+            window_hours: 7 * 24,
+            accuracy_baseline: 0.85,
+            min_labelled: 50,
+            psi_threshold: 0.2,
+            min_records: 100,
+            interval_s: 3600,
+            webhook_url: None,
+            sns_topic_arn: None,
+        }
+    }
+}
