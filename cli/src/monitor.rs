@@ -8,6 +8,7 @@ use sluice_core::backend::Backend;
 use sluice_core::config::{Settings, StoreArgs};
 use sluice_core::envelope::now_ms;
 use sluice_core::model::ModelBundle;
+use sluice_core::telemetry::health::Health;
 use sluice_monitor::MonitorConfig;
 use sluice_monitor::alert::Notifier;
 use sluice_monitor::check::{MonitorRun, run_once, set_reference};
@@ -65,6 +66,16 @@ pub async fn run(args: &MonitorArgs, settings: Settings) -> anyhow::Result<()> {
     let manifest = ModelBundle::load(settings.model()?.dir)?.manifest;
     let notifier = Notifier::new(&config, &store.aws).await;
     let shutdown = sluice_core::shutdown::on_signal();
+    // Watching, the monitor's gauges and alert counts are on /metrics (the `telemetry` port of
+    // `sluice`, 9100 by default), as a worker's are.
+    let _endpoints = if args.watch {
+        Some(
+            sluice_core::service::spawn_health_endpoints(&settings, None, Health::new(0))
+                .map_err(|e| anyhow::anyhow!(e))?,
+        )
+    } else {
+        None
+    };
     loop {
         let pass = run_once(&backend, &config, &manifest, &notifier, now_ms()).await?;
         if args.json {

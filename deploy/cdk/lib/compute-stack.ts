@@ -2,7 +2,8 @@
 // CPU with `-c inference=cpu`), each with a task role reaching only its own stage's resources,
 // scaled on backlog per task (ingest: on the stream's shards and iterator age), logs with
 // retention, an ADOT collector beside each worker (metrics to CloudWatch, traces to X-Ray),
-// alarms to an SNS topic, and the SageMaker XGBoost fallback endpoint.
+// alarms to an SNS topic, the SageMaker XGBoost fallback endpoint, and the model monitor as an
+// hourly scheduled task (monitor.ts).
 import { Aws, CfnMapping, CfnOutput, Duration, RemovalPolicy, Stack, StackProps, Validations } from 'aws-cdk-lib';
 import * as appscaling from 'aws-cdk-lib/aws-applicationautoscaling';
 import * as autoscaling from 'aws-cdk-lib/aws-autoscaling';
@@ -20,6 +21,7 @@ import * as sns from 'aws-cdk-lib/aws-sns';
 import * as subs from 'aws-cdk-lib/aws-sns-subscriptions';
 import { Construct } from 'constructs';
 import { backlogPerTaskTarget } from './capacity';
+import { ScheduledMonitor, bucketObjects } from './monitor';
 import { DataStack, pascal } from './data-stack';
 import { EnvironmentConfig } from './environments';
 import { REPO_ROOT, RESOURCES, STAGES, Stage, configNumber, resourceName } from './resources';
@@ -101,6 +103,8 @@ export class ComputeStack extends Stack {
   readonly services = new Map<Stage, ecs.BaseService>();
   readonly taskRoles = new Map<Stage, iam.Role>();
   readonly alarmTopic: sns.Topic;
+  /** `sluice monitor`, hourly, alerts to the alarm topic. */
+  readonly monitor: ScheduledMonitor;
   /** None when `telemetry.collector` is off. */
   readonly telemetry?: TelemetryDestinations;
 
@@ -165,10 +169,16 @@ export class ComputeStack extends Stack {
         description: `sluice-${stage}: only what the ${stage} worker calls`,
       });
       for (const statement of this.workerStatements(stage, data, fallback)) role.addToPolicy(statement);
-      Validations.of(role).acknowledge({
-        id: `AwsSolutions-IAM5[Resource::${claimCheckObjects(data, '<AWS::Partition>')}]`,
-        reason: 'Claim-checks are keyed by their content hash under one prefix: the worker cannot know the keys in advance, and reaches nothing else in the bucket.',
-      });
+      Validations.of(role).acknowledge(
+        {
+          id: `AwsSolutions-IAM5[Resource::${claimCheckObjects(data, '<AWS::Partition>')}]`,
+          reason: 'Claim-checks are keyed by their content hash under one prefix: the worker cannot know the keys in advance, and reaches nothing else in the bucket.',
+        },
+        {
+          id: `AwsSolutions-IAM5[Resource::${bucketObjects(data, RESOURCES.capture_key_prefix, '<AWS::Partition>')}]`,
+          reason: 'Capture objects are keyed by the time they are written under one prefix: the results worker cannot know the keys in advance, and writes nothing else there.',
+        },
+      );
       if (this.telemetry) this.grantTelemetry(role, this.telemetry);
       this.taskRoles.set(stage, role);
       const logGroup = new logs.LogGroup(this, `${pascal(stage)}Logs`, { retention: config.logRetention });
@@ -205,6 +215,15 @@ export class ComputeStack extends Stack {
     }
 
     this.alarmTopic = this.alarms(data, config, props.alarmEmail);
+    this.monitor = new ScheduledMonitor(this, 'Monitor', {
+      data,
+      config,
+      cluster,
+      securityGroup,
+      image: this.containerImage('Image', props.images.cpu),
+      topic: this.alarmTopic,
+      environment,
+    });
     new CfnOutput(this, 'ClusterName', { value: cluster.clusterName });
     new CfnOutput(this, 'AlarmTopic', { value: this.alarmTopic.topicArn });
   }
@@ -331,6 +350,9 @@ export class ComputeStack extends Stack {
         // One TransactWriteItems per batch: conditional puts of results plus the status counters.
         allow('WriteResults', ['dynamodb:PutItem', 'dynamodb:BatchGetItem'], [data.table('results').tableArn]);
         allow('ResultCountersAndRequests', ['dynamodb:UpdateItem'], [counters]);
+        // Prediction capture: a chunk of lines per object; tabular records with their vectors.
+        allow('CapturePredictions', ['s3:PutObject'], [bucketObjects(data, RESOURCES.capture_key_prefix)]);
+        allow('ReadFeaturesForCapture', ['dynamodb:BatchGetItem'], [data.table('features').tableArn]);
         break;
     }
     return statements;

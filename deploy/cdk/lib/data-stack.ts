@@ -113,6 +113,8 @@ export class DataStack extends Stack {
         // Claim-checks and offloaded feature vectors are content-addressed copies that only
         // matter while their records are in flight or in a DLQ (environments.ts says how long).
         { id: 'expire-claim-checks', prefix: RESOURCES.claim_check_key_prefix, expiration: config.claimCheckExpiry },
+        // Prediction capture: kept past the monitor's window, for reports and audits.
+        { id: 'expire-capture', prefix: RESOURCES.capture_key_prefix, expiration: config.captureExpiry },
         { id: 'abort-incomplete-uploads', abortIncompleteMultipartUploadAfter: Duration.days(1) },
       ],
       removalPolicy,

@@ -30,6 +30,8 @@ export interface EnvironmentConfig {
    * a message can live in a work queue and then its DLQ (4 + 14 days), so a replay finds them.
    */
   claimCheckExpiry: Duration;
+  /** How long prediction capture is kept (longer than the monitor's window, 7 days by default). */
+  captureExpiry: Duration;
   /** Results expire this many days after they are written (DynamoDB TTL); 0 keeps them. */
   resultTtlDays: number;
   /** Stateful resources survive `cdk destroy`; tables and stream refuse deletion. */
@@ -71,6 +73,7 @@ export const ENVIRONMENTS: Record<'beta' | 'prod', EnvironmentConfig> = {
     natGateways: 1,
     logRetention: RetentionDays.ONE_MONTH,
     claimCheckExpiry: Duration.days(21),
+    captureExpiry: Duration.days(30),
     resultTtlDays: 30,
     retain: false,
     fallback: { instanceType: 'ml.m5.large', instanceCount: 1 },
@@ -92,6 +95,7 @@ export const ENVIRONMENTS: Record<'beta' | 'prod', EnvironmentConfig> = {
     natGateways: 2,
     logRetention: RetentionDays.ONE_YEAR,
     claimCheckExpiry: Duration.days(30),
+    captureExpiry: Duration.days(400),
     resultTtlDays: 0,
     retain: true,
     fallback: { instanceType: 'ml.m5.large', instanceCount: 2 },

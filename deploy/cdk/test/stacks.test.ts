@@ -6,6 +6,7 @@ import * as path from 'node:path';
 import { describe, it } from 'node:test';
 import { App } from 'aws-cdk-lib';
 import { Match, Template } from 'aws-cdk-lib/assertions';
+import { IRole } from 'aws-cdk-lib/aws-iam';
 import { AwsSolutionsChecks } from 'cdk-nag';
 import { SluiceStacks, buildStacks } from '../lib/app';
 import { ENVIRONMENTS, EnvironmentConfig } from '../lib/environments';
@@ -49,10 +50,12 @@ type Container = { Name: string; Command?: string[]; Environment: { Name: string
 
 /** Each worker's task definition: its worker container (the first) and the rest. */
 function workerTasks(template: Template): { stage: Stage; worker: Container; others: Container[] }[] {
-  return resources(template, 'AWS::ECS::TaskDefinition').map(([, task]) => {
-    const [worker, ...others] = task.Properties.ContainerDefinitions as Container[];
-    return { stage: worker.Name as Stage, worker, others };
-  });
+  return resources(template, 'AWS::ECS::TaskDefinition')
+    .map(([, task]) => {
+      const [worker, ...others] = task.Properties.ContainerDefinitions as Container[];
+      return { stage: worker.Name as Stage, worker, others };
+    })
+    .filter((task) => STAGES.includes(task.stage));
 }
 
 function variable(container: Container, name: string): any {
@@ -66,7 +69,11 @@ function rustStrings(file: string): Set<string> {
 }
 
 function taskRolePolicy(stacks: SluiceStacks, template: Template, stage: Stage): any[] {
-  const roleId = stacks.compute.getLogicalId(stacks.compute.taskRoles.get(stage)!.node.defaultChild as any);
+  return rolePolicy(stacks, template, stacks.compute.taskRoles.get(stage)!);
+}
+
+function rolePolicy(stacks: SluiceStacks, template: Template, role: IRole): any[] {
+  const roleId = stacks.compute.getLogicalId(role.node.defaultChild as any);
   const policies = resources(template, 'AWS::IAM::Policy').filter(([, p]) =>
     (p.Properties.Roles as any[]).some((r) => r.Ref === roleId),
   );
@@ -144,9 +151,16 @@ for (const [env, synthed] of [['beta', beta], ['prod', prod]] as const) {
     it('locks the claim-check bucket down and expires claim-checks', () => {
       data.hasResourceProperties('AWS::S3::Bucket', {
         PublicAccessBlockConfiguration: { BlockPublicAcls: true, BlockPublicPolicy: true, IgnorePublicAcls: true, RestrictPublicBuckets: true },
-        LifecycleConfiguration: { Rules: [{ Prefix: RESOURCES.claim_check_key_prefix, Status: 'Enabled', ExpirationInDays: ENVIRONMENTS[env].claimCheckExpiry.toDays() }, {}] },
+        LifecycleConfiguration: {
+          Rules: [
+            { Prefix: RESOURCES.claim_check_key_prefix, Status: 'Enabled', ExpirationInDays: ENVIRONMENTS[env].claimCheckExpiry.toDays() },
+            { Prefix: RESOURCES.capture_key_prefix, Status: 'Enabled', ExpirationInDays: ENVIRONMENTS[env].captureExpiry.toDays() },
+            {},
+          ],
+        },
       });
       assert.ok(ENVIRONMENTS[env].claimCheckExpiry.toDays() > 4 + 14, 'claim-checks outlive work queue + DLQ');
+      assert.ok(ENVIRONMENTS[env].captureExpiry.toDays() > 7, 'capture outlives the monitor window');
       const [, policy] = resources(data, 'AWS::S3::BucketPolicy')[0];
       const denyInsecure = policy.Properties.PolicyDocument.Statement.find((s: any) => s.Effect === 'Deny');
       assert.deepEqual(denyInsecure.Condition, { Bool: { 'aws:SecureTransport': 'false' } });
@@ -248,12 +262,11 @@ for (const [env, synthed] of [['beta', beta], ['prod', prod]] as const) {
 
     it('runs workers read-only, health-checked, stopping within the stop timeout, with logs kept', () => {
       const grace = (c: any) => Number(c.Environment.find((e: any) => e.Name === 'SLUICE__WORKER__SHUTDOWN_GRACE_MS').Value);
-      for (const [, task] of resources(compute, 'AWS::ECS::TaskDefinition')) {
-        const [container] = task.Properties.ContainerDefinitions;
+      for (const { worker: container } of workerTasks(compute)) {
         assert.equal(container.ReadonlyRootFilesystem, true);
         assert.ok(grace(container) < container.StopTimeout * 1000, 'the grace period ends before SIGKILL');
         assert.equal(container.LogConfiguration.LogDriver, 'awslogs');
-        assert.deepEqual(container.HealthCheck.Command, ['CMD', container.Command[0], '--healthcheck']);
+        assert.deepEqual(container.HealthCheck.Command, ['CMD', container.Command?.[0], '--healthcheck']);
       }
       for (const [, group] of resources(compute, 'AWS::Logs::LogGroup')) assert.ok(group.Properties.RetentionInDays > 0);
     });
@@ -369,6 +382,30 @@ for (const [env, synthed] of [['beta', beta], ['prod', prod]] as const) {
       off.compute.resourcePropertiesCountIs('AWS::Logs::LogGroup', { LogGroupName: `/sluice/${prefix}/metrics` }, 0);
       const report = new AwsSolutionsChecks().validateScope(off.stacks.compute);
       assert.deepEqual(report.violations.map((v) => v.ruleName), []);
+    });
+
+    it('runs the model monitor hourly: reads capture and true labels, keeps its state, alerts to the alarm topic', () => {
+      const rules = resources(compute, 'AWS::Events::Rule').filter(([, r]) => r.Properties.ScheduleExpression === 'rate(1 hour)');
+      assert.equal(rules.length, 1);
+      const [container] = resources(compute, 'AWS::ECS::TaskDefinition')
+        .map(([, t]) => (t.Properties.ContainerDefinitions as Container[])[0])
+        .filter((c) => c.Name === 'monitor');
+      assert.deepEqual(container.Command, ['/usr/local/bin/sluice', 'monitor']);
+      assert.equal(variable(container, 'SLUICE__STORE__AWS__PREFIX'), prefix);
+      assert.ok(variable(container, 'SLUICE__MONITOR__SNS_TOPIC_ARN'), 'alerts go to the alarm topic');
+      const statements = rolePolicy(stacks, compute, stacks.compute.monitor.role);
+      const granted = (action: string) =>
+        statements.filter((s) => [s.Action].flat().includes(action)).map((s) => JSON.stringify(s.Resource) + JSON.stringify(s.Condition ?? {}));
+      assert.ok(granted('s3:ListBucket').every((r) => r.includes(`"${RESOURCES.capture_key_prefix}*"`)), 'lists capture/ only');
+      assert.ok(granted('s3:GetObject').some((r) => r.includes(`/${RESOURCES.capture_key_prefix}*`)));
+      assert.ok(granted('s3:PutObject').every((r) => r.includes(`/${RESOURCES.monitor_key_prefix}*`)), 'writes its own state only');
+      assert.equal(granted('dynamodb:BatchGetItem').length, 1);
+      assert.equal(granted('sns:Publish').length, 1);
+      // The results workers write the capture the monitor reads.
+      const results = taskRolePolicy(stacks, compute, 'results');
+      assert.ok(
+        results.some((s) => [s.Action].flat().includes('s3:PutObject') && JSON.stringify(s.Resource).includes(`/${RESOURCES.capture_key_prefix}*`)),
+      );
     });
 
     it('leaves no cdk-nag AwsSolutions finding unacknowledged', () => {
