@@ -8,6 +8,7 @@ use sluice_core::telemetry::health::TelemetryConfig;
 use sluice_features::FeaturesConfig;
 use sluice_inference::InferenceConfig;
 use sluice_ingest::IngestConfig;
+use sluice_monitor::MonitorConfig;
 use sluice_results::ResultsConfig;
 
 #[test]
@@ -22,4 +23,5 @@ fn the_example_config_is_complete_and_states_the_defaults() {
     assert_eq!(settings.section::<FeaturesConfig>("features").unwrap(), FeaturesConfig::default());
     assert_eq!(settings.section::<InferenceConfig>("inference").unwrap(), InferenceConfig::default());
     assert_eq!(settings.section::<ResultsConfig>("results").unwrap(), ResultsConfig::default());
+    assert_eq!(settings.section::<MonitorConfig>("monitor").unwrap(), MonitorConfig::default());
 }

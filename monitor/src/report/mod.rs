@@ -241,9 +241,7 @@ impl<'a> Page<'a> {
                 let mut ms: Vec<u64> = b
                     .observations
                     .iter()
-                    .filter_map(|o| {
-                        Some(o.capture.timestamps.stored_ms?.checked_sub(o.capture.timestamps.produced_ms?)?)
-                    })
+                    .filter_map(|o| o.capture.timestamps.stored_ms?.checked_sub(o.capture.timestamps.produced_ms?))
                     .collect();
                 ms.sort_unstable();
                 (!ms.is_empty()).then(|| ms[((q * ms.len() as f64).ceil() as usize).clamp(1, ms.len()) - 1] as f64)
