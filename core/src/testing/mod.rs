@@ -3,7 +3,12 @@
 //! `SLUICE_TEST_AWS_ENDPOINT` names one (CI starts moto server once for the whole run); without
 //! it, the first caller starts `moto_server` (from `pip install "moto[server]"`) on a free
 //! loopback port, watched so that it stops when the test process does. The Kinesis emulator and
-//! the local SageMaker XGBoost endpoint are found, or started, the same way.
+//! the local SageMaker XGBoost endpoint are found, or started, the same way. [`FaultProxy`] puts
+//! AWS's bad days (throttling, 5xx, latency, dropped connections) between a test and the stand-in.
+
+mod fault_proxy;
+
+pub use fault_proxy::{FaultCounts, FaultProxy, FaultRates};
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::process::{Command, Stdio};

@@ -1,0 +1,87 @@
+//! The fault proxy answers as a busy AWS does, in each service's own shape, and the SDK takes
+//! each answer for what it is: throttling and 5xx are retried (three attempts, the SDK's
+//! standard mode), then reach sluice as retryable errors naming the service's code.
+
+use sluice_core::backend::{Backend, OutgoingMessage, StreamInput};
+use sluice_core::envelope::RecordId;
+use sluice_core::testing::{FaultProxy, FaultRates, aws_endpoint, aws_store_config, unique_prefix};
+use sluice_core::topology::QueueName;
+
+fn only(rates: impl FnOnce(&mut FaultRates)) -> FaultRates {
+    let mut r = FaultRates::spread(0.0);
+    rates(&mut r);
+    r
+}
+
+/// Fresh resources (made directly), and a backend on them through a proxy faulting at `rates`.
+async fn through(rates: FaultRates) -> (Backend, FaultProxy, String) {
+    let prefix = unique_prefix("faults");
+    let mut config = aws_store_config(&prefix);
+    sluice_core::backend::aws::bootstrap::bootstrap(&config).await.unwrap();
+    let proxy = FaultProxy::start(&aws_endpoint(), rates, 3).unwrap();
+    config.aws.endpoint_url = Some(proxy.url.clone());
+    (Backend::open(&config).await.unwrap(), proxy, prefix)
+}
+
+#[tokio::test]
+async fn throttling_reads_as_each_services_own_throttling_and_is_retried() {
+    let (backend, proxy, _) = through(only(|r| r.throttle = 1.0)).await;
+    let id = RecordId::parse("r1").unwrap();
+    let errors = [
+        (
+            "Kinesis",
+            backend
+                .stream
+                .put_records(vec![StreamInput { partition_key: "k".into(), data: b"x".to_vec() }])
+                .await
+                .unwrap_err(),
+        ),
+        ("DynamoDB", backend.results.get_batch(std::slice::from_ref(&id)).await.unwrap_err()),
+        ("SQS", backend.queue(QueueName::Features).send_batch(vec![OutgoingMessage::default()]).await.unwrap_err()),
+        ("S3", backend.blobs.put(vec![1, 2, 3]).await.unwrap_err()),
+    ];
+    for ((service, error), code) in errors.iter().zip([
+        "ProvisionedThroughputExceededException",
+        "ProvisionedThroughputExceededException",
+        "RequestThrottled",
+        "SlowDown",
+    ]) {
+        assert!(error.is_retryable(), "{service}: {error}");
+        assert!(error.detail().contains(code), "{service}: {error}");
+    }
+    let counts = proxy.counts();
+    assert_eq!(counts.throttled, counts.requests);
+    assert_eq!(counts.requests, 4 * 3, "each call tried three times by the SDK: {counts:?}");
+}
+
+#[tokio::test]
+async fn server_errors_and_dropped_connections_are_retried_and_then_retryable() {
+    let (backend, proxy, _) = through(only(|r| r.server_error = 1.0)).await;
+    let error = backend.queue(QueueName::Features).depth().await.unwrap_err();
+    assert!(error.is_retryable(), "{error}");
+    assert_eq!(proxy.counts().requests, 3);
+
+    // The queue's URL is looked up cleanly; then every send is carried out and its answer lost.
+    let (backend, proxy, prefix) = through(only(|r| {
+        r.drop_after = 1.0;
+        r.clean_first = 1;
+    }))
+    .await;
+    let error = backend.queue(QueueName::Features).send_batch(vec![OutgoingMessage::default()]).await.unwrap_err();
+    assert!(error.is_retryable(), "{error}");
+    assert_eq!(proxy.counts().dropped_after, 3, "{error}: {:?}", proxy.counts());
+    // Every attempt was carried out upstream: the answers were lost, not the sends (which is
+    // why every sink downstream of a queue is idempotent by record id).
+    let direct = Backend::open(&aws_store_config(&prefix)).await.unwrap();
+    assert_eq!(direct.queue(QueueName::Features).depth().await.unwrap().visible, 3);
+}
+
+#[tokio::test]
+async fn without_faults_it_passes_everything_through() {
+    let (backend, proxy, _) = through(FaultRates::spread(0.0)).await;
+    backend.queue(QueueName::Features).send_batch(vec![OutgoingMessage::default()]).await.unwrap();
+    assert_eq!(backend.queue(QueueName::Features).depth().await.unwrap().visible, 1);
+    let reference = backend.blobs.put(vec![7; 1000]).await.unwrap();
+    assert_eq!(backend.blobs.get(&reference).await.unwrap(), vec![7; 1000]);
+    assert_eq!(proxy.counts().failed(), 0);
+}
