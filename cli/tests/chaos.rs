@@ -6,7 +6,8 @@
 //!
 //! CI runs it at a size that fits its time; the full proof is
 //! `SLUICE_CHAOS_RECORDS=100000 scripts/test -p sluice-cli --test chaos` (docs/chaos.md), and
-//! `SLUICE_CHAOS_AWS_RECORDS` sizes the run on the AWS stand-in.
+//! `SLUICE_CHAOS_AWS_RECORDS` sizes the run on the AWS stand-in; `SLUICE_CHAOS_FAULT_RECORDS` and
+//! `SLUICE_CHAOS_FAULT_RATE` the one through the fault proxy.
 
 mod common;
 
@@ -24,7 +25,7 @@ use sluice_core::backend::Backend;
 use sluice_core::config::StoreConfig;
 use sluice_core::dlq::{self, Filter, Letters};
 use sluice_core::envelope::Envelope;
-use sluice_core::testing::{aws_store_config, unique_prefix};
+use sluice_core::testing::{FaultProxy, FaultRates, aws_store_config, unique_prefix};
 use sluice_core::topology::StageName;
 
 const KINDS: [(&str, StageName); 4] = [
@@ -183,4 +184,33 @@ async fn chaos_on_aws() {
         exact_dlq: false,
     };
     chaos(setup, size("SLUICE_CHAOS_AWS_RECORDS", 300), 11).await;
+}
+
+/// The same on the AWS stand-in with every worker's requests through the fault proxy
+/// (`SLUICE_CHAOS_FAULT_RATE` of them faulted, 5% by default): throttling, 5xx, latency and
+/// dropped connections on top of the kills.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_on_aws_through_faults() {
+    let prefix = unique_prefix("chaos-faults");
+    let config = aws_store_config(&prefix);
+    sluice_core::backend::aws::bootstrap::bootstrap(&config).await.unwrap();
+    let rate: f64 = std::env::var("SLUICE_CHAOS_FAULT_RATE").ok().and_then(|v| v.parse().ok()).unwrap_or(0.05);
+    let proxy = FaultProxy::start(&sluice_core::testing::aws_endpoint(), FaultRates::spread(rate), 13).unwrap();
+    let url = proxy.url.clone();
+    let setup = Setup {
+        config,
+        configure: Box::new(move |cmd| {
+            aws_env(cmd, &prefix)
+                .env("SLUICE__STORE__AWS__ENDPOINT_URL", &url)
+                .env("SLUICE__STORE__VISIBILITY_TIMEOUT_MS", "5000")
+                .env("SLUICE__STORE__AWS__LEASE_FAILOVER_MS", "5000");
+        }),
+        every: Duration::from_millis(1500),
+        patience: Duration::from_secs(600),
+        exact_dlq: false,
+    };
+    chaos(setup, size("SLUICE_CHAOS_FAULT_RECORDS", 200), 17).await;
+    let counts = proxy.counts();
+    eprintln!("through the fault proxy at {:.0}%: {counts:?}, {} requests sent again", rate * 100.0, counts.failed());
+    assert!(counts.failed() > 0, "faults were injected: {counts:?}");
 }
