@@ -7,6 +7,7 @@ pub mod digits;
 pub mod dlq;
 pub mod feedback;
 pub mod load;
+pub mod load_bench;
 pub mod monitor;
 pub mod pipeline;
 pub mod pipeline_bench;

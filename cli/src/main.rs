@@ -5,8 +5,8 @@ use std::path::PathBuf;
 use anyhow::anyhow;
 use clap::{Parser, Subcommand};
 use sluice_cli::{
-    bench, demo, dlq, feedback, load, monitor, pipeline, pipeline_bench, produce, report, resnet18, results, review,
-    top, train,
+    bench, demo, dlq, feedback, load, load_bench, monitor, pipeline, pipeline_bench, produce, report, resnet18,
+    results, review, top, train,
 };
 use sluice_core::backend::Backend;
 use sluice_core::config::{Settings, StoreArgs};
@@ -115,6 +115,9 @@ enum BenchCommand {
     /// The whole pipeline on the embedded store against a bare decode-preprocess-infer loop,
     /// same records: records/s, the ratio, busy time per stage, latency.
     Pipeline(pipeline_bench::BenchPipelineArgs),
+    /// Latency under a steady load: the whole pipeline at 50% and 90% of its capacity,
+    /// end-to-end p50/p95/p99, time at each stage, whether the backlog stayed bounded.
+    Load(load_bench::BenchLoadArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -142,9 +145,9 @@ enum AwsCommand {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    // The demo's output is its summary; its workers' logs would bury it.
-    let _telemetry =
-        sluice_core::telemetry::init("sluice", if matches!(cli.command, Command::Demo(_)) { "warn" } else { "info" });
+    // The demo's and the benches' output is their summary; the workers' logs would bury it.
+    let quiet = matches!(cli.command, Command::Demo(_) | Command::Bench { .. });
+    let _telemetry = sluice_core::telemetry::init("sluice", if quiet { "warn" } else { "info" });
     let settings = Settings::load(cli.config.as_deref())?;
     if let Command::Train(args) = &cli.command {
         let report = train::train(args)?;
@@ -164,6 +167,16 @@ fn main() -> anyhow::Result<()> {
             BenchCommand::Pipeline(args) => {
                 let report =
                     tokio::runtime::Runtime::new()?.block_on(pipeline_bench::bench_pipeline(args, settings.clone()))?;
+                if args.json {
+                    println!("{}", serde_json::to_string_pretty(&report)?);
+                } else {
+                    print!("{report}");
+                }
+                return Ok(());
+            }
+            BenchCommand::Load(args) => {
+                let report =
+                    tokio::runtime::Runtime::new()?.block_on(load_bench::bench_load(args, settings.clone()))?;
                 if args.json {
                     println!("{}", serde_json::to_string_pretty(&report)?);
                 } else {

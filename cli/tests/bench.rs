@@ -76,3 +76,26 @@ fn the_pipeline_bench_runs_both_sides_on_the_same_records() {
     }
     assert!(report["latency_ms"]["p99"].as_u64().unwrap() >= report["latency_ms"]["p50"].as_u64().unwrap());
 }
+
+#[test]
+fn the_load_bench_reports_latency_stages_and_backlog_at_each_load() {
+    // A short run at a rate this machine keeps up with easily (the figures go in
+    // docs/benchmarks.md); the capacity is given, so no backlog probe runs.
+    let out = Command::new(bin("sluice"))
+        .args(["bench", "load", "--duration", "2s", "--capacity", "200", "--loads", "0.25,0.5", "--json"])
+        .env("SLUICE__MODEL__DIR", model_dir())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["capacity"], 200.0);
+    let runs = report["runs"].as_array().unwrap();
+    assert_eq!(runs.iter().map(|r| r["rate"].as_f64().unwrap()).collect::<Vec<_>>(), [50.0, 100.0]);
+    for run in runs {
+        assert_eq!(run["records"].as_u64(), Some(2 * run["rate"].as_f64().unwrap() as u64), "{run}");
+        let latency = &run["latency_ms"];
+        assert!(latency["p50"].as_f64().unwrap() > 0.0 && latency["p50"].as_f64() <= latency["p99"].as_f64(), "{run}");
+        assert_eq!(run["stage_ms"].as_object().unwrap().len(), 4, "{run}");
+        assert_eq!(run["bounded"], true, "a quarter and a half of 200/s is no strain: {run}");
+    }
+}

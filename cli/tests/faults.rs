@@ -16,16 +16,14 @@ fn demo_through_faults(rate: f64, seed: u64) {
     // The resources are made directly; the pipeline's traffic goes through the faults.
     let mut config = aws_store_config(&prefix);
     config.shards = 2;
-    tokio::runtime::Runtime::new()
-        .unwrap()
-        .block_on(sluice_core::backend::aws::bootstrap::bootstrap(&config))
-        .unwrap();
+    tokio::runtime::Runtime::new().unwrap().block_on(sluice_core::backend::aws::bootstrap::bootstrap(&config)).unwrap();
     let proxy = FaultProxy::start(&aws_endpoint(), FaultRates::spread(rate), seed).unwrap();
-    let summary = demo_summary(
-        aws_env(&mut Command::new(bin("sluice")), &prefix)
-            .env("SLUICE__STORE__AWS__ENDPOINT_URL", &proxy.url)
-            .args(["demo", "--backend", "aws", "--prefix", &prefix, "--no-bootstrap", "--json"]),
-    );
+    let summary =
+        demo_summary(
+            aws_env(&mut Command::new(bin("sluice")), &prefix)
+                .env("SLUICE__STORE__AWS__ENDPOINT_URL", &proxy.url)
+                .args(["demo", "--backend", "aws", "--prefix", &prefix, "--no-bootstrap", "--json"]),
+        );
     let dlq_reasons = summary["dlq_reasons"].as_object().unwrap();
     assert!(dlq_reasons.keys().all(|k| k.starts_with("ingest/")), "only the corrupt records: {summary}");
     let counts = proxy.counts();

@@ -33,6 +33,11 @@ impl Settings {
         Ok(Self { figment })
     }
 
+    /// Settings from TOML text alone (no file, no environment): what a config file would give.
+    pub fn from_toml(text: &str) -> Self {
+        Self { figment: Figment::new().merge(Toml::string(text)) }
+    }
+
     /// Overrides one value, as a command-line flag does (`key` is `section.field`).
     pub fn set(mut self, key: &str, value: impl Serialize) -> Self {
         self.figment = self.figment.merge(Serialized::default(key, value));

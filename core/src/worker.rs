@@ -188,9 +188,6 @@ pub struct StreamSource {
     held: Vec<String>,
 }
 
-/// How often an idle stream consumer polls (Kinesis allows 5 GetRecords per shard per second).
-const STREAM_IDLE_POLL: Duration = Duration::from_millis(200);
-
 impl StreamSource {
     pub fn new(consumer: Box<dyn StreamConsumer>) -> Self {
         Self { consumer, held: Vec::new() }
@@ -235,7 +232,7 @@ impl Source for StreamSource {
                     })
                     .collect());
             }
-            tokio::time::sleep(STREAM_IDLE_POLL.min(deadline - now)).await;
+            tokio::time::sleep(self.consumer.idle_poll().min(deadline - now)).await;
         }
     }
 

@@ -107,6 +107,12 @@ pub trait StreamConsumer: Send {
 
     /// The shards this consumer holds now.
     fn shards(&self) -> Vec<String>;
+
+    /// How long to wait before polling again after a poll found nothing. Kinesis allows five
+    /// GetRecords a second per shard, hence the default; a local log can be asked more often.
+    fn idle_poll(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(200)
+    }
 }
 
 /// A message to send to a queue.

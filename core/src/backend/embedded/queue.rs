@@ -16,7 +16,7 @@ use crate::record::DlqEntry;
 use crate::topology::QueueName;
 
 /// How often a long poll looks again while the queue is empty.
-const POLL_INTERVAL: Duration = Duration::from_millis(25);
+pub(super) const POLL_INTERVAL: Duration = Duration::from_millis(25);
 
 pub struct EmbeddedQueue {
     db: Db,

@@ -327,6 +327,11 @@ impl StreamConsumer for EmbeddedConsumer {
     fn shards(&self) -> Vec<String> {
         self.positions.keys().map(|&s| shard_name(s)).collect()
     }
+
+    /// A read of the local log is one indexed query: as often as the embedded queues look again.
+    fn idle_poll(&self) -> std::time::Duration {
+        super::queue::POLL_INTERVAL
+    }
 }
 
 #[cfg(test)]

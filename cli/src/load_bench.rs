@@ -1,0 +1,202 @@
+//! `sluice bench load`: latency under a steady load rather than a backlog.
+//!
+//! The pipeline's capacity comes from a short backlog run (`sluice bench pipeline`'s, or
+//! `--capacity`); then, for each load (50% and 90% of it by default), the whole pipeline runs on
+//! a fresh embedded store in this process while the load generator writes labelled digits at
+//! that rate for `--duration`. Reported per load: end-to-end latency from arrival (the producer's
+//! timestamp, taken as it writes) to the stored result, p50/p95/p99; how long records spent at
+//! each stage (from one stage's timestamp to the next: its queue wait and its work); and whether
+//! the backlog stayed bounded (sampled four times a second; bounded when what was still waiting
+//! at the end of the load was under a second of arrivals).
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::Duration;
+
+use anyhow::bail;
+use serde::Serialize;
+use sluice_core::backend::Backend;
+use sluice_core::config::Settings;
+use sluice_core::stats::PipelineStats;
+use sluice_core::telemetry::health::Health;
+use sluice_core::topology::QueueName;
+use tokio_util::sync::CancellationToken;
+
+use crate::demo::{all_results, percentile};
+use crate::digits::{Split, load_split};
+use crate::load::Pattern;
+use crate::pipeline_bench::{BenchPipelineArgs, bench_pipeline};
+use crate::produce::{Catalogue, run_tag};
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct BenchLoadArgs {
+    /// How long each load runs.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "20s")]
+    pub duration: Duration,
+    /// The loads, as shares of the capacity.
+    #[arg(long, value_delimiter = ',', default_value = "0.5,0.9")]
+    pub loads: Vec<f64>,
+    /// Records a second the pipeline can take (default: measured first, from a backlog of
+    /// `--probe-records`).
+    #[arg(long)]
+    pub capacity: Option<f64>,
+    #[arg(long, default_value_t = 5_000)]
+    pub probe_records: usize,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct LoadBenchReport {
+    /// Records a second from the backlog run.
+    pub capacity: f64,
+    pub runs: Vec<LoadRun>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct LoadRun {
+    pub load: f64,
+    pub rate: f64,
+    pub records: u64,
+    /// Arrival to stored result, in milliseconds.
+    pub latency_ms: Percentiles,
+    /// Per stage, from the previous stage's timestamp (arrival, for ingest) to its own.
+    pub stage_ms: BTreeMap<&'static str, Percentiles>,
+    /// The most records waiting (stream and work queues) at any sample, and at the load's end.
+    pub max_backlog: u64,
+    pub backlog_at_end: u64,
+    pub bounded: bool,
+}
+
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Percentiles {
+    pub p50: f64,
+    pub p95: f64,
+    pub p99: f64,
+}
+
+impl Percentiles {
+    fn of(mut values: Vec<u64>) -> Self {
+        values.sort_unstable();
+        Self { p50: percentile(&values, 0.50), p95: percentile(&values, 0.95), p99: percentile(&values, 0.99) }
+    }
+}
+
+impl fmt::Display for LoadBenchReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "capacity (backlog run): {:.0} records/s", self.capacity)?;
+        for run in &self.runs {
+            writeln!(f)?;
+            writeln!(f, "{:.0}% load: {:.0} records/s, {} records", run.load * 100.0, run.rate, run.records)?;
+            let l = run.latency_ms;
+            writeln!(
+                f,
+                "  arrival → stored     p50 {:>6.0} ms   p95 {:>6.0} ms   p99 {:>6.0} ms",
+                l.p50, l.p95, l.p99
+            )?;
+            for (stage, p) in &run.stage_ms {
+                writeln!(f, "  at {stage:<17} p50 {:>6.0} ms   p95 {:>6.0} ms   p99 {:>6.0} ms", p.p50, p.p95, p.p99)?;
+            }
+            writeln!(
+                f,
+                "  backlog              at most {}, {} at the end of the load: {}",
+                run.max_backlog,
+                run.backlog_at_end,
+                if run.bounded { "bounded" } else { "GROWING" }
+            )?;
+        }
+        Ok(())
+    }
+}
+
+pub async fn bench_load(args: &BenchLoadArgs, settings: Settings) -> anyhow::Result<LoadBenchReport> {
+    let capacity = match args.capacity {
+        Some(capacity) => capacity,
+        None => {
+            let probe = BenchPipelineArgs { records: args.probe_records, json: false };
+            bench_pipeline(&probe, settings.clone()).await?.pipeline_records_per_s
+        }
+    };
+    let mut runs = Vec::new();
+    for &load in &args.loads {
+        if !(load > 0.0 && load.is_finite()) {
+            bail!("--loads are positive shares of the capacity");
+        }
+        runs.push(run_at(&settings, load, capacity * load, args.duration).await?);
+    }
+    Ok(LoadBenchReport { capacity, runs })
+}
+
+/// Waiting anywhere before a result: the stream past its checkpoints and the work queues.
+fn backlog(stats: &PipelineStats) -> u64 {
+    stats.stream.pending + QueueName::WORK.iter().map(|q| stats.queues[q].total()).sum::<u64>()
+}
+
+async fn run_at(settings: &Settings, load: f64, rate: f64, duration: Duration) -> anyhow::Result<LoadRun> {
+    let dir = tempfile::tempdir()?;
+    let settings = settings
+        .clone()
+        .set("store.backend", "embedded")
+        .set("store.path", dir.path().join("load.sqlite"))
+        .set("telemetry.port", 0);
+    let backend = Backend::open(&settings.store()?).await?;
+    let shutdown = CancellationToken::new();
+    let running = {
+        let (settings, shutdown) = (settings.clone(), shutdown.clone());
+        tokio::spawn(async move { crate::pipeline::run_all(&settings, shutdown, false, &Health::new(4)).await })
+    };
+    let sampling = CancellationToken::new();
+    let sampler = {
+        let (backend, stop) = (backend.clone(), sampling.clone());
+        tokio::spawn(async move {
+            let mut most = 0;
+            while !stop.is_cancelled() {
+                if let Ok(stats) = PipelineStats::collect(&backend).await {
+                    most = most.max(backlog(&stats));
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            most
+        })
+    };
+    let catalogue =
+        Catalogue::Digits { set: load_split(Split::Test)?, split: Split::Test, as_json: false, run: run_tag() };
+    let produced = crate::load::run(&backend, &catalogue, rate, duration, Pattern::Steady).await?;
+    let backlog_at_end = backlog(&PipelineStats::collect(&backend).await?);
+    sampling.cancel();
+    let max_backlog = sampler.await?;
+    loop {
+        if running.is_finished() {
+            bail!("the pipeline stopped before its records were through: {:?}", running.await?);
+        }
+        if PipelineStats::collect(&backend).await?.accounted() >= produced.put.records {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    shutdown.cancel();
+    running.await??;
+
+    let results = all_results(&backend).await?;
+    let times: Vec<_> = results.iter().map(|r| &r.timestamps).collect();
+    let span = |from: fn(&sluice_core::envelope::StageTimes) -> Option<u64>,
+                to: fn(&sluice_core::envelope::StageTimes) -> Option<u64>| {
+        Percentiles::of(times.iter().filter_map(|t| Some(to(t)?.saturating_sub(from(t)?))).collect())
+    };
+    let stage_ms = BTreeMap::from([
+        ("1 ingest", span(|t| t.produced_ms, |t| t.ingested_ms)),
+        ("2 features", span(|t| t.ingested_ms, |t| t.featured_ms)),
+        ("3 inference", span(|t| t.featured_ms, |t| t.inferred_ms)),
+        ("4 results", span(|t| t.inferred_ms, |t| t.stored_ms)),
+    ]);
+    Ok(LoadRun {
+        load,
+        rate,
+        records: produced.put.records,
+        latency_ms: span(|t| t.produced_ms, |t| t.stored_ms),
+        stage_ms,
+        max_backlog,
+        backlog_at_end,
+        bounded: (backlog_at_end as f64) < rate.max(1.0),
+    })
+}
