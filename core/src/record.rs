@@ -31,9 +31,18 @@ impl InferredRecord {
         serde_json::to_vec(self).expect("an inferred record always serialises")
     }
 
+    /// Parses a message of the results queue. Probabilities must be finite numbers: one too
+    /// large for an f32 would read as infinity, and write back out as `null`.
     pub fn from_json(bytes: &[u8]) -> Result<Self> {
-        serde_json::from_slice(bytes)
-            .map_err(|e| SluiceError::permanent(ReasonCode::MalformedMessage, format!("inferred record: {e}")))
+        let record: Self = serde_json::from_slice(bytes)
+            .map_err(|e| SluiceError::permanent(ReasonCode::MalformedMessage, format!("inferred record: {e}")))?;
+        if let Some(bad) = record.prediction.probabilities.iter().find(|p| !p.is_finite()) {
+            return Err(SluiceError::permanent(
+                ReasonCode::MalformedMessage,
+                format!("inferred record: a probability is {bad}, not a finite number"),
+            ));
+        }
+        Ok(record)
     }
 }
 
@@ -217,6 +226,25 @@ impl DlqEntry {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_inferred_record_with_an_overflowing_probability_is_malformed() {
+        // Found by the queue_message fuzz target: 3e110 reads as an f32 infinity.
+        let mut record = serde_json::to_value(InferredRecord {
+            envelope: Envelope::inline(RecordId::parse("r").unwrap(), "t", crate::envelope::ContentType::Png, vec![1]),
+            prediction: Prediction {
+                probabilities: vec![0.5, 0.5],
+                model: "m".into(),
+                model_version: "1".into(),
+                backend: "candle-cpu".into(),
+            },
+        })
+        .unwrap();
+        record["prediction"]["probabilities"][1] = serde_json::json!(3e110);
+        let error = InferredRecord::from_json(&serde_json::to_vec(&record).unwrap()).unwrap_err();
+        assert_eq!(error.code(), ReasonCode::MalformedMessage);
+        assert!(error.detail().contains("inf"), "{error}");
+    }
 
     #[test]
     fn dlq_entries_round_trip_through_attributes() {

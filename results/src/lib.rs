@@ -88,6 +88,13 @@ impl ResultsStage {
                 format!("{} probabilities for {} labels", prediction.probabilities.len(), labels.len()),
             ));
         }
+        // A little slack for rounding in the model's softmax.
+        if let Some(p) = prediction.probabilities.iter().find(|p| !(-1e-4..=1.0 + 1e-4).contains(*p)) {
+            return Err(SluiceError::permanent(
+                ReasonCode::InvalidModelOutput,
+                format!("a probability of {p} is not between 0 and 1"),
+            ));
+        }
         let (best, &confidence) = prediction
             .probabilities
             .iter()

@@ -45,15 +45,22 @@ async fn applies_thresholds_routes_review_and_keeps_the_first_result() {
     let stage = ResultsStage::build(&settings, &backend).unwrap();
 
     let outcomes = stage
-        .process(&[delivery("sure", peaked(3, 0.97)), delivery("unsure", peaked(5, 0.3)), delivery("bad", vec![1.0])])
+        .process(&[
+            delivery("sure", peaked(3, 0.97)),
+            delivery("unsure", peaked(5, 0.3)),
+            delivery("bad", vec![1.0]),
+            delivery("negative", peaked(2, 1.5)),
+        ])
         .await;
     assert_eq!(outcomes[0], Outcome::Forward(vec![]), "an accepted result goes nowhere else");
     let Outcome::Forward(review) = &outcomes[1] else { panic!("{:?}", outcomes[1]) };
     assert_eq!(review[0].0, QueueName::Review);
     assert_eq!(review[0].1.attributes[dlq_attr::REASON], ReasonCode::BelowThreshold.as_str());
-    match &outcomes[2] {
-        Outcome::Failed { error, .. } => assert_eq!(error.code(), ReasonCode::InvalidModelOutput),
-        other => panic!("{other:?}"),
+    for bad in &outcomes[2..] {
+        match bad {
+            Outcome::Failed { error, .. } => assert_eq!(error.code(), ReasonCode::InvalidModelOutput),
+            other => panic!("{other:?}"),
+        }
     }
 
     let ids: Vec<RecordId> = ["sure", "unsure"].iter().map(|s| RecordId::parse(*s).unwrap()).collect();
