@@ -54,7 +54,8 @@ pub async fn run(args: &MonitorArgs, settings: Settings) -> anyhow::Result<()> {
             Some(raw) => parse_time(raw)?,
             None => until.saturating_sub(config.window_hours * 3_600_000),
         };
-        let reference = set_reference(&backend, since, until).await?;
+        anyhow::ensure!(since <= until, "--since must come before --until");
+        let reference = set_reference(&backend, since, until, config.min_records).await?;
         println!(
             "reference saved in {}: {} predictions ({} with feature vectors)",
             backend.capture.location(),
@@ -77,7 +78,19 @@ pub async fn run(args: &MonitorArgs, settings: Settings) -> anyhow::Result<()> {
         None
     };
     loop {
-        let pass = run_once(&backend, &config, &manifest, &notifier, now_ms()).await?;
+        let pass = match run_once(&backend, &config, &manifest, &notifier, now_ms()).await {
+            Ok(pass) => pass,
+            // Watching, a store that is busy for a moment is tried again at the next pass.
+            Err(error) if args.watch && error.is_retryable() => {
+                tracing::warn!(%error, "monitor pass failed; trying again at the next");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(Duration::from_secs(config.interval_s.max(1))) => {}
+                }
+                continue;
+            }
+            Err(error) => return Err(error.into()),
+        };
         if args.json {
             println!("{}", serde_json::to_string(&pass)?);
         } else {

@@ -40,6 +40,7 @@ pub async fn run(args: &ReportArgs, settings: Settings) -> anyhow::Result<Report
         Some(raw) => parse_time(raw)?,
         None => until.saturating_sub(config.window_hours * 3_600_000),
     };
+    anyhow::ensure!(since <= until, "--since must come before --until");
     Ok(write(&backend, &config, &manifest, since, until, &args.out).await?)
 }
 

@@ -40,8 +40,20 @@ pub async fn load_reference(backend: &Backend) -> Result<Option<Reference>> {
 }
 
 /// Saves the profile of `since_ms..=until_ms` as the reference later windows are compared with.
-pub async fn set_reference(backend: &Backend, since_ms: u64, until_ms: u64) -> Result<Reference> {
+/// A window with fewer than `min_records` predictions is refused: drift against next to
+/// nothing would read as no drift.
+pub async fn set_reference(backend: &Backend, since_ms: u64, until_ms: u64, min_records: u64) -> Result<Reference> {
     let window = Window::read(backend, since_ms, until_ms).await?;
+    if (window.observations.len() as u64) < min_records.max(1) {
+        return Err(SluiceError::permanent(
+            ReasonCode::SchemaMismatch,
+            format!(
+                "{} predictions captured in that window; a reference needs at least {} (monitor.min_records)",
+                window.observations.len(),
+                min_records.max(1)
+            ),
+        ));
+    }
     let reference = Reference {
         created_ms: sluice_core::envelope::now_ms(),
         since_ms,
@@ -66,6 +78,7 @@ pub async fn run_once(
     let quality = quality(&window.observations);
     let reference = load_reference(backend).await?;
     let profile = Profile::of(window.captures());
+    let reference = reference.filter(|r| r.profile.records > 0);
     let drift = reference.as_ref().map(|r| compare(&r.profile, &profile, &feature_names(manifest)));
     let checks = judge(config, &quality, drift.as_ref(), profile.records, reference.is_some());
     report_metrics(&quality, drift.as_ref());

@@ -88,7 +88,7 @@ impl Drift {
 }
 
 pub fn compare(reference: &Profile, current: &Profile, feature_names: &[String]) -> Drift {
-    let classes: Vec<&String> = reference.classes.keys().chain(current.classes.keys()).collect();
+    let classes: std::collections::BTreeSet<&String> = reference.classes.keys().chain(current.classes.keys()).collect();
     let count = |p: &Profile| -> Vec<u64> { classes.iter().map(|c| p.classes.get(*c).copied().unwrap_or(0)).collect() };
     let features = if reference.feature_records > 0 && current.feature_records > 0 {
         reference
@@ -180,6 +180,14 @@ pub(crate) mod tests {
         let moved = compare(&Profile::of(&even), &Profile::of(&skewed), &names);
         assert!(moved.prediction_psi > 0.2, "{moved:?}");
         assert!(moved.confidence_psi > 1.0, "{moved:?}");
+        // A class the reference never saw counts once, beside the ones both have.
+        let with_new: Vec<CaptureRecord> = (0..100)
+            .map(|i| capture(["0", "1", "2"][usize::from(i >= 50) + usize::from(i >= 90)], 0.95, None))
+            .collect();
+        let psi_new = compare(&Profile::of(&even), &Profile::of(&with_new), &names).prediction_psi;
+        // Shares 0.5/0.5/0 against 0.5/0.4/0.1 (0 floored at 1e-4).
+        let expected = (0.4_f64 - 0.5) * (0.4_f64 / 0.5).ln() + (0.1_f64 - 1e-4) * (0.1_f64 / 1e-4).ln();
+        assert!((psi_new - expected).abs() < 1e-9, "{psi_new} against {expected}");
         assert_eq!(moved.features[0], ("a".to_owned(), 0.0));
         assert_eq!(moved.worst_feature().unwrap().0, "b");
     }

@@ -3,9 +3,10 @@
 //! big enough or old enough, never one request per record.
 //!
 //! Capture is for watching the model, not part of a record's delivery: a chunk that cannot be
-//! written is kept and tried again with the next one (up to a bound, then dropped and counted),
-//! and never holds a record back. A worker killed without SIGTERM loses what it had gathered
-//! (at most `flush_after_ms` of lines); SIGTERM writes it out.
+//! written is kept and tried again a flush interval later (up to a bound, then the oldest lines
+//! are dropped and counted), and a batch never waits on a failing log more than once per
+//! interval. A worker killed without SIGTERM loses what it had gathered (at most
+//! `flush_after_ms` of lines); SIGTERM writes it out.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -33,7 +34,7 @@ pub struct CaptureConfig {
 
 impl Default for CaptureConfig {
     fn default() -> Self {
-        Self { enabled: true, sample_rate: 1.0, flush_bytes: 1 << 20, flush_after_ms: 5_000 }
+        Self { enabled: true, sample_rate: 1.0, flush_bytes: 1 << 20, flush_after_ms: 30_000 }
     }
 }
 
@@ -55,10 +56,12 @@ struct Pending {
     lines: Vec<u8>,
     records: u64,
     since: Option<Instant>,
+    /// After a chunk could not be written, the next try waits until then.
+    retry_at: Option<Instant>,
 }
 
-/// Chunks that failed are kept up to this many times the flush size; past it the oldest lines
-/// are dropped (and counted) rather than holding the worker's memory hostage to an outage.
+/// Lines kept through a failing log are bounded to this many times the flush size; past it the
+/// oldest are dropped (and counted) rather than holding the worker's memory hostage to an outage.
 const PENDING_LIMIT_FLUSHES: usize = 8;
 
 impl CaptureWriter {
@@ -108,30 +111,178 @@ impl CaptureWriter {
         }
     }
 
-    /// Writes what has gathered if it is due (big or old enough), or whatever there is when
-    /// `all` (shutting down).
+    /// Writes what has gathered if it is due (big or old enough, and not backing off after a
+    /// failure), or whatever there is when `all` (stopping). The lock is not held while the
+    /// chunk is written: batches go on gathering lines meanwhile.
     pub(crate) async fn flush(&self, all: bool) {
-        let mut pending = self.pending.lock().await;
-        let due = pending.lines.len() >= self.config.flush_bytes
-            || pending.since.is_some_and(|since| since.elapsed() >= Duration::from_millis(self.config.flush_after_ms));
-        if pending.lines.is_empty() || !(all || due) {
+        let (lines, records) = {
+            let mut pending = self.pending.lock().await;
+            let now = Instant::now();
+            let due = pending.lines.len() >= self.config.flush_bytes
+                || pending.since.is_some_and(|since| now >= since + Duration::from_millis(self.config.flush_after_ms));
+            let backing_off = pending.retry_at.is_some_and(|at| now < at);
+            if pending.lines.is_empty() || !(all || (due && !backing_off)) {
+                return;
+            }
+            let taken = std::mem::take(&mut *pending);
+            (taken.lines, taken.records)
+        };
+        let error = match self.log.append(lines.clone(), now_ms()).await {
+            Ok(()) => {
+                metrics().captured(records, 0);
+                return;
+            }
+            Err(error) => error,
+        };
+        if all {
+            metrics().captured(0, records);
+            tracing::error!(%error, records, location = %self.log.location(), "capture: last chunk not written at stop; dropped");
             return;
         }
-        match self.log.append(pending.lines.clone(), now_ms()).await {
-            Ok(()) => {
-                metrics().captured(pending.records, 0);
-                *pending = Pending::default();
-            }
-            Err(error) => {
-                tracing::warn!(%error, records = pending.records, location = %self.log.location(), "capture: chunk not written; kept for the next");
-                let limit = self.config.flush_bytes.saturating_mul(PENDING_LIMIT_FLUSHES);
-                if pending.lines.len() > limit {
-                    let dropped = pending.records;
-                    metrics().captured(0, dropped);
-                    tracing::error!(dropped, "capture: too much unwritten; dropped");
-                    *pending = Pending::default();
-                }
-            }
+        tracing::warn!(%error, records, location = %self.log.location(), "capture: chunk not written; kept for the next try");
+        // Back in front of what gathered meanwhile, oldest first.
+        let mut pending = self.pending.lock().await;
+        let mut kept = lines;
+        kept.append(&mut pending.lines);
+        pending.lines = kept;
+        pending.records += records;
+        pending.since = Some(Instant::now());
+        pending.retry_at = Some(Instant::now() + self.flush_interval());
+        let limit = self.config.flush_bytes.saturating_mul(PENDING_LIMIT_FLUSHES);
+        if pending.lines.len() > limit {
+            let cut = pending.lines.len() - limit;
+            // Whole lines only: cut after the newline at or past `cut`.
+            let end =
+                pending.lines[cut..].iter().position(|&b| b == b'\n').map_or(pending.lines.len(), |i| cut + i + 1);
+            let dropped = pending.lines[..end].iter().filter(|&&b| b == b'\n').count() as u64;
+            pending.lines.drain(..end);
+            pending.records = pending.records.saturating_sub(dropped);
+            metrics().captured(0, dropped);
+            tracing::error!(dropped, "capture: too much unwritten; the oldest lines dropped");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex as StdMutex;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use async_trait::async_trait;
+    use sluice_core::backend::FeatureStore;
+    use sluice_core::envelope::StageTimes;
+    use sluice_core::record::ResultStatus;
+    use sluice_core::{ReasonCode, SluiceError};
+
+    use super::*;
+
+    /// A log that refuses its first `failures` chunks.
+    #[derive(Default)]
+    struct FlakyLog {
+        failures: AtomicUsize,
+        written: StdMutex<Vec<Vec<u8>>>,
+    }
+
+    #[async_trait]
+    impl CaptureLog for FlakyLog {
+        async fn append(&self, lines: Vec<u8>, _at_ms: u64) -> sluice_core::Result<()> {
+            if self.failures.load(Ordering::SeqCst) > 0 {
+                self.failures.fetch_sub(1, Ordering::SeqCst);
+                return Err(SluiceError::retryable(ReasonCode::StoreUnavailable, "down"));
+            }
+            self.written.lock().unwrap().push(lines);
+            Ok(())
+        }
+        async fn read(&self, _: u64, _: u64) -> sluice_core::Result<Vec<Vec<u8>>> {
+            Ok(Vec::new())
+        }
+        async fn get_meta(&self, _: &str) -> sluice_core::Result<Option<Vec<u8>>> {
+            Ok(None)
+        }
+        async fn put_meta(&self, _: &str, _: Vec<u8>) -> sluice_core::Result<()> {
+            Ok(())
+        }
+        fn location(&self) -> String {
+            "flaky".into()
+        }
+    }
+
+    struct NoFeatures;
+
+    #[async_trait]
+    impl FeatureStore for NoFeatures {
+        async fn put_if_absent(&self, _: Vec<(RecordId, Vec<f32>)>) -> sluice_core::Result<()> {
+            Ok(())
+        }
+        async fn get_batch(
+            &self,
+            _: &[RecordId],
+        ) -> sluice_core::Result<std::collections::HashMap<RecordId, Vec<f32>>> {
+            Ok(Default::default())
+        }
+    }
+
+    fn result(id: &str) -> PredictionResult {
+        PredictionResult {
+            record_id: RecordId::parse(id).unwrap(),
+            label: "1".into(),
+            confidence: 0.9,
+            probabilities: vec![0.1, 0.9],
+            model: "m".into(),
+            model_version: "1".into(),
+            backend: "candle-cpu".into(),
+            status: ResultStatus::Accepted,
+            ground_truth: None,
+            reviewed_label: None,
+            reviewed_ms: None,
+            timestamps: StageTimes::default(),
+        }
+    }
+
+    async fn capture(writer: &CaptureWriter, id: &str) {
+        let r = result(id);
+        writer.capture(&[Captured { result: &r, content_type: ContentType::Png }]).await;
+    }
+
+    fn ids(chunk: &[u8]) -> Vec<String> {
+        let mut skipped = 0;
+        sluice_core::capture::parse_lines(chunk, &mut skipped).into_iter().map(|r| r.record_id.to_string()).collect()
+    }
+
+    #[tokio::test]
+    async fn a_failed_chunk_is_kept_in_order_and_not_retried_at_every_batch() {
+        let log = Arc::new(FlakyLog { failures: AtomicUsize::new(1), ..Default::default() });
+        let config = CaptureConfig { flush_after_ms: 0, ..CaptureConfig::default() };
+        let writer = CaptureWriter::new(log.clone(), Arc::new(NoFeatures), config);
+        capture(&writer, "a").await; // refused: kept, backing off a flush interval (1 ms)
+        capture(&writer, "b").await; // within the back-off: gathered, not written
+        assert!(log.written.lock().unwrap().is_empty());
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        capture(&writer, "c").await;
+        let written = log.written.lock().unwrap().concat();
+        assert_eq!(ids(&written), ["a", "b", "c"], "the oldest first, none lost");
+    }
+
+    #[tokio::test]
+    async fn past_the_bound_the_oldest_lines_go_and_a_failed_last_chunk_is_counted() {
+        let log = Arc::new(FlakyLog { failures: AtomicUsize::new(usize::MAX / 2), ..Default::default() });
+        let line = CaptureRecord::new(&result("x0"), "image/png", None).to_line().len();
+        // Room for about three lines through the outage.
+        let config = CaptureConfig {
+            flush_after_ms: 0,
+            flush_bytes: line * 3 / PENDING_LIMIT_FLUSHES + 1,
+            ..CaptureConfig::default()
+        };
+        let writer = CaptureWriter::new(log.clone(), Arc::new(NoFeatures), config);
+        for i in 0..10 {
+            capture(&writer, &format!("x{i}")).await;
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        let kept = writer.pending.lock().await.lines.clone();
+        let kept = ids(&kept);
+        assert!(kept.len() <= 4 && kept.last().map(String::as_str) == Some("x9"), "the newest are kept: {kept:?}");
+        log.failures.store(0, Ordering::SeqCst);
+        writer.flush(true).await;
+        assert_eq!(ids(&log.written.lock().unwrap().concat()), kept);
     }
 }

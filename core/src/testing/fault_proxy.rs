@@ -239,15 +239,15 @@ impl Proxy {
         match fault {
             Fault::Throttle => {
                 c.throttled.fetch_add(1, Ordering::Relaxed);
-                return Ok(service.throttled());
+                Ok(service.throttled())
             }
             Fault::ServerError(unavailable) => {
                 c.server_errors.fetch_add(1, Ordering::Relaxed);
-                return Ok(service.server_error(unavailable));
+                Ok(service.server_error(unavailable))
             }
             Fault::DropBefore => {
                 c.dropped_before.fetch_add(1, Ordering::Relaxed);
-                return Err(Dropped);
+                Err(Dropped)
             }
             Fault::Delay => {
                 c.delayed.fetch_add(1, Ordering::Relaxed);

@@ -49,9 +49,10 @@ export class ScheduledMonitor extends Construct {
     const allow = (sid: string, actions: string[], resources: string[], conditions?: Record<string, unknown>) =>
       this.role.addToPolicy(new iam.PolicyStatement({ sid, actions, resources, conditions }));
     const objects = (prefix: string) => bucketObjects(data, prefix);
-    allow('ListCapture', ['s3:ListBucket'], [`arn:${Aws.PARTITION}:s3:::${bucket}`], {
-      StringLike: { 's3:prefix': [`${RESOURCES.capture_key_prefix}*`] },
-    });
+    // Unconditioned: S3 answers a GetObject of a missing key (no reference or alert state saved
+    // yet) with 404 only to a caller that may list the bucket, else with 403; a condition on
+    // s3:prefix would not hold for a GetObject. The keys are content hashes and times.
+    allow('ListBucket', ['s3:ListBucket'], [`arn:${Aws.PARTITION}:s3:::${bucket}`]);
     allow('ReadCapture', ['s3:GetObject'], [objects(RESOURCES.capture_key_prefix)]);
     allow('MonitorState', ['s3:GetObject', 's3:PutObject'], [objects(RESOURCES.monitor_key_prefix)]);
     allow('ReadTrueLabels', ['dynamodb:BatchGetItem'], [data.table('results').tableArn]);

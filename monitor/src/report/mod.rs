@@ -64,6 +64,9 @@ pub async fn write(
     until_ms: u64,
     out: &Path,
 ) -> Result<ReportSummary> {
+    if since_ms > until_ms {
+        return Err(SluiceError::permanent(ReasonCode::SchemaMismatch, "a report's window must start before it ends"));
+    }
     let window = Window::read(backend, since_ms, until_ms).await?;
     let mut dead = Vec::new();
     for letters in Letters::ALL.into_iter().filter(|l| *l != Letters::Review) {

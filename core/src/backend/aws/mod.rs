@@ -19,6 +19,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, LazyLock};
 
 use aws_config::{BehaviorVersion, Region};
+use aws_smithy_runtime_api::client::orchestrator::HttpResponse;
 use aws_smithy_runtime_api::client::result::SdkError;
 use aws_smithy_types::error::metadata::ProvideErrorMetadata;
 
@@ -178,17 +179,19 @@ const RETRYABLE_CODES: &[&str] = &[
 
 /// Classifies an SDK failure: transport trouble, throttling and 5xx are retryable; the rest
 /// (missing resources, bad requests, access denied) need a person.
-pub(crate) fn classify<E, R>(operation: &str, error: SdkError<E, R>) -> SluiceError
+pub(crate) fn classify<E>(operation: &str, error: SdkError<E, HttpResponse>) -> SluiceError
 where
     E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
-    R: std::fmt::Debug,
 {
     match &error {
         SdkError::ServiceError(service) => {
             let code = service.err().code().unwrap_or("Unknown").to_owned();
             let message = service.err().message().unwrap_or_default().to_owned();
-            let detail = format!("{operation}: {code}: {message}");
-            if RETRYABLE_CODES.contains(&code.as_str()) {
+            let status = service.raw().status().as_u16();
+            let detail = format!("{operation}: {code} ({status}): {message}");
+            // A 5xx or a 429 is worth another try whatever its code says (a proxy's or a load
+            // balancer's answer may carry none).
+            if RETRYABLE_CODES.contains(&code.as_str()) || status >= 500 || status == 429 {
                 SluiceError::retryable(ReasonCode::StoreBusy, detail)
             } else if code.contains("NotFound") || code.contains("NonExistent") || code == "NoSuchBucket" {
                 SluiceError::permanent(

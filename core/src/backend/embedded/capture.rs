@@ -15,6 +15,9 @@ use crate::backend::CaptureLog;
 use crate::config::StoreConfig;
 use crate::error::{ReasonCode, Result, SluiceError};
 
+/// How long after its lines a chunk may be written (the writer's flush interval, and then some).
+const WRITE_DELAY_MARGIN_MS: u64 = 3_600_000;
+
 pub(super) struct CaptureFiles {
     dir: PathBuf,
     rotate_bytes: u64,
@@ -105,8 +108,10 @@ impl CaptureLog for CaptureFiles {
                     .ok()
                     .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
                     .map_or(u64::MAX, |d| d.as_millis() as u64);
-                // A file holds lines from its first write to its last (its modification time).
-                if started <= until_ms && modified_ms >= since_ms {
+                // A file holds lines from its first write to its last (its modification time);
+                // a chunk is written a little after its lines were stored, so a file begun just
+                // past the window's end may still hold some of its lines.
+                if started <= until_ms.saturating_add(WRITE_DELAY_MARGIN_MS) && modified_ms >= since_ms {
                     wanted.push((started, entry.path()));
                 }
             }
@@ -164,13 +169,13 @@ mod tests {
         log.append(b"aaaa\n".to_vec(), 1_000).await.unwrap();
         log.append(b"bbbb\n".to_vec(), 2_000).await.unwrap(); // same file: 5 bytes < 10
         log.append(b"cccc\n".to_vec(), 3_000).await.unwrap(); // full: a new file
-        log.append(b"dddd\n".to_vec(), 70_000).await.unwrap(); // too old: a new file
+        log.append(b"dddd\n".to_vec(), 4 * 3_600_000).await.unwrap(); // too old: a new file
         let files = std::fs::read_dir(config.capture_dir()).unwrap().count();
         assert_eq!(files, 3);
         let all = log.read(0, u64::MAX).await.unwrap();
         assert_eq!(all.concat(), b"aaaa\nbbbb\ncccc\ndddd\n");
-        // Files first written after the window's end are left out.
-        assert_eq!(log.read(0, 2_500).await.unwrap().concat(), b"aaaa\nbbbb\n");
+        // Files first written well after the window's end are left out.
+        assert_eq!(log.read(0, 2_500).await.unwrap().concat(), b"aaaa\nbbbb\ncccc\n");
 
         assert_eq!(log.get_meta("state.json").await.unwrap(), None);
         log.put_meta("state.json", b"{}".to_vec()).await.unwrap();
