@@ -2,8 +2,8 @@
 //!
 //! The pipeline's capacity comes from a short backlog run (`sluice bench pipeline`'s, or
 //! `--capacity`); then, for each load (50% and 90% of it by default), the whole pipeline runs on
-//! a fresh embedded store in this process while the load generator writes labelled digits at
-//! that rate for `--duration`. Reported per load: end-to-end latency from arrival (the producer's
+//! a fresh embedded store in this process (or on fresh resources at a local AWS endpoint, with
+//! `--backend aws`) while the load generator writes labelled digits at that rate for `--duration`. Reported per load: end-to-end latency from arrival (the producer's
 //! timestamp, taken as it writes) to the stored result, p50/p95/p99; how long records spent at
 //! each stage (from one stage's timestamp to the next: its queue wait and its work); and whether
 //! the backlog stayed bounded (sampled four times a second; bounded when what was still waiting
@@ -16,7 +16,7 @@ use std::time::Duration;
 use anyhow::bail;
 use serde::Serialize;
 use sluice_core::backend::Backend;
-use sluice_core::config::Settings;
+use sluice_core::config::{BackendKind, Settings, StoreArgs};
 use sluice_core::stats::PipelineStats;
 use sluice_core::telemetry::health::Health;
 use sluice_core::topology::QueueName;
@@ -30,6 +30,10 @@ use crate::produce::{Catalogue, run_tag};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct BenchLoadArgs {
+    /// `--backend aws --endpoint-url URL`: each load on fresh resources there (a rate the
+    /// endpoint sustains: give `--capacity`); default a fresh embedded store.
+    #[command(flatten)]
+    pub store: StoreArgs,
     /// How long each load runs.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "20s")]
     pub duration: Duration,
@@ -110,8 +114,11 @@ impl fmt::Display for LoadBenchReport {
 }
 
 pub async fn bench_load(args: &BenchLoadArgs, settings: Settings) -> anyhow::Result<LoadBenchReport> {
+    let settings = args.store.apply(settings);
+    let aws = settings.store()?.backend == BackendKind::Aws;
     let capacity = match args.capacity {
         Some(capacity) => capacity,
+        None if aws => bail!("on AWS, give --capacity: the records a second the endpoint sustains"),
         None => {
             let probe = BenchPipelineArgs { records: args.probe_records, json: false };
             bench_pipeline(&probe, settings.clone()).await?.pipeline_records_per_s
@@ -134,11 +141,18 @@ fn backlog(stats: &PipelineStats) -> u64 {
 
 async fn run_at(settings: &Settings, load: f64, rate: f64, duration: Duration) -> anyhow::Result<LoadRun> {
     let dir = tempfile::tempdir()?;
-    let settings = settings
-        .clone()
-        .set("store.backend", "embedded")
-        .set("store.path", dir.path().join("load.sqlite"))
-        .set("telemetry.port", 0);
+    let settings = match settings.store()?.backend {
+        BackendKind::Embedded => settings.clone().set("store.path", dir.path().join("load.sqlite")),
+        BackendKind::Aws => {
+            let fresh = settings
+                .clone()
+                .set("store.aws.prefix", format!("sluice-load-{}-{:.0}", run_tag(), load * 100.0))
+                .set("store.shards", 2);
+            sluice_core::backend::aws::bootstrap::bootstrap(&fresh.store()?).await?;
+            fresh
+        }
+    }
+    .set("telemetry.port", 0);
     let backend = Backend::open(&settings.store()?).await?;
     let shutdown = CancellationToken::new();
     let running = {

@@ -99,3 +99,18 @@ fn the_load_bench_reports_latency_stages_and_backlog_at_each_load() {
         assert_eq!(run["bounded"], true, "a quarter and a half of 200/s is no strain: {run}");
     }
 }
+
+#[test]
+fn the_load_bench_runs_on_the_aws_stand_in_at_a_rate_it_sustains() {
+    let mut cmd = Command::new(bin("sluice"));
+    common::aws_env(&mut cmd, "unused")
+        .args(["bench", "load", "--duration", "3s", "--capacity", "40", "--loads", "0.5", "--json"])
+        .env("SLUICE__MODEL__DIR", model_dir());
+    let out = cmd.output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let run = &report["runs"][0];
+    assert_eq!(run["records"].as_u64(), Some(60), "{run}");
+    assert_eq!(run["bounded"], true, "{run}");
+    assert!(run["latency_ms"]["p99"].as_f64().unwrap() > 0.0, "{run}");
+}

@@ -158,7 +158,10 @@ impl LeaseCoordinator {
             .collect();
         let is_expired = |l: &Lease| match &l.owner {
             None => true,
-            Some(owner) if *owner == self.owner => false,
+            // Ours in the table but not held: a write that took or renewed it was carried out
+            // but its answer was lost (and its retry then failed its condition). Nobody else
+            // would take it while it reads as ours, so it is taken back at once.
+            Some(owner) if *owner == self.owner => !self.held.contains_key(&l.shard),
             Some(_) => {
                 self.observed.get(&l.shard).is_some_and(|(_, since)| now.duration_since(*since) >= self.failover)
             }
