@@ -477,26 +477,46 @@ impl ResultStore for DynamoResultStore {
     }
 
     async fn resolve_review(&self, id: &RecordId, resolution: &Resolution) -> Result<ReviewOutcome> {
-        let settled = match self.waiting_for_review(id).await? {
-            Ok(result) => result.resolved(resolution),
-            Err(outcome) => return Ok(outcome),
-        };
-        let update = Update::builder()
-            .table_name(&self.table)
-            .set_key(Some(key(id)))
-            .update_expression("SET #s = :new, body = :body")
-            .condition_expression("#s = :review")
-            .expression_attribute_names("#s", "status")
-            .expression_attribute_values(":new", AttributeValue::S(settled.status.as_str().to_owned()))
-            .expression_attribute_values(":review", AttributeValue::S(ResultStatus::Review.as_str().to_owned()))
-            .expression_attribute_values(
-                ":body",
-                AttributeValue::S(serde_json::to_string(&settled).expect("a result serialises")),
-            )
-            .build()
-            .map_err(build_error)?;
-        let status = settled.status;
-        self.change_review(id, TransactWriteItem::builder().update(update).build(), Some(status), settled).await
+        // Conditional on the body read too, so that a true label fed back in between is not
+        // written over: on such a clash, read again.
+        for _ in 0..FEEDBACK_ATTEMPTS {
+            let Some(item) = batch_get(&self.client, &self.table, std::slice::from_ref(id)).await?.pop() else {
+                return Ok(ReviewOutcome::Missing);
+            };
+            let current = decode_result(&item)?;
+            if current.status != ResultStatus::Review {
+                return Ok(ReviewOutcome::NotWaiting(Box::new(current)));
+            }
+            let settled = current.resolved(resolution);
+            let update = Update::builder()
+                .table_name(&self.table)
+                .set_key(Some(key(id)))
+                .update_expression("SET #s = :new, body = :body")
+                .condition_expression("#s = :review AND body = :old")
+                .expression_attribute_names("#s", "status")
+                .expression_attribute_values(":new", AttributeValue::S(settled.status.as_str().to_owned()))
+                .expression_attribute_values(":review", AttributeValue::S(ResultStatus::Review.as_str().to_owned()))
+                .expression_attribute_values(
+                    ":body",
+                    AttributeValue::S(serde_json::to_string(&settled).expect("a result serialises")),
+                )
+                .expression_attribute_values(":old", item["body"].clone())
+                .build()
+                .map_err(build_error)?;
+            let status = settled.status;
+            match self
+                .change_review(id, TransactWriteItem::builder().update(update).build(), Some(status), settled)
+                .await?
+            {
+                // Still waiting: its body changed under the write (a true label fed back).
+                ReviewOutcome::NotWaiting(now) if now.status == ResultStatus::Review => continue,
+                outcome => return Ok(outcome),
+            }
+        }
+        Err(SluiceError::retryable(
+            ReasonCode::StoreBusy,
+            format!("the result of {id} kept changing while it was reviewed"),
+        ))
     }
 
     async fn set_ground_truth(&self, id: &RecordId, label: &str) -> Result<FeedbackOutcome> {
