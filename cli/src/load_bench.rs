@@ -18,7 +18,6 @@ use serde::Serialize;
 use sluice_core::backend::Backend;
 use sluice_core::config::{BackendKind, Settings, StoreArgs};
 use sluice_core::stats::PipelineStats;
-use sluice_core::telemetry::health::Health;
 use sluice_core::topology::QueueName;
 use tokio_util::sync::CancellationToken;
 
@@ -154,11 +153,7 @@ async fn run_at(settings: &Settings, load: f64, rate: f64, duration: Duration) -
     }
     .set("telemetry.port", 0);
     let backend = Backend::open(&settings.store()?).await?;
-    let shutdown = CancellationToken::new();
-    let running = {
-        let (settings, shutdown) = (settings.clone(), shutdown.clone());
-        tokio::spawn(async move { crate::pipeline::run_all(&settings, shutdown, false, &Health::new(4)).await })
-    };
+    let mut pipeline = crate::pipeline::InProcess::start(&settings);
     let sampling = CancellationToken::new();
     let sampler = {
         let (backend, stop) = (backend.clone(), sampling.clone());
@@ -179,17 +174,8 @@ async fn run_at(settings: &Settings, load: f64, rate: f64, duration: Duration) -
     let backlog_at_end = backlog(&PipelineStats::collect(&backend).await?);
     sampling.cancel();
     let max_backlog = sampler.await?;
-    loop {
-        if running.is_finished() {
-            bail!("the pipeline stopped before its records were through: {:?}", running.await?);
-        }
-        if PipelineStats::collect(&backend).await?.accounted() >= produced.put.records {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    shutdown.cancel();
-    running.await??;
+    pipeline.wait_accounted(&backend, produced.put.records).await?;
+    pipeline.stop().await?;
 
     let results = all_results(&backend).await?;
     let times: Vec<_> = results.iter().map(|r| &r.timestamps).collect();

@@ -165,24 +165,15 @@ fn main() -> anyhow::Result<()> {
             BenchCommand::Inference(args) => (bench::bench_inference(args)?, args.bench.json),
             BenchCommand::Cuda(args) => (bench::bench_cuda(args)?, args.json),
             BenchCommand::Pipeline(args) => {
-                let report =
-                    tokio::runtime::Runtime::new()?.block_on(pipeline_bench::bench_pipeline(args, settings.clone()))?;
-                if args.json {
-                    println!("{}", serde_json::to_string_pretty(&report)?);
-                } else {
-                    print!("{report}");
-                }
-                return Ok(());
+                let runtime = tokio::runtime::Runtime::new()?;
+                return print_report(
+                    &runtime.block_on(pipeline_bench::bench_pipeline(args, settings.clone()))?,
+                    args.json,
+                );
             }
             BenchCommand::Load(args) => {
-                let report =
-                    tokio::runtime::Runtime::new()?.block_on(load_bench::bench_load(args, settings.clone()))?;
-                if args.json {
-                    println!("{}", serde_json::to_string_pretty(&report)?);
-                } else {
-                    print!("{report}");
-                }
-                return Ok(());
+                let runtime = tokio::runtime::Runtime::new()?;
+                return print_report(&runtime.block_on(load_bench::bench_load(args, settings.clone()))?, args.json);
             }
         };
         if json {
@@ -296,6 +287,16 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
                 _ => review::walk(&backend, &manifest, args.save.as_ref()).await?,
             }
         }
+    }
+    Ok(())
+}
+
+/// A bench's report: pretty JSON, or its text.
+fn print_report(report: &(impl serde::Serialize + std::fmt::Display), json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(report)?);
+    } else {
+        print!("{report}");
     }
     Ok(())
 }

@@ -49,12 +49,7 @@ pub async fn run(args: &MonitorArgs, settings: Settings) -> anyhow::Result<()> {
     let store = settings.store()?;
     let backend = Backend::open_observer(&store).await?;
     if args.set_reference {
-        let until = args.until.as_deref().map(parse_time).transpose()?.unwrap_or_else(now_ms);
-        let since = match args.since.as_deref() {
-            Some(raw) => parse_time(raw)?,
-            None => until.saturating_sub(config.window_hours * 3_600_000),
-        };
-        anyhow::ensure!(since <= until, "--since must come before --until");
+        let (since, until) = window(args.since.as_deref(), args.until.as_deref(), &config)?;
         let reference = set_reference(&backend, since, until, config.min_records).await?;
         println!(
             "reference saved in {}: {} predictions ({} with feature vectors)",
@@ -105,6 +100,14 @@ pub async fn run(args: &MonitorArgs, settings: Settings) -> anyhow::Result<()> {
             _ = tokio::time::sleep(Duration::from_secs(config.interval_s.max(1))) => {}
         }
     }
+}
+
+/// `--since` and `--until` (RFC 3339 or ages), defaulting to the monitor's window ending now.
+pub(crate) fn window(since: Option<&str>, until: Option<&str>, config: &MonitorConfig) -> anyhow::Result<(u64, u64)> {
+    let until = until.map(parse_time).transpose()?.unwrap_or_else(now_ms);
+    let since = since.map(parse_time).transpose()?.unwrap_or_else(|| config.window_start(until));
+    anyhow::ensure!(since <= until, "--since must come before --until");
+    Ok((since, until))
 }
 
 fn print_text(pass: &MonitorRun) {

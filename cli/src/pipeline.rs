@@ -89,3 +89,37 @@ pub async fn run_all(
     }
     first_error.map_or(Ok(()), Err)
 }
+
+/// All four stages running in a task of this process until stopped: the benches' pipeline.
+pub struct InProcess {
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    shutdown: CancellationToken,
+}
+
+impl InProcess {
+    pub fn start(settings: &Settings) -> Self {
+        let shutdown = CancellationToken::new();
+        let (settings, stop) = (settings.clone(), shutdown.clone());
+        let task = tokio::spawn(async move { run_all(&settings, stop, false, &Health::new(4)).await });
+        Self { task, shutdown }
+    }
+
+    /// Returns once `records` are accounted for (results, review, DLQs); fails if the pipeline
+    /// stops first.
+    pub async fn wait_accounted(&mut self, backend: &Backend, records: u64) -> anyhow::Result<()> {
+        loop {
+            if self.task.is_finished() {
+                anyhow::bail!("the pipeline stopped before its records were through: {:?}", (&mut self.task).await?);
+            }
+            if PipelineStats::collect(backend).await?.accounted() >= records {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        self.task.await?
+    }
+}

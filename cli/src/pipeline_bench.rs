@@ -9,7 +9,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{Context, bail};
 use candle_core::Device;
@@ -18,12 +18,9 @@ use sluice_core::backend::Backend;
 use sluice_core::config::Settings;
 use sluice_core::envelope::{Envelope, Payload};
 use sluice_core::model::ModelBundle;
-use sluice_core::stats::PipelineStats;
-use sluice_core::telemetry::health::Health;
 use sluice_core::telemetry::scrape;
 use sluice_core::topology::StageName;
 use sluice_inference::model::CandleClassifier;
-use tokio_util::sync::CancellationToken;
 
 use crate::digits::{Split, load_split};
 use crate::produce::{digit_records, put_all, run_tag};
@@ -90,24 +87,11 @@ pub async fn bench_pipeline(args: &BenchPipelineArgs, settings: Settings) -> any
         .set("telemetry.port", 0);
     let backend = Backend::open(&settings.store()?).await?;
     put_all(&backend, records).await?;
-    let shutdown = CancellationToken::new();
     let started = Instant::now();
-    let running = {
-        let (settings, shutdown) = (settings.clone(), shutdown.clone());
-        tokio::spawn(async move { crate::pipeline::run_all(&settings, shutdown, false, &Health::new(4)).await })
-    };
-    loop {
-        if running.is_finished() {
-            bail!("the pipeline stopped before its records were through: {:?}", running.await?);
-        }
-        if PipelineStats::collect(&backend).await?.accounted() >= n as u64 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let pipeline = started.elapsed().as_secs_f64();
-    shutdown.cancel();
-    running.await??;
+    let mut pipeline = crate::pipeline::InProcess::start(&settings);
+    pipeline.wait_accounted(&backend, n as u64).await?;
+    let pipeline_s = started.elapsed().as_secs_f64();
+    pipeline.stop().await?;
 
     let samples = scrape::parse(&sluice_core::telemetry::prometheus_text());
     let stage_busy_s = StageName::ALL
@@ -123,7 +107,7 @@ pub async fn bench_pipeline(args: &BenchPipelineArgs, settings: Settings) -> any
         .filter_map(|r| Some(r.timestamps.stored_ms?.saturating_sub(r.timestamps.ingested_ms?)))
         .collect();
     latencies.sort_unstable();
-    let pipeline_records_per_s = n as f64 / pipeline.max(1e-9);
+    let pipeline_records_per_s = n as f64 / pipeline_s.max(1e-9);
     let bare_records_per_s = n as f64 / bare.max(1e-9);
     Ok(PipelineReport {
         records: n,
@@ -131,7 +115,7 @@ pub async fn bench_pipeline(args: &BenchPipelineArgs, settings: Settings) -> any
         pipeline_records_per_s,
         ratio: pipeline_records_per_s / bare_records_per_s,
         stage_busy_s,
-        pipeline_s: pipeline,
+        pipeline_s,
         latency_ms: Latency {
             p50: crate::demo::percentile(&latencies, 0.5) as u64,
             p99: crate::demo::percentile(&latencies, 0.99) as u64,

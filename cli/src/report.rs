@@ -5,12 +5,9 @@ use std::path::PathBuf;
 
 use sluice_core::backend::Backend;
 use sluice_core::config::{Settings, StoreArgs};
-use sluice_core::envelope::now_ms;
 use sluice_core::model::ModelBundle;
 use sluice_monitor::MonitorConfig;
 use sluice_monitor::report::{ReportSummary, write};
-
-use crate::dlq::parse_time;
 
 #[derive(Debug, clap::Args)]
 pub struct ReportArgs {
@@ -35,12 +32,7 @@ pub async fn run(args: &ReportArgs, settings: Settings) -> anyhow::Result<Report
     let config: MonitorConfig = settings.section("monitor")?;
     let manifest = ModelBundle::load(settings.model()?.dir)?.manifest;
     let backend = Backend::open_observer(&settings.store()?).await?;
-    let until = args.until.as_deref().map(parse_time).transpose()?.unwrap_or_else(now_ms);
-    let since = match args.since.as_deref() {
-        Some(raw) => parse_time(raw)?,
-        None => until.saturating_sub(config.window_hours * 3_600_000),
-    };
-    anyhow::ensure!(since <= until, "--since must come before --until");
+    let (since, until) = crate::monitor::window(args.since.as_deref(), args.until.as_deref(), &config)?;
     Ok(write(&backend, &config, &manifest, since, until, &args.out).await?)
 }
 

@@ -117,20 +117,8 @@ mod tests {
 
     #[test]
     fn lines_round_trip_and_broken_ones_are_counted() {
-        let result = PredictionResult {
-            record_id: RecordId::parse("r1").unwrap(),
-            label: "7".into(),
-            confidence: 0.9,
-            probabilities: vec![0.1, 0.9],
-            model: "m".into(),
-            model_version: "1".into(),
-            backend: "candle-cpu".into(),
-            status: ResultStatus::Accepted,
-            ground_truth: None,
-            reviewed_label: None,
-            reviewed_ms: None,
-            timestamps: StageTimes { stored_ms: Some(5), ..Default::default() },
-        };
+        let mut result = crate::testing::prediction_result("r1", "7", ResultStatus::Accepted);
+        result.timestamps.stored_ms = Some(5);
         let record = CaptureRecord::new(&result, "image/png", None);
         let mut chunk = record.to_line();
         chunk.extend_from_slice(b"{\"schema\":\"sluice.capture/1\",\"record_id\"");

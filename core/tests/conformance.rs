@@ -12,7 +12,7 @@ use sluice_core::backend::{
     Backend, FeedbackOutcome, OutgoingMessage, PageToken, PutOutcome, ResultQuery, ReviewOutcome, StreamInput,
 };
 use sluice_core::config::{BackendKind, StoreConfig};
-use sluice_core::envelope::{RecordId, StageTimes};
+use sluice_core::envelope::RecordId;
 use sluice_core::record::{DlqEntry, PredictionResult, Resolution, ResultStatus};
 use sluice_core::topology::{QueueName, StageName};
 
@@ -86,20 +86,7 @@ fn bodies(messages: &[sluice_core::backend::ReceivedMessage]) -> Vec<String> {
 }
 
 fn result(record: &str, label: &str, status: ResultStatus) -> PredictionResult {
-    PredictionResult {
-        record_id: id(record),
-        label: label.to_owned(),
-        confidence: 0.9,
-        probabilities: vec![0.1, 0.9],
-        model: "m".to_owned(),
-        model_version: "1".to_owned(),
-        backend: "candle-cpu".to_owned(),
-        status,
-        ground_truth: None,
-        reviewed_label: None,
-        reviewed_ms: None,
-        timestamps: StageTimes::default(),
-    }
+    sluice_core::testing::prediction_result(record, label, status)
 }
 
 async fn queue_round_trip(f: Fixture) {

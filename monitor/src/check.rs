@@ -73,7 +73,7 @@ pub async fn run_once(
     notifier: &Notifier,
     now_ms: u64,
 ) -> Result<MonitorRun> {
-    let since_ms = now_ms.saturating_sub(config.window_hours.saturating_mul(3_600_000));
+    let since_ms = config.window_start(now_ms);
     let window = Window::read(backend, since_ms, now_ms).await?;
     let quality = quality(&window.observations);
     let reference = load_reference(backend).await?;

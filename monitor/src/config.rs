@@ -38,3 +38,10 @@ impl Default for MonitorConfig {
         }
     }
 }
+
+impl MonitorConfig {
+    /// Where the rolling window ending at `until_ms` starts.
+    pub fn window_start(&self, until_ms: u64) -> u64 {
+        until_ms.saturating_sub(self.window_hours.saturating_mul(3_600_000))
+    }
+}

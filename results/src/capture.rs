@@ -170,7 +170,6 @@ mod tests {
 
     use async_trait::async_trait;
     use sluice_core::backend::FeatureStore;
-    use sluice_core::envelope::StageTimes;
     use sluice_core::record::ResultStatus;
     use sluice_core::{ReasonCode, SluiceError};
 
@@ -223,20 +222,7 @@ mod tests {
     }
 
     fn result(id: &str) -> PredictionResult {
-        PredictionResult {
-            record_id: RecordId::parse(id).unwrap(),
-            label: "1".into(),
-            confidence: 0.9,
-            probabilities: vec![0.1, 0.9],
-            model: "m".into(),
-            model_version: "1".into(),
-            backend: "candle-cpu".into(),
-            status: ResultStatus::Accepted,
-            ground_truth: None,
-            reviewed_label: None,
-            reviewed_ms: None,
-            timestamps: StageTimes::default(),
-        }
+        sluice_core::testing::prediction_result(id, "1", ResultStatus::Accepted)
     }
 
     async fn capture(writer: &CaptureWriter, id: &str) {

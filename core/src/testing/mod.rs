@@ -168,3 +168,26 @@ fn start_watched(command: &str) -> Result<String, String> {
     }
     Err(format!("`{command}` did not start listening within 60 s (is it installed?)"))
 }
+
+/// A result as tests write one: confidence 0.9 of two classes, model `m` version `1` on the CPU,
+/// no stage times.
+pub fn prediction_result(
+    record: &str,
+    label: &str,
+    status: crate::record::ResultStatus,
+) -> crate::record::PredictionResult {
+    crate::record::PredictionResult {
+        record_id: crate::envelope::RecordId::parse(record).expect("a valid record id"),
+        label: label.to_owned(),
+        confidence: 0.9,
+        probabilities: vec![0.1, 0.9],
+        model: "m".to_owned(),
+        model_version: "1".to_owned(),
+        backend: "candle-cpu".to_owned(),
+        status,
+        ground_truth: None,
+        reviewed_label: None,
+        reviewed_ms: None,
+        timestamps: crate::envelope::StageTimes::default(),
+    }
+}

@@ -5,10 +5,10 @@
 use async_trait::async_trait;
 use aws_sdk_s3::primitives::ByteStream;
 
-use super::{classify, error_code, resources};
+use super::{classify, resources};
 use crate::backend::CaptureLog;
 use crate::capture::hour_path;
-use crate::error::{ReasonCode, Result, SluiceError};
+use crate::error::Result;
 
 pub(super) struct S3CaptureLog {
     client: aws_sdk_s3::Client,
@@ -25,17 +25,7 @@ impl S3CaptureLog {
     }
 
     async fn get(&self, key: &str) -> Result<Option<Vec<u8>>> {
-        let object = match self.client.get_object().bucket(&self.bucket).key(key).send().await {
-            Ok(object) => object,
-            Err(e) if error_code(&e) == Some("NoSuchKey") => return Ok(None),
-            Err(e) => return Err(classify("GetObject", e)),
-        };
-        let bytes = object
-            .body
-            .collect()
-            .await
-            .map_err(|e| SluiceError::retryable(ReasonCode::StoreUnavailable, format!("GetObject body: {e}")))?;
-        Ok(Some(bytes.into_bytes().to_vec()))
+        super::s3::get_object(&self.client, &self.bucket, key).await
     }
 
     async fn put(&self, key: &str, data: Vec<u8>, content_type: &str) -> Result<()> {

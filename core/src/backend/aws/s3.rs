@@ -56,18 +56,23 @@ impl BlobStore for S3BlobStore {
 
     async fn get(&self, reference: &str) -> Result<Vec<u8>> {
         let (bucket, key) = self.parse(reference)?;
-        let object = match self.client.get_object().bucket(bucket).key(key).send().await {
-            Ok(object) => object,
-            Err(e) if error_code(&e) == Some("NoSuchKey") => {
-                return Err(SluiceError::permanent(ReasonCode::ClaimCheckMissing, format!("no object {reference}")));
-            }
-            Err(e) => return Err(classify("GetObject", e)),
-        };
-        let bytes = object
-            .body
-            .collect()
-            .await
-            .map_err(|e| SluiceError::retryable(ReasonCode::StoreUnavailable, format!("GetObject body: {e}")))?;
-        Ok(bytes.into_bytes().to_vec())
+        get_object(&self.client, bucket, key)
+            .await?
+            .ok_or_else(|| SluiceError::permanent(ReasonCode::ClaimCheckMissing, format!("no object {reference}")))
     }
+}
+
+/// An object's bytes; `None` when there is no such key.
+pub(super) async fn get_object(client: &aws_sdk_s3::Client, bucket: &str, key: &str) -> Result<Option<Vec<u8>>> {
+    let object = match client.get_object().bucket(bucket).key(key).send().await {
+        Ok(object) => object,
+        Err(e) if error_code(&e) == Some("NoSuchKey") => return Ok(None),
+        Err(e) => return Err(classify("GetObject", e)),
+    };
+    let bytes = object
+        .body
+        .collect()
+        .await
+        .map_err(|e| SluiceError::retryable(ReasonCode::StoreUnavailable, format!("GetObject body: {e}")))?;
+    Ok(Some(bytes.into_bytes().to_vec()))
 }
