@@ -16,8 +16,8 @@ use anyhow::{Context, bail, ensure};
 use candle_core::Device;
 use image::DynamicImage;
 use serde::{Deserialize, Serialize};
-use sluice_core::backend::{vector_from_bytes, vector_to_bytes};
 use sluice_core::model::{Architecture, ImageInput, MANIFEST_FILE, ModelBundle, WEIGHTS_FILE};
+use sluice_core::vector::{f32_from_le_bytes, f32_to_le_bytes};
 use sluice_inference::model::{CandleClassifier, DevicePreference, select_device};
 
 use crate::digits::{Split, load_split};
@@ -195,13 +195,16 @@ fn random_resnet18(dir: &Path) -> anyhow::Result<ModelBundle> {
     Ok(ModelBundle::load(dir)?)
 }
 
-/// Held-out digits as the features stage makes them for a model taking `image`.
+/// Held-out digits as the features stage makes them for a model taking `image`, normalised as
+/// the model takes them.
 fn held_out_rows(image: &ImageInput) -> anyhow::Result<Vec<f32>> {
     let digits = load_split(Split::Test)?;
     Ok(digits
         .iter()
         .take(INPUT_ROWS)
-        .flat_map(|d| sluice_features::image::preprocess(&DynamicImage::ImageLuma8(d.to_image()), image))
+        .flat_map(|d| {
+            image.normalise(&sluice_features::image::preprocess(&DynamicImage::ImageLuma8(d.to_image()), image))
+        })
         .collect())
 }
 
@@ -290,7 +293,7 @@ struct OrtRun {
 /// Runs `bench/ort_runner.py` over `subject`: its outputs for the check rows, and its timings.
 fn run_ort(args: &BenchInferenceArgs, threads: usize, subject: &Subject, scratch: &Path) -> anyhow::Result<OrtRun> {
     let inputs_file = scratch.join("rows.f32");
-    std::fs::write(&inputs_file, vector_to_bytes(&subject.inputs))?;
+    std::fs::write(&inputs_file, f32_to_le_bytes(&subject.inputs))?;
     let check_file = scratch.join("check.f32");
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../bench/ort_runner.py");
     let batches: Vec<String> = args.bench.batches.iter().map(usize::to_string).collect();
@@ -313,7 +316,7 @@ fn run_ort(args: &BenchInferenceArgs, threads: usize, subject: &Subject, scratch
         bail!("{} failed:\n{}", script.display(), String::from_utf8_lossy(&output.stderr));
     }
     let classes = subject.bundle.manifest.labels.len();
-    let values = vector_from_bytes(&std::fs::read(&check_file)?);
+    let values = f32_from_le_bytes(&std::fs::read(&check_file)?);
     ensure!(values.len() == CHECK_ROWS * classes, "ONNX Runtime gave {} values", values.len());
     let timings = String::from_utf8(output.stdout)?
         .lines()

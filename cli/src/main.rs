@@ -147,8 +147,15 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     // The demo's and the benches' output is their summary; the workers' logs would bury it.
     let quiet = matches!(cli.command, Command::Demo(_) | Command::Bench { .. });
-    let _telemetry = sluice_core::telemetry::init("sluice", if quiet { "warn" } else { "info" });
     let settings = Settings::load(cli.config.as_deref())?;
+    let threads = match &cli.command {
+        Command::Bench { command: BenchCommand::Inference(args) } => args.bench.threads,
+        Command::Bench { command: BenchCommand::Cuda(args) } => args.threads,
+        _ => None,
+    };
+    // Before any thread starts.
+    sluice_core::threads::pin(threads.unwrap_or_else(|| sluice_core::threads::configured(&settings)));
+    let _telemetry = sluice_core::telemetry::init("sluice", if quiet { "warn" } else { "info" });
     if let Command::Train(args) = &cli.command {
         let report = train::train(args)?;
         println!("{}", serde_json::to_string_pretty(&report)?);

@@ -20,6 +20,7 @@ use sluice_core::envelope::{Envelope, Payload};
 use sluice_core::model::ModelBundle;
 use sluice_core::telemetry::scrape;
 use sluice_core::topology::StageName;
+use sluice_core::vector::FeatureVector;
 use sluice_inference::model::CandleClassifier;
 
 use crate::digits::{Split, load_split};
@@ -131,16 +132,17 @@ fn bare_loop(settings: &Settings, records: &[sluice_core::backend::StreamInput])
     let classifier = CandleClassifier::load(&bundle, Device::Cpu, "candle-cpu")?;
     let started = Instant::now();
     for chunk in records.chunks(inference.batch_size.max(1)) {
-        let mut inputs = Vec::with_capacity(chunk.len() * bundle.manifest.vector_len());
+        let mut pixels = Vec::with_capacity(chunk.len() * bundle.manifest.vector_len());
         for record in chunk {
             let envelope = Envelope::from_json(&record.data)?;
             let Payload::Inline { data } = &envelope.payload else { bail!("a digit record travels inline") };
             let vector =
                 sluice_features::vectorise(&bundle.manifest, envelope.content_type, data, &features.image_limits)
                     .context("preprocessing")?;
-            inputs.extend(vector);
+            let FeatureVector::Pixels(vector) = vector else { bail!("a digit's features are its pixels") };
+            pixels.extend(vector);
         }
-        classifier.predict(inputs, chunk.len())?;
+        classifier.predict_batch(FeatureVector::Pixels(pixels), chunk.len())?;
     }
     Ok(started.elapsed().as_secs_f64())
 }

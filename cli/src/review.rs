@@ -160,7 +160,7 @@ async fn show(
         }
     }
     let vector = backend.features.get_batch(std::slice::from_ref(id)).await?.remove(id);
-    let picture = vector.and_then(|v| manifest.input.image.as_ref()?.picture(&v));
+    let picture = vector.and_then(|v| manifest.input.image.as_ref()?.picture(&v.ok()?));
     match (picture, save) {
         (Some(picture), Some(dir)) => {
             std::fs::create_dir_all(dir)?;

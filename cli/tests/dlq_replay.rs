@@ -12,6 +12,7 @@ use sluice_core::envelope::{ContentType, Envelope, Payload, RecordId};
 use sluice_core::stats::PipelineStats;
 use sluice_core::telemetry::health::Health;
 use sluice_core::topology::{QueueName, StageName};
+use sluice_core::vector::FeatureVector;
 use tokio_util::sync::CancellationToken;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -51,7 +52,7 @@ async fn a_fixed_record_replays_from_its_dlq_to_a_result() {
     assert_eq!(replay(ReasonCode::ModelFailure).await, 0);
 
     // The operator restores the vector and replays.
-    backend.features.put_if_absent(vec![(id.clone(), vec![0.0; 64])]).await.unwrap();
+    backend.features.put_if_absent(vec![(id.clone(), FeatureVector::Pixels(vec![0; 64]))]).await.unwrap();
     assert_eq!(replay(ReasonCode::MissingFeatures).await, 1);
     pipeline::run_all(&settings, CancellationToken::new(), true, &Health::new(4)).await.unwrap();
 

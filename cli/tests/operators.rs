@@ -17,6 +17,7 @@ use sluice_core::envelope::{ContentType, Envelope, Payload, RecordId};
 use sluice_core::stats::PipelineStats;
 use sluice_core::testing::{aws_store_config, unique_prefix};
 use sluice_core::topology::{QueueName, StageName};
+use sluice_core::vector::FeatureVector;
 
 /// Where a test's commands point: an embedded store file, or a prefix on the AWS stand-in.
 enum Target {
@@ -197,7 +198,11 @@ async fn operators_loop(target: Target) {
     backend.queue(QueueName::Inference).send_batch(messages).await.unwrap();
     target.sluice(&model, &["run", "--until-drained"]);
     assert_eq!(stats(&backend).await.dlq[&StageName::Inference], ORPHANS as u64, "no features: dead-lettered");
-    backend.features.put_if_absent(ids.iter().map(|id| (id.clone(), vec![0.0; 64])).collect()).await.unwrap();
+    backend
+        .features
+        .put_if_absent(ids.iter().map(|id| (id.clone(), FeatureVector::Pixels(vec![0; 64]))).collect())
+        .await
+        .unwrap();
     let mut slow = target.command(&model);
     slow.args(["dlq", "replay", "--stage", "inference", "--rate", "10"]).args(target.store_args());
     let mut child = slow.stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();

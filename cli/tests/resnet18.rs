@@ -97,7 +97,10 @@ fn a_resnet18_bundle_classifies_photos_through_the_pipeline() {
             let vector =
                 sluice_features::vectorise(&bundle.manifest, *content_type, data, &ImageLimits::default()).unwrap();
             assert_eq!(vector.len(), 3 * 224 * 224);
-            classifier.predict(vector, 1).unwrap().remove(0)
+            // Normalised here, on the CPU, as vectors were before they were stored as pixels:
+            // the pipeline normalises on the model's device, and the two must agree.
+            let values = vector.to_values(bundle.manifest.input.image.as_ref()).unwrap();
+            classifier.predict(values, 1).unwrap().remove(0)
         })
         .collect();
     let listed = String::from_utf8(sluice(&bundle_dir, &["results", "--store", store, "--json"]).stdout).unwrap();

@@ -21,7 +21,9 @@ pub mod shutdown;
 pub mod stats;
 pub mod telemetry;
 pub mod testing;
+pub mod threads;
 pub mod topology;
+pub mod vector;
 pub mod worker;
 
 pub use error::{ReasonCode, Result, SluiceError};

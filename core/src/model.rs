@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::vector::FeatureVector;
+
 pub const MANIFEST_FILE: &str = "model.toml";
 pub const WEIGHTS_FILE: &str = "model.safetensors";
 
@@ -80,16 +82,20 @@ pub struct ImageInput {
 }
 
 impl ImageInput {
-    /// The picture a feature vector of this input shows: the normalisation undone, channel-major
-    /// planes put back together (grey for one channel). `None` if the length does not fit.
-    pub fn picture(&self, vector: &[f32]) -> Option<image::RgbImage> {
+    /// The picture a feature vector of this input shows (for a values vector, the
+    /// normalisation undone), channel-major planes put back together (grey for one channel).
+    /// `None` if the length does not fit.
+    pub fn picture(&self, vector: &FeatureVector) -> Option<image::RgbImage> {
         let (channels, plane) = (self.channels as usize, (self.width * self.height) as usize);
         if vector.len() != channels * plane || self.mean.len() < channels || self.std.len() < channels {
             return None;
         }
-        let value = |c: usize, i: usize| {
-            let x = vector[c * plane + i] * self.std[c] + self.mean[c];
-            (x.clamp(0.0, 1.0) * 255.0).round() as u8
+        let value = |c: usize, i: usize| match vector {
+            FeatureVector::Pixels(pixels) => pixels[c * plane + i],
+            FeatureVector::Values(values) => {
+                let x = values[c * plane + i] * self.std[c] + self.mean[c];
+                (x.clamp(0.0, 1.0) * 255.0).round() as u8
+            }
         };
         Some(image::RgbImage::from_fn(self.width, self.height, |x, y| {
             let i = (y * self.width + x) as usize;
@@ -98,6 +104,21 @@ impl ImageInput {
                 _ => image::Rgb([value(0, i), value(1, i), value(2, i)]),
             }
         }))
+    }
+
+    /// The values the model takes for channel-major `pixels` (one image or several end to
+    /// end): each scaled to 0..1, then `(x - mean) / std` for its channel.
+    pub fn normalise(&self, pixels: &[u8]) -> Vec<f32> {
+        let plane = (self.width * self.height) as usize;
+        let channels = self.channels as usize;
+        pixels
+            .iter()
+            .enumerate()
+            .map(|(i, &p)| {
+                let c = (i / plane) % channels;
+                (f32::from(p) / 255.0 - self.mean[c]) / self.std[c]
+            })
+            .collect()
     }
 
     /// ImageNet preprocessing at 224×224: shorter side to 256, centre crop, ImageNet's channel

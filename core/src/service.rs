@@ -173,8 +173,10 @@ where
     S: Stage + 'static,
     F: FnOnce(&Settings, &Backend) -> Result<S, BuildError>,
 {
-    let _telemetry = crate::telemetry::init(&format!("sluice-{stage_name}"), "info");
     let args = WorkerArgs::parse();
+    // Before any thread starts; a configuration that cannot be read is reported below.
+    crate::threads::pin(args.settings().map(|s| crate::threads::configured(&s)).unwrap_or_default());
+    let _telemetry = crate::telemetry::init(&format!("sluice-{stage_name}"), "info");
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {

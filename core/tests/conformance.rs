@@ -15,6 +15,7 @@ use sluice_core::config::{BackendKind, StoreConfig};
 use sluice_core::envelope::RecordId;
 use sluice_core::record::{DlqEntry, PredictionResult, Resolution, ResultStatus};
 use sluice_core::topology::{QueueName, StageName};
+use sluice_core::vector::FeatureVector;
 
 /// Short timeouts so visibility and lease expiry can be observed quickly.
 const VISIBILITY_MS: u64 = 1000;
@@ -353,23 +354,34 @@ async fn a_lost_lease_refuses_the_checkpoint(f: Fixture) {
 /// A vector is a function of its record, so a redelivery writes the same one again.
 async fn feature_store_round_trips_and_tolerates_rewrites(f: Fixture) {
     let b = f.open().await;
+    let values = |v: &[f32]| FeatureVector::Values(v.to_vec());
     b.features
-        .put_if_absent(vec![(id("a"), vec![1.0, 2.0]), (id("b"), vec![3.0]), (id("a"), vec![1.0, 2.0])])
+        .put_if_absent(vec![
+            (id("a"), values(&[1.0, 2.0])),
+            (id("b"), FeatureVector::Pixels(vec![0, 128, 255])),
+            (id("a"), values(&[1.0, 2.0])),
+        ])
         .await
         .unwrap();
-    b.features.put_if_absent(vec![(id("a"), vec![1.0, 2.0])]).await.unwrap();
+    b.features.put_if_absent(vec![(id("a"), values(&[1.0, 2.0]))]).await.unwrap();
     let got = b.features.get_batch(&[id("a"), id("b"), id("missing")]).await.unwrap();
     assert_eq!(got.len(), 2);
-    assert_eq!(got[&id("a")], vec![1.0, 2.0]);
-    assert_eq!(got[&id("b")], vec![3.0]);
+    assert_eq!(got[&id("a")].as_ref().unwrap(), &values(&[1.0, 2.0]));
+    assert_eq!(got[&id("b")].as_ref().unwrap(), &FeatureVector::Pixels(vec![0, 128, 255]));
 
-    // An ImageNet-sized vector (3×224×224) is larger than a DynamoDB item may be.
-    let large: Vec<f32> = (0..3 * 224 * 224).map(|i| (i % 997) as f32 / 997.0 - 0.5).collect();
-    b.features.put_if_absent(vec![(id("large"), large.clone()), (id("c"), vec![4.0])]).await.unwrap();
+    // An ImageNet-sized image as pixels (3×224×224 bytes) fits a DynamoDB item; as f32 values
+    // it is larger than an item may be.
+    let pixels = FeatureVector::Pixels((0..3 * 224 * 224).map(|i| (i % 251) as u8).collect());
+    let large = FeatureVector::Values((0..3 * 224 * 224).map(|i| (i % 997) as f32 / 997.0 - 0.5).collect());
+    b.features
+        .put_if_absent(vec![(id("large"), large.clone()), (id("pixels"), pixels.clone()), (id("c"), values(&[4.0]))])
+        .await
+        .unwrap();
     b.features.put_if_absent(vec![(id("large"), large.clone())]).await.unwrap();
-    let got = b.features.get_batch(&[id("large"), id("c")]).await.unwrap();
-    assert_eq!(got[&id("c")], vec![4.0]);
-    assert!(got[&id("large")] == large, "the large vector came back changed");
+    let got = b.features.get_batch(&[id("large"), id("pixels"), id("c")]).await.unwrap();
+    assert_eq!(got[&id("c")].as_ref().unwrap(), &values(&[4.0]));
+    assert!(got[&id("large")].as_ref().unwrap() == &large, "the large vector came back changed");
+    assert!(got[&id("pixels")].as_ref().unwrap() == &pixels, "the pixels came back changed");
 }
 
 async fn result_store_is_put_if_absent(f: Fixture) {

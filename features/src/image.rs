@@ -1,19 +1,20 @@
 //! Image preprocessing: resize to the model's input (stretched, or ImageNet-style: shorter side
-//! to a length, then a centre crop), convert channels, scale and normalise.
+//! to a length, then a centre crop) and convert channels. The pixels stay bytes: the model
+//! scales and normalises them on its device (`ImageInput::normalise` says how).
 
 use image::imageops::{self, FilterType};
 use image::{DynamicImage, ImageBuffer, Pixel};
 use sluice_core::model::ImageInput;
 
-/// The model's input vector for `img`, channel-major (C, H, W).
-pub fn preprocess(img: &DynamicImage, spec: &ImageInput) -> Vec<f32> {
+/// The model's input pixels for `img`, channel-major (C, H, W).
+pub fn preprocess(img: &DynamicImage, spec: &ImageInput) -> Vec<u8> {
     match spec.channels {
-        1 => normalise(&img.to_luma8(), spec),
-        _ => normalise(&img.to_rgb8(), spec),
+        1 => planes(&img.to_luma8(), spec),
+        _ => planes(&img.to_rgb8(), spec),
     }
 }
 
-fn normalise<P>(img: &ImageBuffer<P, Vec<u8>>, spec: &ImageInput) -> Vec<f32>
+fn planes<P>(img: &ImageBuffer<P, Vec<u8>>, spec: &ImageInput) -> Vec<u8>
 where
     P: Pixel<Subpixel = u8> + 'static,
 {
@@ -29,10 +30,10 @@ where
     };
     let channels = spec.channels as usize;
     let plane = (spec.width * spec.height) as usize;
-    let mut out = vec![0.0f32; plane * channels];
+    let mut out = vec![0u8; plane * channels];
     for (i, pixel) in img.pixels().enumerate() {
         for (c, &value) in pixel.channels().iter().take(channels).enumerate() {
-            out[c * plane + i] = (f32::from(value) / 255.0 - spec.mean[c]) / spec.std[c];
+            out[c * plane + i] = value;
         }
     }
     out
@@ -65,7 +66,7 @@ mod tests {
     #[test]
     fn keeps_an_image_of_the_right_size_exact() {
         let img = DynamicImage::ImageLuma8(image::GrayImage::from_fn(2, 2, |x, _| image::Luma([(x * 255) as u8])));
-        assert_eq!(preprocess(&img, &spec(2, 2, 1)), vec![-1.0, 1.0, -1.0, 1.0]);
+        assert_eq!(preprocess(&img, &spec(2, 2, 1)), vec![0, 255, 0, 255]);
     }
 
     #[test]
@@ -73,8 +74,9 @@ mod tests {
         let img = DynamicImage::ImageRgb8(image::RgbImage::from_pixel(16, 16, image::Rgb([255, 0, 255])));
         let v = preprocess(&img, &spec(4, 4, 3));
         assert_eq!(v.len(), 48);
-        assert!(v[..16].iter().all(|&x| (x - 1.0).abs() < 1e-6));
-        assert!(v[16..32].iter().all(|&x| (x + 1.0).abs() < 1e-6));
+        assert!(v[..16].iter().all(|&x| x == 255));
+        assert!(v[16..32].iter().all(|&x| x == 0));
+        assert!(v[32..].iter().all(|&x| x == 255));
     }
 
     #[test]
@@ -86,7 +88,7 @@ mod tests {
             if (200..400).contains(&x) { image::Rgb([255, 255, 255]) } else { image::Rgb([0, 0, 0]) }
         });
         let spec = ImageInput::imagenet();
-        let v = preprocess(&DynamicImage::ImageRgb8(img), &spec);
+        let v = spec.normalise(&preprocess(&DynamicImage::ImageRgb8(img), &spec));
         assert_eq!(v.len(), 3 * 224 * 224);
         let at = |c: usize, y: usize, x: usize| v[c * 224 * 224 + y * 224 + x];
         // Crop offset (512 - 224) / 2 = 144: crop columns 0..224 are resized columns 144..368,

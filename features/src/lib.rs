@@ -1,5 +1,5 @@
 //! The features stage: turns each record's payload into the feature vector its model takes
-//! (images: decode, resize, normalise; JSON events: the bundle's declarative feature spec),
+//! (images: decode, resize, crop, as bytes; JSON events: the bundle's declarative feature spec),
 //! writes the vector to the feature store, and forwards the record to the inference queue.
 
 pub mod image;
@@ -17,6 +17,7 @@ use sluice_core::image::ImageLimits;
 use sluice_core::model::{ModelBundle, ModelManifest};
 use sluice_core::service::BuildError;
 use sluice_core::topology::{QueueName, StageName};
+use sluice_core::vector::FeatureVector;
 use sluice_core::worker::{BatchPolicy, Delivery, Outcome, Stage};
 use sluice_core::{ReasonCode, Result, SluiceError};
 
@@ -55,7 +56,7 @@ impl FeaturesStage {
         })
     }
 
-    async fn vector_for(&self, envelope: &Envelope) -> Result<Vec<f32>> {
+    async fn vector_for(&self, envelope: &Envelope) -> Result<FeatureVector> {
         let data = match &envelope.payload {
             Payload::Inline { data } => data.clone(),
             Payload::ClaimCheck { reference } => self.blobs.get(reference).await?,
@@ -73,19 +74,19 @@ pub fn vectorise(
     content_type: ContentType,
     data: &[u8],
     limits: &ImageLimits,
-) -> Result<Vec<f32>> {
+) -> Result<FeatureVector> {
     let unsupported = |what: &str| {
         SluiceError::permanent(ReasonCode::SchemaMismatch, format!("model {} takes no {what} input", manifest.name))
     };
     if content_type.is_image() {
         let spec = manifest.input.image.as_ref().ok_or_else(|| unsupported("image"))?;
         let decoded = sluice_core::image::decode(data, content_type, limits)?;
-        Ok(image::preprocess(&decoded, spec))
+        Ok(FeatureVector::Pixels(image::preprocess(&decoded, spec)))
     } else {
         let spec = manifest.input.tabular.as_ref().ok_or_else(|| unsupported("tabular"))?;
         let event: serde_json::Value = serde_json::from_slice(data)
             .map_err(|e| SluiceError::permanent(ReasonCode::InvalidJson, format!("payload is not valid JSON: {e}")))?;
-        tabular::vectorise(spec, &event)
+        tabular::vectorise(spec, &event).map(FeatureVector::Values)
     }
 }
 
@@ -101,7 +102,7 @@ impl Stage for FeaturesStage {
 
     async fn process(&self, batch: &[Delivery]) -> Vec<Outcome> {
         let mut outcomes = Vec::with_capacity(batch.len());
-        let mut vectors: Vec<(RecordId, Vec<f32>)> = Vec::new();
+        let mut vectors: Vec<(RecordId, FeatureVector)> = Vec::new();
         for delivery in batch {
             let mut envelope = match Envelope::from_json(&delivery.body) {
                 Ok(envelope) => envelope,

@@ -8,6 +8,7 @@ use sluice_core::backend::{Backend, Receipt};
 use sluice_core::config::{Settings, StoreConfig};
 use sluice_core::envelope::{ContentType, Envelope, Payload, RecordId};
 use sluice_core::topology::QueueName;
+use sluice_core::vector::FeatureVector;
 use sluice_core::worker::{Delivery, Origin, Outcome, Stage};
 use sluice_features::FeaturesStage;
 
@@ -77,7 +78,17 @@ async fn images_and_events_become_the_same_vector() {
     let ids: Vec<RecordId> =
         ["png", "event", "gradient", "big-gradient"].iter().map(|s| RecordId::parse(*s).unwrap()).collect();
     let vectors = backend.features.get_batch(&ids).await.unwrap();
-    let [png, event, small, big] = [0, 1, 2, 3].map(|i| &vectors[&ids[i]]);
+    let [png, event, small, big] = [0, 1, 2, 3].map(|i| vectors[&ids[i]].as_ref().unwrap());
+    let [
+        FeatureVector::Pixels(png),
+        FeatureVector::Values(event),
+        FeatureVector::Pixels(small),
+        FeatureVector::Pixels(big),
+    ] = [png, event, small, big]
+    else {
+        panic!("images are stored as pixels, events as values")
+    };
+    let [png, small, big] = [png, small, big].map(|p| p.iter().map(|&v| f32::from(v) / 255.0).collect::<Vec<_>>());
     assert_eq!(png.len(), 64);
     assert_eq!(big.len(), 64, "a larger image is resized to the model's input");
     for i in 0..64 {

@@ -24,6 +24,7 @@ use sluice_core::record::{InferredRecord, Prediction};
 use sluice_core::service::BuildError;
 use sluice_core::telemetry::metrics::{BreakerGauge, metrics};
 use sluice_core::topology::{QueueName, StageName};
+use sluice_core::vector::FeatureVector;
 use sluice_core::worker::{BatchPolicy, Delivery, Outcome, Stage};
 use sluice_core::{ReasonCode, SluiceError};
 
@@ -184,7 +185,7 @@ impl InferenceStage {
 
     /// Class probabilities for `rows` vectors, from Candle or, when it cannot serve, the fallback;
     /// reports the call's latency by backend and the breaker's state.
-    async fn predict(&self, inputs: Vec<f32>, rows: usize) -> Result<(Vec<Vec<f32>>, Served), SluiceError> {
+    async fn predict(&self, inputs: FeatureVector, rows: usize) -> Result<(Vec<Vec<f32>>, Served), SluiceError> {
         let started = Instant::now();
         let result = self.predict_routed(inputs, rows).await;
         if let Ok((_, served)) = &result {
@@ -198,7 +199,7 @@ impl InferenceStage {
         result
     }
 
-    async fn predict_routed(&self, inputs: Vec<f32>, rows: usize) -> Result<(Vec<Vec<f32>>, Served), SluiceError> {
+    async fn predict_routed(&self, inputs: FeatureVector, rows: usize) -> Result<(Vec<Vec<f32>>, Served), SluiceError> {
         let Some(classifier) = &self.classifier else {
             return self.predict_fallback(&inputs).await;
         };
@@ -225,9 +226,11 @@ impl InferenceStage {
         }
     }
 
-    async fn predict_fallback(&self, inputs: &[f32]) -> Result<(Vec<Vec<f32>>, Served), SluiceError> {
+    async fn predict_fallback(&self, inputs: &FeatureVector) -> Result<(Vec<Vec<f32>>, Served), SluiceError> {
         let fallback = self.fallback.as_ref().expect("a stage without Candle has a fallback");
-        let probabilities = fallback.predict(inputs, self.manifest.vector_len(), self.manifest.labels.len()).await?;
+        // The endpoint takes the values the model takes.
+        let values = inputs.to_values(self.manifest.input.image.as_ref())?;
+        let probabilities = fallback.predict(&values, self.manifest.vector_len(), self.manifest.labels.len()).await?;
         let (model, version) = fallback.model();
         Ok((
             probabilities,
@@ -238,7 +241,7 @@ impl InferenceStage {
     async fn run_candle(
         &self,
         classifier: &Arc<CandleClassifier>,
-        inputs: Vec<f32>,
+        inputs: FeatureVector,
         rows: usize,
     ) -> Result<Vec<Vec<f32>>, SluiceError> {
         let batch = self.model_batches.fetch_add(1, Ordering::Relaxed);
@@ -248,7 +251,7 @@ impl InferenceStage {
         }
         let classifier = Arc::clone(classifier);
         // Model math is CPU-bound: keep it off the async threads.
-        tokio::task::spawn_blocking(move || classifier.predict(inputs, rows))
+        tokio::task::spawn_blocking(move || classifier.predict_batch(inputs, rows))
             .await
             .map_err(|e| SluiceError::retryable(ReasonCode::ModelFailure, format!("model task: {e}")))?
     }
@@ -283,7 +286,7 @@ impl Stage for InferenceStage {
 
         let want = self.manifest.vector_len();
         let mut rows: Vec<(usize, Envelope)> = Vec::new();
-        let mut inputs = Vec::with_capacity(envelopes.len() * want);
+        let mut found: Vec<&FeatureVector> = Vec::with_capacity(envelopes.len());
         for (i, envelope) in envelopes {
             let id = envelope.record_id.clone();
             // Looked up, not taken: a record delivered twice in one batch (at-least-once
@@ -294,19 +297,21 @@ impl Stage for InferenceStage {
                         SluiceError::permanent(ReasonCode::MissingFeatures, "no feature vector stored for this record");
                     outcomes[i] = Some(Outcome::failed(error, Some(id)));
                 }
-                Some(v) if v.len() != want => {
+                Some(Err(error)) => outcomes[i] = Some(Outcome::failed(error.clone(), Some(id))),
+                Some(Ok(v)) if v.len() != want => {
                     let error = SluiceError::permanent(
                         ReasonCode::FeatureShapeMismatch,
                         format!("vector has {} values; model {} takes {want}", v.len(), self.manifest.name),
                     );
                     outcomes[i] = Some(Outcome::failed(error, Some(id)));
                 }
-                Some(v) => {
-                    inputs.extend_from_slice(v);
+                Some(Ok(v)) => {
+                    found.push(v);
                     rows.push((i, envelope));
                 }
             }
         }
+        let inputs = self.batch_inputs(&found);
 
         if !rows.is_empty() {
             match self.predict(inputs, rows.len()).await {
@@ -327,6 +332,25 @@ impl Stage for InferenceStage {
 }
 
 impl InferenceStage {
+    /// The batch's vectors end to end: pixels when every one is (the model normalises them on
+    /// its device), else values (vectors stored before pixels were, or tabular ones).
+    fn batch_inputs(&self, vectors: &[&FeatureVector]) -> FeatureVector {
+        if vectors.iter().all(|v| matches!(v, FeatureVector::Pixels(_))) {
+            let pixels = vectors.iter().flat_map(|v| match v {
+                FeatureVector::Pixels(p) => p.as_slice(),
+                FeatureVector::Values(_) => &[],
+            });
+            return FeatureVector::Pixels(pixels.copied().collect());
+        }
+        let image = self.manifest.input.image.as_ref();
+        let values = vectors.iter().flat_map(|v| match v {
+            FeatureVector::Values(values) => values.clone(),
+            // Lengths were checked, and pixels are only ever stored for a model with images.
+            FeatureVector::Pixels(pixels) => image.map(|spec| spec.normalise(pixels)).unwrap_or_default(),
+        });
+        FeatureVector::Values(values.collect())
+    }
+
     fn forward(
         &self,
         delivery: &Delivery,

@@ -11,12 +11,13 @@ use sluice_core::config::{Settings, StoreConfig};
 use sluice_core::envelope::RecordId;
 use sluice_core::record::InferredRecord;
 use sluice_core::topology::QueueName;
+use sluice_core::vector::FeatureVector;
 use sluice_core::worker::{Outcome, Stage};
 use sluice_inference::InferenceStage;
 
 /// A "1": a vertical bar down the middle of an 8×8 image, intensities 0..1.
-fn one() -> Vec<f32> {
-    (0..64).map(|i| if (3..5).contains(&(i % 8)) { 1.0 } else { 0.0 }).collect()
+fn one() -> FeatureVector {
+    FeatureVector::Values((0..64).map(|i| if (3..5).contains(&(i % 8)) { 1.0 } else { 0.0 }).collect())
 }
 
 /// The stage on the shipped bundle, over a fresh embedded store (kept while the directory lives).
@@ -37,7 +38,11 @@ async fn predicts_a_batch_and_classifies_missing_or_misshapen_vectors() {
     let id = |s: &str| RecordId::parse(s).unwrap();
     backend
         .features
-        .put_if_absent(vec![(id("a"), one()), (id("b"), vec![0.0; 64]), (id("short"), vec![0.5; 10])])
+        .put_if_absent(vec![
+            (id("a"), one()),
+            (id("b"), FeatureVector::Values(vec![0.0; 64])),
+            (id("short"), FeatureVector::Pixels(vec![5; 10])),
+        ])
         .await
         .unwrap();
     let outcomes = stage.process(&[delivery("a"), delivery("missing"), delivery("b"), delivery("short")]).await;
@@ -78,4 +83,30 @@ async fn a_record_delivered_twice_in_one_batch_is_scored_both_times() {
 
     let outcomes = stage.process(&[delivery("twice"), delivery("twice")]).await;
     assert!(outcomes.iter().all(|o| matches!(o, Outcome::Forward(_))), "{outcomes:?}");
+}
+
+/// Pixels are normalised on the model's device, values (stored before pixels were) are taken as
+/// they are: the same image either way gets the same probabilities, in a batch of its own kind or
+/// in a mixed one.
+#[tokio::test]
+async fn pixels_and_values_of_one_image_get_the_same_prediction() {
+    let (_dir, backend, stage) = stage().await;
+    let FeatureVector::Values(values) = one() else { unreachable!() };
+    let pixels = FeatureVector::Pixels(values.iter().map(|&v| (v * 255.0) as u8).collect());
+    let id = |s: &str| RecordId::parse(s).unwrap();
+    backend
+        .features
+        .put_if_absent(vec![(id("pixels"), pixels.clone()), (id("pixels-2"), pixels), (id("values"), one())])
+        .await
+        .unwrap();
+    let probabilities = |outcome: &Outcome| match outcome {
+        Outcome::Forward(messages) => InferredRecord::from_json(&messages[0].1.body).unwrap().prediction.probabilities,
+        other => panic!("expected a forward, got {other:?}"),
+    };
+    let alone = probabilities(&stage.process(&[delivery("pixels")]).await[0]);
+    let mixed = stage.process(&[delivery("pixels-2"), delivery("values")]).await;
+    for other in [probabilities(&mixed[0]), probabilities(&mixed[1])] {
+        let worst = alone.iter().zip(&other).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+        assert!(worst < 1e-5, "differ by {worst}: {alone:?} vs {other:?}");
+    }
 }

@@ -13,6 +13,7 @@ use sluice_core::config::{Settings, StoreConfig};
 use sluice_core::envelope::RecordId;
 use sluice_core::record::InferredRecord;
 use sluice_core::testing::xgboost_endpoint;
+use sluice_core::vector::FeatureVector;
 use sluice_core::worker::{Delivery, Outcome, Stage};
 use sluice_inference::InferenceStage;
 
@@ -43,7 +44,11 @@ async fn held_out(dir: &Path) -> (Backend, Vec<String>, Vec<Vec<f32>>) {
     assert_eq!(features.len(), 355);
     let backend = Backend::open(&StoreConfig { path: dir.join("s.sqlite"), ..StoreConfig::default() }).await.unwrap();
     let ids: Vec<String> = (0..features.len()).map(|i| format!("digit-{i:03}")).collect();
-    let rows = ids.iter().map(|id| RecordId::parse(id).unwrap()).zip(features).collect();
+    let rows = ids
+        .iter()
+        .map(|id| RecordId::parse(id).unwrap())
+        .zip(features.into_iter().map(FeatureVector::Values))
+        .collect();
     backend.features.put_if_absent(rows).await.unwrap();
     (backend, ids, expected)
 }

@@ -17,6 +17,7 @@ use sluice_core::capture::{CaptureRecord, sampled};
 use sluice_core::envelope::{ContentType, RecordId, now_ms};
 use sluice_core::record::PredictionResult;
 use sluice_core::telemetry::metrics::metrics;
+use sluice_core::vector::FeatureVector;
 use tokio::sync::Mutex;
 
 /// `[results.capture]`.
@@ -103,7 +104,16 @@ impl CaptureWriter {
             return None;
         }
         match self.features.get_batch(&ids).await {
-            Ok(vectors) => Some(vectors),
+            // Tabular vectors are values; anything else (unreadable) is captured without one.
+            Ok(vectors) => Some(
+                vectors
+                    .into_iter()
+                    .filter_map(|(id, v)| match v {
+                        Ok(FeatureVector::Values(values)) => Some((id, values)),
+                        _ => None,
+                    })
+                    .collect(),
+            ),
             Err(error) => {
                 tracing::warn!(%error, "capture: feature vectors unreadable; captured without them");
                 None
@@ -210,13 +220,13 @@ mod tests {
 
     #[async_trait]
     impl FeatureStore for NoFeatures {
-        async fn put_if_absent(&self, _: Vec<(RecordId, Vec<f32>)>) -> sluice_core::Result<()> {
+        async fn put_if_absent(&self, _: Vec<(RecordId, FeatureVector)>) -> sluice_core::Result<()> {
             Ok(())
         }
         async fn get_batch(
             &self,
             _: &[RecordId],
-        ) -> sluice_core::Result<std::collections::HashMap<RecordId, Vec<f32>>> {
+        ) -> sluice_core::Result<std::collections::HashMap<RecordId, sluice_core::backend::StoredVector>> {
             Ok(Default::default())
         }
     }

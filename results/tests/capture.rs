@@ -10,6 +10,7 @@ use sluice_core::capture::{CaptureRecord, parse_lines};
 use sluice_core::config::{Settings, StoreConfig};
 use sluice_core::envelope::{ContentType, Envelope, RecordId};
 use sluice_core::record::{InferredRecord, Prediction};
+use sluice_core::vector::FeatureVector;
 use sluice_core::worker::{Delivery, Origin, Stage};
 use sluice_results::ResultsStage;
 
@@ -54,7 +55,11 @@ async fn captures_every_result_a_chunk_per_batch_at_most((backend, requests): (B
     let vector = vec![0.25_f32; 64];
     backend
         .features
-        .put_if_absent((0..5).map(|i| (RecordId::parse(format!("evt-{i}")).unwrap(), vector.clone())).collect())
+        .put_if_absent(
+            (0..5)
+                .map(|i| (RecordId::parse(format!("evt-{i}")).unwrap(), FeatureVector::Values(vector.clone())))
+                .collect(),
+        )
         .await
         .unwrap();
     stage.process(&batch("evt", 5, ContentType::Json)).await;

@@ -15,9 +15,10 @@ use serde::Serialize;
 
 use crate::config::{BackendKind, StoreConfig};
 use crate::envelope::RecordId;
-use crate::error::{ReasonCode, Result};
+use crate::error::{ReasonCode, Result, SluiceError};
 use crate::record::{PredictionResult, Resolution, ResultStatus};
 use crate::topology::QueueName;
+use crate::vector::FeatureVector;
 
 /// A record as a producer writes it to the stream.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -183,21 +184,15 @@ pub trait WorkQueue: Send + Sync {
 #[async_trait]
 pub trait FeatureStore: Send + Sync {
     /// Writes each vector unless its record already has one (the first write wins).
-    async fn put_if_absent(&self, items: Vec<(RecordId, Vec<f32>)>) -> Result<()>;
+    async fn put_if_absent(&self, items: Vec<(RecordId, FeatureVector)>) -> Result<()>;
 
-    /// The vectors that exist among `ids`; missing ones are simply absent from the map.
-    async fn get_batch(&self, ids: &[RecordId]) -> Result<HashMap<RecordId, Vec<f32>>>;
+    /// The vectors that exist among `ids`; missing ones are simply absent from the map. A vector
+    /// that is stored but cannot be read (written by a newer build) is there as its error.
+    async fn get_batch(&self, ids: &[RecordId]) -> Result<HashMap<RecordId, StoredVector>>;
 }
 
-/// A feature vector as stored: little-endian f32s, end to end.
-pub fn vector_to_bytes(vector: &[f32]) -> Vec<u8> {
-    vector.iter().flat_map(|v| v.to_le_bytes()).collect()
-}
-
-/// The inverse of [`vector_to_bytes`]; a trailing partial value is ignored.
-pub fn vector_from_bytes(bytes: &[u8]) -> Vec<f32> {
-    bytes.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes"))).collect()
-}
+/// A stored vector as read back: the vector, or why it cannot be read.
+pub type StoredVector = std::result::Result<FeatureVector, SluiceError>;
 
 /// What a conditional result write found.
 #[derive(Debug, Clone, PartialEq)]

@@ -6,6 +6,7 @@ mod resnet18;
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::VarBuilder;
 use sluice_core::model::{Architecture, ModelBundle};
+use sluice_core::vector::FeatureVector;
 use sluice_core::{ReasonCode, SluiceError};
 
 pub use digits_cnn::DigitsCnn;
@@ -54,6 +55,10 @@ pub struct CandleClassifier {
     device: Device,
     backend: &'static str,
     input_shape: (usize, usize, usize),
+    /// Pixels in, values out, on the device: `x / 255`, less the mean, over the std, each of
+    /// shape (1, C, 1, 1).
+    mean: Tensor,
+    std: Tensor,
 }
 
 impl CandleClassifier {
@@ -77,7 +82,10 @@ impl CandleClassifier {
                 Box::new(Resnet18::new(vb, classes).map_err(bundle_error)?)
             }
         };
-        Ok(Self { model, device, backend, input_shape })
+        let per_channel = |values: &[f32]| Tensor::from_slice(values, (1, input_shape.0, 1, 1), &device);
+        let mean = per_channel(&image.mean).map_err(bundle_error)?;
+        let std = per_channel(&image.std).map_err(bundle_error)?;
+        Ok(Self { model, device, backend, input_shape, mean, std })
     }
 
     /// `candle-cpu` or `candle-cuda`.
@@ -95,18 +103,36 @@ impl CandleClassifier {
     /// fails here, before the worker says it is ready.
     pub fn warm_up(&self) -> Result<(), SluiceError> {
         let started = std::time::Instant::now();
-        self.predict(vec![0.0; self.vector_len()], 1)?;
+        self.predict_batch(FeatureVector::Pixels(vec![0; self.vector_len()]), 1)?;
         tracing::info!(backend = self.backend, elapsed_ms = started.elapsed().as_millis() as u64, "model warmed up");
         Ok(())
     }
 
-    /// Class probabilities for `batch` vectors laid end to end in `inputs`.
+    /// Class probabilities for `batch` vectors of values (already normalised) laid end to end in
+    /// `inputs`.
     pub fn predict(&self, inputs: Vec<f32>, batch: usize) -> Result<Vec<Vec<f32>>, SluiceError> {
+        self.predict_batch(FeatureVector::Values(inputs), batch)
+    }
+
+    /// Class probabilities for `batch` vectors laid end to end in `inputs`: pixels go to the
+    /// device as bytes (a quarter of the transfer) and are normalised there.
+    pub fn predict_batch(&self, inputs: FeatureVector, batch: usize) -> Result<Vec<Vec<f32>>, SluiceError> {
         let (c, h, w) = self.input_shape;
-        let xs = Tensor::from_vec(inputs, (batch, c, h, w), &self.device).map_err(model_error)?;
+        let shape = (batch, c, h, w);
+        let xs = match inputs {
+            FeatureVector::Values(values) => Tensor::from_vec(values, shape, &self.device),
+            FeatureVector::Pixels(pixels) => self.normalise(Tensor::from_vec(pixels, shape, &self.device)),
+        }
+        .map_err(model_error)?;
         let logits = self.model.forward(&xs).map_err(model_error)?;
         let probabilities = candle_nn::ops::softmax_last_dim(&logits).map_err(model_error)?;
         probabilities.to_vec2::<f32>().map_err(model_error)
+    }
+}
+
+impl CandleClassifier {
+    fn normalise(&self, pixels: candle_core::Result<Tensor>) -> candle_core::Result<Tensor> {
+        (pixels?.to_dtype(DType::F32)? / 255.0)?.broadcast_sub(&self.mean)?.broadcast_div(&self.std)
     }
 }
 

@@ -2,9 +2,9 @@
 //!
 //! Features: `BatchWriteItem` (25 a call) with the vector as a binary attribute; a vector is a
 //! pure function of the record's payload and bundle, so a redelivery rewriting it is harmless.
-//! An item may not exceed 400 KB, less than an ImageNet-sized vector (3×224×224 floats, 588 KiB):
-//! a vector over [`INLINE_VECTOR_BYTES`] goes to S3 as a claim-check and the item keeps its
-//! reference.
+//! An item may not exceed 400 KB. An ImageNet-sized image is stored as its pixels (3×224×224
+//! bytes, 147 KiB) and fits; a vector over [`INLINE_VECTOR_BYTES`] (bigger inputs, or f32 values
+//! of that size) goes to S3 as a claim-check and the item keeps its reference.
 //! Results: `BatchWriteItem` cannot carry conditions, so results go in `TransactWriteItems`
 //! calls, each item a put conditional on `attribute_not_exists(record_id)`, together with an
 //! update of the per-status counters: one request per batch, and a redelivered record never
@@ -27,11 +27,12 @@ use super::s3::S3BlobStore;
 use super::{classify, error_code};
 use crate::backend::{
     BlobStore, FeatureStore, FeedbackOutcome, PageToken, PutOutcome, ResultCounts, ResultPage, ResultQuery,
-    ResultStore, ReviewOutcome, vector_from_bytes, vector_to_bytes,
+    ResultStore, ReviewOutcome, StoredVector,
 };
 use crate::envelope::{RecordId, now_ms};
 use crate::error::{ReasonCode, Result, SluiceError};
 use crate::record::{PredictionResult, Resolution, ResultStatus};
+use crate::vector::FeatureVector;
 
 /// The feature and result tables' hash key, as `resources.json` names it.
 pub(super) const RECORD_KEY: &str = "record_id";
@@ -107,8 +108,8 @@ impl DynamoFeatureStore {
     }
 
     /// The vector's attribute: its bytes, or where in S3 they are.
-    async fn vector_attribute(&self, vector: &[f32]) -> Result<(&'static str, AttributeValue)> {
-        let bytes = vector_to_bytes(vector);
+    async fn vector_attribute(&self, vector: &FeatureVector) -> Result<(&'static str, AttributeValue)> {
+        let bytes = vector.to_bytes();
         if bytes.len() <= INLINE_VECTOR_BYTES {
             return Ok(("vector", AttributeValue::B(Blob::new(bytes))));
         }
@@ -116,11 +117,11 @@ impl DynamoFeatureStore {
         Ok(("vector_ref", AttributeValue::S(self.blobs.put(bytes).await?)))
     }
 
-    async fn vector_of(&self, item: &Item) -> Result<Option<Vec<f32>>> {
+    async fn vector_of(&self, item: &Item) -> Result<Option<StoredVector>> {
         match (item.get("vector").and_then(|v| v.as_b().ok()), item.get("vector_ref")) {
-            (Some(blob), _) => Ok(Some(vector_from_bytes(blob.as_ref()))),
+            (Some(blob), _) => Ok(Some(FeatureVector::from_bytes(blob.as_ref()))),
             (None, Some(AttributeValue::S(reference))) => {
-                Ok(Some(vector_from_bytes(&self.blobs.get(reference).await?)))
+                Ok(Some(FeatureVector::from_bytes(&self.blobs.get(reference).await?)))
             }
             _ => Ok(None),
         }
@@ -129,7 +130,7 @@ impl DynamoFeatureStore {
 
 #[async_trait]
 impl FeatureStore for DynamoFeatureStore {
-    async fn put_if_absent(&self, items: Vec<(RecordId, Vec<f32>)>) -> Result<()> {
+    async fn put_if_absent(&self, items: Vec<(RecordId, FeatureVector)>) -> Result<()> {
         let now = now_ms().to_string();
         let mut requests: Vec<WriteRequest> = Vec::with_capacity(items.len());
         let mut seen = std::collections::HashSet::new();
@@ -178,7 +179,7 @@ impl FeatureStore for DynamoFeatureStore {
         Ok(())
     }
 
-    async fn get_batch(&self, ids: &[RecordId]) -> Result<HashMap<RecordId, Vec<f32>>> {
+    async fn get_batch(&self, ids: &[RecordId]) -> Result<HashMap<RecordId, StoredVector>> {
         let items = batch_get(&self.client, &self.table, ids).await?;
         let vectors = try_join_all(items.iter().map(|item| async move {
             let Some(id) =

@@ -8,11 +8,12 @@ use rusqlite::{OptionalExtension, params, params_from_iter};
 use super::{Db, placeholders};
 use crate::backend::{
     FeatureStore, FeedbackOutcome, PageToken, PutOutcome, ResultCounts, ResultPage, ResultQuery, ResultStore,
-    ReviewOutcome, vector_from_bytes, vector_to_bytes,
+    ReviewOutcome, StoredVector,
 };
 use crate::envelope::{RecordId, now_ms};
 use crate::error::Result;
 use crate::record::{PredictionResult, Resolution, ResultStatus};
+use crate::vector::FeatureVector;
 
 /// SQLite's default limit on bound parameters is 32766; stay far below it.
 const IN_LIST_CHUNK: usize = 500;
@@ -48,7 +49,7 @@ fn select_in<T>(
 
 #[async_trait]
 impl FeatureStore for EmbeddedFeatureStore {
-    async fn put_if_absent(&self, items: Vec<(RecordId, Vec<f32>)>) -> Result<()> {
+    async fn put_if_absent(&self, items: Vec<(RecordId, FeatureVector)>) -> Result<()> {
         self.db
             .write(move |tx| {
                 let mut insert = tx.prepare_cached(
@@ -56,20 +57,20 @@ impl FeatureStore for EmbeddedFeatureStore {
                 )?;
                 let now = now_ms() as i64;
                 for (id, vector) in items {
-                    insert.execute(params![id.as_str(), vector_to_bytes(&vector), now])?;
+                    insert.execute(params![id.as_str(), vector.to_bytes(), now])?;
                 }
                 Ok(())
             })
             .await
     }
 
-    async fn get_batch(&self, ids: &[RecordId]) -> Result<HashMap<RecordId, Vec<f32>>> {
+    async fn get_batch(&self, ids: &[RecordId]) -> Result<HashMap<RecordId, StoredVector>> {
         let ids = ids.to_vec();
         self.db
             .call(move |conn| {
                 let rows =
                     select_in(conn, "SELECT record_id, vector FROM features WHERE record_id IN ({})", &ids, |r| {
-                        Ok((r.get::<_, String>(0)?, vector_from_bytes(&r.get::<_, Vec<u8>>(1)?)))
+                        Ok((r.get::<_, String>(0)?, FeatureVector::from_bytes(&r.get::<_, Vec<u8>>(1)?)))
                     })?;
                 Ok(rows.into_iter().filter_map(|(id, v)| Some((RecordId::parse(id).ok()?, v))).collect())
             })
