@@ -148,13 +148,24 @@ fn main() -> anyhow::Result<()> {
     // The demo's and the benches' output is their summary; the workers' logs would bury it.
     let quiet = matches!(cli.command, Command::Demo(_) | Command::Bench { .. });
     let settings = Settings::load(cli.config.as_deref())?;
+    let configured = sluice_core::threads::configured(&settings);
     let threads = match &cli.command {
-        Command::Bench { command: BenchCommand::Inference(args) } => args.bench.threads,
-        Command::Bench { command: BenchCommand::Cuda(args) } => args.threads,
-        _ => None,
+        Command::Bench { command: BenchCommand::Inference(args) } => args.bench.threads.unwrap_or(configured),
+        Command::Bench { command: BenchCommand::Cuda(args) } => args.threads.unwrap_or(configured),
+        // Every stage in this process: the model gets half the cores, the other three stages
+        // the rest (measured in docs/benchmarks.md; on 2 cores the model's thread pools
+        // spinning for a core another stage holds cost more than a second thread gains).
+        Command::Demo(_)
+        | Command::Run { .. }
+        | Command::Bench { command: BenchCommand::Pipeline(_) | BenchCommand::Load(_) }
+            if configured == 0 =>
+        {
+            sluice_core::threads::half_the_cores()
+        }
+        _ => configured,
     };
     // Before any thread starts.
-    sluice_core::threads::pin(threads.unwrap_or_else(|| sluice_core::threads::configured(&settings)));
+    sluice_core::threads::pin(threads);
     let _telemetry = sluice_core::telemetry::init("sluice", if quiet { "warn" } else { "info" });
     if let Command::Train(args) = &cli.command {
         let report = train::train(args)?;

@@ -111,7 +111,7 @@ impl InProcess {
             if self.task.is_finished() {
                 anyhow::bail!("the pipeline stopped before its records were through: {:?}", (&mut self.task).await?);
             }
-            if PipelineStats::collect(backend).await?.accounted() >= records {
+            if PipelineStats::accounted_in(backend).await? >= records {
                 return Ok(());
             }
             tokio::time::sleep(Duration::from_millis(20)).await;

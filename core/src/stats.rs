@@ -54,6 +54,17 @@ impl PipelineStats {
         })
     }
 
+    /// What [`accounted`](Self::accounted) counts, read alone: the result counts and the DLQs'
+    /// depths, not the stream or the work queues (cheap enough to poll while a run is timed).
+    pub async fn accounted_in(backend: &Backend) -> Result<u64> {
+        let counts = backend.results.counts().await?;
+        let mut dlq = 0;
+        for stage in StageName::ALL {
+            dlq += backend.queue(stage.dlq()).depth().await?.total();
+        }
+        Ok(counts.accepted + counts.reviewed + counts.review + dlq)
+    }
+
     /// Records that have reached an end: a result, a review, or a DLQ entry.
     pub fn accounted(&self) -> u64 {
         self.results + self.review + self.dlq.values().sum::<u64>()

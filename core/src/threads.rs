@@ -23,6 +23,12 @@ pub fn configured(settings: &Settings) -> usize {
     settings.section::<Inference>("inference").map(|i| i.threads).unwrap_or_default()
 }
 
+/// Half the cores this process may use, at least one: the model's share when every stage runs
+/// in one process.
+pub fn half_the_cores() -> usize {
+    (std::thread::available_parallelism().map_or(1, usize::from) / 2).max(1)
+}
+
 /// Sets [`VARIABLE`] to `threads` (0: every core) unless the environment sets it already, and
 /// returns the count in force.
 ///

@@ -2,56 +2,83 @@
 //! to a length, then a centre crop) and convert channels. The pixels stay bytes: the model
 //! scales and normalises them on its device (`ImageInput::normalise` says how).
 
+use fast_image_resize::images::{Image, ImageRef};
+use fast_image_resize::{PixelType, ResizeAlg, ResizeOptions, Resizer};
 use image::imageops::{self, FilterType};
 use image::{DynamicImage, ImageBuffer, Pixel};
 use sluice_core::model::ImageInput;
 
+/// How images are resized.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resampler {
+    /// `fast_image_resize`'s bilinear convolution (SIMD; Pillow's algorithm, so torchvision's
+    /// on PIL images): what the stage uses.
+    Fast,
+    /// `image`'s Triangle filter (scalar): the earlier path, kept to compare against.
+    Image,
+}
+
 /// The model's input pixels for `img`, channel-major (C, H, W).
 pub fn preprocess(img: &DynamicImage, spec: &ImageInput) -> Vec<u8> {
+    preprocess_with(img, spec, Resampler::Fast)
+}
+
+/// [`preprocess`] with the resampler chosen.
+pub fn preprocess_with(img: &DynamicImage, spec: &ImageInput, resampler: Resampler) -> Vec<u8> {
     match spec.channels {
-        1 => planes(&img.to_luma8(), spec),
-        _ => planes(&img.to_rgb8(), spec),
+        1 => planes(&img.to_luma8(), spec, resampler),
+        _ => planes(&img.to_rgb8(), spec, resampler),
     }
 }
 
-fn planes<P>(img: &ImageBuffer<P, Vec<u8>>, spec: &ImageInput) -> Vec<u8>
+fn planes<P>(img: &ImageBuffer<P, Vec<u8>>, spec: &ImageInput, resampler: Resampler) -> Vec<u8>
 where
     P: Pixel<Subpixel = u8> + 'static,
 {
-    let resized;
-    let img = if img.dimensions() == (spec.width, spec.height) {
-        img
-    } else {
-        resized = match spec.resize_shorter_side {
-            Some(side) => resize_and_crop(img, side, spec.width, spec.height),
-            None => imageops::resize(img, spec.width, spec.height, FilterType::Triangle),
-        };
-        &resized
-    };
     let channels = spec.channels as usize;
-    let plane = (spec.width * spec.height) as usize;
+    let (w, h) = img.dimensions();
+    // Shorter side to `side` (the longer one scaled to match, truncated), as torchvision's
+    // `Resize(side)` does; or stretched to the input's size.
+    let (new_w, new_h) = match spec.resize_shorter_side {
+        Some(side) => {
+            let scale = |long: u32, short: u32| (u64::from(side) * u64::from(long) / u64::from(short)) as u32;
+            if w <= h { (side, scale(h, w)) } else { (scale(w, h), side) }
+        }
+        None => (spec.width, spec.height),
+    };
+    let resized = if (new_w, new_h) == (w, h) {
+        img.as_raw().clone()
+    } else {
+        match resampler {
+            Resampler::Fast => resize_fast(img.as_raw(), (w, h), (new_w, new_h), channels),
+            Resampler::Image => imageops::resize(img, new_w, new_h, FilterType::Triangle).into_raw(),
+        }
+    };
+    // torchvision's `CenterCrop`: the offset rounded half to even, as Python's `round` does.
+    let offset = |outer: u32, inner: u32| ((f64::from(outer) - f64::from(inner)) / 2.0).round_ties_even() as usize;
+    let (left, top) = (offset(new_w, spec.width), offset(new_h, spec.height));
+    let (width, plane) = (spec.width as usize, (spec.width * spec.height) as usize);
     let mut out = vec![0u8; plane * channels];
-    for (i, pixel) in img.pixels().enumerate() {
-        for (c, &value) in pixel.channels().iter().take(channels).enumerate() {
-            out[c * plane + i] = value;
+    for y in 0..spec.height as usize {
+        let row = &resized[((top + y) * new_w as usize + left) * channels..][..width * channels];
+        for (x, pixel) in row.chunks_exact(channels).enumerate() {
+            for (c, &value) in pixel.iter().enumerate() {
+                out[c * plane + y * width + x] = value;
+            }
         }
     }
     out
 }
 
-/// torchvision's `Resize(side)` then `CenterCrop((height, width))`: the shorter side becomes
-/// `side` (the longer one scaled to match, truncated), and the crop is centred, rounding its
-/// offset half to even as Python's `round` does.
-fn resize_and_crop<P>(img: &ImageBuffer<P, Vec<u8>>, side: u32, width: u32, height: u32) -> ImageBuffer<P, Vec<u8>>
-where
-    P: Pixel<Subpixel = u8> + 'static,
-{
-    let (w, h) = img.dimensions();
-    let scale = |long: u32, short: u32| (u64::from(side) * u64::from(long) / u64::from(short)) as u32;
-    let (new_w, new_h) = if w <= h { (side, scale(h, w)) } else { (scale(w, h), side) };
-    let resized = imageops::resize(img, new_w, new_h, FilterType::Triangle);
-    let offset = |outer: u32, inner: u32| ((f64::from(outer) - f64::from(inner)) / 2.0).round_ties_even() as u32;
-    imageops::crop_imm(&resized, offset(new_w, width), offset(new_h, height), width, height).to_image()
+/// `pixels` (`from`, interleaved `channels`) resized to `to` with a bilinear convolution.
+fn resize_fast(pixels: &[u8], from: (u32, u32), to: (u32, u32), channels: usize) -> Vec<u8> {
+    let pixel_type = if channels == 1 { PixelType::U8 } else { PixelType::U8x3 };
+    let src =
+        ImageRef::new(from.0, from.1, pixels, pixel_type).expect("a buffer of its own size; u8 needs no alignment");
+    let mut dst = Image::new(to.0, to.1, pixel_type);
+    let options = ResizeOptions::new().resize_alg(ResizeAlg::Convolution(fast_image_resize::FilterType::Bilinear));
+    Resizer::new().resize(&src, &mut dst, &options).expect("source and destination share a pixel type");
+    dst.into_vec()
 }
 
 #[cfg(test)]

@@ -34,7 +34,7 @@ pub struct FeaturesConfig {
 
 impl Default for FeaturesConfig {
     fn default() -> Self {
-        Self { batch_size: 50, max_wait_ms: 20, image_limits: ImageLimits::default() }
+        Self { batch_size: 200, max_wait_ms: 20, image_limits: ImageLimits::default() }
     }
 }
 

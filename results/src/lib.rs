@@ -41,7 +41,7 @@ pub struct ResultsConfig {
 impl Default for ResultsConfig {
     fn default() -> Self {
         Self {
-            batch_size: 100,
+            batch_size: 200,
             max_wait_ms: 20,
             ground_truth_attribute: "label".to_owned(),
             capture: CaptureConfig::default(),
