@@ -101,7 +101,7 @@ impl FeatureVector {
 }
 
 fn values(bytes: &[u8]) -> Result<Vec<f32>, SluiceError> {
-    if bytes.len() % 4 != 0 {
+    if !bytes.len().is_multiple_of(4) {
         return Err(SluiceError::permanent(
             ReasonCode::FeatureShapeMismatch,
             format!("stored feature vector of {} bytes is not whole f32 values", bytes.len()),
