@@ -18,6 +18,8 @@ threads.
 
 import argparse
 import json
+import re
+import sys
 import time
 
 import numpy as np
@@ -89,6 +91,24 @@ def resnet18(weights):
 ARCHITECTURES = {"digits-cnn": (digits_cnn, "fc2.bias"), "resnet18": (resnet18, "fc.bias")}
 
 
+# Opset 17 runs on onnxruntime 1.12 and later. The IR version `make_model` writes is the installed
+# onnx's newest, which an older onnxruntime refuses ("Unsupported model IR version: 14, max
+# supported IR version: 13"); the runtime names the newest it reads, so write that one instead.
+IR_REFUSED = re.compile(r"Unsupported model IR version: (\d+), max supported IR version: (\d+)")
+
+
+def open_session(model, options):
+    try:
+        return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    except Exception as error:  # onnxruntime raises its own exception types, not exported stably
+        refused = IR_REFUSED.search(str(error))
+        if not refused:
+            raise
+        model.ir_version = int(refused.group(2))
+        print(f"onnxruntime {ort.__version__} reads IR version {model.ir_version}; writing that", file=sys.stderr)
+        return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--architecture", choices=sorted(ARCHITECTURES), default="digits-cnn")
@@ -121,7 +141,7 @@ def main():
     options.intra_op_num_threads = args.threads
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    session = open_session(model, options)
 
     rows = np.fromfile(args.inputs, dtype="<f4").reshape(-1, c, h, w)
     session.run(["y"], {"x": rows[: args.check_rows]})[0].astype("<f4").tofile(args.check_out)

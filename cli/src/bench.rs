@@ -82,6 +82,10 @@ pub struct BenchInferenceArgs {
     /// The Python that has bench/requirements.txt installed.
     #[arg(long, env = "SLUICE_BENCH_PYTHON", default_value = "python3")]
     pub python: String,
+    /// ONNX Runtime's side of the bench, relative to the working directory (run from the
+    /// repository's root, or say where it is).
+    #[arg(long, env = "SLUICE_BENCH_ORT_RUNNER", default_value = "bench/ort_runner.py")]
+    pub ort_runner: PathBuf,
 }
 
 /// One batch size, both sides.
@@ -295,11 +299,16 @@ fn run_ort(args: &BenchInferenceArgs, threads: usize, subject: &Subject, scratch
     let inputs_file = scratch.join("rows.f32");
     std::fs::write(&inputs_file, f32_to_le_bytes(&subject.inputs))?;
     let check_file = scratch.join("check.f32");
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../bench/ort_runner.py");
+    let script = &args.ort_runner;
+    ensure!(
+        script.is_file(),
+        "{} not found: run from the repository's root, or pass --ort-runner (SLUICE_BENCH_ORT_RUNNER)",
+        script.display()
+    );
     let batches: Vec<String> = args.bench.batches.iter().map(usize::to_string).collect();
     let image = &subject.image;
     let output = Command::new(&args.python)
-        .arg(&script)
+        .arg(script)
         .args(["--architecture", subject.architecture.name()])
         .arg("--weights")
         .arg(subject.bundle.weights_path())

@@ -17,6 +17,8 @@ use anyhow::bail;
 use serde::Serialize;
 use sluice_core::backend::Backend;
 use sluice_core::config::{BackendKind, Settings, StoreArgs};
+use sluice_core::envelope::StageTimes;
+use sluice_core::record::PredictionResult;
 use sluice_core::stats::PipelineStats;
 use sluice_core::topology::QueueName;
 use tokio_util::sync::CancellationToken;
@@ -83,6 +85,22 @@ impl Percentiles {
         values.sort_unstable();
         Self { p50: percentile(&values, 0.50), p95: percentile(&values, 0.95), p99: percentile(&values, 0.99) }
     }
+}
+
+/// Arrival (the producer's timestamp) to stored result, and each stage's span: from the previous
+/// stage's timestamp (arrival, for ingest) to its own, its queue wait and its work.
+pub fn stage_spans(results: &[PredictionResult]) -> (Percentiles, BTreeMap<&'static str, Percentiles>) {
+    let times: Vec<&StageTimes> = results.iter().map(|r| &r.timestamps).collect();
+    let span = |from: fn(&StageTimes) -> Option<u64>, to: fn(&StageTimes) -> Option<u64>| {
+        Percentiles::of(times.iter().filter_map(|t| Some(to(t)?.saturating_sub(from(t)?))).collect())
+    };
+    let stages = BTreeMap::from([
+        ("1 ingest", span(|t| t.produced_ms, |t| t.ingested_ms)),
+        ("2 features", span(|t| t.ingested_ms, |t| t.featured_ms)),
+        ("3 inference", span(|t| t.featured_ms, |t| t.inferred_ms)),
+        ("4 results", span(|t| t.inferred_ms, |t| t.stored_ms)),
+    ]);
+    (span(|t| t.produced_ms, |t| t.stored_ms), stages)
 }
 
 impl fmt::Display for LoadBenchReport {
@@ -178,22 +196,12 @@ async fn run_at(settings: &Settings, load: f64, rate: f64, duration: Duration) -
     pipeline.stop().await?;
 
     let results = all_results(&backend).await?;
-    let times: Vec<_> = results.iter().map(|r| &r.timestamps).collect();
-    let span = |from: fn(&sluice_core::envelope::StageTimes) -> Option<u64>,
-                to: fn(&sluice_core::envelope::StageTimes) -> Option<u64>| {
-        Percentiles::of(times.iter().filter_map(|t| Some(to(t)?.saturating_sub(from(t)?))).collect())
-    };
-    let stage_ms = BTreeMap::from([
-        ("1 ingest", span(|t| t.produced_ms, |t| t.ingested_ms)),
-        ("2 features", span(|t| t.ingested_ms, |t| t.featured_ms)),
-        ("3 inference", span(|t| t.featured_ms, |t| t.inferred_ms)),
-        ("4 results", span(|t| t.inferred_ms, |t| t.stored_ms)),
-    ]);
+    let (latency_ms, stage_ms) = stage_spans(&results);
     Ok(LoadRun {
         load,
         rate,
         records: produced.put.records,
-        latency_ms: span(|t| t.produced_ms, |t| t.stored_ms),
+        latency_ms,
         stage_ms,
         max_backlog,
         backlog_at_end,

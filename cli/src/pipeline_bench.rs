@@ -24,6 +24,7 @@ use sluice_core::vector::FeatureVector;
 use sluice_inference::model::CandleClassifier;
 
 use crate::digits::{Split, load_split};
+use crate::load_bench::{Percentiles, stage_spans};
 use crate::produce::{digit_records, put_all, run_tag};
 
 #[derive(Debug, Clone, clap::Args)]
@@ -46,6 +47,9 @@ pub struct PipelineReport {
     pub stage_busy_s: BTreeMap<String, f64>,
     pub pipeline_s: f64,
     pub latency_ms: Latency,
+    /// Where records waited: per stage, from the previous stage's timestamp (the producer's, for
+    /// ingest) to its own, in milliseconds.
+    pub stage_ms: BTreeMap<&'static str, Percentiles>,
 }
 
 #[derive(Debug, Clone, Copy, Serialize)]
@@ -68,6 +72,10 @@ impl fmt::Display for PipelineReport {
         writeln!(f, "  busy time per stage over {:.2} s:", self.pipeline_s)?;
         for (stage, busy) in &self.stage_busy_s {
             writeln!(f, "    {stage:<10} {busy:>7.2} s ({:.0}%)", 100.0 * busy / self.pipeline_s.max(1e-9))?;
+        }
+        writeln!(f, "  time at each stage (queue wait and work):")?;
+        for (stage, p) in &self.stage_ms {
+            writeln!(f, "    {stage:<12} p50 {:>6.0} ms   p99 {:>6.0} ms", p.p50, p.p99)?;
         }
         Ok(())
     }
@@ -102,8 +110,9 @@ pub async fn bench_pipeline(args: &BenchPipelineArgs, settings: Settings) -> any
             (s.as_str().to_owned(), busy)
         })
         .collect();
-    let mut latencies: Vec<u64> = crate::demo::all_results(&backend)
-        .await?
+    let results = crate::demo::all_results(&backend).await?;
+    let (_, stage_ms) = stage_spans(&results);
+    let mut latencies: Vec<u64> = results
         .iter()
         .filter_map(|r| Some(r.timestamps.stored_ms?.saturating_sub(r.timestamps.ingested_ms?)))
         .collect();
@@ -121,6 +130,7 @@ pub async fn bench_pipeline(args: &BenchPipelineArgs, settings: Settings) -> any
             p50: crate::demo::percentile(&latencies, 0.5) as u64,
             p99: crate::demo::percentile(&latencies, 0.99) as u64,
         },
+        stage_ms,
     })
 }
 

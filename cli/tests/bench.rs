@@ -11,7 +11,10 @@ use common::{bin, model_dir};
 #[test]
 fn the_inference_bench_checks_agreement_and_reports_every_batch_size() {
     let python = std::env::var("SLUICE_BENCH_PYTHON").unwrap_or_else(|_| "python3".to_owned());
+    // Run where a user runs it, from the repository's root: the ONNX Runtime script is found
+    // relative to the working directory.
     let out = Command::new(bin("sluice"))
+        .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
         .args(["bench", "inference", "--batches", "1,4", "--min-seconds", "0.05", "--threads", "1", "--json"])
         .arg("--model")
         .arg(model_dir())

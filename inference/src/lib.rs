@@ -91,7 +91,8 @@ pub struct InferenceConfig {
     /// How long to wait for a batch to fill once its first record is in.
     pub max_wait_ms: u64,
     pub device: DevicePreference,
-    /// CPU threads for model math; 0 uses every core (or `RAYON_NUM_THREADS`).
+    /// CPU threads for model math; 0 uses every core, or half of them when every stage runs in
+    /// one process (`RAYON_NUM_THREADS`, when set, wins: see `sluice_core::threads`).
     pub threads: usize,
     pub backend: InferenceBackend,
     pub breaker: BreakerConfig,

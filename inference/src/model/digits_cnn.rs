@@ -2,11 +2,13 @@
 //! No dropout: it would draw from an unseeded generator and `sluice train` must be reproducible.
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, Linear, VarBuilder, conv2d, linear};
+use candle_nn::{Conv2dConfig, Linear, VarBuilder, conv2d, linear};
+
+use super::conv::GemmConv2d;
 
 pub struct DigitsCnn {
-    conv1: Conv2d,
-    conv2: Conv2d,
+    conv1: GemmConv2d,
+    conv2: GemmConv2d,
     fc1: Linear,
     fc2: Linear,
 }
@@ -21,8 +23,8 @@ impl DigitsCnn {
         let (channels, height, width) = input;
         let same = Conv2dConfig { padding: 1, ..Default::default() };
         Ok(Self {
-            conv1: conv2d(channels, CONV1, 3, same, vb.pp("conv1"))?,
-            conv2: conv2d(CONV1, CONV2, 3, same, vb.pp("conv2"))?,
+            conv1: GemmConv2d::new(conv2d(channels, CONV1, 3, same, vb.pp("conv1"))?)?,
+            conv2: GemmConv2d::new(conv2d(CONV1, CONV2, 3, same, vb.pp("conv2"))?)?,
             fc1: linear(CONV2 * (height / 2) * (width / 2), HIDDEN, vb.pp("fc1"))?,
             fc2: linear(HIDDEN, classes, vb.pp("fc2"))?,
         })

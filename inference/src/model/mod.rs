@@ -1,5 +1,6 @@
 //! Models the inference stage can run, and the device they run on.
 
+mod conv;
 mod digits_cnn;
 mod resnet18;
 

@@ -56,6 +56,10 @@ impl EmbeddedQueue {
                     "SELECT id, body, attributes, receive_count, sent_at_ms, first_received_ms, dedup_key \
                      FROM messages WHERE queue = ?1 AND visible_at_ms <= ?2 ORDER BY id LIMIT ?3",
                 )?;
+                let mut received = tx.prepare_cached(
+                    "UPDATE messages SET receive_count = ?1, visible_at_ms = ?2, \
+                     first_received_ms = COALESCE(first_received_ms, ?3) WHERE id = ?4",
+                )?;
                 // Redriven messages leave the batch short; look again until full or empty.
                 loop {
                     let want = max - out.len();
@@ -80,11 +84,7 @@ impl EmbeddedQueue {
                             Some(dlq) => redrive(tx, queue, dlq, &row, now)?,
                             None => {
                                 let count = row.receive_count + 1;
-                                tx.execute(
-                                    "UPDATE messages SET receive_count = ?1, visible_at_ms = ?2, \
-                                     first_received_ms = COALESCE(first_received_ms, ?3) WHERE id = ?4",
-                                    params![count, now + visibility_ms, now, row.id],
-                                )?;
+                                received.execute(params![count, now + visibility_ms, now, row.id])?;
                                 out.push(ReceivedMessage {
                                     body: row.body,
                                     attributes: serde_json::from_str(&row.attributes).unwrap_or_default(),
