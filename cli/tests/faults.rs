@@ -3,13 +3,20 @@
 //! connections before and after requests are carried out, at 5% and at 20% of requests. Every
 //! record still ends in exactly one result, review item or DLQ entry, and only the corrupt ones
 //! in a DLQ; the run says how many requests the faults made the SDK send again.
+//!
+//! A DLQ entry is known by its record id: when the response to a DLQ send is lost after SQS
+//! took the message, the SDK sends it again and a standard queue keeps both copies (as a kill
+//! between send and acknowledgement can, in the chaos tests); the copies are one entry.
 
 mod common;
 
 use std::process::Command;
 
-use common::{aws_env, bin, demo_summary};
+use common::{aws_env, bin, demo_output};
+use sluice_core::backend::Backend;
+use sluice_core::dlq::{self, Filter, Letters};
 use sluice_core::testing::{FaultProxy, FaultRates, aws_endpoint, aws_store_config, unique_prefix};
+use sluice_core::topology::StageName;
 
 fn demo_through_faults(rate: f64, seed: u64) {
     let prefix = unique_prefix("faults");
@@ -19,11 +26,21 @@ fn demo_through_faults(rate: f64, seed: u64) {
     tokio::runtime::Runtime::new().unwrap().block_on(sluice_core::backend::aws::bootstrap::bootstrap(&config)).unwrap();
     let proxy = FaultProxy::start(&aws_endpoint(), FaultRates::spread(rate), seed).unwrap();
     let summary =
-        demo_summary(
+        demo_output(
             aws_env(&mut Command::new(bin("sluice")), &prefix)
                 .env("SLUICE__STORE__AWS__ENDPOINT_URL", &proxy.url)
                 .args(["demo", "--backend", "aws", "--prefix", &prefix, "--no-bootstrap", "--json"]),
         );
+    let n = |v: &serde_json::Value| v.as_u64().unwrap();
+    assert_eq!(n(&summary["records_in"]), 355 + 6, "the held-out digits plus six corrupt records: {summary}");
+    assert_eq!(n(&summary["results"]) + n(&summary["review"]), 355, "one result per good record: {summary}");
+    let dead = tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let backend = Backend::open(&config).await.unwrap();
+        dlq::list(&backend, Letters::Stage(StageName::Ingest), &Filter::default(), usize::MAX).await.unwrap()
+    });
+    let records: std::collections::BTreeSet<String> =
+        dead.iter().map(|e| e.record_id().expect("a corrupt record keeps its id").to_string()).collect();
+    assert_eq!(records.len(), 6, "one DLQ entry per corrupt record ({} copies in all): {summary}", dead.len());
     let dlq_reasons = summary["dlq_reasons"].as_object().unwrap();
     assert!(dlq_reasons.keys().all(|k| k.starts_with("ingest/")), "only the corrupt records: {summary}");
     let counts = proxy.counts();

@@ -59,16 +59,20 @@ pub fn aws_env<'a>(cmd: &'a mut Command, prefix: &str) -> &'a mut Command {
 /// 355 held-out digits and six corrupt ones, each in results, review or a DLQ, the six in
 /// the ingest DLQ.
 pub fn demo_summary(cmd: &mut Command) -> serde_json::Value {
-    let out = cmd.output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let summary: serde_json::Value =
-        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)));
+    let summary = demo_output(cmd);
     let n = |v: &serde_json::Value| v.as_u64().unwrap();
     let dlq: u64 = summary["dlq"].as_object().unwrap().values().map(n).sum();
     assert_eq!(n(&summary["records_in"]), n(&summary["results"]) + n(&summary["review"]) + dlq, "{summary}");
     assert_eq!(n(&summary["records_in"]), 355 + 6, "the held-out digits plus six corrupt records: {summary}");
     assert_eq!(n(&summary["dlq"]["ingest"]), 6, "{summary}");
     summary
+}
+
+/// Runs `cmd` (a `sluice demo --json`) and returns its summary, checking only that it succeeded.
+pub fn demo_output(cmd: &mut Command) -> serde_json::Value {
+    let out = cmd.output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)))
 }
 
 pub fn store_config(path: &Path) -> StoreConfig {
