@@ -1,40 +1,106 @@
-//! A 3×3 (or any square, stride 1) convolution as one matrix product over the whole batch on
-//! the CPU: the input's patches laid out as rows (im2col), then Candle's matmul against the
-//! kernel. Candle 0.11's own CPU convolution copies the batch to NHWC on one thread and runs one
-//! small GEMM per tile per image; for the digits CNN this is several times faster
-//! (docs/benchmarks.md). Other devices, and training, keep Candle's convolution.
+//! Convolutions as one matrix product over the batch on the CPU: the input's patches laid out as
+//! the columns of a matrix (im2col, a Candle custom op reading the input in place), then Candle's
+//! matmul against the kernel, then bias, residual and ReLU in one pass over the product (an
+//! in-place op). Candle 0.11's own CPU convolution copies the batch to NHWC on one thread and runs
+//! one small GEMM per tile per image, and a batch norm or ReLU after it is a fresh tensor each;
+//! this is what ONNX Runtime does instead (docs/benchmarks.md has the figures). Other devices keep
+//! Candle's convolution, and so does training, whose weights are variables.
 
-use candle_core::{Device, Module, Result, Tensor};
+use candle_core::{CpuStorage, CustomOp1, Device, InplaceOp1, InplaceOp2, Layout, Module, Result, Shape, Tensor};
 use candle_nn::Conv2d;
 use rayon::prelude::*;
 
-/// Fewer values than this are laid out on one thread.
+/// Fewer values than this are laid out (or finished) on one thread.
 const PARALLEL_FROM: usize = 1 << 16;
 
-pub(crate) struct GemmConv2d {
-    conv: Conv2d,
+/// How a 4-D activation is laid out: batch first (Candle's and PyTorch's NCHW), or channel first
+/// (CNHW), where a convolution's product over the whole batch comes out as it is, with no copy to
+/// put the batch first again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Planes {
+    Nchw,
+    Cnhw,
+}
+
+/// Square kernel, stride and zero padding of a convolution.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Window {
+    pub size: usize,
+    pub stride: usize,
+    pub padding: usize,
+}
+
+impl Window {
+    /// Output rows (or columns) for `input` of them.
+    fn out(&self, input: usize) -> usize {
+        (input + 2 * self.padding).saturating_sub(self.size) / self.stride + 1
+    }
+}
+
+/// A convolution on the CPU as im2col + one matmul per call, with its bias (and, in ResNet, the
+/// batch norm folded into kernel and bias) applied in the same pass as the ReLU.
+pub(crate) struct GemmConv {
     /// The kernel as an (O, C·K·K) matrix, columns in the order of im2col's rows.
     kernel: Tensor,
-    bias: Option<Tensor>,
-    size: usize,
-    padding: usize,
+    bias: Vec<f32>,
+    window: Window,
+}
+
+impl GemmConv {
+    /// `weight` is (O, C, K, K); `bias` has O values.
+    pub(crate) fn new(weight: &Tensor, bias: Vec<f32>, window: Window) -> Result<Self> {
+        let (out_channels, in_channels, size, width) = weight.dims4()?;
+        if size != width || size != window.size {
+            candle_core::bail!("GemmConv takes square {0}×{0} kernels, not {size}×{width}", window.size);
+        }
+        if bias.len() != out_channels {
+            candle_core::bail!("{} bias values for {out_channels} output channels", bias.len());
+        }
+        let kernel = weight.reshape((out_channels, in_channels * size * size))?.contiguous()?;
+        Ok(Self { kernel, bias, window })
+    }
+
+    /// The convolution of `xs` (laid out as `planes` says, on the CPU), then bias, then
+    /// `residual` added (same shape as the output), then ReLU where `relu`. The output is
+    /// channel first, (O, N, OH, OW).
+    pub(crate) fn forward(&self, xs: &Tensor, planes: Planes, residual: Option<&Tensor>, relu: bool) -> Result<Tensor> {
+        let cols = xs.apply_op1_no_bwd(&Im2col { window: self.window, planes })?;
+        let (n, h, w) = match (planes, xs.dims4()?) {
+            (Planes::Nchw, (n, _, h, w)) | (Planes::Cnhw, (_, n, h, w)) => (n, h, w),
+        };
+        // (O, C·K·K) × (C·K·K, N·OH·OW): every output channel of every image in one product.
+        let out = self.kernel.matmul(&cols)?;
+        let out = out.reshape((self.bias.len(), n, self.window.out(h), self.window.out(w)))?;
+        let finish = Finish { bias: &self.bias, relu };
+        match residual {
+            Some(residual) => out.inplace_op2(residual, &finish)?,
+            None => out.inplace_op1(&finish)?,
+        }
+        Ok(out)
+    }
+}
+
+/// A stride-1 convolution with its bias, as the digits CNN has them: [`GemmConv`] on the CPU,
+/// batch first in and out like Candle's; Candle's own convolution elsewhere and while training.
+pub(crate) struct GemmConv2d {
+    conv: Conv2d,
+    gemm: GemmConv,
 }
 
 impl GemmConv2d {
-    /// Wraps `conv` (stride 1, no dilation, one group, as the digits CNN's are).
     pub(crate) fn new(conv: Conv2d) -> Result<Self> {
         let config = conv.config();
-        if config.stride != 1 || config.dilation != 1 || config.groups != 1 {
-            candle_core::bail!("GemmConv2d takes stride 1, dilation 1, one group");
+        if config.dilation != 1 || config.groups != 1 {
+            candle_core::bail!("GemmConv2d takes dilation 1, one group");
         }
-        let (out_channels, in_channels, size, width) = conv.weight().dims4()?;
-        if size != width {
-            candle_core::bail!("GemmConv2d takes square kernels, not {size}×{width}");
-        }
-        let kernel = conv.weight().reshape((out_channels, in_channels * size * size))?;
-        let bias = conv.bias().map(|b| b.reshape((out_channels, 1))).transpose()?;
-        let padding = config.padding;
-        Ok(Self { conv, kernel, bias, size, padding })
+        let out_channels = conv.weight().dim(0)?;
+        let bias = match conv.bias() {
+            Some(bias) => bias.to_vec1::<f32>()?,
+            None => vec![0.0; out_channels],
+        };
+        let window = Window { size: conv.weight().dim(2)?, stride: config.stride, padding: config.padding };
+        let gemm = GemmConv::new(conv.weight(), bias, window)?;
+        Ok(Self { conv, gemm })
     }
 }
 
@@ -45,58 +111,145 @@ impl Module for GemmConv2d {
         if !matches!(xs.device(), Device::Cpu) || self.conv.weight().is_variable() {
             return self.conv.forward(xs);
         }
-        let (n, c, h, w) = xs.dims4()?;
-        let (k, p) = (self.size, self.padding);
-        let (oh, ow) = ((h + 2 * p + 1).saturating_sub(k), (w + 2 * p + 1).saturating_sub(k));
-        let input = xs.flatten_all()?.to_vec1::<f32>()?;
-        let cols = im2col(&input, (n, c, h, w), k, p, (oh, ow));
-        let cols = Tensor::from_vec(cols, (c * k * k, n * oh * ow), xs.device())?;
-        // (O, C·K·K) × (C·K·K, N·OH·OW): every output channel of every image in one product.
-        let mut out = self.kernel.matmul(&cols)?;
-        if let Some(bias) = &self.bias {
-            out = out.broadcast_add(bias)?;
-        }
-        let out_channels = out.dim(0)?;
-        out.reshape((out_channels, n, oh, ow))?.permute((1, 0, 2, 3))?.contiguous()
+        self.gemm.forward(xs, Planes::Nchw, None, false)?.permute((1, 0, 2, 3))?.contiguous()
     }
 }
 
-/// The input's patches as columns: row (channel, ky, kx) holds, for every image and output
-/// position, the input value under that kernel tap (0 in the padding). Each row is filled a
-/// run of `ow` positions at a time, copied from one input row.
-fn im2col(
-    input: &[f32],
-    (n, c, h, w): (usize, usize, usize, usize),
-    k: usize,
-    p: usize,
-    (oh, ow): (usize, usize),
-) -> Vec<f32> {
-    let positions = n * oh * ow;
-    let mut cols = vec![0.0f32; c * k * k * positions];
-    let fill = |(tap, row): (usize, &mut [f32])| {
-        let (ch, ky, kx) = (tap / (k * k), tap / k % k, tap % k);
-        // Output columns x whose input column x + kx - p lies inside the image.
-        let x_from = p.saturating_sub(kx);
-        let x_to = (w + p).saturating_sub(kx).min(ow);
-        if x_from >= x_to {
-            return;
-        }
-        for image in 0..n {
-            for y in 0..oh {
-                let Some(iy) = (y + ky).checked_sub(p).filter(|&iy| iy < h) else { continue };
-                let src = &input[((image * c + ch) * h + iy) * w..][..w];
-                let dst = &mut row[(image * oh + y) * ow..][..ow];
-                dst[x_from..x_to].copy_from_slice(&src[x_from + kx - p..x_to + kx - p]);
-            }
-        }
-    };
-    // Threads pay off only on a batch's worth of work, not on one small image.
-    if cols.len() < PARALLEL_FROM {
-        cols.chunks_mut(positions).enumerate().for_each(fill);
-    } else {
-        cols.par_chunks_mut(positions).enumerate().for_each(fill);
+/// im2col: the input's patches as columns. Row (channel, ky, kx) holds, for every image and output
+/// position, the input value under that kernel tap (0 in the padding). A custom op so that it
+/// reads the input where it lies, with no copy out of the tensor first.
+struct Im2col {
+    window: Window,
+    planes: Planes,
+}
+
+impl CustomOp1 for Im2col {
+    fn name(&self) -> &'static str {
+        "im2col"
     }
-    cols
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let CpuStorage::F32(data) = storage else { candle_core::bail!("im2col takes f32") };
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("im2col takes a contiguous tensor")
+        };
+        let &[a, b, h, w] = layout.dims() else { candle_core::bail!("im2col takes a 4-D tensor") };
+        let (n, c) = match self.planes {
+            Planes::Nchw => (a, b),
+            Planes::Cnhw => (b, a),
+        };
+        let input = &data[start..end];
+        let Window { size: k, stride: s, padding: p } = self.window;
+        let (oh, ow) = (self.window.out(h), self.window.out(w));
+        let positions = n * oh * ow;
+        let plane = |image: usize, channel: usize| match self.planes {
+            Planes::Nchw => image * c + channel,
+            Planes::Cnhw => channel * n + image,
+        };
+        let mut cols = vec![0.0f32; c * k * k * positions];
+        let fill = |(tap, row): (usize, &mut [f32])| {
+            let (channel, ky, kx) = (tap / (k * k), tap / k % k, tap % k);
+            // Output columns x whose input column x·s + kx − p lies inside the image.
+            let x_from = p.saturating_sub(kx).div_ceil(s);
+            let x_to = (w + p).saturating_sub(kx).div_ceil(s).min(ow);
+            if x_from >= x_to {
+                return;
+            }
+            for image in 0..n {
+                let src_plane = &input[plane(image, channel) * h * w..][..h * w];
+                for y in 0..oh {
+                    let Some(iy) = (y * s + ky).checked_sub(p).filter(|&iy| iy < h) else { continue };
+                    let src = &src_plane[iy * w..][..w];
+                    let dst = &mut row[(image * oh + y) * ow..][..ow];
+                    let first = x_from * s + kx - p;
+                    if s == 1 {
+                        dst[x_from..x_to].copy_from_slice(&src[first..first + x_to - x_from]);
+                    } else {
+                        for (out, x) in dst[x_from..x_to].iter_mut().zip((first..).step_by(s)) {
+                            *out = src[x];
+                        }
+                    }
+                }
+            }
+        };
+        // Threads pay off only on a batch's worth of work, not on one small image.
+        if cols.len() < PARALLEL_FROM {
+            cols.chunks_mut(positions).enumerate().for_each(fill);
+        } else {
+            cols.par_chunks_mut(positions).enumerate().for_each(fill);
+        }
+        Ok((CpuStorage::F32(cols), Shape::from((c * k * k, positions))))
+    }
+}
+
+/// What follows a convolution's product, in one pass over it in place: the bias of each output
+/// channel, the residual (an op on two tensors), ReLU.
+struct Finish<'a> {
+    bias: &'a [f32],
+    relu: bool,
+}
+
+impl Finish<'_> {
+    /// `out` is channel first: one contiguous run per output channel.
+    fn apply(&self, out: &mut [f32], residual: Option<&[f32]>) {
+        let run = out.len() / self.bias.len();
+        let finish = |(channel, values): (usize, &mut [f32])| {
+            let bias = self.bias[channel];
+            let residual = residual.map(|r| &r[channel * run..][..run]);
+            match (residual, self.relu) {
+                (Some(r), true) => values.iter_mut().zip(r).for_each(|(v, r)| *v = (*v + bias + r).max(0.0)),
+                (Some(r), false) => values.iter_mut().zip(r).for_each(|(v, r)| *v += bias + r),
+                (None, true) => values.iter_mut().for_each(|v| *v = (*v + bias).max(0.0)),
+                (None, false) => values.iter_mut().for_each(|v| *v += bias),
+            }
+        };
+        if out.len() < PARALLEL_FROM {
+            out.chunks_mut(run).enumerate().for_each(finish);
+        } else {
+            out.par_chunks_mut(run).enumerate().for_each(finish);
+        }
+    }
+}
+
+/// The contiguous f32 values of a storage, or an error naming the op.
+fn values<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> Result<&'a [f32]> {
+    match (storage, layout.contiguous_offsets()) {
+        (CpuStorage::F32(data), Some((start, end))) => Ok(&data[start..end]),
+        _ => candle_core::bail!("{op} takes contiguous f32 tensors"),
+    }
+}
+
+fn values_mut<'a>(storage: &'a mut CpuStorage, layout: &Layout, op: &str) -> Result<&'a mut [f32]> {
+    match (storage, layout.contiguous_offsets()) {
+        (CpuStorage::F32(data), Some((start, end))) => Ok(&mut data[start..end]),
+        _ => candle_core::bail!("{op} takes contiguous f32 tensors"),
+    }
+}
+
+impl InplaceOp1 for Finish<'_> {
+    fn name(&self) -> &'static str {
+        "bias-relu"
+    }
+
+    fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> Result<()> {
+        self.apply(values_mut(storage, layout, "bias-relu")?, None);
+        Ok(())
+    }
+}
+
+impl InplaceOp2 for Finish<'_> {
+    fn name(&self) -> &'static str {
+        "bias-residual-relu"
+    }
+
+    fn cpu_fwd(&self, out: &mut CpuStorage, out_layout: &Layout, residual: &CpuStorage, layout: &Layout) -> Result<()> {
+        if out_layout.dims() != layout.dims() {
+            candle_core::bail!("residual {:?} for an output {:?}", layout.dims(), out_layout.dims());
+        }
+        let residual = values(residual, layout, "bias-residual-relu")?;
+        self.apply(values_mut(out, out_layout, "bias-residual-relu")?, Some(residual));
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -104,19 +257,49 @@ mod tests {
     use candle_core::{DType, Device, Module, Tensor};
     use candle_nn::{Conv2dConfig, VarBuilder, VarMap};
 
-    use super::GemmConv2d;
+    use super::{GemmConv, GemmConv2d, Planes, Window};
+
+    fn worst(a: &Tensor, b: &Tensor) -> f32 {
+        assert_eq!(a.dims(), b.dims());
+        (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap()
+    }
 
     #[test]
     fn agrees_with_candles_convolution() {
         let device = Device::Cpu;
-        let vars = VarMap::new();
-        let vb = VarBuilder::from_varmap(&vars, DType::F32, &device);
-        let conv = candle_nn::conv2d(3, 5, 3, Conv2dConfig { padding: 1, ..Default::default() }, vb).unwrap();
-        let xs = Tensor::randn(0f32, 1.0, (4, 3, 7, 6), &device).unwrap();
-        let want = conv.forward(&xs).unwrap();
-        let got = GemmConv2d::new(conv).unwrap().forward(&xs).unwrap();
-        assert_eq!(got.dims(), want.dims());
-        let worst: f32 = (got - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+        for (size, stride, padding) in [(3, 1, 1), (3, 2, 1), (7, 2, 3), (1, 2, 0), (3, 1, 0)] {
+            let vars = VarMap::new();
+            let vb = VarBuilder::from_varmap(&vars, DType::F32, &device);
+            let config = Conv2dConfig { padding, stride, ..Default::default() };
+            let conv = candle_nn::conv2d(3, 5, size, config, vb).unwrap();
+            let xs = Tensor::randn(0f32, 1.0, (4, 3, 9, 8), &device).unwrap();
+            let want = conv.forward(&xs).unwrap();
+            let got = GemmConv2d::new(conv).unwrap().forward(&xs).unwrap();
+            let worst = worst(&got, &want);
+            assert!(worst < 1e-5, "{size}×{size} stride {stride} padding {padding}: differs by {worst}");
+        }
+    }
+
+    #[test]
+    fn channel_first_with_residual_and_relu() {
+        let device = Device::Cpu;
+        let weight = Tensor::randn(0f32, 1.0, (4, 3, 3, 3), &device).unwrap();
+        let bias = vec![0.5, -0.5, 0.0, 1.0];
+        let xs = Tensor::randn(0f32, 1.0, (2, 3, 6, 5), &device).unwrap();
+        let residual = Tensor::randn(0f32, 1.0, (2, 4, 3, 3), &device).unwrap();
+        let want = xs
+            .conv2d(&weight, 1, 2, 1, 1)
+            .unwrap()
+            .broadcast_add(&Tensor::new(bias.as_slice(), &device).unwrap().reshape((1, 4, 1, 1)).unwrap())
+            .unwrap()
+            .add(&residual)
+            .unwrap()
+            .relu()
+            .unwrap();
+        let conv = GemmConv::new(&weight, bias, Window { size: 3, stride: 2, padding: 1 }).unwrap();
+        let channel_first = |t: &Tensor| t.permute((1, 0, 2, 3)).unwrap().contiguous().unwrap();
+        let got = conv.forward(&channel_first(&xs), Planes::Cnhw, Some(&channel_first(&residual)), true).unwrap();
+        let worst = worst(&got, &channel_first(&want));
         assert!(worst < 1e-5, "differs by {worst}");
     }
 }

@@ -1,22 +1,198 @@
-//! ResNet-18 over 224×224 RGB images, as candle-transformers builds it from torchvision-named
-//! weights (a torchvision `state_dict` saved with `safetensors.torch.save_file` loads as is).
+//! ResNet-18 over 224×224 RGB images, from torchvision-named weights (a torchvision `state_dict`
+//! saved with `safetensors.torch.save_file` loads as is).
+//!
+//! Built for inference, as ONNX Runtime builds it: each batch norm is folded into the weights and
+//! bias of the convolution before it when the bundle loads. On the CPU the activations stay
+//! channel first (CNHW) from the first convolution to the pooling, each convolution is one matrix
+//! product over the whole batch, and its bias, the residual and the ReLU are one pass over it
+//! ([`GemmConv`]); batches are run a few images at a time so that the patch matrices stay small.
+//! Other devices run Candle's convolution over the same folded weights.
 
-use candle_core::{Module, Result, Tensor};
-use candle_nn::{Func, VarBuilder};
+use candle_core::{D, Device, Module, Result, Tensor};
+use candle_nn::{Linear, VarBuilder, linear};
+
+use super::conv::{GemmConv, Planes, Window};
+
+/// torchvision's batch norm epsilon.
+const BN_EPS: f64 = 1e-5;
+/// Images run through the network at once on the CPU. The first layers' patch matrices take about
+/// 7 MiB an image: at 4 they stay near the cache; at 8 the batch ran at half the speed here
+/// (docs/benchmarks.md).
+const CPU_CHUNK: usize = 4;
 
 pub struct Resnet18 {
-    net: Func<'static>,
+    stem: FoldedConv,
+    blocks: Vec<BasicBlock>,
+    fc: Linear,
 }
 
 impl Resnet18 {
-    pub fn new(vb: VarBuilder<'static>, classes: usize) -> Result<Self> {
-        Ok(Self { net: candle_transformers::models::resnet::resnet18(classes, vb)? })
+    pub fn new(vb: VarBuilder, classes: usize) -> Result<Self> {
+        let stem = FoldedConv::load(&vb, "conv1", "bn1", (3, 64), Window { size: 7, stride: 2, padding: 3 })?;
+        let mut blocks = Vec::new();
+        let mut channels = 64;
+        for (layer, out) in [(1, 64), (2, 128), (3, 256), (4, 512)] {
+            for index in 0..2 {
+                let stride = if layer > 1 && index == 0 { 2 } else { 1 };
+                blocks.push(BasicBlock::load(&vb.pp(format!("layer{layer}.{index}")), channels, out, stride)?);
+                channels = out;
+            }
+        }
+        Ok(Self { stem, blocks, fc: linear(512, classes, vb.pp("fc"))? })
+    }
+
+    /// Channel first from the stem to the pooled features, then (N, 512).
+    fn forward_cpu(&self, xs: &Tensor) -> Result<Tensor> {
+        let xs = self.stem.cpu(xs, Planes::Nchw, None, true)?;
+        let mut xs = max_pool(&xs)?;
+        for block in &self.blocks {
+            xs = block.forward_cpu(&xs)?;
+        }
+        // (512, N, 7, 7) → (512, N) → (N, 512)
+        xs.mean(D::Minus1)?.mean(D::Minus1)?.t()?.contiguous()
+    }
+
+    fn forward_other(&self, xs: &Tensor) -> Result<Tensor> {
+        let mut xs = max_pool(&self.stem.candle(xs, None, true)?)?;
+        for block in &self.blocks {
+            xs = block.forward_other(&xs)?;
+        }
+        xs.mean(D::Minus1)?.mean(D::Minus1)
     }
 }
 
 impl Module for Resnet18 {
     /// Logits for a (batch, 3, height, width) tensor.
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        self.net.forward(xs)
+        let features = if matches!(xs.device(), Device::Cpu) {
+            let batch = xs.dim(0)?;
+            let chunks = (0..batch)
+                .step_by(CPU_CHUNK)
+                .map(|start| self.forward_cpu(&xs.narrow(0, start, CPU_CHUNK.min(batch - start))?))
+                .collect::<Result<Vec<_>>>()?;
+            Tensor::cat(&chunks, 0)?
+        } else {
+            self.forward_other(xs)?
+        };
+        self.fc.forward(&features)
+    }
+}
+
+/// 3×3 max pool, stride 2, padding 1, over the last two dimensions. The input comes out of a
+/// ReLU, so padding with zeros never changes a maximum.
+fn max_pool(xs: &Tensor) -> Result<Tensor> {
+    xs.pad_with_zeros(D::Minus1, 1, 1)?.pad_with_zeros(D::Minus2, 1, 1)?.max_pool2d_with_stride(3, 2)
+}
+
+/// Two 3×3 convolutions and a shortcut (a strided 1×1 convolution where the shape changes).
+struct BasicBlock {
+    conv1: FoldedConv,
+    conv2: FoldedConv,
+    downsample: Option<FoldedConv>,
+}
+
+impl BasicBlock {
+    fn load(vb: &VarBuilder, c_in: usize, c_out: usize, stride: usize) -> Result<Self> {
+        let three = |stride| Window { size: 3, stride, padding: 1 };
+        let downsample = (stride != 1 || c_in != c_out)
+            .then(|| {
+                let window = Window { size: 1, stride, padding: 0 };
+                FoldedConv::load(vb, "downsample.0", "downsample.1", (c_in, c_out), window)
+            })
+            .transpose()?;
+        Ok(Self {
+            conv1: FoldedConv::load(vb, "conv1", "bn1", (c_in, c_out), three(stride))?,
+            conv2: FoldedConv::load(vb, "conv2", "bn2", (c_out, c_out), three(1))?,
+            downsample,
+        })
+    }
+
+    fn forward_cpu(&self, xs: &Tensor) -> Result<Tensor> {
+        let shortcut = match &self.downsample {
+            Some(conv) => conv.cpu(xs, Planes::Cnhw, None, false)?,
+            None => xs.clone(),
+        };
+        let ys = self.conv1.cpu(xs, Planes::Cnhw, None, true)?;
+        self.conv2.cpu(&ys, Planes::Cnhw, Some(&shortcut), true)
+    }
+
+    fn forward_other(&self, xs: &Tensor) -> Result<Tensor> {
+        let shortcut = match &self.downsample {
+            Some(conv) => conv.candle(xs, None, false)?,
+            None => xs.clone(),
+        };
+        let ys = self.conv1.candle(xs, None, true)?;
+        self.conv2.candle(&ys, Some(&shortcut), true)
+    }
+}
+
+/// A convolution with the batch norm after it folded in: `w·γ/σ` and `β − μ·γ/σ`, σ the running
+/// variance's square root (plus epsilon).
+struct FoldedConv {
+    weight: Tensor,
+    /// (1, O, 1, 1), for Candle's convolution.
+    bias: Tensor,
+    window: Window,
+    gemm: GemmConv,
+}
+
+impl FoldedConv {
+    fn load(vb: &VarBuilder, conv: &str, bn: &str, (c_in, c_out): (usize, usize), window: Window) -> Result<Self> {
+        let weight = vb.pp(conv).get((c_out, c_in, window.size, window.size), "weight")?;
+        let bn = vb.pp(bn);
+        let [gamma, beta, mean, var] =
+            ["weight", "bias", "running_mean", "running_var"].map(|name| bn.get(c_out, name));
+        let scale = (gamma? / (var? + BN_EPS)?.sqrt()?)?;
+        let weight = weight.broadcast_mul(&scale.reshape((c_out, 1, 1, 1))?)?;
+        let bias = (beta? - (mean? * &scale)?)?;
+        let gemm = GemmConv::new(&weight.to_device(&Device::Cpu)?, bias.to_device(&Device::Cpu)?.to_vec1()?, window)?;
+        Ok(Self { weight, bias: bias.reshape((1, c_out, 1, 1))?, window, gemm })
+    }
+
+    /// On the CPU: the output channel first.
+    fn cpu(&self, xs: &Tensor, planes: Planes, residual: Option<&Tensor>, relu: bool) -> Result<Tensor> {
+        self.gemm.forward(xs, planes, residual, relu)
+    }
+
+    /// Candle's convolution, batch first.
+    fn candle(&self, xs: &Tensor, residual: Option<&Tensor>, relu: bool) -> Result<Tensor> {
+        let Window { stride, padding, .. } = self.window;
+        let mut ys = xs.conv2d(&self.weight, padding, stride, 1, 1)?.broadcast_add(&self.bias)?;
+        if let Some(residual) = residual {
+            ys = (ys + residual)?;
+        }
+        if relu { ys.relu() } else { Ok(ys) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{DType, Device, Module, Tensor};
+    use candle_nn::{VarBuilder, VarMap};
+
+    use super::Resnet18;
+
+    /// The folded, channel-first network against candle-transformers' plain one, on random
+    /// weights with batch norms far from identity.
+    #[test]
+    fn agrees_with_the_unfolded_network() {
+        let device = Device::Cpu;
+        let vars = VarMap::new();
+        let vb = VarBuilder::from_varmap(&vars, DType::F32, &device);
+        let reference = candle_transformers::models::resnet::resnet18(10, vb.clone()).unwrap();
+        for (name, var) in vars.data().lock().unwrap().iter() {
+            let batch_norm = name.contains("bn") || name.contains("downsample.1");
+            let scale = name.ends_with("running_var") || (batch_norm && name.ends_with("weight"));
+            let (low, high) = if scale { (0.5, 1.5) } else { (-0.1, 0.1) };
+            let values = Tensor::rand(low as f32, high as f32, var.shape(), &device).unwrap();
+            var.set(&values).unwrap();
+        }
+        let ours = Resnet18::new(vb, 10).unwrap();
+        let xs = Tensor::randn(0f32, 1.0, (9, 3, 64, 64), &device).unwrap();
+        let want = reference.forward(&xs).unwrap();
+        let got = ours.forward(&xs).unwrap();
+        let scale: f32 = want.abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+        let worst: f32 = (got - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+        assert!(worst <= 1e-4 * scale.max(1.0), "differs by {worst} (largest logit {scale})");
     }
 }
