@@ -56,6 +56,9 @@ fn resnet_sized_images_cost_no_s3_round_trip_per_record() {
         .arg(&labels)
         .arg("--out")
         .arg(&bundle)
+        // Random weights are never confident: at the usual threshold every record would take one
+        // more hop, to the review queue, that a trained model's would mostly not.
+        .args(["--threshold", "0"])
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -78,10 +81,27 @@ fn resnet_sized_images_cost_no_s3_round_trip_per_record() {
     // batch, not a request per record.
     let feature_store = count("DynamoDB.BatchWriteItem") + count("DynamoDB.BatchGetItem");
     assert!(feature_store * 10 <= stored, "{feature_store} feature store requests for {stored} records: {requests}");
-    // With vectors in S3 this was over 4 (a PUT and a GET more per record). What is left above
-    // the digits demo's figure grows with time, not records: a CPU ResNet-18 keeps the run long,
-    // and the idle stages' receives, lease renewals and shard reads go on meanwhile
-    // (docs/benchmarks.md).
+    // The requests that move records: queue sends, receives and deletes, feature store and
+    // results writes, capture. With vectors in S3 this was over 3 per record; now ≤ 1.2 as with
+    // digits. (Receives include the idle long polls of waiting stages.)
+    let moving: u64 = [
+        "SQS.SendMessageBatch",
+        "SQS.ReceiveMessage",
+        "SQS.DeleteMessageBatch",
+        "DynamoDB.BatchWriteItem",
+        "DynamoDB.BatchGetItem",
+        "DynamoDB.TransactWriteItems",
+        "S3.PutObject",
+        "S3.GetObject",
+        "Kinesis.PutRecords",
+    ]
+    .into_iter()
+    .map(count)
+    .sum();
+    let records_in = summary["records_in"].as_u64().unwrap();
+    assert!(moving as f64 <= 1.2 * records_in as f64, "{moving} requests moved {records_in} records: {requests}");
+    // The rest grows with time, not records (lease renewals and scans, shard reads, queue depth
+    // samples): a CPU ResNet-18 keeps this run long (docs/benchmarks.md). 1.47 here.
     let per_record = summary["aws_requests_per_record"].as_f64().unwrap();
-    assert!(per_record <= 2.5, "{per_record} AWS requests per record: {requests}");
+    assert!(per_record <= 2.0, "{per_record} AWS requests per record: {requests}");
 }

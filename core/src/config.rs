@@ -243,7 +243,9 @@ const fn default_shards() -> u32 {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct WorkerConfig {
-    /// Long-poll wait for the first message of a batch.
+    /// Long-poll wait for the first message of a batch: while a queue is empty a worker sends one
+    /// receive per wait (SQS waits at most 20 s). It returns as soon as a message arrives, and a
+    /// stopping worker stops waiting at once.
     pub poll_wait_ms: u64,
     /// How long a worker may take to finish in-flight work after SIGTERM; the default stays under
     /// ECS's default 30 s stop timeout, so SIGKILL never cuts a batch short.
@@ -254,7 +256,7 @@ pub struct WorkerConfig {
 
 impl Default for WorkerConfig {
     fn default() -> Self {
-        Self { poll_wait_ms: 500, shutdown_grace_ms: 25_000, retry_delay_ms: 1_000 }
+        Self { poll_wait_ms: 20_000, shutdown_grace_ms: 25_000, retry_delay_ms: 1_000 }
     }
 }
 

@@ -391,7 +391,7 @@ impl Worker {
         let mut report = WorkerReport::default();
         let mut backoff = new_backoff();
         while !shutdown.is_cancelled() {
-            match self.run_once(&mut report).await {
+            match self.run_once(&mut report, &shutdown).await {
                 Ok(()) => {
                     backoff = new_backoff();
                     if let Some(health) = self.health.take() {
@@ -419,9 +419,9 @@ impl Worker {
         Ok(report)
     }
 
-    async fn run_once(&mut self, report: &mut WorkerReport) -> Result<()> {
+    async fn run_once(&mut self, report: &mut WorkerReport, shutdown: &CancellationToken) -> Result<()> {
         let received_at = SystemTime::now();
-        let mut batch = self.collect_batch().await?;
+        let mut batch = self.collect_batch(shutdown).await?;
         if batch.is_empty() {
             return Ok(());
         }
@@ -546,9 +546,24 @@ impl Worker {
 
     /// Waits for the first delivery, then fills the batch: at once from a backlog, else for up to
     /// the stage's `max_wait`.
-    async fn collect_batch(&mut self) -> Result<Vec<Delivery>> {
+    ///
+    /// The first receive is a long poll of `poll_wait_ms` (on SQS one request per 20 s while a
+    /// queue is empty, not one a second), cut short until the worker is first ready, so that
+    /// readiness is known at once. A stopping worker does not wait it out: the receive is
+    /// dropped, which only delays what it may already have taken, never loses it (a queue makes
+    /// its messages visible again after the visibility timeout, counting one more receive; a
+    /// stream's read position was not checkpointed, and the next owner of the shard reads on
+    /// from the checkpoint).
+    async fn collect_batch(&mut self, shutdown: &CancellationToken) -> Result<Vec<Delivery>> {
         let policy = self.stage.batch_policy();
-        let mut batch = self.source.receive(policy.max_size, Duration::from_millis(self.config.poll_wait_ms)).await?;
+        let mut wait = Duration::from_millis(self.config.poll_wait_ms);
+        if self.health.is_some() {
+            wait = wait.min(FIRST_POLL_WAIT);
+        }
+        let mut batch = tokio::select! {
+            batch = self.source.receive(policy.max_size, wait) => batch?,
+            () = shutdown.cancelled() => return Ok(Vec::new()),
+        };
         if batch.is_empty() || policy.max_wait.is_zero() {
             return Ok(batch);
         }
@@ -621,6 +636,9 @@ fn arrived_traceparent(delivery: &Delivery) -> Option<String> {
     }
     None
 }
+
+/// The longest first receive before the worker is ready.
+const FIRST_POLL_WAIT: Duration = Duration::from_secs(1);
 
 fn new_backoff() -> impl Iterator<Item = Duration> {
     ExponentialBuilder::default()
