@@ -4,7 +4,9 @@
 //! - `inference`: Candle on the CPU against ONNX Runtime on the CPU. ONNX Runtime runs in
 //!   `bench/ort_runner.py` (Python `onnxruntime`; `pip install -r bench/requirements.txt`),
 //!   which builds its graph from the same safetensors file.
-//! - `cuda`: Candle on the GPU against Candle on the CPU (a build with `--features cuda`).
+//! - `cuda`: Candle on the GPU, at each precision, against Candle on the CPU and against PyTorch
+//!   eager on the same GPU (`bench/torch_runner.py`, the machine's own PyTorch); a build with
+//!   `--features cuda`. Each precision's agreement with the CPU's f32 outputs is reported.
 //!
 //! Before anything is timed, both sides must give the same probabilities for the same rows.
 
@@ -18,7 +20,7 @@ use image::DynamicImage;
 use serde::{Deserialize, Serialize};
 use sluice_core::model::{Architecture, ImageInput, MANIFEST_FILE, ModelBundle, WEIGHTS_FILE};
 use sluice_core::vector::{f32_from_le_bytes, f32_to_le_bytes};
-use sluice_inference::model::{CandleClassifier, DevicePreference, select_device};
+use sluice_inference::model::{CandleClassifier, DevicePreference, Precision, select_device};
 
 use crate::digits::{Split, load_split};
 use crate::resnet18;
@@ -79,13 +81,41 @@ pub struct BenchArgs {
 pub struct BenchInferenceArgs {
     #[command(flatten)]
     pub bench: BenchArgs,
-    /// The Python that has bench/requirements.txt installed.
+    /// The Python that has bench/requirements.txt installed (or, for `cuda`, PyTorch).
     #[arg(long, env = "SLUICE_BENCH_PYTHON", default_value = "python3")]
     pub python: String,
     /// ONNX Runtime's side of the bench, relative to the working directory (run from the
     /// repository's root, or say where it is).
     #[arg(long, env = "SLUICE_BENCH_ORT_RUNNER", default_value = "bench/ort_runner.py")]
     pub ort_runner: PathBuf,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct BenchCudaArgs {
+    #[command(flatten)]
+    pub bench: BenchArgs,
+    /// Precisions to time on the GPU, each first compared with the CPU's f32 outputs.
+    #[arg(long, value_delimiter = ',', default_value = "f32,tf32,f16,bf16")]
+    pub precisions: Vec<Precision>,
+    /// The Python whose PyTorch (and torchvision) runs the same models eagerly on the same GPU.
+    #[arg(long, env = "SLUICE_BENCH_PYTHON", default_value = "python3")]
+    pub python: String,
+    /// PyTorch's side of the bench, relative to the working directory.
+    #[arg(long, env = "SLUICE_BENCH_TORCH_RUNNER", default_value = "bench/torch_runner.py")]
+    pub torch_runner: PathBuf,
+    /// Candle only: no PyTorch comparison.
+    #[arg(long)]
+    pub no_pytorch: bool,
+}
+
+/// How far a precision's probabilities may stray from the CPU's f32 ones (relative to the row's
+/// largest) before the report flags it: f32 must agree to [`AGREEMENT`] or nothing is timed.
+fn bound(precision: Precision) -> f32 {
+    match precision {
+        Precision::F32 => AGREEMENT,
+        Precision::Tf32 | Precision::F16 => 1e-2,
+        Precision::Bf16 => 5e-2,
+    }
 }
 
 /// One batch size, both sides.
@@ -113,7 +143,21 @@ pub struct Report {
     pub threads: usize,
     /// The largest difference between the two sides' probabilities (relative to the row's largest).
     pub max_relative_error: f32,
+    /// For a GPU precision: its agreement with the CPU's f32 outputs on the held-out inputs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub accuracy: Option<Agreement>,
     pub rows: Vec<Row>,
+}
+
+/// How a precision's outputs compare with the CPU's f32 ones over every held-out input.
+#[derive(Debug, Clone, Serialize)]
+pub struct Agreement {
+    pub precision: Precision,
+    pub max_relative_error: f32,
+    /// Inputs whose most likely class is the same, of all.
+    pub top1_agreement: f64,
+    pub bound: f32,
+    pub within_bound: bool,
 }
 
 /// A bundle to measure, with its inputs.
@@ -147,6 +191,7 @@ impl Subject {
             baseline: baseline.to_owned(),
             threads,
             max_relative_error,
+            accuracy: None,
             rows,
         }
     }
@@ -335,9 +380,10 @@ fn run_ort(args: &BenchInferenceArgs, threads: usize, subject: &Subject, scratch
     Ok(OrtRun { check: values.chunks(classes).map(<[f32]>::to_vec).collect(), timings })
 }
 
-/// `sluice bench cuda`: Candle on the GPU against Candle on the CPU.
-pub fn bench_cuda(args: &BenchArgs) -> anyhow::Result<Vec<Report>> {
-    let threads = cpu_threads(args)?;
+/// `sluice bench cuda`: Candle on the GPU, at each precision, against Candle on the CPU (f32,
+/// every core) and against PyTorch eager on the same GPU at the same precision.
+pub fn bench_cuda(args: &BenchCudaArgs) -> anyhow::Result<Vec<Report>> {
+    let threads = cpu_threads(&args.bench)?;
     let (device, backend) = select_device(DevicePreference::Auto);
     ensure!(
         backend == "candle-cuda",
@@ -345,25 +391,127 @@ pub fn bench_cuda(args: &BenchArgs) -> anyhow::Result<Vec<Report>> {
     );
     let scratch = tempfile::tempdir()?;
     let mut reports = Vec::new();
-    for subject in subjects(args, scratch.path())? {
+    for subject in subjects(&args.bench, scratch.path())? {
         let cpu = CandleClassifier::load(&subject.bundle, Device::Cpu, "candle-cpu")?;
-        let gpu = CandleClassifier::load(&subject.bundle, device.clone(), backend)?;
-        let check_rows = subject.check_rows();
-        let gpu_check = gpu.predict(check_rows.clone(), CHECK_ROWS)?;
-        let cpu_check = cpu.predict(check_rows, CHECK_ROWS)?;
-        let error = check_agreement(&subject, &gpu_check, &cpu_check, "CUDA and CPU")?;
-        let mut rows = Vec::new();
-        let progress = crate::progress::bar(args.batches.len() as u64, "batch sizes timed");
-        for &batch in &args.batches {
-            progress.inc(1);
-            let x = subject.batch(batch);
-            let on_gpu = time_candle(&gpu, &x, batch, args.min_seconds)?;
-            let on_cpu = time_candle(&cpu, &x, batch, args.min_seconds)?;
-            rows.push(row(batch, on_gpu, on_cpu));
+        let rows = subject.inputs.len() / subject.image.vector_len();
+        let reference = cpu.predict(subject.inputs.clone(), rows)?;
+        let torch = (!args.no_pytorch).then(|| run_torch(args, &subject, scratch.path(), rows)).transpose()?;
+        let mut on_cpu = Vec::new();
+        for &batch in &args.bench.batches {
+            on_cpu.push(time_candle(&cpu, &subject.batch(batch), batch, args.bench.min_seconds)?);
         }
-        reports.push(subject.report(backend, "candle-cpu", threads, error, rows));
+        for &precision in &args.precisions {
+            let gpu = CandleClassifier::load_at(&subject.bundle, device.clone(), backend, precision)?;
+            let outputs = gpu.predict(subject.inputs.clone(), rows)?;
+            if precision == Precision::F32 {
+                check_agreement(&subject, &outputs, &reference, "CUDA and CPU")?;
+            }
+            let accuracy = agreement(precision, &outputs, &reference)?;
+            let runtime = format!("{backend}-{}", precision.name());
+            let mut against_cpu = Vec::new();
+            let mut against_torch = Vec::new();
+            let progress = crate::progress::bar(args.bench.batches.len() as u64, "batch sizes timed");
+            for (&batch, &cpu_seconds) in args.bench.batches.iter().zip(&on_cpu) {
+                progress.inc(1);
+                let seconds = time_candle(&gpu, &subject.batch(batch), batch, args.bench.min_seconds)?;
+                against_cpu.push(row(batch, seconds, cpu_seconds));
+                if let Some(torch) = &torch {
+                    let t = torch
+                        .timings
+                        .iter()
+                        .find(|t| t.batch == batch && t.precision == precision.name())
+                        .context("no PyTorch timing")?;
+                    against_torch.push(row(batch, seconds, t.seconds / t.runs as f64));
+                }
+            }
+            let mut report = subject.report(&runtime, "candle-cpu", threads, accuracy.max_relative_error, against_cpu);
+            report.accuracy = Some(accuracy.clone());
+            reports.push(report);
+            if let Some(torch) = &torch {
+                let theirs = torch.check.get(precision.name()).context("no PyTorch outputs")?;
+                let error = max_relative_error(&outputs, theirs)?;
+                let baseline = format!("pytorch-cuda-{}", precision.name());
+                let mut report = subject.report(&runtime, &baseline, threads, error, against_torch);
+                report.accuracy = Some(agreement(precision, theirs, &reference)?);
+                reports.push(report);
+            }
+        }
     }
     Ok(reports)
+}
+
+/// `outputs` at `precision` against the CPU's f32 `reference`.
+fn agreement(precision: Precision, outputs: &[Vec<f32>], reference: &[Vec<f32>]) -> anyhow::Result<Agreement> {
+    let error = max_relative_error(outputs, reference)?;
+    let top1 = |row: &Vec<f32>| row.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(i, _)| i);
+    let same = outputs.iter().zip(reference).filter(|(a, b)| top1(a) == top1(b)).count();
+    Ok(Agreement {
+        precision,
+        max_relative_error: error,
+        top1_agreement: same as f64 / reference.len().max(1) as f64,
+        bound: bound(precision),
+        within_bound: error <= bound(precision),
+    })
+}
+
+#[derive(Deserialize)]
+struct TorchTiming {
+    precision: String,
+    batch: usize,
+    runs: u64,
+    seconds: f64,
+}
+
+struct TorchRun {
+    /// Probabilities of every input row, by precision.
+    check: std::collections::BTreeMap<String, Vec<Vec<f32>>>,
+    timings: Vec<TorchTiming>,
+}
+
+/// Runs `bench/torch_runner.py` over `subject` on the GPU, every precision asked for.
+fn run_torch(args: &BenchCudaArgs, subject: &Subject, scratch: &Path, rows: usize) -> anyhow::Result<TorchRun> {
+    let inputs_file = scratch.join("rows.f32");
+    std::fs::write(&inputs_file, f32_to_le_bytes(&subject.inputs))?;
+    let check = scratch.join("torch-check");
+    let script = &args.torch_runner;
+    ensure!(
+        script.is_file(),
+        "{} not found: run from the repository's root, pass --torch-runner, or --no-pytorch",
+        script.display()
+    );
+    let batches: Vec<String> = args.bench.batches.iter().map(usize::to_string).collect();
+    let precisions: Vec<&str> = args.precisions.iter().map(|p| p.name()).collect();
+    let image = &subject.image;
+    let output = Command::new(&args.python)
+        .arg(script)
+        .args(["--architecture", subject.architecture.name()])
+        .arg("--weights")
+        .arg(subject.bundle.weights_path())
+        .args(["--input-shape", &format!("{},{},{}", image.channels, image.height, image.width)])
+        .arg("--inputs")
+        .arg(&inputs_file)
+        .args(["--batches", &batches.join(","), "--precisions", &precisions.join(",")])
+        .args(["--min-seconds", &args.bench.min_seconds.to_string(), "--check-rows", &rows.to_string()])
+        .arg("--check-out")
+        .arg(&check)
+        .output()
+        .with_context(|| format!("running {} (it needs PyTorch; or pass --no-pytorch)", args.python))?;
+    if !output.status.success() {
+        bail!("{} failed:\n{}", script.display(), String::from_utf8_lossy(&output.stderr));
+    }
+    let classes = subject.bundle.manifest.labels.len();
+    let mut outputs = std::collections::BTreeMap::new();
+    for precision in precisions {
+        let values = f32_from_le_bytes(&std::fs::read(format!("{}-{precision}.f32", check.display()))?);
+        ensure!(values.len() == rows * classes, "PyTorch gave {} values at {precision}", values.len());
+        outputs.insert(precision.to_owned(), values.chunks(classes).map(<[f32]>::to_vec).collect());
+    }
+    let timings = String::from_utf8(output.stdout)?
+        .lines()
+        .map(serde_json::from_str)
+        .collect::<Result<_, _>>()
+        .context("reading PyTorch's timings")?;
+    Ok(TorchRun { check: outputs, timings })
 }
 
 impl Report {
@@ -378,6 +526,16 @@ impl Report {
             self.max_relative_error
         );
         println!("  weights: {}", self.weights);
+        if let Some(a) = &self.accuracy {
+            println!(
+                "  {} against the CPU's f32: max relative error {:.1e} (bound {:.0e}{}), top-1 agreement {:.1}%",
+                if self.baseline.starts_with("pytorch") { "PyTorch" } else { "Candle" },
+                a.max_relative_error,
+                a.bound,
+                if a.within_bound { "" } else { ", OVER IT" },
+                a.top1_agreement * 100.0
+            );
+        }
         println!();
         let (ours, theirs) = (&self.runtime, &self.baseline);
         println!(

@@ -109,9 +109,10 @@ enum BenchCommand {
     /// Candle against ONNX Runtime: images/s and per-batch latency by batch size, same model,
     /// weights, inputs and threads (needs `pip install -r bench/requirements.txt`).
     Inference(bench::BenchInferenceArgs),
-    /// Candle on the GPU against Candle on the CPU, outputs checked first (a build with
-    /// `--features cuda`; `bench/gpu_check.sh` builds and runs it).
-    Cuda(bench::BenchArgs),
+    /// Candle on the GPU at each precision against Candle on the CPU (f32) and PyTorch eager on
+    /// the same GPU, outputs checked first (a build with `--features cuda`; `bench/gpu_check.sh`
+    /// builds and runs it).
+    Cuda(bench::BenchCudaArgs),
     /// The whole pipeline on the embedded store against a bare decode-preprocess-infer loop,
     /// same records: records/s, the ratio, busy time per stage, latency.
     Pipeline(pipeline_bench::BenchPipelineArgs),
@@ -151,7 +152,7 @@ fn main() -> anyhow::Result<()> {
     let configured = sluice_core::threads::configured(&settings);
     let threads = match &cli.command {
         Command::Bench { command: BenchCommand::Inference(args) } => args.bench.threads.unwrap_or(configured),
-        Command::Bench { command: BenchCommand::Cuda(args) } => args.threads.unwrap_or(configured),
+        Command::Bench { command: BenchCommand::Cuda(args) } => args.bench.threads.unwrap_or(configured),
         // Every stage in this process: the model gets half the cores, the other three stages
         // the rest (measured in docs/benchmarks.md; on 2 cores the model's thread pools
         // spinning for a core another stage holds cost more than a second thread gains).
@@ -181,7 +182,7 @@ fn main() -> anyhow::Result<()> {
     if let Command::Bench { command } = &cli.command {
         let (reports, json) = match command {
             BenchCommand::Inference(args) => (bench::bench_inference(args)?, args.bench.json),
-            BenchCommand::Cuda(args) => (bench::bench_cuda(args)?, args.json),
+            BenchCommand::Cuda(args) => (bench::bench_cuda(args)?, args.bench.json),
             BenchCommand::Pipeline(args) => {
                 let runtime = tokio::runtime::Runtime::new()?;
                 return print_report(

@@ -29,7 +29,7 @@ use sluice_core::worker::{BatchPolicy, Delivery, Outcome, Stage};
 use sluice_core::{ReasonCode, SluiceError};
 
 use crate::breaker::{BreakerConfig, CircuitBreaker, Route};
-use crate::model::{CandleClassifier, DevicePreference, select_device};
+use crate::model::{CandleClassifier, DevicePreference, Precision, select_device};
 use crate::sagemaker::{SageMakerConfig, SageMakerFallback};
 
 /// Which model serves batches.
@@ -91,6 +91,8 @@ pub struct InferenceConfig {
     /// How long to wait for a batch to fill once its first record is in.
     pub max_wait_ms: u64,
     pub device: DevicePreference,
+    /// Number format on a GPU: f32, tf32, f16 or bf16 (the CPU computes in f32).
+    pub precision: Precision,
     /// CPU threads for model math; 0 uses every core, or half of them when every stage runs in
     /// one process (`RAYON_NUM_THREADS`, when set, wins: see `sluice_core::threads`).
     pub threads: usize,
@@ -106,6 +108,7 @@ impl Default for InferenceConfig {
             batch_size: 64,
             max_wait_ms: 20,
             device: DevicePreference::Auto,
+            precision: Precision::F32,
             threads: 0,
             backend: InferenceBackend::Candle,
             breaker: BreakerConfig::default(),
@@ -156,7 +159,9 @@ impl InferenceStage {
             (InferenceBackend::Sagemaker, Some(_)) => None,
             (InferenceBackend::Candle, _) => {
                 let (device, backend_name) = select_device(config.device);
-                match CandleClassifier::load(&bundle, device, backend_name).and_then(|c| c.warm_up().map(|()| c)) {
+                match CandleClassifier::load_at(&bundle, device, backend_name, config.precision)
+                    .and_then(|c| c.warm_up().map(|()| c))
+                {
                     Ok(classifier) => Some(Arc::new(classifier)),
                     Err(error) if fallback.is_some() => {
                         tracing::error!(%error, "Candle cannot serve; every batch goes to the SageMaker fallback");

@@ -6,7 +6,9 @@
 //! this is what ONNX Runtime does instead (docs/benchmarks.md has the figures). Other devices keep
 //! Candle's convolution, and so does training, whose weights are variables.
 
-use candle_core::{CpuStorage, CustomOp1, Device, InplaceOp1, InplaceOp2, Layout, Module, Result, Shape, Tensor};
+use candle_core::{
+    CpuStorage, CustomOp1, DType, Device, InplaceOp1, InplaceOp2, Layout, Module, Result, Shape, Tensor,
+};
 use candle_nn::Conv2d;
 use rayon::prelude::*;
 
@@ -94,12 +96,13 @@ impl GemmConv2d {
             candle_core::bail!("GemmConv2d takes dilation 1, one group");
         }
         let out_channels = conv.weight().dim(0)?;
+        // The CPU computes in f32 whatever the model was loaded in.
         let bias = match conv.bias() {
-            Some(bias) => bias.to_vec1::<f32>()?,
+            Some(bias) => bias.to_dtype(DType::F32)?.to_vec1::<f32>()?,
             None => vec![0.0; out_channels],
         };
         let window = Window { size: conv.weight().dim(2)?, stride: config.stride, padding: config.padding };
-        let gemm = GemmConv::new(conv.weight(), bias, window)?;
+        let gemm = GemmConv::new(&conv.weight().to_dtype(DType::F32)?, bias, window)?;
         Ok(Self { conv, gemm })
     }
 }

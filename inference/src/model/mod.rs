@@ -37,6 +37,40 @@ pub fn select_device(preference: DevicePreference) -> (Device, &'static str) {
     (Device::Cpu, "candle-cpu")
 }
 
+/// The number format the model computes in on a GPU (`inference.precision`). Weights are
+/// converted when the bundle loads and inputs on the device; probabilities come back as f32. The
+/// CPU always computes in f32. `sluice bench cuda` reports each one's agreement with the CPU's
+/// f32 outputs next to its speed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    #[default]
+    F32,
+    /// f32 values, matrix products on tensor cores at TF32 (10-bit mantissa inputs).
+    Tf32,
+    F16,
+    Bf16,
+}
+
+impl Precision {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::F32 => "f32",
+            Self::Tf32 => "tf32",
+            Self::F16 => "f16",
+            Self::Bf16 => "bf16",
+        }
+    }
+
+    fn dtype(self) -> DType {
+        match self {
+            Self::F32 | Self::Tf32 => DType::F32,
+            Self::F16 => DType::F16,
+            Self::Bf16 => DType::BF16,
+        }
+    }
+}
+
 /// Sizes the CPU thread pool Candle's kernels run on (rayon's global pool). It can be sized once
 /// per process, before first use; later calls fail and leave it as it is.
 pub fn use_cpu_threads(threads: usize) -> Result<(), rayon::ThreadPoolBuildError> {
@@ -55,6 +89,7 @@ pub struct CandleClassifier {
     model: Box<dyn Module + Send + Sync>,
     device: Device,
     backend: &'static str,
+    precision: Precision,
     input_shape: (usize, usize, usize),
     /// Pixels in, values out, on the device: `x / 255`, less the mean, over the std, each of
     /// shape (1, C, 1, 1).
@@ -63,7 +98,28 @@ pub struct CandleClassifier {
 }
 
 impl CandleClassifier {
+    /// The bundle's model on `device`, computing in f32.
     pub fn load(bundle: &ModelBundle, device: Device, backend: &'static str) -> Result<Self, SluiceError> {
+        Self::load_at(bundle, device, backend, Precision::F32)
+    }
+
+    /// The bundle's model on `device`, computing in `precision` there (f32 on the CPU, which is
+    /// said in the log when another was asked for). TF32 is a switch of the whole process's CUDA
+    /// matrix products: the last model loaded sets it.
+    pub fn load_at(
+        bundle: &ModelBundle,
+        device: Device,
+        backend: &'static str,
+        precision: Precision,
+    ) -> Result<Self, SluiceError> {
+        let precision = if device.is_cpu() && precision != Precision::F32 {
+            tracing::warn!(precision = precision.name(), "the CPU computes in f32");
+            Precision::F32
+        } else {
+            precision
+        };
+        candle_core::cuda::set_gemm_reduced_precision_f32(precision == Precision::Tf32);
+        let dtype = precision.dtype();
         let manifest = &bundle.manifest;
         let image = manifest.input.image.as_ref().ok_or_else(|| {
             SluiceError::permanent(ReasonCode::ModelFailure, format!("{} needs an image input spec", manifest.name))
@@ -72,7 +128,7 @@ impl CandleClassifier {
         let weights = std::fs::read(bundle.weights_path()).map_err(|e| {
             SluiceError::permanent(ReasonCode::ModelFailure, format!("{}: {e}", bundle.weights_path().display()))
         })?;
-        let vb = VarBuilder::from_buffered_safetensors(weights, DType::F32, &device).map_err(bundle_error)?;
+        let vb = VarBuilder::from_buffered_safetensors(weights, dtype, &device).map_err(bundle_error)?;
         let classes = manifest.labels.len();
         let model: Box<dyn Module + Send + Sync> = match manifest.architecture {
             Architecture::DigitsCnn => Box::new(DigitsCnn::new(vb, input_shape, classes).map_err(bundle_error)?),
@@ -86,7 +142,11 @@ impl CandleClassifier {
         let per_channel = |values: &[f32]| Tensor::from_slice(values, (1, input_shape.0, 1, 1), &device);
         let mean = per_channel(&image.mean).map_err(bundle_error)?;
         let std = per_channel(&image.std).map_err(bundle_error)?;
-        Ok(Self { model, device, backend, input_shape, mean, std })
+        Ok(Self { model, device, backend, precision, input_shape, mean, std })
+    }
+
+    pub fn precision(&self) -> Precision {
+        self.precision
     }
 
     /// `candle-cpu` or `candle-cuda`.
@@ -124,8 +184,9 @@ impl CandleClassifier {
             FeatureVector::Values(values) => Tensor::from_vec(values, shape, &self.device),
             FeatureVector::Pixels(pixels) => self.normalise(Tensor::from_vec(pixels, shape, &self.device)),
         }
+        .and_then(|xs| xs.to_dtype(self.precision.dtype()))
         .map_err(model_error)?;
-        let logits = self.model.forward(&xs).map_err(model_error)?;
+        let logits = self.model.forward(&xs).and_then(|l| l.to_dtype(DType::F32)).map_err(model_error)?;
         let probabilities = candle_nn::ops::softmax_last_dim(&logits).map_err(model_error)?;
         probabilities.to_vec2::<f32>().map_err(model_error)
     }

@@ -8,7 +8,7 @@
 //! ([`GemmConv`]); batches are run a few images at a time so that the patch matrices stay small.
 //! Other devices run Candle's convolution over the same folded weights.
 
-use candle_core::{D, Device, Module, Result, Tensor};
+use candle_core::{D, DType, Device, Module, Result, Tensor};
 use candle_nn::{Linear, VarBuilder, linear};
 
 use super::conv::{GemmConv, Planes, Window};
@@ -138,15 +138,22 @@ struct FoldedConv {
 
 impl FoldedConv {
     fn load(vb: &VarBuilder, conv: &str, bn: &str, (c_in, c_out): (usize, usize), window: Window) -> Result<Self> {
-        let weight = vb.pp(conv).get((c_out, c_in, window.size, window.size), "weight")?;
+        // Folded in f32 whatever the model computes in, then converted.
+        let f32 = |t: Result<Tensor>| t?.to_dtype(DType::F32);
+        let weight = f32(vb.pp(conv).get((c_out, c_in, window.size, window.size), "weight"))?;
         let bn = vb.pp(bn);
         let [gamma, beta, mean, var] =
-            ["weight", "bias", "running_mean", "running_var"].map(|name| bn.get(c_out, name));
+            ["weight", "bias", "running_mean", "running_var"].map(|name| f32(bn.get(c_out, name)));
         let scale = (gamma? / (var? + BN_EPS)?.sqrt()?)?;
         let weight = weight.broadcast_mul(&scale.reshape((c_out, 1, 1, 1))?)?;
         let bias = (beta? - (mean? * &scale)?)?;
         let gemm = GemmConv::new(&weight.to_device(&Device::Cpu)?, bias.to_device(&Device::Cpu)?.to_vec1()?, window)?;
-        Ok(Self { weight, bias: bias.reshape((1, c_out, 1, 1))?, window, gemm })
+        Ok(Self {
+            weight: weight.to_dtype(vb.dtype())?,
+            bias: bias.reshape((1, c_out, 1, 1))?.to_dtype(vb.dtype())?,
+            window,
+            gemm,
+        })
     }
 
     /// On the CPU: the output channel first.
