@@ -4,21 +4,20 @@
 //! Built for inference, as ONNX Runtime builds it: each batch norm is folded into the weights and
 //! bias of the convolution before it when the bundle loads. On the CPU the activations stay
 //! channel first (CNHW) from the first convolution to the pooling, each convolution is one matrix
-//! product over the whole batch, and its bias, the residual and the ReLU are one pass over it
-//! ([`GemmConv`]); batches are run a few images at a time so that the patch matrices stay small.
+//! product (im2col, then the kernel times the patches) and its bias, the residual and the ReLU
+//! one pass over that ([`GemmConv`]); a batch's images run one per task, spread over the threads,
+//! so that each image's patch matrices stay near its core's cache and no convolution waits on
+//! another thread.
 //! Other devices run Candle's convolution over the same folded weights.
 
 use candle_core::{D, DType, Device, Module, Result, Tensor};
 use candle_nn::{Linear, VarBuilder, linear};
+use rayon::prelude::*;
 
 use super::conv::{GemmConv, Planes, Window};
 
 /// torchvision's batch norm epsilon.
 const BN_EPS: f64 = 1e-5;
-/// Images run through the network at once on the CPU. The first layers' patch matrices take about
-/// 7 MiB an image: at 4 they stay near the cache; at 8 the batch ran at half the speed here
-/// (docs/benchmarks.md).
-const CPU_CHUNK: usize = 4;
 
 pub struct Resnet18 {
     stem: FoldedConv,
@@ -65,10 +64,12 @@ impl Module for Resnet18 {
     /// Logits for a (batch, 3, height, width) tensor.
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let features = if matches!(xs.device(), Device::Cpu) {
-            let batch = xs.dim(0)?;
-            let chunks = (0..batch)
-                .step_by(CPU_CHUNK)
-                .map(|start| self.forward_cpu(&xs.narrow(0, start, CPU_CHUNK.min(batch - start))?))
+            // One image per task, the images spread over the threads: each thread's convolutions
+            // run whole, with no hand-off between threads inside them. A lone image's
+            // convolutions spread over the threads instead (their own parallel loops).
+            let chunks = (0..xs.dim(0)?)
+                .into_par_iter()
+                .map(|image| self.forward_cpu(&xs.narrow(0, image, 1)?))
                 .collect::<Result<Vec<_>>>()?;
             Tensor::cat(&chunks, 0)?
         } else {
