@@ -206,3 +206,23 @@ fn bundle_error(e: impl std::fmt::Display) -> SluiceError {
 fn model_error(e: candle_core::Error) -> SluiceError {
     SluiceError::retryable(ReasonCode::ModelFailure, e.to_string())
 }
+
+#[cfg(test)]
+mod tests {
+    use candle_core::Device;
+    use sluice_core::model::ModelBundle;
+    use sluice_core::vector::FeatureVector;
+
+    use super::{CandleClassifier, Precision};
+
+    /// A reduced precision asked of the CPU computes in f32, and says so.
+    #[test]
+    fn the_cpu_computes_in_f32_whatever_is_asked() {
+        let bundle = ModelBundle::load(concat!(env!("CARGO_MANIFEST_DIR"), "/../models/digits")).unwrap();
+        let f32 = CandleClassifier::load(&bundle, Device::Cpu, "candle-cpu").unwrap();
+        let asked = CandleClassifier::load_at(&bundle, Device::Cpu, "candle-cpu", Precision::Bf16).unwrap();
+        assert_eq!(asked.precision(), Precision::F32);
+        let pixels = || FeatureVector::Pixels((0..64u8).map(|i| i * 4).collect());
+        assert_eq!(asked.predict_batch(pixels(), 1).unwrap(), f32.predict_batch(pixels(), 1).unwrap());
+    }
+}
