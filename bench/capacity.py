@@ -34,10 +34,10 @@ LAMBDA_GB_SECOND = 0.0000166667
 STEP_FUNCTIONS_TRANSITION = 0.025 / 1000
 SAGEMAKER_M5_LARGE_HOUR = 0.115
 
-# Per record, from the item sizes: a digits feature vector is 784 f32 = 3,136 B (4 WRU to write,
-# 0.5 RRU to read eventually consistently); a result (under 1 KB) is 1 WRU, doubled because it is
-# written in a transaction.
-WRU_PER_RECORD = 4 + 2
+# Per record, from the item sizes: a digits feature vector is its 784 pixels, a byte each, with a
+# 6-byte header (core/src/vector.rs): under 1 KB, 1 WRU to write and 0.5 RRU to read eventually
+# consistently; a result (under 1 KB) is 1 WRU, doubled because it is written in a transaction.
+WRU_PER_RECORD = 1 + 2
 RRU_PER_RECORD = 0.5
 
 # The seed architecture, per record: one Lambda invocation per stage (512 MB, 100 ms each), a
