@@ -319,65 +319,111 @@ pub fn bench_inference(args: &BenchInferenceArgs) -> anyhow::Result<Vec<Report>>
             progress.inc(1);
             let candle = time_candle(&classifier, &subject.batch(batch), batch, args.bench.min_seconds)?;
             let o = ort.timings.iter().find(|t| t.batch == batch).context("no ONNX Runtime timing")?;
-            rows.push(row(batch, candle, o.seconds / o.runs as f64));
+            rows.push(row(batch, candle, o.per_batch()));
         }
         reports.push(subject.report("candle-cpu", "onnxruntime-cpu", threads, error, rows));
     }
     Ok(reports)
 }
 
+/// One batch size timed by a runner script: `{"batch": B, "runs": N, "seconds": T}`, and the
+/// precision in PyTorch's.
 #[derive(Deserialize)]
-struct OrtTiming {
+struct Timing {
+    #[serde(default)]
+    precision: Option<String>,
     batch: usize,
     runs: u64,
     seconds: f64,
 }
 
+impl Timing {
+    fn per_batch(&self) -> f64 {
+        self.seconds / self.runs as f64
+    }
+}
+
+/// A baseline's side of a bench: a Python script in `bench/` that builds the same architecture
+/// from the bundle's safetensors, writes its probabilities for the first rows and prints a
+/// [`Timing`] line per batch size.
+struct Runner<'a> {
+    /// The runtime, for messages.
+    name: &'a str,
+    python: &'a str,
+    script: &'a Path,
+    /// What to do when the script is not found, and what it needs installed.
+    not_found: &'a str,
+    needs: &'a str,
+}
+
+impl Runner<'_> {
+    /// Runs the script over `subject`'s inputs at `bench`'s batch sizes, with its own `extra`
+    /// arguments; its check outputs go to `check_out`.
+    fn run(
+        &self,
+        subject: &Subject,
+        bench: &BenchArgs,
+        scratch: &Path,
+        check_out: &Path,
+        extra: &[String],
+    ) -> anyhow::Result<Vec<Timing>> {
+        let inputs_file = scratch.join("rows.f32");
+        std::fs::write(&inputs_file, f32_to_le_bytes(&subject.inputs))?;
+        ensure!(self.script.is_file(), "{} not found: {}", self.script.display(), self.not_found);
+        let batches: Vec<String> = bench.batches.iter().map(usize::to_string).collect();
+        let image = &subject.image;
+        let output = Command::new(self.python)
+            .arg(self.script)
+            .args(["--architecture", subject.architecture.name()])
+            .arg("--weights")
+            .arg(subject.bundle.weights_path())
+            .args(["--input-shape", &format!("{},{},{}", image.channels, image.height, image.width)])
+            .arg("--inputs")
+            .arg(&inputs_file)
+            .args(["--batches", &batches.join(","), "--min-seconds", &bench.min_seconds.to_string()])
+            .arg("--check-out")
+            .arg(check_out)
+            .args(extra)
+            .output()
+            .with_context(|| format!("running {} ({})", self.python, self.needs))?;
+        if !output.status.success() {
+            bail!("{} failed:\n{}", self.script.display(), String::from_utf8_lossy(&output.stderr));
+        }
+        String::from_utf8(output.stdout)?
+            .lines()
+            .map(serde_json::from_str)
+            .collect::<Result<_, _>>()
+            .with_context(|| format!("reading {}'s timings", self.name))
+    }
+
+    /// The probability rows the script wrote to `path`: `rows` of `classes` each.
+    fn probabilities(&self, path: &Path, rows: usize, classes: usize) -> anyhow::Result<Vec<Vec<f32>>> {
+        let values = f32_from_le_bytes(&std::fs::read(path)?);
+        ensure!(values.len() == rows * classes, "{} gave {} values in {}", self.name, values.len(), path.display());
+        Ok(values.chunks(classes).map(<[f32]>::to_vec).collect())
+    }
+}
+
 struct OrtRun {
     /// Probabilities of the check rows.
     check: Vec<Vec<f32>>,
-    timings: Vec<OrtTiming>,
+    timings: Vec<Timing>,
 }
 
 /// Runs `bench/ort_runner.py` over `subject`: its outputs for the check rows, and its timings.
 fn run_ort(args: &BenchInferenceArgs, threads: usize, subject: &Subject, scratch: &Path) -> anyhow::Result<OrtRun> {
-    let inputs_file = scratch.join("rows.f32");
-    std::fs::write(&inputs_file, f32_to_le_bytes(&subject.inputs))?;
+    let runner = Runner {
+        name: "ONNX Runtime",
+        python: &args.python,
+        script: &args.ort_runner,
+        not_found: "run from the repository's root, or pass --ort-runner (SLUICE_BENCH_ORT_RUNNER)",
+        needs: "pip install -r bench/requirements.txt",
+    };
     let check_file = scratch.join("check.f32");
-    let script = &args.ort_runner;
-    ensure!(
-        script.is_file(),
-        "{} not found: run from the repository's root, or pass --ort-runner (SLUICE_BENCH_ORT_RUNNER)",
-        script.display()
-    );
-    let batches: Vec<String> = args.bench.batches.iter().map(usize::to_string).collect();
-    let image = &subject.image;
-    let output = Command::new(&args.python)
-        .arg(script)
-        .args(["--architecture", subject.architecture.name()])
-        .arg("--weights")
-        .arg(subject.bundle.weights_path())
-        .args(["--input-shape", &format!("{},{},{}", image.channels, image.height, image.width)])
-        .arg("--inputs")
-        .arg(&inputs_file)
-        .args(["--threads", &threads.to_string(), "--batches", &batches.join(",")])
-        .args(["--min-seconds", &args.bench.min_seconds.to_string(), "--check-rows", &CHECK_ROWS.to_string()])
-        .arg("--check-out")
-        .arg(&check_file)
-        .output()
-        .with_context(|| format!("running {} (pip install -r bench/requirements.txt)", args.python))?;
-    if !output.status.success() {
-        bail!("{} failed:\n{}", script.display(), String::from_utf8_lossy(&output.stderr));
-    }
-    let classes = subject.bundle.manifest.labels.len();
-    let values = f32_from_le_bytes(&std::fs::read(&check_file)?);
-    ensure!(values.len() == CHECK_ROWS * classes, "ONNX Runtime gave {} values", values.len());
-    let timings = String::from_utf8(output.stdout)?
-        .lines()
-        .map(serde_json::from_str)
-        .collect::<Result<_, _>>()
-        .context("reading ONNX Runtime's timings")?;
-    Ok(OrtRun { check: values.chunks(classes).map(<[f32]>::to_vec).collect(), timings })
+    let extra = ["--threads".to_owned(), threads.to_string(), "--check-rows".to_owned(), CHECK_ROWS.to_string()];
+    let timings = runner.run(subject, &args.bench, scratch, &check_file, &extra)?;
+    let check = runner.probabilities(&check_file, CHECK_ROWS, subject.bundle.manifest.labels.len())?;
+    Ok(OrtRun { check, timings })
 }
 
 /// `sluice bench cuda`: Candle on the GPU, at each precision, against Candle on the CPU (f32,
@@ -419,9 +465,9 @@ pub fn bench_cuda(args: &BenchCudaArgs) -> anyhow::Result<Vec<Report>> {
                     let t = torch
                         .timings
                         .iter()
-                        .find(|t| t.batch == batch && t.precision == precision.name())
+                        .find(|t| t.batch == batch && t.precision.as_deref() == Some(precision.name()))
                         .context("no PyTorch timing")?;
-                    against_torch.push(row(batch, seconds, t.seconds / t.runs as f64));
+                    against_torch.push(row(batch, seconds, t.per_batch()));
                 }
             }
             let mut report = subject.report(&runtime, "candle-cpu", threads, accuracy.max_relative_error, against_cpu);
@@ -454,63 +500,31 @@ fn agreement(precision: Precision, outputs: &[Vec<f32>], reference: &[Vec<f32>])
     })
 }
 
-#[derive(Deserialize)]
-struct TorchTiming {
-    precision: String,
-    batch: usize,
-    runs: u64,
-    seconds: f64,
-}
-
 struct TorchRun {
     /// Probabilities of every input row, by precision.
     check: std::collections::BTreeMap<String, Vec<Vec<f32>>>,
-    timings: Vec<TorchTiming>,
+    timings: Vec<Timing>,
 }
 
 /// Runs `bench/torch_runner.py` over `subject` on the GPU, every precision asked for.
 fn run_torch(args: &BenchCudaArgs, subject: &Subject, scratch: &Path, rows: usize) -> anyhow::Result<TorchRun> {
-    let inputs_file = scratch.join("rows.f32");
-    std::fs::write(&inputs_file, f32_to_le_bytes(&subject.inputs))?;
+    let runner = Runner {
+        name: "PyTorch",
+        python: &args.python,
+        script: &args.torch_runner,
+        not_found: "run from the repository's root, pass --torch-runner, or --no-pytorch",
+        needs: "it needs PyTorch; or pass --no-pytorch",
+    };
     let check = scratch.join("torch-check");
-    let script = &args.torch_runner;
-    ensure!(
-        script.is_file(),
-        "{} not found: run from the repository's root, pass --torch-runner, or --no-pytorch",
-        script.display()
-    );
-    let batches: Vec<String> = args.bench.batches.iter().map(usize::to_string).collect();
     let precisions: Vec<&str> = args.precisions.iter().map(|p| p.name()).collect();
-    let image = &subject.image;
-    let output = Command::new(&args.python)
-        .arg(script)
-        .args(["--architecture", subject.architecture.name()])
-        .arg("--weights")
-        .arg(subject.bundle.weights_path())
-        .args(["--input-shape", &format!("{},{},{}", image.channels, image.height, image.width)])
-        .arg("--inputs")
-        .arg(&inputs_file)
-        .args(["--batches", &batches.join(","), "--precisions", &precisions.join(",")])
-        .args(["--min-seconds", &args.bench.min_seconds.to_string(), "--check-rows", &rows.to_string()])
-        .arg("--check-out")
-        .arg(&check)
-        .output()
-        .with_context(|| format!("running {} (it needs PyTorch; or pass --no-pytorch)", args.python))?;
-    if !output.status.success() {
-        bail!("{} failed:\n{}", script.display(), String::from_utf8_lossy(&output.stderr));
-    }
+    let extra = ["--precisions".to_owned(), precisions.join(","), "--check-rows".to_owned(), rows.to_string()];
+    let timings = runner.run(subject, &args.bench, scratch, &check, &extra)?;
     let classes = subject.bundle.manifest.labels.len();
     let mut outputs = std::collections::BTreeMap::new();
     for precision in precisions {
-        let values = f32_from_le_bytes(&std::fs::read(format!("{}-{precision}.f32", check.display()))?);
-        ensure!(values.len() == rows * classes, "PyTorch gave {} values at {precision}", values.len());
-        outputs.insert(precision.to_owned(), values.chunks(classes).map(<[f32]>::to_vec).collect());
+        let path = PathBuf::from(format!("{}-{precision}.f32", check.display()));
+        outputs.insert(precision.to_owned(), runner.probabilities(&path, rows, classes)?);
     }
-    let timings = String::from_utf8(output.stdout)?
-        .lines()
-        .map(serde_json::from_str)
-        .collect::<Result<_, _>>()
-        .context("reading PyTorch's timings")?;
     Ok(TorchRun { check: outputs, timings })
 }
 

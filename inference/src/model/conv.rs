@@ -132,16 +132,12 @@ impl CustomOp1 for Im2col {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(data) = storage else { candle_core::bail!("im2col takes f32") };
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("im2col takes a contiguous tensor")
-        };
+        let input = values(storage, layout, "im2col")?;
         let &[a, b, h, w] = layout.dims() else { candle_core::bail!("im2col takes a 4-D tensor") };
         let (n, c) = match self.planes {
             Planes::Nchw => (a, b),
             Planes::Cnhw => (b, a),
         };
-        let input = &data[start..end];
         let Window { size: k, stride: s, padding: p } = self.window;
         let (oh, ow) = (self.window.out(h), self.window.out(w));
         let positions = n * oh * ow;
@@ -175,12 +171,7 @@ impl CustomOp1 for Im2col {
                 }
             }
         };
-        // Threads pay off only on a batch's worth of work, not on one small image.
-        if cols.len() < PARALLEL_FROM {
-            cols.chunks_mut(positions).enumerate().for_each(fill);
-        } else {
-            cols.par_chunks_mut(positions).enumerate().for_each(fill);
-        }
+        for_each_run(&mut cols, positions, fill);
         Ok((CpuStorage::F32(cols), Shape::from((c * k * k, positions))))
     }
 }
@@ -206,11 +197,18 @@ impl Finish<'_> {
                 (None, false) => values.iter_mut().for_each(|v| *v += bias),
             }
         };
-        if out.len() < PARALLEL_FROM {
-            out.chunks_mut(run).enumerate().for_each(finish);
-        } else {
-            out.par_chunks_mut(run).enumerate().for_each(finish);
-        }
+        for_each_run(out, run, finish);
+    }
+}
+
+/// `f` over `values`' runs of `len`, each with its index: on one thread when there are fewer
+/// than [`PARALLEL_FROM`] values (threads pay off only on a batch's worth of work, not on one
+/// small image), else spread over the pool.
+fn for_each_run(values: &mut [f32], len: usize, f: impl Fn((usize, &mut [f32])) + Send + Sync) {
+    if values.len() < PARALLEL_FROM {
+        values.chunks_mut(len).enumerate().for_each(f);
+    } else {
+        values.par_chunks_mut(len).enumerate().for_each(f);
     }
 }
 

@@ -118,7 +118,9 @@ impl CandleClassifier {
         } else {
             precision
         };
-        candle_core::cuda::set_gemm_reduced_precision_f32(precision == Precision::Tf32);
+        if !device.is_cpu() {
+            candle_core::cuda::set_gemm_reduced_precision_f32(precision == Precision::Tf32);
+        }
         let dtype = precision.dtype();
         let manifest = &bundle.manifest;
         let image = manifest.input.image.as_ref().ok_or_else(|| {
