@@ -1,10 +1,11 @@
 //! A small CNN for 8×8 greyscale digits: two 3×3 convolutions, a 2×2 max-pool, two dense layers.
 //! No dropout: it would draw from an unseeded generator and `sluice train` must be reproducible.
 
-use candle_core::{Module, Result, Tensor};
+use candle_core::{Device, Module, Result, Tensor};
 use candle_nn::{Conv2dConfig, Linear, VarBuilder, conv2d, linear};
+use rayon::prelude::*;
 
-use super::conv::GemmConv2d;
+use super::conv::{GemmConv2d, MaxPoolFlatten, Planes};
 
 pub struct DigitsCnn {
     conv1: GemmConv2d,
@@ -31,11 +32,39 @@ impl DigitsCnn {
     }
 }
 
+/// Images a task on the CPU: a large batch runs as chunks of this many spread over the threads,
+/// each chunk's buffers small enough to stay in its core's cache.
+const CHUNK: usize = 32;
+
 impl Module for DigitsCnn {
     /// Logits for a (batch, channels, height, width) tensor.
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let xs = self.conv1.forward(xs)?.relu()?;
-        let xs = self.conv2.forward(&xs)?.relu()?.max_pool2d(2)?.flatten_from(1)?;
+        let batch = xs.dim(0)?;
+        if batch <= CHUNK || !matches!(xs.device(), Device::Cpu) {
+            return self.forward_chunk(xs);
+        }
+        let chunks = (0..batch.div_ceil(CHUNK))
+            .into_par_iter()
+            .map(|chunk| self.forward_chunk(&xs.narrow(0, chunk * CHUNK, CHUNK.min(batch - chunk * CHUNK))?))
+            .collect::<Result<Vec<_>>>()?;
+        Tensor::cat(&chunks, 0)
+    }
+}
+
+impl DigitsCnn {
+    fn forward_chunk(&self, xs: &Tensor) -> Result<Tensor> {
+        let xs = match (self.conv1.cpu_gemm(xs), self.conv2.cpu_gemm(xs)) {
+            // On the CPU the activations stay channel first from one convolution to the next
+            // and into the pooling, each ReLU in the pass that adds the bias.
+            (Some(conv1), Some(conv2)) => {
+                let xs = conv1.forward(xs, Planes::Nchw, None, true)?;
+                conv2.forward(&xs, Planes::Cnhw, None, true)?.apply_op1_no_bwd(&MaxPoolFlatten)?
+            }
+            _ => {
+                let xs = self.conv1.forward(xs)?.relu()?;
+                self.conv2.forward(&xs)?.relu()?.max_pool2d(2)?.flatten_from(1)?
+            }
+        };
         let xs = self.fc1.forward(&xs)?.relu()?;
         self.fc2.forward(&xs)
     }

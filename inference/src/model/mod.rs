@@ -3,6 +3,7 @@
 mod conv;
 mod digits_cnn;
 mod resnet18;
+mod winograd;
 
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::VarBuilder;
