@@ -19,8 +19,7 @@ fn demo_runs_end_to_end_on_aws_and_batches_its_requests() {
             .args(["demo", "--backend", "aws", "--prefix", &prefix, "--json"]),
     );
     assert!(summary["accuracy"].as_f64().unwrap() >= 0.97);
-    let per_record = summary["aws_requests_per_record"].as_f64().unwrap();
-    assert!(per_record <= 1.5, "{per_record} AWS requests per record: {}", summary["aws_requests"]);
+    assert_requests_per_record(&summary);
     // Capture goes out a chunk at a time: a handful of objects, never one per record.
     let stored = summary["results"].as_u64().unwrap() + summary["review"].as_u64().unwrap();
     let puts = summary["aws_requests"]["S3.PutObject"].as_u64().unwrap_or(0);
@@ -81,9 +80,19 @@ fn resnet_sized_images_cost_no_s3_round_trip_per_record() {
     // batch, not a request per record.
     let feature_store = count("DynamoDB.BatchWriteItem") + count("DynamoDB.BatchGetItem");
     assert!(feature_store * 10 <= stored, "{feature_store} feature store requests for {stored} records: {requests}");
-    // The requests that move records: queue sends, receives and deletes, feature store and
-    // results writes, capture. With vectors in S3 this was over 3 per record; now ≤ 1.2 as with
-    // digits. (Receives include the idle long polls of waiting stages.)
+    assert_requests_per_record(&summary);
+}
+
+/// The requests that move records (queue sends, receives and deletes, feature store and results
+/// writes, capture) stay at most 1.2 per record: with vectors in S3 a ResNet-sized record cost
+/// over 3. (Receives include the idle long polls of waiting stages.) The rest grows with time,
+/// not records (lease renewals and scans, shard reads, queue depth samples): on a slow machine
+/// or with a CPU ResNet-18 the run is long, so all requests are held to 2 per record
+/// (docs/benchmarks.md: 1.24 for digits and 1.47 for ResNet-18 on one VM, 1.53 for digits on a
+/// slower one).
+fn assert_requests_per_record(summary: &serde_json::Value) {
+    let requests = &summary["aws_requests"];
+    let count = |op: &str| requests[op].as_u64().unwrap_or(0);
     let moving: u64 = [
         "SQS.SendMessageBatch",
         "SQS.ReceiveMessage",
@@ -100,8 +109,6 @@ fn resnet_sized_images_cost_no_s3_round_trip_per_record() {
     .sum();
     let records_in = summary["records_in"].as_u64().unwrap();
     assert!(moving as f64 <= 1.2 * records_in as f64, "{moving} requests moved {records_in} records: {requests}");
-    // The rest grows with time, not records (lease renewals and scans, shard reads, queue depth
-    // samples): a CPU ResNet-18 keeps this run long (docs/benchmarks.md). 1.47 here.
     let per_record = summary["aws_requests_per_record"].as_f64().unwrap();
     assert!(per_record <= 2.0, "{per_record} AWS requests per record: {requests}");
 }
