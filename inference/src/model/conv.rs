@@ -32,6 +32,24 @@ pub(crate) enum Planes {
     Cnhw,
 }
 
+impl Planes {
+    /// (images, channels) of a 4-D tensor whose first two dimensions are `a`, `b`.
+    pub(crate) fn images_channels(self, a: usize, b: usize) -> (usize, usize) {
+        match self {
+            Planes::Nchw => (a, b),
+            Planes::Cnhw => (b, a),
+        }
+    }
+
+    /// Where (image, channel)'s plane lies among the `n·c` planes.
+    pub(crate) fn plane(self, image: usize, channel: usize, n: usize, c: usize) -> usize {
+        match self {
+            Planes::Nchw => image * c + channel,
+            Planes::Cnhw => channel * n + image,
+        }
+    }
+}
+
 /// Square kernel, stride and zero padding of a convolution.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Window {
@@ -85,9 +103,8 @@ impl GemmConv {
             return winograd.forward(xs, planes, residual, finish);
         }
         let cols = xs.apply_op1_no_bwd(&Im2col { window: self.window, planes })?;
-        let (n, h, w) = match (planes, xs.dims4()?) {
-            (Planes::Nchw, (n, _, h, w)) | (Planes::Cnhw, (_, n, h, w)) => (n, h, w),
-        };
+        let (a, b, h, w) = xs.dims4()?;
+        let (n, _) = planes.images_channels(a, b);
         // (O, C·K·K) × (C·K·K, N·OH·OW): every output channel of every image in one product.
         let out = self.kernel.matmul(&cols)?;
         let out = out.reshape((self.bias.len(), n, self.window.out(h), self.window.out(w)))?;
@@ -189,17 +206,11 @@ impl CustomOp1 for Im2col {
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let input = values(storage, layout, "im2col")?;
         let &[a, b, h, w] = layout.dims() else { candle_core::bail!("im2col takes a 4-D tensor") };
-        let (n, c) = match self.planes {
-            Planes::Nchw => (a, b),
-            Planes::Cnhw => (b, a),
-        };
+        let (n, c) = self.planes.images_channels(a, b);
         let Window { size: k, stride: s, padding: p } = self.window;
         let (oh, ow) = (self.window.out(h), self.window.out(w));
         let positions = n * oh * ow;
-        let plane = |image: usize, channel: usize| match self.planes {
-            Planes::Nchw => image * c + channel,
-            Planes::Cnhw => channel * n + image,
-        };
+        let plane = |image: usize, channel: usize| self.planes.plane(image, channel, n, c);
         let mut cols = vec![0.0f32; c * k * k * positions];
         let fill = |(tap, row): (usize, &mut [f32])| {
             let (channel, ky, kx) = (tap / (k * k), tap / k % k, tap % k);

@@ -70,9 +70,8 @@ impl Winograd {
         residual: Option<&Tensor>,
         finish: Finish,
     ) -> Result<Tensor> {
-        let (n, h, w) = match (planes, xs.dims4()?) {
-            (Planes::Nchw, (n, _, h, w)) | (Planes::Cnhw, (_, n, h, w)) => (n, h, w),
-        };
+        let (a, b, h, w) = xs.dims4()?;
+        let (n, _) = planes.images_channels(a, b);
         let tiles = xs.apply_op1_no_bwd(&InputTransform { planes })?;
         // 16 products (O, C) × (C, tiles) in one batched call.
         let product = self.kernel.matmul(&tiles)?;
@@ -103,19 +102,10 @@ impl CustomOp1 for InputTransform {
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let input = values(storage, layout, "winograd-input")?;
         let &[a, b, h, w] = layout.dims() else { candle_core::bail!("winograd-input takes a 4-D tensor") };
-        let (n, c) = match self.planes {
-            Planes::Nchw => (a, b),
-            Planes::Cnhw => (b, a),
-        };
+        let (n, c) = self.planes.images_channels(a, b);
         let (th, tw) = (tiles(h), tiles(w));
         let count = n * th * tw;
-        let plane = |image: usize, channel: usize| {
-            let index = match self.planes {
-                Planes::Nchw => image * c + channel,
-                Planes::Cnhw => channel * n + image,
-            };
-            &input[index * h * w..][..h * w]
-        };
+        let plane = |image: usize, channel: usize| &input[self.planes.plane(image, channel, n, c) * h * w..][..h * w];
         let mut v = vec![0.0f32; 16 * c * count];
         // Each channel's 16 rows, one in each of V's 16 planes, so that a channel's tiles are
         // read once and all its rows written by the one task.
