@@ -334,6 +334,10 @@ pub struct Worker {
     backend: Backend,
     config: WorkerConfig,
     heartbeat_every: Duration,
+    /// The longest a batch is filled after its first delivery: a quarter of the visibility
+    /// timeout, so that the heartbeat, every half of it once work starts, comes before what
+    /// was received first becomes visible to other workers.
+    fill_within: Duration,
     /// Told once the first receive has worked (store reachable, leases taken).
     health: Option<Health>,
     /// Cancelled when the grace period is nearly up: the batch in hand is handed back unfinished.
@@ -364,6 +368,7 @@ impl Worker {
             backend,
             config,
             heartbeat_every: Duration::from_millis((store.visibility_timeout_ms / 2).max(1)),
+            fill_within: Duration::from_millis(store.visibility_timeout_ms / 4),
             health: None,
             abandon: CancellationToken::new(),
             queue_system,
@@ -569,11 +574,14 @@ impl Worker {
         }
         // While receives come back full there is a backlog, and filling the batch costs no
         // waiting: keep receiving (fuller batches mean fewer downstream requests). Once one comes
-        // back short, wait for more only until `max_wait` is up.
-        let deadline = tokio::time::Instant::now() + policy.max_wait;
+        // back short, wait for more only until `max_wait` is up. Either way filling stops at
+        // `fill_within` (a slow store must not keep the batch in hand past its visibility) and
+        // when the worker is told to stop (what is in hand is finished within the grace).
+        let started = tokio::time::Instant::now();
+        let deadline = started + policy.max_wait;
         let mut largest = batch.len();
         let mut backlog = true;
-        while batch.len() < policy.max_size {
+        while batch.len() < policy.max_size && !shutdown.is_cancelled() && started.elapsed() < self.fill_within {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
             if left.is_zero() && !backlog {
                 break;

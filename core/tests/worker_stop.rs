@@ -1,15 +1,19 @@
 //! A worker told to stop while a batch is still being processed, once its grace period is
 //! nearly up, hands the batch back at once (visible again, not after a visibility timeout) and
-//! stops; nothing is acknowledged that was not done.
+//! stops; nothing is acknowledged that was not done. One told to stop while it fills a batch
+//! from a slow store stops filling and finishes what it holds; filling never outlasts a quarter
+//! of the visibility timeout.
 
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use sluice_core::backend::{Backend, OutgoingMessage};
+use sluice_core::backend::{Backend, OutgoingMessage, Receipt};
 use sluice_core::config::{StoreConfig, WorkerConfig};
+use sluice_core::error::Result;
 use sluice_core::topology::{QueueName, StageName};
-use sluice_core::worker::{BatchPolicy, Delivery, Outcome, QueueSource, Stage, Worker};
+use sluice_core::worker::{BatchPolicy, Delivery, Origin, Outcome, QueueSource, Source, Stage, Worker};
 use tokio_util::sync::CancellationToken;
 
 /// A stage that never finishes a batch (a model call that hangs).
@@ -63,4 +67,111 @@ async fn an_unfinished_batch_is_handed_back_when_the_grace_period_runs_out() {
     assert_eq!(report.handled, 0);
     let depth = queue.depth().await.unwrap();
     assert_eq!((depth.visible, depth.in_flight), (3, 0), "handed back, visible at once");
+}
+
+/// A deep backlog behind a slow store: every receive takes `delay` and comes back full (ten,
+/// as SQS's most). Counts what it handed out and what was acknowledged.
+struct SlowBacklog {
+    delay: Duration,
+    received: Arc<AtomicUsize>,
+    acknowledged: Arc<AtomicUsize>,
+}
+
+#[async_trait]
+impl Source for SlowBacklog {
+    async fn receive(&mut self, max: usize, _wait: Duration) -> Result<Vec<Delivery>> {
+        tokio::time::sleep(self.delay).await;
+        let first = self.received.fetch_add(max.min(10), Ordering::SeqCst);
+        Ok((first..first + max.min(10))
+            .map(|i| Delivery {
+                body: Vec::new(),
+                attributes: Default::default(),
+                receive_count: 1,
+                origin: Origin::Queue(Receipt(i.to_string())),
+            })
+            .collect())
+    }
+
+    async fn settle(&mut self, done: &[&Origin], retry: &[&Origin], _retry_delay: Duration) -> Result<()> {
+        assert!(retry.is_empty());
+        self.acknowledged.fetch_add(done.len(), Ordering::SeqCst);
+        Ok(())
+    }
+
+    async fn heartbeat(&mut self, _in_flight: &[&Origin]) -> Result<()> {
+        Ok(())
+    }
+
+    async fn close(&mut self) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// Takes batches of up to 1,000 and handles each delivery, noting the batch sizes.
+struct Handles(Mutex<Vec<usize>>);
+
+#[async_trait]
+impl Stage for Handles {
+    fn name(&self) -> StageName {
+        StageName::Results
+    }
+
+    fn batch_policy(&self) -> BatchPolicy {
+        BatchPolicy::up_to(1_000).waiting(Duration::from_millis(20))
+    }
+
+    async fn process(&self, batch: &[Delivery]) -> Vec<Outcome> {
+        self.0.lock().unwrap().push(batch.len());
+        batch.iter().map(|_| Outcome::Forward(Vec::new())).collect()
+    }
+}
+
+/// Runs `Handles` on a `SlowBacklog` (receives of `delay`) under `store`'s visibility timeout
+/// until `stop_after`, and says how long the stop took, the batch sizes, and what was received
+/// and acknowledged.
+async fn fill_slowly(
+    visibility_ms: u64,
+    delay: Duration,
+    stop_after: Duration,
+) -> (Duration, Vec<usize>, usize, usize) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = StoreConfig {
+        path: dir.path().join("s.sqlite"),
+        visibility_timeout_ms: visibility_ms,
+        ..StoreConfig::default()
+    };
+    let backend = Backend::open(&store).await.unwrap();
+    let (received, acknowledged) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let source = SlowBacklog { delay, received: Arc::clone(&received), acknowledged: Arc::clone(&acknowledged) };
+    let stage = Arc::new(Handles(Mutex::new(Vec::new())));
+    let worker = Worker::new(stage.clone(), Box::new(source), backend, WorkerConfig::default(), &store);
+    let shutdown = CancellationToken::new();
+    let running = tokio::spawn(worker.run(shutdown.clone()));
+    tokio::time::sleep(stop_after).await;
+    shutdown.cancel();
+    let stopping = Instant::now();
+    tokio::time::timeout(Duration::from_secs(10), running).await.unwrap().unwrap().unwrap();
+    let batches = stage.0.lock().unwrap().clone();
+    (stopping.elapsed(), batches, received.load(Ordering::SeqCst), acknowledged.load(Ordering::SeqCst))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_worker_stops_filling_its_batch_and_finishes_what_it_holds() {
+    // A visibility timeout long enough not to cut the filling short: only the stop does.
+    let (took, batches, received, acknowledged) =
+        fill_slowly(600_000, Duration::from_millis(100), Duration::from_millis(550)).await;
+    assert!(took < Duration::from_millis(500), "stopped filling at once, took {took:?}");
+    assert_eq!(batches.len(), 1, "{batches:?}");
+    assert!(batches[0] < 1_000, "the batch was not filled to its size: {batches:?}");
+    assert_eq!((received, acknowledged), (batches[0], batches[0]), "all it held was handled and acknowledged");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn filling_a_batch_stops_at_a_quarter_of_the_visibility_timeout() {
+    // 100 receives of 10 ms would fill the batch in a second; the visibility allows 200 ms.
+    let (_, batches, received, acknowledged) =
+        fill_slowly(800, Duration::from_millis(10), Duration::from_millis(1_000)).await;
+    assert!(batches.len() >= 2, "{batches:?}");
+    assert!(batches.iter().all(|&n| n < 1_000), "each batch went to work before it was full: {batches:?}");
+    assert_eq!(received, acknowledged);
 }

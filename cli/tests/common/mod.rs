@@ -27,12 +27,13 @@ pub fn model_dir() -> PathBuf {
 
 /// What every process a test starts shares: the shipped model bundle, a grace period, logs.
 /// Health endpoints are off: tests run many workers on one host at once, and those that probe
-/// them choose free ports.
+/// them choose free ports. Their log filter is `info`, or `SLUICE_TEST_WORKER_LOG` when set
+/// (e.g. `info,sluice_core=debug,aws_smithy_runtime=debug` to see a stuck worker's requests).
 fn base_env(cmd: &mut Command) -> &mut Command {
     cmd.env("SLUICE__MODEL__DIR", model_dir())
         .env("SLUICE__WORKER__SHUTDOWN_GRACE_MS", "10000")
         .env("SLUICE__TELEMETRY__PORT", "0")
-        .env("RUST_LOG", "info")
+        .env("RUST_LOG", std::env::var("SLUICE_TEST_WORKER_LOG").as_deref().unwrap_or("info"))
 }
 
 /// Environment every process of an embedded-store test shares: short timeouts so a killed
