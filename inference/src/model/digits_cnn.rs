@@ -32,7 +32,7 @@ impl DigitsCnn {
     }
 }
 
-/// Images a task on the CPU: a large batch runs as chunks of this many spread over the threads,
+/// The most images a task takes on the CPU: a batch runs as chunks spread over the threads,
 /// each chunk's buffers small enough to stay in its core's cache.
 const CHUNK: usize = 32;
 
@@ -40,12 +40,15 @@ impl Module for DigitsCnn {
     /// Logits for a (batch, channels, height, width) tensor.
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let batch = xs.dim(0)?;
-        if batch <= CHUNK || !matches!(xs.device(), Device::Cpu) {
+        // At least a chunk per thread: the matrices of a few images are too small for the
+        // matrix product to share among threads without costing more than it saves.
+        let chunk = CHUNK.min(batch.div_ceil(rayon::current_num_threads()));
+        if chunk >= batch || !matches!(xs.device(), Device::Cpu) {
             return self.forward_chunk(xs);
         }
-        let chunks = (0..batch.div_ceil(CHUNK))
+        let chunks = (0..batch.div_ceil(chunk))
             .into_par_iter()
-            .map(|chunk| self.forward_chunk(&xs.narrow(0, chunk * CHUNK, CHUNK.min(batch - chunk * CHUNK))?))
+            .map(|i| self.forward_chunk(&xs.narrow(0, i * chunk, chunk.min(batch - i * chunk))?))
             .collect::<Result<Vec<_>>>()?;
         Tensor::cat(&chunks, 0)
     }
