@@ -579,10 +579,11 @@ impl Worker {
         // when the worker is told to stop (what is in hand is finished within the grace).
         let started = tokio::time::Instant::now();
         let deadline = started + policy.max_wait;
+        let fill_by = started + self.fill_within;
         let mut largest = batch.len();
         let mut backlog = true;
-        while batch.len() < policy.max_size && !shutdown.is_cancelled() && started.elapsed() < self.fill_within {
-            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        while batch.len() < policy.max_size && !shutdown.is_cancelled() && tokio::time::Instant::now() < fill_by {
+            let left = deadline.min(fill_by).saturating_duration_since(tokio::time::Instant::now());
             if left.is_zero() && !backlog {
                 break;
             }

@@ -437,7 +437,7 @@ mod tests {
         let channel_first = |t: &Tensor| t.permute((1, 0, 2, 3)).unwrap().contiguous().unwrap();
         let got = conv.forward(&channel_first(&xs), Planes::Cnhw, Some(&channel_first(&residual)), true).unwrap();
         let worst = worst(&got, &channel_first(&want));
-        assert!(worst < 1e-5, "{window:?} on {side}-high images: differs by {worst}");
+        assert!(worst < 1e-4, "{window:?} on {side}-high images: differs by {worst}");
     }
 
     #[test]

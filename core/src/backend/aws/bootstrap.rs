@@ -36,7 +36,9 @@ pub async fn bootstrap(config: &StoreConfig) -> Result<Bootstrapped> {
     create_stream(&clients.kinesis, &names.stream(), config.shards.max(1) as i32).await?;
 
     // DLQs first: the work queues' redrive policies name them.
-    let visibility = (config.visibility_timeout_ms / 1000).max(1).to_string();
+    // Whole seconds on SQS, rounded up: the workers time their heartbeats by the configured
+    // value, so the queue must not let a message go sooner.
+    let visibility = config.visibility_timeout_ms.div_ceil(1000).max(1).to_string();
     let order = [
         QueueName::IngestDlq,
         QueueName::FeaturesDlq,
