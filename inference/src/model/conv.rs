@@ -215,15 +215,13 @@ impl CustomOp1 for Im2col {
         // Where a channel's planes lie one after another (channel first, or one channel) and
         // the convolution keeps the image's size, a tap's row is that whole block shifted.
         let adjacent = self.planes == Planes::Cnhw || c == 1;
-        if adjacent && s == 1 && (oh, ow) == (h, w) {
-            for_each_run(&mut cols, positions, |(tap, row)| {
-                let (channel, ky, kx) = (tap / (k * k), tap / k % k, tap % k);
-                shifted_block(row, &input[plane(0, channel) * h * w..][..positions], (h, w), (ky, kx), p);
-            });
-            return Ok((CpuStorage::F32(cols), Shape::from((c * k * k, positions))));
-        }
+        let shifted = adjacent && s == 1 && (oh, ow) == (h, w);
         let fill = |(tap, row): (usize, &mut [f32])| {
             let (channel, ky, kx) = (tap / (k * k), tap / k % k, tap % k);
+            if shifted {
+                shifted_block(row, &input[plane(0, channel) * h * w..][..positions], (h, w), (ky, kx), p);
+                return;
+            }
             // Output columns x whose input column x·s + kx − p lies inside the image.
             let x_from = p.saturating_sub(kx).div_ceil(s);
             let x_to = (w + p).saturating_sub(kx).div_ceil(s).min(ow);
