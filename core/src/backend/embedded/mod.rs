@@ -2,6 +2,11 @@
 //! processes at once. SQLite serialises writers; each operation is one short transaction, and
 //! `BEGIN IMMEDIATE` takes the write lock up front so concurrent receivers never hand out the
 //! same message twice.
+//!
+//! Within one process every handle on a file shares one connection (its page cache stays warm,
+//! and stages take turns on a mutex instead of SQLite's sleeping busy handler), and a thread of
+//! its own copies the write-ahead log into the database file (checkpoints), so that no writer
+//! waits for that copy and its file syncs.
 
 mod blobs;
 mod capture;
@@ -9,8 +14,10 @@ mod queue;
 mod stores;
 mod stream;
 
-use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::{Arc, LazyLock, Mutex, Weak};
 use std::time::Duration;
 
 use rusqlite::{Connection, ErrorCode, OpenFlags};
@@ -24,7 +31,8 @@ pub use queue::EmbeddedQueue;
 
 const SCHEMA: &str = include_str!("schema.sql");
 
-/// A handle on the store file. Cheap to clone; clones share one connection.
+/// A handle on the store file. Cheap to clone; every handle on one file in a process shares one
+/// connection.
 #[derive(Clone)]
 pub struct EmbeddedStore {
     db: Db,
@@ -73,37 +81,56 @@ impl super::RequestLedger for NoRequests {
     }
 }
 
-/// One SQLite connection, used from blocking threads so async workers never stall on a lock.
+/// The connection to one store file that every handle in the process shares, used from blocking
+/// threads so async workers never stall on a lock.
 #[derive(Clone)]
 pub(crate) struct Db {
-    conn: Arc<Mutex<Connection>>,
+    shared: Arc<Shared>,
 }
+
+struct Shared {
+    conn: Mutex<Connection>,
+    /// Dropped with the last handle, which stops the checkpoint thread.
+    _checkpoints: mpsc::Sender<()>,
+}
+
+/// The open store files of this process, by absolute path.
+static OPEN: LazyLock<Mutex<HashMap<PathBuf, Weak<Shared>>>> = LazyLock::new(Mutex::default);
+
+/// How often the checkpoint thread copies what the log holds into the database file.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
+
+/// A writer checkpoints by itself only past this many log pages (256 MiB of 4 KiB pages): a
+/// backstop for when no checkpoint thread keeps up, so the log cannot grow without end.
+const WRITER_CHECKPOINT_PAGES: i64 = 65_536;
+
+/// Past this many pages (64 MiB) the checkpoint thread also starts the log over from its
+/// beginning, which holds writers up while it waits for readers of the old end (at most
+/// `RESTART_WAIT`); below it, a passive checkpoint holds nobody up.
+const RESTART_PAST_PAGES: i64 = 16_384;
+const RESTART_WAIT: Duration = Duration::from_millis(100);
 
 impl Db {
     fn open(config: &StoreConfig) -> Result<Self> {
+        let unavailable = |e: std::io::Error| {
+            SluiceError::permanent(ReasonCode::StoreUnavailable, format!("{}: {e}", config.path.display()))
+        };
         if let Some(parent) = config.path.parent().filter(|p| !p.as_os_str().is_empty()) {
-            std::fs::create_dir_all(parent).map_err(|e| {
-                SluiceError::permanent(ReasonCode::StoreUnavailable, format!("{}: {e}", parent.display()))
-            })?;
+            std::fs::create_dir_all(parent).map_err(unavailable)?;
         }
-        let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
-        let mut conn = Connection::open_with_flags(&config.path, flags).map_err(classify)?;
-        conn.busy_timeout(Duration::from_millis(config.busy_timeout_ms)).map_err(classify)?;
-        // WAL lets readers run beside the one writer. NORMAL syncs at checkpoints, not every
-        // commit: a killed process loses nothing committed; only power loss can lose the last
-        // commits.
-        conn.pragma_update(None, "journal_mode", "WAL").map_err(classify)?;
-        conn.pragma_update(None, "synchronous", "NORMAL").map_err(classify)?;
-        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).map_err(classify)?;
-        tx.execute_batch(SCHEMA).map_err(classify)?;
-        let existing: i64 = tx.query_row("SELECT COUNT(*) FROM stream_shards", [], |r| r.get(0)).map_err(classify)?;
-        if existing == 0 {
-            for shard in 0..config.shards.max(1) {
-                tx.execute("INSERT INTO stream_shards (shard) VALUES (?1)", [shard]).map_err(classify)?;
-            }
+        let key = std::path::absolute(&config.path).map_err(unavailable)?;
+        let mut open = OPEN.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        open.retain(|_, shared| shared.strong_count() > 0);
+        if let Some(shared) = open.get(&key).and_then(Weak::upgrade) {
+            return Ok(Self { shared });
         }
-        tx.commit().map_err(classify)?;
-        Ok(Self { conn: Arc::new(Mutex::new(conn)) })
+        let conn = connect(config)?;
+        let checkpointer = connect(config)?;
+        checkpointer.busy_timeout(RESTART_WAIT).map_err(classify)?;
+        let checkpoints = spawn_checkpoints(checkpointer);
+        let shared = Arc::new(Shared { conn: Mutex::new(conn), _checkpoints: checkpoints });
+        open.insert(key, Arc::downgrade(&shared));
+        Ok(Self { shared })
     }
 
     /// Runs `f` on the connection on a blocking thread.
@@ -112,9 +139,9 @@ impl Db {
         T: Send + 'static,
         F: FnOnce(&mut Connection) -> rusqlite::Result<T> + Send + 'static,
     {
-        let conn = Arc::clone(&self.conn);
+        let shared = Arc::clone(&self.shared);
         tokio::task::spawn_blocking(move || {
-            let mut guard = conn.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            let mut guard = shared.conn.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
             f(&mut guard)
         })
         .await
@@ -136,6 +163,70 @@ impl Db {
         })
         .await
     }
+}
+
+/// Opens a connection in WAL mode and creates the schema where it is missing.
+fn connect(config: &StoreConfig) -> Result<Connection> {
+    let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    let mut conn = Connection::open_with_flags(&config.path, flags).map_err(classify)?;
+    conn.busy_timeout(Duration::from_millis(config.busy_timeout_ms)).map_err(classify)?;
+    // WAL lets readers run beside the one writer. NORMAL syncs at checkpoints, not every
+    // commit: a killed process loses nothing committed; only power loss can lose the last
+    // commits.
+    conn.pragma_update(None, "journal_mode", "WAL").map_err(classify)?;
+    conn.pragma_update(None, "synchronous", "NORMAL").map_err(classify)?;
+    conn.pragma_update(None, "wal_autocheckpoint", WRITER_CHECKPOINT_PAGES).map_err(classify)?;
+    // 64 MiB of page cache (negative: KiB), against SQLite's 2 MiB: the queues' and tables'
+    // hot pages stay in memory.
+    conn.pragma_update(None, "cache_size", -65_536).map_err(classify)?;
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).map_err(classify)?;
+    tx.execute_batch(SCHEMA).map_err(classify)?;
+    let existing: i64 = tx.query_row("SELECT COUNT(*) FROM stream_shards", [], |r| r.get(0)).map_err(classify)?;
+    if existing == 0 {
+        for shard in 0..config.shards.max(1) {
+            tx.execute("INSERT INTO stream_shards (shard) VALUES (?1)", [shard]).map_err(classify)?;
+        }
+    }
+    tx.commit().map_err(classify)?;
+    Ok(conn)
+}
+
+/// Checkpoints on a thread and connection of their own until the returned sender is dropped.
+///
+/// A checkpoint copies the log's pages into the database file and syncs both; left to the
+/// writers (SQLite's default, every 1,000 pages), the writer whose commit crosses the mark does
+/// it while every other stage waits on the connection — two thirds of the cost of a write here.
+/// A passive checkpoint runs beside the writers.
+fn spawn_checkpoints(conn: Connection) -> mpsc::Sender<()> {
+    let (stop, stopped) = mpsc::channel::<()>();
+    std::thread::Builder::new()
+        .name("sluice-checkpoint".to_owned())
+        .spawn(move || {
+            loop {
+                let last = matches!(stopped.recv_timeout(CHECKPOINT_EVERY), Err(RecvTimeoutError::Disconnected));
+                match checkpoint(&conn, "PASSIVE") {
+                    // Under a steady load a passive checkpoint never catches up with the end of
+                    // the log, so the log never starts over; now and then start it over.
+                    Ok(log_pages) if log_pages > RESTART_PAST_PAGES => {
+                        if let Err(e) = checkpoint(&conn, "RESTART") {
+                            tracing::debug!(error = %e, "restarting the log failed; trying again");
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::debug!(error = %e, "checkpoint failed; trying again"),
+                }
+                if last {
+                    return;
+                }
+            }
+        })
+        .expect("a thread can be started");
+    stop
+}
+
+/// Runs one checkpoint; returns the pages the log held.
+fn checkpoint(conn: &Connection, mode: &str) -> rusqlite::Result<i64> {
+    conn.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |r| r.get(1))
 }
 
 /// Every SQLite failure is worth retrying: locks clear, disks get space back. A malformed

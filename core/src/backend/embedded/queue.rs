@@ -54,7 +54,7 @@ impl EmbeddedQueue {
                 let mut out = Vec::new();
                 let mut select = tx.prepare_cached(
                     "SELECT id, body, attributes, receive_count, sent_at_ms, first_received_ms, dedup_key \
-                     FROM messages WHERE queue = ?1 AND visible_at_ms <= ?2 ORDER BY id LIMIT ?3",
+                     FROM messages WHERE queue = ?1 AND visible_at_ms <= ?2 ORDER BY visible_at_ms, id LIMIT ?3",
                 )?;
                 let mut received = tx.prepare_cached(
                     "UPDATE messages SET receive_count = ?1, visible_at_ms = ?2, \
