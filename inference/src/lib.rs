@@ -5,6 +5,7 @@
 //! breaker has opened on failures or latency) and a SageMaker XGBoost endpoint is configured, the
 //! same vectors go there instead. `backend = "sagemaker"` sends every batch there.
 
+pub mod batch_size;
 pub mod breaker;
 pub mod model;
 pub mod sagemaker;
@@ -28,6 +29,7 @@ use sluice_core::vector::FeatureVector;
 use sluice_core::worker::{BatchPolicy, Delivery, Outcome, Stage};
 use sluice_core::{ReasonCode, SluiceError};
 
+use crate::batch_size::BatchSizer;
 use crate::breaker::{BreakerConfig, CircuitBreaker, Route};
 use crate::model::{CandleClassifier, DevicePreference, Precision, select_device};
 use crate::sagemaker::{SageMakerConfig, SageMakerFallback};
@@ -88,6 +90,9 @@ pub struct InjectFailures {
 pub struct InferenceConfig {
     /// Most records in one model call.
     pub batch_size: usize,
+    /// The time each model call is sized for: the stage times the model as it runs and takes
+    /// no more records per batch than fit (never more than `batch_size`; 0: always `batch_size`).
+    pub batch_target_ms: u64,
     /// How long to wait for a batch to fill once its first record is in.
     pub max_wait_ms: u64,
     pub device: DevicePreference,
@@ -105,7 +110,8 @@ pub struct InferenceConfig {
 impl Default for InferenceConfig {
     fn default() -> Self {
         Self {
-            batch_size: 64,
+            batch_size: 256,
+            batch_target_ms: 2_000,
             max_wait_ms: 20,
             device: DevicePreference::Auto,
             precision: Precision::F32,
@@ -133,6 +139,7 @@ pub struct InferenceStage {
     classifier: Option<Arc<CandleClassifier>>,
     fallback: Option<SageMakerFallback>,
     breaker: CircuitBreaker,
+    batch_size: BatchSizer,
     model_batches: AtomicU64,
     features: Arc<dyn FeatureStore>,
 }
@@ -180,6 +187,7 @@ impl InferenceStage {
         );
         Ok(Self {
             breaker: CircuitBreaker::new(config.breaker.clone()),
+            batch_size: BatchSizer::new(config.batch_size, Duration::from_millis(config.batch_target_ms)),
             config,
             manifest: bundle.manifest,
             classifier,
@@ -217,6 +225,9 @@ impl InferenceStage {
         let keep = self.fallback.as_ref().map(|_| inputs.clone());
         let result = self.run_candle(classifier, inputs, rows).await;
         self.breaker.record(route, result.is_ok(), started.elapsed());
+        if result.is_ok() {
+            self.batch_size.observe(rows, started.elapsed());
+        }
         let served = || Served {
             model: self.manifest.name.clone(),
             version: self.manifest.version.clone(),
@@ -270,7 +281,7 @@ impl Stage for InferenceStage {
     }
 
     fn batch_policy(&self) -> BatchPolicy {
-        BatchPolicy::up_to(self.config.batch_size).waiting(Duration::from_millis(self.config.max_wait_ms))
+        BatchPolicy::up_to(self.batch_size.size()).waiting(Duration::from_millis(self.config.max_wait_ms))
     }
 
     async fn process(&self, batch: &[Delivery]) -> Vec<Outcome> {
