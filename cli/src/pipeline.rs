@@ -41,7 +41,7 @@ pub async fn run_all(
     let store = settings.store()?;
     let mut workers = JoinSet::new();
     for stage_name in StageName::ALL {
-        // One connection per stage, as separate processes would have.
+        // A handle per stage; on the embedded store they share the process's one connection.
         let backend = Backend::open(&store).await?;
         let stage = build_stage(stage_name, settings, &backend).map_err(|e| anyhow!("{stage_name}: {e}"))?;
         let (settings, token, health) = (settings.clone(), shutdown.clone(), health.clone());

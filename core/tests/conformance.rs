@@ -69,8 +69,10 @@ impl Fixture {
         }
     }
 
+    /// A handle of its own (on the embedded store, a connection of its own), as another
+    /// process would have.
     async fn open(&self) -> Backend {
-        Backend::open(&self.config).await.unwrap()
+        Backend::open_separate(&self.config).await.unwrap()
     }
 }
 

@@ -1,16 +1,18 @@
 //! Batch sizes that follow the model's speed: as many records as fit in a target time per model
-//! call, never more than the configured most. A small model (the digits CNN, 20 µs a record on
-//! a CPU) gets the largest batches, whose fixed costs per batch in the store and queues are
-//! shared by the most records; a large one on a CPU (ResNet-18, 35 ms a record) gets batches
-//! that still finish inside the breaker's latency limit and the queue's visibility.
+//! call, between a floor and the configured most. A small model (the digits CNN, 20 µs a record
+//! on a CPU) gets the largest batches, whose fixed costs per batch in the store and queues are
+//! shared by the most records; a large one on a CPU (ResNet-18, 35 ms a record) keeps the floor.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-/// The first batch, before any model call has been timed.
-const FIRST: usize = 16;
+/// The first batch, and the smallest: below it the requests per record (a queue receive, send
+/// and delete and a feature-store read per batch on AWS) grow faster than the batch's time falls.
+/// A model too slow for batches this large is given a smaller `inference.batch_size`.
+const FLOOR: usize = 64;
 
 pub struct BatchSizer {
+    least: usize,
     most: usize,
     target: Duration,
     size: AtomicUsize,
@@ -20,8 +22,9 @@ impl BatchSizer {
     /// Batches of up to `most` records sized to take about `target` each (zero: always `most`).
     pub fn new(most: usize, target: Duration) -> Self {
         let most = most.max(1);
-        let first = if target.is_zero() { most } else { most.min(FIRST) };
-        Self { most, target, size: AtomicUsize::new(first) }
+        let least = most.min(FLOOR);
+        let first = if target.is_zero() { most } else { least };
+        Self { least, most, target, size: AtomicUsize::new(first) }
     }
 
     /// The most records the next batch takes.
@@ -31,7 +34,7 @@ impl BatchSizer {
 
     /// A model call took `elapsed` for `records`. A batch grows at most twofold per call (a
     /// small batch's time per record includes the call's fixed cost, so it overstates what a
-    /// larger batch would take), and shrinks at once to what fits.
+    /// larger batch would take), and shrinks at once to what fits, down to the floor.
     pub fn observe(&self, records: usize, elapsed: Duration) {
         if self.target.is_zero() || records == 0 {
             return;
@@ -39,7 +42,7 @@ impl BatchSizer {
         let per_record = elapsed.as_secs_f64() / records as f64;
         let fits = if per_record > 0.0 { self.target.as_secs_f64() / per_record } else { f64::MAX };
         let current = self.size();
-        let next = (fits as usize).min(current.saturating_mul(2)).clamp(1, self.most);
+        let next = (fits as usize).min(current.saturating_mul(2)).clamp(self.least, self.most);
         self.size.store(next, Ordering::Relaxed);
     }
 }
@@ -62,22 +65,24 @@ mod tests {
     #[test]
     fn a_fast_model_grows_to_the_most_a_batch_may_hold() {
         let sizer = BatchSizer::new(256, TARGET);
-        assert_eq!(sizer.size(), FIRST);
-        sizer.observe(16, Duration::from_micros(320));
-        assert_eq!(sizer.size(), 32, "at most twofold per call");
+        assert_eq!(sizer.size(), FLOOR);
+        sizer.observe(64, Duration::from_micros(64 * 20));
+        assert_eq!(sizer.size(), 128, "at most twofold per call");
         assert_eq!(settle(&sizer, Duration::from_micros(20)), 256);
     }
 
     #[test]
-    fn a_slow_model_gets_batches_that_fit_the_target() {
+    fn a_slower_model_gets_batches_that_fit_the_target_down_to_the_floor() {
         let sizer = BatchSizer::new(256, TARGET);
-        assert_eq!(settle(&sizer, Duration::from_millis(35)), 57);
-        // The same model slowed down (a busy machine): the next batch shrinks at once.
-        sizer.observe(57, Duration::from_millis(57 * 400));
-        assert_eq!(sizer.size(), 5);
-        // Slower than the target for a single record still takes one.
-        sizer.observe(5, Duration::from_secs(10));
-        assert_eq!(sizer.size(), 1);
+        assert_eq!(settle(&sizer, Duration::from_millis(10)), 200);
+        // The same model slowed down (a busy machine): the next batch shrinks at once, to the floor.
+        sizer.observe(200, Duration::from_millis(200 * 100));
+        assert_eq!(sizer.size(), FLOOR);
+        // ResNet-18 on two CPU cores, 35 ms a record: 57 would fit 2 s; the floor holds.
+        assert_eq!(settle(&sizer, Duration::from_millis(35)), FLOOR);
+        // A configured most below the floor is kept to.
+        let small = BatchSizer::new(16, TARGET);
+        assert_eq!((small.size(), settle(&small, Duration::from_secs(1))), (16, 16));
     }
 
     #[test]

@@ -91,7 +91,8 @@ pub struct InferenceConfig {
     /// Most records in one model call.
     pub batch_size: usize,
     /// The time each model call is sized for: the stage times the model as it runs and takes
-    /// no more records per batch than fit (never more than `batch_size`; 0: always `batch_size`).
+    /// no more records per batch than fit, between 64 (or `batch_size` if less) and
+    /// `batch_size`; 0: always `batch_size`.
     pub batch_target_ms: u64,
     /// How long to wait for a batch to fill once its first record is in.
     pub max_wait_ms: u64,
@@ -185,9 +186,18 @@ impl InferenceStage {
             fallback = fallback.as_ref().map(SageMakerFallback::endpoint),
             "model loaded"
         );
+        // Only Candle's calls are timed: with none, every batch takes up to `batch_size`.
+        let target = if classifier.is_some() { config.batch_target_ms } else { 0 };
+        if target >= config.breaker.max_latency_ms && fallback.is_some() {
+            tracing::warn!(
+                batch_target_ms = target,
+                max_latency_ms = config.breaker.max_latency_ms,
+                "batches sized to take longer than the breaker allows will open it"
+            );
+        }
         Ok(Self {
             breaker: CircuitBreaker::new(config.breaker.clone()),
-            batch_size: BatchSizer::new(config.batch_size, Duration::from_millis(config.batch_target_ms)),
+            batch_size: BatchSizer::new(config.batch_size, Duration::from_millis(target)),
             config,
             manifest: bundle.manifest,
             classifier,

@@ -66,6 +66,8 @@ async fn the_forced_fallback_returns_xgboosts_own_predictions() {
     let settings =
         settings("digits").set("inference.backend", "sagemaker").set("inference.sagemaker.max_payload_bytes", 20_000);
     let stage = InferenceStage::build(&settings, &backend).unwrap();
+    // No Candle calls to time: batches take the configured most from the start.
+    assert_eq!(stage.batch_policy().max_size, 256);
 
     let mut checked = 0;
     for (chunk, want) in ids.chunks(128).zip(expected.chunks(128)) {

@@ -407,17 +407,28 @@ impl Backend {
     /// Opens the configured backend for pipeline work. The embedded store is created if it
     /// does not exist; AWS resources must exist already (`sluice aws bootstrap`).
     pub async fn open(config: &StoreConfig) -> Result<Self> {
-        Self::open_counted(config, aws::requests().clone()).await
+        Self::open_with(config, aws::requests().clone(), false).await
     }
 
     /// Opens the backend for watching the pipeline (stats, drain checks): its AWS requests are
-    /// not counted as the pipeline's.
+    /// not counted as the pipeline's, and on the embedded store its reads (counts over whole
+    /// tables) run on a connection of their own, beside the stages' one.
     pub async fn open_observer(config: &StoreConfig) -> Result<Self> {
-        Self::open_counted(config, aws::RequestCounter::default()).await
+        Self::open_with(config, aws::RequestCounter::default(), true).await
     }
 
-    async fn open_counted(config: &StoreConfig, counter: aws::RequestCounter) -> Result<Self> {
+    /// Opens the backend as another process would: on the embedded store, on a connection of
+    /// its own rather than the one every other handle in the process shares. For tests of
+    /// concurrency between processes.
+    pub async fn open_separate(config: &StoreConfig) -> Result<Self> {
+        Self::open_with(config, aws::requests().clone(), true).await
+    }
+
+    async fn open_with(config: &StoreConfig, counter: aws::RequestCounter, separate: bool) -> Result<Self> {
         match config.backend {
+            BackendKind::Embedded if separate => {
+                embedded::EmbeddedStore::open_separate(config).map(|store| store.into_backend())
+            }
             BackendKind::Embedded => embedded::EmbeddedStore::open(config).map(|store| store.into_backend()),
             BackendKind::Aws => aws::open(config, counter).await,
         }

@@ -18,7 +18,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, LazyLock, Mutex, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rusqlite::{Connection, ErrorCode, OpenFlags};
 
@@ -32,7 +32,7 @@ pub use queue::EmbeddedQueue;
 const SCHEMA: &str = include_str!("schema.sql");
 
 /// A handle on the store file. Cheap to clone; every handle on one file in a process shares one
-/// connection.
+/// connection, except those opened [`EmbeddedStore::open_separate`].
 #[derive(Clone)]
 pub struct EmbeddedStore {
     db: Db,
@@ -40,9 +40,18 @@ pub struct EmbeddedStore {
 }
 
 impl EmbeddedStore {
-    /// Opens (creating if needed) the store at `config.path`.
+    /// Opens (creating if needed) the store at `config.path`, on the connection the process
+    /// already has to it, if any.
     pub fn open(config: &StoreConfig) -> Result<Self> {
         let db = Db::open(config)?;
+        Ok(Self { db, config: config.clone() })
+    }
+
+    /// Opens the store on a connection of its own, as another process would: for observers
+    /// whose long reads (counts over whole tables) must not hold up the stages' connection, and
+    /// for tests of concurrency between processes.
+    pub fn open_separate(config: &StoreConfig) -> Result<Self> {
+        let db = Db::open_separate(config)?;
         Ok(Self { db, config: config.clone() })
     }
 
@@ -90,8 +99,24 @@ pub(crate) struct Db {
 
 struct Shared {
     conn: Mutex<Connection>,
-    /// Dropped with the last handle, which stops the checkpoint thread.
-    _checkpoints: mpsc::Sender<()>,
+    /// Held for its `Drop`.
+    _checkpoints: Checkpoints,
+}
+
+/// The checkpoint thread of a connection; stopped, and waited for, with the last handle, so
+/// that no thread outlives the handles and the last connection to close removes the log file.
+struct Checkpoints {
+    stop: Option<mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Checkpoints {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
 }
 
 /// The open store files of this process, by absolute path.
@@ -109,28 +134,36 @@ const WRITER_CHECKPOINT_PAGES: i64 = 65_536;
 /// `RESTART_WAIT`); below it, a passive checkpoint holds nobody up.
 const RESTART_PAST_PAGES: i64 = 16_384;
 const RESTART_WAIT: Duration = Duration::from_millis(100);
+/// After a restart that readers kept from finishing, the next waits at least this long.
+const RESTART_BACKOFF: Duration = Duration::from_secs(2);
 
 impl Db {
     fn open(config: &StoreConfig) -> Result<Self> {
-        let unavailable = |e: std::io::Error| {
+        let key = std::path::absolute(&config.path).map_err(|e| {
             SluiceError::permanent(ReasonCode::StoreUnavailable, format!("{}: {e}", config.path.display()))
-        };
-        if let Some(parent) = config.path.parent().filter(|p| !p.as_os_str().is_empty()) {
-            std::fs::create_dir_all(parent).map_err(unavailable)?;
-        }
-        let key = std::path::absolute(&config.path).map_err(unavailable)?;
+        })?;
         let mut open = OPEN.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         open.retain(|_, shared| shared.strong_count() > 0);
         if let Some(shared) = open.get(&key).and_then(Weak::upgrade) {
             return Ok(Self { shared });
         }
+        let db = Self::open_separate(config)?;
+        open.insert(key, Arc::downgrade(&db.shared));
+        Ok(db)
+    }
+
+    /// A connection of its own, shared with no other `open`.
+    fn open_separate(config: &StoreConfig) -> Result<Self> {
+        if let Some(parent) = config.path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent).map_err(|e| {
+                SluiceError::permanent(ReasonCode::StoreUnavailable, format!("{}: {e}", parent.display()))
+            })?;
+        }
         let conn = connect(config)?;
         let checkpointer = connect(config)?;
         checkpointer.busy_timeout(RESTART_WAIT).map_err(classify)?;
-        let checkpoints = spawn_checkpoints(checkpointer);
-        let shared = Arc::new(Shared { conn: Mutex::new(conn), _checkpoints: checkpoints });
-        open.insert(key, Arc::downgrade(&shared));
-        Ok(Self { shared })
+        let checkpoints = spawn_checkpoints(checkpointer)?;
+        Ok(Self { shared: Arc::new(Shared { conn: Mutex::new(conn), _checkpoints: checkpoints }) })
     }
 
     /// Runs `f` on the connection on a blocking thread.
@@ -180,6 +213,9 @@ fn connect(config: &StoreConfig) -> Result<Connection> {
     // hot pages. Not more: each commit scans the cache's hash table for pages past the end of
     // the file, which showed in profiles at 64 MiB.
     conn.pragma_update(None, "cache_size", -16_384).map_err(classify)?;
+    // Every handle in the process prepares its statements on this one connection (rusqlite
+    // keeps 16 by default; the queues, stores and stream have more than that between them).
+    conn.set_prepared_statement_cache_capacity(64);
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).map_err(classify)?;
     tx.execute_batch(SCHEMA).map_err(classify)?;
     let existing: i64 = tx.query_row("SELECT COUNT(*) FROM stream_shards", [], |r| r.get(0)).map_err(classify)?;
@@ -192,25 +228,32 @@ fn connect(config: &StoreConfig) -> Result<Connection> {
     Ok(conn)
 }
 
-/// Checkpoints on a thread and connection of their own until the returned sender is dropped.
+/// Checkpoints on a thread and connection of their own until the returned handle is dropped.
 ///
 /// A checkpoint copies the log's pages into the database file and syncs both; left to the
 /// writers (SQLite's default, every 1,000 pages), the writer whose commit crosses the mark does
 /// it while every other stage waits on the connection — two thirds of the cost of a write here.
 /// A passive checkpoint runs beside the writers.
-fn spawn_checkpoints(conn: Connection) -> mpsc::Sender<()> {
+fn spawn_checkpoints(conn: Connection) -> Result<Checkpoints> {
     let (stop, stopped) = mpsc::channel::<()>();
-    std::thread::Builder::new()
+    let thread = std::thread::Builder::new()
         .name("sluice-checkpoint".to_owned())
         .spawn(move || {
+            // After a restart that found readers in the way, the next waits this long.
+            let mut restart_not_before = Instant::now();
             loop {
                 let last = matches!(stopped.recv_timeout(CHECKPOINT_EVERY), Err(RecvTimeoutError::Disconnected));
                 match checkpoint(&conn, "PASSIVE") {
                     // Under a steady load a passive checkpoint never catches up with the end of
                     // the log, so the log never starts over; now and then start it over.
-                    Ok(log_pages) if log_pages > RESTART_PAST_PAGES => {
-                        if let Err(e) = checkpoint(&conn, "RESTART") {
-                            tracing::debug!(error = %e, "restarting the log failed; trying again");
+                    Ok((_, log_pages)) if log_pages > RESTART_PAST_PAGES && Instant::now() >= restart_not_before => {
+                        match checkpoint(&conn, "RESTART") {
+                            Ok((false, _)) => {}
+                            Ok((true, _)) => restart_not_before = Instant::now() + RESTART_BACKOFF,
+                            Err(e) => {
+                                tracing::debug!(error = %e, "restarting the log failed; trying again later");
+                                restart_not_before = Instant::now() + RESTART_BACKOFF;
+                            }
                         }
                     }
                     Ok(_) => {}
@@ -221,13 +264,14 @@ fn spawn_checkpoints(conn: Connection) -> mpsc::Sender<()> {
                 }
             }
         })
-        .expect("a thread can be started");
-    stop
+        .map_err(|e| SluiceError::retryable(ReasonCode::StoreUnavailable, format!("checkpoint thread: {e}")))?;
+    Ok(Checkpoints { stop: Some(stop), thread: Some(thread) })
 }
 
-/// Runs one checkpoint; returns the pages the log held.
-fn checkpoint(conn: &Connection, mode: &str) -> rusqlite::Result<i64> {
-    conn.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |r| r.get(1))
+/// Runs one checkpoint; returns whether readers or writers kept it from finishing, and the
+/// pages the log held.
+fn checkpoint(conn: &Connection, mode: &str) -> rusqlite::Result<(bool, i64)> {
+    conn.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |r| Ok((r.get::<_, i64>(0)? != 0, r.get(1)?)))
 }
 
 /// Every SQLite failure is worth retrying: locks clear, disks get space back. A malformed

@@ -38,8 +38,9 @@ fn select_in<T>(
     let mut out = Vec::with_capacity(ids.len());
     for chunk in ids.chunks(IN_LIST_CHUNK) {
         let sql = query.replace("{}", &placeholders(chunk.len()));
-        // Cached by its text: batches mostly come in a few sizes.
-        let mut stmt = conn.prepare_cached(&sql)?;
+        // Not cached: batches come in many sizes, and each would push a statement the stages
+        // reuse out of the connection's cache.
+        let mut stmt = conn.prepare(&sql)?;
         let rows = stmt.query_map(params_from_iter(chunk.iter().map(RecordId::as_str)), &mut row)?;
         for r in rows {
             out.push(r?);
