@@ -234,9 +234,10 @@ impl InferenceStage {
         let started = Instant::now();
         let keep = self.fallback.as_ref().map(|_| inputs.clone());
         let result = self.run_candle(classifier, inputs, rows).await;
-        self.breaker.record(route, result.is_ok(), started.elapsed());
+        let elapsed = started.elapsed();
+        self.breaker.record(route, result.is_ok(), elapsed);
         if result.is_ok() {
-            self.batch_size.observe(rows, started.elapsed());
+            self.batch_size.observe(rows, elapsed);
         }
         let served = || Served {
             model: self.manifest.name.clone(),
