@@ -27,7 +27,8 @@ cuda_wheels() {
   "$out/cuda/bin/pip" install --quiet --disable-pip-version-check \
     "nvidia-cuda-nvcc==13.0.*" "nvidia-cuda-runtime==13.0.*" "nvidia-cublas==13.0.*" \
     "nvidia-curand==10.4.0.*" "nvidia-cuda-nvrtc==13.0.*" "nvidia-cuda-cccl==13.0.*" \
-    "nvidia-cuda-crt==13.0.*" "nvidia-nvvm==13.0.*"  # nvcc does not pin its own parts
+    "nvidia-cuda-crt==13.0.*" "nvidia-nvvm==13.0.*" \
+    "nvidia-cudnn-cu13==9.*"  # nvcc does not pin its own parts
 }
 
 # A libcuda.so exporting every driver function of cuda.h as an empty one, to link against.

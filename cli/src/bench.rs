@@ -283,10 +283,10 @@ fn check_agreement(subject: &Subject, a: &[Vec<f32>], b: &[Vec<f32>], sides: &st
 /// Seconds per batch on `classifier` for `x`, `batch` rows: one warm-up, then at least three
 /// runs and `min_seconds`.
 fn time_candle(classifier: &CandleClassifier, x: &[f32], batch: usize, min_seconds: f64) -> anyhow::Result<f64> {
-    classifier.predict(x.to_vec(), batch)?;
+    classifier.predict(x, batch)?;
     let (mut runs, started) = (0u64, Instant::now());
     while runs < 3 || started.elapsed().as_secs_f64() < min_seconds {
-        classifier.predict(x.to_vec(), batch)?;
+        classifier.predict(x, batch)?;
         runs += 1;
     }
     Ok(started.elapsed().as_secs_f64() / runs as f64)
@@ -311,7 +311,7 @@ pub fn bench_inference(args: &BenchInferenceArgs) -> anyhow::Result<Vec<Report>>
     for subject in subjects(&args.bench, scratch.path())? {
         let classifier = CandleClassifier::load(&subject.bundle, Device::Cpu, "candle-cpu")?;
         let ort = run_ort(args, threads, &subject, scratch.path())?;
-        let candle_check = classifier.predict(subject.check_rows(), CHECK_ROWS)?;
+        let candle_check = classifier.predict(&subject.check_rows(), CHECK_ROWS)?;
         let error = check_agreement(&subject, &candle_check, &ort.check, "Candle and ONNX Runtime")?;
         let mut rows = Vec::new();
         let progress = crate::progress::bar(args.bench.batches.len() as u64, "batch sizes timed");
@@ -440,7 +440,7 @@ pub fn bench_cuda(args: &BenchCudaArgs) -> anyhow::Result<Vec<Report>> {
     for subject in subjects(&args.bench, scratch.path())? {
         let cpu = CandleClassifier::load(&subject.bundle, Device::Cpu, "candle-cpu")?;
         let rows = subject.inputs.len() / subject.image.vector_len();
-        let reference = cpu.predict(subject.inputs.clone(), rows)?;
+        let reference = cpu.predict(&subject.inputs, rows)?;
         let torch = (!args.no_pytorch).then(|| run_torch(args, &subject, scratch.path(), rows)).transpose()?;
         let mut on_cpu = Vec::new();
         for &batch in &args.bench.batches {
@@ -448,7 +448,7 @@ pub fn bench_cuda(args: &BenchCudaArgs) -> anyhow::Result<Vec<Report>> {
         }
         for &precision in &args.precisions {
             let gpu = CandleClassifier::load_at(&subject.bundle, device.clone(), backend, precision)?;
-            let outputs = gpu.predict(subject.inputs.clone(), rows)?;
+            let outputs = gpu.predict(&subject.inputs, rows)?;
             if precision == Precision::F32 {
                 check_agreement(&subject, &outputs, &reference, "CUDA and CPU")?;
             }

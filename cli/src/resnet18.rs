@@ -77,7 +77,7 @@ pub fn bundle(args: &BundleResnet18Args) -> anyhow::Result<ModelBundle> {
 /// Loads `bundle` on the CPU and classifies a blank image.
 fn check(bundle: &ModelBundle) -> anyhow::Result<()> {
     let classifier = CandleClassifier::load(bundle, Device::Cpu, "candle-cpu")?;
-    let probabilities = classifier.predict(vec![0.0; classifier.vector_len()], 1)?;
+    let probabilities = classifier.predict(&vec![0.0; classifier.vector_len()], 1)?;
     ensure!(probabilities[0].iter().all(|p| p.is_finite()), "the weights give non-finite outputs");
     Ok(())
 }

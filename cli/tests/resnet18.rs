@@ -100,7 +100,7 @@ fn a_resnet18_bundle_classifies_photos_through_the_pipeline() {
             // Normalised here, on the CPU, as vectors were before they were stored as pixels:
             // the pipeline normalises on the model's device, and the two must agree.
             let values = vector.to_values(bundle.manifest.input.image.as_ref()).unwrap();
-            classifier.predict(values, 1).unwrap().remove(0)
+            classifier.predict(&values, 1).unwrap().remove(0)
         })
         .collect();
     let listed = String::from_utf8(sluice(&bundle_dir, &["results", "--store", store, "--json"]).stdout).unwrap();

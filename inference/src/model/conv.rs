@@ -3,8 +3,8 @@
 //! matmul against the kernel, then bias, residual and ReLU in one pass over the product (an
 //! in-place op). Candle 0.11's own CPU convolution copies the batch to NHWC on one thread and runs
 //! one small GEMM per tile per image, and a batch norm or ReLU after it is a fresh tensor each;
-//! this is what ONNX Runtime does instead (docs/benchmarks.md has the figures). Other devices keep
-//! Candle's convolution, and so does training, whose weights are variables.
+//! this is what ONNX Runtime does instead (docs/benchmarks.md has the figures). A GPU runs cuDNN's
+//! (`cudnn.rs`); training keeps Candle's convolution, whose weights are variables.
 
 use candle_core::{
     CpuStorage, CustomOp1, DType, Device, InplaceOp1, InplaceOp2, Layout, Module, Result, Shape, Tensor,
@@ -12,6 +12,7 @@ use candle_core::{
 use candle_nn::Conv2d;
 use rayon::prelude::*;
 
+use super::cudnn::CudnnConv;
 use super::winograd::Winograd;
 
 /// Fewer values than this are laid out (or finished) on one thread.
@@ -121,6 +122,8 @@ impl GemmConv {
 pub(crate) struct GemmConv2d {
     conv: Conv2d,
     gemm: GemmConv,
+    /// The convolution, its bias and a ReLU as one cuDNN call, where the weights are on a GPU.
+    gpu: Option<CudnnConv>,
 }
 
 impl GemmConv2d {
@@ -137,7 +140,11 @@ impl GemmConv2d {
         };
         let window = Window { size: conv.weight().dim(2)?, stride: config.stride, padding: config.padding };
         let gemm = GemmConv::new(&conv.weight().to_dtype(DType::F32)?, bias, window)?;
-        Ok(Self { conv, gemm })
+        let gpu = match conv.bias() {
+            Some(bias) if !conv.weight().is_variable() => CudnnConv::on_gpu(conv.weight(), bias, window)?,
+            _ => None,
+        };
+        Ok(Self { conv, gemm, gpu })
     }
 }
 
@@ -147,6 +154,16 @@ impl GemmConv2d {
     /// here is a copy taken at load).
     pub(crate) fn cpu_gemm(&self, xs: &Tensor) -> Option<&GemmConv> {
         (matches!(xs.device(), Device::Cpu) && !self.conv.weight().is_variable()).then_some(&self.gemm)
+    }
+
+    /// The convolution then ReLU, batch first: one cuDNN call on a GPU.
+    pub(crate) fn forward_relu(&self, xs: &Tensor) -> Result<Tensor> {
+        if let Some(gpu) = &self.gpu
+            && let Some(ys) = gpu.forward(xs, None, true)?
+        {
+            return Ok(ys);
+        }
+        self.forward(xs)?.relu()
     }
 }
 

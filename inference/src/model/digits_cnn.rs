@@ -64,8 +64,8 @@ impl DigitsCnn {
                 conv2.forward(&xs, Planes::Cnhw, None, true)?.apply_op1_no_bwd(&MaxPoolFlatten)?
             }
             _ => {
-                let xs = self.conv1.forward(xs)?.relu()?;
-                self.conv2.forward(&xs)?.relu()?.max_pool2d(2)?.flatten_from(1)?
+                let xs = self.conv1.forward_relu(xs)?;
+                self.conv2.forward_relu(&xs)?.max_pool2d(2)?.flatten_from(1)?
             }
         };
         let xs = self.fc1.forward(&xs)?.relu()?;

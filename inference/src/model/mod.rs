@@ -1,6 +1,7 @@
 //! Models the inference stage can run, and the device they run on.
 
 mod conv;
+mod cudnn;
 mod digits_cnn;
 mod resnet18;
 mod winograd;
@@ -30,7 +31,12 @@ pub fn select_device(preference: DevicePreference) -> (Device, &'static str) {
         // `Device::cuda_if_available` does not fall back when initialisation fails; this does.
         // A device that opens can still fail its first kernel (driver and toolkit mismatch):
         // run one small op before trusting it.
-        match Device::new_cuda(0).and_then(|device| probe(&device).map(|()| device)) {
+        let device = Device::new_cuda(0).and_then(|device| {
+            probe(&device)?;
+            cudnn::keep_freed_memory(&device)?;
+            Ok(device)
+        });
+        match device {
             Ok(device) => return (device, "candle-cuda"),
             Err(e) => tracing::warn!(error = %e, "CUDA device unavailable; running on the CPU"),
         }
@@ -174,8 +180,11 @@ impl CandleClassifier {
 
     /// Class probabilities for `batch` vectors of values (already normalised) laid end to end in
     /// `inputs`.
-    pub fn predict(&self, inputs: Vec<f32>, batch: usize) -> Result<Vec<Vec<f32>>, SluiceError> {
-        self.predict_batch(FeatureVector::Values(inputs), batch)
+    /// `inputs` are copied to the device from where they lie.
+    pub fn predict(&self, inputs: &[f32], batch: usize) -> Result<Vec<Vec<f32>>, SluiceError> {
+        let (c, h, w) = self.input_shape;
+        let xs = Tensor::from_slice(inputs, (batch, c, h, w), &self.device).map_err(model_error)?;
+        self.forward(xs)
     }
 
     /// Class probabilities for `batch` vectors laid end to end in `inputs`: pixels go to the
@@ -187,8 +196,13 @@ impl CandleClassifier {
             FeatureVector::Values(values) => Tensor::from_vec(values, shape, &self.device),
             FeatureVector::Pixels(pixels) => self.normalise(Tensor::from_vec(pixels, shape, &self.device)),
         }
-        .and_then(|xs| xs.to_dtype(self.precision.dtype()))
         .map_err(model_error)?;
+        self.forward(xs)
+    }
+
+    /// Probabilities for a batch of model inputs on the device.
+    fn forward(&self, xs: Tensor) -> Result<Vec<Vec<f32>>, SluiceError> {
+        let xs = xs.to_dtype(self.precision.dtype()).map_err(model_error)?;
         let logits = self.model.forward(&xs).and_then(|l| l.to_dtype(DType::F32)).map_err(model_error)?;
         let probabilities = candle_nn::ops::softmax_last_dim(&logits).map_err(model_error)?;
         probabilities.to_vec2::<f32>().map_err(model_error)

@@ -8,13 +8,15 @@
 //! one pass over that ([`GemmConv`]); a batch's images run one per task, spread over the threads,
 //! so that each image's patch matrices stay near its core's cache and no convolution waits on
 //! another thread.
-//! Other devices run Candle's convolution over the same folded weights.
+//! On a GPU each convolution with its bias, residual and ReLU is one cuDNN call ([`CudnnConv`]);
+//! Candle's convolution over the same folded weights runs where cuDNN is not (and in the tests).
 
 use candle_core::{D, DType, Device, Module, Result, Tensor};
 use candle_nn::{Linear, VarBuilder, linear};
 use rayon::prelude::*;
 
 use super::conv::{GemmConv, Planes, Window};
+use super::cudnn::{self, CudnnConv};
 
 /// torchvision's batch norm epsilon.
 const BN_EPS: f64 = 1e-5;
@@ -52,7 +54,8 @@ impl Resnet18 {
     }
 
     fn forward_other(&self, xs: &Tensor) -> Result<Tensor> {
-        let mut xs = max_pool(&self.stem.candle(xs, None, true)?)?;
+        let xs = self.stem.other(xs, None, true)?;
+        let mut xs = if xs.device().is_cuda() { cudnn::max_pool(&xs, MAX_POOL)? } else { max_pool(&xs)? };
         for block in &self.blocks {
             xs = block.forward_other(&xs)?;
         }
@@ -78,6 +81,9 @@ impl Module for Resnet18 {
         self.fc.forward(&features)
     }
 }
+
+/// The stem's max-pool: 3×3, stride 2, padding 1.
+const MAX_POOL: Window = Window { size: 3, stride: 2, padding: 1 };
 
 /// 3×3 max pool, stride 2, padding 1, over the last two dimensions. The input comes out of a
 /// ReLU, so padding with zeros never changes a maximum.
@@ -119,11 +125,11 @@ impl BasicBlock {
 
     fn forward_other(&self, xs: &Tensor) -> Result<Tensor> {
         let shortcut = match &self.downsample {
-            Some(conv) => conv.candle(xs, None, false)?,
+            Some(conv) => conv.other(xs, None, false)?,
             None => xs.clone(),
         };
-        let ys = self.conv1.candle(xs, None, true)?;
-        self.conv2.candle(&ys, Some(&shortcut), true)
+        let ys = self.conv1.other(xs, None, true)?;
+        self.conv2.other(&ys, Some(&shortcut), true)
     }
 }
 
@@ -135,6 +141,8 @@ struct FoldedConv {
     bias: Tensor,
     window: Window,
     gemm: GemmConv,
+    /// The same on cuDNN, where the weights are on a GPU.
+    gpu: Option<CudnnConv>,
 }
 
 impl FoldedConv {
@@ -149,17 +157,24 @@ impl FoldedConv {
         let weight = weight.broadcast_mul(&scale.reshape((c_out, 1, 1, 1))?)?;
         let bias = (beta? - (mean? * &scale)?)?;
         let gemm = GemmConv::new(&weight.to_device(&Device::Cpu)?, bias.to_device(&Device::Cpu)?.to_vec1()?, window)?;
-        Ok(Self {
-            weight: weight.to_dtype(vb.dtype())?,
-            bias: bias.reshape((1, c_out, 1, 1))?.to_dtype(vb.dtype())?,
-            window,
-            gemm,
-        })
+        let (weight, bias) = (weight.to_dtype(vb.dtype())?, bias.to_dtype(vb.dtype())?);
+        let gpu = CudnnConv::on_gpu(&weight, &bias, window)?;
+        Ok(Self { weight, bias: bias.reshape((1, c_out, 1, 1))?, window, gemm, gpu })
     }
 
     /// On the CPU: the output channel first.
     fn cpu(&self, xs: &Tensor, planes: Planes, residual: Option<&Tensor>, relu: bool) -> Result<Tensor> {
         self.gemm.forward(xs, planes, residual, relu)
+    }
+
+    /// Batch first, off the CPU: cuDNN's fused call on a GPU, else Candle's convolution.
+    fn other(&self, xs: &Tensor, residual: Option<&Tensor>, relu: bool) -> Result<Tensor> {
+        if let Some(gpu) = &self.gpu
+            && let Some(ys) = gpu.forward(xs, residual, relu)?
+        {
+            return Ok(ys);
+        }
+        self.candle(xs, residual, relu)
     }
 
     /// Candle's convolution, batch first.
