@@ -7,6 +7,7 @@
 #
 #   bench/gpu_check.sh             build, then run (a machine with Rust, the CUDA toolkit and a GPU)
 #   bench/gpu_check.sh build       build only: target/gpu-check/sluice, and sluice.gz to carry
+#   bench/gpu_check.sh clippy      lint the `cuda` build's code (no GPU needed)
 #   bench/gpu_check.sh run [BIN]   run a binary (or its .gz) built elsewhere (a GPU machine
 #                                  without Rust), from the repository root
 #
@@ -56,7 +57,8 @@ for root in nvidia.__path__:
 PY
 }
 
-build() {
+# The toolkit (a system one, or the wheels) and a libcuda to link against, in the environment.
+cuda_env() {
   mkdir -p "$out"
   if ! command -v nvcc >/dev/null; then
     [ -x "$out/cuda/bin/python" ] || cuda_wheels
@@ -85,7 +87,12 @@ build() {
     if [ -n "$stubs" ]; then stubs=$(dirname "$stubs"); else stubs=$(libcuda_stub); fi
     export LIBRARY_PATH="$stubs${LIBRARY_PATH:+:$LIBRARY_PATH}"
   fi
-  CUDA_COMPUTE_CAP="${CUDA_COMPUTE_CAP:-90}" cargo build --release --locked --features cuda --bin sluice
+  export CUDA_COMPUTE_CAP="${CUDA_COMPUTE_CAP:-90}"
+}
+
+build() {
+  cuda_env
+  cargo build --release --locked --features cuda --bin sluice
   cp "${CARGO_TARGET_DIR:-target}/release/sluice" "$out/sluice"
   # Stripped and compressed (about 30 MB) it travels to a GPU machine that cannot build it.
   strip "$out/sluice"
@@ -120,7 +127,9 @@ run() {
 
 case "$mode" in
   build) build ;;
+  # The GPU code's lints (it is not compiled without `cuda`); release, to reuse the build's kernels.
+  clippy) cuda_env && cargo clippy --release --locked --features cuda -p sluice-inference -p sluice-cli -- -D warnings ;;
   run) shift; run "$@" ;;
   all) build && run "$out/sluice" ;;
-  *) echo "usage: $0 [build | run [BINARY] [bench args]]" >&2; exit 2 ;;
+  *) echo "usage: $0 [build | clippy | run [BINARY] [bench args]]" >&2; exit 2 ;;
 esac

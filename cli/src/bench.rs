@@ -20,7 +20,7 @@ use image::DynamicImage;
 use serde::{Deserialize, Serialize};
 use sluice_core::model::{Architecture, ImageInput, MANIFEST_FILE, ModelBundle, WEIGHTS_FILE};
 use sluice_core::vector::{f32_from_le_bytes, f32_to_le_bytes};
-use sluice_inference::model::{CandleClassifier, DevicePreference, Precision, select_device};
+use sluice_inference::model::{CandleClassifier, DevicePreference, Precision, select_device, use_candle_convolutions};
 
 use crate::digits::{Split, load_split};
 use crate::resnet18;
@@ -106,6 +106,10 @@ pub struct BenchCudaArgs {
     /// Candle only: no PyTorch comparison.
     #[arg(long)]
     pub no_pytorch: bool,
+    /// To see what the fused cuDNN convolutions are worth: Candle's own convolution instead
+    /// (set NVIDIA_TF32_OVERRIDE=0 with it, or f32 disagrees with the CPU and nothing is timed).
+    #[arg(long)]
+    pub candle_convolutions: bool,
 }
 
 /// How far a precision's probabilities may stray from the CPU's f32 ones (relative to the row's
@@ -435,6 +439,7 @@ pub fn bench_cuda(args: &BenchCudaArgs) -> anyhow::Result<Vec<Report>> {
         backend == "candle-cuda",
         "no usable CUDA device: build with `--features cuda` and run on a machine with an NVIDIA GPU (see the log)"
     );
+    use_candle_convolutions(args.candle_convolutions);
     let scratch = tempfile::tempdir()?;
     let mut reports = Vec::new();
     for subject in subjects(&args.bench, scratch.path())? {

@@ -10,13 +10,14 @@
 //! cuDNN refuses that call for (not every type configuration has it) says so once in the log and
 //! runs as Candle's from then on.
 //!
-//! [`keep_freed_memory`] keeps the GPU memory a batch frees for the next one. cudarc allocates
-//! from CUDA's stream-ordered pool, whose default is to hand every freed byte back to the driver
-//! at each synchronisation (each batch's read-back): the next batch then maps its memory afresh,
-//! a cost that grows with the batch (throughput fell past batch 32). PyTorch's caching allocator
-//! keeps it; so does this.
+//! Measured on an H100 (docs/benchmarks.md): ResNet-18 at 2.7-13× the throughput of Candle's own
+//! cuDNN convolutions at batches 8 and 32, 1.4-2× at 512 (`sluice bench cuda --candle-convolutions`
+//! times those), which ask cuDNN's heuristics for an algorithm and allocate a zeroed workspace on
+//! every call, then run bias, residual and ReLU as three more kernels.
 
-use candle_core::{Device, Result, Tensor};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use candle_core::{Result, Tensor};
 
 use super::conv::Window;
 
@@ -41,8 +42,22 @@ impl CudnnConv {
     /// `relu(conv(xs) + bias + residual)` (no ReLU unless `relu`, no residual unless given), or
     /// None where cuDNN refuses the call: the caller runs Candle's convolution then.
     pub(crate) fn forward(&self, xs: &Tensor, residual: Option<&Tensor>, relu: bool) -> Result<Option<Tensor>> {
+        if !FUSED.load(Ordering::Relaxed) {
+            return Ok(None);
+        }
         self.inner.forward(xs, residual, relu)
     }
+}
+
+/// Whether convolutions on a GPU run as the fused cuDNN call (the default) or as Candle's.
+static FUSED: AtomicBool = AtomicBool::new(true);
+
+/// Runs GPU convolutions as Candle's (its own cuDNN convolution, then bias, residual and ReLU as
+/// tensors) instead of one fused call each, for the whole process: `sluice bench cuda
+/// --candle-convolutions`, to see what the fused call is worth. Candle's leaves cuDNN's math at
+/// its default (TF32 for f32 on Ampere and later) unless `NVIDIA_TF32_OVERRIDE=0` is set.
+pub fn use_candle_convolutions(candle: bool) {
+    FUSED.store(!candle, Ordering::Relaxed);
 }
 
 /// Max-pool over the last two dimensions of an NCHW tensor on a CUDA device, the padding left out
@@ -51,17 +66,11 @@ pub(crate) fn max_pool(xs: &Tensor, window: Window) -> Result<Tensor> {
     gpu::max_pool(xs, window)
 }
 
-/// Keeps the memory freed on `device` (a GPU) in CUDA's pool for later allocations instead of
-/// returning it to the driver at every synchronisation. Nothing on the CPU.
-pub(crate) fn keep_freed_memory(device: &Device) -> Result<()> {
-    gpu::keep_freed_memory(device)
-}
-
 #[cfg(not(feature = "cuda"))]
 mod gpu {
     //! A build without `cuda` has no GPU tensors: nothing here is reached.
 
-    use candle_core::{Device, Result, Tensor};
+    use candle_core::{Result, Tensor};
 
     use super::Window;
 
@@ -80,14 +89,10 @@ mod gpu {
     pub(super) fn max_pool(_: &Tensor, _: Window) -> Result<Tensor> {
         candle_core::bail!("cuDNN's max-pool needs a build with `cuda`")
     }
-
-    pub(super) fn keep_freed_memory(_: &Device) -> Result<()> {
-        Ok(())
-    }
 }
 
 #[cfg(feature = "cuda")]
-#[allow(unsafe_code)] // cuDNN's calls and the pool's attribute are FFI; each use says why it is sound
+#[allow(unsafe_code)] // cuDNN's calls are FFI; each use says why it is sound
 mod gpu {
     use std::cell::RefCell;
     use std::collections::HashMap;
@@ -105,8 +110,8 @@ mod gpu {
     };
     use candle_core::cuda_backend::{CudaDType, DeviceId};
     use candle_core::{
-        CpuStorage, CudaDevice, CudaStorage, CustomOp1, CustomOp2, DType, Device, Layout, Result, Shape, Storage,
-        Tensor, WithDType,
+        CpuStorage, CudaDevice, CudaStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Storage, Tensor,
+        WithDType,
     };
 
     use super::Window;
@@ -504,23 +509,6 @@ mod gpu {
             // SAFETY: the descriptors describe the contiguous NCHW input and output of type T.
             unsafe { op.launch((T::one(), T::zero()), &x_view, &mut ys) }.map_err(w_err)?;
             Ok(CudaStorage::wrap_cuda_slice(ys, device.clone()))
-        }
-    }
-
-    pub(super) fn keep_freed_memory(device: &Device) -> Result<()> {
-        let Device::Cuda(device) = device else { return Ok(()) };
-        let context = device.cuda_stream().context().clone();
-        // SAFETY: the device is the context's own; the release threshold attribute is a u64.
-        unsafe {
-            let pool =
-                driver::result::device::get_default_mem_pool(context.cu_device()).map_err(candle_core::Error::wrap)?;
-            let mut threshold = u64::MAX;
-            driver::result::mem_pool::set_attribute(
-                pool,
-                driver::sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
-                (&raw mut threshold).cast(),
-            )
-            .map_err(candle_core::Error::wrap)
         }
     }
 }

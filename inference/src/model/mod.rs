@@ -12,6 +12,7 @@ use sluice_core::model::{Architecture, ModelBundle};
 use sluice_core::vector::FeatureVector;
 use sluice_core::{ReasonCode, SluiceError};
 
+pub use cudnn::use_candle_convolutions;
 pub use digits_cnn::DigitsCnn;
 pub use resnet18::Resnet18;
 
@@ -31,12 +32,7 @@ pub fn select_device(preference: DevicePreference) -> (Device, &'static str) {
         // `Device::cuda_if_available` does not fall back when initialisation fails; this does.
         // A device that opens can still fail its first kernel (driver and toolkit mismatch):
         // run one small op before trusting it.
-        let device = Device::new_cuda(0).and_then(|device| {
-            probe(&device)?;
-            cudnn::keep_freed_memory(&device)?;
-            Ok(device)
-        });
-        match device {
+        match Device::new_cuda(0).and_then(|device| probe(&device).map(|()| device)) {
             Ok(device) => return (device, "candle-cuda"),
             Err(e) => tracing::warn!(error = %e, "CUDA device unavailable; running on the CPU"),
         }
