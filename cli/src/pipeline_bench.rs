@@ -1,7 +1,7 @@
 //! `sluice bench pipeline`: how close the pipeline comes to its own model.
 //!
 //! The same N labelled digits go (a) through a bare in-memory loop — decode, preprocess, infer
-//! in the inference stage's batch size, no store, no queues — and (b) through the whole pipeline
+//! in the inference stage's batch size on its device, no store, no queues — and (b) through the whole pipeline
 //! on a fresh embedded store, all four stages running in this process, from a full stream to the
 //! last result. It prints records/s for both and the ratio, each stage's busy time (the sum of
 //! its batches' receive-to-acknowledge times, from the workers' own metrics) and the records'
@@ -12,7 +12,6 @@ use std::fmt;
 use std::time::Instant;
 
 use anyhow::{Context, bail};
-use candle_core::Device;
 use serde::Serialize;
 use sluice_core::backend::Backend;
 use sluice_core::config::Settings;
@@ -21,7 +20,7 @@ use sluice_core::model::ModelBundle;
 use sluice_core::telemetry::scrape;
 use sluice_core::topology::StageName;
 use sluice_core::vector::FeatureVector;
-use sluice_inference::model::CandleClassifier;
+use sluice_inference::model::{CandleClassifier, select_device};
 
 use crate::digits::{Split, load_split};
 use crate::load_bench::{Percentiles, stage_spans};
@@ -139,7 +138,10 @@ fn bare_loop(settings: &Settings, records: &[sluice_core::backend::StreamInput])
     let bundle = ModelBundle::load(settings.model()?.dir)?;
     let features: sluice_features::FeaturesConfig = settings.section("features")?;
     let inference: sluice_inference::InferenceConfig = settings.section("inference")?;
-    let classifier = CandleClassifier::load(&bundle, Device::Cpu, "candle-cpu")?;
+    // The device and precision the inference stage would use (a GPU where there is one).
+    let (device, backend) = select_device(inference.device);
+    let classifier = CandleClassifier::load_at(&bundle, device, backend, inference.precision)?;
+    classifier.warm_up()?;
     let started = Instant::now();
     for chunk in records.chunks(inference.batch_size.max(1)) {
         let mut pixels = Vec::with_capacity(chunk.len() * bundle.manifest.vector_len());

@@ -52,7 +52,7 @@ impl Planes {
 }
 
 /// Square kernel, stride and zero padding of a convolution.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) struct Window {
     pub size: usize,
     pub stride: usize,
@@ -61,7 +61,7 @@ pub(crate) struct Window {
 
 impl Window {
     /// Output rows (or columns) for `input` of them.
-    fn out(&self, input: usize) -> usize {
+    pub(crate) fn out(&self, input: usize) -> usize {
         (input + 2 * self.padding).saturating_sub(self.size) / self.stride + 1
     }
 }

@@ -6,14 +6,12 @@
 //! outputs on ResNet-18, over f32's 1e-4). Here a convolution is one
 //! `cudnnConvolutionBiasActivationForward` call, `relu(conv(x) + bias + residual)`, with the math
 //! the model's precision asks for (FMA for f32; tensor cores for tf32, f16 and bf16), and its
-//! algorithm chosen once per shape (cuDNN's heuristics, as PyTorch's default). A convolution
-//! cuDNN refuses that call for (not every type configuration has it) says so once in the log and
-//! runs as Candle's from then on.
+//! algorithm chosen once per shape and device (cuDNN's heuristics, as PyTorch's default). A shape
+//! cuDNN does not support that call for says so once in the log and runs as Candle's convolution.
 //!
-//! Measured on an H100 (docs/benchmarks.md): ResNet-18 at 2.7-13× the throughput of Candle's own
-//! cuDNN convolutions at batches 8 and 32, 1.4-2× at 512 (`sluice bench cuda --candle-convolutions`
-//! times those), which ask cuDNN's heuristics for an algorithm and allocate a zeroed workspace on
-//! every call, then run bias, residual and ReLU as three more kernels.
+//! Candle's own asks cuDNN's heuristics for an algorithm and allocates a zeroed workspace on every
+//! call, then runs bias, residual and ReLU as three more kernels: most of the time at small
+//! batches (docs/benchmarks.md has the figures; `sluice bench cuda --candle-convolutions` times it).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -40,7 +38,8 @@ impl CudnnConv {
     }
 
     /// `relu(conv(xs) + bias + residual)` (no ReLU unless `relu`, no residual unless given), or
-    /// None where cuDNN refuses the call: the caller runs Candle's convolution then.
+    /// None where cuDNN does not support the call for this shape: the caller runs Candle's
+    /// convolution then.
     pub(crate) fn forward(&self, xs: &Tensor, residual: Option<&Tensor>, relu: bool) -> Result<Option<Tensor>> {
         if !FUSED.load(Ordering::Relaxed) {
             return Ok(None);
@@ -97,8 +96,7 @@ mod gpu {
     use std::cell::RefCell;
     use std::collections::HashMap;
     use std::marker::PhantomData;
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, LazyLock, Mutex, PoisonError};
 
     use candle_core::backend::BackendStorage;
     use candle_core::cuda_backend::cudarc::cudnn::{
@@ -122,34 +120,50 @@ mod gpu {
         bias: Tensor,
         window: Window,
         tensor_cores: bool,
-        /// cuDNN refused the fused call for this convolution once: it is not asked again.
-        refused: AtomicBool,
     }
 
     impl Conv {
         pub(super) fn new(weight: &Tensor, bias: &Tensor, window: Window) -> Result<Option<Self>> {
+            let (out_channels, _, height, width) = weight.dims4()?;
+            if height != window.size || width != window.size {
+                candle_core::bail!("cuDNN convolution: a {0}×{0} kernel, not {height}×{width}", window.size);
+            }
+            if bias.elem_count() != out_channels {
+                candle_core::bail!("cuDNN convolution: {} biases for {out_channels} channels", bias.elem_count());
+            }
             let tensor_cores = weight.dtype() != DType::F32 || candle_core::cuda::gemm_reduced_precision_f32();
             Ok(Some(Self {
                 weight: weight.contiguous()?,
                 bias: bias.flatten_all()?.contiguous()?,
                 window,
                 tensor_cores,
-                refused: AtomicBool::new(false),
             }))
         }
 
         pub(super) fn forward(&self, xs: &Tensor, residual: Option<&Tensor>, relu: bool) -> Result<Option<Tensor>> {
-            if self.refused.load(Ordering::Relaxed) {
+            let candle_core::Device::Cuda(device) = xs.device() else {
+                candle_core::bail!("cuDNN convolution of a tensor on {:?}", xs.device());
+            };
+            let (n, c, h, w) = xs.dims4()?;
+            let (o, kernel_c, k, _) = self.weight.dims4()?;
+            let key = PlanKey {
+                device: device.id(),
+                geometry: Geometry { input: [n, c, h, w], kernel: [o, kernel_c, k, k], window: self.window },
+                dtype: xs.dtype(),
+                tensor_cores: self.tensor_cores,
+                relu,
+            };
+            if matches!(plan(&key), Some(Plan::Unsupported)) {
                 return Ok(None);
             }
-            let op = Fused { conv: self, relu };
+            let op = Fused { conv: self, key };
             let xs = xs.contiguous()?;
             let out = match residual {
                 Some(residual) => xs.apply_op2_no_bwd(&residual.contiguous()?, &op),
                 None => xs.apply_op1_no_bwd(&op),
             };
             match out {
-                Err(_) if self.refused.load(Ordering::Relaxed) => Ok(None),
+                Err(_) if matches!(plan(&key), Some(Plan::Unsupported)) => Ok(None),
                 out => out.map(Some),
             }
         }
@@ -158,7 +172,7 @@ mod gpu {
     /// One call of [`Conv`]: the op Candle runs over the input (and the residual).
     struct Fused<'a> {
         conv: &'a Conv,
-        relu: bool,
+        key: PlanKey,
     }
 
     impl CustomOp1 for Fused<'_> {
@@ -200,33 +214,53 @@ mod gpu {
     struct Geometry {
         input: [usize; 4],
         kernel: [usize; 4],
-        stride: usize,
-        padding: usize,
+        window: Window,
     }
 
     impl Geometry {
         fn output(&self) -> [usize; 4] {
             let [n, _, h, w] = self.input;
-            let out = |size: usize| (size + 2 * self.padding - self.kernel[2]) / self.stride + 1;
-            [n, self.kernel[0], out(h), out(w)]
+            [n, self.kernel[0], self.window.out(h), self.window.out(w)]
         }
     }
 
-    /// What a convolution's algorithm is chosen by: the same geometry, types and math choose the
-    /// same one.
+    /// What a convolution's algorithm is chosen by: the same device, geometry, types and math
+    /// choose the same one.
     #[derive(Clone, Copy, PartialEq, Eq, Hash)]
     struct PlanKey {
+        device: DeviceId,
         geometry: Geometry,
-        dtype: &'static str,
+        dtype: DType,
         tensor_cores: bool,
         relu: bool,
+    }
+
+    /// How a convolution runs, worked out on its first call.
+    #[derive(Clone, Copy)]
+    enum Plan {
+        Fused {
+            algorithm: sys::cudnnConvolutionFwdAlgo_t,
+            workspace_bytes: usize,
+        },
+        /// cuDNN does not support the fused call here: Candle's convolution runs instead.
+        Unsupported,
+    }
+
+    /// Every convolution's plan, for the whole process (the blocking threads that run batches come
+    /// and go).
+    static PLANS: LazyLock<Mutex<HashMap<PlanKey, Plan>>> = LazyLock::new(Default::default);
+
+    fn plan(key: &PlanKey) -> Option<Plan> {
+        PLANS.lock().unwrap_or_else(PoisonError::into_inner).get(key).copied()
+    }
+
+    fn set_plan(key: PlanKey, plan: Plan) {
+        PLANS.lock().unwrap_or_else(PoisonError::into_inner).insert(key, plan);
     }
 
     thread_local! {
         // cuDNN handles are neither Send nor Sync: one per thread and device (as Candle keeps its own).
         static HANDLES: RefCell<HashMap<DeviceId, Arc<Cudnn>>> = RefCell::new(HashMap::new());
-        // The algorithm and workspace bytes chosen for each convolution seen on this thread.
-        static PLANS: RefCell<HashMap<PlanKey, (sys::cudnnConvolutionFwdAlgo_t, usize)>> = RefCell::new(HashMap::new());
     }
 
     fn handle(device: &CudaDevice) -> Result<Arc<Cudnn>> {
@@ -252,9 +286,25 @@ mod gpu {
         Ok(storage.as_cuda_slice::<T>()?.slice(layout.start_offset()..))
     }
 
-    fn as_i32(dims: [usize; 4]) -> [i32; 4] {
-        dims.map(|d| d as i32)
+    fn as_i32(dims: [usize; 4]) -> Result<[i32; 4]> {
+        let mut out = [0; 4];
+        for (to, from) in out.iter_mut().zip(dims) {
+            *to = i32::try_from(from).map_err(candle_core::Error::wrap)?;
+        }
+        Ok(out)
     }
+
+    /// A 4-D NCHW descriptor of `dims`.
+    fn descriptor<T: Element>(cudnn: &Arc<Cudnn>, dims: [usize; 4]) -> Result<TensorDescriptor<T>> {
+        cudnn.create_4d_tensor(NCHW, as_i32(dims)?).map_err(candle_core::Error::wrap)
+    }
+
+    const NCHW: sys::cudnnTensorFormat_t = sys::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW;
+
+    /// The element types cuDNN and Candle's CUDA storage both take (f32, f16, bf16).
+    trait Element: CudaDType + CudnnDataType + DeviceRepr + ValidAsZeroBits + WithDType {}
+
+    impl<T: CudaDType + CudnnDataType + DeviceRepr + ValidAsZeroBits + WithDType> Element for T {}
 
     impl Fused<'_> {
         fn run(
@@ -269,19 +319,17 @@ mod gpu {
             let (Storage::Cuda(weight), Storage::Cuda(bias)) = (&*weight, &*bias) else {
                 candle_core::bail!("cuDNN convolution: the weights are not on the GPU");
             };
-            let geometry = Geometry {
-                input: dims4(layout, "cuDNN convolution input")?,
-                kernel: dims4(weight_layout, "cuDNN convolution kernel")?,
-                stride: conv.window.stride,
-                padding: conv.window.padding,
-            };
+            let geometry = self.key.geometry;
+            if dims4(layout, "cuDNN convolution input")? != geometry.input {
+                candle_core::bail!("cuDNN convolution: input {:?} for {:?}", layout.shape(), geometry.input);
+            }
             let output = geometry.output();
             if let Some((_, residual_layout)) = residual
                 && dims4(residual_layout, "cuDNN convolution residual")? != output
             {
                 candle_core::bail!("residual {:?} for an output {output:?}", residual_layout.shape());
             }
-            let args = Args { geometry, layout, weight_layout, bias_layout, residual };
+            let args = Args { layout, weight_layout, bias_layout, residual };
             let slice = match xs.dtype() {
                 DType::F32 => self.launch::<f32>(xs, weight, bias, &args)?,
                 DType::F16 => self.launch::<half::f16>(xs, weight, bias, &args)?,
@@ -291,34 +339,31 @@ mod gpu {
             Ok((slice, Shape::from(output.to_vec())))
         }
 
-        fn launch<T>(
+        fn launch<T: Element>(
             &self,
             xs: &CudaStorage,
             weight: &CudaStorage,
             bias: &CudaStorage,
             args: &Args,
-        ) -> Result<CudaStorage>
-        where
-            T: CudaDType + CudnnDataType + DeviceRepr + ValidAsZeroBits + WithDType,
-        {
+        ) -> Result<CudaStorage> {
             let device = xs.device();
             let stream = device.cuda_stream();
             let cudnn = handle(device)?;
-            let Args { geometry, layout, weight_layout, bias_layout, residual } = *args;
+            let Args { layout, weight_layout, bias_layout, residual } = *args;
+            let PlanKey { geometry, tensor_cores, relu, .. } = self.key;
             let output = geometry.output();
-            let (p, s) = (geometry.padding as i32, geometry.stride as i32);
-            let nchw = sys::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW;
+            let [p, s] = [geometry.window.padding, geometry.window.stride].map(|v| v as i32);
             let w_err = candle_core::Error::wrap;
             let mut conv: ConvDescriptor<f32> = cudnn
                 .create_conv2d([p, p], [s, s], [1, 1], sys::cudnnConvolutionMode_t::CUDNN_CROSS_CORRELATION)
                 .map_err(w_err)?;
-            let math = if self.conv.tensor_cores {
+            let math = if tensor_cores {
                 sys::cudnnMathType_t::CUDNN_TENSOR_OP_MATH
             } else {
                 sys::cudnnMathType_t::CUDNN_FMA_MATH
             };
             conv.set_math_type(math).map_err(w_err)?;
-            let mode = if self.relu {
+            let mode = if relu {
                 sys::cudnnActivationMode_t::CUDNN_ACTIVATION_RELU
             } else {
                 sys::cudnnActivationMode_t::CUDNN_ACTIVATION_IDENTITY
@@ -326,11 +371,10 @@ mod gpu {
             let activation: ActivationDescriptor<f32> = cudnn
                 .create_activation(mode, sys::cudnnNanPropagation_t::CUDNN_NOT_PROPAGATE_NAN, 0.0)
                 .map_err(w_err)?;
-            let x_desc: TensorDescriptor<T> = cudnn.create_4d_tensor(nchw, as_i32(geometry.input)).map_err(w_err)?;
-            let w_desc: FilterDescriptor<T> = cudnn.create_4d_filter(nchw, as_i32(geometry.kernel)).map_err(w_err)?;
-            let y_desc: TensorDescriptor<T> = cudnn.create_4d_tensor(nchw, as_i32(output)).map_err(w_err)?;
-            let b_desc: TensorDescriptor<T> =
-                cudnn.create_4d_tensor(nchw, [1, output[1] as i32, 1, 1]).map_err(w_err)?;
+            let x_desc = descriptor::<T>(&cudnn, geometry.input)?;
+            let w_desc: FilterDescriptor<T> = cudnn.create_4d_filter(NCHW, as_i32(geometry.kernel)?).map_err(w_err)?;
+            let y_desc = descriptor::<T>(&cudnn, output)?;
+            let b_desc = descriptor::<T>(&cudnn, [1, output[1], 1, 1])?;
             let op = ConvBiasActivationForward {
                 conv: &conv,
                 act: &activation,
@@ -340,20 +384,19 @@ mod gpu {
                 bias: &b_desc,
                 y: &y_desc,
             };
-            let key =
-                PlanKey { geometry, dtype: T::DTYPE.as_str(), tensor_cores: self.conv.tensor_cores, relu: self.relu };
-            let (algorithm, workspace_bytes) = match PLANS.with(|plans| plans.borrow().get(&key).copied()) {
-                Some(plan) => plan,
+            let (algorithm, workspace_bytes) = match plan(&self.key) {
+                Some(Plan::Fused { algorithm, workspace_bytes }) => (algorithm, workspace_bytes),
+                Some(Plan::Unsupported) => candle_core::bail!("cuDNN does not support this fused convolution"),
                 None => {
                     // With no activation the fused call runs one algorithm only (cuDNN's rule).
-                    let algorithm = if self.relu {
-                        op.pick_algorithm().map_err(|e| self.refusal(e))?
+                    let algorithm = if relu {
+                        op.pick_algorithm().map_err(|e| self.unsupported(e))?
                     } else {
                         sys::cudnnConvolutionFwdAlgo_t::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM
                     };
-                    let bytes = op.get_workspace_size(algorithm).map_err(|e| self.refusal(e))?;
-                    PLANS.with(|plans| plans.borrow_mut().insert(key, (algorithm, bytes)));
-                    (algorithm, bytes)
+                    let workspace_bytes = op.get_workspace_size(algorithm).map_err(|e| self.unsupported(e))?;
+                    set_plan(self.key, Plan::Fused { algorithm, workspace_bytes });
+                    (algorithm, workspace_bytes)
                 }
             };
             // SAFETY: uninitialised bytes are fine for cuDNN's scratch space.
@@ -379,6 +422,7 @@ mod gpu {
                     let (ptr, read) = z.device_ptr(&stream);
                     (ptr, Some(read), z.len())
                 }
+                // The output's address only: it is written through `ys` below, in the same call.
                 None => (ys.device_ptr(&stream).0, None, ys.len()),
             };
             let raw = |ptr, len| Raw::<T> { ptr, len, stream: stream.clone(), marker: PhantomData };
@@ -390,17 +434,21 @@ mod gpu {
             unsafe {
                 op.launch(algorithm, workspace.as_mut(), (T::one(), alpha2), &x_raw, &w_view, &z_raw, &b_raw, &mut ys)
             }
-            .map_err(|e| self.refusal(e))?;
+            .map_err(|e| self.unsupported(e))?;
             Ok(CudaStorage::wrap_cuda_slice(ys, device.clone()))
         }
 
-        /// cuDNN's error, remembering a refusal (a configuration it does not support).
-        fn refusal(&self, error: CudnnError) -> candle_core::Error {
-            use sys::cudnnStatus_t::{CUDNN_STATUS_BAD_PARAM, CUDNN_STATUS_NOT_SUPPORTED};
-            if matches!(error.0, CUDNN_STATUS_NOT_SUPPORTED | CUDNN_STATUS_BAD_PARAM)
-                && !self.conv.refused.swap(true, Ordering::Relaxed)
-            {
-                tracing::warn!(error = ?error.0, "cuDNN refused a fused convolution; it runs as Candle's");
+        /// cuDNN's error; where it does not support the fused call for this shape, the plan says
+        /// so, and Candle's convolution runs it from now on.
+        fn unsupported(&self, error: CudnnError) -> candle_core::Error {
+            if error.0 == sys::cudnnStatus_t::CUDNN_STATUS_NOT_SUPPORTED {
+                let f32 = self.key.dtype == DType::F32 && !self.key.tensor_cores;
+                tracing::warn!(
+                    shape = ?self.key.geometry.input,
+                    "cuDNN does not support a fused convolution here; it runs as Candle's{}",
+                    if f32 { ", at cuDNN's default math (TF32 on Ampere and later GPUs)" } else { "" }
+                );
+                set_plan(self.key, Plan::Unsupported);
             }
             candle_core::Error::wrap(error)
         }
@@ -409,7 +457,6 @@ mod gpu {
     /// One convolution call's layouts.
     #[derive(Clone, Copy)]
     struct Args<'a> {
-        geometry: Geometry,
         layout: &'a Layout,
         weight_layout: &'a Layout,
         bias_layout: &'a Layout,
@@ -437,7 +484,9 @@ mod gpu {
     }
 
     impl<T> DevicePtr<T> for Raw<T> {
-        // Everything here runs on Candle's one stream, in order: nothing to wait for or record.
+        // Candle runs a device's work on the calling thread's stream (CUDA's per-thread default
+        // stream) and a forward pass on one thread, so everything here is in stream order: nothing
+        // to wait for or record. The caller holds the typed views' own guards across the launch.
         fn device_ptr<'a>(&'a self, _: &'a CudaStream) -> (driver::sys::CUdeviceptr, SyncOnDrop<'a>) {
             (self.ptr, SyncOnDrop::Sync(None))
         }
@@ -460,10 +509,8 @@ mod gpu {
 
         fn cuda_fwd(&self, xs: &CudaStorage, layout: &Layout) -> Result<(CudaStorage, Shape)> {
             let input = dims4(layout, "cuDNN max-pool input")?;
-            let Window { size, stride, padding } = self.0;
             let [n, c, h, w] = input;
-            let out = |d: usize| (d + 2 * padding - size) / stride + 1;
-            let output = [n, c, out(h), out(w)];
+            let output = [n, c, self.0.out(h), self.0.out(w)];
             let slice = match xs.dtype() {
                 DType::F32 => self.launch::<f32>(xs, layout, input, output)?,
                 DType::F16 => self.launch::<half::f16>(xs, layout, input, output)?,
@@ -475,20 +522,17 @@ mod gpu {
     }
 
     impl MaxPool {
-        fn launch<T>(
+        fn launch<T: Element>(
             &self,
             xs: &CudaStorage,
             layout: &Layout,
             input: [usize; 4],
             output: [usize; 4],
-        ) -> Result<CudaStorage>
-        where
-            T: CudaDType + CudnnDataType + DeviceRepr + ValidAsZeroBits + WithDType,
-        {
+        ) -> Result<CudaStorage> {
             let device = xs.device();
             let cudnn = handle(device)?;
             let Window { size, stride, padding } = self.0;
-            let (size, stride, padding) = (size as i32, stride as i32, padding as i32);
+            let [size, stride, padding] = [size, stride, padding].map(|v| v as i32);
             let w_err = candle_core::Error::wrap;
             let pooling = cudnn
                 .create_poolingnd::<f32>(
@@ -499,9 +543,7 @@ mod gpu {
                     sys::cudnnNanPropagation_t::CUDNN_PROPAGATE_NAN,
                 )
                 .map_err(w_err)?;
-            let nchw = sys::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW;
-            let x_desc: TensorDescriptor<T> = cudnn.create_4d_tensor(nchw, as_i32(input)).map_err(w_err)?;
-            let y_desc: TensorDescriptor<T> = cudnn.create_4d_tensor(nchw, as_i32(output)).map_err(w_err)?;
+            let (x_desc, y_desc) = (descriptor::<T>(&cudnn, input)?, descriptor::<T>(&cudnn, output)?);
             // SAFETY: every output element is written by the pooling.
             let mut ys = unsafe { device.alloc::<T>(output.iter().product())? };
             let x_view = view::<T>(xs, layout)?;
