@@ -11,12 +11,13 @@
 #   bench/gpu_check.sh run [BIN]   run a binary (or its .gz) built elsewhere (a GPU machine
 #                                  without Rust), from the repository root
 #
-# Building needs nvcc and the CUDA libraries. Without a system toolkit the script installs them
-# from PyPI into target/gpu-check/cuda (CUDA 13.0: the newest a 13.0 driver runs), and builds
+# Building needs nvcc, the CUDA libraries and cuDNN 9. Without a system toolkit the script installs
+# them from PyPI into target/gpu-check/cuda (CUDA 13.0: the newest a 13.0 driver runs), and builds
 # for CUDA_COMPUTE_CAP (default 90, H100/H200). On a machine without the NVIDIA driver, the
 # binary is linked against a stub libcuda made from cuda.h (as the toolkit's own stubs are); the
 # GPU machine's driver is what it loads. Running needs the CUDA 13 libraries (cuBLAS, cuRAND,
-# NVRTC, runtime): the script looks in a system toolkit, then in any Python's nvidia packages.
+# NVRTC, runtime) and cuDNN 9: the script looks in a system toolkit, then in any Python's nvidia
+# packages (PyTorch's wheels carry them).
 # Extra arguments after `run BIN` go to `sluice bench cuda` (e.g. --batches 1,32 --json).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -118,7 +119,7 @@ run() {
     [ -d "$d" ] && export LD_LIBRARY_PATH="${LD_LIBRARY_PATH:+$LD_LIBRARY_PATH:}$d"
   done
   if ldd "$bin" | grep 'not found'; then
-    echo "$bin needs the CUDA libraries above; install the CUDA 13 toolkit or its wheels (pip install nvidia-cublas==13.0.* nvidia-curand==10.4.0.* nvidia-cuda-runtime==13.0.*), or set LD_LIBRARY_PATH" >&2
+    echo "$bin needs the CUDA libraries above; install the CUDA 13 toolkit and cuDNN 9 or their wheels (pip install nvidia-cublas==13.0.* nvidia-curand==10.4.0.* nvidia-cuda-runtime==13.0.* nvidia-cudnn-cu13==9.*), or set LD_LIBRARY_PATH" >&2
     exit 1
   fi
   # One second a batch size and runtime keeps the whole run inside a device session's budget.
