@@ -1,9 +1,9 @@
 //! `sluice bench pipeline`: how close the pipeline comes to its own model.
 //!
 //! The same N labelled digits go (a) through a bare in-memory loop — decode, preprocess, infer
-//! in the inference stage's batch size on its device, no store, no queues — and (b) through the whole pipeline
-//! on a fresh embedded store, all four stages running in this process, from a full stream to the
-//! last result. It prints records/s for both and the ratio, each stage's busy time (the sum of
+//! in the inference stage's batch size on its device, no store, no queues — and (b) through the
+//! whole pipeline on a fresh embedded store, all four stages running in this process, from a full
+//! stream to the last result. It prints records/s for both and the ratio, each stage's busy time (the sum of
 //! its batches' receive-to-acknowledge times, from the workers' own metrics) and the records'
 //! latency from ingest to stored result.
 

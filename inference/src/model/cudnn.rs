@@ -1,17 +1,15 @@
 //! Convolutions and max-pools on an NVIDIA GPU through cuDNN, run as PyTorch runs them.
 //!
-//! Candle's own cuDNN convolution (candle-core's `cudnn` feature) is a bare convolution: the bias,
-//! residual and ReLU after it are a kernel and a fresh tensor each, and it leaves cuDNN's math at
-//! its default, which lets f32 convolutions run on TF32 tensor cores (7.9e-4 from the CPU's f32
-//! outputs on ResNet-18, over f32's 1e-4). Here a convolution is one
+//! Candle's own cuDNN convolution (candle-core's `cudnn` feature) asks cuDNN's heuristics for an
+//! algorithm and allocates a zeroed workspace on every call, and is a bare convolution: the bias,
+//! residual and ReLU after it are a kernel and a fresh tensor each, most of the time at small
+//! batches (docs/benchmarks.md has the figures; `sluice bench cuda --candle-convolutions` times
+//! it). It also leaves cuDNN's math at its default, which lets f32 convolutions run on TF32 tensor
+//! cores (7.9e-4 from the CPU's f32 outputs on ResNet-18, over f32's 1e-4). Here a convolution is one
 //! `cudnnConvolutionBiasActivationForward` call, `relu(conv(x) + bias + residual)`, with the math
 //! the model's precision asks for (FMA for f32; tensor cores for tf32, f16 and bf16), and its
 //! algorithm chosen once per shape and device (cuDNN's heuristics, as PyTorch's default). A shape
 //! cuDNN does not support that call for says so once in the log and runs as Candle's convolution.
-//!
-//! Candle's own asks cuDNN's heuristics for an algorithm and allocates a zeroed workspace on every
-//! call, then runs bias, residual and ReLU as three more kernels: most of the time at small
-//! batches (docs/benchmarks.md has the figures; `sluice bench cuda --candle-convolutions` times it).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -34,7 +32,7 @@ impl CudnnConv {
         if !weight.device().is_cuda() {
             return Ok(None);
         }
-        Ok(gpu::Conv::new(weight, bias, window)?.map(|inner| Self { inner }))
+        Ok(Some(Self { inner: gpu::Conv::new(weight, bias, window)? }))
     }
 
     /// `relu(conv(xs) + bias + residual)` (no ReLU unless `relu`, no residual unless given), or
@@ -76,8 +74,8 @@ mod gpu {
     pub(super) enum Conv {}
 
     impl Conv {
-        pub(super) fn new(_: &Tensor, _: &Tensor, _: Window) -> Result<Option<Self>> {
-            Ok(None)
+        pub(super) fn new(_: &Tensor, _: &Tensor, _: Window) -> Result<Self> {
+            candle_core::bail!("cuDNN convolutions need a build with `cuda`")
         }
 
         pub(super) fn forward(&self, _: &Tensor, _: Option<&Tensor>, _: bool) -> Result<Option<Tensor>> {
@@ -123,7 +121,7 @@ mod gpu {
     }
 
     impl Conv {
-        pub(super) fn new(weight: &Tensor, bias: &Tensor, window: Window) -> Result<Option<Self>> {
+        pub(super) fn new(weight: &Tensor, bias: &Tensor, window: Window) -> Result<Self> {
             let (out_channels, _, height, width) = weight.dims4()?;
             if height != window.size || width != window.size {
                 candle_core::bail!("cuDNN convolution: a {0}×{0} kernel, not {height}×{width}", window.size);
@@ -132,12 +130,7 @@ mod gpu {
                 candle_core::bail!("cuDNN convolution: {} biases for {out_channels} channels", bias.elem_count());
             }
             let tensor_cores = weight.dtype() != DType::F32 || candle_core::cuda::gemm_reduced_precision_f32();
-            Ok(Some(Self {
-                weight: weight.contiguous()?,
-                bias: bias.flatten_all()?.contiguous()?,
-                window,
-                tensor_cores,
-            }))
+            Ok(Self { weight: weight.contiguous()?, bias: bias.flatten_all()?.contiguous()?, window, tensor_cores })
         }
 
         pub(super) fn forward(&self, xs: &Tensor, residual: Option<&Tensor>, relu: bool) -> Result<Option<Tensor>> {

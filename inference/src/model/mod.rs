@@ -175,8 +175,7 @@ impl CandleClassifier {
     }
 
     /// Class probabilities for `batch` vectors of values (already normalised) laid end to end in
-    /// `inputs`.
-    /// `inputs` are copied to the device from where they lie.
+    /// `inputs`, copied to the device from where they lie.
     pub fn predict(&self, inputs: &[f32], batch: usize) -> Result<Vec<Vec<f32>>, SluiceError> {
         let (c, h, w) = self.input_shape;
         let xs = Tensor::from_slice(inputs, (batch, c, h, w), &self.device).map_err(model_error)?;

@@ -54,8 +54,7 @@ impl Resnet18 {
     }
 
     fn forward_other(&self, xs: &Tensor) -> Result<Tensor> {
-        let xs = self.stem.other(xs, None, true)?;
-        let mut xs = if xs.device().is_cuda() { cudnn::max_pool(&xs, MAX_POOL)? } else { max_pool(&xs)? };
+        let mut xs = max_pool(&self.stem.other(xs, None, true)?)?;
         for block in &self.blocks {
             xs = block.forward_other(&xs)?;
         }
@@ -82,12 +81,12 @@ impl Module for Resnet18 {
     }
 }
 
-/// The stem's max-pool: 3×3, stride 2, padding 1.
-const MAX_POOL: Window = Window { size: 3, stride: 2, padding: 1 };
-
-/// 3×3 max pool, stride 2, padding 1, over the last two dimensions. The input comes out of a
-/// ReLU, so padding with zeros never changes a maximum.
+/// 3×3 max pool, stride 2, padding 1, over the last two dimensions: cuDNN's on a GPU. The input
+/// comes out of a ReLU, so padding with zeros never changes a maximum.
 fn max_pool(xs: &Tensor) -> Result<Tensor> {
+    if xs.device().is_cuda() {
+        return cudnn::max_pool(xs, Window { size: 3, stride: 2, padding: 1 });
+    }
     xs.pad_with_zeros(D::Minus1, 1, 1)?.pad_with_zeros(D::Minus2, 1, 1)?.max_pool2d_with_stride(3, 2)
 }
 
