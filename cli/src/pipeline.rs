@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::anyhow;
 use sluice_core::backend::Backend;
-use sluice_core::config::Settings;
+use sluice_core::config::{BackendKind, Settings};
 use sluice_core::service::{BuildError, default_worker_id, serve};
 use sluice_core::stats::PipelineStats;
 use sluice_core::telemetry::health::Health;
@@ -14,10 +14,9 @@ use sluice_core::worker::Stage;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-/// How often `--until-drained` looks at the store, and how many looks in a row must find it
-/// drained: two when every record is accounted for, more when some are not (duplicate record
-/// ids, or queue counts that lag, as SQS's approximate ones can).
-const DRAIN_CHECK: Duration = Duration::from_millis(200);
+/// How many looks in a row `--until-drained` needs to find the store drained: two when every
+/// record is accounted for, more when some are not (duplicate record ids, or queue counts that
+/// lag, as SQS's approximate ones can).
 const DRAINED_LOOKS: u32 = 2;
 const DRAINED_LOOKS_UNACCOUNTED: u32 = 25;
 
@@ -59,9 +58,9 @@ pub async fn run_all(
             let mut looks = 0;
             let mut needed = DRAINED_LOOKS;
             while !token.is_cancelled() {
-                tokio::time::sleep(DRAIN_CHECK).await;
-                match PipelineStats::collect(&backend).await {
-                    Ok(stats) if stats.is_drained() => {
+                tokio::time::sleep(drain_check(backend.kind())).await;
+                match drained_look(&backend).await {
+                    Ok(Some(stats)) => {
                         looks += 1;
                         needed = if stats.accounted() >= stats.records_in {
                             DRAINED_LOOKS
@@ -69,7 +68,7 @@ pub async fn run_all(
                             DRAINED_LOOKS_UNACCOUNTED
                         };
                     }
-                    Ok(_) => looks = 0,
+                    Ok(None) => looks = 0,
                     Err(e) => tracing::warn!(error = %e, "cannot read pipeline stats"),
                 }
                 if looks >= needed {
@@ -88,6 +87,27 @@ pub async fn run_all(
         }
     }
     first_error.map_or(Ok(()), Err)
+}
+
+/// How often `--until-drained` looks at the store. The embedded store answers from its file;
+/// on AWS a look is requests to a shared endpoint (up to a dozen: queue depths, the lease table,
+/// a Kinesis read past each checkpoint) that would compete with the workers' own.
+fn drain_check(kind: BackendKind) -> Duration {
+    match kind {
+        BackendKind::Embedded => Duration::from_millis(200),
+        BackendKind::Aws => Duration::from_secs(1),
+    }
+}
+
+/// The pipeline's stats when it looks drained, `None` when it does not. The work queues are
+/// read first, on their own, as they are what is busy while records flow; the full look
+/// reads them again after the stream, in the order records move, so none is missed in between.
+async fn drained_look(backend: &Backend) -> sluice_core::error::Result<Option<PipelineStats>> {
+    if PipelineStats::work_queued(backend).await? > 0 {
+        return Ok(None);
+    }
+    let stats = PipelineStats::collect(backend).await?;
+    Ok(stats.is_drained().then_some(stats))
 }
 
 /// All four stages running in a task of this process until stopped: the benches' pipeline.
