@@ -7,7 +7,7 @@ use std::time::Instant;
 use anyhow::bail;
 use serde::Serialize;
 use sluice_core::backend::Backend;
-use sluice_core::backend::aws::requests;
+use sluice_core::backend::aws::{moves_records, requests};
 use sluice_core::config::{BackendKind, Settings, StoreArgs};
 use sluice_core::record::PredictionResult;
 use sluice_core::stats::PipelineStats;
@@ -56,6 +56,14 @@ pub struct Summary {
     /// AWS requests the pipeline sent per record in (AWS backend only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub aws_requests_per_record: Option<f64>,
+    /// Of those, the requests that move records (`moves_records`), per record in.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub aws_record_requests_per_record: Option<f64>,
+    /// The rest (leases, reads of a caught-up stream, queue-depth samples, look-ups at start) per
+    /// second of the run: they grow with time and workers, not records, so a short or slow run
+    /// pays more of them per record.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub aws_coordination_requests_per_s: Option<f64>,
     /// Those requests by service and operation.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub aws_requests: BTreeMap<String, u64>,
@@ -120,8 +128,12 @@ pub async fn demo(args: &DemoArgs, settings: Settings) -> anyhow::Result<Summary
     let pipeline_requests = requests().snapshot();
     let mut summary = summarise(&Backend::open_observer(&store).await?, elapsed).await?;
     if store.backend == BackendKind::Aws {
+        let records_in = summary.records_in.max(1) as f64;
         let total: u64 = pipeline_requests.values().sum();
-        summary.aws_requests_per_record = Some(total as f64 / summary.records_in.max(1) as f64);
+        let moving: u64 = pipeline_requests.iter().filter(|(op, _)| moves_records(op)).map(|(_, n)| n).sum();
+        summary.aws_requests_per_record = Some(total as f64 / records_in);
+        summary.aws_record_requests_per_record = Some(moving as f64 / records_in);
+        summary.aws_coordination_requests_per_s = Some((total - moving) as f64 / elapsed.max(1e-9));
         summary.aws_requests = pipeline_requests;
     }
     Ok(summary)
@@ -149,6 +161,8 @@ pub async fn summarise(backend: &Backend, elapsed_s: f64) -> anyhow::Result<Summ
         latency_ms: Latency { p50: percentile(&latencies, 0.50), p99: percentile(&latencies, 0.99) },
         elapsed_s,
         aws_requests_per_record: None,
+        aws_record_requests_per_record: None,
+        aws_coordination_requests_per_s: None,
         aws_requests: BTreeMap::new(),
         dlq_reasons: dlq_reasons(backend).await?,
         served_by: results.iter().fold(BTreeMap::new(), |mut by, r| {
@@ -216,6 +230,13 @@ impl Summary {
         println!("  served by       {}", served.join(", "));
         if let Some(per_record) = self.aws_requests_per_record {
             println!("  AWS requests    {per_record:>8.2} per record");
+        }
+        if let (Some(moving), Some(per_s)) = (self.aws_record_requests_per_record, self.aws_coordination_requests_per_s)
+        {
+            println!("    moving records{moving:>8.2} per record  (queues, feature store, results, capture)");
+            println!(
+                "    coordination  {per_s:>8.2} per second  (leases, stream reads, queue depths: with time, not records)"
+            );
         }
         if !self.dlq_reasons.is_empty() {
             println!();

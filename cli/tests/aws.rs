@@ -109,6 +109,10 @@ fn assert_requests_per_record(summary: &serde_json::Value) {
     .sum();
     let records_in = summary["records_in"].as_u64().unwrap();
     assert!(moving as f64 <= 1.2 * records_in as f64, "{moving} requests moved {records_in} records: {requests}");
+    // The demo reports the same split.
+    let reported = summary["aws_record_requests_per_record"].as_f64().unwrap();
+    assert!((reported - moving as f64 / records_in as f64).abs() < 1e-9, "{summary}");
+    assert!(summary["aws_coordination_requests_per_s"].as_f64().unwrap() > 0.0, "{summary}");
     let per_record = summary["aws_requests_per_record"].as_f64().unwrap();
     assert!(per_record <= 2.0, "{per_record} AWS requests per record: {requests}");
 }

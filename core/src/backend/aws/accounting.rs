@@ -29,6 +29,27 @@ impl RequestCounter {
     }
 }
 
+/// The operations whose count grows with the records ("Service.Operation", as in
+/// [`RequestCounter::snapshot`]): the producer's puts, queue sends, receives (a waiting stage's
+/// long polls among them) and deletes, feature-store and result writes and reads, capture. The
+/// others keep the workers coordinated and grow with time and workers, not records: lease
+/// renewals, checkpoints and scans, reads of a caught-up stream, queue-depth samples, and the
+/// look-ups at start.
+pub fn moves_records(operation: &str) -> bool {
+    matches!(
+        operation,
+        "Kinesis.PutRecords"
+            | "SQS.SendMessageBatch"
+            | "SQS.ReceiveMessage"
+            | "SQS.DeleteMessageBatch"
+            | "DynamoDB.BatchWriteItem"
+            | "DynamoDB.BatchGetItem"
+            | "DynamoDB.TransactWriteItems"
+            | "S3.PutObject"
+            | "S3.GetObject"
+    )
+}
+
 impl Intercept for RequestCounter {
     fn name(&self) -> &'static str {
         "sluice-request-counter"
