@@ -115,6 +115,23 @@ async fn chaos(setup: Setup, records: usize, seed: u64) {
     let stored = all_results(&backend).await.unwrap();
     let ids: BTreeSet<String> = stored.iter().map(|r| r.record_id.to_string()).collect();
     assert_eq!(ids.len(), stored.len(), "one result per record");
+    let missing: Vec<&String> = produced.difference(&ids).collect();
+    if !missing.is_empty() {
+        // Where they went, if anywhere: a DLQ entry says why (one without a record id is listed too).
+        let mut found = Vec::new();
+        for stage in StageName::ALL {
+            for e in dlq::list(&backend, Letters::Stage(stage), &Filter::default(), usize::MAX).await.unwrap() {
+                if e.record_id().is_none_or(|id| missing.contains(&&id.to_string())) {
+                    found.push(format!("{stage}: {:?} {} {}", e.record_id(), e.entry.reason, e.entry.detail));
+                }
+            }
+        }
+        let logs = dir.keep();
+        panic!(
+            "good records without a result: {missing:?}; in the DLQs: {found:?}; workers' logs kept in {}; {stats:#?}",
+            logs.display()
+        );
+    }
     assert_eq!(ids, produced, "exactly the good records have results");
     let dead = dlq::list(&backend, Letters::Stage(StageName::Ingest), &Filter::default(), usize::MAX).await.unwrap();
     // One entry per record, by record id (a copy sent again after a kill is the same entry).
