@@ -2,6 +2,7 @@
 
 use std::fmt::Write as _;
 
+use sluice_core::backend::aws::moves_records;
 use sluice_core::stats::PipelineStats;
 use sluice_core::topology::{QueueName, StageName};
 
@@ -40,6 +41,12 @@ pub fn render(stats: &PipelineStats) -> String {
     }
     if let Some(per_record) = stats.aws_requests_per_record {
         let _ = writeln!(out, "\nAWS requests    {per_record:.2} per record in");
+        let moving: u64 = stats.aws_requests.iter().filter(|(op, _)| moves_records(op)).map(|(_, n)| n).sum();
+        let moving = moving as f64 / stats.records_in.max(1) as f64;
+        let _ = writeln!(
+            out,
+            "  moving records {moving:.2} per record in (the rest, leases, stream reads and queue depths, grow with time)"
+        );
     }
     out
 }
@@ -52,10 +59,10 @@ mod tests {
 
     use super::*;
 
-    #[test]
-    fn the_table_names_every_end_and_queue() {
+    /// Ten records in: five results, one for review, one in the ingest DLQ, three not yet done.
+    fn sample() -> PipelineStats {
         let queues = QueueName::ALL.into_iter().map(|q| (q, QueueDepth { visible: 2, in_flight: 1 })).collect();
-        let stats = PipelineStats {
+        PipelineStats {
             records_in: 10,
             results: 5,
             review: 1,
@@ -71,8 +78,12 @@ mod tests {
             queues,
             aws_requests_per_record: None,
             aws_requests: BTreeMap::new(),
-        };
-        let text = render(&stats);
+        }
+    }
+
+    #[test]
+    fn the_table_names_every_end_and_queue() {
+        let text = render(&sample());
         assert!(text.contains("records in              10"), "{text}");
         assert!(text.contains("not yet done           3"), "{text}");
         assert!(text.contains("ingest-a holds 4") && text.contains("20 ms behind"), "{text}");
@@ -80,5 +91,22 @@ mod tests {
             assert!(text.contains(&format!("  {:<13}          2          1", queue.as_str())), "{queue}: {text}");
         }
         assert!(!text.contains("AWS requests"));
+    }
+
+    #[test]
+    fn aws_requests_are_split_into_those_that_move_records_and_the_rest() {
+        let stats = PipelineStats {
+            aws_requests_per_record: Some(2.5),
+            aws_requests: BTreeMap::from([
+                ("SQS.SendMessageBatch".to_owned(), 6),
+                ("DynamoDB.TransactWriteItems".to_owned(), 5),
+                ("DynamoDB.UpdateItem".to_owned(), 9),
+                ("Kinesis.GetRecords".to_owned(), 5),
+            ]),
+            ..sample()
+        };
+        let text = render(&stats);
+        assert!(text.contains("AWS requests    2.50 per record in"), "{text}");
+        assert!(text.contains("moving records 1.10 per record in"), "{text}");
     }
 }
