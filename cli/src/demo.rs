@@ -7,7 +7,7 @@ use std::time::Instant;
 use anyhow::bail;
 use serde::Serialize;
 use sluice_core::backend::Backend;
-use sluice_core::backend::aws::{moves_records, requests};
+use sluice_core::backend::aws::{requests, requests_moving_records};
 use sluice_core::config::{BackendKind, Settings, StoreArgs};
 use sluice_core::record::PredictionResult;
 use sluice_core::stats::PipelineStats;
@@ -56,7 +56,7 @@ pub struct Summary {
     /// AWS requests the pipeline sent per record in (AWS backend only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub aws_requests_per_record: Option<f64>,
-    /// Of those, the requests that move records (`moves_records`), per record in.
+    /// Of those, the requests that move records (`requests_moving_records`), per record in.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub aws_record_requests_per_record: Option<f64>,
     /// The rest (leases, reads of a caught-up stream, queue-depth samples, look-ups at start) per
@@ -130,7 +130,7 @@ pub async fn demo(args: &DemoArgs, settings: Settings) -> anyhow::Result<Summary
     if store.backend == BackendKind::Aws {
         let records_in = summary.records_in.max(1) as f64;
         let total: u64 = pipeline_requests.values().sum();
-        let moving: u64 = pipeline_requests.iter().filter(|(op, _)| moves_records(op)).map(|(_, n)| n).sum();
+        let moving = requests_moving_records(&pipeline_requests);
         summary.aws_requests_per_record = Some(total as f64 / records_in);
         summary.aws_record_requests_per_record = Some(moving as f64 / records_in);
         summary.aws_coordination_requests_per_s = Some((total - moving) as f64 / elapsed.max(1e-9));

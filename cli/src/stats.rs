@@ -2,7 +2,7 @@
 
 use std::fmt::Write as _;
 
-use sluice_core::backend::aws::moves_records;
+use sluice_core::backend::aws::requests_moving_records;
 use sluice_core::stats::PipelineStats;
 use sluice_core::topology::{QueueName, StageName};
 
@@ -41,8 +41,7 @@ pub fn render(stats: &PipelineStats) -> String {
     }
     if let Some(per_record) = stats.aws_requests_per_record {
         let _ = writeln!(out, "\nAWS requests    {per_record:.2} per record in");
-        let moving: u64 = stats.aws_requests.iter().filter(|(op, _)| moves_records(op)).map(|(_, n)| n).sum();
-        let moving = moving as f64 / stats.records_in.max(1) as f64;
+        let moving = requests_moving_records(&stats.aws_requests) as f64 / stats.records_in.max(1) as f64;
         let _ = writeln!(
             out,
             "  moving records {moving:.2} per record in (the rest, leases, stream reads and queue depths, grow with time)"

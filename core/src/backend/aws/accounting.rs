@@ -29,13 +29,17 @@ impl RequestCounter {
     }
 }
 
-/// The operations whose count grows with the records ("Service.Operation", as in
-/// [`RequestCounter::snapshot`]): the producer's puts, queue sends, receives (a waiting stage's
-/// long polls among them) and deletes, feature-store and result writes and reads, capture. The
-/// others keep the workers coordinated and grow with time and workers, not records: lease
-/// renewals, checkpoints and scans, reads of a caught-up stream, queue-depth samples, and the
-/// look-ups at start.
-pub fn moves_records(operation: &str) -> bool {
+/// Of `counts` (as [`RequestCounter::snapshot`] gives them), the requests whose number grows
+/// with the records: the producer's puts, queue sends, receives (a waiting stage's long polls
+/// among them) and deletes, feature-store and result writes and reads, capture. The others keep
+/// the workers coordinated and grow with time and workers, not records: lease renewals,
+/// checkpoints and scans, reads of a caught-up stream, queue-depth samples, and the look-ups at
+/// start.
+pub fn requests_moving_records(counts: &BTreeMap<String, u64>) -> u64 {
+    counts.iter().filter(|(operation, _)| moves_records(operation)).map(|(_, n)| n).sum()
+}
+
+fn moves_records(operation: &str) -> bool {
     matches!(
         operation,
         "Kinesis.PutRecords"

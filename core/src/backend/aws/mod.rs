@@ -23,7 +23,7 @@ use aws_smithy_runtime_api::client::orchestrator::HttpResponse;
 use aws_smithy_runtime_api::client::result::SdkError;
 use aws_smithy_types::error::metadata::ProvideErrorMetadata;
 
-pub use accounting::{RequestCounter, moves_records};
+pub use accounting::{RequestCounter, requests_moving_records};
 pub use resources::Names;
 
 use super::{Backend, WorkQueue};
