@@ -1,8 +1,8 @@
 //! Support for tests that need an AWS-compatible endpoint on 127.0.0.1.
 //!
 //! `SLUICE_TEST_AWS_ENDPOINT` names one (CI starts moto server once for the whole run); without
-//! it, the first caller starts `moto_server` (from `pip install "moto[server]"`) on a free
-//! loopback port, watched so that it stops when the test process does. The Kinesis emulator and
+//! it, the first caller starts moto server (from `pip install "moto[server]"`, through
+//! `scripts/moto-server`, which fixes two faults of moto's first) on a free loopback port, watched so that it stops when the test process does. The Kinesis emulator and
 //! the local SageMaker XGBoost endpoint are found, or started, the same way. [`FaultProxy`] puts
 //! AWS's bad days (throttling, 5xx, latency, dropped connections) between a test and the stand-in.
 
@@ -129,7 +129,13 @@ pub fn aws_endpoint() -> String {
             if let Ok(url) = std::env::var(ENDPOINT_VAR) {
                 return url;
             }
-            start_watched("moto_server -H 127.0.0.1 -p {port}").unwrap_or_else(|e| {
+            // The Python that `moto_server` runs on (its first line) runs the wrapper.
+            let wrapper = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/moto-server");
+            start_watched(&format!(
+                "exec \"$(sed -n '1s/^#!//p' \"$(command -v moto_server)\")\" \"{}\" -H 127.0.0.1 -p {{port}}",
+                wrapper.display()
+            ))
+            .unwrap_or_else(|e| {
                 panic!("AWS tests need an endpoint: {SETUP_HINT}; or set {ENDPOINT_VAR}, or `pip install \"moto[server]\"` ({e})")
             })
         })
