@@ -190,7 +190,7 @@ async fn chaos_on_the_embedded_store() {
 /// which then stays hidden for the visibility timeout with one receive more, read by no one. With
 /// a worker killed every 1.5 s (through faults, whose dropped responses do the same), a message
 /// can pass through five such polls, and it ends, by design, in its stage's DLQ as
-/// `max_receives_exceeded` (seen: 6 records in 1 of ~20 runs). These runs are about kills not
+/// `max_receives_exceeded` (seen: 6 records, in one of ~24 runs). These runs are about kills not
 /// losing or doubling records; the redrive itself is tested on its own.
 const CHAOS_MAX_RECEIVES: u32 = 10;
 
