@@ -2,8 +2,9 @@
 //!
 //! `SLUICE_TEST_AWS_ENDPOINT` names one (CI starts moto server once for the whole run); without
 //! it, the first caller starts moto server (from `pip install "moto[server]"`, through
-//! `scripts/moto-server`, which fixes two faults of moto's first) on a free loopback port, watched so that it stops when the test process does. The Kinesis emulator and
-//! the local SageMaker XGBoost endpoint are found, or started, the same way. [`FaultProxy`] puts
+//! `scripts/moto-server`, which fixes three of moto's faults first) on a free loopback port,
+//! watched so that it stops when the test process does. The Kinesis emulator and the local
+//! SageMaker XGBoost endpoint are found, or started, the same way. [`FaultProxy`] puts
 //! AWS's bad days (throttling, 5xx, latency, dropped connections) between a test and the stand-in.
 
 mod fault_proxy;
