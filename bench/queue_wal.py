@@ -1,0 +1,102 @@
+#!/usr/bin/env python3
+"""How many bytes of write-ahead log one queue hop costs on the embedded store, by phase.
+
+A hop is a send (insert), a receive (update: receive count, visibility) and an acknowledgement
+(delete), in batches of 200 a transaction as the stages run them, over three queues, with
+messages the size of the digits pipeline's (a 500-byte body, a traceparent attribute). Compares
+the store's `messages` table (core/src/backend/embedded/schema.sql) with a split layout that
+keeps bodies in a table of their own, so that a receive rewrites only small rows.
+
+    python3 bench/queue_wal.py
+
+Python's sqlite3 runs the same SQLite statements as the store; its timings are Python's, not the
+store's, so only the log bytes are printed.
+"""
+
+import os
+import sqlite3
+import tempfile
+from pathlib import Path
+
+SCHEMA = (Path(__file__).resolve().parent.parent / "core/src/backend/embedded/schema.sql").read_text()
+
+SPLIT = """
+CREATE TABLE messages (id INTEGER PRIMARY KEY AUTOINCREMENT, queue TEXT NOT NULL, dedup_key TEXT,
+    receive_count INTEGER NOT NULL DEFAULT 0, visible_at_ms INTEGER NOT NULL, sent_at_ms INTEGER NOT NULL,
+    first_received_ms INTEGER);
+CREATE TABLE bodies (id INTEGER PRIMARY KEY, body BLOB NOT NULL, attributes TEXT NOT NULL);
+CREATE INDEX messages_ready ON messages (queue, visible_at_ms, id);
+CREATE UNIQUE INDEX messages_dedup ON messages (queue, dedup_key) WHERE dedup_key IS NOT NULL;
+"""
+
+BATCH, CYCLES, QUEUES = 200, 60, ("features", "inference", "results")
+BODY = b"x" * 500
+ATTRIBUTES = '{"traceparent":"00-69e1689207d64328a66bcde53cb02253-bc15b6c709a1477f-01"}'
+
+
+def hop_bytes(split: bool) -> dict:
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "queue.db")
+        conn = sqlite3.connect(path, isolation_level=None)
+        for pragma in ("journal_mode=WAL", "synchronous=NORMAL", "cache_size=-16384", "wal_autocheckpoint=0"):
+            conn.execute(f"PRAGMA {pragma}")
+        conn.executescript(SPLIT if split else SCHEMA)
+        log = lambda: os.path.getsize(path + "-wal") if os.path.exists(path + "-wal") else 0
+        phases = {"send": 0, "receive": 0, "ack": 0}
+
+        def transaction(phase, work):
+            before = log()
+            conn.execute("BEGIN IMMEDIATE")
+            result = work()
+            conn.execute("COMMIT")
+            phases[phase] += log() - before
+            return result
+
+        sent, now = 0, 1
+        for _ in range(CYCLES):
+            for queue in QUEUES:
+                def send():
+                    nonlocal sent
+                    for _ in range(BATCH):
+                        key = f"digits-84f8aab7-test-{sent:06d}-0"
+                        sent += 1
+                        if split:
+                            cur = conn.execute(
+                                "INSERT INTO messages (queue, dedup_key, visible_at_ms, sent_at_ms) VALUES (?, ?, ?, ?)",
+                                (queue, key, now, now))
+                            conn.execute("INSERT INTO bodies (id, body, attributes) VALUES (?, ?, ?)",
+                                         (cur.lastrowid, BODY, ATTRIBUTES))
+                        else:
+                            conn.execute(
+                                "INSERT INTO messages (queue, body, attributes, dedup_key, visible_at_ms, sent_at_ms) "
+                                "VALUES (?, ?, ?, ?, ?, ?)", (queue, BODY, ATTRIBUTES, key, now, now))
+                transaction("send", send)
+            now += 1
+            for queue in QUEUES:
+                def receive():
+                    rows = conn.execute(
+                        "SELECT id, receive_count FROM messages WHERE queue = ? AND visible_at_ms <= ? "
+                        "ORDER BY visible_at_ms, id LIMIT ?", (queue, now, BATCH)).fetchall()
+                    for id_, count in rows:
+                        conn.execute(
+                            "UPDATE messages SET receive_count = ?, visible_at_ms = ?, "
+                            "first_received_ms = COALESCE(first_received_ms, ?) WHERE id = ?",
+                            (count + 1, now + 30_000, now, id_))
+                    return rows
+                rows = transaction("receive", receive)
+
+                def ack():
+                    for id_, count in rows:
+                        conn.execute("DELETE FROM messages WHERE id = ? AND receive_count = ?", (id_, count + 1))
+                        if split:
+                            conn.execute("DELETE FROM bodies WHERE id = ?", (id_,))
+                transaction("ack", ack)
+        conn.close()
+        return {phase: total // sent for phase, total in phases.items()}
+
+
+if __name__ == "__main__":
+    for name, split in (("messages table (the store's)", False), ("bodies split out", True)):
+        phases = hop_bytes(split)
+        detail = ", ".join(f"{phase} {size}" for phase, size in phases.items())
+        print(f"{name:30} {sum(phases.values()):5} log bytes per message and hop ({detail})")
