@@ -4,8 +4,10 @@
 //! in the inference stage's batch size on its device, no store, no queues — and (b) through the
 //! whole pipeline on a fresh embedded store, all four stages running in this process, from a full
 //! stream to the last result. It prints records/s for both and the ratio, each stage's busy time (the sum of
-//! its batches' receive-to-acknowledge times, from the workers' own metrics) and the records'
-//! latency from ingest to stored result.
+//! its batches' receive-to-acknowledge times, from the workers' own metrics), the records'
+//! latency from ingest to stored result, and the bytes the process wrote to files a record (the
+//! store's log and checkpoints, the capture log): the store's cost, which on a noisy machine
+//! moves far less from run to run than records/s.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -45,6 +47,9 @@ pub struct PipelineReport {
     /// Each stage's summed batch time, in seconds.
     pub stage_busy_s: BTreeMap<String, f64>,
     pub pipeline_s: f64,
+    /// Bytes handed to file writes during the pipeline's run, per record (Linux's `wchar`);
+    /// absent where the system does not tell.
+    pub written_bytes_per_record: Option<f64>,
     pub latency_ms: Latency,
     /// Where records waited: per stage, from the previous stage's timestamp (the producer's, for
     /// ingest) to its own, in milliseconds.
@@ -68,6 +73,13 @@ impl fmt::Display for PipelineReport {
             "  latency ingest → stored               p50 {} ms, p99 {} ms",
             self.latency_ms.p50, self.latency_ms.p99
         )?;
+        if let Some(bytes) = self.written_bytes_per_record {
+            writeln!(
+                f,
+                "  written to files, per record           {:>9.1} KiB (store log, checkpoints, capture)",
+                bytes / 1024.0
+            )?;
+        }
         writeln!(f, "  busy time per stage over {:.2} s:", self.pipeline_s)?;
         for (stage, busy) in &self.stage_busy_s {
             writeln!(f, "    {stage:<10} {busy:>7.2} s ({:.0}%)", 100.0 * busy / self.pipeline_s.max(1e-9))?;
@@ -95,10 +107,13 @@ pub async fn bench_pipeline(args: &BenchPipelineArgs, settings: Settings) -> any
         .set("telemetry.port", 0);
     let backend = Backend::open(&settings.store()?).await?;
     put_all(&backend, records).await?;
+    let written_before = bytes_written();
     let started = Instant::now();
     let mut pipeline = crate::pipeline::InProcess::start(&settings);
     pipeline.wait_accounted(&backend, n as u64).await?;
     let pipeline_s = started.elapsed().as_secs_f64();
+    let written_bytes_per_record =
+        written_before.zip(bytes_written()).map(|(before, after)| after.saturating_sub(before) as f64 / n as f64);
     pipeline.stop().await?;
 
     let samples = scrape::parse(&sluice_core::telemetry::prometheus_text());
@@ -125,12 +140,20 @@ pub async fn bench_pipeline(args: &BenchPipelineArgs, settings: Settings) -> any
         ratio: pipeline_records_per_s / bare_records_per_s,
         stage_busy_s,
         pipeline_s,
+        written_bytes_per_record,
         latency_ms: Latency {
             p50: crate::demo::percentile(&latencies, 0.5) as u64,
             p99: crate::demo::percentile(&latencies, 0.99) as u64,
         },
         stage_ms,
     })
+}
+
+/// Bytes this process has handed to `write` and its kin so far (`wchar` in `/proc/self/io`), where
+/// the system tells.
+fn bytes_written() -> Option<u64> {
+    let io = std::fs::read_to_string("/proc/self/io").ok()?;
+    io.lines().find_map(|line| line.strip_prefix("wchar:"))?.trim().parse().ok()
 }
 
 /// Seconds the bare loop takes over `records`: what the stages do to each, and nothing else.

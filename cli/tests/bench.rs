@@ -78,6 +78,11 @@ fn the_pipeline_bench_runs_both_sides_on_the_same_records() {
         assert!(report["stage_busy_s"][stage].as_f64().unwrap() > 0.0, "{stage} worked: {report}");
     }
     assert!(report["latency_ms"]["p99"].as_u64().unwrap() >= report["latency_ms"]["p50"].as_u64().unwrap());
+    // Every record crosses the store's log several times (stream, three queues, features, result):
+    // kilobytes of file writes each, where Linux tells.
+    if cfg!(target_os = "linux") {
+        assert!(report["written_bytes_per_record"].as_f64().unwrap() > 1024.0, "{report}");
+    }
 }
 
 #[test]
@@ -104,7 +109,7 @@ fn the_load_bench_reports_latency_stages_and_backlog_at_each_load() {
 }
 
 #[test]
-fn the_load_bench_runs_on_the_aws_stand_in_at_a_rate_it_sustains() {
+fn the_load_bench_runs_on_the_aws_stand_in() {
     let mut cmd = Command::new(bin("sluice"));
     common::aws_env(&mut cmd, "unused")
         .args(["bench", "load", "--duration", "3s", "--capacity", "40", "--loads", "0.5", "--json"])
@@ -114,6 +119,10 @@ fn the_load_bench_runs_on_the_aws_stand_in_at_a_rate_it_sustains() {
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let run = &report["runs"][0];
     assert_eq!(run["records"].as_u64(), Some(60), "{run}");
-    assert_eq!(run["bounded"], true, "{run}");
     assert!(run["latency_ms"]["p99"].as_f64().unwrap() > 0.0, "{run}");
+    assert_eq!(run["stage_ms"].as_object().unwrap().len(), 4, "{run}");
+    // The backlog is sampled and judged, but not asserted bounded: on the stand-in that is
+    // moto's pace on a machine shared with the other tests (a CI run starved it once), not
+    // sluice's. The embedded test above asserts it, with a wide margin.
+    assert!(run["max_backlog"].as_u64().is_some() && run["bounded"].is_boolean(), "{run}");
 }
