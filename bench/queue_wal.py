@@ -7,12 +7,14 @@ messages the size of the digits pipeline's (a 500-byte body, a traceparent attri
 the store's `messages` table (core/src/backend/embedded/schema.sql) with a split layout that
 keeps bodies in a table of their own, so that a receive rewrites only small rows.
 
-    python3 bench/queue_wal.py
+    python3 bench/queue_wal.py                  # bodies of 500 bytes
+    python3 bench/queue_wal.py --body-bytes 300
 
 Python's sqlite3 runs the same SQLite statements as the store; its timings are Python's, not the
 store's, so only the log bytes are printed.
 """
 
+import argparse
 import os
 import sqlite3
 import tempfile
@@ -30,11 +32,10 @@ CREATE UNIQUE INDEX messages_dedup ON messages (queue, dedup_key) WHERE dedup_ke
 """
 
 BATCH, CYCLES, QUEUES = 200, 60, ("features", "inference", "results")
-BODY = b"x" * 500
 ATTRIBUTES = '{"traceparent":"00-69e1689207d64328a66bcde53cb02253-bc15b6c709a1477f-01"}'
 
 
-def hop_bytes(split: bool) -> dict:
+def hop_bytes(split: bool, body: bytes) -> dict:
     with tempfile.TemporaryDirectory() as folder:
         path = os.path.join(folder, "queue.db")
         conn = sqlite3.connect(path, isolation_level=None)
@@ -65,11 +66,11 @@ def hop_bytes(split: bool) -> dict:
                                 "INSERT INTO messages (queue, dedup_key, visible_at_ms, sent_at_ms) VALUES (?, ?, ?, ?)",
                                 (queue, key, now, now))
                             conn.execute("INSERT INTO bodies (id, body, attributes) VALUES (?, ?, ?)",
-                                         (cur.lastrowid, BODY, ATTRIBUTES))
+                                         (cur.lastrowid, body, ATTRIBUTES))
                         else:
                             conn.execute(
                                 "INSERT INTO messages (queue, body, attributes, dedup_key, visible_at_ms, sent_at_ms) "
-                                "VALUES (?, ?, ?, ?, ?, ?)", (queue, BODY, ATTRIBUTES, key, now, now))
+                                "VALUES (?, ?, ?, ?, ?, ?)", (queue, body, ATTRIBUTES, key, now, now))
                 transaction("send", send)
             now += 1
             for queue in QUEUES:
@@ -96,7 +97,10 @@ def hop_bytes(split: bool) -> dict:
 
 
 if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--body-bytes", type=int, default=500, help="each message's body (default 500)")
+    body = b"x" * parser.parse_args().body_bytes
     for name, split in (("messages table (the store's)", False), ("bodies split out", True)):
-        phases = hop_bytes(split)
+        phases = hop_bytes(split, body)
         detail = ", ".join(f"{phase} {size}" for phase, size in phases.items())
         print(f"{name:30} {sum(phases.values()):5} log bytes per message and hop ({detail})")
