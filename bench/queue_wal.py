@@ -2,16 +2,19 @@
 """How many bytes of write-ahead log one queue hop costs on the embedded store, by phase.
 
 A hop is a send (insert), a receive (update: receive count, visibility) and an acknowledgement
-(delete), in batches of 200 a transaction as the stages run them, over three queues, with
-messages the size of the digits pipeline's (a 500-byte body, a traceparent attribute). Compares
+(delete), in transactions of 200 messages (the features and results stages' batch size), over
+three queues, with messages the size of the digits pipeline's (a 500-byte body, a traceparent
+attribute) and timestamps in epoch milliseconds. Compares
 the store's `messages` table (core/src/backend/embedded/schema.sql) with a split layout that
 keeps bodies in a table of their own, so that a receive rewrites only small rows.
 
     python3 bench/queue_wal.py                  # bodies of 500 bytes
     python3 bench/queue_wal.py --body-bytes 300
 
-Python's sqlite3 runs the same SQLite statements as the store; its timings are Python's, not the
-store's, so only the log bytes are printed.
+Python's sqlite3 runs the same statements as the store, on the SQLite Python was built with
+(3.40 here; the store bundles 3.54), so the bytes are those of the schema and the statements, not
+of one SQLite build to the byte; its timings are Python's, not the store's, so only the log bytes
+are printed.
 """
 
 import argparse
@@ -53,7 +56,7 @@ def hop_bytes(split: bool, body: bytes) -> dict:
             phases[phase] += log() - before
             return result
 
-        sent, now = 0, 1
+        sent, now = 0, 1_764_300_000_000
         for _ in range(CYCLES):
             for queue in QUEUES:
                 def send():

@@ -5,9 +5,9 @@
 //! whole pipeline on a fresh embedded store, all four stages running in this process, from a full
 //! stream to the last result. It prints records/s for both and the ratio, each stage's busy time (the sum of
 //! its batches' receive-to-acknowledge times, from the workers' own metrics), the records'
-//! latency from ingest to stored result, and the bytes the process wrote to files a record (the
-//! store's log and checkpoints, the capture log): the store's cost, which on a noisy machine
-//! moves far less from run to run than records/s.
+//! latency from ingest to stored result, and the bytes the process handed to `write` calls during
+//! the run, a record (nearly all the store's log and checkpoints, and the capture log): the
+//! store's cost, which on a noisy machine moves far less from run to run than records/s.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -47,8 +47,10 @@ pub struct PipelineReport {
     /// Each stage's summed batch time, in seconds.
     pub stage_busy_s: BTreeMap<String, f64>,
     pub pipeline_s: f64,
-    /// Bytes handed to file writes during the pipeline's run, per record (Linux's `wchar`);
-    /// absent where the system does not tell.
+    /// Bytes handed to `write` calls during the pipeline's run, per record (Linux's `wchar`):
+    /// nearly all the store's files (its log, the checkpoints' copies into the database file,
+    /// of the stream the producer wrote just before too) and the capture log, besides a little
+    /// logging. Absent where the system does not tell.
     pub written_bytes_per_record: Option<f64>,
     pub latency_ms: Latency,
     /// Where records waited: per stage, from the previous stage's timestamp (the producer's, for
@@ -76,7 +78,7 @@ impl fmt::Display for PipelineReport {
         if let Some(bytes) = self.written_bytes_per_record {
             writeln!(
                 f,
-                "  written to files, per record           {:>9.1} KiB (store log, checkpoints, capture)",
+                "  written, per record                    {:>9.1} KiB (store log, checkpoints, capture)",
                 bytes / 1024.0
             )?;
         }

@@ -78,10 +78,11 @@ fn the_pipeline_bench_runs_both_sides_on_the_same_records() {
         assert!(report["stage_busy_s"][stage].as_f64().unwrap() > 0.0, "{stage} worked: {report}");
     }
     assert!(report["latency_ms"]["p99"].as_u64().unwrap() >= report["latency_ms"]["p50"].as_u64().unwrap());
-    // Every record crosses the store's log several times (stream, three queues, features, result):
-    // kilobytes of file writes each, where Linux tells.
+    // Every record crosses the store's log several times during the run (three queues, its
+    // features, its result): kilobytes written each, where Linux tells.
     if cfg!(target_os = "linux") {
-        assert!(report["written_bytes_per_record"].as_f64().unwrap() > 1024.0, "{report}");
+        let written = report["written_bytes_per_record"].as_f64().expect("Linux counts writes in /proc/self/io");
+        assert!(written > 1024.0, "{report}");
     }
 }
 
