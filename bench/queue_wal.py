@@ -4,9 +4,9 @@
 A hop is a send (insert), a receive (update: receive count, visibility) and an acknowledgement
 (delete), in transactions of 200 messages (the features and results stages' batch size), over
 three queues, with messages the size of the digits pipeline's (a 500-byte body, a traceparent
-attribute) and timestamps in epoch milliseconds. Compares
-the store's `messages` table (core/src/backend/embedded/schema.sql) with a split layout that
-keeps bodies in a table of their own, so that a receive rewrites only small rows.
+attribute) and timestamps in epoch milliseconds. Compares the store's `messages` table
+(core/src/backend/embedded/schema.sql) with a split layout that keeps bodies in a table of their
+own, so that a receive rewrites only small rows.
 
     python3 bench/queue_wal.py                  # bodies of 500 bytes
     python3 bench/queue_wal.py --body-bytes 300
