@@ -122,8 +122,11 @@ run() {
     echo "$bin needs the CUDA libraries above; install the CUDA 13 toolkit and cuDNN 9 or their wheels (pip install nvidia-cublas==13.0.* nvidia-curand==10.4.0.* nvidia-cuda-runtime==13.0.* nvidia-cudnn-cu13==9.*), or set LD_LIBRARY_PATH" >&2
     exit 1
   fi
-  # One second a batch size and runtime keeps the whole run inside a device session's budget.
-  RUST_LOG=warn "$bin" bench cuda --threads "$(nproc)" --min-seconds 1 "$@"
+  # One second a batch size and runtime keeps the whole run inside a device session's budget;
+  # a --min-seconds among the extra arguments replaces it (clap takes the option once).
+  local min_seconds=(--min-seconds 1)
+  [[ " $* " == *" --min-seconds"* ]] && min_seconds=()
+  RUST_LOG=warn "$bin" bench cuda --threads "$(nproc)" "${min_seconds[@]}" "$@"
 }
 
 case "$mode" in
