@@ -44,9 +44,12 @@ CREATE TABLE IF NOT EXISTS results (
     body       TEXT    NOT NULL,
     created_ms INTEGER NOT NULL
 ) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS results_by_status ON results (status, record_id);
+-- Listing by time (`sluice results`, the API), with or without a status; counting by status
+-- scans the second. A store made before 2026-11-28 also has results_by_status (status,
+-- record_id), which no query used and every result write kept up to date: it goes.
 CREATE INDEX IF NOT EXISTS results_by_time ON results (created_ms, record_id);
 CREATE INDEX IF NOT EXISTS results_by_status_time ON results (status, created_ms, record_id);
+DROP INDEX IF EXISTS results_by_status;
 
 CREATE TABLE IF NOT EXISTS blobs (
     id   TEXT PRIMARY KEY,

@@ -80,6 +80,16 @@ impl FeatureStore for EmbeddedFeatureStore {
     }
 }
 
+/// Results in time order after (?2, ?3), up to ?4, of status ?1. One statement per case, each
+/// on its own index: one `?1 IS NULL OR status = ?1` statement let the planner pick only the time
+/// index, so listing the few results waiting for review read every accepted one too.
+const LIST_BY_STATUS: &str = "SELECT created_ms, body FROM results WHERE status = ?1 \
+     AND (created_ms, record_id) > (?2, ?3) ORDER BY created_ms, record_id LIMIT ?4";
+
+/// [`LIST_BY_STATUS`] of every status: ?1 (no status) is bound and not used.
+const LIST_ALL: &str = "SELECT created_ms, body FROM results \
+     WHERE (created_ms, record_id) > (?2, ?3) ORDER BY created_ms, record_id LIMIT ?4";
+
 pub(super) struct EmbeddedResultStore {
     db: Db,
 }
@@ -175,11 +185,7 @@ impl ResultStore for EmbeddedResultStore {
         let query = query.clone();
         self.db
             .call(move |conn| {
-                let mut stmt = conn.prepare_cached(
-                    "SELECT created_ms, body FROM results \
-                     WHERE (?1 IS NULL OR status = ?1) AND (created_ms > ?2 OR (created_ms = ?2 AND record_id > ?3)) \
-                     ORDER BY created_ms, record_id LIMIT ?4",
-                )?;
+                let mut stmt = conn.prepare_cached(if query.status.is_some() { LIST_BY_STATUS } else { LIST_ALL })?;
                 let status = query.status.map(ResultStatus::as_str);
                 let mut from = query.start();
                 let mut page = ResultPage::default();
@@ -284,5 +290,52 @@ impl ResultStore for EmbeddedResultStore {
                 rows.collect()
             })
             .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::embedded::EmbeddedStore;
+    use crate::config::StoreConfig;
+
+    /// What SQLite's planner says it does for `sql`, its steps joined.
+    fn plan(conn: &rusqlite::Connection, sql: &str) -> String {
+        let mut stmt = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
+        let steps = stmt.query_map(params![None::<String>, 0, "", 10], |r| r.get::<_, String>(3)).unwrap();
+        steps.collect::<rusqlite::Result<Vec<_>>>().unwrap().join("; ")
+    }
+
+    #[tokio::test]
+    async fn result_listings_search_their_index_and_the_unused_one_is_gone() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = StoreConfig { path: dir.path().join("s.sqlite"), ..Default::default() };
+        // A store made before the index went still has it: opening drops it.
+        rusqlite::Connection::open(&config.path)
+            .unwrap()
+            .execute_batch(
+                "CREATE TABLE results (record_id TEXT PRIMARY KEY, status TEXT NOT NULL, body TEXT NOT NULL, \
+                 created_ms INTEGER NOT NULL) WITHOUT ROWID; \
+                 CREATE INDEX results_by_status ON results (status, record_id);",
+            )
+            .unwrap();
+        let store = EmbeddedStore::open(&config).unwrap();
+        let (by_status, all, indexes) = store
+            .db
+            .call(|conn| {
+                let indexes: Vec<String> = conn
+                    .prepare(
+                        "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'results' ORDER BY name",
+                    )?
+                    .query_map([], |r| r.get(0))?
+                    .collect::<rusqlite::Result<_>>()?;
+                Ok((plan(conn, LIST_BY_STATUS), plan(conn, LIST_ALL), indexes))
+            })
+            .await
+            .unwrap();
+        assert!(by_status.starts_with("SEARCH results USING INDEX results_by_status_time (status=?"), "{by_status}");
+        assert!(all.starts_with("SEARCH results USING INDEX results_by_time"), "{all}");
+        assert!(!by_status.contains("TEMP B-TREE") && !all.contains("TEMP B-TREE"), "{by_status} / {all}");
+        assert!(!indexes.iter().any(|name| name == "results_by_status"), "{indexes:?}");
     }
 }
