@@ -10,6 +10,8 @@
 #   bench/gpu_check.sh clippy      lint the `cuda` build's code (no GPU needed)
 #   bench/gpu_check.sh run [BIN]   run a binary (or its .gz) built elsewhere (a GPU machine
 #                                  without Rust), from the repository root
+#   bench/gpu_check.sh pipeline [BIN]  the whole pipeline with inference on CUDA against its bare
+#                                  loop, store on disk and on tmpfs (issue 13; see pipeline())
 #
 # Building needs nvcc, the CUDA libraries and cuDNN 9. Without a system toolkit the script installs
 # them from PyPI into target/gpu-check/cuda (CUDA 13.0: the newest a 13.0 driver runs), and builds
@@ -101,9 +103,10 @@ build() {
   echo "built $out/sluice and $out/sluice.gz"
 }
 
-run() {
-  local bin="${1:-$out/sluice}"
-  shift || true
+# The binary to run: `$1`, unpacked where it is a .gz (into the variable `bin`), with the CUDA
+# libraries it loads found.
+runtime_env() {
+  bin="$1"
   if [[ "$bin" == *.gz ]]; then
     gunzip -c "$bin" >"${TMPDIR:-/tmp}/sluice-cuda" && chmod +x "${TMPDIR:-/tmp}/sluice-cuda"
     bin="${TMPDIR:-/tmp}/sluice-cuda"
@@ -122,6 +125,11 @@ run() {
     echo "$bin needs the CUDA libraries above; install the CUDA 13 toolkit and cuDNN 9 or their wheels (pip install nvidia-cublas==13.0.* nvidia-curand==10.4.0.* nvidia-cuda-runtime==13.0.* nvidia-cudnn-cu13==9.*), or set LD_LIBRARY_PATH" >&2
     exit 1
   fi
+}
+
+run() {
+  runtime_env "${1:-$out/sluice}"
+  shift || true
   # One second a batch size and runtime keeps the whole run inside a device session's budget;
   # a --min-seconds among the extra arguments replaces it (clap takes the option once).
   local min_seconds=(--min-seconds 1)
@@ -129,11 +137,57 @@ run() {
   RUST_LOG=warn "$bin" bench cuda --threads "$(nproc)" "${min_seconds[@]}" "$@"
 }
 
+# Issue 13 on the GPU machine: the whole pipeline against its bare loop with inference on CUDA,
+# ResNet-18 (torchvision's seeded random initialisation, made with the machine's PyTorch) and the
+# digits CNN, with the store on the machine's disk and then on tmpfs (/dev/shm), and the disk's
+# sequential write speed and fsync time beside them: a pipeline that speeds up on tmpfs waits on
+# the disk. About 2-3 minutes on an H100.
+pipeline() {
+  runtime_env "${1:-$out/sluice}"
+  local dir
+  dir=$(mktemp -d)
+  python3 - "$dir" <<'PY'
+import sys, torch, torchvision
+from safetensors.torch import save_file
+torch.manual_seed(0)
+m = torchvision.models.resnet18()
+save_file({k: v.contiguous() for k, v in m.state_dict().items() if not k.endswith("num_batches_tracked")}, f"{sys.argv[1]}/w.safetensors")
+open(f"{sys.argv[1]}/labels.txt", "w").write("".join(f"class{i}\n" for i in range(1000)))
+PY
+  "$bin" bundle resnet18 --weights "$dir/w.safetensors" --labels "$dir/labels.txt" --out "$dir/r18" >/dev/null
+  python3 - "${TMPDIR:-/tmp}" <<'PY'
+import os, sys, time
+path = os.path.join(sys.argv[1], "sluice-disk-check")
+with open(path, "wb") as f:
+    start = time.monotonic()
+    for _ in range(256):
+        f.write(b"\0" * (1 << 20))
+    os.fsync(f.fileno())
+    mb_s = 256 / (time.monotonic() - start)
+    start = time.monotonic()
+    for _ in range(100):
+        f.write(b"\0" * 4096)
+        os.fsync(f.fileno())
+    fsync_ms = (time.monotonic() - start) * 10
+os.remove(path)
+print(f"disk under {sys.argv[1]}: {mb_s:.0f} MB/s written (256 MiB, one fsync), {fsync_ms:.2f} ms a 4 KiB write + fsync")
+PY
+  for store in "${TMPDIR:-/tmp}" /dev/shm; do
+    for model in "$dir/r18 3000" "models/digits 10000"; do
+      set -- $model
+      echo "== store under $store, model $1"
+      TMPDIR=$store SLUICE__MODEL__DIR=$1 RUST_LOG=warn "$bin" bench pipeline --records "$2"
+    done
+  done
+  rm -rf "$dir"
+}
+
 case "$mode" in
   build) build ;;
   # The GPU code's lints (it is not compiled without `cuda`); release, to reuse the build's kernels.
   clippy) cuda_env && cargo clippy --release --locked --features cuda -p sluice-inference -p sluice-cli -- -D warnings ;;
   run) shift; run "$@" ;;
+  pipeline) shift; pipeline "$@" ;;
   all) build && run "$out/sluice" ;;
-  *) echo "usage: $0 [build | clippy | run [BINARY] [bench args]]" >&2; exit 2 ;;
+  *) echo "usage: $0 [build | clippy | run [BINARY] [bench args] | pipeline [BINARY]]" >&2; exit 2 ;;
 esac
