@@ -141,7 +141,7 @@ run() {
 # ResNet-18 (torchvision's seeded random initialisation, made with the machine's PyTorch) and the
 # digits CNN, with the store on the machine's disk and then on tmpfs (/dev/shm), and the disk's
 # sequential write speed and fsync time beside them: a pipeline that speeds up on tmpfs waits on
-# the disk. About 2-3 minutes on an H100.
+# the disk. About 2-3 minutes on an H100 (RESNET_RECORDS=3000, DIGITS_RECORDS=10000 a run).
 pipeline() {
   runtime_env "${1:-$out/sluice}"
   local dir
@@ -173,7 +173,7 @@ os.remove(path)
 print(f"disk under {sys.argv[1]}: {mb_s:.0f} MB/s written (256 MiB, one fsync), {fsync_ms:.2f} ms a 4 KiB write + fsync")
 PY
   for store in "${TMPDIR:-/tmp}" /dev/shm; do
-    for model in "$dir/r18 3000" "models/digits 10000"; do
+    for model in "$dir/r18 ${RESNET_RECORDS:-3000}" "models/digits ${DIGITS_RECORDS:-10000}"; do
       set -- $model
       echo "== store under $store, model $1"
       TMPDIR=$store SLUICE__MODEL__DIR=$1 RUST_LOG=warn "$bin" bench pipeline --records "$2"
