@@ -134,7 +134,7 @@ run() {
   # a --min-seconds among the extra arguments replaces it (clap takes the option once).
   local min_seconds=(--min-seconds 1)
   [[ " $* " == *" --min-seconds"* ]] && min_seconds=()
-  RUST_LOG=warn "$bin" bench cuda --threads "$(nproc)" "${min_seconds[@]}" "$@"
+  RUST_LOG=warn "$bin" bench cuda --threads "$(nproc)" ${min_seconds[@]+"${min_seconds[@]}"} "$@"
 }
 
 # Issue 13 on the GPU machine: the whole pipeline against its bare loop with inference on CUDA,
@@ -144,8 +144,9 @@ run() {
 # the disk. About 2-3 minutes on an H100 (RESNET_RECORDS=3000, DIGITS_RECORDS=10000 a run).
 pipeline() {
   runtime_env "${1:-$out/sluice}"
-  local dir
+  local dir store model
   dir=$(mktemp -d)
+  trap 'rm -rf "$dir"' EXIT
   python3 - "$dir" <<'PY'
 import sys, torch, torchvision
 from safetensors.torch import save_file
@@ -163,23 +164,23 @@ with open(path, "wb") as f:
     for _ in range(256):
         f.write(b"\0" * (1 << 20))
     os.fsync(f.fileno())
-    mb_s = 256 / (time.monotonic() - start)
+    mib_s = 256 / (time.monotonic() - start)
     start = time.monotonic()
     for _ in range(100):
         f.write(b"\0" * 4096)
         os.fsync(f.fileno())
     fsync_ms = (time.monotonic() - start) * 10
 os.remove(path)
-print(f"disk under {sys.argv[1]}: {mb_s:.0f} MB/s written (256 MiB, one fsync), {fsync_ms:.2f} ms a 4 KiB write + fsync")
+print(f"disk under {sys.argv[1]}: {mib_s:.0f} MiB/s written (256 MiB, one fsync), {fsync_ms:.2f} ms a 4 KiB write + fsync")
 PY
   for store in "${TMPDIR:-/tmp}" /dev/shm; do
-    for model in "$dir/r18 ${RESNET_RECORDS:-3000}" "models/digits ${DIGITS_RECORDS:-10000}"; do
-      set -- $model
-      echo "== store under $store, model $1"
-      TMPDIR=$store SLUICE__MODEL__DIR=$1 RUST_LOG=warn "$bin" bench pipeline --records "$2"
+    # Which file system the store is on (where /tmp is itself tmpfs, both runs are).
+    df -T "$store" | tail -n 1
+    for model in "$dir/r18:${RESNET_RECORDS:-3000}" "models/digits:${DIGITS_RECORDS:-10000}"; do
+      echo "== store under $store, model ${model%%:*}"
+      TMPDIR=$store SLUICE__MODEL__DIR=${model%%:*} RUST_LOG=warn "$bin" bench pipeline --records "${model##*:}"
     done
   done
-  rm -rf "$dir"
 }
 
 case "$mode" in

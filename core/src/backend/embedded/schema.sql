@@ -46,7 +46,8 @@ CREATE TABLE IF NOT EXISTS results (
 ) WITHOUT ROWID;
 -- Listing by time (`sluice results`, the API), with or without a status; counting by status
 -- scans the second. A store made before 2026-11-28 also has results_by_status (status,
--- record_id), which no query used and every result write kept up to date: it goes.
+-- record_id), which no query used and every result write kept up to date: it goes (an older
+-- build opening the store builds it again; docs/operations.md says to run one version at a time).
 CREATE INDEX IF NOT EXISTS results_by_time ON results (created_ms, record_id);
 CREATE INDEX IF NOT EXISTS results_by_status_time ON results (status, created_ms, record_id);
 DROP INDEX IF EXISTS results_by_status;
