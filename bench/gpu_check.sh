@@ -146,7 +146,8 @@ pipeline() {
   runtime_env "${1:-$out/sluice}"
   local dir store model
   dir=$(mktemp -d)
-  trap 'rm -rf "$dir"' EXIT
+  # Expanded now: the function's locals are gone by the time the script exits.
+  trap "rm -rf -- '$dir'" EXIT
   python3 - "$dir" <<'PY'
 import sys, torch, torchvision
 from safetensors.torch import save_file
