@@ -9,7 +9,7 @@ use sluice_cli::{
     results, review, top, train,
 };
 use sluice_core::backend::Backend;
-use sluice_core::config::{Settings, StoreArgs};
+use sluice_core::config::{BackendKind, Settings, StoreArgs};
 use sluice_core::service::spawn_health_endpoints;
 use sluice_core::stats::PipelineStats;
 use sluice_core::telemetry::health::Health;
@@ -144,6 +144,18 @@ enum AwsCommand {
     },
 }
 
+/// The model's threads when every stage runs in this process. On the embedded store the model
+/// gets half the cores and the other three stages the rest (measured in docs/benchmarks.md: on
+/// 2 cores the model's thread pools spinning for a core another stage's store work holds cost
+/// more than a second thread gains). On AWS the other stages wait on the network, not on a
+/// core: the model gets every core (0).
+fn all_stages_model_threads(store: &StoreArgs, settings: &Settings) -> usize {
+    match store.apply(settings.clone()).store().map(|s| s.backend) {
+        Ok(BackendKind::Aws) => 0,
+        _ => sluice_core::threads::half_the_cores(),
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     // The demo's and the benches' output is their summary; the workers' logs would bury it.
@@ -153,14 +165,10 @@ fn main() -> anyhow::Result<()> {
     let threads = match &cli.command {
         Command::Bench { command: BenchCommand::Inference(args) } => args.bench.threads.unwrap_or(configured),
         Command::Bench { command: BenchCommand::Cuda(args) } => args.bench.threads.unwrap_or(configured),
-        // Every stage in this process: the model gets half the cores, the other three stages
-        // the rest (measured in docs/benchmarks.md; on 2 cores the model's thread pools
-        // spinning for a core another stage holds cost more than a second thread gains).
-        Command::Demo(_)
-        | Command::Run { .. }
-        | Command::Bench { command: BenchCommand::Pipeline(_) | BenchCommand::Load(_) }
-            if configured == 0 =>
-        {
+        Command::Demo(demo::DemoArgs { store, .. }) | Command::Run { store, .. } if configured == 0 => {
+            all_stages_model_threads(store, &settings)
+        }
+        Command::Bench { command: BenchCommand::Pipeline(_) | BenchCommand::Load(_) } if configured == 0 => {
             sluice_core::threads::half_the_cores()
         }
         _ => configured,

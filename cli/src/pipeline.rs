@@ -39,9 +39,11 @@ pub async fn run_all(
 ) -> anyhow::Result<()> {
     let store = settings.store()?;
     let mut workers = JoinSet::new();
+    // One handle for every stage: on the embedded store the process's one connection, on AWS
+    // one set of SDK clients (one connection pool) and one look-up of each queue's URL.
+    let shared = Backend::open(&store).await?;
     for stage_name in StageName::ALL {
-        // A handle per stage; on the embedded store they share the process's one connection.
-        let backend = Backend::open(&store).await?;
+        let backend = shared.clone();
         let stage = build_stage(stage_name, settings, &backend).map_err(|e| anyhow!("{stage_name}: {e}"))?;
         let (settings, token, health) = (settings.clone(), shutdown.clone(), health.clone());
         workers.spawn(async move {

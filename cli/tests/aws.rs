@@ -14,8 +14,8 @@ fn demo_runs_end_to_end_on_aws_and_batches_its_requests() {
     let prefix = unique_prefix("demo");
     let summary = demo_summary(
         aws_env(&mut Command::new(bin("sluice")), &prefix)
-            // The demo's own fresh resources have two shards; these are named, so say so.
-            .env("SLUICE__STORE__SHARDS", "2")
+            // The demo's own fresh resources have one shard; these are named, so say so.
+            .env("SLUICE__STORE__SHARDS", "1")
             .args(["demo", "--backend", "aws", "--prefix", &prefix, "--json"]),
     );
     assert!(summary["accuracy"].as_f64().unwrap() >= 0.97);
@@ -65,7 +65,7 @@ fn resnet_sized_images_cost_no_s3_round_trip_per_record() {
     let prefix = unique_prefix("resnet");
     let summary = demo_summary(
         aws_env(&mut Command::new(bin("sluice")), &prefix)
-            .env("SLUICE__STORE__SHARDS", "2")
+            .env("SLUICE__STORE__SHARDS", "1")
             .env("SLUICE__MODEL__DIR", &bundle)
             .args(["demo", "--backend", "aws", "--prefix", &prefix, "--json"]),
     );
@@ -86,10 +86,10 @@ fn resnet_sized_images_cost_no_s3_round_trip_per_record() {
 /// The requests that move records (queue sends, receives and deletes, feature store and results
 /// writes, capture) stay at most 1.2 per record: with vectors in S3 a ResNet-sized record cost
 /// over 3. (Receives include the idle long polls of waiting stages.) The rest grows with time,
-/// not records (lease renewals and scans, shard reads, queue depth samples): on a slow machine
-/// or with a CPU ResNet-18 the run is long, so all requests are held to 2 per record
-/// (docs/benchmarks.md: 1.24 for digits and 1.47 for ResNet-18 on one VM, 1.53 for digits on a
-/// slower one).
+/// not records (lease renewals and scans, shard reads, the request ledger): about 1.5 requests a
+/// second since a lone worker stopped scanning the lease table at every renewal and nobody
+/// samples queue depths nobody reads, so all requests are held to 1.5 per record
+/// (docs/benchmarks.md: 1.12 for digits and 1.22-1.27 for a CPU ResNet-18 on one 2-core VM).
 fn assert_requests_per_record(summary: &serde_json::Value) {
     let requests = &summary["aws_requests"];
     let count = |op: &str| requests[op].as_u64().unwrap_or(0);
@@ -114,5 +114,5 @@ fn assert_requests_per_record(summary: &serde_json::Value) {
     assert!((reported - moving as f64 / records_in as f64).abs() < 1e-9, "{summary}");
     assert!(summary["aws_coordination_requests_per_s"].as_f64().unwrap() > 0.0, "{summary}");
     let per_record = summary["aws_requests_per_record"].as_f64().unwrap();
-    assert!(per_record <= 2.0, "{per_record} AWS requests per record: {requests}");
+    assert!(per_record <= 1.5, "{per_record} AWS requests per record: {requests}");
 }

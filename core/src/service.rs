@@ -107,8 +107,8 @@ fn flatten(joined: Result<crate::Result<WorkerReport>, tokio::task::JoinError>) 
     Ok(joined??)
 }
 
-/// How often a worker adds its AWS requests to the shared ledger.
-const REQUEST_REPORT_EVERY: Duration = Duration::from_secs(10);
+/// How often a process adds its AWS requests to the shared ledger.
+const REQUEST_REPORT_EVERY: Duration = Duration::from_secs(30);
 
 async fn report_requests(ledger: Arc<dyn crate::backend::RequestLedger>, shutdown: CancellationToken) {
     loop {
@@ -116,7 +116,9 @@ async fn report_requests(ledger: Arc<dyn crate::backend::RequestLedger>, shutdow
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(REQUEST_REPORT_EVERY) => {}
         }
-        if let Err(e) = crate::backend::aws::flush_requests(ledger.as_ref()).await {
+        // Within a tick of another worker of this process, that worker's flush has it.
+        let every = REQUEST_REPORT_EVERY.mul_f64(0.9);
+        if let Err(e) = crate::backend::aws::flush_requests_every(ledger.as_ref(), every).await {
             tracing::warn!(error = %e, "could not record this worker's AWS requests");
         }
     }
@@ -126,17 +128,19 @@ async fn report_requests(ledger: Arc<dyn crate::backend::RequestLedger>, shutdow
 const QUEUE_DEPTH_EVERY: Duration = Duration::from_secs(15);
 
 /// Reports the depth of `stage`'s input queue, its DLQ (and, for results, the review queue)
-/// as metrics until `shutdown`.
+/// as metrics until `shutdown`, while anyone reads them (`telemetry::sampled_gauges_wanted`).
 async fn watch_queues(backend: Backend, stage: StageName, shutdown: CancellationToken) {
     let mut queues: Vec<QueueName> = stage.input_queue().into_iter().chain([stage.dlq()]).collect();
     if stage == StageName::Results {
         queues.push(QueueName::Review);
     }
     loop {
-        for &queue in &queues {
-            match backend.queue(queue).depth().await {
-                Ok(depth) => metrics().queue_depth(queue, depth.visible, depth.in_flight),
-                Err(e) => tracing::debug!(%queue, error = %e, "queue depth not read"),
+        if crate::telemetry::sampled_gauges_wanted() {
+            for &queue in &queues {
+                match backend.queue(queue).depth().await {
+                    Ok(depth) => metrics().queue_depth(queue, depth.visible, depth.in_flight),
+                    Err(e) => tracing::debug!(%queue, error = %e, "queue depth not read"),
+                }
             }
         }
         tokio::select! {

@@ -120,6 +120,7 @@ async fn readyz(State(health): State<Health>) -> (StatusCode, &'static str) {
 }
 
 async fn metrics() -> ([(axum::http::header::HeaderName, &'static str); 1], String) {
+    super::scraped();
     ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], super::prometheus_text())
 }
 

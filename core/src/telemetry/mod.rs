@@ -9,7 +9,9 @@ pub mod scrape;
 pub mod traces;
 
 use std::io::IsTerminal;
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use opentelemetry_prometheus_text_exporter::PrometheusExporter;
 use opentelemetry_sdk::Resource;
@@ -75,7 +77,10 @@ pub fn init(service: &str, default_level: &str) -> TelemetryGuard {
     let mut meters = SdkMeterProvider::builder().with_resource(resource.clone()).with_reader(prometheus);
     if otlp_wanted("METRICS") {
         match opentelemetry_otlp::MetricExporter::builder().with_http().build() {
-            Ok(exporter) => meters = meters.with_periodic_exporter(exporter),
+            Ok(exporter) => {
+                OTLP_METRICS.store(true, Ordering::Relaxed);
+                meters = meters.with_periodic_exporter(exporter);
+            }
             Err(e) => tracing::error!(error = %e, "OTLP metrics export not set up"),
         }
     }
@@ -122,6 +127,27 @@ fn otlp_wanted(signal: &str) -> bool {
         return false;
     }
     var("OTEL_EXPORTER_OTLP_ENDPOINT").is_some() || var(&format!("OTEL_EXPORTER_OTLP_{signal}_ENDPOINT")).is_some()
+}
+
+/// Whether metrics go out over OTLP.
+static OTLP_METRICS: AtomicBool = AtomicBool::new(false);
+/// When `/metrics` was last read.
+static LAST_SCRAPE: Mutex<Option<Instant>> = Mutex::new(None);
+/// How long after a scrape the gauges that cost a request are still sampled (Prometheus scrapes
+/// every 15 s to a minute).
+const SCRAPE_KEEPS_SAMPLING: Duration = Duration::from_secs(300);
+
+/// Notes a read of `/metrics`.
+pub(crate) fn scraped() {
+    *LAST_SCRAPE.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+}
+
+/// Whether anyone reads the gauges that cost a request to sample (queue depths on SQS): an
+/// OTLP exporter, or a `/metrics` scrape in the last five minutes. Nobody pays for samples
+/// nobody reads (an idle AWS pipeline's requests a second were a fifth queue-depth samples).
+pub fn sampled_gauges_wanted() -> bool {
+    OTLP_METRICS.load(Ordering::Relaxed)
+        || LAST_SCRAPE.lock().unwrap_or_else(|e| e.into_inner()).is_some_and(|at| at.elapsed() < SCRAPE_KEEPS_SAMPLING)
 }
 
 /// This process's metrics in the Prometheus text format (empty before [`init`]).

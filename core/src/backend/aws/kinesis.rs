@@ -264,22 +264,26 @@ impl KinesisConsumer {
             return Ok(());
         }
         self.next_rebalance = Instant::now() + self.rebalance_every;
+        let mut leases = self.coordinator.rebalance().await?;
         if Instant::now() >= self.next_shard_sync {
             self.next_shard_sync = Instant::now() + SHARD_SYNC_INTERVAL;
-            let known: std::collections::HashSet<String> =
-                self.coordinator.scan().await?.into_iter().map(|l| l.shard).collect();
+            let mut created = false;
             for (shard, parents) in list_shards(&self.kinesis, &self.stream).await? {
-                if !known.contains(&shard) {
+                if !self.coordinator.known().contains(&shard) {
                     self.coordinator.ensure_lease(&shard, &parents).await?;
+                    created = true;
                 }
             }
+            if created {
+                // A new lease makes the coordinator read the table again: take it now.
+                leases = self.coordinator.rebalance().await?;
+            }
         }
-        let leases = self.coordinator.rebalance().await?;
         let held: Vec<String> = self.coordinator.held().cloned().collect();
         self.readers.retain(|shard, _| held.contains(shard));
         for shard in held {
             if let std::collections::btree_map::Entry::Vacant(slot) = self.readers.entry(shard) {
-                let checkpoint = leases.iter().find(|l| l.shard == *slot.key()).map(|l| l.checkpoint.clone());
+                let checkpoint = leases.iter().flatten().find(|l| l.shard == *slot.key()).map(|l| l.checkpoint.clone());
                 slot.insert(ShardReader::starting_at(checkpoint.unwrap_or_else(|| TRIM_HORIZON.to_owned())));
             }
         }

@@ -10,6 +10,10 @@
 //!   loaded worker only while it holds less than its fair share: no churn once balanced.
 //! - A child shard's lease becomes available only once every parent is checkpointed at
 //!   `SHARD_END`.
+//! - The table is scanned at every rebalance while another worker holds a lease (to see its
+//!   counter stop), but a worker that holds every lease there is to hold has nobody to watch:
+//!   it scans every twice the failover time (the KCL's taker interval), and at once when a lease
+//!   is lost or created or a shard ends. Renewals keep their pace either way.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
@@ -72,6 +76,10 @@ pub(super) struct LeaseCoordinator {
     observed: HashMap<String, (u64, Instant)>,
     /// Shard → the counter this worker last wrote, and when.
     held: BTreeMap<String, (u64, Instant)>,
+    /// Every shard with a lease, as of the last scan (and the leases created since).
+    known: std::collections::HashSet<String>,
+    /// When [`Self::rebalance`] next reads the table.
+    next_scan: Instant,
 }
 
 fn n(value: u64) -> AttributeValue {
@@ -84,7 +92,26 @@ fn s(value: &str) -> AttributeValue {
 
 impl LeaseCoordinator {
     pub(super) fn new(client: aws_sdk_dynamodb::Client, table: String, owner: String, failover: Duration) -> Self {
-        Self { client, table, owner, failover, observed: HashMap::new(), held: BTreeMap::new() }
+        Self {
+            client,
+            table,
+            owner,
+            failover,
+            observed: HashMap::new(),
+            held: BTreeMap::new(),
+            known: Default::default(),
+            next_scan: Instant::now(),
+        }
+    }
+
+    /// The shards that have a lease, as of the last scan.
+    pub(super) fn known(&self) -> &std::collections::HashSet<String> {
+        &self.known
+    }
+
+    /// Makes the next [`Self::rebalance`] read the table.
+    fn scan_soon(&mut self) {
+        self.next_scan = Instant::now();
     }
 
     pub(super) fn held(&self) -> impl Iterator<Item = &String> {
@@ -92,7 +119,7 @@ impl LeaseCoordinator {
     }
 
     /// Creates the lease of a shard that has none yet (a no-op if it exists).
-    pub(super) async fn ensure_lease(&self, shard: &str, parents: &[String]) -> Result<()> {
+    pub(super) async fn ensure_lease(&mut self, shard: &str, parents: &[String]) -> Result<()> {
         let mut put = self
             .client
             .put_item()
@@ -105,11 +132,16 @@ impl LeaseCoordinator {
         if !parents.is_empty() {
             put = put.item(PARENTS, AttributeValue::Ss(parents.to_vec()));
         }
-        match put.send().await {
+        let result = match put.send().await {
             Ok(_) => Ok(()),
             Err(e) if error_code(&e) == Some("ConditionalCheckFailedException") => Ok(()),
             Err(e) => Err(classify("PutItem", e)),
+        };
+        if result.is_ok() {
+            self.known.insert(shard.to_owned());
+            self.scan_soon();
         }
+        result
     }
 
     /// Every lease, read consistently.
@@ -134,10 +166,15 @@ impl LeaseCoordinator {
         }
     }
 
-    /// Renews held leases, then takes a fair share. Returns every lease as last read.
-    pub(super) async fn rebalance(&mut self) -> Result<Vec<Lease>> {
+    /// Renews held leases, then, when a scan is due, takes a fair share and returns every lease
+    /// as read (`None` when the table was not read).
+    pub(super) async fn rebalance(&mut self) -> Result<Option<Vec<Lease>>> {
         self.renew().await?;
+        if Instant::now() < self.next_scan {
+            return Ok(None);
+        }
         let leases = self.scan().await?;
+        self.known = leases.iter().map(|l| l.shard.clone()).collect();
         let now = Instant::now();
         for lease in &leases {
             let seen = self.observed.entry(lease.shard.clone()).or_insert((lease.counter, now));
@@ -176,7 +213,10 @@ impl LeaseCoordinator {
         let workers = load.keys().filter(|o| **o != self.owner).count() + 1;
         let target = available.len().div_ceil(workers);
         let mine = available.iter().filter(|l| self.held.contains_key(&l.shard)).count();
+        // Alone with every lease: nobody's counter to watch until something changes.
+        let alone = mine == available.len();
         drop(available);
+        self.next_scan = if alone { now + self.failover * 2 } else { now };
 
         let mut wanted = target.saturating_sub(mine);
         for lease in &expired {
@@ -194,7 +234,7 @@ impl LeaseCoordinator {
                 self.take(&victim).await?;
             }
         }
-        Ok(leases)
+        Ok(Some(leases))
     }
 
     /// Conditional on the counter this worker observed: whoever moved it first wins.
@@ -256,6 +296,7 @@ impl LeaseCoordinator {
                 Err(e) if error_code(&e) == Some("ConditionalCheckFailedException") => {
                     tracing::warn!(shard, "lease lost before renewal");
                     self.held.remove(&shard);
+                    self.scan_soon();
                 }
                 Err(e) => return Err(classify("UpdateItem", e)),
             }
@@ -297,6 +338,8 @@ impl LeaseCoordinator {
             Ok(_) => {
                 if checkpoint == SHARD_END {
                     self.held.remove(shard);
+                    // Its children may be taken now.
+                    self.scan_soon();
                 } else {
                     self.held.insert(shard.to_owned(), (counter + 1, Instant::now()));
                 }
@@ -304,6 +347,7 @@ impl LeaseCoordinator {
             }
             Err(e) if error_code(&e) == Some("ConditionalCheckFailedException") => {
                 self.held.remove(shard);
+                self.scan_soon();
                 Err(SluiceError::retryable(ReasonCode::LeaseLost, format!("{shard} is now held by another worker")))
             }
             Err(e) => Err(classify("UpdateItem", e)),
