@@ -6,7 +6,7 @@ use std::time::Duration;
 use anyhow::anyhow;
 use sluice_core::backend::Backend;
 use sluice_core::config::{BackendKind, Settings};
-use sluice_core::service::{BuildError, default_worker_id, serve};
+use sluice_core::service::{BuildError, default_worker_id, record_requests, serve};
 use sluice_core::stats::PipelineStats;
 use sluice_core::telemetry::health::Health;
 use sluice_core::topology::StageName;
@@ -88,6 +88,7 @@ pub async fn run_all(
             first_error.get_or_insert(e);
         }
     }
+    record_requests(&shared).await;
     first_error.map_or(Ok(()), Err)
 }
 

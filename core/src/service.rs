@@ -78,10 +78,15 @@ pub async fn serve(
     };
     reporting.abort();
     depths.abort();
-    if let Err(e) = crate::backend::aws::flush_requests(ledger.as_ref()).await {
-        tracing::warn!(error = %e, "could not record this worker's AWS requests");
-    }
     finished
+}
+
+/// Adds what is left of this process's AWS requests to the shared ledger: once, when every
+/// worker of the process has stopped (the ledger's write is itself a request).
+pub async fn record_requests(backend: &Backend) {
+    if let Err(e) = crate::backend::aws::flush_requests(backend.requests.as_ref()).await {
+        tracing::warn!(error = %e, "could not record this process's AWS requests");
+    }
 }
 
 /// Waits up to `grace` for the worker to finish its batch and stop; with a fifth of the grace
@@ -200,7 +205,9 @@ where
         let stage = build(&settings, &backend)?;
         let worker_id = args.worker_id.clone().unwrap_or_else(|| default_worker_id(stage_name.as_str()));
         tracing::info!(worker_id, backend = ?settings.store()?.backend, "{stage_name} worker started");
-        serve(Arc::new(stage), &settings, backend, &worker_id, shutdown, &health).await
+        let served = serve(Arc::new(stage), &settings, backend.clone(), &worker_id, shutdown, &health).await;
+        record_requests(&backend).await;
+        served
     });
     match result {
         Ok(_) => ExitCode::SUCCESS,

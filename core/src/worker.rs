@@ -111,6 +111,11 @@ pub trait Source: Send {
     /// Up to `max` deliveries, waiting up to `wait` for the first.
     async fn receive(&mut self, max: usize, wait: Duration) -> Result<Vec<Delivery>>;
 
+    /// The most deliveries one call to the service behind it hands out, if it has a limit.
+    fn per_call(&self) -> Option<usize> {
+        None
+    }
+
     /// Acknowledges `done` (their downstream writes are durable) and schedules `retry` again.
     async fn settle(&mut self, done: &[&Origin], retry: &[&Origin], retry_delay: Duration) -> Result<()>;
 
@@ -145,6 +150,10 @@ fn receipts<'a>(origins: &'a [&'a Origin]) -> Vec<Receipt> {
 
 #[async_trait]
 impl Source for QueueSource {
+    fn per_call(&self) -> Option<usize> {
+        self.queue.per_call()
+    }
+
     async fn receive(&mut self, max: usize, wait: Duration) -> Result<Vec<Delivery>> {
         let messages = self.queue.receive(max, wait).await?;
         if let Some(oldest) = messages.iter().map(|m| m.sent_at_ms).min() {
@@ -560,7 +569,8 @@ impl Worker {
     /// stream's read position was not checkpointed, and the next owner of the shard reads on
     /// from the checkpoint).
     async fn collect_batch(&mut self, shutdown: &CancellationToken) -> Result<Vec<Delivery>> {
-        let policy = self.stage.batch_policy();
+        let mut policy = self.stage.batch_policy();
+        policy.max_size = in_whole_calls(policy.max_size, self.source.per_call());
         let mut wait = Duration::from_millis(self.config.poll_wait_ms);
         if self.health.is_some() {
             wait = wait.min(FIRST_POLL_WAIT);
@@ -675,6 +685,16 @@ fn dlq_message(
     OutgoingMessage { body: delivery.body.clone(), attributes, dedup_key: record_id.map(String::from) }
 }
 
+/// `max` rounded down to whole calls of `per_call` deliveries when it spans more than one: on
+/// SQS a batch of 64 takes seven receives, seven deletes and seven sends downstream, where 60
+/// takes six of each.
+fn in_whole_calls(max: usize, per_call: Option<usize>) -> usize {
+    match per_call {
+        Some(unit) if unit > 0 && max > unit => max - max % unit,
+        _ => max,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -685,5 +705,14 @@ mod tests {
         assert_eq!(compare_sequences("9", "10"), Less);
         assert_eq!(compare_sequences("49590338271490256608559692538361571095921575989136588898", "9"), Greater);
         assert_eq!(compare_sequences("12", "12"), Equal);
+    }
+
+    #[test]
+    fn batches_spanning_several_calls_fill_whole_calls() {
+        assert_eq!(in_whole_calls(64, Some(10)), 60);
+        assert_eq!(in_whole_calls(200, Some(10)), 200);
+        assert_eq!(in_whole_calls(10, Some(10)), 10);
+        assert_eq!(in_whole_calls(7, Some(10)), 7, "a batch under one call is left as it is");
+        assert_eq!(in_whole_calls(64, None), 64, "no per-call limit (the embedded store)");
     }
 }

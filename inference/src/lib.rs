@@ -100,7 +100,8 @@ pub struct InferenceConfig {
     /// Number format on a GPU: f32, tf32, f16 or bf16 (the CPU computes in f32).
     pub precision: Precision,
     /// CPU threads for model math; 0 uses every core, or half of them when every stage runs in
-    /// one process (`RAYON_NUM_THREADS`, when set, wins: see `sluice_core::threads`).
+    /// one process on the embedded store (`RAYON_NUM_THREADS`, when set, wins: see
+    /// `sluice_core::threads`).
     pub threads: usize,
     pub backend: InferenceBackend,
     pub breaker: BreakerConfig,

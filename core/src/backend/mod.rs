@@ -158,6 +158,12 @@ impl QueueDepth {
 pub trait WorkQueue: Send + Sync {
     fn name(&self) -> QueueName;
 
+    /// The most messages one receive, send or acknowledgement call carries, where the queue
+    /// has such a limit (SQS: 10), so that a worker can fill its batches in whole calls.
+    fn per_call(&self) -> Option<usize> {
+        None
+    }
+
     async fn send_batch(&self, messages: Vec<OutgoingMessage>) -> Result<()>;
 
     /// Receives up to `max` messages, waiting up to `wait` for the first (long poll). Each is

@@ -233,6 +233,10 @@ impl WorkQueue for SqsQueue {
         self.name
     }
 
+    fn per_call(&self) -> Option<usize> {
+        Some(BATCH_ENTRIES)
+    }
+
     async fn send_batch(&self, messages: Vec<OutgoingMessage>) -> Result<()> {
         let mut pending: Vec<(SendMessageBatchRequestEntry, usize)> = Vec::with_capacity(messages.len());
         for (i, message) in messages.into_iter().enumerate() {
