@@ -282,10 +282,16 @@ impl KinesisConsumer {
         let held: Vec<String> = self.coordinator.held().cloned().collect();
         self.readers.retain(|shard, _| held.contains(shard));
         for shard in held {
-            if let std::collections::btree_map::Entry::Vacant(slot) = self.readers.entry(shard) {
-                let checkpoint = leases.iter().flatten().find(|l| l.shard == *slot.key()).map(|l| l.checkpoint.clone());
-                slot.insert(ShardReader::starting_at(checkpoint.unwrap_or_else(|| TRIM_HORIZON.to_owned())));
+            if self.readers.contains_key(&shard) {
+                continue;
             }
+            let checkpoint = match leases.iter().flatten().find(|l| l.shard == shard) {
+                Some(lease) => lease.checkpoint.clone(),
+                // Held, but its reader was dropped since the last scan (a checkpoint failed):
+                // it goes on from its stored checkpoint, never from the start.
+                None => self.coordinator.stored_checkpoint(&shard).await?,
+            };
+            self.readers.insert(shard, ShardReader::starting_at(checkpoint));
         }
         Ok(())
     }
