@@ -138,3 +138,56 @@ async fn a_lease_whose_renewal_answer_was_lost_is_taken_back() {
     }
     assert_eq!(consumer.shards(), [shard], "held again");
 }
+
+/// A checkpoint that fails (here DynamoDB refuses it as too large; throttling or a timeout
+/// would do the same) drops the shard's reader while the lease stays held. A lone worker reads
+/// its lease table rarely, so the new reader must start from the stored checkpoint, not from
+/// the start of the shard (found on a second read of the rarer scans).
+#[tokio::test]
+async fn after_a_failed_checkpoint_a_lone_worker_resumes_from_the_stored_one() {
+    let mut config = aws_store_config(&unique_prefix("failed-checkpoint"));
+    config.shards = 1;
+    // Alone, it scans every twice this: none falls between the failed checkpoint and the reads.
+    config.aws.lease_failover_ms = 5_000;
+    sluice_core::backend::aws::bootstrap::bootstrap(&config).await.unwrap();
+    let backend = Backend::open(&config).await.unwrap();
+    let put = |tag: &'static str, n: usize| {
+        let records = (0..n).map(|i| StreamInput { partition_key: format!("{tag}{i}"), data: tag.into() }).collect();
+        backend.stream.put_records(records)
+    };
+    let mut consumer = backend.stream.consumer("worker-a").await.unwrap();
+    put("a", 3).await.unwrap();
+    let mut first = Vec::new();
+    for _ in 0..50 {
+        first.extend(consumer.poll(100).await.unwrap());
+        if first.len() >= 3 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(first.len(), 3);
+    let last = first.last().unwrap();
+    consumer.checkpoint(&last.shard, &last.sequence, 3).await.unwrap();
+    // Past the next rebalance (a third of the failover time), whose scan finds it alone.
+    let alone_by = tokio::time::Instant::now() + std::time::Duration::from_millis(2_500);
+    while tokio::time::Instant::now() < alone_by {
+        assert!(consumer.poll(100).await.unwrap().is_empty());
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+
+    put("b", 2).await.unwrap();
+    let too_large = "9".repeat(500_000);
+    assert!(consumer.checkpoint(&last.shard, &too_large, 0).await.is_err(), "a 500 KB checkpoint is refused");
+    assert_eq!(consumer.shards(), [last.shard.clone()], "the lease is still held");
+
+    let mut later = Vec::new();
+    for _ in 0..50 {
+        later.extend(consumer.poll(100).await.unwrap());
+        if later.len() >= 2 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let data: Vec<&[u8]> = later.iter().map(|r| r.data.as_slice()).collect();
+    assert_eq!(data, [b"b", b"b"], "only what came after the stored checkpoint");
+}
