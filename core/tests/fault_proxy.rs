@@ -2,7 +2,7 @@
 //! each answer for what it is: throttling and 5xx are retried (three attempts, the SDK's
 //! standard mode), then reach sluice as retryable errors naming the service's code.
 
-use sluice_core::backend::{Backend, OutgoingMessage, StreamInput};
+use sluice_core::backend::{Backend, OutgoingMessage, StreamConsumer, StreamInput, StreamRecord};
 use sluice_core::envelope::RecordId;
 use sluice_core::testing::{FaultProxy, FaultRates, aws_endpoint, aws_store_config, unique_prefix};
 use sluice_core::topology::QueueName;
@@ -86,32 +86,44 @@ async fn without_faults_it_passes_everything_through() {
     assert_eq!(proxy.counts().failed(), 0);
 }
 
+/// A fresh one-shard stream (and its lease table, leases failing over after `failover_ms`),
+/// reached directly.
+async fn one_shard(name: &str, failover_ms: u64) -> (Backend, sluice_core::config::StoreConfig) {
+    let mut config = aws_store_config(&unique_prefix(name));
+    config.shards = 1;
+    config.aws.lease_failover_ms = failover_ms;
+    sluice_core::backend::aws::bootstrap::bootstrap(&config).await.unwrap();
+    (Backend::open(&config).await.unwrap(), config)
+}
+
+/// `n` records whose data is `tag`.
+fn inputs(tag: &str, n: usize) -> Vec<StreamInput> {
+    (0..n).map(|i| StreamInput { partition_key: format!("{tag}{i}"), data: tag.into() }).collect()
+}
+
+/// Polls until `n` records came or five seconds passed; what came.
+async fn read(consumer: &mut Box<dyn StreamConsumer>, n: usize) -> Vec<StreamRecord> {
+    let mut read = Vec::new();
+    for _ in 0..50 {
+        read.extend(consumer.poll(100).await.unwrap());
+        if read.len() >= n {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    read
+}
+
 /// A lease renewal carried out by DynamoDB whose answer was lost (the counter moved, the owner
 /// is still this worker, and the retry fails its condition): the worker lets the shard go, and
 /// must take it back, since no other worker takes a lease that reads as someone's live one.
 /// Found by the demo through 20% faults, where one shard stopped being read for good.
 #[tokio::test]
 async fn a_lease_whose_renewal_answer_was_lost_is_taken_back() {
-    let mut config = aws_store_config(&unique_prefix("lost-renewal"));
-    config.shards = 1;
-    config.aws.lease_failover_ms = 600;
-    sluice_core::backend::aws::bootstrap::bootstrap(&config).await.unwrap();
-    let backend = Backend::open(&config).await.unwrap();
+    let (backend, config) = one_shard("lost-renewal", 600).await;
     let mut consumer = backend.stream.consumer("worker-a").await.unwrap();
-    let put = |n: usize| {
-        let records = (0..n).map(|i| StreamInput { partition_key: format!("k{i}"), data: vec![1] }).collect();
-        backend.stream.put_records(records)
-    };
-    put(3).await.unwrap();
-    let mut read = 0;
-    for _ in 0..50 {
-        read += consumer.poll(100).await.unwrap().len();
-        if read >= 3 {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
-    assert_eq!(read, 3);
+    backend.stream.put_records(inputs("a", 3)).await.unwrap();
+    assert_eq!(read(&mut consumer, 3).await.len(), 3);
     let shard = consumer.shards()[0].clone();
 
     // The renewal DynamoDB carried out but whose answer never came: counter + 1, owner unchanged.
@@ -128,7 +140,7 @@ async fn a_lease_whose_renewal_answer_was_lost_is_taken_back() {
         .await
         .unwrap();
 
-    put(2).await.unwrap();
+    backend.stream.put_records(inputs("b", 2)).await.unwrap();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     let mut later = 0;
     while later < 2 {
@@ -145,26 +157,11 @@ async fn a_lease_whose_renewal_answer_was_lost_is_taken_back() {
 /// the start of the shard (found on a second read of the rarer scans).
 #[tokio::test]
 async fn after_a_failed_checkpoint_a_lone_worker_resumes_from_the_stored_one() {
-    let mut config = aws_store_config(&unique_prefix("failed-checkpoint"));
-    config.shards = 1;
     // Alone, it scans every twice this: none falls between the failed checkpoint and the reads.
-    config.aws.lease_failover_ms = 5_000;
-    sluice_core::backend::aws::bootstrap::bootstrap(&config).await.unwrap();
-    let backend = Backend::open(&config).await.unwrap();
-    let put = |tag: &'static str, n: usize| {
-        let records = (0..n).map(|i| StreamInput { partition_key: format!("{tag}{i}"), data: tag.into() }).collect();
-        backend.stream.put_records(records)
-    };
+    let (backend, _) = one_shard("failed-checkpoint", 5_000).await;
     let mut consumer = backend.stream.consumer("worker-a").await.unwrap();
-    put("a", 3).await.unwrap();
-    let mut first = Vec::new();
-    for _ in 0..50 {
-        first.extend(consumer.poll(100).await.unwrap());
-        if first.len() >= 3 {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+    backend.stream.put_records(inputs("a", 3)).await.unwrap();
+    let first = read(&mut consumer, 3).await;
     assert_eq!(first.len(), 3);
     let last = first.last().unwrap();
     consumer.checkpoint(&last.shard, &last.sequence, 3).await.unwrap();
@@ -175,19 +172,12 @@ async fn after_a_failed_checkpoint_a_lone_worker_resumes_from_the_stored_one() {
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
 
-    put("b", 2).await.unwrap();
+    backend.stream.put_records(inputs("b", 2)).await.unwrap();
     let too_large = "9".repeat(500_000);
     assert!(consumer.checkpoint(&last.shard, &too_large, 0).await.is_err(), "a 500 KB checkpoint is refused");
-    assert_eq!(consumer.shards(), [last.shard.clone()], "the lease is still held");
+    assert_eq!(consumer.shards(), std::slice::from_ref(&last.shard), "the lease is still held");
 
-    let mut later = Vec::new();
-    for _ in 0..50 {
-        later.extend(consumer.poll(100).await.unwrap());
-        if later.len() >= 2 {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+    let later = read(&mut consumer, 2).await;
     let data: Vec<&[u8]> = later.iter().map(|r| r.data.as_slice()).collect();
     assert_eq!(data, [b"b", b"b"], "only what came after the stored checkpoint");
 }
