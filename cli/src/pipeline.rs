@@ -6,7 +6,7 @@ use std::time::Duration;
 use anyhow::anyhow;
 use sluice_core::backend::Backend;
 use sluice_core::config::{BackendKind, Settings};
-use sluice_core::service::{BuildError, default_worker_id, record_requests, serve};
+use sluice_core::service::{BuildError, default_worker_id, recording_requests, serve};
 use sluice_core::stats::PipelineStats;
 use sluice_core::telemetry::health::Health;
 use sluice_core::topology::StageName;
@@ -80,16 +80,18 @@ pub async fn run_all(
             }
         });
     }
-    let mut first_error = None;
-    while let Some(joined) = workers.join_next().await {
-        let outcome = joined.map_err(anyhow::Error::from).and_then(|r| r);
-        if let Err(e) = outcome {
-            shutdown.cancel();
-            first_error.get_or_insert(e);
+    let stopped = async {
+        let mut first_error = None;
+        while let Some(joined) = workers.join_next().await {
+            let outcome = joined.map_err(anyhow::Error::from).and_then(|r| r);
+            if let Err(e) = outcome {
+                shutdown.cancel();
+                first_error.get_or_insert(e);
+            }
         }
-    }
-    record_requests(&shared).await;
-    first_error.map_or(Ok(()), Err)
+        first_error
+    };
+    recording_requests(&shared, stopped).await.map_or(Ok(()), Err)
 }
 
 /// How often `--until-drained` looks at the store. The embedded store answers from its file;

@@ -61,13 +61,11 @@ pub async fn serve(
     let worker_config = settings.worker()?;
     let grace = Duration::from_millis(worker_config.shutdown_grace_ms);
     let source = source_for(stage.name(), &backend, &store, worker_id).await?;
-    let ledger = Arc::clone(&backend.requests);
     let depths = tokio::spawn(watch_queues(backend.clone(), stage.name(), shutdown.clone()));
     let abandon = CancellationToken::new();
     let worker = Worker::new(Arc::clone(&stage), source, backend, worker_config, &store)
         .reporting_to(health.clone())
         .abandoning_on(abandon.clone());
-    let reporting = tokio::spawn(report_requests(Arc::clone(&ledger), shutdown.clone()));
     let mut running = tokio::spawn(worker.run(shutdown.clone()));
     let finished: Result<WorkerReport, BuildError> = tokio::select! {
         finished = &mut running => flatten(finished),
@@ -76,16 +74,32 @@ pub async fn serve(
             Err(_) => Err(format!("in-flight work did not finish within the {grace:?} grace period; it will be redelivered").into()),
         },
     };
-    reporting.abort();
     depths.abort();
     finished
 }
 
-/// Adds what is left of this process's AWS requests to the shared ledger: once, when every
-/// worker of the process has stopped (the ledger's write is itself a request).
-pub async fn record_requests(backend: &Backend) {
-    if let Err(e) = crate::backend::aws::flush_requests(backend.requests.as_ref()).await {
-        tracing::warn!(error = %e, "could not record this process's AWS requests");
+/// How often a process adds its AWS requests to the shared ledger.
+const REQUEST_REPORT_EVERY: Duration = Duration::from_secs(30);
+
+/// Runs `work` (the process's workers, until they have stopped), adding the process's AWS
+/// requests to the shared ledger every [`REQUEST_REPORT_EVERY`] meanwhile and what is left once
+/// it is done: one reporter a process, however many workers it runs (the ledger's write is
+/// itself a request).
+pub async fn recording_requests<T>(backend: &Backend, work: impl std::future::Future<Output = T>) -> T {
+    let record = || async {
+        if let Err(e) = crate::backend::aws::flush_requests(backend.requests.as_ref()).await {
+            tracing::warn!(error = %e, "could not record this process's AWS requests");
+        }
+    };
+    tokio::pin!(work);
+    loop {
+        tokio::select! {
+            done = &mut work => {
+                record().await;
+                return done;
+            }
+            _ = tokio::time::sleep(REQUEST_REPORT_EVERY) => record().await,
+        }
     }
 }
 
@@ -110,23 +124,6 @@ async fn stop_within(
 
 fn flatten(joined: Result<crate::Result<WorkerReport>, tokio::task::JoinError>) -> Result<WorkerReport, BuildError> {
     Ok(joined??)
-}
-
-/// How often a process adds its AWS requests to the shared ledger.
-const REQUEST_REPORT_EVERY: Duration = Duration::from_secs(30);
-
-async fn report_requests(ledger: Arc<dyn crate::backend::RequestLedger>, shutdown: CancellationToken) {
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(REQUEST_REPORT_EVERY) => {}
-        }
-        // Within a tick of another worker of this process, that worker's flush has it.
-        let every = REQUEST_REPORT_EVERY.mul_f64(0.9);
-        if let Err(e) = crate::backend::aws::flush_requests_every(ledger.as_ref(), every).await {
-            tracing::warn!(error = %e, "could not record this worker's AWS requests");
-        }
-    }
 }
 
 /// How often a worker reports the depth of the queues it reads and writes.
@@ -205,9 +202,8 @@ where
         let stage = build(&settings, &backend)?;
         let worker_id = args.worker_id.clone().unwrap_or_else(|| default_worker_id(stage_name.as_str()));
         tracing::info!(worker_id, backend = ?settings.store()?.backend, "{stage_name} worker started");
-        let served = serve(Arc::new(stage), &settings, backend.clone(), &worker_id, shutdown, &health).await;
-        record_requests(&backend).await;
-        served
+        recording_requests(&backend, serve(Arc::new(stage), &settings, backend.clone(), &worker_id, shutdown, &health))
+            .await
     });
     match result {
         Ok(_) => ExitCode::SUCCESS,

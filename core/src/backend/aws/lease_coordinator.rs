@@ -15,7 +15,7 @@
 //!   it scans every twice the failover time (the KCL's taker interval), and at once when a lease
 //!   is lost or created or a shard ends. Renewals keep their pace either way.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use aws_sdk_dynamodb::types::AttributeValue;
@@ -77,7 +77,7 @@ pub(super) struct LeaseCoordinator {
     /// Shard → the counter this worker last wrote, and when.
     held: BTreeMap<String, (u64, Instant)>,
     /// Every shard with a lease, as of the last scan (and the leases created since).
-    known: std::collections::HashSet<String>,
+    known: HashSet<String>,
     /// When [`Self::rebalance`] next reads the table.
     next_scan: Instant,
 }
@@ -105,7 +105,7 @@ impl LeaseCoordinator {
     }
 
     /// The shards that have a lease, as of the last scan.
-    pub(super) fn known(&self) -> &std::collections::HashSet<String> {
+    pub(super) fn known(&self) -> &HashSet<String> {
         &self.known
     }
 

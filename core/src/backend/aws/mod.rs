@@ -17,7 +17,6 @@ mod sqs;
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, LazyLock};
-use std::time::{Duration, Instant};
 
 use aws_config::{BehaviorVersion, Region};
 use aws_smithy_runtime_api::client::orchestrator::HttpResponse;
@@ -40,39 +39,24 @@ pub fn requests() -> &'static RequestCounter {
     &REQUESTS
 }
 
-/// What this process has already added to the shared ledger, and when it last did.
-#[derive(Default)]
-struct Flushed {
-    counts: BTreeMap<String, u64>,
-    at: Option<Instant>,
-}
-
-static FLUSHED: LazyLock<tokio::sync::Mutex<Flushed>> = LazyLock::new(Default::default);
+/// What this process has already added to the shared ledger.
+static FLUSHED: LazyLock<tokio::sync::Mutex<BTreeMap<String, u64>>> = LazyLock::new(Default::default);
 
 /// Adds this process's pipeline requests since the last flush to `ledger`. Whichever worker
 /// loop of the process calls it, each request is added once.
 pub async fn flush_requests(ledger: &dyn super::RequestLedger) -> Result<()> {
-    flush_requests_every(ledger, Duration::ZERO).await
-}
-
-/// As [`flush_requests`], unless the process flushed less than `every` ago: the workers of an
-/// all-in-one process each report on a timer, and the ledger's write is itself a request.
-pub async fn flush_requests_every(ledger: &dyn super::RequestLedger, every: Duration) -> Result<()> {
     let mut flushed = FLUSHED.lock().await;
-    if flushed.at.is_some_and(|at| at.elapsed() < every) {
-        return Ok(());
-    }
     let now = requests().snapshot();
     let delta: BTreeMap<String, u64> = now
         .iter()
-        .map(|(k, n)| (k.clone(), n - flushed.counts.get(k).copied().unwrap_or(0)))
+        .map(|(k, n)| (k.clone(), n - flushed.get(k).copied().unwrap_or(0)))
         .filter(|(_, n)| *n > 0)
         .collect();
     if delta.is_empty() {
         return Ok(());
     }
     ledger.add(delta).await?;
-    *flushed = Flushed { counts: now, at: Some(Instant::now()) };
+    *flushed = now;
     Ok(())
 }
 
