@@ -83,13 +83,15 @@ fn resnet_sized_images_cost_no_s3_round_trip_per_record() {
     assert_requests_per_record(&summary);
 }
 
-/// The requests that move records (queue sends, receives and deletes, feature store and results
-/// writes, capture) stay at most 1.2 per record: with vectors in S3 a ResNet-sized record cost
-/// over 3. (Receives include the idle long polls of waiting stages.) The rest grows with time,
-/// not records (lease renewals and scans, shard reads, the request ledger): about 1.5 requests a
-/// second since a lone worker stopped scanning the lease table at every renewal and nobody
-/// samples queue depths nobody reads, so all requests are held to 1.5 per record
-/// (docs/benchmarks.md: 1.12 for digits and 1.22-1.27 for a CPU ResNet-18 on one 2-core VM).
+/// All requests stay at most 1.2 per record (issue 13's bound), ResNet-sized images or digits, and
+/// those that move records (queue sends, receives and deletes, feature store and results writes,
+/// capture) at most 1.1: SQS's ten messages a call put the floor near 0.95 for the three queue
+/// hops, and with vectors in S3 a ResNet-sized record cost over 3. (Receives include the idle
+/// long polls of waiting stages.) The rest grows with time, not records (lease renewals and
+/// scans, shard reads, the request ledger), about 1.5 requests a second, so a slower run costs
+/// more per record: docs/benchmarks.md has 1.09 for digits and 1.12 for a CPU ResNet-18, the two
+/// tests side by side on one 2-core VM, in a test build whose model runs at 0.9× of a release
+/// build's speed.
 fn assert_requests_per_record(summary: &serde_json::Value) {
     let requests = &summary["aws_requests"];
     let count = |op: &str| requests[op].as_u64().unwrap_or(0);
@@ -108,11 +110,16 @@ fn assert_requests_per_record(summary: &serde_json::Value) {
     .map(count)
     .sum();
     let records_in = summary["records_in"].as_u64().unwrap();
-    assert!(moving as f64 <= 1.2 * records_in as f64, "{moving} requests moved {records_in} records: {requests}");
+    assert!(moving as f64 <= 1.1 * records_in as f64, "{moving} requests moved {records_in} records: {requests}");
     // The demo reports the same split.
     let reported = summary["aws_record_requests_per_record"].as_f64().unwrap();
     assert!((reported - moving as f64 / records_in as f64).abs() < 1e-9, "{summary}");
     assert!(summary["aws_coordination_requests_per_s"].as_f64().unwrap() > 0.0, "{summary}");
     let per_record = summary["aws_requests_per_record"].as_f64().unwrap();
-    assert!(per_record <= 1.5, "{per_record} AWS requests per record: {requests}");
+    eprintln!(
+        "{per_record:.3} AWS requests per record ({:.3} moving records) in {:.1} s",
+        moving as f64 / records_in as f64,
+        summary["elapsed_s"].as_f64().unwrap_or_default()
+    );
+    assert!(per_record <= 1.2, "{per_record} AWS requests per record: {requests}");
 }

@@ -24,7 +24,7 @@ use backon::{BackoffBuilder, ExponentialBuilder};
 use futures_util::future::try_join_all;
 
 use super::s3::S3BlobStore;
-use super::{classify, error_code};
+use super::{classify, concurrently, error_code};
 use crate::backend::{
     BlobStore, FeatureStore, FeedbackOutcome, PageToken, PutOutcome, ResultCounts, ResultPage, ResultQuery,
     ResultStore, ReviewOutcome, StoredVector,
@@ -64,8 +64,7 @@ fn key(id: &RecordId) -> Item {
 
 /// `BatchGetItem` over any number of ids, retrying unprocessed keys.
 async fn batch_get(client: &aws_sdk_dynamodb::Client, table: &str, ids: &[RecordId]) -> Result<Vec<Item>> {
-    let mut out = Vec::with_capacity(ids.len());
-    for chunk in ids.chunks(BATCH_GET_KEYS) {
+    let found = concurrently(ids.chunks(BATCH_GET_KEYS).map(|chunk| async move {
         let mut unique: Vec<&RecordId> = chunk.iter().collect();
         unique.sort();
         unique.dedup();
@@ -73,6 +72,7 @@ async fn batch_get(client: &aws_sdk_dynamodb::Client, table: &str, ids: &[Record
             .set_keys(Some(unique.into_iter().map(key).collect()))
             .build()
             .map_err(|e| SluiceError::permanent(ReasonCode::Internal, e.to_string()))?;
+        let mut out = Vec::with_capacity(chunk.len());
         let mut delays = unprocessed_backoff();
         loop {
             let output = client
@@ -88,11 +88,12 @@ async fn batch_get(client: &aws_sdk_dynamodb::Client, table: &str, ids: &[Record
                     tokio::time::sleep(delay).await;
                     request = left;
                 }
-                _ => break,
+                _ => return Ok(out),
             }
         }
-    }
-    Ok(out)
+    }))
+    .await?;
+    Ok(found.into_iter().flatten().collect())
 }
 
 pub(super) struct DynamoFeatureStore {
@@ -155,7 +156,7 @@ impl FeatureStore for DynamoFeatureStore {
                 .map_err(|e| SluiceError::permanent(ReasonCode::Internal, e.to_string()))?;
             requests.push(WriteRequest::builder().put_request(put).build());
         }
-        for chunk in requests.chunks(BATCH_WRITE_ITEMS) {
+        concurrently(requests.chunks(BATCH_WRITE_ITEMS).map(|chunk| async move {
             let mut pending = chunk.to_vec();
             let mut delays = unprocessed_backoff();
             loop {
@@ -172,10 +173,11 @@ impl FeatureStore for DynamoFeatureStore {
                         tokio::time::sleep(delay).await;
                         pending = left;
                     }
-                    _ => break,
+                    _ => return Ok(()),
                 }
             }
-        }
+        }))
+        .await?;
         Ok(())
     }
 

@@ -18,8 +18,8 @@ use aws_sdk_sqs::types::{
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
 
-use super::classify;
 use super::s3::S3BlobStore;
+use super::{classify, concurrently};
 use crate::backend::{BlobStore, OutgoingMessage, QueueDepth, Receipt, ReceivedMessage, WorkQueue};
 use crate::error::{ReasonCode, Result, SluiceError};
 use crate::record::dlq_attr;
@@ -162,7 +162,8 @@ impl SqsQueue {
     }
 
     async fn change_visibility(&self, receipts: &[Receipt], seconds: i32) -> Result<()> {
-        for chunk in receipts.chunks(BATCH_ENTRIES) {
+        let url = self.url().await?;
+        concurrently(receipts.chunks(BATCH_ENTRIES).map(|chunk| async move {
             let entries = chunk
                 .iter()
                 .enumerate()
@@ -178,7 +179,7 @@ impl SqsQueue {
             let output = self
                 .client
                 .change_message_visibility_batch()
-                .queue_url(self.url().await?)
+                .queue_url(url)
                 .set_entries(Some(entries))
                 .send()
                 .await
@@ -186,8 +187,9 @@ impl SqsQueue {
             check_failed(
                 "ChangeMessageVisibilityBatch",
                 output.failed.iter().map(|f| (f.code.as_str(), f.sender_fault)),
-            )?;
-        }
+            )
+        }))
+        .await?;
         Ok(())
     }
 }
@@ -242,30 +244,36 @@ impl WorkQueue for SqsQueue {
         for (i, message) in messages.into_iter().enumerate() {
             pending.push(self.encode(message, i).await?);
         }
-        while !pending.is_empty() {
-            // Up to ten entries and 256 KiB a call.
-            let mut take = 0;
-            let mut bytes = 0;
-            while take < pending.len()
-                && take < BATCH_ENTRIES
-                && (take == 0 || bytes + pending[take].1 <= MAX_BATCH_BYTES)
-            {
-                bytes += pending[take].1;
-                take += 1;
+        // Up to ten entries and 256 KiB a call.
+        let mut calls: Vec<Vec<SendMessageBatchRequestEntry>> = Vec::new();
+        let mut bytes = 0;
+        for (entry, size) in pending {
+            match calls.last_mut() {
+                Some(call) if call.len() < BATCH_ENTRIES && bytes + size <= MAX_BATCH_BYTES => {
+                    bytes += size;
+                    call.push(entry);
+                }
+                _ => {
+                    bytes = size;
+                    calls.push(vec![entry]);
+                }
             }
-            let batch: Vec<_> = pending.drain(..take).collect();
+        }
+        let url = self.url().await?;
+        concurrently(calls.into_iter().map(|entries| async move {
             let output = self
                 .client
                 .send_message_batch()
-                .queue_url(self.url().await?)
-                .set_entries(Some(batch.iter().map(|(e, _)| e.clone()).collect()))
+                .queue_url(url)
+                .set_entries(Some(entries))
                 .send()
                 .await
                 .map_err(|e| classify("SendMessageBatch", e))?;
             // Entries SQS could not take are failures of the whole send: the caller acknowledges
             // nothing and the batch is redone (sinks are idempotent).
-            check_failed("SendMessageBatch", output.failed.iter().map(|f| (f.code.as_str(), f.sender_fault)))?;
-        }
+            check_failed("SendMessageBatch", output.failed.iter().map(|f| (f.code.as_str(), f.sender_fault)))
+        }))
+        .await?;
         Ok(())
     }
 
@@ -274,7 +282,8 @@ impl WorkQueue for SqsQueue {
     }
 
     async fn ack(&self, receipts: &[Receipt]) -> Result<()> {
-        for chunk in receipts.chunks(BATCH_ENTRIES) {
+        let url = self.url().await?;
+        concurrently(receipts.chunks(BATCH_ENTRIES).map(|chunk| async move {
             let entries = chunk
                 .iter()
                 .enumerate()
@@ -289,13 +298,14 @@ impl WorkQueue for SqsQueue {
             let output = self
                 .client
                 .delete_message_batch()
-                .queue_url(self.url().await?)
+                .queue_url(url)
                 .set_entries(Some(entries))
                 .send()
                 .await
                 .map_err(|e| classify("DeleteMessageBatch", e))?;
-            check_failed("DeleteMessageBatch", output.failed.iter().map(|f| (f.code.as_str(), f.sender_fault)))?;
-        }
+            check_failed("DeleteMessageBatch", output.failed.iter().map(|f| (f.code.as_str(), f.sender_fault)))
+        }))
+        .await?;
         Ok(())
     }
 
