@@ -89,7 +89,7 @@ fn resnet_sized_images_cost_no_s3_round_trip_per_record() {
 /// hops, and with vectors in S3 a ResNet-sized record cost over 3. (Receives include the idle
 /// long polls of waiting stages.) The rest grows with time, not records (lease renewals and
 /// scans, shard reads, the request ledger), about 1.5 requests a second, so a slower run costs
-/// more per record: docs/benchmarks.md has 1.09 for digits and 1.12 for a CPU ResNet-18, the two
+/// more per record: docs/benchmarks.md has 1.10 for digits and 1.13 for a CPU ResNet-18, the two
 /// tests side by side on one 2-core VM, in a test build whose model runs at 0.9× of a release
 /// build's speed.
 fn assert_requests_per_record(summary: &serde_json::Value) {

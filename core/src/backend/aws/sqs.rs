@@ -240,14 +240,11 @@ impl WorkQueue for SqsQueue {
     }
 
     async fn send_batch(&self, messages: Vec<OutgoingMessage>) -> Result<()> {
-        let mut pending: Vec<(SendMessageBatchRequestEntry, usize)> = Vec::with_capacity(messages.len());
-        for (i, message) in messages.into_iter().enumerate() {
-            pending.push(self.encode(message, i).await?);
-        }
         // Up to ten entries and 256 KiB a call.
         let mut calls: Vec<Vec<SendMessageBatchRequestEntry>> = Vec::new();
         let mut bytes = 0;
-        for (entry, size) in pending {
+        for (i, message) in messages.into_iter().enumerate() {
+            let (entry, size) = self.encode(message, i).await?;
             match calls.last_mut() {
                 Some(call) if call.len() < BATCH_ENTRIES && bytes + size <= MAX_BATCH_BYTES => {
                     bytes += size;
