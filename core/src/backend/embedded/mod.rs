@@ -20,7 +20,7 @@ use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, LazyLock, Mutex, Weak};
 use std::time::{Duration, Instant};
 
-use rusqlite::{Connection, ErrorCode, OpenFlags};
+use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension};
 
 use super::{Backend, WorkQueue};
 use crate::config::StoreConfig;
@@ -217,7 +217,15 @@ fn connect(config: &StoreConfig) -> Result<Connection> {
     // keeps 16 by default; the queues, stores and stream have more than that between them).
     conn.set_prepared_statement_cache_capacity(64);
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).map_err(classify)?;
+    let keyed = set_aside_keyed_tables(&tx).map_err(classify)?;
     tx.execute_batch(SCHEMA).map_err(classify)?;
+    for (table, columns) in keyed {
+        tx.execute_batch(&format!(
+            "INSERT INTO {table} ({columns}) SELECT {columns} FROM {table}{KEYED_SUFFIX} ORDER BY created_ms, record_id; \
+             DROP TABLE {table}{KEYED_SUFFIX};"
+        ))
+        .map_err(classify)?;
+    }
     let existing: i64 = tx.query_row("SELECT COUNT(*) FROM stream_shards", [], |r| r.get(0)).map_err(classify)?;
     if existing == 0 {
         for shard in 0..config.shards.max(1) {
@@ -226,6 +234,40 @@ fn connect(config: &StoreConfig) -> Result<Connection> {
     }
     tx.commit().map_err(classify)?;
     Ok(conn)
+}
+
+/// The tables that stores made before 2026-12-05 keyed by record id (`WITHOUT ROWID`), and their
+/// columns; `schema.sql` says why they are rowid tables now.
+const ONCE_KEYED: [(&str, &str); 2] =
+    [("features", "record_id, vector, created_ms"), ("results", "record_id, status, body, created_ms")];
+const KEYED_SUFFIX: &str = "_keyed_by_record_id";
+
+/// Renames those of [`ONCE_KEYED`] that are still keyed by record id out of the schema's way and
+/// drops their indexes (the schema makes them again under the same names), in the caller's
+/// transaction; returns them, for their rows to be copied into the schema's tables and the old
+/// ones dropped, in that transaction too. Another process opening the store meanwhile waits for
+/// the write lock and then finds the new layout.
+fn set_aside_keyed_tables(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<Vec<(&'static str, &'static str)>> {
+    let mut keyed = Vec::new();
+    for (table, columns) in ONCE_KEYED {
+        let sql: Option<String> = tx
+            .query_row("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = ?1", [table], |r| r.get(0))
+            .optional()?;
+        if !sql.is_some_and(|sql| sql.to_ascii_uppercase().contains("WITHOUT ROWID")) {
+            continue;
+        }
+        tx.execute_batch(&format!("ALTER TABLE {table} RENAME TO {table}{KEYED_SUFFIX}"))?;
+        let indexes: Vec<String> = tx
+            .prepare("SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = ?1 AND sql IS NOT NULL")?
+            .query_map([format!("{table}{KEYED_SUFFIX}")], |r| r.get(0))?
+            .collect::<rusqlite::Result<_>>()?;
+        for index in indexes {
+            tx.execute_batch(&format!("DROP INDEX \"{index}\""))?;
+        }
+        tracing::info!(table, "moving the table to the rowid layout (rows in arrival order, record ids indexed)");
+        keyed.push((table, columns));
+    }
+    Ok(keyed)
 }
 
 /// Checkpoints on a thread and connection of their own until the returned handle is dropped.

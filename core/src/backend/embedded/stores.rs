@@ -307,20 +307,32 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn result_listings_search_their_index_and_the_unused_one_is_gone() {
+    async fn result_listings_search_their_index_and_an_older_layout_is_moved() {
         let dir = tempfile::tempdir().unwrap();
         let config = StoreConfig { path: dir.path().join("s.sqlite"), ..Default::default() };
-        // A store made before the index went still has it: opening drops it.
+        // A store as builds before 2026-12-05 made it: both tables keyed by record id, and from
+        // before 2026-11-28 an index no query used. Opening moves the rows and drops the index.
         rusqlite::Connection::open(&config.path)
             .unwrap()
             .execute_batch(
                 "CREATE TABLE results (record_id TEXT PRIMARY KEY, status TEXT NOT NULL, body TEXT NOT NULL, \
                  created_ms INTEGER NOT NULL) WITHOUT ROWID; \
-                 CREATE INDEX results_by_status ON results (status, record_id);",
+                 CREATE INDEX results_by_status ON results (status, record_id); \
+                 CREATE INDEX results_by_time ON results (created_ms, record_id); \
+                 INSERT INTO results VALUES ('b', 'accepted', 'body b', 1), ('a', 'review', 'body a', 2); \
+                 CREATE TABLE features (record_id TEXT PRIMARY KEY, vector BLOB NOT NULL, \
+                 created_ms INTEGER NOT NULL) WITHOUT ROWID; \
+                 INSERT INTO features VALUES ('a', x'0000c03f', 2);",
             )
             .unwrap();
         let store = EmbeddedStore::open(&config).unwrap();
-        let (by_status, all, indexes) = store
+        let features = store.clone().into_backend().features;
+        let a = RecordId::parse("a").unwrap();
+        let vector = features.get_batch(std::slice::from_ref(&a)).await.unwrap().remove(&a).unwrap().unwrap();
+        assert_eq!(vector, crate::vector::FeatureVector::Values(vec![1.5]));
+        // The same store opened again (another process) finds nothing to move.
+        drop(EmbeddedStore::open_separate(&config).unwrap());
+        let (by_status, all, indexes, rows, tables) = store
             .db
             .call(|conn| {
                 let indexes: Vec<String> = conn
@@ -329,10 +341,25 @@ mod tests {
                     )?
                     .query_map([], |r| r.get(0))?
                     .collect::<rusqlite::Result<_>>()?;
-                Ok((plan(conn, LIST_BY_STATUS), plan(conn, LIST_ALL), indexes))
+                let rows: Vec<(String, String, String)> = conn
+                    .prepare("SELECT record_id, status, body FROM results ORDER BY rowid")?
+                    .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+                    .collect::<rusqlite::Result<_>>()?;
+                let tables: Vec<String> = conn
+                    .prepare(
+                        "SELECT name || ': ' || sql FROM sqlite_master WHERE type = 'table' \
+                         AND (name IN ('features', 'results') OR name LIKE '%keyed_by%') ORDER BY name",
+                    )?
+                    .query_map([], |r| r.get(0))?
+                    .collect::<rusqlite::Result<_>>()?;
+                Ok((plan(conn, LIST_BY_STATUS), plan(conn, LIST_ALL), indexes, rows, tables))
             })
             .await
             .unwrap();
+        let row = |id: &str, status: &str, body: &str| (id.to_owned(), status.to_owned(), body.to_owned());
+        assert_eq!(rows, [row("b", "accepted", "body b"), row("a", "review", "body a")], "in time order");
+        assert_eq!(tables.len(), 2, "{tables:#?}");
+        assert!(!tables.iter().any(|t| t.contains("WITHOUT ROWID")), "{tables:#?}");
         assert!(by_status.starts_with("SEARCH results USING INDEX results_by_status_time (status=?"), "{by_status}");
         assert!(all.starts_with("SEARCH results USING INDEX results_by_time"), "{all}");
         assert!(!by_status.contains("TEMP B-TREE") && !all.contains("TEMP B-TREE"), "{by_status} / {all}");
