@@ -194,10 +194,13 @@ async fn run_at(settings: &Settings, load: f64, rate: f64, duration: Duration) -
     }
     .set("telemetry.port", 0);
     let backend = Backend::open(&settings.store()?).await?;
+    // Looks at the backlog and the results on a connection of their own (embedded) and
+    // uncounted (AWS), so that watching the run costs its stages nothing.
+    let observer = Backend::open_observer(&settings.store()?).await?;
     let mut pipeline = crate::pipeline::InProcess::start(&settings);
     let sampling = CancellationToken::new();
     let sampler = {
-        let (backend, stop) = (backend.clone(), sampling.clone());
+        let (backend, stop) = (observer.clone(), sampling.clone());
         tokio::spawn(async move {
             let mut most = 0;
             while !stop.is_cancelled() {
@@ -213,10 +216,10 @@ async fn run_at(settings: &Settings, load: f64, rate: f64, duration: Duration) -
         Catalogue::Digits { set: load_split(Split::Test)?, split: Split::Test, as_json: false, run: run_tag() };
     let produced = crate::load::run(&backend, &catalogue, rate, duration, Pattern::Steady).await?;
     let load_ended_ms = sluice_core::envelope::now_ms();
-    let backlog_at_end = backlog(&PipelineStats::collect(&backend).await?);
+    let backlog_at_end = backlog(&PipelineStats::collect(&observer).await?);
     sampling.cancel();
     let max_backlog = sampler.await?;
-    pipeline.wait_accounted(&backend, produced.put.records).await?;
+    pipeline.wait_accounted(&observer, produced.put.records).await?;
     pipeline.stop().await?;
 
     let results = all_results(&backend).await?;

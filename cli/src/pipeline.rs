@@ -130,7 +130,8 @@ impl InProcess {
     }
 
     /// Returns once `records` are accounted for (results, review, DLQs); fails if the pipeline
-    /// stops first.
+    /// stops first. `backend` is best an observer ([`Backend::open_observer`]): the looks come
+    /// every 20 ms.
     pub async fn wait_accounted(&mut self, backend: &Backend, records: u64) -> anyhow::Result<()> {
         loop {
             if self.task.is_finished() {
