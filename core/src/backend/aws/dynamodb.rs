@@ -21,7 +21,6 @@ use aws_sdk_dynamodb::types::{
     AttributeValue, Delete, KeysAndAttributes, Put, PutRequest, TransactWriteItem, Update, WriteRequest,
 };
 use backon::{BackoffBuilder, ExponentialBuilder};
-use futures_util::future::try_join_all;
 
 use super::s3::S3BlobStore;
 use super::{classify, concurrently, error_code};
@@ -145,8 +144,8 @@ impl FeatureStore for DynamoFeatureStore {
                 Ok::<_, SluiceError>((id, name, value))
             });
         }
-        // Vectors bound for S3 go up together, not one after another.
-        for (id, name, value) in try_join_all(pending).await? {
+        // Vectors bound for S3 go up a few at a time, not one after another nor a batch at once.
+        for (id, name, value) in concurrently(pending).await? {
             let mut item = key(&id);
             item.insert(name.to_owned(), value);
             item.insert("created_ms".to_owned(), AttributeValue::N(now.clone()));
@@ -183,7 +182,7 @@ impl FeatureStore for DynamoFeatureStore {
 
     async fn get_batch(&self, ids: &[RecordId]) -> Result<HashMap<RecordId, StoredVector>> {
         let items = batch_get(&self.client, &self.table, ids).await?;
-        let vectors = try_join_all(items.iter().map(|item| async move {
+        let vectors = concurrently(items.iter().map(|item| async move {
             let Some(id) =
                 item.get(RECORD_KEY).and_then(|v| v.as_s().ok()).and_then(|s| RecordId::parse(s.clone()).ok())
             else {
