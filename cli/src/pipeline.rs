@@ -42,9 +42,17 @@ pub async fn run_all(
     // One handle for every stage: on the embedded store the process's one connection, on AWS
     // one set of SDK clients (one connection pool) and one look-up of each queue's URL.
     let shared = Backend::open(&store).await?;
-    for stage_name in StageName::ALL {
+    // Every stage built before any starts: a stage that cannot be built (a missing model, say)
+    // stops the run before the others have done work whose AWS requests would go unrecorded.
+    let stages = StageName::ALL
+        .into_iter()
+        .map(|stage_name| {
+            let stage = build_stage(stage_name, settings, &shared).map_err(|e| anyhow!("{stage_name}: {e}"))?;
+            Ok((stage_name, stage))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    for (stage_name, stage) in stages {
         let backend = shared.clone();
-        let stage = build_stage(stage_name, settings, &backend).map_err(|e| anyhow!("{stage_name}: {e}"))?;
         let (settings, token, health) = (settings.clone(), shutdown.clone(), health.clone());
         workers.spawn(async move {
             let worker_id = default_worker_id(stage_name.as_str());
