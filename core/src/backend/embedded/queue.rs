@@ -48,7 +48,8 @@ impl EmbeddedQueue {
         let queue = self.name;
         let visibility_ms = self.visibility_ms as i64;
         let max_receives = self.max_receives;
-        self.db
+        let received = self
+            .db
             .write(move |tx| {
                 let now = now_ms() as i64;
                 let mut out = Vec::new();
@@ -85,13 +86,7 @@ impl EmbeddedQueue {
                             None => {
                                 let count = row.receive_count + 1;
                                 received.execute(params![count, now + visibility_ms, now, row.id])?;
-                                out.push(ReceivedMessage {
-                                    body: row.body,
-                                    attributes: serde_json::from_str(&row.attributes).unwrap_or_default(),
-                                    receipt: receipt(row.id, count),
-                                    receive_count: count,
-                                    sent_at_ms: row.sent_at_ms as u64,
-                                });
+                                out.push((row, count));
                             }
                         }
                     }
@@ -101,7 +96,18 @@ impl EmbeddedQueue {
                 }
                 Ok(out)
             })
-            .await
+            .await?;
+        // Attributes are parsed off the connection, which every stage waits for.
+        Ok(received
+            .into_iter()
+            .map(|(row, count)| ReceivedMessage {
+                attributes: serde_json::from_str(&row.attributes).unwrap_or_default(),
+                body: row.body,
+                receipt: receipt(row.id, count),
+                receive_count: count,
+                sent_at_ms: row.sent_at_ms as u64,
+            })
+            .collect())
     }
 }
 
@@ -176,6 +182,11 @@ impl WorkQueue for EmbeddedQueue {
             return Ok(());
         }
         let queue = self.name;
+        // Attributes are written out before taking the connection, which every stage waits for.
+        let messages: Vec<_> = messages
+            .into_iter()
+            .map(|m| (m.body, serde_json::to_string(&m.attributes).expect("map serialises"), m.dedup_key))
+            .collect();
         self.db
             .write(move |tx| {
                 let now = now_ms() as i64;
@@ -183,9 +194,8 @@ impl WorkQueue for EmbeddedQueue {
                     "INSERT OR IGNORE INTO messages (queue, body, attributes, dedup_key, visible_at_ms, sent_at_ms) \
                      VALUES (?1, ?2, ?3, ?4, ?5, ?5)",
                 )?;
-                for m in messages {
-                    let attributes = serde_json::to_string(&m.attributes).expect("map serialises");
-                    insert.execute(params![queue.as_str(), m.body, attributes, m.dedup_key, now])?;
+                for (body, attributes, dedup_key) in messages {
+                    insert.execute(params![queue.as_str(), body, attributes, dedup_key, now])?;
                 }
                 Ok(())
             })
