@@ -1,5 +1,5 @@
 //! The embedded store's own upkeep: its write-ahead log is copied into the database file by a
-//! thread of its own, not by a writer.
+//! thread of its own, not by a writer. And its queues' own edges.
 
 use std::time::{Duration, Instant};
 
@@ -35,4 +35,22 @@ async fn the_log_reaches_the_database_file_without_a_writer_checkpointing() {
         size > written,
         "the database file holds {size} bytes after {written} bytes were written: not checkpointed"
     );
+}
+
+/// With no visibility timeout a received message is visible again at once; one receive still
+/// hands each message out once (its look for more after a short batch used to find the same
+/// messages again).
+#[tokio::test]
+async fn one_receive_hands_each_message_out_once_even_without_a_visibility_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let config =
+        StoreConfig { path: dir.path().join("store.sqlite"), visibility_timeout_ms: 0, ..StoreConfig::default() };
+    let backend = Backend::open(&config).await.unwrap();
+    let queue = backend.queue(QueueName::Inference);
+    let message = |i: usize| OutgoingMessage { body: vec![i as u8], attributes: Default::default(), dedup_key: None };
+    queue.send_batch((0..3).map(message).collect()).await.unwrap();
+
+    let received = queue.receive(10, Duration::ZERO).await.unwrap();
+    let bodies: Vec<Vec<u8>> = received.iter().map(|m| m.body.clone()).collect();
+    assert_eq!(bodies, [vec![0], vec![1], vec![2]]);
 }

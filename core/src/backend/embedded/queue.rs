@@ -80,9 +80,13 @@ impl EmbeddedQueue {
                     if rows.is_empty() {
                         break;
                     }
+                    let mut redriven = false;
                     for row in rows {
                         match queue.redrive_target().filter(|_| row.receive_count >= max_receives) {
-                            Some(dlq) => redrive(tx, queue, dlq, &row, now)?,
+                            Some(dlq) => {
+                                redrive(tx, queue, dlq, &row, now)?;
+                                redriven = true;
+                            }
                             None => {
                                 let count = row.receive_count + 1;
                                 received.execute(params![count, now + visibility_ms, now, row.id])?;
@@ -90,7 +94,9 @@ impl EmbeddedQueue {
                             }
                         }
                     }
-                    if out.len() >= max {
+                    // Without a redrive a short batch is all the queue had: another look would find
+                    // nothing (or, with no visibility timeout, the messages just taken, twice).
+                    if out.len() >= max || !redriven {
                         break;
                     }
                 }
