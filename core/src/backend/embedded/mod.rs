@@ -217,15 +217,7 @@ fn connect(config: &StoreConfig) -> Result<Connection> {
     // keeps 16 by default; the queues, stores and stream have more than that between them).
     conn.set_prepared_statement_cache_capacity(64);
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).map_err(classify)?;
-    let keyed = set_aside_keyed_tables(&tx).map_err(classify)?;
-    tx.execute_batch(SCHEMA).map_err(classify)?;
-    for (table, columns) in keyed {
-        tx.execute_batch(&format!(
-            "INSERT INTO {table} ({columns}) SELECT {columns} FROM {table}{KEYED_SUFFIX} ORDER BY created_ms, record_id; \
-             DROP TABLE {table}{KEYED_SUFFIX};"
-        ))
-        .map_err(classify)?;
-    }
+    apply_schema(&tx).map_err(classify)?;
     let existing: i64 = tx.query_row("SELECT COUNT(*) FROM stream_shards", [], |r| r.get(0)).map_err(classify)?;
     if existing == 0 {
         for shard in 0..config.shards.max(1) {
@@ -242,11 +234,25 @@ const ONCE_KEYED: [(&str, &str); 2] =
     [("features", "record_id, vector, created_ms"), ("results", "record_id, status, body, created_ms")];
 const KEYED_SUFFIX: &str = "_keyed_by_record_id";
 
+/// Creates what `schema.sql` has and the store lacks, in the caller's transaction, moving the rows
+/// of any [`ONCE_KEYED`] table still keyed by record id into the schema's table of that name.
+/// Another process opening the store meanwhile waits for the write lock and then finds the new
+/// layout.
+fn apply_schema(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<()> {
+    let keyed = set_aside_keyed_tables(tx)?;
+    tx.execute_batch(SCHEMA)?;
+    for (table, columns) in keyed {
+        tx.execute_batch(&format!(
+            "INSERT INTO {table} ({columns}) SELECT {columns} FROM {table}{KEYED_SUFFIX} ORDER BY created_ms, record_id; \
+             DROP TABLE {table}{KEYED_SUFFIX};"
+        ))?;
+    }
+    Ok(())
+}
+
 /// Renames those of [`ONCE_KEYED`] that are still keyed by record id out of the schema's way and
-/// drops their indexes (the schema makes them again under the same names), in the caller's
-/// transaction; returns them, for their rows to be copied into the schema's tables and the old
-/// ones dropped, in that transaction too. Another process opening the store meanwhile waits for
-/// the write lock and then finds the new layout.
+/// drops their indexes (the schema makes them again under the same names); returns them, for
+/// [`apply_schema`] to copy their rows and drop them.
 fn set_aside_keyed_tables(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<Vec<(&'static str, &'static str)>> {
     let mut keyed = Vec::new();
     for (table, columns) in ONCE_KEYED {

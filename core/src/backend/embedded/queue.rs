@@ -48,7 +48,7 @@ impl EmbeddedQueue {
         let queue = self.name;
         let visibility_ms = self.visibility_ms as i64;
         let max_receives = self.max_receives;
-        let received = self
+        let taken = self
             .db
             .write(move |tx| {
                 let now = now_ms() as i64;
@@ -104,7 +104,7 @@ impl EmbeddedQueue {
             })
             .await?;
         // Attributes are parsed off the connection, which every stage waits for.
-        Ok(received
+        Ok(taken
             .into_iter()
             .map(|(row, count)| ReceivedMessage {
                 attributes: serde_json::from_str(&row.attributes).unwrap_or_default(),
