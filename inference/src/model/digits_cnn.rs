@@ -6,12 +6,15 @@ use candle_nn::{Conv2dConfig, Linear, VarBuilder, conv2d, linear};
 use rayon::prelude::*;
 
 use super::conv::{GemmConv2d, MaxPoolFlatten, Planes};
+use super::direct::DirectDigits;
 
 pub struct DigitsCnn {
     conv1: GemmConv2d,
     conv2: GemmConv2d,
     fc1: Linear,
     fc2: Linear,
+    /// On a CPU with AVX2 and FMA, outside training: the whole network as one direct kernel.
+    direct: Option<DirectDigits>,
 }
 
 const CONV1: usize = 16;
@@ -23,12 +26,23 @@ impl DigitsCnn {
     pub fn new(vb: VarBuilder, input: (usize, usize, usize), classes: usize) -> Result<Self> {
         let (channels, height, width) = input;
         let same = Conv2dConfig { padding: 1, ..Default::default() };
-        Ok(Self {
-            conv1: GemmConv2d::new(conv2d(channels, CONV1, 3, same, vb.pp("conv1"))?)?,
-            conv2: GemmConv2d::new(conv2d(CONV1, CONV2, 3, same, vb.pp("conv2"))?)?,
-            fc1: linear(CONV2 * (height / 2) * (width / 2), HIDDEN, vb.pp("fc1"))?,
-            fc2: linear(HIDDEN, classes, vb.pp("fc2"))?,
-        })
+        let conv1 = conv2d(channels, CONV1, 3, same, vb.pp("conv1"))?;
+        let conv2 = conv2d(CONV1, CONV2, 3, same, vb.pp("conv2"))?;
+        let fc1 = linear(CONV2 * (height / 2) * (width / 2), HIDDEN, vb.pp("fc1"))?;
+        let fc2 = linear(HIDDEN, classes, vb.pp("fc2"))?;
+        // Loaded weights only: variables, as in training, keep Candle's differentiable ops.
+        let loaded = [conv1.weight(), conv2.weight(), fc1.weight(), fc2.weight()]
+            .into_iter()
+            .all(|t| matches!(t.device(), Device::Cpu) && !t.is_variable());
+        let direct = match loaded {
+            true => DirectDigits::new(
+                [(conv1.weight(), conv1.bias()), (conv2.weight(), conv2.bias())],
+                [(fc1.weight(), fc1.bias()), (fc2.weight(), fc2.bias())],
+                (height, width),
+            )?,
+            false => None,
+        };
+        Ok(Self { conv1: GemmConv2d::new(conv1)?, conv2: GemmConv2d::new(conv2)?, fc1, fc2, direct })
     }
 }
 
@@ -56,6 +70,11 @@ impl Module for DigitsCnn {
 
 impl DigitsCnn {
     fn forward_chunk(&self, xs: &Tensor) -> Result<Tensor> {
+        if let Some(direct) = &self.direct
+            && matches!(xs.device(), Device::Cpu)
+        {
+            return xs.apply_op1_no_bwd(direct);
+        }
         let xs = match (self.conv1.cpu_gemm(xs), self.conv2.cpu_gemm(xs)) {
             // On the CPU the activations stay channel first from one convolution to the next
             // and into the pooling, each ReLU in the pass that adds the bias.

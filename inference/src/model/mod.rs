@@ -3,6 +3,7 @@
 mod conv;
 mod cudnn;
 mod digits_cnn;
+mod direct;
 mod resnet18;
 mod winograd;
 

@@ -1,0 +1,515 @@
+//! The digits CNN's forward pass computed directly on x86-64 CPUs with AVX2 and FMA, one Candle
+//! op: 3×3 convolution → ReLU → 3×3 convolution → ReLU → 2×2 max-pool, image by image with each
+//! image's activations channel last (HWC) with a zero border (a few KiB that stay in the core's L1
+//! cache), then the two dense layers over the batch.
+//!
+//! Why our own kernel: Candle has no direct convolution, and its im2col + matrix product
+//! (`conv.rs`) spends on laying out and packing 8×8 images what it saves on multiplying them:
+//! gemm's kernels ran at about a third of the cores' peak, ONNX Runtime's direct convolutions at
+//! about two thirds (docs/benchmarks.md). Candle's CPU matmul also reads /proc/cpuinfo on every
+//! call (`num_cpus::get_physical`), a tenth of this model's time. Here eight output channels make
+//! a vector; a block of 2 output vectors × 6 positions (12 accumulators) takes, for every tap and
+//! input channel, its 2 weight vectors and each position's input value broadcast once. A dense
+//! layer is the same block over images instead of positions, with one tap. SIMD through `pulp`
+//! (gemm's own): safe intrinsics, the CPU's features checked at run time.
+
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
+
+use super::conv::values;
+
+/// Output channels a vector.
+const LANES: usize = 8;
+
+/// One layer's weights laid out for the kernel, output channels padded to vectors of 8 with
+/// zeros, and what follows the products.
+struct Layer {
+    /// (output block, tap, input channel, vector in the block): a block's weight vectors for one
+    /// tap and input channel lie together.
+    kernel: Vec<[f32; LANES]>,
+    bias: Vec<[f32; LANES]>,
+    /// The runs of contiguous input values a position's products read, `run` values each: a
+    /// 3×3 convolution reading a bordered image reads its window's 3 rows (3 taps × C channels
+    /// each); a dense layer, or a convolution reading patches, one row.
+    runs: usize,
+    run: usize,
+    in_channels: usize,
+    out_channels: usize,
+    /// ⌈out_channels / 8⌉.
+    out_vectors: usize,
+    /// Output vectors a block computes: 2 where they divide `out_vectors`, else 1.
+    block: usize,
+    relu: bool,
+}
+
+impl Layer {
+    /// `weight` holds (O, C, taps) values in that order; `bias`, O of them. The kernel takes the
+    /// inputs in (tap, channel) order, cut into `runs`.
+    fn new(
+        weight: &[f32],
+        bias: &[f32],
+        (out_channels, in_channels, taps): (usize, usize, usize),
+        runs: usize,
+        relu: bool,
+    ) -> Self {
+        assert_eq!(weight.len(), out_channels * in_channels * taps);
+        assert_eq!(bias.len(), out_channels);
+        let out_vectors = out_channels.div_ceil(LANES);
+        let block = if out_vectors % 2 == 0 { 2 } else { 1 };
+        let value = |o: usize, c: usize, tap: usize| {
+            if o < out_channels { weight[(o * in_channels + c) * taps + tap] } else { 0.0 }
+        };
+        let mut kernel = Vec::with_capacity(out_vectors * taps * in_channels);
+        for first in (0..out_vectors).step_by(block) {
+            for tap in 0..taps {
+                for c in 0..in_channels {
+                    for v in first..first + block {
+                        kernel.push(std::array::from_fn(|lane| value(v * LANES + lane, c, tap)));
+                    }
+                }
+            }
+        }
+        let bias = (0..out_vectors)
+            .map(|v| std::array::from_fn(|lane| bias.get(v * LANES + lane).copied().unwrap_or(0.0)))
+            .collect();
+        let run = taps * in_channels / runs;
+        Self { kernel, bias, runs, run, in_channels, out_channels, out_vectors, block, relu }
+    }
+
+    /// Values a row of this layer's output takes (output channels padded to vectors).
+    fn width(&self) -> usize {
+        self.out_vectors * LANES
+    }
+}
+
+/// The digits CNN on the CPU as one op: (N, C, H, W) images in, (N, classes) logits out.
+pub(crate) struct DirectDigits {
+    conv1: Layer,
+    conv2: Layer,
+    fc1: Layer,
+    fc2: Layer,
+    #[cfg(target_arch = "x86_64")]
+    simd: pulp::x86::V3,
+}
+
+/// A layer's weight and bias as Candle holds them.
+pub(crate) type Weights<'a> = (&'a Tensor, Option<&'a Tensor>);
+
+impl DirectDigits {
+    /// The op for the network's weights, where the CPU has AVX2 and FMA and the shapes fit: 3×3
+    /// convolutions, output channels in eights, `fc1` taking the pooled values of the second
+    /// convolution and `fc2` the outputs of `fc1`.
+    pub(crate) fn new(convs: [Weights; 2], fcs: [Weights; 2], (height, width): (usize, usize)) -> Result<Option<Self>> {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let Some(simd) = pulp::x86::V3::try_new() else { return Ok(None) };
+            let [conv1, conv2] = convs;
+            let (Some(conv1), Some(conv2)) = (conv(conv1, Taps::Patches)?, conv(conv2, Taps::Taps)?) else {
+                return Ok(None);
+            };
+            let cells = (height / 2) * (width / 2);
+            if conv2.in_channels != conv1.out_channels || conv2.out_channels % LANES != 0 {
+                return Ok(None);
+            }
+            let [fc1, fc2] = fcs;
+            let fc1 = dense(channel_last(fc1.0, conv2.out_channels, cells)?, fc1.1, true)?;
+            let fc2 = dense(fc2.0.clone(), fc2.1, false)?;
+            let fits = fc1.in_channels == cells * conv2.out_channels && fc2.in_channels == fc1.out_channels;
+            Ok(fits.then_some(Self { conv1, conv2, fc1, fc2, simd }))
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = (convs, fcs, height, width);
+            Ok(None)
+        }
+    }
+}
+
+fn f32s(t: &Tensor) -> Result<Vec<f32>> {
+    t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()
+}
+
+fn bias(bias: Option<&Tensor>, out_channels: usize) -> Result<Vec<f32>> {
+    bias.map(f32s).unwrap_or_else(|| Ok(vec![0.0; out_channels]))
+}
+
+/// How a convolution reads its input: a pass per tap over a bordered image's channels, or its
+/// patches laid out first, (channel, tap) a position, as a dense layer reads a row.
+enum Taps {
+    Taps,
+    Patches,
+}
+
+/// A 3×3 convolution with its ReLU; `None` unless its output channels come in eights.
+fn conv((weight, b): Weights, taps: Taps) -> Result<Option<Layer>> {
+    let (o, c, kh, kw) = weight.dims4()?;
+    if (kh, kw) != (3, 3) || o % LANES != 0 {
+        return Ok(None);
+    }
+    let (shape, runs) = match taps {
+        Taps::Taps => ((o, c, 9), 3),
+        Taps::Patches => ((o, c * 9, 1), 1),
+    };
+    Ok(Some(Layer::new(&f32s(weight)?, &bias(b, o)?, shape, runs, true)))
+}
+
+fn dense(weight: Tensor, b: Option<&Tensor>, relu: bool) -> Result<Layer> {
+    let (o, c) = weight.dims2()?;
+    Ok(Layer::new(&f32s(&weight)?, &bias(b, o)?, (o, c, 1), 1, relu))
+}
+
+/// `weight` (out, channels·cells) with its columns in NCHW flatten order (channel, cell), as
+/// trained, reordered to the op's pooled values' (cell, channel).
+fn channel_last(weight: &Tensor, channels: usize, cells: usize) -> Result<Tensor> {
+    let (out, columns) = weight.dims2()?;
+    if columns != channels * cells {
+        candle_core::bail!("fc1 takes {columns} values, the pooling gives {}", channels * cells);
+    }
+    weight.reshape((out, channels, cells))?.transpose(1, 2)?.reshape((out, columns))?.contiguous()
+}
+
+impl CustomOp1 for DirectDigits {
+    fn name(&self) -> &'static str {
+        "direct-digits"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let input = values(storage, layout, "direct-digits")?;
+        let &[n, c, h, w] = layout.dims() else { candle_core::bail!("direct-digits takes a 4-D tensor") };
+        if 9 * c != self.conv1.in_channels || (h / 2) * (w / 2) * self.conv2.out_channels != self.fc1.in_channels {
+            candle_core::bail!("direct-digits: ({c}, {h}, {w}) images do not fit the network's weights");
+        }
+        let classes = self.fc2.out_channels;
+        let mut logits = vec![0.0f32; n * classes];
+        #[cfg(target_arch = "x86_64")]
+        self.simd.vectorize(kernel::Forward { net: self, input, dims: (n, c, h, w), logits: &mut logits });
+        Ok((CpuStorage::F32(logits), Shape::from((n, classes))))
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod kernel {
+    use pulp::f32x8;
+    use pulp::x86::V3;
+
+    use super::{DirectDigits, LANES, Layer};
+
+    /// Accumulators a block holds in registers: of AVX2's 16, the rest hold the block's weight
+    /// vectors (up to 2) and an input value broadcast. (Blocks of 4 vectors × 3 positions needed
+    /// 17 and spilled one accumulator to the stack on every product.)
+    const ACCUMULATORS: usize = 12;
+    /// Accumulators of the block that takes the positions left over.
+    const TAIL: usize = 8;
+
+    /// The forward pass, handed to [`V3::vectorize`], which compiles it with AVX2 and FMA (a
+    /// closure would not be inlined there, and every intrinsic would be a call).
+    pub(super) struct Forward<'a> {
+        pub net: &'a DirectDigits,
+        pub input: &'a [f32],
+        pub dims: (usize, usize, usize, usize),
+        pub logits: &'a mut [f32],
+    }
+
+    impl pulp::NullaryFnOnce for Forward<'_> {
+        type Output = ();
+
+        #[inline(always)]
+        fn call(self) {
+            let Self { net, input, dims, logits } = self;
+            net.forward(input, dims, logits);
+        }
+    }
+
+    /// Where a layer reads an output position's inputs.
+    trait Inputs {
+        /// The start of position `p`'s inputs for the first tap.
+        fn corner(&self, p: usize) -> usize;
+        /// How far a run of inputs lies from the first.
+        fn shift(&self, run: usize) -> usize;
+    }
+
+    /// Where a layer writes an output position's values.
+    trait Outputs {
+        fn start(&self, p: usize) -> usize;
+    }
+
+    /// A 3×3 convolution's inputs: an (h+2, w+2, channels) image with a zero border.
+    struct Bordered {
+        w: usize,
+        channels: usize,
+    }
+
+    impl Inputs for Bordered {
+        #[inline(always)]
+        fn corner(&self, p: usize) -> usize {
+            (p / self.w * (self.w + 2) + p % self.w) * self.channels
+        }
+
+        /// A run is a row of the window: 3 taps' channels side by side.
+        #[inline(always)]
+        fn shift(&self, run: usize) -> usize {
+            run * (self.w + 2) * self.channels
+        }
+    }
+
+    /// A convolution's outputs on a (h, w) image, `width` values a position, position (y, x)
+    /// at `origin + y·row + x`: the interior of the next convolution's bordered input, or a
+    /// plain (h, w, width) image.
+    struct Grid {
+        w: usize,
+        width: usize,
+        origin: usize,
+        row: usize,
+    }
+
+    impl Outputs for Grid {
+        #[inline(always)]
+        fn start(&self, p: usize) -> usize {
+            (self.origin + p / self.w * self.row + p % self.w) * self.width
+        }
+    }
+
+    /// Positions one after another, `stride` values apart: a batch's rows in a dense layer, or
+    /// an image's patches.
+    struct Rows {
+        stride: usize,
+    }
+
+    impl Inputs for Rows {
+        #[inline(always)]
+        fn corner(&self, p: usize) -> usize {
+            p * self.stride
+        }
+
+        #[inline(always)]
+        fn shift(&self, _run: usize) -> usize {
+            0
+        }
+    }
+
+    impl Outputs for Rows {
+        #[inline(always)]
+        fn start(&self, p: usize) -> usize {
+            p * self.stride
+        }
+    }
+
+    impl DirectDigits {
+        #[inline(always)]
+        fn forward(&self, input: &[f32], (n, c, h, w): (usize, usize, usize, usize), logits: &mut [f32]) {
+            let simd = self.simd;
+            // The first convolution reads its image's patches, (position, channel, tap) — as
+            // a dense layer, with no pass per tap over a channel or two. The second reads the
+            // first's output in an image with a zero border: the border is zeroed here once and
+            // never written.
+            let mut patches = vec![0.0f32; h * w * c * 9];
+            let mut hidden = vec![0.0f32; (h + 2) * (w + 2) * self.conv1.width()];
+            let mut last = vec![0.0f32; h * w * self.conv2.width()];
+            let pooled_width = self.fc1.in_channels;
+            let mut pooled = vec![0.0f32; n * pooled_width];
+            let inside = Grid { w, width: self.conv1.width(), origin: w + 3, row: w + 2 };
+            let plain = Grid { w, width: self.conv2.width(), origin: 0, row: w };
+            let bordered = Bordered { w, channels: self.conv1.width() };
+            for (image, dst) in input.chunks_exact(c * h * w).zip(pooled.chunks_exact_mut(pooled_width)) {
+                fill_patches(image, (c, h, w), &mut patches);
+                self.conv1.run(simd, (&patches, &Rows { stride: 9 * c }), h * w, (&mut hidden, &inside));
+                self.conv2.run(simd, (&hidden, &bordered), h * w, (&mut last, &plain));
+                max_pool(simd, &last, w, self.conv2.out_vectors, dst);
+            }
+            let mut dense = vec![0.0f32; n * self.fc1.width()];
+            let (rows, dense_rows) = (Rows { stride: pooled_width }, Rows { stride: self.fc1.width() });
+            self.fc1.run(simd, (&pooled, &rows), n, (&mut dense, &dense_rows));
+            let mut out = vec![0.0f32; n * self.fc2.width()];
+            self.fc2.run(simd, (&dense, &dense_rows), n, (&mut out, &Rows { stride: self.fc2.width() }));
+            let classes = self.fc2.out_channels;
+            for (logits, out) in logits.chunks_exact_mut(classes).zip(out.chunks_exact(self.fc2.width())) {
+                logits.copy_from_slice(&out[..classes]);
+            }
+        }
+    }
+
+    /// `patches` (h·w positions, c channels, 9 taps) of a (c, h, w) image, 0 outside it.
+    #[inline(always)]
+    fn fill_patches(image: &[f32], (c, h, w): (usize, usize, usize), patches: &mut [f32]) {
+        let mut rows = patches.chunks_exact_mut(9 * c * w);
+        for (y, row) in (0..h).zip(&mut rows) {
+            for (x, patch) in row.chunks_exact_mut(9 * c).enumerate() {
+                for (plane, taps) in image.chunks_exact(h * w).zip(patch.chunks_exact_mut(9)) {
+                    for (tap, value) in taps.iter_mut().enumerate() {
+                        let (iy, ix) = ((y + tap / 3).wrapping_sub(1), (x + tap % 3).wrapping_sub(1));
+                        *value = if iy < h && ix < w { plane[iy * w + ix] } else { 0.0 };
+                    }
+                }
+            }
+        }
+    }
+
+    impl Layer {
+        /// The layer at `positions` positions of `input` into `out`.
+        #[inline(always)]
+        fn run(&self, simd: V3, from: (&[f32], &impl Inputs), positions: usize, to: (&mut [f32], &impl Outputs)) {
+            match self.block {
+                2 => self.blocks::<2, { ACCUMULATORS / 2 }, { TAIL / 2 }>(simd, from, positions, to),
+                _ => self.blocks::<1, ACCUMULATORS, TAIL>(simd, from, positions, to),
+            }
+        }
+
+        /// Every output block: `B` vectors of output channels for `P` positions at a time, and
+        /// the positions left over in a block that ends at the last position, computing a few
+        /// twice (the same values): of `T` positions where that covers them (8 accumulators
+        /// still hide the products' latency), else of `P`. Blocks of one position, only for
+        /// fewer than `T` positions in all, have too few accumulators: the 4 positions left over
+        /// of an 8×8 image took a fifth of the time that way.
+        #[inline(always)]
+        fn blocks<const B: usize, const P: usize, const T: usize>(
+            &self,
+            simd: V3,
+            from: (&[f32], &impl Inputs),
+            positions: usize,
+            (out, at): (&mut [f32], &impl Outputs),
+        ) {
+            let per_block = self.runs * self.run * B;
+            for (index, kernel) in self.kernel.chunks_exact(per_block).enumerate() {
+                let first = index * B;
+                if positions < T {
+                    for p in 0..positions {
+                        self.block::<B, 1>(simd, from, kernel, first, p, (&mut *out, at));
+                    }
+                    continue;
+                }
+                let whole = positions / P * P;
+                for p in (0..whole).step_by(P) {
+                    self.block::<B, P>(simd, from, kernel, first, p, (&mut *out, at));
+                }
+                let left = positions - whole;
+                if left > T && whole > 0 {
+                    self.block::<B, P>(simd, from, kernel, first, positions - P, (&mut *out, at));
+                } else if left > 0 {
+                    // Fewer than P positions in all take blocks of T.
+                    for p in (whole..positions - T).step_by(T).chain([positions - T]) {
+                        self.block::<B, T>(simd, from, kernel, first, p, (&mut *out, at));
+                    }
+                }
+            }
+        }
+
+        /// Output vectors `first..first + B` at positions `p..p + P`, then bias and ReLU.
+        #[inline(always)]
+        fn block<const B: usize, const P: usize>(
+            &self,
+            simd: V3,
+            (input, inputs): (&[f32], &impl Inputs),
+            kernel: &[[f32; LANES]],
+            first: usize,
+            p: usize,
+            (out, outputs): (&mut [f32], &impl Outputs),
+        ) {
+            let run = self.run;
+            let zero = simd.splat_f32x8(0.0);
+            let mut acc = [[zero; B]; P];
+            // Arrays filled by loops, not `array::from_fn`, which was not inlined here: the
+            // products' loop then checked every access and kept its accumulators in memory.
+            let mut corners = [0; P];
+            for (i, corner) in corners.iter_mut().enumerate() {
+                *corner = inputs.corner(p + i);
+            }
+            for (r, weights) in kernel.chunks_exact(run * B).enumerate() {
+                let shift = inputs.shift(r);
+                let mut xs: [&[f32]; P] = [&[]; P];
+                for (xs, &corner) in xs.iter_mut().zip(&corners) {
+                    *xs = &input[corner + shift..][..run];
+                }
+                for (value, weights) in weights.chunks_exact(B).enumerate() {
+                    let mut vectors = [zero; B];
+                    for (vector, &weights) in vectors.iter_mut().zip(weights) {
+                        *vector = pulp::cast(weights);
+                    }
+                    for (acc, xs) in acc.iter_mut().zip(&xs) {
+                        let x = simd.splat_f32x8(xs[value]);
+                        for (acc, &weights) in acc.iter_mut().zip(&vectors) {
+                            *acc = simd.mul_add_f32x8(weights, x, *acc);
+                        }
+                    }
+                }
+            }
+            for (i, acc) in acc.iter().enumerate() {
+                let dst = &mut out[outputs.start(p + i) + first * LANES..][..B * LANES];
+                for ((dst, &acc), &bias) in dst.chunks_exact_mut(LANES).zip(acc).zip(&self.bias[first..first + B]) {
+                    let value = simd.add_f32x8(acc, pulp::cast(bias));
+                    let value = if self.relu { simd.max_f32x8(value, zero) } else { value };
+                    dst.copy_from_slice(&pulp::cast::<f32x8, [f32; LANES]>(value));
+                }
+            }
+        }
+    }
+
+    /// 2×2 max-pool, stride 2, of a plain (h, w, vectors·8) image into `out`, (h/2, w/2,
+    /// vectors·8).
+    #[inline(always)]
+    fn max_pool(simd: V3, image: &[f32], w: usize, vectors: usize, out: &mut [f32]) {
+        let channels = vectors * LANES;
+        let load = |y: usize, x: usize, v: usize| -> f32x8 {
+            let at = (y * w + x) * channels + v * LANES;
+            pulp::cast::<[f32; LANES], f32x8>(image[at..at + LANES].try_into().expect("LANES values"))
+        };
+        for (cell, dst) in out.chunks_exact_mut(channels).enumerate() {
+            let (y, x) = (cell / (w / 2) * 2, cell % (w / 2) * 2);
+            for (v, dst) in dst.chunks_exact_mut(LANES).enumerate() {
+                let top = simd.max_f32x8(load(y, x, v), load(y, x + 1, v));
+                let bottom = simd.max_f32x8(load(y + 1, x, v), load(y + 1, x + 1, v));
+                dst.copy_from_slice(&pulp::cast::<f32x8, [f32; LANES]>(simd.max_f32x8(top, bottom)));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{Device, Module, Tensor};
+    use candle_nn::{Conv2d, Conv2dConfig, Linear};
+
+    use super::DirectDigits;
+
+    #[test]
+    fn agrees_with_candles_layers() {
+        let device = Device::Cpu;
+        // The digits CNN's shapes; more input channels, odd sides (the pooling drops the last
+        // row and column), output channels in one, two and three vectors (blocks of 2 and 1),
+        // dense layers whose outputs do not fill a vector, and positions (pixels, or images in
+        // a dense layer) that leave every kind of remainder after the blocks.
+        let cases = [
+            (1, (16, 32), (8, 8), (64, 10), 7),
+            (3, (8, 24), (7, 9), (12, 5), 13),
+            (2, (16, 16), (5, 4), (16, 3), 2),
+            (1, (32, 8), (3, 3), (9, 17), 1),
+            (1, (16, 8), (3, 7), (24, 17), 10),
+        ];
+        for (channels, (first, second), (h, w), (hidden, classes), n) in cases {
+            let randn = |shape: &[usize]| Tensor::randn(0f32, 0.5, shape, &device).unwrap();
+            let same = Conv2dConfig { padding: 1, ..Default::default() };
+            let conv1 = Conv2d::new(randn(&[first, channels, 3, 3]), Some(randn(&[first])), same);
+            let conv2 = Conv2d::new(randn(&[second, first, 3, 3]), Some(randn(&[second])), same);
+            let pooled = second * (h / 2) * (w / 2);
+            let fc1 = Linear::new(randn(&[hidden, pooled]), Some(randn(&[hidden])));
+            let fc2 = Linear::new(randn(&[classes, hidden]), None);
+            let xs = randn(&[n, channels, h, w]);
+            let want = {
+                let xs = conv2.forward(&conv1.forward(&xs).unwrap().relu().unwrap()).unwrap().relu().unwrap();
+                let xs = xs.max_pool2d(2).unwrap().flatten_from(1).unwrap();
+                fc2.forward(&fc1.forward(&xs).unwrap().relu().unwrap()).unwrap()
+            };
+            let convs = [(conv1.weight(), conv1.bias()), (conv2.weight(), conv2.bias())];
+            let fcs = [(fc1.weight(), fc1.bias()), (fc2.weight(), fc2.bias())];
+            let Some(net) = DirectDigits::new(convs, fcs, (h, w)).unwrap() else {
+                eprintln!("no AVX2 and FMA on this CPU: the direct kernel does not run here");
+                return;
+            };
+            let got = xs.apply_op1_no_bwd(&net).unwrap();
+            assert_eq!(got.dims(), want.dims());
+            // Sums of hundreds of products in another order: f32 rounding, relative to the
+            // logits' size (tens with these weights).
+            let largest = |t: &Tensor| -> f32 { t.abs().unwrap().max_all().unwrap().to_scalar().unwrap() };
+            let worst = largest(&(got - &want).unwrap()) / largest(&want);
+            assert!(worst < 1e-5, "{channels}→{first}→{second} channels on {h}×{w}: differs by {worst} (relative)");
+        }
+    }
+}
