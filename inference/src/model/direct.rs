@@ -302,6 +302,7 @@ mod kernel {
             // first's output in an image with a zero border: the border is zeroed here once and
             // never written.
             let mut patches = vec![0.0f32; h * w * c * 9];
+            let mut framed = vec![0.0f32; c * (h + 2) * (w + 2)];
             let mut hidden = vec![0.0f32; (h + 2) * (w + 2) * self.conv1.width()];
             let mut last = vec![0.0f32; h * w * self.conv2.width()];
             let pooled_width = self.fc1.in_channels;
@@ -310,7 +311,7 @@ mod kernel {
             let plain = Grid { w, width: self.conv2.width(), origin: 0, row: w };
             let bordered = Bordered { w, channels: self.conv1.width() };
             for (image, dst) in input.chunks_exact(c * h * w).zip(pooled.chunks_exact_mut(pooled_width)) {
-                fill_patches(image, (c, h, w), &mut patches);
+                fill_patches(image, (c, h, w), &mut framed, &mut patches);
                 self.conv1.run(simd, (&patches, &Rows { stride: 9 * c }), h * w, (&mut hidden, &inside));
                 self.conv2.run(simd, (&hidden, &bordered), h * w, (&mut last, &plain));
                 max_pool(simd, &last, w, self.conv2.out_vectors, dst);
@@ -327,16 +328,23 @@ mod kernel {
         }
     }
 
-    /// `patches` (h·w positions, c channels, 9 taps) of a (c, h, w) image, 0 outside it.
+    /// `patches` (h·w positions, c channels, 9 taps) of a (c, h, w) image, 0 outside it, by way
+    /// of `framed`: the image's planes with a zero border, (c, h+2, w+2), the border zeroed by
+    /// the caller. (Patches taken from the image itself, each tap checked against its edges,
+    /// took a twentieth of the model's time.)
     #[inline(always)]
-    fn fill_patches(image: &[f32], (c, h, w): (usize, usize, usize), patches: &mut [f32]) {
-        let mut rows = patches.chunks_exact_mut(9 * c * w);
-        for (y, row) in (0..h).zip(&mut rows) {
+    fn fill_patches(image: &[f32], (c, h, w): (usize, usize, usize), framed: &mut [f32], patches: &mut [f32]) {
+        let side = w + 2;
+        for (plane, framed) in image.chunks_exact(h * w).zip(framed.chunks_exact_mut((h + 2) * side)) {
+            for (line, framed) in plane.chunks_exact(w).zip(framed.chunks_exact_mut(side).skip(1)) {
+                framed[1..=w].copy_from_slice(line);
+            }
+        }
+        for (y, row) in patches.chunks_exact_mut(9 * c * w).enumerate() {
             for (x, patch) in row.chunks_exact_mut(9 * c).enumerate() {
-                for (plane, taps) in image.chunks_exact(h * w).zip(patch.chunks_exact_mut(9)) {
-                    for (tap, value) in taps.iter_mut().enumerate() {
-                        let (iy, ix) = ((y + tap / 3).wrapping_sub(1), (x + tap % 3).wrapping_sub(1));
-                        *value = if iy < h && ix < w { plane[iy * w + ix] } else { 0.0 };
+                for (plane, taps) in framed.chunks_exact((h + 2) * side).zip(patch.chunks_exact_mut(9)) {
+                    for (ky, taps) in taps.chunks_exact_mut(3).enumerate() {
+                        taps.copy_from_slice(&plane[(y + ky) * side + x..][..3]);
                     }
                 }
             }
