@@ -1,7 +1,8 @@
 //! The digits CNN's forward pass computed directly on x86-64 CPUs with AVX2 and FMA, one Candle
 //! op: 3×3 convolution → ReLU → 3×3 convolution → ReLU → 2×2 max-pool, image by image with each
 //! image's activations channel last (HWC) with a zero border (a few KiB that stay in the core's L1
-//! cache), then the two dense layers over the batch.
+//! cache), then the two dense layers over the batch. The first convolution, over a single input
+//! channel, reads its image's patches as a dense layer reads a row.
 //!
 //! Why our own kernel: Candle has no direct convolution, and its im2col + matrix product
 //! (`conv.rs`) spends on laying out and packing 8×8 images what it saves on multiplying them:
@@ -103,7 +104,7 @@ impl DirectDigits {
         {
             let Some(simd) = pulp::x86::V3::try_new() else { return Ok(None) };
             let [conv1, conv2] = convs;
-            let (Some(conv1), Some(conv2)) = (conv(conv1, Taps::Patches)?, conv(conv2, Taps::Taps)?) else {
+            let (Some(conv1), Some(conv2)) = (conv(conv1, Reads::Patches)?, conv(conv2, Reads::Window)?) else {
                 return Ok(None);
             };
             let cells = (height / 2) * (width / 2);
@@ -132,22 +133,25 @@ fn bias(bias: Option<&Tensor>, out_channels: usize) -> Result<Vec<f32>> {
     bias.map(f32s).unwrap_or_else(|| Ok(vec![0.0; out_channels]))
 }
 
-/// How a convolution reads its input: a pass per tap over a bordered image's channels, or its
-/// patches laid out first, (channel, tap) a position, as a dense layer reads a row.
-enum Taps {
-    Taps,
+/// How a convolution reads its input.
+enum Reads {
+    /// A pass per row of its 3×3 window over an image with a zero border, the row's three taps'
+    /// channels side by side.
+    Window,
+    /// Its patches laid out first, (channel, tap) a position, as a dense layer reads a row: for
+    /// an input of a channel or two, whose window rows would be a handful of values each.
     Patches,
 }
 
 /// A 3×3 convolution with its ReLU; `None` unless its output channels come in eights.
-fn conv((weight, b): Weights, taps: Taps) -> Result<Option<Layer>> {
+fn conv((weight, b): Weights, reads: Reads) -> Result<Option<Layer>> {
     let (o, c, kh, kw) = weight.dims4()?;
     if (kh, kw) != (3, 3) || o % LANES != 0 {
         return Ok(None);
     }
-    let (shape, runs) = match taps {
-        Taps::Taps => ((o, c, 9), 3),
-        Taps::Patches => ((o, c * 9, 1), 1),
+    let (shape, runs) = match reads {
+        Reads::Window => ((o, c, 9), 3),
+        Reads::Patches => ((o, c * 9, 1), 1),
     };
     Ok(Some(Layer::new(&f32s(weight)?, &bias(b, o)?, shape, runs, true)))
 }
