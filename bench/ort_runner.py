@@ -118,6 +118,7 @@ def main():
     parser.add_argument("--threads", type=int, required=True)
     parser.add_argument("--batches", required=True)
     parser.add_argument("--min-seconds", type=float, default=1.0)
+    parser.add_argument("--min-runs", type=int, default=3)
     parser.add_argument("--check-rows", type=int, default=32)
     parser.add_argument("--check-out", required=True)
     args = parser.parse_args()
@@ -154,7 +155,7 @@ def main():
             session.run(["y"], {"x": x})
             runs += 1
             elapsed = time.perf_counter() - started
-            if elapsed >= args.min_seconds and runs >= 3:
+            if elapsed >= args.min_seconds and runs >= args.min_runs:
                 break
         print(json.dumps({"batch": batch, "runs": runs, "seconds": elapsed}), flush=True)
 

@@ -69,7 +69,8 @@ pub struct BenchArgs {
     /// Batch sizes to time.
     #[arg(long, value_delimiter = ',', default_value = "1,8,32,128,512")]
     pub batches: Vec<usize>,
-    /// Time each batch size for at least this long, per runtime.
+    /// Time each batch size for at least this long, per runtime (all rounds together, for
+    /// `inference`).
     #[arg(long, default_value_t = 2.0)]
     pub min_seconds: f64,
     /// Print the reports as JSON.
@@ -88,6 +89,11 @@ pub struct BenchInferenceArgs {
     /// repository's root, or say where it is).
     #[arg(long, env = "SLUICE_BENCH_ORT_RUNNER", default_value = "bench/ort_runner.py")]
     pub ort_runner: PathBuf,
+    /// Rounds of the comparison, the two runtimes taking turns, `--min-seconds` shared among
+    /// them; each side's fastest round is reported. A shared VM's speed drifts by a fifth or more
+    /// within a minute, between one runtime's timings and the other's.
+    #[arg(long, default_value_t = 3)]
+    pub rounds: usize,
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -145,6 +151,8 @@ pub struct Report {
     pub runtime: String,
     pub baseline: String,
     pub threads: usize,
+    /// Rounds the two sides took turns in; each side's fastest is reported.
+    pub rounds: usize,
     /// The largest difference between the two sides' probabilities (relative to the row's largest).
     pub max_relative_error: f32,
     /// For a GPU precision: its agreement with the CPU's f32 outputs on the held-out inputs.
@@ -194,6 +202,7 @@ impl Subject {
             runtime: runtime.to_owned(),
             baseline: baseline.to_owned(),
             threads,
+            rounds: 1,
             max_relative_error,
             accuracy: None,
             rows,
@@ -284,12 +293,22 @@ fn check_agreement(subject: &Subject, a: &[Vec<f32>], b: &[Vec<f32>], sides: &st
     Ok(error)
 }
 
-/// Seconds per batch on `classifier` for `x`, `batch` rows: one warm-up, then at least three
-/// runs and `min_seconds`.
-fn time_candle(classifier: &CandleClassifier, x: &[f32], batch: usize, min_seconds: f64) -> anyhow::Result<f64> {
-    classifier.predict(x, batch)?;
-    let (mut runs, started) = (0u64, Instant::now());
-    while runs < 3 || started.elapsed().as_secs_f64() < min_seconds {
+/// How often each batch size runs at least, in all: a round runs it a share of that.
+const MIN_RUNS: usize = 3;
+
+/// Seconds per batch on `classifier` for `x`, `batch` rows: a warm-up where `warm_up`, then at
+/// least `min_runs` runs and `min_seconds`.
+fn time_candle(
+    classifier: &CandleClassifier,
+    (x, batch): (&[f32], usize),
+    (min_seconds, min_runs): (f64, usize),
+    warm_up: bool,
+) -> anyhow::Result<f64> {
+    if warm_up {
+        classifier.predict(x, batch)?;
+    }
+    let (mut runs, started) = (0, Instant::now());
+    while runs < min_runs || started.elapsed().as_secs_f64() < min_seconds {
         classifier.predict(x, batch)?;
         runs += 1;
     }
@@ -307,25 +326,39 @@ fn row(batch: usize, seconds: f64, baseline_seconds: f64) -> Row {
     }
 }
 
-/// `sluice bench inference`: Candle on the CPU against ONNX Runtime.
+/// `sluice bench inference`: Candle on the CPU against ONNX Runtime, in rounds: ONNX Runtime
+/// times every batch size, then Candle does, and again; each side's fastest time is kept.
 pub fn bench_inference(args: &BenchInferenceArgs) -> anyhow::Result<Vec<Report>> {
     let threads = cpu_threads(&args.bench)?;
     let scratch = tempfile::tempdir()?;
+    let rounds = args.rounds.max(1);
+    let round = BenchInferenceArgs {
+        bench: BenchArgs { min_seconds: args.bench.min_seconds / rounds as f64, ..args.bench.clone() },
+        ..args.clone()
+    };
+    let min_runs = MIN_RUNS.div_ceil(rounds);
+    let batches = &args.bench.batches;
     let mut reports = Vec::new();
     for subject in subjects(&args.bench, scratch.path())? {
         let classifier = CandleClassifier::load(&subject.bundle, Device::Cpu, "candle-cpu")?;
-        let ort = run_ort(args, threads, &subject, scratch.path())?;
         let candle_check = classifier.predict(&subject.check_rows(), CHECK_ROWS)?;
-        let error = check_agreement(&subject, &candle_check, &ort.check, "Candle and ONNX Runtime")?;
-        let mut rows = Vec::new();
-        let progress = crate::progress::bar(args.bench.batches.len() as u64, "batch sizes timed");
-        for &batch in &args.bench.batches {
-            progress.inc(1);
-            let candle = time_candle(&classifier, &subject.batch(batch), batch, args.bench.min_seconds)?;
-            let o = ort.timings.iter().find(|t| t.batch == batch).context("no ONNX Runtime timing")?;
-            rows.push(row(batch, candle, o.per_batch()));
+        let (mut fastest, mut error) = (vec![(f64::INFINITY, f64::INFINITY); batches.len()], 0.0f32);
+        let progress = crate::progress::bar((batches.len() * rounds) as u64, "batch sizes timed");
+        for turn in 0..rounds {
+            let ort = run_ort(&round, threads, &subject, scratch.path(), min_runs)?;
+            error = error.max(check_agreement(&subject, &candle_check, &ort.check, "Candle and ONNX Runtime")?);
+            for (&batch, (candle, baseline)) in batches.iter().zip(&mut fastest) {
+                progress.inc(1);
+                let timing = (round.bench.min_seconds, min_runs);
+                *candle = candle.min(time_candle(&classifier, (&subject.batch(batch), batch), timing, turn == 0)?);
+                let o = ort.timings.iter().find(|t| t.batch == batch).context("no ONNX Runtime timing")?;
+                *baseline = baseline.min(o.per_batch());
+            }
         }
-        reports.push(subject.report("candle-cpu", "onnxruntime-cpu", threads, error, rows));
+        let rows = batches.iter().zip(fastest).map(|(&batch, (candle, ort))| row(batch, candle, ort)).collect();
+        let mut report = subject.report("candle-cpu", "onnxruntime-cpu", threads, error, rows);
+        report.rounds = rounds;
+        reports.push(report);
     }
     Ok(reports)
 }
@@ -415,7 +448,13 @@ struct OrtRun {
 }
 
 /// Runs `bench/ort_runner.py` over `subject`: its outputs for the check rows, and its timings.
-fn run_ort(args: &BenchInferenceArgs, threads: usize, subject: &Subject, scratch: &Path) -> anyhow::Result<OrtRun> {
+fn run_ort(
+    args: &BenchInferenceArgs,
+    threads: usize,
+    subject: &Subject,
+    scratch: &Path,
+    min_runs: usize,
+) -> anyhow::Result<OrtRun> {
     let runner = Runner {
         name: "ONNX Runtime",
         python: &args.python,
@@ -424,7 +463,14 @@ fn run_ort(args: &BenchInferenceArgs, threads: usize, subject: &Subject, scratch
         needs: "pip install -r bench/requirements.txt",
     };
     let check_file = scratch.join("check.f32");
-    let extra = ["--threads".to_owned(), threads.to_string(), "--check-rows".to_owned(), CHECK_ROWS.to_string()];
+    let extra = [
+        "--threads".to_owned(),
+        threads.to_string(),
+        "--check-rows".to_owned(),
+        CHECK_ROWS.to_string(),
+        "--min-runs".to_owned(),
+        min_runs.to_string(),
+    ];
     let timings = runner.run(subject, &args.bench, scratch, &check_file, &extra)?;
     let check = runner.probabilities(&check_file, CHECK_ROWS, subject.bundle.manifest.labels.len())?;
     Ok(OrtRun { check, timings })
@@ -449,7 +495,7 @@ pub fn bench_cuda(args: &BenchCudaArgs) -> anyhow::Result<Vec<Report>> {
         let torch = (!args.no_pytorch).then(|| run_torch(args, &subject, scratch.path(), rows)).transpose()?;
         let mut on_cpu = Vec::new();
         for &batch in &args.bench.batches {
-            on_cpu.push(time_candle(&cpu, &subject.batch(batch), batch, args.bench.min_seconds)?);
+            on_cpu.push(time_candle(&cpu, (&subject.batch(batch), batch), (args.bench.min_seconds, MIN_RUNS), true)?);
         }
         for &precision in &args.precisions {
             let gpu = CandleClassifier::load_at(&subject.bundle, device.clone(), backend, precision)?;
@@ -464,7 +510,8 @@ pub fn bench_cuda(args: &BenchCudaArgs) -> anyhow::Result<Vec<Report>> {
             let progress = crate::progress::bar(args.bench.batches.len() as u64, "batch sizes timed");
             for (&batch, &cpu_seconds) in args.bench.batches.iter().zip(&on_cpu) {
                 progress.inc(1);
-                let seconds = time_candle(&gpu, &subject.batch(batch), batch, args.bench.min_seconds)?;
+                let seconds =
+                    time_candle(&gpu, (&subject.batch(batch), batch), (args.bench.min_seconds, MIN_RUNS), true)?;
                 against_cpu.push(row(batch, seconds, cpu_seconds));
                 if let Some(torch) = &torch {
                     let t = torch
@@ -536,12 +583,16 @@ fn run_torch(args: &BenchCudaArgs, subject: &Subject, scratch: &Path, rows: usiz
 impl Report {
     pub fn print_text(&self) {
         println!(
-            "sluice bench: {} ({}), {} against {}, {} CPU threads; outputs agree (max relative error {:.1e})",
+            "sluice bench: {} ({}), {} against {}, {} CPU threads{}; outputs agree (max relative error {:.1e})",
             self.model,
             self.architecture.name(),
             self.runtime,
             self.baseline,
             self.threads,
+            match self.rounds {
+                1 => String::new(),
+                n => format!(", each side's fastest of {n} rounds taken in turn"),
+            },
             self.max_relative_error
         );
         println!("  weights: {}", self.weights);

@@ -15,7 +15,19 @@ fn the_inference_bench_checks_agreement_and_reports_every_batch_size() {
     // relative to the working directory.
     let out = Command::new(bin("sluice"))
         .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
-        .args(["bench", "inference", "--batches", "1,4", "--min-seconds", "0.05", "--threads", "1", "--json"])
+        .args([
+            "bench",
+            "inference",
+            "--batches",
+            "1,4",
+            "--min-seconds",
+            "0.1",
+            "--rounds",
+            "2",
+            "--threads",
+            "1",
+            "--json",
+        ])
         .arg("--model")
         .arg(model_dir())
         .arg("--python")
@@ -36,6 +48,7 @@ fn the_inference_bench_checks_agreement_and_reports_every_batch_size() {
     for report in reports {
         assert_eq!(report["runtime"], "candle-cpu");
         assert_eq!(report["baseline"], "onnxruntime-cpu");
+        assert_eq!(report["rounds"], 2, "the runtimes took turns");
         assert!(report["max_relative_error"].as_f64().unwrap() < 1e-4, "{report}");
         let rows = report["rows"].as_array().unwrap();
         assert_eq!(rows.iter().map(|r| r["batch"].as_u64().unwrap()).collect::<Vec<_>>(), [1, 4]);
