@@ -53,6 +53,12 @@ const CHUNK: usize = 32;
 impl Module for DigitsCnn {
     /// Logits for a (batch, channels, height, width) tensor.
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        if let Some(direct) = &self.direct
+            && matches!(xs.device(), Device::Cpu)
+        {
+            // The whole batch in one op, which spreads it over the threads itself.
+            return xs.apply_op1_no_bwd(direct);
+        }
         let batch = xs.dim(0)?;
         // At least a chunk per thread: the matrices of a few images are too small for the
         // matrix product to share among threads without costing more than it saves.
@@ -70,11 +76,6 @@ impl Module for DigitsCnn {
 
 impl DigitsCnn {
     fn forward_chunk(&self, xs: &Tensor) -> Result<Tensor> {
-        if let Some(direct) = &self.direct
-            && matches!(xs.device(), Device::Cpu)
-        {
-            return xs.apply_op1_no_bwd(direct);
-        }
         let xs = match (self.conv1.cpu_gemm(xs), self.conv2.cpu_gemm(xs)) {
             // On the CPU the activations stay channel first from one convolution to the next
             // and into the pooling, each ReLU in the pass that adds the bias.

@@ -15,11 +15,16 @@
 //! (gemm's own): safe intrinsics, the CPU's features checked at run time.
 
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
 
 use super::conv::values;
 
 /// Output channels a vector.
 const LANES: usize = 8;
+
+/// The most images a task takes: a batch runs as chunks spread over the threads, each one's
+/// pooled values (32 × 512 for the digits) in its core's L2 cache for the dense layers.
+const CHUNK: usize = 32;
 
 /// One layer's weights laid out for the kernel, output channels padded to vectors of 8 with
 /// zeros, and what follows the products.
@@ -185,7 +190,15 @@ impl CustomOp1 for DirectDigits {
         let classes = self.fc2.out_channels;
         let mut logits = vec![0.0f32; n * classes];
         #[cfg(target_arch = "x86_64")]
-        self.simd.vectorize(kernel::Forward { net: self, input, dims: (n, c, h, w), logits: &mut logits });
+        {
+            // A chunk of the batch a task, at least one a thread, written where its logits lie.
+            let chunk = CHUNK.min(n.div_ceil(rayon::current_num_threads())).max(1);
+            let chunks = logits.par_chunks_mut(chunk * classes).zip(input.par_chunks(chunk * c * h * w));
+            chunks.for_each(|(logits, input)| {
+                let dims = (logits.len() / classes, c, h, w);
+                self.simd.vectorize(kernel::Forward { net: self, input, dims, logits });
+            });
+        }
         Ok((CpuStorage::F32(logits), Shape::from((n, classes))))
     }
 }
