@@ -336,7 +336,7 @@ pub fn bench_inference(args: &BenchInferenceArgs) -> anyhow::Result<Vec<Report>>
         bench: BenchArgs { min_seconds: args.bench.min_seconds / rounds as f64, ..args.bench.clone() },
         ..args.clone()
     };
-    let min_runs = MIN_RUNS.div_ceil(rounds);
+    let timing = (round.bench.min_seconds, MIN_RUNS.div_ceil(rounds));
     let batches = &args.bench.batches;
     let mut reports = Vec::new();
     for subject in subjects(&args.bench, scratch.path())? {
@@ -345,11 +345,10 @@ pub fn bench_inference(args: &BenchInferenceArgs) -> anyhow::Result<Vec<Report>>
         let (mut fastest, mut error) = (vec![(f64::INFINITY, f64::INFINITY); batches.len()], 0.0f32);
         let progress = crate::progress::bar((batches.len() * rounds) as u64, "batch sizes timed");
         for turn in 0..rounds {
-            let ort = run_ort(&round, threads, &subject, scratch.path(), min_runs)?;
+            let ort = run_ort(&round, threads, &subject, scratch.path(), timing.1)?;
             error = error.max(check_agreement(&subject, &candle_check, &ort.check, "Candle and ONNX Runtime")?);
             for (&batch, (candle, baseline)) in batches.iter().zip(&mut fastest) {
                 progress.inc(1);
-                let timing = (round.bench.min_seconds, min_runs);
                 *candle = candle.min(time_candle(&classifier, (&subject.batch(batch), batch), timing, turn == 0)?);
                 let o = ort.timings.iter().find(|t| t.batch == batch).context("no ONNX Runtime timing")?;
                 *baseline = baseline.min(o.per_batch());

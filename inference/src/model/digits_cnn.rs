@@ -47,8 +47,17 @@ impl DigitsCnn {
 }
 
 /// The most images a task takes on the CPU: a batch runs as chunks spread over the threads,
-/// each chunk's buffers small enough to stay in its core's cache.
+/// each chunk's buffers small enough to stay in its core's cache (the direct kernel's pooled
+/// values for its dense layers, 32 × 512, in L2).
 const CHUNK: usize = 32;
+
+/// Images a task takes of a CPU batch of `batch`: at most [`CHUNK`], and at least a chunk per
+/// thread — the matrices of a few images are too small for a matrix product to share among
+/// threads without costing more than it saves. Both CPU paths, the direct kernel's and the
+/// GEMM one, cut their batches so.
+pub(super) fn chunk(batch: usize) -> usize {
+    CHUNK.min(batch.div_ceil(rayon::current_num_threads())).max(1)
+}
 
 impl Module for DigitsCnn {
     /// Logits for a (batch, channels, height, width) tensor.
@@ -60,9 +69,7 @@ impl Module for DigitsCnn {
             return xs.apply_op1_no_bwd(direct);
         }
         let batch = xs.dim(0)?;
-        // At least a chunk per thread: the matrices of a few images are too small for the
-        // matrix product to share among threads without costing more than it saves.
-        let chunk = CHUNK.min(batch.div_ceil(rayon::current_num_threads()));
+        let chunk = chunk(batch);
         if chunk >= batch || !matches!(xs.device(), Device::Cpu) {
             return self.forward_chunk(xs);
         }

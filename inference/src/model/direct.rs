@@ -22,10 +22,6 @@ use super::conv::values;
 /// Output channels a vector.
 const LANES: usize = 8;
 
-/// The most images a task takes: a batch runs as chunks spread over the threads, each one's
-/// pooled values (32 × 512 for the digits) in its core's L2 cache for the dense layers.
-const CHUNK: usize = 32;
-
 /// One layer's weights laid out for the kernel, output channels padded to vectors of 8 with
 /// zeros, and what follows the products.
 struct Layer {
@@ -192,7 +188,7 @@ impl CustomOp1 for DirectDigits {
         #[cfg(target_arch = "x86_64")]
         {
             // A chunk of the batch a task, at least one a thread, written where its logits lie.
-            let chunk = CHUNK.min(n.div_ceil(rayon::current_num_threads())).max(1);
+            let chunk = super::digits_cnn::chunk(n);
             let chunks = logits.par_chunks_mut(chunk * classes).zip(input.par_chunks(chunk * c * h * w));
             chunks.for_each(|(logits, input)| {
                 let dims = (logits.len() / classes, c, h, w);
