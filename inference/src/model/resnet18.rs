@@ -15,7 +15,7 @@ use candle_core::{D, DType, Device, Module, Result, Tensor};
 use candle_nn::{Linear, VarBuilder, linear};
 use rayon::prelude::*;
 
-use super::conv::{GemmConv, Planes, Window};
+use super::conv::{GemmConv, MaxPool3x3Stride2, Planes, Window};
 use super::cudnn::{self, CudnnConv};
 
 /// torchvision's batch norm epsilon.
@@ -81,11 +81,15 @@ impl Module for Resnet18 {
     }
 }
 
-/// 3×3 max pool, stride 2, padding 1, over the last two dimensions: cuDNN's on a GPU. The input
-/// comes out of a ReLU, so padding with zeros never changes a maximum.
+/// 3×3 max pool, stride 2, padding 1, over the last two dimensions: cuDNN's on a GPU, one pass
+/// of ours on the CPU. The input comes out of a ReLU, so padding with zeros never changes a
+/// maximum.
 fn max_pool(xs: &Tensor) -> Result<Tensor> {
     if xs.device().is_cuda() {
         return cudnn::max_pool(xs, Window { size: 3, stride: 2, padding: 1 });
+    }
+    if matches!(xs.device(), Device::Cpu) && xs.dtype() == DType::F32 {
+        return xs.apply_op1_no_bwd(&MaxPool3x3Stride2);
     }
     xs.pad_with_zeros(D::Minus1, 1, 1)?.pad_with_zeros(D::Minus2, 1, 1)?.max_pool2d_with_stride(3, 2)
 }
