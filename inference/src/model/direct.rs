@@ -10,8 +10,9 @@
 //! about two thirds (docs/benchmarks.md). Candle's CPU matmul also reads /proc/cpuinfo on every
 //! call (`num_cpus::get_physical`), a tenth of this model's time. Here eight output channels make
 //! a vector; a block of 2 output vectors × 6 positions (12 accumulators) takes, for every tap and
-//! input channel, its 2 weight vectors and each position's input value broadcast once. A dense
-//! layer is the same block over images instead of positions, with one tap. SIMD through `pulp`
+//! input channel, its 2 weight vectors and each position's input value broadcast once (the top
+//! and bottom rows' window rows that lie in the zero border are skipped). A dense layer is the
+//! same block over images instead of positions, with one tap. SIMD through `pulp`
 //! (gemm's own): safe intrinsics, the CPU's features checked at run time.
 
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
