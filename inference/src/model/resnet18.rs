@@ -21,6 +21,13 @@ use super::cudnn::{self, CudnnConv};
 /// torchvision's batch norm epsilon.
 const BN_EPS: f64 = 1e-5;
 
+/// Basic blocks the CPU runs image by image: layers 1 and 2 (see `Resnet18::forward_cpu`).
+const IMAGE_BY_IMAGE: usize = 4;
+/// Images layers 3 and 4 take at once on the CPU. Measured on a 2-core VM, ResNet-18 at batch
+/// 128 (docs/benchmarks.md, nineteenth session): groups of 16 ran faster than of 8 or 32, and
+/// than image by image; a group also bounds what a big batch holds at once.
+const GROUP: usize = 16;
+
 pub struct Resnet18 {
     stem: FoldedConv,
     blocks: Vec<BasicBlock>,
@@ -42,15 +49,37 @@ impl Resnet18 {
         Ok(Self { stem, blocks, fc: linear(512, classes, vb.pp("fc"))? })
     }
 
-    /// Channel first from the stem to the pooled features, then (N, 512).
+    /// The pooled features, (N, 512), channel first from the stem on. The stem and layers 1–2
+    /// run image by image, each image a task, the images spread over the threads: their
+    /// activations are big and their weights small, and each thread's convolutions run whole,
+    /// with no hand-off between threads inside them (a lone image's spread over the threads
+    /// instead, by their own parallel loops). Layers 3–4 run over groups of [`GROUP`] images
+    /// at once, each convolution's product shared among the threads: their weights are big (up
+    /// to 16 MiB of Winograd-transformed kernel a convolution) and their activations small, and
+    /// image by image every image streamed all of them from memory again.
     fn forward_cpu(&self, xs: &Tensor) -> Result<Tensor> {
-        let xs = self.stem.cpu(xs, Planes::Nchw, None, true)?;
-        let mut xs = max_pool(&xs)?;
-        for block in &self.blocks {
-            xs = block.forward_cpu(&xs)?;
-        }
-        // (512, N, 7, 7) → (512, N) → (N, 512)
-        xs.mean(D::Minus1)?.mean(D::Minus1)?.t()?.contiguous()
+        let n = xs.dim(0)?;
+        let groups = (0..n)
+            .step_by(GROUP)
+            .map(|start| {
+                let images = (start..start + GROUP.min(n - start))
+                    .into_par_iter()
+                    .map(|image| {
+                        let xs = self.stem.cpu(&xs.narrow(0, image, 1)?, Planes::Nchw, None, true)?;
+                        self.blocks[..IMAGE_BY_IMAGE]
+                            .iter()
+                            .try_fold(max_pool(&xs)?, |xs, block| block.forward_cpu(&xs))
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                let xs = self.blocks[IMAGE_BY_IMAGE..]
+                    .iter()
+                    .try_fold(Tensor::cat(&images, 1)?, |xs, block| block.forward_cpu(&xs))?;
+                // (512, images, 7, 7) → (512, images)
+                xs.mean(D::Minus1)?.mean(D::Minus1)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        // (512, N) → (N, 512)
+        Tensor::cat(&groups, 1)?.t()?.contiguous()
     }
 
     fn forward_other(&self, xs: &Tensor) -> Result<Tensor> {
@@ -65,18 +94,7 @@ impl Resnet18 {
 impl Module for Resnet18 {
     /// Logits for a (batch, 3, height, width) tensor.
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let features = if matches!(xs.device(), Device::Cpu) {
-            // One image per task, the images spread over the threads: each thread's convolutions
-            // run whole, with no hand-off between threads inside them. A lone image's
-            // convolutions spread over the threads instead (their own parallel loops).
-            let chunks = (0..xs.dim(0)?)
-                .into_par_iter()
-                .map(|image| self.forward_cpu(&xs.narrow(0, image, 1)?))
-                .collect::<Result<Vec<_>>>()?;
-            Tensor::cat(&chunks, 0)?
-        } else {
-            self.forward_other(xs)?
-        };
+        let features = if matches!(xs.device(), Device::Cpu) { self.forward_cpu(xs)? } else { self.forward_other(xs)? };
         self.fc.forward(&features)
     }
 }
@@ -231,11 +249,12 @@ mod tests {
         worst / scale.max(1.0)
     }
 
-    /// The folded, channel-first network (and its images spread over threads) against the plain one.
+    /// The folded, channel-first network (its images spread over threads, then in groups: a
+    /// whole one and a part) against the plain one.
     #[test]
     fn agrees_with_the_unfolded_network() {
         let (reference, vars) = reference();
-        let xs = Tensor::randn(0f32, 1.0, (9, 3, 64, 64), &Device::Cpu).unwrap();
+        let xs = Tensor::randn(0f32, 1.0, (super::GROUP + 3, 3, 64, 64), &Device::Cpu).unwrap();
         let error = relative_error(&ours(&vars, DType::F32).forward(&xs).unwrap(), &reference.forward(&xs).unwrap());
         assert!(error <= 1e-4, "differs by {error} of the largest logit");
     }
