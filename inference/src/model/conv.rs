@@ -1,6 +1,6 @@
 //! Convolutions as one matrix product over the batch on the CPU: the input's patches laid out as
-//! the columns of a matrix (im2col, a Candle custom op reading the input in place), then Candle's
-//! matmul against the kernel, then bias, residual and ReLU in one pass over the product (an
+//! the columns of a matrix (im2col) and multiplied by the kernel (`product.rs`), one Candle custom
+//! op reading the input in place, then bias, residual and ReLU in one pass over the product (an
 //! in-place op). Candle 0.11's own CPU convolution copies the batch to NHWC on one thread and runs
 //! one small GEMM per tile per image, and a batch norm or ReLU after it is a fresh tensor each;
 //! this is what ONNX Runtime does instead (docs/benchmarks.md has the figures). A GPU runs cuDNN's
@@ -13,6 +13,7 @@ use candle_nn::Conv2d;
 use rayon::prelude::*;
 
 use super::cudnn::CudnnConv;
+use super::product::{Products, with_operand};
 use super::winograd::Winograd;
 
 /// Fewer values than this are laid out (or finished) on one thread.
@@ -69,8 +70,8 @@ impl Window {
 /// A convolution on the CPU as im2col + one matmul per call, with its bias (and, in ResNet, the
 /// batch norm folded into kernel and bias) applied in the same pass as the ReLU.
 pub(crate) struct GemmConv {
-    /// The kernel as an (O, C·K·K) matrix, columns in the order of im2col's rows.
-    kernel: Tensor,
+    /// The kernel as an (O, C·K·K) matrix, row-major, columns in the order of im2col's rows.
+    kernel: Vec<f32>,
     bias: Vec<f32>,
     window: Window,
     /// The same convolution by Winograd's F(2×2, 3×3), where the window allows it and there are
@@ -88,7 +89,7 @@ impl GemmConv {
         if bias.len() != out_channels {
             candle_core::bail!("{} bias values for {out_channels} output channels", bias.len());
         }
-        let kernel = weight.reshape((out_channels, in_channels * size * size))?.contiguous()?;
+        let kernel = weight.flatten_all()?.to_vec1::<f32>()?;
         let three = window.size == 3 && window.stride == 1 && window.padding == 1;
         let winograd =
             (three && in_channels.min(out_channels) >= WINOGRAD_FROM).then(|| Winograd::new(weight)).transpose()?;
@@ -103,12 +104,12 @@ impl GemmConv {
         if let Some(winograd) = &self.winograd {
             return winograd.forward(xs, planes, residual, finish);
         }
-        let cols = xs.apply_op1_no_bwd(&Im2col { window: self.window, planes })?;
+        // (O, C·K·K) × (C·K·K, N·OH·OW): every output channel of every image in one product.
+        let out_channels = self.bias.len();
+        let out = xs.apply_op1_no_bwd(&Im2col { window: self.window, planes, kernel: &self.kernel, out_channels })?;
         let (a, b, h, w) = xs.dims4()?;
         let (n, _) = planes.images_channels(a, b);
-        // (O, C·K·K) × (C·K·K, N·OH·OW): every output channel of every image in one product.
-        let out = self.kernel.matmul(&cols)?;
-        let out = out.reshape((self.bias.len(), n, self.window.out(h), self.window.out(w)))?;
+        let out = out.reshape((out_channels, n, self.window.out(h), self.window.out(w)))?;
         match residual {
             Some(residual) => out.inplace_op2(residual, &finish)?,
             None => out.inplace_op1(&finish)?,
@@ -248,14 +249,18 @@ impl CustomOp1 for MaxPool3x3Stride2 {
 }
 
 /// im2col: the input's patches as columns. Row (channel, ky, kx) holds, for every image and output
-/// position, the input value under that kernel tap (0 in the padding). A custom op so that it
-/// reads the input where it lies, with no copy out of the tensor first.
-struct Im2col {
+/// position, the input value under that kernel tap (0 in the padding); then the kernel's product
+/// with them, (O, N·OH·OW). A custom op so that it reads the input where it lies, with no copy out
+/// of the tensor first.
+struct Im2col<'a> {
     window: Window,
     planes: Planes,
+    /// (O, C·K·K), row-major.
+    kernel: &'a [f32],
+    out_channels: usize,
 }
 
-impl CustomOp1 for Im2col {
+impl CustomOp1 for Im2col<'_> {
     fn name(&self) -> &'static str {
         "im2col"
     }
@@ -268,7 +273,10 @@ impl CustomOp1 for Im2col {
         let (oh, ow) = (self.window.out(h), self.window.out(w));
         let positions = n * oh * ow;
         let plane = |image: usize, channel: usize| self.planes.plane(image, channel, n, c);
-        let mut cols = vec![0.0f32; c * k * k * positions];
+        let (o, rows) = (self.out_channels, c * k * k);
+        if self.kernel.len() != o * rows {
+            candle_core::bail!("im2col: a kernel of {} values for {o} × {rows}", self.kernel.len());
+        }
         // Where a channel's planes lie one after another (channel first, or one channel) and
         // the convolution keeps the image's size, a tap's row is that whole block shifted.
         let adjacent = self.planes == Planes::Cnhw || c == 1;
@@ -280,17 +288,20 @@ impl CustomOp1 for Im2col {
                 return;
             }
             // Output columns x whose input column x·s + kx − p lies inside the image.
-            let x_from = p.saturating_sub(kx).div_ceil(s);
-            let x_to = (w + p).saturating_sub(kx).div_ceil(s).min(ow);
-            if x_from >= x_to {
-                return;
-            }
+            let x_from = p.saturating_sub(kx).div_ceil(s).min(ow);
+            let x_to = (w + p).saturating_sub(kx).div_ceil(s).clamp(x_from, ow);
             for image in 0..n {
                 let src_plane = &input[plane(image, channel) * h * w..][..h * w];
                 for y in 0..oh {
-                    let Some(iy) = (y * s + ky).checked_sub(p).filter(|&iy| iy < h) else { continue };
-                    let src = &src_plane[iy * w..][..w];
                     let dst = &mut row[(image * oh + y) * ow..][..ow];
+                    let iy = (y * s + ky).checked_sub(p).filter(|&iy| iy < h);
+                    let Some(iy) = iy.filter(|_| x_from < x_to) else {
+                        dst.fill(0.0);
+                        continue;
+                    };
+                    dst[..x_from].fill(0.0);
+                    dst[x_to..].fill(0.0);
+                    let src = &src_plane[iy * w..][..w];
                     let first = x_from * s + kx - p;
                     if s == 1 {
                         dst[x_from..x_to].copy_from_slice(&src[first..first + x_to - x_from]);
@@ -302,28 +313,32 @@ impl CustomOp1 for Im2col {
                 }
             }
         };
-        for_each_run(&mut cols, positions, fill);
-        Ok((CpuStorage::F32(cols), Shape::from((c * k * k, positions))))
+        let product = with_operand(rows * positions, |cols| {
+            for_each_run(cols, positions, fill);
+            Products { batch: 1, m: o, k: rows, n: positions }.of(self.kernel, cols)
+        });
+        Ok((CpuStorage::F32(product), Shape::from((o, positions))))
     }
 }
 
 /// im2col's row for tap (`ky`, `kx`) of a stride-1 convolution with `padding` that keeps the
 /// (`h`, `w`) size, from `block`, one channel's planes of every image one after another: `row`
-/// (zeroed, as long as `block`) takes `block` shifted by the tap's offset in one copy, then the
-/// rows and columns whose input falls in the padding are zeroed again (those are also the only
-/// places where the shift reads across a line or an image). One copy per tap instead of one per
+/// (as long as `block`, every value of it written) takes `block` shifted by the tap's offset in
+/// one copy, zeros where the shift leaves none, then the rows and columns whose input falls in
+/// the padding are zeroed (those are also the only places where the shift reads across a line or
+/// an image). One copy per tap instead of one per
 /// image line: the digits CNN's 8×8 images made the line copies a quarter of its time.
 fn shifted_block(row: &mut [f32], block: &[f32], (h, w): (usize, usize), (ky, kx): (usize, usize), padding: usize) {
     let len = block.len();
     let (down, right) = (ky as isize - padding as isize, kx as isize - padding as isize);
     let shift = down * w as isize + right;
-    let by = shift.unsigned_abs();
-    if by < len {
-        if shift >= 0 {
-            row[..len - by].copy_from_slice(&block[by..]);
-        } else {
-            row[by..].copy_from_slice(&block[..len - by]);
-        }
+    let by = shift.unsigned_abs().min(len);
+    if shift >= 0 {
+        row[..len - by].copy_from_slice(&block[by..]);
+        row[len - by..].fill(0.0);
+    } else {
+        row[by..].copy_from_slice(&block[..len - by]);
+        row[..by].fill(0.0);
     }
     // Input rows above or below the image: whole output lines of every image.
     let lines = down.unsigned_abs().min(h);
@@ -430,6 +445,7 @@ mod tests {
     use candle_nn::Conv2dConfig;
 
     use super::{GemmConv, GemmConv2d, MaxPool3x3Stride2, MaxPoolFlatten, Planes, Window};
+    use crate::model::product::poison_operand;
 
     fn worst(a: &Tensor, b: &Tensor) -> f32 {
         assert_eq!(a.dims(), b.dims());
@@ -465,6 +481,7 @@ mod tests {
             let want = conv.forward(&xs).unwrap();
             let gemm = GemmConv2d::new(conv).unwrap();
             assert!(gemm.cpu_gemm(&xs).is_some());
+            poison_operand();
             let got = gemm.forward(&xs).unwrap();
             // Sums of up to 147 products of values around 1 in another order: f32 rounding
             // reaches 1e-5 now and then.
@@ -502,6 +519,7 @@ mod tests {
             .unwrap();
         let conv = GemmConv::new(&weight, bias, window).unwrap();
         let channel_first = |t: &Tensor| t.permute((1, 0, 2, 3)).unwrap().contiguous().unwrap();
+        poison_operand();
         let got = conv.forward(&channel_first(&xs), Planes::Cnhw, Some(&channel_first(&residual)), true).unwrap();
         let worst = worst(&got, &channel_first(&want));
         assert!(worst < 1e-4, "{window:?} on {side}-high images: differs by {worst}");

@@ -4,6 +4,7 @@ mod conv;
 mod cudnn;
 mod digits_cnn;
 mod direct;
+mod product;
 mod resnet18;
 mod winograd;
 

@@ -4,10 +4,10 @@
 //! Convolutional Neural Networks", 2015). Most of ResNet-18's work is such convolutions.
 //!
 //! The kernel is transformed once when the model loads, `U = G·g·Gᵀ` laid out (16, O, C); a call
-//! transforms the input, `V = Bᵀ·d·B` for every 4×4 tile laid out (16, C, tiles) (a Candle
-//! custom op reading the input where it lies), multiplies the 16 pairs of matrices in one batched
-//! Candle matmul, and transforms the product back, `Y = Aᵀ·M·A`, with bias, residual and ReLU in
-//! the same pass (a second custom op). In f32 the result is within a few 1e-7 of the direct
+//! transforms the input, `V = Bᵀ·d·B` for every 4×4 tile laid out (16, C, tiles), and multiplies
+//! the 16 pairs of matrices, `M = U·V` (one Candle custom op reading the input where it lies),
+//! then transforms the product back, `Y = Aᵀ·M·A`, with bias, residual and ReLU in the same pass
+//! (a second custom op). In f32 the result is within a few 1e-7 of the direct
 //! convolution's relative to the values involved.
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
@@ -15,6 +15,7 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tenso
 use rayon::prelude::*;
 
 use super::conv::{Finish, PARALLEL_FROM, Planes, for_each_run, values};
+use super::product::{Products, with_operand};
 
 /// Bᵀ's rows as their two non-zero entries, (column, sign): the input transform's row ξ of a
 /// tile is `d[i0] ± d[i1]`, and the same along the columns.
@@ -30,7 +31,8 @@ const TILE: usize = 2;
 /// A 3×3, stride 1, padding 1 convolution by F(2×2, 3×3).
 pub(crate) struct Winograd {
     /// U, (16, O, C).
-    kernel: Tensor,
+    kernel: Vec<f32>,
+    out_channels: usize,
 }
 
 impl Winograd {
@@ -57,8 +59,7 @@ impl Winograd {
                 }
             }
         }
-        let kernel = Tensor::from_vec(u, (16, out_channels, in_channels), weight.device())?;
-        Ok(Self { kernel })
+        Ok(Self { kernel: u, out_channels })
     }
 
     /// The convolution of `xs` (laid out as `planes` says), then `finish`'s bias, residual and
@@ -72,9 +73,8 @@ impl Winograd {
     ) -> Result<Tensor> {
         let (a, b, h, w) = xs.dims4()?;
         let (n, _) = planes.images_channels(a, b);
-        let tiles = xs.apply_op1_no_bwd(&InputTransform { planes })?;
-        // 16 products (O, C) × (C, tiles) in one batched call.
-        let product = self.kernel.matmul(&tiles)?;
+        let product =
+            xs.apply_op1_no_bwd(&TileProducts { planes, kernel: &self.kernel, out_channels: self.out_channels })?;
         let back = OutputTransform { finish, images: n, height: h, width: w };
         match residual {
             Some(residual) => product.apply_op2_no_bwd(residual, &back),
@@ -89,12 +89,16 @@ fn tiles(size: usize) -> usize {
 }
 
 /// V = Bᵀ·d·B of every 4×4 input tile (stride 2, starting one row and column into the padding),
-/// as (16, C, N·tiles): row (ξ·4 + ν, channel), one value per tile.
-struct InputTransform {
+/// as (16, C, N·tiles): row (ξ·4 + ν, channel), one value per tile; then the 16 products
+/// M = U·V, (16, O, N·tiles).
+struct TileProducts<'a> {
     planes: Planes,
+    /// U, (16, O, C).
+    kernel: &'a [f32],
+    out_channels: usize,
 }
 
-impl CustomOp1 for InputTransform {
+impl CustomOp1 for TileProducts<'_> {
     fn name(&self) -> &'static str {
         "winograd-input"
     }
@@ -103,10 +107,25 @@ impl CustomOp1 for InputTransform {
         let input = values(storage, layout, "winograd-input")?;
         let &[a, b, h, w] = layout.dims() else { candle_core::bail!("winograd-input takes a 4-D tensor") };
         let (n, c) = self.planes.images_channels(a, b);
+        if self.kernel.len() != 16 * self.out_channels * c {
+            candle_core::bail!("winograd-input: a kernel for other than {c} input channels");
+        }
+        let count = n * tiles(h) * tiles(w);
+        with_operand(16 * c * count, |v| self.fill_and_multiply(v, input, (n, c, h, w)))
+    }
+}
+
+impl TileProducts<'_> {
+    /// V into `v` (every value written), then the products, (16, O, N·tiles).
+    fn fill_and_multiply(
+        &self,
+        v: &mut [f32],
+        input: &[f32],
+        (n, c, h, w): (usize, usize, usize, usize),
+    ) -> Result<(CpuStorage, Shape)> {
         let (th, tw) = (tiles(h), tiles(w));
         let count = n * th * tw;
         let plane = |image: usize, channel: usize| &input[self.planes.plane(image, channel, n, c) * h * w..][..h * w];
-        let mut v = vec![0.0f32; 16 * c * count];
         // Each channel's 16 rows, one in each of V's 16 planes, so that a channel's tiles are
         // read once and all its rows written by the one task.
         let mut channel_rows: Vec<Vec<&mut [f32]>> = (0..c).map(|_| Vec::with_capacity(16)).collect();
@@ -172,7 +191,8 @@ impl CustomOp1 for InputTransform {
         } else {
             channel_rows.into_par_iter().enumerate().for_each(fill);
         }
-        Ok((CpuStorage::F32(v), Shape::from((16, c, count))))
+        let (o, product) = (self.out_channels, Products { batch: 16, m: self.out_channels, k: c, n: count });
+        Ok((CpuStorage::F32(product.of(self.kernel, v)), Shape::from((16, o, count))))
     }
 }
 
@@ -276,6 +296,7 @@ mod tests {
 
     use super::Winograd;
     use crate::model::conv::{Finish, Planes};
+    use crate::model::product::poison_operand;
 
     #[test]
     fn agrees_with_the_direct_convolution() {
@@ -293,6 +314,7 @@ mod tests {
             let channel_first = |t: &Tensor| t.permute((1, 0, 2, 3)).unwrap().contiguous().unwrap();
             let finish = Finish { bias: &bias, relu: true };
             for (input, planes) in [(xs.clone(), Planes::Nchw), (channel_first(&xs), Planes::Cnhw)] {
+                poison_operand();
                 let got = conv.forward(&input, planes, Some(&channel_first(&residual)), finish).unwrap();
                 let worst: f32 = (got - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap();
                 assert!(worst < 1e-4, "{n}×{c}×{h}×{w} → {o}, {planes:?}: differs by {worst}");
