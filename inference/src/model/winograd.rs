@@ -125,7 +125,6 @@ impl TileProducts<'_> {
     ) -> Result<(CpuStorage, Shape)> {
         let (th, tw) = (tiles(h), tiles(w));
         let count = n * th * tw;
-        let plane = |image: usize, channel: usize| &input[self.planes.plane(image, channel, n, c) * h * w..][..h * w];
         // Each channel's 16 rows, one in each of V's 16 planes, so that a channel's tiles are
         // read once and all its rows written by the one task.
         let mut channel_rows: Vec<Vec<&mut [f32]>> = (0..c).map(|_| Vec::with_capacity(16)).collect();
@@ -134,58 +133,7 @@ impl TileProducts<'_> {
                 channel_rows[channel].push(row);
             }
         }
-        let fill = |(channel, mut out): (usize, Vec<&mut [f32]>)| {
-            // An input row split into its even and odd padded columns: `even[x]` is column
-            // 2x − 1, `odd[x]` column 2x (zero outside the image), so that tile x's four columns
-            // are even[x], odd[x], even[x + 1], odd[x + 1].
-            let mut padded = [0; 4].map(|_| [vec![0.0f32; tw + 1], vec![0.0f32; tw + 1]]);
-            // Bᵀ·d down the columns of a tile row: line ξ, even and odd columns.
-            let mut lines = padded.clone();
-            for image in 0..n {
-                let src = plane(image, channel);
-                for y in 0..th {
-                    // Rows 2 and 3 of one tile row are rows 0 and 1 of the next.
-                    let fresh = if y == 0 { 0 } else { 2 };
-                    if fresh == 2 {
-                        padded.swap(0, 2);
-                        padded.swap(1, 3);
-                    }
-                    for (i, [even, odd]) in padded.iter_mut().enumerate().skip(fresh) {
-                        let Some(r) = (y * TILE + i).checked_sub(1).filter(|&r| r < h) else {
-                            even.fill(0.0);
-                            odd.fill(0.0);
-                            continue;
-                        };
-                        // Column 2k is padded column 2k + 1, odd[k]; column 2k + 1 is even[k + 1].
-                        // The padding's entries (even[0], and the last of one half) stay zero.
-                        let src = &src[r * w..][..w];
-                        let pairs = src.chunks_exact(2);
-                        if let &[last] = pairs.remainder() {
-                            odd[w / 2] = last;
-                        }
-                        for ((o, e), pair) in odd.iter_mut().zip(&mut even[1..]).zip(pairs) {
-                            (*o, *e) = (pair[0], pair[1]);
-                        }
-                    }
-                    for (line, [(i0, s0), (i1, s1)]) in lines.iter_mut().zip(INPUT) {
-                        for half in 0..2 {
-                            let (a, b) = (&padded[i0][half], &padded[i1][half]);
-                            line[half].iter_mut().zip(a.iter().zip(b)).for_each(|(l, (a, b))| *l = s0 * a + s1 * b);
-                        }
-                    }
-                    let first = (image * th + y) * tw;
-                    for (xi, line) in lines.iter().enumerate() {
-                        // Column j of tile x: line[j % 2][x + j / 2].
-                        for (nu, [(j0, t0), (j1, t1)]) in INPUT.into_iter().enumerate() {
-                            let a = &line[j0 % 2][j0 / 2..][..tw];
-                            let b = &line[j1 % 2][j1 / 2..][..tw];
-                            let dst = &mut out[xi * 4 + nu][first..][..tw];
-                            dst.iter_mut().zip(a.iter().zip(b)).for_each(|(d, (a, b))| *d = t0 * a + t1 * b);
-                        }
-                    }
-                }
-            }
-        };
+        let fill = |(channel, out)| self.fill_channel(input, (n, c, h, w), channel, out);
         if 16 * c * count < PARALLEL_FROM {
             channel_rows.into_iter().enumerate().for_each(fill);
         } else {
@@ -193,6 +141,68 @@ impl TileProducts<'_> {
         }
         let (o, product) = (self.out_channels, Products { batch: 16, m: self.out_channels, k: c, n: count });
         Ok((CpuStorage::F32(product.of(self.kernel, v)), Shape::from((16, o, count))))
+    }
+
+    /// One channel's rows of V, `out` (its 16, one in each of V's planes).
+    fn fill_channel(
+        &self,
+        input: &[f32],
+        (n, c, h, w): (usize, usize, usize, usize),
+        channel: usize,
+        mut out: Vec<&mut [f32]>,
+    ) {
+        let (th, tw) = (tiles(h), tiles(w));
+        let plane = |image: usize, channel: usize| &input[self.planes.plane(image, channel, n, c) * h * w..][..h * w];
+        // An input row split into its even and odd padded columns: `even[x]` is column
+        // 2x − 1, `odd[x]` column 2x (zero outside the image), so that tile x's four columns
+        // are even[x], odd[x], even[x + 1], odd[x + 1].
+        let mut padded = [0; 4].map(|_| [vec![0.0f32; tw + 1], vec![0.0f32; tw + 1]]);
+        // Bᵀ·d down the columns of a tile row: line ξ, even and odd columns.
+        let mut lines = padded.clone();
+        for image in 0..n {
+            let src = plane(image, channel);
+            for y in 0..th {
+                // Rows 2 and 3 of one tile row are rows 0 and 1 of the next.
+                let fresh = if y == 0 { 0 } else { 2 };
+                if fresh == 2 {
+                    padded.swap(0, 2);
+                    padded.swap(1, 3);
+                }
+                for (i, [even, odd]) in padded.iter_mut().enumerate().skip(fresh) {
+                    let Some(r) = (y * TILE + i).checked_sub(1).filter(|&r| r < h) else {
+                        even.fill(0.0);
+                        odd.fill(0.0);
+                        continue;
+                    };
+                    // Column 2k is padded column 2k + 1, odd[k]; column 2k + 1 is even[k + 1].
+                    // The padding's entries (even[0], and the last of one half) stay zero.
+                    let src = &src[r * w..][..w];
+                    let pairs = src.chunks_exact(2);
+                    if let &[last] = pairs.remainder() {
+                        odd[w / 2] = last;
+                    }
+                    for ((o, e), pair) in odd.iter_mut().zip(&mut even[1..]).zip(pairs) {
+                        (*o, *e) = (pair[0], pair[1]);
+                    }
+                }
+                for (line, [(i0, s0), (i1, s1)]) in lines.iter_mut().zip(INPUT) {
+                    for half in 0..2 {
+                        let (a, b) = (&padded[i0][half], &padded[i1][half]);
+                        line[half].iter_mut().zip(a.iter().zip(b)).for_each(|(l, (a, b))| *l = s0 * a + s1 * b);
+                    }
+                }
+                let first = (image * th + y) * tw;
+                for (xi, line) in lines.iter().enumerate() {
+                    // Column j of tile x: line[j % 2][x + j / 2].
+                    for (nu, [(j0, t0), (j1, t1)]) in INPUT.into_iter().enumerate() {
+                        let a = &line[j0 % 2][j0 / 2..][..tw];
+                        let b = &line[j1 % 2][j1 / 2..][..tw];
+                        let dst = &mut out[xi * 4 + nu][first..][..tw];
+                        dst.iter_mut().zip(a.iter().zip(b)).for_each(|(d, (a, b))| *d = t0 * a + t1 * b);
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -213,30 +223,34 @@ impl OutputTransform<'_> {
         let mut out = vec![0.0f32; out_channels * n * h * w];
         let back = |(channel, values): (usize, &mut [f32])| {
             let m = |e: usize, tile: usize| &product[(e * out_channels + channel) * count + tile..][..tw];
-            // Aᵀ·M per tile of a tile row: the two output rows' four column sums.
-            let mut rows = vec![[0.0f32; 4]; 2 * tw];
+            // Aᵀ·M for a tile row: the two output rows' four column sums of every tile, column ν's
+            // at [ν·tw..][x], so that each loop below runs over contiguous values.
+            let mut sums = vec![0.0f32; 8 * tw];
             for image in 0..n {
                 for y in 0..th {
                     let first = (image * th + y) * tw;
-                    let (top, bottom) = rows.split_at_mut(tw);
+                    let (top, bottom) = sums.split_at_mut(4 * tw);
                     for nu in 0..4 {
                         let [m0, m1, m2, m3] = [0, 1, 2, 3].map(|xi| m(xi * 4 + nu, first));
+                        let (t, b) = (&mut top[nu * tw..][..tw], &mut bottom[nu * tw..][..tw]);
                         for x in 0..tw {
-                            top[x][nu] = m0[x] + m1[x] + m2[x];
-                            bottom[x][nu] = m1[x] - m2[x] - m3[x];
+                            t[x] = m0[x] + m1[x] + m2[x];
+                            b[x] = m1[x] - m2[x] - m3[x];
                         }
                     }
-                    for (a, sums) in [top, bottom].into_iter().enumerate() {
+                    for (a, sums) in [&*top, &*bottom].into_iter().enumerate() {
                         let row = y * TILE + a;
                         if row >= h {
                             continue;
                         }
                         let dst = &mut values[(image * h + row) * w..][..w];
-                        for (pair, r) in dst.chunks_mut(TILE).zip(sums.iter()) {
-                            pair[0] = r[0] + r[1] + r[2];
-                            if let Some(second) = pair.get_mut(1) {
-                                *second = r[1] - r[2] - r[3];
-                            }
+                        let [s0, s1, s2, s3] = [0, 1, 2, 3].map(|nu| &sums[nu * tw..][..tw]);
+                        for (x, pair) in dst.chunks_exact_mut(TILE).enumerate() {
+                            pair[0] = s0[x] + s1[x] + s2[x];
+                            pair[1] = s1[x] - s2[x] - s3[x];
+                        }
+                        if w % TILE == 1 {
+                            dst[w - 1] = s0[tw - 1] + s1[tw - 1] + s2[tw - 1];
                         }
                     }
                 }
