@@ -2,7 +2,11 @@
 //! op: 3×3 convolution → ReLU → 3×3 convolution → ReLU → 2×2 max-pool, image by image with each
 //! image's activations channel last (HWC) with a zero border (a few KiB that stay in the core's L1
 //! cache), then the two dense layers over the batch. The first convolution, over a single input
-//! channel, reads its image's patches as a dense layer reads a row.
+//! channel, reads its image's patches as a dense layer reads a row. On images of even sides (the
+//! digits' 8×8) the second runs by Winograd's F(2×2, 3×3), as ResNet-18's do (`winograd.rs`):
+//! 16 products of 16 input channels a tile instead of 9 taps × 16 channels a position, half the
+//! multiplications (those of the zero border included), each product a dense layer over the
+//! tiles of a few images, and a tile's 2×2 outputs are the max-pool's window.
 //!
 //! Why our own kernel: Candle has no direct convolution, and its im2col + matrix product
 //! (`conv.rs`) spends on laying out and packing 8×8 images what it saves on multiplying them:
@@ -18,9 +22,18 @@
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
 
 use super::conv::values;
+use super::winograd::transformed_kernel;
 
 /// Output channels a vector.
 const LANES: usize = 8;
+
+/// Images whose tiles the second convolution's Winograd products take at once: each product's
+/// weights (2 KiB) are then read once for the group's tiles, not once an image (16 products,
+/// 32 KiB in all, which with the image's tiles did not fit the L1 cache).
+const GROUP: usize = 4;
+
+/// Values between one plane of V (or M) and the next beyond the plane's own: a cache line.
+const SKEW: usize = 16;
 
 /// One layer's weights laid out for the kernel, output channels padded to vectors of 8 with
 /// zeros, and what follows the products.
@@ -87,6 +100,10 @@ impl Layer {
 pub(crate) struct DirectDigits {
     conv1: Layer,
     conv2: Layer,
+    /// The second convolution by Winograd's F(2×2, 3×3) for images of even sides: its 16
+    /// products, U[ξ·4 + ν] against the tiles' V[ξ·4 + ν], each a dense layer over the tiles
+    /// with neither bias nor ReLU (those, and the max-pool, follow the output transform).
+    tiles: Vec<Layer>,
     fc1: Layer,
     fc2: Layer,
     #[cfg(target_arch = "x86_64")]
@@ -105,6 +122,7 @@ impl DirectDigits {
         {
             let Some(simd) = pulp::x86::V3::try_new() else { return Ok(None) };
             let [conv1, conv2] = convs;
+            let tiles = tile_products(conv2.0)?;
             let (Some(conv1), Some(conv2)) = (conv(conv1, Reads::Patches)?, conv(conv2, Reads::Window)?) else {
                 return Ok(None);
             };
@@ -116,7 +134,7 @@ impl DirectDigits {
             let fc1 = dense(channel_last(fc1.0, conv2.out_channels, cells)?, fc1.1, true)?;
             let fc2 = dense(fc2.0.clone(), fc2.1, false)?;
             let fits = fc1.in_channels == cells * conv2.out_channels && fc2.in_channels == fc1.out_channels;
-            Ok(fits.then_some(Self { conv1, conv2, fc1, fc2, simd }))
+            Ok(fits.then_some(Self { conv1, conv2, tiles, fc1, fc2, simd }))
         }
         #[cfg(not(target_arch = "x86_64"))]
         {
@@ -155,6 +173,14 @@ fn conv((weight, b): Weights, reads: Reads) -> Result<Option<Layer>> {
         Reads::Patches => ((o, c * 9, 1), 1),
     };
     Ok(Some(Layer::new(&f32s(weight)?, &bias(b, o)?, shape, runs, true)))
+}
+
+/// F(2×2, 3×3)'s 16 products for a 3×3 convolution's `weight` (O, C, 3, 3): U[ξ·4 + ν], (O, C),
+/// as dense layers.
+fn tile_products(weight: &Tensor) -> Result<Vec<Layer>> {
+    let (o, c, _, _) = weight.dims4()?;
+    let u = transformed_kernel(&f32s(weight)?, o * c);
+    Ok(u.chunks_exact(o * c).map(|u| Layer::new(u, &vec![0.0; o], (o, c, 1), 1, false)).collect())
 }
 
 fn dense(weight: Tensor, b: Option<&Tensor>, relu: bool) -> Result<Layer> {
@@ -220,7 +246,8 @@ mod kernel {
     use pulp::f32x8;
     use pulp::x86::V3;
 
-    use super::{DirectDigits, LANES, Layer};
+    use super::{DirectDigits, GROUP, LANES, Layer, SKEW};
+    use crate::model::product::{keep_operand, take_operand};
 
     /// Accumulators a block holds in registers: of AVX2's 16, the rest hold the block's weight
     /// vectors (up to 2) and an input value broadcast. (Blocks of 4 vectors × 3 positions needed
@@ -340,11 +367,48 @@ mod kernel {
             let plain = Grid { w, width: self.conv2.width(), origin: 0, row: w };
             let bordered = Bordered { w, channels: self.conv1.width() };
             let (patch_spans, window_spans) = (self.conv1.all(h * w), window_spans(h, w));
-            for (image, dst) in input.chunks_exact(c * h * w).zip(pooled.chunks_exact_mut(pooled_width)) {
-                fill_patches(image, (c, h, w), &mut framed, &mut patches);
-                self.conv1.run(simd, (&patches, &Rows { stride: 9 * c }), &patch_spans, (&mut hidden, &inside));
-                self.conv2.run(simd, (&hidden, &bordered), &window_spans, (&mut last, &plain));
-                max_pool(simd, &last, w, self.conv2.out_vectors, dst);
+            // Images of even sides take the second convolution by Winograd's F(2×2, 3×3): a
+            // tile's 2×2 outputs are then the max-pool's window.
+            let tiles = (h / 2) * (w / 2);
+            let (in_width, out_width) = (self.conv1.width(), self.conv2.width());
+            if h % 2 == 0 && w % 2 == 0 {
+                // The products over the tiles of a group of images at once.
+                let group = GROUP.min(n);
+                // The 16 planes of V and of M a cache line further apart than their values
+                // need: at a power-of-two distance, a tile's 16 values fell in one set of the
+                // L1 cache and evicted each other.
+                let (v_plane, m_plane) = (group * tiles * in_width + SKEW, group * tiles * out_width + SKEW);
+                // Kept on the thread between calls: hundreds of KiB, which a fresh allocation
+                // took from the system (and gave back) on every call.
+                let mut buffer = take_operand(16 * (v_plane + m_plane));
+                {
+                    let (v, m) = buffer.split_at_mut(16 * v_plane);
+                    let images = input.chunks(group * c * h * w).zip(pooled.chunks_mut(group * pooled_width));
+                    for (images, pooled) in images {
+                        let count = images.len() / (c * h * w) * tiles;
+                        for (i, image) in images.chunks_exact(c * h * w).enumerate() {
+                            fill_patches(image, (c, h, w), &mut framed, &mut patches);
+                            let patch_rows = Rows { stride: 9 * c };
+                            self.conv1.run(simd, (&patches, &patch_rows), &patch_spans, (&mut hidden, &inside));
+                            input_transform(simd, &hidden, (h, w, in_width), (i * tiles, v_plane), v);
+                        }
+                        let spans = self.tiles[0].all(count);
+                        let products = self.tiles.iter().zip(v.chunks_exact(v_plane));
+                        for ((layer, v), m) in products.zip(m.chunks_exact_mut(m_plane)) {
+                            let (from, to) = (Rows { stride: in_width }, Rows { stride: out_width });
+                            layer.run(simd, (v, &from), &spans, (m, &to));
+                        }
+                        output_transform_pool(simd, m, (count, m_plane, out_width), &self.conv2.bias, pooled);
+                    }
+                }
+                keep_operand(buffer);
+            } else {
+                for (image, dst) in input.chunks_exact(c * h * w).zip(pooled.chunks_exact_mut(pooled_width)) {
+                    fill_patches(image, (c, h, w), &mut framed, &mut patches);
+                    self.conv1.run(simd, (&patches, &Rows { stride: 9 * c }), &patch_spans, (&mut hidden, &inside));
+                    self.conv2.run(simd, (&hidden, &bordered), &window_spans, (&mut last, &plain));
+                    max_pool(simd, &last, w, self.conv2.out_vectors, dst);
+                }
             }
             let mut dense = vec![0.0f32; n * self.fc1.width()];
             let (rows, dense_rows) = (Rows { stride: pooled_width }, Rows { stride: self.fc1.width() });
@@ -532,20 +596,109 @@ mod kernel {
         }
     }
 
+    /// A vector of 8 values of `values` from `at`.
+    #[inline(always)]
+    fn load(values: &[f32], at: usize) -> f32x8 {
+        pulp::cast::<[f32; LANES], f32x8>(values[at..at + LANES].try_into().expect("LANES values"))
+    }
+
+    /// V = Bᵀ·d·B of every 4×4 tile d of a bordered (h+2, w+2, `channels`) image, h and w even,
+    /// into `v`, 16 planes `plane` values apart of (tiles, channels), as tiles `first..`: tile
+    /// (ty, tx) from row 2ty and column 2tx, its 2×2 outputs at (2ty, 2tx); V[ξ·4 + ν]. Bᵀ's
+    /// rows are d0 − d2, d1 + d2, d2 − d1, d1 − d3.
+    #[inline(always)]
+    fn input_transform(
+        simd: V3,
+        image: &[f32],
+        (h, w, channels): (usize, usize, usize),
+        (first, plane): (usize, usize),
+        v: &mut [f32],
+    ) {
+        let (tw, tiles, side) = (w / 2, (h / 2) * (w / 2), w + 2);
+        for t in 0..tiles {
+            let (y, x) = (t / tw * 2, t % tw * 2);
+            for k in (0..channels).step_by(LANES) {
+                let mut d = [[simd.splat_f32x8(0.0); 4]; 4];
+                for (i, row) in d.iter_mut().enumerate() {
+                    for (j, value) in row.iter_mut().enumerate() {
+                        *value = load(image, ((y + i) * side + x + j) * channels + k);
+                    }
+                }
+                // Bᵀ·d down each column j, then ·B along each row ξ.
+                let mut columns = [[simd.splat_f32x8(0.0); 4]; 4];
+                for j in 0..4 {
+                    let column = input_rows(simd, [d[0][j], d[1][j], d[2][j], d[3][j]]);
+                    for (xi, value) in column.into_iter().enumerate() {
+                        columns[xi][j] = value;
+                    }
+                }
+                for (xi, row) in columns.into_iter().enumerate() {
+                    for (nu, value) in input_rows(simd, row).into_iter().enumerate() {
+                        let at = (xi * 4 + nu) * plane + (first + t) * channels + k;
+                        v[at..at + LANES].copy_from_slice(&pulp::cast::<f32x8, [f32; LANES]>(value));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Bᵀ·d of four vectors (functions, not closures: a closure is not inlined here, and its
+    /// intrinsics become calls).
+    #[inline(always)]
+    fn input_rows(simd: V3, d: [f32x8; 4]) -> [f32x8; 4] {
+        [simd.sub_f32x8(d[0], d[2]), simd.add_f32x8(d[1], d[2]), simd.sub_f32x8(d[2], d[1]), simd.sub_f32x8(d[1], d[3])]
+    }
+
+    /// Aᵀ·m of four vectors.
+    #[inline(always)]
+    fn output_rows(simd: V3, m: [f32x8; 4]) -> [f32x8; 2] {
+        [simd.add_f32x8(simd.add_f32x8(m[0], m[1]), m[2]), simd.sub_f32x8(simd.sub_f32x8(m[1], m[2]), m[3])]
+    }
+
+    /// Y = Aᵀ·M·A of every tile's products `m`, 16 planes `plane` values apart of (tiles, width), then bias, ReLU and the
+    /// 2×2 max-pool (a tile's 2×2 outputs are its window) into `out`, (tiles, width). Aᵀ's rows
+    /// are m0 + m1 + m2 and m1 − m2 − m3. ReLU(y + bias) grows with y, so the pool takes the
+    /// largest y first.
+    #[inline(always)]
+    fn output_transform_pool(
+        simd: V3,
+        m: &[f32],
+        (tiles, plane, width): (usize, usize, usize),
+        bias: &[[f32; LANES]],
+        out: &mut [f32],
+    ) {
+        let zero = simd.splat_f32x8(0.0);
+        for t in 0..tiles {
+            for (k, &bias) in (0..width).step_by(LANES).zip(bias) {
+                // Aᵀ·M down each column ν, then ·A along each of the two rows.
+                let (mut top, mut bottom) = ([zero; 4], [zero; 4]);
+                for (nu, (top, bottom)) in top.iter_mut().zip(&mut bottom).enumerate() {
+                    let mut column = [zero; 4];
+                    for (xi, value) in column.iter_mut().enumerate() {
+                        *value = load(m, (xi * 4 + nu) * plane + t * width + k);
+                    }
+                    [*top, *bottom] = output_rows(simd, column);
+                }
+                let [a, b] = output_rows(simd, top);
+                let [c, d] = output_rows(simd, bottom);
+                let largest = simd.max_f32x8(simd.max_f32x8(a, b), simd.max_f32x8(c, d));
+                let value = simd.max_f32x8(simd.add_f32x8(largest, pulp::cast(bias)), zero);
+                out[t * width + k..][..LANES].copy_from_slice(&pulp::cast::<f32x8, [f32; LANES]>(value));
+            }
+        }
+    }
+
     /// 2×2 max-pool, stride 2, of a plain (h, w, vectors·8) image into `out`, (h/2, w/2,
     /// vectors·8).
     #[inline(always)]
     fn max_pool(simd: V3, image: &[f32], w: usize, vectors: usize, out: &mut [f32]) {
         let channels = vectors * LANES;
-        let load = |y: usize, x: usize, v: usize| -> f32x8 {
-            let at = (y * w + x) * channels + v * LANES;
-            pulp::cast::<[f32; LANES], f32x8>(image[at..at + LANES].try_into().expect("LANES values"))
-        };
+        let at = |y: usize, x: usize, v: usize| load(image, (y * w + x) * channels + v * LANES);
         for (cell, dst) in out.chunks_exact_mut(channels).enumerate() {
             let (y, x) = (cell / (w / 2) * 2, cell % (w / 2) * 2);
             for (v, dst) in dst.chunks_exact_mut(LANES).enumerate() {
-                let top = simd.max_f32x8(load(y, x, v), load(y, x + 1, v));
-                let bottom = simd.max_f32x8(load(y + 1, x, v), load(y + 1, x + 1, v));
+                let top = simd.max_f32x8(at(y, x, v), at(y, x + 1, v));
+                let bottom = simd.max_f32x8(at(y + 1, x, v), at(y + 1, x + 1, v));
                 dst.copy_from_slice(&pulp::cast::<f32x8, [f32; LANES]>(simd.max_f32x8(top, bottom)));
             }
         }
@@ -572,6 +725,10 @@ mod tests {
             (2, (16, 16), (5, 4), (16, 3), 2),
             (1, (32, 8), (3, 3), (9, 17), 1),
             (1, (16, 8), (3, 7), (24, 17), 10),
+            // Even sides take the second convolution by Winograd's algorithm: one input
+            // vector and three output vectors (blocks of 1), and tiles that leave remainders.
+            (2, (8, 24), (6, 4), (12, 5), 5),
+            (1, (16, 16), (2, 2), (8, 3), 3),
         ];
         for (channels, (first, second), (h, w), (hidden, classes), n) in cases {
             let randn = |shape: &[usize]| Tensor::randn(0f32, 0.5, shape, &device).unwrap();

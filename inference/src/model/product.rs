@@ -21,13 +21,22 @@ thread_local! {
 /// same thread (a task it runs while waiting on its pool) finds the buffer taken and uses one of
 /// its own.
 pub(crate) fn with_operand<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
-    let mut buffer = OPERAND.take();
-    if buffer.len() < len {
-        buffer = vec![0.0; len];
-    }
+    let mut buffer = take_operand(len);
     let result = f(&mut buffer[..len]);
-    OPERAND.set(buffer);
+    keep_operand(buffer);
     result
+}
+
+/// This thread's operand buffer, at least `len` values, as [`with_operand`] lends it (for code
+/// compiled with features a closure would not carry), to hand back with [`keep_operand`].
+pub(crate) fn take_operand(len: usize) -> Vec<f32> {
+    let buffer = OPERAND.take();
+    if buffer.len() < len { vec![0.0; len] } else { buffer }
+}
+
+/// Keeps `buffer` as this thread's operand buffer.
+pub(crate) fn keep_operand(buffer: Vec<f32>) {
+    OPERAND.set(buffer);
 }
 
 /// Sizes of `batch` products of an (m, k) matrix by a (k, n) matrix.

@@ -42,23 +42,7 @@ impl Winograd {
         if (size, width) != (3, 3) {
             candle_core::bail!("Winograd F(2×2, 3×3) takes 3×3 kernels, not {size}×{width}");
         }
-        let g = weight.flatten_all()?.to_vec1::<f32>()?;
-        let pairs = out_channels * in_channels;
-        let mut u = vec![0.0f32; 16 * pairs];
-        for (pair, g) in g.chunks_exact(9).enumerate() {
-            // G·g (4×3), then (G·g)·Gᵀ (4×4).
-            let mut gg = [[0.0f32; 3]; 4];
-            for (row, weights) in gg.iter_mut().zip(&KERNEL) {
-                for (column, value) in row.iter_mut().enumerate() {
-                    *value = (0..3).map(|k| weights[k] * g[k * 3 + column]).sum();
-                }
-            }
-            for (xi, row) in gg.iter().enumerate() {
-                for (nu, weights) in KERNEL.iter().enumerate() {
-                    u[(xi * 4 + nu) * pairs + pair] = (0..3).map(|k| row[k] * weights[k]).sum();
-                }
-            }
-        }
+        let u = transformed_kernel(&weight.flatten_all()?.to_vec1::<f32>()?, out_channels * in_channels);
         Ok(Self { kernel: u, out_channels })
     }
 
@@ -81,6 +65,28 @@ impl Winograd {
             None => product.apply_op1_no_bwd(&back),
         }
     }
+}
+
+/// U = G·g·Gᵀ of each of the `pairs` (output, input channel) 3×3 kernels `g` holds (9 values a
+/// pair, rows first), laid out (16, pairs): U[ξ·4 + ν] for every pair in `g`'s order.
+pub(crate) fn transformed_kernel(g: &[f32], pairs: usize) -> Vec<f32> {
+    assert_eq!(g.len(), 9 * pairs, "3×3 kernels");
+    let mut u = vec![0.0f32; 16 * pairs];
+    for (pair, g) in g.chunks_exact(9).enumerate() {
+        // G·g (4×3), then (G·g)·Gᵀ (4×4).
+        let mut gg = [[0.0f32; 3]; 4];
+        for (row, weights) in gg.iter_mut().zip(&KERNEL) {
+            for (column, value) in row.iter_mut().enumerate() {
+                *value = (0..3).map(|k| weights[k] * g[k * 3 + column]).sum();
+            }
+        }
+        for (xi, row) in gg.iter().enumerate() {
+            for (nu, weights) in KERNEL.iter().enumerate() {
+                u[(xi * 4 + nu) * pairs + pair] = (0..3).map(|k| row[k] * weights[k]).sum();
+            }
+        }
+    }
+    u
 }
 
 /// Tiles along each side for `size` outputs.
