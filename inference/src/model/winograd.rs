@@ -232,12 +232,15 @@ impl OutputTransform<'_> {
             // Aᵀ·M for a tile row: the two output rows' four column sums of every tile, column ν's
             // at [ν·tw..][x], so that each loop below runs over contiguous values.
             let mut sums = vec![0.0f32; 8 * tw];
+            // An output row's even and odd columns, then interleaved: computed in place as
+            // pairs, the compiler wrote them one value at a time.
+            let (mut even, mut odd) = (vec![0.0f32; tw], vec![0.0f32; tw]);
             for image in 0..n {
                 for y in 0..th {
                     let first = (image * th + y) * tw;
                     let (top, bottom) = sums.split_at_mut(4 * tw);
                     for nu in 0..4 {
-                        let [m0, m1, m2, m3] = [0, 1, 2, 3].map(|xi| m(xi * 4 + nu, first));
+                        let (m0, m1, m2, m3) = (m(nu, first), m(4 + nu, first), m(8 + nu, first), m(12 + nu, first));
                         let (t, b) = (&mut top[nu * tw..][..tw], &mut bottom[nu * tw..][..tw]);
                         for x in 0..tw {
                             t[x] = m0[x] + m1[x] + m2[x];
@@ -250,13 +253,17 @@ impl OutputTransform<'_> {
                             continue;
                         }
                         let dst = &mut values[(image * h + row) * w..][..w];
-                        let [s0, s1, s2, s3] = [0, 1, 2, 3].map(|nu| &sums[nu * tw..][..tw]);
-                        for (x, pair) in dst.chunks_exact_mut(TILE).enumerate() {
-                            pair[0] = s0[x] + s1[x] + s2[x];
-                            pair[1] = s1[x] - s2[x] - s3[x];
+                        let (s0, s1) = (&sums[..tw], &sums[tw..2 * tw]);
+                        let (s2, s3) = (&sums[2 * tw..3 * tw], &sums[3 * tw..4 * tw]);
+                        for x in 0..tw {
+                            even[x] = s0[x] + s1[x] + s2[x];
+                            odd[x] = s1[x] - s2[x] - s3[x];
+                        }
+                        for ((pair, &e), &o) in dst.chunks_exact_mut(TILE).zip(&even).zip(&odd) {
+                            (pair[0], pair[1]) = (e, o);
                         }
                         if w % TILE == 1 {
-                            dst[w - 1] = s0[tw - 1] + s1[tw - 1] + s2[tw - 1];
+                            dst[w - 1] = even[tw - 1];
                         }
                     }
                 }
