@@ -224,23 +224,32 @@ impl CustomOp1 for MaxPool3x3Stride2 {
         let window = Window { size: 3, stride: 2, padding: 1 };
         let (oh, ow) = (window.out(h), window.out(w));
         let mut out = vec![0.0f32; a * b * oh * ow];
-        // Every window that reaches into the padding takes its zeros into the maximum.
-        let at = |line: &[f32], i: Option<usize>| i.and_then(|i| line.get(i)).copied().unwrap_or(0.0);
+        // Every window that reaches into the padding takes its zeros into the maximum. Each
+        // image row's maxima over the windows' three columns, then three rows of those, each
+        // pass over whole rows (so that it vectorises): window x's columns are 2x − 1, 2x and
+        // 2x + 1, that is odd[x − 1], even[x] and odd[x] of the row split by column parity, with
+        // a zero before the first odd column and after the last.
         for_each_run(&mut out, (oh * ow).max(1), |(index, pooled)| {
             let plane = &input[index * h * w..][..h * w];
-            // Each image row's maxima over the windows' three columns, then three rows of those.
             let mut across = vec![0.0f32; h * ow];
+            let (mut even, mut odd) = (vec![0.0f32; ow], vec![0.0f32; ow + 1]);
             for (line, maxima) in plane.chunks_exact(w).zip(across.chunks_exact_mut(ow)) {
-                for (x, maximum) in maxima.iter_mut().enumerate() {
-                    *maximum = at(line, (2 * x).checked_sub(1)).max(line[2 * x]).max(at(line, Some(2 * x + 1)));
+                for (x, value) in line.iter().enumerate() {
+                    match x % 2 {
+                        0 => even[x / 2] = *value,
+                        _ => odd[x / 2 + 1] = *value,
+                    }
+                }
+                for (((maximum, &left), &middle), &right) in maxima.iter_mut().zip(&odd).zip(&even).zip(&odd[1..]) {
+                    *maximum = left.max(middle).max(right);
                 }
             }
+            let zeros = vec![0.0f32; ow];
             for (y, row) in pooled.chunks_exact_mut(ow).enumerate() {
-                let middle = &across[2 * y * ow..][..ow];
-                let (above, below) = ((2 * y).checked_sub(1), Some(2 * y + 1).filter(|&r| r < h));
-                for (x, value) in row.iter_mut().enumerate() {
-                    let line = |r: Option<usize>| at(&across, r.map(|r| r * ow + x));
-                    *value = line(above).max(middle[x]).max(line(below));
+                let line = |r: Option<usize>| r.filter(|&r| r < h).map_or(&zeros[..], |r| &across[r * ow..][..ow]);
+                let (above, middle, below) = (line((2 * y).checked_sub(1)), line(Some(2 * y)), line(Some(2 * y + 1)));
+                for (((value, &a), &m), &b) in row.iter_mut().zip(above).zip(middle).zip(below) {
+                    *value = a.max(m).max(b);
                 }
             }
         });
