@@ -426,6 +426,10 @@ impl Finish<'_> {
 /// than [`PARALLEL_FROM`] values (threads pay off only on a batch's worth of work, not on one
 /// small image), else spread over the pool.
 pub(crate) fn for_each_run(values: &mut [f32], len: usize, f: impl Fn((usize, &mut [f32])) + Send + Sync) {
+    if values.is_empty() {
+        // Nothing to run over (an empty batch), and runs of no length would not split it.
+        return;
+    }
     if values.len() < PARALLEL_FROM {
         values.chunks_mut(len).enumerate().for_each(f);
     } else {

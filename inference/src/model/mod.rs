@@ -250,6 +250,13 @@ mod tests {
     use super::{CandleClassifier, Precision, softmax};
 
     #[test]
+    fn an_empty_batch_is_no_predictions() {
+        let bundle = ModelBundle::load(concat!(env!("CARGO_MANIFEST_DIR"), "/../models/digits")).unwrap();
+        let classifier = CandleClassifier::load(&bundle, Device::Cpu, "candle-cpu").unwrap();
+        assert!(classifier.predict(&[], 0).unwrap().is_empty());
+    }
+
+    #[test]
     fn softmax_is_candles() {
         let logits = candle_core::Tensor::randn(0f32, 4.0, (5, 10), &Device::Cpu).unwrap();
         let want = candle_nn::ops::softmax_last_dim(&logits).unwrap().to_vec2::<f32>().unwrap();
