@@ -360,18 +360,15 @@ mod kernel {
             let mut patches = vec![0.0f32; h * w * c * 9];
             let mut framed = vec![0.0f32; c * (h + 2) * (w + 2)];
             let mut hidden = vec![0.0f32; (h + 2) * (w + 2) * self.conv1.width()];
-            let mut last = vec![0.0f32; h * w * self.conv2.width()];
             let pooled_width = self.fc1.in_channels;
             let mut pooled = vec![0.0f32; n * pooled_width];
             let inside = Grid { w, width: self.conv1.width(), origin: w + 3, row: w + 2 };
-            let plain = Grid { w, width: self.conv2.width(), origin: 0, row: w };
-            let bordered = Bordered { w, channels: self.conv1.width() };
-            let (patch_spans, window_spans) = (self.conv1.all(h * w), window_spans(h, w));
+            let (patch_rows, patch_spans) = (Rows { stride: 9 * c }, self.conv1.all(h * w));
             // Images of even sides take the second convolution by Winograd's F(2×2, 3×3): a
             // tile's 2×2 outputs are then the max-pool's window.
-            let tiles = (h / 2) * (w / 2);
-            let (in_width, out_width) = (self.conv1.width(), self.conv2.width());
             if h % 2 == 0 && w % 2 == 0 {
+                let tiles = (h / 2) * (w / 2);
+                let (in_width, out_width) = (self.conv1.width(), self.conv2.width());
                 // The products over the tiles of a group of images at once.
                 let group = GROUP.min(n);
                 // The 16 planes of V and of M a cache line further apart than their values
@@ -388,7 +385,6 @@ mod kernel {
                         let count = images.len() / (c * h * w) * tiles;
                         for (i, image) in images.chunks_exact(c * h * w).enumerate() {
                             fill_patches(image, (c, h, w), &mut framed, &mut patches);
-                            let patch_rows = Rows { stride: 9 * c };
                             self.conv1.run(simd, (&patches, &patch_rows), &patch_spans, (&mut hidden, &inside));
                             input_transform(simd, &hidden, (h, w, in_width), (i * tiles, v_plane), v);
                         }
@@ -403,9 +399,13 @@ mod kernel {
                 }
                 keep_operand(buffer);
             } else {
+                let mut last = vec![0.0f32; h * w * self.conv2.width()];
+                let plain = Grid { w, width: self.conv2.width(), origin: 0, row: w };
+                let bordered = Bordered { w, channels: self.conv1.width() };
+                let window_spans = window_spans(h, w);
                 for (image, dst) in input.chunks_exact(c * h * w).zip(pooled.chunks_exact_mut(pooled_width)) {
                     fill_patches(image, (c, h, w), &mut framed, &mut patches);
-                    self.conv1.run(simd, (&patches, &Rows { stride: 9 * c }), &patch_spans, (&mut hidden, &inside));
+                    self.conv1.run(simd, (&patches, &patch_rows), &patch_spans, (&mut hidden, &inside));
                     self.conv2.run(simd, (&hidden, &bordered), &window_spans, (&mut last, &plain));
                     max_pool(simd, &last, w, self.conv2.out_vectors, dst);
                 }
@@ -655,10 +655,10 @@ mod kernel {
         [simd.add_f32x8(simd.add_f32x8(m[0], m[1]), m[2]), simd.sub_f32x8(simd.sub_f32x8(m[1], m[2]), m[3])]
     }
 
-    /// Y = Aᵀ·M·A of every tile's products `m`, 16 planes `plane` values apart of (tiles, width), then bias, ReLU and the
-    /// 2×2 max-pool (a tile's 2×2 outputs are its window) into `out`, (tiles, width). Aᵀ's rows
-    /// are m0 + m1 + m2 and m1 − m2 − m3. ReLU(y + bias) grows with y, so the pool takes the
-    /// largest y first.
+    /// Y = Aᵀ·M·A of every tile's products `m`, 16 planes `plane` values apart of (tiles, width),
+    /// then bias, ReLU and the 2×2 max-pool (a tile's 2×2 outputs are its window) into `out`,
+    /// (tiles, width). Aᵀ's rows are m0 + m1 + m2 and m1 − m2 − m3. ReLU(y + bias) grows with y,
+    /// so the pool takes the largest y first.
     #[inline(always)]
     fn output_transform_pool(
         simd: V3,
