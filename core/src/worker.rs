@@ -119,6 +119,21 @@ pub trait Source: Send {
     /// Acknowledges `done` (their downstream writes are durable) and schedules `retry` again.
     async fn settle(&mut self, done: &[&Origin], retry: &[&Origin], retry_delay: Duration) -> Result<()>;
 
+    /// Whether [`Source::forward_and_ack`] is there (a queue on the embedded store).
+    fn forwards_with_ack(&self) -> bool {
+        false
+    }
+
+    /// Sends a batch's messages and acknowledges `done` in one transaction
+    /// ([`WorkQueue::forward_and_ack`]). Only where [`Source::forwards_with_ack`].
+    async fn forward_and_ack(
+        &mut self,
+        _sends: Vec<(QueueName, Vec<OutgoingMessage>)>,
+        _done: &[&Origin],
+    ) -> Result<()> {
+        Err(SluiceError::permanent(ReasonCode::Internal, "this source cannot acknowledge with its sends"))
+    }
+
     /// Keeps in-flight deliveries from being handed to another worker.
     async fn heartbeat(&mut self, in_flight: &[&Origin]) -> Result<()>;
 
@@ -179,6 +194,14 @@ impl Source for QueueSource {
             self.queue.release(&receipts(retry), retry_delay).await?;
         }
         Ok(())
+    }
+
+    fn forwards_with_ack(&self) -> bool {
+        self.queue.forwards_with_ack()
+    }
+
+    async fn forward_and_ack(&mut self, sends: Vec<(QueueName, Vec<OutgoingMessage>)>, done: &[&Origin]) -> Result<()> {
+        self.queue.forward_and_ack(sends, &receipts(done)).await
     }
 
     async fn heartbeat(&mut self, in_flight: &[&Origin]) -> Result<()> {
@@ -312,6 +335,17 @@ struct ShardProgress<'a> {
 /// Sequence numbers are decimal strings of any length (Kinesis's exceed 64 bits).
 fn compare_sequences(a: &str, b: &str) -> std::cmp::Ordering {
     a.len().cmp(&b.len()).then_with(|| a.cmp(b))
+}
+
+/// What [`Worker::forward`] did.
+struct Forwarded {
+    /// How many queues' messages were sent, in order.
+    sent: usize,
+    /// What stopped the sends.
+    failed: Option<SluiceError>,
+    /// Whether the sends went in one transaction with the acknowledgement: `done` is
+    /// acknowledged if nothing failed.
+    with_ack: bool,
 }
 
 /// The source a stage reads: the stream for ingest, its input queue for the others.
@@ -507,13 +541,14 @@ impl Worker {
         }
 
         let retry_delay = Duration::from_millis(self.config.retry_delay_ms);
+        let mut outgoing = Vec::with_capacity(sends.len());
+        let mut spans = Vec::with_capacity(sends.len());
         for (queue, messages) in sends {
-            let count = messages.len();
-            let send_span = trace.as_ref().map(|trace| {
+            spans.push(trace.as_ref().map(|trace| {
                 let records: Vec<usize> = messages.iter().map(|(i, _)| *i).collect();
                 trace.send(&Destination { system: self.queue_system, name: queue.as_str().to_owned() }, &records)
-            });
-            let messages = messages
+            }));
+            let messages: Vec<OutgoingMessage> = messages
                 .into_iter()
                 .map(|(index, mut message)| {
                     if let Some(traceparent) = trace.as_ref().and_then(|t| t.traceparent(index)) {
@@ -522,18 +557,28 @@ impl Worker {
                     message
                 })
                 .collect();
-            if let Err(e) = self.backend.queue(queue).send_batch(messages).await {
-                if let Some(span) = &send_span {
-                    span.failed(&e);
-                }
-                // Nothing is acknowledged: the whole batch comes back and is redone; sinks are idempotent.
-                let all: Vec<&Origin> = batch.iter().map(|d| &d.origin).collect();
-                self.source.settle(&[], &all, retry_delay).await?;
-                return Err(e);
-            }
+            outgoing.push((queue, messages));
+        }
+        let counts: Vec<(QueueName, usize)> =
+            outgoing.iter().map(|(queue, messages)| (*queue, messages.len())).collect();
+        let Forwarded { sent, failed, with_ack } = self.forward(outgoing, &done).await;
+        for &(queue, count) in &counts[..sent] {
             metrics().sent(queue, count);
         }
-        self.source.settle(&done, &retry, retry_delay).await?;
+        if let Some(e) = failed {
+            // With the acknowledgement, every send failed; else the one that did (none after it
+            // was tried).
+            let failed_sends = if with_ack { &spans[..] } else { &spans[sent..=sent] };
+            for span in failed_sends.iter().flatten() {
+                span.failed(&e);
+            }
+            // Nothing is acknowledged: the whole batch comes back and is redone; sinks are idempotent.
+            let all: Vec<&Origin> = batch.iter().map(|d| &d.origin).collect();
+            self.source.settle(&[], &all, retry_delay).await?;
+            return Err(e);
+        }
+        let settle = if with_ack { &[][..] } else { &done[..] };
+        self.source.settle(settle, &retry, retry_delay).await?;
         metrics().processed(stage, processed);
         metrics().batch(stage, batch.len(), started.elapsed().as_secs_f64());
         if let Some(trace) = trace {
@@ -542,6 +587,28 @@ impl Worker {
         report.batches += 1;
         report.handled += done.len() as u64;
         Ok(())
+    }
+
+    /// Sends each queue's messages: in one transaction with the acknowledgement of `done` where
+    /// the source's store has them ([`Source::forwards_with_ack`]), else one queue after another,
+    /// stopping at the first that fails.
+    async fn forward(&mut self, outgoing: Vec<(QueueName, Vec<OutgoingMessage>)>, done: &[&Origin]) -> Forwarded {
+        let queues = outgoing.len();
+        if self.source.forwards_with_ack() && !(outgoing.is_empty() && done.is_empty()) {
+            let result = self.source.forward_and_ack(outgoing, done).await;
+            return match result {
+                Ok(()) => Forwarded { sent: queues, failed: None, with_ack: true },
+                Err(e) => Forwarded { sent: 0, failed: Some(e), with_ack: true },
+            };
+        }
+        let mut sent = 0;
+        for (queue, messages) in outgoing {
+            if let Err(e) = self.backend.queue(queue).send_batch(messages).await {
+                return Forwarded { sent, failed: Some(e), with_ack: false };
+            }
+            sent += 1;
+        }
+        Forwarded { sent, failed: None, with_ack: false }
     }
 
     /// Starts the batch's spans and hands each delivery the trace context its record carries on

@@ -54,3 +54,53 @@ async fn one_receive_hands_each_message_out_once_even_without_a_visibility_timeo
     let bodies: Vec<Vec<u8>> = received.iter().map(|m| m.body.clone()).collect();
     assert_eq!(bodies, [vec![0], vec![1], vec![2]]);
 }
+
+/// A stage's sends and its acknowledgement commit as one: both, or neither when a send fails.
+#[tokio::test]
+async fn sends_and_the_acknowledgement_commit_together_or_not_at_all() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = StoreConfig { path: dir.path().join("store.sqlite"), ..StoreConfig::default() };
+    let backend = Backend::open(&config).await.unwrap();
+    let features = backend.queue(QueueName::Features);
+    assert!(features.forwards_with_ack());
+    let message = |i: u8| OutgoingMessage { body: vec![i], attributes: Default::default(), dedup_key: None };
+    let depths = |backend: &Backend| {
+        let backend = backend.clone();
+        async move {
+            let mut out = Vec::new();
+            for queue in [QueueName::Features, QueueName::Inference, QueueName::Results] {
+                let depth = backend.queue(queue).depth().await.unwrap();
+                out.push((depth.visible, depth.in_flight));
+            }
+            out
+        }
+    };
+
+    features.send_batch(vec![message(1), message(2)]).await.unwrap();
+    let first = features.receive(1, Duration::ZERO).await.unwrap();
+    features
+        .forward_and_ack(vec![(QueueName::Inference, vec![message(10), message(11)])], &[first[0].receipt.clone()])
+        .await
+        .unwrap();
+    assert_eq!(depths(&backend).await, [(1, 0), (2, 0), (0, 0)], "sent and acknowledged");
+
+    // Another process makes every send to the results queue fail (a trigger, on a connection of
+    // its own): the inference queue's message stays unacknowledged, and nothing is half sent.
+    let other = rusqlite::Connection::open(&config.path).unwrap();
+    other
+        .execute_batch(
+            "CREATE TRIGGER refuse_results BEFORE INSERT ON messages WHEN NEW.queue = 'results' \
+             BEGIN SELECT RAISE(ABORT, 'refused'); END;",
+        )
+        .unwrap();
+    let inference = backend.queue(QueueName::Inference);
+    let second = inference.receive(1, Duration::ZERO).await.unwrap();
+    let refused = inference
+        .forward_and_ack(
+            vec![(QueueName::Features, vec![message(20)]), (QueueName::Results, vec![message(21)])],
+            &[second[0].receipt.clone()],
+        )
+        .await;
+    assert!(refused.is_err(), "the refused send fails the whole: {refused:?}");
+    assert_eq!(depths(&backend).await, [(1, 0), (1, 1), (0, 0)], "none of it happened");
+}

@@ -174,6 +174,28 @@ pub trait WorkQueue: Send + Sync {
     /// Deletes received messages. Call only once their downstream writes are durable.
     async fn ack(&self, receipts: &[Receipt]) -> Result<()>;
 
+    /// Whether [`WorkQueue::forward_and_ack`] is there: the queues' store commits sends and
+    /// acknowledgements together (the embedded store; SQS has no transactions).
+    fn forwards_with_ack(&self) -> bool {
+        false
+    }
+
+    /// Sends each named queue's messages and acknowledges `receipts` of this queue as one
+    /// transaction: all of it happens or none, so no crash between a stage's sends and its
+    /// acknowledgement leaves the messages sent and the received ones to be redone, and sent
+    /// again. Only where [`WorkQueue::forwards_with_ack`]; the queues named are this one's
+    /// siblings on the same store.
+    async fn forward_and_ack(
+        &self,
+        _sends: Vec<(QueueName, Vec<OutgoingMessage>)>,
+        _receipts: &[Receipt],
+    ) -> Result<()> {
+        Err(SluiceError::permanent(
+            ReasonCode::Internal,
+            format!("{}: sends and acknowledgements cannot be committed together here", self.name()),
+        ))
+    }
+
     /// Keeps received messages invisible for `by` from now (heartbeat for long work).
     async fn extend_visibility(&self, receipts: &[Receipt], by: Duration) -> Result<()>;
 

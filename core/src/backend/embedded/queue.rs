@@ -162,6 +162,46 @@ fn redrive(
     Ok(())
 }
 
+/// Messages on their way into one queue, their attributes written out already: off the
+/// connection, which every stage waits for.
+struct Outgoing {
+    queue: QueueName,
+    /// Body, attributes as JSON, deduplication key.
+    messages: Vec<(Vec<u8>, String, Option<String>)>,
+}
+
+impl Outgoing {
+    fn new(queue: QueueName, messages: Vec<OutgoingMessage>) -> Self {
+        let messages = messages
+            .into_iter()
+            .map(|m| (m.body, serde_json::to_string(&m.attributes).expect("map serialises"), m.dedup_key))
+            .collect();
+        Self { queue, messages }
+    }
+
+    fn insert(self, tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<()> {
+        let now = now_ms() as i64;
+        let mut insert = tx.prepare_cached(
+            "INSERT OR IGNORE INTO messages (queue, body, attributes, dedup_key, visible_at_ms, sent_at_ms) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?5)",
+        )?;
+        for (body, attributes, dedup_key) in self.messages {
+            insert.execute(params![self.queue.as_str(), body, attributes, dedup_key, now])?;
+        }
+        Ok(())
+    }
+}
+
+/// Deletes the messages that `receipts` (id, receive count) name, where no later receive made
+/// the receipt stale.
+fn delete_received(tx: &rusqlite::Transaction<'_>, receipts: Vec<(i64, u32)>) -> rusqlite::Result<()> {
+    let mut delete = tx.prepare_cached("DELETE FROM messages WHERE id = ?1 AND receive_count = ?2")?;
+    for (id, count) in receipts {
+        delete.execute(params![id, count])?;
+    }
+    Ok(())
+}
+
 /// A receipt names one receive of one message; it goes stale when the message is received again.
 fn receipt(id: i64, receive_count: u32) -> Receipt {
     Receipt(format!("{id}:{receive_count}"))
@@ -187,25 +227,8 @@ impl WorkQueue for EmbeddedQueue {
         if messages.is_empty() {
             return Ok(());
         }
-        let queue = self.name;
-        // Attributes are written out before taking the connection, which every stage waits for.
-        let messages: Vec<_> = messages
-            .into_iter()
-            .map(|m| (m.body, serde_json::to_string(&m.attributes).expect("map serialises"), m.dedup_key))
-            .collect();
-        self.db
-            .write(move |tx| {
-                let now = now_ms() as i64;
-                let mut insert = tx.prepare_cached(
-                    "INSERT OR IGNORE INTO messages (queue, body, attributes, dedup_key, visible_at_ms, sent_at_ms) \
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?5)",
-                )?;
-                for (body, attributes, dedup_key) in messages {
-                    insert.execute(params![queue.as_str(), body, attributes, dedup_key, now])?;
-                }
-                Ok(())
-            })
-            .await
+        let outgoing = Outgoing::new(self.name, messages);
+        self.db.write(move |tx| outgoing.insert(tx)).await
     }
 
     async fn receive(&self, max: usize, wait: Duration) -> Result<Vec<ReceivedMessage>> {
@@ -222,13 +245,23 @@ impl WorkQueue for EmbeddedQueue {
 
     async fn ack(&self, receipts: &[Receipt]) -> Result<()> {
         let parsed = parse_receipts(receipts);
+        self.db.write(move |tx| delete_received(tx, parsed)).await
+    }
+
+    fn forwards_with_ack(&self) -> bool {
+        true
+    }
+
+    async fn forward_and_ack(&self, sends: Vec<(QueueName, Vec<OutgoingMessage>)>, receipts: &[Receipt]) -> Result<()> {
+        let outgoing: Vec<Outgoing> =
+            sends.into_iter().map(|(queue, messages)| Outgoing::new(queue, messages)).collect();
+        let parsed = parse_receipts(receipts);
         self.db
             .write(move |tx| {
-                let mut delete = tx.prepare_cached("DELETE FROM messages WHERE id = ?1 AND receive_count = ?2")?;
-                for (id, count) in parsed {
-                    delete.execute(params![id, count])?;
+                for messages in outgoing {
+                    messages.insert(tx)?;
                 }
-                Ok(())
+                delete_received(tx, parsed)
             })
             .await
     }

@@ -52,6 +52,8 @@ fn select_in<T>(
 #[async_trait]
 impl FeatureStore for EmbeddedFeatureStore {
     async fn put_if_absent(&self, items: Vec<(RecordId, FeatureVector)>) -> Result<()> {
+        // Encoded before taking the connection, which every stage waits for.
+        let items: Vec<(RecordId, Vec<u8>)> = items.into_iter().map(|(id, vector)| (id, vector.to_bytes())).collect();
         self.db
             .write(move |tx| {
                 let mut insert = tx.prepare_cached(
@@ -59,7 +61,7 @@ impl FeatureStore for EmbeddedFeatureStore {
                 )?;
                 let now = now_ms() as i64;
                 for (id, vector) in items {
-                    insert.execute(params![id.as_str(), vector.to_bytes(), now])?;
+                    insert.execute(params![id.as_str(), vector, now])?;
                 }
                 Ok(())
             })
@@ -70,13 +72,17 @@ impl FeatureStore for EmbeddedFeatureStore {
         let ids = ids.to_vec();
         self.db
             .call(move |conn| {
-                let rows =
-                    select_in(conn, "SELECT record_id, vector FROM features WHERE record_id IN ({})", &ids, |r| {
-                        Ok((r.get::<_, String>(0)?, FeatureVector::from_bytes(&r.get::<_, Vec<u8>>(1)?)))
-                    })?;
-                Ok(rows.into_iter().filter_map(|(id, v)| Some((RecordId::parse(id).ok()?, v))).collect())
+                select_in(conn, "SELECT record_id, vector FROM features WHERE record_id IN ({})", &ids, |r| {
+                    Ok((r.get::<_, String>(0)?, r.get::<_, Vec<u8>>(1)?))
+                })
             })
             .await
+            // Decoded off the connection.
+            .map(|rows| {
+                rows.into_iter()
+                    .filter_map(|(id, bytes)| Some((RecordId::parse(id).ok()?, FeatureVector::from_bytes(&bytes))))
+                    .collect()
+            })
     }
 }
 
@@ -125,28 +131,43 @@ fn decode_result(body: &str) -> rusqlite::Result<PredictionResult> {
 #[async_trait]
 impl ResultStore for EmbeddedResultStore {
     async fn put_if_absent(&self, results: Vec<PredictionResult>) -> Result<Vec<PutOutcome>> {
-        self.db
+        // Written out before taking the connection, which every stage waits for.
+        let rows: Vec<(RecordId, ResultStatus, String)> = results
+            .into_iter()
+            .map(|result| {
+                let body = serde_json::to_string(&result).expect("a result serialises");
+                (result.record_id, result.status, body)
+            })
+            .collect();
+        // Per result: `None` if inserted, else the body stored before.
+        let stored: Vec<Option<String>> = self
+            .db
             .write(move |tx| {
                 let mut insert = tx.prepare_cached(
                     "INSERT OR IGNORE INTO results (record_id, status, body, created_ms) VALUES (?1, ?2, ?3, ?4)",
                 )?;
                 let mut existing = tx.prepare_cached("SELECT body FROM results WHERE record_id = ?1")?;
                 let now = now_ms() as i64;
-                let mut outcomes = Vec::with_capacity(results.len());
-                for result in results {
-                    let body = serde_json::to_string(&result).expect("a result serialises");
-                    let inserted =
-                        insert.execute(params![result.record_id.as_str(), result.status.as_str(), body, now])?;
-                    if inserted == 1 {
-                        outcomes.push(PutOutcome::Inserted);
+                let mut stored = Vec::with_capacity(rows.len());
+                for (id, status, body) in rows {
+                    let inserted = insert.execute(params![id.as_str(), status.as_str(), body, now])?;
+                    stored.push(if inserted == 1 {
+                        None
                     } else {
-                        let stored: String = existing.query_row([result.record_id.as_str()], |r| r.get(0))?;
-                        outcomes.push(PutOutcome::AlreadyPresent(Box::new(decode_result(&stored)?)));
-                    }
+                        Some(existing.query_row([id.as_str()], |r| r.get::<_, String>(0))?)
+                    });
                 }
-                Ok(outcomes)
+                Ok(stored)
             })
-            .await
+            .await?;
+        // Read back off the connection.
+        stored
+            .into_iter()
+            .map(|body| match body {
+                None => Ok(PutOutcome::Inserted),
+                Some(body) => Ok(PutOutcome::AlreadyPresent(Box::new(decode_result(&body).map_err(super::classify)?))),
+            })
+            .collect()
     }
 
     async fn get_batch(&self, ids: &[RecordId]) -> Result<HashMap<RecordId, PredictionResult>> {
