@@ -337,17 +337,6 @@ fn compare_sequences(a: &str, b: &str) -> std::cmp::Ordering {
     a.len().cmp(&b.len()).then_with(|| a.cmp(b))
 }
 
-/// What [`Worker::forward`] did.
-struct Forwarded {
-    /// How many queues' messages were sent, in order.
-    sent: usize,
-    /// What stopped the sends.
-    failed: Option<SluiceError>,
-    /// Whether the sends went in one transaction with the acknowledgement: `done` is
-    /// acknowledged if nothing failed.
-    with_ack: bool,
-}
-
 /// The source a stage reads: the stream for ingest, its input queue for the others.
 pub async fn source_for(
     stage: StageName,
@@ -541,43 +530,16 @@ impl Worker {
         }
 
         let retry_delay = Duration::from_millis(self.config.retry_delay_ms);
-        let mut outgoing = Vec::with_capacity(sends.len());
-        let mut spans = Vec::with_capacity(sends.len());
-        for (queue, messages) in sends {
-            spans.push(trace.as_ref().map(|trace| {
-                let records: Vec<usize> = messages.iter().map(|(i, _)| *i).collect();
-                trace.send(&Destination { system: self.queue_system, name: queue.as_str().to_owned() }, &records)
-            }));
-            let messages: Vec<OutgoingMessage> = messages
-                .into_iter()
-                .map(|(index, mut message)| {
-                    if let Some(traceparent) = trace.as_ref().and_then(|t| t.traceparent(index)) {
-                        message.attributes.insert(TRACEPARENT.to_owned(), traceparent);
-                    }
-                    message
-                })
-                .collect();
-            outgoing.push((queue, messages));
-        }
-        let counts: Vec<(QueueName, usize)> =
-            outgoing.iter().map(|(queue, messages)| (*queue, messages.len())).collect();
-        let Forwarded { sent, failed, with_ack } = self.forward(outgoing, &done).await;
-        for &(queue, count) in &counts[..sent] {
-            metrics().sent(queue, count);
-        }
-        if let Some(e) = failed {
-            // With the acknowledgement, every send failed; else the one that did (none after it
-            // was tried).
-            let failed_sends = if with_ack { &spans[..] } else { &spans[sent..=sent] };
-            for span in failed_sends.iter().flatten() {
-                span.failed(&e);
+        let acknowledged = match self.forward(trace.as_ref(), sends, &done).await {
+            Ok(acknowledged) => acknowledged,
+            Err(e) => {
+                // Nothing is acknowledged: the whole batch comes back and is redone; sinks are idempotent.
+                let all: Vec<&Origin> = batch.iter().map(|d| &d.origin).collect();
+                self.source.settle(&[], &all, retry_delay).await?;
+                return Err(e);
             }
-            // Nothing is acknowledged: the whole batch comes back and is redone; sinks are idempotent.
-            let all: Vec<&Origin> = batch.iter().map(|d| &d.origin).collect();
-            self.source.settle(&[], &all, retry_delay).await?;
-            return Err(e);
-        }
-        let settle = if with_ack { &[][..] } else { &done[..] };
+        };
+        let settle = if acknowledged { &[][..] } else { &done[..] };
         self.source.settle(settle, &retry, retry_delay).await?;
         metrics().processed(stage, processed);
         metrics().batch(stage, batch.len(), started.elapsed().as_secs_f64());
@@ -589,26 +551,63 @@ impl Worker {
         Ok(())
     }
 
-    /// Sends each queue's messages: in one transaction with the acknowledgement of `done` where
-    /// the source's store has them ([`Source::forwards_with_ack`]), else one queue after another,
-    /// stopping at the first that fails.
-    async fn forward(&mut self, outgoing: Vec<(QueueName, Vec<OutgoingMessage>)>, done: &[&Origin]) -> Forwarded {
-        let queues = outgoing.len();
+    /// Sends each queue's messages (`(delivery index, message)`), each queue's in a span of its
+    /// own: in one transaction with the acknowledgement of `done` where the source's store has
+    /// them ([`Source::forwards_with_ack`]), else one queue after another, stopping at the first
+    /// that fails. `Ok(true)`: `done` is acknowledged too.
+    async fn forward(
+        &mut self,
+        trace: Option<&BatchTrace>,
+        sends: BTreeMap<QueueName, Vec<(usize, OutgoingMessage)>>,
+        done: &[&Origin],
+    ) -> Result<bool> {
+        let system = self.queue_system;
+        let span = |queue: QueueName, records: &[usize]| {
+            trace.map(|trace| trace.send(&Destination { system, name: queue.as_str().to_owned() }, records))
+        };
+        let outgoing: Vec<(QueueName, Vec<usize>, Vec<OutgoingMessage>)> = sends
+            .into_iter()
+            .map(|(queue, messages)| {
+                let (records, messages) = messages
+                    .into_iter()
+                    .map(|(index, mut message)| {
+                        if let Some(traceparent) = trace.and_then(|t| t.traceparent(index)) {
+                            message.attributes.insert(TRACEPARENT.to_owned(), traceparent);
+                        }
+                        (index, message)
+                    })
+                    .unzip();
+                (queue, records, messages)
+            })
+            .collect();
+
         if self.source.forwards_with_ack() && !(outgoing.is_empty() && done.is_empty()) {
-            let result = self.source.forward_and_ack(outgoing, done).await;
-            return match result {
-                Ok(()) => Forwarded { sent: queues, failed: None, with_ack: true },
-                Err(e) => Forwarded { sent: 0, failed: Some(e), with_ack: true },
-            };
-        }
-        let mut sent = 0;
-        for (queue, messages) in outgoing {
-            if let Err(e) = self.backend.queue(queue).send_batch(messages).await {
-                return Forwarded { sent, failed: Some(e), with_ack: false };
+            let spans: Vec<_> = outgoing.iter().map(|(queue, records, _)| span(*queue, records)).collect();
+            let counts: Vec<(QueueName, usize)> = outgoing.iter().map(|(queue, _, m)| (*queue, m.len())).collect();
+            let sends = outgoing.into_iter().map(|(queue, _, messages)| (queue, messages)).collect();
+            if let Err(e) = self.source.forward_and_ack(sends, done).await {
+                for span in spans.iter().flatten() {
+                    span.failed(&e);
+                }
+                return Err(e);
             }
-            sent += 1;
+            for (queue, count) in counts {
+                metrics().sent(queue, count);
+            }
+            return Ok(true);
         }
-        Forwarded { sent, failed: None, with_ack: false }
+        for (queue, records, messages) in outgoing {
+            let span = span(queue, &records);
+            let count = messages.len();
+            if let Err(e) = self.backend.queue(queue).send_batch(messages).await {
+                if let Some(span) = &span {
+                    span.failed(&e);
+                }
+                return Err(e);
+            }
+            metrics().sent(queue, count);
+        }
+        Ok(false)
     }
 
     /// Starts the batch's spans and hands each delivery the trace context its record carries on

@@ -1,11 +1,16 @@
 //! The embedded store's own upkeep: its write-ahead log is copied into the database file by a
 //! thread of its own, not by a writer. And its queues' own edges.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use async_trait::async_trait;
 use sluice_core::backend::{Backend, OutgoingMessage};
-use sluice_core::config::StoreConfig;
-use sluice_core::topology::QueueName;
+use sluice_core::config::{StoreConfig, WorkerConfig};
+use sluice_core::error::{ReasonCode, SluiceError};
+use sluice_core::topology::{QueueName, StageName};
+use sluice_core::worker::{BatchPolicy, Delivery, Outcome, QueueSource, Stage, Worker};
+use tokio_util::sync::CancellationToken;
 
 #[tokio::test]
 async fn the_log_reaches_the_database_file_without_a_writer_checkpointing() {
@@ -103,4 +108,88 @@ async fn sends_and_the_acknowledgement_commit_together_or_not_at_all() {
         .await;
     assert!(refused.is_err(), "the refused send fails the whole: {refused:?}");
     assert_eq!(depths(&backend).await, [(1, 0), (1, 1), (0, 0)], "none of it happened");
+}
+
+/// Forwards each delivery to the inference queue, but one whose body starts with "retry" fails
+/// for now (retryable).
+struct Forward;
+
+#[async_trait]
+impl Stage for Forward {
+    fn name(&self) -> StageName {
+        StageName::Features
+    }
+
+    fn batch_policy(&self) -> BatchPolicy {
+        BatchPolicy::up_to(10)
+    }
+
+    async fn process(&self, batch: &[Delivery]) -> Vec<Outcome> {
+        batch
+            .iter()
+            .map(|d| match d.body.starts_with(b"retry") {
+                true => Outcome::failed(SluiceError::retryable(ReasonCode::Internal, "not yet"), None),
+                false => Outcome::forward(
+                    QueueName::Inference,
+                    OutgoingMessage { body: d.body.clone(), ..Default::default() },
+                ),
+            })
+            .collect()
+    }
+}
+
+/// Waits (up to 10 s) for the visible messages of `queues` to be `want`, and nothing in flight.
+async fn settle_at(backend: &Backend, queues: [QueueName; 3], want: [u64; 3]) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut seen = [0; 3];
+        let mut in_flight = 0;
+        for (i, queue) in queues.into_iter().enumerate() {
+            let depth = backend.queue(queue).depth().await.unwrap();
+            seen[i] = depth.visible;
+            in_flight += depth.in_flight;
+        }
+        if (seen, in_flight) == (want, 0) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{queues:?}: {seen:?} visible and {in_flight} in flight, not {want:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A worker on the embedded store: a refused send leaves its whole batch unacknowledged (it comes
+/// back until redriven, nothing half sent); then a batch forwards and acknowledges what it did, and
+/// the delivery that failed comes back on its own until redriven.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_acknowledges_only_with_its_sends_and_never_loses_a_refused_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = StoreConfig { path: dir.path().join("store.sqlite"), max_receives: 2, ..StoreConfig::default() };
+    let backend = Backend::open(&store).await.unwrap();
+    let features = backend.queue(QueueName::Features);
+    let queues = [QueueName::Features, QueueName::Inference, QueueName::FeaturesDlq];
+    let message = |body: &str| OutgoingMessage { body: body.as_bytes().to_vec(), ..Default::default() };
+    let refuse = rusqlite::Connection::open(&store.path).unwrap();
+    refuse
+        .execute_batch(
+            "CREATE TRIGGER refuse_inference BEFORE INSERT ON messages WHEN NEW.queue = 'inference' \
+             BEGIN SELECT RAISE(ABORT, 'refused'); END;",
+        )
+        .unwrap();
+    features.send_batch(vec![message("a"), message("b"), message("c")]).await.unwrap();
+
+    let config = WorkerConfig { poll_wait_ms: 50, retry_delay_ms: 0, ..WorkerConfig::default() };
+    let source = QueueSource::new(Arc::clone(&features), &store);
+    let worker = Worker::new(Arc::new(Forward), Box::new(source), backend.clone(), config, &store);
+    let shutdown = CancellationToken::new();
+    let running = tokio::spawn(worker.run(shutdown.clone()));
+
+    // Every send refused: each try hands the batch back, until the receives run out.
+    settle_at(&backend, queues, [0, 0, 3]).await;
+
+    refuse.execute_batch("DROP TRIGGER refuse_inference").unwrap();
+    features.send_batch(vec![message("d"), message("retry-e"), message("f")]).await.unwrap();
+    settle_at(&backend, queues, [0, 2, 4]).await;
+
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(5), running).await.unwrap().unwrap().unwrap();
 }

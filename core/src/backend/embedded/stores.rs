@@ -139,35 +139,27 @@ impl ResultStore for EmbeddedResultStore {
                 (result.record_id, result.status, body)
             })
             .collect();
-        // Per result: `None` if inserted, else the body stored before.
-        let stored: Vec<Option<String>> = self
-            .db
+        self.db
             .write(move |tx| {
                 let mut insert = tx.prepare_cached(
                     "INSERT OR IGNORE INTO results (record_id, status, body, created_ms) VALUES (?1, ?2, ?3, ?4)",
                 )?;
                 let mut existing = tx.prepare_cached("SELECT body FROM results WHERE record_id = ?1")?;
                 let now = now_ms() as i64;
-                let mut stored = Vec::with_capacity(rows.len());
+                let mut outcomes = Vec::with_capacity(rows.len());
                 for (id, status, body) in rows {
-                    let inserted = insert.execute(params![id.as_str(), status.as_str(), body, now])?;
-                    stored.push(if inserted == 1 {
-                        None
+                    if insert.execute(params![id.as_str(), status.as_str(), body, now])? == 1 {
+                        outcomes.push(PutOutcome::Inserted);
                     } else {
-                        Some(existing.query_row([id.as_str()], |r| r.get::<_, String>(0))?)
-                    });
+                        // Read back in the transaction: a stored result this build cannot read
+                        // fails the whole batch, none of it written (redeliveries only).
+                        let stored: String = existing.query_row([id.as_str()], |r| r.get(0))?;
+                        outcomes.push(PutOutcome::AlreadyPresent(Box::new(decode_result(&stored)?)));
+                    }
                 }
-                Ok(stored)
+                Ok(outcomes)
             })
-            .await?;
-        // Read back off the connection.
-        stored
-            .into_iter()
-            .map(|body| match body {
-                None => Ok(PutOutcome::Inserted),
-                Some(body) => Ok(PutOutcome::AlreadyPresent(Box::new(decode_result(&body).map_err(super::classify)?))),
-            })
-            .collect()
+            .await
     }
 
     async fn get_batch(&self, ids: &[RecordId]) -> Result<HashMap<RecordId, PredictionResult>> {

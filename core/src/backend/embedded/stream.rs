@@ -137,9 +137,12 @@ struct EmbeddedConsumer {
 }
 
 impl EmbeddedConsumer {
-    /// How often the leases are renewed and balanced: a tenth of a lease, so that a worker
-    /// renews its leases nine times before they can run out, and takes its share of a worker's
-    /// that stopped or of one that joined within a tenth of a lease.
+    /// How often the leases are renewed and balanced: every tenth of a lease, at the next poll.
+    /// A worker that polls renews its leases about nine times before they could run out (a batch
+    /// may take 0.9 of a lease, not all of it, between its poll and its checkpoint), takes its
+    /// share after a worker stopped or joined within a tenth of a lease, and notices a shard
+    /// taken from it as late (reading it meanwhile: copies the sinks absorb; its checkpoint
+    /// there is refused).
     fn rebalance_every(&self) -> std::time::Duration {
         std::time::Duration::from_millis(self.lease_ms / 10)
     }
