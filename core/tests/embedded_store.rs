@@ -69,17 +69,7 @@ async fn sends_and_the_acknowledgement_commit_together_or_not_at_all() {
     let features = backend.queue(QueueName::Features);
     assert!(features.forwards_with_ack());
     let message = |i: u8| OutgoingMessage { body: vec![i], attributes: Default::default(), dedup_key: None };
-    let depths = |backend: &Backend| {
-        let backend = backend.clone();
-        async move {
-            let mut out = Vec::new();
-            for queue in [QueueName::Features, QueueName::Inference, QueueName::Results] {
-                let depth = backend.queue(queue).depth().await.unwrap();
-                out.push((depth.visible, depth.in_flight));
-            }
-            out
-        }
-    };
+    let queues = [QueueName::Features, QueueName::Inference, QueueName::Results];
 
     features.send_batch(vec![message(1), message(2)]).await.unwrap();
     let first = features.receive(1, Duration::ZERO).await.unwrap();
@@ -87,17 +77,11 @@ async fn sends_and_the_acknowledgement_commit_together_or_not_at_all() {
         .forward_and_ack(vec![(QueueName::Inference, vec![message(10), message(11)])], &[first[0].receipt.clone()])
         .await
         .unwrap();
-    assert_eq!(depths(&backend).await, [(1, 0), (2, 0), (0, 0)], "sent and acknowledged");
+    assert_eq!(depths(&backend, queues).await, [(1, 0), (2, 0), (0, 0)], "sent and acknowledged");
 
     // Another process makes every send to the results queue fail (a trigger, on a connection of
     // its own): the inference queue's message stays unacknowledged, and nothing is half sent.
-    let other = rusqlite::Connection::open(&config.path).unwrap();
-    other
-        .execute_batch(
-            "CREATE TRIGGER refuse_results BEFORE INSERT ON messages WHEN NEW.queue = 'results' \
-             BEGIN SELECT RAISE(ABORT, 'refused'); END;",
-        )
-        .unwrap();
+    let _refusing = refuse_sends(&config, QueueName::Results);
     let inference = backend.queue(QueueName::Inference);
     let second = inference.receive(1, Duration::ZERO).await.unwrap();
     let refused = inference
@@ -107,7 +91,7 @@ async fn sends_and_the_acknowledgement_commit_together_or_not_at_all() {
         )
         .await;
     assert!(refused.is_err(), "the refused send fails the whole: {refused:?}");
-    assert_eq!(depths(&backend).await, [(1, 0), (1, 1), (0, 0)], "none of it happened");
+    assert_eq!(depths(&backend, queues).await, [(1, 0), (1, 1), (0, 0)], "none of it happened");
 }
 
 /// Forwards each delivery to the inference queue, but one whose body starts with "retry" fails
@@ -141,20 +125,38 @@ impl Stage for Forward {
 /// Waits (up to 10 s) for the visible messages of `queues` to be `want`, and nothing in flight.
 async fn settle_at(backend: &Backend, queues: [QueueName; 3], want: [u64; 3]) {
     let deadline = Instant::now() + Duration::from_secs(10);
+    let want = want.map(|visible| (visible, 0));
     loop {
-        let mut seen = [0; 3];
-        let mut in_flight = 0;
-        for (i, queue) in queues.into_iter().enumerate() {
-            let depth = backend.queue(queue).depth().await.unwrap();
-            seen[i] = depth.visible;
-            in_flight += depth.in_flight;
-        }
-        if (seen, in_flight) == (want, 0) {
+        let seen = depths(backend, queues).await;
+        if seen == want {
             return;
         }
-        assert!(Instant::now() < deadline, "{queues:?}: {seen:?} visible and {in_flight} in flight, not {want:?}");
+        assert!(Instant::now() < deadline, "{queues:?}: (visible, in flight) {seen:?}, not {want:?}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// Each queue's (visible, in flight) messages.
+async fn depths(backend: &Backend, queues: [QueueName; 3]) -> [(u64, u64); 3] {
+    let mut out = [(0, 0); 3];
+    for (depth, queue) in out.iter_mut().zip(queues) {
+        let d = backend.queue(queue).depth().await.unwrap();
+        *depth = (d.visible, d.in_flight);
+    }
+    out
+}
+
+/// Makes every send to `queue` fail from now on, as another process could (a trigger, on a
+/// connection of its own, returned: `DROP TRIGGER refuse_sends` on it lifts the refusal).
+fn refuse_sends(store: &StoreConfig, queue: QueueName) -> rusqlite::Connection {
+    let conn = rusqlite::Connection::open(&store.path).unwrap();
+    conn.execute_batch(&format!(
+        "CREATE TRIGGER refuse_sends BEFORE INSERT ON messages WHEN NEW.queue = '{}' \
+         BEGIN SELECT RAISE(ABORT, 'refused'); END;",
+        queue.as_str()
+    ))
+    .unwrap();
+    conn
 }
 
 /// A worker on the embedded store: a refused send leaves its whole batch unacknowledged (it comes
@@ -168,13 +170,7 @@ async fn a_worker_acknowledges_only_with_its_sends_and_never_loses_a_refused_bat
     let features = backend.queue(QueueName::Features);
     let queues = [QueueName::Features, QueueName::Inference, QueueName::FeaturesDlq];
     let message = |body: &str| OutgoingMessage { body: body.as_bytes().to_vec(), ..Default::default() };
-    let refuse = rusqlite::Connection::open(&store.path).unwrap();
-    refuse
-        .execute_batch(
-            "CREATE TRIGGER refuse_inference BEFORE INSERT ON messages WHEN NEW.queue = 'inference' \
-             BEGIN SELECT RAISE(ABORT, 'refused'); END;",
-        )
-        .unwrap();
+    let refusing = refuse_sends(&store, QueueName::Inference);
     features.send_batch(vec![message("a"), message("b"), message("c")]).await.unwrap();
 
     let config = WorkerConfig { poll_wait_ms: 50, retry_delay_ms: 0, ..WorkerConfig::default() };
@@ -186,7 +182,7 @@ async fn a_worker_acknowledges_only_with_its_sends_and_never_loses_a_refused_bat
     // Every send refused: each try hands the batch back, until the receives run out.
     settle_at(&backend, queues, [0, 0, 3]).await;
 
-    refuse.execute_batch("DROP TRIGGER refuse_inference").unwrap();
+    refusing.execute_batch("DROP TRIGGER refuse_sends").unwrap();
     features.send_batch(vec![message("d"), message("retry-e"), message("f")]).await.unwrap();
     settle_at(&backend, queues, [0, 2, 4]).await;
 
