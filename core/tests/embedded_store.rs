@@ -151,7 +151,7 @@ async fn depths(backend: &Backend, queues: [QueueName; 3]) -> [(u64, u64); 3] {
 fn refuse_sends(store: &StoreConfig, queue: QueueName) -> rusqlite::Connection {
     let conn = rusqlite::Connection::open(&store.path).unwrap();
     conn.execute_batch(&format!(
-        "CREATE TRIGGER refuse_sends BEFORE INSERT ON messages WHEN NEW.queue = '{}' \
+        "CREATE TRIGGER refuse_sends BEFORE INSERT ON queue_runs WHEN NEW.queue = '{}' \
          BEGIN SELECT RAISE(ABORT, 'refused'); END;",
         queue.as_str()
     ))
@@ -188,4 +188,85 @@ async fn a_worker_acknowledges_only_with_its_sends_and_never_loses_a_refused_bat
 
     shutdown.cancel();
     tokio::time::timeout(Duration::from_secs(5), running).await.unwrap().unwrap().unwrap();
+}
+
+/// A queue keeps a send's messages together (one batch) and tracks them in stretches: a receive,
+/// an acknowledgement or a release that takes part of a stretch leaves the rest as it was, a
+/// stale receipt changes nothing, and once every message is acknowledged nothing is left behind.
+#[tokio::test]
+async fn part_of_a_batch_received_acknowledged_or_released_leaves_the_rest_as_it_was() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = StoreConfig { path: dir.path().join("store.sqlite"), ..StoreConfig::default() };
+    let backend = Backend::open(&config).await.unwrap();
+    let queue = backend.queue(QueueName::Inference);
+    let depth = || async { queue.depth().await.map(|d| (d.visible, d.in_flight)).unwrap() };
+    let message =
+        |i: u8| OutgoingMessage { body: vec![i], attributes: [("n".into(), i.to_string())].into(), dedup_key: None };
+    queue.send_batch((0..6).map(message).collect()).await.unwrap();
+
+    let first = queue.receive(4, Duration::ZERO).await.unwrap();
+    let bodies = |got: &[sluice_core::backend::ReceivedMessage]| got.iter().map(|m| m.body[0]).collect::<Vec<_>>();
+    assert_eq!(bodies(&first), [0, 1, 2, 3]);
+    assert_eq!(first[3].attributes["n"], "3");
+    assert_eq!(depth().await, (2, 4), "the two not taken stay visible");
+
+    queue.ack(&[first[0].receipt.clone(), first[2].receipt.clone()]).await.unwrap();
+    queue.release(&[first[1].receipt.clone()], Duration::ZERO).await.unwrap();
+    assert_eq!(depth().await, (3, 1), "0 and 2 gone, 1 back, 3 still out");
+
+    let second = queue.receive(10, Duration::ZERO).await.unwrap();
+    assert_eq!(bodies(&second), [4, 5, 1], "in the order they became visible");
+    let counts: Vec<u32> = second.iter().map(|m| m.receive_count).collect();
+    assert_eq!(counts, [1, 1, 2]);
+    queue.ack(&[first[1].receipt.clone()]).await.unwrap();
+    assert_eq!(depth().await, (0, 4), "a receipt of an earlier receive is stale");
+
+    let all: Vec<_> = second.iter().chain(&first[3..]).map(|m| m.receipt.clone()).collect();
+    queue.ack(&all).await.unwrap();
+    assert_eq!(depth().await, (0, 0));
+    let conn = rusqlite::Connection::open(&config.path).unwrap();
+    let left: i64 = conn.query_row("SELECT COUNT(*) FROM queue_batches", [], |r| r.get(0)).unwrap();
+    assert_eq!(left, 0, "a batch all of whose messages are acknowledged is deleted");
+}
+
+/// A store written before queues kept batches (a row per message, in `messages`) is moved when a
+/// new build opens it: every message stays, with its receive count, visibility and DLQ key.
+#[tokio::test]
+async fn queued_messages_of_a_store_with_a_row_per_message_are_moved_and_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = StoreConfig { path: dir.path().join("store.sqlite"), ..StoreConfig::default() };
+    let far = 4_000_000_000_000_i64;
+    {
+        let conn = rusqlite::Connection::open(&config.path).unwrap();
+        conn.execute_batch(&format!(
+            "CREATE TABLE messages (id INTEGER PRIMARY KEY AUTOINCREMENT, queue TEXT NOT NULL, body BLOB NOT NULL, \
+               attributes TEXT NOT NULL, dedup_key TEXT, receive_count INTEGER NOT NULL DEFAULT 0, \
+               visible_at_ms INTEGER NOT NULL, sent_at_ms INTEGER NOT NULL, first_received_ms INTEGER); \
+             INSERT INTO messages (queue, body, attributes, dedup_key, receive_count, visible_at_ms, sent_at_ms) VALUES \
+               ('inference', x'01', '{{\"traceparent\":\"t1\"}}', 'r1', 0, 0, 5), \
+               ('inference', x'02', '{{}}', 'r2', 1, {far}, 5), \
+               ('features-dlq', x'03', '{{\"reason\":\"bad\"}}', 'r3', 0, 0, 5);"
+        ))
+        .unwrap();
+    }
+    let backend = Backend::open(&config).await.unwrap();
+    let inference = backend.queue(QueueName::Inference);
+    let depth = inference.depth().await.unwrap();
+    assert_eq!((depth.visible, depth.in_flight), (1, 1));
+    let got = inference.receive(10, Duration::ZERO).await.unwrap();
+    assert_eq!(got.len(), 1);
+    assert_eq!((got[0].body.as_slice(), got[0].attributes["traceparent"].as_str()), (&[1u8][..], "t1"));
+    assert_eq!(got[0].sent_at_ms, 5);
+
+    let dlq = backend.queue(QueueName::FeaturesDlq);
+    let again = OutgoingMessage { body: vec![3], dedup_key: Some("r3".into()), ..Default::default() };
+    dlq.send_batch(vec![again]).await.unwrap();
+    let entries = dlq.peek(10).await.unwrap();
+    assert_eq!(entries.len(), 1, "the moved entry still refuses a second one for its record");
+    assert_eq!(entries[0].attributes["reason"], "bad");
+
+    let conn = rusqlite::Connection::open(&config.path).unwrap();
+    let old: i64 =
+        conn.query_row("SELECT COUNT(*) FROM sqlite_master WHERE name = 'messages'", [], |r| r.get(0)).unwrap();
+    assert_eq!(old, 0, "the old table is gone");
 }

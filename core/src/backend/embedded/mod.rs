@@ -241,6 +241,7 @@ const KEYED_SUFFIX: &str = "_keyed_by_record_id";
 fn apply_schema(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<()> {
     let keyed = set_aside_keyed_tables(tx)?;
     tx.execute_batch(SCHEMA)?;
+    queue::move_message_rows(tx)?;
     for (table, columns) in keyed {
         tx.execute_batch(&format!(
             "INSERT INTO {table} ({columns}) SELECT {columns} FROM {table}{KEYED_SUFFIX} ORDER BY created_ms, record_id; \

@@ -1,11 +1,22 @@
-//! Embedded work queues: one `messages` table, a visibility time per message, receive counts,
-//! and a redrive to the queue's DLQ after `max_receives`.
+//! Embedded work queues: visibility times, receive counts, and a redrive to the queue's DLQ after
+//! `max_receives`.
+//!
+//! A send writes its messages once, packed together in one row of `queue_batches`; what is left
+//! of a batch to deliver is kept in `queue_runs`: messages next to each other in one batch that
+//! share a visibility time and a receive count. Receives, acknowledgements and delays touch a row
+//! per run, not a row per message; one that takes part of a run splits it. (A row per message,
+//! written by its send, its receive and its acknowledgement, each in three B-trees, cost ~21 µs of
+//! the store's one connection a message and a queue: docs/benchmarks.md, 2026-12-05.)
+//!
+//! A message is named by its batch and its place there; a receipt adds the receive count, so a
+//! receipt goes stale when its message is received again. Batch ids are never reused.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use rusqlite::params;
+use prost::Message as _;
+use rusqlite::{OptionalExtension, params};
 
 use super::Db;
 use crate::backend::{OutgoingMessage, QueueDepth, Receipt, ReceivedMessage, WorkQueue};
@@ -25,6 +36,128 @@ pub struct EmbeddedQueue {
     max_receives: u32,
 }
 
+/// One message as a batch row holds it. Protocol Buffers through `prost` (in the tree already,
+/// through OpenTelemetry's protocol): bodies are bytes, and a batch is read back whole.
+#[derive(Clone, PartialEq, prost::Message)]
+struct PackedMessage {
+    #[prost(bytes = "vec", tag = "1")]
+    body: Vec<u8>,
+    #[prost(btree_map = "string, string", tag = "2")]
+    attributes: BTreeMap<String, String>,
+    /// Kept for a redrive, whose DLQ entry names the record.
+    #[prost(string, optional, tag = "3")]
+    dedup_key: Option<String>,
+}
+
+/// The messages of one send to one queue, in the order sent.
+#[derive(Clone, PartialEq, prost::Message)]
+struct PackedBatch {
+    #[prost(message, repeated, tag = "1")]
+    messages: Vec<PackedMessage>,
+}
+
+impl PackedBatch {
+    fn decode_row(data: &[u8]) -> rusqlite::Result<Self> {
+        Self::decode(data).map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))
+    }
+}
+
+/// A run's row in `queue_runs`.
+#[derive(Debug, Clone)]
+struct Run {
+    batch: i64,
+    first: i64,
+    count: i64,
+    queue: String,
+    receive_count: u32,
+    visible_at_ms: i64,
+    sent_at_ms: i64,
+    first_received_ms: Option<i64>,
+    dedup_key: Option<String>,
+}
+
+const RUN_COLUMNS: &str =
+    "batch, first, count, queue, receive_count, visible_at_ms, sent_at_ms, first_received_ms, dedup_key";
+
+impl Run {
+    fn from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Self> {
+        Ok(Self {
+            batch: r.get(0)?,
+            first: r.get(1)?,
+            count: r.get(2)?,
+            queue: r.get(3)?,
+            receive_count: r.get(4)?,
+            visible_at_ms: r.get(5)?,
+            sent_at_ms: r.get(6)?,
+            first_received_ms: r.get(7)?,
+            dedup_key: r.get(8)?,
+        })
+    }
+
+    fn insert(&self, tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<()> {
+        tx.prepare_cached(&format!(
+            "INSERT INTO queue_runs ({RUN_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)"
+        ))?
+        .execute(params![
+            self.batch,
+            self.first,
+            self.count,
+            self.queue,
+            self.receive_count,
+            self.visible_at_ms,
+            self.sent_at_ms,
+            self.first_received_ms,
+            self.dedup_key
+        ])?;
+        Ok(())
+    }
+
+    fn delete(&self, tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<()> {
+        tx.prepare_cached("DELETE FROM queue_runs WHERE batch = ?1 AND first = ?2")?
+            .execute([self.batch, self.first])?;
+        Ok(())
+    }
+
+    /// This run's part `[first, first + count)` with its own visibility, receive count and start.
+    fn part(&self, first: i64, count: i64) -> Self {
+        Self { first, count, ..self.clone() }
+    }
+}
+
+/// Messages handed out by a receive (or shown by a peek): a run's place in its batch and the
+/// batch's bytes, unpacked off the connection.
+struct Taken {
+    batch: i64,
+    first: i64,
+    count: i64,
+    receive_count: u32,
+    sent_at_ms: i64,
+    data: Vec<u8>,
+}
+
+fn batch_data(tx: &rusqlite::Connection, batch: i64) -> rusqlite::Result<Vec<u8>> {
+    tx.prepare_cached("SELECT data FROM queue_batches WHERE id = ?1")?.query_row([batch], |r| r.get(0))
+}
+
+/// Unpacks what was taken into messages, each named by `receipt(batch, place, receive count)`.
+fn unpack(taken: Vec<Taken>, receipt: impl Fn(i64, i64, u32) -> Receipt) -> Result<Vec<ReceivedMessage>> {
+    let mut out = Vec::with_capacity(taken.iter().map(|t| t.count as usize).sum());
+    for t in taken {
+        let batch = PackedBatch::decode(t.data.as_slice()).map_err(|e| {
+            SluiceError::retryable(ReasonCode::StoreUnavailable, format!("queue batch {} is unreadable: {e}", t.batch))
+        })?;
+        let messages = batch.messages.into_iter().enumerate().skip(t.first as usize).take(t.count as usize);
+        out.extend(messages.map(|(place, m)| ReceivedMessage {
+            body: m.body,
+            attributes: m.attributes,
+            receipt: receipt(t.batch, place as i64, t.receive_count),
+            receive_count: t.receive_count,
+            sent_at_ms: t.sent_at_ms as u64,
+        }));
+    }
+    Ok(out)
+}
+
 impl EmbeddedQueue {
     pub(super) fn new(db: Db, name: QueueName, config: &StoreConfig) -> Self {
         Self { db, name, visibility_ms: config.visibility_timeout_ms, max_receives: config.max_receives.max(1) }
@@ -35,8 +168,10 @@ impl EmbeddedQueue {
         let queue = self.name;
         self.db
             .call(move |conn| {
-                conn.prepare_cached("SELECT EXISTS (SELECT 1 FROM messages WHERE queue = ?1 AND visible_at_ms <= ?2)")?
-                    .query_row(params![queue.as_str(), now_ms() as i64], |r| r.get(0))
+                conn.prepare_cached(
+                    "SELECT EXISTS (SELECT 1 FROM queue_runs WHERE queue = ?1 AND visible_at_ms <= ?2)",
+                )?
+                .query_row(params![queue.as_str(), now_ms() as i64], |r| r.get(0))
             })
             .await
     }
@@ -48,171 +183,266 @@ impl EmbeddedQueue {
         let queue = self.name;
         let visibility_ms = self.visibility_ms as i64;
         let max_receives = self.max_receives;
+        let max = max as i64;
         let taken = self
             .db
             .write(move |tx| {
                 let now = now_ms() as i64;
-                let mut out = Vec::new();
-                let mut select = tx.prepare_cached(
-                    "SELECT id, body, attributes, receive_count, sent_at_ms, first_received_ms, dedup_key \
-                     FROM messages WHERE queue = ?1 AND visible_at_ms <= ?2 ORDER BY visible_at_ms, id LIMIT ?3",
-                )?;
-                let mut received = tx.prepare_cached(
-                    "UPDATE messages SET receive_count = ?1, visible_at_ms = ?2, \
-                     first_received_ms = COALESCE(first_received_ms, ?3) WHERE id = ?4",
-                )?;
-                // Redriven messages leave the batch short; look again until full or empty.
+                let mut out: Vec<Taken> = Vec::new();
+                let mut taken = 0;
+                // Redriven runs leave the batch short; look again until full or empty.
                 loop {
-                    let want = max - out.len();
-                    let rows: Vec<Row> = select
-                        .query_map(params![queue.as_str(), now, want as i64], |r| {
-                            Ok(Row {
-                                id: r.get(0)?,
-                                body: r.get(1)?,
-                                attributes: r.get(2)?,
-                                receive_count: r.get(3)?,
-                                sent_at_ms: r.get(4)?,
-                                first_received_ms: r.get(5)?,
-                                dedup_key: r.get(6)?,
-                            })
-                        })?
+                    let runs: Vec<Run> = tx
+                        .prepare_cached(&format!(
+                            "SELECT {RUN_COLUMNS} FROM queue_runs WHERE queue = ?1 AND visible_at_ms <= ?2 \
+                             ORDER BY visible_at_ms, batch, first LIMIT ?3"
+                        ))?
+                        .query_map(params![queue.as_str(), now, max - taken], Run::from_row)?
                         .collect::<rusqlite::Result<_>>()?;
-                    if rows.is_empty() {
+                    if runs.is_empty() {
                         break;
                     }
                     let mut redriven = false;
-                    for row in rows {
-                        match queue.redrive_target().filter(|_| row.receive_count >= max_receives) {
-                            Some(dlq) => {
-                                redrive(tx, queue, dlq, &row, now)?;
-                                redriven = true;
-                            }
-                            None => {
-                                let count = row.receive_count + 1;
-                                received.execute(params![count, now + visibility_ms, now, row.id])?;
-                                out.push((row, count));
-                            }
+                    for run in runs {
+                        if taken >= max {
+                            break;
                         }
+                        if let Some(dlq) = queue.redrive_target().filter(|_| run.receive_count >= max_receives) {
+                            redrive(tx, queue, dlq, &run, now)?;
+                            redriven = true;
+                            continue;
+                        }
+                        let count = run.count.min(max - taken);
+                        if count < run.count {
+                            // The rest stays as it was, a run of its own.
+                            run.part(run.first + count, run.count - count).insert(tx)?;
+                        }
+                        let receive_count = run.receive_count + 1;
+                        tx.prepare_cached(
+                            "UPDATE queue_runs SET count = ?1, receive_count = ?2, visible_at_ms = ?3, \
+                             first_received_ms = COALESCE(first_received_ms, ?4) WHERE batch = ?5 AND first = ?6",
+                        )?
+                        .execute(params![
+                            count,
+                            receive_count,
+                            now + visibility_ms,
+                            now,
+                            run.batch,
+                            run.first
+                        ])?;
+                        out.push(Taken {
+                            batch: run.batch,
+                            first: run.first,
+                            count,
+                            receive_count,
+                            sent_at_ms: run.sent_at_ms,
+                            data: batch_data(tx, run.batch)?,
+                        });
+                        taken += count;
                     }
                     // Without a redrive a short batch is all the queue had: another look would find
                     // nothing (or, with no visibility timeout, the messages just taken, twice).
-                    if out.len() >= max || !redriven {
+                    if taken >= max || !redriven {
                         break;
                     }
                 }
                 Ok(out)
             })
             .await?;
-        // Attributes are parsed off the connection, which every stage waits for.
-        Ok(taken
-            .into_iter()
-            .map(|(row, count)| ReceivedMessage {
-                attributes: serde_json::from_str(&row.attributes).unwrap_or_default(),
-                body: row.body,
-                receipt: receipt(row.id, count),
-                receive_count: count,
-                sent_at_ms: row.sent_at_ms as u64,
-            })
-            .collect())
+        // Unpacked off the connection, which every stage waits for.
+        unpack(taken, receipt)
+    }
+
+    /// Makes the messages that `receipts` name visible `from_now` from now.
+    async fn set_visible_at(&self, receipts: &[Receipt], from_now: Duration) -> Result<()> {
+        let named = parse_receipts(receipts);
+        self.db
+            .write(move |tx| settle(tx, named, Settle::VisibleAt(now_ms() as i64 + from_now.as_millis() as i64)))
+            .await
     }
 }
 
-struct Row {
-    id: i64,
-    body: Vec<u8>,
-    attributes: String,
-    receive_count: u32,
-    sent_at_ms: i64,
-    first_received_ms: Option<i64>,
-    dedup_key: Option<String>,
-}
-
-/// Moves a message that was received too often to `dlq`, body untouched, reason attached.
+/// Moves a run whose messages were received too often to `dlq`, bodies untouched, reason attached.
 fn redrive(
     tx: &rusqlite::Transaction<'_>,
     from: QueueName,
     dlq: QueueName,
-    row: &Row,
+    run: &Run,
     now: i64,
 ) -> rusqlite::Result<()> {
     let stage = dlq.dlq_stage().expect("a redrive target is a stage DLQ");
     let error = SluiceError::permanent(
         ReasonCode::MaxReceivesExceeded,
-        format!("received {} times from {from} without being acknowledged", row.receive_count),
+        format!("received {} times from {from} without being acknowledged", run.receive_count),
     );
-    let mut entry = DlqEntry::new(stage, &error, row.receive_count, None, Vec::new());
-    entry.first_failure_ms = row.first_received_ms.unwrap_or(row.sent_at_ms) as u64;
-    let mut attributes: BTreeMap<String, String> = serde_json::from_str(&row.attributes).unwrap_or_default();
-    attributes.extend(entry.attributes());
-    if let Some(key) = &row.dedup_key {
-        attributes.insert(crate::record::dlq_attr::RECORD_ID.to_owned(), key.clone());
-    }
-    tx.execute(
-        "INSERT OR IGNORE INTO messages (queue, body, attributes, dedup_key, visible_at_ms, sent_at_ms) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?5)",
-        params![
-            dlq.as_str(),
-            row.body,
-            serde_json::to_string(&attributes).expect("map serialises"),
-            row.dedup_key,
-            now
-        ],
-    )?;
-    tx.execute("DELETE FROM messages WHERE id = ?1", [row.id])?;
+    let mut entry = DlqEntry::new(stage, &error, run.receive_count, None, Vec::new());
+    entry.first_failure_ms = run.first_received_ms.unwrap_or(run.sent_at_ms) as u64;
+    let batch = PackedBatch::decode_row(&batch_data(tx, run.batch)?)?;
+    let messages = batch.messages.into_iter().skip(run.first as usize).take(run.count as usize);
+    let redriven = messages
+        .map(|mut message| {
+            message.attributes.extend(entry.attributes());
+            if let Some(key) = &message.dedup_key {
+                message.attributes.insert(crate::record::dlq_attr::RECORD_ID.to_owned(), key.clone());
+            }
+            message
+        })
+        .collect();
+    Outgoing::packed(dlq, redriven).insert(tx, now)?;
+    run.delete(tx)?;
+    drop_batch_if_done(tx, run.batch)
+}
+
+/// Deletes a batch none of whose messages is left in a queue.
+fn drop_batch_if_done(tx: &rusqlite::Transaction<'_>, batch: i64) -> rusqlite::Result<()> {
+    tx.prepare_cached(
+        "DELETE FROM queue_batches WHERE id = ?1 AND NOT EXISTS (SELECT 1 FROM queue_runs WHERE batch = ?1)",
+    )?
+    .execute([batch])?;
     Ok(())
 }
 
-/// Messages on their way into one queue, their attributes written out already: off the
-/// connection, which every stage waits for.
+/// Messages on their way into one queue, packed already: off the connection, which every stage
+/// waits for. Into a DLQ, a message with a deduplication key goes in a batch of its own, so that
+/// the queue can refuse a second entry for the record; elsewhere keys are not looked at (as on
+/// SQS standard queues: every sink is idempotent), and a send is one batch.
 struct Outgoing {
     queue: QueueName,
-    /// Body, attributes as JSON, deduplication key.
-    messages: Vec<(Vec<u8>, String, Option<String>)>,
+    /// The packed batch and how many messages it holds.
+    batch: Option<(Vec<u8>, i64)>,
+    /// Packed batches of one message each, with their keys.
+    keyed: Vec<(Vec<u8>, String)>,
 }
 
 impl Outgoing {
     fn new(queue: QueueName, messages: Vec<OutgoingMessage>) -> Self {
         let messages = messages
             .into_iter()
-            .map(|m| (m.body, serde_json::to_string(&m.attributes).expect("map serialises"), m.dedup_key))
+            .map(|m| PackedMessage { body: m.body, attributes: m.attributes, dedup_key: m.dedup_key })
             .collect();
-        Self { queue, messages }
+        Self::packed(queue, messages)
     }
 
-    fn insert(self, tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<()> {
-        let now = now_ms() as i64;
-        let mut insert = tx.prepare_cached(
-            "INSERT OR IGNORE INTO messages (queue, body, attributes, dedup_key, visible_at_ms, sent_at_ms) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?5)",
-        )?;
-        for (body, attributes, dedup_key) in self.messages {
-            insert.execute(params![self.queue.as_str(), body, attributes, dedup_key, now])?;
+    fn packed(queue: QueueName, messages: Vec<PackedMessage>) -> Self {
+        let (keyed, plain): (Vec<_>, Vec<_>) =
+            messages.into_iter().partition(|m| queue.dlq_stage().is_some() && m.dedup_key.is_some());
+        let keyed = keyed
+            .into_iter()
+            .map(|m| {
+                let key = m.dedup_key.clone().expect("partitioned by key");
+                (PackedBatch { messages: vec![m] }.encode_to_vec(), key)
+            })
+            .collect();
+        let count = plain.len() as i64;
+        let batch = (count > 0).then(|| (PackedBatch { messages: plain }.encode_to_vec(), count));
+        Self { queue, batch, keyed }
+    }
+
+    fn insert(self, tx: &rusqlite::Transaction<'_>, now: i64) -> rusqlite::Result<()> {
+        let queue = self.queue.as_str();
+        if let Some((data, count)) = self.batch {
+            insert_batch(tx, queue, data, count, None, now)?;
+        }
+        for (data, key) in self.keyed {
+            let queued: bool = tx
+                .prepare_cached("SELECT EXISTS (SELECT 1 FROM queue_runs WHERE queue = ?1 AND dedup_key = ?2)")?
+                .query_row(params![queue, key], |r| r.get(0))?;
+            if !queued {
+                insert_batch(tx, queue, data, 1, Some(key), now)?;
+            }
         }
         Ok(())
     }
 }
 
-/// Deletes the messages that `receipts` (id, receive count) name, where no later receive made
-/// the receipt stale.
-fn delete_received(tx: &rusqlite::Transaction<'_>, receipts: Vec<(i64, u32)>) -> rusqlite::Result<()> {
-    let mut delete = tx.prepare_cached("DELETE FROM messages WHERE id = ?1 AND receive_count = ?2")?;
-    for (id, count) in receipts {
-        delete.execute(params![id, count])?;
+/// Writes a batch and its one run, visible now.
+fn insert_batch(
+    tx: &rusqlite::Transaction<'_>,
+    queue: &str,
+    data: Vec<u8>,
+    count: i64,
+    dedup_key: Option<String>,
+    now: i64,
+) -> rusqlite::Result<()> {
+    tx.prepare_cached("INSERT INTO queue_batches (data) VALUES (?1)")?.execute([data])?;
+    let run = Run {
+        batch: tx.last_insert_rowid(),
+        first: 0,
+        count,
+        queue: queue.to_owned(),
+        receive_count: 0,
+        visible_at_ms: now,
+        sent_at_ms: now,
+        first_received_ms: None,
+        dedup_key,
+    };
+    run.insert(tx)
+}
+
+/// What becomes of the messages receipts name.
+#[derive(Clone, Copy)]
+enum Settle {
+    /// Acknowledged: gone from the queue.
+    Delete,
+    /// Visible again (or still hidden) until then.
+    VisibleAt(i64),
+}
+
+/// Applies `settle` to the messages that `named` (batch, place, receive count) name, where no
+/// later receive made the receipt stale. A run all of whose messages are named is changed in
+/// place; one that is named in part is split into runs named wholly or not at all.
+fn settle(tx: &rusqlite::Transaction<'_>, named: Vec<(i64, i64, u32)>, settle: Settle) -> rusqlite::Result<()> {
+    let mut by_batch: BTreeMap<i64, Vec<(i64, u32)>> = BTreeMap::new();
+    for (batch, place, count) in named {
+        by_batch.entry(batch).or_default().push((place, count));
+    }
+    for (batch, named) in by_batch {
+        let runs: Vec<Run> = tx
+            .prepare_cached(&format!("SELECT {RUN_COLUMNS} FROM queue_runs WHERE batch = ?1"))?
+            .query_map([batch], Run::from_row)?
+            .collect::<rusqlite::Result<_>>()?;
+        for run in runs {
+            let end = run.first + run.count;
+            let mut hit = vec![false; run.count as usize];
+            for &(place, count) in &named {
+                if count == run.receive_count && (run.first..end).contains(&place) {
+                    hit[(place - run.first) as usize] = true;
+                }
+            }
+            if !hit.contains(&true) {
+                continue;
+            }
+            run.delete(tx)?;
+            // Each stretch of messages named, or not, becomes a run of its own.
+            let mut start = run.first;
+            for stretch in hit.chunk_by(|a, b| a == b) {
+                let part = run.part(start, stretch.len() as i64);
+                start += part.count;
+                match (stretch[0], settle) {
+                    (false, _) => part.insert(tx)?,
+                    (true, Settle::Delete) => {}
+                    (true, Settle::VisibleAt(at)) => Run { visible_at_ms: at, ..part }.insert(tx)?,
+                }
+            }
+        }
+        if matches!(settle, Settle::Delete) {
+            drop_batch_if_done(tx, batch)?;
+        }
     }
     Ok(())
 }
 
-/// A receipt names one receive of one message; it goes stale when the message is received again.
-fn receipt(id: i64, receive_count: u32) -> Receipt {
-    Receipt(format!("{id}:{receive_count}"))
+/// A receipt names one receive of one message: `batch:place:receive count`.
+fn receipt(batch: i64, place: i64, receive_count: u32) -> Receipt {
+    Receipt(format!("{batch}:{place}:{receive_count}"))
 }
 
-fn parse_receipts(receipts: &[Receipt]) -> Vec<(i64, u32)> {
+fn parse_receipts(receipts: &[Receipt]) -> Vec<(i64, i64, u32)> {
     receipts
         .iter()
         .filter_map(|r| {
-            let (id, count) = r.0.split_once(':')?;
-            Some((id.parse().ok()?, count.parse().ok()?))
+            let mut parts = r.0.splitn(3, ':');
+            Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
         })
         .collect()
 }
@@ -228,7 +458,7 @@ impl WorkQueue for EmbeddedQueue {
             return Ok(());
         }
         let outgoing = Outgoing::new(self.name, messages);
-        self.db.write(move |tx| outgoing.insert(tx)).await
+        self.db.write(move |tx| outgoing.insert(tx, now_ms() as i64)).await
     }
 
     async fn receive(&self, max: usize, wait: Duration) -> Result<Vec<ReceivedMessage>> {
@@ -244,8 +474,8 @@ impl WorkQueue for EmbeddedQueue {
     }
 
     async fn ack(&self, receipts: &[Receipt]) -> Result<()> {
-        let parsed = parse_receipts(receipts);
-        self.db.write(move |tx| delete_received(tx, parsed)).await
+        let named = parse_receipts(receipts);
+        self.db.write(move |tx| settle(tx, named, Settle::Delete)).await
     }
 
     fn forwards_with_ack(&self) -> bool {
@@ -255,13 +485,14 @@ impl WorkQueue for EmbeddedQueue {
     async fn forward_and_ack(&self, sends: Vec<(QueueName, Vec<OutgoingMessage>)>, receipts: &[Receipt]) -> Result<()> {
         let outgoing: Vec<Outgoing> =
             sends.into_iter().map(|(queue, messages)| Outgoing::new(queue, messages)).collect();
-        let parsed = parse_receipts(receipts);
+        let named = parse_receipts(receipts);
         self.db
             .write(move |tx| {
+                let now = now_ms() as i64;
                 for messages in outgoing {
-                    messages.insert(tx)?;
+                    messages.insert(tx, now)?;
                 }
-                delete_received(tx, parsed)
+                settle(tx, named, Settle::Delete)
             })
             .await
     }
@@ -279,8 +510,8 @@ impl WorkQueue for EmbeddedQueue {
         self.db
             .call(move |conn| {
                 conn.query_row(
-                    "SELECT COALESCE(SUM(visible_at_ms <= ?2), 0), COALESCE(SUM(visible_at_ms > ?2), 0) \
-                     FROM messages WHERE queue = ?1",
+                    "SELECT COALESCE(SUM(CASE WHEN visible_at_ms <= ?2 THEN count END), 0), \
+                     COALESCE(SUM(CASE WHEN visible_at_ms > ?2 THEN count END), 0) FROM queue_runs WHERE queue = ?1",
                     params![queue.as_str(), now_ms() as i64],
                     |r| Ok(QueueDepth { visible: r.get::<_, i64>(0)? as u64, in_flight: r.get::<_, i64>(1)? as u64 }),
                 )
@@ -290,40 +521,75 @@ impl WorkQueue for EmbeddedQueue {
 
     async fn peek(&self, max: usize) -> Result<Vec<ReceivedMessage>> {
         let queue = self.name;
-        self.db
+        let taken = self
+            .db
             .call(move |conn| {
-                let mut stmt = conn.prepare_cached(
-                    "SELECT id, body, attributes, receive_count, sent_at_ms FROM messages \
-                     WHERE queue = ?1 ORDER BY id LIMIT ?2",
+                let mut runs = conn.prepare_cached(
+                    "SELECT batch, first, count, receive_count, sent_at_ms FROM queue_runs WHERE queue = ?1 \
+                     ORDER BY batch, first",
                 )?;
-                let rows = stmt.query_map(params![queue.as_str(), max as i64], |r| {
-                    Ok(ReceivedMessage {
-                        receipt: Receipt(format!("peek:{}", r.get::<_, i64>(0)?)),
-                        body: r.get(1)?,
-                        attributes: serde_json::from_str(&r.get::<_, String>(2)?).unwrap_or_default(),
-                        receive_count: r.get(3)?,
-                        sent_at_ms: r.get::<_, i64>(4)? as u64,
-                    })
-                })?;
-                rows.collect()
+                let mut rows = runs.query([queue.as_str()])?;
+                let mut out = Vec::new();
+                let mut seen = 0;
+                while let Some(r) = rows.next()? {
+                    if seen >= max {
+                        break;
+                    }
+                    let (batch, first, count) = (r.get(0)?, r.get(1)?, r.get::<_, i64>(2)?);
+                    let count = count.min((max - seen) as i64);
+                    seen += count as usize;
+                    let data = batch_data(conn, batch)?;
+                    out.push(Taken { batch, first, count, receive_count: r.get(3)?, sent_at_ms: r.get(4)?, data });
+                }
+                Ok(out)
             })
-            .await
+            .await?;
+        unpack(taken, |batch, place, _| Receipt(format!("peek:{batch}:{place}")))
     }
 }
 
-impl EmbeddedQueue {
-    async fn set_visible_at(&self, receipts: &[Receipt], from_now: Duration) -> Result<()> {
-        let parsed = parse_receipts(receipts);
-        self.db
-            .write(move |tx| {
-                let at = now_ms() as i64 + from_now.as_millis() as i64;
-                let mut update =
-                    tx.prepare_cached("UPDATE messages SET visible_at_ms = ?1 WHERE id = ?2 AND receive_count = ?3")?;
-                for (id, count) in parsed {
-                    update.execute(params![at, id, count])?;
-                }
-                Ok(())
-            })
-            .await
+/// Moves the messages of a store made before 2026-12-06 (a `messages` table, a row per message)
+/// into batches of one, each keeping its receive count, visibility and deduplication key, and
+/// drops the table. In the caller's transaction, after the schema is applied.
+pub(super) fn move_message_rows(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<()> {
+    let old: Option<String> = tx
+        .query_row("SELECT name FROM sqlite_master WHERE type = 'table' AND name = 'messages'", [], |r| r.get(0))
+        .optional()?;
+    if old.is_none() {
+        return Ok(());
     }
+    let rows: Vec<(Run, PackedMessage)> = tx
+        .prepare(
+            "SELECT queue, body, attributes, dedup_key, receive_count, visible_at_ms, sent_at_ms, first_received_ms \
+             FROM messages ORDER BY id",
+        )?
+        .query_map([], |r| {
+            let dedup_key: Option<String> = r.get(3)?;
+            let attributes: String = r.get(2)?;
+            let run = Run {
+                batch: 0,
+                first: 0,
+                count: 1,
+                queue: r.get(0)?,
+                receive_count: r.get(4)?,
+                visible_at_ms: r.get(5)?,
+                sent_at_ms: r.get(6)?,
+                first_received_ms: r.get(7)?,
+                dedup_key: dedup_key.clone(),
+            };
+            let message = PackedMessage {
+                body: r.get(1)?,
+                attributes: serde_json::from_str(&attributes).unwrap_or_default(),
+                dedup_key,
+            };
+            Ok((run, message))
+        })?
+        .collect::<rusqlite::Result<_>>()?;
+    tracing::info!(messages = rows.len(), "moving queued messages to the batched layout");
+    for (run, message) in rows {
+        tx.prepare_cached("INSERT INTO queue_batches (data) VALUES (?1)")?
+            .execute([PackedBatch { messages: vec![message] }.encode_to_vec()])?;
+        Run { batch: tx.last_insert_rowid(), ..run }.insert(tx)?;
+    }
+    tx.execute_batch("DROP TABLE messages")
 }

@@ -18,19 +18,30 @@ CREATE TABLE IF NOT EXISTS stream_shards (
     checkpoint       INTEGER NOT NULL DEFAULT 0
 );
 
-CREATE TABLE IF NOT EXISTS messages (
-    id                INTEGER PRIMARY KEY AUTOINCREMENT,
+-- The work queues (queue.rs): each send's messages packed in one batch row, written once; what is
+-- left of a batch to deliver in runs, each a stretch of a batch's messages with one visibility
+-- time and receive count. A store made before 2026-12-06 had a row per message (`messages`);
+-- `connect` moves them.
+CREATE TABLE IF NOT EXISTS queue_batches (
+    id   INTEGER PRIMARY KEY AUTOINCREMENT,
+    data BLOB    NOT NULL
+);
+
+CREATE TABLE IF NOT EXISTS queue_runs (
+    batch             INTEGER NOT NULL,
+    first             INTEGER NOT NULL,
+    count             INTEGER NOT NULL,
     queue             TEXT    NOT NULL,
-    body              BLOB    NOT NULL,
-    attributes        TEXT    NOT NULL,
-    dedup_key         TEXT,
     receive_count     INTEGER NOT NULL DEFAULT 0,
     visible_at_ms     INTEGER NOT NULL,
     sent_at_ms        INTEGER NOT NULL,
-    first_received_ms INTEGER
-);
-CREATE INDEX IF NOT EXISTS messages_ready ON messages (queue, visible_at_ms, id);
-CREATE UNIQUE INDEX IF NOT EXISTS messages_dedup ON messages (queue, dedup_key) WHERE dedup_key IS NOT NULL;
+    first_received_ms INTEGER,
+    -- Set on a DLQ entry sent with a key (its record id): one entry a record.
+    dedup_key         TEXT,
+    PRIMARY KEY (batch, first)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS queue_runs_ready ON queue_runs (queue, visible_at_ms);
+CREATE UNIQUE INDEX IF NOT EXISTS queue_runs_dedup ON queue_runs (queue, dedup_key) WHERE dedup_key IS NOT NULL;
 
 -- The feature store and the results: rows in the order they arrive (rowid tables), record ids in a
 -- unique index. Record ids come in no order the table could follow (content hashes, shard
