@@ -177,8 +177,8 @@ async fn messages_past_max_receives_are_redriven_to_the_stage_dlq(f: Fixture) {
     assert_eq!(entry.record_id, Some(id("r1")));
 }
 
-/// Dedup keys let a backend drop a duplicate (the embedded store does; SQS standard queues do
-/// not), but never a message with a key of its own.
+/// Dedup keys let a backend drop a duplicate (the embedded store's DLQs do, one entry a record;
+/// SQS standard queues do not), but never a message with a key of its own.
 async fn dedup_keys_never_drop_distinct_messages(f: Fixture) {
     let b = f.open().await;
     let q = b.queue(QueueName::IngestDlq);
