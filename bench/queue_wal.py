@@ -4,10 +4,10 @@
 A hop is a send (insert), a receive (update: receive count, visibility) and an acknowledgement
 (delete), in transactions of 200 messages (the features and results stages' batch size), over
 three queues, with messages the size of the digits pipeline's (a 500-byte body, a traceparent
-attribute) and timestamps in epoch milliseconds. Compares the store's queues since 2026-12-06
-(core/src/backend/embedded/schema.sql: a send's messages packed in one batch row, delivered in
-runs) with the row per message they had before (`messages`), and with that layout's bodies in a
-table of their own, so that a receive rewrites only small rows.
+attribute) and timestamps in epoch milliseconds. Compares the store's queues since late
+2026-12-05 (core/src/backend/embedded/schema.sql: a send's messages packed in one batch row,
+delivered in runs) with the row per message they had before (`messages`), and with that
+layout's bodies in a table of their own, so that a receive rewrites only small rows.
 
     python3 bench/queue_wal.py                  # bodies of 500 bytes
     python3 bench/queue_wal.py --body-bytes 300
@@ -26,7 +26,7 @@ from pathlib import Path
 
 SCHEMA = (Path(__file__).resolve().parent.parent / "core/src/backend/embedded/schema.sql").read_text()
 
-# The store's queues before 2026-12-06: a row per message.
+# The store's queues before late 2026-12-05: a row per message.
 ROWS = """
 CREATE TABLE messages (id INTEGER PRIMARY KEY AUTOINCREMENT, queue TEXT NOT NULL, body BLOB NOT NULL,
     attributes TEXT NOT NULL, dedup_key TEXT, receive_count INTEGER NOT NULL DEFAULT 0,

@@ -548,9 +548,10 @@ impl WorkQueue for EmbeddedQueue {
     }
 }
 
-/// Moves the messages of a store made before 2026-12-06 (a `messages` table, a row per message)
-/// into batches of one, each keeping its receive count, visibility and deduplication key, and
-/// drops the table. In the caller's transaction, after the schema is applied.
+/// Moves the messages of a store made before the batched queues (late 2026-12-05: a `messages`
+/// table, a row per message) into batches of one, each keeping its receive count, visibility and
+/// deduplication key, and drops the table. In the caller's transaction, after the schema is
+/// applied.
 pub(super) fn move_message_rows(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<()> {
     let old: Option<String> = tx
         .query_row("SELECT name FROM sqlite_master WHERE type = 'table' AND name = 'messages'", [], |r| r.get(0))

@@ -20,8 +20,8 @@ CREATE TABLE IF NOT EXISTS stream_shards (
 
 -- The work queues (queue.rs): each send's messages packed in one batch row, written once; what is
 -- left of a batch to deliver in runs, each a stretch of a batch's messages with one visibility
--- time and receive count. A store made before 2026-12-06 had a row per message (`messages`);
--- `connect` moves them.
+-- time and receive count. A store made before them (late 2026-12-05) had a row per message
+-- (`messages`); `connect` moves them.
 CREATE TABLE IF NOT EXISTS queue_batches (
     id   INTEGER PRIMARY KEY AUTOINCREMENT,
     data BLOB    NOT NULL
