@@ -121,7 +121,9 @@ pub trait StreamConsumer: Send {
 pub struct OutgoingMessage {
     pub body: Vec<u8>,
     pub attributes: BTreeMap<String, String>,
-    /// When set, a message with the same key already in the queue makes this one a no-op.
+    /// The record the message is about. A backend may drop the message when one with the same key
+    /// is already in the queue (the embedded store does in its DLQs: one entry a record); SQS
+    /// standard queues never do. Every sink is idempotent, so nothing relies on it elsewhere.
     pub dedup_key: Option<String>,
 }
 

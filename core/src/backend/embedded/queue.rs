@@ -11,7 +11,9 @@
 //! A message is named by its batch and its place there; a receipt adds the receive count, so a
 //! receipt goes stale when its message is received again. Batch ids are never reused.
 
-use std::collections::BTreeMap;
+use std::collections::hash_map::Entry;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -132,24 +134,50 @@ struct Taken {
     count: i64,
     receive_count: u32,
     sent_at_ms: i64,
-    data: Vec<u8>,
+    data: Arc<Vec<u8>>,
 }
 
 fn batch_data(tx: &rusqlite::Connection, batch: i64) -> rusqlite::Result<Vec<u8>> {
     tx.prepare_cached("SELECT data FROM queue_batches WHERE id = ?1")?.query_row([batch], |r| r.get(0))
 }
 
-/// Unpacks what was taken into messages, each named by `receipt(batch, place, receive count)`.
+/// The batches one call has read, each read once however many of its runs the call takes.
+#[derive(Default)]
+struct Batches(HashMap<i64, Arc<Vec<u8>>>);
+
+impl Batches {
+    fn get(&mut self, conn: &rusqlite::Connection, batch: i64) -> rusqlite::Result<Arc<Vec<u8>>> {
+        if let Some(data) = self.0.get(&batch) {
+            return Ok(Arc::clone(data));
+        }
+        let data = Arc::new(batch_data(conn, batch)?);
+        self.0.insert(batch, Arc::clone(&data));
+        Ok(data)
+    }
+}
+
+/// Unpacks what was taken into messages, each named by `receipt(batch, place, receive count)`;
+/// each batch is decoded once.
 fn unpack(taken: Vec<Taken>, receipt: impl Fn(i64, i64, u32) -> Receipt) -> Result<Vec<ReceivedMessage>> {
     let mut out = Vec::with_capacity(taken.iter().map(|t| t.count as usize).sum());
+    let mut decoded: HashMap<i64, Vec<PackedMessage>> = HashMap::new();
     for t in taken {
-        let batch = PackedBatch::decode(t.data.as_slice()).map_err(|e| {
-            SluiceError::retryable(ReasonCode::StoreUnavailable, format!("queue batch {} is unreadable: {e}", t.batch))
-        })?;
-        let messages = batch.messages.into_iter().enumerate().skip(t.first as usize).take(t.count as usize);
-        out.extend(messages.map(|(place, m)| ReceivedMessage {
-            body: m.body,
-            attributes: m.attributes,
+        let messages = match decoded.entry(t.batch) {
+            Entry::Occupied(entry) => entry.into_mut(),
+            Entry::Vacant(entry) => {
+                let batch = PackedBatch::decode(t.data.as_slice()).map_err(|e| {
+                    let detail = format!("queue batch {} is unreadable: {e}", t.batch);
+                    SluiceError::retryable(ReasonCode::StoreUnavailable, detail)
+                })?;
+                entry.insert(batch.messages)
+            }
+        };
+        // Runs of one batch never overlap: each message is taken out once.
+        let places = t.first as usize..(t.first + t.count) as usize;
+        let run = messages.get_mut(places.clone()).unwrap_or_default();
+        out.extend(run.iter_mut().zip(places).map(|(m, place)| ReceivedMessage {
+            body: std::mem::take(&mut m.body),
+            attributes: std::mem::take(&mut m.attributes),
             receipt: receipt(t.batch, place as i64, t.receive_count),
             receive_count: t.receive_count,
             sent_at_ms: t.sent_at_ms as u64,
@@ -183,21 +211,27 @@ impl EmbeddedQueue {
         let queue = self.name;
         let visibility_ms = self.visibility_ms as i64;
         let max_receives = self.max_receives;
-        let max = max as i64;
+        let max = i64::try_from(max).unwrap_or(i64::MAX);
         let taken = self
             .db
             .write(move |tx| {
                 let now = now_ms() as i64;
                 let mut out: Vec<Taken> = Vec::new();
                 let mut taken = 0;
+                let mut batches = Batches::default();
                 // Redriven runs leave the batch short; look again until full or empty.
                 loop {
+                    // With no visibility timeout the runs just taken are visible again: passed over.
                     let runs: Vec<Run> = tx
                         .prepare_cached(&format!(
                             "SELECT {RUN_COLUMNS} FROM queue_runs WHERE queue = ?1 AND visible_at_ms <= ?2 \
                              ORDER BY visible_at_ms, batch, first LIMIT ?3"
                         ))?
-                        .query_map(params![queue.as_str(), now, max - taken], Run::from_row)?
+                        .query_map(params![queue.as_str(), now, max - taken + out.len() as i64], Run::from_row)?
+                        .filter(|run| {
+                            run.as_ref()
+                                .map_or(true, |run| !out.iter().any(|t| (t.batch, t.first) == (run.batch, run.first)))
+                        })
                         .collect::<rusqlite::Result<_>>()?;
                     if runs.is_empty() {
                         break;
@@ -236,7 +270,7 @@ impl EmbeddedQueue {
                             count,
                             receive_count,
                             sent_at_ms: run.sent_at_ms,
-                            data: batch_data(tx, run.batch)?,
+                            data: batches.get(tx, run.batch)?,
                         });
                         taken += count;
                     }
@@ -389,8 +423,8 @@ enum Settle {
 }
 
 /// Applies `settle` to the messages that `named` (batch, place, receive count) name, where no
-/// later receive made the receipt stale. A run all of whose messages are named is changed in
-/// place; one that is named in part is split into runs named wholly or not at all.
+/// later receive made the receipt stale. A run that is named, wholly or in part, is written again
+/// as runs each named wholly or not at all (the named ones deleted, or with their new visibility).
 fn settle(tx: &rusqlite::Transaction<'_>, named: Vec<(i64, i64, u32)>, settle: Settle) -> rusqlite::Result<()> {
     let mut by_batch: BTreeMap<i64, Vec<(i64, u32)>> = BTreeMap::new();
     for (batch, place, count) in named {
@@ -531,6 +565,7 @@ impl WorkQueue for EmbeddedQueue {
                 let mut rows = runs.query([queue.as_str()])?;
                 let mut out = Vec::new();
                 let mut seen = 0;
+                let mut batches = Batches::default();
                 while let Some(r) = rows.next()? {
                     if seen >= max {
                         break;
@@ -538,7 +573,7 @@ impl WorkQueue for EmbeddedQueue {
                     let (batch, first, count) = (r.get(0)?, r.get(1)?, r.get::<_, i64>(2)?);
                     let count = count.min((max - seen) as i64);
                     seen += count as usize;
-                    let data = batch_data(conn, batch)?;
+                    let data = batches.get(conn, batch)?;
                     out.push(Taken { batch, first, count, receive_count: r.get(3)?, sent_at_ms: r.get(4)?, data });
                 }
                 Ok(out)
@@ -567,16 +602,19 @@ pub(super) fn move_message_rows(tx: &rusqlite::Transaction<'_>) -> rusqlite::Res
         .query_map([], |r| {
             let dedup_key: Option<String> = r.get(3)?;
             let attributes: String = r.get(2)?;
+            let queue: String = r.get(0)?;
+            // As `Outgoing` does: only a DLQ's runs keep a key.
+            let is_dlq = QueueName::ALL.into_iter().any(|q| q.as_str() == queue && q.dlq_stage().is_some());
             let run = Run {
                 batch: 0,
                 first: 0,
                 count: 1,
-                queue: r.get(0)?,
+                queue,
                 receive_count: r.get(4)?,
                 visible_at_ms: r.get(5)?,
                 sent_at_ms: r.get(6)?,
                 first_received_ms: r.get(7)?,
-                dedup_key: dedup_key.clone(),
+                dedup_key: dedup_key.clone().filter(|_| is_dlq),
             };
             let message = PackedMessage {
                 body: r.get(1)?,
