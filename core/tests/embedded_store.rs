@@ -12,6 +12,19 @@ use sluice_core::topology::{QueueName, StageName};
 use sluice_core::worker::{BatchPolicy, Delivery, Outcome, QueueSource, Stage, Worker};
 use tokio_util::sync::CancellationToken;
 
+/// A store in a folder of its own (kept while the guard lives), `config` giving the rest.
+async fn fresh(config: StoreConfig) -> (tempfile::TempDir, StoreConfig, Backend) {
+    let dir = tempfile::tempdir().unwrap();
+    let config = StoreConfig { path: dir.path().join("store.sqlite"), ..config };
+    let backend = Backend::open(&config).await.unwrap();
+    (dir, config, backend)
+}
+
+/// A message whose body is the one byte `i`.
+fn byte(i: u8) -> OutgoingMessage {
+    OutgoingMessage { body: vec![i], ..Default::default() }
+}
+
 #[tokio::test]
 async fn the_log_reaches_the_database_file_without_a_writer_checkpointing() {
     let dir = tempfile::tempdir().unwrap();
@@ -47,13 +60,9 @@ async fn the_log_reaches_the_database_file_without_a_writer_checkpointing() {
 /// messages again).
 #[tokio::test]
 async fn one_receive_hands_each_message_out_once_even_without_a_visibility_timeout() {
-    let dir = tempfile::tempdir().unwrap();
-    let config =
-        StoreConfig { path: dir.path().join("store.sqlite"), visibility_timeout_ms: 0, ..StoreConfig::default() };
-    let backend = Backend::open(&config).await.unwrap();
+    let (_dir, _, backend) = fresh(StoreConfig { visibility_timeout_ms: 0, ..StoreConfig::default() }).await;
     let queue = backend.queue(QueueName::Inference);
-    let message = |i: usize| OutgoingMessage { body: vec![i as u8], attributes: Default::default(), dedup_key: None };
-    queue.send_batch((0..3).map(message).collect()).await.unwrap();
+    queue.send_batch((0..3).map(byte).collect()).await.unwrap();
 
     let received = queue.receive(10, Duration::ZERO).await.unwrap();
     let bodies: Vec<Vec<u8>> = received.iter().map(|m| m.body.clone()).collect();
@@ -64,22 +73,15 @@ async fn one_receive_hands_each_message_out_once_even_without_a_visibility_timeo
 /// not take the messages it has just taken (visible again at once) a second time.
 #[tokio::test]
 async fn a_receive_that_redrives_still_hands_each_message_out_once_without_a_visibility_timeout() {
-    let dir = tempfile::tempdir().unwrap();
-    let config = StoreConfig {
-        path: dir.path().join("store.sqlite"),
-        visibility_timeout_ms: 0,
-        max_receives: 2,
-        ..StoreConfig::default()
-    };
-    let backend = Backend::open(&config).await.unwrap();
+    let config = StoreConfig { visibility_timeout_ms: 0, max_receives: 2, ..StoreConfig::default() };
+    let (_dir, _, backend) = fresh(config).await;
     let queue = backend.queue(QueueName::Features);
-    let message = |i: u8| OutgoingMessage { body: vec![i], attributes: Default::default(), dedup_key: None };
-    queue.send_batch(vec![message(1)]).await.unwrap();
+    queue.send_batch(vec![byte(1)]).await.unwrap();
     for _ in 0..2 {
         assert_eq!(queue.receive(10, Duration::ZERO).await.unwrap().len(), 1);
     }
     tokio::time::sleep(Duration::from_millis(5)).await;
-    queue.send_batch(vec![message(2)]).await.unwrap();
+    queue.send_batch(vec![byte(2)]).await.unwrap();
 
     let received = queue.receive(10, Duration::ZERO).await.unwrap();
     let bodies: Vec<Vec<u8>> = received.iter().map(|m| m.body.clone()).collect();
@@ -91,18 +93,15 @@ async fn a_receive_that_redrives_still_hands_each_message_out_once_without_a_vis
 /// A stage's sends and its acknowledgement commit as one: both, or neither when a send fails.
 #[tokio::test]
 async fn sends_and_the_acknowledgement_commit_together_or_not_at_all() {
-    let dir = tempfile::tempdir().unwrap();
-    let config = StoreConfig { path: dir.path().join("store.sqlite"), ..StoreConfig::default() };
-    let backend = Backend::open(&config).await.unwrap();
+    let (_dir, config, backend) = fresh(StoreConfig::default()).await;
     let features = backend.queue(QueueName::Features);
     assert!(features.forwards_with_ack());
-    let message = |i: u8| OutgoingMessage { body: vec![i], attributes: Default::default(), dedup_key: None };
     let queues = [QueueName::Features, QueueName::Inference, QueueName::Results];
 
-    features.send_batch(vec![message(1), message(2)]).await.unwrap();
+    features.send_batch(vec![byte(1), byte(2)]).await.unwrap();
     let first = features.receive(1, Duration::ZERO).await.unwrap();
     features
-        .forward_and_ack(vec![(QueueName::Inference, vec![message(10), message(11)])], &[first[0].receipt.clone()])
+        .forward_and_ack(vec![(QueueName::Inference, vec![byte(10), byte(11)])], &[first[0].receipt.clone()])
         .await
         .unwrap();
     assert_eq!(depths(&backend, queues).await, [(1, 0), (2, 0), (0, 0)], "sent and acknowledged");
@@ -114,7 +113,7 @@ async fn sends_and_the_acknowledgement_commit_together_or_not_at_all() {
     let second = inference.receive(1, Duration::ZERO).await.unwrap();
     let refused = inference
         .forward_and_ack(
-            vec![(QueueName::Features, vec![message(20)]), (QueueName::Results, vec![message(21)])],
+            vec![(QueueName::Features, vec![byte(20)]), (QueueName::Results, vec![byte(21)])],
             &[second[0].receipt.clone()],
         )
         .await;
@@ -192,9 +191,7 @@ fn refuse_sends(store: &StoreConfig, queue: QueueName) -> rusqlite::Connection {
 /// the delivery that failed comes back on its own until redriven.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_acknowledges_only_with_its_sends_and_never_loses_a_refused_batch() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = StoreConfig { path: dir.path().join("store.sqlite"), max_receives: 2, ..StoreConfig::default() };
-    let backend = Backend::open(&store).await.unwrap();
+    let (_dir, store, backend) = fresh(StoreConfig { max_receives: 2, ..StoreConfig::default() }).await;
     let features = backend.queue(QueueName::Features);
     let queues = [QueueName::Features, QueueName::Inference, QueueName::FeaturesDlq];
     let message = |body: &str| OutgoingMessage { body: body.as_bytes().to_vec(), ..Default::default() };
@@ -223,9 +220,7 @@ async fn a_worker_acknowledges_only_with_its_sends_and_never_loses_a_refused_bat
 /// stale receipt changes nothing, and once every message is acknowledged nothing is left behind.
 #[tokio::test]
 async fn part_of_a_batch_received_acknowledged_or_released_leaves_the_rest_as_it_was() {
-    let dir = tempfile::tempdir().unwrap();
-    let config = StoreConfig { path: dir.path().join("store.sqlite"), ..StoreConfig::default() };
-    let backend = Backend::open(&config).await.unwrap();
+    let (_dir, config, backend) = fresh(StoreConfig::default()).await;
     let queue = backend.queue(QueueName::Inference);
     let depth = || async { queue.depth().await.map(|d| (d.visible, d.in_flight)).unwrap() };
     let message =

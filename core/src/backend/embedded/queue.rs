@@ -359,7 +359,7 @@ impl Outgoing {
 
     fn packed(queue: QueueName, messages: Vec<PackedMessage>) -> Self {
         let (keyed, plain): (Vec<_>, Vec<_>) =
-            messages.into_iter().partition(|m| queue.dlq_stage().is_some() && m.dedup_key.is_some());
+            messages.into_iter().partition(|m| keeps_keys(queue) && m.dedup_key.is_some());
         let keyed = keyed
             .into_iter()
             .map(|m| {
@@ -374,43 +374,43 @@ impl Outgoing {
 
     fn insert(self, tx: &rusqlite::Transaction<'_>, now: i64) -> rusqlite::Result<()> {
         let queue = self.queue.as_str();
+        // A batch just sent: all of it one run, visible now.
+        let sent = |count, dedup_key| Run {
+            batch: 0,
+            first: 0,
+            count,
+            queue: queue.to_owned(),
+            receive_count: 0,
+            visible_at_ms: now,
+            sent_at_ms: now,
+            first_received_ms: None,
+            dedup_key,
+        };
         if let Some((data, count)) = self.batch {
-            insert_batch(tx, queue, data, count, None, now)?;
+            insert_batch(tx, data, sent(count, None))?;
         }
         for (data, key) in self.keyed {
             let queued: bool = tx
                 .prepare_cached("SELECT EXISTS (SELECT 1 FROM queue_runs WHERE queue = ?1 AND dedup_key = ?2)")?
                 .query_row(params![queue, key], |r| r.get(0))?;
             if !queued {
-                insert_batch(tx, queue, data, 1, Some(key), now)?;
+                insert_batch(tx, data, sent(1, Some(key)))?;
             }
         }
         Ok(())
     }
 }
 
-/// Writes a batch and its one run, visible now.
-fn insert_batch(
-    tx: &rusqlite::Transaction<'_>,
-    queue: &str,
-    data: Vec<u8>,
-    count: i64,
-    dedup_key: Option<String>,
-    now: i64,
-) -> rusqlite::Result<()> {
+/// Whether `queue` keeps deduplication keys: a DLQ does (one entry a record), as a batch of one
+/// for each keyed message.
+fn keeps_keys(queue: QueueName) -> bool {
+    queue.dlq_stage().is_some()
+}
+
+/// Writes a batch and `run`, all of its messages, under the batch's new id.
+fn insert_batch(tx: &rusqlite::Transaction<'_>, data: Vec<u8>, run: Run) -> rusqlite::Result<()> {
     tx.prepare_cached("INSERT INTO queue_batches (data) VALUES (?1)")?.execute([data])?;
-    let run = Run {
-        batch: tx.last_insert_rowid(),
-        first: 0,
-        count,
-        queue: queue.to_owned(),
-        receive_count: 0,
-        visible_at_ms: now,
-        sent_at_ms: now,
-        first_received_ms: None,
-        dedup_key,
-    };
-    run.insert(tx)
+    Run { batch: tx.last_insert_rowid(), ..run }.insert(tx)
 }
 
 /// What becomes of the messages receipts name.
@@ -491,8 +491,7 @@ impl WorkQueue for EmbeddedQueue {
         if messages.is_empty() {
             return Ok(());
         }
-        let outgoing = Outgoing::new(self.name, messages);
-        self.db.write(move |tx| outgoing.insert(tx, now_ms() as i64)).await
+        self.forward_and_ack(vec![(self.name, messages)], &[]).await
     }
 
     async fn receive(&self, max: usize, wait: Duration) -> Result<Vec<ReceivedMessage>> {
@@ -603,8 +602,7 @@ pub(super) fn move_message_rows(tx: &rusqlite::Transaction<'_>) -> rusqlite::Res
             let dedup_key: Option<String> = r.get(3)?;
             let attributes: String = r.get(2)?;
             let queue: String = r.get(0)?;
-            // As `Outgoing` does: only a DLQ's runs keep a key.
-            let is_dlq = QueueName::ALL.into_iter().any(|q| q.as_str() == queue && q.dlq_stage().is_some());
+            let keyed = QueueName::ALL.into_iter().find(|q| q.as_str() == queue).is_some_and(keeps_keys);
             let run = Run {
                 batch: 0,
                 first: 0,
@@ -614,7 +612,7 @@ pub(super) fn move_message_rows(tx: &rusqlite::Transaction<'_>) -> rusqlite::Res
                 visible_at_ms: r.get(5)?,
                 sent_at_ms: r.get(6)?,
                 first_received_ms: r.get(7)?,
-                dedup_key: dedup_key.clone().filter(|_| is_dlq),
+                dedup_key: dedup_key.clone().filter(|_| keyed),
             };
             let message = PackedMessage {
                 body: r.get(1)?,
@@ -626,9 +624,7 @@ pub(super) fn move_message_rows(tx: &rusqlite::Transaction<'_>) -> rusqlite::Res
         .collect::<rusqlite::Result<_>>()?;
     tracing::info!(messages = rows.len(), "moving queued messages to the batched layout");
     for (run, message) in rows {
-        tx.prepare_cached("INSERT INTO queue_batches (data) VALUES (?1)")?
-            .execute([PackedBatch { messages: vec![message] }.encode_to_vec()])?;
-        Run { batch: tx.last_insert_rowid(), ..run }.insert(tx)?;
+        insert_batch(tx, PackedBatch { messages: vec![message] }.encode_to_vec(), run)?;
     }
     tx.execute_batch("DROP TABLE messages")
 }
