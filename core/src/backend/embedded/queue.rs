@@ -542,12 +542,13 @@ impl WorkQueue for EmbeddedQueue {
         let queue = self.name;
         self.db
             .call(move |conn| {
-                conn.query_row(
+                conn.prepare_cached(
                     "SELECT COALESCE(SUM(CASE WHEN visible_at_ms <= ?2 THEN count END), 0), \
                      COALESCE(SUM(CASE WHEN visible_at_ms > ?2 THEN count END), 0) FROM queue_runs WHERE queue = ?1",
-                    params![queue.as_str(), now_ms() as i64],
-                    |r| Ok(QueueDepth { visible: r.get::<_, i64>(0)? as u64, in_flight: r.get::<_, i64>(1)? as u64 }),
-                )
+                )?
+                .query_row(params![queue.as_str(), now_ms() as i64], |r| {
+                    Ok(QueueDepth { visible: r.get::<_, i64>(0)? as u64, in_flight: r.get::<_, i64>(1)? as u64 })
+                })
             })
             .await
     }

@@ -178,7 +178,7 @@ impl ResultStore for EmbeddedResultStore {
         self.db
             .call(|conn| {
                 let mut counts = ResultCounts::default();
-                let mut stmt = conn.prepare("SELECT status, COUNT(*) FROM results GROUP BY status")?;
+                let mut stmt = conn.prepare_cached("SELECT status, COUNT(*) FROM results GROUP BY status")?;
                 let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
                 for row in rows {
                     let (status, n) = row?;
