@@ -1,7 +1,7 @@
 //! Turning stream bytes into a checked envelope.
 
 use sluice_core::backend::BlobStore;
-use sluice_core::envelope::{ContentType, Envelope, Payload, RecordId, new_traceparent, now_ms};
+use sluice_core::envelope::{ContentType, Envelope, Payload, RecordId, SCHEMA_VERSION, new_traceparent, now_ms};
 use sluice_core::model::TabularSpec;
 use sluice_core::{ReasonCode, Result, SluiceError};
 
@@ -19,8 +19,17 @@ pub(crate) fn parse(body: &[u8], position: &RecordId, arrived_ms: u64, config: &
     if body.len() > config.max_payload_bytes {
         return Err(too_large(body.len(), config.max_payload_bytes));
     }
-    let mut envelope = match ContentType::sniff(body) {
+    let envelope = match ContentType::sniff(body) {
         Some(ContentType::Json) => {
+            // Most records are envelopes as sluice writes them: read straight into one. Anything
+            // else (a raw event, an envelope with something wrong) is read as a JSON value first,
+            // to tell which it is and what is wrong; an envelope read here is one that way would
+            // have given too.
+            if let Ok(envelope) = serde_json::from_slice::<Envelope>(body)
+                && envelope.schema_version == SCHEMA_VERSION
+            {
+                return Ok(stamped(envelope, arrived_ms));
+            }
             let value: serde_json::Value = serde_json::from_slice(body).map_err(|e| {
                 SluiceError::permanent(ReasonCode::InvalidJson, format!("record is not valid JSON: {e}"))
             })?;
@@ -39,11 +48,16 @@ pub(crate) fn parse(body: &[u8], position: &RecordId, arrived_ms: u64, config: &
             ));
         }
     };
+    Ok(stamped(envelope, arrived_ms))
+}
+
+/// The envelope stamped as ingested now, with a trace if it came without one.
+fn stamped(mut envelope: Envelope, arrived_ms: u64) -> Envelope {
     let times = &mut envelope.timestamps;
     times.produced_ms = times.produced_ms.or(Some(arrived_ms));
     times.ingested_ms = Some(now_ms());
     envelope.trace.get_or_insert_with(new_traceparent);
-    Ok(envelope)
+    envelope
 }
 
 /// The id a raw event names in `record_id_field`: none when it is not configured or the event
@@ -112,4 +126,37 @@ pub(crate) async fn check_payload(
         envelope.payload = Payload::ClaimCheck { reference: blobs.put(data).await? };
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What ingest makes of `body`: the envelope, or the reason code it is refused with.
+    fn read(body: &serde_json::Value) -> std::result::Result<Envelope, ReasonCode> {
+        let position = RecordId::parse("shard-0:1").unwrap();
+        parse(&serde_json::to_vec(body).unwrap(), &position, 7, &IngestConfig::default()).map_err(|e| e.code())
+    }
+
+    #[test]
+    fn envelopes_read_straight_or_by_way_of_a_json_value_end_alike() {
+        let sent = Envelope::inline(RecordId::parse("r-1").unwrap(), "test", ContentType::Png, vec![1, 2, 3]);
+        let good = serde_json::to_value(&sent).unwrap();
+        let envelope = read(&good).unwrap();
+        assert_eq!((envelope.record_id.as_str(), envelope.payload), ("r-1", sent.payload.clone()));
+        assert!(envelope.timestamps.ingested_ms.is_some() && envelope.trace.is_some());
+
+        let with = |key: &str, value: serde_json::Value| {
+            let mut body = good.clone();
+            body[key] = value;
+            body
+        };
+        assert_eq!(read(&with("schema_version", 2.into())).unwrap_err(), ReasonCode::UnsupportedSchemaVersion);
+        assert_eq!(read(&with("extra", 1.into())).unwrap_err(), ReasonCode::SchemaMismatch);
+        assert_eq!(read(&with("content_type", "image/gif".into())).unwrap_err(), ReasonCode::UnsupportedContentType);
+        assert_eq!(read(&with("record_id", "has space".into())).unwrap_err(), ReasonCode::SchemaMismatch);
+        // A raw event is no envelope: wrapped, under the stream position.
+        let raw = read(&serde_json::json!({"amount": 3})).unwrap();
+        assert_eq!((raw.record_id.as_str(), raw.content_type), ("shard-0:1", ContentType::Json));
+    }
 }
