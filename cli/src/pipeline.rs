@@ -1,7 +1,7 @@
 //! All four stages in one process (`sluice run`, `sluice demo`).
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::anyhow;
 use sluice_core::backend::Backend;
@@ -141,19 +141,45 @@ impl InProcess {
     /// stops first. `backend` is best an observer ([`Backend::open_observer`]): the looks come
     /// every 20 ms.
     pub async fn wait_accounted(&mut self, backend: &Backend, records: u64) -> anyhow::Result<()> {
+        let started = Instant::now();
         loop {
             if self.task.is_finished() {
                 anyhow::bail!("the pipeline stopped before its records were through: {:?}", (&mut self.task).await?);
             }
-            if PipelineStats::accounted_in(backend).await? >= records {
+            let accounted = PipelineStats::accounted_in(backend).await?;
+            if accounted >= records {
                 return Ok(());
             }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            tokio::time::sleep(next_look(started.elapsed(), accounted, records)).await;
         }
     }
 
     pub async fn stop(self) -> anyhow::Result<()> {
         self.shutdown.cancel();
         self.task.await?
+    }
+}
+
+/// How long to wait before counting again: half the time the rate so far says is left, from 20
+/// to 250 ms. Each count reads every result so far (on a connection of its own, but on the cores
+/// the stages run on): a count every 20 ms took ~3% of the CPU of a 20,000-record bench.
+fn next_look(elapsed: Duration, accounted: u64, records: u64) -> Duration {
+    let left = (records.saturating_sub(accounted) as f64 / accounted as f64) * elapsed.as_secs_f64();
+    Duration::try_from_secs_f64(left / 2.0)
+        .unwrap_or(Duration::MAX)
+        .clamp(Duration::from_millis(20), Duration::from_millis(250))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_come_often_only_near_the_end() {
+        let second = Duration::from_secs(1);
+        assert_eq!(next_look(Duration::ZERO, 0, 100), Duration::from_millis(250), "nothing through yet");
+        assert_eq!(next_look(second, 50, 100), Duration::from_millis(250), "a second to go");
+        assert_eq!(next_look(second, 80, 100), Duration::from_millis(125), "a quarter second to go");
+        assert_eq!(next_look(second, 99, 100), Duration::from_millis(20), "all but through");
     }
 }
