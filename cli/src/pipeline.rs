@@ -139,7 +139,7 @@ impl InProcess {
 
     /// Returns once `records` are accounted for (results, review, DLQs); fails if the pipeline
     /// stops first. `backend` is best an observer ([`Backend::open_observer`]): the looks come
-    /// every 20 ms.
+    /// every 20 to 250 ms, often only near the end.
     pub async fn wait_accounted(&mut self, backend: &Backend, records: u64) -> anyhow::Result<()> {
         let started = Instant::now();
         loop {
