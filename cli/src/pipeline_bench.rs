@@ -52,6 +52,9 @@ pub struct PipelineReport {
     /// of the stream the producer wrote just before too) and the capture log, besides a little
     /// logging. Absent where the system does not tell.
     pub written_bytes_per_record: Option<f64>,
+    /// The process's CPU time during the pipeline's run over its wall time: how many cores the
+    /// stages kept busy (at most the machine's). Absent where the system does not tell.
+    pub cores_busy: Option<f64>,
     pub latency_ms: Latency,
     /// Where records waited: per stage, from the previous stage's timestamp (the producer's, for
     /// ingest) to its own, in milliseconds.
@@ -75,6 +78,9 @@ impl fmt::Display for PipelineReport {
             "  latency ingest → stored               p50 {} ms, p99 {} ms",
             self.latency_ms.p50, self.latency_ms.p99
         )?;
+        if let Some(cores) = self.cores_busy {
+            writeln!(f, "  cores busy during the pipeline's run    {cores:>9.2}")?;
+        }
         if let Some(bytes) = self.written_bytes_per_record {
             writeln!(
                 f,
@@ -113,10 +119,12 @@ pub async fn bench_pipeline(args: &BenchPipelineArgs, settings: Settings) -> any
     let observer = Backend::open_observer(&settings.store()?).await?;
     put_all(&backend, records).await?;
     let written_before = bytes_written();
+    let cpu_before = cpu_seconds();
     let started = Instant::now();
     let mut pipeline = crate::pipeline::InProcess::start(&settings);
     pipeline.wait_accounted(&observer, n as u64).await?;
     let pipeline_s = started.elapsed().as_secs_f64();
+    let cores_busy = cpu_before.zip(cpu_seconds()).map(|(before, after)| (after - before) / pipeline_s.max(1e-9));
     let written_bytes_per_record =
         written_before.zip(bytes_written()).map(|(before, after)| after.saturating_sub(before) as f64 / n as f64);
     pipeline.stop().await?;
@@ -146,6 +154,7 @@ pub async fn bench_pipeline(args: &BenchPipelineArgs, settings: Settings) -> any
         stage_busy_s,
         pipeline_s,
         written_bytes_per_record,
+        cores_busy,
         latency_ms: Latency {
             p50: crate::demo::percentile(&latencies, 0.5) as u64,
             p99: crate::demo::percentile(&latencies, 0.99) as u64,
@@ -159,6 +168,17 @@ pub async fn bench_pipeline(args: &BenchPipelineArgs, settings: Settings) -> any
 fn bytes_written() -> Option<u64> {
     let io = std::fs::read_to_string("/proc/self/io").ok()?;
     io.lines().find_map(|line| line.strip_prefix("wchar:"))?.trim().parse().ok()
+}
+
+/// CPU seconds this process has used so far, all its threads, user and system (`/proc/self/stat`'s
+/// `utime` and `stime`, in Linux's fixed 100 ticks a second), where the system tells.
+fn cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // The fields after the command name, which is in parentheses and may hold spaces.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    // utime and stime are the 14th and 15th fields of the whole line, the 12th and 13th here.
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    Some(ticks as f64 / 100.0)
 }
 
 /// Seconds the bare loop takes over `records`: what the stages do to each, and nothing else.
