@@ -14,7 +14,7 @@ use async_trait::async_trait;
 use backon::{BackoffBuilder, ExponentialBuilder};
 use tokio_util::sync::CancellationToken;
 
-use crate::backend::{Backend, OutgoingMessage, Receipt, StreamConsumer, WorkQueue};
+use crate::backend::{Backend, Checkpoint, OutgoingMessage, Receipt, StreamConsumer, WorkQueue};
 use crate::config::{BackendKind, StoreConfig, WorkerConfig};
 use crate::envelope::{REPLAY_KEY_PREFIX, RecordId};
 use crate::error::{ReasonCode, Result, SluiceError};
@@ -119,17 +119,21 @@ pub trait Source: Send {
     /// Acknowledges `done` (their downstream writes are durable) and schedules `retry` again.
     async fn settle(&mut self, done: &[&Origin], retry: &[&Origin], retry_delay: Duration) -> Result<()>;
 
-    /// Whether [`Source::forward_and_ack`] is there (a queue on the embedded store).
+    /// Whether [`Source::forward_and_ack`] is there (a queue, or the stream, on the embedded
+    /// store).
     fn forwards_with_ack(&self) -> bool {
         false
     }
 
     /// Sends a batch's messages and acknowledges `done` in one transaction
-    /// ([`WorkQueue::forward_and_ack`]). Only where [`Source::forwards_with_ack`].
+    /// ([`WorkQueue::forward_and_ack`], [`StreamConsumer::forward_and_checkpoint`]); `retry`,
+    /// the rest of the batch, is for [`Source::settle`] after, but a stream checkpoints no
+    /// further than the first of them. Only where [`Source::forwards_with_ack`].
     async fn forward_and_ack(
         &mut self,
         _sends: Vec<(QueueName, Vec<OutgoingMessage>)>,
         _done: &[&Origin],
+        _retry: &[&Origin],
     ) -> Result<()> {
         Err(SluiceError::permanent(ReasonCode::Internal, "this source cannot acknowledge with its sends"))
     }
@@ -200,7 +204,12 @@ impl Source for QueueSource {
         self.queue.forwards_with_ack()
     }
 
-    async fn forward_and_ack(&mut self, sends: Vec<(QueueName, Vec<OutgoingMessage>)>, done: &[&Origin]) -> Result<()> {
+    async fn forward_and_ack(
+        &mut self,
+        sends: Vec<(QueueName, Vec<OutgoingMessage>)>,
+        done: &[&Origin],
+        _retry: &[&Origin],
+    ) -> Result<()> {
         self.queue.forward_and_ack(sends, &receipts(done)).await
     }
 
@@ -273,30 +282,17 @@ impl Source for StreamSource {
     /// again. Every shard is seen to before the first error is returned.
     async fn settle(&mut self, done: &[&Origin], retry: &[&Origin], _retry_delay: Duration) -> Result<()> {
         let mut first_error = None;
-        let mut shards: BTreeMap<&str, ShardProgress<'_>> = BTreeMap::new();
-        for (origin, ok) in done.iter().map(|o| (o, true)).chain(retry.iter().map(|o| (o, false))) {
-            if let Origin::Stream { shard, sequence, replay, .. } = origin {
-                shards.entry(shard).or_default().seen.push((sequence, ok, *replay));
-            }
-        }
-        for (shard, mut progress) in shards {
-            progress.seen.sort_by(|a, b| compare_sequences(a.0, b.0));
-            let handled = progress.seen.iter().take_while(|(_, ok, _)| *ok).count();
-            // Replays are not arrivals: they were counted when they first came.
-            let arrived = progress.seen[..handled].iter().filter(|(_, _, replay)| !replay).count() as u64;
-            if let Some(&(sequence, _, _)) = handled.checked_sub(1).and_then(|last| progress.seen.get(last)) {
-                match self.consumer.checkpoint(shard, sequence, arrived).await {
+        for ShardSettlement { shard, checkpoint, rewind } in settlements(done, retry) {
+            if let Some(checkpoint) = checkpoint {
+                match self.consumer.checkpoint(&shard, &checkpoint.sequence, checkpoint.records).await {
                     Err(e) if e.code() == ReasonCode::LeaseLost => {
-                        tracing::warn!(
-                            shard,
-                            "lease lost before checkpoint; the new owner re-reads from the last checkpoint"
-                        );
+                        warn_lease_lost(&shard);
                         continue;
                     }
                     Err(e) => {
                         // Read again from the stored checkpoint, so that what this batch handled is
                         // checkpointed (and counted) by a later one; the sinks are idempotent.
-                        if let Err(rewind) = self.consumer.rewind(shard).await {
+                        if let Err(rewind) = self.consumer.rewind(&shard).await {
                             tracing::warn!(shard, error = %rewind, "could not rewind after a failed checkpoint");
                         }
                         first_error.get_or_insert(e);
@@ -304,15 +300,37 @@ impl Source for StreamSource {
                     }
                     Ok(()) => {}
                 }
-                metrics().arrived(shard, arrived);
+                metrics().arrived(&shard, checkpoint.records);
             }
-            if progress.seen.iter().any(|(_, ok, _)| !ok)
-                && let Err(e) = self.consumer.rewind(shard).await
-            {
+            if rewind && let Err(e) = self.consumer.rewind(&shard).await {
                 first_error.get_or_insert(e);
             }
         }
         first_error.map_or(Ok(()), Err)
+    }
+
+    fn forwards_with_ack(&self) -> bool {
+        self.consumer.forwards_with_checkpoint()
+    }
+
+    /// The sends and each shard's checkpoint (as [`Source::settle`] would take it) in one
+    /// transaction; the shards with a retry are rewound by the settle that follows.
+    async fn forward_and_ack(
+        &mut self,
+        sends: Vec<(QueueName, Vec<OutgoingMessage>)>,
+        done: &[&Origin],
+        retry: &[&Origin],
+    ) -> Result<()> {
+        let checkpoints: Vec<Checkpoint> = settlements(done, retry).into_iter().filter_map(|s| s.checkpoint).collect();
+        let recorded = self.consumer.forward_and_checkpoint(sends, &checkpoints).await?;
+        for (checkpoint, held) in checkpoints.iter().zip(recorded) {
+            if held {
+                metrics().arrived(&checkpoint.shard, checkpoint.records);
+            } else {
+                warn_lease_lost(&checkpoint.shard);
+            }
+        }
+        Ok(())
     }
 
     async fn heartbeat(&mut self, _in_flight: &[&Origin]) -> Result<()> {
@@ -326,10 +344,43 @@ impl Source for StreamSource {
     }
 }
 
-#[derive(Default)]
-struct ShardProgress<'a> {
-    /// Sequence, handled, replayed.
-    seen: Vec<(&'a str, bool, bool)>,
+/// What a batch's outcome means for one shard it read from.
+struct ShardSettlement {
+    shard: String,
+    /// Up to the last record before the shard's first retry; none if the retry comes first.
+    checkpoint: Option<Checkpoint>,
+    /// The shard has a retry: it is read again from its checkpoint.
+    rewind: bool,
+}
+
+/// Each shard's [`ShardSettlement`] for a batch's `done` and `retry` stream deliveries.
+fn settlements(done: &[&Origin], retry: &[&Origin]) -> Vec<ShardSettlement> {
+    // Sequence, handled, replayed.
+    let mut shards: BTreeMap<&str, Vec<(&str, bool, bool)>> = BTreeMap::new();
+    for (origin, ok) in done.iter().map(|o| (o, true)).chain(retry.iter().map(|o| (o, false))) {
+        if let Origin::Stream { shard, sequence, replay, .. } = origin {
+            shards.entry(shard).or_default().push((sequence, ok, *replay));
+        }
+    }
+    shards
+        .into_iter()
+        .map(|(shard, mut seen)| {
+            seen.sort_by(|a, b| compare_sequences(a.0, b.0));
+            let handled = seen.iter().take_while(|(_, ok, _)| *ok).count();
+            // Replays are not arrivals: they were counted when they first came.
+            let records = seen[..handled].iter().filter(|(_, _, replay)| !replay).count() as u64;
+            let checkpoint = handled.checked_sub(1).map(|last| Checkpoint {
+                shard: shard.to_owned(),
+                sequence: seen[last].0.to_owned(),
+                records,
+            });
+            ShardSettlement { shard: shard.to_owned(), checkpoint, rewind: handled < seen.len() }
+        })
+        .collect()
+}
+
+fn warn_lease_lost(shard: &str) {
+    tracing::warn!(shard, "lease lost before checkpoint; the new owner re-reads from the last checkpoint");
 }
 
 /// Sequence numbers are decimal strings of any length (Kinesis's exceed 64 bits).
@@ -530,7 +581,7 @@ impl Worker {
         }
 
         let retry_delay = Duration::from_millis(self.config.retry_delay_ms);
-        let acknowledged = match self.forward(trace.as_ref(), sends, &done).await {
+        let acknowledged = match self.forward(trace.as_ref(), sends, &done, &retry).await {
             Ok(acknowledged) => acknowledged,
             Err(e) => {
                 // Nothing is acknowledged: the whole batch comes back and is redone; sinks are idempotent.
@@ -560,6 +611,7 @@ impl Worker {
         trace: Option<&BatchTrace>,
         sends: BTreeMap<QueueName, Vec<(usize, OutgoingMessage)>>,
         done: &[&Origin],
+        retry: &[&Origin],
     ) -> Result<bool> {
         let system = self.queue_system;
         let span = |queue: QueueName, records: &[usize]| {
@@ -585,7 +637,7 @@ impl Worker {
             let spans: Vec<_> = outgoing.iter().map(|(queue, records, _)| span(*queue, records)).collect();
             let counts: Vec<(QueueName, usize)> = outgoing.iter().map(|(queue, _, m)| (*queue, m.len())).collect();
             let sends = outgoing.into_iter().map(|(queue, _, messages)| (queue, messages)).collect();
-            if let Err(e) = self.source.forward_and_ack(sends, done).await {
+            if let Err(e) = self.source.forward_and_ack(sends, done, retry).await {
                 for span in spans.iter().flatten() {
                     span.failed(&e);
                 }

@@ -5,11 +5,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use sluice_core::backend::{Backend, OutgoingMessage};
+use sluice_core::backend::{Backend, Checkpoint, OutgoingMessage, StreamInput};
 use sluice_core::config::{StoreConfig, WorkerConfig};
 use sluice_core::error::{ReasonCode, SluiceError};
 use sluice_core::topology::{QueueName, StageName};
-use sluice_core::worker::{BatchPolicy, Delivery, Outcome, QueueSource, Stage, Worker};
+use sluice_core::worker::{BatchPolicy, Delivery, Outcome, QueueSource, Stage, StreamSource, Worker};
 use tokio_util::sync::CancellationToken;
 
 /// A store in a folder of its own (kept while the guard lives), `config` giving the rest.
@@ -213,6 +213,114 @@ async fn a_worker_acknowledges_only_with_its_sends_and_never_loses_a_refused_bat
 
     shutdown.cancel();
     tokio::time::timeout(Duration::from_secs(5), running).await.unwrap().unwrap().unwrap();
+}
+
+/// Records `bodies` on a stream of one shard, each its own partition key.
+async fn on_the_stream(backend: &Backend, bodies: &[&str]) {
+    let inputs = bodies.iter().map(|b| StreamInput { partition_key: (*b).to_owned(), data: b.as_bytes().to_vec() });
+    backend.stream.put_records(inputs.collect()).await.unwrap();
+}
+
+/// A stream's checkpoints commit with the sends: both, or neither when a send fails; a shard
+/// another worker has taken by now is not checkpointed (its records are read again by the new
+/// owner), though the sends go ahead.
+#[tokio::test]
+async fn stream_checkpoints_commit_with_their_sends_or_not_at_all() {
+    let (_dir, config, backend) =
+        fresh(StoreConfig { shards: 1, lease_duration_ms: 300, ..StoreConfig::default() }).await;
+    let queues = [QueueName::Features, QueueName::Inference, QueueName::Results];
+    on_the_stream(&backend, &["a", "b", "c"]).await;
+    let mut consumer = backend.stream.consumer("w1").await.unwrap();
+    assert!(consumer.forwards_with_checkpoint());
+    let read = consumer.poll(10).await.unwrap();
+    assert_eq!(read.len(), 3);
+    let upto = |i: usize| Checkpoint { shard: read[i].shard.clone(), sequence: read[i].sequence.clone(), records: 1 };
+
+    let held = consumer.forward_and_checkpoint(vec![(QueueName::Features, vec![byte(1)])], &[upto(0)]).await.unwrap();
+    assert_eq!(held, [true]);
+    assert_eq!(depths(&backend, queues).await, [(1, 0), (0, 0), (0, 0)]);
+    assert_eq!(backend.stream.stats().await.unwrap().pending, 2, "checkpointed past the first");
+
+    let refusing = refuse_sends(&config, QueueName::Features);
+    let refused = consumer.forward_and_checkpoint(vec![(QueueName::Features, vec![byte(2)])], &[upto(1)]).await;
+    assert!(refused.is_err(), "the refused send fails the whole: {refused:?}");
+    assert_eq!(backend.stream.stats().await.unwrap().pending, 2, "not checkpointed either");
+    refusing.execute_batch("DROP TRIGGER refuse_sends").unwrap();
+
+    // w1 stops renewing; w2 takes the shard once its lease runs out.
+    let mut other = backend.stream.consumer("w2").await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while other.shards().is_empty() {
+        assert!(Instant::now() < deadline, "w2 never took the shard");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        other.poll(10).await.unwrap();
+    }
+    let held = consumer.forward_and_checkpoint(vec![(QueueName::Features, vec![byte(3)])], &[upto(2)]).await.unwrap();
+    assert_eq!(held, [false], "the lease was lost");
+    assert_eq!(depths(&backend, queues).await, [(2, 0), (0, 0), (0, 0)], "sent all the same");
+    assert_eq!(backend.stream.stats().await.unwrap().pending, 2, "left for the new owner");
+}
+
+/// Fails a delivery whose body starts with "retry" the first time it comes (retryable), forwards
+/// everything else to the features queue.
+#[derive(Default)]
+struct FailOnce {
+    failed: std::sync::atomic::AtomicBool,
+}
+
+#[async_trait]
+impl Stage for FailOnce {
+    fn name(&self) -> StageName {
+        StageName::Ingest
+    }
+
+    fn batch_policy(&self) -> BatchPolicy {
+        BatchPolicy::up_to(10)
+    }
+
+    async fn process(&self, batch: &[Delivery]) -> Vec<Outcome> {
+        batch
+            .iter()
+            .map(|d| {
+                if d.body.starts_with(b"retry") && !self.failed.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                    return Outcome::failed(SluiceError::retryable(ReasonCode::Internal, "not yet"), None);
+                }
+                Outcome::forward(QueueName::Features, OutgoingMessage { body: d.body.clone(), ..Default::default() })
+            })
+            .collect()
+    }
+}
+
+/// Ingest's worker on the embedded store sends and checkpoints as one, up to the first retry of
+/// a batch: the records from the retry on are read again, and everything is sent, checkpointed
+/// and counted in at last.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_worker_checkpoints_with_its_sends_up_to_its_first_retry() {
+    let (_dir, store, backend) = fresh(StoreConfig { shards: 1, ..StoreConfig::default() }).await;
+    on_the_stream(&backend, &["a", "retry-b", "c"]).await;
+    let config = WorkerConfig { poll_wait_ms: 50, retry_delay_ms: 0, ..WorkerConfig::default() };
+    let source = StreamSource::new(backend.stream.consumer("w1").await.unwrap());
+    let worker = Worker::new(Arc::new(FailOnce::default()), Box::new(source), backend.clone(), config, &store);
+    let shutdown = CancellationToken::new();
+    let running = tokio::spawn(worker.run(shutdown.clone()));
+
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let stats = loop {
+        let stats = backend.stream.stats().await.unwrap();
+        if stats.pending == 0 {
+            break stats;
+        }
+        assert!(Instant::now() < deadline, "never checkpointed to the end: {stats:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(stats.records, 3, "each counted in once");
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(5), running).await.unwrap().unwrap().unwrap();
+    let sent = backend.queue(QueueName::Features).receive(10, Duration::ZERO).await.unwrap();
+    let mut bodies: Vec<String> = sent.iter().map(|m| String::from_utf8(m.body.clone()).unwrap()).collect();
+    bodies.sort();
+    // c came in the first batch (after the retry, so not checkpointed) and again with retry-b.
+    assert_eq!(bodies, ["a", "c", "c", "retry-b"]);
 }
 
 /// A queue keeps a send's messages together (one batch) and tracks them in stretches: a receive,

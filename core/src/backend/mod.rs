@@ -100,6 +100,26 @@ pub trait StreamConsumer: Send {
     /// Fails with `lease_lost` if another worker took the shard.
     async fn checkpoint(&mut self, shard: &str, sequence: &str, records: u64) -> Result<()>;
 
+    /// Whether [`StreamConsumer::forward_and_checkpoint`] is there: the stream and the queues
+    /// share a store that commits sends and checkpoints together (the embedded store; Kinesis
+    /// checkpoints live in DynamoDB, the queues in SQS).
+    fn forwards_with_checkpoint(&self) -> bool {
+        false
+    }
+
+    /// Sends each named queue's messages and records each [`Checkpoint`] as one transaction, so
+    /// that no crash between them leaves the messages sent and the records to be read, and sent,
+    /// again. A shard held by another worker by now is not checkpointed (its records are read
+    /// again by the new owner; the sinks are idempotent): the answer says, for each checkpoint,
+    /// whether it was recorded. Only where [`StreamConsumer::forwards_with_checkpoint`].
+    async fn forward_and_checkpoint(
+        &mut self,
+        _sends: Vec<(QueueName, Vec<OutgoingMessage>)>,
+        _checkpoints: &[Checkpoint],
+    ) -> Result<Vec<bool>> {
+        Err(SluiceError::permanent(ReasonCode::Internal, "this stream cannot checkpoint with its sends"))
+    }
+
     /// Goes back to the last checkpoint of `shard`, so the records after it are read again.
     async fn rewind(&mut self, shard: &str) -> Result<()>;
 
@@ -114,6 +134,15 @@ pub trait StreamConsumer: Send {
     fn idle_poll(&self) -> std::time::Duration {
         std::time::Duration::from_millis(200)
     }
+}
+
+/// Everything in `shard` up to and including `sequence` is durably handled, `records` of it
+/// newly (arrivals, not replays).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Checkpoint {
+    pub shard: String,
+    pub sequence: String,
+    pub records: u64,
 }
 
 /// A message to send to a queue.

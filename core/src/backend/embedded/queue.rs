@@ -340,7 +340,7 @@ fn drop_batch_if_done(tx: &rusqlite::Transaction<'_>, batch: i64) -> rusqlite::R
 /// waits for. Into a DLQ, a message with a deduplication key goes in a batch of its own, so that
 /// the queue can refuse a second entry for the record; elsewhere keys are not looked at (as on
 /// SQS standard queues: every sink is idempotent), and a send is one batch.
-struct Outgoing {
+pub(super) struct Outgoing {
     queue: QueueName,
     /// The packed batch and how many messages it holds.
     batch: Option<(Vec<u8>, i64)>,
@@ -349,7 +349,7 @@ struct Outgoing {
 }
 
 impl Outgoing {
-    fn new(queue: QueueName, messages: Vec<OutgoingMessage>) -> Self {
+    pub(super) fn new(queue: QueueName, messages: Vec<OutgoingMessage>) -> Self {
         let messages = messages
             .into_iter()
             .map(|m| PackedMessage { body: m.body, attributes: m.attributes, dedup_key: m.dedup_key })
@@ -372,7 +372,7 @@ impl Outgoing {
         Self { queue, batch, keyed }
     }
 
-    fn insert(self, tx: &rusqlite::Transaction<'_>, now: i64) -> rusqlite::Result<()> {
+    pub(super) fn insert(self, tx: &rusqlite::Transaction<'_>, now: i64) -> rusqlite::Result<()> {
         let queue = self.queue.as_str();
         // A batch just sent: all of it one run, visible now.
         let sent = |count, dedup_key| Run {

@@ -10,11 +10,15 @@ use rusqlite::{OptionalExtension, params};
 use sha2::{Digest, Sha256};
 
 use super::Db;
-use crate::backend::{PutReport, RecordStream, StreamConsumer, StreamInput, StreamRecord, StreamStats};
+use super::queue::Outgoing;
+use crate::backend::{
+    Checkpoint, OutgoingMessage, PutReport, RecordStream, StreamConsumer, StreamInput, StreamRecord, StreamStats,
+};
 use crate::config::StoreConfig;
 use crate::envelope::now_ms;
 use crate::error::{ReasonCode, Result, SluiceError};
 use crate::telemetry::metrics::metrics;
+use crate::topology::QueueName;
 
 pub(super) struct EmbeddedStream {
     db: Db,
@@ -291,29 +295,53 @@ impl StreamConsumer for EmbeddedConsumer {
         Ok(records)
     }
 
-    async fn checkpoint(&mut self, shard: &str, sequence: &str, _records: u64) -> Result<()> {
-        let shard_id = parse_shard(shard)?;
-        let seq = parse_sequence(sequence)?;
+    async fn checkpoint(&mut self, shard: &str, sequence: &str, records: u64) -> Result<()> {
+        let checkpoint = Checkpoint { shard: shard.to_owned(), sequence: sequence.to_owned(), records };
+        if self.forward_and_checkpoint(Vec::new(), &[checkpoint]).await? == [true] {
+            return Ok(());
+        }
+        Err(SluiceError::retryable(ReasonCode::LeaseLost, format!("{shard} is now held by another worker")))
+    }
+
+    fn forwards_with_checkpoint(&self) -> bool {
+        true
+    }
+
+    async fn forward_and_checkpoint(
+        &mut self,
+        sends: Vec<(QueueName, Vec<OutgoingMessage>)>,
+        checkpoints: &[Checkpoint],
+    ) -> Result<Vec<bool>> {
+        let at: Vec<(i64, i64)> = checkpoints
+            .iter()
+            .map(|c| Ok((parse_shard(&c.shard)?, parse_sequence(&c.sequence)?)))
+            .collect::<Result<_>>()?;
+        // Packed before taking the connection, which every stage waits for.
+        let outgoing: Vec<Outgoing> =
+            sends.into_iter().map(|(queue, messages)| Outgoing::new(queue, messages)).collect();
+        let shards: Vec<i64> = at.iter().map(|&(shard, _)| shard).collect();
         let owner = self.owner.clone();
         let lease_ms = self.lease_ms as i64;
-        let updated = self
+        let recorded = self
             .db
             .write(move |tx| {
-                tx.execute(
+                let now = now_ms() as i64;
+                for messages in outgoing {
+                    messages.insert(tx, now)?;
+                }
+                let mut update = tx.prepare_cached(
                     "UPDATE stream_shards SET checkpoint = MAX(checkpoint, ?1), lease_expires_ms = ?2 \
                      WHERE shard = ?3 AND lease_owner = ?4",
-                    params![seq, now_ms() as i64 + lease_ms, shard_id, owner],
-                )
+                )?;
+                at.iter()
+                    .map(|&(shard, seq)| Ok(update.execute(params![seq, now + lease_ms, shard, owner])? == 1))
+                    .collect::<rusqlite::Result<Vec<bool>>>()
             })
             .await?;
-        if updated == 0 {
-            self.positions.remove(&shard_id);
-            return Err(SluiceError::retryable(
-                ReasonCode::LeaseLost,
-                format!("{shard} is now held by another worker"),
-            ));
+        for (shard, _) in shards.iter().zip(&recorded).filter(|(_, held)| !**held) {
+            self.positions.remove(shard);
         }
-        Ok(())
+        Ok(recorded)
     }
 
     async fn rewind(&mut self, shard: &str) -> Result<()> {
