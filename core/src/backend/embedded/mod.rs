@@ -222,6 +222,8 @@ fn connect(config: &StoreConfig) -> Result<Connection> {
     // Every handle in the process prepares its statements on this one connection (rusqlite
     // keeps 16 by default; the queues, stores and stream have more than that between them).
     conn.set_prepared_statement_cache_capacity(64);
+    // `rarray(?)`: a list of any length bound as one value (the stores' look-ups by record id).
+    rusqlite::vtab::array::load_module(&conn).map_err(classify)?;
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).map_err(classify)?;
     apply_schema(&tx).map_err(classify)?;
     let existing: i64 = tx.query_row("SELECT COUNT(*) FROM stream_shards", [], |r| r.get(0)).map_err(classify)?;
@@ -338,11 +340,6 @@ fn classify(error: rusqlite::Error) -> SluiceError {
         }
         _ => SluiceError::retryable(ReasonCode::StoreUnavailable, error.to_string()),
     }
-}
-
-/// `?1, ?2, …, ?n` for an `IN (…)` list.
-pub(crate) fn placeholders(n: usize) -> String {
-    (1..=n).map(|i| format!("?{i}")).collect::<Vec<_>>().join(", ")
 }
 
 #[cfg(test)]

@@ -1,11 +1,14 @@
 //! The embedded feature and result stores: tables keyed by record id, first write wins.
 
 use std::collections::HashMap;
+use std::rc::Rc;
 
 use async_trait::async_trait;
-use rusqlite::{OptionalExtension, params, params_from_iter};
+use rusqlite::types::Value;
+use rusqlite::vtab::array::Array;
+use rusqlite::{OptionalExtension, params};
 
-use super::{Db, placeholders};
+use super::Db;
 use crate::backend::{
     FeatureStore, FeedbackOutcome, PageToken, PutOutcome, ResultCounts, ResultPage, ResultQuery, ResultStore,
     ReviewOutcome, StoredVector,
@@ -14,9 +17,6 @@ use crate::envelope::{RecordId, now_ms};
 use crate::error::Result;
 use crate::record::{PredictionResult, Resolution, ResultStatus};
 use crate::vector::FeatureVector;
-
-/// SQLite's default limit on bound parameters is 32766; stay far below it.
-const IN_LIST_CHUNK: usize = 500;
 
 pub(super) struct EmbeddedFeatureStore {
     db: Db,
@@ -28,25 +28,19 @@ impl EmbeddedFeatureStore {
     }
 }
 
-/// Runs `query` (with one `{}` for the placeholder list) over `ids` in chunks.
+/// Runs `query`, whose `?1` is the list of `ids` (`… IN rarray(?1)`: SQLite's table-valued
+/// array), on one cached statement for any number of ids: an `IN (?, ?, …)` list of the batch's
+/// size was prepared anew for every batch, as batches come in many sizes.
 fn select_in<T>(
     conn: &rusqlite::Connection,
     query: &str,
     ids: &[RecordId],
     mut row: impl FnMut(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
 ) -> rusqlite::Result<Vec<T>> {
-    let mut out = Vec::with_capacity(ids.len());
-    for chunk in ids.chunks(IN_LIST_CHUNK) {
-        let sql = query.replace("{}", &placeholders(chunk.len()));
-        // Not cached: batches come in many sizes, and each would push a statement the stages
-        // reuse out of the connection's cache.
-        let mut stmt = conn.prepare(&sql)?;
-        let rows = stmt.query_map(params_from_iter(chunk.iter().map(RecordId::as_str)), &mut row)?;
-        for r in rows {
-            out.push(r?);
-        }
-    }
-    Ok(out)
+    let ids: Array = Rc::new(ids.iter().map(|id| Value::from(id.as_str().to_owned())).collect());
+    let mut stmt = conn.prepare_cached(query)?;
+    let rows = stmt.query_map([ids], &mut row)?;
+    rows.collect()
 }
 
 #[async_trait]
@@ -72,7 +66,7 @@ impl FeatureStore for EmbeddedFeatureStore {
         let ids = ids.to_vec();
         self.db
             .call(move |conn| {
-                select_in(conn, "SELECT record_id, vector FROM features WHERE record_id IN ({})", &ids, |r| {
+                select_in(conn, "SELECT record_id, vector FROM features WHERE record_id IN rarray(?1)", &ids, |r| {
                     Ok((r.get::<_, String>(0)?, r.get::<_, Vec<u8>>(1)?))
                 })
             })
@@ -166,7 +160,7 @@ impl ResultStore for EmbeddedResultStore {
         let ids = ids.to_vec();
         self.db
             .call(move |conn| {
-                let rows = select_in(conn, "SELECT body FROM results WHERE record_id IN ({})", &ids, |r| {
+                let rows = select_in(conn, "SELECT body FROM results WHERE record_id IN rarray(?1)", &ids, |r| {
                     decode_result(&r.get::<_, String>(0)?)
                 })?;
                 Ok(rows.into_iter().map(|r| (r.record_id.clone(), r)).collect())
@@ -317,6 +311,43 @@ mod tests {
         let mut stmt = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
         let steps = stmt.query_map(params![None::<String>, 0, "", 10], |r| r.get::<_, String>(3)).unwrap();
         steps.collect::<rusqlite::Result<Vec<_>>>().unwrap().join("; ")
+    }
+
+    /// Look-ups by record id take any number of ids on one statement, each id found through
+    /// the table's record id index, not a scan.
+    #[tokio::test]
+    async fn look_ups_by_record_id_take_any_number_on_one_statement_through_the_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = StoreConfig { path: dir.path().join("s.sqlite"), ..Default::default() };
+        let store = EmbeddedStore::open(&config).unwrap();
+        let features = store.clone().into_backend().features;
+        let ids: Vec<RecordId> = (0..1200).map(|i| RecordId::parse(format!("r{i}")).unwrap()).collect();
+        let vectors = ids.iter().map(|id| (id.clone(), FeatureVector::Pixels(vec![1, 2, 3]))).collect();
+        features.put_if_absent(vectors).await.unwrap();
+        let mut wanted = ids[..700].to_vec();
+        wanted.push(RecordId::parse("missing").unwrap());
+        assert_eq!(features.get_batch(&wanted).await.unwrap().len(), 700);
+        assert_eq!(features.get_batch(&ids[1100..]).await.unwrap().len(), 100);
+
+        let plans = store
+            .db
+            .call(|conn| {
+                ["features", "results"]
+                    .map(|table| {
+                        let sql = format!("EXPLAIN QUERY PLAN SELECT * FROM {table} WHERE record_id IN rarray(?1)");
+                        let mut stmt = conn.prepare(&sql)?;
+                        let steps = stmt.query_map([Rc::new(Vec::<Value>::new())], |r| r.get::<_, String>(3))?;
+                        steps.collect::<rusqlite::Result<Vec<_>>>().map(|s| s.join("; "))
+                    })
+                    .into_iter()
+                    .collect::<rusqlite::Result<Vec<_>>>()
+            })
+            .await
+            .unwrap();
+        for plan in plans {
+            assert!(plan.contains("USING INDEX sqlite_autoindex"), "{plan}");
+            assert!(!plan.contains("SCAN features") && !plan.contains("SCAN results"), "{plan}");
+        }
     }
 
     #[tokio::test]
