@@ -55,6 +55,23 @@ async fn the_log_reaches_the_database_file_without_a_writer_checkpointing() {
     );
 }
 
+/// `checkpoint_interval_ms` paces the checkpoints: with a minute's interval, what a send wrote
+/// stays in the log (nothing syncs it into the file) until the store is closed.
+#[tokio::test]
+async fn checkpoints_come_at_the_configured_interval() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store.sqlite");
+    let config = StoreConfig { path: path.clone(), checkpoint_interval_ms: 60_000, ..StoreConfig::default() };
+    let backend = Backend::open(&config).await.unwrap();
+    let written = 300 * 2048;
+    let message = |i: usize| OutgoingMessage { body: vec![b'a' + (i % 26) as u8; 2048], ..Default::default() };
+    backend.queue(QueueName::Features).send_batch((0..300).map(message).collect()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let size = std::fs::metadata(&path).unwrap().len();
+    assert!(size < written, "the database file holds {size} bytes: checkpointed before its interval");
+    drop(backend);
+}
+
 /// With no visibility timeout a received message is visible again at once; one receive still
 /// hands each message out once (its look for more after a short batch used to find the same
 /// messages again).

@@ -123,9 +123,6 @@ impl Drop for Checkpoints {
 /// The open store files of this process, by absolute path.
 static OPEN: LazyLock<Mutex<HashMap<PathBuf, Weak<Shared>>>> = LazyLock::new(Mutex::default);
 
-/// How often the checkpoint thread copies what the log holds into the database file.
-const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
-
 /// A writer checkpoints by itself only past this many log pages (256 MiB of 4 KiB pages): a
 /// backstop for when no checkpoint thread keeps up, so the log cannot grow without end.
 const WRITER_CHECKPOINT_PAGES: i64 = 65_536;
@@ -163,7 +160,7 @@ impl Db {
         let conn = connect(config)?;
         let checkpointer = connect(config)?;
         checkpointer.busy_timeout(RESTART_WAIT).map_err(classify)?;
-        let checkpoints = spawn_checkpoints(checkpointer)?;
+        let checkpoints = spawn_checkpoints(checkpointer, Duration::from_millis(config.checkpoint_interval_ms.max(1)))?;
         Ok(Self { shared: Arc::new(Shared { conn: Mutex::new(conn), _checkpoints: checkpoints }) })
     }
 
@@ -285,13 +282,14 @@ fn set_aside_keyed_tables(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<Ve
     Ok(keyed)
 }
 
-/// Checkpoints on a thread and connection of their own until the returned handle is dropped.
+/// Checkpoints on a thread and connection of their own, `every` so long (`store.checkpoint_interval_ms`),
+/// until the returned handle is dropped.
 ///
 /// A checkpoint copies the log's pages into the database file and syncs both; left to the
 /// writers (SQLite's default, every 1,000 pages), the writer whose commit crosses the mark does
 /// it while every other stage waits on the connection — two thirds of the cost of a write here.
 /// A passive checkpoint runs beside the writers.
-fn spawn_checkpoints(conn: Connection) -> Result<Checkpoints> {
+fn spawn_checkpoints(conn: Connection, every: Duration) -> Result<Checkpoints> {
     let (stop, stopped) = mpsc::channel::<()>();
     let thread = std::thread::Builder::new()
         .name("sluice-checkpoint".to_owned())
@@ -299,7 +297,7 @@ fn spawn_checkpoints(conn: Connection) -> Result<Checkpoints> {
             // After a restart that found readers in the way, the next waits this long.
             let mut restart_not_before = Instant::now();
             loop {
-                let last = matches!(stopped.recv_timeout(CHECKPOINT_EVERY), Err(RecvTimeoutError::Disconnected));
+                let last = matches!(stopped.recv_timeout(every), Err(RecvTimeoutError::Disconnected));
                 match checkpoint(&conn, "PASSIVE") {
                     // Under a steady load a passive checkpoint never catches up with the end of
                     // the log, so the log never starts over; now and then start it over.
