@@ -340,6 +340,29 @@ async fn a_stream_worker_checkpoints_with_its_sends_up_to_its_first_retry() {
     assert_eq!(bodies, ["a", "c", "c", "retry-b"]);
 }
 
+/// An idle receiver looks without the write lock, so another process writing does not hold it up:
+/// at first, and again once it has emptied its queue.
+#[tokio::test]
+async fn an_idle_receiver_does_not_wait_for_the_write_lock() {
+    let (_dir, config, backend) = fresh(StoreConfig { busy_timeout_ms: 100, ..StoreConfig::default() }).await;
+    let queue = backend.queue(QueueName::Features);
+    let hold_write_lock = || {
+        let conn = rusqlite::Connection::open(&config.path).unwrap();
+        conn.execute_batch("BEGIN IMMEDIATE").unwrap();
+        conn
+    };
+
+    let writing = hold_write_lock();
+    assert!(queue.receive(10, Duration::ZERO).await.unwrap().is_empty(), "an idle receive waited for the lock");
+    drop(writing);
+
+    queue.send_batch((0..2).map(byte).collect()).await.unwrap();
+    assert_eq!(queue.receive(10, Duration::ZERO).await.unwrap().len(), 2);
+    let writing = hold_write_lock();
+    assert!(queue.receive(10, Duration::ZERO).await.unwrap().is_empty(), "a receiver idle again waited for the lock");
+    drop(writing);
+}
+
 /// A queue keeps a send's messages together (one batch) and tracks them in stretches: a receive,
 /// an acknowledgement or a release that takes part of a stretch leaves the rest as it was, a
 /// stale receipt changes nothing, and once every message is acknowledged nothing is left behind.
