@@ -306,11 +306,16 @@ mod tests {
     use crate::backend::embedded::EmbeddedStore;
     use crate::config::StoreConfig;
 
-    /// What SQLite's planner says it does for `sql`, its steps joined.
-    fn plan(conn: &rusqlite::Connection, sql: &str) -> String {
+    /// What SQLite's planner says it does for `sql` with `bound`, its steps joined.
+    fn plan(conn: &rusqlite::Connection, sql: &str, bound: impl rusqlite::Params) -> String {
         let mut stmt = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
-        let steps = stmt.query_map(params![None::<String>, 0, "", 10], |r| r.get::<_, String>(3)).unwrap();
+        let steps = stmt.query_map(bound, |r| r.get::<_, String>(3)).unwrap();
         steps.collect::<rusqlite::Result<Vec<_>>>().unwrap().join("; ")
+    }
+
+    /// [`plan`] of the result listings, with a status, a position and a limit bound.
+    fn listing_plan(conn: &rusqlite::Connection, sql: &str) -> String {
+        plan(conn, sql, params![None::<String>, 0, "", 10])
     }
 
     /// Look-ups by record id take any number of ids on one statement, each id found through
@@ -332,15 +337,10 @@ mod tests {
         let plans = store
             .db
             .call(|conn| {
-                ["features", "results"]
-                    .map(|table| {
-                        let sql = format!("EXPLAIN QUERY PLAN SELECT * FROM {table} WHERE record_id IN rarray(?1)");
-                        let mut stmt = conn.prepare(&sql)?;
-                        let steps = stmt.query_map([Rc::new(Vec::<Value>::new())], |r| r.get::<_, String>(3))?;
-                        steps.collect::<rusqlite::Result<Vec<_>>>().map(|s| s.join("; "))
-                    })
-                    .into_iter()
-                    .collect::<rusqlite::Result<Vec<_>>>()
+                Ok(["features", "results"].map(|table| {
+                    let sql = format!("SELECT * FROM {table} WHERE record_id IN rarray(?1)");
+                    plan(conn, &sql, [Rc::new(Vec::<Value>::new())])
+                }))
             })
             .await
             .unwrap();
@@ -396,7 +396,7 @@ mod tests {
                     )?
                     .query_map([], |r| r.get(0))?
                     .collect::<rusqlite::Result<_>>()?;
-                Ok((plan(conn, LIST_BY_STATUS), plan(conn, LIST_ALL), indexes, rows, tables))
+                Ok((listing_plan(conn, LIST_BY_STATUS), listing_plan(conn, LIST_ALL), indexes, rows, tables))
             })
             .await
             .unwrap();
