@@ -5,7 +5,13 @@
 //! profiled in `sluice bench pipeline` on 2 cores, that was an eighth of all CPU time, and the
 //! digits model alone ran at less than half its speed. Both rayon's pool and Candle's read the
 //! variable, so setting it once sizes both and makes the lookup cheap.
+//!
+//! The stages' own work on a batch's records (reading envelopes, decoding images) runs on a pool
+//! of its own: [`on_every_core`].
 
+use std::sync::OnceLock;
+
+use rayon::prelude::*;
 use serde::Deserialize;
 
 use crate::config::Settings;
@@ -44,4 +50,47 @@ pub fn pin(threads: usize) -> usize {
     // environment while it changes.
     unsafe { std::env::set_var(VARIABLE, threads.to_string()) };
     threads
+}
+
+/// The pool the stages' own per-record work runs on (reading envelopes, decoding and resizing
+/// images), a thread a core. Not rayon's global pool, where the model's kernels run: in a
+/// process that runs every stage, a batch of images would wait there behind the model's batch.
+fn stage_pool() -> &'static rayon::ThreadPool {
+    static POOL: OnceLock<rayon::ThreadPool> = OnceLock::new();
+    POOL.get_or_init(|| {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(std::thread::available_parallelism().map_or(1, usize::from))
+            .thread_name(|i| format!("sluice-stage-{i}"))
+            .build()
+            .expect("the stages' thread pool starts")
+    })
+}
+
+/// `work` done on each of `items`, spread over every core, the results in the items' order.
+///
+/// A stage's batch of images is hundreds of independent decodes and resizes: one after another
+/// on the thread that polls the stage, one core's worth caps the stage (a photo-sized JPEG is
+/// about a millisecond to decode). Like that work done in place, this blocks the calling thread
+/// until every item is done.
+pub fn on_every_core<T: Send, R: Send>(items: Vec<T>, work: impl Fn(T) -> R + Sync + Send) -> Vec<R> {
+    if items.len() < 2 {
+        return items.into_iter().map(work).collect();
+    }
+    stage_pool().install(|| items.into_par_iter().map(work).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn work_on_every_core_keeps_the_items_order() {
+        let items: Vec<u64> = (0..1000).collect();
+        let squares = on_every_core(items.clone(), |i| {
+            // Uneven work, so that the pieces finish out of order.
+            std::thread::sleep(std::time::Duration::from_micros(1000 - i));
+            i * i
+        });
+        assert_eq!(squares, items.iter().map(|i| i * i).collect::<Vec<_>>());
+    }
 }

@@ -16,6 +16,7 @@ use sluice_core::envelope::{ContentType, Envelope, Payload, RecordId, now_ms};
 use sluice_core::image::ImageLimits;
 use sluice_core::model::{ModelBundle, ModelManifest};
 use sluice_core::service::BuildError;
+use sluice_core::threads;
 use sluice_core::topology::{QueueName, StageName};
 use sluice_core::vector::FeatureVector;
 use sluice_core::worker::{BatchPolicy, Delivery, Outcome, Stage};
@@ -56,15 +57,16 @@ impl FeaturesStage {
         })
     }
 
-    async fn vector_for(&self, envelope: &Envelope) -> Result<FeatureVector> {
-        let data = match &envelope.payload {
-            Payload::Inline { data } => data.clone(),
-            Payload::ClaimCheck { reference } => self.blobs.get(reference).await?,
+    /// The payload's bytes, taken out of the envelope (which forwards without them) or fetched
+    /// from behind its claim-check.
+    async fn take_payload(&self, envelope: &mut Envelope) -> Result<Vec<u8>> {
+        match std::mem::replace(&mut envelope.payload, Payload::Released) {
+            Payload::Inline { data } => Ok(data),
+            Payload::ClaimCheck { reference } => self.blobs.get(&reference).await,
             Payload::Released => {
-                return Err(SluiceError::permanent(ReasonCode::SchemaMismatch, "the record carries no payload"));
+                Err(SluiceError::permanent(ReasonCode::SchemaMismatch, "the record carries no payload"))
             }
-        };
-        vectorise(&self.manifest, envelope.content_type, &data, &self.config.image_limits)
+        }
     }
 }
 
@@ -101,30 +103,47 @@ impl Stage for FeaturesStage {
     }
 
     async fn process(&self, batch: &[Delivery]) -> Vec<Outcome> {
+        // The envelopes are read and the vectors made on every core (decoding and resizing an
+        // image is the stage's work); claim-checked payloads are fetched in between.
+        let envelopes = threads::on_every_core(batch.iter().collect(), |delivery: &Delivery| {
+            Envelope::from_json(&delivery.body).map_err(|error| Outcome::failed(error, None))
+        });
+        let mut inputs = Vec::with_capacity(batch.len());
+        for envelope in envelopes {
+            inputs.push(match envelope {
+                Ok(mut envelope) => match self.take_payload(&mut envelope).await {
+                    Ok(data) => Ok((envelope, data)),
+                    Err(error) => Err(Outcome::failed(error, Some(envelope.record_id))),
+                },
+                Err(failed) => Err(failed),
+            });
+        }
+        let (manifest, limits) = (&self.manifest, &self.config.image_limits);
+        let made = threads::on_every_core(inputs, |input| {
+            let (envelope, data) = input?;
+            match vectorise(manifest, envelope.content_type, &data, limits) {
+                Ok(vector) => Ok((envelope, vector)),
+                Err(error) => Err(Outcome::failed(error, Some(envelope.record_id))),
+            }
+        });
         let mut outcomes = Vec::with_capacity(batch.len());
         let mut vectors: Vec<(RecordId, FeatureVector)> = Vec::new();
-        for delivery in batch {
-            let mut envelope = match Envelope::from_json(&delivery.body) {
-                Ok(envelope) => envelope,
-                Err(error) => {
-                    outcomes.push(Outcome::failed(error, None));
+        for (made, delivery) in made.into_iter().zip(batch) {
+            let (mut envelope, vector) = match made {
+                Ok(made) => made,
+                Err(failed) => {
+                    outcomes.push(failed);
                     continue;
                 }
             };
-            match self.vector_for(&envelope).await {
-                Ok(vector) => {
-                    vectors.push((envelope.record_id.clone(), vector));
-                    envelope.payload = Payload::Released;
-                    envelope.timestamps.featured_ms = Some(now_ms());
-                    let message = OutgoingMessage {
-                        body: envelope.to_json(),
-                        attributes: delivery.attributes.clone(),
-                        dedup_key: Some(envelope.record_id.to_string()),
-                    };
-                    outcomes.push(Outcome::forward(QueueName::Inference, message));
-                }
-                Err(error) => outcomes.push(Outcome::failed(error, Some(envelope.record_id))),
-            }
+            vectors.push((envelope.record_id.clone(), vector));
+            envelope.timestamps.featured_ms = Some(now_ms());
+            let message = OutgoingMessage {
+                body: envelope.to_json(),
+                attributes: delivery.attributes.clone(),
+                dedup_key: Some(envelope.record_id.to_string()),
+            };
+            outcomes.push(Outcome::forward(QueueName::Inference, message));
         }
         if !vectors.is_empty()
             && let Err(error) = self.store.put_if_absent(vectors).await

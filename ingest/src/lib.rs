@@ -11,7 +11,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use sluice_core::backend::{Backend, BlobStore, OutgoingMessage};
 use sluice_core::config::Settings;
-use sluice_core::envelope::RecordId;
+use sluice_core::envelope::{Envelope, RecordId};
 use sluice_core::model::{ModelBundle, TabularSpec};
 use sluice_core::service::BuildError;
 use sluice_core::telemetry::traces::TRACEPARENT;
@@ -51,10 +51,12 @@ impl IngestStage {
         self
     }
 
-    async fn ingest_one(&self, delivery: &Delivery) -> Outcome {
+    /// A stream record read as an envelope, and its payload checked where it travels inline: the
+    /// CPU's part of ingesting it (JSON, base64, an image decode), done on every core for a batch.
+    fn read(&self, delivery: &Delivery) -> Result<Envelope, Outcome> {
         let Origin::Stream { shard, sequence, arrived_ms, .. } = &delivery.origin else {
             let error = SluiceError::permanent(ReasonCode::Internal, "ingest reads the stream, not a queue");
-            return Outcome::failed(error, None);
+            return Err(Outcome::failed(error, None));
         };
         // A replayed raw record keeps the id its first stream position gave it.
         let position = delivery
@@ -62,18 +64,24 @@ impl IngestStage {
             .get(PARTITION_KEY)
             .and_then(|key| RecordId::from_replay_partition_key(key))
             .unwrap_or_else(|| RecordId::from_stream_position(shard, sequence));
-        let mut envelope = match validate::parse(&delivery.body, &position, *arrived_ms, &self.config) {
-            Ok(envelope) => envelope,
-            Err(error) => return Outcome::failed(error, Some(position)),
-        };
+        let mut envelope = validate::parse(&delivery.body, &position, *arrived_ms, &self.config)
+            .map_err(|error| Outcome::failed(error, Some(position)))?;
         // With tracing on, the worker gave the delivery this stage's span: the record carries it on.
         if let Some(traceparent) = delivery.attributes.get(TRACEPARENT) {
             envelope.trace = Some(traceparent.clone());
         }
-        let record_id = envelope.record_id.clone();
-        let checked = validate::check_payload(&mut envelope, self.blobs.as_ref(), &self.config, self.tabular.as_ref());
+        validate::check_inline(&envelope, &self.config, self.tabular.as_ref())
+            .map_err(|error| Outcome::failed(error, Some(envelope.record_id.clone())))?;
+        Ok(envelope)
+    }
+
+    /// What is left of ingesting a record once read: a claim-checked payload fetched and
+    /// checked, a large one moved behind a claim-check, and the envelope sent on.
+    async fn forward(&self, mut envelope: Envelope) -> Outcome {
+        let checked =
+            validate::check_claim_checked(&mut envelope, self.blobs.as_ref(), &self.config, self.tabular.as_ref());
         if let Err(error) = checked.await {
-            return Outcome::failed(error, Some(record_id));
+            return Outcome::failed(error, Some(envelope.record_id));
         }
         let mut attributes = std::collections::BTreeMap::new();
         if let Some(trace) = &envelope.trace {
@@ -81,7 +89,7 @@ impl IngestStage {
         }
         Outcome::forward(
             QueueName::Features,
-            OutgoingMessage { body: envelope.to_json(), attributes, dedup_key: Some(record_id.into()) },
+            OutgoingMessage { body: envelope.to_json(), attributes, dedup_key: Some(envelope.record_id.into()) },
         )
     }
 }
@@ -97,9 +105,13 @@ impl Stage for IngestStage {
     }
 
     async fn process(&self, batch: &[Delivery]) -> Vec<Outcome> {
+        let read = sluice_core::threads::on_every_core(batch.iter().collect(), |delivery| self.read(delivery));
         let mut outcomes = Vec::with_capacity(batch.len());
-        for delivery in batch {
-            outcomes.push(self.ingest_one(delivery).await);
+        for read in read {
+            outcomes.push(match read {
+                Ok(envelope) => self.forward(envelope).await,
+                Err(failed) => failed,
+            });
         }
         outcomes
     }

@@ -81,33 +81,57 @@ fn too_large(len: usize, limit: usize) -> SluiceError {
     SluiceError::permanent(ReasonCode::PayloadTooLarge, format!("payload is {len} bytes; the limit is {limit}"))
 }
 
-/// Loads the payload, checks it is what its content type says, and moves a large inline
-/// payload behind a claim-check.
-pub(crate) async fn check_payload(
+/// Checks an inline payload is what its content type says: the CPU's part of the check (a JSON
+/// parse, an image decode), done for a whole batch on every core. A claim-checked payload is
+/// checked by [`check_claim_checked`], once fetched.
+pub(crate) fn check_inline(envelope: &Envelope, config: &IngestConfig, tabular: Option<&TabularSpec>) -> Result<()> {
+    match &envelope.payload {
+        Payload::Inline { data } => check_bytes(data, envelope.content_type, config.max_payload_bytes, config, tabular),
+        Payload::ClaimCheck { .. } => Ok(()),
+        Payload::Released => {
+            Err(SluiceError::permanent(ReasonCode::SchemaMismatch, "a producer's envelope must carry a payload"))
+        }
+    }
+}
+
+/// Loads a claim-checked payload and checks it; moves a large inline payload (checked already by
+/// [`check_inline`]) behind a claim-check.
+pub(crate) async fn check_claim_checked(
     envelope: &mut Envelope,
     blobs: &dyn BlobStore,
     config: &IngestConfig,
     tabular: Option<&TabularSpec>,
 ) -> Result<()> {
-    let (data, limit) = match &envelope.payload {
-        Payload::Inline { data } => (data.clone(), config.max_payload_bytes),
-        Payload::ClaimCheck { reference } => (blobs.get(reference).await?, config.max_claim_check_bytes),
-        Payload::Released => {
-            return Err(SluiceError::permanent(
-                ReasonCode::SchemaMismatch,
-                "a producer's envelope must carry a payload",
-            ));
+    match &envelope.payload {
+        Payload::ClaimCheck { reference } => {
+            let data = blobs.get(reference).await?;
+            check_bytes(&data, envelope.content_type, config.max_claim_check_bytes, config, tabular)
         }
-    };
+        Payload::Inline { data } if data.len() > config.inline_limit_bytes => {
+            envelope.payload = Payload::ClaimCheck { reference: blobs.put(data.clone()).await? };
+            Ok(())
+        }
+        Payload::Inline { .. } | Payload::Released => Ok(()),
+    }
+}
+
+/// Checks a payload of at most `limit` bytes is what `content_type` says.
+fn check_bytes(
+    data: &[u8],
+    content_type: ContentType,
+    limit: usize,
+    config: &IngestConfig,
+    tabular: Option<&TabularSpec>,
+) -> Result<()> {
     if data.is_empty() {
         return Err(SluiceError::permanent(ReasonCode::EmptyPayload, "the payload has no bytes"));
     }
     if data.len() > limit {
         return Err(too_large(data.len(), limit));
     }
-    match envelope.content_type {
+    match content_type {
         ContentType::Json => {
-            let value: serde_json::Value = serde_json::from_slice(&data).map_err(|e| {
+            let value: serde_json::Value = serde_json::from_slice(data).map_err(|e| {
                 SluiceError::permanent(ReasonCode::InvalidJson, format!("payload is not valid JSON: {e}"))
             })?;
             let Some(event) = value.as_object() else {
@@ -119,11 +143,8 @@ pub(crate) async fn check_payload(
             }
         }
         image => {
-            sluice_core::image::decode(&data, image, &config.image_limits)?;
+            sluice_core::image::decode(data, image, &config.image_limits)?;
         }
-    }
-    if matches!(envelope.payload, Payload::Inline { .. }) && data.len() > config.inline_limit_bytes {
-        envelope.payload = Payload::ClaimCheck { reference: blobs.put(data).await? };
     }
     Ok(())
 }
