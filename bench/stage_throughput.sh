@@ -7,6 +7,9 @@
 #   bench/stage_throughput.sh [BIN_DIR] [--json]    (BIN_DIR default target/release;
 #                                                     REPEAT=30: 30 × 355 held-out digits)
 #
+# PHOTOS=1 writes the digits as photo-sized JPEGs (`sluice produce --photos`), for an image model
+# such as ResNet-18 (SLUICE__MODEL__DIR); STAGES="ingest features" runs only those stages.
+#
 # On the embedded store by default; with SLUICE_BENCH_AWS_ENDPOINT=http://127.0.0.1:PORT (moto
 # server), on fresh AWS resources there (keep REPEAT small: moto's SQS is slow).
 set -euo pipefail
@@ -26,8 +29,10 @@ if [[ -n "${SLUICE_BENCH_AWS_ENDPOINT:-}" ]]; then
 fi
 requests() { "$bin/sluice" stats --json | python3 -c 'import json,sys; print(sum(json.load(sys.stdin).get("aws_requests", {}).values()))'; }
 
-"$bin/sluice" produce --digits test --repeat "${REPEAT:-30}" >/dev/null
-records=$("$bin/sluice" stats --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["records_in"])')
+photos=()
+[[ "${PHOTOS:-0}" == 1 ]] && photos=(--photos)
+"$bin/sluice" produce --digits test "${photos[@]}" --repeat "${REPEAT:-30}" >/dev/null
+records=$("$bin/sluice" stats --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["stream"]["pending"])')
 
 # Whether the stage's input is used up (ingest: the stream; the others: their queue).
 drained() {
@@ -40,7 +45,7 @@ sys.exit(0 if left == 0 else 1)' "$1"
 }
 
 results=()
-for stage in ingest features inference results; do
+for stage in ${STAGES:-ingest features inference results}; do
   before=$(requests)
   start=$(date +%s.%N)
   "$bin/sluice-$stage" &

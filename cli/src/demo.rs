@@ -16,7 +16,7 @@ use sluice_core::topology::StageName;
 use tokio_util::sync::CancellationToken;
 
 use crate::digits::{self, Split};
-use crate::produce::{digit_records, put_all, run_tag};
+use crate::produce::{DigitForm, digit_records, put_all, run_tag};
 use sluice_core::dlq::Letters;
 
 #[derive(Debug, Clone, clap::Args)]
@@ -117,7 +117,7 @@ pub async fn demo(args: &DemoArgs, settings: Settings) -> anyhow::Result<Summary
     let backend = Backend::open(&store).await?;
 
     let test = digits::load_split(Split::Test)?;
-    let mut records = digit_records(&test, Split::Test, args.repeat.max(1), false, &run_tag());
+    let mut records = digit_records(&test, Split::Test, args.repeat.max(1), DigitForm::Png, &run_tag());
     let ingest: sluice_ingest::IngestConfig = settings.section("ingest")?;
     let bad = sluice_ingest::samples::bad_records(&test[0].to_png(), ingest.max_payload_bytes);
     records.extend(bad.into_iter().map(|b| b.input));

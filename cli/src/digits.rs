@@ -4,13 +4,17 @@
 use std::io::Read;
 
 use anyhow::{Context, bail};
-use image::{GrayImage, ImageFormat, Luma};
+use image::codecs::jpeg::JpegEncoder;
+use image::imageops::{self, FilterType};
+use image::{GrayImage, ImageFormat, Luma, Rgb, RgbImage};
 
 const DATA: &[u8] = include_bytes!("../../data/digits/digits.csv.gz");
 
 /// Pixel intensities run 0..=16 (counts of set pixels in 4×4 blocks).
 pub const MAX_INTENSITY: u8 = 16;
 pub const SIDE: u32 = 8;
+/// Width and height of a digit drawn as a photo ([`Digit::to_photo`]).
+pub const PHOTO_SIZE: (u32, u32) = (480, 360);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Split {
@@ -53,6 +57,32 @@ impl Digit {
     pub fn to_png(&self) -> Vec<u8> {
         let mut out = Vec::new();
         self.to_image().write_to(&mut std::io::Cursor::new(&mut out), ImageFormat::Png).expect("PNG encodes to memory");
+        out
+    }
+
+    /// The digit as a photo-sized colour JPEG (quality 90): what an image model such as ResNet-18
+    /// is fed, ImageNet's pictures being JPEGs of some 400×350 and 110 KB. The digit fills the
+    /// middle of a coloured gradient, and a fixed noise gives the picture a photo's texture, so
+    /// that it costs about what a photo costs to decode and resize.
+    pub fn to_photo(&self) -> Vec<u8> {
+        let (width, height) = PHOTO_SIZE;
+        let side = height * 4 / 5;
+        let glyph = imageops::resize(&self.to_image(), side, side, FilterType::Triangle);
+        let (left, top) = ((width - side) / 2, (height - side) / 2);
+        let tint = (self.index * 47 % 256) as u32;
+        let photo = RgbImage::from_fn(width, height, |x, y| {
+            let ink = (x.wrapping_sub(left) < side && y.wrapping_sub(top) < side)
+                .then(|| glyph.get_pixel(x - left, y - top).0[0])
+                .map_or(0, u32::from);
+            let background = [x * 200 / width, y * 200 / height, tint * 200 / 255];
+            // A hash of the position and the digit: the same picture every time.
+            let noise = (x.wrapping_mul(0x9E37_79B1) ^ y.wrapping_mul(0x85EB_CA77) ^ (self.index as u32))
+                .wrapping_mul(0xC2B2_AE3D)
+                >> 27;
+            Rgb(background.map(|b| ((b * (255 - ink) + 255 * ink) / 255 + noise).min(255) as u8))
+        });
+        let mut out = Vec::new();
+        JpegEncoder::new_with_quality(&mut out, 90).encode_image(&photo).expect("JPEG encodes to memory");
         out
     }
 
@@ -109,6 +139,16 @@ mod tests {
             assert!((34..=37).contains(&of_class(Split::Test)), "class {label} is stratified");
             assert!((18..=19).contains(&of_class(Split::Validation)), "class {label} is stratified");
         }
+    }
+
+    #[test]
+    fn photos_are_photo_sized_jpegs() {
+        let digit = &load().unwrap()[0];
+        let photo = digit.to_photo();
+        assert_eq!(sluice_core::envelope::ContentType::sniff(&photo), Some(sluice_core::envelope::ContentType::Jpeg));
+        let decoded = image::load_from_memory(&photo).unwrap();
+        assert_eq!((decoded.width(), decoded.height()), PHOTO_SIZE);
+        assert!((40_000..128 * 1024).contains(&photo.len()), "{} bytes: a photo's size, and inline", photo.len());
     }
 
     #[test]

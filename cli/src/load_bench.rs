@@ -28,7 +28,7 @@ use crate::demo::{all_results, percentile};
 use crate::digits::{Split, load_split};
 use crate::load::Pattern;
 use crate::pipeline_bench::{BenchPipelineArgs, bench_pipeline};
-use crate::produce::{Catalogue, run_tag};
+use crate::produce::{Catalogue, DigitForm, run_tag};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct BenchLoadArgs {
@@ -138,7 +138,7 @@ pub async fn bench_load(args: &BenchLoadArgs, settings: Settings) -> anyhow::Res
         Some(capacity) => capacity,
         None if aws => bail!("on AWS, give --capacity: the records a second the endpoint sustains"),
         None => {
-            let probe = BenchPipelineArgs { records: args.probe_records, json: false };
+            let probe = BenchPipelineArgs { records: args.probe_records, photos: false, json: false };
             bench_pipeline(&probe, settings.clone()).await?.pipeline_records_per_s
         }
     };
@@ -212,8 +212,7 @@ async fn run_at(settings: &Settings, load: f64, rate: f64, duration: Duration) -
             most
         })
     };
-    let catalogue =
-        Catalogue::Digits { set: load_split(Split::Test)?, split: Split::Test, as_json: false, run: run_tag() };
+    let catalogue = Catalogue::digits(load_split(Split::Test)?, Split::Test, DigitForm::Png, &run_tag());
     let produced = crate::load::run(&backend, &catalogue, rate, duration, Pattern::Steady).await?;
     let load_ended_ms = sluice_core::envelope::now_ms();
     let backlog_at_end = backlog(&PipelineStats::collect(&observer).await?);

@@ -26,13 +26,17 @@ use sluice_inference::model::{CandleClassifier, select_device};
 
 use crate::digits::{Split, load_split};
 use crate::load_bench::{Percentiles, stage_spans};
-use crate::produce::{digit_records, put_all, run_tag};
+use crate::produce::{DigitForm, digit_records, put_all, run_tag};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct BenchPipelineArgs {
     /// Records through each side.
     #[arg(long, default_value_t = 10_000)]
     pub records: usize,
+    /// The digits as photo-sized colour JPEGs instead of 8×8 PNGs: records that cost what photos
+    /// cost to decode and resize, for an image model such as ResNet-18.
+    #[arg(long)]
+    pub photos: bool,
     #[arg(long)]
     pub json: bool,
 }
@@ -40,6 +44,8 @@ pub struct BenchPipelineArgs {
 #[derive(Debug, Clone, Serialize)]
 pub struct PipelineReport {
     pub records: usize,
+    /// Whether the digits went as photo-sized JPEGs (`--photos`) rather than 8×8 PNGs.
+    pub photos: bool,
     pub bare_records_per_s: f64,
     pub pipeline_records_per_s: f64,
     /// Pipeline over bare loop.
@@ -69,7 +75,8 @@ pub struct Latency {
 
 impl fmt::Display for PipelineReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(f, "{} labelled digits, each side", self.records)?;
+        let form = if self.photos { "as 480×360 JPEGs" } else { "as 8×8 PNGs" };
+        writeln!(f, "{} labelled digits {form}, each side", self.records)?;
         writeln!(f, "  bare loop (decode, preprocess, infer)  {:>9.0} records/s", self.bare_records_per_s)?;
         writeln!(f, "  whole pipeline, embedded store         {:>9.0} records/s", self.pipeline_records_per_s)?;
         writeln!(f, "  ratio                                  {:>9.2}", self.ratio)?;
@@ -103,7 +110,13 @@ impl fmt::Display for PipelineReport {
 pub async fn bench_pipeline(args: &BenchPipelineArgs, settings: Settings) -> anyhow::Result<PipelineReport> {
     let n = args.records.max(1);
     let test = load_split(Split::Test)?;
-    let mut records = digit_records(&test, Split::Test, n.div_ceil(test.len()), false, &run_tag());
+    let mut records = digit_records(
+        &test,
+        Split::Test,
+        n.div_ceil(test.len()),
+        DigitForm::from_flags(false, args.photos),
+        &run_tag(),
+    );
     records.truncate(n);
 
     let bare = bare_loop(&settings, &records)?;
@@ -148,6 +161,7 @@ pub async fn bench_pipeline(args: &BenchPipelineArgs, settings: Settings) -> any
     let bare_records_per_s = n as f64 / bare.max(1e-9);
     Ok(PipelineReport {
         records: n,
+        photos: args.photos,
         bare_records_per_s,
         pipeline_records_per_s,
         ratio: pipeline_records_per_s / bare_records_per_s,
@@ -192,15 +206,19 @@ fn bare_loop(settings: &Settings, records: &[sluice_core::backend::StreamInput])
     classifier.warm_up()?;
     let started = Instant::now();
     for chunk in records.chunks(inference.batch_size.max(1)) {
-        let mut pixels = Vec::with_capacity(chunk.len() * bundle.manifest.vector_len());
-        for record in chunk {
+        // Preprocessed on every core, as the features stage does.
+        let vectors = sluice_core::threads::on_every_core(chunk.iter().collect(), |record| {
             let envelope = Envelope::from_json(&record.data)?;
             let Payload::Inline { data } = &envelope.payload else { bail!("a digit record travels inline") };
             let vector =
                 sluice_features::vectorise(&bundle.manifest, envelope.content_type, data, &features.image_limits)
                     .context("preprocessing")?;
             let FeatureVector::Pixels(vector) = vector else { bail!("a digit's features are its pixels") };
-            pixels.extend(vector);
+            Ok(vector)
+        });
+        let mut pixels = Vec::with_capacity(chunk.len() * bundle.manifest.vector_len());
+        for vector in vectors {
+            pixels.extend(vector?);
         }
         classifier.predict_batch(FeatureVector::Pixels(pixels), chunk.len())?;
     }

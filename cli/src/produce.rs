@@ -26,8 +26,12 @@ pub struct ProduceArgs {
     #[arg(long, default_value_t = 1)]
     pub repeat: usize,
     /// Write digits as tabular JSON events instead of PNG images.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "photos")]
     pub json: bool,
+    /// Write digits as photo-sized colour JPEGs (480×360, ~90 KB) instead of 8×8 PNGs: records
+    /// that cost what photos cost, for an image model such as ResNet-18.
+    #[arg(long)]
+    pub photos: bool,
     /// Write only the first this many records.
     #[arg(long, conflicts_with = "rate")]
     pub limit: Option<usize>,
@@ -45,8 +49,8 @@ pub struct ProduceArgs {
 
 /// Digits as sluice envelopes labelled with their true class. Ids carry `run` so that every
 /// produce call, and every repeat, makes distinct records.
-pub fn digit_records(set: &[Digit], split: Split, repeat: usize, as_json: bool, run: &str) -> Vec<StreamInput> {
-    let catalogue = Catalogue::Digits { set: set.to_vec(), split, as_json, run: run.to_owned() };
+pub fn digit_records(set: &[Digit], split: Split, repeat: usize, form: DigitForm, run: &str) -> Vec<StreamInput> {
+    let catalogue = Catalogue::digits(set.to_vec(), split, form, run);
     (0..(set.len() * repeat) as u64).map(|i| catalogue.record(i)).collect()
 }
 
@@ -54,11 +58,53 @@ pub fn digit_records(set: &[Digit], split: Split, repeat: usize, as_json: bool, 
 /// set again and again, each pass a new copy (distinct record ids for digits; raw files get
 /// theirs from their stream positions).
 pub enum Catalogue {
-    Digits { set: Vec<Digit>, split: Split, as_json: bool, run: String },
+    /// Labelled digits, each digit's payload made once.
+    Digits {
+        set: Vec<Digit>,
+        payloads: Vec<(ContentType, Vec<u8>)>,
+        split: Split,
+        run: String,
+    },
     Files(Vec<(String, Vec<u8>)>),
 }
 
+/// How a digit travels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DigitForm {
+    /// An 8×8 greyscale PNG.
+    #[default]
+    Png,
+    /// A tabular JSON event.
+    Json,
+    /// A photo-sized colour JPEG ([`Digit::to_photo`]).
+    Photo,
+}
+
+impl DigitForm {
+    /// The form `--json` or `--photos` asks for.
+    pub fn from_flags(json: bool, photos: bool) -> Self {
+        match (json, photos) {
+            (true, _) => Self::Json,
+            (false, true) => Self::Photo,
+            (false, false) => Self::Png,
+        }
+    }
+
+    fn payload(self, digit: &Digit) -> (ContentType, Vec<u8>) {
+        match self {
+            Self::Png => (ContentType::Png, digit.to_png()),
+            Self::Json => (ContentType::Json, serde_json::to_vec(&digit.to_event()).expect("serialises")),
+            Self::Photo => (ContentType::Jpeg, digit.to_photo()),
+        }
+    }
+}
+
 impl Catalogue {
+    pub fn digits(set: Vec<Digit>, split: Split, form: DigitForm, run: &str) -> Self {
+        let payloads = set.iter().map(|digit| form.payload(digit)).collect();
+        Self::Digits { set, payloads, split, run: run.to_owned() }
+    }
+
     pub fn len(&self) -> usize {
         match self {
             Self::Digits { set, .. } => set.len(),
@@ -73,17 +119,13 @@ impl Catalogue {
     pub fn record(&self, i: u64) -> StreamInput {
         let (copy, at) = (i / self.len().max(1) as u64, (i % self.len().max(1) as u64) as usize);
         match self {
-            Self::Digits { set, split, as_json, run } => {
+            Self::Digits { set, payloads, split, run } => {
                 let digit = &set[at];
                 let split_name = format!("{split:?}").to_lowercase();
                 let id = RecordId::parse(format!("digits-{run}-{split_name}-{:04}-{copy}", digit.index))
                     .expect("a valid id");
-                let (content_type, data) = if *as_json {
-                    (ContentType::Json, serde_json::to_vec(&digit.to_event()).expect("serialises"))
-                } else {
-                    (ContentType::Png, digit.to_png())
-                };
-                let mut envelope = Envelope::inline(id.clone(), "sluice-produce", content_type, data);
+                let (content_type, data) = &payloads[at];
+                let mut envelope = Envelope::inline(id.clone(), "sluice-produce", *content_type, data.clone());
                 envelope.attributes.insert("label".to_owned(), digit.label.to_string());
                 StreamInput { partition_key: id.to_string(), data: envelope.to_json() }
             }
@@ -174,7 +216,7 @@ pub fn records_for(args: &ProduceArgs) -> anyhow::Result<Vec<StreamInput>> {
 pub fn catalogue_for(args: &ProduceArgs) -> anyhow::Result<Catalogue> {
     if let Some(split) = args.digits {
         let set = digits::load_split(split)?;
-        return Ok(Catalogue::Digits { set, split, as_json: args.json, run: run_tag() });
+        return Ok(Catalogue::digits(set, split, DigitForm::from_flags(args.json, args.photos), &run_tag()));
     }
     let dir = args.dir.as_ref().expect("clap requires --dir or --digits");
     let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)

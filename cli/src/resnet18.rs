@@ -21,9 +21,11 @@ pub const RANDOM_WEIGHTS: &str = "random initialisation (speed only: its predict
 #[derive(Debug, Clone, clap::Args)]
 pub struct BundleResnet18Args {
     /// ResNet-18 weights with torchvision's names, as safetensors (from PyTorch:
-    /// `safetensors.torch.save_file(model.state_dict(), "resnet18.safetensors")`).
+    /// `safetensors.torch.save_file(model.state_dict(), "resnet18.safetensors")`). Without it,
+    /// seeded random stand-in weights: a model that predicts nothing, for speed benchmarks on a
+    /// machine without PyTorch.
     #[arg(long)]
-    pub weights: PathBuf,
+    pub weights: Option<PathBuf>,
     /// The class labels, one per line, in the order of the model's outputs.
     #[arg(long)]
     pub labels: PathBuf,
@@ -63,13 +65,20 @@ pub fn bundle(args: &BundleResnet18Args) -> anyhow::Result<ModelBundle> {
     std::fs::create_dir_all(parent)?;
     // Built beside its destination and moved there once it works: no half-made bundle is left.
     let staging = tempfile::tempdir_in(parent)?;
-    std::fs::copy(&args.weights, staging.path().join(WEIGHTS_FILE))
-        .with_context(|| format!("{}", args.weights.display()))?;
+    let weights = match &args.weights {
+        Some(path) => {
+            std::fs::copy(path, staging.path().join(WEIGHTS_FILE)).with_context(|| format!("{}", path.display()))?;
+            path.display().to_string()
+        }
+        None => {
+            write_random_weights(&staging.path().join(WEIGHTS_FILE), labels.len(), 0)?;
+            "the random weights".to_owned()
+        }
+    };
     let manifest = manifest(&args.name, &args.version, labels, args.threshold);
     std::fs::write(staging.path().join(MANIFEST_FILE), manifest.to_toml())?;
-    check(&ModelBundle::load(staging.path())?).with_context(|| {
-        format!("{} is not a ResNet-18 for {} classes", args.weights.display(), manifest.labels.len())
-    })?;
+    check(&ModelBundle::load(staging.path())?)
+        .with_context(|| format!("{weights} is not a ResNet-18 for {} classes", manifest.labels.len()))?;
     std::fs::rename(staging.keep(), &args.out)?;
     Ok(ModelBundle::load(&args.out)?)
 }

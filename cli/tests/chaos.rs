@@ -20,7 +20,7 @@ use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use sluice_cli::demo::all_results;
 use sluice_cli::digits::{self, Split};
-use sluice_cli::produce::{digit_records, put_all};
+use sluice_cli::produce::{DigitForm, digit_records, put_all};
 use sluice_core::backend::Backend;
 use sluice_core::config::StoreConfig;
 use sluice_core::dlq::{self, Filter, Letters};
@@ -58,7 +58,7 @@ async fn chaos(setup: Setup, records: usize, seed: u64) {
     let dir = tempfile::tempdir().unwrap();
     let backend = Backend::open_observer(&setup.config).await.unwrap();
     let test = digits::load_split(Split::Test).unwrap();
-    let mut good = digit_records(&test, Split::Test, records.div_ceil(test.len()), false, "chaos");
+    let mut good = digit_records(&test, Split::Test, records.div_ceil(test.len()), DigitForm::Png, "chaos");
     good.truncate(records);
     let produced: BTreeSet<String> =
         good.iter().map(|r| Envelope::from_json(&r.data).unwrap().record_id.to_string()).collect();

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use common::{bin, model_dir, wait_for};
 use sluice_cli::digits::{Split, load_split};
-use sluice_cli::produce::{digit_records, put_all, run_tag};
+use sluice_cli::produce::{DigitForm, digit_records, put_all, run_tag};
 use sluice_core::backend::{Backend, StreamInput};
 use sluice_core::telemetry::health::probe;
 use sluice_core::testing::{SETUP_HINT, aws_endpoint, aws_store_config, free_port, unique_prefix};
@@ -89,7 +89,7 @@ async fn workers_run_unprivileged_on_a_read_only_root_configured_by_environment_
     sluice_core::backend::aws::bootstrap::bootstrap(&config).await.unwrap();
     let backend = Backend::open_observer(&config).await.unwrap();
     let digits = load_split(Split::Test).unwrap();
-    let mut records = digit_records(&digits[..RECORDS - 1], Split::Test, 1, false, &run_tag());
+    let mut records = digit_records(&digits[..RECORDS - 1], Split::Test, 1, DigitForm::Png, &run_tag());
     records.push(StreamInput { partition_key: "bad".to_owned(), data: b"{not json".to_vec() });
     put_all(&backend, records).await.unwrap();
 

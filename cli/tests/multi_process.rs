@@ -11,7 +11,7 @@ use std::time::Duration;
 use common::{Worker, handled, store_config, wait_for};
 use sluice_cli::demo::all_results;
 use sluice_cli::digits::{self, Split};
-use sluice_cli::produce::{digit_records, put_all};
+use sluice_cli::produce::{DigitForm, digit_records, put_all};
 use sluice_core::backend::Backend;
 use sluice_core::envelope::Envelope;
 
@@ -24,7 +24,7 @@ async fn workers_drain_10k_records_through_sigterms_and_a_sigkill() {
     let backend = Backend::open(&store_config(&store)).await.unwrap();
 
     let test = digits::load_split(Split::Test).unwrap();
-    let mut records = digit_records(&test, Split::Test, RECORDS.div_ceil(test.len()), false, "mp");
+    let mut records = digit_records(&test, Split::Test, RECORDS.div_ceil(test.len()), DigitForm::Png, "mp");
     records.truncate(RECORDS);
     let produced: BTreeSet<String> =
         records.iter().map(|r| Envelope::from_json(&r.data).unwrap().record_id.to_string()).collect();

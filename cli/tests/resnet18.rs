@@ -121,3 +121,25 @@ fn a_resnet18_bundle_classifies_photos_through_the_pipeline() {
         assert_eq!(result["label"], format!("kind {best}"));
     }
 }
+
+#[test]
+fn a_bundle_without_weights_gets_the_seeded_stand_in_weights() {
+    let dir = tempfile::tempdir().unwrap();
+    let labels = dir.path().join("labels.txt");
+    std::fs::write(&labels, (0..CLASSES).map(|i| format!("kind {i}\n")).collect::<String>()).unwrap();
+    let out_dir = dir.path().join("bundle");
+    let out = Command::new(bin("sluice"))
+        .args(["bundle", "resnet18", "--labels"])
+        .arg(&labels)
+        .arg("--out")
+        .arg(&out_dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let expected = dir.path().join("expected.safetensors");
+    sluice_cli::resnet18::write_random_weights(&expected, CLASSES, 0).unwrap();
+    let bundle = ModelBundle::load(&out_dir).unwrap();
+    assert_eq!(bundle.manifest.labels.len(), CLASSES);
+    let written = std::fs::read(out_dir.join(sluice_core::model::WEIGHTS_FILE)).unwrap();
+    assert!(written == std::fs::read(&expected).unwrap(), "the bundle holds the seed-0 weights");
+}
