@@ -8,6 +8,7 @@ use async_trait::async_trait;
 use sluice_core::backend::{Backend, Checkpoint, OutgoingMessage, StreamInput};
 use sluice_core::config::{StoreConfig, WorkerConfig};
 use sluice_core::error::{ReasonCode, SluiceError};
+use sluice_core::record::DlqEntry;
 use sluice_core::topology::{QueueName, StageName};
 use sluice_core::worker::{BatchPolicy, Delivery, Outcome, QueueSource, Stage, StreamSource, Worker};
 use tokio_util::sync::CancellationToken;
@@ -440,4 +441,37 @@ async fn queued_messages_of_a_store_with_a_row_per_message_are_moved_and_kept() 
     let old: i64 =
         conn.query_row("SELECT COUNT(*) FROM sqlite_master WHERE name = 'messages'", [], |r| r.get(0)).unwrap();
     assert_eq!(old, 0, "the old table is gone");
+}
+
+/// A batch whose stored bytes cannot be read (a bug, a damaged disk) holds up no other message:
+/// receives hand out the rest, and once its messages are received too often they go to the DLQ
+/// as one entry holding the batch's bytes, for an operator to look at, and leave the queue empty.
+#[tokio::test]
+async fn an_unreadable_batch_holds_up_nothing_and_ends_in_the_dlq() {
+    let config = StoreConfig { visibility_timeout_ms: 0, max_receives: 2, ..StoreConfig::default() };
+    let (_dir, config, backend) = fresh(config).await;
+    let queue = backend.queue(QueueName::Features);
+    queue.send_batch(vec![byte(1), byte(2)]).await.unwrap();
+    queue.send_batch(vec![byte(3)]).await.unwrap();
+    // Not a packed batch: a varint that never ends.
+    let damaged = vec![0xff_u8; 7];
+    rusqlite::Connection::open(&config.path)
+        .unwrap()
+        .execute("UPDATE queue_batches SET data = ?1 WHERE id = (SELECT MIN(id) FROM queue_batches)", [&damaged])
+        .unwrap();
+
+    let got = queue.receive(10, Duration::ZERO).await.unwrap();
+    assert_eq!(got.iter().map(|m| m.body.clone()).collect::<Vec<_>>(), [vec![3]], "the readable batch is handed out");
+    queue.ack(&[got[0].receipt.clone()]).await.unwrap();
+    assert!(queue.receive(10, Duration::ZERO).await.unwrap().is_empty(), "received a second time, passed over");
+    assert!(queue.receive(10, Duration::ZERO).await.unwrap().is_empty(), "received too often: redriven");
+
+    let depth = queue.depth().await.unwrap();
+    assert_eq!((depth.visible, depth.in_flight), (0, 0), "nothing is left to hold the queue up");
+    let dlq = backend.queue(QueueName::FeaturesDlq).peek(10).await.unwrap();
+    assert_eq!(dlq.len(), 1, "the damaged batch's two messages end as one entry");
+    assert_eq!(dlq[0].body, damaged, "the entry keeps the bytes as stored");
+    let entry = DlqEntry::from_message(StageName::Features, dlq[0].body.clone(), &dlq[0].attributes, 0, 0);
+    assert_eq!(entry.reason, ReasonCode::MalformedMessage);
+    assert!(entry.detail.contains("unreadable") && entry.detail.contains("0..2"), "{}", entry.detail);
 }

@@ -58,12 +58,6 @@ struct PackedBatch {
     messages: Vec<PackedMessage>,
 }
 
-impl PackedBatch {
-    fn decode_row(data: &[u8]) -> rusqlite::Result<Self> {
-        Self::decode(data).map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))
-    }
-}
-
 /// A run's row in `queue_runs`.
 #[derive(Debug, Clone)]
 struct Run {
@@ -157,20 +151,22 @@ impl Batches {
 }
 
 /// Unpacks what was taken into messages, each named by `receipt(batch, place, receive count)`;
-/// each batch is decoded once.
-fn unpack(taken: Vec<Taken>, receipt: impl Fn(i64, i64, u32) -> Receipt) -> Result<Vec<ReceivedMessage>> {
+/// each batch is decoded once. A batch that cannot be decoded is passed over, logged: its
+/// messages stay taken until their visibility runs out, and the receive that finds them received
+/// too often moves them to the DLQ (see [`redrive`]), so that they hold up no other message.
+fn unpack(taken: Vec<Taken>, receipt: impl Fn(i64, i64, u32) -> Receipt) -> Vec<ReceivedMessage> {
     let mut out = Vec::with_capacity(taken.iter().map(|t| t.count as usize).sum());
     let mut decoded: HashMap<i64, Vec<PackedMessage>> = HashMap::new();
     for t in taken {
         let messages = match decoded.entry(t.batch) {
             Entry::Occupied(entry) => entry.into_mut(),
-            Entry::Vacant(entry) => {
-                let batch = PackedBatch::decode(t.data.as_slice()).map_err(|e| {
-                    let detail = format!("queue batch {} is unreadable: {e}", t.batch);
-                    SluiceError::retryable(ReasonCode::StoreUnavailable, detail)
-                })?;
-                entry.insert(batch.messages)
-            }
+            Entry::Vacant(entry) => match PackedBatch::decode(t.data.as_slice()) {
+                Ok(batch) => entry.insert(batch.messages),
+                Err(e) => {
+                    tracing::error!(batch = t.batch, error = %e, "a queue batch is unreadable: its messages are passed over until their redrive");
+                    entry.insert(Vec::new())
+                }
+            },
         };
         // Runs of one batch never overlap: each message is taken out once.
         let places = t.first as usize..(t.first + t.count) as usize;
@@ -183,7 +179,7 @@ fn unpack(taken: Vec<Taken>, receipt: impl Fn(i64, i64, u32) -> Receipt) -> Resu
             sent_at_ms: t.sent_at_ms as u64,
         }));
     }
-    Ok(out)
+    out
 }
 
 impl EmbeddedQueue {
@@ -284,7 +280,7 @@ impl EmbeddedQueue {
             })
             .await?;
         // Unpacked off the connection, which every stage waits for.
-        unpack(taken, receipt)
+        Ok(unpack(taken, receipt))
     }
 
     /// Makes the messages that `receipts` name visible `from_now` from now.
@@ -305,23 +301,47 @@ fn redrive(
     now: i64,
 ) -> rusqlite::Result<()> {
     let stage = dlq.dlq_stage().expect("a redrive target is a stage DLQ");
-    let error = SluiceError::permanent(
-        ReasonCode::MaxReceivesExceeded,
-        format!("received {} times from {from} without being acknowledged", run.receive_count),
-    );
-    let mut entry = DlqEntry::new(stage, &error, run.receive_count, None, Vec::new());
-    entry.first_failure_ms = run.first_received_ms.unwrap_or(run.sent_at_ms) as u64;
-    let batch = PackedBatch::decode_row(&batch_data(tx, run.batch)?)?;
-    let messages = batch.messages.into_iter().skip(run.first as usize).take(run.count as usize);
-    let redriven = messages
-        .map(|mut message| {
-            message.attributes.extend(entry.attributes());
-            if let Some(key) = &message.dedup_key {
-                message.attributes.insert(crate::record::dlq_attr::RECORD_ID.to_owned(), key.clone());
-            }
-            message
-        })
-        .collect();
+    let entry = |code, detail| {
+        let mut entry =
+            DlqEntry::new(stage, &SluiceError::permanent(code, detail), run.receive_count, None, Vec::new());
+        entry.first_failure_ms = run.first_received_ms.unwrap_or(run.sent_at_ms) as u64;
+        entry.attributes()
+    };
+    let data = batch_data(tx, run.batch)?;
+    let redriven = match PackedBatch::decode(data.as_slice()) {
+        Ok(batch) => {
+            let attributes = entry(
+                ReasonCode::MaxReceivesExceeded,
+                format!("received {} times from {from} without being acknowledged", run.receive_count),
+            );
+            let messages = batch.messages.into_iter().skip(run.first as usize).take(run.count as usize);
+            messages
+                .map(|mut message| {
+                    message.attributes.extend(attributes.clone());
+                    if let Some(key) = &message.dedup_key {
+                        message.attributes.insert(crate::record::dlq_attr::RECORD_ID.to_owned(), key.clone());
+                    }
+                    message
+                })
+                .collect()
+        }
+        // What is stored cannot be told apart into messages: the run goes as one entry whose body
+        // is the batch's bytes as stored, for an operator to look at, rather than stay in the queue.
+        Err(e) => {
+            let detail = format!(
+                "queue batch {} of {from} is unreadable ({e}); its messages {}..{} end here as one entry, \
+                 the batch's stored bytes",
+                run.batch,
+                run.first,
+                run.first + run.count
+            );
+            vec![PackedMessage {
+                body: data,
+                attributes: entry(ReasonCode::MalformedMessage, detail),
+                dedup_key: run.dedup_key.clone(),
+            }]
+        }
+    };
     Outgoing::packed(dlq, redriven).insert(tx, now)?;
     run.delete(tx)?;
     drop_batch_if_done(tx, run.batch)
@@ -579,7 +599,7 @@ impl WorkQueue for EmbeddedQueue {
                 Ok(out)
             })
             .await?;
-        unpack(taken, |batch, place, _| Receipt(format!("peek:{batch}:{place}")))
+        Ok(unpack(taken, |batch, place, _| Receipt(format!("peek:{batch}:{place}"))))
     }
 }
 
