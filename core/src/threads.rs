@@ -73,10 +73,12 @@ fn stage_pool() -> &'static rayon::ThreadPool {
 /// about a millisecond to decode). Like that work done in place, this blocks the calling thread
 /// until every item is done.
 pub fn on_every_core<T: Send, R: Send>(items: Vec<T>, work: impl Fn(T) -> R + Sync + Send) -> Vec<R> {
-    if items.len() < 2 {
+    let pool = stage_pool();
+    // One item, or one core (a task given one vCPU): nothing to spread, no hand-off.
+    if items.len() < 2 || pool.current_num_threads() < 2 {
         return items.into_iter().map(work).collect();
     }
-    stage_pool().install(|| items.into_par_iter().map(work).collect())
+    pool.install(|| items.into_par_iter().map(work).collect())
 }
 
 #[cfg(test)]
