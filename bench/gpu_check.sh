@@ -141,7 +141,9 @@ run() {
 # ResNet-18 (torchvision's seeded random initialisation, made with the machine's PyTorch) on
 # photo-sized JPEGs and the digits CNN on its PNGs, with the store on the machine's disk and then on tmpfs (/dev/shm), and the disk's
 # sequential write speed and fsync time beside them: a pipeline that speeds up on tmpfs waits on
-# the disk. About 2-3 minutes on an H100 (RESNET_RECORDS=3000, DIGITS_RECORDS=10000 a run).
+# the disk. About 2-3 minutes on an H100 before the photos (RESNET_RECORDS=3000, DIGITS_RECORDS=10000
+# a run); a ResNet-18 run on photos writes ~2 GB to the store (645 KiB a record): lower
+# RESNET_RECORDS if the device time is short.
 pipeline() {
   runtime_env "${1:-$out/sluice}"
   local dir store

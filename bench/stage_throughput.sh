@@ -31,7 +31,7 @@ requests() { "$bin/sluice" stats --json | python3 -c 'import json,sys; print(sum
 
 photos=()
 [[ "${PHOTOS:-0}" == 1 ]] && photos=(--photos)
-"$bin/sluice" produce --digits test "${photos[@]}" --repeat "${REPEAT:-30}" >/dev/null
+"$bin/sluice" produce --digits test ${photos[@]+"${photos[@]}"} --repeat "${REPEAT:-30}" >/dev/null
 records=$("$bin/sluice" stats --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["stream"]["pending"])')
 
 # Whether the stage's input is used up (ingest: the stream; the others: their queue).

@@ -21,11 +21,13 @@ pub const RANDOM_WEIGHTS: &str = "random initialisation (speed only: its predict
 #[derive(Debug, Clone, clap::Args)]
 pub struct BundleResnet18Args {
     /// ResNet-18 weights with torchvision's names, as safetensors (from PyTorch:
-    /// `safetensors.torch.save_file(model.state_dict(), "resnet18.safetensors")`). Without it,
-    /// seeded random stand-in weights: a model that predicts nothing, for speed benchmarks on a
-    /// machine without PyTorch.
-    #[arg(long)]
+    /// `safetensors.torch.save_file(model.state_dict(), "resnet18.safetensors")`).
+    #[arg(long, required_unless_present = "random_weights", conflicts_with = "random_weights")]
     pub weights: Option<PathBuf>,
+    /// Seeded random stand-in weights instead: a model that predicts nothing, for speed
+    /// benchmarks on a machine without PyTorch.
+    #[arg(long)]
+    pub random_weights: bool,
     /// The class labels, one per line, in the order of the model's outputs.
     #[arg(long)]
     pub labels: PathBuf,

@@ -123,13 +123,21 @@ fn a_resnet18_bundle_classifies_photos_through_the_pipeline() {
 }
 
 #[test]
-fn a_bundle_without_weights_gets_the_seeded_stand_in_weights() {
+fn a_bundle_with_random_weights_gets_the_seeded_stand_in_weights() {
     let dir = tempfile::tempdir().unwrap();
     let labels = dir.path().join("labels.txt");
     std::fs::write(&labels, (0..CLASSES).map(|i| format!("kind {i}\n")).collect::<String>()).unwrap();
     let out_dir = dir.path().join("bundle");
-    let out = Command::new(bin("sluice"))
+    let neither = Command::new(bin("sluice"))
         .args(["bundle", "resnet18", "--labels"])
+        .arg(&labels)
+        .arg("--out")
+        .arg(&out_dir)
+        .output()
+        .unwrap();
+    assert!(!neither.status.success() && !out_dir.exists(), "weights, or random ones, must be asked for");
+    let out = Command::new(bin("sluice"))
+        .args(["bundle", "resnet18", "--random-weights", "--labels"])
         .arg(&labels)
         .arg("--out")
         .arg(&out_dir)

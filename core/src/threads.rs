@@ -66,6 +66,11 @@ fn stage_pool() -> &'static rayon::ThreadPool {
     })
 }
 
+/// How many threads [`on_every_core`] spreads work over.
+pub fn stage_threads() -> usize {
+    stage_pool().current_num_threads()
+}
+
 /// `work` done on each of `items`, spread over every core, the results in the items' order.
 ///
 /// A stage's batch of images is hundreds of independent decodes and resizes: one after another

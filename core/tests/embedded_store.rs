@@ -443,35 +443,54 @@ async fn queued_messages_of_a_store_with_a_row_per_message_are_moved_and_kept() 
     assert_eq!(old, 0, "the old table is gone");
 }
 
-/// A batch whose stored bytes cannot be read (a bug, a damaged disk) holds up no other message:
-/// receives hand out the rest, and once its messages are received too often they go to the DLQ
-/// as one entry holding the batch's bytes, for an operator to look at, and leave the queue empty.
+/// A batch whose stored bytes cannot be read (a bug, a damaged disk, a missing row) holds up no
+/// other message: receives hand out the rest, and once its messages are received too often the
+/// whole batch goes to the DLQ as one entry holding its bytes, for an operator to look at, every
+/// run of it at once, and leaves the queue empty.
 #[tokio::test]
-async fn an_unreadable_batch_holds_up_nothing_and_ends_in_the_dlq() {
+async fn an_unreadable_batch_holds_up_nothing_and_ends_in_the_dlq_as_one_entry() {
     let config = StoreConfig { visibility_timeout_ms: 0, max_receives: 2, ..StoreConfig::default() };
     let (_dir, config, backend) = fresh(config).await;
     let queue = backend.queue(QueueName::Features);
-    queue.send_batch(vec![byte(1), byte(2)]).await.unwrap();
-    queue.send_batch(vec![byte(3)]).await.unwrap();
-    // Not a packed batch: a varint that never ends.
+    queue.send_batch(vec![byte(1), byte(2), byte(3)]).await.unwrap();
+    queue.send_batch(vec![byte(4)]).await.unwrap();
+    queue.send_batch(vec![byte(5)]).await.unwrap();
+    // The first batch's bytes are no packed batch (a varint that never ends); the third's row is gone.
     let damaged = vec![0xff_u8; 7];
-    rusqlite::Connection::open(&config.path)
-        .unwrap()
-        .execute("UPDATE queue_batches SET data = ?1 WHERE id = (SELECT MIN(id) FROM queue_batches)", [&damaged])
+    let conn = rusqlite::Connection::open(&config.path).unwrap();
+    conn.execute("UPDATE queue_batches SET data = ?1 WHERE id = (SELECT MIN(id) FROM queue_batches)", [&damaged])
         .unwrap();
+    conn.execute("DELETE FROM queue_batches WHERE id = (SELECT MAX(id) FROM queue_batches)", []).unwrap();
 
+    let bodies = |got: Vec<sluice_core::backend::ReceivedMessage>| got.into_iter().map(|m| m.body).collect::<Vec<_>>();
+    // One message of the first batch: it splits in two runs, and nothing readable comes of it.
+    assert!(queue.receive(1, Duration::ZERO).await.unwrap().is_empty());
     let got = queue.receive(10, Duration::ZERO).await.unwrap();
-    assert_eq!(got.iter().map(|m| m.body.clone()).collect::<Vec<_>>(), [vec![3]], "the readable batch is handed out");
-    queue.ack(&[got[0].receipt.clone()]).await.unwrap();
-    assert!(queue.receive(10, Duration::ZERO).await.unwrap().is_empty(), "received a second time, passed over");
+    let receipt = got[0].receipt.clone();
+    assert_eq!(bodies(got), [vec![4]], "the readable batch is handed out");
+    queue.ack(&[receipt]).await.unwrap();
+    assert!(queue.receive(10, Duration::ZERO).await.unwrap().is_empty(), "the rest passed over again");
     assert!(queue.receive(10, Duration::ZERO).await.unwrap().is_empty(), "received too often: redriven");
 
     let depth = queue.depth().await.unwrap();
     assert_eq!((depth.visible, depth.in_flight), (0, 0), "nothing is left to hold the queue up");
-    let dlq = backend.queue(QueueName::FeaturesDlq).peek(10).await.unwrap();
-    assert_eq!(dlq.len(), 1, "the damaged batch's two messages end as one entry");
-    assert_eq!(dlq[0].body, damaged, "the entry keeps the bytes as stored");
-    let entry = DlqEntry::from_message(StageName::Features, dlq[0].body.clone(), &dlq[0].attributes, 0, 0);
-    assert_eq!(entry.reason, ReasonCode::MalformedMessage);
-    assert!(entry.detail.contains("unreadable") && entry.detail.contains("0..2"), "{}", entry.detail);
+    let mut dlq = backend.queue(QueueName::FeaturesDlq).peek(10).await.unwrap();
+    dlq.sort_by_key(|m| m.body.len());
+    assert_eq!(dlq.len(), 2, "one entry a damaged batch, whatever its runs");
+    let entries: Vec<DlqEntry> =
+        dlq.iter().map(|m| DlqEntry::from_message(StageName::Features, m.body.clone(), &m.attributes, 0, 0)).collect();
+    assert!(entries.iter().all(|e| e.reason == ReasonCode::MalformedMessage));
+    assert_eq!((dlq[0].body.as_slice(), dlq[1].body.as_slice()), (&[][..], damaged.as_slice()), "the bytes as stored");
+    assert!(
+        entries[0].detail.contains("holds 0 messages") && entries[0].detail.contains("the 1 messages"),
+        "{}",
+        entries[0].detail
+    );
+    assert!(
+        entries[1].detail.contains("unreadable") && entries[1].detail.contains("the 3 messages"),
+        "{}",
+        entries[1].detail
+    );
+    let left: i64 = conn.query_row("SELECT COUNT(*) FROM queue_batches", [], |r| r.get(0)).unwrap();
+    assert_eq!(left, 2, "the damaged batch is gone; the DLQ's two entries are left");
 }

@@ -57,6 +57,29 @@ impl FeaturesStage {
         })
     }
 
+    /// Each envelope's feature vector (its payload fetched first where claim-checked), made on
+    /// every core, with the envelope's place in the batch.
+    async fn vectorise_all(&self, envelopes: Vec<(usize, Envelope)>) -> Vec<(usize, Made)> {
+        let mut inputs = Vec::with_capacity(envelopes.len());
+        for (at, mut envelope) in envelopes {
+            inputs.push(match self.take_payload(&mut envelope).await {
+                Ok(data) => Ok((at, envelope, data)),
+                Err(error) => Err((at, Outcome::failed(error, Some(envelope.record_id)))),
+            });
+        }
+        let (manifest, limits) = (&self.manifest, &self.config.image_limits);
+        threads::on_every_core(inputs, |input| {
+            let (at, envelope, data) = match input {
+                Ok(input) => input,
+                Err((at, failed)) => return (at, Err(failed)),
+            };
+            match vectorise(manifest, envelope.content_type, &data, limits) {
+                Ok(vector) => (at, Ok((envelope, vector))),
+                Err(error) => (at, Err(Outcome::failed(error, Some(envelope.record_id)))),
+            }
+        })
+    }
+
     /// The payload's bytes, taken out of the envelope (which forwards without them) or fetched
     /// from behind its claim-check.
     async fn take_payload(&self, envelope: &mut Envelope) -> Result<Vec<u8>> {
@@ -69,6 +92,9 @@ impl FeaturesStage {
         }
     }
 }
+
+/// A record's envelope and feature vector, or the outcome of its failure.
+type Made = std::result::Result<(Envelope, FeatureVector), Outcome>;
 
 /// The feature vector of one payload, as `manifest` wants it.
 pub fn vectorise(
@@ -104,31 +130,33 @@ impl Stage for FeaturesStage {
 
     async fn process(&self, batch: &[Delivery]) -> Vec<Outcome> {
         // The envelopes are read and the vectors made on every core (decoding and resizing an
-        // image is the stage's work); claim-checked payloads are fetched in between.
+        // image is the stage's work). Payloads that travel inline are at hand already;
+        // claim-checked ones are fetched a core's worth at a time, so that a batch of large
+        // payloads is never all in memory at once.
         let envelopes = threads::on_every_core(batch.iter().collect(), |delivery: &Delivery| {
             Envelope::from_json(&delivery.body).map_err(|error| Outcome::failed(error, None))
         });
-        let mut inputs = Vec::with_capacity(batch.len());
-        for envelope in envelopes {
-            inputs.push(match envelope {
-                Ok(mut envelope) => match self.take_payload(&mut envelope).await {
-                    Ok(data) => Ok((envelope, data)),
-                    Err(error) => Err(Outcome::failed(error, Some(envelope.record_id))),
-                },
-                Err(failed) => Err(failed),
-            });
-        }
-        let (manifest, limits) = (&self.manifest, &self.config.image_limits);
-        let made = threads::on_every_core(inputs, |input| {
-            let (envelope, data) = input?;
-            match vectorise(manifest, envelope.content_type, &data, limits) {
-                Ok(vector) => Ok((envelope, vector)),
-                Err(error) => Err(Outcome::failed(error, Some(envelope.record_id))),
+        let mut made = Vec::with_capacity(batch.len());
+        let (mut inline, mut claim_checked) = (Vec::new(), Vec::new());
+        for (at, envelope) in envelopes.into_iter().enumerate() {
+            match envelope {
+                Ok(envelope) if matches!(envelope.payload, Payload::ClaimCheck { .. }) => {
+                    claim_checked.push((at, envelope));
+                }
+                Ok(envelope) => inline.push((at, envelope)),
+                Err(failed) => made.push((at, Err(failed))),
             }
-        });
+        }
+        made.extend(self.vectorise_all(inline).await);
+        let mut claim_checked = claim_checked.into_iter().peekable();
+        while claim_checked.peek().is_some() {
+            let some = claim_checked.by_ref().take(threads::stage_threads()).collect();
+            made.extend(self.vectorise_all(some).await);
+        }
+        made.sort_unstable_by_key(|(at, _)| *at);
         let mut outcomes = Vec::with_capacity(batch.len());
         let mut vectors: Vec<(RecordId, FeatureVector)> = Vec::new();
-        for (made, delivery) in made.into_iter().zip(batch) {
+        for ((_, made), delivery) in made.into_iter().zip(batch) {
             let (mut envelope, vector) = match made {
                 Ok(made) => made,
                 Err(failed) => {

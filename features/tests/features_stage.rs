@@ -130,3 +130,45 @@ async fn what_cannot_be_vectorised_fails_permanently_with_a_reason() {
     let none = backend.features.get_batch(&[RecordId::parse("bad-field").unwrap()]).await.unwrap();
     assert!(none.is_empty(), "nothing is stored for a failed record");
 }
+
+/// Claim-checked payloads are fetched a few at a time and vectorised like inline ones; in a batch
+/// that mixes both (and a claim-check whose blob is gone) each outcome stays in its delivery's
+/// place.
+#[tokio::test]
+async fn claim_checked_and_inline_payloads_keep_their_places_in_the_batch() {
+    let (_dir, backend, stage) = setup().await;
+    let claim_checked = |id: &str, reference: String| {
+        let mut envelope = envelope(id, ContentType::Png, Vec::new());
+        envelope.payload = Payload::ClaimCheck { reference };
+        envelope
+    };
+    let mut batch = Vec::new();
+    let mut expected = Vec::new();
+    for i in 0..2 * sluice_core::threads::stage_threads() + 1 {
+        let png = png_of(&gradient(), 8 + 8 * i as u32);
+        batch.push(delivery(&envelope(&format!("inline-{i}"), ContentType::Png, png.clone())));
+        let reference = backend.blobs.put(png).await.unwrap();
+        batch.push(delivery(&claim_checked(&format!("checked-{i}"), reference)));
+        expected.extend([format!("inline-{i}"), format!("checked-{i}")]);
+    }
+    batch.insert(3, delivery(&claim_checked("gone", "blob:999999".to_owned())));
+    expected.insert(3, "gone".to_owned());
+
+    let outcomes = stage.process(&batch).await;
+    let got: Vec<String> = outcomes
+        .iter()
+        .map(|outcome| match outcome {
+            Outcome::Forward(messages) => Envelope::from_json(&messages[0].1.body).unwrap().record_id.to_string(),
+            Outcome::Failed { error, record_id } => {
+                assert_eq!(error.code(), ReasonCode::ClaimCheckMissing, "{error}");
+                record_id.as_ref().unwrap().to_string()
+            }
+        })
+        .collect();
+    assert_eq!(got, expected, "each outcome in its delivery's place");
+    for i in 0..2 * sluice_core::threads::stage_threads() + 1 {
+        let ids = [format!("inline-{i}"), format!("checked-{i}")].map(|id| RecordId::parse(id).unwrap());
+        let vectors = backend.features.get_batch(&ids).await.unwrap();
+        assert_eq!(vectors[&ids[0]], vectors[&ids[1]], "a claim-checked payload vectorised as the same one inline");
+    }
+}

@@ -11,8 +11,7 @@
 //! A message is named by its batch and its place there; a receipt adds the receive count, so a
 //! receipt goes stale when its message is received again. Batch ids are never reused.
 
-use std::collections::hash_map::Entry;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -131,8 +130,26 @@ struct Taken {
     data: Arc<Vec<u8>>,
 }
 
+/// A batch's stored bytes; none (and so unreadable) where its row is missing.
 fn batch_data(tx: &rusqlite::Connection, batch: i64) -> rusqlite::Result<Vec<u8>> {
-    tx.prepare_cached("SELECT data FROM queue_batches WHERE id = ?1")?.query_row([batch], |r| r.get(0))
+    let data = tx.prepare_cached("SELECT data FROM queue_batches WHERE id = ?1")?.query_row([batch], |r| r.get(0));
+    Ok(data.optional()?.unwrap_or_default())
+}
+
+/// The messages at places `[first, first + count)` of a batch's stored bytes, or why they cannot
+/// be read: the bytes do not decode, or hold fewer messages than that.
+fn messages_at(data: &[u8], first: i64, count: i64) -> std::result::Result<Vec<PackedMessage>, String> {
+    let mut messages = PackedBatch::decode(data).map_err(|e| e.to_string())?.messages;
+    Ok(places(&mut messages, first, count)?.to_vec())
+}
+
+/// Places `[first, first + count)` of a batch's messages, or why it has no such places.
+fn places(messages: &mut [PackedMessage], first: i64, count: i64) -> std::result::Result<&mut [PackedMessage], String> {
+    let held = messages.len();
+    let end = (first + count) as usize;
+    messages
+        .get_mut(first as usize..end)
+        .ok_or_else(|| format!("it holds {held} messages, not the {end} its queue names"))
 }
 
 /// The batches one call has read, each read once however many of its runs the call takes.
@@ -150,31 +167,34 @@ impl Batches {
     }
 }
 
-/// Unpacks what was taken into messages, each named by `receipt(batch, place, receive count)`;
-/// each batch is decoded once. A batch that cannot be decoded is passed over, logged: its
-/// messages stay taken until their visibility runs out, and the receive that finds them received
-/// too often moves them to the DLQ (see [`redrive`]), so that they hold up no other message.
+/// Unpacks what was taken into messages, each named by `receipt(batch, place, receive count)`.
+/// Messages that cannot be read are passed over, logged: they stay taken until their visibility
+/// runs out, and the receive that finds them received too often moves their whole batch to the
+/// DLQ (see [`redrive`]), so that they hold up no other message.
 fn unpack(taken: Vec<Taken>, receipt: impl Fn(i64, i64, u32) -> Receipt) -> Vec<ReceivedMessage> {
     let mut out = Vec::with_capacity(taken.iter().map(|t| t.count as usize).sum());
-    let mut decoded: HashMap<i64, Vec<PackedMessage>> = HashMap::new();
+    // Each batch decoded once, however many of its runs were taken.
+    let mut decoded: HashMap<i64, std::result::Result<Vec<PackedMessage>, String>> = HashMap::new();
     for t in taken {
-        let messages = match decoded.entry(t.batch) {
-            Entry::Occupied(entry) => entry.into_mut(),
-            Entry::Vacant(entry) => match PackedBatch::decode(t.data.as_slice()) {
-                Ok(batch) => entry.insert(batch.messages),
-                Err(e) => {
-                    tracing::error!(batch = t.batch, error = %e, "a queue batch is unreadable: its messages are passed over until their redrive");
-                    entry.insert(Vec::new())
-                }
-            },
+        let batch = decoded.entry(t.batch).or_insert_with(|| {
+            PackedBatch::decode(t.data.as_slice()).map(|batch| batch.messages).map_err(|e| e.to_string())
+        });
+        let run = match batch {
+            Ok(messages) => places(messages, t.first, t.count),
+            Err(why) => Err(why.clone()),
+        };
+        let run = match run {
+            Ok(run) => run,
+            Err(why) => {
+                tracing::error!(batch = t.batch, %why, "a queue batch is unreadable: its messages are passed over until their redrive");
+                continue;
+            }
         };
         // Runs of one batch never overlap: each message is taken out once.
-        let places = t.first as usize..(t.first + t.count) as usize;
-        let run = messages.get_mut(places.clone()).unwrap_or_default();
-        out.extend(run.iter_mut().zip(places).map(|(m, place)| ReceivedMessage {
+        out.extend(run.iter_mut().zip(t.first..).map(|(m, place)| ReceivedMessage {
             body: std::mem::take(&mut m.body),
             attributes: std::mem::take(&mut m.attributes),
-            receipt: receipt(t.batch, place as i64, t.receive_count),
+            receipt: receipt(t.batch, place, t.receive_count),
             receive_count: t.receive_count,
             sent_at_ms: t.sent_at_ms as u64,
         }));
@@ -215,6 +235,7 @@ impl EmbeddedQueue {
                 let mut out: Vec<Taken> = Vec::new();
                 let mut taken = 0;
                 let mut batches = Batches::default();
+                let mut gone = HashSet::new();
                 // Redriven runs leave the batch short; look again until full or empty.
                 loop {
                     // With no visibility timeout the runs just taken are visible again: passed over.
@@ -237,8 +258,14 @@ impl EmbeddedQueue {
                         if taken >= max {
                             break;
                         }
+                        if gone.contains(&run.batch) {
+                            continue;
+                        }
                         if let Some(dlq) = queue.redrive_target().filter(|_| run.receive_count >= max_receives) {
-                            redrive(tx, queue, dlq, &run, now)?;
+                            if redrive(tx, queue, dlq, &run, now)? {
+                                // Unreadable: every run of its batch went with it.
+                                gone.insert(run.batch);
+                            }
                             redriven = true;
                             continue;
                         }
@@ -292,14 +319,18 @@ impl EmbeddedQueue {
     }
 }
 
-/// Moves a run whose messages were received too often to `dlq`, bodies untouched, reason attached.
+/// Moves a run whose messages were received too often to `dlq`, bodies untouched, reason
+/// attached. Where its batch cannot be read, the batch goes whole, every run of it: what is
+/// stored cannot be told apart into messages, so it becomes one entry whose body is the batch's
+/// bytes as stored, for an operator to look at, rather than stay in the queue. Returns whether
+/// the whole batch went.
 fn redrive(
     tx: &rusqlite::Transaction<'_>,
     from: QueueName,
     dlq: QueueName,
     run: &Run,
     now: i64,
-) -> rusqlite::Result<()> {
+) -> rusqlite::Result<bool> {
     let stage = dlq.dlq_stage().expect("a redrive target is a stage DLQ");
     let entry = |code, detail| {
         let mut entry =
@@ -308,43 +339,46 @@ fn redrive(
         entry.attributes()
     };
     let data = batch_data(tx, run.batch)?;
-    let redriven = match PackedBatch::decode(data.as_slice()) {
-        Ok(batch) => {
+    let (redriven, gone, whole) = match messages_at(&data, run.first, run.count) {
+        Ok(messages) => {
             let attributes = entry(
                 ReasonCode::MaxReceivesExceeded,
                 format!("received {} times from {from} without being acknowledged", run.receive_count),
             );
-            let messages = batch.messages.into_iter().skip(run.first as usize).take(run.count as usize);
-            messages
-                .map(|mut message| {
-                    message.attributes.extend(attributes.clone());
-                    if let Some(key) = &message.dedup_key {
-                        message.attributes.insert(crate::record::dlq_attr::RECORD_ID.to_owned(), key.clone());
-                    }
-                    message
-                })
-                .collect()
+            let messages = messages.into_iter().map(|mut message| {
+                message.attributes.extend(attributes.clone());
+                if let Some(key) = &message.dedup_key {
+                    message.attributes.insert(crate::record::dlq_attr::RECORD_ID.to_owned(), key.clone());
+                }
+                message
+            });
+            (messages.collect(), vec![run.clone()], false)
         }
-        // What is stored cannot be told apart into messages: the run goes as one entry whose body
-        // is the batch's bytes as stored, for an operator to look at, rather than stay in the queue.
-        Err(e) => {
+        Err(why) => {
+            let runs: Vec<Run> = tx
+                .prepare_cached(&format!("SELECT {RUN_COLUMNS} FROM queue_runs WHERE batch = ?1"))?
+                .query_map([run.batch], Run::from_row)?
+                .collect::<rusqlite::Result<_>>()?;
+            let left: i64 = runs.iter().map(|r| r.count).sum();
             let detail = format!(
-                "queue batch {} of {from} is unreadable ({e}); its messages {}..{} end here as one entry, \
-                 the batch's stored bytes",
-                run.batch,
-                run.first,
-                run.first + run.count
+                "queue batch {} of {from} is unreadable ({why}); the {left} messages of it still queued end here \
+                 as this one entry, whose body is the batch's stored bytes",
+                run.batch
             );
-            vec![PackedMessage {
+            let message = PackedMessage {
                 body: data,
                 attributes: entry(ReasonCode::MalformedMessage, detail),
                 dedup_key: run.dedup_key.clone(),
-            }]
+            };
+            (vec![message], runs, true)
         }
     };
     Outgoing::packed(dlq, redriven).insert(tx, now)?;
-    run.delete(tx)?;
-    drop_batch_if_done(tx, run.batch)
+    for run in &gone {
+        run.delete(tx)?;
+    }
+    drop_batch_if_done(tx, run.batch)?;
+    Ok(whole)
 }
 
 /// Deletes a batch none of whose messages is left in a queue.
