@@ -13,7 +13,8 @@ pub struct IngestConfig {
     /// Largest payload accepted behind a claim-check.
     pub max_claim_check_bytes: usize,
     /// Payloads over this size travel on as claim-checks, to stay under queue message limits
-    /// (SQS: 256 KiB, and the envelope base64-encodes its payload).
+    /// (SQS: 1 MiB on the queues sluice makes, and the envelope base64-encodes its payload; on
+    /// a queue that takes less, the queue's client moves a larger message to S3 itself).
     pub inline_limit_bytes: usize,
     /// The JSON field that names a raw event's record id. Without it (or when an event lacks
     /// it) the id is the stream position, so a redelivery keeps its id; a value that is not a
@@ -28,7 +29,7 @@ impl Default for IngestConfig {
             batch_size: 100,
             max_payload_bytes: 1_000_000,
             max_claim_check_bytes: 32 * 1024 * 1024,
-            inline_limit_bytes: 128 * 1024,
+            inline_limit_bytes: 700 * 1024,
             record_id_field: None,
             image_limits: ImageLimits::default(),
         }

@@ -64,6 +64,8 @@ export class DataStack extends Stack {
         encryption: sqs.QueueEncryption.SQS_MANAGED,
         enforceSSL: true,
         visibilityTimeout,
+        // SQS's most (since 2025): photo-sized envelopes travel eight to a call, not in S3.
+        maxMessageSizeBytes: 1024 * 1024,
         retentionPeriod: held ? DLQ_RETENTION : WORK_RETENTION,
         deadLetterQueue: dlqName ? { queue: this.queues.get(dlqName)!, maxReceiveCount } : undefined,
         removalPolicy,

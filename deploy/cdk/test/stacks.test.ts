@@ -103,7 +103,7 @@ for (const [env, synthed] of [['beta', beta], ['prod', prod]] as const) {
       }
     });
 
-    it('gives every work queue a DLQ that keeps messages longer, and encrypts every queue', () => {
+    it('gives every work queue a DLQ that keeps messages longer, and encrypts every queue and lets it take 1 MiB messages', () => {
       for (const [queue, dlq] of Object.entries(RESOURCES.redrive)) {
         const dlqId = logicalIdOf(data, 'AWS::SQS::Queue', 'QueueName', resourceName(prefix, dlq));
         const [, work] = resources(data, 'AWS::SQS::Queue').find(([, r]) => r.Properties.QueueName === resourceName(prefix, queue))!;
@@ -116,6 +116,8 @@ for (const [env, synthed] of [['beta', beta], ['prod', prod]] as const) {
       }
       for (const [, queue] of resources(data, 'AWS::SQS::Queue')) {
         assert.equal(queue.Properties.SqsManagedSseEnabled, true, queue.Properties.QueueName);
+        // SQS's largest messages: photo-sized envelopes travel inline, eight to a batch call.
+        assert.equal(queue.Properties.MaximumMessageSize, 1048576, queue.Properties.QueueName);
       }
     });
 

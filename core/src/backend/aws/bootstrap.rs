@@ -56,7 +56,9 @@ pub async fn bootstrap(config: &StoreConfig) -> Result<Bootstrapped> {
             .queue_name(names.queue(queue))
             .attributes(QueueAttributeName::VisibilityTimeout, &visibility)
             // DLQ entries wait for operators: keep them the 14 days SQS allows.
-            .attributes(QueueAttributeName::MessageRetentionPeriod, "1209600");
+            .attributes(QueueAttributeName::MessageRetentionPeriod, "1209600")
+            // SQS's most (since 2025): photo-sized envelopes travel eight to a call, not in S3.
+            .attributes(QueueAttributeName::MaximumMessageSize, "1048576");
         if let Some(dlq) = queue.redrive_target() {
             let arn = queue_arn(&clients.sqs, &names.queue(dlq)).await?;
             let policy = serde_json::json!({ "deadLetterTargetArn": arn, "maxReceiveCount": config.max_receives });

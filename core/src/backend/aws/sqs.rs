@@ -1,10 +1,11 @@
 //! Work queues on SQS: batches of ten, long polling, visibility changes, and SQS's own redrive
 //! policy (set by `sluice aws bootstrap`) to move poison messages to the stage's DLQ.
 //!
-//! A message body must be XML-safe text of at most 256 KiB. JSON envelopes are sent as they
-//! are; other bodies (raw producer bytes in the ingest DLQ) are base64-encoded, and anything too
-//! large after that is stored in S3 and referenced — the body a receiver sees is always the
-//! original bytes.
+//! A message body must be XML-safe text within the queue's `MaximumMessageSize` (256 KiB by
+//! default until 2025, up to 1 MiB since; `sluice aws bootstrap` and the CDK stack make queues of
+//! 1 MiB). JSON envelopes are sent as they are; other bodies (raw producer bytes in the ingest
+//! DLQ) are base64-encoded, and anything too large after that is stored in S3 and referenced —
+//! the body a receiver sees is always the original bytes.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -25,11 +26,14 @@ use crate::error::{ReasonCode, Result, SluiceError};
 use crate::record::dlq_attr;
 use crate::topology::QueueName;
 
-/// SQS's limits on one batch call.
+/// SQS's limit on the entries of one batch call.
 const BATCH_ENTRIES: usize = 10;
-const MAX_BATCH_BYTES: usize = 256 * 1024;
-/// Bodies over this go to S3; leaves room for attributes within a 256 KiB message.
-const MAX_INLINE_BODY: usize = 200 * 1024;
+/// The most bytes a message (and a batch call, all its messages together) may hold on any queue:
+/// SQS's default before 2025. A send that would go past it asks the queue for its own limit
+/// first (once), so that small messages cost no extra request.
+const SURE_MESSAGE_BYTES: usize = 256 * 1024;
+/// What a message's attributes may take of it: a body over its limit less this goes to S3.
+const ATTRIBUTE_ROOM: usize = 56 * 1024;
 const MAX_WAIT_SECONDS: u64 = 20;
 
 /// Message attribute names sluice uses on SQS.
@@ -44,6 +48,8 @@ pub(super) struct SqsQueue {
     queue_name: String,
     /// Looked up on first use: a worker touches only the few queues its stage uses.
     url: tokio::sync::OnceCell<String>,
+    /// The queue's `MaximumMessageSize`, asked only when a send would pass [`SURE_MESSAGE_BYTES`].
+    max_message_bytes: tokio::sync::OnceCell<usize>,
     blobs: Arc<S3BlobStore>,
 }
 
@@ -54,7 +60,14 @@ impl SqsQueue {
         queue_name: String,
         blobs: Arc<S3BlobStore>,
     ) -> Self {
-        Self { client, name, queue_name, url: tokio::sync::OnceCell::new(), blobs }
+        Self {
+            client,
+            name,
+            queue_name,
+            url: tokio::sync::OnceCell::new(),
+            max_message_bytes: tokio::sync::OnceCell::new(),
+            blobs,
+        }
     }
 
     async fn url(&self) -> Result<&str> {
@@ -75,6 +88,31 @@ impl SqsQueue {
             .map(String::as_str)
     }
 
+    /// The most bytes a message or a batch call may hold on this queue: [`SURE_MESSAGE_BYTES`]
+    /// unless `needed` is more, when the queue is asked for its `MaximumMessageSize` (once).
+    async fn limit_for(&self, needed: usize) -> Result<usize> {
+        if needed <= SURE_MESSAGE_BYTES {
+            return Ok(SURE_MESSAGE_BYTES);
+        }
+        let url = self.url().await?;
+        let max = self
+            .max_message_bytes
+            .get_or_try_init(|| async {
+                let output = self
+                    .client
+                    .get_queue_attributes()
+                    .queue_url(url)
+                    .attribute_names(QueueAttributeName::MaximumMessageSize)
+                    .send()
+                    .await
+                    .map_err(|e| classify("GetQueueAttributes", e))?;
+                let said = output.attributes.and_then(|a| a.get(&QueueAttributeName::MaximumMessageSize).cloned());
+                Ok::<_, SluiceError>(said.and_then(|v| v.parse().ok()).unwrap_or(SURE_MESSAGE_BYTES))
+            })
+            .await?;
+        Ok((*max).max(SURE_MESSAGE_BYTES))
+    }
+
     /// The SQS form of a message: text body plus attributes.
     async fn encode(&self, message: OutgoingMessage, id: usize) -> Result<(SendMessageBatchRequestEntry, usize)> {
         let mut attributes = message.attributes;
@@ -90,7 +128,7 @@ impl SqsQueue {
             Ok(text) => encode_base64(text.into_bytes(), &mut sqs_attrs),
             Err(e) => encode_base64(e.into_bytes(), &mut sqs_attrs),
         };
-        if body.len() > MAX_INLINE_BODY {
+        if body.len() > self.limit_for(body.len() + ATTRIBUTE_ROOM).await? - ATTRIBUTE_ROOM {
             let reference = self.blobs.put(std::mem::take(&mut body).into_bytes()).await?;
             sqs_attrs.insert(BODY_REF.to_owned(), reference);
         }
@@ -198,6 +236,22 @@ fn string_attribute(value: String) -> MessageAttributeValue {
     MessageAttributeValue::builder().data_type("String").string_value(value).build().expect("data type is set")
 }
 
+/// How many of the messages of `sizes`, in order, go in each batch call: up to ten, and no more
+/// than `limit` bytes together (a message alone is within it, or it would have gone to S3).
+fn calls_for(sizes: &[usize], limit: usize) -> Vec<usize> {
+    let mut calls: Vec<(usize, usize)> = Vec::new();
+    for &size in sizes {
+        match calls.last_mut() {
+            Some((n, bytes)) if *n < BATCH_ENTRIES && *bytes + size <= limit => {
+                *n += 1;
+                *bytes += size;
+            }
+            _ => calls.push((1, size)),
+        }
+    }
+    calls.into_iter().map(|(n, _)| n).collect()
+}
+
 fn encode_base64(bytes: Vec<u8>, attrs: &mut BTreeMap<String, String>) -> String {
     attrs.insert(BODY_ENCODING.to_owned(), "base64".to_owned());
     STANDARD.encode(bytes)
@@ -240,22 +294,18 @@ impl WorkQueue for SqsQueue {
     }
 
     async fn send_batch(&self, messages: Vec<OutgoingMessage>) -> Result<()> {
-        // Up to ten entries and 256 KiB a call.
-        let mut calls: Vec<Vec<SendMessageBatchRequestEntry>> = Vec::new();
-        let mut bytes = 0;
+        // Up to ten entries a call, and as many bytes as the queue takes in one message.
+        let mut encoded = Vec::with_capacity(messages.len());
         for (i, message) in messages.into_iter().enumerate() {
-            let (entry, size) = self.encode(message, i).await?;
-            match calls.last_mut() {
-                Some(call) if call.len() < BATCH_ENTRIES && bytes + size <= MAX_BATCH_BYTES => {
-                    bytes += size;
-                    call.push(entry);
-                }
-                _ => {
-                    bytes = size;
-                    calls.push(vec![entry]);
-                }
-            }
+            encoded.push(self.encode(message, i).await?);
         }
+        let sizes: Vec<usize> = encoded.iter().map(|(_, size)| *size).collect();
+        // The most any ten messages in a row would put in one call.
+        let fullest = sizes.windows(BATCH_ENTRIES.min(sizes.len()).max(1)).map(|w| w.iter().sum()).max();
+        let limit = self.limit_for(fullest.unwrap_or(0)).await?;
+        let mut entries = encoded.into_iter().map(|(entry, _)| entry);
+        let calls: Vec<Vec<SendMessageBatchRequestEntry>> =
+            calls_for(&sizes, limit).into_iter().map(|n| entries.by_ref().take(n).collect()).collect();
         let url = self.url().await?;
         concurrently(calls.into_iter().map(|entries| async move {
             let output = self
@@ -354,6 +404,18 @@ impl WorkQueue for SqsQueue {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn batch_calls_take_ten_messages_or_as_many_bytes_as_the_queue_allows() {
+        let kib = 1024;
+        assert_eq!(calls_for(&[600; 25], SURE_MESSAGE_BYTES), [10, 10, 5]);
+        // Photo-sized envelopes (~123 KB): two to a call on a queue of 256 KiB, eight on one of 1 MiB.
+        assert_eq!(calls_for(&[123 * kib; 8], SURE_MESSAGE_BYTES), [2, 2, 2, 2]);
+        assert_eq!(calls_for(&[123 * kib; 9], 1024 * kib), [8, 1]);
+        // A call closes where the next message would take it past the limit.
+        assert_eq!(calls_for(&[10, 1000 * kib, 30 * kib, 10], 1024 * kib), [2, 2]);
+        assert!(calls_for(&[], SURE_MESSAGE_BYTES).is_empty());
+    }
 
     #[test]
     fn only_xml_characters_are_sent_as_text() {
