@@ -34,6 +34,10 @@ pub struct DemoArgs {
     /// Produce the held-out digits this many times.
     #[arg(long, default_value_t = 1)]
     pub repeat: usize,
+    /// The digits as photo-sized JPEGs (480×360) instead of 8×8 PNGs: what an image model such
+    /// as ResNet-18 is fed, for its requests and speed (the digits CNN reads them poorly).
+    #[arg(long)]
+    pub photos: bool,
     /// With `--backend aws --prefix P`: use the resources that are there (a deployed stack),
     /// creating none; the demo stops first if any is missing.
     #[arg(long, requires = "prefix")]
@@ -117,7 +121,8 @@ pub async fn demo(args: &DemoArgs, settings: Settings) -> anyhow::Result<Summary
     let backend = Backend::open(&store).await?;
 
     let test = digits::load_split(Split::Test)?;
-    let mut records = digit_records(&test, Split::Test, args.repeat.max(1), DigitForm::Png, &run_tag());
+    let mut records =
+        digit_records(&test, Split::Test, args.repeat.max(1), DigitForm::from_flags(false, args.photos), &run_tag());
     let ingest: sluice_ingest::IngestConfig = settings.section("ingest")?;
     let bad = sluice_ingest::samples::bad_records(&test[0].to_png(), ingest.max_payload_bytes);
     records.extend(bad.into_iter().map(|b| b.input));

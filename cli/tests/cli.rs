@@ -16,6 +16,14 @@ fn json(out: &std::process::Output) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)))
 }
 
+/// `--photos`: the same digits as 480×360 JPEGs, each record accounted for (the digits model
+/// shrinks them back to 8×8, so no accuracy bar).
+#[test]
+fn the_demo_on_photos_accounts_for_every_record() {
+    let summary = demo_summary(test_env(&mut Command::new(bin("sluice"))).args(["demo", "--photos", "--json"]));
+    assert_eq!(summary["dlq"]["features"], 0, "every photo decoded and resized: {summary}");
+}
+
 #[test]
 fn demo_accounts_for_every_record_and_meets_the_accuracy_bar() {
     let summary = demo_summary(test_env(&mut Command::new(bin("sluice"))).args(["demo", "--json"]));
