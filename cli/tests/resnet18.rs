@@ -24,17 +24,15 @@ fn sluice(bundle: &Path, args: &[&str]) -> std::process::Output {
     out
 }
 
-/// `sluice bundle resnet18`, whatever its outcome.
-fn bundle_resnet18(weights: &Path, labels: &Path, out: &Path) -> std::process::Output {
-    Command::new(bin("sluice"))
-        .args(["bundle", "resnet18", "--weights"])
-        .arg(weights)
-        .arg("--labels")
-        .arg(labels)
-        .arg("--out")
-        .arg(out)
-        .output()
-        .unwrap()
+/// `sluice bundle resnet18` of `weights` (none: `--random-weights`), whatever its outcome.
+fn bundle_resnet18(weights: Option<&Path>, labels: &Path, out: &Path) -> std::process::Output {
+    let mut command = Command::new(bin("sluice"));
+    command.args(["bundle", "resnet18"]);
+    match weights {
+        Some(weights) => command.arg("--weights").arg(weights),
+        None => command.arg("--random-weights"),
+    };
+    command.arg("--labels").arg(labels).arg("--out").arg(out).output().unwrap()
 }
 
 fn photo(width: u32, height: u32, format: ImageFormat) -> Vec<u8> {
@@ -58,13 +56,13 @@ fn a_resnet18_bundle_classifies_photos_through_the_pipeline() {
     let few = dir.path().join("few.txt");
     std::fs::write(&few, "a\nb\nc\n").unwrap();
     let wrong = dir.path().join("wrong");
-    let out = bundle_resnet18(&weights, &few, &wrong);
+    let out = bundle_resnet18(Some(&weights), &few, &wrong);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && stderr.contains("3 classes"), "{stderr}");
     assert!(!wrong.exists());
 
     let bundle_dir = dir.path().join("bundle");
-    let out = bundle_resnet18(&weights, &labels, &bundle_dir);
+    let out = bundle_resnet18(Some(&weights), &labels, &bundle_dir);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let bundle = ModelBundle::load(&bundle_dir).unwrap();
 
@@ -136,13 +134,7 @@ fn a_bundle_with_random_weights_gets_the_seeded_stand_in_weights() {
         .output()
         .unwrap();
     assert!(!neither.status.success() && !out_dir.exists(), "weights, or random ones, must be asked for");
-    let out = Command::new(bin("sluice"))
-        .args(["bundle", "resnet18", "--random-weights", "--labels"])
-        .arg(&labels)
-        .arg("--out")
-        .arg(&out_dir)
-        .output()
-        .unwrap();
+    let out = bundle_resnet18(None, &labels, &out_dir);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let expected = dir.path().join("expected.safetensors");
     sluice_cli::resnet18::write_random_weights(&expected, CLASSES, 0).unwrap();

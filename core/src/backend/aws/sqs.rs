@@ -7,7 +7,7 @@
 //! DLQ) are base64-encoded, and anything too large after that is stored in S3 and referenced —
 //! the body a receiver sees is always the original bytes.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -94,23 +94,29 @@ impl SqsQueue {
         if needed <= SURE_MESSAGE_BYTES {
             return Ok(SURE_MESSAGE_BYTES);
         }
-        let url = self.url().await?;
         let max = self
             .max_message_bytes
             .get_or_try_init(|| async {
-                let output = self
-                    .client
-                    .get_queue_attributes()
-                    .queue_url(url)
-                    .attribute_names(QueueAttributeName::MaximumMessageSize)
-                    .send()
-                    .await
-                    .map_err(|e| classify("GetQueueAttributes", e))?;
-                let said = output.attributes.and_then(|a| a.get(&QueueAttributeName::MaximumMessageSize).cloned());
-                Ok::<_, SluiceError>(said.and_then(|v| v.parse().ok()).unwrap_or(SURE_MESSAGE_BYTES))
+                let said = self.attributes(&[QueueAttributeName::MaximumMessageSize]).await?;
+                Ok::<_, SluiceError>(
+                    number(&said, QueueAttributeName::MaximumMessageSize).unwrap_or(SURE_MESSAGE_BYTES),
+                )
             })
             .await?;
         Ok((*max).max(SURE_MESSAGE_BYTES))
+    }
+
+    /// The queue's attributes of `names`, as SQS gives them.
+    async fn attributes(&self, names: &[QueueAttributeName]) -> Result<HashMap<QueueAttributeName, String>> {
+        let output = self
+            .client
+            .get_queue_attributes()
+            .queue_url(self.url().await?)
+            .set_attribute_names(Some(names.to_vec()))
+            .send()
+            .await
+            .map_err(|e| classify("GetQueueAttributes", e))?;
+        Ok(output.attributes.unwrap_or_default())
     }
 
     /// The SQS form of a message: text body plus attributes.
@@ -234,6 +240,11 @@ impl SqsQueue {
 
 fn string_attribute(value: String) -> MessageAttributeValue {
     MessageAttributeValue::builder().data_type("String").string_value(value).build().expect("data type is set")
+}
+
+/// A numeric queue attribute of `attrs`, where it is there and a number.
+fn number<T: std::str::FromStr>(attrs: &HashMap<QueueAttributeName, String>, name: QueueAttributeName) -> Option<T> {
+    attrs.get(&name).and_then(|v| v.parse().ok())
 }
 
 /// How many of the messages of `sizes`, in order, go in each batch call: up to ten, and no more
@@ -365,18 +376,14 @@ impl WorkQueue for SqsQueue {
     }
 
     async fn depth(&self) -> Result<QueueDepth> {
-        let output = self
-            .client
-            .get_queue_attributes()
-            .queue_url(self.url().await?)
-            .attribute_names(QueueAttributeName::ApproximateNumberOfMessages)
-            .attribute_names(QueueAttributeName::ApproximateNumberOfMessagesNotVisible)
-            .attribute_names(QueueAttributeName::ApproximateNumberOfMessagesDelayed)
-            .send()
-            .await
-            .map_err(|e| classify("GetQueueAttributes", e))?;
-        let attrs = output.attributes.unwrap_or_default();
-        let get = |name: QueueAttributeName| attrs.get(&name).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        let attrs = self
+            .attributes(&[
+                QueueAttributeName::ApproximateNumberOfMessages,
+                QueueAttributeName::ApproximateNumberOfMessagesNotVisible,
+                QueueAttributeName::ApproximateNumberOfMessagesDelayed,
+            ])
+            .await?;
+        let get = |name: QueueAttributeName| number(&attrs, name).unwrap_or(0);
         Ok(QueueDepth {
             visible: get(QueueAttributeName::ApproximateNumberOfMessages),
             in_flight: get(QueueAttributeName::ApproximateNumberOfMessagesNotVisible)

@@ -140,7 +140,15 @@ fn batch_data(tx: &rusqlite::Connection, batch: i64) -> rusqlite::Result<Vec<u8>
 /// be read: the bytes do not decode, or hold fewer messages than that.
 fn messages_at(data: &[u8], first: i64, count: i64) -> std::result::Result<Vec<PackedMessage>, String> {
     let mut messages = PackedBatch::decode(data).map_err(|e| e.to_string())?.messages;
-    Ok(places(&mut messages, first, count)?.to_vec())
+    places(&mut messages, first, count)?;
+    Ok(messages.drain(first as usize..(first + count) as usize).collect())
+}
+
+/// Every run left of `batch`, in any queue.
+fn runs_of(tx: &rusqlite::Transaction<'_>, batch: i64) -> rusqlite::Result<Vec<Run>> {
+    tx.prepare_cached(&format!("SELECT {RUN_COLUMNS} FROM queue_runs WHERE batch = ?1"))?
+        .query_map([batch], Run::from_row)?
+        .collect()
 }
 
 /// Places `[first, first + count)` of a batch's messages, or why it has no such places.
@@ -355,10 +363,7 @@ fn redrive(
             (messages.collect(), vec![run.clone()], false)
         }
         Err(why) => {
-            let runs: Vec<Run> = tx
-                .prepare_cached(&format!("SELECT {RUN_COLUMNS} FROM queue_runs WHERE batch = ?1"))?
-                .query_map([run.batch], Run::from_row)?
-                .collect::<rusqlite::Result<_>>()?;
+            let runs = runs_of(tx, run.batch)?;
             let left: i64 = runs.iter().map(|r| r.count).sum();
             let detail = format!(
                 "queue batch {} of {from} is unreadable ({why}); the {left} messages of it still queued end here \
@@ -485,11 +490,7 @@ fn settle(tx: &rusqlite::Transaction<'_>, named: Vec<(i64, i64, u32)>, settle: S
         by_batch.entry(batch).or_default().push((place, count));
     }
     for (batch, named) in by_batch {
-        let runs: Vec<Run> = tx
-            .prepare_cached(&format!("SELECT {RUN_COLUMNS} FROM queue_runs WHERE batch = ?1"))?
-            .query_map([batch], Run::from_row)?
-            .collect::<rusqlite::Result<_>>()?;
-        for run in runs {
+        for run in runs_of(tx, batch)? {
             let end = run.first + run.count;
             let mut hit = vec![false; run.count as usize];
             for &(place, count) in &named {
