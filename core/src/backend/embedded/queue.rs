@@ -25,7 +25,7 @@ use crate::config::StoreConfig;
 use crate::envelope::now_ms;
 use crate::error::{ReasonCode, Result, SluiceError};
 use crate::record::DlqEntry;
-use crate::topology::QueueName;
+use crate::topology::{QueueName, StageName};
 
 /// How often a long poll looks again while the queue is empty.
 pub(super) const POLL_INTERVAL: Duration = Duration::from_millis(25);
@@ -175,14 +175,17 @@ impl Batches {
     }
 }
 
-/// Unpacks what was taken into messages, each named by `receipt(batch, place, receive count)`.
-/// Messages that cannot be read are passed over, logged: they stay taken until their visibility
-/// runs out, and the receive that finds them received too often moves their whole batch to the
-/// DLQ (see [`redrive`]), so that they hold up no other message.
-fn unpack(taken: Vec<Taken>, receipt: impl Fn(i64, i64, u32) -> Receipt) -> Vec<ReceivedMessage> {
+/// Unpacks what was taken from `queue` into messages, each named by `receipt(batch, place,
+/// receive count)`. A batch that cannot be read: in a work queue its messages are passed over,
+/// logged: they stay taken until their visibility runs out, and the receive that finds them
+/// received too often moves their whole batch to the DLQ (see [`redrive`]), so that they hold up
+/// no other message. A DLQ or the review queue redrives nowhere: there the batch is handed out
+/// as one entry (see [`unreadable_entry`]) for an operator to look at and purge.
+fn unpack(taken: Vec<Taken>, queue: QueueName, receipt: impl Fn(i64, i64, u32) -> Receipt) -> Vec<ReceivedMessage> {
     let mut out = Vec::with_capacity(taken.iter().map(|t| t.count as usize).sum());
     // Each batch decoded once, however many of its runs were taken.
     let mut decoded: HashMap<i64, std::result::Result<Vec<PackedMessage>, String>> = HashMap::new();
+    let mut unreadable: BTreeMap<i64, (String, Vec<Taken>)> = BTreeMap::new();
     for t in taken {
         let batch = decoded.entry(t.batch).or_insert_with(|| {
             PackedBatch::decode(t.data.as_slice()).map(|batch| batch.messages).map_err(|e| e.to_string())
@@ -193,6 +196,10 @@ fn unpack(taken: Vec<Taken>, receipt: impl Fn(i64, i64, u32) -> Receipt) -> Vec<
         };
         let run = match run {
             Ok(run) => run,
+            Err(why) if queue.redrive_target().is_none() => {
+                unreadable.entry(t.batch).or_insert_with(|| (why, Vec::new())).1.push(t);
+                continue;
+            }
             Err(why) => {
                 tracing::error!(batch = t.batch, %why, "a queue batch is unreadable: its messages are passed over until their redrive");
                 continue;
@@ -207,7 +214,47 @@ fn unpack(taken: Vec<Taken>, receipt: impl Fn(i64, i64, u32) -> Receipt) -> Vec<
             sent_at_ms: t.sent_at_ms as u64,
         }));
     }
+    for (batch, (why, runs)) in unreadable {
+        tracing::error!(batch, %why, %queue, "a queue batch is unreadable: handed out as one malformed_message entry");
+        out.push(unreadable_entry(queue, batch, &why, &runs, &receipt));
+    }
     out
+}
+
+/// The one entry an unreadable batch of a DLQ or the review queue is handed out as: reason
+/// `malformed_message`, its body the batch's bytes as stored, its receipt naming every message
+/// of it that was taken. Its attributes stay the same from one receive to the next (no attempts,
+/// failure times those of the send), so that a purge or replay knows it when it comes round again.
+fn unreadable_entry(
+    queue: QueueName,
+    batch: i64,
+    why: &str,
+    runs: &[Taken],
+    receipt: impl Fn(i64, i64, u32) -> Receipt,
+) -> ReceivedMessage {
+    let messages: i64 = runs.iter().map(|t| t.count).sum();
+    let sent_at_ms = runs.iter().map(|t| t.sent_at_ms).min().unwrap_or_default();
+    let detail = format!(
+        "queue batch {batch} of {queue} is unreadable ({why}); {messages} messages of it are this one entry, \
+         whose body is the batch's stored bytes"
+    );
+    let stage = queue.dlq_stage().unwrap_or(StageName::Results);
+    let mut entry =
+        DlqEntry::new(stage, &SluiceError::permanent(ReasonCode::MalformedMessage, detail), 0, None, Vec::new());
+    (entry.first_failure_ms, entry.last_failure_ms) = (sent_at_ms as u64, sent_at_ms as u64);
+    let mut attributes = entry.attributes();
+    attributes.remove(crate::record::dlq_attr::ATTEMPTS);
+    let receipts: Vec<String> = runs
+        .iter()
+        .flat_map(|t| (t.first..t.first + t.count).map(|place| receipt(batch, place, t.receive_count).0))
+        .collect();
+    ReceivedMessage {
+        body: runs[0].data.to_vec(),
+        attributes,
+        receipt: Receipt(receipts.join(RECEIPTS_APART)),
+        receive_count: runs.iter().map(|t| t.receive_count).max().unwrap_or_default(),
+        sent_at_ms: sent_at_ms as u64,
+    }
 }
 
 impl EmbeddedQueue {
@@ -315,7 +362,7 @@ impl EmbeddedQueue {
             })
             .await?;
         // Unpacked off the connection, which every stage waits for.
-        Ok(unpack(taken, receipt))
+        Ok(unpack(taken, queue, receipt))
     }
 
     /// Makes the messages that `receipts` name visible `from_now` from now.
@@ -521,16 +568,20 @@ fn settle(tx: &rusqlite::Transaction<'_>, named: Vec<(i64, i64, u32)>, settle: S
     Ok(())
 }
 
-/// A receipt names one receive of one message: `batch:place:receive count`.
+/// A receipt names one receive of one message: `batch:place:receive count`; an unreadable
+/// batch's entry carries several, [`RECEIPTS_APART`].
 fn receipt(batch: i64, place: i64, receive_count: u32) -> Receipt {
     Receipt(format!("{batch}:{place}:{receive_count}"))
 }
 
+const RECEIPTS_APART: &str = ",";
+
 fn parse_receipts(receipts: &[Receipt]) -> Vec<(i64, i64, u32)> {
     receipts
         .iter()
+        .flat_map(|r| r.0.split(RECEIPTS_APART))
         .filter_map(|r| {
-            let mut parts = r.0.splitn(3, ':');
+            let mut parts = r.splitn(3, ':');
             Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
         })
         .collect()
@@ -634,7 +685,7 @@ impl WorkQueue for EmbeddedQueue {
                 Ok(out)
             })
             .await?;
-        Ok(unpack(taken, |batch, place, _| Receipt(format!("peek:{batch}:{place}"))))
+        Ok(unpack(taken, queue, |batch, place, _| Receipt(format!("peek:{batch}:{place}"))))
     }
 }
 
