@@ -50,7 +50,10 @@ for stage in ${STAGES:-ingest features inference results}; do
   start=$(date +%s.%N)
   "$bin/sluice-$stage" &
   pid=$!
-  until drained "$stage"; do sleep 0.1; done
+  until drained "$stage"; do
+    kill -0 "$pid" 2>/dev/null || { echo "sluice-$stage (in $bin) stopped before its input was used up" >&2; exit 1; }
+    sleep 0.1
+  done
   end=$(date +%s.%N)
   kill -TERM "$pid"
   wait "$pid"

@@ -1,5 +1,5 @@
 use serde::{Deserialize, Serialize};
-use sluice_core::image::ImageLimits;
+use sluice_core::image::{ImageCheck, ImageLimits};
 
 /// `[ingest]`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -21,6 +21,9 @@ pub struct IngestConfig {
     /// string record id is refused (`schema_mismatch`), never replaced.
     pub record_id_field: Option<String>,
     pub image_limits: ImageLimits,
+    /// How images are checked: `structure` (the header, and that the file is whole) or
+    /// `decode` (every pixel decoded, so that an image damaged inside ends here, not at features).
+    pub image_check: ImageCheck,
 }
 
 impl Default for IngestConfig {
@@ -32,6 +35,7 @@ impl Default for IngestConfig {
             inline_limit_bytes: 700 * 1024,
             record_id_field: None,
             image_limits: ImageLimits::default(),
+            image_check: ImageCheck::default(),
         }
     }
 }

@@ -82,7 +82,7 @@ fn too_large(len: usize, limit: usize) -> SluiceError {
 }
 
 /// Checks an inline payload is what its content type says: the CPU's part of the check (a JSON
-/// parse, an image decode), done for a whole batch on every core. A claim-checked payload is
+/// parse, an image's structure or decode), done for a whole batch on every core. A claim-checked payload is
 /// checked by [`check_claim_checked`], once fetched.
 pub(crate) fn check_inline(envelope: &Envelope, config: &IngestConfig, tabular: Option<&TabularSpec>) -> Result<()> {
     match &envelope.payload {
@@ -143,7 +143,7 @@ fn check_bytes(
             }
         }
         image => {
-            sluice_core::image::decode(data, image, &config.image_limits)?;
+            sluice_core::image::check(data, image, &config.image_limits, config.image_check)?;
         }
     }
     Ok(())
