@@ -8,6 +8,7 @@ use sluice_core::ReasonCode;
 use sluice_core::backend::{Backend, StreamInput};
 use sluice_core::config::{StoreConfig, WorkerConfig};
 use sluice_core::envelope::{ContentType, Envelope, RecordId};
+use sluice_core::image::ImageCheck;
 use sluice_core::model::{FieldSpec, TabularSpec};
 use sluice_core::record::DlqEntry;
 use sluice_core::topology::{QueueName, StageName};
@@ -70,6 +71,40 @@ async fn each_bad_record_is_dead_lettered_with_its_own_reason() {
             assert_eq!(backend.blobs.get(reference).await.unwrap(), png(200, 200));
         }
         other => panic!("a large payload should travel as a claim-check, got {other:?}"),
+    }
+}
+
+fn jpeg(width: u32, height: u32) -> Vec<u8> {
+    let img = image::RgbImage::from_fn(width, height, |x, y| image::Rgb([(x * 4) as u8, (y * 4) as u8, 128]));
+    let mut out = Vec::new();
+    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, 90).encode_image(&img).unwrap();
+    out
+}
+
+/// A JPEG cut short in transit is refused at ingest however it checks images (`image`'s decoder
+/// alone would pass it, the missing rows grey, and the model would judge half a picture); the
+/// whole one goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_jpeg_cut_short_is_refused_by_either_image_check() {
+    for image_check in [ImageCheck::Structure, ImageCheck::Decode] {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StoreConfig { path: dir.path().join("s.sqlite"), ..StoreConfig::default() };
+        let backend = Backend::open(&store).await.unwrap();
+        let whole = jpeg(64, 64);
+        let cut = whole[..whole.len() / 2].to_vec();
+        let inputs = vec![
+            StreamInput { partition_key: "whole".into(), data: whole },
+            StreamInput { partition_key: "cut".into(), data: cut.clone() },
+        ];
+        backend.stream.put_records(inputs).await.unwrap();
+
+        let config = IngestConfig { image_check, ..IngestConfig::default() };
+        let report = ingest_all(&backend, &store, IngestStage::new(config, Arc::clone(&backend.blobs))).await;
+        assert_eq!(report.dead_lettered, 1, "{image_check:?}");
+        let dlq = backend.queue(QueueName::IngestDlq).peek(10).await.unwrap();
+        let entry = DlqEntry::from_message(StageName::Ingest, dlq[0].body.clone(), &dlq[0].attributes, 0, 0);
+        assert_eq!((entry.reason, entry.body), (ReasonCode::TruncatedImage, cut), "{image_check:?}");
+        assert_eq!(backend.queue(QueueName::Features).peek(10).await.unwrap().len(), 1, "{image_check:?}");
     }
 }
 
