@@ -93,6 +93,19 @@ pub async fn walk(backend: &Backend, manifest: &ModelManifest, save: Option<&Pat
         let receipt = message.receipt.clone();
         queue.extend_visibility(std::slice::from_ref(&receipt), LOOKING).await?;
         let item = Item::from_message(Letters::Review, message);
+        if item.record_id().is_none() {
+            // No result to review: an unreadable stored batch (docs/operations.md), or a message
+            // no results stage wrote. Shown once (its receipt hides all of it), left in place.
+            println!(
+                "\n── an entry that is no review item ({}: {}); left in the queue: \
+                 sluice dlq purge --stage review --reason {} removes it\n",
+                item.entry.reason.as_str(),
+                item.entry.detail,
+                item.entry.reason.as_str()
+            );
+            skipped.push(receipt);
+            continue;
+        }
         print!("{}", show(backend, manifest, &item, save).await?);
         let answer = loop {
             print!("label ({}), Enter = the model's, d = to the DLQ, s = skip, q = quit > ", manifest.labels.join(" "));

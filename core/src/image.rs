@@ -38,9 +38,9 @@ pub enum ImageCheck {
     /// `undecodable_image` instead of ingest's.
     #[default]
     Structure,
-    /// The structure, then a full decode: every image that cannot be decoded ends in ingest's
-    /// DLQ, at the cost of decoding each image twice in the pipeline (~1.5 ms of CPU for a
-    /// 480×360 JPEG).
+    /// A full decode, then the same walk of the file: every image that cannot be decoded ends
+    /// in ingest's DLQ, at the cost of decoding each image twice in the pipeline (~1.5 ms of CPU
+    /// for a 480×360 JPEG).
     Decode,
 }
 
@@ -102,7 +102,7 @@ fn check_structure(bytes: &[u8], content_type: ContentType, limits: &ImageLimits
     if width > limits.max_width || height > limits.max_height || pixel_bytes > limits.max_alloc_bytes {
         return Err(SluiceError::permanent(
             ReasonCode::ImageTooLarge,
-            format!("{width}×{height} pixels ({pixel_bytes} bytes decoded) pass the image limits"),
+            format!("{width}×{height} pixels ({pixel_bytes} bytes decoded) exceed the image limits"),
         ));
     }
     is_whole(bytes, content_type)
@@ -125,20 +125,27 @@ fn undecodable(detail: String) -> SluiceError {
 }
 
 /// Walks a PNG's chunks (after its signature) to `IEND`, each checked against its CRC, which
-/// covers every byte of a PNG but the signature and the chunks' lengths.
+/// covers every byte of a PNG but the signature and the chunks' lengths. As the `png` decoder
+/// does, an ancillary chunk (text, colour profile: its type's first letter lower case) that fails
+/// its CRC is passed over; a critical one (header, palette, image data, end) is not.
 fn png_is_whole(bytes: &[u8]) -> Result<()> {
     let mut at = 8;
     loop {
         let Some(header) = bytes.get(at..at + 8) else {
             return Err(truncated(format!("the PNG ends at byte {} before its IEND chunk", bytes.len())));
         };
-        let length = u32::from_be_bytes([header[0], header[1], header[2], header[3]]) as usize;
+        let length = u32::from_be_bytes([header[0], header[1], header[2], header[3]]);
         let kind = String::from_utf8_lossy(&header[4..8]).into_owned();
+        if length > i32::MAX as u32 {
+            return Err(undecodable(format!("the PNG's {kind} chunk at byte {at} has an impossible length, {length}")));
+        }
+        let length = length as usize;
         let end = (at + 8).saturating_add(length);
         let (Some(chunk), Some(crc)) = (bytes.get(at + 4..end), bytes.get(end..end.saturating_add(4))) else {
             return Err(truncated(format!("the PNG ends inside its {kind} chunk (byte {at})")));
         };
-        if crc32fast::hash(chunk).to_be_bytes() != crc {
+        let ancillary = header[4] & 0x20 != 0;
+        if crc32fast::hash(chunk).to_be_bytes() != crc && !ancillary {
             return Err(undecodable(format!("the PNG's {kind} chunk at byte {at} fails its CRC")));
         }
         if kind == "IEND" {
@@ -152,17 +159,15 @@ fn png_is_whole(bytes: &[u8]) -> Result<()> {
 /// looks for the end-of-image marker after it. Inside a scan's entropy-coded data a 0xFF byte is
 /// followed by 0x00 or a restart marker, so `FF D9` there is the end-of-image marker. (In a
 /// progressive JPEG cut short, a later segment's table could hold those two bytes and hide the
-/// cut from this check; features' decode then finds it.)
+/// cut; the file then passes, as it does `image`'s lenient decoder.) Stray bytes where a marker
+/// belongs are passed over, as that decoder does.
 fn jpeg_is_whole(bytes: &[u8]) -> Result<()> {
     let mut at = 2;
     loop {
-        if bytes.get(at) != Some(&0xFF) {
-            return match bytes.get(at) {
-                None => Err(truncated(format!("the JPEG ends at byte {at} before its scan"))),
-                Some(byte) => Err(undecodable(format!("the JPEG has {byte:#04x} at byte {at} where a marker belongs"))),
-            };
+        // Up to the next marker: stray bytes, then any fill bytes of 0xFF before it.
+        while bytes.get(at).is_some_and(|&b| b != 0xFF) {
+            at += 1;
         }
-        // A marker may be preceded by fill bytes of 0xFF.
         while bytes.get(at) == Some(&0xFF) {
             at += 1;
         }
@@ -289,6 +294,25 @@ mod tests {
             let small = ImageLimits { max_alloc_bytes: 1000, ..ImageLimits::default() };
             let err = check(&jpeg(64, 48), ContentType::Jpeg, &small, how).unwrap_err();
             assert_eq!(err.code(), ReasonCode::ImageTooLarge, "{how:?}: {err}");
+        }
+        // A text chunk with a bad CRC, before the end: passed over, as the decoder does.
+        let whole = png(32, 32);
+        let mut with_text = whole[..whole.len() - 12].to_vec();
+        with_text.extend_from_slice(&[0, 0, 0, 3]);
+        with_text.extend_from_slice(b"tEXtabc");
+        with_text.extend_from_slice(&[1, 2, 3, 4]);
+        with_text.extend_from_slice(&whole[whole.len() - 12..]);
+        for how in [ImageCheck::Structure, ImageCheck::Decode] {
+            checked(&with_text, ContentType::Png, how).unwrap();
+        }
+        // Stray bytes between two segments of a JPEG's header: passed over, as the decoder does.
+        let whole = jpeg(64, 48);
+        let app0_end = 4 + u16::from_be_bytes([whole[4], whole[5]]) as usize;
+        let mut stray = whole[..app0_end].to_vec();
+        stray.extend_from_slice(&[0x00, 0x17]);
+        stray.extend_from_slice(&whole[app0_end..]);
+        for how in [ImageCheck::Structure, ImageCheck::Decode] {
+            checked(&stray, ContentType::Jpeg, how).unwrap();
         }
         let mut damaged = png(32, 32);
         let middle = damaged.len() / 2;

@@ -52,7 +52,7 @@ impl IngestStage {
     }
 
     /// A stream record read as an envelope, and its payload checked where it travels inline: the
-    /// CPU's part of ingesting it (JSON, base64, an image decode), done on every core for a batch.
+    /// CPU's part of ingesting it (JSON, base64, an image check), done on every core for a batch.
     fn read(&self, delivery: &Delivery) -> Result<Envelope, Outcome> {
         let Origin::Stream { shard, sequence, arrived_ms, .. } = &delivery.origin else {
             let error = SluiceError::permanent(ReasonCode::Internal, "ingest reads the stream, not a queue");

@@ -155,9 +155,7 @@ fn runs_of(tx: &rusqlite::Transaction<'_>, batch: i64) -> rusqlite::Result<Vec<R
 fn places(messages: &mut [PackedMessage], first: i64, count: i64) -> std::result::Result<&mut [PackedMessage], String> {
     let held = messages.len();
     let end = (first + count) as usize;
-    messages
-        .get_mut(first as usize..end)
-        .ok_or_else(|| format!("it holds {held} messages, not the {end} its queue names"))
+    messages.get_mut(first as usize..end).ok_or_else(|| format!("it holds {held} messages, fewer than its queue names"))
 }
 
 /// The batches one call has read, each read once however many of its runs the call takes.
@@ -216,27 +214,26 @@ fn unpack(taken: Vec<Taken>, queue: QueueName, receipt: impl Fn(i64, i64, u32) -
     }
     for (batch, (why, runs)) in unreadable {
         tracing::error!(batch, %why, %queue, "a queue batch is unreadable: handed out as one malformed_message entry");
-        out.push(unreadable_entry(queue, batch, &why, &runs, &receipt));
+        out.push(unreadable_entry(queue, batch, &why, &runs, receipt(batch, WHOLE_BATCH, 0)));
     }
     out
 }
 
+/// The place a receipt names to mean every message of its batch, whatever its receive count:
+/// an unreadable batch's one entry (see [`unreadable_entry`]).
+const WHOLE_BATCH: i64 = -1;
+
 /// The one entry an unreadable batch of a DLQ or the review queue is handed out as: reason
-/// `malformed_message`, its body the batch's bytes as stored, its receipt naming every message
-/// of it that was taken. Its attributes stay the same from one receive to the next (no attempts,
-/// failure times those of the send), so that a purge or replay knows it when it comes round again.
-fn unreadable_entry(
-    queue: QueueName,
-    batch: i64,
-    why: &str,
-    runs: &[Taken],
-    receipt: impl Fn(i64, i64, u32) -> Receipt,
-) -> ReceivedMessage {
-    let messages: i64 = runs.iter().map(|t| t.count).sum();
+/// `malformed_message`, its body the batch's bytes as stored, its receipt naming the whole batch
+/// (an acknowledgement deletes every message of it, a release or a longer visibility applies to
+/// them all). Its attributes name the batch alone, not the part of it one receive took, and stay
+/// the same from one receive to the next (no attempts, failure times those of the send), so that
+/// a purge or replay reading the queue in rounds knows it when another part comes round.
+fn unreadable_entry(queue: QueueName, batch: i64, why: &str, runs: &[Taken], receipt: Receipt) -> ReceivedMessage {
     let sent_at_ms = runs.iter().map(|t| t.sent_at_ms).min().unwrap_or_default();
     let detail = format!(
-        "queue batch {batch} of {queue} is unreadable ({why}); {messages} messages of it are this one entry, \
-         whose body is the batch's stored bytes"
+        "queue batch {batch} of {queue} is unreadable ({why}); this one entry stands for every message of it \
+         in the queue, and its body is the batch's stored bytes"
     );
     let stage = queue.dlq_stage().unwrap_or(StageName::Results);
     let mut entry =
@@ -244,14 +241,10 @@ fn unreadable_entry(
     (entry.first_failure_ms, entry.last_failure_ms) = (sent_at_ms as u64, sent_at_ms as u64);
     let mut attributes = entry.attributes();
     attributes.remove(crate::record::dlq_attr::ATTEMPTS);
-    let receipts: Vec<String> = runs
-        .iter()
-        .flat_map(|t| (t.first..t.first + t.count).map(|place| receipt(batch, place, t.receive_count).0))
-        .collect();
     ReceivedMessage {
         body: runs[0].data.to_vec(),
         attributes,
-        receipt: Receipt(receipts.join(RECEIPTS_APART)),
+        receipt,
         receive_count: runs.iter().map(|t| t.receive_count).max().unwrap_or_default(),
         sent_at_ms: sent_at_ms as u64,
     }
@@ -529,7 +522,7 @@ enum Settle {
 }
 
 /// Applies `settle` to the messages that `named` (batch, place, receive count) name, where no
-/// later receive made the receipt stale. A run that is named, wholly or in part, is written again
+/// later receive made the receipt stale (a [`WHOLE_BATCH`] place: every message of the batch). A run that is named, wholly or in part, is written again
 /// as runs each named wholly or not at all (the named ones deleted, or with their new visibility).
 fn settle(tx: &rusqlite::Transaction<'_>, named: Vec<(i64, i64, u32)>, settle: Settle) -> rusqlite::Result<()> {
     let mut by_batch: BTreeMap<i64, Vec<(i64, u32)>> = BTreeMap::new();
@@ -539,7 +532,8 @@ fn settle(tx: &rusqlite::Transaction<'_>, named: Vec<(i64, i64, u32)>, settle: S
     for (batch, named) in by_batch {
         for run in runs_of(tx, batch)? {
             let end = run.first + run.count;
-            let mut hit = vec![false; run.count as usize];
+            let whole = named.iter().any(|&(place, _)| place == WHOLE_BATCH);
+            let mut hit = vec![whole; run.count as usize];
             for &(place, count) in &named {
                 if count == run.receive_count && (run.first..end).contains(&place) {
                     hit[(place - run.first) as usize] = true;
@@ -568,20 +562,17 @@ fn settle(tx: &rusqlite::Transaction<'_>, named: Vec<(i64, i64, u32)>, settle: S
     Ok(())
 }
 
-/// A receipt names one receive of one message: `batch:place:receive count`; an unreadable
-/// batch's entry carries several, [`RECEIPTS_APART`].
+/// A receipt names one receive of one message: `batch:place:receive count` (the place
+/// [`WHOLE_BATCH`]: every message of the batch).
 fn receipt(batch: i64, place: i64, receive_count: u32) -> Receipt {
     Receipt(format!("{batch}:{place}:{receive_count}"))
 }
 
-const RECEIPTS_APART: &str = ",";
-
 fn parse_receipts(receipts: &[Receipt]) -> Vec<(i64, i64, u32)> {
     receipts
         .iter()
-        .flat_map(|r| r.0.split(RECEIPTS_APART))
         .filter_map(|r| {
-            let mut parts = r.splitn(3, ':');
+            let mut parts = r.0.splitn(3, ':');
             Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
         })
         .collect()
