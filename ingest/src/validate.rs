@@ -82,8 +82,8 @@ fn too_large(len: usize, limit: usize) -> SluiceError {
 }
 
 /// Checks an inline payload is what its content type says: the CPU's part of the check (a JSON
-/// parse, an image's structure or decode), done for a whole batch on every core. A claim-checked payload is
-/// checked by [`check_claim_checked`], once fetched.
+/// parse, an image's structure or decode), done for a whole batch on every core. A
+/// claim-checked payload is checked by [`check_claim_checked`], once fetched.
 pub(crate) fn check_inline(envelope: &Envelope, config: &IngestConfig, tabular: Option<&TabularSpec>) -> Result<()> {
     match &envelope.payload {
         Payload::Inline { data } => check_bytes(data, envelope.content_type, config.max_payload_bytes, config, tabular),

@@ -522,17 +522,18 @@ enum Settle {
 }
 
 /// Applies `settle` to the messages that `named` (batch, place, receive count) name, where no
-/// later receive made the receipt stale (a [`WHOLE_BATCH`] place: every message of the batch). A run that is named, wholly or in part, is written again
-/// as runs each named wholly or not at all (the named ones deleted, or with their new visibility).
+/// later receive made the receipt stale (a [`WHOLE_BATCH`] place: every message of the batch).
+/// A run that is named, wholly or in part, is written again as runs each named wholly or not at
+/// all (the named ones deleted, or with their new visibility).
 fn settle(tx: &rusqlite::Transaction<'_>, named: Vec<(i64, i64, u32)>, settle: Settle) -> rusqlite::Result<()> {
     let mut by_batch: BTreeMap<i64, Vec<(i64, u32)>> = BTreeMap::new();
     for (batch, place, count) in named {
         by_batch.entry(batch).or_default().push((place, count));
     }
     for (batch, named) in by_batch {
+        let whole = named.iter().any(|&(place, _)| place == WHOLE_BATCH);
         for run in runs_of(tx, batch)? {
             let end = run.first + run.count;
-            let whole = named.iter().any(|&(place, _)| place == WHOLE_BATCH);
             let mut hit = vec![whole; run.count as usize];
             for &(place, count) in &named {
                 if count == run.receive_count && (run.first..end).contains(&place) {
