@@ -193,10 +193,14 @@ pub async fn run(command: DlqCommand, settings: Settings) -> anyhow::Result<()> 
             let filter = filter.filter()?;
             if dry_run {
                 let items = dlq::list(&backend, stage, &filter, limit.unwrap_or(dlq::PEEK_MAX)).await?;
+                let (items, left): (Vec<_>, Vec<_>) = items.into_iter().partition(|i| i.replayable());
                 for item in &items {
                     print_line(item, json)?;
                 }
                 eprintln!("dry run: {} entries would be replayed from {stage}; nothing moved", items.len());
+                if !left.is_empty() {
+                    eprintln!("{}", not_replayable(left.len()));
+                }
                 return Ok(());
             }
             let options = ReplayOptions { to, limit, rate };
@@ -226,6 +230,9 @@ pub async fn run(command: DlqCommand, settings: Settings) -> anyhow::Result<()> 
                 );
             } else {
                 println!("replayed {} entries from the {stage} DLQ to {}", moved.moved, to.unwrap_or(stage.stage()));
+                if moved.kept > 0 {
+                    eprintln!("{}", not_replayable(moved.kept as usize));
+                }
             }
         }
         DlqCommand::Purge { store, stage, filter, limit, yes, json } => {
@@ -247,6 +254,15 @@ pub async fn run(command: DlqCommand, settings: Settings) -> anyhow::Result<()> 
         }
     }
     Ok(())
+}
+
+/// What a replay says of the `n` entries it leaves.
+fn not_replayable(n: usize) -> String {
+    format!(
+        "{n} entries left where they are: each is a queue's unreadable stored batch, not a record, and no \
+         stage can read it (docs/operations.md); keep its bytes if they matter, then purge it with \
+         --reason malformed_message"
+    )
 }
 
 fn print_line(item: &Item, json: bool) -> anyhow::Result<()> {

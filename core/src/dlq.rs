@@ -143,6 +143,12 @@ impl Item {
         Self { queue, entry, attributes: record_attributes, verdict, result, message_attributes: attributes }
     }
 
+    /// Whether a replay can send this entry back to work: its body is a record (not a queue's
+    /// unreadable stored batch, which can only be kept or purged).
+    pub fn replayable(&self) -> bool {
+        self.entry.stored_batch.is_none()
+    }
+
     pub fn record_id(&self) -> Option<&RecordId> {
         self.entry.record_id.as_ref().or(self.result.as_ref().map(|r| &r.record_id))
     }
@@ -267,7 +273,8 @@ pub struct ReplayOptions {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct Moved {
     pub moved: u64,
-    /// Review items left in review (still under their threshold).
+    /// Entries that matched and were left where they are: review items still under their
+    /// threshold; in a stage's DLQ, entries no replay can send (see [`Item::replayable`]).
     #[serde(skip_serializing_if = "is_zero")]
     pub kept: u64,
 }
@@ -285,14 +292,24 @@ pub trait Action: Send + Sync {
     async fn apply(&self, backend: &Backend, items: &[Item]) -> Result<Vec<bool>>;
 }
 
-/// Sends entries back to work: to a stage's input queue, or ingest's stream.
+/// Sends entries back to work: to a stage's input queue, or ingest's stream. An entry whose body
+/// is a queue's unreadable stored batch, not a record, stays where it is (see
+/// [`Item::replayable`]): sent back, it would only be dead-lettered again, or, sent to the
+/// stream, read as a new record.
 pub struct SendTo(pub StageName);
 
 #[async_trait::async_trait]
 impl Action for SendTo {
     async fn apply(&self, backend: &Backend, items: &[Item]) -> Result<Vec<bool>> {
+        let sent: Vec<bool> = items.iter().map(Item::replayable).collect();
+        let items: Vec<&Item> = items.iter().filter(|item| item.replayable()).collect();
+        if items.is_empty() {
+            return Ok(sent);
+        }
         match self.0.input_queue() {
-            Some(queue) => backend.queue(queue).send_batch(items.iter().map(Item::replay_message).collect()).await?,
+            Some(queue) => {
+                backend.queue(queue).send_batch(items.iter().map(|item| item.replay_message()).collect()).await?
+            }
             None => {
                 // The partition key says "a replay of this record": ingest gives it back its id
                 // and does not count it as a new arrival.
@@ -309,7 +326,7 @@ impl Action for SendTo {
                 backend.stream.put_records(records).await?;
             }
         }
-        Ok(vec![true; items.len()])
+        Ok(sent)
     }
 }
 

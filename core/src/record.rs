@@ -138,6 +138,9 @@ pub mod dlq_attr {
     pub const FIRST_FAILURE_MS: &str = "sluice.first_failure_ms";
     pub const LAST_FAILURE_MS: &str = "sluice.last_failure_ms";
     pub const RECORD_ID: &str = "sluice.record_id";
+    /// On an entry whose body is a queue's stored batch that could not be read (embedded store),
+    /// not a record: the batch's id.
+    pub const STORED_BATCH: &str = "sluice.stored_batch";
 }
 
 /// A dead-letter entry: the original message plus why and when it failed.
@@ -151,6 +154,11 @@ pub struct DlqEntry {
     pub last_failure_ms: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub record_id: Option<RecordId>,
+    /// Set where the body is no record but a queue's stored batch that could not be read (the
+    /// embedded store's, damaged): the batch's id. Such an entry can be kept or purged, not
+    /// replayed: no stage can read its body.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stored_batch: Option<i64>,
     /// The original message body, as the failing stage received it.
     #[serde(skip)]
     pub body: Vec<u8>,
@@ -174,6 +182,7 @@ impl DlqEntry {
             first_failure_ms: now,
             last_failure_ms: now,
             record_id,
+            stored_batch: None,
             body,
         }
     }
@@ -189,6 +198,9 @@ impl DlqEntry {
         ]);
         if let Some(id) = &self.record_id {
             attrs.insert(dlq_attr::RECORD_ID.to_owned(), id.to_string());
+        }
+        if let Some(batch) = self.stored_batch {
+            attrs.insert(dlq_attr::STORED_BATCH.to_owned(), batch.to_string());
         }
         attrs
     }
@@ -218,6 +230,7 @@ impl DlqEntry {
             first_failure_ms: num(dlq_attr::FIRST_FAILURE_MS).unwrap_or(sent_at_ms),
             last_failure_ms: num(dlq_attr::LAST_FAILURE_MS).unwrap_or(sent_at_ms),
             record_id: attrs.get(dlq_attr::RECORD_ID).and_then(|id| RecordId::parse(id.clone()).ok()),
+            stored_batch: attrs.get(dlq_attr::STORED_BATCH).and_then(|b| b.parse().ok()),
             body,
         }
     }

@@ -480,6 +480,7 @@ async fn an_unreadable_batch_holds_up_nothing_and_ends_in_the_dlq_as_one_entry()
     let entries: Vec<DlqEntry> =
         dlq.iter().map(|m| DlqEntry::from_message(StageName::Features, m.body.clone(), &m.attributes, 0, 0)).collect();
     assert!(entries.iter().all(|e| e.reason == ReasonCode::MalformedMessage));
+    assert!(entries.iter().all(|e| e.stored_batch.is_some()), "each entry says its body is a stored batch");
     assert_eq!((dlq[0].body.as_slice(), dlq[1].body.as_slice()), (&[][..], damaged.as_slice()), "the bytes as stored");
     assert!(
         entries[0].detail.contains("holds 0 messages") && entries[0].detail.contains("the 1 messages"),
@@ -497,11 +498,11 @@ async fn an_unreadable_batch_holds_up_nothing_and_ends_in_the_dlq_as_one_entry()
 
 /// In a DLQ, which redrives nowhere, an unreadable batch is one entry an operator can see and
 /// purge: `malformed_message`, its body the stored bytes, the same each time it is looked at
-/// (a purge reads 100 messages a round; this batch holds 150), left in place by a purge that
-/// does not match it, and taken off the queue whole, every message of it, by one that does.
+/// (a purge reads 100 messages a round; this batch holds 150), left in place by a replay (no
+/// stage could read it), and taken off the queue whole, every message of it, by a purge.
 #[tokio::test]
-async fn an_unreadable_batch_in_a_dlq_is_listed_as_one_entry_and_purged_whole() {
-    use sluice_core::dlq::{self, Delete, Filter, Letters, ReplayOptions};
+async fn an_unreadable_batch_in_a_dlq_is_listed_as_one_entry_left_by_a_replay_and_purged_whole() {
+    use sluice_core::dlq::{self, Delete, Filter, Letters, ReplayOptions, SendTo};
     let (_dir, config, backend) = fresh(StoreConfig::default()).await;
     let queue = backend.queue(QueueName::FeaturesDlq);
     queue.send_batch((0..150).map(|i| byte(i as u8)).collect()).await.unwrap();
@@ -518,20 +519,21 @@ async fn an_unreadable_batch_in_a_dlq_is_listed_as_one_entry_and_purged_whole() 
     assert_eq!(malformed.len(), 1);
     assert_eq!(malformed[0].entry.body, damaged, "the bytes as stored");
     assert!(malformed[0].entry.detail.contains("every message of it"), "{}", malformed[0].entry.detail);
-    assert!(malformed[0].record_id().is_none());
+    assert!(malformed[0].record_id().is_none() && !malformed[0].replayable());
 
-    let purge = |reason| {
-        let filter = Filter { reason: Some(reason), ..Filter::default() };
-        let backend = backend.clone();
-        async move { dlq::apply(&backend, letters, &filter, &Delete, &ReplayOptions::default(), &|_| {}).await.unwrap() }
-    };
-    assert_eq!(purge(ReasonCode::MaxReceivesExceeded).await.moved, 1, "the readable entry, and only it");
+    let (all, options, to) = (Filter::default(), ReplayOptions::default(), SendTo(StageName::Features));
+    let replayed = dlq::apply(&backend, letters, &all, &to, &options, &|_| {}).await.unwrap();
+    assert_eq!((replayed.moved, replayed.kept), (1, 1), "the readable entry went back to work, the batch stayed");
+    let sent = backend.queue(QueueName::Features).peek(10).await.unwrap();
+    assert_eq!(sent.iter().map(|m| m.body.clone()).collect::<Vec<_>>(), [vec![200]], "only the readable one");
     let depth = queue.depth().await.unwrap();
     assert_eq!((depth.visible, depth.in_flight), (150, 0), "the damaged batch was looked at and given back whole");
 
-    assert_eq!(purge(ReasonCode::MalformedMessage).await.moved, 1);
+    let filter = Filter { reason: Some(ReasonCode::MalformedMessage), ..Filter::default() };
+    let purged = dlq::apply(&backend, letters, &filter, &Delete, &options, &|_| {}).await.unwrap();
+    assert_eq!(purged.moved, 1);
     let depth = queue.depth().await.unwrap();
     assert_eq!((depth.visible, depth.in_flight), (0, 0), "every message of the batch went with its one entry");
     let left: i64 = conn.query_row("SELECT COUNT(*) FROM queue_batches", [], |r| r.get(0)).unwrap();
-    assert_eq!(left, 0, "the damaged batch's row is gone");
+    assert_eq!(left, 1, "the damaged batch's row is gone; the replayed message's is left");
 }

@@ -239,6 +239,7 @@ fn unreadable_entry(queue: QueueName, batch: i64, why: &str, runs: &[Taken], rec
     let mut entry =
         DlqEntry::new(stage, &SluiceError::permanent(ReasonCode::MalformedMessage, detail), 0, None, Vec::new());
     (entry.first_failure_ms, entry.last_failure_ms) = (sent_at_ms as u64, sent_at_ms as u64);
+    entry.stored_batch = Some(batch);
     let mut attributes = entry.attributes();
     attributes.remove(crate::record::dlq_attr::ATTEMPTS);
     ReceivedMessage {
@@ -380,10 +381,11 @@ fn redrive(
     now: i64,
 ) -> rusqlite::Result<bool> {
     let stage = dlq.dlq_stage().expect("a redrive target is a stage DLQ");
-    let entry = |code, detail| {
+    let entry = |code, detail, stored_batch| {
         let mut entry =
             DlqEntry::new(stage, &SluiceError::permanent(code, detail), run.receive_count, None, Vec::new());
         entry.first_failure_ms = run.first_received_ms.unwrap_or(run.sent_at_ms) as u64;
+        entry.stored_batch = stored_batch;
         entry.attributes()
     };
     let data = batch_data(tx, run.batch)?;
@@ -392,6 +394,7 @@ fn redrive(
             let attributes = entry(
                 ReasonCode::MaxReceivesExceeded,
                 format!("received {} times from {from} without being acknowledged", run.receive_count),
+                None,
             );
             let messages = messages.into_iter().map(|mut message| {
                 message.attributes.extend(attributes.clone());
@@ -412,7 +415,7 @@ fn redrive(
             );
             let message = PackedMessage {
                 body: data,
-                attributes: entry(ReasonCode::MalformedMessage, detail),
+                attributes: entry(ReasonCode::MalformedMessage, detail, Some(run.batch)),
                 dedup_key: run.dedup_key.clone(),
             };
             (vec![message], runs, true)
