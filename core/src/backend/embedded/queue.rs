@@ -695,38 +695,40 @@ pub(super) fn move_message_rows(tx: &rusqlite::Transaction<'_>) -> rusqlite::Res
     if old.is_none() {
         return Ok(());
     }
-    let rows: Vec<(Run, PackedMessage)> = tx
-        .prepare(
-            "SELECT queue, body, attributes, dedup_key, receive_count, visible_at_ms, sent_at_ms, first_received_ms \
-             FROM messages ORDER BY id",
-        )?
-        .query_map([], |r| {
-            let dedup_key: Option<String> = r.get(3)?;
-            let attributes: String = r.get(2)?;
-            let queue: String = r.get(0)?;
-            let keyed = QueueName::ALL.into_iter().find(|q| q.as_str() == queue).is_some_and(keeps_keys);
-            let run = Run {
-                batch: 0,
-                first: 0,
-                count: 1,
-                queue,
-                receive_count: r.get(4)?,
-                visible_at_ms: r.get(5)?,
-                sent_at_ms: r.get(6)?,
-                first_received_ms: r.get(7)?,
-                dedup_key: dedup_key.clone().filter(|_| keyed),
-            };
-            let message = PackedMessage {
-                body: r.get(1)?,
-                attributes: serde_json::from_str(&attributes).unwrap_or_default(),
-                dedup_key,
-            };
-            Ok((run, message))
-        })?
-        .collect::<rusqlite::Result<_>>()?;
-    tracing::info!(messages = rows.len(), "moving queued messages to the batched layout");
-    for (run, message) in rows {
+    tracing::info!("moving queued messages to the batched layout");
+    // A row at a time, written as it is read: a store's backlog (a deep DLQ) need not fit in memory.
+    let mut select = tx.prepare(
+        "SELECT queue, body, attributes, dedup_key, receive_count, visible_at_ms, sent_at_ms, first_received_ms \
+         FROM messages ORDER BY id",
+    )?;
+    let mut rows = select.query([])?;
+    let mut moved = 0_u64;
+    while let Some(r) = rows.next()? {
+        let dedup_key: Option<String> = r.get(3)?;
+        let attributes: String = r.get(2)?;
+        let queue: String = r.get(0)?;
+        let keyed = QueueName::ALL.into_iter().find(|q| q.as_str() == queue).is_some_and(keeps_keys);
+        let run = Run {
+            batch: 0,
+            first: 0,
+            count: 1,
+            queue,
+            receive_count: r.get(4)?,
+            visible_at_ms: r.get(5)?,
+            sent_at_ms: r.get(6)?,
+            first_received_ms: r.get(7)?,
+            dedup_key: dedup_key.clone().filter(|_| keyed),
+        };
+        let message = PackedMessage {
+            body: r.get(1)?,
+            attributes: serde_json::from_str(&attributes).unwrap_or_default(),
+            dedup_key,
+        };
         insert_batch(tx, PackedBatch { messages: vec![message] }.encode_to_vec(), run)?;
+        moved += 1;
     }
+    drop(rows);
+    drop(select);
+    tracing::info!(messages = moved, "queued messages moved to the batched layout");
     tx.execute_batch("DROP TABLE messages")
 }
