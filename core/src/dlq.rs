@@ -364,8 +364,10 @@ pub async fn apply(
     let wait = if backend.kind() == BackendKind::Aws { Duration::from_secs(1) } else { Duration::ZERO };
     let result = async {
         while (done.moved as usize) < limit {
-            let want =
-                BATCH.min(limit - done.moved as usize).min(options.rate.map_or(BATCH, |r| r.ceil().max(1.0) as usize));
+            // A whole round even when fewer entries are wanted: what was looked at stays hidden
+            // to the end either way, and a search for one entry (a label, a reject) then reads a
+            // deep queue in rounds of BATCH rather than a message a round.
+            let want = options.rate.map_or(BATCH, |r| BATCH.min(r.ceil().max(1.0) as usize));
             let batch = queue.receive(want, wait).await?;
             if batch.is_empty() {
                 break;

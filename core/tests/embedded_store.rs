@@ -537,3 +537,37 @@ async fn an_unreadable_batch_in_a_dlq_is_listed_as_one_entry_left_by_a_replay_an
     let left: i64 = conn.query_row("SELECT COUNT(*) FROM queue_batches", [], |r| r.get(0)).unwrap();
     assert_eq!(left, 1, "the damaged batch's row is gone; the replayed message's is left");
 }
+
+/// A purge or replay with a limit takes that many entries and gives back every other one it
+/// looked at; a search for one entry at the back of a deep queue finds it and leaves the rest.
+#[tokio::test]
+async fn a_limited_purge_takes_its_limit_and_gives_the_rest_back() {
+    use sluice_core::dlq::{self, Delete, Filter, Letters, ReplayOptions};
+    let (_dir, _config, backend) = fresh(StoreConfig::default()).await;
+    let queue = backend.queue(QueueName::InferenceDlq);
+    let entry = |i: usize| OutgoingMessage {
+        body: vec![1],
+        attributes: [(sluice_core::record::dlq_attr::RECORD_ID.to_owned(), format!("r-{i:03}"))].into(),
+        dedup_key: None,
+    };
+    queue.send_batch((0..250).map(entry).collect()).await.unwrap();
+    let letters = Letters::Stage(StageName::Inference);
+    let purge = |filter: Filter, limit| {
+        let backend = backend.clone();
+        async move {
+            let options = ReplayOptions { limit: Some(limit), ..ReplayOptions::default() };
+            dlq::apply(&backend, letters, &filter, &Delete, &options, &|_| {}).await.unwrap().moved
+        }
+    };
+
+    assert_eq!(purge(Filter::default(), 120).await, 120);
+    let depth = queue.depth().await.unwrap();
+    assert_eq!((depth.visible, depth.in_flight), (130, 0), "what was looked at and not taken is back");
+
+    let last = Filter { record_id: glob::Pattern::new("r-249").ok(), ..Filter::default() };
+    assert_eq!(purge(last, 1).await, 1, "found behind the other 129");
+    let depth = queue.depth().await.unwrap();
+    assert_eq!((depth.visible, depth.in_flight), (129, 0));
+    let left = dlq::list(&backend, letters, &Filter::default(), 1000).await.unwrap();
+    assert!(left.iter().all(|i| i.record_id().is_some_and(|id| id.as_str() != "r-249")));
+}
