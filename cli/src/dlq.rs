@@ -181,7 +181,8 @@ pub async fn run(command: DlqCommand, settings: Settings) -> anyhow::Result<()> 
                         .unwrap_or_default();
                     let copies = queue.entries - queue.records;
                     let copies = if copies > 0 { format!(" ({copies} written twice)") } else { String::new() };
-                    println!("{:<10} {:>7} entries{copies}{age}", queue.queue.as_str(), queue.entries);
+                    let of = among(queue.partial.then_some(queue.depth));
+                    println!("{:<10} {:>7} entries{of}{copies}{age}", queue.queue.as_str(), queue.entries);
                     for (reason, n) in queue.by_reason {
                         println!("  {reason:<28} {n:>7}");
                     }
@@ -197,7 +198,8 @@ pub async fn run(command: DlqCommand, settings: Settings) -> anyhow::Result<()> 
                 for item in &items {
                     print_line(item, json)?;
                 }
-                eprintln!("dry run: {} entries would be replayed from {stage}; nothing moved", items.len());
+                let of = among(beyond(&backend, stage, items.len(), limit).await?);
+                eprintln!("dry run: {} entries{of} would be replayed from {stage}; nothing moved", items.len());
                 if !left.is_empty() {
                     eprintln!("{}", not_replayable(left.len()));
                 }
@@ -240,7 +242,15 @@ pub async fn run(command: DlqCommand, settings: Settings) -> anyhow::Result<()> 
             let filter = filter.filter()?;
             if !yes {
                 let n = dlq::list(&backend, stage, &filter, limit.unwrap_or(dlq::PEEK_MAX)).await?.len();
-                if !confirm(&format!("delete {n} entries from {stage} for good?"))? {
+                let question = match beyond(&backend, stage, n, limit).await? {
+                    Some(held) => format!(
+                        "delete the entries that match from {stage} for good? {n} do among the first {} of its \
+                         {held}, and the purge goes through them all",
+                        dlq::PEEK_MAX
+                    ),
+                    None => format!("delete {n} entries from {stage} for good?"),
+                };
+                if !confirm(&question)? {
                     bail!("nothing deleted");
                 }
             }
@@ -254,6 +264,21 @@ pub async fn run(command: DlqCommand, settings: Settings) -> anyhow::Result<()> 
         }
     }
     Ok(())
+}
+
+/// How many messages `stage` holds where a count `n` of the entries that match (at most
+/// `limit`) may be short: the queue holds more than one look reads.
+async fn beyond(backend: &Backend, stage: Letters, n: usize, limit: Option<usize>) -> anyhow::Result<Option<u64>> {
+    if limit.is_some_and(|limit| n >= limit) {
+        return Ok(None);
+    }
+    Ok(dlq::beyond_one_look(backend, stage).await?)
+}
+
+/// What a count of entries says where the queue holds more than one look reads (`held`): that
+/// it is of the first ones only.
+fn among(held: Option<u64>) -> String {
+    held.map(|held| format!(" (counted in the first {} of {held} in the queue)", dlq::PEEK_MAX)).unwrap_or_default()
 }
 
 /// What a replay says of the `n` entries it leaves.

@@ -233,6 +233,13 @@ pub struct QueueStats {
     /// Age of the oldest entry's first failure.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub oldest_age_ms: Option<u64>,
+    /// Messages the queue holds by its own count (approximate on SQS; on the embedded store an
+    /// unreadable batch counts every message of it, where `entries` counts it once).
+    pub depth: u64,
+    /// The queue holds more than one look reads ([`PEEK_MAX`]): the counts above are of the
+    /// first PEEK_MAX entries only.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub partial: bool,
 }
 
 /// Counts of every DLQ and the review queue.
@@ -254,9 +261,18 @@ pub async fn stats(backend: &Backend) -> Result<Vec<QueueStats>> {
             records: records as u64,
             by_reason,
             oldest_age_ms: items.iter().map(|i| i.entry.first_failure_ms).min().map(|t| now.saturating_sub(t)),
+            depth: backend.queue(letters.queue()).depth().await?.total(),
+            partial: items.len() >= PEEK_MAX,
         })
     }
     Ok(out)
+}
+
+/// How many messages `letters` holds, where that is more than one look reads ([`PEEK_MAX`]):
+/// then a count of the entries that match a filter is of the first PEEK_MAX only.
+pub async fn beyond_one_look(backend: &Backend, letters: Letters) -> Result<Option<u64>> {
+    let depth = backend.queue(letters.queue()).depth().await?.total();
+    Ok((depth > PEEK_MAX as u64).then_some(depth))
 }
 
 /// Where a replay sends entries, and how fast.

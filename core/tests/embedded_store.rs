@@ -571,3 +571,23 @@ async fn a_limited_purge_takes_its_limit_and_gives_the_rest_back() {
     let left = dlq::list(&backend, letters, &Filter::default(), 1000).await.unwrap();
     assert!(left.iter().all(|i| i.record_id().is_some_and(|id| id.as_str() != "r-249")));
 }
+
+/// A DLQ deeper than one look reads: `stats` counts the first [`PEEK_MAX`] entries, says so, and
+/// gives the queue's own count beside them.
+#[tokio::test]
+async fn stats_of_a_dlq_deeper_than_one_look_say_they_are_partial() {
+    use sluice_core::dlq::{self, Letters, PEEK_MAX};
+    let (_dir, _config, backend) = fresh(StoreConfig::default()).await;
+    let queue = backend.queue(QueueName::ResultsDlq);
+    let held = PEEK_MAX + 50;
+    for first in (0..held).step_by(10_000) {
+        queue.send_batch((first..held.min(first + 10_000)).map(|_| byte(1)).collect()).await.unwrap();
+    }
+    let stats = dlq::stats(&backend).await.unwrap();
+    let results = stats.iter().find(|q| q.queue == Letters::Stage(StageName::Results)).unwrap();
+    assert_eq!((results.entries, results.depth, results.partial), (PEEK_MAX as u64, held as u64, true));
+    assert_eq!(dlq::beyond_one_look(&backend, Letters::Stage(StageName::Results)).await.unwrap(), Some(held as u64));
+    let features = stats.iter().find(|q| q.queue == Letters::Stage(StageName::Features)).unwrap();
+    assert_eq!((features.entries, features.depth, features.partial), (0, 0, false));
+    assert_eq!(dlq::beyond_one_look(&backend, Letters::Stage(StageName::Features)).await.unwrap(), None);
+}
