@@ -112,6 +112,10 @@ pub struct FilterArgs {
     /// Last failed before: RFC 3339 or an age.
     #[arg(long)]
     pub until: Option<String>,
+    /// Only entries whose body is a queue's unreadable stored batch, not a record (embedded
+    /// store, damaged: docs/operations.md).
+    #[arg(long)]
+    pub stored_batches: bool,
 }
 
 impl FilterArgs {
@@ -128,6 +132,7 @@ impl FilterArgs {
             max_confidence: self.max_confidence,
             since_ms: self.since.as_deref().map(parse_time).transpose()?,
             until_ms: self.until.as_deref().map(parse_time).transpose()?,
+            stored_batches: self.stored_batches,
         })
     }
 }
@@ -193,12 +198,13 @@ pub async fn run(command: DlqCommand, settings: Settings) -> anyhow::Result<()> 
             let (backend, settings) = open(&store).await?;
             let filter = filter.filter()?;
             if dry_run {
-                let items = dlq::list(&backend, stage, &filter, limit.unwrap_or(dlq::PEEK_MAX)).await?;
-                let (items, left): (Vec<_>, Vec<_>) = items.into_iter().partition(|i| i.replayable());
+                let (items, held) = matching(&backend, stage, &filter).await?;
+                let (mut items, left): (Vec<_>, Vec<_>) = items.into_iter().partition(|i| i.replayable());
+                items.truncate(limit.unwrap_or(usize::MAX));
                 for item in &items {
                     print_line(item, json)?;
                 }
-                let of = among(beyond(&backend, stage, items.len(), limit).await?);
+                let of = among(short(held, items.len(), limit));
                 eprintln!("dry run: {} entries{of} would be replayed from {stage}; nothing moved", items.len());
                 if !left.is_empty() {
                     eprintln!("{}", not_replayable(left.len()));
@@ -241,12 +247,13 @@ pub async fn run(command: DlqCommand, settings: Settings) -> anyhow::Result<()> 
             let (backend, _) = open(&store).await?;
             let filter = filter.filter()?;
             if !yes {
-                let n = dlq::list(&backend, stage, &filter, limit.unwrap_or(dlq::PEEK_MAX)).await?.len();
-                let question = match beyond(&backend, stage, n, limit).await? {
+                let (items, held) = matching(&backend, stage, &filter).await?;
+                let n = items.len().min(limit.unwrap_or(usize::MAX));
+                let question = match short(held, n, limit) {
                     Some(held) => format!(
-                        "delete the entries that match from {stage} for good? {n} do among the first {} of its \
-                         {held}, and the purge goes through them all",
-                        dlq::PEEK_MAX
+                        "delete the entries that match from {stage} for good? {n} do in what one look read of its \
+                         {held} messages, and the purge goes on through the rest{}",
+                        limit.map(|l| format!(" (up to {l} in all)")).unwrap_or_default()
                     ),
                     None => format!("delete {n} entries from {stage} for good?"),
                 };
@@ -266,19 +273,24 @@ pub async fn run(command: DlqCommand, settings: Settings) -> anyhow::Result<()> 
     Ok(())
 }
 
-/// How many messages `stage` holds where a count `n` of the entries that match (at most
-/// `limit`) may be short: the queue holds more than one look reads.
-async fn beyond(backend: &Backend, stage: Letters, n: usize, limit: Option<usize>) -> anyhow::Result<Option<u64>> {
-    if limit.is_some_and(|limit| n >= limit) {
-        return Ok(None);
-    }
-    Ok(dlq::beyond_one_look(backend, stage).await?)
+/// The entries of `stage` that match `filter`, from one look, and how many messages the queue
+/// holds where the look saw part of it only (see [`dlq::Look`]).
+async fn matching(backend: &Backend, stage: Letters, filter: &Filter) -> anyhow::Result<(Vec<Item>, Option<u64>)> {
+    let look = dlq::look(backend, stage).await?;
+    let items = look.items.into_iter().filter(|i| filter.matches(i)).collect();
+    Ok((items, look.partial.then_some(look.depth)))
 }
 
-/// What a count of entries says where the queue holds more than one look reads (`held`): that
-/// it is of the first ones only.
+/// `held`, where a count `n` of entries that match (at most `limit`) may fall short of what the
+/// queue holds: the look saw part of it and the limit was not reached.
+fn short(held: Option<u64>, n: usize, limit: Option<usize>) -> Option<u64> {
+    held.filter(|_| limit.is_none_or(|limit| n < limit))
+}
+
+/// What a count of entries says where one look saw part of the queue only (`held`, the
+/// messages it holds).
 fn among(held: Option<u64>) -> String {
-    held.map(|held| format!(" (counted in the first {} of {held} in the queue)", dlq::PEEK_MAX)).unwrap_or_default()
+    held.map(|held| format!(" (counted in what one look read of the {held} messages in the queue)")).unwrap_or_default()
 }
 
 /// What a replay says of the `n` entries it leaves.
@@ -286,7 +298,7 @@ fn not_replayable(n: usize) -> String {
     format!(
         "{n} entries left where they are: each is a queue's unreadable stored batch, not a record, and no \
          stage can read it (docs/operations.md); keep its bytes if they matter, then purge it with \
-         --reason malformed_message"
+         --stored-batches"
     )
 }
 

@@ -96,12 +96,15 @@ pub async fn walk(backend: &Backend, manifest: &ModelManifest, save: Option<&Pat
         if item.record_id().is_none() {
             // No result to review: an unreadable stored batch (docs/operations.md), or a message
             // no results stage wrote. Shown once (its receipt hides all of it), left in place.
+            let which = match item.entry.stored_batch {
+                Some(_) => "--stored-batches".to_owned(),
+                None => format!("--reason {}", item.entry.reason.as_str()),
+            };
             println!(
                 "\n── an entry that is no review item ({}: {}); left in the queue: \
-                 sluice dlq purge --stage review --reason {} removes it\n",
+                 sluice dlq purge --stage review {which} removes it\n",
                 item.entry.reason.as_str(),
                 item.entry.detail,
-                item.entry.reason.as_str()
             );
             skipped.push(receipt);
             continue;

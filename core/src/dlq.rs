@@ -183,6 +183,8 @@ pub struct Filter {
     /// Last failure at or after / before, in milliseconds since the epoch.
     pub since_ms: Option<u64>,
     pub until_ms: Option<u64>,
+    /// Only entries whose body is a queue's unreadable stored batch (see [`Item::replayable`]).
+    pub stored_batches: bool,
 }
 
 impl Filter {
@@ -196,17 +198,46 @@ impl Filter {
             && self.max_confidence.is_none_or(|max| verdict.is_some_and(|v| v.confidence <= max))
             && self.since_ms.is_none_or(|t| entry.last_failure_ms >= t)
             && self.until_ms.is_none_or(|t| entry.last_failure_ms < t)
+            && (!self.stored_batches || entry.stored_batch.is_some())
     }
 }
 
 /// Up to `limit` entries of `letters` that match `filter`, oldest first, left where they are.
 pub async fn list(backend: &Backend, letters: Letters, filter: &Filter, limit: usize) -> Result<Vec<Item>> {
-    let messages = backend.queue(letters.queue()).peek(PEEK_MAX).await?;
-    let mut items: Vec<Item> =
-        messages.into_iter().map(|m| Item::from_message(letters, m)).filter(|i| filter.matches(i)).collect();
-    items.sort_by_key(|i| i.entry.first_failure_ms);
+    let mut items = look_at(backend, letters).await?.0;
+    items.retain(|i| filter.matches(i));
     items.truncate(limit);
     Ok(items)
+}
+
+/// What one look at a queue saw, beside what the queue holds.
+#[derive(Debug)]
+pub struct Look {
+    /// Its entries, oldest first: all of them, or what one look reads (see `partial`).
+    pub items: Vec<Item>,
+    /// Messages the queue holds by its own count (approximate on SQS; on the embedded store an
+    /// unreadable batch counts every message of it, where `items` holds it once).
+    pub depth: u64,
+    /// The look saw part of the queue only: it holds more than one look reads ([`PEEK_MAX`]),
+    /// or, on SQS, more than the look's receives were shown.
+    pub partial: bool,
+}
+
+/// One look at `letters`: its entries (see [`Look`]), left where they are.
+pub async fn look(backend: &Backend, letters: Letters) -> Result<Look> {
+    let (items, read) = look_at(backend, letters).await?;
+    let depth = backend.queue(letters.queue()).depth().await?.total();
+    let partial = depth > PEEK_MAX as u64 || (backend.kind() == BackendKind::Aws && (read as u64) < depth);
+    Ok(Look { items, depth, partial })
+}
+
+/// The entries one look at `letters` reads, oldest first, and how many messages it read.
+async fn look_at(backend: &Backend, letters: Letters) -> Result<(Vec<Item>, usize)> {
+    let messages = backend.queue(letters.queue()).peek(PEEK_MAX).await?;
+    let read = messages.len();
+    let mut items: Vec<Item> = messages.into_iter().map(|m| Item::from_message(letters, m)).collect();
+    items.sort_by_key(|i| i.entry.first_failure_ms);
+    Ok((items, read))
 }
 
 /// The entry for `record_id`, in `letters` or, without it, in any DLQ or the review queue.
@@ -233,11 +264,9 @@ pub struct QueueStats {
     /// Age of the oldest entry's first failure.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub oldest_age_ms: Option<u64>,
-    /// Messages the queue holds by its own count (approximate on SQS; on the embedded store an
-    /// unreadable batch counts every message of it, where `entries` counts it once).
+    /// Messages the queue holds by its own count (see [`Look`]).
     pub depth: u64,
-    /// The queue holds more than one look reads ([`PEEK_MAX`]): the counts above are of the
-    /// first PEEK_MAX entries only.
+    /// The counts above are of what one look saw, part of the queue only (see [`Look`]).
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub partial: bool,
 }
@@ -247,7 +276,7 @@ pub async fn stats(backend: &Backend) -> Result<Vec<QueueStats>> {
     let now = now_ms();
     let mut out = Vec::new();
     for letters in Letters::ALL {
-        let items = list(backend, letters, &Filter::default(), PEEK_MAX).await?;
+        let Look { items, depth, partial } = look(backend, letters).await?;
         let mut by_reason = BTreeMap::new();
         for item in &items {
             *by_reason.entry(item.entry.reason.as_str().to_owned()).or_default() += 1;
@@ -261,18 +290,11 @@ pub async fn stats(backend: &Backend) -> Result<Vec<QueueStats>> {
             records: records as u64,
             by_reason,
             oldest_age_ms: items.iter().map(|i| i.entry.first_failure_ms).min().map(|t| now.saturating_sub(t)),
-            depth: backend.queue(letters.queue()).depth().await?.total(),
-            partial: items.len() >= PEEK_MAX,
+            depth,
+            partial,
         })
     }
     Ok(out)
-}
-
-/// How many messages `letters` holds, where that is more than one look reads ([`PEEK_MAX`]):
-/// then a count of the entries that match a filter is of the first PEEK_MAX only.
-pub async fn beyond_one_look(backend: &Backend, letters: Letters) -> Result<Option<u64>> {
-    let depth = backend.queue(letters.queue()).depth().await?.total();
-    Ok((depth > PEEK_MAX as u64).then_some(depth))
 }
 
 /// Where a replay sends entries, and how fast.
@@ -388,21 +410,28 @@ pub async fn apply(
             if batch.is_empty() {
                 break;
             }
-            let (mut take, mut take_receipts) = (Vec::new(), Vec::new());
+            let mut matching = Vec::new();
             for message in batch {
                 let receipt = message.receipt.clone();
                 let identity = (message.body.clone(), message.attributes.clone().into_iter().collect());
                 let item = Item::from_message(letters, message);
-                if seen.insert(identity) && filter.matches(&item) && take.len() + (done.moved as usize) < limit {
-                    take.push(item);
-                    take_receipts.push(receipt);
+                if seen.insert(identity) && filter.matches(&item) {
+                    matching.push((item, receipt));
                 } else {
                     given_back.push(receipt);
                 }
             }
-            if !take.is_empty() {
+            // In turns of as many as the limit still allows: an entry the action keeps does not
+            // count, so the next turn judges the next ones, and none is passed over unjudged.
+            let mut matching = matching.into_iter();
+            while (done.moved as usize) < limit {
+                let (take, receipts): (Vec<Item>, Vec<Receipt>) =
+                    matching.by_ref().take(limit - done.moved as usize).unzip();
+                if take.is_empty() {
+                    break;
+                }
                 let verdicts = action.apply(backend, &take).await?;
-                let (gone, kept): (Vec<_>, Vec<_>) = take_receipts.into_iter().zip(verdicts).partition(|(_, v)| *v);
+                let (gone, kept): (Vec<_>, Vec<_>) = receipts.into_iter().zip(verdicts).partition(|(_, v)| *v);
                 // Only now that the copies are durable do the entries leave.
                 queue.ack(&gone.iter().map(|(r, _)| r.clone()).collect::<Vec<_>>()).await?;
                 done.moved += gone.len() as u64;
@@ -410,6 +439,8 @@ pub async fn apply(
                 given_back.extend(kept.into_iter().map(|(r, _)| r));
                 progress(done.moved);
             }
+            // Past the limit: looked at, not judged.
+            given_back.extend(matching.map(|(_, r)| r));
             if let Some(rate) = options.rate.filter(|r| *r > 0.0) {
                 let due = Duration::from_secs_f64(done.moved as f64 / rate);
                 tokio::time::sleep(due.saturating_sub(started.elapsed())).await;

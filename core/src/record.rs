@@ -143,6 +143,20 @@ pub mod dlq_attr {
     pub const STORED_BATCH: &str = "sluice.stored_batch";
 }
 
+/// The stored batch an entry written before `sluice.stored_batch` existed holds, from its detail
+/// ("queue batch N of Q is unreadable …", which a redrive wrote for an unreadable batch), so that
+/// such an entry is not replayed either.
+fn stored_batch_of_old(attrs: &BTreeMap<String, String>) -> Option<i64> {
+    if attrs.get(dlq_attr::REASON).map(String::as_str) != Some(ReasonCode::MalformedMessage.as_str())
+        || attrs.contains_key(dlq_attr::RECORD_ID)
+    {
+        return None;
+    }
+    let detail = attrs.get(dlq_attr::DETAIL)?.strip_prefix("queue batch ")?;
+    let (batch, rest) = detail.split_once(" of ")?;
+    rest.contains(" is unreadable (").then(|| batch.parse().ok()).flatten()
+}
+
 /// A dead-letter entry: the original message plus why and when it failed.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DlqEntry {
@@ -230,7 +244,10 @@ impl DlqEntry {
             first_failure_ms: num(dlq_attr::FIRST_FAILURE_MS).unwrap_or(sent_at_ms),
             last_failure_ms: num(dlq_attr::LAST_FAILURE_MS).unwrap_or(sent_at_ms),
             record_id: attrs.get(dlq_attr::RECORD_ID).and_then(|id| RecordId::parse(id.clone()).ok()),
-            stored_batch: attrs.get(dlq_attr::STORED_BATCH).and_then(|b| b.parse().ok()),
+            stored_batch: attrs
+                .get(dlq_attr::STORED_BATCH)
+                .and_then(|b| b.parse().ok())
+                .or_else(|| stored_batch_of_old(attrs)),
             body,
         }
     }
@@ -273,5 +290,28 @@ mod tests {
         assert_eq!(entry.reason, ReasonCode::MaxReceivesExceeded);
         assert_eq!(entry.attempts, 5);
         assert_eq!(entry.first_failure_ms, 1234);
+    }
+
+    /// An unreadable batch's entry says so in an attribute; one a redrive wrote before that
+    /// attribute existed is known by its detail, and nothing else is taken for one.
+    #[test]
+    fn an_entry_holding_a_stored_batch_is_known_with_or_without_its_attribute() {
+        let err = SluiceError::permanent(
+            ReasonCode::MalformedMessage,
+            "queue batch 7 of features is unreadable (invalid varint); the 3 messages of it still queued end here",
+        );
+        let mut entry = DlqEntry::new(StageName::Features, &err, 2, None, Vec::new());
+        let read = |attrs: &BTreeMap<String, String>| DlqEntry::from_message(StageName::Features, vec![], attrs, 0, 0);
+        assert_eq!(read(&entry.attributes()).stored_batch, Some(7), "from the detail of an older entry");
+        entry.stored_batch = Some(8);
+        assert_eq!(read(&entry.attributes()).stored_batch, Some(8), "the attribute, where there is one");
+
+        entry.stored_batch = None;
+        let mut attrs = entry.attributes();
+        attrs.insert(dlq_attr::RECORD_ID.to_owned(), "r1".to_owned());
+        assert_eq!(read(&attrs).stored_batch, None, "an entry with a record holds that record");
+        let other = SluiceError::permanent(ReasonCode::MalformedMessage, "queue batch of bytes is unreadable (x)");
+        let other = DlqEntry::new(StageName::Features, &other, 1, None, Vec::new());
+        assert_eq!(read(&other.attributes()).stored_batch, None);
     }
 }

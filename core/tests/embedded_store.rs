@@ -586,8 +586,38 @@ async fn stats_of_a_dlq_deeper_than_one_look_say_they_are_partial() {
     let stats = dlq::stats(&backend).await.unwrap();
     let results = stats.iter().find(|q| q.queue == Letters::Stage(StageName::Results)).unwrap();
     assert_eq!((results.entries, results.depth, results.partial), (PEEK_MAX as u64, held as u64, true));
-    assert_eq!(dlq::beyond_one_look(&backend, Letters::Stage(StageName::Results)).await.unwrap(), Some(held as u64));
     let features = stats.iter().find(|q| q.queue == Letters::Stage(StageName::Features)).unwrap();
     assert_eq!((features.entries, features.depth, features.partial), (0, 0, false));
-    assert_eq!(dlq::beyond_one_look(&backend, Letters::Stage(StageName::Features)).await.unwrap(), None);
+
+    // Exactly as many as one look reads is all of them.
+    let queue = backend.queue(QueueName::ResultsDlq);
+    let got = queue.receive(50, Duration::ZERO).await.unwrap();
+    queue.ack(&got.into_iter().map(|m| m.receipt).collect::<Vec<_>>()).await.unwrap();
+    let look = dlq::look(&backend, Letters::Stage(StageName::Results)).await.unwrap();
+    assert_eq!((look.items.len(), look.depth, look.partial), (PEEK_MAX, PEEK_MAX as u64, false));
+}
+
+/// Entries an action keeps (a review item still under its threshold, a stored batch a replay
+/// cannot send) do not use up a limit: the next ones are judged, and a limit of ten moves ten
+/// though the first ten looked at stay.
+#[tokio::test]
+async fn entries_an_action_keeps_do_not_use_up_a_limit() {
+    use sluice_core::dlq::{self, Action, Filter, Item, Letters, ReplayOptions};
+    struct TakeFromTen;
+    #[async_trait::async_trait]
+    impl Action for TakeFromTen {
+        async fn apply(&self, _: &Backend, items: &[Item]) -> sluice_core::Result<Vec<bool>> {
+            Ok(items.iter().map(|i| i.entry.body[0] >= 10).collect())
+        }
+    }
+    let (_dir, _config, backend) = fresh(StoreConfig::default()).await;
+    let queue = backend.queue(QueueName::FeaturesDlq);
+    queue.send_batch((0..20).map(byte).collect()).await.unwrap();
+    let options = ReplayOptions { limit: Some(10), ..ReplayOptions::default() };
+    let letters = Letters::Stage(StageName::Features);
+    let done = dlq::apply(&backend, letters, &Filter::default(), &TakeFromTen, &options, &|_| {}).await.unwrap();
+    assert_eq!((done.moved, done.kept), (10, 10));
+    let mut left: Vec<u8> = queue.peek(100).await.unwrap().into_iter().map(|m| m.body[0]).collect();
+    left.sort();
+    assert_eq!(left, (0..10).collect::<Vec<u8>>(), "the kept ones are back, the others gone");
 }
