@@ -219,16 +219,19 @@ pub struct Look {
     /// unreadable batch counts every message of it, where `items` holds it once).
     pub depth: u64,
     /// The look saw part of the queue only: it holds more than one look reads ([`PEEK_MAX`]),
-    /// or, on SQS, more than the look's receives were shown.
+    /// or, on SQS, more visible messages than the look's receives were shown.
     pub partial: bool,
 }
 
 /// One look at `letters`: its entries (see [`Look`]), left where they are.
 pub async fn look(backend: &Backend, letters: Letters) -> Result<Look> {
     let (items, read) = look_at(backend, letters).await?;
-    let depth = backend.queue(letters.queue()).depth().await?.total();
-    let partial = depth > PEEK_MAX as u64 || (backend.kind() == BackendKind::Aws && (read as u64) < depth);
-    Ok(Look { items, depth, partial })
+    let depth = backend.queue(letters.queue()).depth().await?;
+    // SQS's receives never show what is in flight (a reviewer holds it), so a look there is
+    // measured against the messages visible.
+    let partial =
+        depth.total() > PEEK_MAX as u64 || (backend.kind() == BackendKind::Aws && (read as u64) < depth.visible);
+    Ok(Look { items, depth: depth.total(), partial })
 }
 
 /// The entries one look at `letters` reads, oldest first, and how many messages it read.
@@ -430,13 +433,31 @@ pub async fn apply(
                 if take.is_empty() {
                     break;
                 }
-                let verdicts = action.apply(backend, &take).await?;
-                let (gone, kept): (Vec<_>, Vec<_>) = receipts.into_iter().zip(verdicts).partition(|(_, v)| *v);
-                // Only now that the copies are durable do the entries leave.
-                queue.ack(&gone.iter().map(|(r, _)| r.clone()).collect::<Vec<_>>()).await?;
-                done.moved += gone.len() as u64;
-                done.kept += kept.len() as u64;
-                given_back.extend(kept.into_iter().map(|(r, _)| r));
+                let turn = async {
+                    let verdicts = action.apply(backend, &take).await?;
+                    if verdicts.len() != take.len() {
+                        let detail = format!("an action judged {} of {} entries", verdicts.len(), take.len());
+                        return Err(SluiceError::permanent(ReasonCode::Internal, detail));
+                    }
+                    let gone: Vec<Receipt> =
+                        receipts.iter().zip(&verdicts).filter(|(_, v)| **v).map(|(r, _)| r.clone()).collect();
+                    // Only now that the copies are durable do the entries leave.
+                    queue.ack(&gone).await?;
+                    Ok(verdicts)
+                };
+                let verdicts = match turn.await {
+                    Ok(verdicts) => verdicts,
+                    Err(e) => {
+                        // Nothing of this turn or the rest of the round stays hidden for the error.
+                        given_back.extend(receipts);
+                        given_back.extend(matching.map(|(_, r)| r));
+                        return Err(e);
+                    }
+                };
+                let gone = verdicts.iter().filter(|v| **v).count();
+                done.moved += gone as u64;
+                done.kept += (verdicts.len() - gone) as u64;
+                given_back.extend(receipts.into_iter().zip(verdicts).filter(|(_, v)| !v).map(|(r, _)| r));
                 progress(done.moved);
             }
             // Past the limit: looked at, not judged.

@@ -621,3 +621,35 @@ async fn entries_an_action_keeps_do_not_use_up_a_limit() {
     left.sort();
     assert_eq!(left, (0..10).collect::<Vec<u8>>(), "the kept ones are back, the others gone");
 }
+
+/// An action that fails, or judges fewer entries than it was given, stops the run with an error
+/// and leaves nothing hidden: every entry looked at is visible again at once.
+#[tokio::test]
+async fn a_failing_action_gives_every_entry_back() {
+    use sluice_core::dlq::{self, Action, Filter, Item, Letters, ReplayOptions};
+    use sluice_core::{ReasonCode, SluiceError};
+    struct Fails;
+    #[async_trait::async_trait]
+    impl Action for Fails {
+        async fn apply(&self, _: &Backend, _: &[Item]) -> sluice_core::Result<Vec<bool>> {
+            Err(SluiceError::retryable(ReasonCode::Internal, "the copies could not be sent"))
+        }
+    }
+    struct JudgesOne;
+    #[async_trait::async_trait]
+    impl Action for JudgesOne {
+        async fn apply(&self, _: &Backend, _: &[Item]) -> sluice_core::Result<Vec<bool>> {
+            Ok(vec![true])
+        }
+    }
+    let (_dir, _config, backend) = fresh(StoreConfig::default()).await;
+    let queue = backend.queue(QueueName::FeaturesDlq);
+    queue.send_batch((0..30).map(byte).collect()).await.unwrap();
+    let letters = Letters::Stage(StageName::Features);
+    for (action, limit) in [(&Fails as &dyn Action, None), (&JudgesOne, Some(10))] {
+        let options = ReplayOptions { limit, ..ReplayOptions::default() };
+        assert!(dlq::apply(&backend, letters, &Filter::default(), action, &options, &|_| {}).await.is_err());
+        let depth = queue.depth().await.unwrap();
+        assert_eq!((depth.visible, depth.in_flight), (30, 0), "nothing acknowledged, nothing left hidden");
+    }
+}
