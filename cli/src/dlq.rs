@@ -276,9 +276,8 @@ pub async fn run(command: DlqCommand, settings: Settings) -> anyhow::Result<()> 
 /// The entries of `stage` that match `filter`, from one look, and how many messages the queue
 /// holds where the look saw part of it only (see [`dlq::Look`]).
 async fn matching(backend: &Backend, stage: Letters, filter: &Filter) -> anyhow::Result<(Vec<Item>, Option<u64>)> {
-    let look = dlq::look(backend, stage).await?;
-    let items = look.items.into_iter().filter(|i| filter.matches(i)).collect();
-    Ok((items, look.partial.then_some(look.depth)))
+    let look = dlq::look(backend, stage, filter).await?;
+    Ok((look.items, look.partial.then_some(look.depth)))
 }
 
 /// `held`, where a count `n` of entries that match (at most `limit`) may fall short of what the

@@ -204,8 +204,7 @@ impl Filter {
 
 /// Up to `limit` entries of `letters` that match `filter`, oldest first, left where they are.
 pub async fn list(backend: &Backend, letters: Letters, filter: &Filter, limit: usize) -> Result<Vec<Item>> {
-    let mut items = look_at(backend, letters).await?.0;
-    items.retain(|i| filter.matches(i));
+    let mut items = look_at(backend, letters, filter).await?.0;
     items.truncate(limit);
     Ok(items)
 }
@@ -213,7 +212,8 @@ pub async fn list(backend: &Backend, letters: Letters, filter: &Filter, limit: u
 /// What one look at a queue saw, beside what the queue holds.
 #[derive(Debug)]
 pub struct Look {
-    /// Its entries, oldest first: all of them, or what one look reads (see `partial`).
+    /// Its entries that match, oldest first: of all of them, or of what one look reads (see
+    /// `partial`).
     pub items: Vec<Item>,
     /// Messages the queue holds by its own count (approximate on SQS; on the embedded store an
     /// unreadable batch counts every message of it, where `items` holds it once).
@@ -223,9 +223,9 @@ pub struct Look {
     pub partial: bool,
 }
 
-/// One look at `letters`: its entries (see [`Look`]), left where they are.
-pub async fn look(backend: &Backend, letters: Letters) -> Result<Look> {
-    let (items, read) = look_at(backend, letters).await?;
+/// One look at `letters`: its entries that match `filter` (see [`Look`]), left where they are.
+pub async fn look(backend: &Backend, letters: Letters, filter: &Filter) -> Result<Look> {
+    let (items, read) = look_at(backend, letters, filter).await?;
     let depth = backend.queue(letters.queue()).depth().await?;
     // SQS's receives never show what is in flight (a reviewer holds it), so a look there is
     // measured against the messages visible.
@@ -234,11 +234,13 @@ pub async fn look(backend: &Backend, letters: Letters) -> Result<Look> {
     Ok(Look { items, depth: depth.total(), partial })
 }
 
-/// The entries one look at `letters` reads, oldest first, and how many messages it read.
-async fn look_at(backend: &Backend, letters: Letters) -> Result<(Vec<Item>, usize)> {
+/// The entries one look at `letters` reads that match `filter`, oldest first, and how many
+/// messages it read.
+async fn look_at(backend: &Backend, letters: Letters, filter: &Filter) -> Result<(Vec<Item>, usize)> {
     let messages = backend.queue(letters.queue()).peek(PEEK_MAX).await?;
     let read = messages.len();
-    let mut items: Vec<Item> = messages.into_iter().map(|m| Item::from_message(letters, m)).collect();
+    let mut items: Vec<Item> =
+        messages.into_iter().map(|m| Item::from_message(letters, m)).filter(|i| filter.matches(i)).collect();
     items.sort_by_key(|i| i.entry.first_failure_ms);
     Ok((items, read))
 }
@@ -279,7 +281,7 @@ pub async fn stats(backend: &Backend) -> Result<Vec<QueueStats>> {
     let now = now_ms();
     let mut out = Vec::new();
     for letters in Letters::ALL {
-        let Look { items, depth, partial } = look(backend, letters).await?;
+        let Look { items, depth, partial } = look(backend, letters, &Filter::default()).await?;
         let mut by_reason = BTreeMap::new();
         for item in &items {
             *by_reason.entry(item.entry.reason.as_str().to_owned()).or_default() += 1;

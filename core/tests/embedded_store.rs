@@ -593,7 +593,7 @@ async fn stats_of_a_dlq_deeper_than_one_look_say_they_are_partial() {
     let queue = backend.queue(QueueName::ResultsDlq);
     let got = queue.receive(50, Duration::ZERO).await.unwrap();
     queue.ack(&got.into_iter().map(|m| m.receipt).collect::<Vec<_>>()).await.unwrap();
-    let look = dlq::look(&backend, Letters::Stage(StageName::Results)).await.unwrap();
+    let look = dlq::look(&backend, Letters::Stage(StageName::Results), &Default::default()).await.unwrap();
     assert_eq!((look.items.len(), look.depth, look.partial), (PEEK_MAX, PEEK_MAX as u64, false));
 }
 
