@@ -155,14 +155,15 @@ fn png_is_whole(bytes: &[u8]) -> Result<()> {
     }
 }
 
-/// Walks a JPEG's marker segments (after its start-of-image marker) to its first scan, then
-/// looks for the end-of-image marker after it. Inside a scan's entropy-coded data a 0xFF byte is
-/// followed by 0x00 or a restart marker, so `FF D9` there is the end-of-image marker. (In a
-/// progressive JPEG cut short, a later segment's table could hold those two bytes and hide the
-/// cut; the file then passes, as it does `image`'s lenient decoder.) Stray bytes where a marker
-/// belongs are passed over, as that decoder does.
+/// Walks a JPEG's marker segments (after its start-of-image marker) to its end-of-image marker:
+/// each segment by its length, and each scan's entropy-coded data to the marker after it
+/// ([`scan_end`]). A baseline JPEG has one scan; a progressive one has several, with tables
+/// between them, and every one is walked, so no bytes of a table (which could read `FF D9`) are
+/// taken for the end. Bytes after the end-of-image marker are passed over, and so are stray bytes
+/// where a marker belongs, as `image`'s decoder does.
 fn jpeg_is_whole(bytes: &[u8]) -> Result<()> {
     let mut at = 2;
+    let mut scans = 0;
     loop {
         // Up to the next marker: stray bytes, then any fill bytes of 0xFF before it.
         while bytes.get(at).is_some_and(|&b| b != 0xFF) {
@@ -172,27 +173,42 @@ fn jpeg_is_whole(bytes: &[u8]) -> Result<()> {
             at += 1;
         }
         let Some(&marker) = bytes.get(at) else {
-            return Err(truncated(format!("the JPEG ends at byte {at} before its scan")));
+            return Err(truncated(format!("the JPEG ends at byte {} before its end-of-image marker", bytes.len())));
         };
         at += 1;
         match marker {
             // Markers that stand alone: start of image, TEM, restarts.
             0xD8 | 0x01 | 0xD0..=0xD7 => continue,
-            0xD9 => return Err(undecodable(format!("the JPEG ends (byte {at}) before any scan"))),
+            0xD9 if scans == 0 => return Err(undecodable(format!("the JPEG ends (byte {at}) before any scan"))),
+            0xD9 => return Ok(()),
             _ => {}
         }
         let Some(length) = bytes.get(at..at + 2).map(|l| u16::from_be_bytes([l[0], l[1]]) as usize) else {
-            return Err(truncated(format!("the JPEG ends at byte {at} inside a segment")));
+            return Err(truncated(format!("the JPEG ends at byte {} inside a segment", bytes.len())));
         };
         at += length;
         if marker == 0xDA {
-            break;
+            scans += 1;
+            at = scan_end(bytes, at);
         }
     }
-    match bytes.get(at..) {
-        Some(scan) if memchr::memmem::rfind(scan, b"\xFF\xD9").is_some() => Ok(()),
-        _ => Err(truncated(format!("the JPEG's {} bytes end with no end-of-image marker after its scan", bytes.len()))),
+}
+
+/// Where a scan's entropy-coded data, starting at `from`, ends: at the first 0xFF byte that
+/// begins a marker. Inside the data a 0xFF byte is followed by 0x00 (a stuffed byte), a restart
+/// marker (0xD0 to 0xD7) or more 0xFF bytes of fill; anything else after it is a marker. The
+/// length of the data, when it runs to the end.
+fn scan_end(bytes: &[u8], from: usize) -> usize {
+    let mut at = from;
+    while let Some(found) = bytes.get(at..).and_then(|rest| memchr::memchr(0xFF, rest)) {
+        at += found;
+        match bytes.get(at + 1) {
+            Some(0x00 | 0xD0..=0xD7) => at += 2,
+            Some(0xFF) => at += 1,
+            _ => return at,
+        }
     }
+    bytes.len()
 }
 
 fn classify(error: ImageError) -> SluiceError {
@@ -246,20 +262,7 @@ pub fn png_header_only(width: u32, height: u32) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn png(width: u32, height: u32) -> Vec<u8> {
-        let img = image::GrayImage::from_fn(width, height, |x, y| image::Luma([((x * 7 + y * 13) % 256) as u8]));
-        let mut out = Vec::new();
-        img.write_to(&mut Cursor::new(&mut out), ImageFormat::Png).unwrap();
-        out
-    }
-
-    fn jpeg(width: u32, height: u32) -> Vec<u8> {
-        let img = image::RgbImage::from_fn(width, height, |x, y| image::Rgb([(x * 5) as u8, (y * 3) as u8, 90]));
-        let mut out = Vec::new();
-        image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, 90).encode_image(&img).unwrap();
-        out
-    }
+    use crate::testing::images::{jpeg, png};
 
     fn checked(bytes: &[u8], content_type: ContentType, how: ImageCheck) -> Result<()> {
         check(bytes, content_type, &ImageLimits::default(), how)
@@ -320,6 +323,40 @@ mod tests {
         let err = checked(&damaged, ContentType::Png, ImageCheck::Structure).unwrap_err();
         assert_eq!(err.code(), ReasonCode::UndecodableImage, "{err}");
         assert!(err.to_string().contains("CRC"), "{err}");
+    }
+
+    /// A progressive JPEG: several scans, with Huffman tables between them. Made once with
+    /// Pillow: `Image.save(path, quality=90, progressive=True, optimize=True)` of a 64×48 gradient.
+    const PROGRESSIVE: &[u8] = include_bytes!("../tests/data/progressive-64x48.jpg");
+
+    /// Every scan of a progressive JPEG is walked: cut anywhere it is refused, even when what is
+    /// left holds `FF D9` in a segment between two scans (here a comment; a table can too).
+    #[test]
+    fn a_progressive_jpeg_cut_anywhere_is_truncated() {
+        for how in [ImageCheck::Structure, ImageCheck::Decode] {
+            checked(PROGRESSIVE, ContentType::Jpeg, how).unwrap();
+        }
+        let img = decode(PROGRESSIVE, ContentType::Jpeg, &ImageLimits::default()).unwrap();
+        assert_eq!((img.width(), img.height()), (64, 48));
+        for cut in 4..PROGRESSIVE.len() - 1 {
+            let err = checked(&PROGRESSIVE[..cut], ContentType::Jpeg, ImageCheck::Structure).unwrap_err();
+            assert_eq!(err.code(), ReasonCode::TruncatedImage, "cut at {cut}: {err}");
+            checked(&PROGRESSIVE[..cut], ContentType::Jpeg, ImageCheck::Decode).unwrap_err();
+        }
+        // A comment segment holding `FF D9`, before the second scan.
+        let scans: Vec<usize> =
+            PROGRESSIVE.windows(2).enumerate().filter(|(_, w)| w == b"\xFF\xDA").map(|(i, _)| i).collect();
+        assert!(scans.len() > 2, "{} scans", scans.len());
+        let second = scans[1];
+        let mut with_comment = PROGRESSIVE[..second].to_vec();
+        with_comment.extend_from_slice(b"\xFF\xFE\x00\x06\xFF\xD9\xFF\xD9");
+        let cut_after = with_comment.len() + 20;
+        with_comment.extend_from_slice(&PROGRESSIVE[second..]);
+        for how in [ImageCheck::Structure, ImageCheck::Decode] {
+            checked(&with_comment, ContentType::Jpeg, how).unwrap();
+            let err = checked(&with_comment[..cut_after], ContentType::Jpeg, how).unwrap_err();
+            assert_eq!(err.code(), ReasonCode::TruncatedImage, "{how:?}: {err}");
+        }
     }
 
     #[test]

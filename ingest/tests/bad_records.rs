@@ -11,18 +11,12 @@ use sluice_core::envelope::{ContentType, Envelope, RecordId};
 use sluice_core::image::ImageCheck;
 use sluice_core::model::{FieldSpec, TabularSpec};
 use sluice_core::record::DlqEntry;
+use sluice_core::testing::images::{jpeg, png};
 use sluice_core::topology::{QueueName, StageName};
 use sluice_core::worker::{StreamSource, Worker, WorkerReport};
 use sluice_ingest::samples::bad_records;
 use sluice_ingest::{IngestConfig, IngestStage};
 use tokio_util::sync::CancellationToken;
-
-fn png(width: u32, height: u32) -> Vec<u8> {
-    let img = image::GrayImage::from_fn(width, height, |x, y| image::Luma([(x * 30 + y) as u8]));
-    let mut out = Vec::new();
-    img.write_to(&mut std::io::Cursor::new(&mut out), image::ImageFormat::Png).unwrap();
-    out
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_bad_record_is_dead_lettered_with_its_own_reason() {
@@ -72,13 +66,6 @@ async fn each_bad_record_is_dead_lettered_with_its_own_reason() {
         }
         other => panic!("a large payload should travel as a claim-check, got {other:?}"),
     }
-}
-
-fn jpeg(width: u32, height: u32) -> Vec<u8> {
-    let img = image::RgbImage::from_fn(width, height, |x, y| image::Rgb([(x * 4) as u8, (y * 4) as u8, 128]));
-    let mut out = Vec::new();
-    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, 90).encode_image(&img).unwrap();
-    out
 }
 
 /// A JPEG cut short in transit is refused at ingest however it checks images (`image`'s decoder
