@@ -345,7 +345,7 @@ pub struct SendTo(pub StageName);
 impl Action for SendTo {
     async fn apply(&self, backend: &Backend, items: &[Item]) -> Result<Vec<bool>> {
         let sent: Vec<bool> = items.iter().map(Item::replayable).collect();
-        let items: Vec<&Item> = items.iter().filter(|item| item.replayable()).collect();
+        let items: Vec<&Item> = items.iter().zip(&sent).filter(|(_, sent)| **sent).map(|(item, _)| item).collect();
         if items.is_empty() {
             return Ok(sent);
         }
