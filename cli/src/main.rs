@@ -230,7 +230,7 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
             }
         }
         Command::Produce { store, args } => {
-            let backend = open(&store.apply(settings)).await?;
+            let backend = Backend::open_to_produce(&store.apply(settings).store()?).await?;
             if let (Some(rate), Some(duration)) = (args.rate, args.duration) {
                 let catalogue = produce::catalogue_for(&args)?;
                 let report = load::run(&backend, &catalogue, rate, duration, args.pattern).await?;

@@ -190,7 +190,10 @@ async fn claim_check_if_large(blobs: &dyn BlobStore, record: StreamInput) -> any
         return Ok(record);
     }
     let content_type = ContentType::sniff(&record.data).map_or("application/octet-stream", ContentType::as_str);
-    let id = RecordId::from_content(&record.data);
+    // A record of its own, as a small file is by its stream position: the content's hash names
+    // it for people, and a nonce keeps a copy (`--repeat`) or another file with the same bytes
+    // from sharing its result. The id is in the envelope, so a redelivery keeps it.
+    let id = format!("{}-{}", RecordId::from_content(&record.data), &uuid::Uuid::new_v4().simple().to_string()[..12]);
     let reference = blobs.put(record.data).await?;
     // Built as JSON, not as an `Envelope`: the content type may be one sluice does not take,
     // and ingest is where that is judged and dead-lettered.

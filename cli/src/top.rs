@@ -100,7 +100,7 @@ fn render(before: &Reading, now: &Reading) -> String {
     );
     let _ = writeln!(
         out,
-        "results      {:>10}  {:>8.1}/s   review {} ({:+.1}/s)",
+        "results      {:>10}  {:>8.1}/s   of them for review {} ({:+.1}/s)",
         n.results + n.review,
         rate(b.results + b.review, n.results + n.review),
         n.review,

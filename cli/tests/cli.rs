@@ -47,17 +47,22 @@ fn produce_run_and_stats_as_separate_commands() {
     std::fs::write(files.join("empty.png"), b"").unwrap();
     std::fs::write(files.join("notes.txt"), b"not an image").unwrap();
     sluice(&["produce", "--store", store, "--dir", files.to_str().unwrap()]);
+    // A file too large for a stream record travels by claim-check; each copy is a record still.
+    let large = dir.path().join("large");
+    std::fs::create_dir(&large).unwrap();
+    std::fs::write(large.join("noise.png"), noise_png(700, 600)).unwrap();
+    sluice(&["produce", "--store", store, "--dir", large.to_str().unwrap(), "--repeat", "2"]);
 
     let before = json(&sluice(&["stats", "--store", store, "--json"]));
     assert_eq!(before["records_in"], 0, "nothing has reached ingest yet");
-    assert_eq!(before["stream"]["pending"], 355 * 2 + 185 + 2);
+    assert_eq!(before["stream"]["pending"], 355 * 2 + 185 + 2 + 2);
     assert_eq!(before["results"], 0);
 
     sluice(&["run", "--store", store, "--until-drained"]);
     let after = json(&sluice(&["stats", "--store", store, "--json"]));
     let n = |k: &str| after[k].as_u64().unwrap();
-    assert_eq!(n("records_in"), 355 * 2 + 185 + 2);
-    assert_eq!(n("results") + n("review"), 355 * 2 + 185, "repeats and JSON events are distinct records");
+    assert_eq!(n("records_in"), 355 * 2 + 185 + 2 + 2);
+    assert_eq!(n("results") + n("review"), 355 * 2 + 185 + 2, "repeats and JSON events are distinct records");
     assert_eq!(after["dlq"]["ingest"], 2);
 
     let review = String::from_utf8(
@@ -67,6 +72,47 @@ fn produce_run_and_stats_as_separate_commands() {
     assert_eq!(review.lines().count() as u64, n("review"));
     let listed = String::from_utf8(sluice(&["dlq", "list", "--store", store, "--stage", "ingest"]).stdout).unwrap();
     assert!(listed.contains("empty_payload") && listed.contains("unsupported_content_type"), "{listed}");
+}
+
+/// A PNG of noise, which does not compress: over a stream record's 1 MiB at 700×600.
+fn noise_png(width: u32, height: u32) -> Vec<u8> {
+    let mut state = 0x2545_f491_u32;
+    let img = image::RgbImage::from_fn(width, height, |_, _| {
+        let mut next = || {
+            state ^= state << 13;
+            state ^= state >> 17;
+            state ^= state << 5;
+            state as u8
+        };
+        image::Rgb([next(), next(), next()])
+    });
+    let mut out = Vec::new();
+    img.write_to(&mut std::io::Cursor::new(&mut out), image::ImageFormat::Png).unwrap();
+    assert!(out.len() > 1024 * 1024, "{} bytes", out.len());
+    out
+}
+
+/// Commands that read a store refuse a path with no store, rather than make an empty one there
+/// that would look like an idle pipeline.
+#[test]
+fn reading_commands_refuse_a_store_that_is_not_there() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("typo").join("s.sqlite");
+    let missing = missing.to_str().unwrap();
+    let report = dir.path().join("report");
+    for args in [
+        &["stats", "--store", missing][..],
+        &["dlq", "stats", "--store", missing],
+        &["dlq", "list", "--store", missing, "--stage", "ingest"],
+        &["results", "--store", missing],
+        &["report", "--store", missing, "--out", report.to_str().unwrap()],
+    ] {
+        let out = test_env(&mut Command::new(bin("sluice"))).args(args).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "sluice {args:?} passed");
+        assert!(stderr.contains("there is no store at"), "sluice {args:?}: {stderr}");
+    }
+    assert!(!dir.path().join("typo").exists(), "a reading command made the store's folder");
 }
 
 #[test]

@@ -469,10 +469,29 @@ impl Backend {
         Self::open_with(config, aws::requests().clone(), false).await
     }
 
-    /// Opens the backend for watching the pipeline (stats, drain checks): its AWS requests are
-    /// not counted as the pipeline's, and on the embedded store its reads (counts over whole
-    /// tables) run on a connection of their own, beside the stages' one.
+    /// Opens the backend for watching the pipeline (stats, drain checks) and for operators'
+    /// commands: its AWS requests are not counted as the pipeline's, and on the embedded store
+    /// its reads (counts over whole tables) run on a connection of their own, beside the
+    /// stages' one. An embedded store must exist already: a path mistyped is an error, not a
+    /// new, empty store that looks like a healthy, idle pipeline.
     pub async fn open_observer(config: &StoreConfig) -> Result<Self> {
+        if config.backend == BackendKind::Embedded && !config.path.exists() {
+            return Err(SluiceError::permanent(
+                ReasonCode::StoreUnavailable,
+                format!(
+                    "there is no store at {}: the workers, `sluice run` or `sluice demo` make one there \
+                     (is --store, store.path or SLUICE__STORE__PATH right?)",
+                    config.path.display()
+                ),
+            ));
+        }
+        Self::open_with(config, aws::RequestCounter::default(), true).await
+    }
+
+    /// Opens the backend for a producer (`sluice produce`): as [`open_observer`](Self::open_observer)
+    /// (its AWS requests are the producer's, not the pipeline's), but an embedded store is
+    /// created where there is none, so records can be written before the workers start.
+    pub async fn open_to_produce(config: &StoreConfig) -> Result<Self> {
         Self::open_with(config, aws::RequestCounter::default(), true).await
     }
 
