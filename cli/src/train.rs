@@ -68,6 +68,7 @@ pub fn input_spec() -> InputSpec {
             min: 0.0,
             max: f32::from(digits::MAX_INTENSITY),
             default: 0.0,
+            clamp: false,
         })
         .collect();
     InputSpec {

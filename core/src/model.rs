@@ -160,8 +160,9 @@ impl TabularSpec {
     }
 
     /// Whether `event` carries enough of the spec to make a prediction of: every required field,
-    /// and at least the least share (or one) of all fields. The error says what is missing.
-    pub fn check_present(&self, event: &serde_json::Map<String, serde_json::Value>) -> Result<(), String> {
+    /// at least the least share (or one) of all fields, and every numeric field it carries a
+    /// number within the field's range (unless the field clamps). The error says what is wrong.
+    pub fn check(&self, event: &serde_json::Map<String, serde_json::Value>) -> Result<(), String> {
         let present = |name: &str| event.get(name).is_some_and(|v| !v.is_null());
         let missing: Vec<&str> = self.required.iter().map(String::as_str).filter(|n| !present(n)).collect();
         if !missing.is_empty() {
@@ -180,6 +181,11 @@ impl TabularSpec {
                 wanted.max(1)
             ));
         }
+        for field in &self.fields {
+            if let Some(value) = event.get(field.name()).filter(|v| !v.is_null()) {
+                field.value(value)?;
+            }
+        }
         Ok(())
     }
 }
@@ -187,8 +193,17 @@ impl TabularSpec {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum FieldSpec {
-    /// A number, scaled from `min..max` to 0..1; `default` (in raw units) when missing.
-    Numeric { name: String, min: f32, max: f32, default: f32 },
+    /// A number, scaled from `min..max` to 0..1; `default` (in raw units) when missing. A value
+    /// outside `min..max` is refused (schema_mismatch: the model never saw its like), or, with
+    /// `clamp = true`, taken to the nearer end.
+    Numeric {
+        name: String,
+        min: f32,
+        max: f32,
+        default: f32,
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        clamp: bool,
+    },
     /// One of `categories`, one-hot encoded; an unknown or missing value is all zeros unless a
     /// `default` category is given.
     Categorical {
@@ -204,6 +219,23 @@ impl FieldSpec {
         match self {
             Self::Numeric { name, .. } | Self::Categorical { name, .. } => name,
         }
+    }
+
+    /// A numeric field's value in raw units (within `min..max`, clamped there if the field
+    /// clamps), or why `value` is not one; a categorical field takes any value (`None`).
+    pub fn value(&self, value: &serde_json::Value) -> Result<Option<f32>, String> {
+        let Self::Numeric { name, min, max, clamp, .. } = self else { return Ok(None) };
+        let Some(x) = value.as_f64() else {
+            return Err(format!("field {name:?} must be a number, got {value}"));
+        };
+        let (lowest, highest) = (f64::from(*min), f64::from(*max));
+        if *clamp {
+            return Ok(Some(x.clamp(lowest, highest) as f32));
+        }
+        if !(lowest..=highest).contains(&x) {
+            return Err(format!("field {name:?} is {x}, outside its range {min} to {max} (the model bundle's spec)"));
+        }
+        Ok(Some(x as f32))
     }
 
     /// Vector entries this field produces.
@@ -300,6 +332,9 @@ impl ModelManifest {
                     match field {
                         FieldSpec::Numeric { name, min, max, .. } if max <= min => {
                             return Err(format!("field {name:?}: max must exceed min"));
+                        }
+                        FieldSpec::Numeric { name, min, max, default, .. } if !(min..=max).contains(&default) => {
+                            return Err(format!("field {name:?}: default must lie within min..max"));
                         }
                         FieldSpec::Categorical { name, categories, default } => {
                             if categories.is_empty() {
@@ -398,6 +433,15 @@ mod tests {
         assert!(bad.check().unwrap_err().contains("resize_shorter_side"));
         bad.input.image.as_mut().unwrap().resize_shorter_side = Some(2);
         assert_eq!(bad.check(), Ok(()));
+        // A numeric field whose default lies outside its range (which values are refused from).
+        let mut numeric = manifest();
+        let field = |default, clamp| FieldSpec::Numeric { name: "n".into(), min: 0.0, max: 2.0, default, clamp };
+        numeric.input.tabular.as_mut().unwrap().fields = vec![field(3.0, false)];
+        assert!(numeric.check().unwrap_err().contains("default must lie within"));
+        // `clamp` is written only when set, and read back.
+        numeric.input.tabular.as_mut().unwrap().fields = vec![field(1.0, true)];
+        assert!(numeric.to_toml().contains("clamp = true"));
+        assert_eq!(toml::from_str::<ModelManifest>(&numeric.to_toml()).unwrap(), numeric);
     }
 
     #[test]

@@ -9,20 +9,18 @@ pub fn vectorise(spec: &TabularSpec, event: &serde_json::Value) -> Result<Vec<f3
     let object = event
         .as_object()
         .ok_or_else(|| SluiceError::permanent(ReasonCode::SchemaMismatch, "a JSON event must be an object"))?;
-    spec.check_present(object).map_err(|missing| SluiceError::permanent(ReasonCode::SchemaMismatch, missing))?;
+    spec.check(object).map_err(|wrong| SluiceError::permanent(ReasonCode::SchemaMismatch, wrong))?;
     let mut out = Vec::with_capacity(spec.vector_len());
     for field in &spec.fields {
         let value = object.get(field.name()).filter(|v| !v.is_null());
         match field {
-            FieldSpec::Numeric { name, min, max, default } => {
+            FieldSpec::Numeric { min, max, default, .. } => {
                 let raw = match value {
                     None => *default,
-                    Some(v) => v.as_f64().map(|x| x as f32).ok_or_else(|| {
-                        SluiceError::permanent(
-                            ReasonCode::SchemaMismatch,
-                            format!("field {name:?} must be a number, got {v}"),
-                        )
-                    })?,
+                    Some(v) => field
+                        .value(v)
+                        .map_err(|wrong| SluiceError::permanent(ReasonCode::SchemaMismatch, wrong))?
+                        .unwrap_or(*default),
                 };
                 out.push((raw - min) / (max - min));
             }
@@ -47,7 +45,7 @@ mod tests {
     fn spec() -> TabularSpec {
         TabularSpec {
             fields: vec![
-                FieldSpec::Numeric { name: "amount".into(), min: 0.0, max: 200.0, default: 50.0 },
+                FieldSpec::Numeric { name: "amount".into(), min: 0.0, max: 200.0, default: 50.0, clamp: false },
                 FieldSpec::Categorical {
                     name: "country".into(),
                     categories: vec!["de".into(), "fr".into(), "other".into()],
@@ -81,6 +79,24 @@ mod tests {
         let most = TabularSpec { min_present: Some(1.0), ..spec() };
         assert!(vectorise(&most, &json!({"amount": 3})).is_err());
         assert!(vectorise(&most, &json!({"amount": 3, "country": "de"})).is_ok());
+    }
+
+    /// A number outside its field's range is refused, so no prediction is made of an input the
+    /// model never saw the like of; a field that clamps takes it to the nearer end.
+    #[test]
+    fn a_number_out_of_its_range_is_refused_unless_the_field_clamps() {
+        for amount in [json!(200.5), json!(-1), json!(1e300)] {
+            let err = vectorise(&spec(), &json!({ "amount": amount })).unwrap_err();
+            assert_eq!(err.code(), ReasonCode::SchemaMismatch);
+            assert!(err.detail().contains("outside its range 0 to 200"), "{err}");
+        }
+        assert_eq!(vectorise(&spec(), &json!({"amount": 200})).unwrap()[0], 1.0);
+        let mut clamped = spec();
+        if let FieldSpec::Numeric { clamp, .. } = &mut clamped.fields[0] {
+            *clamp = true;
+        }
+        assert_eq!(vectorise(&clamped, &json!({"amount": 1e300})).unwrap()[0], 1.0);
+        assert_eq!(vectorise(&clamped, &json!({"amount": -4})).unwrap()[0], 0.0);
     }
 
     #[test]

@@ -138,8 +138,7 @@ fn check_bytes(
                 return Err(SluiceError::permanent(ReasonCode::SchemaMismatch, "a JSON event must be an object"));
             };
             if let Some(spec) = tabular {
-                spec.check_present(event)
-                    .map_err(|missing| SluiceError::permanent(ReasonCode::SchemaMismatch, missing))?;
+                spec.check(event).map_err(|wrong| SluiceError::permanent(ReasonCode::SchemaMismatch, wrong))?;
             }
         }
         image => {

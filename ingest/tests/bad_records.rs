@@ -119,30 +119,32 @@ async fn a_json_event_must_carry_the_model_fields_and_a_string_id() {
     let config = IngestConfig { record_id_field: Some("event_id".into()), ..IngestConfig::default() };
     let spec = TabularSpec {
         fields: vec![
-            FieldSpec::Numeric { name: "amount".into(), min: 0.0, max: 10.0, default: 5.0 },
-            FieldSpec::Numeric { name: "items".into(), min: 0.0, max: 10.0, default: 1.0 },
+            FieldSpec::Numeric { name: "amount".into(), min: 0.0, max: 10.0, default: 5.0, clamp: false },
+            FieldSpec::Numeric { name: "items".into(), min: 0.0, max: 10.0, default: 1.0, clamp: false },
         ],
         required: Vec::new(),
         min_present: None,
     };
-    let events: [&[u8]; 4] = [
+    let events: [&[u8]; 5] = [
         br#"{"event_id": 5, "amount": 3}"#,
         br#"{"event_id": "no-fields"}"#,
         br#"{"event_id": "fine", "amount": 3}"#,
         br#"{"amount": 4}"#,
+        br#"{"event_id": "too-many", "amount": 3, "items": 999}"#,
     ];
     let inputs = events.iter().map(|e| StreamInput { partition_key: "k".into(), data: e.to_vec() }).collect();
     backend.stream.put_records(inputs).await.unwrap();
 
     let stage = IngestStage::new(config, Arc::clone(&backend.blobs)).with_tabular(Some(spec));
     let report = ingest_all(&backend, &store, stage).await;
-    assert_eq!(report.dead_lettered, 2);
+    assert_eq!(report.dead_lettered, 3);
     let dlq = backend.queue(QueueName::IngestDlq).peek(10).await.unwrap();
     let entries: Vec<DlqEntry> =
         dlq.iter().map(|m| DlqEntry::from_message(StageName::Ingest, m.body.clone(), &m.attributes, 0, 0)).collect();
     assert!(entries.iter().all(|e| e.reason == ReasonCode::SchemaMismatch), "{entries:?}");
     assert!(entries.iter().any(|e| e.detail.contains("must be a string")), "{entries:?}");
     assert!(entries.iter().any(|e| e.detail.contains("0 of the model's fields")), "{entries:?}");
+    assert!(entries.iter().any(|e| e.detail.contains("\"items\" is 999, outside its range")), "{entries:?}");
     let forwarded = backend.queue(QueueName::Features).peek(10).await.unwrap();
     let ids: Vec<String> =
         forwarded.iter().map(|m| Envelope::from_json(&m.body).unwrap().record_id.to_string()).collect();
