@@ -191,6 +191,27 @@ async fn dedup_keys_never_drop_distinct_messages(f: Fixture) {
     assert!(got.len() <= 3);
 }
 
+/// A look reads every message of a queue deeper than one receive (SQS gives at most ten), and
+/// leaves them all to be received at once afterwards.
+async fn a_look_reads_every_message_and_leaves_them_there(f: Fixture) {
+    let b = f.open().await;
+    let q = b.queue(QueueName::IngestDlq);
+    let sent: BTreeSet<String> = (0..35).map(|i| format!("entry-{i:02}")).collect();
+    q.send_batch(sent.iter().map(|body| msg(body)).collect()).await.unwrap();
+    let looked = bodies(&q.peek(1_000).await.unwrap());
+    assert_eq!(looked.len(), sent.len(), "{looked:?}");
+    assert_eq!(looked.into_iter().collect::<BTreeSet<_>>(), sent);
+    let mut received = BTreeSet::new();
+    for _ in 0..20 {
+        let batch = q.receive(10, Duration::from_secs(1)).await.unwrap();
+        if batch.is_empty() {
+            break;
+        }
+        received.extend(bodies(&batch));
+    }
+    assert_eq!(received, sent, "the look left some hidden");
+}
+
 /// Nothing is lost when receivers compete, and within the visibility timeout (a long one here, so
 /// a slow endpoint cannot make a message visible again) no message goes to two of them. SQS
 /// standard queues promise at-least-once delivery only: AWS may hand a message out twice, and
@@ -580,6 +601,7 @@ conformance!(
     visibility_can_be_extended_and_released,
     messages_past_max_receives_are_redriven_to_the_stage_dlq,
     dedup_keys_never_drop_distinct_messages,
+    a_look_reads_every_message_and_leaves_them_there,
     concurrent_receivers_split_the_work_without_loss,
     stream_delivers_everything_in_shard_order,
     a_new_consumer_resumes_after_the_checkpoint,
