@@ -23,8 +23,10 @@ pub enum DlqCommand {
         stage: Letters,
         #[command(flatten)]
         filter: FilterArgs,
+        /// The most entries to list (a line on stderr says how many more match).
         #[arg(long, default_value_t = 50)]
         limit: usize,
+        /// One JSON object a line.
         #[arg(long)]
         json: bool,
     },
@@ -38,6 +40,7 @@ pub enum DlqCommand {
         /// Where to look (default: every DLQ and the review queue).
         #[arg(long)]
         stage: Option<Letters>,
+        /// The entry as JSON.
         #[arg(long)]
         json: bool,
     },
@@ -45,6 +48,7 @@ pub enum DlqCommand {
     Stats {
         #[command(flatten)]
         store: StoreArgs,
+        /// As JSON.
         #[arg(long)]
         json: bool,
     },
@@ -54,21 +58,25 @@ pub enum DlqCommand {
     Replay {
         #[command(flatten)]
         store: StoreArgs,
+        /// Whose entries: ingest, features, inference, results, or review.
         #[arg(long)]
         stage: Letters,
         #[command(flatten)]
         filter: FilterArgs,
-        /// Send them to this stage instead.
+        /// Send them to this stage instead (only where it reads what the entries hold: the
+        /// features DLQ's envelopes to ingest).
         #[arg(long)]
         to: Option<StageName>,
         /// List what would move, and move nothing.
         #[arg(long)]
         dry_run: bool,
+        /// The most entries to move.
         #[arg(long)]
         limit: Option<usize>,
         /// At most this many entries a second.
         #[arg(long)]
         rate: Option<f64>,
+        /// What moved, as JSON.
         #[arg(long)]
         json: bool,
     },
@@ -76,15 +84,18 @@ pub enum DlqCommand {
     Purge {
         #[command(flatten)]
         store: StoreArgs,
+        /// Whose entries: ingest, features, inference, results, or review.
         #[arg(long)]
         stage: Letters,
         #[command(flatten)]
         filter: FilterArgs,
+        /// The most entries to delete.
         #[arg(long)]
         limit: Option<usize>,
         /// Do not ask.
         #[arg(long)]
         yes: bool,
+        /// What was deleted, as JSON.
         #[arg(long)]
         json: bool,
     },
@@ -102,9 +113,11 @@ pub struct FilterArgs {
     /// Predicted class (review items).
     #[arg(long)]
     pub class: Option<String>,
-    #[arg(long)]
+    /// Confidence at least this (0 to 1; review items).
+    #[arg(long, value_parser = parse_confidence)]
     pub min_confidence: Option<f32>,
-    #[arg(long)]
+    /// Confidence at most this (0 to 1; review items).
+    #[arg(long, value_parser = parse_confidence)]
     pub max_confidence: Option<f32>,
     /// Last failed at or after: RFC 3339 (`2026-11-26T09:00:00Z`) or an age (`2h`, `30m`).
     #[arg(long)]
@@ -152,6 +165,15 @@ pub fn parse_time(raw: &str) -> anyhow::Result<u64> {
     Ok(time.duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as u64)
 }
 
+/// A confidence given on the command line: a number from 0 to 1.
+pub fn parse_confidence(raw: &str) -> Result<f32, String> {
+    let value: f32 = raw.parse().map_err(|_| format!("{raw:?} is not a number"))?;
+    if !(0.0..=1.0).contains(&value) {
+        return Err(format!("{value} is no confidence: one lies from 0 to 1"));
+    }
+    Ok(value)
+}
+
 pub async fn run(command: DlqCommand, settings: Settings) -> anyhow::Result<()> {
     let open = |store: &StoreArgs| {
         let settings = store.apply(settings.clone());
@@ -160,8 +182,13 @@ pub async fn run(command: DlqCommand, settings: Settings) -> anyhow::Result<()> 
     match command {
         DlqCommand::List { store, stage, filter, limit, json } => {
             let (backend, _) = open(&store).await?;
-            for item in dlq::list(&backend, stage, &filter.filter()?, limit).await? {
-                print_line(&item, json)?;
+            let (items, held) = matching(&backend, stage, &filter.filter()?).await?;
+            for item in items.iter().take(limit) {
+                print_line(item, json)?;
+            }
+            if items.len() > limit || held.is_some() {
+                let of = among(held);
+                eprintln!("{} of {} entries that match{of}; --limit N lists more", limit.min(items.len()), items.len());
             }
         }
         DlqCommand::Show { store, id, stage, json } => {
@@ -197,36 +224,51 @@ pub async fn run(command: DlqCommand, settings: Settings) -> anyhow::Result<()> 
         DlqCommand::Replay { store, stage, filter, to, dry_run, limit, rate, json } => {
             let (backend, settings) = open(&store).await?;
             let filter = filter.filter()?;
+            let target = match stage {
+                Letters::Review if to.is_some() => bail!(
+                    "review items are judged again where they are, under the bundle's thresholds: --to does not apply"
+                ),
+                Letters::Review => None,
+                Letters::Stage(failed) => Some(dlq::replay_target(failed, to)?),
+            };
             if dry_run {
                 let (items, held) = matching(&backend, stage, &filter).await?;
-                let (mut items, left): (Vec<_>, Vec<_>) = items.into_iter().partition(|i| i.replayable());
+                let (mut items, left): (Vec<_>, Vec<_>) = match stage {
+                    Letters::Review => {
+                        let manifest = ModelBundle::load(settings.model()?.dir)?.manifest;
+                        items.into_iter().partition(|i| Rejudge::clears(&manifest, i))
+                    }
+                    Letters::Stage(_) => items.into_iter().partition(|i| i.replayable()),
+                };
                 items.truncate(limit.unwrap_or(usize::MAX));
                 for item in &items {
                     print_line(item, json)?;
                 }
                 let of = among(short(held, items.len(), limit));
-                eprintln!("dry run: {} entries{of} would be replayed from {stage}; nothing moved", items.len());
-                if !left.is_empty() {
-                    eprintln!("{}", not_replayable(left.len()));
+                if stage == Letters::Review {
+                    eprintln!(
+                        "dry run: {} review items{of} would be accepted under the current thresholds, {} stay \
+                         in review; nothing moved",
+                        items.len(),
+                        left.len()
+                    );
+                } else {
+                    eprintln!("dry run: {} entries{of} would be replayed from {stage}; nothing moved", items.len());
+                    if !left.is_empty() {
+                        eprintln!("{}", not_replayable(left.len()));
+                    }
                 }
                 return Ok(());
             }
             let options = ReplayOptions { to, limit, rate };
             let progress = crate::progress::counter("entries replayed");
             let report = |n: u64| progress.set_position(n);
-            let moved = match stage {
-                Letters::Review => {
-                    if to.is_some() {
-                        bail!(
-                            "review items are judged again where they are, under the bundle's thresholds: --to does not apply"
-                        );
-                    }
+            let moved = match target {
+                None => {
                     let manifest = ModelBundle::load(settings.model()?.dir)?.manifest;
                     dlq::apply(&backend, stage, &filter, &Rejudge(manifest), &options, &report).await?
                 }
-                Letters::Stage(failed) => {
-                    dlq::apply(&backend, stage, &filter, &SendTo(to.unwrap_or(failed)), &options, &report).await?
-                }
+                Some(target) => dlq::apply(&backend, stage, &filter, &SendTo(target), &options, &report).await?,
             };
             progress.finish_and_clear();
             if json {
@@ -237,7 +279,11 @@ pub async fn run(command: DlqCommand, settings: Settings) -> anyhow::Result<()> 
                     moved.moved, moved.kept
                 );
             } else {
-                println!("replayed {} entries from the {stage} DLQ to {}", moved.moved, to.unwrap_or(stage.stage()));
+                println!(
+                    "replayed {} entries from the {stage} DLQ to {}",
+                    moved.moved,
+                    target.unwrap_or(stage.stage())
+                );
                 if moved.kept > 0 {
                     eprintln!("{}", not_replayable(moved.kept as usize));
                 }
@@ -295,19 +341,22 @@ fn among(held: Option<u64>) -> String {
 /// What a replay says of the `n` entries it leaves.
 fn not_replayable(n: usize) -> String {
     format!(
-        "{n} entries left where they are: each is a queue's unreadable stored batch, not a record, and no \
-         stage can read it (docs/operations.md); keep its bytes if they matter, then purge it with \
-         --stored-batches"
+        "{n} entries left where they are: no stage can read them again. A record a reviewer rejected \
+         (rejected_in_review) has ended; a queue's unreadable stored batch (--stored-batches) is no record \
+         at all (docs/operations.md). Keep what matters of them, then purge them."
     )
 }
 
 fn print_line(item: &Item, json: bool) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
     if json {
-        println!("{}", serde_json::to_string(item)?);
+        writeln!(out, "{}", serde_json::to_string(item)?)?;
     } else {
         let id = item.record_id().map_or("-", |id| id.as_str());
         let verdict = item.verdict.as_ref().map(|v| format!("\t{} {:.4}", v.label, v.confidence)).unwrap_or_default();
-        println!("{id}\t{}\tattempts={}\t{}{verdict}", item.entry.reason, item.entry.attempts, item.entry.detail);
+        // One line an entry, whatever a decoder's message held.
+        let detail = item.entry.detail.split_whitespace().collect::<Vec<_>>().join(" ");
+        writeln!(out, "{id}\t{}\tattempts={}\t{detail}{verdict}", item.entry.reason, item.entry.attempts)?;
     }
     Ok(())
 }

@@ -213,7 +213,17 @@ fn main() -> anyhow::Result<()> {
         }
         return Ok(());
     }
-    tokio::runtime::Runtime::new()?.block_on(run(cli.command, settings))
+    match tokio::runtime::Runtime::new()?.block_on(run(cli.command, settings)) {
+        // The reader of a listing went away (`| head`): it has what it wanted.
+        Err(e)
+            if e.chain().any(|c| {
+                c.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+            }) =>
+        {
+            Ok(())
+        }
+        other => other,
+    }
 }
 
 async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {

@@ -222,6 +222,10 @@ pub fn catalogue_for(args: &ProduceArgs) -> anyhow::Result<Catalogue> {
         return Ok(Catalogue::digits(set, split, DigitForm::from_flags(args.json, args.photos), &run_tag()));
     }
     let dir = args.dir.as_ref().expect("clap requires --dir or --digits");
+    anyhow::ensure!(
+        !args.json && !args.photos,
+        "--json and --photos shape the bundled digits; --dir writes files as they are"
+    );
     let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)
         .with_context(|| format!("reading {}", dir.display()))?
         .filter_map(|e| e.ok().map(|e| e.path()))

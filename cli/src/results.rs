@@ -5,6 +5,7 @@ use sluice_core::backend::{Backend, PageToken, ResultQuery};
 use sluice_core::config::{Settings, StoreArgs};
 use sluice_core::envelope::RecordId;
 use sluice_core::record::{PredictionResult, ResultStatus};
+use std::io::Write as _;
 
 #[derive(Debug, clap::Args)]
 #[command(args_conflicts_with_subcommands = true)]
@@ -43,10 +44,13 @@ pub struct ListArgs {
     /// Stored at or after: RFC 3339 or an age (`2h`).
     #[arg(long)]
     pub since: Option<String>,
-    #[arg(long)]
+    /// Confidence at least this (0 to 1).
+    #[arg(long, value_parser = crate::dlq::parse_confidence)]
     pub min_confidence: Option<f32>,
-    #[arg(long)]
+    /// Confidence at most this (0 to 1).
+    #[arg(long, value_parser = crate::dlq::parse_confidence)]
     pub max_confidence: Option<f32>,
+    /// The most results on a page.
     #[arg(long, default_value_t = 20)]
     pub limit: usize,
     /// Where the previous page ended (printed after it).
@@ -76,18 +80,20 @@ impl ListArgs {
 }
 
 fn print(result: &PredictionResult, json: bool) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
     if json {
-        println!("{}", serde_json::to_string(result)?);
+        writeln!(out, "{}", serde_json::to_string(result)?)?;
     } else {
         let reviewed = result.reviewed_label.as_ref().map(|l| format!("\treviewed as {l}")).unwrap_or_default();
-        println!(
+        writeln!(
+            out,
             "{}\t{}\t{:.4}\t{}\t{}{reviewed}",
             result.record_id,
             result.label,
             result.confidence,
             result.status.as_str(),
             result.backend
-        );
+        )?;
     }
     Ok(())
 }

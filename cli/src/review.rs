@@ -47,13 +47,12 @@ pub async fn label_one(backend: &Backend, manifest: &ModelManifest, id: &str, la
     check_label(manifest, label)?;
     Ok(match dlq::label(backend, &RecordId::parse(id)?, label).await? {
         ReviewOutcome::Resolved(_) => format!("{id}: reviewed as {label}"),
-        ReviewOutcome::NotWaiting(r) => {
-            format!(
-                "{id}: not waiting for review (status {}, reviewed label {:?})",
-                r.status.as_str(),
-                r.reviewed_label
-            )
-        }
+        // As the API's 409: the first label stands, and this one changed nothing.
+        ReviewOutcome::NotWaiting(r) => bail!(
+            "{id} is not waiting for review (status {}{}); nothing changed",
+            r.status.as_str(),
+            r.reviewed_label.map(|l| format!(", labelled {l}")).unwrap_or_default()
+        ),
         ReviewOutcome::Missing => bail!("no result for {id}"),
     })
 }

@@ -123,10 +123,29 @@ async fn operators_loop(target: Target) {
     );
     assert!(none.is_empty(), "a time window in the future matches nothing");
 
-    // A dry run moves nothing.
+    // A dry run moves nothing, and lists what a replay would accept: under the thresholds that
+    // sent them to review, none.
     let dry = lines(&target.sluice(&model, &["dlq", "replay", "--stage", "review", "--dry-run", "--json"]));
-    assert_eq!(dry.len() as u64, start.review);
+    assert!(dry.is_empty(), "{dry:?}");
     assert_eq!(stats(&backend).await.review, start.review);
+    // A listing cut at its limit says how many more match.
+    let cut = target
+        .command(&model)
+        .args(["dlq", "list", "--stage", "ingest", "--limit", "2"])
+        .args(target.store_args())
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&cut.stdout).lines().count(), 2);
+    assert!(String::from_utf8_lossy(&cut.stderr).contains("2 of 6 entries that match"), "{cut:?}");
+    // Entries go only to a stage that reads what they hold.
+    let elsewhere = target
+        .command(&model)
+        .args(["dlq", "replay", "--stage", "ingest", "--to", "results", "--dry-run"])
+        .args(target.store_args())
+        .output()
+        .unwrap();
+    assert!(!elsewhere.status.success());
+    assert!(String::from_utf8_lossy(&elsewhere.stderr).contains("cannot go to results"), "{elsewhere:?}");
 
     // A person labels one item; it leaves review as `reviewed`, both labels kept.
     let first = review[0]["record_id"].as_str().unwrap().to_owned();
@@ -148,9 +167,14 @@ async fn operators_loop(target: Target) {
     let record = RecordId::parse(&second).unwrap();
     assert!(backend.results.get_batch(std::slice::from_ref(&record)).await.unwrap().is_empty());
     assert_eq!(stats(&backend).await.accounted(), 361, "one DLQ entry instead of one result");
+    // A rejected record has ended: a replay of the results DLQ leaves it where it is.
+    let left = json(&target.sluice(&model, &["dlq", "replay", "--stage", "results", "--json"]));
+    assert_eq!((left["moved"].as_u64(), left["kept"].as_u64()), (Some(0), Some(1)), "{left}");
 
     // The fix: thresholds that accept everything. Replayed, the rest of review ends as results.
     let lenient = lenient_bundle(dir.path());
+    let dry = lines(&target.sluice(&lenient, &["dlq", "replay", "--stage", "review", "--dry-run", "--json"]));
+    assert_eq!(dry.len() as u64, start.review - 2);
     let moved = json(&target.sluice(&lenient, &["dlq", "replay", "--stage", "review", "--json"]));
     assert_eq!(moved["moved"], start.review - 2);
     let after = stats(&backend).await;

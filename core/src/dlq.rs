@@ -143,10 +143,12 @@ impl Item {
         Self { queue, entry, attributes: record_attributes, verdict, result, message_attributes: attributes }
     }
 
-    /// Whether a replay can send this entry back to work: its body is a record (not a queue's
-    /// unreadable stored batch, which can only be kept or purged).
+    /// Whether a replay can send this entry back to work. Not a queue's unreadable stored batch
+    /// (no record at all), nor a record a reviewer rejected (its body is the review item, which
+    /// no stage reads, and a person judged it unfit for a result): those can only be kept or
+    /// purged.
     pub fn replayable(&self) -> bool {
-        self.entry.stored_batch.is_none()
+        self.entry.stored_batch.is_none() && self.entry.reason != ReasonCode::RejectedInReview
     }
 
     pub fn record_id(&self) -> Option<&RecordId> {
@@ -335,6 +337,25 @@ pub trait Action: Send + Sync {
     async fn apply(&self, backend: &Backend, items: &[Item]) -> Result<Vec<bool>>;
 }
 
+/// Where a replay of `failed`'s DLQ entries goes: to `failed` itself, or to `to` where that stage
+/// reads what the entries hold. Each DLQ holds what its stage received: ingest's the stream's
+/// records, features' envelopes with their payloads (which ingest takes too, and checks again),
+/// inference's envelopes without them and results' inferred records (which only their own stage
+/// reads).
+pub fn replay_target(failed: StageName, to: Option<StageName>) -> Result<StageName> {
+    match to {
+        None => Ok(failed),
+        Some(to) if to == failed || (failed == StageName::Features && to == StageName::Ingest) => Ok(to),
+        Some(to) => Err(SluiceError::permanent(
+            ReasonCode::SchemaMismatch,
+            format!(
+                "the {failed} DLQ's entries cannot go to {to}: it does not read what they hold (only the features \
+                 DLQ's envelopes can go elsewhere, to ingest)"
+            ),
+        )),
+    }
+}
+
 /// Sends entries back to work: to a stage's input queue, or ingest's stream. An entry whose body
 /// is a queue's unreadable stored batch, not a record, stays where it is (see
 /// [`Item::replayable`]): sent back, it would only be dead-lettered again, or, sent to the
@@ -508,13 +529,19 @@ impl Action for Resolve {
 /// its class threshold is accepted and leaves the review queue; the rest stay for a person.
 pub struct Rejudge(pub ModelManifest);
 
+impl Rejudge {
+    /// Whether a review item's prediction clears its class's threshold in `manifest`.
+    pub fn clears(manifest: &ModelManifest, item: &Item) -> bool {
+        item.verdict.as_ref().is_some_and(|v| v.confidence >= manifest.threshold(&v.label))
+    }
+}
+
 #[async_trait::async_trait]
 impl Action for Rejudge {
     async fn apply(&self, backend: &Backend, items: &[Item]) -> Result<Vec<bool>> {
         let mut out = Vec::with_capacity(items.len());
         for item in items {
-            let clears = item.verdict.as_ref().is_some_and(|v| v.confidence >= self.0.threshold(&v.label));
-            out.push(clears && settle(backend, item, &Resolution::Accept).await?);
+            out.push(Self::clears(&self.0, item) && settle(backend, item, &Resolution::Accept).await?);
         }
         Ok(out)
     }
