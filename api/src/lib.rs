@@ -62,6 +62,9 @@ pub fn router(state: ApiState) -> Router {
             get(|State(state): State<ApiState>| async move { Json(openapi::document(&state.labels)) }),
         )
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such endpoint: see /openapi.json") })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "this endpoint takes another method: see /openapi.json")
+        })
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .with_state(state)
 }

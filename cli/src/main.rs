@@ -27,7 +27,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run the whole pipeline on a fresh embedded store with the held-out digits and print a summary.
+    /// Run the whole pipeline on the held-out digits (and a few corrupt records) and print a
+    /// summary: on a fresh embedded store, or with `--backend aws` on fresh AWS resources.
     Demo(demo::DemoArgs),
     /// Write records to the stream.
     Produce {

@@ -104,6 +104,10 @@ async fn the_api_answers_as_its_document_says() {
     let id = waiting[0]["record_id"].as_str().unwrap();
     let (status, one) = get(&api, &format!("/results/{id}")).await;
     assert_eq!((status, one["status"].as_str()), (200, Some("review")));
+    // A wrong method is answered in JSON, as every other refusal.
+    let (status, wrong) = get(&api, &format!("/review/{id}")).await;
+    assert_eq!(status, 405);
+    assert!(wrong["error"].as_str().is_some_and(|e| e.contains("another method")), "{wrong}");
     let (status, labelled) = post(&api, &format!("/review/{id}"), "application/json", br#"{"label":"4"}"#).await;
     assert_eq!(status, 200, "{labelled}");
     assert_eq!((labelled["status"].as_str(), labelled["reviewed_label"].as_str()), (Some("reviewed"), Some("4")));

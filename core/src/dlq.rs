@@ -559,10 +559,15 @@ async fn settle(backend: &Backend, item: &Item, resolution: &Resolution) -> Resu
 }
 
 /// A person's label for `id`: settles its result (a conditional write: the first label wins)
-/// and takes its item off the review queue. What the result store answered is the answer.
+/// and takes its item off the review queue. What the result store answered is the answer. With
+/// no result at all there is no item to look for (a rejection stopped halfway is finished by
+/// `reject`), so the queue is not searched: each search shows every item before the one wanted
+/// to this process, and counts a receive of each.
 pub async fn label(backend: &Backend, id: &RecordId, label: &str) -> Result<ReviewOutcome> {
     let outcome = backend.results.resolve_review(id, &Resolution::Label(label.to_owned())).await?;
-    apply(backend, Letters::Review, &only(id.as_str()), &Delete, &one(), &|_| {}).await?;
+    if !matches!(outcome, ReviewOutcome::Missing) {
+        apply(backend, Letters::Review, &only(id.as_str()), &Delete, &one(), &|_| {}).await?;
+    }
     Ok(outcome)
 }
 
