@@ -29,8 +29,9 @@ pub struct Bootstrapped {
 }
 
 pub async fn bootstrap(config: &StoreConfig) -> Result<Bootstrapped> {
-    let clients = Clients::load(&config.aws, super::RequestCounter::default()).await;
     let names = Names::new(&config.aws.prefix);
+    names.check().map_err(|e| SluiceError::permanent(ReasonCode::SchemaMismatch, e))?;
+    let clients = Clients::load(&config.aws, super::RequestCounter::default()).await;
     let mut made = Bootstrapped { stream: names.stream(), bucket: names.bucket(), ..Default::default() };
 
     create_stream(&clients.kinesis, &names.stream(), config.shards.max(1) as i32).await?;
@@ -50,22 +51,29 @@ pub async fn bootstrap(config: &StoreConfig) -> Result<Bootstrapped> {
         QueueName::Results,
     ];
     for queue in order {
-        let mut request = clients
-            .sqs
-            .create_queue()
-            .queue_name(names.queue(queue))
-            .attributes(QueueAttributeName::VisibilityTimeout, &visibility)
+        let mut wanted = vec![
+            (QueueAttributeName::VisibilityTimeout, visibility.clone()),
             // DLQ entries wait for operators: keep them the 14 days SQS allows.
-            .attributes(QueueAttributeName::MessageRetentionPeriod, "1209600")
+            (QueueAttributeName::MessageRetentionPeriod, "1209600".to_owned()),
             // SQS's most (since 2025): photo-sized envelopes travel eight to a call, not in S3.
-            .attributes(QueueAttributeName::MaximumMessageSize, "1048576");
+            (QueueAttributeName::MaximumMessageSize, "1048576".to_owned()),
+        ];
         if let Some(dlq) = queue.redrive_target() {
             let arn = queue_arn(&clients.sqs, &names.queue(dlq)).await?;
             let policy = serde_json::json!({ "deadLetterTargetArn": arn, "maxReceiveCount": config.max_receives });
-            request = request.attributes(QueueAttributeName::RedrivePolicy, policy.to_string());
+            wanted.push((QueueAttributeName::RedrivePolicy, policy.to_string()));
         }
-        request.send().await.map_err(|e| classify("CreateQueue", e))?;
-        made.queues.push(names.queue(queue));
+        let name = names.queue(queue);
+        let request =
+            clients.sqs.create_queue().queue_name(&name).set_attributes(Some(wanted.iter().cloned().collect()));
+        match request.send().await {
+            Ok(_) => {}
+            Err(e) if error_code(&e) == Some("QueueAlreadyExists") => {
+                return Err(settled_otherwise(&clients.sqs, &name, &wanted).await);
+            }
+            Err(e) => return Err(classify("CreateQueue", e)),
+        }
+        made.queues.push(name);
     }
 
     for (table, spec) in names.tables() {
@@ -108,8 +116,14 @@ pub async fn check(config: &StoreConfig) -> Result<Bootstrapped> {
     let names = Names::new(&config.aws.prefix);
     let mut missing = Vec::new();
     let mut found = Bootstrapped { stream: names.stream(), bucket: names.bucket(), ..Default::default() };
+    // An endpoint that cannot be reached (or credentials that are not there) says nothing of
+    // the resources: that is the answer, at once, not fourteen resources "missing".
     if let Err(e) = clients.kinesis.describe_stream_summary().stream_name(names.stream()).send().await {
-        missing.push(format!("stream {}: {}", names.stream(), classify("DescribeStreamSummary", e)));
+        let error = classify("DescribeStreamSummary", e);
+        if error.is_retryable() || error.detail().contains("no AWS credentials") {
+            return Err(error);
+        }
+        missing.push(format!("stream {}: {error}", names.stream()));
     }
     for queue in QueueName::ALL {
         match clients.sqs.get_queue_url().queue_name(names.queue(queue)).send().await {
@@ -134,6 +148,45 @@ pub async fn check(config: &StoreConfig) -> Result<Bootstrapped> {
             format!("the resources of prefix {:?} are incomplete: {}", config.aws.prefix, missing.join("; ")),
         ))
     }
+}
+
+/// What to say of a queue that exists with other settings than bootstrap's (SQS refuses to
+/// create it again): each setting that differs, for bootstrap changes nothing that exists.
+async fn settled_otherwise(
+    sqs: &aws_sdk_sqs::Client,
+    name: &str,
+    wanted: &[(QueueAttributeName, String)],
+) -> SluiceError {
+    let url = match sqs.get_queue_url().queue_name(name).send().await {
+        Ok(found) => found.queue_url.unwrap_or_default(),
+        Err(e) => return classify("GetQueueUrl", e),
+    };
+    let have = match sqs.get_queue_attributes().queue_url(url).attribute_names(QueueAttributeName::All).send().await {
+        Ok(found) => found.attributes.unwrap_or_default(),
+        Err(e) => return classify("GetQueueAttributes", e),
+    };
+    // A redrive policy is JSON: compared as values, not as text.
+    let same = |a: &str, b: &str| match (
+        serde_json::from_str::<serde_json::Value>(a),
+        serde_json::from_str::<serde_json::Value>(b),
+    ) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => a == b,
+    };
+    let differ: Vec<String> = wanted
+        .iter()
+        .filter(|(key, value)| !have.get(key).is_some_and(|had| same(had, value)))
+        .map(|(key, value)| format!("{key} is {}, not {value}", have.get(key).map_or("unset", String::as_str)))
+        .collect();
+    SluiceError::permanent(
+        ReasonCode::StoreUnavailable,
+        format!(
+            "queue {name} exists with other settings ({}): bootstrap changes nothing that exists. Use another \
+             --prefix, set the queue as the configuration says, or, for a deployed stack, leave bootstrap out \
+             (`sluice aws check` finds what the workers need)",
+            differ.join("; ")
+        ),
+    )
 }
 
 async fn queue_arn(sqs: &aws_sdk_sqs::Client, name: &str) -> Result<String> {

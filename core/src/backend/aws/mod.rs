@@ -228,8 +228,31 @@ where
         SdkError::ConstructionFailure(_) => {
             SluiceError::permanent(ReasonCode::Internal, format!("{operation}: {}", display_chain(&error)))
         }
+        // No credential provider found anything: no retry finds any either (a provider that
+        // failed or timed out, an ECS task role's endpoint say, is worth another try).
+        _ if no_credentials(&error) => SluiceError::permanent(
+            ReasonCode::StoreUnavailable,
+            format!(
+                "{operation}: no AWS credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY or AWS_PROFILE, or \
+                 give the task a role ({})",
+                display_chain(&error)
+            ),
+        ),
         _ => SluiceError::retryable(ReasonCode::StoreUnavailable, format!("{operation}: {}", display_chain(&error))),
     }
+}
+
+/// Whether `error` comes of no credential provider having any credentials to give.
+fn no_credentials(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut source = Some(error);
+    while let Some(e) = source {
+        if let Some(aws_credential_types::provider::error::CredentialsError::CredentialsNotLoaded(_)) = e.downcast_ref()
+        {
+            return true;
+        }
+        source = e.source();
+    }
+    false
 }
 
 /// An error and its sources, on one line.

@@ -67,6 +67,24 @@ impl Names {
         Self { prefix: prefix.to_owned() }
     }
 
+    /// Whether every name made from the prefix is one AWS takes. The bucket's are the strictest
+    /// (S3: 3 to 63 lowercase letters, digits and hyphens), so the prefix keeps to them, short
+    /// enough for `<prefix>-claims`. Checked before anything is created, so that a prefix S3
+    /// refuses does not leave a stream, queues and tables behind.
+    pub fn check(&self) -> Result<(), String> {
+        let longest = 63 - RESOURCES.bucket.len() - 1;
+        let fits = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-';
+        let prefix = &self.prefix;
+        if prefix.is_empty() || prefix.len() > longest || !prefix.chars().all(fits) || prefix.starts_with('-') {
+            return Err(format!(
+                "the prefix {prefix:?} would name the bucket {:?}, which S3 refuses: a prefix is 1 to {longest} \
+                 lowercase letters, digits and hyphens, and starts with a letter or digit",
+                self.bucket()
+            ));
+        }
+        Ok(())
+    }
+
     fn named(&self, name: &str) -> String {
         format!("{}-{name}", self.prefix)
     }
@@ -143,6 +161,17 @@ mod tests {
         assert_eq!(names.tables().map(|(name, _)| name), ["p-features", "p-results", "p-leases", "p-counters"]);
         assert_eq!(result_ttl_attribute(), "expires_at");
         assert!(claim_check_key_prefix().ends_with('/'));
+    }
+
+    #[test]
+    fn a_prefix_makes_names_aws_takes() {
+        for good in ["p", "team-a", "sluice-demo-1a2b3c4d", &"x".repeat(56)] {
+            assert_eq!(Names::new(good).check(), Ok(()), "{good}");
+        }
+        for bad in ["", "MyTeam", "team_a", "-team", "team.a", &"x".repeat(57)] {
+            let err = Names::new(bad).check().unwrap_err();
+            assert!(err.contains("which S3 refuses"), "{bad}: {err}");
+        }
     }
 
     #[test]
