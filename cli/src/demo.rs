@@ -73,6 +73,10 @@ pub struct Summary {
     pub aws_requests: BTreeMap<String, u64>,
     /// DLQ entries by stage and reason code.
     pub dlq_reasons: BTreeMap<String, u64>,
+    /// The prefix of the AWS resources the demo ran on (AWS backend only). Those it made are
+    /// left in place: `sluice aws teardown --prefix P` deletes them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub aws_prefix: Option<String>,
     /// Results and review entries by the backend that served their prediction.
     pub served_by: BTreeMap<String, u64>,
 }
@@ -119,6 +123,19 @@ pub async fn demo(args: &DemoArgs, settings: Settings) -> anyhow::Result<Summary
     }
     let store = settings.store()?;
     let backend = Backend::open(&store).await?;
+    if store.backend == BackendKind::Aws {
+        // The summary is read back from the resources: records already there would be counted.
+        // On an observer's handle: these requests are not the pipeline's.
+        let stats = PipelineStats::collect(&Backend::open_observer(&store).await?).await?;
+        let there = stats.records_in + stats.stream.pending + stats.accounted();
+        if there > 0 {
+            bail!(
+                "prefix {:?} holds {there} records already, and the demo's counts are of everything there: run \
+                 it without --prefix (it makes fresh resources), or on a prefix emptied with `sluice aws teardown`",
+                store.aws.prefix
+            );
+        }
+    }
 
     let test = digits::load_split(Split::Test)?;
     let mut records =
@@ -141,6 +158,7 @@ pub async fn demo(args: &DemoArgs, settings: Settings) -> anyhow::Result<Summary
         summary.aws_record_requests_per_record = Some(moving as f64 / records_in);
         summary.aws_coordination_requests_per_s = Some((total - moving) as f64 / elapsed.max(1e-9));
         summary.aws_requests = pipeline_requests;
+        summary.aws_prefix = Some(store.aws.prefix.clone());
     }
     Ok(summary)
 }
@@ -170,6 +188,7 @@ pub async fn summarise(backend: &Backend, elapsed_s: f64) -> anyhow::Result<Summ
         aws_record_requests_per_record: None,
         aws_coordination_requests_per_s: None,
         aws_requests: BTreeMap::new(),
+        aws_prefix: None,
         dlq_reasons: dlq_reasons(backend).await?,
         served_by: results.iter().fold(BTreeMap::new(), |mut by, r| {
             *by.entry(r.backend.clone()).or_default() += 1;
@@ -250,6 +269,11 @@ impl Summary {
             for (reason, n) in &self.dlq_reasons {
                 println!("    {reason:<40} {n}");
             }
+        }
+        if let Some(prefix) = &self.aws_prefix {
+            println!();
+            println!("  The AWS resources of prefix {prefix} stay (a stream bills by the hour); to delete them:");
+            println!("    sluice aws teardown --prefix {prefix} (with the same --endpoint-url, if any)");
         }
     }
 }

@@ -389,8 +389,8 @@ pub fn describe(item: &Item) -> String {
     out
 }
 
-/// Asks on the terminal; without one, says no.
-fn confirm(question: &str) -> anyhow::Result<bool> {
+/// Asks `question` on the terminal; without one, refuses (the caller's `--yes` says yes).
+pub fn confirm(question: &str) -> anyhow::Result<bool> {
     if !std::io::stdin().is_terminal() {
         bail!("{question} Pass --yes to confirm without a terminal");
     }

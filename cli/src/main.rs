@@ -143,6 +143,16 @@ enum AwsCommand {
         #[command(flatten)]
         store: StoreArgs,
     },
+    /// Delete every resource of a prefix that bootstrap makes (a demo's, say): the stream,
+    /// queues, tables, and the bucket with what it holds. Asks first, unless `--yes`. Refuses a
+    /// deployed stack's: `cdk destroy` takes those down.
+    Teardown {
+        #[command(flatten)]
+        store: StoreArgs,
+        /// Do not ask.
+        #[arg(long)]
+        yes: bool,
+    },
 }
 
 /// The model's threads when every stage runs in this process. On the embedded store the model
@@ -281,6 +291,18 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
             let store = store.apply(settings).set("store.backend", "aws").store()?;
             let made = sluice_core::backend::aws::bootstrap::bootstrap(&store).await?;
             println!("{}", serde_json::to_string_pretty(&made)?);
+        }
+        Command::Aws { command: AwsCommand::Teardown { store, yes } } => {
+            let store = store.apply(settings).set("store.backend", "aws").store()?;
+            let question = format!(
+                "delete the stream, queues, tables and bucket (with what it holds) of prefix {:?} for good?",
+                store.aws.prefix
+            );
+            if !yes && !sluice_cli::dlq::confirm(&question)? {
+                anyhow::bail!("nothing deleted");
+            }
+            let done = sluice_core::backend::aws::bootstrap::teardown(&store).await?;
+            println!("{}", serde_json::to_string_pretty(&done)?);
         }
         Command::Aws { command: AwsCommand::Check { store } } => {
             let store = store.apply(settings).set("store.backend", "aws").store()?;

@@ -35,6 +35,18 @@ fn demo_runs_end_to_end_on_aws_and_batches_its_requests() {
     let dir = tempfile::tempdir().unwrap();
     let report = sluice(&["report", "--out", dir.path().to_str().unwrap(), "--json"]);
     assert_eq!((report["records"].as_u64(), report["charts"].as_u64()), (Some(stored), Some(7)), "{report}");
+
+    // The summary names the prefix; a second demo there would count the first one's records,
+    // and is refused; teardown deletes it all.
+    assert_eq!(summary["aws_prefix"].as_str(), Some(prefix.as_str()));
+    let again = aws_env(&mut Command::new(bin("sluice")), &prefix)
+        .args(["demo", "--backend", "aws", "--prefix", &prefix, "--json"])
+        .output()
+        .unwrap();
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("records already"), "{again:?}");
+    let down = sluice(&["aws", "teardown", "--yes"]);
+    assert_eq!(down["deleted"].as_array().map(Vec::len), Some(14), "{down}");
 }
 
 /// ResNet-sized features (224×224×3) are stored as pixels, 147 KiB, inside their DynamoDB item:

@@ -2,7 +2,8 @@
 //! other queue settings it says which queue and which settings, and changes nothing; a prefix S3
 //! would refuse is refused before anything is made.
 
-use sluice_core::backend::aws::bootstrap::{bootstrap, check};
+use sluice_core::backend::Backend;
+use sluice_core::backend::aws::bootstrap::{bootstrap, check, teardown};
 use sluice_core::testing::{aws_store_config, unique_prefix};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -27,4 +28,42 @@ async fn a_prefix_s3_would_refuse_makes_nothing() {
     assert!(err.contains("which S3 refuses"), "{err}");
     let err = check(&config).await.unwrap_err().to_string();
     assert!(err.contains("incomplete") && err.contains("stream"), "nothing was made: {err}");
+}
+
+/// Teardown deletes all bootstrap made, the bucket's objects with it; run again, it finds
+/// nothing; a stream CloudFormation made is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn teardown_deletes_what_bootstrap_made_and_no_stack() {
+    let config = aws_store_config(&unique_prefix("down"));
+    let made = bootstrap(&config).await.unwrap();
+    let backend = Backend::open(&config).await.unwrap();
+    backend.blobs.put(b"a claim-checked payload".to_vec()).await.unwrap();
+    let done = teardown(&config).await.unwrap();
+    assert_eq!(done.deleted.len(), 1 + made.queues.len() + made.tables.len() + 1, "{done:?}");
+    assert!(done.absent.is_empty(), "{done:?}");
+    let err = check(&config).await.unwrap_err().to_string();
+    assert!(err.contains(&made.stream) && err.contains(&made.bucket), "{err}");
+    let again = teardown(&config).await.unwrap();
+    assert!(again.deleted.is_empty() && again.absent.len() == done.deleted.len(), "{again:?}");
+
+    let stack = aws_store_config(&unique_prefix("stack"));
+    bootstrap(&stack).await.unwrap();
+    let config = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .region(aws_config::Region::new("us-east-1"))
+        .endpoint_url(stack.aws.endpoint_url.clone().unwrap())
+        .credentials_provider(aws_credential_types::Credentials::from_keys("testing", "testing", None))
+        .load()
+        .await;
+    let kinesis = aws_sdk_kinesis::Client::new(&config);
+    let stream = format!("{}-records", stack.aws.prefix);
+    kinesis
+        .add_tags_to_stream()
+        .stream_name(&stream)
+        .tags("aws:cloudformation:stack-name", "sluice-beta-data")
+        .send()
+        .await
+        .unwrap();
+    let err = teardown(&stack).await.unwrap_err().to_string();
+    assert!(err.contains("cdk destroy") && err.contains("sluice-beta-data"), "{err}");
+    check(&stack).await.unwrap();
 }

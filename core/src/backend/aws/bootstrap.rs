@@ -1,5 +1,6 @@
 //! `sluice aws bootstrap`: creates the stream, queues (with DLQs and redrive policies), tables
 //! and bucket a pipeline needs, for local development and tests. Running it again is harmless.
+//! `sluice aws teardown` deletes them again (a demo's, say: a stream bills by the hour).
 //! Production infrastructure is declared under `deploy/cdk`; `sluice aws check` tells whether a
 //! deployed stack holds everything the workers will look for.
 
@@ -12,6 +13,9 @@ use aws_sdk_dynamodb::types::{
 };
 use aws_sdk_kinesis::types::StreamStatus;
 use aws_sdk_sqs::types::QueueAttributeName;
+use aws_smithy_runtime_api::client::orchestrator::HttpResponse;
+use aws_smithy_runtime_api::client::result::SdkError;
+use aws_smithy_types::error::metadata::ProvideErrorMetadata;
 
 use super::resources::Table;
 use super::{Clients, Names, classify, error_code};
@@ -147,6 +151,124 @@ pub async fn check(config: &StoreConfig) -> Result<Bootstrapped> {
             ReasonCode::StoreUnavailable,
             format!("the resources of prefix {:?} are incomplete: {}", config.aws.prefix, missing.join("; ")),
         ))
+    }
+}
+
+/// What teardown deleted, and what of the prefix's resources was not there.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct TornDown {
+    pub deleted: Vec<String>,
+    pub absent: Vec<String>,
+}
+
+/// The tag CloudFormation puts on what a stack made.
+const STACK_TAG: &str = "aws:cloudformation:stack-name";
+
+/// Deletes every resource of `config.aws.prefix` that bootstrap makes: the stream, queues,
+/// tables, and the bucket with what it holds. What is not there is passed over, so it can run
+/// again after a failure. A deployed stack's resources are refused (their stream carries
+/// CloudFormation's tag): `cdk destroy` takes a stack down, and takes it down whole.
+pub async fn teardown(config: &StoreConfig) -> Result<TornDown> {
+    let names = Names::new(&config.aws.prefix);
+    names.check().map_err(|e| SluiceError::permanent(ReasonCode::SchemaMismatch, e))?;
+    let clients = Clients::load(&config.aws, super::RequestCounter::default()).await;
+    let mut done = TornDown::default();
+    let mut gone = |deleted: bool, name: String| if deleted { done.deleted.push(name) } else { done.absent.push(name) };
+
+    let stream = names.stream();
+    match clients.kinesis.list_tags_for_stream().stream_name(&stream).send().await {
+        Ok(tags) => {
+            if let Some(stack) = tags.tags.iter().find(|t| t.key == STACK_TAG) {
+                return Err(SluiceError::permanent(
+                    ReasonCode::StoreUnavailable,
+                    format!(
+                        "{stream} belongs to the CloudFormation stack {}: take a deployed stack down with \
+                         `cdk destroy` (deploy/cdk), not piece by piece",
+                        stack.value.as_deref().unwrap_or("?")
+                    ),
+                ));
+            }
+            let deleted =
+                clients.kinesis.delete_stream().stream_name(&stream).enforce_consumer_deletion(true).send().await;
+            gone(absent_if(deleted, "DeleteStream", &["ResourceNotFoundException"])?, stream);
+        }
+        Err(e) => gone(absent_if(Err::<(), _>(e), "ListTagsForStream", &["ResourceNotFoundException"])?, stream),
+    }
+    for queue in QueueName::ALL {
+        let name = names.queue(queue);
+        let deleted = match clients.sqs.get_queue_url().queue_name(&name).send().await {
+            Ok(found) => {
+                let deleted = clients.sqs.delete_queue().queue_url(found.queue_url.unwrap_or_default()).send().await;
+                absent_if(deleted, "DeleteQueue", &["AWS.SimpleQueueService.NonExistentQueue", "QueueDoesNotExist"])?
+            }
+            Err(e) => absent_if(
+                Err::<(), _>(e),
+                "GetQueueUrl",
+                &["AWS.SimpleQueueService.NonExistentQueue", "QueueDoesNotExist"],
+            )?,
+        };
+        gone(deleted, name);
+    }
+    for (table, _) in names.tables() {
+        let deleted = clients.dynamodb.delete_table().table_name(&table).send().await;
+        gone(absent_if(deleted, "DeleteTable", &["ResourceNotFoundException"])?, table);
+    }
+    let bucket = names.bucket();
+    let emptied = empty_bucket(&clients.s3, &bucket).await?;
+    let deleted = if emptied {
+        absent_if(clients.s3.delete_bucket().bucket(&bucket).send().await, "DeleteBucket", &["NoSuchBucket"])?
+    } else {
+        false
+    };
+    gone(deleted, bucket);
+    Ok(done)
+}
+
+/// `Ok(true)` for a call that deleted something, `Ok(false)` for one that found nothing to
+/// delete (its error code among `absent`), the error otherwise.
+fn absent_if<T, E>(
+    result: std::result::Result<T, SdkError<E, HttpResponse>>,
+    operation: &str,
+    absent: &[&str],
+) -> Result<bool>
+where
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+{
+    match result {
+        Ok(_) => Ok(true),
+        Err(e) if error_code(&e).is_some_and(|code| absent.contains(&code)) => Ok(false),
+        Err(e) => Err(classify(operation, e)),
+    }
+}
+
+/// Deletes every object in `bucket`; false when there is no such bucket.
+async fn empty_bucket(s3: &aws_sdk_s3::Client, bucket: &str) -> Result<bool> {
+    use aws_sdk_s3::types::{Delete, ObjectIdentifier};
+    let mut token = None;
+    loop {
+        let listed = s3.list_objects_v2().bucket(bucket).set_continuation_token(token).send().await;
+        let listed = match listed {
+            Ok(listed) => listed,
+            Err(e) if error_code(&e) == Some("NoSuchBucket") => return Ok(false),
+            Err(e) => return Err(classify("ListObjectsV2", e)),
+        };
+        let keys: Vec<ObjectIdentifier> = listed
+            .contents()
+            .iter()
+            .filter_map(|o| o.key().and_then(|k| ObjectIdentifier::builder().key(k).build().ok()))
+            .collect();
+        if !keys.is_empty() {
+            let delete = Delete::builder()
+                .set_objects(Some(keys))
+                .quiet(true)
+                .build()
+                .map_err(|e| SluiceError::permanent(ReasonCode::Internal, e.to_string()))?;
+            s3.delete_objects().bucket(bucket).delete(delete).send().await.map_err(|e| classify("DeleteObjects", e))?;
+        }
+        match listed.next_continuation_token {
+            Some(next) if listed.is_truncated == Some(true) => token = Some(next),
+            _ => return Ok(true),
+        }
     }
 }
 
