@@ -139,7 +139,10 @@ impl Item {
                 (attributes, None)
             }
         };
-        let entry = DlqEntry::from_message(queue.stage(), body, &attributes, receive_count, sent_at_ms);
+        // A review item failed nothing: its receives are people's and tools' looks (each one a
+        // receive on SQS), no attempts.
+        let attempts = if queue == Letters::Review { 0 } else { receive_count };
+        let entry = DlqEntry::from_message(queue.stage(), body, &attributes, attempts, sent_at_ms);
         Self { queue, entry, attributes: record_attributes, verdict, result, message_attributes: attributes }
     }
 
