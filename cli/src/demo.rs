@@ -131,7 +131,7 @@ pub async fn demo(args: &DemoArgs, settings: Settings) -> anyhow::Result<Summary
         if there > 0 {
             bail!(
                 "prefix {:?} holds {there} records already, and the demo's counts are of everything there: run \
-                 it without --prefix (it makes fresh resources), or on a prefix emptied with `sluice aws teardown`",
+                 it without --prefix (it makes fresh resources of its own)",
                 store.aws.prefix
             );
         }

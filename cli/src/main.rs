@@ -293,6 +293,8 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
             println!("{}", serde_json::to_string_pretty(&made)?);
         }
         Command::Aws { command: AwsCommand::Teardown { store, yes } } => {
+            // Never the configured default by accident: what goes is named on the command line.
+            anyhow::ensure!(store.prefix.is_some(), "teardown deletes for good: name the prefix with --prefix");
             let store = store.apply(settings).set("store.backend", "aws").store()?;
             let question = format!(
                 "delete the stream, queues, tables and bucket (with what it holds) of prefix {:?} for good?",

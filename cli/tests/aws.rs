@@ -45,7 +45,7 @@ fn demo_runs_end_to_end_on_aws_and_batches_its_requests() {
         .unwrap();
     assert!(!again.status.success());
     assert!(String::from_utf8_lossy(&again.stderr).contains("records already"), "{again:?}");
-    let down = sluice(&["aws", "teardown", "--yes"]);
+    let down = sluice(&["aws", "teardown", "--prefix", &prefix, "--yes"]);
     assert_eq!(down["deleted"].as_array().map(Vec::len), Some(14), "{down}");
 }
 

@@ -56,7 +56,7 @@ struct Setup {
 
 async fn chaos(setup: Setup, records: usize, seed: u64) {
     let dir = tempfile::tempdir().unwrap();
-    let backend = Backend::open_observer(&setup.config).await.unwrap();
+    let backend = Backend::open_to_produce(&setup.config).await.unwrap();
     let test = digits::load_split(Split::Test).unwrap();
     let mut good = digit_records(&test, Split::Test, records.div_ceil(test.len()), DigitForm::Png, "chaos");
     good.truncate(records);

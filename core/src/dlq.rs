@@ -555,10 +555,10 @@ async fn settle(backend: &Backend, item: &Item, resolution: &Resolution) -> Resu
     let Some(id) = item.record_id() else {
         return Err(SluiceError::permanent(ReasonCode::SchemaMismatch, "a review item without a record id"));
     };
-    // Settled now or before, or no result at all (it was withdrawn: the record went to the
-    // DLQ): in every case the item has nothing left to wait for.
-    backend.results.resolve_review(id, resolution).await?;
-    Ok(true)
+    // Settled now or before: the item has nothing left to wait for. No result at all is a
+    // rejection stopped halfway (the result withdrawn, its DLQ entry perhaps not yet written):
+    // the item stays, for `reject` to finish, so that the record is not left with neither.
+    Ok(!matches!(backend.results.resolve_review(id, resolution).await?, ReviewOutcome::Missing))
 }
 
 /// A person's label for `id`: settles its result (a conditional write: the first label wins)
@@ -642,7 +642,7 @@ pub async fn reject(backend: &Backend, id: &RecordId) -> Result<Rejected> {
     // Not in the queue now (another reviewer holds it): the result's own body goes to the DLQ.
     match backend.results.withdraw_review(id).await? {
         ReviewOutcome::Resolved(result) => {
-            send_rejected(backend, id, serde_json::to_vec(&result).expect("a result serialises"), 1).await?;
+            send_rejected(backend, id, serde_json::to_vec(&result).expect("a result serialises"), 0).await?;
             Ok(Rejected::Rejected)
         }
         ReviewOutcome::NotWaiting(result) => Ok(Rejected::NotWaiting(result)),

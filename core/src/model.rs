@@ -228,14 +228,16 @@ impl FieldSpec {
         let Some(x) = value.as_f64() else {
             return Err(format!("field {name:?} must be a number, got {value}"));
         };
-        let (lowest, highest) = (f64::from(*min), f64::from(*max));
+        // In f32, as the bounds are: 0.7 read from JSON is the bound 0.7, whatever f64 makes of it.
+        // (A number past f32's range becomes an infinity, and lies outside any range.)
+        let x = x as f32;
         if *clamp {
-            return Ok(Some(x.clamp(lowest, highest) as f32));
+            return Ok(Some(x.clamp(*min, *max)));
         }
-        if !(lowest..=highest).contains(&x) {
+        if !(min..=max).contains(&&x) {
             return Err(format!("field {name:?} is {x}, outside its range {min} to {max} (the model bundle's spec)"));
         }
-        Ok(Some(x as f32))
+        Ok(Some(x))
     }
 
     /// Vector entries this field produces.

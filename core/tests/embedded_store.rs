@@ -653,3 +653,37 @@ async fn a_failing_action_gives_every_entry_back() {
         assert_eq!((depth.visible, depth.in_flight), (30, 0), "nothing acknowledged, nothing left hidden");
     }
 }
+
+/// A rejection stopped halfway (the result withdrawn, the DLQ entry not written) leaves a review
+/// item with no result. A review replay keeps it, however lenient its thresholds; `reject`
+/// finishes the job: one DLQ entry, no item, nothing lost.
+#[tokio::test]
+async fn a_review_item_without_a_result_stays_until_rejected() {
+    use sluice_core::dlq::{self, Filter, Letters, Rejected, Rejudge, ReplayOptions};
+    use sluice_core::record::ResultStatus;
+    let (_dir, _config, backend) = fresh(StoreConfig::default()).await;
+    let result = sluice_core::testing::prediction_result("half-rejected", "1", ResultStatus::Review);
+    backend.results.put_if_absent(vec![result.clone()]).await.unwrap();
+    let item = OutgoingMessage {
+        body: serde_json::to_vec(&result).unwrap(),
+        dedup_key: Some("half-rejected".into()),
+        ..OutgoingMessage::default()
+    };
+    backend.queue(QueueName::Review).send_batch(vec![item]).await.unwrap();
+    backend.results.withdraw_review(&result.record_id).await.unwrap();
+
+    let mut manifest = sluice_core::model::ModelBundle::load(concat!(env!("CARGO_MANIFEST_DIR"), "/../models/digits"))
+        .unwrap()
+        .manifest;
+    manifest.thresholds.default = 0.0;
+    manifest.thresholds.per_class.clear();
+    let options = ReplayOptions::default();
+    let done =
+        dlq::apply(&backend, Letters::Review, &Filter::default(), &Rejudge(manifest), &options, &|_| {}).await.unwrap();
+    assert_eq!((done.moved, done.kept), (0, 1), "kept: its record has no end yet");
+    assert_eq!(backend.queue(QueueName::Review).depth().await.unwrap().total(), 1);
+
+    assert_eq!(dlq::reject(&backend, &result.record_id).await.unwrap(), Rejected::Rejected);
+    assert_eq!(backend.queue(QueueName::Review).depth().await.unwrap().total(), 0);
+    assert_eq!(backend.queue(QueueName::ResultsDlq).depth().await.unwrap().total(), 1);
+}

@@ -91,6 +91,13 @@ mod tests {
             assert!(err.detail().contains("outside its range 0 to 200"), "{err}");
         }
         assert_eq!(vectorise(&spec(), &json!({"amount": 200})).unwrap()[0], 1.0);
+        // A bound that f32 cannot hold exactly is the bound still.
+        let mut tenths = spec();
+        if let FieldSpec::Numeric { min, max, .. } = &mut tenths.fields[0] {
+            (*min, *max) = (0.1, 0.7);
+        }
+        assert_eq!(vectorise(&tenths, &json!({"amount": 0.7})).unwrap()[0], 1.0);
+        assert_eq!(vectorise(&tenths, &json!({"amount": 0.1})).unwrap()[0], 0.0);
         let mut clamped = spec();
         if let FieldSpec::Numeric { clamp, .. } = &mut clamped.fields[0] {
             *clamp = true;

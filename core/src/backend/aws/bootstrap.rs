@@ -35,7 +35,7 @@ pub struct Bootstrapped {
 pub async fn bootstrap(config: &StoreConfig) -> Result<Bootstrapped> {
     let names = Names::new(&config.aws.prefix);
     names.check().map_err(|e| SluiceError::permanent(ReasonCode::SchemaMismatch, e))?;
-    let clients = Clients::load(&config.aws, super::RequestCounter::default()).await;
+    let clients = Clients::load(&config.aws, super::RequestCounter::default()).await?;
     let mut made = Bootstrapped { stream: names.stream(), bucket: names.bucket(), ..Default::default() };
 
     create_stream(&clients.kinesis, &names.stream(), config.shards.max(1) as i32).await?;
@@ -116,15 +116,15 @@ pub async fn bootstrap(config: &StoreConfig) -> Result<Bootstrapped> {
 /// Finds every resource the workers of `config.aws.prefix` will use, creating nothing; the error
 /// names each one that is missing or unreadable.
 pub async fn check(config: &StoreConfig) -> Result<Bootstrapped> {
-    let clients = Clients::load(&config.aws, super::RequestCounter::default()).await;
+    let clients = Clients::load(&config.aws, super::RequestCounter::default()).await?;
     let names = Names::new(&config.aws.prefix);
     let mut missing = Vec::new();
     let mut found = Bootstrapped { stream: names.stream(), bucket: names.bucket(), ..Default::default() };
-    // An endpoint that cannot be reached (or credentials that are not there) says nothing of
-    // the resources: that is the answer, at once, not fourteen resources "missing".
+    // An endpoint that cannot be reached says nothing of the resources: that is the answer, at
+    // once, not fourteen resources "missing".
     if let Err(e) = clients.kinesis.describe_stream_summary().stream_name(names.stream()).send().await {
         let error = classify("DescribeStreamSummary", e);
-        if error.is_retryable() || error.detail().contains("no AWS credentials") {
+        if error.is_retryable() {
             return Err(error);
         }
         missing.push(format!("stream {}: {error}", names.stream()));
@@ -166,46 +166,34 @@ const STACK_TAG: &str = "aws:cloudformation:stack-name";
 
 /// Deletes every resource of `config.aws.prefix` that bootstrap makes: the stream, queues,
 /// tables, and the bucket with what it holds. What is not there is passed over, so it can run
-/// again after a failure. A deployed stack's resources are refused (their stream carries
-/// CloudFormation's tag): `cdk destroy` takes a stack down, and takes it down whole.
+/// again after a failure (and on a prefix S3 refuses, which an older bootstrap took, it deletes
+/// all but the bucket, which cannot exist). A deployed stack's resources are refused, before
+/// anything is deleted (CloudFormation tags what it makes): `cdk destroy` takes a stack down,
+/// and takes it down whole.
 pub async fn teardown(config: &StoreConfig) -> Result<TornDown> {
     let names = Names::new(&config.aws.prefix);
-    names.check().map_err(|e| SluiceError::permanent(ReasonCode::SchemaMismatch, e))?;
-    let clients = Clients::load(&config.aws, super::RequestCounter::default()).await;
+    let clients = Clients::load(&config.aws, super::RequestCounter::default()).await?;
+    let bucket = names.check().is_ok().then(|| names.bucket());
+    if let Some((resource, stack)) = stack_of(&clients, &names, bucket.as_deref()).await? {
+        return Err(SluiceError::permanent(
+            ReasonCode::StoreUnavailable,
+            format!(
+                "{resource} belongs to the CloudFormation stack {stack}: take a deployed stack down with \
+                 `cdk destroy` (deploy/cdk), not piece by piece"
+            ),
+        ));
+    }
     let mut done = TornDown::default();
     let mut gone = |deleted: bool, name: String| if deleted { done.deleted.push(name) } else { done.absent.push(name) };
 
     let stream = names.stream();
-    match clients.kinesis.list_tags_for_stream().stream_name(&stream).send().await {
-        Ok(tags) => {
-            if let Some(stack) = tags.tags.iter().find(|t| t.key == STACK_TAG) {
-                return Err(SluiceError::permanent(
-                    ReasonCode::StoreUnavailable,
-                    format!(
-                        "{stream} belongs to the CloudFormation stack {}: take a deployed stack down with \
-                         `cdk destroy` (deploy/cdk), not piece by piece",
-                        stack.value.as_deref().unwrap_or("?")
-                    ),
-                ));
-            }
-            let deleted =
-                clients.kinesis.delete_stream().stream_name(&stream).enforce_consumer_deletion(true).send().await;
-            gone(absent_if(deleted, "DeleteStream", &["ResourceNotFoundException"])?, stream);
-        }
-        Err(e) => gone(absent_if(Err::<(), _>(e), "ListTagsForStream", &["ResourceNotFoundException"])?, stream),
-    }
+    let deleted = clients.kinesis.delete_stream().stream_name(&stream).enforce_consumer_deletion(true).send().await;
+    gone(absent_if(deleted, "DeleteStream", &["ResourceNotFoundException"])?, stream);
     for queue in QueueName::ALL {
         let name = names.queue(queue);
-        let deleted = match clients.sqs.get_queue_url().queue_name(&name).send().await {
-            Ok(found) => {
-                let deleted = clients.sqs.delete_queue().queue_url(found.queue_url.unwrap_or_default()).send().await;
-                absent_if(deleted, "DeleteQueue", &["AWS.SimpleQueueService.NonExistentQueue", "QueueDoesNotExist"])?
-            }
-            Err(e) => absent_if(
-                Err::<(), _>(e),
-                "GetQueueUrl",
-                &["AWS.SimpleQueueService.NonExistentQueue", "QueueDoesNotExist"],
-            )?,
+        let deleted = match queue_url(&clients.sqs, &name).await? {
+            Some(url) => absent_if(clients.sqs.delete_queue().queue_url(url).send().await, "DeleteQueue", NO_QUEUE)?,
+            None => false,
         };
         gone(deleted, name);
     }
@@ -213,15 +201,77 @@ pub async fn teardown(config: &StoreConfig) -> Result<TornDown> {
         let deleted = clients.dynamodb.delete_table().table_name(&table).send().await;
         gone(absent_if(deleted, "DeleteTable", &["ResourceNotFoundException"])?, table);
     }
-    let bucket = names.bucket();
-    let emptied = empty_bucket(&clients.s3, &bucket).await?;
-    let deleted = if emptied {
-        absent_if(clients.s3.delete_bucket().bucket(&bucket).send().await, "DeleteBucket", &["NoSuchBucket"])?
-    } else {
-        false
-    };
-    gone(deleted, bucket);
+    if let Some(bucket) = bucket {
+        let deleted = empty_bucket(&clients.s3, &bucket).await?
+            && absent_if(clients.s3.delete_bucket().bucket(&bucket).send().await, "DeleteBucket", &["NoSuchBucket"])?;
+        gone(deleted, bucket);
+    }
     Ok(done)
+}
+
+/// The error codes of a queue that is not there.
+const NO_QUEUE: &[&str] = &["AWS.SimpleQueueService.NonExistentQueue", "QueueDoesNotExist"];
+
+/// A queue's URL, or none where there is no such queue.
+async fn queue_url(sqs: &aws_sdk_sqs::Client, name: &str) -> Result<Option<String>> {
+    match sqs.get_queue_url().queue_name(name).send().await {
+        Ok(found) => Ok(found.queue_url),
+        Err(e) if error_code(&e).is_some_and(|code| NO_QUEUE.contains(&code)) => Ok(None),
+        Err(e) => Err(classify("GetQueueUrl", e)),
+    }
+}
+
+/// The first of the prefix's resources a CloudFormation stack made, and the stack's name.
+async fn stack_of(clients: &Clients, names: &Names, bucket: Option<&str>) -> Result<Option<(String, String)>> {
+    let stream = names.stream();
+    match clients.kinesis.list_tags_for_stream().stream_name(&stream).limit(50).send().await {
+        Ok(tags) => {
+            if let Some(tag) = tags.tags.iter().find(|t| t.key == STACK_TAG) {
+                return Ok(Some((stream, tag.value.clone().unwrap_or_default())));
+            }
+        }
+        Err(e) if error_code(&e) == Some("ResourceNotFoundException") => {}
+        Err(e) => return Err(classify("ListTagsForStream", e)),
+    }
+    for queue in QueueName::ALL {
+        let name = names.queue(queue);
+        let Some(url) = queue_url(&clients.sqs, &name).await? else { continue };
+        let tags =
+            clients.sqs.list_queue_tags().queue_url(url).send().await.map_err(|e| classify("ListQueueTags", e))?;
+        if let Some(stack) = tags.tags.and_then(|tags| tags.get(STACK_TAG).cloned()) {
+            return Ok(Some((name, stack)));
+        }
+    }
+    for (table, _) in names.tables() {
+        let arn = match clients.dynamodb.describe_table().table_name(&table).send().await {
+            Ok(found) => found.table.and_then(|t| t.table_arn),
+            Err(e) if error_code(&e) == Some("ResourceNotFoundException") => None,
+            Err(e) => return Err(classify("DescribeTable", e)),
+        };
+        let Some(arn) = arn else { continue };
+        let tags = clients
+            .dynamodb
+            .list_tags_of_resource()
+            .resource_arn(arn)
+            .send()
+            .await
+            .map_err(|e| classify("ListTagsOfResource", e))?;
+        if let Some(tag) = tags.tags().iter().find(|t| t.key == STACK_TAG) {
+            return Ok(Some((table, tag.value.clone())));
+        }
+    }
+    if let Some(bucket) = bucket {
+        match clients.s3.get_bucket_tagging().bucket(bucket).send().await {
+            Ok(tags) => {
+                if let Some(tag) = tags.tag_set().iter().find(|t| t.key == STACK_TAG) {
+                    return Ok(Some((bucket.to_owned(), tag.value.clone())));
+                }
+            }
+            Err(e) if matches!(error_code(&e), Some("NoSuchBucket" | "NoSuchTagSet")) => {}
+            Err(e) => return Err(classify("GetBucketTagging", e)),
+        }
+    }
+    Ok(None)
 }
 
 /// `Ok(true)` for a call that deleted something, `Ok(false)` for one that found nothing to
@@ -263,7 +313,24 @@ async fn empty_bucket(s3: &aws_sdk_s3::Client, bucket: &str) -> Result<bool> {
                 .quiet(true)
                 .build()
                 .map_err(|e| SluiceError::permanent(ReasonCode::Internal, e.to_string()))?;
-            s3.delete_objects().bucket(bucket).delete(delete).send().await.map_err(|e| classify("DeleteObjects", e))?;
+            let deleted = s3
+                .delete_objects()
+                .bucket(bucket)
+                .delete(delete)
+                .send()
+                .await
+                .map_err(|e| classify("DeleteObjects", e))?;
+            if let Some(error) = deleted.errors().first() {
+                return Err(SluiceError::retryable(
+                    ReasonCode::StoreUnavailable,
+                    format!(
+                        "DeleteObjects: {} of {bucket}'s objects were not deleted (the first, {:?}: {:?})",
+                        deleted.errors().len(),
+                        error.key(),
+                        error.message()
+                    ),
+                ));
+            }
         }
         match listed.next_continuation_token {
             Some(next) if listed.is_truncated == Some(true) => token = Some(next),

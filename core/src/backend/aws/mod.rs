@@ -72,9 +72,26 @@ pub struct Clients {
 impl Clients {
     /// Loads the standard credential chain and region, pointed at `endpoint_url` if set; every
     /// request is counted in `counter`.
-    pub async fn load(config: &AwsConfig, counter: RequestCounter) -> Self {
+    /// The clients of `config`. With no credentials to be found at all, an error at once that says
+    /// what to set: no call would find any later either, and a worker should stop, not retry each
+    /// call for ever. (A provider that fails or times out, an ECS task role's endpoint say, is
+    /// left to the calls: it is worth another try.)
+    pub async fn load(config: &AwsConfig, counter: RequestCounter) -> Result<Self> {
         let shared = sdk_config(config, config.endpoint_url.as_deref()).await;
-        Self {
+        if let Some(provider) = shared.credentials_provider() {
+            use aws_credential_types::provider::{ProvideCredentials as _, error::CredentialsError};
+            if let Err(error @ CredentialsError::CredentialsNotLoaded(_)) = provider.provide_credentials().await {
+                return Err(SluiceError::permanent(
+                    ReasonCode::StoreUnavailable,
+                    format!(
+                        "no AWS credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY or AWS_PROFILE, or \
+                         give the task a role ({})",
+                        display_chain(&error)
+                    ),
+                ));
+            }
+        }
+        Ok(Self {
             kinesis: {
                 let mut kinesis = aws_sdk_kinesis::config::Builder::from(&shared).interceptor(counter.clone());
                 if let Some(url) = &config.kinesis_endpoint_url {
@@ -95,7 +112,7 @@ impl Clients {
                     .interceptor(counter)
                     .build(),
             ),
-        }
+        })
     }
 }
 
@@ -124,7 +141,7 @@ pub async fn sdk_config(config: &AwsConfig, endpoint_url: Option<&str>) -> aws_c
 /// Its requests are counted in `counter`.
 pub async fn open(config: &StoreConfig, counter: RequestCounter) -> Result<Backend> {
     let aws = &config.aws;
-    let clients = Clients::load(aws, counter).await;
+    let clients = Clients::load(aws, counter).await?;
     let names = Names::new(&aws.prefix);
     let blobs = Arc::new(s3::S3BlobStore::new(clients.s3.clone(), names.bucket(), &aws.claim_check_buckets));
     let mut queues: BTreeMap<QueueName, Arc<dyn WorkQueue>> = BTreeMap::new();
@@ -228,31 +245,8 @@ where
         SdkError::ConstructionFailure(_) => {
             SluiceError::permanent(ReasonCode::Internal, format!("{operation}: {}", display_chain(&error)))
         }
-        // No credential provider found anything: no retry finds any either (a provider that
-        // failed or timed out, an ECS task role's endpoint say, is worth another try).
-        _ if no_credentials(&error) => SluiceError::permanent(
-            ReasonCode::StoreUnavailable,
-            format!(
-                "{operation}: no AWS credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY or AWS_PROFILE, or \
-                 give the task a role ({})",
-                display_chain(&error)
-            ),
-        ),
         _ => SluiceError::retryable(ReasonCode::StoreUnavailable, format!("{operation}: {}", display_chain(&error))),
     }
-}
-
-/// Whether `error` comes of no credential provider having any credentials to give.
-fn no_credentials(error: &(dyn std::error::Error + 'static)) -> bool {
-    let mut source = Some(error);
-    while let Some(e) = source {
-        if let Some(aws_credential_types::provider::error::CredentialsError::CredentialsNotLoaded(_)) = e.downcast_ref()
-        {
-            return true;
-        }
-        source = e.source();
-    }
-    false
 }
 
 /// An error and its sources, on one line.

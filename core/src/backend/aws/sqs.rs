@@ -38,6 +38,9 @@ const MAX_WAIT_SECONDS: u64 = 20;
 /// How long a look (`peek`) hides each message it has read, were it never to show them again
 /// itself.
 const PEEK_HIDDEN_SECONDS: i32 = 300;
+/// How long a look reads before it stops (its first receipts must still be good when it shows
+/// the messages again).
+const PEEK_READING: Duration = Duration::from_secs(240);
 
 /// Message attribute names sluice uses on SQS.
 const ATTRIBUTES: &str = "sluice.attributes";
@@ -187,6 +190,20 @@ impl SqsQueue {
         wait: Duration,
         visibility: Option<i32>,
     ) -> Result<Vec<(String, ReceivedMessage)>> {
+        let mut out = Vec::new();
+        for message in self.receive_messages(max, wait, visibility).await? {
+            out.push(self.decode(message).await?);
+        }
+        Ok(out)
+    }
+
+    /// One ReceiveMessage call: the messages as SQS gives them, not yet decoded.
+    async fn receive_messages(
+        &self,
+        max: usize,
+        wait: Duration,
+        visibility: Option<i32>,
+    ) -> Result<Vec<aws_sdk_sqs::types::Message>> {
         let wait_seconds = (wait.as_secs_f64().round() as u64).min(MAX_WAIT_SECONDS) as i32;
         let mut request = self
             .client
@@ -201,11 +218,23 @@ impl SqsQueue {
             request = request.visibility_timeout(seconds);
         }
         let output = request.send().await.map_err(|e| classify("ReceiveMessage", e))?;
-        let mut out = Vec::new();
-        for message in output.messages.unwrap_or_default() {
-            out.push(self.decode(message).await?);
+        Ok(output.messages.unwrap_or_default())
+    }
+
+    /// Makes the messages of `receipts` visible again, as many as can be: a receipt gone stale
+    /// (its message came round again) or a failed call is logged, not returned, and no chunk
+    /// waits on another's failure. Their timeout shows the rest again anyway.
+    async fn show_again(&self, receipts: &[Receipt]) {
+        use futures_util::StreamExt as _;
+        let calls: Vec<_> = receipts.chunks(BATCH_ENTRIES).map(|chunk| self.change_visibility(chunk, 0)).collect();
+        let failed: Vec<SluiceError> = futures_util::stream::iter(calls)
+            .buffer_unordered(super::CONCURRENT_CALLS)
+            .filter_map(|shown| async move { shown.err() })
+            .collect()
+            .await;
+        if let Some(error) = failed.first() {
+            tracing::warn!(%error, calls = failed.len(), "a look left some messages hidden until their visibility timeout");
         }
-        Ok(out)
     }
 
     async fn change_visibility(&self, receipts: &[Receipt], seconds: i32) -> Result<()> {
@@ -397,28 +426,38 @@ impl WorkQueue for SqsQueue {
     /// SQS cannot read without receiving. A receive that leaves a message visible (a zero
     /// visibility timeout) lets the next receive show it again, so a look made of such receives
     /// stops, at random, when one shows nothing new: on a queue of 63 it saw 10. So each message
-    /// read stays hidden while the look goes on ([`PEEK_HIDDEN_SECONDS`] at most, were the
-    /// process to die), and every one is made visible again before the look returns. Their
-    /// receive counts go up by one; another reader meanwhile sees only what this look has not
+    /// read stays hidden while the look goes on, and every one is made visible again before the
+    /// look returns, whatever happened (a message that cannot be decoded is passed over). A look stops
+    /// reading after [`PEEK_READING`], well inside the [`PEEK_HIDDEN_SECONDS`] its messages stay
+    /// hidden were the process to die; it has then read part of the queue (`dlq::look` says so).
+    /// Receive counts go up by one; another reader meanwhile sees only what this look has not
     /// reached yet.
     async fn peek(&self, max: usize) -> Result<Vec<ReceivedMessage>> {
+        let started = std::time::Instant::now();
         let mut out: Vec<ReceivedMessage> = Vec::new();
         let mut seen = std::collections::HashSet::new();
         let mut receipts = Vec::new();
         let read = async {
-            while out.len() < max {
+            while out.len() < max && started.elapsed() < PEEK_READING {
                 // A short long poll: a short poll may answer nothing while messages wait.
                 let batch =
-                    self.receive_raw(max - out.len(), Duration::from_secs(1), Some(PEEK_HIDDEN_SECONDS)).await?;
+                    self.receive_messages(max - out.len(), Duration::from_secs(1), Some(PEEK_HIDDEN_SECONDS)).await?;
+                receipts.extend(batch.iter().map(|m| Receipt(m.receipt_handle.clone().unwrap_or_default())));
                 let mut fresh = false;
-                for (id, message) in batch {
-                    receipts.push(message.receipt.clone());
-                    if seen.insert(id) {
-                        out.push(message);
-                        fresh = true;
+                for message in batch {
+                    let id = message.message_id.clone().unwrap_or_default();
+                    if !seen.insert(id) {
+                        continue;
+                    }
+                    fresh = true;
+                    // One message that cannot be read (its claim-checked body gone) does not
+                    // keep the rest from being looked at; the look then counts as partial.
+                    match self.decode(message).await {
+                        Ok((_, message)) => out.push(message),
+                        Err(error) => tracing::warn!(%error, "a look passed over a message it cannot read"),
                     }
                 }
-                // Nothing, or only messages read already (a look longer than they stay hidden).
+                // Nothing, or only messages read already (shown again by someone else).
                 if !fresh {
                     break;
                 }
@@ -426,10 +465,8 @@ impl WorkQueue for SqsQueue {
             Ok::<(), SluiceError>(())
         }
         .await;
-        let shown = self.change_visibility(&receipts, 0).await;
-        read?;
-        shown?;
-        Ok(out)
+        self.show_again(&receipts).await;
+        read.map(|()| out)
     }
 }
 
