@@ -284,6 +284,17 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
         }
         Command::Top { store, args } => {
             let settings = store.apply(settings);
+            let config = settings.store()?;
+            // Started before the workers, `top` waits for their store (with `--once`, it does not).
+            if config.backend == BackendKind::Embedded && !config.path.exists() && !args.once {
+                eprintln!(
+                    "waiting for a store at {} (the workers, `sluice run` or `sluice demo` make it); Ctrl-C to stop",
+                    config.path.display()
+                );
+                while !config.path.exists() {
+                    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                }
+            }
             let endpoints = top::endpoints(&args, &settings.telemetry()?);
             top::top(&open(&settings).await?, &args, &endpoints).await?;
         }
