@@ -224,7 +224,11 @@ fn main() -> anyhow::Result<()> {
         }
         return Ok(());
     }
-    match tokio::runtime::Runtime::new()?.block_on(run(cli.command, settings)) {
+    let runtime = tokio::runtime::Runtime::new()?;
+    let ran = runtime.block_on(run(cli.command, settings));
+    // As a worker binary does: a model call still running does not hold the exit past the grace.
+    runtime.shutdown_timeout(sluice_core::service::RUNTIME_WIND_DOWN);
+    match ran {
         // The reader of a listing went away (`| head`): it has what it wanted.
         Err(e)
             if e.chain().any(|c| {
@@ -276,11 +280,9 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
         }
         Command::Stats { store, json } => {
             let stats = PipelineStats::collect(&open(&store.apply(settings)).await?).await?;
-            if json {
-                println!("{}", serde_json::to_string(&stats)?);
-            } else {
-                print!("{}", sluice_cli::stats::render(&stats));
-            }
+            // Written, not printed: a reader gone (`| head`) is a broken pipe to pass over, not a panic.
+            let text = if json { serde_json::to_string(&stats)? + "\n" } else { sluice_cli::stats::render(&stats) };
+            std::io::Write::write_all(&mut std::io::stdout(), text.as_bytes())?;
         }
         Command::Top { store, args } => {
             let settings = store.apply(settings);

@@ -6,6 +6,7 @@
 //! processed and failed rates, batch latency, and end-to-end latency percentiles.
 
 use std::fmt::Write as _;
+use std::io::IsTerminal as _;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -78,8 +79,12 @@ pub async fn top(backend: &Backend, args: &TopArgs, endpoints: &[SocketAddr]) ->
             print!("{view}");
             return Ok(());
         }
-        // Clear the screen and draw from the top-left corner.
-        print!("\x1b[2J\x1b[H{view}");
+        // On a terminal, clear the screen and draw from the top-left corner; into a file or a
+        // pipe, one view after another.
+        if std::io::stdout().is_terminal() {
+            print!("\x1b[2J\x1b[H");
+        }
+        print!("{view}");
         before = now;
     }
 }

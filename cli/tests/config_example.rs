@@ -25,3 +25,20 @@ fn the_example_config_is_complete_and_states_the_defaults() {
     assert_eq!(settings.section::<ResultsConfig>("results").unwrap(), ResultsConfig::default());
     assert_eq!(settings.section::<MonitorConfig>("monitor").unwrap(), MonitorConfig::default());
 }
+
+/// The example holds exactly the sections there are, and a section of another name (a typo) is
+/// refused with where it came from, not passed over with its settings.
+#[test]
+fn a_section_of_no_known_name_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../sluice.example.toml");
+    let text = std::fs::read_to_string(&example).unwrap();
+    let sections: std::collections::BTreeSet<&str> =
+        text.lines().filter_map(|l| l.strip_prefix('[')?.split([']', '.']).next()).collect();
+    assert_eq!(sections, sluice_core::config::SECTIONS.into_iter().collect());
+
+    let typo = dir.path().join("typo.toml");
+    std::fs::write(&typo, text.replace("[inference]", "[inferenc]")).unwrap();
+    let err = Settings::load(Some(&typo)).unwrap_err().to_string();
+    assert!(err.contains("unknown section \"inferenc\"") && err.contains("typo.toml"), "{err}");
+}

@@ -13,6 +13,10 @@ use serde::{Deserialize, Serialize};
 #[error("configuration: {0}")]
 pub struct ConfigError(String);
 
+/// Every section of the configuration (`sluice.example.toml` has them all).
+pub const SECTIONS: [&str; 9] =
+    ["store", "worker", "telemetry", "model", "ingest", "features", "inference", "results", "monitor"];
+
 /// The layered configuration every binary starts from.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -30,6 +34,24 @@ impl Settings {
             figment = figment.merge(Toml::file_exact(path));
         }
         figment = figment.merge(Env::prefixed("SLUICE__").split("__"));
+        // A section no binary reads is a typo (`[inferenc]`, `SLUICE__INFERNCE__BATCH_SIZE`):
+        // passed over, its settings would be lost without a word.
+        let data = figment::Provider::data(&figment).map_err(|e| ConfigError(e.to_string()))?;
+        for key in data.values().flat_map(|dict| dict.keys()) {
+            if !SECTIONS.contains(&key.as_str()) {
+                let from = figment
+                    .find_metadata(key)
+                    .map(|m| {
+                        let source = m.source.as_ref().map(|s| format!(" {s}")).unwrap_or_default();
+                        format!(" (from {}{source})", m.name)
+                    })
+                    .unwrap_or_default();
+                return Err(ConfigError(format!(
+                    "unknown section {key:?}{from}: the sections are {}",
+                    SECTIONS.join(", ")
+                )));
+            }
+        }
         Ok(Self { figment })
     }
 

@@ -173,6 +173,10 @@ pub fn spawn_health_endpoints(
     Ok(stop.drop_guard())
 }
 
+/// How long a stopped process waits for the tasks still running (a model call on a blocking
+/// thread) before it exits without them.
+pub const RUNTIME_WIND_DOWN: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// The whole `main` of a worker binary: parse arguments, build the stage, run until signalled.
 pub fn binary_main<S, F>(stage_name: StageName, build: F) -> ExitCode
 where
@@ -205,6 +209,10 @@ where
         recording_requests(&backend, serve(Arc::new(stage), &settings, backend.clone(), &worker_id, shutdown, &health))
             .await
     });
+    // The worker has handed back what it held; a model call still running on a blocking thread
+    // (its batch given back when the grace ran out) must not hold the exit past the grace, as
+    // dropping the runtime would: it waits for every blocking task.
+    runtime.shutdown_timeout(RUNTIME_WIND_DOWN);
     match result {
         Ok(_) => ExitCode::SUCCESS,
         Err(e) => {

@@ -123,9 +123,9 @@ impl Notifier {
     pub async fn send(&self, alert: &Alert) -> std::result::Result<(), String> {
         match alert.status {
             AlertStatus::Firing => {
-                tracing::warn!(check = %alert.check, value = ?alert.value, threshold = alert.threshold, "{}", alert.text)
+                tracing::warn!(check = %alert.check, value = alert.value, threshold = alert.threshold, "{}", alert.text)
             }
-            AlertStatus::Resolved => tracing::info!(check = %alert.check, value = ?alert.value, "{}", alert.text),
+            AlertStatus::Resolved => tracing::info!(check = %alert.check, value = alert.value, "{}", alert.text),
         }
         metrics().monitor_alert(&alert.check, matches!(alert.status, AlertStatus::Firing));
         let mut failed = Vec::new();
