@@ -304,16 +304,18 @@ mod tests {
     fn sections_default_merge_and_reject_unknown_keys() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("sluice.toml");
-        std::fs::write(&file, "[store]\nshards = 2\n[demo]\nbatch_size = 7\n").unwrap();
+        std::fs::write(&file, "[store]\nshards = 2\n[features]\nbatch_size = 7\n").unwrap();
         let settings = Settings::load(Some(&file)).unwrap();
         assert_eq!(settings.store().unwrap().shards, 2);
-        assert_eq!(settings.section::<Demo>("demo").unwrap().batch_size, 7);
+        assert_eq!(settings.section::<Demo>("features").unwrap().batch_size, 7);
         assert_eq!(settings.section::<Demo>("absent").unwrap(), Demo::default());
         let settings = settings.set("store.path", "/tmp/x.sqlite");
         assert_eq!(settings.store().unwrap().path, PathBuf::from("/tmp/x.sqlite"));
 
         std::fs::write(&file, "[store]\nshardz = 2\n").unwrap();
         assert!(Settings::load(Some(&file)).unwrap().store().is_err());
+        std::fs::write(&file, "[demo]\nbatch_size = 7\n").unwrap();
+        assert!(Settings::load(Some(&file)).unwrap_err().to_string().contains("unknown section \"demo\""));
         assert!(Settings::load(Some(&dir.path().join("missing.toml"))).is_err());
     }
 }
