@@ -159,10 +159,22 @@ impl TabularSpec {
         self.fields.iter().map(FieldSpec::width).sum()
     }
 
-    /// Whether `event` carries enough of the spec to make a prediction of: every required field,
-    /// at least the least share (or one) of all fields, and every numeric field it carries a
-    /// number within the field's range (unless the field clamps). The error says what is wrong.
+    /// Whether `event` carries enough of the spec to make a prediction of ([`check_present`](Self::check_present)),
+    /// and every numeric field it carries a number within the field's range (unless the field
+    /// clamps). The error says what is wrong.
     pub fn check(&self, event: &serde_json::Map<String, serde_json::Value>) -> Result<(), String> {
+        self.check_present(event)?;
+        for field in &self.fields {
+            if let Some(value) = event.get(field.name()).filter(|v| !v.is_null()) {
+                field.value(value)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether `event` carries enough of the spec to make a prediction of: every required field,
+    /// and at least the least share (or one) of all fields. The error says what is missing.
+    pub fn check_present(&self, event: &serde_json::Map<String, serde_json::Value>) -> Result<(), String> {
         let present = |name: &str| event.get(name).is_some_and(|v| !v.is_null());
         let missing: Vec<&str> = self.required.iter().map(String::as_str).filter(|n| !present(n)).collect();
         if !missing.is_empty() {
@@ -180,11 +192,6 @@ impl TabularSpec {
                 names.join(", "),
                 wanted.max(1)
             ));
-        }
-        for field in &self.fields {
-            if let Some(value) = event.get(field.name()).filter(|v| !v.is_null()) {
-                field.value(value)?;
-            }
         }
         Ok(())
     }

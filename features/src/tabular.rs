@@ -9,7 +9,8 @@ pub fn vectorise(spec: &TabularSpec, event: &serde_json::Value) -> Result<Vec<f3
     let object = event
         .as_object()
         .ok_or_else(|| SluiceError::permanent(ReasonCode::SchemaMismatch, "a JSON event must be an object"))?;
-    spec.check(object).map_err(|wrong| SluiceError::permanent(ReasonCode::SchemaMismatch, wrong))?;
+    // The values are checked below, each as it is read.
+    spec.check_present(object).map_err(|missing| SluiceError::permanent(ReasonCode::SchemaMismatch, missing))?;
     let mut out = Vec::with_capacity(spec.vector_len());
     for field in &spec.fields {
         let value = object.get(field.name()).filter(|v| !v.is_null());

@@ -174,7 +174,14 @@ pub async fn teardown(config: &StoreConfig) -> Result<TornDown> {
     let names = Names::new(&config.aws.prefix);
     let clients = Clients::load(&config.aws, super::RequestCounter::default()).await?;
     let bucket = names.check().is_ok().then(|| names.bucket());
-    if let Some((resource, stack)) = stack_of(&clients, &names, bucket.as_deref()).await? {
+    // Each queue's URL, found once: for the stack's tags, then for the deletion.
+    let mut queues = Vec::new();
+    for queue in QueueName::ALL {
+        let name = names.queue(queue);
+        let url = queue_url(&clients.sqs, &name).await?;
+        queues.push((name, url));
+    }
+    if let Some((resource, stack)) = stack_of(&clients, &names, &queues, bucket.as_deref()).await? {
         return Err(SluiceError::permanent(
             ReasonCode::StoreUnavailable,
             format!(
@@ -189,9 +196,8 @@ pub async fn teardown(config: &StoreConfig) -> Result<TornDown> {
     let stream = names.stream();
     let deleted = clients.kinesis.delete_stream().stream_name(&stream).enforce_consumer_deletion(true).send().await;
     gone(absent_if(deleted, "DeleteStream", &["ResourceNotFoundException"])?, stream);
-    for queue in QueueName::ALL {
-        let name = names.queue(queue);
-        let deleted = match queue_url(&clients.sqs, &name).await? {
+    for (name, url) in queues {
+        let deleted = match url {
             Some(url) => absent_if(clients.sqs.delete_queue().queue_url(url).send().await, "DeleteQueue", NO_QUEUE)?,
             None => false,
         };
@@ -222,7 +228,13 @@ async fn queue_url(sqs: &aws_sdk_sqs::Client, name: &str) -> Result<Option<Strin
 }
 
 /// The first of the prefix's resources a CloudFormation stack made, and the stack's name.
-async fn stack_of(clients: &Clients, names: &Names, bucket: Option<&str>) -> Result<Option<(String, String)>> {
+/// `queues`: each queue's name and URL, where it exists.
+async fn stack_of(
+    clients: &Clients,
+    names: &Names,
+    queues: &[(String, Option<String>)],
+    bucket: Option<&str>,
+) -> Result<Option<(String, String)>> {
     let stream = names.stream();
     match clients.kinesis.list_tags_for_stream().stream_name(&stream).limit(50).send().await {
         Ok(tags) => {
@@ -233,13 +245,12 @@ async fn stack_of(clients: &Clients, names: &Names, bucket: Option<&str>) -> Res
         Err(e) if error_code(&e) == Some("ResourceNotFoundException") => {}
         Err(e) => return Err(classify("ListTagsForStream", e)),
     }
-    for queue in QueueName::ALL {
-        let name = names.queue(queue);
-        let Some(url) = queue_url(&clients.sqs, &name).await? else { continue };
+    for (name, url) in queues {
+        let Some(url) = url else { continue };
         let tags =
             clients.sqs.list_queue_tags().queue_url(url).send().await.map_err(|e| classify("ListQueueTags", e))?;
         if let Some(stack) = tags.tags.and_then(|tags| tags.get(STACK_TAG).cloned()) {
-            return Ok(Some((name, stack)));
+            return Ok(Some((name.clone(), stack)));
         }
     }
     for (table, _) in names.tables() {

@@ -71,11 +71,10 @@ pub struct Clients {
 
 impl Clients {
     /// Loads the standard credential chain and region, pointed at `endpoint_url` if set; every
-    /// request is counted in `counter`.
-    /// The clients of `config`. With no credentials to be found at all, an error at once that says
-    /// what to set: no call would find any later either, and a worker should stop, not retry each
-    /// call for ever. (A provider that fails or times out, an ECS task role's endpoint say, is
-    /// left to the calls: it is worth another try.)
+    /// request is counted in `counter`. With no credentials to be found at all, an error at once
+    /// that says what to set: no call would find any later either, and a worker should stop, not
+    /// retry each call for ever. (A provider that fails or times out, an ECS task role's endpoint
+    /// say, is left to the calls: it is worth another try.)
     pub async fn load(config: &AwsConfig, counter: RequestCounter) -> Result<Self> {
         let shared = sdk_config(config, config.endpoint_url.as_deref()).await;
         if let Some(provider) = shared.credentials_provider() {

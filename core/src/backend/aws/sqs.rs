@@ -225,13 +225,12 @@ impl SqsQueue {
     /// (its message came round again) or a failed call is logged, not returned, and no chunk
     /// waits on another's failure. Their timeout shows the rest again anyway.
     async fn show_again(&self, receipts: &[Receipt]) {
-        use futures_util::StreamExt as _;
-        let calls: Vec<_> = receipts.chunks(BATCH_ENTRIES).map(|chunk| self.change_visibility(chunk, 0)).collect();
-        let failed: Vec<SluiceError> = futures_util::stream::iter(calls)
-            .buffer_unordered(super::CONCURRENT_CALLS)
-            .filter_map(|shown| async move { shown.err() })
-            .collect()
-            .await;
+        // Each chunk's failure is its result, not the whole call's, so no chunk stops another.
+        let shown = concurrently(
+            receipts.chunks(BATCH_ENTRIES).map(|chunk| async move { Ok(self.change_visibility(chunk, 0).await.err()) }),
+        )
+        .await;
+        let failed: Vec<SluiceError> = shown.into_iter().flatten().flatten().collect();
         if let Some(error) = failed.first() {
             tracing::warn!(%error, calls = failed.len(), "a look left some messages hidden until their visibility timeout");
         }
