@@ -36,7 +36,7 @@ fn main() -> ExitCode {
     let served = runtime.block_on(async {
         let settings = args.store.apply(Settings::load(args.config.as_deref())?);
         let state = sluice_api::ApiState::new(
-            Backend::open_observer(&settings.store()?).await?,
+            Backend::open_watcher(&settings.store()?).await?,
             ModelBundle::load(settings.model()?.dir)?.manifest.labels,
         );
         let address = SocketAddr::new(args.address, args.port);

@@ -286,19 +286,11 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
         }
         Command::Top { store, args } => {
             let settings = store.apply(settings);
-            let config = settings.store()?;
-            // Started before the workers, `top` waits for their store (with `--once`, it does not).
-            if config.backend == BackendKind::Embedded && !config.path.exists() && !args.once {
-                eprintln!(
-                    "waiting for a store at {} (the workers, `sluice run` or `sluice demo` make it); Ctrl-C to stop",
-                    config.path.display()
-                );
-                while !config.path.exists() {
-                    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-                }
-            }
             let endpoints = top::endpoints(&args, &settings.telemetry()?);
-            top::top(&open(&settings).await?, &args, &endpoints).await?;
+            // Started before the workers, `top` waits for their store (with `--once`, it does not).
+            let backend =
+                if args.once { open(&settings).await? } else { Backend::open_watcher(&settings.store()?).await? };
+            top::top(&backend, &args, &endpoints).await?;
         }
         Command::Aws { command: AwsCommand::Bootstrap { store } } => {
             let store = store.apply(settings).set("store.backend", "aws").store()?;
@@ -328,7 +320,7 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
         Command::Serve { store, address, port } => {
             let settings = store.apply(settings);
             let state = sluice_api::ApiState::new(
-                open(&settings).await?,
+                Backend::open_watcher(&settings.store()?).await?,
                 sluice_core::model::ModelBundle::load(settings.model()?.dir)?.manifest.labels,
             );
             let shutdown = sluice_core::shutdown::on_signal();

@@ -47,7 +47,9 @@ pub async fn run(args: &MonitorArgs, settings: Settings) -> anyhow::Result<()> {
     }
     let config: MonitorConfig = settings.section("monitor")?;
     let store = settings.store()?;
-    let backend = Backend::open_observer(&store).await?;
+    // Watching, it may start before the workers; once, it reports on a store that is there.
+    let backend =
+        if args.watch { Backend::open_watcher(&store).await? } else { Backend::open_observer(&store).await? };
     if args.set_reference {
         let (since, until) = window(args.since.as_deref(), args.until.as_deref(), &config)?;
         let reference = set_reference(&backend, since, until, config.min_records).await?;

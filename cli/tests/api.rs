@@ -26,7 +26,8 @@ impl Drop for Api {
     }
 }
 
-async fn start_api(store: &str) -> Api {
+/// Starts `sluice-api` on `store` without waiting for it to answer.
+fn spawn_api(store: &str) -> Api {
     let address = SocketAddr::from(([127, 0, 0, 1], free_port().unwrap()));
     let child = test_env(&mut Command::new(bin("sluice-api")))
         .args(["--store", store, "--port", &address.port().to_string()])
@@ -34,7 +35,12 @@ async fn start_api(store: &str) -> Api {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let api = Api { child, address };
+    Api { child, address }
+}
+
+async fn start_api(store: &str) -> Api {
+    let api = spawn_api(store);
+    let address = api.address;
     let deadline = Instant::now() + Duration::from_secs(30);
     while fetch(address, "/openapi.json").await.is_err() {
         assert!(Instant::now() < deadline, "sluice-api did not start");
@@ -65,6 +71,31 @@ async fn post(api: &Api, path: &str, content_type: &str, body: &[u8]) -> (u16, s
     let (head, body) = response.split_once("\r\n\r\n").unwrap();
     let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
     (status, serde_json::from_str(body).unwrap_or_else(|e| panic!("{path}: {e}: {body}")))
+}
+
+/// Started before the workers have made their store, the API waits for it rather than stop (as an
+/// operator's `sluice serve` beside `sluice run` would be).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_started_before_its_store_waits_for_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("later.sqlite").to_str().unwrap().to_owned();
+    let mut api = spawn_api(&store);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(api.child.try_wait().unwrap().is_none(), "sluice-api stopped while the store was not there");
+    assert!(!std::path::Path::new(&store).exists(), "the API made a store of its own");
+
+    let produced = test_env(&mut Command::new(bin("sluice")))
+        .args(["produce", "--store", &store, "--digits", "test", "--limit", "3"])
+        .output()
+        .unwrap();
+    assert!(produced.status.success(), "{}", String::from_utf8_lossy(&produced.stderr));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while fetch(api.address, "/openapi.json").await.is_err() {
+        assert!(Instant::now() < deadline, "sluice-api did not start once the store was made");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (status, page) = get(&api, "/results").await;
+    assert_eq!(status, 200, "{page}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -17,6 +17,34 @@ pub struct ConfigError(String);
 pub const SECTIONS: [&str; 9] =
     ["store", "worker", "telemetry", "model", "ingest", "features", "inference", "results", "monitor"];
 
+/// The environment variables that override the file: `SLUICE__SECTION__KEY`.
+fn env() -> Env {
+    Env::prefixed("SLUICE__").split("__")
+}
+
+/// Each of figment's errors in a section, by the name its user wrote: `inference.batch_sise`
+/// in a file, `SLUICE__INFERENCE__BATCH_SISE` in the environment (figment's own message names
+/// its profile, `default.batch_sise`, or the bare `BATCH_SISE`).
+fn describe(section: &str, errors: figment::Error) -> String {
+    let from_env = figment::Provider::metadata(&env());
+    let described: Vec<String> = errors
+        .into_iter()
+        .map(|e| {
+            let key = std::iter::once(section).chain(e.path.iter().map(String::as_str)).collect::<Vec<_>>();
+            let place = match &e.metadata {
+                Some(md) if *md == from_env => format!("SLUICE__{}", key.join("__").to_ascii_uppercase()),
+                Some(md) => match &md.source {
+                    Some(source) => format!("{} in {source}", key.join(".")),
+                    None => format!("{} ({})", key.join("."), md.name),
+                },
+                None => key.join("."),
+            };
+            format!("{place}: {}", e.kind)
+        })
+        .collect();
+    described.join("; ")
+}
+
 /// The layered configuration every binary starts from.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -33,7 +61,7 @@ impl Settings {
             }
             figment = figment.merge(Toml::file_exact(path));
         }
-        figment = figment.merge(Env::prefixed("SLUICE__").split("__"));
+        figment = figment.merge(env());
         // A section no binary reads is a typo (`[inferenc]`, `SLUICE__INFERNCE__BATCH_SIZE`):
         // passed over, its settings would be lost without a word.
         let data = figment::Provider::data(&figment).map_err(|e| ConfigError(e.to_string()))?;
@@ -68,7 +96,7 @@ impl Settings {
 
     /// One section, with defaults for whatever it leaves out. Unknown keys are errors.
     pub fn section<T: DeserializeOwned>(&self, name: &str) -> Result<T, ConfigError> {
-        self.figment.focus(name).extract().map_err(|e| ConfigError(format!("[{name}] {e}")))
+        self.figment.focus(name).extract().map_err(|e| ConfigError(describe(name, e)))
     }
 
     pub fn store(&self) -> Result<StoreConfig, ConfigError> {
@@ -156,7 +184,8 @@ pub struct StoreConfig {
     pub backend: BackendKind,
     /// The embedded store's SQLite file.
     pub path: PathBuf,
-    /// Shards of the stream, fixed when the store is created.
+    /// Shards of the stream (1 to [`MAX_SHARDS`]), fixed when the store or stream is made.
+    #[serde(deserialize_with = "shard_count")]
     pub shards: u32,
     /// How long a received message stays invisible to other receivers.
     pub visibility_timeout_ms: u64,
@@ -269,6 +298,19 @@ const fn default_shards() -> u32 {
     4
 }
 
+/// The most stream shards a store or stream is made with: far more than one machine's ingest
+/// workers can use (a shard is read by one worker at a time), and over Kinesis's default
+/// account quota, which AWS would refuse anyway.
+pub const MAX_SHARDS: u32 = 1024;
+
+fn shard_count<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<u32, D::Error> {
+    let shards = u32::deserialize(deserializer)?;
+    if !(1..=MAX_SHARDS).contains(&shards) {
+        return Err(serde::de::Error::custom(format!("{shards} shards: a stream has 1 to {MAX_SHARDS}")));
+    }
+    Ok(shards)
+}
+
 /// `[worker]`: the shared loop's timing.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -313,7 +355,14 @@ mod tests {
         assert_eq!(settings.store().unwrap().path, PathBuf::from("/tmp/x.sqlite"));
 
         std::fs::write(&file, "[store]\nshardz = 2\n").unwrap();
-        assert!(Settings::load(Some(&file)).unwrap().store().is_err());
+        let err = Settings::load(Some(&file)).unwrap().store().unwrap_err().to_string();
+        assert!(err.starts_with("configuration: store.shardz in ") && err.contains("sluice.toml"), "{err}");
+        assert!(err.contains("unknown field: found `shardz`"), "{err}");
+        for shards in [0, MAX_SHARDS + 1] {
+            std::fs::write(&file, format!("[store]\nshards = {shards}\n")).unwrap();
+            let err = Settings::load(Some(&file)).unwrap().store().unwrap_err().to_string();
+            assert!(err.contains("store.shards in ") && err.contains("a stream has 1 to 1024"), "{err}");
+        }
         std::fs::write(&file, "[demo]\nbatch_size = 7\n").unwrap();
         assert!(Settings::load(Some(&file)).unwrap_err().to_string().contains("unknown section \"demo\""));
         assert!(Settings::load(Some(&dir.path().join("missing.toml"))).is_err());

@@ -488,6 +488,23 @@ impl Backend {
         Self::open_with(config, aws::RequestCounter::default(), true).await
     }
 
+    /// Opens the backend for a process that watches the pipeline for as long as it runs (the API,
+    /// `top`, `monitor --watch`), as [`open_observer`](Self::open_observer) does; but one started
+    /// before the workers waits for them to make their embedded store, saying so once, rather
+    /// than stop.
+    pub async fn open_watcher(config: &StoreConfig) -> Result<Self> {
+        if config.backend == BackendKind::Embedded && !config.path.exists() {
+            tracing::info!(
+                store = %config.path.display(),
+                "waiting for the store to be made (by the workers, `sluice run` or `sluice demo`)"
+            );
+            while !config.path.exists() {
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            }
+        }
+        Self::open_observer(config).await
+    }
+
     /// Opens the backend for a producer (`sluice produce`): as [`open_observer`](Self::open_observer)
     /// (its AWS requests are the producer's, not the pipeline's), but an embedded store is
     /// created where there is none, so records can be written before the workers start.

@@ -158,6 +158,15 @@ impl Db {
             })?;
         }
         let conn = connect(config)?;
+        let shards: u32 = conn.query_row("SELECT COUNT(*) FROM stream_shards", [], |r| r.get(0)).map_err(classify)?;
+        if shards != config.shards {
+            tracing::info!(
+                store = %config.path.display(),
+                shards,
+                configured = config.shards,
+                "the store keeps the shards it was made with: store.shards counts only for a new store"
+            );
+        }
         let checkpointer = connect(config)?;
         checkpointer.busy_timeout(RESTART_WAIT).map_err(classify)?;
         let checkpoints = spawn_checkpoints(checkpointer, Duration::from_millis(config.checkpoint_interval_ms.max(1)))?;
