@@ -64,9 +64,12 @@ pub async fn run(args: &MonitorArgs, settings: Settings) -> anyhow::Result<()> {
     let manifest = ModelBundle::load(settings.model()?.dir)?.manifest;
     let notifier = Notifier::new(&config, &store.aws).await;
     let shutdown = sluice_core::shutdown::on_signal();
-    // Watching, the monitor's gauges and alert counts are on /metrics (the `telemetry` port of
-    // `sluice`, 9100 by default), as a worker's are.
+    // Watching, the monitor's gauges and alert counts are on /metrics, as a worker's are: on
+    // `telemetry.port` when it is set, else on a port of the monitor's own beside `sluice run`'s.
     let _endpoints = if args.watch {
+        if settings.telemetry()?.port.is_none() {
+            settings = settings.set("telemetry.port", sluice_core::telemetry::health::MONITOR_PORT);
+        }
         Some(
             sluice_core::service::spawn_health_endpoints(&settings, None, Health::new(0))
                 .map_err(|e| anyhow::anyhow!(e))?,

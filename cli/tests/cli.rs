@@ -121,10 +121,14 @@ fn worker_binaries_explain_bad_setup_and_exit_non_zero() {
     let store = dir.path().join("s.sqlite");
     let config = dir.path().join("sluice.toml");
     std::fs::write(&config, "[worker]\npoll_wait = 10\n").unwrap();
+    // A port another process holds, as a second worker of a kind on one host would find its default.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken_port = taken.local_addr().unwrap().port().to_string();
     for stage in ["ingest", "features", "inference", "results"] {
-        let run = |extra: &[&str], model: &std::path::Path| {
+        let run = |extra: &[&str], model: &std::path::Path, port: &str| {
             let out = Command::new(bin(&format!("sluice-{stage}")))
                 .env("SLUICE__MODEL__DIR", model)
+                .env("SLUICE__TELEMETRY__PORT", port)
                 .args(["--store", store.to_str().unwrap()])
                 .args(extra)
                 .output()
@@ -132,10 +136,15 @@ fn worker_binaries_explain_bad_setup_and_exit_non_zero() {
             assert!(!out.status.success(), "sluice-{stage} should refuse to start");
             String::from_utf8_lossy(&out.stderr).into_owned()
         };
-        let stderr = run(&["--config", config.to_str().unwrap()], &common::model_dir());
-        assert!(stderr.contains("poll_wait"), "sluice-{stage} does not name the unknown key:\n{stderr}");
+        let stderr = run(&["--config", config.to_str().unwrap()], &common::model_dir(), "0");
+        assert!(stderr.contains("worker.poll_wait in "), "sluice-{stage} does not name the unknown key:\n{stderr}");
+        let stderr = run(&[], &common::model_dir(), &taken_port);
+        assert!(
+            stderr.contains("SLUICE__TELEMETRY__PORT"),
+            "sluice-{stage} does not explain the taken port:\n{stderr}"
+        );
         if stage != "ingest" {
-            let stderr = run(&[], &dir.path().join("no-such-model"));
+            let stderr = run(&[], &dir.path().join("no-such-model"), "0");
             assert!(stderr.contains("model bundle"), "sluice-{stage} does not explain the missing bundle:\n{stderr}");
         }
     }

@@ -163,10 +163,24 @@ pub fn spawn_health_endpoints(
 ) -> Result<DropGuard, BuildError> {
     let stop = CancellationToken::new();
     if let Some(address) = settings.telemetry()?.health_address(stage) {
+        // Bound here, not in the task: a port another process holds (a second worker of this kind
+        // on one host) stops this one at start, rather than leave it running unwatched, without
+        // /metrics and /readyz.
+        let listener = std::net::TcpListener::bind(address)
+            .and_then(|listener| {
+                listener.set_nonblocking(true)?;
+                tokio::net::TcpListener::from_std(listener)
+            })
+            .map_err(|e| {
+                format!(
+                    "health endpoints on {address}: {e} (another process serves there: give this one a port \
+                     of its own with SLUICE__TELEMETRY__PORT, or 0 for none)"
+                )
+            })?;
         let stopped = stop.clone();
         tokio::spawn(async move {
-            if let Err(e) = health::serve(address, health, stopped).await {
-                tracing::error!(%address, error = %e, "health endpoints not served");
+            if let Err(e) = health::serve(listener, health, stopped).await {
+                tracing::error!(%address, error = %e, "health endpoints stopped");
             }
         });
     }

@@ -52,6 +52,10 @@ impl TelemetryConfig {
     }
 }
 
+/// `sluice monitor --watch`'s default port: its own, so that it runs beside `sluice run` and the
+/// API (`sluice serve`, 9105).
+pub const MONITOR_PORT: u16 = 9106;
+
 /// Each worker kind's default port.
 pub const fn default_port(stage: Option<StageName>) -> u16 {
     match stage {
@@ -101,9 +105,12 @@ impl Health {
 }
 
 /// Binds `address` and serves the endpoints until `shutdown`.
-pub async fn serve(address: SocketAddr, health: Health, shutdown: CancellationToken) -> std::io::Result<()> {
-    let listener = tokio::net::TcpListener::bind(address).await?;
-    tracing::info!(%address, "health endpoints: /healthz, /readyz, /metrics");
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    health: Health,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    tracing::info!(address = %listener.local_addr()?, "health endpoints: /healthz, /readyz, /metrics");
     axum::serve(listener, router(health)).with_graceful_shutdown(shutdown.cancelled_owned()).await
 }
 
