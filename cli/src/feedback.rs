@@ -3,17 +3,18 @@
 
 use std::path::PathBuf;
 
+use anyhow::Context;
 use sluice_core::backend::Backend;
 use sluice_core::config::{Settings, StoreArgs};
 use sluice_core::model::ModelBundle;
-use sluice_monitor::feedback::{FeedbackReport, apply, read_labels};
+use sluice_monitor::feedback::{FeedbackReport, LabelFormat, apply, parse_labels};
 
 #[derive(Debug, clap::Args)]
 pub struct FeedbackArgs {
     #[command(flatten)]
     pub store: StoreArgs,
     /// CSV (`record_id,label`, header optional) or JSON lines (`{"record_id": …, "label": …}`,
-    /// a `.jsonl`/`.ndjson`/`.json` file).
+    /// a `.jsonl`/`.ndjson`/`.json` file; a `.json` file may hold an array of them).
     #[arg(long)]
     pub file: PathBuf,
     /// Print the report as JSON.
@@ -23,10 +24,12 @@ pub struct FeedbackArgs {
 
 pub async fn run(args: &FeedbackArgs, settings: Settings) -> anyhow::Result<FeedbackReport> {
     let settings = args.store.apply(settings);
+    let text = std::fs::read_to_string(&args.file)
+        .with_context(|| format!("cannot read the labels file {}", args.file.display()))?;
     let classes = ModelBundle::load(settings.model()?.dir)?.manifest.labels;
     let backend = Backend::open_observer(&settings.store()?).await?;
     let mut report = FeedbackReport::default();
-    let labels = read_labels(&args.file, &classes, &mut report.rejected)?;
+    let labels = parse_labels(&text, LabelFormat::of(&args.file), &classes, &mut report.rejected);
     Ok(apply(backend.results.as_ref(), labels, report).await?)
 }
 

@@ -1,5 +1,6 @@
 //! `sluice feedback`: true labels joined to results by record id, from a CSV file (columns
-//! `record_id,label`, header optional) or JSON lines (`{"record_id": …, "label": …}`).
+//! `record_id,label`, header optional) or JSON lines (`{"record_id": …, "label": …}`, or an
+//! array of them).
 //! Unknown ids and bad lines are reported, never fatal; feeding the same file again changes
 //! nothing.
 
@@ -7,9 +8,9 @@ use std::path::Path;
 
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
+use sluice_core::Result;
 use sluice_core::backend::{FeedbackOutcome, ResultStore};
 use sluice_core::envelope::RecordId;
-use sluice_core::{ReasonCode, Result, SluiceError};
 
 /// One true label as read.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -46,72 +47,111 @@ struct JsonLabel {
     label: serde_json::Value,
 }
 
-/// Reads a label file; `.jsonl`/`.ndjson`/`.json` are JSON lines, anything else CSV. Lines
-/// that cannot be used go to `rejected`. Labels not among `classes` (when given) are rejected.
-pub fn read_labels(path: &Path, classes: &[String], rejected: &mut Vec<String>) -> Result<Vec<Label>> {
-    let unreadable = |e: &dyn std::fmt::Display| {
-        SluiceError::permanent(ReasonCode::SchemaMismatch, format!("{}: {e}", path.display()))
+/// How a label file is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LabelFormat {
+    /// `record_id,label` rows, header optional.
+    Csv,
+    /// One `{"record_id": …, "label": …}` object a line, or (as a `.json` file often is) an
+    /// array of them.
+    Json,
+}
+
+impl LabelFormat {
+    /// `.jsonl`, `.ndjson` and `.json` files are JSON; anything else CSV.
+    pub fn of(path: &Path) -> Self {
+        match path.extension().and_then(|e| e.to_str()) {
+            Some("jsonl" | "ndjson" | "json") => Self::Json,
+            _ => Self::Csv,
+        }
+    }
+}
+
+/// Reads the labels of a file's `text`. Lines (entries, in a JSON array) that cannot be used go
+/// to `rejected`, in the file's order, with why; so do labels not among `classes` (when given).
+pub fn parse_labels(text: &str, format: LabelFormat, classes: &[String], rejected: &mut Vec<String>) -> Vec<Label> {
+    // Spreadsheet programs save CSV, and some editors JSON, with a byte-order mark.
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+    // Each line (entry) in the file's order: a label, or why not. `unit` is what `line` counts:
+    // lines, or a JSON array's entries.
+    let mut read: Vec<std::result::Result<Label, String>> = Vec::new();
+    let take = |unit: &str, line: u64, id: String, label: String| match RecordId::parse(id) {
+        Err(e) => Err(format!("{unit} {line}: {}", e.detail())),
+        Ok(_) if !classes.is_empty() && !classes.contains(&label) => {
+            Err(format!("{unit} {line}: {label:?} is not one of the model's classes"))
+        }
+        Ok(record_id) => Ok(Label { line, record_id, label }),
     };
-    let text = std::fs::read_to_string(path).map_err(|e| unreadable(&e))?;
-    let json = matches!(path.extension().and_then(|e| e.to_str()), Some("jsonl" | "ndjson" | "json"));
-    let mut raw: Vec<(u64, String, String)> = Vec::new();
-    if json {
-        for (i, line) in text.lines().enumerate() {
-            if line.trim().is_empty() {
-                continue;
-            }
-            let n = i as u64 + 1;
-            match serde_json::from_str::<JsonLabel>(line) {
-                Ok(JsonLabel { record_id, label }) => {
-                    let label = match label {
-                        serde_json::Value::String(s) => s,
-                        other => other.to_string(),
-                    };
-                    raw.push((n, record_id, label));
+    match format {
+        LabelFormat::Json if text.trim_start().starts_with('[') => {
+            match serde_json::from_str::<Vec<serde_json::Value>>(text) {
+                Ok(entries) => {
+                    for (i, entry) in entries.into_iter().enumerate() {
+                        let n = i as u64 + 1;
+                        match serde_json::from_value::<JsonLabel>(entry) {
+                            Ok(JsonLabel { record_id, label }) => {
+                                read.push(take("entry", n, record_id, label_text(label)))
+                            }
+                            Err(e) => read.push(Err(format!("entry {n}: {e}"))),
+                        }
+                    }
                 }
-                Err(e) => rejected.push(format!("line {n}: {e}")),
+                Err(e) => read.push(Err(format!("the file is not a JSON array of labels: {e}"))),
             }
         }
-    } else {
-        let mut reader = csv::ReaderBuilder::new()
-            .has_headers(false)
-            .flexible(true)
-            .trim(csv::Trim::All)
-            .from_reader(text.as_bytes());
-        for (i, row) in reader.records().enumerate() {
-            let n = i as u64 + 1;
-            let row = match row {
-                Ok(row) => row,
-                Err(e) => {
-                    rejected.push(format!("line {n}: {e}"));
+        LabelFormat::Json => {
+            for (i, line) in text.lines().enumerate() {
+                if line.trim().is_empty() {
                     continue;
                 }
-            };
-            if n == 1 && row.get(0).is_some_and(|c| c.eq_ignore_ascii_case("record_id")) {
-                continue;
+                let n = i as u64 + 1;
+                match serde_json::from_str::<JsonLabel>(line) {
+                    Ok(JsonLabel { record_id, label }) => read.push(take("line", n, record_id, label_text(label))),
+                    Err(e) => read.push(Err(format!("line {n}: {e}"))),
+                }
             }
-            match (row.get(0), row.get(1), row.len()) {
-                (Some(id), Some(label), 2) => raw.push((n, id.to_owned(), label.to_owned())),
-                _ => rejected.push(format!("line {n}: expected two columns, record_id,label")),
+        }
+        LabelFormat::Csv => {
+            let mut reader = csv::ReaderBuilder::new()
+                .has_headers(false)
+                .flexible(true)
+                .trim(csv::Trim::All)
+                .from_reader(text.as_bytes());
+            for (i, row) in reader.records().enumerate() {
+                let n = i as u64 + 1;
+                let row = match row {
+                    Ok(row) => row,
+                    Err(e) => {
+                        read.push(Err(format!("line {n}: {e}")));
+                        continue;
+                    }
+                };
+                if n == 1 && row.get(0).is_some_and(|c| c.eq_ignore_ascii_case("record_id")) {
+                    continue;
+                }
+                match (row.get(0), row.get(1), row.len()) {
+                    (Some(id), Some(label), 2) => read.push(take("line", n, id.to_owned(), label.to_owned())),
+                    _ => read.push(Err(format!("line {n}: expected two columns, record_id,label"))),
+                }
             }
         }
     }
-    let mut labels = Vec::with_capacity(raw.len());
-    for (line, id, label) in raw {
-        let record_id = match RecordId::parse(id) {
-            Ok(id) => id,
-            Err(e) => {
-                rejected.push(format!("line {line}: {}", e.detail()));
-                continue;
-            }
-        };
-        if !classes.is_empty() && !classes.contains(&label) {
-            rejected.push(format!("line {line}: {label:?} is not one of the model's classes"));
-            continue;
+    let mut labels = Vec::with_capacity(read.len());
+    for entry in read {
+        match entry {
+            Ok(label) => labels.push(label),
+            Err(why) => rejected.push(why),
         }
-        labels.push(Label { line, record_id, label });
     }
-    Ok(labels)
+    labels
+}
+
+/// A label as text: a JSON string as it is, a number (`5`) as written.
+fn label_text(label: serde_json::Value) -> String {
+    match label {
+        serde_json::Value::String(s) => s,
+        other => other.to_string(),
+    }
 }
 
 /// Records each label on its result.
@@ -150,32 +190,49 @@ mod tests {
         (0..10).map(|d| d.to_string()).collect()
     }
 
-    #[test]
-    fn csv_with_or_without_a_header_and_bad_lines_reported() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("labels.csv");
-        std::fs::write(&path, "record_id,label\na,1\nb , 2\nc\nd,12\n\"e\",3\n").unwrap();
+    fn parse(text: &str, format: LabelFormat) -> (Vec<(String, String)>, Vec<String>) {
         let mut rejected = Vec::new();
-        let labels = read_labels(&path, &classes(), &mut rejected).unwrap();
-        let got: Vec<(&str, &str)> = labels.iter().map(|l| (l.record_id.as_str(), l.label.as_str())).collect();
-        assert_eq!(got, [("a", "1"), ("b", "2"), ("e", "3")]);
-        assert_eq!(rejected.len(), 2, "{rejected:?}");
-        assert!(rejected[1].contains("line 5") && rejected[1].contains("\"12\""), "{rejected:?}");
+        let labels = parse_labels(text, format, &classes(), &mut rejected);
+        (labels.into_iter().map(|l| (l.record_id.to_string(), l.label)).collect(), rejected)
+    }
 
-        std::fs::write(&path, "x,7\n").unwrap();
-        assert_eq!(read_labels(&path, &classes(), &mut Vec::new()).unwrap()[0].label, "7");
+    fn pairs(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(id, label)| (id.to_string(), label.to_string())).collect()
     }
 
     #[test]
-    fn json_lines_take_string_or_number_labels() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("labels.jsonl");
-        std::fs::write(&path, "{\"record_id\":\"a\",\"label\":\"4\"}\n\n{\"record_id\":\"b\",\"label\":5}\nnot json\n")
-            .unwrap();
-        let mut rejected = Vec::new();
-        let labels = read_labels(&path, &classes(), &mut rejected).unwrap();
-        assert_eq!(labels.iter().map(|l| l.label.as_str()).collect::<Vec<_>>(), ["4", "5"]);
-        assert_eq!(rejected.len(), 1);
-        assert!(read_labels(&dir.path().join("missing.csv"), &[], &mut Vec::new()).is_err());
+    fn csv_with_or_without_a_header_and_bad_lines_reported_in_order() {
+        let (labels, rejected) = parse("record_id,label\na,1\nb , 2\nd,12\nc\n\"e\",3\n", LabelFormat::Csv);
+        assert_eq!(labels, pairs(&[("a", "1"), ("b", "2"), ("e", "3")]));
+        assert_eq!(rejected.len(), 2, "{rejected:?}");
+        assert!(rejected[0].starts_with("line 4") && rejected[1].starts_with("line 5"), "{rejected:?}");
+        assert!(rejected[0].contains("\"12\"") && rejected[1].contains("two columns"), "{rejected:?}");
+
+        assert_eq!(parse("x,7\n", LabelFormat::Csv).0, pairs(&[("x", "7")]));
+        // Saved by a spreadsheet, with a byte-order mark: the header is still a header.
+        assert_eq!(parse("\u{feff}record_id,label\nx,7\n", LabelFormat::Csv), (pairs(&[("x", "7")]), vec![]));
+    }
+
+    #[test]
+    fn json_lines_or_an_array_take_string_or_number_labels() {
+        let text = "{\"record_id\":\"a\",\"label\":\"4\"}\n\n{\"record_id\":\"b\",\"label\":5}\nnot json\n";
+        let (labels, rejected) = parse(text, LabelFormat::Json);
+        assert_eq!(labels, pairs(&[("a", "4"), ("b", "5")]));
+        assert!(rejected.len() == 1 && rejected[0].starts_with("line 4"), "{rejected:?}");
+        assert_eq!(parse(&format!("\u{feff}{text}"), LabelFormat::Json).0, pairs(&[("a", "4"), ("b", "5")]));
+
+        let array = "[{\"record_id\":\"a\",\"label\":4}, {\"id\":\"b\"}, {\"record_id\":\"c\",\"label\":\"x\"}]";
+        let (labels, rejected) = parse(array, LabelFormat::Json);
+        assert_eq!(labels, pairs(&[("a", "4")]));
+        assert!(rejected[0].starts_with("entry 2") && rejected[1].starts_with("entry 3"), "{rejected:?}");
+        let (labels, rejected) = parse("[{\"record_id\":\"a\"", LabelFormat::Json);
+        assert!(labels.is_empty() && rejected[0].starts_with("the file is not a JSON array"), "{rejected:?}");
+    }
+
+    #[test]
+    fn the_format_follows_the_extension() {
+        assert_eq!(LabelFormat::of(Path::new("l.json")), LabelFormat::Json);
+        assert_eq!(LabelFormat::of(Path::new("l.ndjson")), LabelFormat::Json);
+        assert_eq!(LabelFormat::of(Path::new("l.txt")), LabelFormat::Csv);
     }
 }
