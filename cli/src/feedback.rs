@@ -1,6 +1,7 @@
 //! `sluice feedback --file labels.csv|labels.jsonl`: true labels onto results, by record id
 //! (the work is `sluice_monitor::feedback`).
 
+use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::Context;
@@ -33,21 +34,26 @@ pub async fn run(args: &FeedbackArgs, settings: Settings) -> anyhow::Result<Feed
     Ok(apply(backend.results.as_ref(), labels, report).await?)
 }
 
-pub fn print_text(report: &FeedbackReport) {
-    println!(
+/// Writes the report as text; the rejected lines may be many (a reader gone, `| head`, is an
+/// error the caller passes over).
+pub fn print_text(report: &FeedbackReport) -> std::io::Result<()> {
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
         "{} labels: {} recorded, {} already known, {} for unknown record ids, {} lines rejected",
         report.labels,
         report.recorded,
         report.unchanged,
         report.unknown,
         report.rejected.len()
-    );
+    )?;
     if !report.unknown_ids.is_empty() {
         let more = report.unknown - report.unknown_ids.len() as u64;
         let tail = if more > 0 { format!(" and {more} more") } else { String::new() };
-        println!("  unknown: {}{tail}", report.unknown_ids.join(", "));
+        writeln!(out, "  unknown: {}{tail}", report.unknown_ids.join(", "))?;
     }
     for line in &report.rejected {
-        println!("  rejected {line}");
+        writeln!(out, "  rejected {line}")?;
     }
+    Ok(())
 }

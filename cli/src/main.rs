@@ -332,7 +332,7 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
             if args.json {
                 println!("{}", serde_json::to_string(&report)?);
             } else {
-                feedback::print_text(&report);
+                feedback::print_text(&report)?;
             }
         }
         Command::Monitor(args) => monitor::run(&args, settings).await?,

@@ -205,9 +205,10 @@ impl Metrics {
     }
 
     /// Starts `stage`'s counters at zero, so that a rate or an alert on them has a series to
-    /// read before the first record, DLQ entry or review comes.
+    /// read before the first record, failure, DLQ entry or review comes (failures by stage
+    /// alone: their reasons and actions come with them).
     pub fn start(&self, stage: StageName) {
-        for counter in [&self.records_received, &self.records_processed, &self.dlq_entries] {
+        for counter in [&self.records_received, &self.records_processed, &self.records_failed, &self.dlq_entries] {
             counter.add(0, &[stage_label(stage)]);
         }
         if stage == StageName::Results {
