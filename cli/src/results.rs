@@ -7,11 +7,14 @@ use sluice_core::envelope::RecordId;
 use sluice_core::record::{PredictionResult, ResultStatus};
 use std::io::Write as _;
 
+/// The store's flags go before or after the subcommand (`sluice results --backend aws get ID`
+/// or `sluice results get ID --backend aws`); without a subcommand, the flags are `list`'s.
 #[derive(Debug, clap::Args)]
-#[command(args_conflicts_with_subcommands = true)]
 pub struct ResultsArgs {
     #[command(subcommand)]
     pub command: Option<ResultsCommand>,
+    #[command(flatten)]
+    pub store: StoreArgs,
     /// Without a subcommand: `list`.
     #[command(flatten)]
     pub list: ListArgs,
@@ -24,17 +27,21 @@ pub enum ResultsCommand {
         #[command(flatten)]
         store: StoreArgs,
         id: String,
+        /// Print the result as JSON.
         #[arg(long)]
         json: bool,
     },
     /// Results in the order they were stored, a page at a time.
-    List(ListArgs),
+    List {
+        #[command(flatten)]
+        store: StoreArgs,
+        #[command(flatten)]
+        list: ListArgs,
+    },
 }
 
-#[derive(Debug, Clone, clap::Args)]
+#[derive(Debug, Clone, Default, PartialEq, clap::Args)]
 pub struct ListArgs {
-    #[command(flatten)]
-    pub store: StoreArgs,
     /// accepted, review (waiting for a person) or reviewed.
     #[arg(long)]
     pub status: Option<String>,
@@ -50,9 +57,9 @@ pub struct ListArgs {
     /// Confidence at most this (0 to 1).
     #[arg(long, value_parser = crate::dlq::parse_confidence)]
     pub max_confidence: Option<f32>,
-    /// The most results on a page.
-    #[arg(long, default_value_t = 20)]
-    pub limit: usize,
+    /// The most results on a page [default: 20].
+    #[arg(long)]
+    pub limit: Option<usize>,
     /// Where the previous page ended (printed after it).
     #[arg(long)]
     pub page_token: Option<String>,
@@ -73,7 +80,7 @@ impl ListArgs {
             since_ms: self.since.as_deref().map(crate::dlq::parse_time).transpose()?,
             min_confidence: self.min_confidence,
             max_confidence: self.max_confidence,
-            limit: self.limit.max(1),
+            limit: self.limit.unwrap_or(20).max(1),
             page_token: self.page_token.as_deref().map(PageToken::parse).transpose()?,
         })
     }
@@ -99,26 +106,33 @@ fn print(result: &PredictionResult, json: bool) -> anyhow::Result<()> {
 }
 
 pub async fn run(args: ResultsArgs, settings: Settings) -> anyhow::Result<()> {
+    let settings = args.store.apply(settings);
     let open = |store: &StoreArgs| {
         let store = store.apply(settings.clone()).store();
         async move { anyhow::Ok(Backend::open_observer(&store?).await?) }
     };
-    match args.command.unwrap_or(ResultsCommand::List(args.list)) {
-        ResultsCommand::Get { store, id, json } => {
+    match args.command {
+        None => list(&open(&StoreArgs::default()).await?, &args.list).await?,
+        Some(_) if args.list != ListArgs::default() => {
+            anyhow::bail!("the listing's flags go after `list` (sluice results list --status review), or without it")
+        }
+        Some(ResultsCommand::Get { store, id, json }) => {
             let id = RecordId::parse(id)?;
             let mut found = open(&store).await?.results.get_batch(std::slice::from_ref(&id)).await?;
             print(&found.remove(&id).with_context(|| format!("no result for {id}"))?, json)?;
         }
-        ResultsCommand::List(list) => {
-            let backend = open(&list.store).await?;
-            let page = backend.results.query(&list.query()?).await?;
-            for result in &page.results {
-                print(result, list.json)?;
-            }
-            if let Some(token) = page.next_page_token {
-                eprintln!("more: --page-token '{token}'");
-            }
-        }
+        Some(ResultsCommand::List { store, list: args }) => list(&open(&store).await?, &args).await?,
+    }
+    Ok(())
+}
+
+async fn list(backend: &Backend, list: &ListArgs) -> anyhow::Result<()> {
+    let page = backend.results.query(&list.query()?).await?;
+    for result in &page.results {
+        print(result, list.json)?;
+    }
+    if let Some(token) = page.next_page_token {
+        eprintln!("more: --page-token '{token}'");
     }
     Ok(())
 }

@@ -70,6 +70,19 @@ fn produce_run_and_stats_as_separate_commands() {
     )
     .unwrap();
     assert_eq!(review.lines().count() as u64, n("review"));
+    // One result, with the store's flags before the subcommand or after it.
+    let first: serde_json::Value = serde_json::from_str(review.lines().next().unwrap()).unwrap();
+    let id = first["record_id"].as_str().unwrap();
+    for args in
+        [&["results", "--store", store, "get", id, "--json"][..], &["results", "get", id, "--store", store, "--json"]]
+    {
+        assert_eq!(json(&sluice(args))["record_id"], id, "sluice {args:?}");
+    }
+    let mixed = test_env(&mut Command::new(bin("sluice")))
+        .args(["results", "--store", store, "--status", "review", "get", id])
+        .output()
+        .unwrap();
+    assert!(!mixed.status.success() && String::from_utf8_lossy(&mixed.stderr).contains("go after `list`"));
     let listed = String::from_utf8(sluice(&["dlq", "list", "--store", store, "--stage", "ingest"]).stdout).unwrap();
     assert!(listed.contains("empty_payload") && listed.contains("unsupported_content_type"), "{listed}");
 }
