@@ -2,7 +2,9 @@
 //! other queue settings it says which queue and which settings, and changes nothing; a prefix S3
 //! would refuse is refused before anything is made.
 
+use aws_sdk_sqs::types::QueueAttributeName;
 use sluice_core::backend::Backend;
+use sluice_core::backend::aws::Clients;
 use sluice_core::backend::aws::bootstrap::{bootstrap, check, teardown};
 use sluice_core::testing::{aws_store_config, unique_prefix};
 
@@ -11,6 +13,27 @@ async fn bootstrap_again_is_harmless_and_other_settings_are_named() {
     let config = aws_store_config(&unique_prefix("boot"));
     let made = bootstrap(&config).await.unwrap();
     assert_eq!(bootstrap(&config).await.unwrap().queues, made.queues);
+
+    // A work queue keeps a message less long than its DLQ (which keeps the message's first
+    // enqueue time), as the CDK data stack has it.
+    let clients = Clients::load(&config.aws, Default::default()).await.unwrap();
+    let retention = |queue: &'static str| {
+        let (sqs, name) = (clients.sqs.clone(), format!("{}-{queue}", config.aws.prefix));
+        async move {
+            let url = sqs.get_queue_url().queue_name(name).send().await.unwrap().queue_url.unwrap();
+            let attributes = sqs
+                .get_queue_attributes()
+                .queue_url(url)
+                .attribute_names(QueueAttributeName::MessageRetentionPeriod)
+                .send()
+                .await
+                .unwrap();
+            attributes.attributes.unwrap()[&QueueAttributeName::MessageRetentionPeriod].parse::<u64>().unwrap()
+        }
+    };
+    assert_eq!(retention("features").await, 4 * 24 * 3600);
+    assert_eq!(retention("features-dlq").await, 14 * 24 * 3600);
+    assert_eq!(retention("review").await, 14 * 24 * 3600);
 
     let stricter = sluice_core::config::StoreConfig { max_receives: config.max_receives + 2, ..config.clone() };
     let err = bootstrap(&stricter).await.unwrap_err().to_string();

@@ -32,6 +32,11 @@ pub struct Bootstrapped {
     pub bucket: String,
 }
 
+/// How long a work queue keeps a message (SQS's default).
+const WORK_RETENTION: std::time::Duration = std::time::Duration::from_secs(4 * 24 * 3600);
+/// How long a DLQ or the review queue keeps one (SQS's most).
+const HELD_RETENTION: std::time::Duration = std::time::Duration::from_secs(14 * 24 * 3600);
+
 pub async fn bootstrap(config: &StoreConfig) -> Result<Bootstrapped> {
     let names = Names::new(&config.aws.prefix);
     names.check().map_err(|e| SluiceError::permanent(ReasonCode::SchemaMismatch, e))?;
@@ -55,10 +60,14 @@ pub async fn bootstrap(config: &StoreConfig) -> Result<Bootstrapped> {
         QueueName::Results,
     ];
     for queue in order {
+        // DLQ and review entries wait for people: they keep the 14 days SQS allows. A work queue
+        // keeps SQS's default 4, less than its DLQ: a message keeps its first enqueue time when it
+        // is dead-lettered, so a DLQ no longer than its queue could drop it at once. (As the CDK
+        // data stack does; `aws bootstrap` on its prefix finds nothing to differ.)
+        let retention = if queue.redrive_target().is_some() { WORK_RETENTION } else { HELD_RETENTION };
         let mut wanted = vec![
             (QueueAttributeName::VisibilityTimeout, visibility.clone()),
-            // DLQ entries wait for operators: keep them the 14 days SQS allows.
-            (QueueAttributeName::MessageRetentionPeriod, "1209600".to_owned()),
+            (QueueAttributeName::MessageRetentionPeriod, retention.as_secs().to_string()),
             // SQS's most (since 2025): photo-sized envelopes travel eight to a call, not in S3.
             (QueueAttributeName::MaximumMessageSize, "1048576".to_owned()),
         ];
