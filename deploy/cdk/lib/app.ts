@@ -18,7 +18,9 @@ export interface SluiceStacks {
 }
 
 /**
- * Context: `env` (beta | prod, required), `prefix` (default sluice-<env>), `inference` (gpu |
+ * Context: `env` (beta | prod, required), `prefix` (default sluice-<env>; it names the stacks too,
+ * `<prefix>-data` and `<prefix>-compute`, so two deployments of one environment can share an
+ * account and region), `inference` (gpu |
  * cpu, default gpu), `fallbackModel` (a model.tar.gz, or `none`), `fallbackImage`, `alarmEmail`,
  * `image`/`cudaImage` (image URIs already pushed; default: built from deploy/docker).
  * `overrides` replace settings of the chosen environment (tests).
@@ -44,14 +46,14 @@ export function buildStacks(app: App, env?: Environment, overrides: Partial<Envi
     );
   }
 
-  const data = new DataStack(app, `sluice-${name}-data`, {
+  const data = new DataStack(app, `${prefix}-data`, {
     env,
     config,
     prefix,
     description: `sluice ${name}: stream, queues, tables and claim-check bucket (prefix ${prefix})`,
     terminationProtection: config.retain,
   });
-  const compute = new ComputeStack(app, `sluice-${name}-compute`, {
+  const compute = new ComputeStack(app, `${prefix}-compute`, {
     env,
     config,
     data,

@@ -445,6 +445,12 @@ describe('environments', () => {
     for (const label of ['stage', 'backend']) assert.ok(metrics.has(label), `label ${label}`);
   });
 
+  it('names both stacks after the prefix, so two deployments of one environment can share an account', () => {
+    assert.deepEqual([beta.stacks.data.stackName, beta.stacks.compute.stackName], ['sluice-beta-data', 'sluice-beta-compute']);
+    const other = synth('beta', { prefix: 'team-a' });
+    assert.deepEqual([other.stacks.data.stackName, other.stacks.compute.stackName], ['team-a-data', 'team-a-compute']);
+  });
+
   it('refuses to synthesize without an environment', () => {
     assert.throws(() => buildStacks(new App()), /-c env=beta or -c env=prod/);
   });
