@@ -162,21 +162,12 @@ mod tests {
 
     #[tokio::test]
     async fn healthz_answers_and_readyz_follows_readiness() {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
-        drop(listener);
         let health = Health::new(2);
         let shutdown = CancellationToken::new();
-        let server = tokio::spawn(serve(address, health.clone(), shutdown.clone()));
-        let mut alive = false;
-        for _ in 0..50 {
-            if probe(address, "/healthz").await.unwrap_or(false) {
-                alive = true;
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        assert!(alive, "/healthz answers 200");
+        let server = tokio::spawn(serve(listener, health.clone(), shutdown.clone()));
+        assert!(probe(address, "/healthz").await.unwrap(), "/healthz answers 200");
         assert!(!probe(address, "/readyz").await.unwrap(), "not ready before its workers are");
         health.worker_ready();
         assert!(!probe(address, "/readyz").await.unwrap(), "one of two workers is not enough");
