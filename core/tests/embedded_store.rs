@@ -139,14 +139,25 @@ async fn sends_and_the_acknowledgement_commit_together_or_not_at_all() {
     assert_eq!(depths(&backend, queues).await, [(1, 0), (1, 1), (0, 0)], "none of it happened");
 }
 
-/// Forwards each delivery to the inference queue, but one whose body starts with "retry" fails
-/// for now (retryable).
-struct Forward;
+/// A stage that forwards each delivery to `to`, but one whose body starts with "retry" fails
+/// (retryable): every time, or with `once` only the first time.
+struct Forward {
+    stage: StageName,
+    to: QueueName,
+    once: bool,
+    failed: std::sync::atomic::AtomicBool,
+}
+
+impl Forward {
+    fn new(stage: StageName, to: QueueName, once: bool) -> Arc<Self> {
+        Arc::new(Self { stage, to, once, failed: Default::default() })
+    }
+}
 
 #[async_trait]
 impl Stage for Forward {
     fn name(&self) -> StageName {
-        StageName::Features
+        self.stage
     }
 
     fn batch_policy(&self) -> BatchPolicy {
@@ -156,12 +167,13 @@ impl Stage for Forward {
     async fn process(&self, batch: &[Delivery]) -> Vec<Outcome> {
         batch
             .iter()
-            .map(|d| match d.body.starts_with(b"retry") {
-                true => Outcome::failed(SluiceError::retryable(ReasonCode::Internal, "not yet"), None),
-                false => Outcome::forward(
-                    QueueName::Inference,
-                    OutgoingMessage { body: d.body.clone(), ..Default::default() },
-                ),
+            .map(|d| {
+                let fails = d.body.starts_with(b"retry")
+                    && !(self.once && self.failed.swap(true, std::sync::atomic::Ordering::SeqCst));
+                if fails {
+                    return Outcome::failed(SluiceError::retryable(ReasonCode::Internal, "not yet"), None);
+                }
+                Outcome::forward(self.to, OutgoingMessage { body: d.body.clone(), ..Default::default() })
             })
             .collect()
     }
@@ -218,7 +230,13 @@ async fn a_worker_acknowledges_only_with_its_sends_and_never_loses_a_refused_bat
 
     let config = WorkerConfig { poll_wait_ms: 50, retry_delay_ms: 0, ..WorkerConfig::default() };
     let source = QueueSource::new(Arc::clone(&features), &store);
-    let worker = Worker::new(Arc::new(Forward), Box::new(source), backend.clone(), config, &store);
+    let worker = Worker::new(
+        Forward::new(StageName::Features, QueueName::Inference, false),
+        Box::new(source),
+        backend.clone(),
+        config,
+        &store,
+    );
     let shutdown = CancellationToken::new();
     let running = tokio::spawn(worker.run(shutdown.clone()));
 
@@ -279,36 +297,6 @@ async fn stream_checkpoints_commit_with_their_sends_or_not_at_all() {
     assert_eq!(backend.stream.stats().await.unwrap().pending, 2, "left for the new owner");
 }
 
-/// Fails a delivery whose body starts with "retry" the first time it comes (retryable), forwards
-/// everything else to the features queue.
-#[derive(Default)]
-struct FailOnce {
-    failed: std::sync::atomic::AtomicBool,
-}
-
-#[async_trait]
-impl Stage for FailOnce {
-    fn name(&self) -> StageName {
-        StageName::Ingest
-    }
-
-    fn batch_policy(&self) -> BatchPolicy {
-        BatchPolicy::up_to(10)
-    }
-
-    async fn process(&self, batch: &[Delivery]) -> Vec<Outcome> {
-        batch
-            .iter()
-            .map(|d| {
-                if d.body.starts_with(b"retry") && !self.failed.swap(true, std::sync::atomic::Ordering::SeqCst) {
-                    return Outcome::failed(SluiceError::retryable(ReasonCode::Internal, "not yet"), None);
-                }
-                Outcome::forward(QueueName::Features, OutgoingMessage { body: d.body.clone(), ..Default::default() })
-            })
-            .collect()
-    }
-}
-
 /// Ingest's worker on the embedded store sends and checkpoints as one, up to the first retry of
 /// a batch: the records from the retry on are read again, and everything is sent, checkpointed
 /// and counted in at last.
@@ -318,7 +306,13 @@ async fn a_stream_worker_checkpoints_with_its_sends_up_to_its_first_retry() {
     on_the_stream(&backend, &["a", "retry-b", "c"]).await;
     let config = WorkerConfig { poll_wait_ms: 50, retry_delay_ms: 0, ..WorkerConfig::default() };
     let source = StreamSource::new(backend.stream.consumer("w1").await.unwrap());
-    let worker = Worker::new(Arc::new(FailOnce::default()), Box::new(source), backend.clone(), config, &store);
+    let worker = Worker::new(
+        Forward::new(StageName::Ingest, QueueName::Features, true),
+        Box::new(source),
+        backend.clone(),
+        config,
+        &store,
+    );
     let shutdown = CancellationToken::new();
     let running = tokio::spawn(worker.run(shutdown.clone()));
 
