@@ -190,7 +190,7 @@ fn main() -> anyhow::Result<()> {
     if let Command::Train(args) = &cli.command {
         let report = train::train(args)?;
         println!("{}", serde_json::to_string_pretty(&report)?);
-        println!("bundle written to {}", args.out.display());
+        eprintln!("bundle written to {}", args.out.display());
         return Ok(());
     }
     if let Command::Bundle { command: BundleCommand::Resnet18(args) } = &cli.command {

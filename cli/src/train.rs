@@ -17,7 +17,7 @@ use serde::Serialize;
 use sluice_core::model::{
     Architecture, FieldSpec, ImageInput, InputSpec, MANIFEST_FILE, ModelManifest, TabularSpec, Thresholds, WEIGHTS_FILE,
 };
-use sluice_inference::model::DigitsCnn;
+use sluice_inference::model::{DigitsCnn, Normalise};
 
 use crate::digits::{self, Digit, Split};
 
@@ -154,7 +154,8 @@ fn tensors(set: &[Digit], spec: &ImageInput, device: &Device) -> anyhow::Result<
         xs.extend(sluice_features::image::preprocess(&image::DynamicImage::ImageLuma8(digit.to_image()), spec));
     }
     let side = digits::SIDE as usize;
-    let x = Tensor::from_vec(xs, (set.len(), 1, side, side), device)?;
+    let pixels = Tensor::from_vec(xs, (set.len(), 1, side, side), device)?;
+    let x = Normalise::new(spec, device)?.apply(&pixels)?;
     let y = Tensor::from_vec(set.iter().map(|d| u32::from(d.label)).collect::<Vec<_>>(), set.len(), device)?;
     Ok((x, y))
 }

@@ -24,6 +24,30 @@ fn the_demo_on_photos_accounts_for_every_record() {
     assert_eq!(summary["dlq"]["features"], 0, "every photo decoded and resized: {summary}");
 }
 
+/// `sluice train` makes a bundle the pipeline serves: trained on what the features stage makes
+/// (u8 pixels) through the model's own normalisation, as serving is.
+#[test]
+fn a_trained_bundle_serves_the_demo() {
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = dir.path().join("digits");
+    let trained = sluice(&["train", "--epochs", "3", "--out", bundle.to_str().unwrap()]);
+    let report: serde_json::Value = serde_json::from_slice(
+        trained
+            .stdout
+            .split(|&b| b == b'\n')
+            .take_while(|line| !line.starts_with(b"bundle written"))
+            .collect::<Vec<_>>()
+            .join(&b'\n')
+            .as_slice(),
+    )
+    .unwrap();
+    assert!(report["test_accuracy"].as_f64().unwrap() >= 0.95, "{report}");
+    let summary = demo_summary(
+        test_env(&mut Command::new(bin("sluice"))).env("SLUICE__MODEL__DIR", &bundle).args(["demo", "--json"]),
+    );
+    assert!(summary["accuracy"].as_f64().unwrap() >= 0.95, "{summary}");
+}
+
 #[test]
 fn demo_accounts_for_every_record_and_meets_the_accuracy_bar() {
     let summary = demo_summary(test_env(&mut Command::new(bin("sluice"))).args(["demo", "--json"]));

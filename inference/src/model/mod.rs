@@ -10,7 +10,7 @@ mod winograd;
 
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::VarBuilder;
-use sluice_core::model::{Architecture, ModelBundle};
+use sluice_core::model::{Architecture, ImageInput, ModelBundle};
 use sluice_core::vector::FeatureVector;
 use sluice_core::{ReasonCode, SluiceError};
 
@@ -96,10 +96,27 @@ pub struct CandleClassifier {
     backend: &'static str,
     precision: Precision,
     input_shape: (usize, usize, usize),
-    /// Pixels in, values out, on the device: `x / 255`, less the mean, over the std, each of
-    /// shape (1, C, 1, 1).
+    normalise: Normalise,
+}
+
+/// Pixels in, the model's input values out, on the device: `x / 255`, less the bundle's mean,
+/// over its std, a channel each. Serving and training (`sluice train`) both go through it.
+pub struct Normalise {
+    /// Each of shape (1, C, 1, 1).
     mean: Tensor,
     std: Tensor,
+}
+
+impl Normalise {
+    pub fn new(image: &ImageInput, device: &Device) -> candle_core::Result<Self> {
+        let per_channel = |values: &[f32]| Tensor::from_slice(values, (1, image.channels as usize, 1, 1), device);
+        Ok(Self { mean: per_channel(&image.mean)?, std: per_channel(&image.std)? })
+    }
+
+    /// `pixels`, u8 of shape (N, C, H, W), as f32 model inputs.
+    pub fn apply(&self, pixels: &Tensor) -> candle_core::Result<Tensor> {
+        (pixels.to_dtype(DType::F32)? / 255.0)?.broadcast_sub(&self.mean)?.broadcast_div(&self.std)
+    }
 }
 
 impl CandleClassifier {
@@ -146,10 +163,8 @@ impl CandleClassifier {
                 Box::new(Resnet18::new(vb, classes).map_err(bundle_error)?)
             }
         };
-        let per_channel = |values: &[f32]| Tensor::from_slice(values, (1, input_shape.0, 1, 1), &device);
-        let mean = per_channel(&image.mean).map_err(bundle_error)?;
-        let std = per_channel(&image.std).map_err(bundle_error)?;
-        Ok(Self { model, device, backend, precision, input_shape, mean, std })
+        let normalise = Normalise::new(image, &device).map_err(bundle_error)?;
+        Ok(Self { model, device, backend, precision, input_shape, normalise })
     }
 
     pub fn precision(&self) -> Precision {
@@ -191,7 +206,9 @@ impl CandleClassifier {
         let shape = (batch, c, h, w);
         let xs = match inputs {
             FeatureVector::Values(values) => Tensor::from_vec(values, shape, &self.device),
-            FeatureVector::Pixels(pixels) => self.normalise(Tensor::from_vec(pixels, shape, &self.device)),
+            FeatureVector::Pixels(pixels) => {
+                Tensor::from_vec(pixels, shape, &self.device).and_then(|pixels| self.normalise.apply(&pixels))
+            }
         }
         .map_err(model_error)?;
         self.forward(xs)
@@ -206,12 +223,6 @@ impl CandleClassifier {
             return probabilities.to_vec2::<f32>().map_err(model_error);
         }
         Ok(softmax(logits.to_vec2::<f32>().map_err(model_error)?))
-    }
-}
-
-impl CandleClassifier {
-    fn normalise(&self, pixels: candle_core::Result<Tensor>) -> candle_core::Result<Tensor> {
-        (pixels?.to_dtype(DType::F32)? / 255.0)?.broadcast_sub(&self.mean)?.broadcast_div(&self.std)
     }
 }
 
