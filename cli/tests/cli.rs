@@ -30,17 +30,7 @@ fn the_demo_on_photos_accounts_for_every_record() {
 fn a_trained_bundle_serves_the_demo() {
     let dir = tempfile::tempdir().unwrap();
     let bundle = dir.path().join("digits");
-    let trained = sluice(&["train", "--epochs", "3", "--out", bundle.to_str().unwrap()]);
-    let report: serde_json::Value = serde_json::from_slice(
-        trained
-            .stdout
-            .split(|&b| b == b'\n')
-            .take_while(|line| !line.starts_with(b"bundle written"))
-            .collect::<Vec<_>>()
-            .join(&b'\n')
-            .as_slice(),
-    )
-    .unwrap();
+    let report = json(&sluice(&["train", "--epochs", "3", "--out", bundle.to_str().unwrap()]));
     assert!(report["test_accuracy"].as_f64().unwrap() >= 0.95, "{report}");
     let summary = demo_summary(
         test_env(&mut Command::new(bin("sluice"))).env("SLUICE__MODEL__DIR", &bundle).args(["demo", "--json"]),
