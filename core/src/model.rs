@@ -304,8 +304,17 @@ impl ModelBundle {
 impl ModelManifest {
     /// Checks what [`ModelBundle::load`] promises.
     pub fn check(&self) -> Result<(), String> {
+        if self.name.trim().is_empty() || self.version.trim().is_empty() {
+            return Err("name and version must not be empty (results and the capture carry them)".to_owned());
+        }
         if self.labels.is_empty() {
             return Err("labels must not be empty".to_owned());
+        }
+        if let Some(label) = self.labels.iter().find(|l| l.trim().is_empty()) {
+            return Err(format!("labels must not be empty strings (found {label:?})"));
+        }
+        if let Some(twice) = first_repeated(&self.labels) {
+            return Err(format!("label {twice:?} comes twice: thresholds and reviews could not tell them apart"));
         }
         let in_unit = |t: f32| (0.0..=1.0).contains(&t);
         if !in_unit(self.thresholds.default) || !self.thresholds.per_class.values().all(|&t| in_unit(t)) {
@@ -314,52 +323,8 @@ impl ModelManifest {
         if let Some(unknown) = self.thresholds.per_class.keys().find(|l| !self.labels.contains(l)) {
             return Err(format!("threshold for unknown label {unknown:?}"));
         }
-        let image_len = match &self.input.image {
-            Some(image) => {
-                if image.width == 0 || image.height == 0 || !matches!(image.channels, 1 | 3) {
-                    return Err("input.image needs a non-zero size and 1 or 3 channels".to_owned());
-                }
-                let per_channel = image.channels as usize;
-                if image.mean.len() != per_channel || image.std.len() != per_channel {
-                    return Err("input.image mean and std need one value per channel".to_owned());
-                }
-                if image.std.iter().any(|&s| s <= 0.0) {
-                    return Err("input.image std must be positive".to_owned());
-                }
-                if image.resize_shorter_side.is_some_and(|side| side < image.width.max(image.height)) {
-                    return Err(
-                        "input.image resize_shorter_side must be at least the crop's width and height".to_owned()
-                    );
-                }
-                Some(image.vector_len())
-            }
-            None => None,
-        };
-        let tabular_len = match &self.input.tabular {
-            Some(spec) => {
-                for field in &spec.fields {
-                    match field {
-                        FieldSpec::Numeric { name, min, max, .. } if max <= min => {
-                            return Err(format!("field {name:?}: max must exceed min"));
-                        }
-                        FieldSpec::Numeric { name, min, max, default, .. } if !(min..=max).contains(&default) => {
-                            return Err(format!("field {name:?}: default must lie within min..max"));
-                        }
-                        FieldSpec::Categorical { name, categories, default } => {
-                            if categories.is_empty() {
-                                return Err(format!("field {name:?}: categories must not be empty"));
-                            }
-                            if default.as_ref().is_some_and(|d| !categories.contains(d)) {
-                                return Err(format!("field {name:?}: default is not one of its categories"));
-                            }
-                        }
-                        FieldSpec::Numeric { .. } => {}
-                    }
-                }
-                Some(spec.vector_len())
-            }
-            None => None,
-        };
+        let image_len = self.input.image.as_ref().map(check_image).transpose()?;
+        let tabular_len = self.input.tabular.as_ref().map(check_tabular).transpose()?;
         match (image_len, tabular_len) {
             (None, None) => Err("input needs an image or a tabular spec".to_owned()),
             (Some(a), Some(b)) if a != b => Err(format!("image input gives {a} features but tabular gives {b}")),
@@ -385,6 +350,81 @@ impl ModelManifest {
     pub fn to_toml(&self) -> String {
         toml::to_string_pretty(self).expect("a manifest serialises")
     }
+}
+
+/// The smallest std an image input may divide by: anything smaller makes every value huge or
+/// infinite, and the model's answer the same for every image.
+const MIN_STD: f32 = 1e-6;
+
+/// Checks an image input; its vector length.
+fn check_image(image: &ImageInput) -> Result<usize, String> {
+    if image.width == 0 || image.height == 0 || !matches!(image.channels, 1 | 3) {
+        return Err("input.image needs a non-zero size and 1 or 3 channels".to_owned());
+    }
+    let per_channel = image.channels as usize;
+    if image.mean.len() != per_channel || image.std.len() != per_channel {
+        return Err("input.image mean and std need one value per channel".to_owned());
+    }
+    if !image.mean.iter().all(|m| m.is_finite()) {
+        return Err(format!("input.image mean must be finite numbers (got {:?})", image.mean));
+    }
+    if !image.std.iter().all(|&s| s.is_finite() && s >= MIN_STD) {
+        return Err(format!("input.image std must be finite and at least {MIN_STD} (got {:?})", image.std));
+    }
+    if image.resize_shorter_side.is_some_and(|side| side < image.width.max(image.height)) {
+        return Err("input.image resize_shorter_side must be at least the crop's width and height".to_owned());
+    }
+    Ok(image.vector_len())
+}
+
+/// Checks a tabular spec; its vector length.
+fn check_tabular(spec: &TabularSpec) -> Result<usize, String> {
+    let names: Vec<&str> = spec.fields.iter().map(FieldSpec::name).collect();
+    if names.iter().any(|n| n.trim().is_empty()) {
+        return Err("every field needs a name".to_owned());
+    }
+    if let Some(twice) = first_repeated(&names) {
+        return Err(format!("field {twice:?} comes twice"));
+    }
+    for field in &spec.fields {
+        match field {
+            FieldSpec::Numeric { name, min, max, default, .. } => {
+                if ![min, max, default].iter().all(|x| x.is_finite()) {
+                    return Err(format!("field {name:?}: min, max and default must be finite numbers"));
+                }
+                if max <= min {
+                    return Err(format!("field {name:?}: max must exceed min"));
+                }
+                if !(min..=max).contains(&default) {
+                    return Err(format!("field {name:?}: default must lie within min..max"));
+                }
+            }
+            FieldSpec::Categorical { name, categories, default } => {
+                if categories.is_empty() {
+                    return Err(format!("field {name:?}: categories must not be empty"));
+                }
+                if let Some(twice) = first_repeated(categories) {
+                    return Err(format!("field {name:?}: category {twice:?} comes twice"));
+                }
+                if default.as_ref().is_some_and(|d| !categories.contains(d)) {
+                    return Err(format!("field {name:?}: default is not one of its categories"));
+                }
+            }
+        }
+    }
+    if let Some(unknown) = spec.required.iter().find(|r| !names.contains(&r.as_str())) {
+        return Err(format!("required field {unknown:?} is not one of the fields"));
+    }
+    if spec.min_present.is_some_and(|share| !(0.0..=1.0).contains(&share)) {
+        return Err("min_present must lie in 0..=1 (a share of the fields)".to_owned());
+    }
+    Ok(spec.vector_len())
+}
+
+/// The first value that comes a second time.
+fn first_repeated<T: AsRef<str>>(values: &[T]) -> Option<&str> {
+    let mut seen = std::collections::BTreeSet::new();
+    values.iter().map(AsRef::as_ref).find(|v| !seen.insert(*v))
 }
 
 #[cfg(test)]
@@ -451,6 +491,51 @@ mod tests {
         numeric.input.tabular.as_mut().unwrap().fields = vec![field(1.0, true)];
         assert!(numeric.to_toml().contains("clamp = true"));
         assert_eq!(toml::from_str::<ModelManifest>(&numeric.to_toml()).unwrap(), numeric);
+    }
+
+    /// Bundle mistakes that would start and then serve wrong answers: each refused, named.
+    #[test]
+    fn a_bundle_that_would_serve_wrong_answers_is_refused() {
+        fn refused(change: impl Fn(&mut ModelManifest), says: &str) {
+            let mut m = manifest();
+            change(&mut m);
+            let err = m.check().expect_err(says);
+            assert!(err.contains(says), "{says}: {err}");
+        }
+        fn image(m: &mut ModelManifest) -> &mut ImageInput {
+            m.input.image.as_mut().unwrap()
+        }
+        fn tabular(m: &mut ModelManifest) -> &mut TabularSpec {
+            m.input.tabular.as_mut().unwrap()
+        }
+        // Two one-wide fields, as wide as the image input.
+        fn fields(m: &mut ModelManifest, (a, b): (&str, &str), (min, max): (f32, f32)) {
+            let numeric = |name: &str| FieldSpec::Numeric { name: name.into(), min, max, default: 0.0, clamp: false };
+            tabular(m).fields = vec![numeric(a), numeric(b)];
+        }
+        refused(|m| m.version = " ".into(), "name and version");
+        refused(|m| m.labels = vec!["a".into(), "a".into()], "label \"a\" comes twice");
+        refused(|m| m.labels[0] = String::new(), "empty strings");
+        refused(|m| image(m).mean = vec![f32::NAN], "mean must be finite");
+        refused(|m| image(m).std = vec![1e-45], "std must be finite");
+        refused(|m| image(m).std = vec![f32::INFINITY], "std must be finite");
+        refused(|m| fields(m, ("x", "x"), (0.0, 1.0)), "field \"x\" comes twice");
+        refused(|m| fields(m, ("", "y"), (0.0, 1.0)), "needs a name");
+        refused(|m| fields(m, ("x", "y"), (f32::NEG_INFINITY, 1.0)), "finite numbers");
+        refused(
+            |m| {
+                tabular(m).fields[0] =
+                    FieldSpec::Categorical { name: "c".into(), categories: vec!["x".into(), "x".into()], default: None }
+            },
+            "category \"x\" comes twice",
+        );
+        refused(|m| tabular(m).required = vec!["amout".into()], "required field \"amout\"");
+        refused(|m| tabular(m).min_present = Some(2.0), "min_present");
+        refused(|m| tabular(m).min_present = Some(f32::NAN), "min_present");
+        let mut fine = manifest();
+        fields(&mut fine, ("x", "y"), (0.0, 1.0));
+        tabular(&mut fine).required = vec!["y".into()];
+        assert_eq!(fine.check(), Ok(()));
     }
 
     #[test]
