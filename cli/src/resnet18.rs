@@ -63,6 +63,8 @@ pub fn bundle(args: &BundleResnet18Args) -> anyhow::Result<ModelBundle> {
     let labels: Vec<String> = text.lines().map(str::trim).filter(|l| !l.is_empty()).map(str::to_owned).collect();
     ensure!(!labels.is_empty(), "{} holds no labels", args.labels.display());
     ensure!(!args.out.exists(), "{} already exists", args.out.display());
+    let manifest = manifest(&args.name, &args.version, labels, args.threshold);
+    manifest.check().map_err(|e| anyhow::anyhow!("{e} (as --labels, --threshold, --name and --version give it)"))?;
     let parent = args.out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     std::fs::create_dir_all(parent)?;
     // Built beside its destination and moved there once it works: no half-made bundle is left.
@@ -73,14 +75,20 @@ pub fn bundle(args: &BundleResnet18Args) -> anyhow::Result<ModelBundle> {
             path.display().to_string()
         }
         None => {
-            write_random_weights(&staging.path().join(WEIGHTS_FILE), labels.len(), 0)?;
+            write_random_weights(&staging.path().join(WEIGHTS_FILE), manifest.labels.len(), 0)?;
             "the random weights".to_owned()
         }
     };
-    let manifest = manifest(&args.name, &args.version, labels, args.threshold);
     std::fs::write(staging.path().join(MANIFEST_FILE), manifest.to_toml())?;
     check(&ModelBundle::load(staging.path())?)
         .with_context(|| format!("{weights} is not a ResNet-18 for {} classes", manifest.labels.len()))?;
+    // The staging folder is private (0700), and a copied file keeps its source's mode: a bundle
+    // is read by other users too (a container's worker runs as one of its own).
+    use std::os::unix::fs::PermissionsExt;
+    for file in [WEIGHTS_FILE, MANIFEST_FILE] {
+        std::fs::set_permissions(staging.path().join(file), std::fs::Permissions::from_mode(0o644))?;
+    }
+    std::fs::set_permissions(staging.path(), std::fs::Permissions::from_mode(0o755))?;
     std::fs::rename(staging.keep(), &args.out)?;
     Ok(ModelBundle::load(&args.out)?)
 }

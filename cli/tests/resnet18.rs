@@ -142,4 +142,18 @@ fn a_bundle_with_random_weights_gets_the_seeded_stand_in_weights() {
     assert_eq!(bundle.manifest.labels.len(), CLASSES);
     let written = std::fs::read(out_dir.join(sluice_core::model::WEIGHTS_FILE)).unwrap();
     assert!(written == std::fs::read(&expected).unwrap(), "the bundle holds the seed-0 weights");
+    // Readable by others (a container's worker runs as a user of its own), not the staging
+    // folder's private mode.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |path: &Path| std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&out_dir), 0o755);
+    assert_eq!(mode(&out_dir.join(sluice_core::model::WEIGHTS_FILE)), 0o644);
+
+    // Labels twice: refused before anything is made, naming the flag.
+    std::fs::write(&labels, "cat\ncat\ndog\n").unwrap();
+    let again = dir.path().join("again");
+    let out = bundle_resnet18(None, &labels, &again);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && !again.exists(), "{stderr}");
+    assert!(stderr.contains("\"cat\" comes twice") && stderr.contains("--labels"), "{stderr}");
 }
