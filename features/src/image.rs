@@ -2,6 +2,8 @@
 //! to a length, then a centre crop) and convert channels. The pixels stay bytes: the model
 //! scales and normalises them on its device (`ImageInput::normalise` says how).
 
+use std::borrow::Cow;
+
 use fast_image_resize::images::{Image, ImageRef};
 use fast_image_resize::{PixelType, ResizeAlg, ResizeOptions, Resizer};
 use image::imageops::{self, FilterType};
@@ -46,21 +48,42 @@ where
         }
         None => (spec.width, spec.height),
     };
-    let resized = if (new_w, new_h) == (w, h) {
-        img.as_raw().clone()
+    // torchvision's `CenterCrop`: the offset rounded half to even, as Python's `round` does.
+    let offset = |outer: u32, inner: u32| ((f64::from(outer) - f64::from(inner)) / 2.0).round_ties_even() as u32;
+    let (left, top) = (offset(new_w, spec.width), offset(new_h, spec.height));
+    // The pixels the crop keeps, as rows of `stride` pixels from (`left`, `top`).
+    let (kept, stride, left, top): (Cow<'_, [u8]>, u32, u32, u32) = if (new_w, new_h) == (w, h) {
+        (Cow::Borrowed(img.as_raw()), w, left, top)
     } else {
         match resampler {
-            Resampler::Fast => resize_fast(img.as_raw(), (w, h), (new_w, new_h), channels),
-            Resampler::Image => imageops::resize(img, new_w, new_h, FilterType::Triangle).into_raw(),
+            // Only the crop is resized, from its box in the source: the same pixels as resizing
+            // the whole and cropping (each output pixel maps to the same source point, and the
+            // filter reads past the box where the source goes on), without the whole, which for
+            // a 4096×1 image would be 1,048,576×256 (768 MiB).
+            Resampler::Fast => {
+                let (sx, sy) = (f64::from(w) / f64::from(new_w), f64::from(h) / f64::from(new_h));
+                let source = [
+                    f64::from(left) * sx,
+                    f64::from(top) * sy,
+                    f64::from(spec.width) * sx,
+                    f64::from(spec.height) * sy,
+                ];
+                (
+                    Cow::Owned(resize_fast(img.as_raw(), (w, h), source, (spec.width, spec.height), channels)),
+                    spec.width,
+                    0,
+                    0,
+                )
+            }
+            Resampler::Image => {
+                (Cow::Owned(imageops::resize(img, new_w, new_h, FilterType::Triangle).into_raw()), new_w, left, top)
+            }
         }
     };
-    // torchvision's `CenterCrop`: the offset rounded half to even, as Python's `round` does.
-    let offset = |outer: u32, inner: u32| ((f64::from(outer) - f64::from(inner)) / 2.0).round_ties_even() as usize;
-    let (left, top) = (offset(new_w, spec.width), offset(new_h, spec.height));
     let (width, plane) = (spec.width as usize, (spec.width * spec.height) as usize);
     let mut out = vec![0u8; plane * channels];
     for y in 0..spec.height as usize {
-        let row = &resized[((top + y) * new_w as usize + left) * channels..][..width * channels];
+        let row = &kept[((top as usize + y) * stride as usize + left as usize) * channels..][..width * channels];
         for (x, pixel) in row.chunks_exact(channels).enumerate() {
             for (c, &value) in pixel.iter().enumerate() {
                 out[c * plane + y * width + x] = value;
@@ -70,13 +93,17 @@ where
     out
 }
 
-/// `pixels` (`from`, interleaved `channels`) resized to `to` with a bilinear convolution.
-fn resize_fast(pixels: &[u8], from: (u32, u32), to: (u32, u32), channels: usize) -> Vec<u8> {
+/// The box `source` (left, top, width, height, in source pixels) of `pixels` (`from`,
+/// interleaved `channels`) resized to `to` with a bilinear convolution.
+fn resize_fast(pixels: &[u8], from: (u32, u32), source: [f64; 4], to: (u32, u32), channels: usize) -> Vec<u8> {
     let pixel_type = if channels == 1 { PixelType::U8 } else { PixelType::U8x3 };
     let src =
         ImageRef::new(from.0, from.1, pixels, pixel_type).expect("a buffer of its own size; u8 needs no alignment");
     let mut dst = Image::new(to.0, to.1, pixel_type);
-    let options = ResizeOptions::new().resize_alg(ResizeAlg::Convolution(fast_image_resize::FilterType::Bilinear));
+    let [left, top, width, height] = source;
+    let options = ResizeOptions::new()
+        .resize_alg(ResizeAlg::Convolution(fast_image_resize::FilterType::Bilinear))
+        .crop(left, top, width, height);
     Resizer::new().resize(&src, &mut dst, &options).expect("source and destination share a pixel type");
     dst.into_vec()
 }
@@ -104,6 +131,47 @@ mod tests {
         assert!(v[..16].iter().all(|&x| x == 255));
         assert!(v[16..32].iter().all(|&x| x == 0));
         assert!(v[32..].iter().all(|&x| x == 255));
+    }
+
+    /// Resizing only the crop's box gives what resizing the whole image and cropping gives,
+    /// for shapes wider and taller than the crop, odd offsets included.
+    #[test]
+    fn the_crop_alone_resized_is_the_whole_resized_and_cropped() {
+        let spec = ImageInput::imagenet();
+        for (w, h) in [(600, 300), (301, 517), (257, 256), (1000, 999)] {
+            let img = image::RgbImage::from_fn(w, h, |x, y| {
+                image::Rgb([(x * 7 + y) as u8, (x ^ y) as u8, (x * y / 3) as u8])
+            });
+            let got = preprocess(&DynamicImage::ImageRgb8(img.clone()), &spec);
+            let side = 256;
+            let (new_w, new_h) = if w <= h { (side, side * h / w) } else { (side * w / h, side) };
+            let whole = resize_fast(img.as_raw(), (w, h), [0.0, 0.0, f64::from(w), f64::from(h)], (new_w, new_h), 3);
+            let (left, top) = (
+                ((new_w - 224) as f64 / 2.0).round_ties_even() as u32,
+                ((new_h - 224) as f64 / 2.0).round_ties_even() as u32,
+            );
+            let plane = 224 * 224;
+            let mut worst = 0;
+            for y in 0..224 {
+                for x in 0..224 {
+                    for c in 0..3 {
+                        let want = whole[(((top + y) * new_w + left + x) * 3) as usize + c];
+                        let have = got[c * plane + (y * 224 + x) as usize];
+                        worst = worst.max(want.abs_diff(have));
+                    }
+                }
+            }
+            assert!(worst <= 1, "{w}×{h}: off by {worst}");
+        }
+    }
+
+    /// A sliver (4096×1) costs the crop's pixels, not a 1,048,576×256 intermediate.
+    #[test]
+    fn a_sliver_is_resized_without_its_whole() {
+        let img = image::RgbImage::from_fn(4096, 1, |x, _| image::Rgb([(x % 256) as u8, 0, 255]));
+        let v = preprocess(&DynamicImage::ImageRgb8(img), &ImageInput::imagenet());
+        assert_eq!(v.len(), 3 * 224 * 224);
+        assert!(v[2 * 224 * 224..].iter().all(|&b| b == 255), "the blue plane stays full");
     }
 
     #[test]
