@@ -16,10 +16,10 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use sluice_core::backend::{Backend, ReviewOutcome};
 use sluice_core::config::StoreArgs;
-use sluice_core::dlq::{self, Action, Item, Letters, Reject, Resolve};
+use sluice_core::dlq::{self, Action, Item, Letters, Reject};
 use sluice_core::envelope::RecordId;
 use sluice_core::model::ModelManifest;
-use sluice_core::record::Resolution;
+use sluice_core::record::{Resolution, ResultStatus};
 use sluice_core::topology::QueueName;
 
 #[derive(Debug, Clone, clap::Args)]
@@ -82,11 +82,15 @@ pub async fn walk(backend: &Backend, manifest: &ModelManifest, save: Option<&Pat
     let queue = backend.queue(QueueName::Review);
     let mut skipped = Vec::new();
     let mut settled = 0;
+    // Items for results settled already (a record written twice has an item each copy; a label
+    // given elsewhere settles only one): taken off the queue unseen.
+    let mut stale = 0;
     let stdin = std::io::stdin();
     let mut lines = stdin.lock().lines();
     loop {
         let Some(message) = queue.receive(1, Duration::ZERO).await?.pop() else {
-            println!("\nthe review queue is empty ({settled} settled, {} skipped)", skipped.len());
+            let stale = if stale > 0 { format!(", {stale} removed as settled before") } else { String::new() };
+            println!("\nthe review queue is empty ({settled} settled, {} skipped{stale})", skipped.len());
             break;
         };
         let receipt = message.receipt.clone();
@@ -106,6 +110,14 @@ pub async fn walk(backend: &Backend, manifest: &ModelManifest, save: Option<&Pat
                 item.entry.detail,
             );
             skipped.push(receipt);
+            continue;
+        }
+        if let Some(id) = item.record_id()
+            && let Some(result) = backend.results.get_batch(std::slice::from_ref(id)).await?.remove(id)
+            && result.status != ResultStatus::Review
+        {
+            queue.ack(&[receipt]).await?;
+            stale += 1;
             continue;
         }
         print!("{}", show(backend, manifest, &item, save).await?);
@@ -138,14 +150,27 @@ pub async fn walk(backend: &Backend, manifest: &ModelManifest, save: Option<&Pat
                 }
             }
             label => {
-                let done = Resolve(Resolution::Label(label.to_owned())).settle_one(backend, &item).await?;
-                if done {
-                    queue.ack(&[receipt]).await?;
-                    settled += 1;
-                    println!("-> reviewed as {label}\n");
-                } else {
-                    skipped.push(receipt);
-                    println!("-> no stored result to settle; left in the queue\n");
+                let id = item.record_id().context("a review item without a record id")?;
+                match backend.results.resolve_review(id, &Resolution::Label(label.to_owned())).await? {
+                    ReviewOutcome::Resolved(_) => {
+                        queue.ack(&[receipt]).await?;
+                        settled += 1;
+                        println!("-> reviewed as {label}\n");
+                    }
+                    // Settled by someone else while it was shown: the first label stands.
+                    ReviewOutcome::NotWaiting(r) => {
+                        queue.ack(&[receipt]).await?;
+                        stale += 1;
+                        println!(
+                            "-> settled meanwhile by someone else (status {}{}); this label changed nothing\n",
+                            r.status.as_str(),
+                            r.reviewed_label.map(|l| format!(", labelled {l}")).unwrap_or_default()
+                        );
+                    }
+                    ReviewOutcome::Missing => {
+                        skipped.push(receipt);
+                        println!("-> no stored result to settle; left in the queue\n");
+                    }
                 }
             }
         }

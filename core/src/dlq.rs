@@ -506,28 +506,6 @@ pub async fn apply(
     result.map(|()| done)
 }
 
-/// Settles review items: each gets `resolution` (a person's label, or accepted) in the result
-/// store and leaves the review queue. One whose result was settled already leaves too.
-pub struct Resolve(pub Resolution);
-
-impl Resolve {
-    /// Settles one item's result; whether the item may leave the review queue.
-    pub async fn settle_one(&self, backend: &Backend, item: &Item) -> Result<bool> {
-        settle(backend, item, &self.0).await
-    }
-}
-
-#[async_trait::async_trait]
-impl Action for Resolve {
-    async fn apply(&self, backend: &Backend, items: &[Item]) -> Result<Vec<bool>> {
-        let mut out = Vec::with_capacity(items.len());
-        for item in items {
-            out.push(settle(backend, item, &self.0).await?);
-        }
-        Ok(out)
-    }
-}
-
 /// Replays review items under the bundle's current thresholds: one whose confidence now clears
 /// its class threshold is accepted and leaves the review queue; the rest stay for a person.
 pub struct Rejudge(pub ModelManifest);
