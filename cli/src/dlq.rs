@@ -9,7 +9,9 @@ use sluice_core::ReasonCode;
 use sluice_core::backend::Backend;
 use sluice_core::config::{Settings, StoreArgs};
 use sluice_core::dlq::{self, Delete, Filter, Item, Letters, Rejudge, ReplayOptions, SendTo};
+use sluice_core::envelope::RecordId;
 use sluice_core::model::ModelBundle;
+use sluice_core::record::ResultStatus;
 use sluice_core::topology::StageName;
 
 #[derive(Debug, clap::Subcommand)]
@@ -233,10 +235,25 @@ pub async fn run(command: DlqCommand, settings: Settings) -> anyhow::Result<()> 
             };
             if dry_run {
                 let (items, held) = matching(&backend, stage, &filter).await?;
+                let mut stale = 0;
                 let (mut items, left): (Vec<_>, Vec<_>) = match stage {
                     Letters::Review => {
                         let manifest = ModelBundle::load(settings.model()?.dir)?.manifest;
-                        items.into_iter().partition(|i| Rejudge::clears(&manifest, i))
+                        let (clear, left): (Vec<_>, Vec<_>) =
+                            items.into_iter().partition(|i| Rejudge::clears(&manifest, i));
+                        // As the replay would find them: an item whose result was settled before,
+                        // or a second copy of one it accepts, is only taken off.
+                        let ids: Vec<RecordId> = clear.iter().filter_map(|i| i.record_id().cloned()).collect();
+                        let results = backend.results.get_batch(&ids).await?;
+                        let mut accepted = std::collections::BTreeSet::new();
+                        let (live, settled): (Vec<_>, Vec<_>) = clear.into_iter().partition(|i| {
+                            i.record_id().is_some_and(|id| {
+                                results.get(id).is_none_or(|r| r.status == ResultStatus::Review)
+                                    && accepted.insert(id.clone())
+                            })
+                        });
+                        stale = settled.len();
+                        (live, left)
                     }
                     Letters::Stage(_) => items.into_iter().partition(|i| i.replayable()),
                 };
@@ -246,9 +263,13 @@ pub async fn run(command: DlqCommand, settings: Settings) -> anyhow::Result<()> 
                 }
                 let of = among(short(held, items.len(), limit));
                 if stage == Letters::Review {
+                    let stale = match stale {
+                        0 => String::new(),
+                        n => format!(", {n} items of results settled before would be taken off"),
+                    };
                     eprintln!(
                         "dry run: {} review items{of} would be accepted under the current thresholds, {} stay \
-                         in review; nothing moved",
+                         in review{stale}; nothing moved",
                         items.len(),
                         left.len()
                     );
@@ -274,8 +295,12 @@ pub async fn run(command: DlqCommand, settings: Settings) -> anyhow::Result<()> 
             if json {
                 println!("{}", serde_json::to_string(&moved)?);
             } else if stage == Letters::Review {
+                let stale = match moved.stale {
+                    0 => String::new(),
+                    n => format!("; {n} items of results settled before taken off"),
+                };
                 println!(
-                    "{} review items accepted under the current thresholds; {} stay in review",
+                    "{} review items accepted under the current thresholds; {} stay in review{stale}",
                     moved.moved, moved.kept
                 );
             } else {

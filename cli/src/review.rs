@@ -16,7 +16,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use sluice_core::backend::{Backend, ReviewOutcome};
 use sluice_core::config::StoreArgs;
-use sluice_core::dlq::{self, Action, Item, Letters, Reject};
+use sluice_core::dlq::{self, Action, Fate, Item, Letters, Reject};
 use sluice_core::envelope::RecordId;
 use sluice_core::model::ModelManifest;
 use sluice_core::record::{Resolution, ResultStatus};
@@ -139,16 +139,22 @@ pub async fn walk(backend: &Backend, manifest: &ModelManifest, save: Option<&Pat
                 break;
             }
             "s" => skipped.push(receipt),
-            "d" => {
-                if Reject.apply(backend, std::slice::from_ref(&item)).await?[0] {
+            "d" => match Reject.apply(backend, std::slice::from_ref(&item)).await?[0] {
+                Fate::Done => {
                     queue.ack(&[receipt]).await?;
                     settled += 1;
                     println!("-> sent to the results DLQ\n");
-                } else {
-                    skipped.push(receipt);
-                    println!("-> already settled by someone else; left in the queue\n");
                 }
-            }
+                Fate::Stale => {
+                    queue.ack(&[receipt]).await?;
+                    stale += 1;
+                    println!("-> settled meanwhile by someone else; nothing sent to the DLQ\n");
+                }
+                Fate::Kept => {
+                    skipped.push(receipt);
+                    println!("-> no record id to reject; left in the queue\n");
+                }
+            },
             label => {
                 let id = item.record_id().context("a review item without a record id")?;
                 match backend.results.resolve_review(id, &Resolution::Label(label.to_owned())).await? {

@@ -325,19 +325,37 @@ pub struct Moved {
     /// threshold; in a stage's DLQ, entries no replay can send (see [`Item::replayable`]).
     #[serde(skip_serializing_if = "is_zero")]
     pub kept: u64,
+    /// Review items whose result was settled before (a copy of a record written twice, or one
+    /// settled elsewhere): nothing left to do, taken off the queue.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub stale: u64,
+}
+
+/// What an action did with one entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fate {
+    /// Acted on (sent, deleted, settled): it leaves its queue.
+    Done,
+    /// A review item whose result was settled before: nothing to do, and it leaves its queue.
+    Stale,
+    /// Left where it is.
+    Kept,
+}
+
+impl Fate {
+    fn leaves(self) -> bool {
+        self != Self::Kept
+    }
 }
 
 fn is_zero(n: &u64) -> bool {
     *n == 0
 }
 
-/// What tells two DLQ messages apart: their body and attributes.
-type EntryIdentity = (Vec<u8>, Vec<(String, String)>);
-
 /// What to do with each matching entry of a round: `true` to take it off its queue.
 #[async_trait::async_trait]
 pub trait Action: Send + Sync {
-    async fn apply(&self, backend: &Backend, items: &[Item]) -> Result<Vec<bool>>;
+    async fn apply(&self, backend: &Backend, items: &[Item]) -> Result<Vec<Fate>>;
 }
 
 /// Where a replay of `failed`'s DLQ entries goes: to `failed` itself, or to `to` where that stage
@@ -367,9 +385,11 @@ pub struct SendTo(pub StageName);
 
 #[async_trait::async_trait]
 impl Action for SendTo {
-    async fn apply(&self, backend: &Backend, items: &[Item]) -> Result<Vec<bool>> {
-        let sent: Vec<bool> = items.iter().map(Item::replayable).collect();
-        let items: Vec<&Item> = items.iter().zip(&sent).filter(|(_, sent)| **sent).map(|(item, _)| item).collect();
+    async fn apply(&self, backend: &Backend, items: &[Item]) -> Result<Vec<Fate>> {
+        let sent: Vec<Fate> =
+            items.iter().map(|item| if item.replayable() { Fate::Done } else { Fate::Kept }).collect();
+        let items: Vec<&Item> =
+            items.iter().zip(&sent).filter(|(_, sent)| sent.leaves()).map(|(item, _)| item).collect();
         if items.is_empty() {
             return Ok(sent);
         }
@@ -402,8 +422,8 @@ pub struct Delete;
 
 #[async_trait::async_trait]
 impl Action for Delete {
-    async fn apply(&self, _backend: &Backend, items: &[Item]) -> Result<Vec<bool>> {
-        Ok(vec![true; items.len()])
+    async fn apply(&self, _backend: &Backend, items: &[Item]) -> Result<Vec<Fate>> {
+        Ok(vec![Fate::Done; items.len()])
     }
 }
 
@@ -423,10 +443,11 @@ pub async fn apply(
     let started = Instant::now();
     let mut done = Moved::default();
     let mut given_back: Vec<Receipt> = Vec::new();
-    // Entries already looked at (body and attributes): one that comes round again once its
-    // visibility ends is given back unjudged, so nothing is acted on twice and the run ends when
-    // the queue has nothing unseen left to show.
-    let mut seen: BTreeSet<EntryIdentity> = BTreeSet::new();
+    // Entries already looked at, by message id: one that comes round again once its visibility
+    // ends is given back unjudged, so nothing is acted on twice and the run ends when the queue
+    // has nothing unseen left to show. Two copies of one entry (a record written twice) are two
+    // messages, and each is judged.
+    let mut seen: BTreeSet<String> = BTreeSet::new();
     // SQS may answer a short poll with nothing while messages wait: ask with a short long poll.
     let wait = if backend.kind() == BackendKind::Aws { Duration::from_secs(1) } else { Duration::ZERO };
     let result = async {
@@ -442,9 +463,9 @@ pub async fn apply(
             let mut matching = Vec::new();
             for message in batch {
                 let receipt = message.receipt.clone();
-                let identity = (message.body.clone(), message.attributes.clone().into_iter().collect());
+                let fresh = seen.insert(message.id.clone());
                 let item = Item::from_message(letters, message);
-                if seen.insert(identity) && filter.matches(&item) {
+                if fresh && filter.matches(&item) {
                     matching.push((item, receipt));
                 } else {
                     given_back.push(receipt);
@@ -466,7 +487,7 @@ pub async fn apply(
                         return Err(SluiceError::permanent(ReasonCode::Internal, detail));
                     }
                     let gone: Vec<Receipt> =
-                        receipts.iter().zip(&verdicts).filter(|(_, v)| **v).map(|(r, _)| r.clone()).collect();
+                        receipts.iter().zip(&verdicts).filter(|(_, v)| v.leaves()).map(|(r, _)| r.clone()).collect();
                     // Only now that the copies are durable do the entries leave.
                     queue.ack(&gone).await?;
                     Ok(verdicts)
@@ -480,10 +501,11 @@ pub async fn apply(
                         return Err(e);
                     }
                 };
-                let gone = verdicts.iter().filter(|v| **v).count();
-                done.moved += gone as u64;
-                done.kept += (verdicts.len() - gone) as u64;
-                given_back.extend(receipts.into_iter().zip(verdicts).filter(|(_, v)| !v).map(|(r, _)| r));
+                let count = |which: Fate| verdicts.iter().filter(|v| **v == which).count() as u64;
+                done.moved += count(Fate::Done);
+                done.stale += count(Fate::Stale);
+                done.kept += count(Fate::Kept);
+                given_back.extend(receipts.into_iter().zip(verdicts).filter(|(_, v)| !v.leaves()).map(|(r, _)| r));
                 progress(done.moved);
             }
             // Past the limit: looked at, not judged.
@@ -519,24 +541,26 @@ impl Rejudge {
 
 #[async_trait::async_trait]
 impl Action for Rejudge {
-    async fn apply(&self, backend: &Backend, items: &[Item]) -> Result<Vec<bool>> {
+    async fn apply(&self, backend: &Backend, items: &[Item]) -> Result<Vec<Fate>> {
         let mut out = Vec::with_capacity(items.len());
         for item in items {
-            out.push(Self::clears(&self.0, item) && settle(backend, item, &Resolution::Accept).await?);
+            out.push(match item.record_id() {
+                Some(id) if Self::clears(&self.0, item) => {
+                    match backend.results.resolve_review(id, &Resolution::Accept).await? {
+                        ReviewOutcome::Resolved(_) => Fate::Done,
+                        // Settled before: the item has nothing left to wait for.
+                        ReviewOutcome::NotWaiting(_) => Fate::Stale,
+                        // A rejection stopped halfway (the result withdrawn, its DLQ entry perhaps
+                        // not yet written): the item stays, for `reject` to finish, so that the
+                        // record is not left with neither.
+                        ReviewOutcome::Missing => Fate::Kept,
+                    }
+                }
+                _ => Fate::Kept,
+            });
         }
         Ok(out)
     }
-}
-
-/// Settles one review item's result; whether the item may leave the review queue.
-async fn settle(backend: &Backend, item: &Item, resolution: &Resolution) -> Result<bool> {
-    let Some(id) = item.record_id() else {
-        return Err(SluiceError::permanent(ReasonCode::SchemaMismatch, "a review item without a record id"));
-    };
-    // Settled now or before: the item has nothing left to wait for. No result at all is a
-    // rejection stopped halfway (the result withdrawn, its DLQ entry perhaps not yet written):
-    // the item stays, for `reject` to finish, so that the record is not left with neither.
-    Ok(!matches!(backend.results.resolve_review(id, resolution).await?, ReviewOutcome::Missing))
 }
 
 /// A person's label for `id`: settles its result (a conditional write: the first label wins)
@@ -569,21 +593,21 @@ pub struct Reject;
 
 #[async_trait::async_trait]
 impl Action for Reject {
-    async fn apply(&self, backend: &Backend, items: &[Item]) -> Result<Vec<bool>> {
+    async fn apply(&self, backend: &Backend, items: &[Item]) -> Result<Vec<Fate>> {
         let mut out = Vec::with_capacity(items.len());
         for item in items {
             let Some(id) = item.record_id() else {
-                out.push(false);
+                out.push(Fate::Kept);
                 continue;
             };
-            match backend.results.withdraw_review(id).await? {
+            out.push(match backend.results.withdraw_review(id).await? {
                 // Settled by someone else in the meantime: nothing to reject, nothing to wait for.
-                ReviewOutcome::NotWaiting(_) => {}
+                ReviewOutcome::NotWaiting(_) => Fate::Stale,
                 ReviewOutcome::Resolved(_) | ReviewOutcome::Missing => {
                     send_rejected(backend, id, item.entry.body.clone(), item.entry.attempts).await?;
+                    Fate::Done
                 }
-            }
-            out.push(true);
+            });
         }
         Ok(out)
     }

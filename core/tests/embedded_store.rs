@@ -596,12 +596,12 @@ async fn stats_of_a_dlq_deeper_than_one_look_say_they_are_partial() {
 /// though the first ten looked at stay.
 #[tokio::test]
 async fn entries_an_action_keeps_do_not_use_up_a_limit() {
-    use sluice_core::dlq::{self, Action, Filter, Item, Letters, ReplayOptions};
+    use sluice_core::dlq::{self, Action, Fate, Filter, Item, Letters, ReplayOptions};
     struct TakeFromTen;
     #[async_trait::async_trait]
     impl Action for TakeFromTen {
-        async fn apply(&self, _: &Backend, items: &[Item]) -> sluice_core::Result<Vec<bool>> {
-            Ok(items.iter().map(|i| i.entry.body[0] >= 10).collect())
+        async fn apply(&self, _: &Backend, items: &[Item]) -> sluice_core::Result<Vec<Fate>> {
+            Ok(items.iter().map(|i| if i.entry.body[0] >= 10 { Fate::Done } else { Fate::Kept }).collect())
         }
     }
     let (_dir, _config, backend) = fresh(StoreConfig::default()).await;
@@ -620,20 +620,20 @@ async fn entries_an_action_keeps_do_not_use_up_a_limit() {
 /// and leaves nothing hidden: every entry looked at is visible again at once.
 #[tokio::test]
 async fn a_failing_action_gives_every_entry_back() {
-    use sluice_core::dlq::{self, Action, Filter, Item, Letters, ReplayOptions};
+    use sluice_core::dlq::{self, Action, Fate, Filter, Item, Letters, ReplayOptions};
     use sluice_core::{ReasonCode, SluiceError};
     struct Fails;
     #[async_trait::async_trait]
     impl Action for Fails {
-        async fn apply(&self, _: &Backend, _: &[Item]) -> sluice_core::Result<Vec<bool>> {
+        async fn apply(&self, _: &Backend, _: &[Item]) -> sluice_core::Result<Vec<Fate>> {
             Err(SluiceError::retryable(ReasonCode::Internal, "the copies could not be sent"))
         }
     }
     struct JudgesOne;
     #[async_trait::async_trait]
     impl Action for JudgesOne {
-        async fn apply(&self, _: &Backend, _: &[Item]) -> sluice_core::Result<Vec<bool>> {
-            Ok(vec![true])
+        async fn apply(&self, _: &Backend, _: &[Item]) -> sluice_core::Result<Vec<Fate>> {
+            Ok(vec![Fate::Done])
         }
     }
     let (_dir, _config, backend) = fresh(StoreConfig::default()).await;
@@ -680,4 +680,39 @@ async fn a_review_item_without_a_result_stays_until_rejected() {
     assert_eq!(dlq::reject(&backend, &result.record_id).await.unwrap(), Rejected::Rejected);
     assert_eq!(backend.queue(QueueName::Review).depth().await.unwrap().total(), 0);
     assert_eq!(backend.queue(QueueName::ResultsDlq).depth().await.unwrap().total(), 1);
+}
+
+/// A record written twice leaves two identical review items. A replay judges each (where it
+/// used to pass over the second as one it had seen), accepts the result once and counts the
+/// other as stale; a purge by record id takes every copy.
+#[tokio::test]
+async fn copies_of_a_review_item_are_each_judged_once() {
+    use sluice_core::dlq::{self, Delete, Filter, Letters, Rejudge, ReplayOptions};
+    use sluice_core::record::ResultStatus;
+    let (_dir, _config, backend) = fresh(StoreConfig::default()).await;
+    let review = backend.queue(QueueName::Review);
+    let mut items = Vec::new();
+    for id in ["twice", "kept"] {
+        let result = sluice_core::testing::prediction_result(id, "1", ResultStatus::Review);
+        backend.results.put_if_absent(vec![result.clone()]).await.unwrap();
+        let body = serde_json::to_vec(&result).unwrap();
+        items.extend((0..2).map(|_| OutgoingMessage { body: body.clone(), ..OutgoingMessage::default() }));
+    }
+    review.send_batch(items).await.unwrap();
+
+    let mut manifest = sluice_core::model::ModelBundle::load(concat!(env!("CARGO_MANIFEST_DIR"), "/../models/digits"))
+        .unwrap()
+        .manifest;
+    manifest.thresholds.default = 0.0;
+    manifest.thresholds.per_class.clear();
+    let twice = Filter { record_id: glob::Pattern::new("twice").ok(), ..Filter::default() };
+    let options = ReplayOptions::default();
+    let done = dlq::apply(&backend, Letters::Review, &twice, &Rejudge(manifest), &options, &|_| {}).await.unwrap();
+    assert_eq!((done.moved, done.stale, done.kept), (1, 1, 0), "{done:?}");
+    assert_eq!(review.depth().await.unwrap().total(), 2, "both copies of the other stay");
+
+    let kept = Filter { record_id: glob::Pattern::new("kept").ok(), ..Filter::default() };
+    let purged = dlq::apply(&backend, Letters::Review, &kept, &Delete, &options, &|_| {}).await.unwrap();
+    assert_eq!(purged.moved, 2, "a purge takes every copy");
+    assert_eq!(review.depth().await.unwrap().total(), 0);
 }

@@ -17,6 +17,7 @@ fuzz_target!(|data: &[u8]| {
     let attributes: BTreeMap<String, String> = serde_json::from_slice(head).unwrap_or_default();
     for letters in Letters::ALL {
         let message = ReceivedMessage {
+            id: "m".into(),
             body: body.to_vec(),
             attributes: attributes.clone(),
             receipt: Receipt("r".into()),

@@ -163,6 +163,9 @@ pub struct Receipt(pub String);
 /// A message as received from a queue.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReceivedMessage {
+    /// The queue's id for the message: the same each time it is received (SQS's MessageId),
+    /// where its receipt is new each time. Two copies of one body are two ids.
+    pub id: String,
     pub body: Vec<u8>,
     pub attributes: BTreeMap<String, String>,
     pub receipt: Receipt,

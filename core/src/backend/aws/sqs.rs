@@ -155,7 +155,7 @@ impl SqsQueue {
     }
 
     /// The message as sent, with SQS's message id (stable across receives).
-    async fn decode(&self, message: aws_sdk_sqs::types::Message) -> Result<(String, ReceivedMessage)> {
+    async fn decode(&self, message: aws_sdk_sqs::types::Message) -> Result<ReceivedMessage> {
         let id = message.message_id.clone().unwrap_or_default();
         let attrs = message.message_attributes.unwrap_or_default();
         let text = |key: &str| attrs.get(key).and_then(|v| v.string_value.clone());
@@ -172,29 +172,14 @@ impl SqsQueue {
             text(ATTRIBUTES).and_then(|json| serde_json::from_str(&json).ok()).unwrap_or_default();
         let system = message.attributes.unwrap_or_default();
         let number = |name: MessageSystemAttributeName| system.get(&name).and_then(|v| v.parse::<u64>().ok());
-        Ok((
+        Ok(ReceivedMessage {
             id,
-            ReceivedMessage {
-                body,
-                attributes,
-                receipt: Receipt(message.receipt_handle.unwrap_or_default()),
-                receive_count: number(MessageSystemAttributeName::ApproximateReceiveCount).unwrap_or(1) as u32,
-                sent_at_ms: number(MessageSystemAttributeName::SentTimestamp).unwrap_or_default(),
-            },
-        ))
-    }
-
-    async fn receive_raw(
-        &self,
-        max: usize,
-        wait: Duration,
-        visibility: Option<i32>,
-    ) -> Result<Vec<(String, ReceivedMessage)>> {
-        let mut out = Vec::new();
-        for message in self.receive_messages(max, wait, visibility).await? {
-            out.push(self.decode(message).await?);
-        }
-        Ok(out)
+            body,
+            attributes,
+            receipt: Receipt(message.receipt_handle.unwrap_or_default()),
+            receive_count: number(MessageSystemAttributeName::ApproximateReceiveCount).unwrap_or(1) as u32,
+            sent_at_ms: number(MessageSystemAttributeName::SentTimestamp).unwrap_or_default(),
+        })
     }
 
     /// One ReceiveMessage call: the messages as SQS gives them, not yet decoded.
@@ -367,7 +352,11 @@ impl WorkQueue for SqsQueue {
     }
 
     async fn receive(&self, max: usize, wait: Duration) -> Result<Vec<ReceivedMessage>> {
-        Ok(self.receive_raw(max, wait, None).await?.into_iter().map(|(_, m)| m).collect())
+        let mut out = Vec::new();
+        for message in self.receive_messages(max, wait, None).await? {
+            out.push(self.decode(message).await?);
+        }
+        Ok(out)
     }
 
     async fn ack(&self, receipts: &[Receipt]) -> Result<()> {
@@ -452,7 +441,7 @@ impl WorkQueue for SqsQueue {
                     // One message that cannot be read (its claim-checked body gone) does not
                     // keep the rest from being looked at; the look then counts as partial.
                     match self.decode(message).await {
-                        Ok((_, message)) => out.push(message),
+                        Ok(message) => out.push(message),
                         Err(error) => tracing::warn!(%error, "a look passed over a message it cannot read"),
                     }
                 }

@@ -205,6 +205,7 @@ fn unpack(taken: Vec<Taken>, queue: QueueName, receipt: impl Fn(i64, i64, u32) -
         };
         // Runs of one batch never overlap: each message is taken out once.
         out.extend(run.iter_mut().zip(t.first..).map(|(m, place)| ReceivedMessage {
+            id: format!("{}:{place}", t.batch),
             body: std::mem::take(&mut m.body),
             attributes: std::mem::take(&mut m.attributes),
             receipt: receipt(t.batch, place, t.receive_count),
@@ -243,6 +244,7 @@ fn unreadable_entry(queue: QueueName, batch: i64, why: &str, runs: &[Taken], rec
     let mut attributes = entry.attributes();
     attributes.remove(crate::record::dlq_attr::ATTEMPTS);
     ReceivedMessage {
+        id: format!("{batch}:whole"),
         body: runs[0].data.to_vec(),
         attributes,
         receipt,
