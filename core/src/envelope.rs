@@ -246,7 +246,12 @@ impl Envelope {
         if version != Some(u64::from(SCHEMA_VERSION)) {
             return Err(SluiceError::permanent(
                 ReasonCode::UnsupportedSchemaVersion,
-                format!("schema_version {version:?} is not supported; this build reads {SCHEMA_VERSION}"),
+                match value.get("schema_version") {
+                    Some(given) => {
+                        format!("schema_version {given} is not supported; this build reads {SCHEMA_VERSION}")
+                    }
+                    None => format!("the envelope has no schema_version; this build reads {SCHEMA_VERSION}"),
+                },
             ));
         }
         let wire: WireEnvelope = serde_json::from_value(value)

@@ -65,7 +65,7 @@ impl IngestStage {
             .and_then(|key| RecordId::from_replay_partition_key(key))
             .unwrap_or_else(|| RecordId::from_stream_position(shard, sequence));
         let mut envelope = validate::parse(&delivery.body, &position, *arrived_ms, &self.config)
-            .map_err(|error| Outcome::failed(error, Some(position)))?;
+            .map_err(|error| Outcome::failed(error, Some(validate::claimed_id(&delivery.body).unwrap_or(position))))?;
         // With tracing on, the worker gave the delivery this stage's span: the record carries it on.
         if let Some(traceparent) = delivery.attributes.get(TRACEPARENT) {
             envelope.trace = Some(traceparent.clone());

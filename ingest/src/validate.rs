@@ -13,6 +13,7 @@ const RAW_SOURCE: &str = "stream";
 /// Reads a stream record as an envelope: either it is one, or it is a raw image or JSON event
 /// that gets wrapped in one. `position` is the record id of last resort.
 pub(crate) fn parse(body: &[u8], position: &RecordId, arrived_ms: u64, config: &IngestConfig) -> Result<Envelope> {
+    let body = without_bom(body);
     if body.is_empty() {
         return Err(SluiceError::permanent(ReasonCode::EmptyPayload, "the record has no bytes"));
     }
@@ -41,6 +42,13 @@ pub(crate) fn parse(body: &[u8], position: &RecordId, arrived_ms: u64, config: &
             }
         }
         Some(image) => Envelope::inline(position.clone(), RAW_SOURCE, image, body.to_vec()),
+        // JSON, but no object: not an event.
+        None if serde_json::from_slice::<serde_json::Value>(body).is_ok() => {
+            return Err(SluiceError::permanent(
+                ReasonCode::SchemaMismatch,
+                "a JSON event must be an object (this record is a JSON string, number, boolean or null)",
+            ));
+        }
         None => {
             return Err(SluiceError::permanent(
                 ReasonCode::UnsupportedContentType,
@@ -49,6 +57,22 @@ pub(crate) fn parse(body: &[u8], position: &RecordId, arrived_ms: u64, config: &
         }
     };
     Ok(stamped(envelope, arrived_ms))
+}
+
+/// `body` without a UTF-8 byte-order mark, which some editors and producers put before JSON.
+fn without_bom(body: &[u8]) -> &[u8] {
+    body.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(body)
+}
+
+/// The record id an envelope names, when the record is one that [`parse`] refused (a schema
+/// version from elsewhere, a field wrong): its DLQ entry is then found by the producer's id, not
+/// only by its stream position.
+pub(crate) fn claimed_id(body: &[u8]) -> Option<RecordId> {
+    let value: serde_json::Value = serde_json::from_slice(without_bom(body)).ok()?;
+    if !Envelope::looks_like_envelope(&value) {
+        return None;
+    }
+    RecordId::parse(value.get("record_id")?.as_str()?.to_owned()).ok()
 }
 
 /// The envelope stamped as ingested now, with a trace if it came without one.
@@ -178,5 +202,26 @@ mod tests {
         // A raw event is no envelope: wrapped, under the stream position.
         let raw = read(&serde_json::json!({"amount": 3})).unwrap();
         assert_eq!((raw.record_id.as_str(), raw.content_type), ("shard-0:1", ContentType::Json));
+
+        // A refused envelope is still known by the id its producer gave it, where it can be read.
+        let claimed = |body: &serde_json::Value| claimed_id(&serde_json::to_vec(body).unwrap());
+        assert_eq!(claimed(&with("schema_version", 2.into())).unwrap().as_str(), "r-1");
+        assert_eq!(claimed(&with("content_type", "image/gif".into())).unwrap().as_str(), "r-1");
+        assert_eq!(claimed(&with("record_id", "has space".into())), None);
+        assert_eq!(claimed(&serde_json::json!({"record_id": "r-2"})), None, "a raw event is no envelope");
+    }
+
+    #[test]
+    fn json_after_a_byte_order_mark_is_json_and_a_bare_value_is_no_event() {
+        let position = RecordId::parse("shard-0:1").unwrap();
+        let parse = |body: &[u8]| parse(body, &position, 7, &IngestConfig::default());
+        let event = parse(b"\xEF\xBB\xBF{\"amount\": 3}").unwrap();
+        assert_eq!(event.content_type, ContentType::Json);
+        for scalar in [&b"42"[..], b"\"hello\"", b"\xEF\xBB\xBFtrue"] {
+            let err = parse(scalar).unwrap_err();
+            assert_eq!(err.code(), ReasonCode::SchemaMismatch, "{err}");
+            assert!(err.to_string().contains("must be an object"), "{err}");
+        }
+        assert_eq!(parse(b"GIF89a").unwrap_err().code(), ReasonCode::UnsupportedContentType);
     }
 }
