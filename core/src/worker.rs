@@ -429,6 +429,10 @@ pub struct Worker {
     queue_system: &'static str,
     /// Where the stage reads from, for spans.
     input: Destination,
+    /// Receives after which the queue redrives a message: a retryable failure on the last one is
+    /// dead-lettered here, with its cause, rather than left for the redrive's
+    /// `max_receives_exceeded`.
+    max_receives: u32,
 }
 
 impl Worker {
@@ -456,6 +460,7 @@ impl Worker {
             abandon: CancellationToken::new(),
             queue_system,
             input,
+            max_receives: store.max_receives.max(1),
         }
     }
 
@@ -553,6 +558,16 @@ impl Worker {
                     done.push(&delivery.origin);
                 }
                 Outcome::Failed { error, record_id } => {
+                    let last_receive = matches!(delivery.origin, Origin::Queue(_))
+                        && delivery.receive_count >= self.max_receives
+                        && error.is_retryable();
+                    let error = match last_receive {
+                        true => SluiceError::permanent(
+                            error.code(),
+                            format!("gave up after {} receives: {}", delivery.receive_count, error.detail()),
+                        ),
+                        false => error,
+                    };
                     let permanent = !error.is_retryable();
                     let action = if permanent { FailureAction::DeadLettered } else { FailureAction::Retried };
                     metrics().failed(stage, error.code().as_str(), action);

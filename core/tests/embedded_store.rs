@@ -218,7 +218,8 @@ fn refuse_sends(store: &StoreConfig, queue: QueueName) -> rusqlite::Connection {
 
 /// A worker on the embedded store: a refused send leaves its whole batch unacknowledged (it comes
 /// back until redriven, nothing half sent); then a batch forwards and acknowledges what it did, and
-/// the delivery that failed comes back on its own until redriven.
+/// the delivery that failed comes back on its own until its last receive, when it is dead-lettered
+/// with its cause.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_acknowledges_only_with_its_sends_and_never_loses_a_refused_batch() {
     let (_dir, store, backend) = fresh(StoreConfig { max_receives: 2, ..StoreConfig::default() }).await;
@@ -246,6 +247,21 @@ async fn a_worker_acknowledges_only_with_its_sends_and_never_loses_a_refused_bat
     refusing.execute_batch("DROP TRIGGER refuse_sends").unwrap();
     features.send_batch(vec![message("d"), message("retry-e"), message("f")]).await.unwrap();
     settle_at(&backend, queues, [0, 2, 4]).await;
+    // The batches whose sends were refused were never acknowledged: the queue's redrive moved
+    // them. The delivery that failed on every receive was dead-lettered by the worker, with why.
+    let entries: Vec<DlqEntry> = backend
+        .queue(QueueName::FeaturesDlq)
+        .peek(10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|m| DlqEntry::from_message(StageName::Features, m.body, &m.attributes, 0, 0))
+        .collect();
+    let redriven = entries.iter().filter(|e| e.reason == ReasonCode::MaxReceivesExceeded).count();
+    assert_eq!(redriven, 3, "{entries:?}");
+    let given_up = entries.iter().find(|e| e.body == b"retry-e").unwrap();
+    assert_eq!(given_up.reason, ReasonCode::Internal, "{given_up:?}");
+    assert!(given_up.detail.starts_with("gave up after 2 receives: not yet"), "{given_up:?}");
 
     shutdown.cancel();
     tokio::time::timeout(Duration::from_secs(5), running).await.unwrap().unwrap().unwrap();
