@@ -138,14 +138,15 @@ pub async fn demo(args: &DemoArgs, settings: Settings) -> anyhow::Result<Summary
     }
 
     let test = digits::load_split(Split::Test)?;
-    let mut records =
+    let records =
         digit_records(&test, Split::Test, args.repeat.max(1), DigitForm::from_flags(false, args.photos), &run_tag());
     let ingest: sluice_ingest::IngestConfig = settings.section("ingest")?;
     let bad = sluice_ingest::samples::bad_records(&test[0].to_png(), ingest.max_payload_bytes);
-    records.extend(bad.into_iter().map(|b| b.input));
 
     let started = Instant::now();
-    put_all(&backend, records).await?;
+    put_all(&backend, records, &ingest).await?;
+    // As a producer that checks nothing writes them: the oversized one inline, not claim-checked.
+    backend.stream.put_records(bad.into_iter().map(|b| b.input).collect()).await?;
     crate::pipeline::run_all(&settings, CancellationToken::new(), true, &Health::new(StageName::ALL.len())).await?;
     let elapsed = started.elapsed().as_secs_f64();
     let pipeline_requests = requests().snapshot();

@@ -96,6 +96,7 @@ pub async fn run(
     rate: f64,
     duration: Duration,
     pattern: Pattern,
+    ingest: &sluice_ingest::IngestConfig,
 ) -> anyhow::Result<LoadReport> {
     anyhow::ensure!(rate > 0.0 && rate.is_finite(), "--rate must be a positive number of records a second");
     let length = duration.as_secs_f64();
@@ -113,7 +114,7 @@ pub async fn run(
         most_behind = most_behind.max(due - put.records);
         let n = (due - put.records).min(PUT_BATCH as u64);
         let records = (put.records..put.records + n).map(|i| catalogue.record(i)).collect();
-        put += put_batch(backend, records).await?;
+        put += put_batch(backend, records, ingest).await?;
         progress.set_position(put.records);
         progress.set_message(format!("{} refused and resent", put.retried));
     }

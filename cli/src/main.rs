@@ -255,13 +255,16 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
             }
         }
         Command::Produce { store, args } => {
-            let backend = Backend::open_to_produce(&store.apply(settings).store()?).await?;
+            let settings = store.apply(settings);
+            let backend = Backend::open_to_produce(&settings.store()?).await?;
+            // Written as ingest will take them: what it refuses inline travels as a claim-check.
+            let ingest: sluice_ingest::IngestConfig = settings.section("ingest")?;
             if let (Some(rate), Some(duration)) = (args.rate, args.duration) {
                 let catalogue = produce::catalogue_for(&args)?;
-                let report = load::run(&backend, &catalogue, rate, duration, args.pattern).await?;
+                let report = load::run(&backend, &catalogue, rate, duration, args.pattern, &ingest).await?;
                 println!("{report}");
             } else {
-                let report = produce::put_all(&backend, produce::records_for(&args)?).await?;
+                let report = produce::put_all(&backend, produce::records_for(&args)?, &ingest).await?;
                 println!("produced {} records", report.records);
                 if report.retried > 0 {
                     println!(

@@ -130,7 +130,7 @@ pub async fn bench_pipeline(args: &BenchPipelineArgs, settings: Settings) -> any
     // Counts the results while the stages run on a connection of their own: on the stages' one,
     // each look (a count over the results index, every 20 ms) held them all up while it ran.
     let observer = Backend::open_observer(&settings.store()?).await?;
-    put_all(&backend, records).await?;
+    put_all(&backend, records, &settings.section("ingest")?).await?;
     let written_before = bytes_written();
     let cpu_before = cpu_seconds();
     let started = Instant::now();

@@ -5,8 +5,9 @@ use std::path::PathBuf;
 use anyhow::Context;
 use sluice_core::backend::{Backend, BlobStore, PutReport, StreamInput};
 use sluice_core::config::BackendKind;
-use sluice_core::envelope::{ContentType, Envelope, RecordId};
+use sluice_core::envelope::{ContentType, Envelope, Payload, RecordId};
 use sluice_core::telemetry::traces;
+use sluice_ingest::IngestConfig;
 
 use crate::digits::{self, Digit, Split};
 
@@ -145,15 +146,22 @@ pub fn run_tag() -> String {
 /// The most a stream record may carry, partition key included (Kinesis: 1 MiB).
 const MAX_STREAM_RECORD: usize = 1024 * 1024;
 
-/// Writes `records` to the stream in batches. A record too large for the stream goes to the
-/// blob store first and travels as an envelope holding the claim-check reference.
-pub async fn put_all(backend: &Backend, records: Vec<StreamInput>) -> anyhow::Result<PutReport> {
+/// The most bytes a record is written with inline: what ingest takes inline
+/// (`ingest.max_payload_bytes`) and the stream carries. A larger one goes to the blob store first.
+pub fn inline_most(ingest: &IngestConfig) -> usize {
+    ingest.max_payload_bytes.min(MAX_STREAM_RECORD)
+}
+
+/// Writes `records` to the stream in batches, as ingest (configured as `ingest`) takes them: a
+/// record over [`inline_most`] bytes goes to the blob store first and travels as an envelope
+/// holding the claim-check reference.
+pub async fn put_all(backend: &Backend, records: Vec<StreamInput>, ingest: &IngestConfig) -> anyhow::Result<PutReport> {
     let progress = crate::progress::bar(records.len() as u64, "records");
     let mut report = PutReport::default();
     let mut records = records;
     while !records.is_empty() {
         let rest = records.split_off(records.len().min(PUT_BATCH));
-        report += put_batch(backend, records).await?;
+        report += put_batch(backend, records, ingest).await?;
         progress.set_position(report.records);
         records = rest;
     }
@@ -162,11 +170,15 @@ pub async fn put_all(backend: &Backend, records: Vec<StreamInput>) -> anyhow::Re
 }
 
 /// Writes up to [`PUT_BATCH`] records in one stream call (claim-checks and trace context first).
-pub async fn put_batch(backend: &Backend, records: Vec<StreamInput>) -> anyhow::Result<PutReport> {
+pub async fn put_batch(
+    backend: &Backend,
+    records: Vec<StreamInput>,
+    ingest: &IngestConfig,
+) -> anyhow::Result<PutReport> {
     let mut checked = Vec::with_capacity(records.len());
     for record in records {
         let record = if traces::enabled() { with_create_span(backend, record) } else { record };
-        checked.push(claim_check_if_large(backend.blobs.as_ref(), record).await?);
+        checked.push(claim_check_if_large(backend.blobs.as_ref(), record, ingest).await?);
     }
     Ok(backend.stream.put_records(checked).await?)
 }
@@ -185,15 +197,38 @@ fn with_create_span(backend: &Backend, record: StreamInput) -> StreamInput {
     StreamInput { partition_key: record.partition_key, data: envelope.to_json() }
 }
 
-async fn claim_check_if_large(blobs: &dyn BlobStore, record: StreamInput) -> anyhow::Result<StreamInput> {
-    if record.data.len() + record.partition_key.len() <= MAX_STREAM_RECORD {
+async fn claim_check_if_large(
+    blobs: &dyn BlobStore,
+    record: StreamInput,
+    ingest: &IngestConfig,
+) -> anyhow::Result<StreamInput> {
+    let size = record.data.len();
+    if size <= inline_most(ingest) && size + record.partition_key.len() <= MAX_STREAM_RECORD {
         return Ok(record);
     }
+    // An envelope already: its payload goes to the blob store, and it keeps its record id, label
+    // and attributes (wrapped whole in another envelope, it would be read as a raw JSON event).
+    if let Ok(mut envelope) = Envelope::from_json(&record.data)
+        && let Payload::Inline { data } = &mut envelope.payload
+    {
+        let reference = blobs.put(std::mem::take(data)).await?;
+        envelope.payload = Payload::ClaimCheck { reference };
+        return Ok(StreamInput { partition_key: record.partition_key, data: envelope.to_json() });
+    }
     let content_type = ContentType::sniff(&record.data).map_or("application/octet-stream", ContentType::as_str);
-    // A record of its own, as a small file is by its stream position: the content's hash names
-    // it for people, and a nonce keeps a copy (`--repeat`) or another file with the same bytes
-    // from sharing its result. The id is in the envelope, so a redelivery keeps it.
-    let id = format!("{}-{}", RecordId::from_content(&record.data), &uuid::Uuid::new_v4().simple().to_string()[..12]);
+    // A raw JSON event names its id as ingest would read it (`ingest.record_id_field`). Else a
+    // record of its own, as a small file is by its stream position: the content's hash names it
+    // for people, and a nonce keeps a copy (`--repeat`) or another file with the same bytes from
+    // sharing its result. The id is in the envelope, so a redelivery keeps it.
+    let named = serde_json::from_slice::<serde_json::Value>(&record.data)
+        .ok()
+        .and_then(|event| sluice_ingest::raw_event_id(&event, ingest).ok().flatten());
+    let id = match named {
+        Some(id) => id.to_string(),
+        None => {
+            format!("{}-{}", RecordId::from_content(&record.data), &uuid::Uuid::new_v4().simple().to_string()[..12])
+        }
+    };
     let reference = blobs.put(record.data).await?;
     // Built as JSON, not as an `Envelope`: the content type may be one sluice does not take,
     // and ingest is where that is judged and dead-lettered.

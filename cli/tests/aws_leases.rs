@@ -56,7 +56,7 @@ async fn ingest_consumers_share_shards_and_survive_kill_and_term() {
     let backend = Backend::open_observer(&config).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
 
-    put_all(&backend, records("a", 40)).await.unwrap();
+    put_all(&backend, records("a", 40), &Default::default()).await.unwrap();
     let one = ingest(&prefix, "one", dir.path());
     let two = ingest(&prefix, "two", dir.path());
     wait_for(&backend, Duration::from_secs(60), "a 2 + 2 split", |s| {
@@ -68,7 +68,7 @@ async fn ingest_consumers_share_shards_and_survive_kill_and_term() {
     // SIGKILL: the survivor holds all four within twice the failover time.
     one.kill();
     let killed_at = Instant::now();
-    put_all(&backend, records("b", 40)).await.unwrap();
+    put_all(&backend, records("b", 40), &Default::default()).await.unwrap();
     wait_for(&backend, Duration::from_millis(4 * FAILOVER_MS), "the survivor to hold every shard", |s| {
         s.stream.leases.get("two") == Some(&4) && s.stream.leases.len() == 1
     })
@@ -84,7 +84,7 @@ async fn ingest_consumers_share_shards_and_survive_kill_and_term() {
     .await;
     two.terminate(Duration::from_secs(20));
     let termed_at = Instant::now();
-    put_all(&backend, records("c", 40)).await.unwrap();
+    put_all(&backend, records("c", 40), &Default::default()).await.unwrap();
     wait_for(&backend, Duration::from_secs(60), "three to hold every shard", |s| {
         s.stream.leases.get("three") == Some(&4)
     })

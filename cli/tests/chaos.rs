@@ -64,9 +64,9 @@ async fn chaos(setup: Setup, records: usize, seed: u64) {
         good.iter().map(|r| Envelope::from_json(&r.data).unwrap().record_id.to_string()).collect();
     let ingest_config: sluice_ingest::IngestConfig = Default::default();
     let bad = sluice_ingest::samples::bad_records(&test[0].to_png(), ingest_config.max_payload_bytes);
-    let mut all = good;
-    all.extend(bad.iter().map(|b| b.input.clone()));
-    put_all(&backend, all).await.unwrap();
+    put_all(&backend, good, &ingest_config).await.unwrap();
+    // As a producer that checks nothing writes them: the oversized one inline, not claim-checked.
+    backend.stream.put_records(bad.iter().map(|b| b.input.clone()).collect()).await.unwrap();
 
     let logs = dir.path();
     let mut serial = 0;

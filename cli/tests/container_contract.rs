@@ -91,7 +91,7 @@ async fn workers_run_unprivileged_on_a_read_only_root_configured_by_environment_
     let digits = load_split(Split::Test).unwrap();
     let mut records = digit_records(&digits[..RECORDS - 1], Split::Test, 1, DigitForm::Png, &run_tag());
     records.push(StreamInput { partition_key: "bad".to_owned(), data: b"{not json".to_vec() });
-    put_all(&backend, records).await.unwrap();
+    put_all(&backend, records, &Default::default()).await.unwrap();
 
     let model = model_dir().canonicalize().unwrap();
     let dir = tempfile::tempdir().unwrap();

@@ -29,7 +29,7 @@ async fn workers_drain_10k_records_through_sigterms_and_a_sigkill() {
     let produced: BTreeSet<String> =
         records.iter().map(|r| Envelope::from_json(&r.data).unwrap().record_id.to_string()).collect();
     assert_eq!(produced.len(), RECORDS);
-    put_all(&backend, records).await.unwrap();
+    put_all(&backend, records, &Default::default()).await.unwrap();
 
     let logs = dir.path();
     let grace = Duration::from_secs(10); // SLUICE__WORKER__SHUTDOWN_GRACE_MS in common::test_env

@@ -20,6 +20,7 @@ use sluice_core::worker::{BatchPolicy, Delivery, Origin, Outcome, PARTITION_KEY,
 use sluice_core::{ReasonCode, SluiceError};
 
 pub use config::IngestConfig;
+pub use validate::raw_event_id;
 
 pub struct IngestStage {
     config: IngestConfig,

@@ -87,7 +87,7 @@ fn stamped(mut envelope: Envelope, arrived_ms: u64) -> Envelope {
 /// The id a raw event names in `record_id_field`: none when it is not configured or the event
 /// lacks the field (the stream position serves); an error when the field holds anything but a
 /// valid record id string, rather than an id made up in its place.
-fn raw_event_id(event: &serde_json::Value, config: &IngestConfig) -> Result<Option<RecordId>> {
+pub fn raw_event_id(event: &serde_json::Value, config: &IngestConfig) -> Result<Option<RecordId>> {
     let Some(field) = config.record_id_field.as_deref() else { return Ok(None) };
     match event.get(field) {
         None | Some(serde_json::Value::Null) => Ok(None),
