@@ -9,7 +9,10 @@ use sluice_core::backend::Backend;
 use sluice_core::config::{Settings, StoreArgs};
 use sluice_core::model::ModelBundle;
 
+/// The results and review HTTP API (`GET /results`, `POST /review/{id}`, `/openapi.json`), as
+/// `sluice serve` serves it.
 #[derive(Debug, Parser)]
+#[command(name = "sluice-api", version)]
 struct Args {
     /// TOML configuration file (environment `SLUICE__SECTION__KEY` overrides it).
     #[arg(long, env = "SLUICE_CONFIG")]

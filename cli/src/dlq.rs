@@ -109,7 +109,8 @@ pub struct FilterArgs {
     /// Reason code (e.g. `missing_features`, `below_threshold`).
     #[arg(long)]
     pub reason: Option<String>,
-    /// Record ids matching this glob (`digits-*-00??-*`).
+    /// Record ids matching this glob (`digits-*-00??-*`): `*`, `?` and `[...]` are wildcards, so
+    /// an id holding one of them is matched by itself in brackets (`rec[[]1]` for `rec[1]`).
     #[arg(long)]
     pub record_id: Option<String>,
     /// Predicted class (review items).
@@ -214,7 +215,11 @@ pub async fn run(command: DlqCommand, settings: Settings) -> anyhow::Result<()> 
                         .map(|ms| format!(", oldest {}", humantime::format_duration(Duration::from_secs(ms / 1000))))
                         .unwrap_or_default();
                     let copies = queue.entries - queue.records;
-                    let copies = if copies > 0 { format!(" ({copies} written twice)") } else { String::new() };
+                    let copies = match copies {
+                        0 => String::new(),
+                        1 => " (1 a copy of another's record)".to_owned(),
+                        n => format!(" ({n} copies of others' records)"),
+                    };
                     let of = among(queue.partial.then_some(queue.depth));
                     println!("{:<10} {:>7} entries{of}{copies}{age}", queue.queue.as_str(), queue.entries);
                     for (reason, n) in queue.by_reason {

@@ -76,7 +76,7 @@ enum Command {
         #[command(flatten)]
         args: top::TopArgs,
     },
-    /// List stored results, oldest record id first (e.g. `--status review` for the review queue).
+    /// List stored results in the order they were stored (e.g. `--status review` for the review queue).
     Results(results::ResultsArgs),
     /// Serve the results and review HTTP API (`GET /results`, `POST /review/{id}`, `/openapi.json`).
     Serve {
@@ -284,7 +284,10 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
         Command::Stats { store, json } => {
             let stats = PipelineStats::collect(&open(&store.apply(settings)).await?).await?;
             // Written, not printed: a reader gone (`| head`) is a broken pipe to pass over, not a panic.
-            let text = if json { serde_json::to_string(&stats)? + "\n" } else { sluice_cli::stats::render(&stats) };
+            let text = match json {
+                true => serde_json::to_string(&sluice_cli::stats::to_json(&stats)?)? + "\n",
+                false => sluice_cli::stats::render(&stats),
+            };
             std::io::Write::write_all(&mut std::io::stdout(), text.as_bytes())?;
         }
         Command::Top { store, args } => {

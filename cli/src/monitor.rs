@@ -115,12 +115,18 @@ pub(crate) fn window(since: Option<&str>, until: Option<&str>, config: &MonitorC
     Ok((since, until))
 }
 
+/// A window's length as people write it: `7 days`, `1 hour`, or humantime's `1h 30m`.
+fn span_text(seconds: u64) -> String {
+    let plural = |n: u64, unit: &str| if n == 1 { format!("1 {unit}") } else { format!("{n} {unit}s") };
+    match seconds {
+        s if s >= 86_400 && s % 86_400 == 0 => plural(s / 86_400, "day"),
+        s if s >= 3_600 && s % 3_600 == 0 => plural(s / 3_600, "hour"),
+        s => humantime::format_duration(Duration::from_secs(s)).to_string(),
+    }
+}
+
 fn print_text(pass: &MonitorRun) {
-    println!(
-        "sluice monitor: {} predictions over {}",
-        pass.records,
-        humantime::format_duration(Duration::from_secs((pass.until_ms - pass.since_ms) / 1000))
-    );
+    println!("sluice monitor: {} predictions over {}", pass.records, span_text((pass.until_ms - pass.since_ms) / 1000));
     for check in &pass.checks {
         let verdict = match check.breached {
             Some(true) => "BREACHED",
@@ -134,5 +140,17 @@ fn print_text(pass: &MonitorRun) {
     }
     for failure in &pass.undelivered {
         println!("  NOT DELIVERED {failure}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn windows_read_as_people_write_them() {
+        assert_eq!(span_text(7 * 86_400), "7 days");
+        assert_eq!(span_text(3_600), "1 hour");
+        assert_eq!(span_text(5_400), "1h 30m");
     }
 }

@@ -23,7 +23,8 @@ pub struct ProduceArgs {
     /// Write the bundled digits of this split as PNG records, labelled.
     #[arg(long, value_enum)]
     pub digits: Option<Split>,
-    /// Write everything this many times, each copy a distinct record.
+    /// Write everything this many times, each copy a distinct record (but for records that name
+    /// their id: envelopes, and JSON events with `ingest.record_id_field`, whose copies are one).
     #[arg(long, default_value_t = 1)]
     pub repeat: usize,
     /// Write digits as tabular JSON events instead of PNG images.

@@ -6,11 +6,32 @@ use sluice_core::backend::aws::requests_moving_records;
 use sluice_core::stats::PipelineStats;
 use sluice_core::topology::{QueueName, StageName};
 
+/// Records in that have reached no end yet: `(not yet done, none of these)`. Once the pipeline
+/// is drained nothing is left to do, so what is missing then ended in no result and no DLQ
+/// entry: purged from a DLQ, or a record id a producer wrote more than once (its copies share a
+/// result).
+fn unended(stats: &PipelineStats) -> (u64, u64) {
+    let missing = stats.records_in.saturating_sub(stats.accounted());
+    if stats.is_drained() { (0, missing) } else { (missing, 0) }
+}
+
+/// The stats as JSON, with what the table says of the records without an end:
+/// `drained`, `not_yet_done` and `none_of_these`.
+pub fn to_json(stats: &PipelineStats) -> serde_json::Result<serde_json::Value> {
+    let mut value = serde_json::to_value(stats)?;
+    let (not_yet_done, none_of_these) = unended(stats);
+    if let Some(fields) = value.as_object_mut() {
+        fields.insert("drained".into(), stats.is_drained().into());
+        fields.insert("not_yet_done".into(), not_yet_done.into());
+        fields.insert("none_of_these".into(), none_of_these.into());
+    }
+    Ok(value)
+}
+
 /// The stats as a few aligned lines: records in and where they ended, the stream, each queue.
 pub fn render(stats: &PipelineStats) -> String {
     let mut out = String::new();
-    let accounted = stats.accounted();
-    let in_flight = stats.records_in.saturating_sub(accounted);
+    let (not_yet_done, none_of_these) = unended(stats);
     let _ = writeln!(out, "records in      {:>10}   (taken in by ingest, from any producer)", stats.records_in);
     let _ = writeln!(out, "  results       {:>10}", stats.results);
     let _ =
@@ -18,13 +39,11 @@ pub fn render(stats: &PipelineStats) -> String {
     for stage in StageName::ALL {
         let _ = writeln!(out, "  dlq {:<9} {:>10}", stage.as_str(), stats.dlq.get(&stage).copied().unwrap_or(0));
     }
-    if stats.is_drained() && in_flight > 0 {
-        // Nothing is left to do, so what is missing ended in no result and no DLQ entry: purged
-        // from a DLQ, or a record id a producer wrote more than once (its copies share a result).
+    if none_of_these > 0 {
         let why = "(drained: DLQ entries purged, or record ids written more than once)";
-        let _ = writeln!(out, "  none of these {in_flight:>10}   {why}");
+        let _ = writeln!(out, "  none of these {none_of_these:>10}   {why}");
     } else {
-        let _ = writeln!(out, "  not yet done  {:>10}", in_flight);
+        let _ = writeln!(out, "  not yet done  {not_yet_done:>10}");
     }
 
     let stream = &stats.stream;

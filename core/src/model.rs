@@ -36,6 +36,16 @@ pub enum Architecture {
     Resnet18,
 }
 
+impl Architecture {
+    /// As `model.toml` names it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::DigitsCnn => "digits-cnn",
+            Self::Resnet18 => "resnet18",
+        }
+    }
+}
+
 /// `model.toml`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -323,11 +333,20 @@ impl ModelManifest {
         if let Some(unknown) = self.thresholds.per_class.keys().find(|l| !self.labels.contains(l)) {
             return Err(format!("threshold for unknown label {unknown:?}"));
         }
-        let image_len = self.input.image.as_ref().map(check_image).transpose()?;
-        let tabular_len = self.input.tabular.as_ref().map(check_tabular).transpose()?;
-        match (image_len, tabular_len) {
-            (None, None) => Err("input needs an image or a tabular spec".to_owned()),
-            (Some(a), Some(b)) if a != b => Err(format!("image input gives {a} features but tabular gives {b}")),
+        // Every architecture is a convolutional network: it takes its values as an image, and a
+        // tabular spec lays an event's fields out as one (as many values as the image has).
+        let Some(image) = &self.input.image else {
+            return Err(format!(
+                "input.image is needed: {} takes its input as an image (width × height × channels values); \
+                 a tabular spec lays an event's fields out as one, with as many values",
+                self.architecture.name()
+            ));
+        };
+        let image_len = check_image(image)?;
+        match self.input.tabular.as_ref().map(check_tabular).transpose()? {
+            Some(tabular_len) if tabular_len != image_len => {
+                Err(format!("image input gives {image_len} features but tabular gives {tabular_len}"))
+            }
             _ => Ok(()),
         }
     }
@@ -532,6 +551,7 @@ mod tests {
         refused(|m| tabular(m).required = vec!["amout".into()], "required field \"amout\"");
         refused(|m| tabular(m).min_present = Some(2.0), "min_present");
         refused(|m| tabular(m).min_present = Some(f32::NAN), "min_present");
+        refused(|m| m.input.image = None, "input.image is needed");
         let mut fine = manifest();
         fields(&mut fine, ("x", "y"), (0.0, 1.0));
         tabular(&mut fine).required = vec!["y".into()];

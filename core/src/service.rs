@@ -36,6 +36,32 @@ pub struct WorkerArgs {
 }
 
 impl WorkerArgs {
+    /// The command line of `stage`'s worker, its help saying what the worker does.
+    fn for_stage(stage: StageName) -> Self {
+        use clap::{CommandFactory, FromArgMatches};
+        let (name, does) = match stage {
+            StageName::Ingest => {
+                ("sluice-ingest", "reads the stream, checks each record and sends it on to features (or to its DLQ)")
+            }
+            StageName::Features => (
+                "sluice-features",
+                "turns each record into its feature vector, stores it and sends the record to inference",
+            ),
+            StageName::Inference => (
+                "sluice-inference",
+                "runs the model on batches of feature vectors (the SageMaker fallback when it fails)",
+            ),
+            StageName::Results => {
+                ("sluice-results", "stores each prediction, and sends those under their class threshold to review")
+            }
+        };
+        let command = Self::command()
+            .name(name)
+            .about(format!("The {stage} worker: it {does}."))
+            .version(env!("CARGO_PKG_VERSION"));
+        Self::from_arg_matches(&command.get_matches()).unwrap_or_else(|e| e.exit())
+    }
+
     pub fn settings(&self) -> Result<Settings, BuildError> {
         Ok(self.store.apply(Settings::load(self.config.as_deref())?))
     }
@@ -197,7 +223,7 @@ where
     S: Stage + 'static,
     F: FnOnce(&Settings, &Backend) -> Result<S, BuildError>,
 {
-    let args = WorkerArgs::parse();
+    let args = WorkerArgs::for_stage(stage_name);
     // Before any thread starts; a configuration that cannot be read is reported below.
     crate::threads::pin(args.settings().map(|s| crate::threads::configured(&s)).unwrap_or_default());
     let _telemetry = crate::telemetry::init(&format!("sluice-{stage_name}"), "info");
