@@ -33,23 +33,6 @@ const CHECK_ROWS: usize = 32;
 /// Input rows to cycle through: held-out digits, preprocessed as each model's features stage would.
 const INPUT_ROWS: usize = 128;
 
-/// The architectures the benches know how to build on both sides.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum BenchArchitecture {
-    DigitsCnn,
-    Resnet18,
-}
-
-impl BenchArchitecture {
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::DigitsCnn => "digits-cnn",
-            Self::Resnet18 => "resnet18",
-        }
-    }
-}
-
 /// What both benches measure, and how long.
 #[derive(Debug, Clone, clap::Args)]
 pub struct BenchArgs {
@@ -62,7 +45,7 @@ pub struct BenchArgs {
     pub resnet18_model: Option<PathBuf>,
     /// Architectures to measure, in this order.
     #[arg(long, value_delimiter = ',', default_value = "digits-cnn,resnet18")]
-    pub architectures: Vec<BenchArchitecture>,
+    pub architectures: Vec<Architecture>,
     /// CPU threads for every CPU runtime (default: every core).
     #[arg(long)]
     pub threads: Option<usize>,
@@ -144,7 +127,7 @@ pub struct Row {
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
     pub model: String,
-    pub architecture: BenchArchitecture,
+    pub architecture: Architecture,
     /// Where the weights came from: a bundle, or random initialisation.
     pub weights: String,
     /// What is measured (`candle-cpu`, `candle-cuda`) and against what.
@@ -174,7 +157,7 @@ pub struct Agreement {
 
 /// A bundle to measure, with its inputs.
 struct Subject {
-    architecture: BenchArchitecture,
+    architecture: Architecture,
     bundle: ModelBundle,
     weights: String,
     image: ImageInput,
@@ -222,18 +205,14 @@ fn subjects(args: &BenchArgs, scratch: &Path) -> anyhow::Result<Vec<Subject>> {
     let mut out = Vec::new();
     for &architecture in &args.architectures {
         let (bundle, weights) = match (architecture, &args.resnet18_model) {
-            (BenchArchitecture::DigitsCnn, _) => (ModelBundle::load(&args.model)?, args.model.display().to_string()),
-            (BenchArchitecture::Resnet18, Some(dir)) => (ModelBundle::load(dir)?, dir.display().to_string()),
-            (BenchArchitecture::Resnet18, None) => {
+            (Architecture::DigitsCnn, _) => (ModelBundle::load(&args.model)?, args.model.display().to_string()),
+            (Architecture::Resnet18, Some(dir)) => (ModelBundle::load(dir)?, dir.display().to_string()),
+            (Architecture::Resnet18, None) => {
                 (random_resnet18(&scratch.join("resnet18"))?, resnet18::RANDOM_WEIGHTS.to_owned())
             }
         };
-        let expected = match architecture {
-            BenchArchitecture::DigitsCnn => Architecture::DigitsCnn,
-            BenchArchitecture::Resnet18 => Architecture::Resnet18,
-        };
         ensure!(
-            bundle.manifest.architecture == expected,
+            bundle.manifest.architecture == architecture,
             "{} is {:?}, not {}",
             bundle.dir.display(),
             bundle.manifest.architecture,

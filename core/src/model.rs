@@ -25,7 +25,7 @@ pub enum BundleError {
 }
 
 /// The network a bundle's weights are for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum Architecture {
     /// Two 3×3 convolutions and two dense layers over 8×8 greyscale digits.
