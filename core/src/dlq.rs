@@ -533,9 +533,15 @@ pub async fn apply(
 pub struct Rejudge(pub ModelManifest);
 
 impl Rejudge {
-    /// Whether a review item's prediction clears its class's threshold in `manifest`.
+    /// Whether a review item's prediction clears its class's threshold in `manifest`. One made
+    /// over other labels than the bundle's (another model's, the bundle at `[model] dir` not the
+    /// one that served it) clears none: the bundle's thresholds say nothing of it.
     pub fn clears(manifest: &ModelManifest, item: &Item) -> bool {
-        item.verdict.as_ref().is_some_and(|v| v.confidence >= manifest.threshold(&v.label))
+        item.verdict.as_ref().is_some_and(|v| {
+            v.probabilities.len() == manifest.labels.len()
+                && manifest.labels.contains(&v.label)
+                && v.confidence >= manifest.threshold(&v.label)
+        })
     }
 }
 

@@ -721,8 +721,14 @@ async fn copies_of_a_review_item_are_each_judged_once() {
         .manifest;
     manifest.thresholds.default = 0.0;
     manifest.thresholds.per_class.clear();
-    let twice = Filter { record_id: glob::Pattern::new("twice").ok(), ..Filter::default() };
+    // Another model's bundle (other labels) judges none of them, whatever its thresholds.
     let options = ReplayOptions::default();
+    let everything = Filter::default();
+    let other = sluice_core::model::ModelManifest { labels: vec!["cat".into(), "dog".into()], ..manifest.clone() };
+    let done = dlq::apply(&backend, Letters::Review, &everything, &Rejudge(other), &options, &|_| {}).await.unwrap();
+    assert_eq!((done.moved, done.stale, done.kept), (0, 0, 4), "{done:?}");
+    manifest.labels = vec!["0".into(), "1".into()];
+    let twice = Filter { record_id: glob::Pattern::new("twice").ok(), ..Filter::default() };
     let done = dlq::apply(&backend, Letters::Review, &twice, &Rejudge(manifest), &options, &|_| {}).await.unwrap();
     assert_eq!((done.moved, done.stale, done.kept), (1, 1, 0), "{done:?}");
     assert_eq!(review.depth().await.unwrap().total(), 2, "both copies of the other stay");
