@@ -12,7 +12,7 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use sluice_core::backend::{Backend, OutgoingMessage, PutOutcome, ResultStore};
 use sluice_core::config::Settings;
-use sluice_core::envelope::{ContentType, now_ms};
+use sluice_core::envelope::{ContentType, Envelope, now_ms};
 use sluice_core::model::{ModelBundle, ModelManifest};
 use sluice_core::record::{InferredRecord, PredictionResult, ResultStatus, dlq_attr};
 use sluice_core::service::BuildError;
@@ -105,6 +105,7 @@ impl ResultsStage {
         let status =
             if confidence >= self.manifest.threshold(&label) { ResultStatus::Accepted } else { ResultStatus::Review };
         envelope.timestamps.stored_ms = Some(now_ms());
+        let ground_truth = self.ground_truth(&envelope);
         Ok(PredictionResult {
             record_id: envelope.record_id,
             label,
@@ -114,11 +115,23 @@ impl ResultsStage {
             model_version: prediction.model_version,
             backend: prediction.backend,
             status,
-            ground_truth: envelope.attributes.get(&self.config.ground_truth_attribute).cloned(),
+            ground_truth,
             reviewed_label: None,
             reviewed_ms: None,
             timestamps: envelope.timestamps,
         })
+    }
+
+    /// The true label the producer sent with the record (`results.ground_truth_attribute`): one
+    /// of the model's classes, else none (as `sluice feedback` refuses it), so that a label from
+    /// another scheme does not count against the model's accuracy.
+    fn ground_truth(&self, envelope: &Envelope) -> Option<String> {
+        let label = envelope.attributes.get(&self.config.ground_truth_attribute)?;
+        if self.manifest.labels.contains(label) {
+            return Some(label.clone());
+        }
+        tracing::debug!(record_id = %envelope.record_id, label, "a ground-truth label that is none of the model's classes");
+        None
     }
 
     /// Where a stored result goes next: nowhere, or to the review queue.

@@ -12,8 +12,13 @@ use sluice_core::worker::{Delivery, Origin, Outcome, Stage};
 use sluice_results::ResultsStage;
 
 fn delivery(id: &str, probabilities: Vec<f32>) -> Delivery {
+    labelled(id, probabilities, "3")
+}
+
+/// A record whose producer sent `label` as its true label.
+fn labelled(id: &str, probabilities: Vec<f32>, label: &str) -> Delivery {
     let mut envelope = Envelope::inline(RecordId::parse(id).unwrap(), "test", ContentType::Png, Vec::new());
-    envelope.attributes.insert("label".into(), "3".into());
+    envelope.attributes.insert("label".into(), label.into());
     let record = InferredRecord {
         envelope,
         prediction: Prediction {
@@ -80,4 +85,9 @@ async fn applies_thresholds_routes_review_and_keeps_the_first_result() {
     assert_eq!(again[1], Outcome::Forward(vec![]));
     let counts = backend.results.counts().await.unwrap();
     assert_eq!((counts.accepted, counts.review), (1, 1));
+
+    // A label that is none of the model's classes is no ground truth (it would count as wrong).
+    stage.process(&[labelled("foreign", peaked(3, 0.97), "notaclass")]).await;
+    let foreign = RecordId::parse("foreign").unwrap();
+    assert_eq!(backend.results.get_batch(std::slice::from_ref(&foreign)).await.unwrap()[&foreign].ground_truth, None);
 }
