@@ -239,9 +239,16 @@ impl FieldSpec {
     }
 
     /// A numeric field's value in raw units (within `min..max`, clamped there if the field
-    /// clamps), or why `value` is not one; a categorical field takes any value (`None`).
+    /// clamps), or why `value` is not one. A categorical field takes a string, number or boolean
+    /// (`None`: one not among its categories is its default), not an object or array.
     pub fn value(&self, value: &serde_json::Value) -> Result<Option<f32>, String> {
-        let Self::Numeric { name, min, max, clamp, .. } = self else { return Ok(None) };
+        let (name, min, max, clamp) = match self {
+            Self::Numeric { name, min, max, clamp, .. } => (name, min, max, clamp),
+            Self::Categorical { name, .. } if value.is_object() || value.is_array() => {
+                return Err(format!("field {name:?} must be one of its categories (a string), got {value}"));
+            }
+            Self::Categorical { .. } => return Ok(None),
+        };
         let Some(x) = value.as_f64() else {
             return Err(format!("field {name:?} must be a number, got {value}"));
         };

@@ -26,6 +26,9 @@ pub fn vectorise(spec: &TabularSpec, event: &serde_json::Value) -> Result<Vec<f3
                 out.push((raw - min) / (max - min));
             }
             FieldSpec::Categorical { categories, default, .. } => {
+                if let Some(v) = value {
+                    field.value(v).map_err(|wrong| SluiceError::permanent(ReasonCode::SchemaMismatch, wrong))?;
+                }
                 let given = value.map(|v| match v {
                     serde_json::Value::String(s) => s.clone(),
                     other => other.to_string(),
@@ -112,5 +115,10 @@ mod tests {
         let err = vectorise(&spec(), &json!({"amount": "lots"})).unwrap_err();
         assert_eq!(err.code(), ReasonCode::SchemaMismatch);
         assert!(vectorise(&spec(), &json!([1, 2])).is_err());
+        // A category is a string (a number or boolean is compared as written), never a structure.
+        let err = vectorise(&spec(), &json!({"country": {"code": "de"}})).unwrap_err();
+        assert!(err.detail().contains("field \"country\" must be one of its categories"), "{err}");
+        assert!(vectorise(&spec(), &json!({"country": ["de"]})).is_err());
+        assert_eq!(vectorise(&spec(), &json!({"country": 5})).unwrap(), vec![0.25, 0.0, 0.0, 1.0]);
     }
 }
