@@ -565,6 +565,16 @@ mod tests {
         assert_eq!(fine.check(), Ok(()));
     }
 
+    /// The `model.toml` docs/models.md shows is one a bundle may have.
+    #[test]
+    fn the_documented_manifest_is_a_valid_one() {
+        let doc = include_str!("../../docs/models.md");
+        let toml = doc.split("```toml\n").nth(1).and_then(|rest| rest.split("```").next()).unwrap();
+        let manifest: ModelManifest = toml::from_str(toml).unwrap();
+        assert_eq!(manifest.check(), Ok(()));
+        assert_eq!(manifest.vector_len(), 4);
+    }
+
     #[test]
     fn load_rejects_a_bundle_without_weights() {
         let dir = tempfile::tempdir().unwrap();
