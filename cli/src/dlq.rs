@@ -236,7 +236,7 @@ pub async fn run(command: DlqCommand, settings: Settings) -> anyhow::Result<()> 
                     "review items are judged again where they are, under the bundle's thresholds: --to does not apply"
                 ),
                 Letters::Review => None,
-                Letters::Stage(failed) => Some(dlq::replay_target(failed, to)?),
+                Letters::Stage(failed) => Some(dlq::replay_target(failed, to).map_err(anyhow::Error::msg)?),
             };
             if dry_run {
                 let (items, held) = matching(&backend, stage, &filter).await?;

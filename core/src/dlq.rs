@@ -363,16 +363,13 @@ pub trait Action: Send + Sync {
 /// records, features' envelopes with their payloads (which ingest takes too, and checks again),
 /// inference's envelopes without them and results' inferred records (which only their own stage
 /// reads).
-pub fn replay_target(failed: StageName, to: Option<StageName>) -> Result<StageName> {
+pub fn replay_target(failed: StageName, to: Option<StageName>) -> std::result::Result<StageName, String> {
     match to {
         None => Ok(failed),
         Some(to) if to == failed || (failed == StageName::Features && to == StageName::Ingest) => Ok(to),
-        Some(to) => Err(SluiceError::permanent(
-            ReasonCode::SchemaMismatch,
-            format!(
-                "the {failed} DLQ's entries cannot go to {to}: it does not read what they hold (only the features \
-                 DLQ's envelopes can go elsewhere, to ingest)"
-            ),
+        Some(to) => Err(format!(
+            "the {failed} DLQ's entries cannot go to {to}: it does not read what they hold (only the features \
+             DLQ's envelopes can go elsewhere, to ingest)"
         )),
     }
 }

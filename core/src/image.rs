@@ -56,7 +56,7 @@ pub fn check(bytes: &[u8], content_type: ContentType, limits: &ImageLimits, how:
 /// whole ([`is_whole`]): the decoders pass a JPEG cut short (the missing rows grey) and a PNG
 /// missing the end of its last chunk.
 pub fn decode(bytes: &[u8], content_type: ContentType, limits: &ImageLimits) -> Result<DynamicImage> {
-    let image = reader(bytes, content_type, limits)?.decode().map_err(classify)?;
+    let image = reader(bytes, content_type, limits)?.decode().map_err(|e| classify(e, limits))?;
     if image.width() == 0 || image.height() == 0 {
         return Err(no_pixels());
     }
@@ -93,7 +93,7 @@ fn no_pixels() -> SluiceError {
 /// [`ImageCheck::Structure`]: the header through the decoder, the rest by walking the file
 /// ([`is_whole`]).
 fn check_structure(bytes: &[u8], content_type: ContentType, limits: &ImageLimits) -> Result<()> {
-    let decoder = reader(bytes, content_type, limits)?.into_decoder().map_err(classify)?;
+    let decoder = reader(bytes, content_type, limits)?.into_decoder().map_err(|e| classify(e, limits))?;
     let (width, height) = decoder.dimensions();
     if width == 0 || height == 0 {
         return Err(no_pixels());
@@ -211,10 +211,16 @@ fn scan_end(bytes: &[u8], from: usize) -> usize {
     bytes.len()
 }
 
-fn classify(error: ImageError) -> SluiceError {
-    let detail = error.to_string();
+fn classify(error: ImageError, limits: &ImageLimits) -> SluiceError {
+    let mut detail = error.to_string();
     let code = match &error {
-        ImageError::Limits(_) => ReasonCode::ImageTooLarge,
+        ImageError::Limits(_) => {
+            detail += &format!(
+                " (the image limits: at most {}×{} pixels, {} bytes decoded)",
+                limits.max_width, limits.max_height, limits.max_alloc_bytes
+            );
+            ReasonCode::ImageTooLarge
+        }
         ImageError::IoError(io) if io.kind() == std::io::ErrorKind::UnexpectedEof => ReasonCode::TruncatedImage,
         // Decoders report running out of data in their own words.
         _ if looks_truncated(&error) => ReasonCode::TruncatedImage,

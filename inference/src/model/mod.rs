@@ -154,13 +154,23 @@ impl CandleClassifier {
         })?;
         let vb = VarBuilder::from_buffered_safetensors(weights, dtype, &device).map_err(bundle_error)?;
         let classes = manifest.labels.len();
+        // Weights of another shape: for another architecture, input size or number of labels.
+        let not_these = |e: candle_core::Error| {
+            bundle_error(format!(
+                "{e} (the weights do not fit model.toml: {} over {}×{}×{} inputs with {classes} labels)",
+                manifest.architecture.name(),
+                image.width,
+                image.height,
+                image.channels
+            ))
+        };
         let model: Box<dyn Module + Send + Sync> = match manifest.architecture {
-            Architecture::DigitsCnn => Box::new(DigitsCnn::new(vb, input_shape, classes).map_err(bundle_error)?),
+            Architecture::DigitsCnn => Box::new(DigitsCnn::new(vb, input_shape, classes).map_err(not_these)?),
             Architecture::Resnet18 => {
                 if image.channels != 3 {
                     return Err(bundle_error("ResNet-18 takes 3-channel images"));
                 }
-                Box::new(Resnet18::new(vb, classes).map_err(bundle_error)?)
+                Box::new(Resnet18::new(vb, classes).map_err(not_these)?)
             }
         };
         let normalise = Normalise::new(image, &device).map_err(bundle_error)?;
