@@ -8,10 +8,8 @@ use anyhow::{Context, bail};
 use sluice_core::ReasonCode;
 use sluice_core::backend::Backend;
 use sluice_core::config::{Settings, StoreArgs};
-use sluice_core::dlq::{self, Delete, Filter, Item, Letters, Rejudge, ReplayOptions, SendTo};
-use sluice_core::envelope::RecordId;
+use sluice_core::dlq::{self, Delete, Fate, Filter, Item, Letters, Rejudge, ReplayOptions, SendTo};
 use sluice_core::model::ModelBundle;
-use sluice_core::record::ResultStatus;
 use sluice_core::topology::StageName;
 
 #[derive(Debug, clap::Subcommand)]
@@ -243,22 +241,14 @@ pub async fn run(command: DlqCommand, settings: Settings) -> anyhow::Result<()> 
                 let mut stale = 0;
                 let (mut items, left): (Vec<_>, Vec<_>) = match stage {
                     Letters::Review => {
-                        let manifest = ModelBundle::load(settings.model()?.dir)?.manifest;
-                        let (clear, left): (Vec<_>, Vec<_>) =
-                            items.into_iter().partition(|i| Rejudge::clears(&manifest, i));
-                        // As the replay would find them: an item whose result was settled before,
-                        // or a second copy of one it accepts, is only taken off.
-                        let ids: Vec<RecordId> = clear.iter().filter_map(|i| i.record_id().cloned()).collect();
-                        let results = backend.results.get_batch(&ids).await?;
-                        let mut accepted = std::collections::BTreeSet::new();
-                        let (live, settled): (Vec<_>, Vec<_>) = clear.into_iter().partition(|i| {
-                            i.record_id().is_some_and(|id| {
-                                results.get(id).is_none_or(|r| r.status == ResultStatus::Review)
-                                    && accepted.insert(id.clone())
-                            })
-                        });
-                        stale = settled.len();
-                        (live, left)
+                        let rejudge = Rejudge(ModelBundle::load(settings.model()?.dir)?.manifest);
+                        let fates = rejudge.preview(&backend, &items).await?;
+                        stale = fates.iter().filter(|f| **f == Fate::Stale).count();
+                        let mut fates = fates.into_iter();
+                        let (done, rest): (Vec<_>, Vec<_>) =
+                            items.into_iter().map(|i| (i, fates.next())).partition(|(_, f)| *f == Some(Fate::Done));
+                        let kept = rest.into_iter().filter(|(_, f)| *f == Some(Fate::Kept));
+                        (done.into_iter().map(|(i, _)| i).collect(), kept.map(|(i, _)| i).collect())
                     }
                     Letters::Stage(_) => items.into_iter().partition(|i| i.replayable()),
                 };

@@ -284,9 +284,10 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
         Command::Stats { store, json } => {
             let stats = PipelineStats::collect(&open(&store.apply(settings)).await?).await?;
             // Written, not printed: a reader gone (`| head`) is a broken pipe to pass over, not a panic.
-            let text = match json {
-                true => serde_json::to_string(&sluice_cli::stats::to_json(&stats)?)? + "\n",
-                false => sluice_cli::stats::render(&stats),
+            let text = if json {
+                serde_json::to_string(&sluice_cli::stats::to_json(&stats)?)? + "\n"
+            } else {
+                sluice_cli::stats::render(&stats)
             };
             std::io::Write::write_all(&mut std::io::stdout(), text.as_bytes())?;
         }

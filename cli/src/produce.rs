@@ -216,21 +216,28 @@ async fn claim_check_if_large(
         envelope.payload = Payload::ClaimCheck { reference };
         return Ok(StreamInput { partition_key: record.partition_key, data: envelope.to_json() });
     }
-    let content_type = ContentType::sniff(&record.data).map_or("application/octet-stream", ContentType::as_str);
-    // A raw JSON event names its id as ingest would read it (`ingest.record_id_field`). Else a
-    // record of its own, as a small file is by its stream position: the content's hash names it
-    // for people, and a nonce keeps a copy (`--repeat`) or another file with the same bytes from
-    // sharing its result. The id is in the envelope, so a redelivery keeps it.
-    let named = serde_json::from_slice::<serde_json::Value>(&record.data)
-        .ok()
-        .and_then(|event| sluice_ingest::raw_event_id(&event, ingest).ok().flatten());
+    // JSON after a byte-order mark is JSON, as ingest reads an inline record; the blob holds it
+    // without the mark, which the features stage would not read past.
+    let mut data = record.data;
+    if data.starts_with(b"\xEF\xBB\xBF") {
+        data.drain(..3);
+    }
+    let content_type = ContentType::sniff(&data).map_or("application/octet-stream", ContentType::as_str);
+    // A raw JSON event names its id as ingest would read it (`ingest.record_id_field`), and one
+    // whose field holds no valid id is refused as ingest would refuse it. Else a record of its
+    // own, as a small file is by its stream position: the content's hash names it for people,
+    // and a nonce keeps a copy (`--repeat`) or another file with the same bytes from sharing its
+    // result. The id is in the envelope, so a redelivery keeps it.
+    let named = match serde_json::from_slice::<serde_json::Value>(&data) {
+        Ok(event) => sluice_ingest::raw_event_id(&event, ingest)
+            .map_err(|e| anyhow::anyhow!("the JSON event {}: {}", record.partition_key, e.detail()))?,
+        Err(_) => None,
+    };
     let id = match named {
         Some(id) => id.to_string(),
-        None => {
-            format!("{}-{}", RecordId::from_content(&record.data), &uuid::Uuid::new_v4().simple().to_string()[..12])
-        }
+        None => format!("{}-{}", RecordId::from_content(&data), &uuid::Uuid::new_v4().simple().to_string()[..12]),
     };
-    let reference = blobs.put(record.data).await?;
+    let reference = blobs.put(data).await?;
     // Built as JSON, not as an `Envelope`: the content type may be one sluice does not take,
     // and ingest is where that is judged and dead-lettered.
     let envelope = serde_json::json!({

@@ -113,15 +113,19 @@ pub async fn run(args: ResultsArgs, settings: Settings) -> anyhow::Result<()> {
     };
     match args.command {
         None => list(&open(&StoreArgs::default()).await?, &args.list).await?,
-        Some(_) if args.list != ListArgs::default() => {
+        // `--json` is get's flag too; the others only the listing's.
+        Some(_) if (ListArgs { json: false, ..args.list.clone() }) != ListArgs::default() => {
             anyhow::bail!("the listing's flags go after `list` (sluice results list --status review), or without it")
         }
         Some(ResultsCommand::Get { store, id, json }) => {
             let id = RecordId::parse(id)?;
             let mut found = open(&store).await?.results.get_batch(std::slice::from_ref(&id)).await?;
-            print(&found.remove(&id).with_context(|| format!("no result for {id}"))?, json)?;
+            print(&found.remove(&id).with_context(|| format!("no result for {id}"))?, json || args.list.json)?;
         }
-        Some(ResultsCommand::List { store, list: args }) => list(&open(&store).await?, &args).await?,
+        Some(ResultsCommand::List { store, list: mut listing }) => {
+            listing.json |= args.list.json;
+            list(&open(&store).await?, &listing).await?
+        }
     }
     Ok(())
 }

@@ -143,6 +143,9 @@ pub async fn walk(backend: &Backend, manifest: &ModelManifest, save: Option<&Pat
                 Fate::Done => {
                     queue.ack(&[receipt]).await?;
                     settled += 1;
+                    if let Some(id) = item.record_id() {
+                        dlq::take_off_copies(backend, id).await?;
+                    }
                     println!("-> sent to the results DLQ\n");
                 }
                 Fate::Stale => {

@@ -124,6 +124,10 @@ fn large_files_travel_by_claim_check_under_their_own_ids() {
     event.insert("event_id".into(), "big-event".into());
     event.insert("note".into(), "x".repeat(1_100_000).into());
     std::fs::write(files.join("event.json"), serde_json::to_vec(&event).unwrap()).unwrap();
+    // The same after a byte-order mark, under an id of its own.
+    event.insert("event_id".into(), "big-bom-event".into());
+    std::fs::write(files.join("event-bom.json"), [&b"\xEF\xBB\xBF"[..], &serde_json::to_vec(&event).unwrap()].concat())
+        .unwrap();
 
     let run = |args: &[&str]| {
         let out = test_env(&mut Command::new(bin("sluice")))
@@ -138,10 +142,22 @@ fn large_files_travel_by_claim_check_under_their_own_ids() {
     run(&["run", "--store", store, "--until-drained"]);
     let stats = json(&run(&["stats", "--store", store, "--json"]));
     assert_eq!(stats["dlq"]["ingest"], 0, "{stats}");
-    assert_eq!(stats["results"].as_u64().unwrap() + stats["review"].as_u64().unwrap(), 3, "{stats}");
-    for id in ["big-envelope", "big-event"] {
+    assert_eq!(stats["results"].as_u64().unwrap() + stats["review"].as_u64().unwrap(), 4, "{stats}");
+    for id in ["big-envelope", "big-event", "big-bom-event"] {
         assert_eq!(json(&run(&["results", "get", id, "--store", store, "--json"]))["record_id"], id);
     }
+    // An id field that holds no record id is refused, as ingest refuses it inline.
+    let bad = dir.path().join("bad");
+    std::fs::create_dir(&bad).unwrap();
+    event.insert("event_id".into(), 42.into());
+    std::fs::write(bad.join("event.json"), serde_json::to_vec(&event).unwrap()).unwrap();
+    let refused = test_env(&mut Command::new(bin("sluice")))
+        .env("SLUICE__INGEST__RECORD_ID_FIELD", "event_id")
+        .args(["produce", "--store", store, "--dir", bad.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success() && stderr.contains("event.json-0") && stderr.contains("event_id"), "{stderr}");
 }
 
 /// A PNG of noise, which does not compress: over a stream record's 1 MiB at 700×600, about

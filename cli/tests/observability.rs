@@ -208,8 +208,6 @@ async fn a_run_is_seen_in_traces_metrics_health_and_stats() {
     assert_eq!(total(ingest, "sluice_stream_leases", &[]), stats.stream.shards as f64, "one worker holds every shard");
     for stage in StageName::ALL {
         assert_eq!(stage_total(stage, "sluice_records_processed_total"), good, "{stage} processed");
-        let failures = scrapes[&stage].iter().filter(|s| s.name == "sluice_records_failed_total");
-        assert!(failures.count() >= 1, "{stage}: no failure series to alert on, not even a zero one");
         assert!(stage_total(stage, "sluice_batch_size_count") >= 1.0, "{stage} batches");
     }
     let inference = &scrapes[&StageName::Inference];

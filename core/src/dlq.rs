@@ -19,7 +19,7 @@ use crate::config::BackendKind;
 use crate::envelope::{Envelope, RecordId, now_ms};
 use crate::error::{ReasonCode, Result, SluiceError};
 use crate::model::ModelManifest;
-use crate::record::{DlqEntry, InferredRecord, PredictionResult, Resolution};
+use crate::record::{DlqEntry, InferredRecord, PredictionResult, Resolution, ResultStatus};
 use crate::topology::{QueueName, StageName};
 
 /// Most messages one read of a queue looks at (`list`, `show`, `stats`).
@@ -540,6 +540,28 @@ impl Rejudge {
                 && v.confidence >= manifest.threshold(&v.label)
         })
     }
+
+    /// What a replay would do with each of `items` (for a dry run), reading the results and
+    /// changing nothing: as [`Action::apply`] would decide, the first copy of a record whose
+    /// result waits accepted and the others stale.
+    pub async fn preview(&self, backend: &Backend, items: &[Item]) -> Result<Vec<Fate>> {
+        let clear: Vec<RecordId> =
+            items.iter().filter(|i| Self::clears(&self.0, i)).filter_map(|i| i.record_id().cloned()).collect();
+        let results = backend.results.get_batch(&clear).await?;
+        let mut accepted = BTreeSet::new();
+        Ok(items
+            .iter()
+            .map(|item| match item.record_id() {
+                Some(id) if Self::clears(&self.0, item) => match results.get(id) {
+                    None => Fate::Kept,
+                    Some(r) if r.status != ResultStatus::Review => Fate::Stale,
+                    Some(_) if accepted.insert(id.clone()) => Fate::Done,
+                    Some(_) => Fate::Stale,
+                },
+                _ => Fate::Kept,
+            })
+            .collect())
+    }
 }
 
 #[async_trait::async_trait]
@@ -635,13 +657,21 @@ pub enum Rejected {
     Missing,
 }
 
+/// Deletes the review items left for `id` once it is rejected: copies of its item (a record
+/// written twice has one a copy), which with its result withdrawn nothing could tell from a
+/// rejection stopped halfway. Reads the whole review queue.
+pub async fn take_off_copies(backend: &Backend, id: &RecordId) -> Result<u64> {
+    Ok(apply(backend, Letters::Review, &only(id.as_str()), &Delete, &ReplayOptions::default(), &|_| {}).await?.moved)
+}
+
 /// Rejects `id` in review (see [`Reject`]), whether or not its item is in the queue now.
 pub async fn reject(backend: &Backend, id: &RecordId) -> Result<Rejected> {
     let before = backend.results.get_batch(std::slice::from_ref(id)).await?.remove(id);
-    if let Some(result) = before.filter(|r| r.status != crate::record::ResultStatus::Review) {
+    if let Some(result) = before.filter(|r| r.status != ResultStatus::Review) {
         return Ok(Rejected::NotWaiting(Box::new(result)));
     }
     if apply(backend, Letters::Review, &only(id.as_str()), &Reject, &one(), &|_| {}).await?.moved == 1 {
+        take_off_copies(backend, id).await?;
         return Ok(Rejected::Rejected);
     }
     // Not in the queue now (another reviewer holds it): the result's own body goes to the DLQ.

@@ -197,11 +197,12 @@ pub fn spawn_health_endpoints(
                 listener.set_nonblocking(true)?;
                 tokio::net::TcpListener::from_std(listener)
             })
-            .map_err(|e| {
-                format!(
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::AddrInUse => format!(
                     "health endpoints on {address}: {e} (another process serves there: give this one a port \
                      of its own with SLUICE__TELEMETRY__PORT, or 0 for none)"
-                )
+                ),
+                _ => format!("health endpoints on {address}: {e} (telemetry.address and telemetry.port)"),
             })?;
         let stopped = stop.clone();
         tokio::spawn(async move {

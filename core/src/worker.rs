@@ -16,9 +16,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::backend::{Backend, Checkpoint, OutgoingMessage, Receipt, StreamConsumer, WorkQueue};
 use crate::config::{BackendKind, StoreConfig, WorkerConfig};
-use crate::envelope::{REPLAY_KEY_PREFIX, RecordId};
+use crate::envelope::{Envelope, REPLAY_KEY_PREFIX, RecordId};
 use crate::error::{ReasonCode, Result, SluiceError};
-use crate::record::DlqEntry;
+use crate::record::{DlqEntry, InferredRecord};
 use crate::telemetry::health::Health;
 use crate::telemetry::metrics::{FailureAction, metrics};
 use crate::telemetry::traces::{self, BatchTrace, Destination, TRACEPARENT};
@@ -561,13 +561,15 @@ impl Worker {
                     let last_receive = matches!(delivery.origin, Origin::Queue(_))
                         && delivery.receive_count >= self.max_receives
                         && error.is_retryable();
-                    let error = match last_receive {
-                        true => SluiceError::permanent(
+                    let error = if last_receive {
+                        SluiceError::permanent(
                             error.code(),
                             format!("gave up after {} receives: {}", delivery.receive_count, error.detail()),
-                        ),
-                        false => error,
+                        )
+                    } else {
+                        error
                     };
+                    let record_id = record_id.or_else(|| record_id_in(delivery));
                     let permanent = !error.is_retryable();
                     let action = if permanent { FailureAction::DeadLettered } else { FailureAction::Retried };
                     metrics().failed(stage, error.code().as_str(), action);
@@ -801,6 +803,19 @@ fn new_backoff() -> impl Iterator<Item = Duration> {
         .build()
 }
 
+/// The record id a queue delivery's body names (an envelope, or an inferred record's), for a
+/// failure its stage named none for (a store write that failed for the whole batch): its DLQ
+/// entry is then found by it, as one the queue's redrive moved is.
+fn record_id_in(delivery: &Delivery) -> Option<RecordId> {
+    if !matches!(delivery.origin, Origin::Queue(_)) {
+        return None;
+    }
+    InferredRecord::from_json(&delivery.body)
+        .map(|record| record.envelope.record_id)
+        .or_else(|_| Envelope::from_json(&delivery.body).map(|envelope| envelope.record_id))
+        .ok()
+}
+
 /// The DLQ message for a permanent failure: the body as received, the reason in attributes.
 fn dlq_message(
     stage: StageName,
@@ -831,6 +846,22 @@ fn in_whole_calls(max: usize, per_call: Option<usize>) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A failure its stage named no record for is still filed under the record its body names.
+    #[test]
+    fn a_queue_delivery_names_its_record() {
+        let envelope =
+            Envelope::inline(RecordId::parse("r-7").unwrap(), "t", crate::envelope::ContentType::Png, vec![1]);
+        let delivery =
+            |origin| Delivery { body: envelope.to_json(), attributes: BTreeMap::new(), receive_count: 1, origin };
+        let queued = delivery(Origin::Queue(Receipt("q".into())));
+        assert_eq!(record_id_in(&queued).unwrap().as_str(), "r-7");
+        let streamed =
+            delivery(Origin::Stream { shard: "s".into(), sequence: "1".into(), arrived_ms: 0, replay: false });
+        assert_eq!(record_id_in(&streamed), None, "a stream record's id is ingest's to read");
+        let garbage = Delivery { body: b"not a record".to_vec(), ..queued };
+        assert_eq!(record_id_in(&garbage), None);
+    }
 
     #[test]
     fn long_sequence_numbers_order_numerically() {

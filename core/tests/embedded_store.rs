@@ -703,12 +703,12 @@ async fn a_review_item_without_a_result_stays_until_rejected() {
 /// other as stale; a purge by record id takes every copy.
 #[tokio::test]
 async fn copies_of_a_review_item_are_each_judged_once() {
-    use sluice_core::dlq::{self, Delete, Filter, Letters, Rejudge, ReplayOptions};
+    use sluice_core::dlq::{self, Delete, Fate, Filter, Letters, Rejudge, ReplayOptions};
     use sluice_core::record::ResultStatus;
     let (_dir, _config, backend) = fresh(StoreConfig::default()).await;
     let review = backend.queue(QueueName::Review);
     let mut items = Vec::new();
-    for id in ["twice", "kept"] {
+    for id in ["twice", "kept", "rejected"] {
         let result = sluice_core::testing::prediction_result(id, "1", ResultStatus::Review);
         backend.results.put_if_absent(vec![result.clone()]).await.unwrap();
         let body = serde_json::to_vec(&result).unwrap();
@@ -726,12 +726,22 @@ async fn copies_of_a_review_item_are_each_judged_once() {
     let everything = Filter::default();
     let other = sluice_core::model::ModelManifest { labels: vec!["cat".into(), "dog".into()], ..manifest.clone() };
     let done = dlq::apply(&backend, Letters::Review, &everything, &Rejudge(other), &options, &|_| {}).await.unwrap();
-    assert_eq!((done.moved, done.stale, done.kept), (0, 0, 4), "{done:?}");
+    assert_eq!((done.moved, done.stale, done.kept), (0, 0, 6), "{done:?}");
     manifest.labels = vec!["0".into(), "1".into()];
     let twice = Filter { record_id: glob::Pattern::new("twice").ok(), ..Filter::default() };
+    // A dry run sees what the run will do: the first copy accepted, the other stale.
+    let looked = dlq::look(&backend, Letters::Review, &twice).await.unwrap();
+    let fates = Rejudge(manifest.clone()).preview(&backend, &looked.items).await.unwrap();
+    assert_eq!(fates, [Fate::Done, Fate::Stale]);
     let done = dlq::apply(&backend, Letters::Review, &twice, &Rejudge(manifest), &options, &|_| {}).await.unwrap();
     assert_eq!((done.moved, done.stale, done.kept), (1, 1, 0), "{done:?}");
-    assert_eq!(review.depth().await.unwrap().total(), 2, "both copies of the other stay");
+    assert_eq!(review.depth().await.unwrap().total(), 4, "both copies of the others stay");
+
+    // A rejection takes every copy off: with the result withdrawn, a copy left would wait for ever.
+    let rejected = sluice_core::envelope::RecordId::parse("rejected").unwrap();
+    assert_eq!(dlq::reject(&backend, &rejected).await.unwrap(), dlq::Rejected::Rejected);
+    assert_eq!(review.depth().await.unwrap().total(), 2);
+    assert_eq!(backend.queue(QueueName::ResultsDlq).depth().await.unwrap().total(), 1);
 
     let kept = Filter { record_id: glob::Pattern::new("kept").ok(), ..Filter::default() };
     let purged = dlq::apply(&backend, Letters::Review, &kept, &Delete, &options, &|_| {}).await.unwrap();

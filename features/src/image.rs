@@ -56,18 +56,22 @@ where
         (Cow::Borrowed(img.as_raw()), w, left, top)
     } else {
         match resampler {
-            // Only the crop is resized, from its box in the source: the same pixels as resizing
-            // the whole and cropping (each output pixel maps to the same source point, and the
-            // filter reads past the box where the source goes on), without the whole, which for
-            // a 4096×1 image would be 1,048,576×256 (768 MiB).
+            // Only the crop is resized, from its box in the source: the pixels of resizing the
+            // whole and cropping, to within a level's rounding (each output pixel maps to the
+            // same source point, and the filter reads past the box where the source goes on),
+            // without the whole, which for a 4096×1 image would be 1,048,576×256 (768 MiB).
             Resampler::Fast => {
-                let (sx, sy) = (f64::from(w) / f64::from(new_w), f64::from(h) / f64::from(new_h));
-                let source = [
-                    f64::from(left) * sx,
-                    f64::from(top) * sy,
-                    f64::from(spec.width) * sx,
-                    f64::from(spec.height) * sy,
-                ];
+                // The box's far edge kept inside the source: scaled back, a crop that spans the
+                // whole side can come out a rounding past it (28 · 29/28 = 29.000000000000004),
+                // which the resizer refuses.
+                let span = |start: u32, inner: u32, outer: u32, resized: u32| {
+                    let scale = f64::from(outer) / f64::from(resized);
+                    let from = f64::from(start) * scale;
+                    (from, (f64::from(start + inner) * scale).min(f64::from(outer)) - from)
+                };
+                let (x, width) = span(left, spec.width, w, new_w);
+                let (y, height) = span(top, spec.height, h, new_h);
+                let source = [x, y, width, height];
                 (
                     Cow::Owned(resize_fast(img.as_raw(), (w, h), source, (spec.width, spec.height), channels)),
                     spec.width,
@@ -133,12 +137,13 @@ mod tests {
         assert!(v[32..].iter().all(|&x| x == 255));
     }
 
-    /// Resizing only the crop's box gives what resizing the whole image and cropping gives,
-    /// for shapes wider and taller than the crop, odd offsets included.
+    /// Resizing only the crop's box gives what resizing the whole image and cropping gives (to
+    /// within a level), for shapes wider and taller than the crop, with even and odd offsets.
     #[test]
     fn the_crop_alone_resized_is_the_whole_resized_and_cropped() {
         let spec = ImageInput::imagenet();
-        for (w, h) in [(600, 300), (301, 517), (257, 256), (1000, 999)] {
+        // New sizes 512×256, 256×439, 341×256 (offset 58.5, to 58), 256×513 (offset 144.5, to 144).
+        for (w, h) in [(600, 300), (301, 517), (480, 360), (500, 1002)] {
             let img = image::RgbImage::from_fn(w, h, |x, y| {
                 image::Rgb([(x * 7 + y) as u8, (x ^ y) as u8, (x * y / 3) as u8])
             });
@@ -146,10 +151,8 @@ mod tests {
             let side = 256;
             let (new_w, new_h) = if w <= h { (side, side * h / w) } else { (side * w / h, side) };
             let whole = resize_fast(img.as_raw(), (w, h), [0.0, 0.0, f64::from(w), f64::from(h)], (new_w, new_h), 3);
-            let (left, top) = (
-                ((new_w - 224) as f64 / 2.0).round_ties_even() as u32,
-                ((new_h - 224) as f64 / 2.0).round_ties_even() as u32,
-            );
+            let offset = |outer: u32| (f64::from(outer - 224) / 2.0).round_ties_even() as u32;
+            let (left, top) = (offset(new_w), offset(new_h));
             let plane = 224 * 224;
             let mut worst = 0;
             for y in 0..224 {
@@ -165,9 +168,22 @@ mod tests {
         }
     }
 
-    /// A sliver (4096×1) costs the crop's pixels, not a 1,048,576×256 intermediate.
+    /// Sizes whose box, scaled back, comes out a rounding past the source (28 · 29/28 is
+    /// 29.000000000000004): stretched, and resized by a shorter side equal to the crop.
     #[test]
-    fn a_sliver_is_resized_without_its_whole() {
+    fn a_box_that_spans_the_whole_source_stays_inside_it() {
+        let img = DynamicImage::ImageRgb8(image::RgbImage::from_pixel(29, 58, image::Rgb([9, 99, 199])));
+        let stretched = ImageInput { resize_shorter_side: None, ..spec(28, 28, 3) };
+        let planes = preprocess(&img, &stretched);
+        assert!(planes.chunks(28 * 28).zip([9u8, 99, 199]).all(|(p, v)| p.iter().all(|&x| x.abs_diff(v) <= 1)));
+        let cropped = ImageInput { resize_shorter_side: Some(28), ..spec(28, 28, 3) };
+        assert_eq!(preprocess(&img, &cropped).len(), 3 * 28 * 28);
+    }
+
+    /// A sliver (4096×1) is preprocessed from the crop's box alone: its one row stretched to
+    /// the crop's height, its colour kept.
+    #[test]
+    fn a_sliver_is_preprocessed() {
         let img = image::RgbImage::from_fn(4096, 1, |x, _| image::Rgb([(x % 256) as u8, 0, 255]));
         let v = preprocess(&DynamicImage::ImageRgb8(img), &ImageInput::imagenet());
         assert_eq!(v.len(), 3 * 224 * 224);

@@ -205,10 +205,11 @@ impl Metrics {
     }
 
     /// Starts `stage`'s counters at zero, so that a rate or an alert on them has a series to
-    /// read before the first record, failure, DLQ entry or review comes (failures by stage
-    /// alone: their reasons and actions come with them).
+    /// read before the first record, DLQ entry or review comes. (Failures are not: their
+    /// reasons and actions come with them, and a series without them would break the counter's
+    /// label set; `or vector(0)` reads an absent one as zero.)
     pub fn start(&self, stage: StageName) {
-        for counter in [&self.records_received, &self.records_processed, &self.records_failed, &self.dlq_entries] {
+        for counter in [&self.records_received, &self.records_processed, &self.dlq_entries] {
             counter.add(0, &[stage_label(stage)]);
         }
         if stage == StageName::Results {

@@ -20,7 +20,7 @@ export interface SluiceStacks {
 /**
  * Context: `env` (beta | prod, required), `prefix` (default sluice-<env>; it names the stacks too,
  * `<prefix>-data` and `<prefix>-compute`, so two deployments of one environment can share an
- * account and region), `inference` (gpu |
+ * account and region; `stacks` names them otherwise), `inference` (gpu |
  * cpu, default gpu), `fallbackModel` (a model.tar.gz, or `none`), `fallbackImage`, `alarmEmail`,
  * `image`/`cudaImage` (image URIs already pushed; default: built from deploy/docker).
  * `overrides` replace settings of the chosen environment (tests).
@@ -35,6 +35,7 @@ export function buildStacks(app: App, env?: Environment, overrides: Partial<Envi
   }
   const config: EnvironmentConfig = { ...ENVIRONMENTS[name], ...overrides };
   const prefix = context('prefix') ?? `sluice-${name}`;
+  const stacks = context('stacks') ?? prefix;
   const inference = context('inference') ?? 'gpu';
   if (inference !== 'gpu' && inference !== 'cpu') throw new Error(`-c inference=gpu|cpu (got ${inference})`);
   const fallbackModel = context('fallbackModel') ?? DEFAULT_FALLBACK_MODEL;
@@ -46,14 +47,14 @@ export function buildStacks(app: App, env?: Environment, overrides: Partial<Envi
     );
   }
 
-  const data = new DataStack(app, `${prefix}-data`, {
+  const data = new DataStack(app, `${stacks}-data`, {
     env,
     config,
     prefix,
     description: `sluice ${name}: stream, queues, tables and claim-check bucket (prefix ${prefix})`,
     terminationProtection: config.retain,
   });
-  const compute = new ComputeStack(app, `${prefix}-compute`, {
+  const compute = new ComputeStack(app, `${stacks}-compute`, {
     env,
     config,
     data,

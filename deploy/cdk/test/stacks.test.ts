@@ -449,6 +449,8 @@ describe('environments', () => {
     assert.deepEqual([beta.stacks.data.stackName, beta.stacks.compute.stackName], ['sluice-beta-data', 'sluice-beta-compute']);
     const other = synth('beta', { prefix: 'team-a' });
     assert.deepEqual([other.stacks.data.stackName, other.stacks.compute.stackName], ['team-a-data', 'team-a-compute']);
+    const kept = synth('beta', { prefix: 'team-a', stacks: 'sluice-beta' });
+    assert.deepEqual([kept.stacks.data.stackName, kept.stacks.compute.stackName], ['sluice-beta-data', 'sluice-beta-compute']);
   });
 
   it('refuses to synthesize without an environment', () => {
