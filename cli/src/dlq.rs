@@ -243,12 +243,15 @@ pub async fn run(command: DlqCommand, settings: Settings) -> anyhow::Result<()> 
                     Letters::Review => {
                         let rejudge = Rejudge(ModelBundle::load(settings.model()?.dir)?.manifest);
                         let fates = rejudge.preview(&backend, &items).await?;
-                        stale = fates.iter().filter(|f| **f == Fate::Stale).count();
-                        let mut fates = fates.into_iter();
-                        let (done, rest): (Vec<_>, Vec<_>) =
-                            items.into_iter().map(|i| (i, fates.next())).partition(|(_, f)| *f == Some(Fate::Done));
-                        let kept = rest.into_iter().filter(|(_, f)| *f == Some(Fate::Kept));
-                        (done.into_iter().map(|(i, _)| i).collect(), kept.map(|(i, _)| i).collect())
+                        let (mut done, mut kept) = (Vec::new(), Vec::new());
+                        for (item, fate) in items.into_iter().zip(fates) {
+                            match fate {
+                                Fate::Done => done.push(item),
+                                Fate::Kept => kept.push(item),
+                                Fate::Stale => stale += 1,
+                            }
+                        }
+                        (done, kept)
                     }
                     Letters::Stage(_) => items.into_iter().partition(|i| i.replayable()),
                 };

@@ -682,11 +682,7 @@ async fn a_review_item_without_a_result_stays_until_rejected() {
     backend.queue(QueueName::Review).send_batch(vec![item]).await.unwrap();
     backend.results.withdraw_review(&result.record_id).await.unwrap();
 
-    let mut manifest = sluice_core::model::ModelBundle::load(concat!(env!("CARGO_MANIFEST_DIR"), "/../models/digits"))
-        .unwrap()
-        .manifest;
-    manifest.thresholds.default = 0.0;
-    manifest.thresholds.per_class.clear();
+    let manifest = accepting_everything();
     let options = ReplayOptions::default();
     let done =
         dlq::apply(&backend, Letters::Review, &Filter::default(), &Rejudge(manifest), &options, &|_| {}).await.unwrap();
@@ -696,6 +692,17 @@ async fn a_review_item_without_a_result_stays_until_rejected() {
     assert_eq!(dlq::reject(&backend, &result.record_id).await.unwrap(), Rejected::Rejected);
     assert_eq!(backend.queue(QueueName::Review).depth().await.unwrap().total(), 0);
     assert_eq!(backend.queue(QueueName::ResultsDlq).depth().await.unwrap().total(), 1);
+}
+
+/// The shipped digits bundle with every threshold at 0: a review replay accepts whatever it
+/// judges.
+fn accepting_everything() -> sluice_core::model::ModelManifest {
+    let mut manifest = sluice_core::model::ModelBundle::load(concat!(env!("CARGO_MANIFEST_DIR"), "/../models/digits"))
+        .unwrap()
+        .manifest;
+    manifest.thresholds.default = 0.0;
+    manifest.thresholds.per_class.clear();
+    manifest
 }
 
 /// A record written twice leaves two identical review items. A replay judges each (where it
@@ -716,11 +723,7 @@ async fn copies_of_a_review_item_are_each_judged_once() {
     }
     review.send_batch(items).await.unwrap();
 
-    let mut manifest = sluice_core::model::ModelBundle::load(concat!(env!("CARGO_MANIFEST_DIR"), "/../models/digits"))
-        .unwrap()
-        .manifest;
-    manifest.thresholds.default = 0.0;
-    manifest.thresholds.per_class.clear();
+    let mut manifest = accepting_everything();
     // Another model's bundle (other labels) judges none of them, whatever its thresholds.
     let options = ReplayOptions::default();
     let everything = Filter::default();
