@@ -40,10 +40,11 @@ pub fn print_text(summary: &ReportSummary) {
     println!("report written to {}", summary.page.display());
     let accuracy = summary.accuracy.map_or("–".to_owned(), |a| format!("{:.1}%", a * 100.0));
     println!(
-        "  {} predictions, {} labelled (accuracy {accuracy}), {} in review, {} dead-lettered, fallback {:.1}%, {} charts",
+        "  {} predictions, {} labelled (accuracy {accuracy}), {} sent to review ({} still waiting), {} dead-lettered, fallback {:.1}%, {} charts",
         summary.records,
         summary.labelled,
         summary.review,
+        summary.review_waiting,
         summary.dead_lettered.values().sum::<u64>(),
         summary.fallback_share * 100.0,
         summary.charts

@@ -59,9 +59,9 @@ fn webhook() -> (String, Arc<Mutex<Vec<serde_json::Value>>>) {
 fn shifted_labels_raise_one_alert_honest_ones_none_and_the_report_draws_every_chart() {
     let dir = tempfile::tempdir().unwrap();
     let store = dir.path().join("run.sqlite");
-    let summary =
+    let demo =
         demo_summary(test_env(&mut Command::new(bin("sluice"))).args(["demo", "--json", "--store"]).arg(&store));
-    let stored = summary["results"].as_u64().unwrap() + summary["review"].as_u64().unwrap();
+    let stored = demo["results"].as_u64().unwrap() + demo["review"].as_u64().unwrap();
 
     // Every stored prediction is in the capture log beside the store.
     let capture_dir = dir.path().join("run.capture");
@@ -127,11 +127,18 @@ fn shifted_labels_raise_one_alert_honest_ones_none_and_the_report_draws_every_ch
     assert_eq!(got[0]["sluice"]["status"], "firing");
     assert!(got[0]["text"].as_str().unwrap().contains("baseline 85.0%"), "{got:?}");
 
+    // One review item settled: the report counts it as sent to review, no longer waiting.
+    let sent_to_review = demo["review"].as_u64().unwrap();
+    assert!(sent_to_review > 0, "the demo sends some to review: {demo}");
+    let waiting = results.iter().find(|r| r["status"] == "review").unwrap();
+    sluice(&store, &["review", "--label", waiting["record_id"].as_str().unwrap(), "3"]);
+
     // The report: one page, every chart drawn with data.
     let out = dir.path().join("report");
     let summary = json(&sluice(&store, &["report", "--out", out.to_str().unwrap(), "--json"]));
     assert_eq!(summary["charts"], 7, "{summary}");
     assert_eq!(summary["records"].as_u64(), Some(stored));
+    assert_eq!((summary["review"].as_u64(), summary["review_waiting"].as_u64()), (Some(sent_to_review), Some(sent_to_review - 1)));
     assert_eq!(summary["dead_lettered"].as_object().unwrap().values().map(|v| v.as_u64().unwrap()).sum::<u64>(), 6);
     let page = std::fs::read_to_string(out.join("index.html")).unwrap();
     let charts: Vec<&str> = page.split("<svg").skip(1).collect();
@@ -147,4 +154,5 @@ fn shifted_labels_raise_one_alert_honest_ones_none_and_the_report_draws_every_ch
         assert!(!page.contains(fetch), "the page needs nothing from the network ({fetch})");
     }
     assert!(page.contains("alerts firing") && page.contains(">accuracy<"));
+    assert!(page.contains(&format!("{sent_to_review} ({} waiting)", sent_to_review - 1)));
 }

@@ -52,6 +52,7 @@ mod tests {
         let obs = |label: &str, truth: Option<&str>| Observation {
             capture: capture(label, 0.9, None),
             truth: truth.map(str::to_owned),
+            status_now: None,
         };
         let q = quality(&[obs("1", Some("1")), obs("1", Some("2")), obs("2", Some("2")), obs("3", None)]);
         assert_eq!(q.overall, Accuracy { labelled: 3, correct: 2 });

@@ -7,6 +7,7 @@ use sluice_core::Result;
 use sluice_core::backend::Backend;
 use sluice_core::capture::{CaptureRecord, parse_lines};
 use sluice_core::envelope::RecordId;
+use sluice_core::record::ResultStatus;
 
 /// One captured prediction and what it really was.
 #[derive(Debug, Clone, PartialEq)]
@@ -15,6 +16,9 @@ pub struct Observation {
     /// The label fed back (`sluice feedback`, or the producer's attribute) or, failing that,
     /// the one a reviewer gave.
     pub truth: Option<String>,
+    /// The result's status now: a prediction sent to review may have been reviewed since
+    /// (`None` where no result stands, as after a rejection).
+    pub status_now: Option<ResultStatus>,
 }
 
 impl Observation {
@@ -60,7 +64,7 @@ impl Window {
             observations.extend(chunk.iter().map(|capture| {
                 let result = results.get(&capture.record_id);
                 let truth = result.and_then(|r| r.ground_truth.clone().or_else(|| r.reviewed_label.clone()));
-                Observation { capture: capture.clone(), truth }
+                Observation { capture: capture.clone(), truth, status_now: result.map(|r| r.status) }
             }));
         }
         Ok(Self { since_ms, until_ms, observations, skipped_lines })
@@ -68,5 +72,11 @@ impl Window {
 
     pub fn captures(&self) -> impl Iterator<Item = &CaptureRecord> {
         self.observations.iter().map(|o| &o.capture)
+    }
+
+    /// Predictions the results stage sent to review, and how many of them wait for a person still.
+    pub fn review(&self) -> (u64, u64) {
+        let sent = self.observations.iter().filter(|o| o.capture.status == ResultStatus::Review);
+        sent.fold((0, 0), |(sent, waiting), o| (sent + 1, waiting + u64::from(o.status_now == Some(ResultStatus::Review))))
     }
 }

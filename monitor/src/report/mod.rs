@@ -33,7 +33,10 @@ pub struct ReportSummary {
     pub records: u64,
     pub labelled: u64,
     pub accuracy: Option<f64>,
+    /// Predictions sent to review in the window...
     pub review: u64,
+    /// ...and those of them no one has reviewed yet.
+    pub review_waiting: u64,
     pub dead_lettered: BTreeMap<String, u64>,
     pub fallback_share: f64,
     /// `saved` (the monitor's reference) or `window` (the whole window, when none is saved).
@@ -85,6 +88,7 @@ pub async fn write(
     let path = out.join("index.html");
     std::fs::write(&path, html).map_err(|e| io_error(&path, e))?;
     let all = quality(&window.observations).overall;
+    let (review, review_waiting) = window.review();
     Ok(ReportSummary {
         page: path,
         since_ms,
@@ -92,7 +96,8 @@ pub async fn write(
         records: window.observations.len() as u64,
         labelled: all.labelled,
         accuracy: all.value(),
-        review: window.captures().filter(|c| c.status == ResultStatus::Review).count() as u64,
+        review,
+        review_waiting,
         dead_lettered: dead.iter().fold(BTreeMap::new(), |mut m, d| {
             *m.entry(d.reason.clone()).or_default() += 1;
             m
@@ -408,7 +413,10 @@ impl<'a> Page<'a> {
             ("labelled", all.overall.labelled.to_string()),
             ("accuracy", accuracy),
             ("baseline", format!("{:.0}%", self.config.accuracy_baseline * 100.0)),
-            ("review", self.window.captures().filter(|c| c.status == ResultStatus::Review).count().to_string()),
+            ("sent to review", {
+                let (sent, waiting) = self.window.review();
+                format!("{sent} ({waiting} waiting)")
+            }),
             ("dead-lettered", self.dead.len().to_string()),
             (
                 "alerts firing",
