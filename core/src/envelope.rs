@@ -302,7 +302,21 @@ mod base64_bytes {
 
     pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
         let text = String::deserialize(d)?;
-        STANDARD.decode(text.as_bytes()).map_err(serde::de::Error::custom)
+        STANDARD.decode(text.as_bytes()).map_err(|e| serde::de::Error::custom(describe(&e)))
+    }
+
+    /// The decoder's own words ("Invalid symbol 33, offset 0.") name a byte by its number.
+    fn describe(error: &base64::DecodeError) -> String {
+        use base64::DecodeError::*;
+        let what = match error {
+            InvalidByte(at, byte) => format!("{:?} at character {at} is not a base64 character", char::from(*byte)),
+            InvalidLastSymbol(at, byte) => {
+                format!("its last character ({:?}, at {at}) leaves bits over: cut short or altered?", char::from(*byte))
+            }
+            InvalidLength(length) => format!("{length} characters cannot be base64 (a whole number of 4, padded with =)"),
+            InvalidPadding => "its `=` padding is wrong".to_owned(),
+        };
+        format!("the payload's data is not standard base64 (RFC 4648, `+/` and `=` padding): {what}")
     }
 }
 
@@ -342,5 +356,20 @@ mod tests {
         assert_eq!(Envelope::from_value(value.clone()).unwrap_err().code(), ReasonCode::UnsupportedContentType);
         value["schema_version"] = 99.into();
         assert_eq!(Envelope::from_value(value).unwrap_err().code(), ReasonCode::UnsupportedSchemaVersion);
+    }
+
+    #[test]
+    fn a_payload_that_is_not_base64_is_named_by_its_character() {
+        let env = Envelope::inline(RecordId::parse("r1").unwrap(), "test", ContentType::Png, vec![1, 2, 3]);
+        let refused = |data: &str| {
+            let mut value = serde_json::to_value(&env).unwrap();
+            value["payload"]["data"] = data.into();
+            let error = Envelope::from_value(value).unwrap_err();
+            assert_eq!(error.code(), ReasonCode::SchemaMismatch);
+            error.to_string()
+        };
+        assert!(refused("AQ!D").contains("'!' at character 2 is not a base64 character"), "{}", refused("AQ!D"));
+        assert!(refused("AQIDB").contains("5 characters cannot be base64"), "{}", refused("AQIDB"));
+        assert!(refused("AR==").contains("leaves bits over"), "{}", refused("AR=="));
     }
 }
