@@ -2,7 +2,7 @@
 //!
 //! Each item shows its record, the model's top classes and the image (drawn with half-block
 //! characters, two pixels a cell, or saved as PNG with `--save`), rebuilt from the record's
-//! feature vector. A label settles the result (status `reviewed`, the person's label beside the
+//! feature vector; a JSON event shows its fields as the model saw them too. A label settles the result (status `reviewed`, the person's label beside the
 //! model's) and takes the item off the review queue; `d` sends it to the results DLQ instead
 //! (not fit for a result: its result is taken away); `s` skips it (it stays for later), `q`
 //! quits. `sluice review --label ID LABEL` and `--reject ID` do the same for one item without a
@@ -21,6 +21,7 @@ use sluice_core::envelope::RecordId;
 use sluice_core::model::ModelManifest;
 use sluice_core::record::{Resolution, ResultStatus};
 use sluice_core::topology::QueueName;
+use sluice_core::vector::FeatureVector;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct ReviewArgs {
@@ -39,6 +40,9 @@ pub struct ReviewArgs {
 
 /// How long an item being looked at stays hidden from other reviewers.
 const LOOKING: Duration = Duration::from_secs(600);
+/// The widest a line of a JSON event's fields is written, in characters.
+const FIELDS_WIDTH: usize = 100;
+
 /// The widest an image is drawn, in terminal cells.
 const MAX_WIDTH: u32 = 56;
 
@@ -91,6 +95,15 @@ pub async fn walk(backend: &Backend, manifest: &ModelManifest, save: Option<&Pat
         let Some(message) = queue.receive(1, Duration::ZERO).await?.pop() else {
             let stale = if stale > 0 { format!(", {stale} removed as settled before") } else { String::new() };
             println!("\nthe review queue is empty ({settled} settled, {} skipped{stale})", skipped.len());
+            // Those this walk skipped are held by it; any others, by someone else.
+            let held = queue.depth().await?.in_flight.saturating_sub(skipped.len() as u64);
+            if held > 0 {
+                println!(
+                    "{held} more held by another reviewer or a walk cut short: each comes back when its holder lets \
+                     go, or within {} s",
+                    LOOKING.as_secs()
+                );
+            }
             break;
         };
         let receipt = message.receipt.clone();
@@ -208,8 +221,15 @@ async fn show(
             let _ = writeln!(out, "  {label:<12} {:>5.1}%  {}", p * 100.0, "█".repeat((p * 30.0).round() as usize));
         }
     }
-    let vector = backend.features.get_batch(std::slice::from_ref(id)).await?.remove(id);
-    let picture = vector.and_then(|v| manifest.input.image.as_ref()?.picture(&v.ok()?));
+    let vector = backend.features.get_batch(std::slice::from_ref(id)).await?.remove(id).and_then(Result::ok);
+    // A JSON event's fields as the model saw them; the picture below is the same vector as the
+    // model takes it (every architecture takes an image).
+    let fields = match (&vector, &manifest.input.tabular) {
+        (Some(FeatureVector::Values(values)), Some(tabular)) => tabular.read_back(values),
+        _ => None,
+    };
+    out.push_str(&field_lines(&fields.unwrap_or_default()));
+    let picture = vector.and_then(|v| manifest.input.image.as_ref()?.picture(&v));
     match (picture, save) {
         (Some(picture), Some(dir)) => {
             std::fs::create_dir_all(dir)?;
@@ -218,9 +238,25 @@ async fn show(
             let _ = writeln!(out, "image: {}", path.display());
         }
         (Some(picture), None) => out.push_str(&half_blocks(&picture, MAX_WIDTH)),
-        (None, _) => out.push_str("(no image: the record is tabular, or its features are gone)\n"),
+        (None, _) => out.push_str("(no image: the record's features are gone)\n"),
     }
     Ok(out)
+}
+
+/// `name=value` for each field, as many to a line as fit [`FIELDS_WIDTH`].
+fn field_lines(fields: &[(&str, String)]) -> String {
+    let mut lines: Vec<String> = Vec::new();
+    for (name, value) in fields {
+        let field = format!("{name}={value}");
+        match lines.last_mut() {
+            Some(line) if line.len() + 2 + field.len() <= FIELDS_WIDTH => {
+                line.push_str("  ");
+                line.push_str(&field);
+            }
+            _ => lines.push(field),
+        }
+    }
+    lines.iter().map(|line| format!("  {line}\n")).collect()
 }
 
 /// `img` drawn with "▀": each cell's foreground is the upper pixel, its background the lower
@@ -251,6 +287,16 @@ pub fn half_blocks(img: &image::RgbImage, max_width: u32) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_json_events_fields_are_written_as_many_to_a_line_as_fit() {
+        assert_eq!(field_lines(&[]), "");
+        assert_eq!(field_lines(&[("amount", "12.5".into()), ("country", "fr".into())]), "  amount=12.5  country=fr\n");
+        let many: Vec<(&str, String)> = vec![("p00", "0".into()); 30];
+        let text = field_lines(&many);
+        assert!(text.lines().all(|l| l.len() <= FIELDS_WIDTH + 2) && text.lines().count() == 3, "{text}");
+        assert_eq!(text.matches("p00=0").count(), 30);
+    }
 
     #[test]
     fn two_pixel_rows_make_one_line_of_half_blocks() {

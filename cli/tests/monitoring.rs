@@ -59,8 +59,7 @@ fn webhook() -> (String, Arc<Mutex<Vec<serde_json::Value>>>) {
 fn shifted_labels_raise_one_alert_honest_ones_none_and_the_report_draws_every_chart() {
     let dir = tempfile::tempdir().unwrap();
     let store = dir.path().join("run.sqlite");
-    let demo =
-        demo_summary(test_env(&mut Command::new(bin("sluice"))).args(["demo", "--json", "--store"]).arg(&store));
+    let demo = demo_summary(test_env(&mut Command::new(bin("sluice"))).args(["demo", "--json", "--store"]).arg(&store));
     let stored = demo["results"].as_u64().unwrap() + demo["review"].as_u64().unwrap();
 
     // Every stored prediction is in the capture log beside the store.
@@ -138,7 +137,10 @@ fn shifted_labels_raise_one_alert_honest_ones_none_and_the_report_draws_every_ch
     let summary = json(&sluice(&store, &["report", "--out", out.to_str().unwrap(), "--json"]));
     assert_eq!(summary["charts"], 7, "{summary}");
     assert_eq!(summary["records"].as_u64(), Some(stored));
-    assert_eq!((summary["review"].as_u64(), summary["review_waiting"].as_u64()), (Some(sent_to_review), Some(sent_to_review - 1)));
+    assert_eq!(
+        (summary["review"].as_u64(), summary["review_waiting"].as_u64()),
+        (Some(sent_to_review), Some(sent_to_review - 1))
+    );
     assert_eq!(summary["dead_lettered"].as_object().unwrap().values().map(|v| v.as_u64().unwrap()).sum::<u64>(), 6);
     let page = std::fs::read_to_string(out.join("index.html")).unwrap();
     let charts: Vec<&str> = page.split("<svg").skip(1).collect();

@@ -313,7 +313,9 @@ mod base64_bytes {
             InvalidLastSymbol(at, byte) => {
                 format!("its last character ({:?}, at {at}) leaves bits over: cut short or altered?", char::from(*byte))
             }
-            InvalidLength(length) => format!("{length} characters cannot be base64 (a whole number of 4, padded with =)"),
+            InvalidLength(length) => {
+                format!("{length} characters cannot be base64 (a whole number of 4, padded with =)")
+            }
             InvalidPadding => "its `=` padding is wrong".to_owned(),
         };
         format!("the payload's data is not standard base64 (RFC 4648, `+/` and `=` padding): {what}")

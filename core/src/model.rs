@@ -169,6 +169,28 @@ impl TabularSpec {
         self.fields.iter().map(FieldSpec::width).sum()
     }
 
+    /// The fields as the model saw them in `vector` (one this spec made), each with its value in
+    /// raw units or its category (`–` where none was hot: a missing or unknown value without a
+    /// default). `None` if the length does not fit.
+    pub fn read_back(&self, vector: &[f32]) -> Option<Vec<(&str, String)>> {
+        if vector.len() != self.vector_len() {
+            return None;
+        }
+        let mut rest = vector;
+        let fields = self.fields.iter().map(|field| {
+            let (mine, after) = rest.split_at(field.width());
+            rest = after;
+            let value = match field {
+                FieldSpec::Numeric { min, max, .. } => six_figures(mine[0] * (max - min) + min),
+                FieldSpec::Categorical { categories, .. } => {
+                    mine.iter().position(|&x| x > 0.5).map_or("–".to_owned(), |hot| categories[hot].clone())
+                }
+            };
+            (field.name(), value)
+        });
+        Some(fields.collect())
+    }
+
     /// Whether `event` carries enough of the spec to make a prediction of ([`check_present`](Self::check_present)),
     /// and every numeric field it carries a number within the field's range (unless the field
     /// clamps). The error says what is wrong.
@@ -205,6 +227,15 @@ impl TabularSpec {
         }
         Ok(())
     }
+}
+
+/// `x` to six significant figures, without trailing zeros: the scaling back leaves 120.00001
+/// of an event's 120.
+fn six_figures(x: f32) -> String {
+    // Zero's logarithm is an infinity, which `as` takes to i32::MIN.
+    let decimals = 5_i32.saturating_sub(x.abs().log10().floor() as i32).clamp(0, 9) as usize;
+    let text = format!("{x:.decimals$}");
+    if text.contains('.') { text.trim_end_matches('0').trim_end_matches('.').to_owned() } else { text }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

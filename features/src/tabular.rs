@@ -67,6 +67,23 @@ mod tests {
     }
 
     #[test]
+    fn a_vector_reads_back_as_the_fields_the_model_saw() {
+        let vector = vectorise(&spec(), &json!({"amount": 120, "country": "fr"})).unwrap();
+        assert_eq!(spec().read_back(&vector).unwrap(), [("amount", "120".to_owned()), ("country", "fr".to_owned())]);
+        for (amount, written) in [(0.0, "0"), (0.125, "0.125"), (199.99, "199.99")] {
+            let vector = vectorise(&spec(), &json!({ "amount": amount })).unwrap();
+            assert_eq!(spec().read_back(&vector).unwrap()[0].1, written);
+        }
+        let no_default = TabularSpec {
+            fields: vec![FieldSpec::Categorical { name: "c".into(), categories: vec!["x".into()], default: None }],
+            ..spec()
+        };
+        let cold = vectorise(&no_default, &json!({"c": "unknown"})).unwrap();
+        assert_eq!(no_default.read_back(&cold).unwrap(), [("c", "–".to_owned())]);
+        assert_eq!(spec().read_back(&[0.5]), None, "a vector of another length");
+    }
+
+    #[test]
     fn fills_defaults_for_missing_and_unknown_values() {
         assert_eq!(vectorise(&spec(), &json!({"country": "jp"})).unwrap(), vec![0.25, 0.0, 0.0, 1.0]);
         assert_eq!(vectorise(&spec(), &json!({"amount": null, "country": "jp"})).unwrap(), vec![0.25, 0.0, 0.0, 1.0]);

@@ -77,6 +77,8 @@ impl Window {
     /// Predictions the results stage sent to review, and how many of them wait for a person still.
     pub fn review(&self) -> (u64, u64) {
         let sent = self.observations.iter().filter(|o| o.capture.status == ResultStatus::Review);
-        sent.fold((0, 0), |(sent, waiting), o| (sent + 1, waiting + u64::from(o.status_now == Some(ResultStatus::Review))))
+        sent.fold((0, 0), |(sent, waiting), o| {
+            (sent + 1, waiting + u64::from(o.status_now == Some(ResultStatus::Review)))
+        })
     }
 }
