@@ -130,13 +130,31 @@ pub async fn run(args: ResultsArgs, settings: Settings) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `text` as one word for a POSIX shell, which a record id may need: it may hold a `'`.
+fn shell_quoted(text: &str) -> String {
+    format!("'{}'", text.replace('\'', r"'\''"))
+}
+
 async fn list(backend: &Backend, list: &ListArgs) -> anyhow::Result<()> {
     let page = backend.results.query(&list.query()?).await?;
     for result in &page.results {
         print(result, list.json)?;
     }
     if let Some(token) = page.next_page_token {
-        eprintln!("more: --page-token '{token}'");
+        eprintln!("more: --page-token {}", shell_quoted(&token.to_string()));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_page_token_is_one_word_for_the_shell() {
+        assert_eq!(shell_quoted("1796598588724#a"), "'1796598588724#a'");
+        let quoted = shell_quoted("1796598588724#it's");
+        let echoed = std::process::Command::new("sh").arg("-c").arg(format!("printf %s {quoted}")).output().unwrap();
+        assert_eq!(String::from_utf8(echoed.stdout).unwrap(), "1796598588724#it's");
+    }
 }
