@@ -6,7 +6,7 @@
 //! durably sent, so stopping a replay at any point loses nothing; a copy sent twice is harmless,
 //! because every sink is idempotent by record id. (SQS's StartMessageMoveTask cannot filter.)
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::str::FromStr;
 use std::sync::Arc;
@@ -542,38 +542,49 @@ impl Rejudge {
     }
 
     /// What a replay would do with each of `items` (for a dry run), reading the results and
-    /// changing nothing: as [`Action::apply`] would decide, the first copy of a record whose
-    /// result waits accepted and the others stale.
+    /// changing nothing: as [`Action::apply`] would decide, an item whose result is settled
+    /// already stale, and of those that clear, the first copy of a record whose result waits
+    /// accepted and the others stale.
     pub async fn preview(&self, backend: &Backend, items: &[Item]) -> Result<Vec<Fate>> {
-        let clear: Vec<RecordId> =
-            items.iter().filter(|i| Self::clears(&self.0, i)).filter_map(|i| i.record_id().cloned()).collect();
-        let results = backend.results.get_batch(&clear).await?;
+        let results = Self::results_of(backend, items).await?;
         let mut accepted = BTreeSet::new();
         Ok(items
             .iter()
-            .map(|item| match item.record_id() {
-                Some(id) if Self::clears(&self.0, item) => match results.get(id) {
-                    None => Fate::Kept,
-                    Some(r) if r.status != ResultStatus::Review => Fate::Stale,
-                    Some(_) if accepted.insert(id.clone()) => Fate::Done,
-                    Some(_) => Fate::Stale,
-                },
+            .map(|item| match item.record_id().map(|id| (id, results.get(id))) {
+                Some((_, Some(r))) if r.status != ResultStatus::Review => Fate::Stale,
+                Some((id, Some(_))) if Self::clears(&self.0, item) => {
+                    if accepted.insert(id.clone()) {
+                        Fate::Done
+                    } else {
+                        Fate::Stale
+                    }
+                }
+                // Waiting and not clearing; or no result (a rejection stopped halfway, below).
                 _ => Fate::Kept,
             })
             .collect())
+    }
+
+    async fn results_of(backend: &Backend, items: &[Item]) -> Result<HashMap<RecordId, PredictionResult>> {
+        let ids: BTreeSet<RecordId> = items.iter().filter_map(|i| i.record_id().cloned()).collect();
+        backend.results.get_batch(&ids.into_iter().collect::<Vec<_>>()).await
     }
 }
 
 #[async_trait::async_trait]
 impl Action for Rejudge {
     async fn apply(&self, backend: &Backend, items: &[Item]) -> Result<Vec<Fate>> {
+        // An item whose result was settled before (labelled by id while a copy waited, or
+        // accepted) has nothing left to wait for, whether or not it clears.
+        let results = Self::results_of(backend, items).await?;
         let mut out = Vec::with_capacity(items.len());
         for item in items {
             out.push(match item.record_id() {
+                Some(id) if results.get(id).is_some_and(|r| r.status != ResultStatus::Review) => Fate::Stale,
                 Some(id) if Self::clears(&self.0, item) => {
                     match backend.results.resolve_review(id, &Resolution::Accept).await? {
                         ReviewOutcome::Resolved(_) => Fate::Done,
-                        // Settled before: the item has nothing left to wait for.
+                        // Settled since it was read (or by a copy before it in this batch).
                         ReviewOutcome::NotWaiting(_) => Fate::Stale,
                         // A rejection stopped halfway (the result withdrawn, its DLQ entry perhaps
                         // not yet written): the item stays, for `reject` to finish, so that the

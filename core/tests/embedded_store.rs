@@ -715,7 +715,7 @@ async fn copies_of_a_review_item_are_each_judged_once() {
     let (_dir, _config, backend) = fresh(StoreConfig::default()).await;
     let review = backend.queue(QueueName::Review);
     let mut items = Vec::new();
-    for id in ["twice", "kept", "rejected"] {
+    for id in ["twice", "kept", "rejected", "settled"] {
         let result = sluice_core::testing::prediction_result(id, "1", ResultStatus::Review);
         backend.results.put_if_absent(vec![result.clone()]).await.unwrap();
         let body = serde_json::to_vec(&result).unwrap();
@@ -728,8 +728,14 @@ async fn copies_of_a_review_item_are_each_judged_once() {
     let options = ReplayOptions::default();
     let everything = Filter::default();
     let other = sluice_core::model::ModelManifest { labels: vec!["cat".into(), "dog".into()], ..manifest.clone() };
+    // A result labelled by id while its copies waited: they are stale, whatever the bundle.
+    let settled = sluice_core::envelope::RecordId::parse("settled").unwrap();
+    backend.results.resolve_review(&settled, &sluice_core::record::Resolution::Label("0".into())).await.unwrap();
+    let looked = dlq::look(&backend, Letters::Review, &everything).await.unwrap();
+    let fates = Rejudge(other.clone()).preview(&backend, &looked.items).await.unwrap();
+    assert_eq!(fates.iter().filter(|&&f| f == Fate::Stale).count(), 2, "{fates:?}");
     let done = dlq::apply(&backend, Letters::Review, &everything, &Rejudge(other), &options, &|_| {}).await.unwrap();
-    assert_eq!((done.moved, done.stale, done.kept), (0, 0, 6), "{done:?}");
+    assert_eq!((done.moved, done.stale, done.kept), (0, 2, 6), "{done:?}");
     manifest.labels = vec!["0".into(), "1".into()];
     let twice = Filter { record_id: glob::Pattern::new("twice").ok(), ..Filter::default() };
     // A dry run sees what the run will do: the first copy accepted, the other stale.
