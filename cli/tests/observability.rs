@@ -251,6 +251,10 @@ async fn a_run_is_seen_in_traces_metrics_health_and_stats() {
         listed.keys().map(|k| k.to_string()).collect::<BTreeSet<_>>(),
         "metrics.txt lists what is exported"
     );
+    let described = std::fs::read_to_string("../docs/observability.md").unwrap();
+    for family in listed.keys() {
+        assert!(described.contains(&format!("| `{family}`")), "docs/observability.md's table lacks {family}");
+    }
 
     // SIGTERM: each stops within its grace period, flushing its spans.
     for worker in workers {
