@@ -196,7 +196,7 @@ pub async fn run(command: DlqCommand, settings: Settings) -> anyhow::Result<()> 
             let (backend, _) = open(&store).await?;
             let item = dlq::show(&backend, stage, &id).await?.with_context(|| format!("no entry for {id}"))?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&item)?);
+                outln!("{}", serde_json::to_string_pretty(&item)?)?;
             } else {
                 print!("{}", describe(&item));
             }
@@ -205,7 +205,7 @@ pub async fn run(command: DlqCommand, settings: Settings) -> anyhow::Result<()> 
             let (backend, _) = open(&store).await?;
             let stats = dlq::stats(&backend).await?;
             if json {
-                println!("{}", serde_json::to_string(&stats)?);
+                outln!("{}", serde_json::to_string(&stats)?)?;
             } else {
                 for queue in stats {
                     let age = queue
@@ -219,9 +219,9 @@ pub async fn run(command: DlqCommand, settings: Settings) -> anyhow::Result<()> 
                         n => format!(" ({n} copies of others' records)"),
                     };
                     let of = among(queue.partial.then_some(queue.depth));
-                    println!("{:<10} {:>7} entries{of}{copies}{age}", queue.queue.as_str(), queue.entries);
+                    outln!("{:<10} {:>7} entries{of}{copies}{age}", queue.queue.as_str(), queue.entries)?;
                     for (reason, n) in queue.by_reason {
-                        println!("  {reason:<28} {n:>7}");
+                        outln!("  {reason:<28} {n:>7}")?;
                     }
                 }
             }
@@ -291,22 +291,19 @@ pub async fn run(command: DlqCommand, settings: Settings) -> anyhow::Result<()> 
             };
             progress.finish_and_clear();
             if json {
-                println!("{}", serde_json::to_string(&moved)?);
+                outln!("{}", serde_json::to_string(&moved)?)?;
             } else if stage == Letters::Review {
                 let stale = match moved.stale {
                     0 => String::new(),
                     n => format!("; {n} items of results settled before taken off"),
                 };
-                println!(
+                outln!(
                     "{} review items accepted under the current thresholds; {} stay in review{stale}",
-                    moved.moved, moved.kept
-                );
-            } else {
-                println!(
-                    "replayed {} entries from the {stage} DLQ to {}",
                     moved.moved,
-                    target.unwrap_or(stage.stage())
-                );
+                    moved.kept
+                )?;
+            } else {
+                outln!("replayed {} entries from the {stage} DLQ to {}", moved.moved, target.unwrap_or(stage.stage()))?;
                 if moved.kept > 0 {
                     eprintln!("{}", not_replayable(moved.kept as usize));
                 }
@@ -333,9 +330,9 @@ pub async fn run(command: DlqCommand, settings: Settings) -> anyhow::Result<()> 
             let options = ReplayOptions { limit, ..ReplayOptions::default() };
             let deleted = dlq::apply(&backend, stage, &filter, &Delete, &options, &|_| {}).await?;
             if json {
-                println!("{}", serde_json::to_string(&deleted)?);
+                outln!("{}", serde_json::to_string(&deleted)?)?;
             } else {
-                println!("deleted {} entries from {stage}", deleted.moved);
+                outln!("deleted {} entries from {stage}", deleted.moved)?;
             }
         }
     }

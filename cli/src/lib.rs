@@ -1,6 +1,16 @@
 //! The library behind the `sluice` command: demo, producer, trainer, bundle maker, in-process
 //! pipeline, DLQ tools, monitoring, benchmarks.
 
+/// `println!` that hands back the error where `println!` panics: a reader gone (`| head`) is a
+/// broken pipe, which `main` passes over.
+#[macro_export]
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        writeln!(std::io::stdout(), $($arg)*)
+    }};
+}
+
 pub mod bench;
 pub mod demo;
 pub mod digits;

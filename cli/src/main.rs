@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::anyhow;
 use clap::{Parser, Subcommand};
 use sluice_cli::{
-    bench, demo, dlq, feedback, load, load_bench, monitor, pipeline, pipeline_bench, produce, report, resnet18,
+    bench, demo, dlq, feedback, load, load_bench, monitor, outln, pipeline, pipeline_bench, produce, report, resnet18,
     results, review, top, train,
 };
 use sluice_core::backend::Backend;
@@ -189,13 +189,13 @@ fn main() -> anyhow::Result<()> {
     let _telemetry = sluice_core::telemetry::init("sluice", if quiet { "warn" } else { "info" });
     if let Command::Train(args) = &cli.command {
         let report = train::train(args)?;
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        outln!("{}", serde_json::to_string_pretty(&report)?)?;
         eprintln!("bundle written to {}", args.out.display());
         return Ok(());
     }
     if let Command::Bundle { command: BundleCommand::Resnet18(args) } = &cli.command {
         let bundle = resnet18::bundle(args)?;
-        println!("bundle written to {} ({} classes)", bundle.dir.display(), bundle.manifest.labels.len());
+        outln!("bundle written to {} ({} classes)", bundle.dir.display(), bundle.manifest.labels.len())?;
         return Ok(());
     }
     if let Command::Bench { command } = &cli.command {
@@ -215,11 +215,11 @@ fn main() -> anyhow::Result<()> {
             }
         };
         if json {
-            println!("{}", serde_json::to_string_pretty(&reports)?);
+            outln!("{}", serde_json::to_string_pretty(&reports)?)?;
         } else {
             for report in &reports {
                 report.print_text();
-                println!();
+                outln!()?;
             }
         }
         return Ok(());
@@ -249,7 +249,7 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
         Command::Demo(args) => {
             let summary = demo::demo(&args, settings).await?;
             if args.json {
-                println!("{}", serde_json::to_string(&summary)?);
+                outln!("{}", serde_json::to_string(&summary)?)?;
             } else {
                 summary.print_text();
             }
@@ -262,15 +262,16 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
             if let (Some(rate), Some(duration)) = (args.rate, args.duration) {
                 let catalogue = produce::catalogue_for(&args)?;
                 let report = load::run(&backend, &catalogue, rate, duration, args.pattern, &ingest).await?;
-                println!("{report}");
+                outln!("{report}")?;
             } else {
                 let report = produce::put_all(&backend, produce::records_for(&args)?, &ingest).await?;
-                println!("produced {} records", report.records);
+                outln!("produced {} records", report.records)?;
                 if report.retried > 0 {
-                    println!(
+                    outln!(
                         "the stream refused {} of them at first ({} throttled); all were sent again",
-                        report.retried, report.throttled
-                    );
+                        report.retried,
+                        report.throttled
+                    )?;
                 }
             }
         }
@@ -302,7 +303,7 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
         Command::Aws { command: AwsCommand::Bootstrap { store } } => {
             let store = store.apply(settings).set("store.backend", "aws").store()?;
             let made = sluice_core::backend::aws::bootstrap::bootstrap(&store).await?;
-            println!("{}", serde_json::to_string_pretty(&made)?);
+            outln!("{}", serde_json::to_string_pretty(&made)?)?;
         }
         Command::Aws { command: AwsCommand::Teardown { store, yes } } => {
             // Never the configured default by accident: what goes is named on the command line.
@@ -316,12 +317,12 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
                 anyhow::bail!("nothing deleted");
             }
             let done = sluice_core::backend::aws::bootstrap::teardown(&store).await?;
-            println!("{}", serde_json::to_string_pretty(&done)?);
+            outln!("{}", serde_json::to_string_pretty(&done)?)?;
         }
         Command::Aws { command: AwsCommand::Check { store } } => {
             let store = store.apply(settings).set("store.backend", "aws").store()?;
             let found = sluice_core::backend::aws::bootstrap::check(&store).await?;
-            println!("{}", serde_json::to_string_pretty(&found)?);
+            outln!("{}", serde_json::to_string_pretty(&found)?)?;
         }
         Command::Results(args) => results::run(args, settings).await?,
         Command::Serve { store, address, port } => {
@@ -337,7 +338,7 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
         Command::Feedback(args) => {
             let report = feedback::run(&args, settings).await?;
             if args.json {
-                println!("{}", serde_json::to_string(&report)?);
+                outln!("{}", serde_json::to_string(&report)?)?;
             } else {
                 feedback::print_text(&report)?;
             }
@@ -346,9 +347,9 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
         Command::Report(args) => {
             let summary = report::run(&args, settings).await?;
             if args.json {
-                println!("{}", serde_json::to_string(&summary)?);
+                outln!("{}", serde_json::to_string(&summary)?)?;
             } else {
-                report::print_text(&summary);
+                report::print_text(&summary)?;
             }
         }
         Command::Review(args) => {
@@ -356,8 +357,8 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
             let backend = open(&settings).await?;
             let manifest = sluice_core::model::ModelBundle::load(settings.model()?.dir)?.manifest;
             match (args.label.as_deref(), &args.reject) {
-                (Some([id, label]), _) => println!("{}", review::label_one(&backend, &manifest, id, label).await?),
-                (_, Some(id)) => println!("{}", review::reject_one(&backend, id).await?),
+                (Some([id, label]), _) => outln!("{}", review::label_one(&backend, &manifest, id, label).await?)?,
+                (_, Some(id)) => outln!("{}", review::reject_one(&backend, id).await?)?,
                 _ => review::walk(&backend, &manifest, args.save.as_ref()).await?,
             }
         }
@@ -368,7 +369,7 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
 /// A bench's report: pretty JSON, or its text.
 fn print_report(report: &(impl serde::Serialize + std::fmt::Display), json: bool) -> anyhow::Result<()> {
     if json {
-        println!("{}", serde_json::to_string_pretty(report)?);
+        outln!("{}", serde_json::to_string_pretty(report)?)?;
     } else {
         print!("{report}");
     }

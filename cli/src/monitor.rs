@@ -53,12 +53,12 @@ pub async fn run(args: &MonitorArgs, settings: Settings) -> anyhow::Result<()> {
     if args.set_reference {
         let (since, until) = window(args.since.as_deref(), args.until.as_deref(), &config)?;
         let reference = set_reference(&backend, since, until, config.min_records).await?;
-        println!(
+        outln!(
             "reference saved in {}: {} predictions ({} with feature vectors)",
             backend.capture.location(),
             reference.profile.records,
             reference.profile.feature_records
-        );
+        )?;
         return Ok(());
     }
     let manifest = ModelBundle::load(settings.model()?.dir)?.manifest;
@@ -92,9 +92,9 @@ pub async fn run(args: &MonitorArgs, settings: Settings) -> anyhow::Result<()> {
             Err(error) => return Err(error.into()),
         };
         if args.json {
-            println!("{}", serde_json::to_string(&pass)?);
+            outln!("{}", serde_json::to_string(&pass)?)?;
         } else {
-            print_text(&pass);
+            print_text(&pass)?;
         }
         if !args.watch {
             anyhow::ensure!(pass.undelivered.is_empty(), "alerts not delivered: {}", pass.undelivered.join("; "));
@@ -125,22 +125,23 @@ fn span_text(seconds: u64) -> String {
     }
 }
 
-fn print_text(pass: &MonitorRun) {
-    println!("sluice monitor: {} predictions over {}", pass.records, span_text((pass.until_ms - pass.since_ms) / 1000));
+fn print_text(pass: &MonitorRun) -> std::io::Result<()> {
+    outln!("sluice monitor: {} predictions over {}", pass.records, span_text((pass.until_ms - pass.since_ms) / 1000))?;
     for check in &pass.checks {
         let verdict = match check.breached {
             Some(true) => "BREACHED",
             Some(false) => "ok",
             None => "not judged",
         };
-        println!("  {:<18} {:<10} {}", check.name, verdict, check.detail);
+        outln!("  {:<18} {:<10} {}", check.name, verdict, check.detail)?;
     }
     for alert in &pass.alerts {
-        println!("  alert {:?}: {}", alert.status, alert.text);
+        outln!("  alert {:?}: {}", alert.status, alert.text)?;
     }
     for failure in &pass.undelivered {
-        println!("  NOT DELIVERED {failure}");
+        outln!("  NOT DELIVERED {failure}")?;
     }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -36,10 +36,10 @@ pub async fn run(args: &ReportArgs, settings: Settings) -> anyhow::Result<Report
     Ok(write(&backend, &config, &manifest, since, until, &args.out).await?)
 }
 
-pub fn print_text(summary: &ReportSummary) {
-    println!("report written to {}", summary.page.display());
+pub fn print_text(summary: &ReportSummary) -> std::io::Result<()> {
+    outln!("report written to {}", summary.page.display())?;
     let accuracy = summary.accuracy.map_or("–".to_owned(), |a| format!("{:.1}%", a * 100.0));
-    println!(
+    outln!(
         "  {} predictions, {} labelled (accuracy {accuracy}), {} sent to review ({} still waiting), {} dead-lettered, fallback {:.1}%, {} charts",
         summary.records,
         summary.labelled,
@@ -48,5 +48,5 @@ pub fn print_text(summary: &ReportSummary) {
         summary.dead_lettered.values().sum::<u64>(),
         summary.fallback_share * 100.0,
         summary.charts
-    );
+    )
 }

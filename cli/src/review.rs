@@ -65,7 +65,10 @@ pub async fn label_one(backend: &Backend, manifest: &ModelManifest, id: &str, la
 pub async fn reject_one(backend: &Backend, id: &str) -> anyhow::Result<String> {
     Ok(match dlq::reject(backend, &RecordId::parse(id)?).await? {
         dlq::Rejected::Rejected => format!("{id}: sent to the results DLQ (rejected_in_review)"),
-        dlq::Rejected::NotWaiting(r) => format!("{id}: not waiting for review (status {})", r.status.as_str()),
+        // As `--label` says it: a script sees that nothing happened.
+        dlq::Rejected::NotWaiting(r) => {
+            bail!("{id} is not waiting for review (status {}); nothing changed", r.status.as_str())
+        }
         dlq::Rejected::Missing => bail!("no result waiting for review, and no review item, for {id}"),
     })
 }
@@ -94,15 +97,15 @@ pub async fn walk(backend: &Backend, manifest: &ModelManifest, save: Option<&Pat
     loop {
         let Some(message) = queue.receive(1, Duration::ZERO).await?.pop() else {
             let stale = if stale > 0 { format!(", {stale} removed as settled before") } else { String::new() };
-            println!("\nthe review queue is empty ({settled} settled, {} skipped{stale})", skipped.len());
+            outln!("\nthe review queue is empty ({settled} settled, {} skipped{stale})", skipped.len())?;
             // Those this walk skipped are held by it; any others, by someone else.
             let held = queue.depth().await?.in_flight.saturating_sub(skipped.len() as u64);
             if held > 0 {
-                println!(
+                outln!(
                     "{held} more held by another reviewer or a walk cut short: each comes back when its holder lets \
                      go, or within {} s",
                     LOOKING.as_secs()
-                );
+                )?;
             }
             break;
         };
@@ -116,12 +119,12 @@ pub async fn walk(backend: &Backend, manifest: &ModelManifest, save: Option<&Pat
                 Some(_) => "--stored-batches".to_owned(),
                 None => format!("--reason {}", item.entry.reason.as_str()),
             };
-            println!(
+            outln!(
                 "\n── an entry that is no review item ({}: {}); left in the queue: \
                  sluice dlq purge --stage review {which} removes it\n",
                 item.entry.reason.as_str(),
                 item.entry.detail,
-            );
+            )?;
             skipped.push(receipt);
             continue;
         }
@@ -143,7 +146,7 @@ pub async fn walk(backend: &Backend, manifest: &ModelManifest, save: Option<&Pat
                 "s" | "q" | "d" => break line,
                 "" => break item.verdict.as_ref().map(|v| v.label.clone()).unwrap_or_default(),
                 label if check_label(manifest, label).is_ok() => break line,
-                other => println!("{other:?} is not a label"),
+                other => outln!("{other:?} is not a label")?,
             }
         };
         match answer.as_str() {
@@ -159,16 +162,16 @@ pub async fn walk(backend: &Backend, manifest: &ModelManifest, save: Option<&Pat
                     if let Some(id) = item.record_id() {
                         dlq::take_off_copies(backend, id).await?;
                     }
-                    println!("-> sent to the results DLQ\n");
+                    outln!("-> sent to the results DLQ\n")?;
                 }
                 Fate::Stale => {
                     queue.ack(&[receipt]).await?;
                     stale += 1;
-                    println!("-> settled meanwhile by someone else; nothing sent to the DLQ\n");
+                    outln!("-> settled meanwhile by someone else; nothing sent to the DLQ\n")?;
                 }
                 Fate::Kept => {
                     skipped.push(receipt);
-                    println!("-> no record id to reject; left in the queue\n");
+                    outln!("-> no record id to reject; left in the queue\n")?;
                 }
             },
             label => {
@@ -177,21 +180,21 @@ pub async fn walk(backend: &Backend, manifest: &ModelManifest, save: Option<&Pat
                     ReviewOutcome::Resolved(_) => {
                         queue.ack(&[receipt]).await?;
                         settled += 1;
-                        println!("-> reviewed as {label}\n");
+                        outln!("-> reviewed as {label}\n")?;
                     }
                     // Settled by someone else while it was shown: the first label stands.
                     ReviewOutcome::NotWaiting(r) => {
                         queue.ack(&[receipt]).await?;
                         stale += 1;
-                        println!(
+                        outln!(
                             "-> settled meanwhile by someone else (status {}{}); this label changed nothing\n",
                             r.status.as_str(),
                             r.reviewed_label.map(|l| format!(", labelled {l}")).unwrap_or_default()
-                        );
+                        )?;
                     }
                     ReviewOutcome::Missing => {
                         skipped.push(receipt);
-                        println!("-> no stored result to settle; left in the queue\n");
+                        outln!("-> no stored result to settle; left in the queue\n")?;
                     }
                 }
             }

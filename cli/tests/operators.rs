@@ -155,6 +155,10 @@ async fn operators_loop(target: Target) {
     assert_eq!(stored.status.as_str(), "reviewed");
     assert_eq!(stored.reviewed_label.as_deref(), Some("7"));
     assert_eq!(stored.label, review[0]["verdict"]["label"].as_str().unwrap(), "the model's label is kept");
+    // Rejecting it now changes nothing, and says so as a failure, as a second label does.
+    let late = target.command(&model).args(["review", "--reject", &first]).args(target.store_args()).output().unwrap();
+    assert!(!late.status.success(), "{late:?}");
+    assert!(String::from_utf8_lossy(&late.stderr).contains("not waiting for review (status reviewed)"), "{late:?}");
 
     // Another is not fit for a result: it leaves review for the results DLQ, its result gone.
     let second = review[1]["record_id"].as_str().unwrap().to_owned();
