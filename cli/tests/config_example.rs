@@ -42,3 +42,42 @@ fn a_section_of_no_known_name_is_refused() {
     let err = Settings::load(Some(&typo)).unwrap_err().to_string();
     assert!(err.contains("unknown section \"inferenc\"") && err.contains("typo.toml"), "{err}");
 }
+
+/// Every key there is appears in the example, set to its default or commented out.
+#[test]
+fn the_example_names_every_key() {
+    let example =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../sluice.example.toml")).unwrap();
+    fn keys(value: &serde_json::Value, out: &mut Vec<String>) {
+        if let Some(map) = value.as_object() {
+            for (key, inner) in map {
+                out.push(key.clone());
+                keys(inner, out);
+            }
+        }
+    }
+    let mut all = Vec::new();
+    for section in [
+        serde_json::to_value(StoreConfig::default()).unwrap(),
+        serde_json::to_value(WorkerConfig::default()).unwrap(),
+        serde_json::to_value(ModelConfig::default()).unwrap(),
+        serde_json::to_value(TelemetryConfig::default()).unwrap(),
+        serde_json::to_value(IngestConfig::default()).unwrap(),
+        serde_json::to_value(FeaturesConfig::default()).unwrap(),
+        serde_json::to_value(InferenceConfig::default()).unwrap(),
+        serde_json::to_value(ResultsConfig::default()).unwrap(),
+        serde_json::to_value(MonitorConfig::default()).unwrap(),
+    ] {
+        keys(&section, &mut all);
+    }
+    let written = |key: &str| {
+        example.lines().any(|l| {
+            let l = l.trim_start_matches(['#', ' ']);
+            l.strip_prefix(key).is_some_and(|rest| rest.trim_start().starts_with('='))
+                || l.starts_with(&format!("[{key}]"))
+                || l.contains(&format!(".{key}]"))
+        })
+    };
+    let missing: Vec<&String> = all.iter().filter(|k| !written(k)).collect();
+    assert!(missing.is_empty(), "sluice.example.toml lacks {missing:?}");
+}

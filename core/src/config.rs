@@ -322,7 +322,7 @@ pub struct WorkerConfig {
     /// How long a worker may take to finish in-flight work after SIGTERM; the default stays under
     /// ECS's default 30 s stop timeout, so SIGKILL never cuts a batch short.
     pub shutdown_grace_ms: u64,
-    /// Delay before a retryable failure is tried again.
+    /// Delay before a retryable failure is tried again (on SQS, rounded up to whole seconds).
     pub retry_delay_ms: u64,
 }
 

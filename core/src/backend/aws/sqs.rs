@@ -388,11 +388,11 @@ impl WorkQueue for SqsQueue {
     }
 
     async fn extend_visibility(&self, receipts: &[Receipt], by: Duration) -> Result<()> {
-        self.change_visibility(receipts, by.as_secs().clamp(1, 43_200) as i32).await
+        self.change_visibility(receipts, whole_seconds(by).clamp(1, 43_200)).await
     }
 
     async fn release(&self, receipts: &[Receipt], delay: Duration) -> Result<()> {
-        self.change_visibility(receipts, delay.as_secs().min(43_200) as i32).await
+        self.change_visibility(receipts, whole_seconds(delay).min(43_200)).await
     }
 
     async fn depth(&self) -> Result<QueueDepth> {
@@ -458,9 +458,23 @@ impl WorkQueue for SqsQueue {
     }
 }
 
+/// SQS counts visibility in whole seconds: a delay is rounded up, so a retry 200 ms later is one
+/// a second later, not at once.
+fn whole_seconds(delay: Duration) -> i32 {
+    delay.as_secs_f64().ceil().min(f64::from(i32::MAX)) as i32
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn visibility_is_rounded_up_to_whole_seconds() {
+        assert_eq!(whole_seconds(Duration::ZERO), 0, "released at once");
+        assert_eq!(whole_seconds(Duration::from_millis(200)), 1);
+        assert_eq!(whole_seconds(Duration::from_millis(1500)), 2);
+        assert_eq!(whole_seconds(Duration::from_secs(30)), 30);
+    }
 
     #[test]
     fn batch_calls_take_ten_messages_or_as_many_bytes_as_the_queue_allows() {
