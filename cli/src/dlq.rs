@@ -176,6 +176,8 @@ pub fn parse_confidence(raw: &str) -> Result<f32, String> {
 }
 
 pub async fn run(command: DlqCommand, settings: Settings) -> anyhow::Result<()> {
+    // Ctrl-C while entries are held (on SQS a look hides what it reads) gives them back first.
+    sluice_core::shutdown::interrupt_on_signal();
     let open = |store: &StoreArgs| {
         let settings = store.apply(settings.clone());
         async move { anyhow::Ok((Backend::open_observer(&settings.store()?).await?, settings)) }
@@ -194,7 +196,9 @@ pub async fn run(command: DlqCommand, settings: Settings) -> anyhow::Result<()> 
         }
         DlqCommand::Show { store, id, stage, json } => {
             let (backend, _) = open(&store).await?;
-            let item = dlq::show(&backend, stage, &id).await?.with_context(|| format!("no entry for {id}"))?;
+            let item = dlq::show(&backend, stage, &id).await;
+            not_interrupted()?;
+            let item = item?.with_context(|| format!("no entry for {id}"))?;
             if json {
                 outln!("{}", serde_json::to_string_pretty(&item)?)?;
             } else {
@@ -204,6 +208,7 @@ pub async fn run(command: DlqCommand, settings: Settings) -> anyhow::Result<()> 
         DlqCommand::Stats { store, json } => {
             let (backend, _) = open(&store).await?;
             let stats = dlq::stats(&backend).await?;
+            not_interrupted()?;
             if json {
                 outln!("{}", serde_json::to_string(&stats)?)?;
             } else {
@@ -308,6 +313,7 @@ pub async fn run(command: DlqCommand, settings: Settings) -> anyhow::Result<()> 
                     eprintln!("{}", not_replayable(moved.kept as usize));
                 }
             }
+            stopped_early()?;
         }
         DlqCommand::Purge { store, stage, filter, limit, yes, json } => {
             let (backend, _) = open(&store).await?;
@@ -334,6 +340,7 @@ pub async fn run(command: DlqCommand, settings: Settings) -> anyhow::Result<()> 
             } else {
                 outln!("deleted {} entries from {stage}", deleted.moved)?;
             }
+            stopped_early()?;
         }
     }
     Ok(())
@@ -343,7 +350,24 @@ pub async fn run(command: DlqCommand, settings: Settings) -> anyhow::Result<()> 
 /// holds where the look saw part of it only (see [`dlq::Look`]).
 async fn matching(backend: &Backend, stage: Letters, filter: &Filter) -> anyhow::Result<(Vec<Item>, Option<u64>)> {
     let look = dlq::look(backend, stage, filter).await?;
+    not_interrupted()?;
     Ok((look.items, look.partial.then_some(look.depth)))
+}
+
+/// Stopped by Ctrl-C, a look has read part of the queue: nothing of it is shown as if whole.
+fn not_interrupted() -> anyhow::Result<()> {
+    if sluice_core::shutdown::interrupted() {
+        bail!("interrupted: nothing changed, and the entries read are visible again");
+    }
+    Ok(())
+}
+
+/// Stopped by Ctrl-C, a replay or purge has done what it says and left the rest.
+fn stopped_early() -> anyhow::Result<()> {
+    if sluice_core::shutdown::interrupted() {
+        bail!("interrupted: the entries not reached stay where they were (run it again to go on)");
+    }
+    Ok(())
 }
 
 /// `held`, where a count `n` of entries that match (at most `limit`) may fall short of what the

@@ -1,8 +1,8 @@
 //! The operators' loop with `sluice dlq` and `sluice review`, on both backends, as commands: a
 //! demo run's corrupt and low-confidence records are counted, listed, filtered and dry-run; the
 //! review items are replayed after a fix (lowered thresholds) and end as results; a person labels
-//! one; a replay killed with SIGKILL halfway and run again leaves no record with two results and
-//! no entry lost. Every count stays exact throughout.
+//! one; a replay interrupted (Ctrl-C) gives back what it holds, and one killed with SIGKILL
+//! halfway and run again leaves no record with two results and no entry lost. Every count stays exact throughout.
 
 mod common;
 
@@ -231,6 +231,26 @@ async fn operators_loop(target: Target) {
         .put_if_absent(ids.iter().map(|id| (id.clone(), FeatureVector::Pixels(vec![0; 64]))).collect())
         .await
         .unwrap();
+    // Ctrl-C halfway through a replay: it says what it replayed and fails, and the entries it
+    // had not reached are there to be read at once (on SQS, not hidden for their timeout).
+    let mut interrupted = target.command(&model);
+    interrupted.args(["dlq", "replay", "--stage", "inference", "--rate", "10"]).args(target.store_args());
+    let child = interrupted.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert!(Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap().success());
+    let out = child.wait_with_output().unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && said.contains("interrupted: the entries not reached stay"), "{out:?}");
+    let replayed: usize = String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{out:?}"));
+    assert!((1..ORPHANS).contains(&replayed), "{out:?}");
+    let listed = lines(&target.sluice(&model, &["dlq", "list", "--stage", "inference", "--json"]));
+    assert_eq!(listed.len(), ORPHANS - replayed, "the rest readable at once");
+    target.sluice(&model, &["run", "--until-drained"]);
+
     let mut slow = target.command(&model);
     slow.args(["dlq", "replay", "--stage", "inference", "--rate", "10"]).args(target.store_args());
     let mut child = slow.stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();

@@ -242,6 +242,7 @@ pub async fn look(backend: &Backend, letters: Letters, filter: &Filter) -> Resul
 /// The entries one look at `letters` reads that match `filter`, oldest first, and how many
 /// messages it read.
 async fn look_at(backend: &Backend, letters: Letters, filter: &Filter) -> Result<(Vec<Item>, usize)> {
+    let _holding = crate::shutdown::Holding::start();
     let messages = backend.queue(letters.queue()).peek(PEEK_MAX).await?;
     let read = messages.len();
     let mut items: Vec<Item> =
@@ -438,6 +439,8 @@ pub async fn apply(
     let queue: Arc<dyn WorkQueue> = backend.queue(letters.queue());
     let limit = options.limit.unwrap_or(usize::MAX);
     let started = Instant::now();
+    // Interrupted, a run stops between rounds and gives back what it holds, as at its end.
+    let _holding = crate::shutdown::Holding::start();
     let mut done = Moved::default();
     let mut given_back: Vec<Receipt> = Vec::new();
     // Entries already looked at, by message id: one that comes round again once its visibility
@@ -448,7 +451,7 @@ pub async fn apply(
     // SQS may answer a short poll with nothing while messages wait: ask with a short long poll.
     let wait = if backend.kind() == BackendKind::Aws { Duration::from_secs(1) } else { Duration::ZERO };
     let result = async {
-        while (done.moved as usize) < limit {
+        while (done.moved as usize) < limit && !crate::shutdown::interrupted() {
             // A whole round even when fewer entries are wanted: what was looked at stays hidden
             // to the end either way, and a search for one entry (a label, a reject) then reads a
             // deep queue in rounds of BATCH rather than a message a round.
@@ -509,7 +512,10 @@ pub async fn apply(
             given_back.extend(matching.map(|(_, r)| r));
             if let Some(rate) = options.rate.filter(|r| *r > 0.0) {
                 let due = Duration::from_secs_f64(done.moved as f64 / rate);
-                tokio::time::sleep(due.saturating_sub(started.elapsed())).await;
+                tokio::select! {
+                    () = tokio::time::sleep(due.saturating_sub(started.elapsed())) => {}
+                    () = crate::shutdown::until_interrupted() => {}
+                }
             }
         }
         Ok::<(), SluiceError>(())

@@ -426,7 +426,7 @@ impl WorkQueue for SqsQueue {
         let mut seen = std::collections::HashSet::new();
         let mut receipts = Vec::new();
         let read = async {
-            while out.len() < max && started.elapsed() < PEEK_READING {
+            while out.len() < max && started.elapsed() < PEEK_READING && !crate::shutdown::interrupted() {
                 // A short long poll: a short poll may answer nothing while messages wait.
                 let batch =
                     self.receive_messages(max - out.len(), Duration::from_secs(1), Some(PEEK_HIDDEN_SECONDS)).await?;
