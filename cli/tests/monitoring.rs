@@ -76,6 +76,8 @@ fn shifted_labels_raise_one_alert_honest_ones_none_and_the_report_draws_every_ch
     assert!(
         lines.iter().all(|l| l["schema"] == "sluice.capture/1" && l["probabilities"].as_array().unwrap().len() == 10)
     );
+    // The producer's attributes come along: the demo labels every digit.
+    assert!(lines.iter().all(|l| l["attributes"]["label"].is_string()), "{}", lines[0]);
 
     let results: Vec<serde_json::Value> =
         String::from_utf8(sluice(&store, &["results", "list", "--limit", "1000", "--json"]).stdout)

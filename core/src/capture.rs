@@ -5,6 +5,8 @@
 //! The schema is documented in `docs/monitoring.md`; a change that is not additive gets a new
 //! [`CAPTURE_SCHEMA`].
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 use crate::envelope::{RecordId, StageTimes};
@@ -37,6 +39,9 @@ pub struct CaptureRecord {
     /// bundle's tabular spec; absent for images.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub features: Option<Vec<f32>>,
+    /// The producer's attributes of the record (its envelope's; a raw record has none).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub attributes: BTreeMap<String, String>,
 }
 
 impl CaptureRecord {
@@ -55,6 +60,7 @@ impl CaptureRecord {
             content_type: content_type.to_owned(),
             timestamps: result.timestamps.clone(),
             features,
+            attributes: BTreeMap::new(),
         }
     }
 

@@ -8,6 +8,7 @@
 //! interval. A worker killed without SIGTERM loses what it had gathered (at most
 //! `flush_after_ms` of lines); SIGTERM writes it out.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -43,6 +44,8 @@ impl Default for CaptureConfig {
 pub(crate) struct Captured<'a> {
     pub(crate) result: &'a PredictionResult,
     pub(crate) content_type: ContentType,
+    /// The producer's attributes of the record.
+    pub(crate) attributes: &'a BTreeMap<String, String>,
 }
 
 pub(crate) struct CaptureWriter {
@@ -85,7 +88,9 @@ impl CaptureWriter {
         let mut lines = Vec::new();
         for c in &kept {
             let features = vectors.as_ref().and_then(|v| v.get(&c.result.record_id).cloned());
-            lines.extend(CaptureRecord::new(c.result, c.content_type.as_str(), features).to_line());
+            let mut record = CaptureRecord::new(c.result, c.content_type.as_str(), features);
+            record.attributes = c.attributes.clone();
+            lines.extend(record.to_line());
         }
         {
             let mut pending = self.pending.lock().await;
@@ -237,7 +242,7 @@ mod tests {
 
     async fn capture(writer: &CaptureWriter, id: &str) {
         let r = result(id);
-        writer.capture(&[Captured { result: &r, content_type: ContentType::Png }]).await;
+        writer.capture(&[Captured { result: &r, content_type: ContentType::Png, attributes: &BTreeMap::new() }]).await;
     }
 
     fn ids(chunk: &[u8]) -> Vec<String> {

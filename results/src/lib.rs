@@ -179,7 +179,8 @@ impl Stage for ResultsStage {
     async fn process(&self, batch: &[Delivery]) -> Vec<Outcome> {
         let mut outcomes: Vec<Option<Outcome>> = vec![None; batch.len()];
         let mut judged: Vec<(usize, PredictionResult)> = Vec::new();
-        let mut content_types = Vec::new();
+        // What each judged record is captured with besides its result.
+        let mut origins = Vec::new();
         for (i, delivery) in batch.iter().enumerate() {
             let record = match InferredRecord::from_json(&delivery.body) {
                 Ok(record) => record,
@@ -189,11 +190,11 @@ impl Stage for ResultsStage {
                 }
             };
             let id = record.envelope.record_id.clone();
-            let content_type = record.envelope.content_type;
+            let origin = (record.envelope.content_type, record.envelope.attributes.clone());
             match self.judge(record) {
                 Ok(result) => {
                     judged.push((i, result));
-                    content_types.push(content_type);
+                    origins.push(origin);
                 }
                 Err(error) => outcomes[i] = Some(Outcome::failed(error, Some(id))),
             }
@@ -216,7 +217,7 @@ impl Stage for ResultsStage {
                 }
                 // Redeliveries are captured again (their first capture may have been lost with
                 // a killed worker); readers keep one line per record.
-                self.capture(&stored_all, &content_types).await;
+                self.capture(&stored_all, &origins).await;
             }
             Err(error) => {
                 for (i, result) in slots.into_iter().zip(results) {
@@ -229,7 +230,7 @@ impl Stage for ResultsStage {
 }
 
 impl ResultsStage {
-    async fn capture(&self, stored: &[PredictionResult], content_types: &[ContentType]) {
+    async fn capture(&self, stored: &[PredictionResult], origins: &[(ContentType, BTreeMap<String, String>)]) {
         let Some(capture) = &self.capture else { return };
         self.flusher.call_once(|| {
             let (writer, every) = (Arc::downgrade(capture), capture.flush_interval());
@@ -241,8 +242,11 @@ impl ResultsStage {
                 }
             });
         });
-        let captured: Vec<Captured<'_>> =
-            stored.iter().zip(content_types).map(|(result, &content_type)| Captured { result, content_type }).collect();
+        let captured: Vec<Captured<'_>> = stored
+            .iter()
+            .zip(origins)
+            .map(|(result, (content_type, attributes))| Captured { result, content_type: *content_type, attributes })
+            .collect();
         capture.capture(&captured).await;
     }
 }
