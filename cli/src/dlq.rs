@@ -224,7 +224,12 @@ pub async fn run(command: DlqCommand, settings: Settings) -> anyhow::Result<()> 
                         n => format!(" ({n} copies of others' records)"),
                     };
                     let of = among(queue.partial.then_some(queue.depth));
-                    outln!("{:<10} {:>7} entries{of}{copies}{age}", queue.queue.as_str(), queue.entries)?;
+                    outln!(
+                        "{:<10} {:>7} {}{of}{copies}{age}",
+                        queue.queue.as_str(),
+                        queue.entries,
+                        entries(queue.entries)
+                    )?;
                     for (reason, n) in queue.by_reason {
                         outln!("  {reason:<28} {n:>7}")?;
                     }
@@ -277,7 +282,11 @@ pub async fn run(command: DlqCommand, settings: Settings) -> anyhow::Result<()> 
                         left.len()
                     );
                 } else {
-                    eprintln!("dry run: {} entries{of} would be replayed from {stage}; nothing moved", items.len());
+                    eprintln!(
+                        "dry run: {} {}{of} would be replayed from {stage}; nothing moved",
+                        items.len(),
+                        entries(items.len() as u64)
+                    );
                     if !left.is_empty() {
                         eprintln!("{}", not_replayable(left.len()));
                     }
@@ -308,7 +317,12 @@ pub async fn run(command: DlqCommand, settings: Settings) -> anyhow::Result<()> 
                     moved.kept
                 )?;
             } else {
-                outln!("replayed {} entries from the {stage} DLQ to {}", moved.moved, target.unwrap_or(stage.stage()))?;
+                outln!(
+                    "replayed {} {} from the {stage} DLQ to {}",
+                    moved.moved,
+                    entries(moved.moved),
+                    target.unwrap_or(stage.stage())
+                )?;
                 if moved.kept > 0 {
                     eprintln!("{}", not_replayable(moved.kept as usize));
                 }
@@ -327,7 +341,7 @@ pub async fn run(command: DlqCommand, settings: Settings) -> anyhow::Result<()> 
                          {held} messages, and the purge goes on through the rest{}",
                         limit.map(|l| format!(" (up to {l} in all)")).unwrap_or_default()
                     ),
-                    None => format!("delete {n} entries from {stage} for good?"),
+                    None => format!("delete {n} {} from {stage} for good?", entries(n as u64)),
                 };
                 if !confirm(&question)? {
                     bail!("nothing deleted");
@@ -338,7 +352,7 @@ pub async fn run(command: DlqCommand, settings: Settings) -> anyhow::Result<()> 
             if json {
                 outln!("{}", serde_json::to_string(&deleted)?)?;
             } else {
-                outln!("deleted {} entries from {stage}", deleted.moved)?;
+                outln!("deleted {} {} from {stage}", deleted.moved, entries(deleted.moved))?;
             }
             stopped_early()?;
         }
@@ -352,6 +366,10 @@ async fn matching(backend: &Backend, stage: Letters, filter: &Filter) -> anyhow:
     let look = dlq::look(backend, stage, filter).await?;
     not_interrupted()?;
     Ok((look.items, look.partial.then_some(look.depth)))
+}
+
+fn entries(n: u64) -> &'static str {
+    if n == 1 { "entry" } else { "entries" }
 }
 
 /// Stopped by Ctrl-C, a look has read part of the queue: nothing of it is shown as if whole.

@@ -74,16 +74,18 @@ impl fmt::Display for LoadReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "produced {} records in {:.1} s ({:.1}/s; asked {:?} at {}/s); the stream refused {} at first ({} throttled), all sent again; at most {} behind schedule",
+            "produced {} records in {:.1} s ({:.1}/s; asked {:?} at {}/s); ",
             self.put.records,
             self.seconds,
             self.put.records as f64 / self.seconds.max(1e-9),
             self.pattern,
             self.target_rate,
-            self.put.retried,
-            self.put.throttled,
-            self.most_behind
-        )
+        )?;
+        match self.put.retried {
+            0 => write!(f, "the stream took every one at first")?,
+            n => write!(f, "the stream refused {n} at first ({} throttled), all sent again", self.put.throttled)?,
+        }
+        write!(f, "; at most {} behind schedule", self.most_behind)
     }
 }
 

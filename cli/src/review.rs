@@ -84,7 +84,7 @@ fn check_label(manifest: &ModelManifest, label: &str) -> anyhow::Result<()> {
 /// The interactive walk through the review queue.
 pub async fn walk(backend: &Backend, manifest: &ModelManifest, save: Option<&PathBuf>) -> anyhow::Result<()> {
     if !std::io::stdin().is_terminal() {
-        bail!("sluice review needs a terminal; without one, use --label ID LABEL");
+        bail!("sluice review needs a terminal; without one, settle one item with --label ID LABEL or --reject ID");
     }
     let queue = backend.queue(QueueName::Review);
     let mut skipped = Vec::new();

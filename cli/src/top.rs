@@ -74,7 +74,7 @@ pub async fn top(backend: &Backend, args: &TopArgs, endpoints: &[SocketAddr]) ->
             _ = tokio::time::sleep(interval) => {}
         }
         let now = read(backend, endpoints).await?;
-        let view = render(&before, &now);
+        let view = render(&before, &now, args.once);
         if args.once {
             print!("{view}");
             return Ok(());
@@ -89,12 +89,15 @@ pub async fn top(backend: &Backend, args: &TopArgs, endpoints: &[SocketAddr]) ->
     }
 }
 
-fn render(before: &Reading, now: &Reading) -> String {
+/// The view of what changed from `before` to `now`; `once`: the only view (`--once`).
+fn render(before: &Reading, now: &Reading, once: bool) -> String {
     let seconds = now.at.duration_since(before.at).as_secs_f64().max(1e-9);
     let rate = |a: u64, b: u64| (b as f64 - a as f64) / seconds;
     let (b, n) = (&before.stats, &now.stats);
     let mut out = String::new();
-    let _ = writeln!(out, "sluice top: every {seconds:.1} s (Ctrl-C to quit)\n");
+    let header =
+        if once { format!("rates over {seconds:.1} s") } else { format!("every {seconds:.1} s (Ctrl-C to quit)") };
+    let _ = writeln!(out, "sluice top: {header}\n");
     let lag = n.stream.millis_behind_latest.map(|ms| format!(", {ms} ms behind")).unwrap_or_default();
     let _ = writeln!(
         out,
@@ -203,10 +206,12 @@ mod tests {
     #[test]
     fn rates_come_from_the_difference_between_two_readings() {
         let start = Instant::now();
-        let view = render(&reading(start, 100, 10.0), &reading(start + Duration::from_secs(2), 300, 50.0));
+        let view = render(&reading(start, 100, 10.0), &reading(start + Duration::from_secs(2), 300, 50.0), false);
         assert!(view.contains("records in          300     100.0/s"), "{view}");
         assert!(view.contains("  features          20.0"), "{view}");
         assert!(view.contains("ingest 1 (+0)"), "{view}");
         assert!(view.contains("end to end   p50 50 ms"), "{view}");
+        let once = render(&reading(start, 100, 10.0), &reading(start + Duration::from_secs(2), 300, 50.0), true);
+        assert!(once.starts_with("sluice top: rates over 2.0 s\n"), "{once}");
     }
 }

@@ -26,7 +26,8 @@ pub struct WorkerArgs {
     pub config: Option<PathBuf>,
     #[command(flatten)]
     pub store: StoreArgs,
-    /// This worker's name in shard leases; defaults to host and process id.
+    /// This worker's name in its logs and, at ingest, in the shard leases it holds; defaults to
+    /// host and process id.
     #[arg(long)]
     pub worker_id: Option<String>,
     /// Do not run: ask the health endpoint of this worker kind on this host (`/healthz`) and

@@ -482,7 +482,7 @@ impl Backend {
             return Err(SluiceError::permanent(
                 ReasonCode::StoreUnavailable,
                 format!(
-                    "there is no store at {}: the workers, `sluice run` or `sluice demo` make one there \
+                    "there is no store at {}: the workers, `sluice run`, `sluice produce` or `sluice demo` make one there \
                      (is --store, store.path or SLUICE__STORE__PATH right?)",
                     config.path.display()
                 ),

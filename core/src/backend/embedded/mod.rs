@@ -159,7 +159,9 @@ impl Db {
         }
         let conn = connect(config)?;
         let shards: u32 = conn.query_row("SELECT COUNT(*) FROM stream_shards", [], |r| r.get(0)).map_err(classify)?;
-        if shards != config.shards {
+        // Said where someone asked for other shards; the default asks for nothing (every command
+        // opening a store made with 8 would say it again).
+        if shards != config.shards && config.shards != StoreConfig::default().shards {
             tracing::info!(
                 store = %config.path.display(),
                 shards,
