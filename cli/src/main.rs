@@ -298,7 +298,7 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
             // Started before the workers, `top` waits for their store (with `--once`, it does not).
             let backend =
                 if args.once { open(&settings).await? } else { Backend::open_watcher(&settings.store()?).await? };
-            top::top(&backend, &args, &endpoints).await?;
+            top::top(&backend, &settings.store()?.identity(), &args, &endpoints).await?;
         }
         Command::Aws { command: AwsCommand::Bootstrap { store } } => {
             let store = store.apply(settings).set("store.backend", "aws").store()?;

@@ -36,19 +36,29 @@ struct Reading {
     stats: PipelineStats,
     samples: Vec<Sample>,
     endpoints: usize,
+    /// Endpoints that answered for another store (another pipeline on this host).
+    elsewhere: usize,
 }
 
-async fn read(backend: &Backend, endpoints: &[SocketAddr]) -> anyhow::Result<Reading> {
+/// Reads the store, and the `/metrics` of those `endpoints` that work on `store` (by its
+/// [identity](sluice_core::config::StoreConfig::identity); one that does not say counts as ours).
+async fn read(backend: &Backend, store: &str, endpoints: &[SocketAddr]) -> anyhow::Result<Reading> {
     let stats = PipelineStats::collect(backend).await?;
     let mut samples = Vec::new();
-    let mut answered = 0;
+    let (mut answered, mut elsewhere) = (0, 0);
     for &address in endpoints {
+        if let Ok((200, theirs)) = health::fetch(address, "/store").await
+            && theirs.trim() != store
+        {
+            elsewhere += 1;
+            continue;
+        }
         if let Ok((200, body)) = health::fetch(address, "/metrics").await {
             answered += 1;
             samples.extend(scrape::parse(&body));
         }
     }
-    Ok(Reading { at: Instant::now(), stats, samples, endpoints: answered })
+    Ok(Reading { at: Instant::now(), stats, samples, endpoints: answered, elsewhere })
 }
 
 /// The addresses to read `/metrics` from.
@@ -65,15 +75,15 @@ pub fn endpoints(args: &TopArgs, telemetry: &TelemetryConfig) -> Vec<SocketAddr>
 }
 
 /// Runs until Ctrl-C (or one view with `--once`).
-pub async fn top(backend: &Backend, args: &TopArgs, endpoints: &[SocketAddr]) -> anyhow::Result<()> {
+pub async fn top(backend: &Backend, store: &str, args: &TopArgs, endpoints: &[SocketAddr]) -> anyhow::Result<()> {
     let interval = Duration::from_secs_f64(args.interval.max(0.2));
-    let mut before = read(backend, endpoints).await?;
+    let mut before = read(backend, store, endpoints).await?;
     loop {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => return Ok(()),
             _ = tokio::time::sleep(interval) => {}
         }
-        let now = read(backend, endpoints).await?;
+        let now = read(backend, store, endpoints).await?;
         let view = render(&before, &now, args.once);
         if args.once {
             print!("{view}");
@@ -130,13 +140,21 @@ fn render(before: &Reading, now: &Reading, once: bool) -> String {
         let _ = writeln!(out, "  {:<14} {:>8} {:>10}", queue.as_str(), depth.visible, depth.in_flight);
     }
 
+    let elsewhere = match now.elsewhere {
+        0 => String::new(),
+        n => format!("; {n} answering for another store left out"),
+    };
     if now.endpoints == 0 {
-        let _ = writeln!(out, "\n(no worker /metrics answered: per-stage rates and latency need --metrics ADDRESS)");
+        let _ = writeln!(
+            out,
+            "\n(no worker /metrics of this store answered{elsewhere}: per-stage rates and latency need --metrics \
+             ADDRESS)"
+        );
         return out;
     }
     let _ = writeln!(
         out,
-        "\nstage        processed/s  failed/s   batch p50   batch p99   (/metrics of {} processes)",
+        "\nstage        processed/s  failed/s   batch p50   batch p99   (/metrics of {} processes{elsewhere})",
         now.endpoints
     );
     let counter_rate = |name: &str, stage: StageName| {
@@ -200,7 +218,7 @@ mod tests {
              sluice_record_latency_seconds_bucket{{le=\"0.1\"}} {processed}\n\
              sluice_record_latency_seconds_bucket{{le=\"+Inf\"}} {processed}\n"
         );
-        Reading { at, stats, samples: scrape::parse(&text), endpoints: 1 }
+        Reading { at, stats, samples: scrape::parse(&text), endpoints: 1, elsewhere: 0 }
     }
 
     #[test]

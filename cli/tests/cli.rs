@@ -263,3 +263,52 @@ fn produce_keeps_to_a_rate_for_a_duration() {
     let stats = json(&sluice(&["stats", "--store", store, "--json"]));
     assert_eq!(stats["stream"]["pending"], 2400, "distinct records, all on the stream");
 }
+
+/// `sluice top` reads the `/metrics` of its own store's workers only: one of another pipeline
+/// on this host (the same default ports) is left out, and said to be.
+#[test]
+fn top_leaves_out_the_workers_of_another_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ours, theirs) = (dir.path().join("ours.sqlite"), dir.path().join("theirs.sqlite"));
+    for store in [&ours, &theirs] {
+        sluice(&["produce", "--digits", "test", "--limit", "1", "--store", store.to_str().unwrap()]);
+    }
+    let port = sluice_core::testing::free_port().unwrap();
+    let address = format!("127.0.0.1:{port}");
+    let mut worker = test_env(&mut Command::new(bin("sluice-ingest")))
+        .args(["--store", theirs.to_str().unwrap()])
+        .env("SLUICE__TELEMETRY__PORT", port.to_string())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let top = |store: &std::path::Path| {
+        loop {
+            let out = sluice(&[
+                "top",
+                "--once",
+                "--interval",
+                "0.2",
+                "--metrics",
+                &address,
+                "--store",
+                store.to_str().unwrap(),
+            ]);
+            let view = String::from_utf8(out.stdout).unwrap();
+            if !view.contains("no worker /metrics") || view.contains("another store") {
+                return view;
+            }
+            assert!(std::time::Instant::now() < deadline, "the worker's /metrics never answered:\n{view}");
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+    };
+    let theirs_view = top(&theirs);
+    assert!(theirs_view.contains("(/metrics of 1 processes)"), "{theirs_view}");
+    let ours_view = top(&ours);
+    assert!(
+        ours_view.contains("no worker /metrics of this store answered; 1 answering for another store left out"),
+        "{ours_view}"
+    );
+    let _ = worker.kill();
+    let _ = worker.wait();
+}

@@ -233,6 +233,24 @@ impl StoreConfig {
     pub fn capture_dir(&self) -> PathBuf {
         self.capture.dir.clone().unwrap_or_else(|| self.path.with_extension("capture"))
     }
+
+    /// Which store this is, the same from any process that opens it: the embedded file's whole
+    /// path, or the AWS endpoint (region where none is set) and prefix. `sluice top` reads only
+    /// the workers of its own store by it.
+    pub fn identity(&self) -> String {
+        match self.backend {
+            BackendKind::Embedded => {
+                let path = std::fs::canonicalize(&self.path)
+                    .or_else(|_| std::path::absolute(&self.path))
+                    .unwrap_or_else(|_| self.path.clone());
+                format!("embedded {}", path.display())
+            }
+            BackendKind::Aws => {
+                let place = self.aws.endpoint_url.as_deref().or(self.aws.region.as_deref()).unwrap_or("default");
+                format!("aws {place} {}", self.aws.prefix)
+            }
+        }
+    }
 }
 
 /// `[store.aws]`: where the AWS resources are and what they are called.

@@ -190,6 +190,7 @@ pub fn spawn_health_endpoints(
 ) -> Result<DropGuard, BuildError> {
     let stop = CancellationToken::new();
     if let Some(address) = settings.telemetry()?.health_address(stage) {
+        let store = settings.store()?.identity();
         // Bound here, not in the task: a port another process holds (a second worker of this kind
         // on one host) stops this one at start, rather than leave it running unwatched, without
         // /metrics and /readyz.
@@ -207,7 +208,7 @@ pub fn spawn_health_endpoints(
             })?;
         let stopped = stop.clone();
         tokio::spawn(async move {
-            if let Err(e) = health::serve(listener, health, stopped).await {
+            if let Err(e) = health::serve(listener, health, store, stopped).await {
                 tracing::error!(%address, error = %e, "health endpoints stopped");
             }
         });

@@ -104,21 +104,25 @@ impl Health {
     }
 }
 
-/// Binds `address` and serves the endpoints until `shutdown`.
+/// Serves the endpoints on `listener` until `shutdown`; `/store` answers `store`, the
+/// [identity](crate::config::StoreConfig::identity) of the store the process works on.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     health: Health,
+    store: String,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    tracing::info!(address = %listener.local_addr()?, "health endpoints: /healthz, /readyz, /metrics");
-    axum::serve(listener, router(health)).with_graceful_shutdown(shutdown.cancelled_owned()).await
+    tracing::info!(address = %listener.local_addr()?, "health endpoints: /healthz, /readyz, /metrics, /store");
+    axum::serve(listener, router(health, store)).with_graceful_shutdown(shutdown.cancelled_owned()).await
 }
 
-fn router(health: Health) -> Router {
+fn router(health: Health, store: String) -> Router {
+    let store = format!("{store}\n");
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .route("/store", get(|| async move { store }))
         .with_state(health)
 }
 
@@ -166,8 +170,9 @@ mod tests {
         let address = listener.local_addr().unwrap();
         let health = Health::new(2);
         let shutdown = CancellationToken::new();
-        let server = tokio::spawn(serve(listener, health.clone(), shutdown.clone()));
+        let server = tokio::spawn(serve(listener, health.clone(), "embedded /x.sqlite".into(), shutdown.clone()));
         assert!(probe(address, "/healthz").await.unwrap(), "/healthz answers 200");
+        assert_eq!(fetch(address, "/store").await.unwrap(), (200, "embedded /x.sqlite\n".to_owned()));
         assert!(!probe(address, "/readyz").await.unwrap(), "not ready before its workers are");
         health.worker_ready();
         assert!(!probe(address, "/readyz").await.unwrap(), "one of two workers is not enough");
