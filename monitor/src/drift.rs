@@ -157,6 +157,7 @@ pub(crate) mod tests {
             content_type: "application/json".into(),
             timestamps: StageTimes::default(),
             features,
+            attributes: Default::default(),
         }
     }
 
