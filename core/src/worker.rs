@@ -47,6 +47,9 @@ pub struct Delivery {
     pub attributes: BTreeMap<String, String>,
     /// 1 on first delivery.
     pub receive_count: u32,
+    /// When a queue first handed this message out (`None` for a stream record, or where the
+    /// queue does not say): a DLQ entry's first failure, where the failures came one a receive.
+    pub first_received_ms: Option<u64>,
     pub origin: Origin,
 }
 
@@ -185,6 +188,7 @@ impl Source for QueueSource {
                 body: m.body,
                 attributes: m.attributes,
                 receive_count: m.receive_count,
+                first_received_ms: m.first_received_ms,
                 origin: Origin::Queue(m.receipt),
             })
             .collect())
@@ -269,6 +273,7 @@ impl Source for StreamSource {
                             replay: r.partition_key.starts_with(REPLAY_KEY_PREFIX),
                         },
                         attributes: BTreeMap::from([(PARTITION_KEY.to_owned(), r.partition_key)]),
+                        first_received_ms: None,
                         receive_count: 1,
                     })
                     .collect());
@@ -823,7 +828,13 @@ fn dlq_message(
     error: &SluiceError,
     record_id: Option<RecordId>,
 ) -> OutgoingMessage {
-    let entry = DlqEntry::new(stage, error, delivery.receive_count, record_id.clone(), Vec::new());
+    let mut entry = DlqEntry::new(stage, error, delivery.receive_count, record_id.clone(), Vec::new());
+    // Failed on every receive (given up on the last): the first failure came with the first.
+    if delivery.receive_count > 1
+        && let Some(first) = delivery.first_received_ms
+    {
+        entry.first_failure_ms = first.min(entry.last_failure_ms);
+    }
     let mut attributes = delivery.attributes.clone();
     if let Origin::Stream { shard, sequence, .. } = &delivery.origin {
         attributes.insert("shard".to_owned(), shard.clone());
@@ -852,8 +863,13 @@ mod tests {
     fn a_queue_delivery_names_its_record() {
         let envelope =
             Envelope::inline(RecordId::parse("r-7").unwrap(), "t", crate::envelope::ContentType::Png, vec![1]);
-        let delivery =
-            |origin| Delivery { body: envelope.to_json(), attributes: BTreeMap::new(), receive_count: 1, origin };
+        let delivery = |origin| Delivery {
+            body: envelope.to_json(),
+            attributes: BTreeMap::new(),
+            receive_count: 1,
+            first_received_ms: None,
+            origin,
+        };
         let queued = delivery(Origin::Queue(Receipt("q".into())));
         assert_eq!(record_id_in(&queued).unwrap().as_str(), "r-7");
         let streamed =
@@ -861,6 +877,23 @@ mod tests {
         assert_eq!(record_id_in(&streamed), None, "a stream record's id is ingest's to read");
         let garbage = Delivery { body: b"not a record".to_vec(), ..queued };
         assert_eq!(record_id_in(&garbage), None);
+    }
+
+    /// A delivery given up on after failing on every receive failed first when first received.
+    #[test]
+    fn a_dlq_entry_of_many_receives_dates_its_first_failure_from_the_first() {
+        use crate::record::dlq_attr;
+        let error = SluiceError::retryable(ReasonCode::Internal, "down");
+        let delivery = |receive_count| Delivery {
+            body: b"x".to_vec(),
+            attributes: BTreeMap::new(),
+            receive_count,
+            first_received_ms: Some(1_000),
+            origin: Origin::Queue(Receipt("q".into())),
+        };
+        let first = |message: OutgoingMessage| message.attributes[dlq_attr::FIRST_FAILURE_MS].parse::<u64>().unwrap();
+        assert_eq!(first(dlq_message(StageName::Features, &delivery(5), &error, None)), 1_000);
+        assert!(first(dlq_message(StageName::Features, &delivery(1), &error, None)) > 1_000, "once: now");
     }
 
     #[test]

@@ -87,6 +87,7 @@ impl Source for SlowBacklog {
                 body: Vec::new(),
                 attributes: Default::default(),
                 receive_count: 1,
+                first_received_ms: None,
                 origin: Origin::Queue(Receipt(i.to_string())),
             })
             .collect())

@@ -27,6 +27,7 @@ fn delivery(envelope: &Envelope) -> Delivery {
         body: envelope.to_json(),
         attributes: Default::default(),
         receive_count: 1,
+        first_received_ms: None,
         origin: Origin::Queue(Receipt("r".into())),
     }
 }

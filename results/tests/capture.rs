@@ -27,6 +27,7 @@ fn delivery(id: &str, content_type: ContentType) -> Delivery {
         body: InferredRecord { envelope, prediction }.to_json(),
         attributes: Default::default(),
         receive_count: 1,
+        first_received_ms: None,
         origin: Origin::Queue(Receipt(id.into())),
     }
 }

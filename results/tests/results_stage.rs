@@ -32,6 +32,7 @@ fn labelled(id: &str, probabilities: Vec<f32>, label: &str) -> Delivery {
         body: record.to_json(),
         attributes: Default::default(),
         receive_count: 1,
+        first_received_ms: None,
         origin: Origin::Queue(Receipt(id.into())),
     }
 }

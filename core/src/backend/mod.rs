@@ -172,6 +172,9 @@ pub struct ReceivedMessage {
     /// How many times it has been received, this time included.
     pub receive_count: u32,
     pub sent_at_ms: u64,
+    /// When it was first received (this time, on its first receive); `None` where the queue
+    /// does not say.
+    pub first_received_ms: Option<u64>,
 }
 
 /// How many messages a queue holds.

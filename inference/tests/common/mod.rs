@@ -14,6 +14,7 @@ pub fn delivery(id: &str) -> Delivery {
         body: envelope.to_json(),
         attributes: Default::default(),
         receive_count: 1,
+        first_received_ms: None,
         origin: Origin::Queue(Receipt(id.into())),
     }
 }

@@ -179,6 +179,7 @@ impl SqsQueue {
             receipt: Receipt(message.receipt_handle.unwrap_or_default()),
             receive_count: number(MessageSystemAttributeName::ApproximateReceiveCount).unwrap_or(1) as u32,
             sent_at_ms: number(MessageSystemAttributeName::SentTimestamp).unwrap_or_default(),
+            first_received_ms: number(MessageSystemAttributeName::ApproximateFirstReceiveTimestamp),
         })
     }
 
@@ -198,6 +199,7 @@ impl SqsQueue {
             .wait_time_seconds(wait_seconds)
             .message_system_attribute_names(MessageSystemAttributeName::ApproximateReceiveCount)
             .message_system_attribute_names(MessageSystemAttributeName::SentTimestamp)
+            .message_system_attribute_names(MessageSystemAttributeName::ApproximateFirstReceiveTimestamp)
             .message_attribute_names("All");
         if let Some(seconds) = visibility {
             request = request.visibility_timeout(seconds);

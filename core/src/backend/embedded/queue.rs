@@ -127,6 +127,7 @@ struct Taken {
     count: i64,
     receive_count: u32,
     sent_at_ms: i64,
+    first_received_ms: Option<i64>,
     data: Arc<Vec<u8>>,
 }
 
@@ -211,6 +212,7 @@ fn unpack(taken: Vec<Taken>, queue: QueueName, receipt: impl Fn(i64, i64, u32) -
             receipt: receipt(t.batch, place, t.receive_count),
             receive_count: t.receive_count,
             sent_at_ms: t.sent_at_ms as u64,
+            first_received_ms: t.first_received_ms.map(|ms| ms as u64),
         }));
     }
     for (batch, (why, runs)) in unreadable {
@@ -250,6 +252,7 @@ fn unreadable_entry(queue: QueueName, batch: i64, why: &str, runs: &[Taken], rec
         receipt,
         receive_count: runs.iter().map(|t| t.receive_count).max().unwrap_or_default(),
         sent_at_ms: sent_at_ms as u64,
+        first_received_ms: None,
     }
 }
 
@@ -344,6 +347,7 @@ impl EmbeddedQueue {
                             count,
                             receive_count,
                             sent_at_ms: run.sent_at_ms,
+                            first_received_ms: Some(run.first_received_ms.unwrap_or(now)),
                             data: batches.get(tx, run.batch)?,
                         });
                         taken += count;
@@ -662,7 +666,8 @@ impl WorkQueue for EmbeddedQueue {
             .db
             .call(move |conn| {
                 let mut runs = conn.prepare_cached(
-                    "SELECT batch, first, count, receive_count, sent_at_ms FROM queue_runs WHERE queue = ?1 \
+                    "SELECT batch, first, count, receive_count, sent_at_ms, first_received_ms FROM queue_runs \
+                     WHERE queue = ?1 \
                      ORDER BY batch, first",
                 )?;
                 let mut rows = runs.query([queue.as_str()])?;
@@ -677,7 +682,15 @@ impl WorkQueue for EmbeddedQueue {
                     let count = count.min((max - seen) as i64);
                     seen += count as usize;
                     let data = batches.get(conn, batch)?;
-                    out.push(Taken { batch, first, count, receive_count: r.get(3)?, sent_at_ms: r.get(4)?, data });
+                    out.push(Taken {
+                        batch,
+                        first,
+                        count,
+                        receive_count: r.get(3)?,
+                        sent_at_ms: r.get(4)?,
+                        first_received_ms: r.get(5)?,
+                        data,
+                    });
                 }
                 Ok(out)
             })
