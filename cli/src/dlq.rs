@@ -191,7 +191,12 @@ pub async fn run(command: DlqCommand, settings: Settings) -> anyhow::Result<()> 
             }
             if items.len() > limit || held.is_some() {
                 let of = among(held);
-                eprintln!("{} of {} entries that match{of}; --limit N lists more", limit.min(items.len()), items.len());
+                let total = items.len() as u64;
+                eprintln!(
+                    "{} of {total} {} that match{of}; --limit N lists more",
+                    limit.min(items.len()),
+                    entries(total)
+                );
             }
         }
         DlqCommand::Show { store, id, stage, json } => {
@@ -202,7 +207,7 @@ pub async fn run(command: DlqCommand, settings: Settings) -> anyhow::Result<()> 
             if json {
                 outln!("{}", serde_json::to_string_pretty(&item)?)?;
             } else {
-                print!("{}", describe(&item));
+                out!("{}", describe(&item))?;
             }
         }
         DlqCommand::Stats { store, json } => {

@@ -11,6 +11,15 @@ macro_rules! outln {
     }};
 }
 
+/// [`outln!`] without the newline, as `print!` is `println!`.
+#[macro_export]
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        write!(std::io::stdout(), $($arg)*)
+    }};
+}
+
 pub mod bench;
 pub mod demo;
 pub mod digits;

@@ -5,8 +5,8 @@ use std::path::PathBuf;
 use anyhow::anyhow;
 use clap::{Parser, Subcommand};
 use sluice_cli::{
-    bench, demo, dlq, feedback, load, load_bench, monitor, outln, pipeline, pipeline_bench, produce, report, resnet18,
-    results, review, top, train,
+    bench, demo, dlq, feedback, load, load_bench, monitor, out, outln, pipeline, pipeline_bench, produce, report,
+    resnet18, results, review, top, train,
 };
 use sluice_core::backend::Backend;
 use sluice_core::config::{BackendKind, Settings, StoreArgs};
@@ -371,7 +371,7 @@ fn print_report(report: &(impl serde::Serialize + std::fmt::Display), json: bool
     if json {
         outln!("{}", serde_json::to_string_pretty(report)?)?;
     } else {
-        print!("{report}");
+        out!("{report}")?;
     }
     Ok(())
 }

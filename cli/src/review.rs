@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use sluice_core::backend::{Backend, ReviewOutcome};
+use sluice_core::backend::{Backend, Receipt, ReviewOutcome};
 use sluice_core::config::StoreArgs;
 use sluice_core::dlq::{self, Action, Fate, Item, Letters, Reject};
 use sluice_core::envelope::RecordId;
@@ -94,12 +94,17 @@ pub async fn walk(backend: &Backend, manifest: &ModelManifest, save: Option<&Pat
     let mut stale = 0;
     let stdin = std::io::stdin();
     let mut lines = stdin.lock().lines();
+    // The item on screen, held by this walk until it is settled or skipped.
+    let mut current: Option<Receipt> = None;
+    let walked = async {
     loop {
+        current = None;
         let Some(message) = queue.receive(1, Duration::ZERO).await?.pop() else {
             let stale = if stale > 0 { format!(", {stale} removed as settled before") } else { String::new() };
             outln!("\nthe review queue is empty ({settled} settled, {} skipped{stale})", skipped.len())?;
             // Those this walk skipped are held by it; any others, by someone else.
-            let held = queue.depth().await?.in_flight.saturating_sub(skipped.len() as u64);
+            let depth = queue.depth().await.map(|d| d.in_flight).unwrap_or_default();
+            let held = depth.saturating_sub(skipped.len() as u64);
             if held > 0 {
                 outln!(
                     "{held} more held by another reviewer or a walk cut short: each comes back when its holder lets \
@@ -110,6 +115,7 @@ pub async fn walk(backend: &Backend, manifest: &ModelManifest, save: Option<&Pat
             break;
         };
         let receipt = message.receipt.clone();
+        current = Some(receipt.clone());
         queue.extend_visibility(std::slice::from_ref(&receipt), LOOKING).await?;
         let item = Item::from_message(Letters::Review, message);
         if item.record_id().is_none() {
@@ -200,10 +206,20 @@ pub async fn walk(backend: &Backend, manifest: &ModelManifest, save: Option<&Pat
             }
         }
     }
-    if !skipped.is_empty() {
-        queue.release(&skipped, Duration::ZERO).await?;
+    Ok::<(), anyhow::Error>(())
     }
-    Ok(())
+    .await;
+    // Whatever ended the walk, what it holds goes back: an error would leave it hidden for LOOKING.
+    if walked.is_err() {
+        skipped.extend(current);
+    }
+    if !skipped.is_empty()
+        && let Err(error) = queue.release(&skipped, Duration::ZERO).await
+    {
+        walked?;
+        return Err(error.into());
+    }
+    walked
 }
 
 /// What a reviewer sees of one item.

@@ -86,15 +86,15 @@ pub async fn top(backend: &Backend, store: &str, args: &TopArgs, endpoints: &[So
         let now = read(backend, store, endpoints).await?;
         let view = render(&before, &now, args.once);
         if args.once {
-            print!("{view}");
+            crate::out!("{view}")?;
             return Ok(());
         }
         // On a terminal, clear the screen and draw from the top-left corner; into a file or a
         // pipe, one view after another.
         if std::io::stdout().is_terminal() {
-            print!("\x1b[2J\x1b[H");
+            crate::out!("\x1b[2J\x1b[H")?;
         }
-        print!("{view}");
+        crate::out!("{view}")?;
         before = now;
     }
 }

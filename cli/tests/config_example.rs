@@ -43,41 +43,50 @@ fn a_section_of_no_known_name_is_refused() {
     assert!(err.contains("unknown section \"inferenc\"") && err.contains("typo.toml"), "{err}");
 }
 
-/// Every key there is appears in the example, set to its default or commented out.
+/// Every key there is appears in the example under its own table, set to its default or
+/// commented out.
 #[test]
 fn the_example_names_every_key() {
     let example =
         std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../sluice.example.toml")).unwrap();
-    fn keys(value: &serde_json::Value, out: &mut Vec<String>) {
-        if let Some(map) = value.as_object() {
-            for (key, inner) in map {
-                out.push(key.clone());
-                keys(inner, out);
+    // The keys written under each table, commented out or not.
+    let mut tables: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+    let mut table = String::new();
+    for line in example.lines() {
+        let line = line.trim_start_matches(['#', ' ']);
+        if let Some(name) = line.strip_prefix('[').and_then(|rest| rest.split(']').next()) {
+            table = name.to_owned();
+        } else if let Some((key, _)) = line.split_once('=') {
+            tables.entry(table.clone()).or_default().push(key.trim().to_owned());
+        }
+    }
+    fn check(
+        table: &str,
+        value: &serde_json::Value,
+        tables: &std::collections::BTreeMap<String, Vec<String>>,
+        missing: &mut Vec<String>,
+    ) {
+        for (key, inner) in value.as_object().unwrap() {
+            if inner.is_object() {
+                check(&format!("{table}.{key}"), inner, tables, missing);
+            } else if !tables.get(table).is_some_and(|keys| keys.contains(key)) {
+                missing.push(format!("{table}.{key}"));
             }
         }
     }
-    let mut all = Vec::new();
-    for section in [
-        serde_json::to_value(StoreConfig::default()).unwrap(),
-        serde_json::to_value(WorkerConfig::default()).unwrap(),
-        serde_json::to_value(ModelConfig::default()).unwrap(),
-        serde_json::to_value(TelemetryConfig::default()).unwrap(),
-        serde_json::to_value(IngestConfig::default()).unwrap(),
-        serde_json::to_value(FeaturesConfig::default()).unwrap(),
-        serde_json::to_value(InferenceConfig::default()).unwrap(),
-        serde_json::to_value(ResultsConfig::default()).unwrap(),
-        serde_json::to_value(MonitorConfig::default()).unwrap(),
+    let mut missing = Vec::new();
+    for (table, section) in [
+        ("store", serde_json::to_value(StoreConfig::default()).unwrap()),
+        ("worker", serde_json::to_value(WorkerConfig::default()).unwrap()),
+        ("model", serde_json::to_value(ModelConfig::default()).unwrap()),
+        ("telemetry", serde_json::to_value(TelemetryConfig::default()).unwrap()),
+        ("ingest", serde_json::to_value(IngestConfig::default()).unwrap()),
+        ("features", serde_json::to_value(FeaturesConfig::default()).unwrap()),
+        ("inference", serde_json::to_value(InferenceConfig::default()).unwrap()),
+        ("results", serde_json::to_value(ResultsConfig::default()).unwrap()),
+        ("monitor", serde_json::to_value(MonitorConfig::default()).unwrap()),
     ] {
-        keys(&section, &mut all);
+        check(table, &section, &tables, &mut missing);
     }
-    let written = |key: &str| {
-        example.lines().any(|l| {
-            let l = l.trim_start_matches(['#', ' ']);
-            l.strip_prefix(key).is_some_and(|rest| rest.trim_start().starts_with('='))
-                || l.starts_with(&format!("[{key}]"))
-                || l.contains(&format!(".{key}]"))
-        })
-    };
-    let missing: Vec<&String> = all.iter().filter(|k| !written(k)).collect();
     assert!(missing.is_empty(), "sluice.example.toml lacks {missing:?}");
 }

@@ -234,21 +234,21 @@ impl StoreConfig {
         self.capture.dir.clone().unwrap_or_else(|| self.path.with_extension("capture"))
     }
 
-    /// Which store this is, the same from any process that opens it: the embedded file's whole
-    /// path, or the AWS endpoint (region where none is set) and prefix. `sluice top` reads only
-    /// the workers of its own store by it.
+    /// Which store this is, the same from any process that opens it, made or not yet: the
+    /// embedded file's whole path (its folder's links and `..` resolved), or the AWS prefix (the
+    /// region or endpoint as configured may be spelt differently by two processes of one
+    /// pipeline). `sluice top` reads only the workers of its own store by it.
     pub fn identity(&self) -> String {
         match self.backend {
             BackendKind::Embedded => {
-                let path = std::fs::canonicalize(&self.path)
-                    .or_else(|_| std::path::absolute(&self.path))
-                    .unwrap_or_else(|_| self.path.clone());
-                format!("embedded {}", path.display())
+                let absolute = std::path::absolute(&self.path).unwrap_or_else(|_| self.path.clone());
+                let resolved = match (absolute.parent(), absolute.file_name()) {
+                    (Some(folder), Some(name)) => std::fs::canonicalize(folder).map(|f| f.join(name)).ok(),
+                    _ => None,
+                };
+                format!("embedded {}", resolved.unwrap_or(absolute).display())
             }
-            BackendKind::Aws => {
-                let place = self.aws.endpoint_url.as_deref().or(self.aws.region.as_deref()).unwrap_or("default");
-                format!("aws {place} {}", self.aws.prefix)
-            }
+            BackendKind::Aws => format!("aws {}", self.aws.prefix),
         }
     }
 }
@@ -358,6 +358,22 @@ mod tests {
     #[serde(deny_unknown_fields, default)]
     struct Demo {
         batch_size: usize,
+    }
+
+    /// One store is one identity however its path is written, before the file is made and after.
+    #[test]
+    fn a_store_is_known_by_its_whole_path_made_or_not() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("d")).unwrap();
+        let at = |path: PathBuf| StoreConfig { path, ..StoreConfig::default() }.identity();
+        let plain = dir.path().join("d").join("p.sqlite");
+        let roundabout = dir.path().join("d").join("..").join("d").join("p.sqlite");
+        let before = at(roundabout.clone());
+        assert_eq!(before, at(plain.clone()));
+        std::fs::write(&plain, b"").unwrap();
+        assert_eq!(at(roundabout), before, "made since");
+        assert_ne!(at(dir.path().join("d").join("q.sqlite")), before);
+        assert!(before.starts_with("embedded /"), "{before}");
     }
 
     #[test]

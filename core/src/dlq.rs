@@ -674,9 +674,9 @@ pub enum Rejected {
     Missing,
 }
 
-/// Deletes the review items left for `id` once it is rejected: copies of its item (a record
-/// written twice has one a copy), which with its result withdrawn nothing could tell from a
-/// rejection stopped halfway. Reads the whole review queue.
+/// Deletes the review items left for `id` once it is rejected, or found settled: copies of its
+/// item (a record written twice has one a copy), which with its result withdrawn nothing could
+/// tell from a rejection stopped halfway. Reads the whole review queue.
 pub async fn take_off_copies(backend: &Backend, id: &RecordId) -> Result<u64> {
     Ok(apply(backend, Letters::Review, &only(id.as_str()), &Delete, &ReplayOptions::default(), &|_| {}).await?.moved)
 }
@@ -685,6 +685,8 @@ pub async fn take_off_copies(backend: &Backend, id: &RecordId) -> Result<u64> {
 pub async fn reject(backend: &Backend, id: &RecordId) -> Result<Rejected> {
     let before = backend.results.get_batch(std::slice::from_ref(id)).await?.remove(id);
     if let Some(result) = before.filter(|r| r.status != ResultStatus::Review) {
+        // Settled already: an item of it left behind has nothing to wait for (as `label` does).
+        take_off_copies(backend, id).await?;
         return Ok(Rejected::NotWaiting(Box::new(result)));
     }
     if apply(backend, Letters::Review, &only(id.as_str()), &Reject, &one(), &|_| {}).await?.moved == 1 {

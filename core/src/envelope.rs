@@ -302,16 +302,26 @@ mod base64_bytes {
 
     pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
         let text = String::deserialize(d)?;
-        STANDARD.decode(text.as_bytes()).map_err(|e| serde::de::Error::custom(describe(&e)))
+        STANDARD.decode(text.as_bytes()).map_err(|e| serde::de::Error::custom(describe(&text, &e)))
     }
 
-    /// The decoder's own words ("Invalid symbol 33, offset 0.") name a byte by its number.
-    fn describe(error: &base64::DecodeError) -> String {
+    /// The decoder's own words ("Invalid symbol 33, offset 0.") name a byte by its number and
+    /// place in bytes; this names the character the producer wrote, counted in characters.
+    fn describe(text: &str, error: &base64::DecodeError) -> String {
         use base64::DecodeError::*;
+        let written = |at: usize| {
+            let character = text.get(at..).and_then(|rest| rest.chars().next()).unwrap_or('?');
+            (character, text.get(..at).map_or(at, |before| before.chars().count()))
+        };
         let what = match error {
-            InvalidByte(at, byte) => format!("{:?} at character {at} is not a base64 character", char::from(*byte)),
-            InvalidLastSymbol(at, byte) => {
-                format!("its last character ({:?}, at {at}) leaves bits over: cut short or altered?", char::from(*byte))
+            InvalidByte(at, b'=') => format!("a `=` at character {} (padding goes only at the end)", written(*at).1),
+            InvalidByte(at, _) => {
+                let (character, place) = written(*at);
+                format!("{character:?} at character {place} is not a base64 character")
+            }
+            InvalidLastSymbol(at, _) => {
+                let (character, place) = written(*at);
+                format!("its last character ({character:?}, at {place}) leaves bits over: cut short or altered?")
             }
             InvalidLength(length) => {
                 format!("{length} characters cannot be base64 (a whole number of 4, padded with =)")
@@ -373,5 +383,7 @@ mod tests {
         assert!(refused("AQ!D").contains("'!' at character 2 is not a base64 character"), "{}", refused("AQ!D"));
         assert!(refused("AQIDB").contains("5 characters cannot be base64"), "{}", refused("AQIDB"));
         assert!(refused("AR==").contains("leaves bits over"), "{}", refused("AR=="));
+        assert!(refused("éAQID").contains("'é' at character 0 is not"), "{}", refused("éAQID"));
+        assert!(refused("AQ=DAQID").contains("a `=` at character 2 (padding"), "{}", refused("AQ=DAQID"));
     }
 }

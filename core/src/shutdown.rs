@@ -19,20 +19,47 @@ pub fn on_signal() -> CancellationToken {
     token
 }
 
-#[cfg(unix)]
 async fn wait_for_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
+    Signals::new().next().await;
 }
 
-#[cfg(not(unix))]
-async fn wait_for_signal() {
-    let _ = tokio::signal::ctrl_c().await;
+/// SIGTERM and SIGINT, listened for from when this is made (none is missed between two `next`s).
+struct Signals {
+    #[cfg(unix)]
+    term: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    #[cfg(unix)]
+    fn new() -> Self {
+        use tokio::signal::unix::{SignalKind, signal};
+        Self {
+            term: signal(SignalKind::terminate()).expect("SIGTERM handler"),
+            int: signal(SignalKind::interrupt()).expect("SIGINT handler"),
+        }
+    }
+
+    #[cfg(not(unix))]
+    fn new() -> Self {
+        Self {}
+    }
+
+    /// The next signal, as the status a process it ended would have (128 + its number).
+    #[cfg(unix)]
+    async fn next(&mut self) -> i32 {
+        tokio::select! {
+            _ = self.term.recv() => 143,
+            _ = self.int.recv() => 130,
+        }
+    }
+
+    #[cfg(not(unix))]
+    async fn next(&mut self) -> i32 {
+        let _ = tokio::signal::ctrl_c().await;
+        130
+    }
 }
 
 /// Cancelled by the first signal that comes while something is [`Holding`] entries.
@@ -53,9 +80,14 @@ pub async fn until_interrupted() {
 /// Alive while a reader holds queue entries hidden (an SQS receive hides what it reads until
 /// given back): a signal then stops the reading, and the entries are given back, where the
 /// default end of the process would leave them hidden for their visibility timeout.
+///
+/// The interrupt is process-wide, as the signal is: every look, replay and purge of `dlq` (in
+/// core, called from the CLI and the API alike) would otherwise need a token passed down to the
+/// queue's `peek`. Only a command that calls [`interrupt_on_signal`] is ever interrupted.
 pub struct Holding(());
 
 impl Holding {
+    /// Holding from now until dropped.
     pub fn start() -> Self {
         HOLDING.fetch_add(1, Ordering::SeqCst);
         Self(())
@@ -72,11 +104,12 @@ impl Drop for Holding {
 /// (the holder gives back what it holds and returns); otherwise, or a second time, the process
 /// ends at once, as it would without a handler (status 130).
 pub fn interrupt_on_signal() {
-    tokio::spawn(async {
+    let mut signals = Signals::new();
+    tokio::spawn(async move {
         loop {
-            wait_for_signal().await;
+            let status = signals.next().await;
             if HOLDING.load(Ordering::SeqCst) == 0 || INTERRUPT.is_cancelled() {
-                std::process::exit(130);
+                std::process::exit(status);
             }
             eprintln!("interrupted: giving back the entries held (again to quit at once)");
             INTERRUPT.cancel();

@@ -30,6 +30,8 @@ pub struct FeaturesConfig {
     /// How long to wait for a batch to fill once its first record is in: fuller batches mean
     /// fewer store and queue requests per record.
     pub max_wait_ms: u64,
+    /// Bounds on what an image may decode to here, where its pixels are decoded (ingest holds a
+    /// header to its own).
     pub image_limits: ImageLimits,
 }
 
