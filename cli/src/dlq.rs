@@ -73,8 +73,8 @@ pub enum DlqCommand {
         /// The most entries to move.
         #[arg(long)]
         limit: Option<usize>,
-        /// At most this many entries a second.
-        #[arg(long)]
+        /// At most this many entries a second (more than 0).
+        #[arg(long, value_parser = parse_rate)]
         rate: Option<f64>,
         /// What moved, as JSON.
         #[arg(long)]
@@ -133,7 +133,19 @@ pub struct FilterArgs {
 }
 
 impl FilterArgs {
-    pub fn filter(&self) -> anyhow::Result<Filter> {
+    /// The filter for entries of `stage`, refusing what could only match nothing there (a review
+    /// item's class or confidence asked of a stage DLQ, a confidence range that is empty).
+    pub fn filter(&self, stage: Letters) -> anyhow::Result<Filter> {
+        if stage != Letters::Review
+            && (self.class.is_some() || self.min_confidence.is_some() || self.max_confidence.is_some())
+        {
+            bail!("--class, --min-confidence and --max-confidence are a review item's: use --stage review");
+        }
+        if let (Some(min), Some(max)) = (self.min_confidence, self.max_confidence)
+            && min > max
+        {
+            bail!("--min-confidence {min} is above --max-confidence {max}: no entry lies between");
+        }
         Ok(Filter {
             reason: self.reason.as_deref().map(parse_reason).transpose()?,
             record_id: self
@@ -166,6 +178,14 @@ pub fn parse_time(raw: &str) -> anyhow::Result<u64> {
     Ok(time.duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as u64)
 }
 
+/// A rate given on the command line: a number above 0 (none means as fast as it goes).
+pub fn parse_rate(raw: &str) -> Result<f64, String> {
+    match raw.parse::<f64>() {
+        Ok(rate) if rate > 0.0 && rate.is_finite() => Ok(rate),
+        _ => Err(format!("{raw:?} is no rate: give a number above 0, or leave --rate out for no limit")),
+    }
+}
+
 /// A confidence given on the command line: a number from 0 to 1.
 pub fn parse_confidence(raw: &str) -> Result<f32, String> {
     let value: f32 = raw.parse().map_err(|_| format!("{raw:?} is not a number"))?;
@@ -185,7 +205,7 @@ pub async fn run(command: DlqCommand, settings: Settings) -> anyhow::Result<()> 
     match command {
         DlqCommand::List { store, stage, filter, limit, json } => {
             let (backend, _) = open(&store).await?;
-            let (items, held) = matching(&backend, stage, &filter.filter()?).await?;
+            let (items, held) = matching(&backend, stage, &filter.filter(stage)?).await?;
             for item in items.iter().take(limit) {
                 print_line(item, json)?;
             }
@@ -243,7 +263,7 @@ pub async fn run(command: DlqCommand, settings: Settings) -> anyhow::Result<()> 
         }
         DlqCommand::Replay { store, stage, filter, to, dry_run, limit, rate, json } => {
             let (backend, settings) = open(&store).await?;
-            let filter = filter.filter()?;
+            let filter = filter.filter(stage)?;
             let target = match stage {
                 Letters::Review if to.is_some() => bail!(
                     "review items are judged again where they are, under the bundle's thresholds: --to does not apply"
@@ -336,7 +356,7 @@ pub async fn run(command: DlqCommand, settings: Settings) -> anyhow::Result<()> 
         }
         DlqCommand::Purge { store, stage, filter, limit, yes, json } => {
             let (backend, _) = open(&store).await?;
-            let filter = filter.filter()?;
+            let filter = filter.filter(stage)?;
             if !yes {
                 let (items, held) = matching(&backend, stage, &filter).await?;
                 let n = items.len().min(limit.unwrap_or(usize::MAX));
@@ -466,4 +486,23 @@ pub fn confirm(question: &str) -> anyhow::Result<bool> {
     let mut answer = String::new();
     std::io::stdin().lock().read_line(&mut answer)?;
     Ok(matches!(answer.trim(), "y" | "Y" | "yes"))
+}
+
+#[cfg(test)]
+mod tests {
+    use sluice_core::topology::StageName;
+
+    use super::*;
+
+    #[test]
+    fn a_filter_that_could_match_nothing_is_refused() {
+        let review = FilterArgs { class: Some("7".into()), ..FilterArgs::default() };
+        assert!(review.filter(Letters::Review).is_ok());
+        let err = review.filter(Letters::Stage(StageName::Ingest)).unwrap_err().to_string();
+        assert!(err.contains("use --stage review"), "{err}");
+        let empty = FilterArgs { min_confidence: Some(0.9), max_confidence: Some(0.2), ..FilterArgs::default() };
+        assert!(empty.filter(Letters::Review).unwrap_err().to_string().contains("above --max-confidence"));
+        assert!(parse_rate("0").is_err() && parse_rate("-1").is_err() && parse_rate("inf").is_err());
+        assert_eq!(parse_rate("2.5"), Ok(2.5));
+    }
 }

@@ -132,6 +132,12 @@ impl fmt::Display for LoadBenchReport {
 }
 
 pub async fn bench_load(args: &BenchLoadArgs, settings: Settings) -> anyhow::Result<LoadBenchReport> {
+    // Each load runs on a fresh store of its own: a named one would be passed over.
+    anyhow::ensure!(
+        args.store.store.is_none(),
+        "bench load makes a fresh store for each load: --store does not apply (--backend aws --endpoint-url URL \
+         runs it on fresh AWS resources)"
+    );
     let settings = args.store.apply(settings);
     let aws = settings.store()?.backend == BackendKind::Aws;
     let capacity = match args.capacity {

@@ -39,13 +39,13 @@ pub struct ProduceArgs {
     pub limit: Option<usize>,
     /// Write at this many records a second, for `--duration`: a load generator. The chosen
     /// records are written over and over, each copy a distinct record.
-    #[arg(long, requires = "duration")]
+    #[arg(long, requires = "duration", value_parser = crate::dlq::parse_rate)]
     pub rate: Option<f64>,
     /// How long to write at `--rate` (`90s`, `10m`).
     #[arg(long, value_parser = humantime::parse_duration, requires = "rate")]
     pub duration: Option<std::time::Duration>,
     /// How the rate moves over the run.
-    #[arg(long, value_enum, default_value_t = crate::load::Pattern::Steady)]
+    #[arg(long, value_enum, default_value_t = crate::load::Pattern::Steady, requires = "rate")]
     pub pattern: crate::load::Pattern,
 }
 

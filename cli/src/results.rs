@@ -74,7 +74,10 @@ impl ListArgs {
             status: self
                 .status
                 .as_deref()
-                .map(|s| ResultStatus::parse(s).with_context(|| format!("unknown status {s:?}")))
+                .map(|s| {
+                    ResultStatus::parse(s)
+                        .with_context(|| format!("unknown status {s:?}: accepted, review or reviewed"))
+                })
                 .transpose()?,
             class: self.class.clone(),
             since_ms: self.since.as_deref().map(crate::dlq::parse_time).transpose()?,

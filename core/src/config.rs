@@ -151,10 +151,11 @@ pub struct StoreArgs {
     #[arg(long, value_enum)]
     pub backend: Option<BackendKind>,
     /// A local AWS-compatible endpoint such as `http://127.0.0.1:5000` (overrides
-    /// `store.aws.endpoint_url`).
+    /// `store.aws.endpoint_url`; without `--backend` or `--store`, means `--backend aws`).
     #[arg(long)]
     pub endpoint_url: Option<String>,
-    /// Prefix of every AWS resource name (overrides `store.aws.prefix`).
+    /// Prefix of every AWS resource name (overrides `store.aws.prefix`; without `--backend` or
+    /// `--store`, means `--backend aws`).
     #[arg(long)]
     pub prefix: Option<String>,
 }
@@ -164,8 +165,13 @@ impl StoreArgs {
         if let Some(path) = &self.store {
             settings = settings.set("store.path", path);
         }
-        if let Some(backend) = self.backend {
-            settings = settings.set("store.backend", backend);
+        // An AWS prefix or endpoint named alone means AWS: the embedded default would pass
+        // them over and open (or miss) sluice.sqlite.
+        let aws_named = self.store.is_none() && (self.prefix.is_some() || self.endpoint_url.is_some());
+        match self.backend {
+            Some(backend) => settings = settings.set("store.backend", backend),
+            None if aws_named => settings = settings.set("store.backend", BackendKind::Aws),
+            None => {}
         }
         if let Some(url) = &self.endpoint_url {
             settings = settings.set("store.aws.endpoint_url", url);
@@ -358,6 +364,22 @@ mod tests {
     #[serde(deny_unknown_fields, default)]
     struct Demo {
         batch_size: usize,
+    }
+
+    #[test]
+    fn a_prefix_or_endpoint_named_alone_means_aws() {
+        let backend = |args: StoreArgs| args.apply(Settings::load(None).unwrap()).store().unwrap().backend;
+        let prefix = || Some("ops".to_owned());
+        assert_eq!(backend(StoreArgs::default()), BackendKind::Embedded);
+        assert_eq!(backend(StoreArgs { prefix: prefix(), ..StoreArgs::default() }), BackendKind::Aws);
+        assert_eq!(
+            backend(StoreArgs { endpoint_url: Some("http://127.0.0.1:5000".into()), ..StoreArgs::default() }),
+            BackendKind::Aws
+        );
+        let both = StoreArgs { prefix: prefix(), store: Some("s.sqlite".into()), ..StoreArgs::default() };
+        assert_eq!(backend(both), BackendKind::Embedded, "a store file named too: the file");
+        let said = StoreArgs { prefix: prefix(), backend: Some(BackendKind::Embedded), ..StoreArgs::default() };
+        assert_eq!(backend(said), BackendKind::Embedded);
     }
 
     /// One store is one identity however its path is written, before the file is made and after.

@@ -218,9 +218,16 @@ impl TabularSpec {
             None => 1,
         };
         if found < wanted.max(1) {
-            let names: Vec<&str> = self.fields.iter().map(FieldSpec::name).collect();
+            // The first few names say what the model reads; all 64 of a digit say no more.
+            const NAMED: usize = 8;
+            let names: Vec<&str> = self.fields.iter().map(FieldSpec::name).take(NAMED).collect();
+            let more = match self.fields.len().saturating_sub(NAMED) {
+                0 => String::new(),
+                n => format!(" and {n} more"),
+            };
             return Err(format!(
-                "the event carries {found} of the model's fields ({}); at least {} needed",
+                "the event carries {found} of the model's {} fields ({}{more}); at least {} needed",
+                self.fields.len(),
                 names.join(", "),
                 wanted.max(1)
             ));

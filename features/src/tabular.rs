@@ -93,7 +93,7 @@ mod tests {
     fn an_event_without_the_spec_is_no_prediction() {
         let none = vectorise(&spec(), &json!({"event_id": 5})).unwrap_err();
         assert_eq!(none.code(), ReasonCode::SchemaMismatch);
-        assert!(none.detail().contains("0 of the model's fields"), "{none}");
+        assert!(none.detail().contains("0 of the model's 2 fields (amount, country)"), "{none}");
         assert!(vectorise(&spec(), &json!({"amount": null})).is_err(), "null is not there");
         let strict = TabularSpec { required: vec!["country".into()], ..spec() };
         assert!(vectorise(&strict, &json!({"amount": 3})).unwrap_err().detail().contains("country"));

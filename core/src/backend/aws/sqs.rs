@@ -84,7 +84,8 @@ impl SqsQueue {
                     .queue_name(&self.queue_name)
                     .send()
                     .await
-                    .map_err(|e| classify("GetQueueUrl", e))?
+                    // Named: a wrong prefix is a queue that is not there.
+                    .map_err(|e| classify(&format!("GetQueueUrl {}", self.queue_name), e))?
                     .queue_url
                     .ok_or_else(|| {
                         SluiceError::permanent(ReasonCode::StoreUnavailable, format!("no URL for {}", self.queue_name))
