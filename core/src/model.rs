@@ -527,6 +527,15 @@ mod tests {
     }
 
     #[test]
+    fn an_event_without_the_fields_hears_the_first_eight_named() {
+        let field =
+            |i: usize| FieldSpec::Numeric { name: format!("f{i}"), min: 0.0, max: 1.0, default: 0.0, clamp: false };
+        let spec = TabularSpec { fields: (0..10).map(field).collect(), required: Vec::new(), min_present: None };
+        let said = spec.check_present(&serde_json::Map::new()).unwrap_err();
+        assert!(said.contains("0 of the model's 10 fields (f0, f1, f2, f3, f4, f5, f6, f7 and 2 more)"), "{said}");
+    }
+
+    #[test]
     fn manifest_round_trips_and_is_checked() {
         let m = manifest();
         assert_eq!(m.check(), Ok(()));

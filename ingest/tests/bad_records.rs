@@ -143,12 +143,7 @@ async fn a_json_event_must_carry_the_model_fields_and_a_string_id() {
         dlq.iter().map(|m| DlqEntry::from_message(StageName::Ingest, m.body.clone(), &m.attributes, 0, 0)).collect();
     assert!(entries.iter().all(|e| e.reason == ReasonCode::SchemaMismatch), "{entries:?}");
     assert!(entries.iter().any(|e| e.detail.contains("must be a string")), "{entries:?}");
-    assert!(
-        entries.iter().any(|e| e
-            .detail
-            .contains("0 of the model's 64 fields (p00, p01, p02, p03, p04, p05, p06, p07 and 56 more)")),
-        "{entries:?}"
-    );
+    assert!(entries.iter().any(|e| e.detail.contains("0 of the model's 2 fields (amount, items)")), "{entries:?}");
     assert!(entries.iter().any(|e| e.detail.contains("\"items\" is 999, outside its range")), "{entries:?}");
     let forwarded = backend.queue(QueueName::Features).peek(10).await.unwrap();
     let ids: Vec<String> =
