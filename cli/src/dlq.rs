@@ -146,6 +146,15 @@ impl FilterArgs {
         {
             bail!("--min-confidence {min} is above --max-confidence {max}: no entry lies between");
         }
+        let since_ms = self.since.as_deref().map(parse_time).transpose()?;
+        let until_ms = self.until.as_deref().map(parse_time).transpose()?;
+        if let (Some(since), Some(until)) = (since_ms, until_ms)
+            && since >= until
+        {
+            bail!(
+                "--since is not before --until: no entry lies between (an age counts back from now: --since 3h --until 2h)"
+            );
+        }
         Ok(Filter {
             reason: self.reason.as_deref().map(parse_reason).transpose()?,
             record_id: self
@@ -156,8 +165,8 @@ impl FilterArgs {
             class: self.class.clone(),
             min_confidence: self.min_confidence,
             max_confidence: self.max_confidence,
-            since_ms: self.since.as_deref().map(parse_time).transpose()?,
-            until_ms: self.until.as_deref().map(parse_time).transpose()?,
+            since_ms,
+            until_ms,
             stored_batches: self.stored_batches,
         })
     }
@@ -249,8 +258,17 @@ pub async fn run(command: DlqCommand, settings: Settings) -> anyhow::Result<()> 
                         n => format!(" ({n} copies of others' records)"),
                     };
                     let of = among(queue.partial.then_some(queue.depth));
+                    // On SQS a look sees what is visible: entries another reader holds are not
+                    // counted, and "0 entries" alone would read as an empty queue.
+                    let held = match queue.depth.saturating_sub(queue.entries) {
+                        0 => String::new(),
+                        _ if queue.partial => String::new(),
+                        n => format!(
+                            " ({n} more held by a reader now, back when it lets go or its visibility timeout ends)"
+                        ),
+                    };
                     outln!(
-                        "{:<10} {:>7} {}{of}{copies}{age}",
+                        "{:<10} {:>7} {}{of}{held}{copies}{age}",
                         queue.queue.as_str(),
                         queue.entries,
                         entries(queue.entries)
@@ -298,6 +316,7 @@ pub async fn run(command: DlqCommand, settings: Settings) -> anyhow::Result<()> 
                 if stage == Letters::Review {
                     let stale = match stale {
                         0 => String::new(),
+                        1 => ", 1 item of a result settled before would be taken off".to_owned(),
                         n => format!(", {n} items of results settled before would be taken off"),
                     };
                     eprintln!(
@@ -334,6 +353,7 @@ pub async fn run(command: DlqCommand, settings: Settings) -> anyhow::Result<()> 
             } else if stage == Letters::Review {
                 let stale = match moved.stale {
                     0 => String::new(),
+                    1 => "; 1 item of a result settled before taken off".to_owned(),
                     n => format!("; {n} items of results settled before taken off"),
                 };
                 outln!(
@@ -502,6 +522,10 @@ mod tests {
         assert!(err.contains("use --stage review"), "{err}");
         let empty = FilterArgs { min_confidence: Some(0.9), max_confidence: Some(0.2), ..FilterArgs::default() };
         assert!(empty.filter(Letters::Review).unwrap_err().to_string().contains("above --max-confidence"));
+        let reversed = FilterArgs { since: Some("2h".into()), until: Some("3h".into()), ..FilterArgs::default() };
+        assert!(reversed.filter(Letters::Review).unwrap_err().to_string().contains("--since is not before --until"));
+        let window = FilterArgs { since: Some("3h".into()), until: Some("2h".into()), ..FilterArgs::default() };
+        assert!(window.filter(Letters::Review).is_ok());
         assert!(parse_rate("0").is_err() && parse_rate("-1").is_err() && parse_rate("inf").is_err());
         assert_eq!(parse_rate("2.5"), Ok(2.5));
     }
