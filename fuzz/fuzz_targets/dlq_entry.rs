@@ -23,6 +23,7 @@ fuzz_target!(|data: &[u8]| {
             receipt: Receipt("r".into()),
             receive_count: 1,
             sent_at_ms: 1,
+            first_received_ms: None,
         };
         let item = Item::from_message(letters, message);
         let _ = item.record_id();

@@ -44,6 +44,7 @@ fuzz_target!(|data: &[u8]| {
         body: data.to_vec(),
         attributes: BTreeMap::new(),
         receive_count: 1,
+        first_received_ms: None,
         origin: Origin::Stream { shard: "shard-0000".into(), sequence: "1".into(), arrived_ms: 1, replay: false },
     };
     let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
