@@ -191,6 +191,25 @@ async fn dedup_keys_never_drop_distinct_messages(f: Fixture) {
     assert!(got.len() <= 3);
 }
 
+/// A keyed entry someone holds does not stand for its record: a replay holds an entry while the
+/// copy it sent goes back to work, and if that copy fails again before the replay deletes the
+/// entry, the new entry must stay (a record lost otherwise).
+async fn a_held_entry_does_not_drop_a_new_one(f: Fixture) {
+    let b = f.open().await;
+    let q = b.queue(QueueName::FeaturesDlq);
+    let keyed = |body: &str| OutgoingMessage {
+        body: body.as_bytes().to_vec(),
+        dedup_key: Some("r1".to_owned()),
+        ..Default::default()
+    };
+    q.send_batch(vec![keyed("first failure")]).await.unwrap();
+    let held = q.receive(10, Duration::from_secs(1)).await.unwrap();
+    assert_eq!(bodies(&held), vec!["first failure".to_owned()]);
+    q.send_batch(vec![keyed("failed again")]).await.unwrap();
+    q.ack(&held.iter().map(|m| m.receipt.clone()).collect::<Vec<_>>()).await.unwrap();
+    assert_eq!(bodies(&q.peek(10).await.unwrap()), vec!["failed again".to_owned()]);
+}
+
 /// A look reads every message of a queue deeper than one receive (SQS gives at most ten), and
 /// leaves them all to be received at once afterwards.
 async fn a_look_reads_every_message_and_leaves_them_there(f: Fixture) {
@@ -601,6 +620,7 @@ conformance!(
     visibility_can_be_extended_and_released,
     messages_past_max_receives_are_redriven_to_the_stage_dlq,
     dedup_keys_never_drop_distinct_messages,
+    a_held_entry_does_not_drop_a_new_one,
     a_look_reads_every_message_and_leaves_them_there,
     concurrent_receivers_split_the_work_without_loss,
     stream_delivers_everything_in_shard_order,

@@ -498,10 +498,20 @@ impl Outgoing {
             insert_batch(tx, data, sent(count, None))?;
         }
         for (data, key) in self.keyed {
+            // Only an entry nobody holds now stands for the record: one held may be on its way
+            // out (a replay sends a copy back to work, then deletes the entry; should the copy
+            // fail again before that delete, its new entry is all that is left of it). The held
+            // one gives its key up to the new one (one key a queue), and is an entry like any
+            // other should it come back.
             let queued: bool = tx
-                .prepare_cached("SELECT EXISTS (SELECT 1 FROM queue_runs WHERE queue = ?1 AND dedup_key = ?2)")?
-                .query_row(params![queue, key], |r| r.get(0))?;
+                .prepare_cached(
+                    "SELECT EXISTS (SELECT 1 FROM queue_runs WHERE queue = ?1 AND dedup_key = ?2 \
+                     AND visible_at_ms <= ?3)",
+                )?
+                .query_row(params![queue, key, now], |r| r.get(0))?;
             if !queued {
+                tx.prepare_cached("UPDATE queue_runs SET dedup_key = NULL WHERE queue = ?1 AND dedup_key = ?2")?
+                    .execute(params![queue, key])?;
                 insert_batch(tx, data, sent(1, Some(key)))?;
             }
         }
