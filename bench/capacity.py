@@ -35,10 +35,11 @@ STEP_FUNCTIONS_TRANSITION = 0.025 / 1000
 SAGEMAKER_M5_LARGE_HOUR = 0.115
 
 # Per record, from the item sizes: a digits feature vector is its 784 pixels, a byte each, with a
-# 6-byte header (core/src/vector.rs): under 1 KB, 1 WRU to write and 0.5 RRU to read eventually
-# consistently; a result (under 1 KB) is 1 WRU, doubled because it is written in a transaction.
+# 6-byte header (core/src/vector.rs): under 1 KB, 1 WRU to write and 1 RRU to read strongly
+# consistently (inference reads it moments after it was written); a result (under 1 KB) is 1 WRU,
+# doubled because it is written in a transaction.
 WRU_PER_RECORD = 1 + 2
-RRU_PER_RECORD = 0.5
+RRU_PER_RECORD = 1
 
 # The seed architecture, per record: one Lambda invocation per stage (512 MB, 100 ms each), a
 # Step Functions standard workflow of 6 state transitions, a SageMaker real-time endpoint of

@@ -61,7 +61,9 @@ fn key(id: &RecordId) -> Item {
     HashMap::from([(RECORD_KEY.to_owned(), AttributeValue::S(id.to_string()))])
 }
 
-/// `BatchGetItem` over any number of ids, retrying unprocessed keys.
+/// `BatchGetItem` over any number of ids, retrying unprocessed keys. Strongly consistent: a
+/// vector is read by inference moments after features wrote it, and an eventually consistent
+/// read can miss a write that recent (the record would be dead-lettered as `missing_features`).
 async fn batch_get(client: &aws_sdk_dynamodb::Client, table: &str, ids: &[RecordId]) -> Result<Vec<Item>> {
     let found = concurrently(ids.chunks(BATCH_GET_KEYS).map(|chunk| async move {
         let mut unique: Vec<&RecordId> = chunk.iter().collect();
@@ -69,6 +71,7 @@ async fn batch_get(client: &aws_sdk_dynamodb::Client, table: &str, ids: &[Record
         unique.dedup();
         let mut request = KeysAndAttributes::builder()
             .set_keys(Some(unique.into_iter().map(key).collect()))
+            .consistent_read(true)
             .build()
             .map_err(|e| SluiceError::permanent(ReasonCode::Internal, e.to_string()))?;
         let mut out = Vec::with_capacity(chunk.len());
