@@ -12,7 +12,7 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use sluice_core::backend::{Backend, OutgoingMessage, PutOutcome, ResultStore};
 use sluice_core::config::Settings;
-use sluice_core::envelope::{ContentType, Envelope, now_ms};
+use sluice_core::envelope::{ContentType, Envelope, RecordId, now_ms};
 use sluice_core::model::{ModelBundle, ModelManifest};
 use sluice_core::record::{InferredRecord, PredictionResult, ResultStatus, dlq_attr};
 use sluice_core::service::BuildError;
@@ -220,9 +220,31 @@ impl Stage for ResultsStage {
                 self.capture(&stored_all, &origins).await;
             }
             Err(error) => {
-                for (i, result) in slots.into_iter().zip(results) {
-                    outcomes[i] = Some(Outcome::failed(error.clone(), Some(result.record_id)));
+                // Part of the batch may be stored by now (DynamoDB writes it in transactions of
+                // 99): a record with a result has its end and is routed from it; only the rest
+                // fail. Dead-lettered on a last receive, a stored one would end in two places.
+                let ids: Vec<RecordId> = results.iter().map(|r| r.record_id.clone()).collect();
+                let stored = self.store.get_batch(&ids).await.unwrap_or_else(|e| {
+                    tracing::warn!(error = %e, "which of a batch's results were stored is unknown: all are retried");
+                    Default::default()
+                });
+                let mut ended = Vec::new();
+                let mut ended_origins = Vec::new();
+                for ((i, result), origin) in slots.into_iter().zip(results).zip(origins) {
+                    match stored.get(&result.record_id) {
+                        Some(existing) => {
+                            if *existing == result {
+                                // Stored by this write, before it failed.
+                                report_new_result(existing);
+                            }
+                            outcomes[i] = Some(self.route(existing));
+                            ended.push(existing.clone());
+                            ended_origins.push(origin);
+                        }
+                        None => outcomes[i] = Some(Outcome::failed(error.clone(), Some(result.record_id))),
+                    }
                 }
+                self.capture(&ended, &ended_origins).await;
             }
         }
         outcomes.into_iter().map(|o| o.expect("every delivery has an outcome")).collect()

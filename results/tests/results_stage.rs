@@ -2,13 +2,17 @@
 
 use std::path::Path;
 
-use sluice_core::ReasonCode;
-use sluice_core::backend::{Backend, Receipt};
+use std::collections::HashMap;
+
+use sluice_core::backend::{
+    Backend, FeedbackOutcome, PutOutcome, Receipt, ResultCounts, ResultPage, ResultQuery, ResultStore, ReviewOutcome,
+};
 use sluice_core::config::{Settings, StoreConfig};
 use sluice_core::envelope::{ContentType, Envelope, RecordId};
-use sluice_core::record::{InferredRecord, Prediction, ResultStatus, dlq_attr};
+use sluice_core::record::{InferredRecord, Prediction, PredictionResult, Resolution, ResultStatus, dlq_attr};
 use sluice_core::topology::QueueName;
 use sluice_core::worker::{Delivery, Origin, Outcome, Stage};
+use sluice_core::{ReasonCode, SluiceError};
 use sluice_results::ResultsStage;
 
 fn delivery(id: &str, probabilities: Vec<f32>) -> Delivery {
@@ -91,4 +95,65 @@ async fn applies_thresholds_routes_review_and_keeps_the_first_result() {
     stage.process(&[labelled("foreign", peaked(3, 0.97), "notaclass")]).await;
     let foreign = RecordId::parse("foreign").unwrap();
     assert_eq!(backend.results.get_batch(std::slice::from_ref(&foreign)).await.unwrap()[&foreign].ground_truth, None);
+}
+
+/// A result store that stores the first of a batch and then fails, as DynamoDB's transactions
+/// of 99 can leave a batch of 200: the first stored, the write failing after.
+struct PartlyStored(std::sync::Arc<dyn ResultStore>);
+
+#[async_trait::async_trait]
+impl ResultStore for PartlyStored {
+    async fn put_if_absent(&self, mut results: Vec<PredictionResult>) -> sluice_core::Result<Vec<PutOutcome>> {
+        results.truncate(1);
+        self.0.put_if_absent(results).await?;
+        Err(SluiceError::retryable(ReasonCode::StoreBusy, "throttled after the first transaction"))
+    }
+    async fn get_batch(&self, ids: &[RecordId]) -> sluice_core::Result<HashMap<RecordId, PredictionResult>> {
+        self.0.get_batch(ids).await
+    }
+    async fn counts(&self) -> sluice_core::Result<ResultCounts> {
+        self.0.counts().await
+    }
+    async fn withdraw_review(&self, id: &RecordId) -> sluice_core::Result<ReviewOutcome> {
+        self.0.withdraw_review(id).await
+    }
+    async fn query(&self, query: &ResultQuery) -> sluice_core::Result<ResultPage> {
+        self.0.query(query).await
+    }
+    async fn resolve_review(&self, id: &RecordId, resolution: &Resolution) -> sluice_core::Result<ReviewOutcome> {
+        self.0.resolve_review(id, resolution).await
+    }
+    async fn set_ground_truth(&self, id: &RecordId, label: &str) -> sluice_core::Result<FeedbackOutcome> {
+        self.0.set_ground_truth(id, label).await
+    }
+    async fn scan(
+        &self,
+        after: Option<&RecordId>,
+        limit: usize,
+        status: Option<ResultStatus>,
+    ) -> sluice_core::Result<Vec<PredictionResult>> {
+        self.0.scan(after, limit, status).await
+    }
+}
+
+/// A write that stored part of a batch before it failed: the stored records are done (routed
+/// from their result), only the rest fail; on a last receive they would otherwise be
+/// dead-lettered with a result stored too, in two places.
+#[tokio::test]
+async fn a_batch_stored_in_part_fails_only_the_records_left_unstored() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut backend =
+        Backend::open(&StoreConfig { path: dir.path().join("s.sqlite"), ..StoreConfig::default() }).await.unwrap();
+    backend.results = std::sync::Arc::new(PartlyStored(backend.results.clone()));
+    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/digits");
+    let settings = Settings::load(None).unwrap().set("model.dir", model);
+    let stage = ResultsStage::build(&settings, &backend).unwrap();
+
+    let outcomes = stage.process(&[delivery("stored", peaked(5, 0.3)), delivery("not-stored", peaked(3, 0.97))]).await;
+    let Outcome::Forward(review) = &outcomes[0] else { panic!("{:?}", outcomes[0]) };
+    assert_eq!(review[0].0, QueueName::Review, "routed from its stored result");
+    match &outcomes[1] {
+        Outcome::Failed { error, .. } => assert!(error.is_retryable(), "{error}"),
+        other => panic!("{other:?}"),
+    }
 }
