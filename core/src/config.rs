@@ -145,17 +145,17 @@ pub enum BackendKind {
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct StoreArgs {
     /// The embedded store file (overrides `store.path`).
-    #[arg(long)]
+    #[arg(long, conflicts_with_all = ["endpoint_url", "prefix"])]
     pub store: Option<PathBuf>,
     /// `embedded` or `aws` (overrides `store.backend`).
     #[arg(long, value_enum)]
     pub backend: Option<BackendKind>,
     /// A local AWS-compatible endpoint such as `http://127.0.0.1:5000` (overrides
-    /// `store.aws.endpoint_url`; without `--backend` or `--store`, means `--backend aws`).
+    /// `store.aws.endpoint_url`; without `--backend`, means `--backend aws`).
     #[arg(long)]
     pub endpoint_url: Option<String>,
-    /// Prefix of every AWS resource name (overrides `store.aws.prefix`; without `--backend` or
-    /// `--store`, means `--backend aws`).
+    /// Prefix of every AWS resource name (overrides `store.aws.prefix`; without `--backend`,
+    /// means `--backend aws`).
     #[arg(long)]
     pub prefix: Option<String>,
 }
@@ -167,7 +167,7 @@ impl StoreArgs {
         }
         // An AWS prefix or endpoint named alone means AWS: the embedded default would pass
         // them over and open (or miss) sluice.sqlite.
-        let aws_named = self.store.is_none() && (self.prefix.is_some() || self.endpoint_url.is_some());
+        let aws_named = self.prefix.is_some() || self.endpoint_url.is_some();
         match self.backend {
             Some(backend) => settings = settings.set("store.backend", backend),
             None if aws_named => settings = settings.set("store.backend", BackendKind::Aws),
@@ -238,6 +238,16 @@ impl StoreConfig {
     /// The embedded store's capture directory.
     pub fn capture_dir(&self) -> PathBuf {
         self.capture.dir.clone().unwrap_or_else(|| self.path.with_extension("capture"))
+    }
+
+    /// How often a stream reader that is busy with a batch renews its shard leases: a tenth of
+    /// the embedded store's lease, a sixth of the AWS failover time (the coordinator renews a
+    /// lease once a third of it has passed), well before another worker may take them.
+    pub fn lease_renewal_every(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(match self.backend {
+            BackendKind::Embedded => self.lease_duration_ms / 10,
+            BackendKind::Aws => self.aws.lease_failover_ms / 6,
+        })
     }
 
     /// Which store this is, the same from any process that opens it, made or not yet: the
@@ -376,10 +386,24 @@ mod tests {
             backend(StoreArgs { endpoint_url: Some("http://127.0.0.1:5000".into()), ..StoreArgs::default() }),
             BackendKind::Aws
         );
-        let both = StoreArgs { prefix: prefix(), store: Some("s.sqlite".into()), ..StoreArgs::default() };
-        assert_eq!(backend(both), BackendKind::Embedded, "a store file named too: the file");
         let said = StoreArgs { prefix: prefix(), backend: Some(BackendKind::Embedded), ..StoreArgs::default() };
         assert_eq!(backend(said), BackendKind::Embedded);
+    }
+
+    /// A store file and an AWS prefix or endpoint named together: one of them would be passed over.
+    #[test]
+    fn a_store_file_and_aws_names_are_refused_together() {
+        #[derive(clap::Parser)]
+        struct Command {
+            #[command(flatten)]
+            store: StoreArgs,
+        }
+        use clap::Parser as _;
+        for aws in [["--prefix", "ops"], ["--endpoint-url", "http://127.0.0.1:5000"]] {
+            let refused = Command::try_parse_from(["sluice", "--store", "s.sqlite", aws[0], aws[1]]).err();
+            assert_eq!(refused.map(|e| e.kind()), Some(clap::error::ErrorKind::ArgumentConflict), "{aws:?}");
+        }
+        assert!(Command::try_parse_from(["sluice", "--store", "s.sqlite", "--backend", "embedded"]).is_ok());
     }
 
     /// One store is one identity however its path is written, before the file is made and after.

@@ -339,7 +339,7 @@ impl Source for StreamSource {
     }
 
     async fn heartbeat(&mut self, _in_flight: &[&Origin]) -> Result<()> {
-        Ok(())
+        self.consumer.renew_leases().await
     }
 
     async fn close(&mut self) -> Result<()> {
@@ -454,12 +454,13 @@ impl Worker {
             Some(queue) => Destination { system: queue_system, name: queue.as_str().to_owned() },
             None => Destination { system: stream_system, name: traces::STREAM.to_owned() },
         };
+        let heartbeat_every = heartbeat_every(stage.name(), store);
         Self {
             stage,
             source,
             backend,
             config,
-            heartbeat_every: Duration::from_millis((store.visibility_timeout_ms / 2).max(1)),
+            heartbeat_every,
             fill_within: Duration::from_millis(store.visibility_timeout_ms / 4),
             health: None,
             abandon: CancellationToken::new(),
@@ -794,6 +795,17 @@ fn arrived_traceparent(delivery: &Delivery) -> Option<String> {
         return serde_json::from_slice::<TraceOnly>(&delivery.body).ok().and_then(|t| t.trace);
     }
     None
+}
+
+/// How often a worker busy with a batch keeps it: halfway through its messages' visibility, and,
+/// reading the stream, as often as its shard leases want renewing (they run out sooner).
+fn heartbeat_every(stage: StageName, store: &StoreConfig) -> Duration {
+    let visibility = Duration::from_millis(store.visibility_timeout_ms / 2);
+    let every = match stage.input_queue() {
+        Some(_) => visibility,
+        None => visibility.min(store.lease_renewal_every()),
+    };
+    every.max(Duration::from_millis(1))
 }
 
 /// The longest first receive before the worker is ready.

@@ -181,3 +181,36 @@ async fn after_a_failed_checkpoint_a_lone_worker_resumes_from_the_stored_one() {
     let data: Vec<&[u8]> = later.iter().map(|r| r.data.as_slice()).collect();
     assert_eq!(data, [b"b", b"b"], "only what came after the stored checkpoint");
 }
+
+/// A rewind (back to the checkpoint after a batch that could not be settled) that cannot read
+/// the stored checkpoint, AWS out of reach, must not leave the reader past the records it gave:
+/// the next batch's checkpoint would pass them, unsettled, and they would be lost.
+#[tokio::test]
+async fn a_rewind_that_fails_still_reads_again_from_the_checkpoint() {
+    let mut config = aws_store_config(&unique_prefix("failed-rewind"));
+    config.shards = 1;
+    config.aws.lease_failover_ms = 3_000;
+    sluice_core::backend::aws::bootstrap::bootstrap(&config).await.unwrap();
+    let port = sluice_core::testing::free_port().unwrap();
+    let proxy = FaultProxy::start_on(port, &aws_endpoint(), FaultRates::spread(0.0), 1).unwrap();
+    config.aws.endpoint_url = Some(proxy.url.clone());
+    let backend = Backend::open(&config).await.unwrap();
+    let mut consumer = backend.stream.consumer("worker-a").await.unwrap();
+    backend.stream.put_records(inputs("a", 3)).await.unwrap();
+    let first = read(&mut consumer, 3).await;
+    assert_eq!(first.len(), 3);
+
+    drop(proxy);
+    assert!(consumer.rewind(&first[0].shard).await.is_err(), "AWS out of reach");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let _back = loop {
+        match FaultProxy::start_on(port, &aws_endpoint(), FaultRates::spread(0.0), 1) {
+            Ok(proxy) => break proxy,
+            Err(e) => assert!(std::time::Instant::now() < deadline, "the port stayed taken: {e}"),
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    let again = read(&mut consumer, 3).await;
+    let sequences = |records: &[StreamRecord]| records.iter().map(|r| r.sequence.clone()).collect::<Vec<_>>();
+    assert_eq!(sequences(&again), sequences(&first), "read again from the checkpoint, not passed over");
+}

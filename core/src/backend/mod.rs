@@ -123,6 +123,10 @@ pub trait StreamConsumer: Send {
     /// Goes back to the last checkpoint of `shard`, so the records after it are read again.
     async fn rewind(&mut self, shard: &str) -> Result<()>;
 
+    /// Renews the leases held where they are due, reading nothing: called while a batch is
+    /// worked on, so that a long one does not let its shards go to another worker.
+    async fn renew_leases(&mut self) -> Result<()>;
+
     /// Gives up every lease so another worker can continue at once.
     async fn release(&mut self) -> Result<()>;
 

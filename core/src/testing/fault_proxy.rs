@@ -87,6 +87,8 @@ pub struct FaultProxy {
     pub url: String,
     counters: Arc<Counters>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
+    /// Its thread, joined on drop: once dropped, its port and connections are closed.
+    thread: Option<std::thread::JoinHandle<()>>,
 }
 
 /// The service a request is for, as the SDK addresses it.
@@ -309,7 +311,7 @@ impl FaultProxy {
         });
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-        std::thread::spawn(move || {
+        let thread = std::thread::spawn(move || {
             runtime.block_on(async move {
                 let listener = tokio::net::TcpListener::from_std(listener).expect("a listener");
                 let serve = async {
@@ -334,7 +336,7 @@ impl FaultProxy {
                 }
             });
         });
-        Ok(Self { url, counters, stop: Some(stop) })
+        Ok(Self { url, counters, stop: Some(stop), thread: Some(thread) })
     }
 
     pub fn counts(&self) -> FaultCounts {
@@ -355,6 +357,9 @@ impl Drop for FaultProxy {
     fn drop(&mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
         }
     }
 }

@@ -408,11 +408,24 @@ impl StreamConsumer for KinesisConsumer {
     }
 
     async fn rewind(&mut self, shard: &str) -> Result<()> {
-        let checkpoint = self.coordinator.stored_checkpoint(shard).await?;
-        if let Some(reader) = self.readers.get_mut(shard) {
-            *reader = ShardReader::starting_at(checkpoint);
+        match self.coordinator.stored_checkpoint(shard).await {
+            Ok(checkpoint) => {
+                if let Some(reader) = self.readers.get_mut(shard) {
+                    *reader = ShardReader::starting_at(checkpoint);
+                }
+                Ok(())
+            }
+            Err(e) => {
+                // Never read on past what was not settled: without its reader, the shard goes on
+                // from its stored checkpoint once the leases are next looked at.
+                self.readers.remove(shard);
+                Err(e)
+            }
         }
-        Ok(())
+    }
+
+    async fn renew_leases(&mut self) -> Result<()> {
+        self.coordinator.renew().await
     }
 
     async fn release(&mut self) -> Result<()> {

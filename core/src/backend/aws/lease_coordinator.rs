@@ -270,7 +270,7 @@ impl LeaseCoordinator {
 
     /// Renews the held leases not written (renewed, taken or checkpointed) in the last third
     /// of the failover time.
-    async fn renew(&mut self) -> Result<()> {
+    pub(super) async fn renew(&mut self) -> Result<()> {
         let stale = Instant::now() - self.failover / 3;
         let held: Vec<(String, u64)> =
             self.held.iter().filter(|(_, (_, at))| *at <= stale).map(|(k, (c, _))| (k.clone(), *c)).collect();

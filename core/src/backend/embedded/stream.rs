@@ -151,6 +151,17 @@ impl EmbeddedConsumer {
         std::time::Duration::from_millis(self.lease_ms / 10)
     }
 
+    /// Balances the leases (see [`Self::balance_leases`]) when a tenth of a lease has passed
+    /// since the last time, or `now`.
+    async fn keep_leases(&mut self, now: bool) -> Result<()> {
+        let due = self.balanced.is_none_or(|at| at.elapsed() >= self.rebalance_every());
+        if due || now {
+            self.balance_leases().await?;
+            self.balanced = Some(std::time::Instant::now());
+        }
+        Ok(())
+    }
+
     /// Renews held leases and takes a fair share of the rest: free and expired shards first,
     /// then one from the most loaded worker if this one holds less than its share.
     async fn balance_leases(&mut self) -> Result<()> {
@@ -238,11 +249,7 @@ impl StreamConsumer for EmbeddedConsumer {
         // A write each poll held every stage up (a tenth of a busy ingest's store time); leases
         // are renewed (and checkpoints extend them) well before they run out, and a worker that
         // holds none looks at every poll.
-        let due = self.balanced.is_none_or(|at| at.elapsed() >= self.rebalance_every());
-        if due || self.positions.is_empty() {
-            self.balance_leases().await?;
-            self.balanced = Some(std::time::Instant::now());
-        }
+        self.keep_leases(self.positions.is_empty()).await?;
         let positions = self.positions.clone();
         // Each shard read, and whether its read stopped at the limit (so more may wait there).
         let (records, visited): (Vec<StreamRecord>, Vec<(i64, bool)>) = self
@@ -346,16 +353,30 @@ impl StreamConsumer for EmbeddedConsumer {
 
     async fn rewind(&mut self, shard: &str) -> Result<()> {
         let shard_id = parse_shard(shard)?;
-        let checkpoint: i64 = self
+        let checkpoint = self
             .db
             .call(move |conn| {
                 conn.query_row("SELECT checkpoint FROM stream_shards WHERE shard = ?1", [shard_id], |r| r.get(0))
             })
-            .await?;
-        if let Some(position) = self.positions.get_mut(&shard_id) {
-            *position = checkpoint;
+            .await;
+        match checkpoint {
+            Ok(checkpoint) => {
+                if let Some(position) = self.positions.get_mut(&shard_id) {
+                    *position = checkpoint;
+                }
+                Ok(())
+            }
+            Err(e) => {
+                // Never read on past what was not settled: without its position, the shard goes
+                // on from its stored checkpoint once the leases are next looked at.
+                self.positions.remove(&shard_id);
+                Err(e)
+            }
         }
-        Ok(())
+    }
+
+    async fn renew_leases(&mut self) -> Result<()> {
+        self.keep_leases(false).await
     }
 
     async fn release(&mut self) -> Result<()> {
