@@ -147,11 +147,14 @@ impl Item {
     }
 
     /// Whether a replay can send this entry back to work. Not a queue's unreadable stored batch
-    /// (no record at all), nor a record a reviewer rejected (its body is the review item, which
+    /// (no record at all), nor a message whose body could not be read back (what it holds is
+    /// not what was sent), nor a record a reviewer rejected (its body is the review item, which
     /// no stage reads, and a person judged it unfit for a result): those can only be kept or
     /// purged.
     pub fn replayable(&self) -> bool {
-        self.entry.stored_batch.is_none() && self.entry.reason != ReasonCode::RejectedInReview
+        self.entry.stored_batch.is_none()
+            && !self.message_attributes.contains_key(crate::record::dlq_attr::UNREADABLE)
+            && self.entry.reason != ReasonCode::RejectedInReview
     }
 
     pub fn record_id(&self) -> Option<&RecordId> {
@@ -425,9 +428,13 @@ impl Action for Delete {
     }
 }
 
+/// How far SQS's clock (a message's `SentTimestamp`) may be ahead of this machine's.
+const SENT_CLOCK_SKEW_MS: u64 = 5_000;
+
 /// Reads `letters` in batches and applies `action` to the entries matching `filter` (up to
 /// `limit`, at most `rate` a second), taking off the queue those it says; the rest go back.
-/// `progress` hears how many moved after each round.
+/// Entries sent after it began are given back unjudged. `progress` hears how many moved after
+/// each round.
 pub async fn apply(
     backend: &Backend,
     letters: Letters,
@@ -449,7 +456,19 @@ pub async fn apply(
     // messages, and each is judged.
     let mut seen: BTreeSet<String> = BTreeSet::new();
     // SQS may answer a short poll with nothing while messages wait: ask with a short long poll.
-    let wait = if backend.kind() == BackendKind::Aws { Duration::from_secs(1) } else { Duration::ZERO };
+    let aws = backend.kind() == BackendKind::Aws;
+    let wait = if aws { Duration::from_secs(1) } else { Duration::ZERO };
+    // Entries written after the run began are not its own: a replayed copy that failed again
+    // (a new message) would otherwise be replayed again and again while the workers run, and a
+    // purge would take what arrived after its question. The run acts only once the clock has
+    // passed the millisecond it began in, so that all it causes is stamped later. SQS stamps a
+    // message with its own clock: a margin covers the skew, within which a copy that failed again
+    // may be replayed again.
+    let begun_ms = now_ms();
+    while now_ms() <= begun_ms {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let begun_ms = begun_ms + if aws { SENT_CLOCK_SKEW_MS } else { 0 };
     let result = async {
         while (done.moved as usize) < limit && !crate::shutdown::interrupted() {
             // A whole round even when fewer entries are wanted: what was looked at stays hidden
@@ -463,7 +482,7 @@ pub async fn apply(
             let mut matching = Vec::new();
             for message in batch {
                 let receipt = message.receipt.clone();
-                let fresh = seen.insert(message.id.clone());
+                let fresh = seen.insert(message.id.clone()) && message.sent_at_ms <= begun_ms;
                 let item = Item::from_message(letters, message);
                 if fresh && filter.matches(&item) {
                     matching.push((item, receipt));
@@ -692,6 +711,14 @@ pub async fn reject(backend: &Backend, id: &RecordId) -> Result<Rejected> {
     if apply(backend, Letters::Review, &only(id.as_str()), &Reject, &one(), &|_| {}).await?.moved == 1 {
         take_off_copies(backend, id).await?;
         return Ok(Rejected::Rejected);
+    }
+    if crate::shutdown::interrupted() {
+        // The search stopped short: its item may well be in the queue still, and what follows is
+        // only for an item another reviewer holds.
+        return Err(SluiceError::permanent(
+            ReasonCode::Internal,
+            "interrupted while looking for its review item: nothing changed",
+        ));
     }
     // Not in the queue now (another reviewer holds it): the result's own body goes to the DLQ.
     match backend.results.withdraw_review(id).await? {

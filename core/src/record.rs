@@ -141,6 +141,9 @@ pub mod dlq_attr {
     /// On an entry whose body is a queue's stored batch that could not be read (embedded store),
     /// not a record: the batch's id.
     pub const STORED_BATCH: &str = "sluice.stored_batch";
+    /// On an entry whose body could not be read back as it was sent (SQS: its claim-checked body
+    /// gone from S3, an encoding no sluice sender wrote): why. Its body is the text SQS held.
+    pub const UNREADABLE: &str = "sluice.unreadable";
 }
 
 /// The stored batch an entry written before `sluice.stored_batch` existed holds, from its detail

@@ -632,6 +632,34 @@ async fn entries_an_action_keeps_do_not_use_up_a_limit() {
     assert_eq!(left, (0..10).collect::<Vec<u8>>(), "the kept ones are back, the others gone");
 }
 
+/// A replay while the workers run: a copy that fails again comes back as a new entry, which the
+/// same run leaves alone (once each record, and the run ends), and which stays.
+#[tokio::test]
+async fn a_run_leaves_the_entries_written_after_it_began() {
+    use sluice_core::dlq::{self, Action, Fate, Filter, Item, Letters, ReplayOptions};
+    /// Each entry "replayed" fails again at once: a new entry of it in the DLQ.
+    struct FailsAgain;
+    #[async_trait::async_trait]
+    impl Action for FailsAgain {
+        async fn apply(&self, backend: &Backend, items: &[Item]) -> sluice_core::Result<Vec<Fate>> {
+            let again = items.iter().map(|i| byte(i.entry.body[0])).collect();
+            backend.queue(QueueName::FeaturesDlq).send_batch(again).await?;
+            Ok(vec![Fate::Done; items.len()])
+        }
+    }
+    let (_dir, _config, backend) = fresh(StoreConfig::default()).await;
+    let queue = backend.queue(QueueName::FeaturesDlq);
+    queue.send_batch((0..5).map(byte).collect()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let options = ReplayOptions { limit: Some(100), ..ReplayOptions::default() };
+    let letters = Letters::Stage(StageName::Features);
+    let done = dlq::apply(&backend, letters, &Filter::default(), &FailsAgain, &options, &|_| {}).await.unwrap();
+    assert_eq!(done.moved, 5, "each entry once, not round and round to the limit");
+    let mut left: Vec<u8> = queue.peek(100).await.unwrap().into_iter().map(|m| m.body[0]).collect();
+    left.sort();
+    assert_eq!(left, (0..5).collect::<Vec<u8>>(), "the new entries are there, visible");
+}
+
 /// An action that fails, or judges fewer entries than it was given, stops the run with an error
 /// and leaves nothing hidden: every entry looked at is visible again at once.
 #[tokio::test]

@@ -29,7 +29,7 @@ pub use resources::Names;
 use super::{Backend, WorkQueue};
 use crate::config::{AwsConfig, StoreConfig};
 use crate::error::{ReasonCode, Result, SluiceError};
-use crate::topology::QueueName;
+use crate::topology::{QueueName, StageName};
 
 /// The pipeline's AWS requests in this process, whichever backend handle sent them.
 static REQUESTS: LazyLock<RequestCounter> = LazyLock::new(RequestCounter::default);
@@ -143,10 +143,17 @@ pub async fn open(config: &StoreConfig, counter: RequestCounter) -> Result<Backe
     let clients = Clients::load(aws, counter).await?;
     let names = Names::new(&aws.prefix);
     let blobs = Arc::new(s3::S3BlobStore::new(clients.s3.clone(), names.bucket(), &aws.claim_check_buckets));
+    let queue = |name| sqs::SqsQueue::new(clients.sqs.clone(), name, names.queue(name), Arc::clone(&blobs));
     let mut queues: BTreeMap<QueueName, Arc<dyn WorkQueue>> = BTreeMap::new();
+    for stage in StageName::ALL {
+        let dlq = Arc::new(queue(stage.dlq()));
+        if let Some(input) = stage.input_queue() {
+            queues.insert(input, Arc::new(queue(input).read_by(stage, Arc::clone(&dlq))));
+        }
+        queues.insert(stage.dlq(), dlq);
+    }
     for name in QueueName::ALL {
-        let queue = sqs::SqsQueue::new(clients.sqs.clone(), name, names.queue(name), Arc::clone(&blobs));
-        queues.insert(name, Arc::new(queue));
+        queues.entry(name).or_insert_with(|| Arc::new(queue(name)));
     }
     Ok(Backend {
         stream: Arc::new(kinesis::KinesisStream::new(clients.clone(), &names, config)),

@@ -22,9 +22,10 @@ use base64::engine::general_purpose::STANDARD;
 use super::s3::S3BlobStore;
 use super::{classify, concurrently};
 use crate::backend::{BlobStore, OutgoingMessage, QueueDepth, Receipt, ReceivedMessage, WorkQueue};
+use crate::envelope::RecordId;
 use crate::error::{ReasonCode, Result, SluiceError};
-use crate::record::dlq_attr;
-use crate::topology::QueueName;
+use crate::record::{DlqEntry, dlq_attr};
+use crate::topology::{QueueName, StageName};
 
 /// SQS's limit on the entries of one batch call.
 const BATCH_ENTRIES: usize = 10;
@@ -46,6 +47,8 @@ const PEEK_READING: Duration = Duration::from_secs(240);
 const ATTRIBUTES: &str = "sluice.attributes";
 const BODY_ENCODING: &str = "sluice.body_encoding";
 const BODY_REF: &str = "sluice.body_ref";
+/// The [`BODY_ENCODING`] of an empty body.
+const EMPTY: &str = "empty";
 const TRACEPARENT: &str = "traceparent";
 
 pub(super) struct SqsQueue {
@@ -57,6 +60,8 @@ pub(super) struct SqsQueue {
     /// The queue's `MaximumMessageSize`, asked only when a send would pass [`SURE_MESSAGE_BYTES`].
     max_message_bytes: tokio::sync::OnceCell<usize>,
     blobs: Arc<S3BlobStore>,
+    /// A work queue's: the DLQ of the stage that reads it, and that stage.
+    dead_letters: Option<(StageName, Arc<SqsQueue>)>,
 }
 
 impl SqsQueue {
@@ -73,7 +78,13 @@ impl SqsQueue {
             url: tokio::sync::OnceCell::new(),
             max_message_bytes: tokio::sync::OnceCell::new(),
             blobs,
+            dead_letters: None,
         }
+    }
+
+    /// A work queue read by `stage`, whose messages that cannot be read go to `dlq`.
+    pub(super) fn read_by(self, stage: StageName, dlq: Arc<SqsQueue>) -> Self {
+        Self { dead_letters: Some((stage, dlq)), ..self }
     }
 
     async fn url(&self) -> Result<&str> {
@@ -143,7 +154,15 @@ impl SqsQueue {
         };
         if body.len() > self.limit_for(body.len() + ATTRIBUTE_ROOM).await? - ATTRIBUTE_ROOM {
             let reference = self.blobs.put(std::mem::take(&mut body).into_bytes()).await?;
+            // SQS refuses an empty body: the reference stands in for it (the receiver reads the
+            // attribute).
+            body.clone_from(&reference);
             sqs_attrs.insert(BODY_REF.to_owned(), reference);
+        } else if body.is_empty() {
+            // SQS refuses an empty body (a zero-byte record on its way to a DLQ): one character
+            // stands in for it, and the encoding says there is nothing.
+            body = "-".to_owned();
+            sqs_attrs.insert(BODY_ENCODING.to_owned(), EMPTY.to_owned());
         }
         sqs_attrs.insert(ATTRIBUTES.to_owned(), serde_json::to_string(&attributes).expect("map serialises"));
         let size = body.len() + sqs_attrs.iter().map(|(k, v)| k.len() + v.len() + 16).sum::<usize>();
@@ -156,32 +175,55 @@ impl SqsQueue {
     }
 
     /// The message as sent, with SQS's message id (stable across receives).
-    async fn decode(&self, message: aws_sdk_sqs::types::Message) -> Result<ReceivedMessage> {
-        let id = message.message_id.clone().unwrap_or_default();
-        let attrs = message.message_attributes.unwrap_or_default();
-        let text = |key: &str| attrs.get(key).and_then(|v| v.string_value.clone());
-        let mut body = match text(BODY_REF) {
-            Some(reference) => self.blobs.get(&reference).await?,
-            None => message.body.unwrap_or_default().into_bytes(),
-        };
-        if text(BODY_ENCODING).as_deref() == Some("base64") {
-            body = STANDARD.decode(&body).map_err(|e| {
-                SluiceError::permanent(ReasonCode::MalformedMessage, format!("base64 body does not decode: {e}"))
-            })?;
+    async fn decode(&self, message: &aws_sdk_sqs::types::Message) -> Result<ReceivedMessage> {
+        let attrs = message.message_attributes.as_ref();
+        let text = |key: &str| attrs.and_then(|a| a.get(key)).and_then(|v| v.string_value.clone());
+        let mut received = as_held(message);
+        if let Some(reference) = text(BODY_REF) {
+            received.body = self.blobs.get(&reference).await?;
         }
-        let attributes: BTreeMap<String, String> =
-            text(ATTRIBUTES).and_then(|json| serde_json::from_str(&json).ok()).unwrap_or_default();
-        let system = message.attributes.unwrap_or_default();
-        let number = |name: MessageSystemAttributeName| system.get(&name).and_then(|v| v.parse::<u64>().ok());
-        Ok(ReceivedMessage {
-            id,
-            body,
-            attributes,
-            receipt: Receipt(message.receipt_handle.unwrap_or_default()),
-            receive_count: number(MessageSystemAttributeName::ApproximateReceiveCount).unwrap_or(1) as u32,
-            sent_at_ms: number(MessageSystemAttributeName::SentTimestamp).unwrap_or_default(),
-            first_received_ms: number(MessageSystemAttributeName::ApproximateFirstReceiveTimestamp),
-        })
+        match text(BODY_ENCODING).as_deref() {
+            Some("base64") => {
+                received.body = STANDARD.decode(&received.body).map_err(|e| {
+                    SluiceError::permanent(ReasonCode::MalformedMessage, format!("base64 body does not decode: {e}"))
+                })?;
+            }
+            Some(EMPTY) => received.body.clear(),
+            _ => {}
+        }
+        Ok(received)
+    }
+
+    /// A message that cannot be read as sent (its claim-checked body gone from S3, an encoding no
+    /// sluice sender wrote): its worker could do nothing with it but fail every receive of the
+    /// rest with it, and stop. From a work queue it goes to its stage's DLQ at once, its body as
+    /// SQS holds it, under the reason the read gave (`claim_check_missing`, `malformed_message`);
+    /// from a DLQ or the review queue it is handed out as SQS holds it, so that it can be seen
+    /// and purged.
+    /// Marked [`dlq_attr::UNREADABLE`] either way: a replay leaves it, since what it holds is
+    /// not what was sent. Any other error (S3 refusing access, say) is the receive's, as it was.
+    async fn unreadable(
+        &self,
+        message: &aws_sdk_sqs::types::Message,
+        error: SluiceError,
+    ) -> Result<Option<ReceivedMessage>> {
+        if !unreadable_as_sent(&error) {
+            return Err(error);
+        }
+        let held = held_unreadable(message, &error);
+        let Some((stage, dlq)) = &self.dead_letters else {
+            tracing::warn!(queue = %self.name, %error, "a message that cannot be read is handed out as SQS holds it");
+            return Ok(Some(held));
+        };
+        tracing::warn!(queue = %self.name, %error, "a message that cannot be read goes to the DLQ");
+        let record_id = held.attributes.get(dlq_attr::RECORD_ID).and_then(|id| RecordId::parse(id.clone()).ok());
+        let entry = DlqEntry::new(*stage, &error, held.receive_count, record_id.clone(), Vec::new());
+        let mut attributes = held.attributes;
+        attributes.extend(entry.attributes());
+        let dead = OutgoingMessage { body: held.body, attributes, dedup_key: record_id.map(String::from) };
+        dlq.send_batch(vec![dead]).await?;
+        self.ack(std::slice::from_ref(&held.receipt)).await?;
+        Ok(None)
     }
 
     /// One ReceiveMessage call: the messages as SQS gives them, not yet decoded.
@@ -357,7 +399,12 @@ impl WorkQueue for SqsQueue {
     async fn receive(&self, max: usize, wait: Duration) -> Result<Vec<ReceivedMessage>> {
         let mut out = Vec::new();
         for message in self.receive_messages(max, wait, None).await? {
-            out.push(self.decode(message).await?);
+            match self.decode(&message).await {
+                Ok(message) => out.push(message),
+                // S3 busy, say: the receive is tried again.
+                Err(error) if error.is_retryable() => return Err(error),
+                Err(error) => out.extend(self.unreadable(&message, error).await?),
+            }
         }
         Ok(out)
     }
@@ -443,8 +490,12 @@ impl WorkQueue for SqsQueue {
                     fresh = true;
                     // One message that cannot be read (its claim-checked body gone) does not
                     // keep the rest from being looked at; the look then counts as partial.
-                    match self.decode(message).await {
+                    match self.decode(&message).await {
                         Ok(message) => out.push(message),
+                        // A DLQ's: shown as SQS holds it, as a receive hands it out.
+                        Err(error) if self.dead_letters.is_none() && unreadable_as_sent(&error) => {
+                            out.push(held_unreadable(&message, &error));
+                        }
                         Err(error) => tracing::warn!(%error, "a look passed over a message it cannot read"),
                     }
                 }
@@ -458,6 +509,43 @@ impl WorkQueue for SqsQueue {
         .await;
         self.show_again(&receipts).await;
         read.map(|()| out)
+    }
+}
+
+/// Whether `error`, reading a message back, says it cannot be read as it was sent (rather than
+/// that it cannot be read now).
+fn unreadable_as_sent(error: &SluiceError) -> bool {
+    matches!(error.code(), ReasonCode::ClaimCheckMissing | ReasonCode::MalformedMessage)
+}
+
+/// A message that cannot be read as sent, as SQS holds it, marked [`dlq_attr::UNREADABLE`].
+fn held_unreadable(message: &aws_sdk_sqs::types::Message, error: &SluiceError) -> ReceivedMessage {
+    let mut held = as_held(message);
+    held.attributes.insert(dlq_attr::UNREADABLE.to_owned(), error.detail().to_owned());
+    held
+}
+
+/// A message as SQS holds it: its body the text SQS has (not yet read back from the blob store or
+/// its encoding), its attributes those its sender gave.
+fn as_held(message: &aws_sdk_sqs::types::Message) -> ReceivedMessage {
+    let attributes: BTreeMap<String, String> = message
+        .message_attributes
+        .as_ref()
+        .and_then(|a| a.get(ATTRIBUTES))
+        .and_then(|v| v.string_value.as_deref())
+        .and_then(|json| serde_json::from_str(json).ok())
+        .unwrap_or_default();
+    let system = message.attributes.as_ref();
+    let number =
+        |name: MessageSystemAttributeName| system.and_then(|s| s.get(&name)).and_then(|v| v.parse::<u64>().ok());
+    ReceivedMessage {
+        id: message.message_id.clone().unwrap_or_default(),
+        body: message.body.clone().unwrap_or_default().into_bytes(),
+        attributes,
+        receipt: Receipt(message.receipt_handle.clone().unwrap_or_default()),
+        receive_count: number(MessageSystemAttributeName::ApproximateReceiveCount).unwrap_or(1) as u32,
+        sent_at_ms: number(MessageSystemAttributeName::SentTimestamp).unwrap_or_default(),
+        first_received_ms: number(MessageSystemAttributeName::ApproximateFirstReceiveTimestamp),
     }
 }
 
