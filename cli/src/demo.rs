@@ -141,7 +141,22 @@ pub async fn demo(args: &DemoArgs, settings: Settings) -> anyhow::Result<Summary
     let records =
         digit_records(&test, Split::Test, args.repeat.max(1), DigitForm::from_flags(false, args.photos), &run_tag());
     let ingest: sluice_ingest::IngestConfig = settings.section("ingest")?;
-    let bad = sluice_ingest::samples::bad_records(&test[0].to_png(), ingest.max_payload_bytes);
+    let mut bad = sluice_ingest::samples::bad_records(&test[0].to_png(), ingest.max_payload_bytes);
+    if store.backend == BackendKind::Aws {
+        // Kinesis refuses a record over 1 MiB: with `ingest.max_payload_bytes` that high, the
+        // oversized sample cannot be written inline, as a producer that checks nothing would.
+        let fits = |b: &sluice_ingest::samples::BadRecord| {
+            b.input.data.len() + b.input.partition_key.len() <= crate::produce::MAX_STREAM_RECORD
+        };
+        if !bad.iter().all(fits) {
+            eprintln!(
+                "the oversized sample is left out: ingest.max_payload_bytes ({}) is over what one stream record \
+                 carries (1 MiB)",
+                ingest.max_payload_bytes
+            );
+            bad.retain(fits);
+        }
+    }
 
     let started = Instant::now();
     put_all(&backend, records, &ingest).await?;

@@ -218,7 +218,9 @@ pub async fn run(command: DlqCommand, settings: Settings) -> anyhow::Result<()> 
             for item in items.iter().take(limit) {
                 print_line(item, json)?;
             }
-            if items.len() > limit || held.is_some() {
+            if items.is_empty() && held.is_none() {
+                eprintln!("no {stage} entries match");
+            } else if items.len() > limit || held.is_some() {
                 let of = among(held);
                 let total = items.len() as u64;
                 eprintln!(
@@ -314,11 +316,7 @@ pub async fn run(command: DlqCommand, settings: Settings) -> anyhow::Result<()> 
                 }
                 let of = among(short(held, items.len(), limit));
                 if stage == Letters::Review {
-                    let stale = match stale {
-                        0 => String::new(),
-                        1 => ", 1 item of a result settled before would be taken off".to_owned(),
-                        n => format!(", {n} items of results settled before would be taken off"),
-                    };
+                    let stale = settled_before(stale, ", ", "would be taken off");
                     eprintln!(
                         "dry run: {} review items{of} would be accepted under the current thresholds, {} stay \
                          in review{stale}; nothing moved",
@@ -351,11 +349,7 @@ pub async fn run(command: DlqCommand, settings: Settings) -> anyhow::Result<()> 
             if json {
                 outln!("{}", serde_json::to_string(&moved)?)?;
             } else if stage == Letters::Review {
-                let stale = match moved.stale {
-                    0 => String::new(),
-                    1 => "; 1 item of a result settled before taken off".to_owned(),
-                    n => format!("; {n} items of results settled before taken off"),
-                };
+                let stale = settled_before(moved.stale, "; ", "taken off");
                 outln!(
                     "{} review items accepted under the current thresholds; {} stay in review{stale}",
                     moved.moved,
@@ -395,7 +389,7 @@ pub async fn run(command: DlqCommand, settings: Settings) -> anyhow::Result<()> 
             let options = ReplayOptions { limit, ..ReplayOptions::default() };
             let deleted = dlq::apply(&backend, stage, &filter, &Delete, &options, &|_| {}).await?;
             if json {
-                outln!("{}", serde_json::to_string(&deleted)?)?;
+                outln!("{}", serde_json::json!({ "deleted": deleted.moved }))?;
             } else {
                 outln!("deleted {} {} from {stage}", deleted.moved, entries(deleted.moved))?;
             }
@@ -415,6 +409,15 @@ async fn matching(backend: &Backend, stage: Letters, filter: &Filter) -> anyhow:
 
 fn entries(n: u64) -> &'static str {
     if n == 1 { "entry" } else { "entries" }
+}
+
+/// What a review replay says of the `n` items whose results were settled before it (none: nothing).
+fn settled_before(n: u64, separator: &str, done: &str) -> String {
+    match n {
+        0 => String::new(),
+        1 => format!("{separator}1 item of a result settled before {done}"),
+        n => format!("{separator}{n} items of results settled before {done}"),
+    }
 }
 
 /// Stopped by Ctrl-C, a look has read part of the queue: nothing of it is shown as if whole.

@@ -356,10 +356,8 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
             let settings = args.store.apply(settings);
             let backend = open(&settings).await?;
             let manifest = sluice_core::model::ModelBundle::load(settings.model()?.dir)?.manifest;
-            if args.label.is_some() || args.reject.is_some() {
-                // Each searches the review queue for its item: Ctrl-C gives back what it holds.
-                sluice_core::shutdown::interrupt_on_signal();
-            }
+            // Each reads the review queue, and holds what it reads: Ctrl-C gives it back.
+            sluice_core::shutdown::interrupt_on_signal();
             match (args.label.as_deref(), &args.reject) {
                 (Some([id, label]), _) => outln!("{}", review::label_one(&backend, &manifest, id, label).await?)?,
                 (_, Some(id)) => outln!("{}", review::reject_one(&backend, id).await?)?,

@@ -145,7 +145,7 @@ pub fn run_tag() -> String {
 }
 
 /// The most a stream record may carry, partition key included (Kinesis: 1 MiB).
-const MAX_STREAM_RECORD: usize = 1024 * 1024;
+pub(crate) const MAX_STREAM_RECORD: usize = 1024 * 1024;
 
 /// The most bytes a record is written with inline: what ingest takes inline
 /// (`ingest.max_payload_bytes`) and the stream carries. A larger one goes to the blob store first.

@@ -9,7 +9,7 @@
 //! terminal.
 
 use std::fmt::Write as _;
-use std::io::{BufRead, IsTerminal, Write};
+use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -92,13 +92,26 @@ pub async fn walk(backend: &Backend, manifest: &ModelManifest, save: Option<&Pat
     // Items for results settled already (a record written twice has an item each copy; a label
     // given elsewhere settles only one): taken off the queue unseen.
     let mut stale = 0;
-    let stdin = std::io::stdin();
-    let mut lines = stdin.lock().lines();
+    // Lines read on a thread of their own, so that Ctrl-C at the prompt is heard: it quits the
+    // walk as `q` does, giving back what the walk holds (killed, it would leave them hidden for
+    // LOOKING).
+    let (send, mut lines) = tokio::sync::mpsc::channel::<std::io::Result<String>>(1);
+    std::thread::spawn(move || {
+        for line in std::io::stdin().lines() {
+            if send.blocking_send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let _holding = sluice_core::shutdown::Holding::start();
     // The item on screen, held by this walk until it is settled or skipped.
     let mut current: Option<Receipt> = None;
     let walked = async {
     loop {
         current = None;
+        if sluice_core::shutdown::interrupted() {
+            break;
+        }
         let Some(message) = queue.receive(1, Duration::ZERO).await?.pop() else {
             let stale = if stale > 0 { format!(", {stale} removed as settled before") } else { String::new() };
             outln!("\nthe review queue is empty ({settled} settled, {} skipped{stale})", skipped.len())?;
@@ -146,7 +159,13 @@ pub async fn walk(backend: &Backend, manifest: &ModelManifest, save: Option<&Pat
         let answer = loop {
             print!("label ({}), Enter = the model's, d = to the DLQ, s = skip, q = quit > ", manifest.labels.join(" "));
             std::io::stdout().flush()?;
-            let line = lines.next().transpose()?.unwrap_or_else(|| "q".to_owned());
+            let line = tokio::select! {
+                line = lines.recv() => line.transpose()?.unwrap_or_else(|| "q".to_owned()),
+                () = sluice_core::shutdown::until_interrupted() => {
+                    outln!()?;
+                    "q".to_owned()
+                }
+            };
             let line = line.trim().to_owned();
             match line.as_str() {
                 "s" | "q" | "d" => break line,
@@ -219,7 +238,11 @@ pub async fn walk(backend: &Backend, manifest: &ModelManifest, save: Option<&Pat
         walked?;
         return Err(error.into());
     }
-    walked
+    walked?;
+    if sluice_core::shutdown::interrupted() {
+        bail!("interrupted: the items this walk held are back in the queue");
+    }
+    Ok(())
 }
 
 /// What a reviewer sees of one item.

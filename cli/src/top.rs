@@ -38,6 +38,8 @@ struct Reading {
     endpoints: usize,
     /// Endpoints that answered for another store (another pipeline on this host).
     elsewhere: usize,
+    /// The addresses asked.
+    asked: Vec<SocketAddr>,
 }
 
 /// Reads the store, and the `/metrics` of those `endpoints` that work on `store` (by its
@@ -58,7 +60,7 @@ async fn read(backend: &Backend, store: &str, endpoints: &[SocketAddr]) -> anyho
             samples.extend(scrape::parse(&body));
         }
     }
-    Ok(Reading { at: Instant::now(), stats, samples, endpoints: answered, elsewhere })
+    Ok(Reading { at: Instant::now(), stats, samples, endpoints: answered, elsewhere, asked: endpoints.to_vec() })
 }
 
 /// The addresses to read `/metrics` from.
@@ -145,16 +147,18 @@ fn render(before: &Reading, now: &Reading, once: bool) -> String {
         n => format!("; {n} answering for another store left out"),
     };
     if now.endpoints == 0 {
+        let asked = now.asked.iter().map(SocketAddr::to_string).collect::<Vec<_>>().join(", ");
         let _ = writeln!(
             out,
-            "\n(no worker /metrics of this store answered{elsewhere}: per-stage rates and latency need --metrics \
-             ADDRESS)"
+            "\n(no worker /metrics of this store answered (asked {asked}){elsewhere}: per-stage rates and latency \
+             need a worker of this store running, or its address in --metrics)"
         );
         return out;
     }
+    let processes = if now.endpoints == 1 { "process" } else { "processes" };
     let _ = writeln!(
         out,
-        "\nstage        processed/s  failed/s   batch p50   batch p99   (/metrics of {} processes{elsewhere})",
+        "\nstage        processed/s  failed/s   batch p50   batch p99   (/metrics of {} {processes}{elsewhere})",
         now.endpoints
     );
     let counter_rate = |name: &str, stage: StageName| {
@@ -218,7 +222,7 @@ mod tests {
              sluice_record_latency_seconds_bucket{{le=\"0.1\"}} {processed}\n\
              sluice_record_latency_seconds_bucket{{le=\"+Inf\"}} {processed}\n"
         );
-        Reading { at, stats, samples: scrape::parse(&text), endpoints: 1, elsewhere: 0 }
+        Reading { at, stats, samples: scrape::parse(&text), endpoints: 1, elsewhere: 0, asked: Vec::new() }
     }
 
     #[test]

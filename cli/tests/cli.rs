@@ -303,10 +303,12 @@ fn top_leaves_out_the_workers_of_another_store() {
         }
     };
     let theirs_view = top(&theirs);
-    assert!(theirs_view.contains("(/metrics of 1 processes)"), "{theirs_view}");
+    assert!(theirs_view.contains("(/metrics of 1 process)"), "{theirs_view}");
     let ours_view = top(&ours);
     assert!(
-        ours_view.contains("no worker /metrics of this store answered; 1 answering for another store left out"),
+        ours_view.contains(&format!(
+            "no worker /metrics of this store answered (asked {address}); 1 answering for another store left out"
+        )),
         "{ours_view}"
     );
     let _ = worker.kill();

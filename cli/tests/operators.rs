@@ -209,7 +209,7 @@ async fn operators_loop(target: Target) {
         &model,
         &["dlq", "purge", "--stage", "ingest", "--reason", "unsupported_content_type", "--yes", "--json"],
     ));
-    assert_eq!(purged["moved"], 1);
+    assert_eq!(purged["deleted"], 1);
     assert_eq!(stats(&backend).await.dlq[&StageName::Ingest], 5);
 
     // SIGKILL halfway through a replay, then again to the end: each record one result.

@@ -45,7 +45,12 @@ pub struct CaptureRecord {
 }
 
 impl CaptureRecord {
-    pub fn new(result: &PredictionResult, content_type: &str, features: Option<Vec<f32>>) -> Self {
+    pub fn new(
+        result: &PredictionResult,
+        content_type: &str,
+        features: Option<Vec<f32>>,
+        attributes: BTreeMap<String, String>,
+    ) -> Self {
         Self {
             schema: CAPTURE_SCHEMA.to_owned(),
             record_id: result.record_id.clone(),
@@ -60,7 +65,7 @@ impl CaptureRecord {
             content_type: content_type.to_owned(),
             timestamps: result.timestamps.clone(),
             features,
-            attributes: BTreeMap::new(),
+            attributes,
         }
     }
 
@@ -125,7 +130,7 @@ mod tests {
     fn lines_round_trip_and_broken_ones_are_counted() {
         let mut result = crate::testing::prediction_result("r1", "7", ResultStatus::Accepted);
         result.timestamps.stored_ms = Some(5);
-        let record = CaptureRecord::new(&result, "image/png", None);
+        let record = CaptureRecord::new(&result, "image/png", None, BTreeMap::new());
         let mut chunk = record.to_line();
         chunk.extend_from_slice(b"{\"schema\":\"sluice.capture/1\",\"record_id\"");
         let mut skipped = 0;

@@ -175,6 +175,8 @@ async fn watch_queues(backend: Backend, stage: StageName, shutdown: Cancellation
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(QUEUE_DEPTH_EVERY) => {}
+            // Read at once for the first scrape, not up to an interval later.
+            _ = crate::telemetry::sampling_wanted() => {}
         }
     }
 }

@@ -88,8 +88,7 @@ impl CaptureWriter {
         let mut lines = Vec::new();
         for c in &kept {
             let features = vectors.as_ref().and_then(|v| v.get(&c.result.record_id).cloned());
-            let mut record = CaptureRecord::new(c.result, c.content_type.as_str(), features);
-            record.attributes = c.attributes.clone();
+            let record = CaptureRecord::new(c.result, c.content_type.as_str(), features, c.attributes.clone());
             lines.extend(record.to_line());
         }
         {
@@ -267,7 +266,7 @@ mod tests {
     #[tokio::test]
     async fn past_the_bound_the_oldest_lines_go_and_a_failed_last_chunk_is_counted() {
         let log = Arc::new(FlakyLog { failures: AtomicUsize::new(usize::MAX / 2), ..Default::default() });
-        let line = CaptureRecord::new(&result("x0"), "image/png", None).to_line().len();
+        let line = CaptureRecord::new(&result("x0"), "image/png", None, BTreeMap::new()).to_line().len();
         // Room for about three lines through the outage.
         let config = CaptureConfig {
             flush_after_ms: 0,

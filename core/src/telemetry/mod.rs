@@ -137,9 +137,21 @@ static LAST_SCRAPE: Mutex<Option<Instant>> = Mutex::new(None);
 /// every 15 s to a minute).
 const SCRAPE_KEEPS_SAMPLING: Duration = Duration::from_secs(300);
 
+/// Woken when a scrape makes the sampled gauges wanted again.
+static SAMPLING_WANTED: tokio::sync::Notify = tokio::sync::Notify::const_new();
+
 /// Notes a read of `/metrics`.
 pub(crate) fn scraped() {
-    *LAST_SCRAPE.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+    let was = LAST_SCRAPE.lock().unwrap_or_else(|e| e.into_inner()).replace(Instant::now());
+    if was.is_none_or(|at| at.elapsed() >= SCRAPE_KEEPS_SAMPLING) {
+        // The first scrape (or the first in a while): the samplers need not wait out their interval.
+        SAMPLING_WANTED.notify_waiters();
+    }
+}
+
+/// Resolves when a scrape makes the sampled gauges wanted (see [`sampled_gauges_wanted`]).
+pub async fn sampling_wanted() {
+    SAMPLING_WANTED.notified().await;
 }
 
 /// Whether anyone reads the gauges that cost a request to sample (queue depths on SQS): an
