@@ -6,7 +6,7 @@
 //! those writes are durable does it acknowledge (delete, checkpoint). A retryable failure is left
 //! unacknowledged and comes back after a delay, until the queue's redrive policy moves it to the DLQ.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -231,11 +231,37 @@ pub struct StreamSource {
     consumer: Box<dyn StreamConsumer>,
     /// The shards held after the last poll, to report leases taken and let go.
     held: Vec<String>,
+    /// How often each record (shard, sequence) read and not yet settled has been read: a
+    /// stream keeps no receive counts, and one that fails every time would otherwise hold its
+    /// shard up for good (nothing past it checkpointed, until the stream's retention drops it).
+    reads: HashMap<(String, String), u32>,
+    /// After a retry, when the next read may be: the records rewound are not read again at once.
+    resume_at: Option<tokio::time::Instant>,
 }
 
 impl StreamSource {
     pub fn new(consumer: Box<dyn StreamConsumer>) -> Self {
-        Self { consumer, held: Vec::new() }
+        Self { consumer, held: Vec::new(), reads: HashMap::new(), resume_at: None }
+    }
+
+    /// Forgets the reads of the records `done`.
+    fn forget_reads(&mut self, done: &[&Origin]) {
+        for origin in done {
+            if let Origin::Stream { shard, sequence, .. } = origin {
+                self.reads.remove(&(shard.clone(), sequence.clone()));
+            }
+        }
+    }
+
+    /// Forgets the reads of the records `done`, and of shards no longer held; after a retry, the
+    /// next read waits `retry_delay`.
+    fn count_reads(&mut self, done: &[&Origin], retry: &[&Origin], retry_delay: Duration) {
+        self.forget_reads(done);
+        let held = self.consumer.shards();
+        self.reads.retain(|(shard, _), _| held.contains(shard));
+        if !retry.is_empty() {
+            self.resume_at = Some(tokio::time::Instant::now() + retry_delay);
+        }
     }
 
     /// Reports the leases held now, and a 0 for each one let go since the last report.
@@ -257,24 +283,37 @@ impl StreamSource {
 impl Source for StreamSource {
     async fn receive(&mut self, max: usize, wait: Duration) -> Result<Vec<Delivery>> {
         let deadline = tokio::time::Instant::now() + wait;
+        if let Some(at) = self.resume_at {
+            if at > deadline {
+                tokio::time::sleep_until(deadline).await;
+                return Ok(Vec::new());
+            }
+            tokio::time::sleep_until(at).await;
+            self.resume_at = None;
+        }
         loop {
             let records = self.consumer.poll(max).await?;
             self.report_leases();
             let now = tokio::time::Instant::now();
             if !records.is_empty() || now >= deadline {
+                let reads = &mut self.reads;
                 return Ok(records
                     .into_iter()
-                    .map(|r| Delivery {
-                        body: r.data,
-                        origin: Origin::Stream {
-                            shard: r.shard,
-                            sequence: r.sequence,
-                            arrived_ms: r.arrived_ms,
-                            replay: r.partition_key.starts_with(REPLAY_KEY_PREFIX),
-                        },
-                        attributes: BTreeMap::from([(PARTITION_KEY.to_owned(), r.partition_key)]),
-                        first_received_ms: None,
-                        receive_count: 1,
+                    .map(|r| {
+                        let read = reads.entry((r.shard.clone(), r.sequence.clone())).or_insert(0);
+                        *read += 1;
+                        Delivery {
+                            body: r.data,
+                            origin: Origin::Stream {
+                                shard: r.shard,
+                                sequence: r.sequence,
+                                arrived_ms: r.arrived_ms,
+                                replay: r.partition_key.starts_with(REPLAY_KEY_PREFIX),
+                            },
+                            attributes: BTreeMap::from([(PARTITION_KEY.to_owned(), r.partition_key)]),
+                            first_received_ms: None,
+                            receive_count: *read,
+                        }
                     })
                     .collect());
             }
@@ -285,7 +324,8 @@ impl Source for StreamSource {
     /// Checkpoints each shard up to the last record before its first retry; a shard with a
     /// retry, or whose checkpoint failed, is rewound so the records from there on are read
     /// again. Every shard is seen to before the first error is returned.
-    async fn settle(&mut self, done: &[&Origin], retry: &[&Origin], _retry_delay: Duration) -> Result<()> {
+    async fn settle(&mut self, done: &[&Origin], retry: &[&Origin], retry_delay: Duration) -> Result<()> {
+        self.count_reads(done, retry, retry_delay);
         let mut first_error = None;
         for ShardSettlement { shard, checkpoint, rewind } in settlements(done, retry) {
             if let Some(checkpoint) = checkpoint {
@@ -328,6 +368,7 @@ impl Source for StreamSource {
     ) -> Result<()> {
         let checkpoints: Vec<Checkpoint> = settlements(done, retry).into_iter().filter_map(|s| s.checkpoint).collect();
         let recorded = self.consumer.forward_and_checkpoint(sends, &checkpoints).await?;
+        self.forget_reads(done);
         for (checkpoint, held) in checkpoints.iter().zip(recorded) {
             if held {
                 metrics().arrived(&checkpoint.shard, checkpoint.records);
@@ -564,9 +605,8 @@ impl Worker {
                     done.push(&delivery.origin);
                 }
                 Outcome::Failed { error, record_id } => {
-                    let last_receive = matches!(delivery.origin, Origin::Queue(_))
-                        && delivery.receive_count >= self.max_receives
-                        && error.is_retryable();
+                    // A stream record's receives are the reads its source counted.
+                    let last_receive = delivery.receive_count >= self.max_receives && error.is_retryable();
                     let error = if last_receive {
                         SluiceError::permanent(
                             error.code(),
@@ -762,7 +802,7 @@ impl Worker {
     /// abandon it first.
     async fn process_with_heartbeat(&mut self, batch: &[Delivery]) -> Option<Vec<Outcome>> {
         let stage = Arc::clone(&self.stage);
-        let process = stage.process(batch);
+        let process = process_guarded(stage.as_ref(), batch);
         tokio::pin!(process);
         let mut ticks = tokio::time::interval(self.heartbeat_every);
         ticks.tick().await;
@@ -779,6 +819,41 @@ impl Worker {
             }
         }
     }
+}
+
+/// `stage.process(batch)`, with a panic in it (a decoder's bug an input found, say) kept to the
+/// record that caused it: the batch is processed again a record at a time, and a record that
+/// panics on its own fails for good (reason `internal`). Uncaught, the panic would end the
+/// worker, and on every receive again, until the queue's redrive took the whole batch.
+async fn process_guarded(stage: &dyn Stage, batch: &[Delivery]) -> Vec<Outcome> {
+    use futures_util::FutureExt as _;
+    use std::panic::AssertUnwindSafe;
+    match AssertUnwindSafe(stage.process(batch)).catch_unwind().await {
+        Ok(outcomes) => outcomes,
+        Err(panic) if batch.len() == 1 => vec![panicked(panic.as_ref())],
+        Err(_) => {
+            tracing::warn!(stage = %stage.name(), records = batch.len(), "the stage panicked; its batch is done again a record at a time");
+            let mut outcomes = Vec::with_capacity(batch.len());
+            for delivery in batch {
+                match AssertUnwindSafe(stage.process(std::slice::from_ref(delivery))).catch_unwind().await {
+                    Ok(one) => outcomes.extend(one),
+                    Err(panic) => outcomes.push(panicked(panic.as_ref())),
+                }
+            }
+            outcomes
+        }
+    }
+}
+
+/// A record the stage panicked on, alone.
+fn panicked(panic: &(dyn std::any::Any + Send)) -> Outcome {
+    let message = panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_default();
+    let error = SluiceError::permanent(ReasonCode::Internal, format!("the stage panicked on this record: {message}"));
+    Outcome::failed(error, None)
 }
 
 /// The trace context a delivery arrived with: its `traceparent` attribute (queues), or the

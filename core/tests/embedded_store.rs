@@ -267,6 +267,55 @@ async fn a_worker_acknowledges_only_with_its_sends_and_never_loses_a_refused_bat
     tokio::time::timeout(Duration::from_secs(5), running).await.unwrap().unwrap().unwrap();
 }
 
+/// A stage that forwards each delivery, and panics at one whose body starts with "panic".
+struct Panics;
+
+#[async_trait]
+impl Stage for Panics {
+    fn name(&self) -> StageName {
+        StageName::Features
+    }
+
+    fn batch_policy(&self) -> BatchPolicy {
+        BatchPolicy::up_to(10)
+    }
+
+    async fn process(&self, batch: &[Delivery]) -> Vec<Outcome> {
+        let bodies = sluice_core::threads::on_every_core(batch.iter().collect(), |d: &Delivery| {
+            assert!(!d.body.starts_with(b"panic"), "a decoder's bug");
+            d.body.clone()
+        });
+        let to = |body| Outcome::forward(QueueName::Inference, OutgoingMessage { body, ..Default::default() });
+        bodies.into_iter().map(to).collect()
+    }
+}
+
+/// A panic in a stage (here in the thread pool, as a decoder's would be) costs the record that
+/// caused it, dead-lettered as `internal`, not the worker nor the records batched with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_the_stage_panics_on_is_dead_lettered_and_the_worker_goes_on() {
+    let (_dir, store, backend) = fresh(StoreConfig::default()).await;
+    let features = backend.queue(QueueName::Features);
+    let message = |body: &str| OutgoingMessage { body: body.as_bytes().to_vec(), ..Default::default() };
+    features.send_batch(vec![message("a"), message("panic-b"), message("c")]).await.unwrap();
+    let config = WorkerConfig { poll_wait_ms: 50, retry_delay_ms: 0, ..WorkerConfig::default() };
+    let source = QueueSource::new(Arc::clone(&features), &store);
+    let worker = Worker::new(Arc::new(Panics), Box::new(source), backend.clone(), config, &store);
+    let shutdown = CancellationToken::new();
+    let running = tokio::spawn(worker.run(shutdown.clone()));
+
+    let queues = [QueueName::Features, QueueName::Inference, QueueName::FeaturesDlq];
+    settle_at(&backend, queues, [0, 2, 1]).await;
+    let dead = backend.queue(QueueName::FeaturesDlq).peek(10).await.unwrap();
+    let entry = DlqEntry::from_message(StageName::Features, dead[0].body.clone(), &dead[0].attributes, 0, 0);
+    assert_eq!((entry.body.as_slice(), entry.reason), (&b"panic-b"[..], ReasonCode::Internal), "{entry:?}");
+    assert!(entry.detail.contains("a decoder's bug"), "{entry:?}");
+    assert!(!running.is_finished(), "the worker goes on");
+
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(5), running).await.unwrap().unwrap().unwrap();
+}
+
 /// Records `bodies` on a stream of one shard, each its own partition key.
 async fn on_the_stream(backend: &Backend, bodies: &[&str]) {
     let inputs = bodies.iter().map(|b| StreamInput { partition_key: (*b).to_owned(), data: b.as_bytes().to_vec() });
@@ -349,6 +398,34 @@ async fn a_stream_worker_checkpoints_with_its_sends_up_to_its_first_retry() {
     bodies.sort();
     // c came in the first batch (after the retry, so not checkpointed) and again with retry-b.
     assert_eq!(bodies, ["a", "c", "c", "retry-b"]);
+}
+
+/// A stream record that fails on every read does not hold its shard up for good: read as often
+/// as a queue message may be received, it is dead-lettered with why, and the shard checkpoints
+/// past it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_record_that_always_fails_is_dead_lettered_after_its_reads() {
+    let (_dir, store, backend) = fresh(StoreConfig { shards: 1, max_receives: 3, ..StoreConfig::default() }).await;
+    on_the_stream(&backend, &["a", "retry-b", "c"]).await;
+    let config = WorkerConfig { poll_wait_ms: 50, retry_delay_ms: 10, ..WorkerConfig::default() };
+    let source = StreamSource::new(backend.stream.consumer("w1").await.unwrap());
+    let stage = Forward::new(StageName::Ingest, QueueName::Features, false);
+    let worker = Worker::new(stage, Box::new(source), backend.clone(), config, &store);
+    let shutdown = CancellationToken::new();
+    let running = tokio::spawn(worker.run(shutdown.clone()));
+
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while backend.stream.stats().await.unwrap().pending > 0 {
+        assert!(Instant::now() < deadline, "the shard never got past the failing record");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(5), running).await.unwrap().unwrap().unwrap();
+    let dead = backend.queue(QueueName::IngestDlq).peek(10).await.unwrap();
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    let entry = DlqEntry::from_message(StageName::Ingest, dead[0].body.clone(), &dead[0].attributes, 0, 0);
+    assert_eq!((entry.body.as_slice(), entry.reason), (&b"retry-b"[..], ReasonCode::Internal), "{entry:?}");
+    assert!(entry.detail.starts_with("gave up after 3 receives: not yet"), "{entry:?}");
 }
 
 /// An idle receiver looks without the write lock, so another process writing does not hold it up:
