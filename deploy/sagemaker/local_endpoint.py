@@ -11,7 +11,8 @@ runtime sends them: an `x-amzn-ErrorType` header and a JSON message; a body that
 CSV is a ModelError (424), as the container's failure is. Request signatures are not checked.
 
 For tests, an endpoint named `unavailable-*` answers 503 ServiceUnavailable, one named
-`throttled-*` 429 ThrottlingException and one named `broken-*` 424 ModelError, so clients'
+`throttled-*` 429 ThrottlingException, one named `broken-*` 424 ModelError and one named
+`gateway-*` a 504 without an error type (as a load balancer's timeout comes back), so clients'
 handling of those can be exercised.
 """
 
@@ -78,6 +79,8 @@ class Handler(BaseHTTPRequestHandler):
             return self.error(429, "ThrottlingException", "rate exceeded")
         if name.startswith("broken-"):
             return self.error(424, "ModelError", "Received server error (500) from primary")
+        if name.startswith("gateway-"):
+            return self.reply(504, "<html>Gateway Timeout</html>", "text/html")
         if length > MAX_PAYLOAD:
             return self.error(413, "ValidationError", "payload over 6 MB")
         content_type = (self.headers.get("Content-Type") or "text/csv").split(";")[0].strip().lower()

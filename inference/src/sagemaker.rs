@@ -6,6 +6,7 @@
 //! off and the batch comes back), a `ModelError` (424) or a refused request is permanent (the
 //! records go to the inference DLQ with reason `fallback_failure`, ready for replay).
 
+use aws_sdk_sagemakerruntime::config::http::HttpResponse;
 use aws_sdk_sagemakerruntime::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_sagemakerruntime::primitives::Blob;
 use serde::{Deserialize, Serialize};
@@ -203,16 +204,18 @@ fn invalid(detail: impl Into<String>) -> SluiceError {
     SluiceError::permanent(ReasonCode::InvalidModelOutput, format!("SageMaker endpoint: {}", detail.into()))
 }
 
-fn classify<E, R>(endpoint: &str, error: SdkError<E, R>) -> SluiceError
+fn classify<E>(endpoint: &str, error: SdkError<E, HttpResponse>) -> SluiceError
 where
     E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
-    R: std::fmt::Debug,
 {
     let detail = |what: String| format!("InvokeEndpoint {endpoint}: {what}");
     match &error {
         SdkError::ServiceError(service) => {
             let code = service.err().code().unwrap_or("Unknown");
             let message = service.err().message().unwrap_or_default();
+            // A 5xx or a 429 is worth another try whatever its code (a gateway's 502 or 504 may
+            // carry none); a ModelError (424) is the model's own answer to this input.
+            let status = service.raw().status().as_u16();
             let transient = matches!(
                 code,
                 "ThrottlingException"
@@ -220,7 +223,8 @@ where
                     | "InternalFailure"
                     | "InternalDependencyException"
                     | "ModelNotReadyException"
-            );
+            ) || status >= 500
+                || status == 429;
             if transient {
                 SluiceError::retryable(ReasonCode::FallbackFailure, detail(format!("{code}: {message}")))
             } else {

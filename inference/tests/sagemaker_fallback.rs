@@ -124,7 +124,9 @@ async fn endpoint_errors_are_classified() {
     let dir = tempfile::tempdir().unwrap();
     let (backend, ids, _) = held_out(dir.path()).await;
     let batch: Vec<Delivery> = ids[..3].iter().map(|id| delivery(id)).collect();
-    for (endpoint, retryable) in [("broken-model", false), ("unavailable-now", true), ("throttled-now", true)] {
+    let endpoints =
+        [("broken-model", false), ("unavailable-now", true), ("throttled-now", true), ("gateway-timeout", true)];
+    for (endpoint, retryable) in endpoints {
         let settings = settings(endpoint).set("inference.backend", "sagemaker");
         let stage = InferenceStage::build(&settings, &backend).unwrap();
         for outcome in stage.process(&batch).await {

@@ -115,11 +115,24 @@ impl Clients {
     }
 }
 
+/// How long one attempt of any call may take before it fails (and is tried again, as a timeout
+/// is): the SDK sets none, and a call that hangs would hold its batch, and its records, for as
+/// long as the heartbeat keeps it. Well above the longest a call takes when all is well: a 20 s
+/// long poll, a 32 MiB claim-checked object, a SageMaker invocation (60 s at most).
+const ATTEMPT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(90);
+/// The SDK's own default for connecting.
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(3_100);
+
 /// The SDK configuration every client of the pipeline starts from: the standard credential
 /// chain and region (static keys and region from `config` where set, `us-east-1` when nothing
-/// names one), pointed at `endpoint_url` if given.
+/// names one), pointed at `endpoint_url` if given, each attempt of a call timed out after
+/// [`ATTEMPT_TIMEOUT`].
 pub async fn sdk_config(config: &AwsConfig, endpoint_url: Option<&str>) -> aws_config::SdkConfig {
-    let mut loader = aws_config::defaults(BehaviorVersion::latest());
+    let timeouts = aws_config::timeout::TimeoutConfig::builder()
+        .connect_timeout(CONNECT_TIMEOUT)
+        .operation_attempt_timeout(ATTEMPT_TIMEOUT)
+        .build();
+    let mut loader = aws_config::defaults(BehaviorVersion::latest()).timeout_config(timeouts);
     if let Some(region) = &config.region {
         loader = loader.region(Region::new(region.clone()));
     }
