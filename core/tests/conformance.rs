@@ -548,6 +548,11 @@ async fn blobs_round_trip_and_refuse_foreign_references(f: Fixture) {
     assert!(!foreign.is_retryable());
     let missing = b.blobs.get(&reference.replace(&reference[reference.len() - 4..], "0000")).await.unwrap_err();
     assert_eq!(missing.code(), ReasonCode::ClaimCheckMissing);
+    // A reader's limit: the blob whole within it, refused (for good) past it.
+    assert_eq!(b.blobs.get_at_most(&reference, data.len()).await.unwrap(), data);
+    let over = b.blobs.get_at_most(&reference, data.len() - 1).await.unwrap_err();
+    assert_eq!(over.code(), ReasonCode::PayloadTooLarge);
+    assert!(!over.is_retryable() && over.detail().contains("300000 bytes"), "{over}");
 }
 
 async fn true_labels_are_recorded_once_whatever_the_status(f: Fixture) {

@@ -128,7 +128,7 @@ pub(crate) async fn check_claim_checked(
 ) -> Result<()> {
     match &envelope.payload {
         Payload::ClaimCheck { reference } => {
-            let data = blobs.get(reference).await?;
+            let data = blobs.get_at_most(reference, config.max_claim_check_bytes).await?;
             check_bytes(&data, envelope.content_type, config.max_claim_check_bytes, config, tabular)
         }
         Payload::Inline { data } if data.len() > config.inline_limit_bytes => {

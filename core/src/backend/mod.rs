@@ -425,6 +425,26 @@ pub trait BlobStore: Send + Sync {
     /// Loads a referenced blob. A reference this store may not read is a permanent
     /// `claim_check_rejected`; a missing blob is `claim_check_missing`.
     async fn get(&self, reference: &str) -> Result<Vec<u8>>;
+
+    /// As [`BlobStore::get`], but a blob of more than `limit` bytes is a permanent
+    /// `payload_too_large`, refused before its bytes are read where the store can tell (S3
+    /// says an object's size first): a producer's claim-check to a huge object must not take
+    /// the worker's memory.
+    async fn get_at_most(&self, reference: &str, limit: usize) -> Result<Vec<u8>> {
+        let data = self.get(reference).await?;
+        match data.len() {
+            len if len > limit => Err(blob_too_large(reference, len as u64, limit)),
+            _ => Ok(data),
+        }
+    }
+}
+
+/// The error of a blob over the `limit` a reader takes.
+pub fn blob_too_large(reference: &str, len: u64, limit: usize) -> SluiceError {
+    SluiceError::permanent(
+        ReasonCode::PayloadTooLarge,
+        format!("the claim-checked payload {reference} is {len} bytes; at most {limit} are taken"),
+    )
 }
 
 /// The prediction capture log: JSON lines the results stage appends, the monitor reads.

@@ -25,7 +25,7 @@ impl S3CaptureLog {
     }
 
     async fn get(&self, key: &str) -> Result<Option<Vec<u8>>> {
-        super::s3::get_object(&self.client, &self.bucket, key).await
+        super::s3::get_object(&self.client, &self.bucket, key, None).await
     }
 
     async fn put(&self, key: &str, data: Vec<u8>, content_type: &str) -> Result<()> {

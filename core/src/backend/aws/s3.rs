@@ -22,6 +22,14 @@ impl S3BlobStore {
         Self { client, bucket, allowed }
     }
 
+    /// The object `reference` names, of at most `limit` bytes where one is given.
+    async fn get_within(&self, reference: &str, limit: Option<usize>) -> Result<Vec<u8>> {
+        let (bucket, key) = self.parse(reference)?;
+        get_object(&self.client, bucket, key, limit)
+            .await?
+            .ok_or_else(|| SluiceError::permanent(ReasonCode::ClaimCheckMissing, format!("no object {reference}")))
+    }
+
     /// `s3://bucket/key` → (bucket, key), if the bucket is allowlisted.
     fn parse<'a>(&self, reference: &'a str) -> Result<(&'a str, &'a str)> {
         let rejected = |why: &str| {
@@ -55,20 +63,32 @@ impl BlobStore for S3BlobStore {
     }
 
     async fn get(&self, reference: &str) -> Result<Vec<u8>> {
-        let (bucket, key) = self.parse(reference)?;
-        get_object(&self.client, bucket, key)
-            .await?
-            .ok_or_else(|| SluiceError::permanent(ReasonCode::ClaimCheckMissing, format!("no object {reference}")))
+        self.get_within(reference, None).await
+    }
+
+    async fn get_at_most(&self, reference: &str, limit: usize) -> Result<Vec<u8>> {
+        self.get_within(reference, Some(limit)).await
     }
 }
 
-/// An object's bytes; `None` when there is no such key.
-pub(super) async fn get_object(client: &aws_sdk_s3::Client, bucket: &str, key: &str) -> Result<Option<Vec<u8>>> {
+/// An object's bytes; `None` when there is no such key. One of more than `limit` bytes is
+/// refused by its size before its body is read.
+pub(super) async fn get_object(
+    client: &aws_sdk_s3::Client,
+    bucket: &str,
+    key: &str,
+    limit: Option<usize>,
+) -> Result<Option<Vec<u8>>> {
     let object = match client.get_object().bucket(bucket).key(key).send().await {
         Ok(object) => object,
         Err(e) if error_code(&e) == Some("NoSuchKey") => return Ok(None),
         Err(e) => return Err(classify("GetObject", e)),
     };
+    if let Some(limit) = limit
+        && let Some(len) = object.content_length().and_then(|l| u64::try_from(l).ok()).filter(|&l| l > limit as u64)
+    {
+        return Err(crate::backend::blob_too_large(&format!("s3://{bucket}/{key}"), len, limit));
+    }
     let bytes = object
         .body
         .collect()
