@@ -8,15 +8,24 @@ use sluice_core::ReasonCode;
 use sluice_core::backend::aws::Clients;
 use sluice_core::backend::aws::bootstrap::bootstrap;
 use sluice_core::backend::{Backend, OutgoingMessage};
+use sluice_core::config::StoreConfig;
 use sluice_core::record::dlq_attr;
 use sluice_core::testing::{aws_store_config, unique_prefix};
 use sluice_core::topology::QueueName;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sqs_never_gets_an_empty_body_and_each_reads_back_as_sent() {
-    let config = aws_store_config(&unique_prefix("bodies"));
+/// Fresh resources under a prefix of `name`: their configuration, a backend on them, and the
+/// SDK's clients to look at them directly.
+async fn fresh(name: &str) -> (StoreConfig, Backend, Clients) {
+    let config = aws_store_config(&unique_prefix(name));
     bootstrap(&config).await.unwrap();
     let backend = Backend::open(&config).await.unwrap();
+    let clients = Clients::load(&config.aws, Default::default()).await.unwrap();
+    (config, backend, clients)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqs_never_gets_an_empty_body_and_each_reads_back_as_sent() {
+    let (config, backend, clients) = fresh("bodies").await;
     let queue = backend.queue(QueueName::IngestDlq);
     let large = vec![b'x'; 1_100_000];
     let sent = [Vec::new(), large.clone(), b"plain".to_vec()];
@@ -24,7 +33,6 @@ async fn sqs_never_gets_an_empty_body_and_each_reads_back_as_sent() {
         queue.send_batch(vec![OutgoingMessage { body: body.clone(), ..Default::default() }]).await.unwrap();
     }
 
-    let clients = Clients::load(&config.aws, Default::default()).await.unwrap();
     let raw = as_sqs_holds(&clients, &config.aws.prefix, QueueName::IngestDlq, sent.len()).await;
     assert_eq!(raw.len(), sent.len(), "{raw:?}");
     assert!(raw.iter().all(|(_, body)| !body.is_empty()), "an empty body went to SQS: {raw:?}");
@@ -71,9 +79,7 @@ async fn as_sqs_holds(clients: &Clients, prefix: &str, queue: QueueName, n: usiz
 /// fail every receive (and stop the worker) until SQS's redrive takes it, with its neighbours.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_whose_body_is_gone_goes_to_the_dlq_and_the_rest_is_read() {
-    let config = aws_store_config(&unique_prefix("unreadable"));
-    bootstrap(&config).await.unwrap();
-    let backend = Backend::open(&config).await.unwrap();
+    let (config, backend, clients) = fresh("unreadable").await;
     let queue = backend.queue(QueueName::Features);
     let message = |body: Vec<u8>, id: &str| OutgoingMessage {
         body,
@@ -83,7 +89,6 @@ async fn a_message_whose_body_is_gone_goes_to_the_dlq_and_the_rest_is_read() {
     queue.send_batch(vec![message(vec![b'x'; 1_100_000], "gone")]).await.unwrap();
     queue.send_batch(vec![message(b"{}".to_vec(), "fine")]).await.unwrap();
 
-    let clients = Clients::load(&config.aws, Default::default()).await.unwrap();
     let raw = as_sqs_holds(&clients, &config.aws.prefix, QueueName::Features, 2).await;
     let reference = raw.iter().map(|(_, body)| body).find(|b| b.starts_with("s3://")).expect("one claim-checked");
     let (bucket, key) = reference.strip_prefix("s3://").unwrap().split_once('/').unwrap();

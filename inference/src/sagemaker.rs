@@ -213,8 +213,7 @@ where
         SdkError::ServiceError(service) => {
             let code = service.err().code().unwrap_or("Unknown");
             let message = service.err().message().unwrap_or_default();
-            // A 5xx or a 429 is worth another try whatever its code (a gateway's 502 or 504 may
-            // carry none); a ModelError (424) is the model's own answer to this input.
+            // A ModelError (424) is the model's own answer to this input.
             let status = service.raw().status().as_u16();
             let transient = matches!(
                 code,
@@ -223,8 +222,7 @@ where
                     | "InternalFailure"
                     | "InternalDependencyException"
                     | "ModelNotReadyException"
-            ) || status >= 500
-                || status == 429;
+            ) || sluice_core::backend::aws::transient_status(status);
             if transient {
                 SluiceError::retryable(ReasonCode::FallbackFailure, detail(format!("{code}: {message}")))
             } else {

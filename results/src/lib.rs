@@ -200,58 +200,57 @@ impl Stage for ResultsStage {
             }
         }
         let (slots, results): (Vec<usize>, Vec<PredictionResult>) = judged.into_iter().unzip();
-        match self.store.put_if_absent(results.clone()).await {
-            Ok(puts) => {
-                let mut stored_all = Vec::with_capacity(puts.len());
-                for ((i, ours), put) in slots.into_iter().zip(results).zip(puts) {
-                    // A redelivered record keeps the result it was first given.
-                    let stored = match put {
-                        PutOutcome::Inserted => {
-                            report_new_result(&ours);
-                            ours
-                        }
-                        PutOutcome::AlreadyPresent(existing) => *existing,
-                    };
-                    outcomes[i] = Some(self.route(&stored));
-                    stored_all.push(stored);
+        let puts = match self.store.put_if_absent(results.clone()).await {
+            Ok(puts) => puts.into_iter().map(Ok).collect(),
+            Err(error) => self.stored_after_failing(&results, error).await,
+        };
+        let (mut stored_all, mut stored_origins) = (Vec::with_capacity(puts.len()), Vec::with_capacity(puts.len()));
+        for (((i, ours), put), origin) in slots.into_iter().zip(results).zip(puts).zip(origins) {
+            // A redelivered record keeps the result it was first given.
+            let stored = match put {
+                Ok(PutOutcome::Inserted) => {
+                    report_new_result(&ours);
+                    ours
                 }
-                // Redeliveries are captured again (their first capture may have been lost with
-                // a killed worker); readers keep one line per record.
-                self.capture(&stored_all, &origins).await;
-            }
-            Err(error) => {
-                // Part of the batch may be stored by now (DynamoDB writes it in transactions of
-                // 99): a record with a result has its end and is routed from it; only the rest
-                // fail. Dead-lettered on a last receive, a stored one would end in two places.
-                let ids: Vec<RecordId> = results.iter().map(|r| r.record_id.clone()).collect();
-                let stored = self.store.get_batch(&ids).await.unwrap_or_else(|e| {
-                    tracing::warn!(error = %e, "which of a batch's results were stored is unknown: all are retried");
-                    Default::default()
-                });
-                let mut ended = Vec::new();
-                let mut ended_origins = Vec::new();
-                for ((i, result), origin) in slots.into_iter().zip(results).zip(origins) {
-                    match stored.get(&result.record_id) {
-                        Some(existing) => {
-                            if *existing == result {
-                                // Stored by this write, before it failed.
-                                report_new_result(existing);
-                            }
-                            outcomes[i] = Some(self.route(existing));
-                            ended.push(existing.clone());
-                            ended_origins.push(origin);
-                        }
-                        None => outcomes[i] = Some(Outcome::failed(error.clone(), Some(result.record_id))),
-                    }
+                Ok(PutOutcome::AlreadyPresent(existing)) => *existing,
+                Err(error) => {
+                    outcomes[i] = Some(Outcome::failed(error, Some(ours.record_id)));
+                    continue;
                 }
-                self.capture(&ended, &ended_origins).await;
-            }
+            };
+            outcomes[i] = Some(self.route(&stored));
+            stored_all.push(stored);
+            stored_origins.push(origin);
         }
+        // Redeliveries are captured again (their first capture may have been lost with a killed
+        // worker); readers keep one line per record.
+        self.capture(&stored_all, &stored_origins).await;
         outcomes.into_iter().map(|o| o.expect("every delivery has an outcome")).collect()
     }
 }
 
 impl ResultsStage {
+    /// What a write of `results` that failed with `error` left: part of the batch may be stored
+    /// (DynamoDB writes it in transactions of 99), and a record with a result has its end, to be
+    /// routed from it; only the rest fail (dead-lettered on a last receive, a stored one would end
+    /// in two places). A stored result equal to ours was stored by this write.
+    async fn stored_after_failing(&self, results: &[PredictionResult], error: SluiceError) -> Vec<Result<PutOutcome>> {
+        let ids: Vec<RecordId> = results.iter().map(|r| r.record_id.clone()).collect();
+        let stored = self.store.get_batch(&ids).await.unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "which of a batch's results were stored is unknown: all are retried");
+            Default::default()
+        });
+        results
+            .iter()
+            // Looked up, not taken: a record twice in the batch finds its result both times.
+            .map(|ours| match stored.get(&ours.record_id) {
+                Some(existing) if existing == ours => Ok(PutOutcome::Inserted),
+                Some(existing) => Ok(PutOutcome::AlreadyPresent(Box::new(existing.clone()))),
+                None => Err(error.clone()),
+            })
+            .collect()
+    }
+
     async fn capture(&self, stored: &[PredictionResult], origins: &[(ContentType, BTreeMap<String, String>)]) {
         let Some(capture) = &self.capture else { return };
         self.flusher.call_once(|| {

@@ -236,6 +236,12 @@ const RETRYABLE_CODES: &[&str] = &[
     "RequestTimeout",
 ];
 
+/// Whether an AWS answer's HTTP status is worth another try whatever its error code says: a 5xx
+/// or a 429 (a proxy's or a load balancer's answer may carry no code, or one of its own).
+pub fn transient_status(status: u16) -> bool {
+    status >= 500 || status == 429
+}
+
 /// Classifies an SDK failure: transport trouble, throttling and 5xx are retryable; the rest
 /// (missing resources, bad requests, access denied) need a person.
 pub(crate) fn classify<E>(operation: &str, error: SdkError<E, HttpResponse>) -> SluiceError
@@ -248,9 +254,7 @@ where
             let message = service.err().message().unwrap_or_default().to_owned();
             let status = service.raw().status().as_u16();
             let detail = format!("{operation}: {code} ({status}): {message}");
-            // A 5xx or a 429 is worth another try whatever its code says (a proxy's or a load
-            // balancer's answer may carry none).
-            if RETRYABLE_CODES.contains(&code.as_str()) || status >= 500 || status == 429 {
+            if RETRYABLE_CODES.contains(&code.as_str()) || transient_status(status) {
                 SluiceError::retryable(ReasonCode::StoreBusy, detail)
             } else if code.contains("NotFound") || code.contains("NonExistent") || code == "NoSuchBucket" {
                 SluiceError::permanent(
