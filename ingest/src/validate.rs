@@ -3,6 +3,7 @@
 use sluice_core::backend::BlobStore;
 use sluice_core::envelope::{ContentType, Envelope, Payload, RecordId, SCHEMA_VERSION, new_traceparent, now_ms};
 use sluice_core::model::TabularSpec;
+use sluice_core::telemetry::traces;
 use sluice_core::{ReasonCode, Result, SluiceError};
 
 use crate::IngestConfig;
@@ -75,12 +76,13 @@ pub(crate) fn claimed_id(body: &[u8]) -> Option<RecordId> {
     RecordId::parse(value.get("record_id")?.as_str()?.to_owned()).ok()
 }
 
-/// The envelope stamped as ingested now, with a trace if it came without one.
+/// The envelope stamped as ingested now, with a trace if it came without one or with one that
+/// is no W3C `traceparent`.
 fn stamped(mut envelope: Envelope, arrived_ms: u64) -> Envelope {
     let times = &mut envelope.timestamps;
     times.produced_ms = times.produced_ms.or(Some(arrived_ms));
     times.ingested_ms = Some(now_ms());
-    envelope.trace.get_or_insert_with(new_traceparent);
+    envelope.trace = envelope.trace.as_deref().and_then(traces::canonical).or_else(|| Some(new_traceparent()));
     envelope
 }
 
@@ -209,6 +211,24 @@ mod tests {
         assert_eq!(claimed(&with("content_type", "image/gif".into())).unwrap().as_str(), "r-1");
         assert_eq!(claimed(&with("record_id", "has space".into())), None);
         assert_eq!(claimed(&serde_json::json!({"record_id": "r-2"})), None, "a raw event is no envelope");
+    }
+
+    #[test]
+    fn a_producer_trace_goes_on_only_as_a_w3c_traceparent() {
+        let sent = Envelope::inline(RecordId::parse("r-1").unwrap(), "test", ContentType::Png, vec![1, 2, 3]);
+        let with_trace = |trace: &str| {
+            let mut body = serde_json::to_value(&sent).unwrap();
+            body["trace"] = trace.into();
+            read(&body).unwrap().trace.unwrap()
+        };
+        let good = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        assert_eq!(with_trace(good), good);
+        // SQS refuses a control character in the attribute the trace travels in: the record
+        // would stop its shard, not a trace be lost.
+        for bad in ["\u{1}", "nonsense", &format!("{good}\u{1}\u{fffe}")] {
+            let trace = with_trace(bad);
+            assert!(trace != bad && traces::canonical(&trace).as_deref() == Some(trace.as_str()), "{bad:?} -> {trace}");
+        }
     }
 
     #[test]

@@ -76,6 +76,13 @@ pub fn inject(cx: &Context) -> Option<String> {
     carrier.remove(TRACEPARENT)
 }
 
+/// `traceparent` in its canonical W3C form, or `None` when it names no valid span context: a
+/// producer's value travels on in queue attributes, where SQS refuses control characters, so
+/// only one that parses goes on (a malformed one starts a new trace, as W3C asks).
+pub fn canonical(traceparent: &str) -> Option<String> {
+    inject(&extract(Some(traceparent)))
+}
+
 /// The spans of one batch, from receive to acknowledgement.
 pub struct BatchTrace {
     process: Context,
@@ -232,5 +239,8 @@ mod tests {
         assert_eq!(inject(&cx).as_deref(), Some(value));
         assert!(!extract(Some("nonsense")).span().span_context().is_valid());
         assert!(!extract(None).span().span_context().is_valid());
+        assert_eq!(canonical(value).as_deref(), Some(value));
+        assert_eq!(canonical(&format!("{value}\u{1}")), None);
+        assert_eq!(canonical("00-00000000000000000000000000000000-00f067aa0ba902b7-01"), None);
     }
 }

@@ -144,7 +144,7 @@ impl SqsQueue {
             attributes.entry(dlq_attr::RECORD_ID.to_owned()).or_insert_with(|| key.clone());
         }
         let mut sqs_attrs = BTreeMap::new();
-        if let Some(trace) = attributes.get(TRACEPARENT) {
+        if let Some(trace) = attributes.get(TRACEPARENT).filter(|t| is_xml_safe(t)) {
             sqs_attrs.insert(TRACEPARENT.to_owned(), trace.clone());
         }
         let mut body = match String::from_utf8(message.body) {
@@ -164,7 +164,7 @@ impl SqsQueue {
             body = "-".to_owned();
             sqs_attrs.insert(BODY_ENCODING.to_owned(), EMPTY.to_owned());
         }
-        sqs_attrs.insert(ATTRIBUTES.to_owned(), serde_json::to_string(&attributes).expect("map serialises"));
+        sqs_attrs.insert(ATTRIBUTES.to_owned(), xml_safe_json(&attributes));
         let size = body.len() + sqs_attrs.iter().map(|(k, v)| k.len() + v.len() + 16).sum::<usize>();
         let mut entry = SendMessageBatchRequestEntry::builder().id(id.to_string()).message_body(body);
         for (key, value) in sqs_attrs {
@@ -329,9 +329,33 @@ fn encode_base64(bytes: Vec<u8>, attrs: &mut BTreeMap<String, String>) -> String
     STANDARD.encode(bytes)
 }
 
-/// The characters SQS accepts in a message body (XML 1.0 characters).
+/// Whether SQS accepts `text` as a message body or attribute (XML 1.0 characters only).
 fn is_xml_safe(text: &str) -> bool {
-    text.chars().all(|c| matches!(c, '\u{9}' | '\u{A}' | '\u{D}' | '\u{20}'..='\u{D7FF}' | '\u{E000}'..='\u{FFFD}' | '\u{10000}'..='\u{10FFFF}'))
+    text.chars().all(is_xml_char)
+}
+
+fn is_xml_char(c: char) -> bool {
+    matches!(c, '\u{9}' | '\u{A}' | '\u{D}' | '\u{20}'..='\u{D7FF}' | '\u{E000}'..='\u{FFFD}' | '\u{10000}'..='\u{10FFFF}')
+}
+
+/// `attributes` as JSON that SQS takes as an attribute's text: serde_json escapes control
+/// characters but writes U+FFFE and U+FFFF (from a partition key, say) as they are, which SQS
+/// refuses; they are escaped too (`\uFFFE` reads back as the same character).
+fn xml_safe_json(attributes: &BTreeMap<String, String>) -> String {
+    let json = serde_json::to_string(attributes).expect("map serialises");
+    if is_xml_safe(&json) {
+        return json;
+    }
+    let mut safe = String::with_capacity(json.len() + 12);
+    for c in json.chars() {
+        if is_xml_char(c) {
+            safe.push(c);
+        } else {
+            // Only characters of the basic plane are outside XML's, and only inside strings.
+            safe.push_str(&format!("\\u{:04X}", u32::from(c)));
+        }
+    }
+    safe
 }
 
 /// A failed entry of a batch call: a stale receipt (the message was received again, or is
@@ -583,6 +607,18 @@ mod tests {
     fn only_xml_characters_are_sent_as_text() {
         assert!(is_xml_safe("{\"a\": \"ünïcode\"}\n"));
         assert!(!is_xml_safe("nul \u{0} inside"));
+    }
+
+    #[test]
+    fn attributes_are_sent_as_xml_text_and_read_back_alike() {
+        let attributes: BTreeMap<String, String> =
+            [("partition_key".to_owned(), "a\u{fffe}b\u{ffff}\u{1}é\u{1F600}".to_owned()), ("k".to_owned(), "v".to_owned())]
+                .into();
+        let json = xml_safe_json(&attributes);
+        assert!(is_xml_safe(&json), "{json}");
+        assert_eq!(serde_json::from_str::<BTreeMap<String, String>>(&json).unwrap(), attributes);
+        let plain: BTreeMap<String, String> = [("k".to_owned(), "v".to_owned())].into();
+        assert_eq!(xml_safe_json(&plain), r#"{"k":"v"}"#);
     }
 
     #[test]
