@@ -57,6 +57,10 @@ pub enum ReasonCode {
     StoreBusy,
     /// The store failed in a way that may clear up.
     StoreUnavailable,
+    /// The deployment cannot do this at all (access denied, credentials refused, a queue, table,
+    /// stream or bucket missing), whatever the record: a worker stops and hands its batch back
+    /// rather than dead-letter records it could handle once the deployment is fixed.
+    Misconfigured,
     /// A lease on a stream shard was lost to another worker.
     LeaseLost,
     /// Anything that should not happen; details in the message.
@@ -90,6 +94,7 @@ impl ReasonCode {
             Self::RejectedInReview => "rejected_in_review",
             Self::StoreBusy => "store_busy",
             Self::StoreUnavailable => "store_unavailable",
+            Self::Misconfigured => "misconfigured",
             Self::LeaseLost => "lease_lost",
             Self::Internal => "internal",
         }
@@ -136,6 +141,12 @@ impl SluiceError {
 
     pub fn is_retryable(&self) -> bool {
         matches!(self, Self::Retryable { .. })
+    }
+
+    /// Whether the error is about the deployment, not about any one record
+    /// ([`ReasonCode::Misconfigured`]).
+    pub fn is_misconfiguration(&self) -> bool {
+        self.code() == ReasonCode::Misconfigured
     }
 }
 

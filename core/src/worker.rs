@@ -58,7 +58,9 @@ pub struct Delivery {
 pub enum Outcome {
     /// Handled. These messages go downstream (none when the stage's own sink was the end).
     Forward(Vec<(QueueName, OutgoingMessage)>),
-    /// Not handled: a permanent error goes to the stage's DLQ, a retryable one is retried.
+    /// Not handled: a permanent error goes to the stage's DLQ, a retryable one is retried; a
+    /// misconfiguration ([`SluiceError::is_misconfiguration`]) hands the whole batch back and
+    /// stops the worker.
     Failed { error: SluiceError, record_id: Option<RecordId> },
 }
 
@@ -69,6 +71,14 @@ impl Outcome {
 
     pub fn failed(error: SluiceError, record_id: Option<RecordId>) -> Self {
         Self::Failed { error, record_id }
+    }
+
+    /// The error, when this failure is the deployment's ([`SluiceError::is_misconfiguration`]).
+    fn misconfiguration(&self) -> Option<&SluiceError> {
+        match self {
+            Self::Failed { error, .. } if error.is_misconfiguration() => Some(error),
+            _ => None,
+        }
     }
 }
 
@@ -585,6 +595,16 @@ impl Worker {
             );
             vec![Outcome::failed(error, None); batch.len()]
         };
+        let retry_delay = Duration::from_millis(self.config.retry_delay_ms);
+        if let Some(error) = outcomes.iter().find_map(Outcome::misconfiguration) {
+            // Dead-lettering would empty the input into the DLQ until someone fixes the
+            // deployment: the batch goes back and the worker stops, loudly (on ECS the service
+            // restarts it, and a deployment's circuit breaker rolls back).
+            tracing::error!(%stage, error = %error, "the deployment refuses this stage's work: the batch is handed back and the worker stops");
+            let all: Vec<&Origin> = batch.iter().map(|d| &d.origin).collect();
+            self.source.settle(&[], &all, retry_delay).await?;
+            return Err(error.clone());
+        }
 
         // Messages by queue, each with the index of the delivery it came from.
         let mut sends: BTreeMap<QueueName, Vec<(usize, OutgoingMessage)>> = BTreeMap::new();
@@ -643,7 +663,6 @@ impl Worker {
             }
         }
 
-        let retry_delay = Duration::from_millis(self.config.retry_delay_ms);
         let acknowledged = match self.forward(trace.as_ref(), sends, &done, &retry).await {
             Ok(acknowledged) => acknowledged,
             Err(e) => {

@@ -90,3 +90,36 @@ async fn teardown_deletes_what_bootstrap_made_and_no_stack() {
     assert!(err.contains("cdk destroy") && err.contains("sluice-beta-data"), "{err}");
     check(&stack).await.unwrap();
 }
+
+/// A deployment whose resources are gone is no record's fault: the feature store, the queues
+/// and the result store say `misconfigured` (the worker stops, dead-letters nothing), while a
+/// producer's claim-check to a bucket that is gone is that record's `claim_check_rejected`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resources_gone_are_a_misconfiguration_and_a_claim_check_stays_the_records() {
+    use sluice_core::backend::OutgoingMessage;
+    use sluice_core::envelope::RecordId;
+    use sluice_core::topology::QueueName;
+    use sluice_core::vector::FeatureVector;
+    use sluice_core::{ReasonCode, SluiceError};
+
+    let config = aws_store_config(&unique_prefix("gone"));
+    bootstrap(&config).await.unwrap();
+    let backend = Backend::open(&config).await.unwrap();
+    let reference = backend.blobs.put(b"a claim-checked payload".to_vec()).await.unwrap();
+    teardown(&config).await.unwrap();
+
+    let id = RecordId::parse("r-1").unwrap();
+    let misconfigured = |what: &str, result: Result<(), SluiceError>| {
+        let error = result.unwrap_err();
+        assert!(!error.is_retryable() && error.code() == ReasonCode::Misconfigured, "{what}: {error}");
+        assert!(error.detail().contains("sluice aws bootstrap"), "{what}: {error}");
+    };
+    let vector = FeatureVector::Values(vec![0.5; 4]);
+    misconfigured("features", backend.features.put_if_absent(vec![(id.clone(), vector)]).await);
+    misconfigured("results", backend.results.get_batch(std::slice::from_ref(&id)).await.map(drop));
+    let message = OutgoingMessage { body: b"{}".to_vec(), ..Default::default() };
+    misconfigured("queue", backend.queue(QueueName::Inference).send_batch(vec![message]).await.map(drop));
+
+    let error = backend.blobs.get(&reference).await.unwrap_err();
+    assert_eq!((error.is_retryable(), error.code()), (false, ReasonCode::ClaimCheckRejected), "{error}");
+}

@@ -173,6 +173,10 @@ impl Stage for Forward {
                 if fails {
                     return Outcome::failed(SluiceError::retryable(ReasonCode::Internal, "not yet"), None);
                 }
+                if d.body.starts_with(b"denied") {
+                    let error = SluiceError::permanent(ReasonCode::Misconfigured, "AccessDeniedException");
+                    return Outcome::failed(error, None);
+                }
                 Outcome::forward(self.to, OutgoingMessage { body: d.body.clone(), ..Default::default() })
             })
             .collect()
@@ -265,6 +269,27 @@ async fn a_worker_acknowledges_only_with_its_sends_and_never_loses_a_refused_bat
 
     shutdown.cancel();
     tokio::time::timeout(Duration::from_secs(5), running).await.unwrap().unwrap().unwrap();
+}
+
+/// A store that refuses the deployment (access denied, a table missing) is not the records'
+/// fault: the batch goes back whole, nothing is dead-lettered or sent on, and the worker stops
+/// with the error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_misconfiguration_hands_the_batch_back_and_stops_the_worker() {
+    let (_dir, store, backend) = fresh(StoreConfig::default()).await;
+    let features = backend.queue(QueueName::Features);
+    let message = |body: &str| OutgoingMessage { body: body.as_bytes().to_vec(), ..Default::default() };
+    features.send_batch(vec![message("a"), message("denied-b"), message("retry-c")]).await.unwrap();
+    let config = WorkerConfig { poll_wait_ms: 50, retry_delay_ms: 0, ..WorkerConfig::default() };
+    let source = QueueSource::new(Arc::clone(&features), &store);
+    let stage = Forward::new(StageName::Features, QueueName::Inference, false);
+    let worker = Worker::new(stage, Box::new(source), backend.clone(), config, &store);
+
+    let stopped = tokio::time::timeout(Duration::from_secs(10), worker.run(CancellationToken::new())).await.unwrap();
+    let error = stopped.unwrap_err();
+    assert_eq!(error.code(), ReasonCode::Misconfigured, "{error}");
+    let queues = [QueueName::Features, QueueName::Inference, QueueName::FeaturesDlq];
+    settle_at(&backend, queues, [3, 0, 0]).await;
 }
 
 /// A stage that forwards each delivery, and panics at one whose body starts with "panic".

@@ -124,7 +124,7 @@ impl DynamoFeatureStore {
         match (item.get("vector").and_then(|v| v.as_b().ok()), item.get("vector_ref")) {
             (Some(blob), _) => Ok(Some(FeatureVector::from_bytes(blob.as_ref()))),
             (None, Some(AttributeValue::S(reference))) => {
-                Ok(Some(FeatureVector::from_bytes(&self.blobs.get(reference).await?)))
+                Ok(Some(FeatureVector::from_bytes(&self.blobs.get_own(reference).await?)))
             }
             _ => Ok(None),
         }

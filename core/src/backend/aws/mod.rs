@@ -81,7 +81,7 @@ impl Clients {
             use aws_credential_types::provider::{ProvideCredentials as _, error::CredentialsError};
             if let Err(error @ CredentialsError::CredentialsNotLoaded(_)) = provider.provide_credentials().await {
                 return Err(SluiceError::permanent(
-                    ReasonCode::StoreUnavailable,
+                    ReasonCode::Misconfigured,
                     format!(
                         "no AWS credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY or AWS_PROFILE, or \
                          give the task a role ({})",
@@ -256,10 +256,18 @@ where
             let detail = format!("{operation}: {code} ({status}): {message}");
             if RETRYABLE_CODES.contains(&code.as_str()) || transient_status(status) {
                 SluiceError::retryable(ReasonCode::StoreBusy, detail)
-            } else if code.contains("NotFound") || code.contains("NonExistent") || code == "NoSuchBucket" {
+            } else if code.contains("NotFound")
+                || code.contains("NonExistent")
+                || matches!(code.as_str(), "NoSuchBucket" | "QueueDoesNotExist")
+            {
                 SluiceError::permanent(
-                    ReasonCode::StoreUnavailable,
+                    ReasonCode::Misconfigured,
                     format!("{detail} (has `sluice aws bootstrap` created the resources?)"),
+                )
+            } else if refused(&code, status) {
+                SluiceError::permanent(
+                    ReasonCode::Misconfigured,
+                    format!("{detail} (do the task's role and its keys allow this call?)"),
                 )
             } else {
                 SluiceError::permanent(ReasonCode::StoreUnavailable, detail)
@@ -270,6 +278,28 @@ where
         }
         _ => SluiceError::retryable(ReasonCode::StoreUnavailable, format!("{operation}: {}", display_chain(&error))),
     }
+}
+
+/// Whether an answer refuses the caller rather than the request: credentials, permissions, a
+/// KMS key (KMSThrottlingException is retryable, and matched before this).
+fn refused(code: &str, status: u16) -> bool {
+    matches!(status, 401 | 403)
+        || code.ends_with("AccessDenied")
+        || code.ends_with("AccessDeniedException")
+        || code.starts_with("KMS")
+        || code.starts_with("Kms")
+        || matches!(
+            code,
+            "UnrecognizedClientException"
+                | "InvalidClientTokenId"
+                | "InvalidAccessKeyId"
+                | "SignatureDoesNotMatch"
+                | "MissingAuthenticationToken"
+                | "IncompleteSignature"
+                | "ExpiredToken"
+                | "ExpiredTokenException"
+                | "InvalidSecurity"
+        )
 }
 
 /// An error and its sources, on one line.
@@ -289,5 +319,44 @@ pub(crate) fn error_code<E: ProvideErrorMetadata, R>(error: &SdkError<E, R>) -> 
     match error {
         SdkError::ServiceError(service) => service.err().code(),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use aws_sdk_sqs::operation::send_message_batch::SendMessageBatchError;
+    use aws_smithy_runtime_api::http::StatusCode;
+    use aws_smithy_types::body::SdkBody;
+    use aws_smithy_types::error::ErrorMetadata;
+
+    use super::*;
+
+    /// What sluice makes of AWS answering `code` with `status`.
+    fn answer(code: &str, status: u16) -> SluiceError {
+        let error = SendMessageBatchError::generic(ErrorMetadata::builder().code(code).message("no").build());
+        let raw = HttpResponse::new(StatusCode::try_from(status).unwrap(), SdkBody::empty());
+        classify("SendMessageBatch", SdkError::service_error(error, raw))
+    }
+
+    #[test]
+    fn answers_that_refuse_the_deployment_are_misconfigurations() {
+        assert!(answer("ThrottlingException", 400).is_retryable());
+        assert!(answer("KMSThrottlingException", 400).is_retryable());
+        assert!(answer("Gateway", 504).is_retryable());
+        for (code, status) in [
+            ("AccessDeniedException", 400),
+            ("AccessDenied", 403),
+            ("UnrecognizedClientException", 400),
+            ("ResourceNotFoundException", 400),
+            ("QueueDoesNotExist", 400),
+            ("KMSDisabledException", 400),
+            ("RequestTimeTooSkewed", 403),
+        ] {
+            let e = answer(code, status);
+            assert!(!e.is_retryable() && e.is_misconfiguration(), "{code}: {e}");
+        }
+        // A request that is wrong is the record's to answer for (its stage's DLQ).
+        let e = answer("ValidationException", 400);
+        assert_eq!((e.is_retryable(), e.code()), (false, ReasonCode::StoreUnavailable), "{e}");
     }
 }

@@ -30,6 +30,28 @@ impl S3BlobStore {
             .ok_or_else(|| SluiceError::permanent(ReasonCode::ClaimCheckMissing, format!("no object {reference}")))
     }
 
+    /// An object sluice wrote itself (a large feature vector, a large message body): a refused
+    /// read is the deployment's ([`ReasonCode::Misconfigured`]), where a claim-check's is the
+    /// record's.
+    pub(super) async fn get_own(&self, reference: &str) -> Result<Vec<u8>> {
+        self.get_within(reference, None).await
+    }
+
+    /// A claim-check's object: a refused read is the record's failure (`claim_check_rejected`),
+    /// not the deployment's. S3 answers AccessDenied for a key that does not exist where the
+    /// reader may not list the bucket, and a producer's object may be encrypted with a key
+    /// sluice may not use; taken as a misconfiguration, one such reference would stop ingest
+    /// and stall its shard for good.
+    async fn get_claim_checked(&self, reference: &str, limit: Option<usize>) -> Result<Vec<u8>> {
+        self.get_within(reference, limit).await.map_err(|e| match e.is_misconfiguration() {
+            true => SluiceError::permanent(
+                ReasonCode::ClaimCheckRejected,
+                format!("claim-check {reference}: {}", e.detail()),
+            ),
+            false => e,
+        })
+    }
+
     /// `s3://bucket/key` → (bucket, key), if the bucket is allowlisted.
     fn parse<'a>(&self, reference: &'a str) -> Result<(&'a str, &'a str)> {
         let rejected = |why: &str| {
@@ -63,11 +85,11 @@ impl BlobStore for S3BlobStore {
     }
 
     async fn get(&self, reference: &str) -> Result<Vec<u8>> {
-        self.get_within(reference, None).await
+        self.get_claim_checked(reference, None).await
     }
 
     async fn get_at_most(&self, reference: &str, limit: usize) -> Result<Vec<u8>> {
-        self.get_within(reference, Some(limit)).await
+        self.get_claim_checked(reference, Some(limit)).await
     }
 }
 

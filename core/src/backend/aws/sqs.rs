@@ -180,7 +180,7 @@ impl SqsQueue {
         let text = |key: &str| attrs.and_then(|a| a.get(key)).and_then(|v| v.string_value.clone());
         let mut received = as_held(message);
         if let Some(reference) = text(BODY_REF) {
-            received.body = self.blobs.get(&reference).await?;
+            received.body = self.blobs.get_own(&reference).await?;
         }
         match text(BODY_ENCODING).as_deref() {
             Some("base64") => {
@@ -611,9 +611,11 @@ mod tests {
 
     #[test]
     fn attributes_are_sent_as_xml_text_and_read_back_alike() {
-        let attributes: BTreeMap<String, String> =
-            [("partition_key".to_owned(), "a\u{fffe}b\u{ffff}\u{1}é\u{1F600}".to_owned()), ("k".to_owned(), "v".to_owned())]
-                .into();
+        let attributes: BTreeMap<String, String> = [
+            ("partition_key".to_owned(), "a\u{fffe}b\u{ffff}\u{1}é\u{1F600}".to_owned()),
+            ("k".to_owned(), "v".to_owned()),
+        ]
+        .into();
         let json = xml_safe_json(&attributes);
         assert!(is_xml_safe(&json), "{json}");
         assert_eq!(serde_json::from_str::<BTreeMap<String, String>>(&json).unwrap(), attributes);
