@@ -145,16 +145,13 @@ pub async fn demo(args: &DemoArgs, settings: Settings) -> anyhow::Result<Summary
     if store.backend == BackendKind::Aws {
         // Kinesis refuses a record over 1 MiB: with `ingest.max_payload_bytes` that high, the
         // oversized sample cannot be written inline, as a producer that checks nothing would.
-        let fits = |b: &sluice_ingest::samples::BadRecord| {
-            b.input.data.len() + b.input.partition_key.len() <= crate::produce::MAX_STREAM_RECORD
-        };
-        if !bad.iter().all(fits) {
+        if !bad.iter().all(|b| b.input.fits()) {
             eprintln!(
                 "the oversized sample is left out: ingest.max_payload_bytes ({}) is over what one stream record \
                  carries (1 MiB)",
                 ingest.max_payload_bytes
             );
-            bad.retain(fits);
+            bad.retain(|b| b.input.fits());
         }
     }
 

@@ -453,7 +453,8 @@ fn not_replayable(n: usize) -> String {
     format!(
         "{n} entries left where they are: no stage can read them again. A record a reviewer rejected \
          (rejected_in_review) has ended; a queue's unreadable stored batch (--stored-batches) is no record \
-         at all (docs/operations.md). Keep what matters of them, then purge them."
+         at all; an ingest record too large for a stream record under its replay key (over 1 MiB) cannot be \
+         written back (docs/operations.md). Keep what matters of them, then purge them."
     )
 }
 

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
-use sluice_core::backend::{Backend, BlobStore, PutReport, StreamInput};
+use sluice_core::backend::{Backend, BlobStore, MAX_STREAM_RECORD, PutReport, StreamInput};
 use sluice_core::config::BackendKind;
 use sluice_core::envelope::{ContentType, Envelope, Payload, RecordId};
 use sluice_core::telemetry::traces;
@@ -144,9 +144,6 @@ pub fn run_tag() -> String {
     uuid::Uuid::new_v4().simple().to_string()[..8].to_owned()
 }
 
-/// The most a stream record may carry, partition key included (Kinesis: 1 MiB).
-pub(crate) const MAX_STREAM_RECORD: usize = 1024 * 1024;
-
 /// The most bytes a record is written with inline: what ingest takes inline
 /// (`ingest.max_payload_bytes`) and the stream carries. A larger one goes to the blob store first.
 pub fn inline_most(ingest: &IngestConfig) -> usize {
@@ -204,7 +201,7 @@ async fn claim_check_if_large(
     ingest: &IngestConfig,
 ) -> anyhow::Result<StreamInput> {
     let size = record.data.len();
-    if size <= inline_most(ingest) && size + record.partition_key.len() <= MAX_STREAM_RECORD {
+    if size <= inline_most(ingest) && record.fits() {
         return Ok(record);
     }
     // An envelope already: its payload goes to the blob store, and it keeps its record id, label

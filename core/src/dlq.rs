@@ -387,35 +387,51 @@ pub struct SendTo(pub StageName);
 #[async_trait::async_trait]
 impl Action for SendTo {
     async fn apply(&self, backend: &Backend, items: &[Item]) -> Result<Vec<Fate>> {
+        let Some(queue) = self.0.input_queue() else { return replay_to_the_stream(backend, items).await };
         let sent: Vec<Fate> =
             items.iter().map(|item| if item.replayable() { Fate::Done } else { Fate::Kept }).collect();
-        let items: Vec<&Item> =
-            items.iter().zip(&sent).filter(|(_, sent)| sent.leaves()).map(|(item, _)| item).collect();
-        if items.is_empty() {
-            return Ok(sent);
-        }
-        match self.0.input_queue() {
-            Some(queue) => {
-                backend.queue(queue).send_batch(items.iter().map(|item| item.replay_message()).collect()).await?
-            }
-            None => {
-                // The partition key says "a replay of this record": ingest gives it back its id
-                // and does not count it as a new arrival.
-                let records = items
-                    .iter()
-                    .map(|item| StreamInput {
-                        partition_key: item.record_id().map(RecordId::replay_partition_key).unwrap_or_else(|| {
-                            let original = item.message_attributes.get(crate::worker::PARTITION_KEY);
-                            original.cloned().unwrap_or_else(|| "replay".to_owned())
-                        }),
-                        data: item.entry.body.clone(),
-                    })
-                    .collect();
-                backend.stream.put_records(records).await?;
-            }
+        let messages: Vec<OutgoingMessage> =
+            items.iter().zip(&sent).filter(|(_, sent)| sent.leaves()).map(|(item, _)| item.replay_message()).collect();
+        if !messages.is_empty() {
+            backend.queue(queue).send_batch(messages).await?;
         }
         Ok(sent)
     }
+}
+
+/// Puts ingest's entries back on the stream. The partition key says "a replay of this record":
+/// ingest gives it back its id and does not count it as a new arrival. A record too large for
+/// a stream record with that key (its raw record filled one, under a shorter key) stays: the
+/// stream would refuse the whole put, and every replay after would stop at it.
+async fn replay_to_the_stream(backend: &Backend, items: &[Item]) -> Result<Vec<Fate>> {
+    let mut fates = Vec::with_capacity(items.len());
+    let mut records = Vec::new();
+    for item in items {
+        let record = StreamInput {
+            partition_key: item.record_id().map(RecordId::replay_partition_key).unwrap_or_else(|| {
+                let original = item.message_attributes.get(crate::worker::PARTITION_KEY);
+                original.cloned().unwrap_or_else(|| "replay".to_owned())
+            }),
+            data: item.entry.body.clone(),
+        };
+        if !item.replayable() {
+            fates.push(Fate::Kept);
+        } else if !record.fits() {
+            tracing::warn!(
+                record_id = item.record_id().map(RecordId::as_str),
+                bytes = record.data.len(),
+                "too large for a stream record with its replay key (1 MiB): the entry stays, to purge"
+            );
+            fates.push(Fate::Kept);
+        } else {
+            fates.push(Fate::Done);
+            records.push(record);
+        }
+    }
+    if !records.is_empty() {
+        backend.stream.put_records(records).await?;
+    }
+    Ok(fates)
 }
 
 /// Deletes entries.

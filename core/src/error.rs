@@ -120,11 +120,11 @@ pub enum SluiceError {
 
 impl SluiceError {
     pub fn retryable(code: ReasonCode, detail: impl Into<String>) -> Self {
-        Self::Retryable { code, detail: detail.into() }
+        Self::Retryable { code, detail: cut(detail.into()) }
     }
 
     pub fn permanent(code: ReasonCode, detail: impl Into<String>) -> Self {
-        Self::Permanent { code, detail: detail.into() }
+        Self::Permanent { code, detail: cut(detail.into()) }
     }
 
     pub fn code(&self) -> ReasonCode {
@@ -150,6 +150,24 @@ impl SluiceError {
     }
 }
 
+/// The most bytes of a detail kept. Details quote what a producer sent (a content type, a field
+/// name, a value); a DLQ entry carries its detail beside the record, and one as large as the
+/// record would take its DLQ message past the queue's limit, failing the send that should have
+/// ended the record (at ingest, for good: the shard could not move past it).
+pub const MAX_DETAIL_BYTES: usize = 4096;
+
+/// `detail` cut to [`MAX_DETAIL_BYTES`] on a character boundary, saying how much was cut.
+fn cut(mut detail: String) -> String {
+    if detail.len() <= MAX_DETAIL_BYTES {
+        return detail;
+    }
+    let total = detail.len();
+    let keep = (0..=MAX_DETAIL_BYTES - 64).rev().find(|&i| detail.is_char_boundary(i)).unwrap_or(0);
+    detail.truncate(keep);
+    detail.push_str(&format!("… ({} of {total} bytes cut)", total - keep));
+    detail
+}
+
 /// Result alias used throughout sluice's libraries.
 pub type Result<T, E = SluiceError> = std::result::Result<T, E>;
 
@@ -164,6 +182,16 @@ mod tests {
             assert_eq!(json, format!("\"{}\"", code.as_str()));
             assert_eq!(serde_json::from_str::<ReasonCode>(&json).unwrap(), code);
         }
+    }
+
+    #[test]
+    fn a_detail_is_cut_on_a_character_boundary_and_says_so() {
+        let long = format!("content type {:?} is not one of them", "é".repeat(10_000));
+        let e = SluiceError::permanent(ReasonCode::UnsupportedContentType, long.clone());
+        assert!(e.detail().len() <= MAX_DETAIL_BYTES, "{}", e.detail().len());
+        assert!(e.detail().starts_with("content type \"éé") && e.detail().ends_with("bytes cut)"), "{}", e.detail());
+        assert!(e.detail().contains(&format!("of {} bytes", long.len())));
+        assert_eq!(SluiceError::retryable(ReasonCode::StoreBusy, "short").detail(), "short");
     }
 
     #[test]

@@ -650,6 +650,32 @@ async fn an_unreadable_batch_in_a_dlq_is_listed_as_one_entry_left_by_a_replay_an
     assert_eq!(left, 1, "the damaged batch's row is gone; the replayed message's is left");
 }
 
+/// A raw record that filled a stream record under its own short partition key cannot go back
+/// under its longer replay key: the replay leaves its entry (the stream would refuse the whole
+/// put, and stop every replay after at it) and sends the rest.
+#[tokio::test]
+async fn an_ingest_entry_too_large_for_the_stream_under_its_replay_key_stays() {
+    use sluice_core::backend::MAX_STREAM_RECORD;
+    use sluice_core::dlq::{self, Filter, Letters, ReplayOptions, SendTo};
+    use sluice_core::envelope::RecordId;
+    let (_dir, _config, backend) = fresh(StoreConfig::default()).await;
+    let error = SluiceError::permanent(ReasonCode::PayloadTooLarge, "over ingest.max_payload_bytes");
+    let entry = |id: &str, len: usize| {
+        let id = RecordId::parse(id).unwrap();
+        let entry = DlqEntry::new(StageName::Ingest, &error, 1, Some(id.clone()), vec![b'x'; len]);
+        OutgoingMessage { body: entry.body.clone(), attributes: entry.attributes(), dedup_key: Some(id.into()) }
+    };
+    let entries = vec![entry("r-small", 10), entry("r-big", MAX_STREAM_RECORD - 10)];
+    backend.queue(QueueName::IngestDlq).send_batch(entries).await.unwrap();
+
+    let (letters, all) = (Letters::Stage(StageName::Ingest), Filter::default());
+    let to = SendTo(StageName::Ingest);
+    let replayed = dlq::apply(&backend, letters, &all, &to, &ReplayOptions::default(), &|_| {}).await.unwrap();
+    assert_eq!((replayed.moved, replayed.kept), (1, 1), "{replayed:?}");
+    let left = dlq::list(&backend, letters, &all, 10).await.unwrap();
+    assert_eq!(left.iter().map(|i| i.record_id().unwrap().as_str()).collect::<Vec<_>>(), ["r-big"]);
+}
+
 /// A purge or replay with a limit takes that many entries and gives back every other one it
 /// looked at; a search for one entry at the back of a deep queue finds it and leaves the rest.
 #[tokio::test]

@@ -27,6 +27,16 @@ pub struct StreamInput {
     pub data: Vec<u8>,
 }
 
+/// The most a stream record may carry, partition key included (Kinesis: 1 MiB).
+pub const MAX_STREAM_RECORD: usize = 1024 * 1024;
+
+impl StreamInput {
+    /// Whether the stream takes the record: a larger one fails the whole put.
+    pub fn fits(&self) -> bool {
+        self.data.len() + self.partition_key.len() <= MAX_STREAM_RECORD
+    }
+}
+
 /// A record as a consumer reads it from one shard.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StreamRecord {

@@ -152,7 +152,10 @@ impl SqsQueue {
             Ok(text) => encode_base64(text.into_bytes(), &mut sqs_attrs),
             Err(e) => encode_base64(e.into_bytes(), &mut sqs_attrs),
         };
-        if body.len() > self.limit_for(body.len() + ATTRIBUTE_ROOM).await? - ATTRIBUTE_ROOM {
+        let attributes = xml_safe_json(&attributes);
+        // Room for the attributes as they are, should they ever outgrow the room kept for them.
+        let room = ATTRIBUTE_ROOM.max(attributes.len() + 1024);
+        if body.len() > self.limit_for(body.len() + room).await?.saturating_sub(room) {
             let reference = self.blobs.put(std::mem::take(&mut body).into_bytes()).await?;
             // SQS refuses an empty body: the reference stands in for it (the receiver reads the
             // attribute).
@@ -164,7 +167,7 @@ impl SqsQueue {
             body = "-".to_owned();
             sqs_attrs.insert(BODY_ENCODING.to_owned(), EMPTY.to_owned());
         }
-        sqs_attrs.insert(ATTRIBUTES.to_owned(), xml_safe_json(&attributes));
+        sqs_attrs.insert(ATTRIBUTES.to_owned(), attributes);
         let size = body.len() + sqs_attrs.iter().map(|(k, v)| k.len() + v.len() + 16).sum::<usize>();
         let mut entry = SendMessageBatchRequestEntry::builder().id(id.to_string()).message_body(body);
         for (key, value) in sqs_attrs {
