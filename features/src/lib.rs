@@ -33,11 +33,19 @@ pub struct FeaturesConfig {
     /// Bounds on what an image may decode to here, where its pixels are decoded (ingest holds a
     /// header to its own).
     pub image_limits: ImageLimits,
+    /// Largest claim-checked payload read (as `ingest.max_claim_check_bytes`): ingest checked
+    /// the object, but a producer's object can be written again after that.
+    pub max_claim_check_bytes: usize,
 }
 
 impl Default for FeaturesConfig {
     fn default() -> Self {
-        Self { batch_size: 200, max_wait_ms: 20, image_limits: ImageLimits::default() }
+        Self {
+            batch_size: 200,
+            max_wait_ms: 20,
+            image_limits: ImageLimits::default(),
+            max_claim_check_bytes: 32 * 1024 * 1024,
+        }
     }
 }
 
@@ -87,7 +95,9 @@ impl FeaturesStage {
     async fn take_payload(&self, envelope: &mut Envelope) -> Result<Vec<u8>> {
         match std::mem::replace(&mut envelope.payload, Payload::Released) {
             Payload::Inline { data } => Ok(data),
-            Payload::ClaimCheck { reference } => self.blobs.get(&reference).await,
+            Payload::ClaimCheck { reference } => {
+                self.blobs.get_at_most(&reference, self.config.max_claim_check_bytes).await
+            }
             Payload::Released => {
                 Err(SluiceError::permanent(ReasonCode::SchemaMismatch, "the record carries no payload"))
             }

@@ -132,6 +132,30 @@ async fn what_cannot_be_vectorised_fails_permanently_with_a_reason() {
     assert!(none.is_empty(), "nothing is stored for a failed record");
 }
 
+/// A claim-checked object is read only up to `features.max_claim_check_bytes`: ingest checked
+/// it, but a producer can write it again after that, and a huge one would take the worker's
+/// memory. One over the limit fails as `payload_too_large`, its record's own failure.
+#[tokio::test]
+async fn a_claim_checked_object_over_the_limit_is_refused() {
+    let (_dir, backend, _) = setup().await;
+    let (big_png, small_png) = (png_of(&gradient(), 512), png_of(&gradient(), 8));
+    assert!(big_png.len() > small_png.len());
+    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/digits");
+    let settings =
+        Settings::load(None).unwrap().set("model.dir", model).set("features.max_claim_check_bytes", small_png.len());
+    let stage = FeaturesStage::build(&settings, &backend).unwrap();
+    let mut big = envelope("big", ContentType::Png, Vec::new());
+    big.payload = Payload::ClaimCheck { reference: backend.blobs.put(big_png).await.unwrap() };
+    let mut small = envelope("small", ContentType::Png, Vec::new());
+    small.payload = Payload::ClaimCheck { reference: backend.blobs.put(small_png).await.unwrap() };
+    let outcomes = stage.process(&[delivery(&big), delivery(&small)]).await;
+    match &outcomes[0] {
+        Outcome::Failed { error, .. } => assert_eq!(error.code(), ReasonCode::PayloadTooLarge, "{error}"),
+        other => panic!("expected a failure, got {other:?}"),
+    }
+    assert!(matches!(outcomes[1], Outcome::Forward(_)), "{:?}", outcomes[1]);
+}
+
 /// Claim-checked payloads are fetched a few at a time and vectorised like inline ones; in a batch
 /// that mixes both (and a claim-check whose blob is gone) each outcome stays in its delivery's
 /// place.
