@@ -91,9 +91,10 @@ async fn teardown_deletes_what_bootstrap_made_and_no_stack() {
     check(&stack).await.unwrap();
 }
 
-/// A deployment whose resources are gone is no record's fault: the feature store, the queues
-/// and the result store say `misconfigured` (the worker stops, dead-letters nothing), while a
-/// producer's claim-check to a bucket that is gone is that record's `claim_check_rejected`.
+/// A deployment whose resources are gone is no record's fault: the feature store, the queues,
+/// the result store and sluice's own bucket say `misconfigured` (the worker stops,
+/// dead-letters nothing), while a producer's claim-check to a bucket that is gone is that
+/// record's `claim_check_rejected`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resources_gone_are_a_misconfiguration_and_a_claim_check_stays_the_records() {
     use sluice_core::backend::OutgoingMessage;
@@ -102,7 +103,9 @@ async fn resources_gone_are_a_misconfiguration_and_a_claim_check_stays_the_recor
     use sluice_core::vector::FeatureVector;
     use sluice_core::{ReasonCode, SluiceError};
 
-    let config = aws_store_config(&unique_prefix("gone"));
+    let mut config = aws_store_config(&unique_prefix("gone"));
+    let producers = format!("{}-producers", config.aws.prefix);
+    config.aws.claim_check_buckets = vec![producers.clone()];
     bootstrap(&config).await.unwrap();
     let backend = Backend::open(&config).await.unwrap();
     let reference = backend.blobs.put(b"a claim-checked payload".to_vec()).await.unwrap();
@@ -120,6 +123,41 @@ async fn resources_gone_are_a_misconfiguration_and_a_claim_check_stays_the_recor
     let message = OutgoingMessage { body: b"{}".to_vec(), ..Default::default() };
     misconfigured("queue", backend.queue(QueueName::Inference).send_batch(vec![message]).await.map(drop));
 
-    let error = backend.blobs.get(&reference).await.unwrap_err();
+    misconfigured("own claim-check", backend.blobs.get(&reference).await.map(drop));
+    let error = backend.blobs.get(&format!("s3://{producers}/photo.jpg")).await.unwrap_err();
     assert_eq!((error.is_retryable(), error.code()), (false, ReasonCode::ClaimCheckRejected), "{error}");
+}
+
+/// A feature vector too large for its item lives in S3, under claim-checks that the bucket
+/// expires: one whose object is gone fails its own record (`missing_features`), not the batch
+/// asking for it with others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_vector_whose_object_is_gone_fails_only_its_record() {
+    use sluice_core::ReasonCode;
+    use sluice_core::backend::aws::Names;
+    use sluice_core::envelope::RecordId;
+    use sluice_core::vector::FeatureVector;
+
+    let config = aws_store_config(&unique_prefix("gone"));
+    bootstrap(&config).await.unwrap();
+    let backend = Backend::open(&config).await.unwrap();
+    let (large, small) = (RecordId::parse("large").unwrap(), RecordId::parse("small").unwrap());
+    let vectors = vec![
+        (large.clone(), FeatureVector::Values(vec![0.25; 3 * 224 * 224])),
+        (small.clone(), FeatureVector::Values(vec![0.5; 4])),
+    ];
+    backend.features.put_if_absent(vectors).await.unwrap();
+    let s3 = Clients::load(&config.aws, Default::default()).await.unwrap().s3;
+    let bucket = Names::new(&config.aws.prefix).bucket();
+    let listed = s3.list_objects_v2().bucket(&bucket).send().await.unwrap();
+    for object in listed.contents() {
+        s3.delete_object().bucket(&bucket).key(object.key().unwrap()).send().await.unwrap();
+    }
+    assert_eq!(listed.contents().len(), 1, "only the large vector went to S3");
+
+    let got = backend.features.get_batch(&[large.clone(), small.clone()]).await.unwrap();
+    let error = got[&large].as_ref().unwrap_err();
+    assert_eq!((error.is_retryable(), error.code()), (false, ReasonCode::MissingFeatures), "{error}");
+    assert_eq!(got[&small].as_ref().unwrap(), &FeatureVector::Values(vec![0.5; 4]));
+    teardown(&config).await.unwrap();
 }

@@ -325,6 +325,15 @@ export class ComputeStack extends Stack {
     allow('SendDownstreamAndDlq', ['sqs:SendMessage', 'sqs:GetQueueUrl'], [...spec.sends, spec.dlq].map((q) => data.queue(q).queueArn));
     // Messages and DLQ entries over SQS's 256 KiB travel as claim-checks; so do large payloads.
     allow('ClaimChecks', ['s3:GetObject', 's3:PutObject'], [claimCheckObjects(data)]);
+    // Listing the claim-checks' keys makes S3 answer a key that is gone (expired by the bucket's
+    // lifecycle) with NoSuchKey, the record's `claim_check_missing`, rather than AccessDenied,
+    // which the workers take for a deployment that may not read its own bucket, and stop.
+    statements.push(new iam.PolicyStatement({
+      sid: 'ClaimCheckKeys',
+      actions: ['s3:ListBucket'],
+      resources: [claimCheckBucket(data)],
+      conditions: { StringLike: { 's3:prefix': [`${RESOURCES.claim_check_key_prefix}*`] } },
+    }));
     // Every worker adds its AWS request counts to the counters table (`sluice stats`).
     const counters = data.table('counters').tableArn;
     switch (stage) {
@@ -578,6 +587,22 @@ export class ComputeStack extends Stack {
         treatMissingData: cloudwatch.TreatMissingData.NOT_BREACHING,
       });
     }
+    // A queue whose oldest message only ages: its stage's workers are stopped (a worker stops
+    // when AWS refuses the deployment, and ECS keeps restarting it) or cannot keep up.
+    for (const stage of STAGES) {
+      const input = RESOURCES.stages[stage].input;
+      if (!input) continue;
+      const queue = data.queue(input);
+      alarm(`${pascal(stage)}QueueStalled`, {
+        alarmName: `${data.prefix}-${stage}-queue-stalled`,
+        alarmDescription: `A message has waited over 15 minutes in ${queue.queueName}: are the ${stage} workers running? A worker that AWS refuses logs "the deployment refuses this stage's work" and exits`,
+        metric: queue.metricApproximateAgeOfOldestMessage({ statistic: 'Maximum', period: Duration.minutes(5) }),
+        threshold: 15 * 60,
+        comparisonOperator: cloudwatch.ComparisonOperator.GREATER_THAN_THRESHOLD,
+        evaluationPeriods: 1,
+        treatMissingData: cloudwatch.TreatMissingData.NOT_BREACHING,
+      });
+    }
     alarm('ReviewBacklog', {
       alarmName: `${data.prefix}-review-backlog`,
       alarmDescription: `More than ${config.reviewBacklogAlarm} low-confidence predictions wait for people: sluice results --status review`,
@@ -765,7 +790,11 @@ function otelEnvironment(stage: Stage, config: EnvironmentConfig): Record<string
 
 /** The claim-check objects, by the bucket's name (so the ARN reads the same in every template). */
 function claimCheckObjects(data: DataStack, partition: string = Aws.PARTITION): string {
-  return `arn:${partition}:s3:::${resourceName(data.prefix, RESOURCES.bucket)}/${RESOURCES.claim_check_key_prefix}*`;
+  return `${claimCheckBucket(data, partition)}/${RESOURCES.claim_check_key_prefix}*`;
+}
+
+function claimCheckBucket(data: DataStack, partition: string = Aws.PARTITION): string {
+  return `arn:${partition}:s3:::${resourceName(data.prefix, RESOURCES.bucket)}`;
 }
 
 /** The log streams of one log group, in pseudo-parameters (as cdk-nag names them, given theirs). */

@@ -217,6 +217,9 @@ for (const [env, synthed] of [['beta', beta], ['prod', prod]] as const) {
         for (const s of statements) {
           assert.ok(!actions(s).some((a) => a.endsWith('*')), `${stage}: wildcard action ${actions(s)}`);
         }
+        // Listing is what makes a gone claim-check NoSuchKey, not AccessDenied: the claims' keys only.
+        const lists = statements.filter((s) => actions(s).includes('s3:ListBucket'));
+        assert.deepEqual(lists.map((s) => s.Condition), [{ StringLike: { 's3:prefix': [`${RESOURCES.claim_check_key_prefix}*`] } }], stage);
         // X-Ray's calls take no resource: the collector's are the only statement on "*".
         const everywhere = statements.filter((s) => s.Resource === '*').map((s) => actions(s).sort());
         assert.deepEqual(everywhere, [['xray:PutTelemetryRecords', 'xray:PutTraceSegments']], stage);
@@ -273,11 +276,18 @@ for (const [env, synthed] of [['beta', beta], ['prod', prod]] as const) {
       for (const [, group] of resources(compute, 'AWS::Logs::LogGroup')) assert.ok(group.Properties.RetentionInDays > 0);
     });
 
-    it('alarms on every DLQ, the review backlog and iterator age, to one topic', () => {
+    it('alarms on every DLQ, a stalled input queue, the review backlog and iterator age, to one topic', () => {
       for (const stage of STAGES) {
         compute.hasResourceProperties('AWS::CloudWatch::Alarm', { AlarmName: `${prefix}-${stage}-dlq-not-empty`, Threshold: 0 });
       }
       compute.hasResourceProperties('AWS::CloudWatch::Alarm', { AlarmName: `${prefix}-review-backlog` });
+      for (const stage of STAGES.filter((s) => RESOURCES.stages[s].input)) {
+        compute.hasResourceProperties('AWS::CloudWatch::Alarm', {
+          AlarmName: `${prefix}-${stage}-queue-stalled`,
+          MetricName: 'ApproximateAgeOfOldestMessage',
+          Threshold: 900,
+        });
+      }
       for (const [, alarm] of resources(compute, 'AWS::CloudWatch::Alarm')) assert.equal(alarm.Properties.AlarmActions.length, 1);
     });
 

@@ -123,9 +123,16 @@ impl DynamoFeatureStore {
     async fn vector_of(&self, item: &Item) -> Result<Option<StoredVector>> {
         match (item.get("vector").and_then(|v| v.as_b().ok()), item.get("vector_ref")) {
             (Some(blob), _) => Ok(Some(FeatureVector::from_bytes(blob.as_ref()))),
-            (None, Some(AttributeValue::S(reference))) => {
-                Ok(Some(FeatureVector::from_bytes(&self.blobs.get_own(reference).await?)))
-            }
+            (None, Some(AttributeValue::S(reference))) => match self.blobs.get(reference).await {
+                Ok(bytes) => Ok(Some(FeatureVector::from_bytes(&bytes))),
+                // Expired (the bucket's claim-check lifecycle) or deleted: this record's vector
+                // is gone, which fails the record, not its batch.
+                Err(e) if e.code() == ReasonCode::ClaimCheckMissing => Ok(Some(Err(SluiceError::permanent(
+                    ReasonCode::MissingFeatures,
+                    format!("the stored vector's object is gone: {}", e.detail()),
+                )))),
+                Err(e) => Err(e),
+            },
             _ => Ok(None),
         }
     }

@@ -232,6 +232,8 @@ const RETRYABLE_CODES: &[&str] = &[
     "InternalError",
     "TransactionConflictException",
     "KMSThrottlingException",
+    "KMS.ThrottlingException",
+    "KmsThrottled",
     "SlowDown",
     "RequestTimeout",
 ];
@@ -341,7 +343,9 @@ mod tests {
     #[test]
     fn answers_that_refuse_the_deployment_are_misconfigurations() {
         assert!(answer("ThrottlingException", 400).is_retryable());
-        assert!(answer("KMSThrottlingException", 400).is_retryable());
+        for kms_busy in ["KMSThrottlingException", "KMS.ThrottlingException", "KmsThrottled"] {
+            assert!(answer(kms_busy, 400).is_retryable(), "{kms_busy}");
+        }
         assert!(answer("Gateway", 504).is_retryable());
         for (code, status) in [
             ("AccessDeniedException", 400),

@@ -30,25 +30,26 @@ impl S3BlobStore {
             .ok_or_else(|| SluiceError::permanent(ReasonCode::ClaimCheckMissing, format!("no object {reference}")))
     }
 
-    /// An object sluice wrote itself (a large feature vector, a large message body): a refused
-    /// read is the deployment's ([`ReasonCode::Misconfigured`]), where a claim-check's is the
-    /// record's.
-    pub(super) async fn get_own(&self, reference: &str) -> Result<Vec<u8>> {
-        self.get_within(reference, None).await
-    }
-
-    /// A claim-check's object: a refused read is the record's failure (`claim_check_rejected`),
-    /// not the deployment's. S3 answers AccessDenied for a key that does not exist where the
-    /// reader may not list the bucket, and a producer's object may be encrypted with a key
-    /// sluice may not use; taken as a misconfiguration, one such reference would stop ingest
-    /// and stall its shard for good.
+    /// A claim-check's object. Refused in a producer's bucket, the read is the record's failure
+    /// (`claim_check_rejected`), not the deployment's: S3 answers AccessDenied for a key that
+    /// does not exist where the reader may not list the bucket, and a producer's object may be
+    /// encrypted with a key sluice may not use; taken as a misconfiguration, one such reference
+    /// would stop ingest and stall its shard for good. Refused among sluice's own claim-checks
+    /// (its bucket, under the prefix whose keys the workers may read and list, so that a missing
+    /// one is `claim_check_missing`), it is the deployment's.
     async fn get_claim_checked(&self, reference: &str, limit: Option<usize>) -> Result<Vec<u8>> {
-        self.get_within(reference, limit).await.map_err(|e| match e.is_misconfiguration() {
-            true => SluiceError::permanent(
+        match self.get_within(reference, limit).await {
+            Err(e) if e.is_misconfiguration() && !self.is_own(reference) => Err(SluiceError::permanent(
                 ReasonCode::ClaimCheckRejected,
                 format!("claim-check {reference}: {}", e.detail()),
-            ),
-            false => e,
+            )),
+            read => read,
+        }
+    }
+
+    fn is_own(&self, reference: &str) -> bool {
+        self.parse(reference).is_ok_and(|(bucket, key)| {
+            bucket == self.bucket && key.starts_with(super::resources::claim_check_key_prefix())
         })
     }
 

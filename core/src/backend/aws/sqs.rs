@@ -183,7 +183,7 @@ impl SqsQueue {
         let text = |key: &str| attrs.and_then(|a| a.get(key)).and_then(|v| v.string_value.clone());
         let mut received = as_held(message);
         if let Some(reference) = text(BODY_REF) {
-            received.body = self.blobs.get_own(&reference).await?;
+            received.body = self.blobs.get(&reference).await?;
         }
         match text(BODY_ENCODING).as_deref() {
             Some("base64") => {
