@@ -230,7 +230,7 @@ impl InferenceStage {
         };
         let route = if self.fallback.is_some() { self.breaker.route() } else { Route::Model };
         if route == Route::Fallback {
-            return self.predict_fallback(&inputs).await;
+            return self.predict_fallback(&inputs).await.map_err(|e| while_the_model_is_down(None, e));
         }
         let started = Instant::now();
         let keep = self.fallback.as_ref().map(|_| inputs.clone());
@@ -249,7 +249,7 @@ impl InferenceStage {
             (Ok(probabilities), _) => Ok((probabilities, served())),
             (Err(error), Some(inputs)) => {
                 tracing::warn!(%error, "Candle failed; this batch goes to the SageMaker fallback");
-                self.predict_fallback(&inputs).await
+                self.predict_fallback(&inputs).await.map_err(|e| while_the_model_is_down(Some(&error), e))
             }
             (Err(error), None) => Err(error),
         }
@@ -284,6 +284,21 @@ impl InferenceStage {
             .await
             .map_err(|e| SluiceError::retryable(ReasonCode::ModelFailure, format!("model task: {e}")))?
     }
+}
+
+/// The fallback's failure for a batch the model did not take. While the model may take it on
+/// a later receive (its own failure was retryable, or its breaker holds it off for now), the
+/// batch is retried: the fallback's refusal of it (a ModelError, a request it finds wrong) is no
+/// reason to dead-letter records the model fails on only for the moment.
+fn while_the_model_is_down(model: Option<&SluiceError>, fallback: SluiceError) -> SluiceError {
+    if fallback.is_retryable() || fallback.is_misconfiguration() || model.is_some_and(|m| !m.is_retryable()) {
+        return fallback;
+    }
+    let why = match model {
+        Some(model) => format!("Candle failed first: {}", model.detail()),
+        None => "Candle is held off by its circuit breaker".to_owned(),
+    };
+    SluiceError::retryable(fallback.code(), format!("{} ({why}; tried again)", fallback.detail()))
 }
 
 #[async_trait]

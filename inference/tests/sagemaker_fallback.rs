@@ -119,6 +119,27 @@ async fn candle_failures_go_to_the_fallback_and_the_breaker_closes_again() {
     assert_eq!(served.last().unwrap(), "candle-cpu", "{served:?}");
 }
 
+/// A batch Candle failed on for the moment, which the fallback then refuses (a ModelError), is
+/// retried, not dead-lettered: Candle takes it on the next receive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_the_fallback_refuses_while_candle_is_down_is_retried() {
+    let dir = tempfile::tempdir().unwrap();
+    let (backend, ids, _) = held_out(dir.path()).await;
+    let settings = settings("broken-model")
+        .set("inference.inject_failures.after_batches", 0)
+        .set("inference.inject_failures.batches", 1);
+    let stage = InferenceStage::build(&settings, &backend).unwrap();
+    let batch: Vec<Delivery> = ids[..3].iter().map(|id| delivery(id)).collect();
+    for outcome in stage.process(&batch).await {
+        let Outcome::Failed { error, .. } = &outcome else { panic!("expected a failure: {outcome:?}") };
+        assert_eq!((error.code(), error.is_retryable()), (ReasonCode::FallbackFailure, true), "{error}");
+        assert!(error.detail().contains("ModelError") && error.detail().contains("Candle failed first"), "{error}");
+    }
+    for outcome in stage.process(&batch).await {
+        assert_eq!(forwarded(&outcome).prediction.backend, "candle-cpu");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn endpoint_errors_are_classified() {
     let dir = tempfile::tempdir().unwrap();
