@@ -6,7 +6,7 @@
 //! those writes are durable does it acknowledge (delete, checkpoint). A retryable failure is left
 //! unacknowledged and comes back after a delay, until the queue's redrive policy moves it to the DLQ.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -247,11 +247,47 @@ pub struct StreamSource {
     reads: HashMap<(String, String), u32>,
     /// After a retry, when the next read may be: the records rewound are not read again at once.
     resume_at: Option<tokio::time::Instant>,
+    /// Records (shard, sequence) handled, sent on or dead-lettered, that no checkpoint covers yet:
+    /// past their shard's first retry, or in a batch whose checkpoint failed. Read again after
+    /// the rewind, they are not handed to the stage twice (a second message downstream, a
+    /// second DLQ entry on SQS), only checkpointed.
+    handled: HashSet<(String, String)>,
+    /// Of `handled`, those read again since the last settle, to settle with the next one.
+    carried: Vec<Origin>,
 }
 
 impl StreamSource {
     pub fn new(consumer: Box<dyn StreamConsumer>) -> Self {
-        Self { consumer, held: Vec::new(), reads: HashMap::new(), resume_at: None }
+        Self {
+            consumer,
+            held: Vec::new(),
+            reads: HashMap::new(),
+            resume_at: None,
+            handled: HashSet::new(),
+            carried: Vec::new(),
+        }
+    }
+
+    /// Notes which of the records `done` a checkpoint covered this time (`covered`: each shard's
+    /// checkpointed sequence, where one was recorded) and which wait for a later one.
+    fn note_handled(&mut self, done: &[&Origin], covered: &HashMap<String, String>) {
+        for origin in done {
+            let Origin::Stream { shard, sequence, .. } = origin else { continue };
+            match covered.get(shard) {
+                Some(to) if compare_sequences(sequence, to).is_le() => {
+                    if !self.handled.is_empty() {
+                        self.handled.remove(&(shard.clone(), sequence.clone()));
+                    }
+                }
+                _ => {
+                    self.handled.insert((shard.clone(), sequence.clone()));
+                }
+            }
+        }
+        if !self.handled.is_empty() {
+            let held = self.consumer.shards();
+            self.handled.retain(|(shard, _)| held.contains(shard));
+        }
     }
 
     /// Forgets the reads of the records `done`.
@@ -302,8 +338,25 @@ impl Source for StreamSource {
             self.resume_at = None;
         }
         loop {
-            let records = self.consumer.poll(max).await?;
+            let mut records = self.consumer.poll(max).await?;
             self.report_leases();
+            if !self.handled.is_empty() {
+                let handled = &self.handled;
+                let (again, new): (Vec<_>, Vec<_>) =
+                    records.into_iter().partition(|r| handled.contains(&(r.shard.clone(), r.sequence.clone())));
+                records = new;
+                self.carried.extend(again.into_iter().map(|r| Origin::Stream {
+                    shard: r.shard,
+                    sequence: r.sequence,
+                    arrived_ms: r.arrived_ms,
+                    replay: r.partition_key.starts_with(REPLAY_KEY_PREFIX),
+                }));
+                if records.is_empty() && !self.carried.is_empty() {
+                    // Only records handled already: checkpointed now, not kept for a batch that
+                    // may be long in coming.
+                    self.settle(&[], &[], Duration::ZERO).await?;
+                }
+            }
             let now = tokio::time::Instant::now();
             if !records.is_empty() || now >= deadline {
                 let reads = &mut self.reads;
@@ -335,9 +388,12 @@ impl Source for StreamSource {
     /// retry, or whose checkpoint failed, is rewound so the records from there on are read
     /// again. Every shard is seen to before the first error is returned.
     async fn settle(&mut self, done: &[&Origin], retry: &[&Origin], retry_delay: Duration) -> Result<()> {
-        self.count_reads(done, retry, retry_delay);
+        let carried = std::mem::take(&mut self.carried);
+        let done: Vec<&Origin> = done.iter().copied().chain(&carried).collect();
+        self.count_reads(&done, retry, retry_delay);
+        let mut covered = HashMap::new();
         let mut first_error = None;
-        for ShardSettlement { shard, checkpoint, rewind } in settlements(done, retry) {
+        for ShardSettlement { shard, checkpoint, rewind } in settlements(&done, retry) {
             if let Some(checkpoint) = checkpoint {
                 match self.consumer.checkpoint(&shard, &checkpoint.sequence, checkpoint.records).await {
                     Err(e) if e.code() == ReasonCode::LeaseLost => {
@@ -356,11 +412,13 @@ impl Source for StreamSource {
                     Ok(()) => {}
                 }
                 metrics().arrived(&shard, checkpoint.records);
+                covered.insert(shard.clone(), checkpoint.sequence);
             }
             if rewind && let Err(e) = self.consumer.rewind(&shard).await {
                 first_error.get_or_insert(e);
             }
         }
+        self.note_handled(&done, &covered);
         first_error.map_or(Ok(()), Err)
     }
 
@@ -376,16 +434,23 @@ impl Source for StreamSource {
         done: &[&Origin],
         retry: &[&Origin],
     ) -> Result<()> {
-        let checkpoints: Vec<Checkpoint> = settlements(done, retry).into_iter().filter_map(|s| s.checkpoint).collect();
+        // Records read again that were handled before (see `handled`): checkpointed with these.
+        // Should the transaction fail, they are still `handled`, and read again after the rewind.
+        let carried = std::mem::take(&mut self.carried);
+        let done: Vec<&Origin> = done.iter().copied().chain(&carried).collect();
+        let checkpoints: Vec<Checkpoint> = settlements(&done, retry).into_iter().filter_map(|s| s.checkpoint).collect();
         let recorded = self.consumer.forward_and_checkpoint(sends, &checkpoints).await?;
-        self.forget_reads(done);
-        for (checkpoint, held) in checkpoints.iter().zip(recorded) {
+        self.forget_reads(&done);
+        let mut covered = HashMap::new();
+        for (checkpoint, held) in checkpoints.into_iter().zip(recorded) {
             if held {
                 metrics().arrived(&checkpoint.shard, checkpoint.records);
+                covered.insert(checkpoint.shard, checkpoint.sequence);
             } else {
                 warn_lease_lost(&checkpoint.shard);
             }
         }
+        self.note_handled(&done, &covered);
         Ok(())
     }
 
