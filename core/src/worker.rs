@@ -254,6 +254,9 @@ pub struct StreamSource {
     handled: HashSet<(String, String)>,
     /// Of `handled`, those read again since the last settle, to settle with the next one.
     carried: Vec<Origin>,
+    /// Records were handed out since the last settle: until it, nothing may be checkpointed
+    /// (the batch being collected may hold records before the carried ones).
+    outstanding: bool,
 }
 
 impl StreamSource {
@@ -265,6 +268,7 @@ impl StreamSource {
             resume_at: None,
             handled: HashSet::new(),
             carried: Vec::new(),
+            outstanding: false,
         }
     }
 
@@ -285,8 +289,12 @@ impl StreamSource {
             }
         }
         if !self.handled.is_empty() {
+            // Also those a checkpoint passed without their being read again (a checkpoint that
+            // was recorded though it reported a failure, say).
             let held = self.consumer.shards();
-            self.handled.retain(|(shard, _)| held.contains(shard));
+            self.handled.retain(|(shard, sequence)| {
+                held.contains(shard) && covered.get(shard).is_none_or(|to| compare_sequences(sequence, to).is_gt())
+            });
         }
     }
 
@@ -351,7 +359,7 @@ impl Source for StreamSource {
                     arrived_ms: r.arrived_ms,
                     replay: r.partition_key.starts_with(REPLAY_KEY_PREFIX),
                 }));
-                if records.is_empty() && !self.carried.is_empty() {
+                if records.is_empty() && !self.carried.is_empty() && !self.outstanding {
                     // Only records handled already: checkpointed now, not kept for a batch that
                     // may be long in coming.
                     self.settle(&[], &[], Duration::ZERO).await?;
@@ -359,6 +367,7 @@ impl Source for StreamSource {
             }
             let now = tokio::time::Instant::now();
             if !records.is_empty() || now >= deadline {
+                self.outstanding |= !records.is_empty();
                 let reads = &mut self.reads;
                 return Ok(records
                     .into_iter()
@@ -388,6 +397,7 @@ impl Source for StreamSource {
     /// retry, or whose checkpoint failed, is rewound so the records from there on are read
     /// again. Every shard is seen to before the first error is returned.
     async fn settle(&mut self, done: &[&Origin], retry: &[&Origin], retry_delay: Duration) -> Result<()> {
+        self.outstanding = false;
         let carried = std::mem::take(&mut self.carried);
         let done: Vec<&Origin> = done.iter().copied().chain(&carried).collect();
         self.count_reads(&done, retry, retry_delay);
@@ -434,12 +444,18 @@ impl Source for StreamSource {
         done: &[&Origin],
         retry: &[&Origin],
     ) -> Result<()> {
-        // Records read again that were handled before (see `handled`): checkpointed with these.
-        // Should the transaction fail, they are still `handled`, and read again after the rewind.
+        // Records read again that were handled before (see `handled`): checkpointed with these,
+        // or, should the transaction fail, with the settle that follows.
         let carried = std::mem::take(&mut self.carried);
         let done: Vec<&Origin> = done.iter().copied().chain(&carried).collect();
         let checkpoints: Vec<Checkpoint> = settlements(&done, retry).into_iter().filter_map(|s| s.checkpoint).collect();
-        let recorded = self.consumer.forward_and_checkpoint(sends, &checkpoints).await?;
+        let recorded = match self.consumer.forward_and_checkpoint(sends, &checkpoints).await {
+            Ok(recorded) => recorded,
+            Err(e) => {
+                self.carried = carried;
+                return Err(e);
+            }
+        };
         self.forget_reads(&done);
         let mut covered = HashMap::new();
         for (checkpoint, held) in checkpoints.into_iter().zip(recorded) {
