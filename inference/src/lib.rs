@@ -402,8 +402,17 @@ impl InferenceStage {
         probabilities: Vec<f32>,
         served: &Served,
     ) -> Outcome {
-        if probabilities.len() != self.manifest.labels.len() || probabilities.iter().any(|p| !p.is_finite()) {
-            let error = SluiceError::permanent(ReasonCode::InvalidModelOutput, "model output is not finite");
+        let wrong = if probabilities.len() != self.manifest.labels.len() {
+            Some(format!(
+                "the model gave {} probabilities for {} labels",
+                probabilities.len(),
+                self.manifest.labels.len()
+            ))
+        } else {
+            probabilities.iter().any(|p| !p.is_finite()).then(|| "model output is not finite".to_owned())
+        };
+        if let Some(detail) = wrong {
+            let error = SluiceError::permanent(ReasonCode::InvalidModelOutput, detail);
             return Outcome::failed(error, Some(envelope.record_id.clone()));
         }
         envelope.timestamps.inferred_ms = Some(now_ms());
