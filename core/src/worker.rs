@@ -272,50 +272,28 @@ impl StreamSource {
         }
     }
 
-    /// Notes which of the records `done` a checkpoint covered this time (`covered`: each shard's
-    /// checkpointed sequence, where one was recorded) and which wait for a later one.
-    fn note_handled(&mut self, done: &[&Origin], covered: &HashMap<String, String>) {
+    /// What settling the records `done` leaves to remember (`covered`: each shard's checkpointed
+    /// sequence, where one was recorded this time): their reads are forgotten; those no
+    /// checkpoint covers are `handled`, to be checkpointed, not handed out, when read again;
+    /// and nothing is kept of shards no longer held, nor of records a checkpoint passed without
+    /// their being read again (one recorded though it reported a failure, say).
+    fn note_settled(&mut self, done: &[&Origin], covered: &HashMap<String, String>) {
+        let is_covered = |shard: &String, sequence: &str| {
+            covered.get(shard).is_some_and(|to| compare_sequences(sequence, to).is_le())
+        };
         for origin in done {
             let Origin::Stream { shard, sequence, .. } = origin else { continue };
-            match covered.get(shard) {
-                Some(to) if compare_sequences(sequence, to).is_le() => {
-                    if !self.handled.is_empty() {
-                        self.handled.remove(&(shard.clone(), sequence.clone()));
-                    }
-                }
-                _ => {
-                    self.handled.insert((shard.clone(), sequence.clone()));
-                }
+            let key = (shard.clone(), sequence.clone());
+            self.reads.remove(&key);
+            if is_covered(shard, sequence) {
+                self.handled.remove(&key);
+            } else {
+                self.handled.insert(key);
             }
         }
-        if !self.handled.is_empty() {
-            // Also those a checkpoint passed without their being read again (a checkpoint that
-            // was recorded though it reported a failure, say).
-            let held = self.consumer.shards();
-            self.handled.retain(|(shard, sequence)| {
-                held.contains(shard) && covered.get(shard).is_none_or(|to| compare_sequences(sequence, to).is_gt())
-            });
-        }
-    }
-
-    /// Forgets the reads of the records `done`.
-    fn forget_reads(&mut self, done: &[&Origin]) {
-        for origin in done {
-            if let Origin::Stream { shard, sequence, .. } = origin {
-                self.reads.remove(&(shard.clone(), sequence.clone()));
-            }
-        }
-    }
-
-    /// Forgets the reads of the records `done`, and of shards no longer held; after a retry, the
-    /// next read waits `retry_delay`.
-    fn count_reads(&mut self, done: &[&Origin], retry: &[&Origin], retry_delay: Duration) {
-        self.forget_reads(done);
         let held = self.consumer.shards();
         self.reads.retain(|(shard, _), _| held.contains(shard));
-        if !retry.is_empty() {
-            self.resume_at = Some(tokio::time::Instant::now() + retry_delay);
-        }
+        self.handled.retain(|(shard, sequence)| held.contains(shard) && !is_covered(shard, sequence));
     }
 
     /// Reports the leases held now, and a 0 for each one let go since the last report.
@@ -353,12 +331,9 @@ impl Source for StreamSource {
                 let (again, new): (Vec<_>, Vec<_>) =
                     records.into_iter().partition(|r| handled.contains(&(r.shard.clone(), r.sequence.clone())));
                 records = new;
-                self.carried.extend(again.into_iter().map(|r| Origin::Stream {
-                    shard: r.shard,
-                    sequence: r.sequence,
-                    arrived_ms: r.arrived_ms,
-                    replay: r.partition_key.starts_with(REPLAY_KEY_PREFIX),
-                }));
+                self.carried.extend(
+                    again.into_iter().map(|r| stream_origin(r.shard, r.sequence, r.arrived_ms, &r.partition_key)),
+                );
                 if records.is_empty() && !self.carried.is_empty() && !self.outstanding {
                     // Only records handled already: checkpointed now, not kept for a batch that
                     // may be long in coming.
@@ -376,12 +351,7 @@ impl Source for StreamSource {
                         *read += 1;
                         Delivery {
                             body: r.data,
-                            origin: Origin::Stream {
-                                shard: r.shard,
-                                sequence: r.sequence,
-                                arrived_ms: r.arrived_ms,
-                                replay: r.partition_key.starts_with(REPLAY_KEY_PREFIX),
-                            },
+                            origin: stream_origin(r.shard, r.sequence, r.arrived_ms, &r.partition_key),
                             attributes: BTreeMap::from([(PARTITION_KEY.to_owned(), r.partition_key)]),
                             first_received_ms: None,
                             receive_count: *read,
@@ -398,9 +368,12 @@ impl Source for StreamSource {
     /// again. Every shard is seen to before the first error is returned.
     async fn settle(&mut self, done: &[&Origin], retry: &[&Origin], retry_delay: Duration) -> Result<()> {
         self.outstanding = false;
+        if !retry.is_empty() {
+            // The records rewound are not read again at once.
+            self.resume_at = Some(tokio::time::Instant::now() + retry_delay);
+        }
         let carried = std::mem::take(&mut self.carried);
         let done: Vec<&Origin> = done.iter().copied().chain(&carried).collect();
-        self.count_reads(&done, retry, retry_delay);
         let mut covered = HashMap::new();
         let mut first_error = None;
         for ShardSettlement { shard, checkpoint, rewind } in settlements(&done, retry) {
@@ -428,7 +401,7 @@ impl Source for StreamSource {
                 first_error.get_or_insert(e);
             }
         }
-        self.note_handled(&done, &covered);
+        self.note_settled(&done, &covered);
         first_error.map_or(Ok(()), Err)
     }
 
@@ -456,7 +429,6 @@ impl Source for StreamSource {
                 return Err(e);
             }
         };
-        self.forget_reads(&done);
         let mut covered = HashMap::new();
         for (checkpoint, held) in checkpoints.into_iter().zip(recorded) {
             if held {
@@ -466,7 +438,7 @@ impl Source for StreamSource {
                 warn_lease_lost(&checkpoint.shard);
             }
         }
-        self.note_handled(&done, &covered);
+        self.note_settled(&done, &covered);
         Ok(())
     }
 
@@ -479,6 +451,12 @@ impl Source for StreamSource {
         self.report_leases();
         Ok(())
     }
+}
+
+/// Where a stream record was read; one written back by a replay (its partition key says so) is
+/// no new arrival.
+fn stream_origin(shard: String, sequence: String, arrived_ms: u64, partition_key: &str) -> Origin {
+    Origin::Stream { shard, sequence, arrived_ms, replay: partition_key.starts_with(REPLAY_KEY_PREFIX) }
 }
 
 /// What a batch's outcome means for one shard it read from.
@@ -662,10 +640,8 @@ impl Worker {
         let trace = traces::enabled().then(|| self.start_trace(&mut batch, received_at));
         let Some(outcomes) = self.process_with_heartbeat(&batch).await else {
             // Out of time to finish: hand the batch back at once, for another worker to redo.
-            let all: Vec<&Origin> = batch.iter().map(|d| &d.origin).collect();
-            tracing::warn!(%stage, records = all.len(), "stopping before the batch finished; it is handed back");
-            self.source.settle(&[], &all, Duration::ZERO).await?;
-            return Ok(());
+            tracing::warn!(%stage, records = batch.len(), "stopping before the batch finished; it is handed back");
+            return self.hand_back(&batch, Duration::ZERO).await;
         };
         let outcomes = if outcomes.len() == batch.len() {
             outcomes
@@ -682,9 +658,9 @@ impl Worker {
             // deployment: the batch goes back and the worker stops, loudly (on ECS the service
             // restarts it, and a deployment's circuit breaker rolls back).
             tracing::error!(%stage, error = %error, "the deployment refuses this stage's work: the batch is handed back and the worker stops");
-            let all: Vec<&Origin> = batch.iter().map(|d| &d.origin).collect();
-            self.source.settle(&[], &all, retry_delay).await?;
-            return Err(error.clone());
+            let error = error.clone();
+            self.hand_back(&batch, retry_delay).await?;
+            return Err(error);
         }
 
         // Messages by queue, each with the index of the delivery it came from.
@@ -748,8 +724,7 @@ impl Worker {
             Ok(acknowledged) => acknowledged,
             Err(e) => {
                 // Nothing is acknowledged: the whole batch comes back and is redone; sinks are idempotent.
-                let all: Vec<&Origin> = batch.iter().map(|d| &d.origin).collect();
-                self.source.settle(&[], &all, retry_delay).await?;
+                self.hand_back(&batch, retry_delay).await?;
                 return Err(e);
             }
         };
@@ -763,6 +738,12 @@ impl Worker {
         report.batches += 1;
         report.handled += done.len() as u64;
         Ok(())
+    }
+
+    /// Hands the whole batch back unacknowledged, to come back after `delay` and be done again.
+    async fn hand_back(&mut self, batch: &[Delivery], delay: Duration) -> Result<()> {
+        let all: Vec<&Origin> = batch.iter().map(|d| &d.origin).collect();
+        self.source.settle(&[], &all, delay).await
     }
 
     /// Sends each queue's messages (`(delivery index, message)`), each queue's in a span of its

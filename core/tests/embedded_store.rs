@@ -183,6 +183,19 @@ impl Stage for Forward {
     }
 }
 
+fn messages(bodies: &[&str]) -> Vec<OutgoingMessage> {
+    bodies.iter().map(|b| OutgoingMessage { body: b.as_bytes().to_vec(), ..Default::default() }).collect()
+}
+
+/// A worker of `stage` on the features queue, which is sent `bodies` first: polls of 50 ms, no
+/// delay before a retry.
+async fn on_features(backend: &Backend, store: &StoreConfig, stage: Arc<dyn Stage>, bodies: &[&str]) -> Worker {
+    let features = backend.queue(QueueName::Features);
+    features.send_batch(messages(bodies)).await.unwrap();
+    let config = WorkerConfig { poll_wait_ms: 50, retry_delay_ms: 0, ..WorkerConfig::default() };
+    Worker::new(stage, Box::new(QueueSource::new(features, store)), backend.clone(), config, store)
+}
+
 /// Waits (up to 10 s) for the visible messages of `queues` to be `want`, and nothing in flight.
 async fn settle_at(backend: &Backend, queues: [QueueName; 3], want: [u64; 3]) {
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -227,21 +240,10 @@ fn refuse_sends(store: &StoreConfig, queue: QueueName) -> rusqlite::Connection {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_acknowledges_only_with_its_sends_and_never_loses_a_refused_batch() {
     let (_dir, store, backend) = fresh(StoreConfig { max_receives: 2, ..StoreConfig::default() }).await;
-    let features = backend.queue(QueueName::Features);
     let queues = [QueueName::Features, QueueName::Inference, QueueName::FeaturesDlq];
-    let message = |body: &str| OutgoingMessage { body: body.as_bytes().to_vec(), ..Default::default() };
     let refusing = refuse_sends(&store, QueueName::Inference);
-    features.send_batch(vec![message("a"), message("b"), message("c")]).await.unwrap();
-
-    let config = WorkerConfig { poll_wait_ms: 50, retry_delay_ms: 0, ..WorkerConfig::default() };
-    let source = QueueSource::new(Arc::clone(&features), &store);
-    let worker = Worker::new(
-        Forward::new(StageName::Features, QueueName::Inference, false),
-        Box::new(source),
-        backend.clone(),
-        config,
-        &store,
-    );
+    let stage = Forward::new(StageName::Features, QueueName::Inference, false);
+    let worker = on_features(&backend, &store, stage, &["a", "b", "c"]).await;
     let shutdown = CancellationToken::new();
     let running = tokio::spawn(worker.run(shutdown.clone()));
 
@@ -249,7 +251,7 @@ async fn a_worker_acknowledges_only_with_its_sends_and_never_loses_a_refused_bat
     settle_at(&backend, queues, [0, 0, 3]).await;
 
     refusing.execute_batch("DROP TRIGGER refuse_sends").unwrap();
-    features.send_batch(vec![message("d"), message("retry-e"), message("f")]).await.unwrap();
+    backend.queue(QueueName::Features).send_batch(messages(&["d", "retry-e", "f"])).await.unwrap();
     settle_at(&backend, queues, [0, 2, 4]).await;
     // The batches whose sends were refused were never acknowledged: the queue's redrive moved
     // them. The delivery that failed on every receive was dead-lettered by the worker, with why.
@@ -277,13 +279,8 @@ async fn a_worker_acknowledges_only_with_its_sends_and_never_loses_a_refused_bat
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_misconfiguration_hands_the_batch_back_and_stops_the_worker() {
     let (_dir, store, backend) = fresh(StoreConfig::default()).await;
-    let features = backend.queue(QueueName::Features);
-    let message = |body: &str| OutgoingMessage { body: body.as_bytes().to_vec(), ..Default::default() };
-    features.send_batch(vec![message("a"), message("denied-b"), message("retry-c")]).await.unwrap();
-    let config = WorkerConfig { poll_wait_ms: 50, retry_delay_ms: 0, ..WorkerConfig::default() };
-    let source = QueueSource::new(Arc::clone(&features), &store);
     let stage = Forward::new(StageName::Features, QueueName::Inference, false);
-    let worker = Worker::new(stage, Box::new(source), backend.clone(), config, &store);
+    let worker = on_features(&backend, &store, stage, &["a", "denied-b", "retry-c"]).await;
 
     let stopped = tokio::time::timeout(Duration::from_secs(10), worker.run(CancellationToken::new())).await.unwrap();
     let error = stopped.unwrap_err();
@@ -320,12 +317,7 @@ impl Stage for Panics {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_record_the_stage_panics_on_is_dead_lettered_and_the_worker_goes_on() {
     let (_dir, store, backend) = fresh(StoreConfig::default()).await;
-    let features = backend.queue(QueueName::Features);
-    let message = |body: &str| OutgoingMessage { body: body.as_bytes().to_vec(), ..Default::default() };
-    features.send_batch(vec![message("a"), message("panic-b"), message("c")]).await.unwrap();
-    let config = WorkerConfig { poll_wait_ms: 50, retry_delay_ms: 0, ..WorkerConfig::default() };
-    let source = QueueSource::new(Arc::clone(&features), &store);
-    let worker = Worker::new(Arc::new(Panics), Box::new(source), backend.clone(), config, &store);
+    let worker = on_features(&backend, &store, Arc::new(Panics), &["a", "panic-b", "c"]).await;
     let shutdown = CancellationToken::new();
     let running = tokio::spawn(worker.run(shutdown.clone()));
 
