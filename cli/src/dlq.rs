@@ -2,6 +2,7 @@
 //! items (the work is in `sluice_core::dlq`).
 
 use std::io::{BufRead, IsTerminal, Write};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
@@ -294,8 +295,8 @@ pub async fn run(command: DlqCommand, settings: Settings) -> anyhow::Result<()> 
             if dry_run {
                 let (items, held) = matching(&backend, stage, &filter).await?;
                 let mut stale = 0;
-                let (mut items, left): (Vec<_>, Vec<_>) = match stage {
-                    Letters::Review => {
+                let (mut items, left): (Vec<_>, Vec<_>) = match target {
+                    None => {
                         let rejudge = Rejudge(ModelBundle::load(settings.model()?.dir)?.manifest);
                         let fates = rejudge.preview(&backend, &items).await?;
                         let (mut done, mut kept) = (Vec::new(), Vec::new());
@@ -308,7 +309,7 @@ pub async fn run(command: DlqCommand, settings: Settings) -> anyhow::Result<()> 
                         }
                         (done, kept)
                     }
-                    Letters::Stage(_) => items.into_iter().partition(|i| i.replayable()),
+                    Some(target) => items.into_iter().partition(|i| SendTo(target).sends(i)),
                 };
                 items.truncate(limit.unwrap_or(usize::MAX));
                 for item in &items {
@@ -335,17 +336,23 @@ pub async fn run(command: DlqCommand, settings: Settings) -> anyhow::Result<()> 
                 }
                 return Ok(());
             }
-            let options = ReplayOptions { to, limit, rate };
+            let options = ReplayOptions { to, limit, rate, ..ReplayOptions::default() };
             let progress = crate::progress::counter("entries replayed");
-            let report = |n: u64| progress.set_position(n);
+            let so_far = AtomicU64::new(0);
+            let report = |n: u64| {
+                so_far.store(n, Ordering::Relaxed);
+                progress.set_position(n);
+            };
             let moved = match target {
                 None => {
                     let manifest = ModelBundle::load(settings.model()?.dir)?.manifest;
-                    dlq::apply(&backend, stage, &filter, &Rejudge(manifest), &options, &report).await?
+                    dlq::apply(&backend, stage, &filter, &Rejudge(manifest), &options, &report).await
                 }
-                Some(target) => dlq::apply(&backend, stage, &filter, &SendTo(target), &options, &report).await?,
+                Some(target) => dlq::apply(&backend, stage, &filter, &SendTo(target), &options, &report).await,
             };
             progress.finish_and_clear();
+            let done = if stage == Letters::Review { "accepted" } else { "replayed" };
+            let moved = before_the_error(moved, &so_far, done)?;
             if json {
                 outln!("{}", serde_json::to_string(&moved)?)?;
             } else if stage == Letters::Review {
@@ -371,6 +378,8 @@ pub async fn run(command: DlqCommand, settings: Settings) -> anyhow::Result<()> 
         DlqCommand::Purge { store, stage, filter, limit, yes, json } => {
             let (backend, _) = open(&store).await?;
             let filter = filter.filter(stage)?;
+            // What arrives while the question waits is not the purge's to take.
+            let asked_ms = sluice_core::envelope::now_ms();
             if !yes {
                 let (items, held) = matching(&backend, stage, &filter).await?;
                 let n = items.len().min(limit.unwrap_or(usize::MAX));
@@ -386,8 +395,11 @@ pub async fn run(command: DlqCommand, settings: Settings) -> anyhow::Result<()> 
                     bail!("nothing deleted");
                 }
             }
-            let options = ReplayOptions { limit, ..ReplayOptions::default() };
-            let deleted = dlq::apply(&backend, stage, &filter, &Delete, &options, &|_| {}).await?;
+            let options = ReplayOptions { limit, sent_before_ms: Some(asked_ms), ..ReplayOptions::default() };
+            let so_far = AtomicU64::new(0);
+            let report = |n: u64| so_far.store(n, Ordering::Relaxed);
+            let deleted = dlq::apply(&backend, stage, &filter, &Delete, &options, &report).await;
+            let deleted = before_the_error(deleted, &so_far, "deleted")?;
             if json {
                 outln!("{}", serde_json::json!({ "deleted": deleted.moved }))?;
             } else {
@@ -426,6 +438,22 @@ fn not_interrupted() -> anyhow::Result<()> {
         bail!("interrupted: nothing changed, and the entries read are visible again");
     }
     Ok(())
+}
+
+/// A replay's or purge's outcome; failed part way, what it had `done` is said before the error
+/// (those entries are where it sent them, or gone; the rest stay).
+fn before_the_error(
+    outcome: sluice_core::Result<dlq::Moved>,
+    so_far: &AtomicU64,
+    done: &str,
+) -> anyhow::Result<dlq::Moved> {
+    outcome.map_err(|error| {
+        let n = so_far.load(Ordering::Relaxed);
+        if n > 0 {
+            eprintln!("{done} {n} {} before this error; the rest stay where they were", entries(n));
+        }
+        error.into()
+    })
 }
 
 /// Stopped by Ctrl-C, a replay or purge has done what it says and left the rest.

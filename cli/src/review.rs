@@ -70,6 +70,11 @@ pub async fn reject_one(backend: &Backend, id: &str) -> anyhow::Result<String> {
             bail!("{id} is not waiting for review (status {}); nothing changed", r.status.as_str())
         }
         dlq::Rejected::Missing => bail!("no result waiting for review, and no review item, for {id}"),
+        dlq::Rejected::Held(n) => bail!(
+            "{id}: its review item is not in the queue now, and {n} are held by another reviewer or a look; \
+             nothing changed: try again once they are back (a reviewer's within {} s)",
+            LOOKING.as_secs()
+        ),
     })
 }
 
@@ -112,7 +117,7 @@ pub async fn walk(backend: &Backend, manifest: &ModelManifest, save: Option<&Pat
         if sluice_core::shutdown::interrupted() {
             break;
         }
-        let Some(message) = queue.receive(1, Duration::ZERO).await?.pop() else {
+        let Some(message) = queue.receive_hidden(1, dlq::pass_wait(backend), LOOKING).await?.pop() else {
             let stale = if stale > 0 { format!(", {stale} removed as settled before") } else { String::new() };
             outln!("\nthe review queue is empty ({settled} settled, {} skipped{stale})", skipped.len())?;
             // Those this walk skipped are held by it; any others, by someone else.
@@ -129,7 +134,6 @@ pub async fn walk(backend: &Backend, manifest: &ModelManifest, save: Option<&Pat
         };
         let receipt = message.receipt.clone();
         current = Some(receipt.clone());
-        queue.extend_visibility(std::slice::from_ref(&receipt), LOOKING).await?;
         let item = Item::from_message(Letters::Review, message);
         if item.record_id().is_none() {
             // No result to review: an unreadable stored batch (docs/operations.md), or a message
@@ -219,7 +223,7 @@ pub async fn walk(backend: &Backend, manifest: &ModelManifest, save: Option<&Pat
                     }
                     ReviewOutcome::Missing => {
                         skipped.push(receipt);
-                        outln!("-> no stored result to settle; left in the queue\n")?;
+                        outln!("-> no stored result to settle (a rejection stopped halfway: d finishes it); left in the queue\n")?;
                     }
                 }
             }

@@ -319,6 +319,9 @@ pub struct ReplayOptions {
     pub limit: Option<usize>,
     /// At most this many entries a second.
     pub rate: Option<f64>,
+    /// Only entries sent before this (milliseconds since the epoch); default, when the run
+    /// begins. A purge asks first, and takes only what was there when it asked.
+    pub sent_before_ms: Option<u64>,
 }
 
 /// What a replay or purge did.
@@ -384,6 +387,13 @@ pub fn replay_target(failed: StageName, to: Option<StageName>) -> std::result::R
 /// stream, read as a new record.
 pub struct SendTo(pub StageName);
 
+impl SendTo {
+    /// Whether a replay would send `item` rather than keep it (for a dry run).
+    pub fn sends(&self, item: &Item) -> bool {
+        item.replayable() && (self.0.input_queue().is_some() || stream_record(item).fits())
+    }
+}
+
 #[async_trait::async_trait]
 impl Action for SendTo {
     async fn apply(&self, backend: &Backend, items: &[Item]) -> Result<Vec<Fate>> {
@@ -407,13 +417,7 @@ async fn replay_to_the_stream(backend: &Backend, items: &[Item]) -> Result<Vec<F
     let mut fates = Vec::with_capacity(items.len());
     let mut records = Vec::new();
     for item in items {
-        let record = StreamInput {
-            partition_key: item.record_id().map(RecordId::replay_partition_key).unwrap_or_else(|| {
-                let original = item.message_attributes.get(crate::worker::PARTITION_KEY);
-                original.cloned().unwrap_or_else(|| "replay".to_owned())
-            }),
-            data: item.entry.body.clone(),
-        };
+        let record = stream_record(item);
         if !item.replayable() {
             fates.push(Fate::Kept);
         } else if !record.fits() {
@@ -434,6 +438,17 @@ async fn replay_to_the_stream(backend: &Backend, items: &[Item]) -> Result<Vec<F
     Ok(fates)
 }
 
+/// `item` as a stream record, its partition key saying "a replay of this record".
+fn stream_record(item: &Item) -> StreamInput {
+    StreamInput {
+        partition_key: item.record_id().map(RecordId::replay_partition_key).unwrap_or_else(|| {
+            let original = item.message_attributes.get(crate::worker::PARTITION_KEY);
+            original.cloned().unwrap_or_else(|| "replay".to_owned())
+        }),
+        data: item.entry.body.clone(),
+    }
+}
+
 /// Deletes entries.
 pub struct Delete;
 
@@ -447,10 +462,34 @@ impl Action for Delete {
 /// How far SQS's clock (a message's `SentTimestamp`) may be ahead of this machine's.
 const SENT_CLOCK_SKEW_MS: u64 = 5_000;
 
+/// How long an operator's receive waits for a message: SQS may answer a short poll with nothing
+/// while messages wait, so there a short long poll.
+pub fn pass_wait(backend: &Backend) -> Duration {
+    if backend.kind() == BackendKind::Aws { Duration::from_secs(1) } else { Duration::ZERO }
+}
+
+/// A pass holds what it looked at at least this long (see [`held_for`]).
+const HELD_AT_LEAST: Duration = Duration::from_secs(300);
+
+/// A pass's time per entry, as it plans how long to hold them: SQS reads, sends and deletes a
+/// round of ten in tens of milliseconds.
+const PASS_PER_ENTRY: Duration = Duration::from_millis(20);
+
+/// How long a pass over `depth` entries at `rate` a second hides each entry it looks at: twice
+/// the time the pass should take, at least [`HELD_AT_LEAST`], at most SQS's 12 hours. What it
+/// passed over then does not come round again while it runs, and it gives all of it back at its
+/// end (interrupted too); killed, what it held shows again after this.
+fn held_for(depth: u64, rate: Option<f64>) -> Duration {
+    let per_entry = rate.filter(|r| *r > 0.0).map_or(PASS_PER_ENTRY, |r| Duration::from_secs_f64(1.0 / r));
+    let planned = per_entry.mul_f64(2.0 * depth as f64);
+    planned.clamp(HELD_AT_LEAST, Duration::from_secs(43_200))
+}
+
 /// Reads `letters` in batches and applies `action` to the entries matching `filter` (up to
 /// `limit`, at most `rate` a second), taking off the queue those it says; the rest go back.
-/// Entries sent after it began are given back unjudged. `progress` hears how many moved after
-/// each round.
+/// Entries sent after it began are given back unjudged, and it ends once rounds bring none of
+/// the entries that were there when it began: a queue that keeps filling (the review queue of a
+/// running pipeline) does not keep it going. `progress` hears how many moved after each round.
 pub async fn apply(
     backend: &Backend,
     letters: Letters,
@@ -465,22 +504,25 @@ pub async fn apply(
     // Interrupted, a run stops between rounds and gives back what it holds, as at its end.
     let _holding = crate::shutdown::Holding::start();
     let mut done = Moved::default();
-    let mut given_back: Vec<Receipt> = Vec::new();
+    let mut given_back = GivenBack { queue: queue.clone(), receipts: Vec::new() };
     // Entries already looked at, by message id: one that comes round again once its visibility
     // ends is given back unjudged, so nothing is acted on twice and the run ends when the queue
     // has nothing unseen left to show. Two copies of one entry (a record written twice) are two
     // messages, and each is judged.
     let mut seen: BTreeSet<String> = BTreeSet::new();
-    // SQS may answer a short poll with nothing while messages wait: ask with a short long poll.
     let aws = backend.kind() == BackendKind::Aws;
-    let wait = if aws { Duration::from_secs(1) } else { Duration::ZERO };
+    let wait = pass_wait(backend);
+    let there = queue.depth().await?.visible;
+    let hidden = held_for(there, options.rate);
+    // Entries of its own looked at, and new ones (sent since it began) met since the last of those.
+    let (mut looked_at, mut new_in_a_row) = (0_u64, 0_usize);
     // Entries written after the run began are not its own: a replayed copy that failed again
     // (a new message) would otherwise be replayed again and again while the workers run, and a
     // purge would take what arrived after its question. The run acts only once the clock has
     // passed the millisecond it began in, so that all it causes is stamped later. SQS stamps a
     // message with its own clock: a margin covers the skew, within which a copy that failed again
     // may be replayed again.
-    let begun_ms = now_ms();
+    let begun_ms = options.sent_before_ms.unwrap_or_else(now_ms);
     while now_ms() <= begun_ms {
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
@@ -491,20 +533,31 @@ pub async fn apply(
             // to the end either way, and a search for one entry (a label, a reject) then reads a
             // deep queue in rounds of BATCH rather than a message a round.
             let want = options.rate.map_or(BATCH, |r| BATCH.min(r.ceil().max(1.0) as usize));
-            let batch = queue.receive(want, wait).await?;
-            if batch.is_empty() {
-                break;
-            }
+            let batch = queue.receive_hidden(want, wait, hidden).await?;
             let mut matching = Vec::new();
+            let (mut fresh_ones, mut new_ones) = (0, 0);
             for message in batch {
                 let receipt = message.receipt.clone();
-                let fresh = seen.insert(message.id.clone()) && message.sent_at_ms <= begun_ms;
+                let unseen = seen.insert(message.id.clone());
+                let fresh = unseen && message.sent_at_ms <= begun_ms;
+                fresh_ones += usize::from(fresh);
+                new_ones += usize::from(unseen && !fresh);
                 let item = Item::from_message(letters, message);
                 if fresh && filter.matches(&item) {
                     matching.push((item, receipt));
                 } else {
-                    given_back.push(receipt);
+                    given_back.receipts.push(receipt);
                 }
+            }
+            looked_at += fresh_ones as u64;
+            new_in_a_row = if fresh_ones > 0 { 0 } else { new_in_a_row + new_ones };
+            // Ends on a round that brings nothing unseen (empty, or only what it holds shown
+            // again once its hold ended), and on one of only entries sent since it began once it
+            // has looked at as many as were there, or met a good many new ones in a row: SQS hands
+            // out messages in no strict order, and a queue that keeps filling would keep it going.
+            let ended = fresh_ones == 0 && (new_ones == 0 || looked_at >= there || new_in_a_row >= NEW_IN_A_ROW_TO_END);
+            if ended {
+                break;
             }
             // In turns of as many as the limit still allows: an entry the action keeps does not
             // count, so the next turn judges the next ones, and none is passed over unjudged.
@@ -531,8 +584,8 @@ pub async fn apply(
                     Ok(verdicts) => verdicts,
                     Err(e) => {
                         // Nothing of this turn or the rest of the round stays hidden for the error.
-                        given_back.extend(receipts);
-                        given_back.extend(matching.map(|(_, r)| r));
+                        given_back.receipts.extend(receipts);
+                        given_back.receipts.extend(matching.map(|(_, r)| r));
                         return Err(e);
                     }
                 };
@@ -540,11 +593,13 @@ pub async fn apply(
                 done.moved += count(Fate::Done);
                 done.stale += count(Fate::Stale);
                 done.kept += count(Fate::Kept);
-                given_back.extend(receipts.into_iter().zip(verdicts).filter(|(_, v)| !v.leaves()).map(|(r, _)| r));
+                given_back
+                    .receipts
+                    .extend(receipts.into_iter().zip(verdicts).filter(|(_, v)| !v.leaves()).map(|(r, _)| r));
                 progress(done.moved);
             }
             // Past the limit: looked at, not judged.
-            given_back.extend(matching.map(|(_, r)| r));
+            given_back.receipts.extend(matching.map(|(_, r)| r));
             if let Some(rate) = options.rate.filter(|r| *r > 0.0) {
                 let due = Duration::from_secs_f64(done.moved as f64 / rate);
                 tokio::select! {
@@ -556,14 +611,46 @@ pub async fn apply(
         Ok::<(), SluiceError>(())
     }
     .await;
-    // Best effort: a receipt gone stale (its message came round again) cannot be released, and
-    // its message is visible again after its timeout anyway.
-    if !given_back.is_empty()
-        && let Err(e) = queue.release(&given_back, Duration::ZERO).await
-    {
-        tracing::warn!(error = %e, "some entries looked at stay hidden until their visibility timeout ends");
-    }
+    given_back.now().await;
     result.map(|()| done)
+}
+
+/// Entries sent since a pass began that it meets in a row, with none of its own, before it ends.
+const NEW_IN_A_ROW_TO_END: usize = 2 * BATCH;
+
+/// What a pass holds and gives back at its end, however it ends: dropped half way (an API
+/// client gone during a label's search), the release goes on in a task of its own, rather than
+/// leave the entries hidden for the pass's whole hold.
+struct GivenBack {
+    queue: Arc<dyn WorkQueue>,
+    receipts: Vec<Receipt>,
+}
+
+impl GivenBack {
+    /// Best effort: a receipt gone stale (its message came round again) cannot be released, and
+    /// its message is visible again after its hold anyway.
+    async fn now(mut self) {
+        release(self.queue.clone(), std::mem::take(&mut self.receipts)).await;
+    }
+}
+
+impl Drop for GivenBack {
+    fn drop(&mut self) {
+        if self.receipts.is_empty() {
+            return;
+        }
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(release(self.queue.clone(), std::mem::take(&mut self.receipts)));
+        }
+    }
+}
+
+async fn release(queue: Arc<dyn WorkQueue>, receipts: Vec<Receipt>) {
+    if !receipts.is_empty()
+        && let Err(e) = queue.release(&receipts, Duration::ZERO).await
+    {
+        tracing::warn!(error = %e, "some entries looked at stay hidden until their hold ends");
+    }
 }
 
 /// Replays review items under the bundle's current thresholds: one whose confidence now clears
@@ -647,8 +734,12 @@ impl Action for Rejudge {
 /// to this process, and counts a receive of each.
 pub async fn label(backend: &Backend, id: &RecordId, label: &str) -> Result<ReviewOutcome> {
     let outcome = backend.results.resolve_review(id, &Resolution::Label(label.to_owned())).await?;
-    if !matches!(outcome, ReviewOutcome::Missing) {
-        apply(backend, Letters::Review, &only(id.as_str()), &Delete, &one(), &|_| {}).await?;
+    // The label stands whatever happens to the item: one left behind is taken off, unseen, by
+    // the next walk or review replay (its result is settled).
+    if !matches!(outcome, ReviewOutcome::Missing)
+        && let Err(error) = apply(backend, Letters::Review, &only(id.as_str()), &Delete, &one(), &|_| {}).await
+    {
+        tracing::warn!(record_id = %id, %error, "labelled; its review item stays in the queue for now");
     }
     Ok(outcome)
 }
@@ -707,6 +798,10 @@ pub enum Rejected {
     NotWaiting(Box<PredictionResult>),
     /// Neither a result waiting for review nor an item in the review queue.
     Missing,
+    /// Its item is not in the review queue now, and this many items are held (by a reviewer's
+    /// walk, a look): nothing changed. Its item may be among them, and rejected here, its holder
+    /// would be left an item with no result, and a second DLQ entry if they rejected it too.
+    Held(u64),
 }
 
 /// Deletes the review items left for `id` once it is rejected, or found settled: copies of its
@@ -724,7 +819,10 @@ pub async fn reject(backend: &Backend, id: &RecordId) -> Result<Rejected> {
         take_off_copies(backend, id).await?;
         return Ok(Rejected::NotWaiting(Box::new(result)));
     }
-    if apply(backend, Letters::Review, &only(id.as_str()), &Reject, &one(), &|_| {}).await?.moved == 1 {
+    // Asked before the search, which holds the queue while it reads (and SQS's count lags).
+    let held = backend.queue(Letters::Review.queue()).depth().await?.in_flight;
+    let searched = apply(backend, Letters::Review, &only(id.as_str()), &Reject, &one(), &|_| {}).await?;
+    if searched.moved == 1 {
         take_off_copies(backend, id).await?;
         return Ok(Rejected::Rejected);
     }
@@ -736,7 +834,11 @@ pub async fn reject(backend: &Backend, id: &RecordId) -> Result<Rejected> {
             "interrupted while looking for its review item: nothing changed",
         ));
     }
-    // Not in the queue now (another reviewer holds it): the result's own body goes to the DLQ.
+    // Found settled meanwhile (stale), it is no longer waiting: the withdrawal below says so.
+    if held > 0 && searched.stale == 0 {
+        return Ok(Rejected::Held(held));
+    }
+    // Not in the queue at all (purged, say): the result's own body goes to the DLQ.
     match backend.results.withdraw_review(id).await? {
         ReviewOutcome::Resolved(result) => {
             send_rejected(backend, id, serde_json::to_vec(&result).expect("a result serialises"), 0).await?;

@@ -781,6 +781,38 @@ async fn a_run_leaves_the_entries_written_after_it_began() {
     assert_eq!(left, (0..5).collect::<Vec<u8>>(), "the new entries are there, visible");
 }
 
+/// A pass over a queue that keeps filling (the review queue of a running pipeline), whose
+/// visibility timeout is shorter than the pass: it holds what it looked at to its end, so nothing
+/// comes round again, ends at the first round of only new entries, and gives all of it back.
+#[tokio::test]
+async fn a_pass_over_a_queue_that_keeps_filling_ends_and_gives_everything_back() {
+    use sluice_core::dlq::{self, Delete, Filter, Letters, ReplayOptions};
+    let (_dir, _config, backend) = fresh(StoreConfig { visibility_timeout_ms: 1, ..StoreConfig::default() }).await;
+    let queue = backend.queue(QueueName::FeaturesDlq);
+    queue.send_batch((0..50).map(byte).collect()).await.unwrap();
+    let filling = tokio::spawn({
+        let queue = backend.queue(QueueName::FeaturesDlq);
+        async move {
+            for i in 0..u8::MAX {
+                queue.send_batch(vec![byte(i)]).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        }
+    });
+    // Matches none: every entry is looked at and given back.
+    let none = Filter { record_id: glob::Pattern::new("no-such-record").ok(), ..Filter::default() };
+    let letters = Letters::Stage(StageName::Features);
+    let options = ReplayOptions::default();
+    let pass = dlq::apply(&backend, letters, &none, &Delete, &options, &|_| {});
+    let done = tokio::time::timeout(Duration::from_secs(20), pass).await.expect("the pass ends").unwrap();
+    assert_eq!(done.moved, 0);
+    filling.abort();
+    let _ = filling.await;
+    let depth = queue.depth().await.unwrap();
+    assert_eq!(depth.in_flight, 0, "all it looked at is back: {depth:?}");
+    assert!(depth.visible >= 50, "{depth:?}");
+}
+
 /// An action that fails, or judges fewer entries than it was given, stops the run with an error
 /// and leaves nothing hidden: every entry looked at is visible again at once.
 #[tokio::test]
@@ -840,6 +872,32 @@ async fn a_review_item_without_a_result_stays_until_rejected() {
 
     assert_eq!(dlq::reject(&backend, &result.record_id).await.unwrap(), Rejected::Rejected);
     assert_eq!(backend.queue(QueueName::Review).depth().await.unwrap().total(), 0);
+    assert_eq!(backend.queue(QueueName::ResultsDlq).depth().await.unwrap().total(), 1);
+}
+
+/// A rejection by id of an item another reviewer holds changes nothing and says so: taken from
+/// the result, it would leave that reviewer an item with no result, and their own rejection of
+/// it a second DLQ entry. Once the item is back, the rejection goes through.
+#[tokio::test]
+async fn a_rejection_of_an_item_someone_holds_waits_for_it() {
+    use sluice_core::dlq::{self, Rejected};
+    use sluice_core::record::ResultStatus;
+    let (_dir, _config, backend) = fresh(StoreConfig::default()).await;
+    let result = sluice_core::testing::prediction_result("held", "1", ResultStatus::Review);
+    backend.results.put_if_absent(vec![result.clone()]).await.unwrap();
+    let item = OutgoingMessage { body: serde_json::to_vec(&result).unwrap(), ..OutgoingMessage::default() };
+    let review = backend.queue(QueueName::Review);
+    review.send_batch(vec![item]).await.unwrap();
+    let held = review.receive_hidden(1, Duration::ZERO, Duration::from_secs(600)).await.unwrap();
+
+    assert_eq!(dlq::reject(&backend, &result.record_id).await.unwrap(), Rejected::Held(1));
+    let stored = backend.results.get_batch(std::slice::from_ref(&result.record_id)).await.unwrap();
+    assert_eq!(stored[&result.record_id].status, ResultStatus::Review, "its result is as it was");
+    assert_eq!(backend.queue(QueueName::ResultsDlq).depth().await.unwrap().total(), 0);
+
+    review.release(&[held[0].receipt.clone()], Duration::ZERO).await.unwrap();
+    assert_eq!(dlq::reject(&backend, &result.record_id).await.unwrap(), Rejected::Rejected);
+    assert_eq!(review.depth().await.unwrap().total(), 0);
     assert_eq!(backend.queue(QueueName::ResultsDlq).depth().await.unwrap().total(), 1);
 }
 

@@ -222,6 +222,11 @@ pub trait WorkQueue: Send + Sync {
     /// `max_receives` moves to the queue's DLQ instead of being returned.
     async fn receive(&self, max: usize, wait: Duration) -> Result<Vec<ReceivedMessage>>;
 
+    /// As [`WorkQueue::receive`], each message hidden for `hidden` rather than the queue's
+    /// visibility timeout: an operator's pass over a queue holds what it looked at to its end,
+    /// so that what it passed over does not come round again while it runs.
+    async fn receive_hidden(&self, max: usize, wait: Duration, hidden: Duration) -> Result<Vec<ReceivedMessage>>;
+
     /// Deletes received messages. Call only once their downstream writes are durable.
     async fn ack(&self, receipts: &[Receipt]) -> Result<()>;
 

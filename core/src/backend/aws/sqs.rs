@@ -229,6 +229,37 @@ impl SqsQueue {
         Ok(None)
     }
 
+    /// One ReceiveMessage call, its messages decoded (see [`WorkQueue::receive`]).
+    async fn receive_decoded(
+        &self,
+        max: usize,
+        wait: Duration,
+        visibility: Option<i32>,
+    ) -> Result<Vec<ReceivedMessage>> {
+        let mut out: Vec<ReceivedMessage> = Vec::new();
+        let messages = self.receive_messages(max, wait, visibility).await?;
+        for (i, message) in messages.iter().enumerate() {
+            let read = match self.decode(message).await {
+                Ok(message) => Ok(Some(message)),
+                // S3 busy, say: the receive is tried again.
+                Err(error) if error.is_retryable() => Err(error),
+                Err(error) => self.unreadable(message, error).await,
+            };
+            match read {
+                Ok(message) => out.extend(message),
+                // What it took (but what it dead-lettered) is shown again now rather than after
+                // its hold: an operator's pass holds for minutes.
+                Err(error) => {
+                    let rest = messages[i..].iter().map(|m| Receipt(m.receipt_handle.clone().unwrap_or_default()));
+                    let taken: Vec<Receipt> = out.into_iter().map(|m| m.receipt).chain(rest).collect();
+                    self.show_again(&taken).await;
+                    return Err(error);
+                }
+            }
+        }
+        Ok(out)
+    }
+
     /// One ReceiveMessage call: the messages as SQS gives them, not yet decoded.
     async fn receive_messages(
         &self,
@@ -424,16 +455,11 @@ impl WorkQueue for SqsQueue {
     }
 
     async fn receive(&self, max: usize, wait: Duration) -> Result<Vec<ReceivedMessage>> {
-        let mut out = Vec::new();
-        for message in self.receive_messages(max, wait, None).await? {
-            match self.decode(&message).await {
-                Ok(message) => out.push(message),
-                // S3 busy, say: the receive is tried again.
-                Err(error) if error.is_retryable() => return Err(error),
-                Err(error) => out.extend(self.unreadable(&message, error).await?),
-            }
-        }
-        Ok(out)
+        self.receive_decoded(max, wait, None).await
+    }
+
+    async fn receive_hidden(&self, max: usize, wait: Duration, hidden: Duration) -> Result<Vec<ReceivedMessage>> {
+        self.receive_decoded(max, wait, Some(whole_seconds(hidden).min(43_200))).await
     }
 
     async fn ack(&self, receipts: &[Receipt]) -> Result<()> {

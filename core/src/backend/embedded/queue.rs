@@ -274,12 +274,12 @@ impl EmbeddedQueue {
             .await
     }
 
-    async fn try_receive(&self, max: usize) -> Result<Vec<ReceivedMessage>> {
+    async fn try_receive(&self, max: usize, visibility_ms: u64) -> Result<Vec<ReceivedMessage>> {
         if !self.has_visible().await? {
             return Ok(Vec::new());
         }
         let queue = self.name;
-        let visibility_ms = self.visibility_ms as i64;
+        let visibility_ms = i64::try_from(visibility_ms).unwrap_or(i64::MAX);
         let max_receives = self.max_receives;
         let max = i64::try_from(max).unwrap_or(i64::MAX);
         let taken = self
@@ -612,9 +612,14 @@ impl WorkQueue for EmbeddedQueue {
     }
 
     async fn receive(&self, max: usize, wait: Duration) -> Result<Vec<ReceivedMessage>> {
+        self.receive_hidden(max, wait, Duration::from_millis(self.visibility_ms)).await
+    }
+
+    async fn receive_hidden(&self, max: usize, wait: Duration, hidden: Duration) -> Result<Vec<ReceivedMessage>> {
         let deadline = tokio::time::Instant::now() + wait;
+        let hidden_ms = u64::try_from(hidden.as_millis()).unwrap_or(u64::MAX);
         loop {
-            let batch = self.try_receive(max.max(1)).await?;
+            let batch = self.try_receive(max.max(1), hidden_ms).await?;
             let now = tokio::time::Instant::now();
             if !batch.is_empty() || now >= deadline {
                 return Ok(batch);
