@@ -11,6 +11,7 @@ import * as cloudwatch from 'aws-cdk-lib/aws-cloudwatch';
 import * as cw_actions from 'aws-cdk-lib/aws-cloudwatch-actions';
 import * as ec2 from 'aws-cdk-lib/aws-ec2';
 import * as ecr from 'aws-cdk-lib/aws-ecr';
+import { Platform } from 'aws-cdk-lib/aws-ecr-assets';
 import * as ecs from 'aws-cdk-lib/aws-ecs';
 import * as iam from 'aws-cdk-lib/aws-iam';
 import * as kms from 'aws-cdk-lib/aws-kms';
@@ -233,7 +234,8 @@ export class ComputeStack extends Stack {
    * the pull), another registry's as it is, or a CDK asset built from the Dockerfile.
    */
   private containerImage(id: string, source: ImageSource): ecs.ContainerImage {
-    if (!source.uri) return ecs.ContainerImage.fromAsset(REPO_ROOT, { file: source.dockerfile });
+    // Built for the tasks' x86_64 wherever `cdk deploy` runs (an arm64 laptop would build arm64).
+    if (!source.uri) return ecs.ContainerImage.fromAsset(REPO_ROOT, { file: source.dockerfile, platform: Platform.LINUX_AMD64 });
     const ecrImage = ECR_URI.exec(source.uri);
     if (!ecrImage) return ecs.ContainerImage.fromRegistry(source.uri);
     const [, account, region, repositoryName, tag] = ecrImage;
@@ -322,18 +324,16 @@ export class ComputeStack extends Stack {
     if (spec.input) {
       allow('ConsumeInputQueue', ['sqs:ReceiveMessage', 'sqs:DeleteMessage', 'sqs:ChangeMessageVisibility', 'sqs:GetQueueUrl', 'sqs:GetQueueAttributes'], [data.queue(spec.input).queueArn]);
     }
-    allow('SendDownstreamAndDlq', ['sqs:SendMessage', 'sqs:GetQueueUrl'], [...spec.sends, spec.dlq].map((q) => data.queue(q).queueArn));
+    // GetQueueAttributes: a send over 256 KiB asks the queue its MaximumMessageSize, and each
+    // worker samples its DLQ's depth (and results, the review queue's) for the queue metrics.
+    allow('SendDownstreamAndDlq', ['sqs:SendMessage', 'sqs:GetQueueUrl', 'sqs:GetQueueAttributes'], [...spec.sends, spec.dlq].map((q) => data.queue(q).queueArn));
     // Messages and DLQ entries over SQS's 256 KiB travel as claim-checks; so do large payloads.
     allow('ClaimChecks', ['s3:GetObject', 's3:PutObject'], [claimCheckObjects(data)]);
-    // Listing the claim-checks' keys makes S3 answer a key that is gone (expired by the bucket's
-    // lifecycle) with NoSuchKey, the record's `claim_check_missing`, rather than AccessDenied,
-    // which the workers take for a deployment that may not read its own bucket, and stop.
-    statements.push(new iam.PolicyStatement({
-      sid: 'ClaimCheckKeys',
-      actions: ['s3:ListBucket'],
-      resources: [claimCheckBucket(data)],
-      conditions: { StringLike: { 's3:prefix': [`${RESOURCES.claim_check_key_prefix}*`] } },
-    }));
+    // Listing the bucket makes S3 answer a key that is gone (expired by the bucket's lifecycle)
+    // with NoSuchKey, the record's `claim_check_missing`, rather than AccessDenied, which the
+    // workers take for a deployment that may not read its own bucket, and stop. Unconditioned:
+    // a GetObject carries no s3:prefix, so a condition on it would never hold (as the monitor's).
+    allow('ClaimCheckKeys', ['s3:ListBucket'], [claimCheckBucket(data)]);
     // Every worker adds its AWS request counts to the counters table (`sluice stats`).
     const counters = data.table('counters').tableArn;
     switch (stage) {
