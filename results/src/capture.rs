@@ -53,6 +53,9 @@ pub(crate) struct CaptureWriter {
     features: Arc<dyn FeatureStore>,
     config: CaptureConfig,
     pending: Mutex<Pending>,
+    /// Held while a chunk is written: a flush at stop waits for one in flight (which may fail and
+    /// put its lines back), rather than find nothing pending and let the process exit under it.
+    writing: Mutex<()>,
 }
 
 #[derive(Default)]
@@ -70,7 +73,7 @@ const PENDING_LIMIT_FLUSHES: usize = 8;
 
 impl CaptureWriter {
     pub(crate) fn new(log: Arc<dyn CaptureLog>, features: Arc<dyn FeatureStore>, config: CaptureConfig) -> Self {
-        Self { log, features, config, pending: Mutex::default() }
+        Self { log, features, config, pending: Mutex::default(), writing: Mutex::default() }
     }
 
     pub(crate) fn flush_interval(&self) -> Duration {
@@ -126,9 +129,15 @@ impl CaptureWriter {
     }
 
     /// Writes what has gathered if it is due (big or old enough, and not backing off after a
-    /// failure), or whatever there is when `all` (stopping). The lock is not held while the
-    /// chunk is written: batches go on gathering lines meanwhile.
+    /// failure), or whatever there is when `all` (stopping). The lines' lock is not held while
+    /// the chunk is written: batches go on gathering lines meanwhile. One chunk is written at a
+    /// time; a flush that is not the last leaves it to one already writing.
     pub(crate) async fn flush(&self, all: bool) {
+        let _writing = match self.writing.try_lock() {
+            Ok(guard) => guard,
+            Err(_) if all => self.writing.lock().await,
+            Err(_) => return,
+        };
         let (lines, records) = {
             let mut pending = self.pending.lock().await;
             let now = Instant::now();
@@ -189,10 +198,11 @@ mod tests {
 
     use super::*;
 
-    /// A log that refuses its first `failures` chunks.
+    /// A log that refuses its first `failures` chunks, each after `slow`.
     #[derive(Default)]
     struct FlakyLog {
         failures: AtomicUsize,
+        slow: Duration,
         written: StdMutex<Vec<Vec<u8>>>,
     }
 
@@ -201,6 +211,7 @@ mod tests {
         async fn append(&self, lines: Vec<u8>, _at_ms: u64) -> sluice_core::Result<()> {
             if self.failures.load(Ordering::SeqCst) > 0 {
                 self.failures.fetch_sub(1, Ordering::SeqCst);
+                tokio::time::sleep(self.slow).await;
                 return Err(SluiceError::retryable(ReasonCode::StoreUnavailable, "down"));
             }
             self.written.lock().unwrap().push(lines);
@@ -261,6 +272,24 @@ mod tests {
         capture(&writer, "c").await;
         let written = log.written.lock().unwrap().concat();
         assert_eq!(ids(&written), ["a", "b", "c"], "the oldest first, none lost");
+    }
+
+    /// SIGTERM's flush while a chunk is being written waits for it: that chunk, failed, is
+    /// written by the last flush instead of being put back after it (and lost with the process).
+    #[tokio::test]
+    async fn the_last_flush_waits_for_a_chunk_in_flight() {
+        let slow = Duration::from_millis(200);
+        let log = Arc::new(FlakyLog { failures: AtomicUsize::new(1), slow, ..Default::default() });
+        let config = CaptureConfig { flush_after_ms: 0, ..CaptureConfig::default() };
+        let writer = Arc::new(CaptureWriter::new(log.clone(), Arc::new(NoFeatures), config));
+        let batch = tokio::spawn({
+            let writer = writer.clone();
+            async move { capture(&writer, "a").await }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        writer.flush(true).await;
+        assert_eq!(ids(&log.written.lock().unwrap().concat()), ["a"]);
+        batch.await.unwrap();
     }
 
     #[tokio::test]
