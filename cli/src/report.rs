@@ -30,10 +30,12 @@ pub struct ReportArgs {
 pub async fn run(args: &ReportArgs, settings: Settings) -> anyhow::Result<ReportSummary> {
     let settings = args.store.apply(settings);
     let config: MonitorConfig = settings.section("monitor")?;
+    let results: sluice_results::ResultsConfig = settings.section("results")?;
     let manifest = ModelBundle::load(settings.model()?.dir)?.manifest;
     let backend = Backend::open_observer(&settings.store()?).await?;
     let (since, until) = crate::monitor::window(args.since.as_deref(), args.until.as_deref(), &config)?;
-    Ok(write(&backend, &config, &manifest, since, until, &args.out).await?)
+    let sample_rate = results.capture.sample_rate;
+    Ok(write(&backend, &config, &manifest, (since, until), sample_rate, &args.out).await?)
 }
 
 pub fn print_text(summary: &ReportSummary) -> std::io::Result<()> {

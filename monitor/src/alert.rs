@@ -25,6 +25,9 @@ pub struct Check {
     pub threshold: f64,
     /// `None`: not judged (too little data, no reference).
     pub breached: Option<bool>,
+    /// Back within the threshold by a margin ([`resolves`]): what a firing alert needs to be
+    /// over, so that a value hovering at the threshold does not fire and resolve by turns.
+    pub clear: bool,
     /// What a person reading the alert needs: the numbers and what they are over.
     pub detail: String,
 }
@@ -70,15 +73,22 @@ pub struct Alert {
     pub text: String,
 }
 
+/// How far back within its threshold a firing check must come to resolve: accuracy a point
+/// over its baseline, a PSI under four fifths of its threshold.
+pub mod resolves {
+    pub const ACCURACY_MARGIN: f64 = 0.01;
+    pub const PSI_SHARE: f64 = 0.8;
+}
+
 /// The crossings `checks` make from `state`: a breach not yet alerted, or an alerted one that
-/// is over. Checks not judged change nothing.
+/// is clearly over. Checks not judged change nothing.
 pub fn crossings(state: &AlertState, checks: &[Check], model: &str) -> Vec<Alert> {
     checks
         .iter()
         .filter_map(|check| {
             let status = match (check.breached, state.firing.contains_key(&check.name)) {
                 (Some(true), false) => AlertStatus::Firing,
-                (Some(false), true) => AlertStatus::Resolved,
+                (Some(false), true) if check.clear => AlertStatus::Resolved,
                 _ => return None,
             };
             let text = match status {
@@ -174,7 +184,8 @@ mod tests {
     use super::*;
 
     fn check(name: &str, breached: Option<bool>) -> Check {
-        Check { name: name.into(), value: Some(0.5), threshold: 0.85, breached, detail: "d".into() }
+        let clear = breached == Some(false);
+        Check { name: name.into(), value: Some(0.5), threshold: 0.85, breached, clear, detail: "d".into() }
     }
 
     #[test]
@@ -186,6 +197,9 @@ mod tests {
         state.firing.insert("accuracy".into(), 1);
         assert!(crossings(&state, &[check("accuracy", Some(true))], "m").is_empty(), "no storm");
         assert!(crossings(&state, &[check("accuracy", None)], "m").is_empty(), "not judged: no change");
+        // Back within, but not by the margin: still firing, no notice.
+        let hovering = Check { clear: false, ..check("accuracy", Some(false)) };
+        assert!(crossings(&state, &[hovering], "m").is_empty(), "no flapping at the threshold");
         let over = crossings(&state, &[check("accuracy", Some(false))], "m");
         assert_eq!(over[0].status, AlertStatus::Resolved);
     }

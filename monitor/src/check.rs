@@ -8,7 +8,7 @@ use sluice_core::telemetry::metrics::metrics;
 use sluice_core::{ReasonCode, Result, SluiceError};
 
 use crate::MonitorConfig;
-use crate::alert::{Alert, AlertState, Check, Notifier, crossings, notify};
+use crate::alert::{Alert, AlertState, Check, Notifier, crossings, notify, resolves};
 use crate::drift::{Drift, Profile, REFERENCE_DOCUMENT, Reference, compare, feature_names};
 use crate::quality::{Quality, quality};
 use crate::window::Window;
@@ -116,6 +116,8 @@ fn judge(
         value: accuracy,
         threshold: config.accuracy_baseline,
         breached: (overall.labelled >= config.min_labelled).then(|| accuracy.unwrap_or(1.0) < config.accuracy_baseline),
+        clear: overall.labelled >= config.min_labelled
+            && accuracy.unwrap_or(1.0) >= (config.accuracy_baseline + resolves::ACCURACY_MARGIN).min(1.0),
         detail: match accuracy {
             Some(a) => format!(
                 "accuracy {:.1}% over {} labelled predictions (baseline {:.1}%{})",
@@ -137,22 +139,34 @@ fn judge(
     } else {
         format!("{records} predictions in the window; drift is judged from {}", config.min_records)
     };
-    let psi_check = |name: &str, value: Option<f64>, what: String| Check {
+    let psi_check = |name: &str, value: Option<f64>, what: String, enough: bool, why_not: String| Check {
         name: name.into(),
         value,
         threshold: config.psi_threshold,
         breached: value.filter(|_| enough).map(|v| v > config.psi_threshold),
+        clear: value.filter(|_| enough).is_some_and(|v| v <= config.psi_threshold * resolves::PSI_SHARE),
         detail: match value {
             Some(v) if enough => {
                 format!("PSI {v:.3} of {what} against the reference (threshold {})", config.psi_threshold)
             }
-            _ => why_not.clone(),
+            _ => why_not,
         },
     };
-    checks.push(psi_check("prediction_drift", drift.map(|d| d.prediction_psi), "the predicted classes".into()));
-    checks.push(psi_check("confidence_drift", drift.map(|d| d.confidence_psi), "the confidences".into()));
-    if let Some(worst) = drift.and_then(Drift::worst_feature) {
-        checks.push(psi_check("feature_drift", Some(worst.1), format!("input feature {:?} (the most moved)", worst.0)));
+    let predictions = drift.map(|d| d.prediction_psi);
+    checks.push(psi_check("prediction_drift", predictions, "the predicted classes".into(), enough, why_not.clone()));
+    let confidences = drift.map(|d| d.confidence_psi);
+    checks.push(psi_check("confidence_drift", confidences, "the confidences".into(), enough, why_not.clone()));
+    if let Some(drift) = drift
+        && let Some(worst) = drift.worst_feature()
+    {
+        // Judged from as many records with features, on both sides, as the others are from.
+        let enough = drift.feature_records >= config.min_records;
+        let why_not = format!(
+            "{} records with feature vectors in the window or the reference; feature drift is judged from {}",
+            drift.feature_records, config.min_records
+        );
+        let what = format!("input feature {:?} (the most moved)", worst.0);
+        checks.push(psi_check("feature_drift", Some(worst.1), what, enough, why_not));
     }
     checks
 }
@@ -172,5 +186,27 @@ fn report_metrics(quality: &Quality, drift: Option<&Drift>) {
         if let Some((_, worst)) = d.worst_feature() {
             metrics().drift_psi("feature_max", *worst);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn feature_drift(feature_records: u64) -> Option<Check> {
+        let config = MonitorConfig::default();
+        let drift = Drift { features: vec![("amount".into(), 2.0)], feature_records, ..Drift::default() };
+        judge(&config, &Quality::default(), Some(&drift), 5_000, true).into_iter().find(|c| c.name == "feature_drift")
+    }
+
+    /// A window of thousands of images and three tabular events has three values a feature:
+    /// their PSI says nothing, and is shown, not judged.
+    #[test]
+    fn feature_drift_is_judged_from_as_many_records_with_features_as_the_rest() {
+        let few = feature_drift(3).unwrap();
+        assert_eq!(few.breached, None, "{few:?}");
+        assert!(few.detail.contains("3 records with feature vectors"), "{}", few.detail);
+        let many = feature_drift(MonitorConfig::default().min_records).unwrap();
+        assert_eq!(many.breached, Some(true), "{many:?}");
     }
 }

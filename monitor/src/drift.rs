@@ -78,6 +78,9 @@ pub struct Drift {
     pub confidence_psi: f64,
     /// Per feature (named after the bundle's tabular spec), where both sides have vectors.
     pub features: Vec<(String, f64)>,
+    /// The fewer of the two sides' records with feature vectors: where a bundle takes images and
+    /// tabular events, the tabular ones may be a handful of a window's predictions.
+    pub feature_records: u64,
 }
 
 impl Drift {
@@ -105,6 +108,7 @@ pub fn compare(reference: &Profile, current: &Profile, feature_names: &[String])
         prediction_psi: psi(&count(reference), &count(current)),
         confidence_psi: psi(&reference.confidence, &current.confidence),
         features,
+        feature_records: reference.feature_records.min(current.feature_records),
     }
 }
 

@@ -118,15 +118,17 @@ pub fn parse_labels(text: &str, format: LabelFormat, classes: &[String], rejecte
                 .trim(csv::Trim::All)
                 .from_reader(text.as_bytes());
             for (i, row) in reader.records().enumerate() {
-                let n = i as u64 + 1;
                 let row = match row {
                     Ok(row) => row,
                     Err(e) => {
+                        let n = e.position().map_or(i as u64 + 1, csv::Position::line);
                         read.push(Err(format!("line {n}: {e}")));
                         continue;
                     }
                 };
-                if n == 1 && row.get(0).is_some_and(|c| c.eq_ignore_ascii_case("record_id")) {
+                // The file's line (blank lines are passed over, not counted as rows).
+                let n = row.position().map_or(i as u64 + 1, csv::Position::line);
+                if i == 0 && row.get(0).is_some_and(|c| c.eq_ignore_ascii_case("record_id")) {
                     continue;
                 }
                 match (row.get(0), row.get(1), row.len()) {
@@ -143,6 +145,11 @@ pub fn parse_labels(text: &str, format: LabelFormat, classes: &[String], rejecte
             Err(why) => rejected.push(why),
         }
     }
+    // A record labelled twice in one file (a correction appended) gets its last label: the labels
+    // are written many at a time, in no set order, so both could not go.
+    let mut seen = std::collections::HashSet::with_capacity(labels.len());
+    let mut labels: Vec<Label> = labels.into_iter().rev().filter(|l| seen.insert(l.record_id.clone())).collect();
+    labels.reverse();
     labels
 }
 
@@ -198,6 +205,14 @@ mod tests {
 
     fn pairs(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
         pairs.iter().map(|(id, label)| (id.to_string(), label.to_string())).collect()
+    }
+
+    #[test]
+    fn a_record_labelled_twice_gets_its_last_label_and_lines_count_blank_ones() {
+        let (labels, rejected) = parse("a,3\n\nb,1\na,8\nc\n", LabelFormat::Csv);
+        assert_eq!(labels, pairs(&[("b", "1"), ("a", "8")]));
+        assert_eq!(rejected.len(), 1);
+        assert!(rejected[0].starts_with("line 5:"), "{rejected:?}");
     }
 
     #[test]

@@ -47,8 +47,6 @@ pub struct ReportSummary {
 /// Bucket widths a window is cut into, the smallest that gives at most [`MAX_BUCKETS`].
 const BUCKET_WIDTHS_S: [u64; 14] = [1, 2, 5, 10, 30, 60, 300, 600, 900, 1800, 3600, 10_800, 21_600, 86_400];
 const MAX_BUCKETS: u64 = 40;
-/// A time bucket with fewer predictions than this gets no PSI point (too noisy to mean much).
-const MIN_BUCKET_FOR_PSI: usize = 20;
 
 /// The backend label a fallback prediction carries starts with this.
 const FALLBACK_PREFIX: &str = "sagemaker";
@@ -56,33 +54,40 @@ const FALLBACK_PREFIX: &str = "sagemaker";
 struct DeadLetter {
     at_ms: u64,
     reason: String,
+    /// Whether its record would have been captured (`results.capture.sample_rate`): rates
+    /// against the captured predictions count only these.
+    sampled: bool,
 }
 
-/// Writes the report of `since_ms..=until_ms` into `out` (created if needed).
+/// Writes the report of `since_ms..=until_ms` into `out` (created if needed). `sample_rate` is
+/// the results stage's `capture.sample_rate`: the share of predictions captured, by record id.
 pub async fn write(
     backend: &Backend,
     config: &MonitorConfig,
     manifest: &ModelManifest,
-    since_ms: u64,
-    until_ms: u64,
+    (since_ms, until_ms): (u64, u64),
+    sample_rate: f64,
     out: &Path,
 ) -> Result<ReportSummary> {
     if since_ms > until_ms {
         return Err(SluiceError::permanent(ReasonCode::SchemaMismatch, "a report's window must start before it ends"));
     }
     let window = Window::read(backend, since_ms, until_ms).await?;
+    let sample_rate = if sample_rate > 0.0 { sample_rate.min(1.0) } else { 1.0 };
     let mut dead = Vec::new();
     for letters in Letters::ALL.into_iter().filter(|l| *l != Letters::Review) {
         for item in sluice_core::dlq::list(backend, letters, &Filter::default(), usize::MAX).await? {
             let at_ms = item.entry.last_failure_ms;
             if (since_ms..=until_ms).contains(&at_ms) {
-                dead.push(DeadLetter { at_ms, reason: format!("{}/{}", item.entry.stage, item.entry.reason) });
+                let reason = format!("{}/{}", item.entry.stage, item.entry.reason);
+                let sampled = item.record_id().is_none_or(|id| sluice_core::capture::sampled(id, sample_rate));
+                dead.push(DeadLetter { at_ms, reason, sampled });
             }
         }
     }
     let saved = load_reference(backend).await?;
     let state = AlertState::load(backend.capture.as_ref()).await?;
-    let page = Page::new(&window, &dead, saved.as_ref().map(|r| &r.profile), manifest, config);
+    let page = Page::new(&window, &dead, saved.as_ref().map(|r| &r.profile), manifest, config, sample_rate);
     let (html, charts) = page.render(&state)?;
     std::fs::create_dir_all(out).map_err(|e| io_error(out, e))?;
     let path = out.join("index.html");
@@ -130,6 +135,8 @@ struct Page<'a> {
     origin_ms: u64,
     width_s: u64,
     buckets: Vec<Bucket<'a>>,
+    /// The share of predictions captured (`results.capture.sample_rate`).
+    sample_rate: f64,
 }
 
 #[derive(Default)]
@@ -145,6 +152,7 @@ impl<'a> Page<'a> {
         saved: Option<&Profile>,
         manifest: &'a ModelManifest,
         config: &'a MonitorConfig,
+        sample_rate: f64,
     ) -> Self {
         let times = window.captures().map(|c| c.captured_ms).chain(dead.iter().map(|d| d.at_ms));
         let (first, last) = times.fold((u64::MAX, 0), |(lo, hi), t| (lo.min(t), hi.max(t)));
@@ -158,14 +166,15 @@ impl<'a> Page<'a> {
         for o in &window.observations {
             buckets[index(o.capture.captured_ms)].observations.push(o);
         }
-        for d in dead {
+        // Beside the captured predictions, the entries of records that would have been captured.
+        for d in dead.iter().filter(|d| d.sampled) {
             *buckets[index(d.at_ms)].dead.entry(d.reason.as_str()).or_default() += 1;
         }
         let (reference, reference_name) = match saved {
             Some(profile) => (profile.clone(), "saved"),
             None => (Profile::of(window.captures()), "window"),
         };
-        Self { window, dead, reference, reference_name, manifest, config, origin_ms, width_s, buckets }
+        Self { window, dead, reference, reference_name, manifest, config, origin_ms, width_s, buckets, sample_rate }
     }
 
     /// The x of bucket `i`: its middle, in seconds after the origin.
@@ -231,16 +240,16 @@ impl<'a> Page<'a> {
             "How sure the model is, per class it predicts. A class whose mass slides left is one it is losing its grip on.",
         ));
 
-        // Throughput.
-        let width = self.width_s as f64;
+        // Throughput: the captured predictions, scaled up by the capture's sample rate.
+        let per_second = self.width_s as f64 * self.sample_rate;
+        let throughput = self.per_bucket(|b| Some(b.observations.len() as f64 / per_second));
         out.push((
-            self.time_chart(
-                "Throughput",
-                "results / s",
-                1.0,
-                vec![Series::line("results stored", self.per_bucket(|b| Some(b.observations.len() as f64 / width)))],
-            ),
-            "Predictions stored per second.",
+            self.time_chart("Throughput", "results / s", 1.0, vec![Series::line("results stored", throughput)]),
+            if self.sample_rate < 1.0 {
+                "Predictions stored per second, estimated from the captured sample (results.capture.sample_rate)."
+            } else {
+                "Predictions stored per second."
+            },
         ));
 
         // Latency.
@@ -325,23 +334,27 @@ impl<'a> Page<'a> {
 
         // Drift.
         let names = feature_names(self.manifest);
+        // A bucket gets a point from as many predictions (and a feature, records with features)
+        // as the monitor judges drift from: fewer read as drift by chance (a class missing
+        // from 20 predictions adds ~0.7), on an unchanged stream.
+        let enough = self.config.min_records.max(1);
         let drifts: Vec<(f64, crate::drift::Drift)> = self
             .buckets
             .iter()
             .enumerate()
-            .filter(|(_, b)| b.observations.len() >= MIN_BUCKET_FOR_PSI)
+            .filter(|(_, b)| b.observations.len() as u64 >= enough)
             .map(|(i, b)| {
                 (self.x(i), compare(&self.reference, &Profile::of(b.observations.iter().map(|o| &o.capture)), &names))
             })
             .collect();
-        let psi = |pick: fn(&crate::drift::Drift) -> Option<f64>| -> Vec<(f64, f64)> {
+        let psi = |pick: &dyn Fn(&crate::drift::Drift) -> Option<f64>| -> Vec<(f64, f64)> {
             drifts.iter().filter_map(|(x, d)| pick(d).map(|v| (*x, v))).collect()
         };
         let mut series = vec![
-            Series::line("predicted classes", psi(|d| Some(d.prediction_psi))),
-            Series::line("confidences", psi(|d| Some(d.confidence_psi))),
+            Series::line("predicted classes", psi(&|d| Some(d.prediction_psi))),
+            Series::line("confidences", psi(&|d| Some(d.confidence_psi))),
         ];
-        let features = psi(|d| d.worst_feature().map(|w| w.1));
+        let features = psi(&|d| d.worst_feature().filter(|_| d.feature_records >= enough).map(|w| w.1));
         if !features.is_empty() {
             series.push(Series::line("most moved feature", features));
         }
@@ -353,9 +366,11 @@ impl<'a> Page<'a> {
         out.push((
             self.time_chart("Drift (population stability index)", "PSI", 0.25, series),
             if self.reference_name == "saved" {
-                "Each bucket against the reference saved with `sluice monitor --set-reference`."
+                "Each bucket against the reference saved with `sluice monitor --set-reference`; a bucket \
+                 with fewer predictions than `monitor.min_records` has no point."
             } else {
-                "Each bucket against the whole window (no reference saved: `sluice monitor --set-reference`)."
+                "Each bucket against the whole window (no reference saved: `sluice monitor --set-reference`); \
+                 a bucket with fewer predictions than `monitor.min_records` has no point."
             },
         ));
 
