@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::time::Instant;
 
-use anyhow::bail;
+use anyhow::{Context, bail};
 use serde::Serialize;
 use sluice_core::backend::Backend;
 use sluice_core::backend::aws::{requests, requests_moving_records};
@@ -114,10 +114,17 @@ pub async fn demo(args: &DemoArgs, settings: Settings) -> anyhow::Result<Summary
                     .set("store.aws.prefix", format!("sluice-demo-{}", run_tag()))
                     .set("store.shards", DEMO_AWS_SHARDS);
             }
+            let store = settings.store()?;
             if args.no_bootstrap {
-                sluice_core::backend::aws::bootstrap::check(&settings.store()?).await?;
+                sluice_core::backend::aws::bootstrap::check(&store).await?;
             } else {
-                sluice_core::backend::aws::bootstrap::bootstrap(&settings.store()?).await?;
+                // Failed half way, what it made bills on: say which prefix to tear down.
+                let prefix = &store.aws.prefix;
+                sluice_core::backend::aws::bootstrap::bootstrap(&store).await.with_context(|| {
+                    format!(
+                        "bootstrapping prefix {prefix}: `sluice aws teardown --prefix {prefix}` deletes what it made"
+                    )
+                })?;
             }
         }
     }

@@ -53,6 +53,49 @@ async fn a_prefix_s3_would_refuse_makes_nothing() {
     assert!(err.contains("incomplete") && err.contains("stream"), "nothing was made: {err}");
 }
 
+/// Outside us-east-1 S3 wants the bucket's region named: bootstrap there makes everything, and
+/// says where. A results table made without the index the workers query is named, not passed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bootstrap_outside_us_east_1_and_a_table_of_an_older_shape() {
+    let mut config = aws_store_config(&unique_prefix("region"));
+    config.aws.region = Some("eu-west-1".to_owned());
+    let made = bootstrap(&config).await.unwrap();
+    assert_eq!(made.region, "eu-west-1");
+    assert_eq!(check(&config).await.unwrap().bucket, made.bucket);
+    teardown(&config).await.unwrap();
+
+    let older = aws_store_config(&unique_prefix("older"));
+    let clients = Clients::load(&older.aws, Default::default()).await.unwrap();
+    let key = |name: &str| {
+        (
+            aws_sdk_dynamodb::types::AttributeDefinition::builder()
+                .attribute_name(name)
+                .attribute_type(aws_sdk_dynamodb::types::ScalarAttributeType::S)
+                .build()
+                .unwrap(),
+            aws_sdk_dynamodb::types::KeySchemaElement::builder()
+                .attribute_name(name)
+                .key_type(aws_sdk_dynamodb::types::KeyType::Hash)
+                .build()
+                .unwrap(),
+        )
+    };
+    let (attribute, schema) = key("record_id");
+    clients
+        .dynamodb
+        .create_table()
+        .table_name(format!("{}-results", older.aws.prefix))
+        .billing_mode(aws_sdk_dynamodb::types::BillingMode::PayPerRequest)
+        .attribute_definitions(attribute)
+        .key_schema(schema)
+        .send()
+        .await
+        .unwrap();
+    let err = bootstrap(&older).await.unwrap_err().to_string();
+    assert!(err.contains(&format!("{}-results exists without the index", older.aws.prefix)), "{err}");
+    teardown(&older).await.unwrap();
+}
+
 /// Teardown deletes all bootstrap made, the bucket's objects with it; run again, it finds
 /// nothing; a stream CloudFormation made is refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -9,9 +9,10 @@ use std::time::Duration;
 use aws_sdk_dynamodb::client::Waiters as _;
 use aws_sdk_dynamodb::types::{
     AttributeDefinition, BillingMode, GlobalSecondaryIndex, KeySchemaElement, KeyType, Projection, ProjectionType,
-    ScalarAttributeType, TimeToLiveSpecification,
+    ScalarAttributeType, TableStatus, TimeToLiveSpecification, TimeToLiveStatus,
 };
 use aws_sdk_kinesis::types::StreamStatus;
+use aws_sdk_s3::types::{BucketLocationConstraint, CreateBucketConfiguration};
 use aws_sdk_sqs::types::QueueAttributeName;
 use aws_smithy_runtime_api::client::orchestrator::HttpResponse;
 use aws_smithy_runtime_api::client::result::SdkError;
@@ -26,6 +27,9 @@ use crate::topology::QueueName;
 /// What bootstrap made (or found already there).
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct Bootstrapped {
+    /// The region they are in (the credential chain's, unless set): a wrong one is the likeliest
+    /// reason a deployed stack's resources are "missing".
+    pub region: String,
     pub stream: String,
     pub queues: Vec<String>,
     pub tables: Vec<String>,
@@ -41,8 +45,12 @@ pub async fn bootstrap(config: &StoreConfig) -> Result<Bootstrapped> {
     let names = Names::new(&config.aws.prefix);
     names.check().map_err(|e| SluiceError::permanent(ReasonCode::SchemaMismatch, e))?;
     let clients = Clients::load(&config.aws, super::RequestCounter::default()).await?;
-    let mut made = Bootstrapped { stream: names.stream(), bucket: names.bucket(), ..Default::default() };
+    let region = clients.region();
+    let mut made = Bootstrapped { region, stream: names.stream(), bucket: names.bucket(), ..Default::default() };
 
+    // The bucket first: its name is global, so another account may hold it, and found so, nothing
+    // else has been made yet.
+    create_bucket(&clients.s3, &names.bucket(), &made.region).await?;
     create_stream(&clients.kinesis, &names.stream(), config.shards.max(1) as i32).await?;
 
     // DLQs first: the work queues' redrive policies name them.
@@ -77,15 +85,7 @@ pub async fn bootstrap(config: &StoreConfig) -> Result<Bootstrapped> {
             wanted.push((QueueAttributeName::RedrivePolicy, policy.to_string()));
         }
         let name = names.queue(queue);
-        let request =
-            clients.sqs.create_queue().queue_name(&name).set_attributes(Some(wanted.iter().cloned().collect()));
-        match request.send().await {
-            Ok(_) => {}
-            Err(e) if error_code(&e) == Some("QueueAlreadyExists") => {
-                return Err(settled_otherwise(&clients.sqs, &name, &wanted).await);
-            }
-            Err(e) => return Err(classify("CreateQueue", e)),
-        }
+        create_queue(&clients.sqs, &name, &wanted).await?;
         made.queues.push(name);
     }
 
@@ -94,32 +94,99 @@ pub async fn bootstrap(config: &StoreConfig) -> Result<Bootstrapped> {
         made.tables.push(table);
     }
     if config.aws.result_ttl_days > 0 {
-        let ttl = TimeToLiveSpecification::builder()
-            .enabled(true)
-            .attribute_name(super::resources::result_ttl_attribute())
-            .build()
-            .map_err(|e| SluiceError::permanent(ReasonCode::Internal, e.to_string()))?;
-        let result = clients
-            .dynamodb
-            .update_time_to_live()
-            .table_name(names.results_table())
-            .time_to_live_specification(ttl)
-            .send()
-            .await;
-        if let Err(e) = result {
-            // Already enabled is fine; anything else is not.
-            if error_code(&e) != Some("ValidationException") {
-                return Err(classify("UpdateTimeToLive", e));
-            }
-        }
-    }
-
-    match clients.s3.create_bucket().bucket(names.bucket()).send().await {
-        Ok(_) => {}
-        Err(e) if matches!(error_code(&e), Some("BucketAlreadyOwnedByYou" | "BucketAlreadyExists")) => {}
-        Err(e) => return Err(classify("CreateBucket", e)),
+        enable_ttl(&clients.dynamodb, &names.results_table()).await?;
     }
     Ok(made)
+}
+
+/// Creates the bucket in the clients' region, or finds it this account's already.
+async fn create_bucket(s3: &aws_sdk_s3::Client, bucket: &str, region: &str) -> Result<()> {
+    let mut request = s3.create_bucket().bucket(bucket);
+    // S3 wants the region named outside us-east-1 (and refuses it named there).
+    if region != "us-east-1" {
+        let constraint = BucketLocationConstraint::from(region);
+        let configuration = CreateBucketConfiguration::builder().location_constraint(constraint).build();
+        request = request.create_bucket_configuration(configuration);
+    }
+    match request.send().await {
+        Ok(_) => Ok(()),
+        Err(e) if error_code(&e) == Some("BucketAlreadyOwnedByYou") => Ok(()),
+        Err(e) if error_code(&e) == Some("BucketAlreadyExists") => Err(SluiceError::permanent(
+            ReasonCode::Misconfigured,
+            format!(
+                "the bucket {bucket} belongs to another AWS account (bucket names are global): choose another \
+                 prefix (--prefix); nothing was made"
+            ),
+        )),
+        Err(e) => Err(classify("CreateBucket", e)),
+    }
+}
+
+/// How long bootstrap waits for a resource that is being made or deleted (a teardown just before,
+/// another bootstrap at the same time).
+const SETTLING: Duration = Duration::from_secs(120);
+
+/// Creates a queue with `wanted`; one there already with other settings is named, not changed.
+/// A queue deleted less than a minute ago (a teardown just before) cannot be made again yet:
+/// it waits that out.
+async fn create_queue(sqs: &aws_sdk_sqs::Client, name: &str, wanted: &[(QueueAttributeName, String)]) -> Result<()> {
+    let started = std::time::Instant::now();
+    loop {
+        let request = sqs.create_queue().queue_name(name).set_attributes(Some(wanted.iter().cloned().collect()));
+        match request.send().await {
+            Ok(_) => return Ok(()),
+            Err(e) if error_code(&e) == Some("QueueAlreadyExists") => {
+                return Err(settled_otherwise(sqs, name, wanted).await);
+            }
+            Err(e)
+                if error_code(&e).is_some_and(|code| code.ends_with("QueueDeletedRecently"))
+                    && started.elapsed() < SETTLING =>
+            {
+                tracing::info!(queue = name, "deleted less than a minute ago: waiting to make it again");
+                tokio::time::sleep(Duration::from_secs(5)).await;
+            }
+            Err(e) => return Err(classify("CreateQueue", e)),
+        }
+    }
+}
+
+/// Turns on the result table's time to live, on its expiry attribute. One on another attribute
+/// is named, not changed: results would never expire where the workers expect them to.
+async fn enable_ttl(dynamodb: &aws_sdk_dynamodb::Client, table: &str) -> Result<()> {
+    let attribute = super::resources::result_ttl_attribute();
+    let described = dynamodb
+        .describe_time_to_live()
+        .table_name(table)
+        .send()
+        .await
+        .map_err(|e| classify("DescribeTimeToLive", e))?;
+    if let Some(ttl) = described.time_to_live_description
+        && matches!(ttl.time_to_live_status, Some(TimeToLiveStatus::Enabled | TimeToLiveStatus::Enabling))
+    {
+        return match ttl.attribute_name.as_deref() {
+            Some(name) if name == attribute => Ok(()),
+            other => Err(SluiceError::permanent(
+                ReasonCode::Misconfigured,
+                format!(
+                    "table {table} expires items by {other:?}, not by {attribute:?} as the results stage writes: \
+                     results would never expire (store.aws.result_ttl_days)"
+                ),
+            )),
+        };
+    }
+    let ttl = TimeToLiveSpecification::builder()
+        .enabled(true)
+        .attribute_name(attribute)
+        .build()
+        .map_err(|e| SluiceError::permanent(ReasonCode::Internal, e.to_string()))?;
+    dynamodb
+        .update_time_to_live()
+        .table_name(table)
+        .time_to_live_specification(ttl)
+        .send()
+        .await
+        .map_err(|e| classify("UpdateTimeToLive", e))?;
+    Ok(())
 }
 
 /// Finds every resource the workers of `config.aws.prefix` will use, creating nothing; the error
@@ -128,7 +195,8 @@ pub async fn check(config: &StoreConfig) -> Result<Bootstrapped> {
     let clients = Clients::load(&config.aws, super::RequestCounter::default()).await?;
     let names = Names::new(&config.aws.prefix);
     let mut missing = Vec::new();
-    let mut found = Bootstrapped { stream: names.stream(), bucket: names.bucket(), ..Default::default() };
+    let region = clients.region();
+    let mut found = Bootstrapped { region, stream: names.stream(), bucket: names.bucket(), ..Default::default() };
     // An endpoint that cannot be reached says nothing of the resources: that is the answer, at
     // once, not fourteen resources "missing".
     if let Err(e) = clients.kinesis.describe_stream_summary().stream_name(names.stream()).send().await {
@@ -158,7 +226,12 @@ pub async fn check(config: &StoreConfig) -> Result<Bootstrapped> {
     } else {
         Err(SluiceError::permanent(
             ReasonCode::StoreUnavailable,
-            format!("the resources of prefix {:?} are incomplete: {}", config.aws.prefix, missing.join("; ")),
+            format!(
+                "the resources of prefix {:?} in region {} are incomplete: {}",
+                config.aws.prefix,
+                found.region,
+                missing.join("; ")
+            ),
         ))
     }
 }
@@ -413,20 +486,27 @@ async fn queue_arn(sqs: &aws_sdk_sqs::Client, name: &str) -> Result<String> {
         .ok_or_else(|| SluiceError::permanent(ReasonCode::StoreUnavailable, format!("no ARN for queue {name}")))
 }
 
+/// Creates the stream, or finds it, and waits until it takes records: one being deleted (a
+/// teardown just before) is made again once it is gone; one being resharded takes records.
 async fn create_stream(kinesis: &aws_sdk_kinesis::Client, name: &str, shards: i32) -> Result<()> {
-    match kinesis.create_stream().stream_name(name).shard_count(shards).send().await {
-        Ok(_) => {}
-        Err(e) if error_code(&e) == Some("ResourceInUseException") => {}
-        Err(e) => return Err(classify("CreateStream", e)),
-    }
-    for _ in 0..120 {
+    let started = std::time::Instant::now();
+    while started.elapsed() < SETTLING {
         let summary = kinesis.describe_stream_summary().stream_name(name).send().await;
-        let status = summary
-            .map_err(|e| classify("DescribeStreamSummary", e))?
-            .stream_description_summary
-            .map(|s| s.stream_status);
-        if status == Some(StreamStatus::Active) {
-            return Ok(());
+        let status = match summary {
+            Ok(found) => found.stream_description_summary.map(|s| s.stream_status),
+            Err(e) if error_code(&e) == Some("ResourceNotFoundException") => None,
+            Err(e) => return Err(classify("DescribeStreamSummary", e)),
+        };
+        match status {
+            Some(StreamStatus::Active | StreamStatus::Updating) => return Ok(()),
+            None => match kinesis.create_stream().stream_name(name).shard_count(shards).send().await {
+                // Made, or being made by someone else meanwhile: waited for alike.
+                Ok(_) => {}
+                Err(e) if error_code(&e) == Some("ResourceInUseException") => {}
+                Err(e) => return Err(classify("CreateStream", e)),
+            },
+            // Being made, or deleted.
+            Some(_) => {}
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
@@ -466,17 +546,33 @@ async fn create_table(dynamodb: &aws_sdk_dynamodb::Client, name: &str, spec: &Ta
                     .map_err(build_error)?,
             );
     }
-    let result = request.send().await;
-    match result {
+    let waited =
+        |e: &dyn std::fmt::Display| SluiceError::retryable(ReasonCode::StoreUnavailable, format!("table {name}: {e}"));
+    match request.clone().send().await {
         Ok(_) => {}
-        Err(e) if error_code(&e) == Some("ResourceInUseException") => return Ok(()),
+        // There already: being deleted (a teardown just before), it is made again once gone.
+        Err(e) if error_code(&e) == Some("ResourceInUseException") => {
+            let described = dynamodb.describe_table().table_name(name).send().await;
+            let table = described.map_err(|e| classify("DescribeTable", e))?.table;
+            if table.as_ref().and_then(|t| t.table_status.as_ref()) == Some(&TableStatus::Deleting) {
+                dynamodb.wait_until_table_not_exists().table_name(name).wait(SETTLING).await.map_err(|e| waited(&e))?;
+                request.send().await.map_err(|e| classify("CreateTable", e))?;
+            } else if let Some(index) = &spec.index {
+                let indexes = table.and_then(|t| t.global_secondary_indexes).unwrap_or_default();
+                if !indexes.iter().any(|i| i.index_name.as_deref() == Some(index.name.as_str())) {
+                    return Err(SluiceError::permanent(
+                        ReasonCode::Misconfigured,
+                        format!(
+                            "table {name} exists without the index {} the workers query (made by an older \
+                             sluice): add it, or tear the prefix down and bootstrap again",
+                            index.name
+                        ),
+                    ));
+                }
+            }
+        }
         Err(e) => return Err(classify("CreateTable", e)),
     }
-    dynamodb
-        .wait_until_table_exists()
-        .table_name(name)
-        .wait(Duration::from_secs(60))
-        .await
-        .map_err(|e| SluiceError::retryable(ReasonCode::StoreUnavailable, format!("table {name}: {e}")))?;
+    dynamodb.wait_until_table_exists().table_name(name).wait(SETTLING).await.map_err(|e| waited(&e))?;
     Ok(())
 }

@@ -113,6 +113,11 @@ impl Clients {
             ),
         })
     }
+
+    /// The region the clients call (the credential chain's, unless set; us-east-1 at the last).
+    pub fn region(&self) -> String {
+        self.s3.config().region().map_or_else(|| "us-east-1".to_owned(), |r| r.as_ref().to_owned())
+    }
 }
 
 /// How long one attempt of any call may take before it fails (and is tried again, as a timeout
