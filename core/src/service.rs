@@ -183,8 +183,8 @@ async fn watch_queues(backend: Backend, stage: StageName, shutdown: Cancellation
 
 /// Serves `/healthz` and `/readyz` for `stage` (or all of `sluice run`) where `[telemetry]`
 /// says, until the returned guard drops: hold it past the workers' drain, so a stopping process
-/// answers "not ready" rather than closing its port. A port already taken is logged, not fatal
-/// (the work goes on).
+/// answers "not ready" rather than closing its port. A port already taken is an error: the
+/// process stops rather than run unwatched (set `[telemetry] port = 0` to serve none).
 pub fn spawn_health_endpoints(
     settings: &Settings,
     stage: Option<StageName>,

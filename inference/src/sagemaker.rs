@@ -4,7 +4,9 @@
 //! The SDK's standard retry policy already backs off on throttling and 5xx (503 included); what
 //! is left after it is classified here: transient trouble is retryable (the worker loop backs
 //! off and the batch comes back), a `ModelError` (424) or a refused request is permanent (the
-//! records go to the inference DLQ with reason `fallback_failure`, ready for replay).
+//! records go to the inference DLQ with reason `fallback_failure`, ready for replay), except
+//! while Candle is down only for the moment, when the batch is retried for Candle to take
+//! (`while_the_model_is_down` in lib.rs).
 
 use aws_sdk_sagemakerruntime::config::http::HttpResponse;
 use aws_sdk_sagemakerruntime::error::{ProvideErrorMetadata, SdkError};
