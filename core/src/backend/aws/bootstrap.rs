@@ -273,8 +273,31 @@ pub async fn teardown(config: &StoreConfig) -> Result<TornDown> {
         ));
     }
     let mut done = TornDown::default();
-    let mut gone = |deleted: bool, name: String| if deleted { done.deleted.push(name) } else { done.absent.push(name) };
+    match delete_all(&clients, &names, queues, bucket, &mut done).await {
+        Ok(()) => Ok(done),
+        // Stopped half way (a bucket a worker still writes to, say): what is gone already is said,
+        // so that what is left can be seen to; run again, it goes on.
+        Err(error) if !done.deleted.is_empty() => {
+            let detail = format!("{}; deleted before it: {}", error.detail(), done.deleted.join(", "));
+            Err(if error.is_retryable() {
+                SluiceError::retryable(error.code(), detail)
+            } else {
+                SluiceError::permanent(error.code(), detail)
+            })
+        }
+        Err(error) => Err(error),
+    }
+}
 
+/// Deletes the stream, `queues` (name, URL if there), tables and `bucket`, noting each in `done`.
+async fn delete_all(
+    clients: &Clients,
+    names: &Names,
+    queues: Vec<(String, Option<String>)>,
+    bucket: Option<String>,
+    done: &mut TornDown,
+) -> Result<()> {
+    let mut gone = |deleted: bool, name: String| if deleted { done.deleted.push(name) } else { done.absent.push(name) };
     let stream = names.stream();
     let deleted = clients.kinesis.delete_stream().stream_name(&stream).enforce_consumer_deletion(true).send().await;
     gone(absent_if(deleted, "DeleteStream", &["ResourceNotFoundException"])?, stream);
@@ -294,7 +317,7 @@ pub async fn teardown(config: &StoreConfig) -> Result<TornDown> {
             && absent_if(clients.s3.delete_bucket().bucket(&bucket).send().await, "DeleteBucket", &["NoSuchBucket"])?;
         gone(deleted, bucket);
     }
-    Ok(done)
+    Ok(())
 }
 
 /// The error codes of a queue that is not there.
