@@ -398,8 +398,7 @@ impl SendTo {
 impl Action for SendTo {
     async fn apply(&self, backend: &Backend, items: &[Item]) -> Result<Vec<Fate>> {
         let Some(queue) = self.0.input_queue() else { return replay_to_the_stream(backend, items).await };
-        let sent: Vec<Fate> =
-            items.iter().map(|item| if item.replayable() { Fate::Done } else { Fate::Kept }).collect();
+        let sent: Vec<Fate> = items.iter().map(|item| if self.sends(item) { Fate::Done } else { Fate::Kept }).collect();
         let messages: Vec<OutgoingMessage> =
             items.iter().zip(&sent).filter(|(_, sent)| sent.leaves()).map(|(item, _)| item.replay_message()).collect();
         if !messages.is_empty() {
