@@ -420,10 +420,17 @@ impl ModelManifest {
 /// infinite, and the model's answer the same for every image.
 const MIN_STD: f32 = 1e-6;
 
+/// The largest width or height a model may take: 4096 × 4096 × 3 is 48 MiB of pixels a record,
+/// far past what a feature store item or a queue message holds.
+const MAX_IMAGE_SIDE: u32 = 4096;
+
 /// Checks an image input; its vector length.
 fn check_image(image: &ImageInput) -> Result<usize, String> {
     if image.width == 0 || image.height == 0 || !matches!(image.channels, 1 | 3) {
         return Err("input.image needs a non-zero size and 1 or 3 channels".to_owned());
+    }
+    if image.width.max(image.height).max(image.resize_shorter_side.unwrap_or(0)) > MAX_IMAGE_SIDE {
+        return Err(format!("input.image width, height and resize_shorter_side must be at most {MAX_IMAGE_SIDE}"));
     }
     let per_channel = image.channels as usize;
     if image.mean.len() != per_channel || image.std.len() != per_channel {
@@ -590,6 +597,8 @@ mod tests {
         refused(|m| m.labels = vec!["a".into(), "a".into()], "label \"a\" comes twice");
         refused(|m| m.labels[0] = String::new(), "empty strings");
         refused(|m| image(m).mean = vec![f32::NAN], "mean must be finite");
+        refused(|m| image(m).width = 65_536, "must be at most 4096");
+        refused(|m| image(m).resize_shorter_side = Some(u32::MAX), "must be at most 4096");
         refused(|m| image(m).std = vec![1e-45], "std must be finite");
         refused(|m| image(m).std = vec![f32::INFINITY], "std must be finite");
         refused(|m| fields(m, ("x", "x"), (0.0, 1.0)), "field \"x\" comes twice");

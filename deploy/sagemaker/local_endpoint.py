@@ -11,9 +11,12 @@ runtime sends them: an `x-amzn-ErrorType` header and a JSON message; a body that
 CSV is a ModelError (424), as the container's failure is. Request signatures are not checked.
 
 For tests, an endpoint named `unavailable-*` answers 503 ServiceUnavailable, one named
-`throttled-*` 429 ThrottlingException, one named `broken-*` 424 ModelError and one named
-`gateway-*` a 504 without an error type (as a load balancer's timeout comes back), so clients'
-handling of those can be exercised.
+`throttled-*` 429 ThrottlingException, one named `broken-*` 424 ModelError for the container's
+400 (its answer to the input), one named `crashing-*` 424 ModelError for the container's 500
+(out of memory, restarting), one named `missing-*` 400 ValidationError as for an endpoint that
+does not exist, one named `denied-*` 403 AccessDeniedException, and one named `gateway-*` a 504
+without an error type (as a load balancer's timeout comes back), so clients' handling of those
+can be exercised.
 """
 
 import argparse
@@ -57,8 +60,17 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
-    def error(self, status, error_type, message):
-        self.reply(status, json.dumps({"message": message}), "application/x-amz-json-1.1", error_type)
+    def error(self, status, error_type, message, **fields):
+        body = json.dumps({"message": message, **fields})
+        self.reply(status, body, "application/x-amz-json-1.1", error_type)
+
+    def model_error(self, container_status, message):
+        """The runtime's wrapping of the container's own error answer."""
+        kind = "server" if container_status >= 500 else "client"
+        text = f"Received {kind} error ({container_status}) from primary with message \"{message}\""
+        return self.error(
+            424, "ModelError", text, OriginalStatusCode=container_status, OriginalMessage=message
+        )
 
     def do_GET(self):
         if self.path == "/ping":
@@ -78,7 +90,14 @@ class Handler(BaseHTTPRequestHandler):
         if name.startswith("throttled-"):
             return self.error(429, "ThrottlingException", "rate exceeded")
         if name.startswith("broken-"):
-            return self.error(424, "ModelError", "Received server error (500) from primary")
+            return self.model_error(400, "unable to evaluate payload provided")
+        if name.startswith("crashing-"):
+            return self.model_error(500, "worker died")
+        if name.startswith("missing-"):
+            return self.error(400, "ValidationError", f"Endpoint {name} of account 123456789012 not found.")
+        if name.startswith("denied-"):
+            message = "User is not authorized to perform: sagemaker:InvokeEndpoint"
+            return self.error(403, "AccessDeniedException", message)
         if name.startswith("gateway-"):
             return self.reply(504, "<html>Gateway Timeout</html>", "text/html")
         if length > MAX_PAYLOAD:
@@ -90,7 +109,7 @@ class Handler(BaseHTTPRequestHandler):
             rows = np.loadtxt(io.StringIO(body.decode()), delimiter=",", dtype=np.float32, ndmin=2)
             scores = self.booster.predict(xgb.DMatrix(rows))
         except Exception as e:  # the container reports any model failure as ModelError
-            return self.error(424, "ModelError", f"Received client error (400) from primary: {e}")
+            return self.model_error(400, str(e))
         accept = (self.headers.get("Accept") or "text/csv").split(";")[0].strip().lower()
         if accept == "application/json":
             out = json.dumps({"predictions": [{"score": [float(v) for v in row]} for row in scores]})

@@ -33,6 +33,26 @@ impl Default for BreakerConfig {
     }
 }
 
+impl BreakerConfig {
+    /// Refuses settings with which the breaker would open on success (`max_error_rate` 0) or
+    /// never open (`min_batches` over `window`, a rate over 1 or not a number).
+    pub fn check(&self) -> Result<(), String> {
+        if !(self.max_error_rate > 0.0 && self.max_error_rate <= 1.0) {
+            return Err(format!(
+                "inference.breaker.max_error_rate must be over 0 and at most 1 (got {})",
+                self.max_error_rate
+            ));
+        }
+        if self.min_batches == 0 || self.min_batches > self.window {
+            return Err(format!(
+                "inference.breaker.min_batches must be 1 to window ({}) (got {})",
+                self.window, self.min_batches
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// Where one batch goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Route {
@@ -193,5 +213,19 @@ mod tests {
             b.record(Route::Model, i % 4 != 0, FAST);
         }
         assert_eq!(b.state(), State::Closed);
+    }
+
+    #[test]
+    fn settings_that_would_open_on_success_or_never_are_refused() {
+        assert!(BreakerConfig::default().check().is_ok());
+        for wrong in [
+            BreakerConfig { max_error_rate: 0.0, ..BreakerConfig::default() },
+            BreakerConfig { max_error_rate: 1.5, ..BreakerConfig::default() },
+            BreakerConfig { max_error_rate: f64::NAN, ..BreakerConfig::default() },
+            BreakerConfig { min_batches: 0, ..BreakerConfig::default() },
+            BreakerConfig { min_batches: 21, window: 20, ..BreakerConfig::default() },
+        ] {
+            assert!(wrong.check().is_err(), "{wrong:?}");
+        }
     }
 }

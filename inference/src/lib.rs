@@ -156,7 +156,19 @@ impl InferenceStage {
         {
             tracing::warn!(error = %e, "inference.threads not applied");
         }
-        let fallback = SageMakerFallback::new(&config.sagemaker, &settings.store()?.aws);
+        // The bundle may name its fallback endpoint; the configuration's wins. (The inference
+        // task's role must be allowed to call it: the CDK stack grants the endpoint it makes.)
+        let mut sagemaker = config.sagemaker.clone();
+        if sagemaker.endpoint_name.is_none()
+            && let Some(bundled) = &bundle.manifest.fallback
+        {
+            tracing::info!(endpoint = bundled.endpoint, "the fallback endpoint the model bundle names");
+            sagemaker.endpoint_name = Some(bundled.endpoint.clone());
+        }
+        let fallback = SageMakerFallback::new(&sagemaker, &settings.store()?.aws);
+        if fallback.is_some() {
+            config.breaker.check().map_err(|e| SluiceError::permanent(ReasonCode::Misconfigured, e))?;
+        }
         let classifier = match (config.backend, &fallback) {
             (InferenceBackend::Sagemaker, None) => {
                 return Err(SluiceError::permanent(
@@ -216,6 +228,8 @@ impl InferenceStage {
         if let Ok((_, served)) = &result {
             metrics().inference(&served.backend, rows, started.elapsed().as_secs_f64());
         }
+        // Without a fallback nothing is recorded in the breaker: it stays closed, as every batch
+        // goes to the model.
         metrics().breaker(match self.breaker.state() {
             breaker::State::Closed => BreakerGauge::Closed,
             breaker::State::HalfOpen => BreakerGauge::HalfOpen,
@@ -228,30 +242,45 @@ impl InferenceStage {
         let Some(classifier) = &self.classifier else {
             return self.predict_fallback(&inputs).await;
         };
-        let route = if self.fallback.is_some() { self.breaker.route() } else { Route::Model };
+        let Some(fallback) = &self.fallback else {
+            // Nothing to fall back to: no breaker to judge, and each record's output is judged
+            // on its own (`forward`).
+            let started = Instant::now();
+            let result = self.run_candle(classifier, inputs, rows).await;
+            if result.is_ok() {
+                self.batch_size.observe(rows, started.elapsed());
+            }
+            return result.map(|probabilities| (probabilities, self.served(classifier)));
+        };
+        let route = self.breaker.route();
         if route == Route::Fallback {
             return self.predict_fallback(&inputs).await.map_err(|e| while_the_model_is_down(None, e));
         }
         let started = Instant::now();
-        let keep = self.fallback.as_ref().map(|_| inputs.clone());
-        let result = self.run_candle(classifier, inputs, rows).await;
+        let keep = inputs.clone();
+        // Output that is not a number for a whole batch (weights gone to NaN) is the model
+        // failing: the breaker counts it and the fallback takes the batch. A row or two (an
+        // overflow in f16) are judged each on its own, as without a fallback.
+        let result = self.run_candle(classifier, inputs, rows).await.and_then(finite_or_failure);
         let elapsed = started.elapsed();
         self.breaker.record(route, result.is_ok(), elapsed);
         if result.is_ok() {
             self.batch_size.observe(rows, elapsed);
         }
-        let served = || Served {
+        match result {
+            Ok(probabilities) => Ok((probabilities, self.served(classifier))),
+            Err(error) => {
+                tracing::warn!(%error, endpoint = fallback.endpoint(), "Candle failed; this batch goes to the SageMaker fallback");
+                self.predict_fallback(&keep).await.map_err(|e| while_the_model_is_down(Some(&error), e))
+            }
+        }
+    }
+
+    fn served(&self, classifier: &CandleClassifier) -> Served {
+        Served {
             model: self.manifest.name.clone(),
             version: self.manifest.version.clone(),
             backend: classifier.backend().to_owned(),
-        };
-        match (result, keep) {
-            (Ok(probabilities), _) => Ok((probabilities, served())),
-            (Err(error), Some(inputs)) => {
-                tracing::warn!(%error, "Candle failed; this batch goes to the SageMaker fallback");
-                self.predict_fallback(&inputs).await.map_err(|e| while_the_model_is_down(Some(&error), e))
-            }
-            (Err(error), None) => Err(error),
         }
     }
 
@@ -284,6 +313,18 @@ impl InferenceStage {
             .await
             .map_err(|e| SluiceError::retryable(ReasonCode::ModelFailure, format!("model task: {e}")))?
     }
+}
+
+/// The model's output, or its failure when none of it is a number.
+fn finite_or_failure(probabilities: Vec<Vec<f32>>) -> Result<Vec<Vec<f32>>, SluiceError> {
+    let bad = probabilities.iter().filter(|row| row.iter().any(|p| !p.is_finite())).count();
+    if probabilities.is_empty() || bad < probabilities.len() {
+        return Ok(probabilities);
+    }
+    Err(SluiceError::permanent(
+        ReasonCode::InvalidModelOutput,
+        format!("model output is not finite for any of the batch's {bad} records"),
+    ))
 }
 
 /// The fallback's failure for a batch the model did not take. While the model may take it on
@@ -325,7 +366,13 @@ impl Stage for InferenceStage {
         let ids: Vec<_> = envelopes.values().map(|e| e.record_id.clone()).collect();
         let vectors = match self.features.get_batch(&ids).await {
             Ok(found) => found,
-            Err(error) => return vec![Outcome::failed(error, None); batch.len()],
+            Err(error) => {
+                // The messages already judged unreadable keep that outcome.
+                for (i, envelope) in envelopes {
+                    outcomes[i] = Some(Outcome::failed(error.clone(), Some(envelope.record_id)));
+                }
+                return outcomes.into_iter().map(|o| o.expect("every delivery has an outcome")).collect();
+            }
         };
 
         let want = self.manifest.vector_len();

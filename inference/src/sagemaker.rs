@@ -3,13 +3,16 @@
 //!
 //! The SDK's standard retry policy already backs off on throttling and 5xx (503 included); what
 //! is left after it is classified here: transient trouble is retryable (the worker loop backs
-//! off and the batch comes back), a `ModelError` (424) or a refused request is permanent (the
-//! records go to the inference DLQ with reason `fallback_failure`, ready for replay), except
-//! while Candle is down only for the moment, when the batch is retried for Candle to take
-//! (`while_the_model_is_down` in lib.rs).
+//! off and the batch comes back), and so is a `ModelError` (424) for the container's own 5xx or
+//! timeout; one for its 4xx, or a request the runtime refuses, is permanent (the records go to
+//! the inference DLQ with reason `fallback_failure`, ready for replay), except while Candle is
+//! down only for the moment, when the batch is retried for Candle to take
+//! (`while_the_model_is_down` in lib.rs). An endpoint that does not exist, or a role not allowed
+//! to call it, is the deployment's to fix (`misconfigured`: the worker stops, the records wait).
 
 use aws_sdk_sagemakerruntime::config::http::HttpResponse;
 use aws_sdk_sagemakerruntime::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_sagemakerruntime::operation::invoke_endpoint::InvokeEndpointError;
 use aws_sdk_sagemakerruntime::primitives::Blob;
 use serde::{Deserialize, Serialize};
 use sluice_core::config::AwsConfig;
@@ -206,17 +209,24 @@ fn invalid(detail: impl Into<String>) -> SluiceError {
     SluiceError::permanent(ReasonCode::InvalidModelOutput, format!("SageMaker endpoint: {}", detail.into()))
 }
 
-fn classify<E>(endpoint: &str, error: SdkError<E, HttpResponse>) -> SluiceError
-where
-    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
-{
+fn classify(endpoint: &str, error: SdkError<InvokeEndpointError, HttpResponse>) -> SluiceError {
     let detail = |what: String| format!("InvokeEndpoint {endpoint}: {what}");
     match &error {
         SdkError::ServiceError(service) => {
             let code = service.err().code().unwrap_or("Unknown");
             let message = service.err().message().unwrap_or_default();
-            // A ModelError (424) is the model's own answer to this input.
             let status = service.raw().status().as_u16();
+            let detail = detail(format!("{code} ({status}): {message}"));
+            // A ModelError (424) wraps the container's own answer: a 4xx is its answer to this
+            // input; a 5xx, a timeout or no answer at all is the container failing for now.
+            if let InvokeEndpointError::ModelError(model) = service.err() {
+                let container = model.original_status_code().unwrap_or(0);
+                return if (400..500).contains(&container) && !matches!(container, 408 | 429) {
+                    SluiceError::permanent(ReasonCode::FallbackFailure, detail)
+                } else {
+                    SluiceError::retryable(ReasonCode::FallbackFailure, detail)
+                };
+            }
             let transient = matches!(
                 code,
                 "ThrottlingException"
@@ -225,11 +235,23 @@ where
                     | "InternalDependencyException"
                     | "ModelNotReadyException"
             ) || sluice_core::backend::aws::transient_status(status);
+            // An endpoint that does not exist is a ValidationError that says so.
+            let missing = code == "ValidationError" && message.contains("not found");
             if transient {
-                SluiceError::retryable(ReasonCode::FallbackFailure, detail(format!("{code}: {message}")))
+                SluiceError::retryable(ReasonCode::FallbackFailure, detail)
+            } else if missing {
+                SluiceError::permanent(
+                    ReasonCode::Misconfigured,
+                    format!("{detail} (does inference.sagemaker.endpoint_name name an endpoint in this region?)"),
+                )
+            } else if let Some(hint) = sluice_core::backend::aws::misconfiguration(code, status) {
+                SluiceError::permanent(ReasonCode::Misconfigured, format!("{detail} ({hint})"))
             } else {
-                SluiceError::permanent(ReasonCode::FallbackFailure, detail(format!("{code}: {message}")))
+                SluiceError::permanent(ReasonCode::FallbackFailure, detail)
             }
+        }
+        SdkError::ConstructionFailure(_) => {
+            SluiceError::permanent(ReasonCode::Internal, detail(sluice_core::backend::aws::display_chain(&error)))
         }
         _ => SluiceError::retryable(
             ReasonCode::FallbackFailure,

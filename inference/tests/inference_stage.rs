@@ -131,3 +131,64 @@ async fn batches_grow_as_the_model_is_timed_and_stay_within_the_configured_most(
     }
     assert_eq!(sizes, [64, 128, 256, 256, 256]);
 }
+
+/// A feature store that cannot answer.
+struct Unreachable;
+
+#[async_trait::async_trait]
+impl sluice_core::backend::FeatureStore for Unreachable {
+    async fn put_if_absent(&self, _: Vec<(RecordId, FeatureVector)>) -> sluice_core::Result<()> {
+        unreachable!("inference only reads")
+    }
+
+    async fn get_batch(
+        &self,
+        _: &[RecordId],
+    ) -> sluice_core::Result<std::collections::HashMap<RecordId, sluice_core::backend::StoredVector>> {
+        Err(sluice_core::SluiceError::retryable(ReasonCode::StoreBusy, "throttled"))
+    }
+}
+
+/// A feature store that cannot answer fails the records it was asked about, for another try;
+/// a message already found unreadable keeps its own reason (it is dead-lettered at once).
+#[tokio::test]
+async fn a_feature_store_that_cannot_answer_leaves_unreadable_messages_unreadable() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut backend =
+        Backend::open(&StoreConfig { path: dir.path().join("s.sqlite"), ..StoreConfig::default() }).await.unwrap();
+    backend.features = std::sync::Arc::new(Unreachable);
+    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/digits");
+    let settings = Settings::load(None).unwrap().set("model.dir", model).set("inference.device", "cpu");
+    let stage = InferenceStage::build(&settings, &backend).unwrap();
+    let mut unreadable = delivery("x");
+    unreadable.body = b"not an envelope".to_vec();
+    let outcomes = stage.process(&[delivery("a"), unreadable]).await;
+    let failed = |o: &Outcome| match o {
+        Outcome::Failed { error, .. } => (error.code(), error.is_retryable()),
+        other => panic!("expected a failure, got {other:?}"),
+    };
+    assert_eq!(failed(&outcomes[0]), (ReasonCode::StoreBusy, true));
+    assert_eq!(failed(&outcomes[1]), (ReasonCode::MalformedMessage, false));
+}
+
+/// Weights gone to NaN (a training run that diverged) load as any others would; the stage
+/// refuses to start on them rather than dead-letter every record for output it cannot judge.
+#[tokio::test]
+async fn a_model_whose_weights_are_not_numbers_does_not_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/digits");
+    let bundle = dir.path().join("bundle");
+    std::fs::create_dir(&bundle).unwrap();
+    std::fs::copy(model.join("model.toml"), bundle.join("model.toml")).unwrap();
+    let mut weights =
+        candle_core::safetensors::load(model.join("model.safetensors"), &candle_core::Device::Cpu).unwrap();
+    for tensor in weights.values_mut() {
+        *tensor = (tensor.ones_like().unwrap() * f64::NAN).unwrap();
+    }
+    candle_core::safetensors::save(&weights, bundle.join("model.safetensors")).unwrap();
+    let backend =
+        Backend::open(&StoreConfig { path: dir.path().join("s.sqlite"), ..StoreConfig::default() }).await.unwrap();
+    let settings = Settings::load(None).unwrap().set("model.dir", &bundle).set("inference.device", "cpu");
+    let refused = InferenceStage::build(&settings, &backend).err().expect("NaN weights are refused").to_string();
+    assert!(refused.contains("not finite"), "{refused}");
+}

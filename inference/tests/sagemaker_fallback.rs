@@ -145,15 +145,53 @@ async fn endpoint_errors_are_classified() {
     let dir = tempfile::tempdir().unwrap();
     let (backend, ids, _) = held_out(dir.path()).await;
     let batch: Vec<Delivery> = ids[..3].iter().map(|id| delivery(id)).collect();
-    let endpoints =
-        [("broken-model", false), ("unavailable-now", true), ("throttled-now", true), ("gateway-timeout", true)];
-    for (endpoint, retryable) in endpoints {
+    let (fallback, deployment) = (ReasonCode::FallbackFailure, ReasonCode::Misconfigured);
+    let endpoints = [
+        // The container's answer to this input, and the container failing for the moment.
+        ("broken-model", fallback, false),
+        ("crashing-model", fallback, true),
+        ("unavailable-now", fallback, true),
+        ("throttled-now", fallback, true),
+        ("gateway-timeout", fallback, true),
+        // The deployment's to fix: the worker stops and the records wait.
+        ("missing-endpoint", deployment, false),
+        ("denied-endpoint", deployment, false),
+    ];
+    for (endpoint, code, retryable) in endpoints {
         let settings = settings(endpoint).set("inference.backend", "sagemaker");
         let stage = InferenceStage::build(&settings, &backend).unwrap();
         for outcome in stage.process(&batch).await {
             let Outcome::Failed { error, .. } = &outcome else { panic!("{endpoint}: expected a failure: {outcome:?}") };
-            assert_eq!(error.code(), ReasonCode::FallbackFailure, "{endpoint}: {error}");
+            assert_eq!(error.code(), code, "{endpoint}: {error}");
             assert_eq!(error.is_retryable(), retryable, "{endpoint}: {error}");
         }
+    }
+}
+
+/// A bundle names its fallback endpoint in model.toml; the configuration need not repeat it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bundle_names_its_fallback() {
+    let dir = tempfile::tempdir().unwrap();
+    let (backend, ids, expected) = held_out(dir.path()).await;
+    let bundle = dir.path().join("bundle");
+    std::fs::create_dir(&bundle).unwrap();
+    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/digits");
+    std::fs::copy(model.join("model.safetensors"), bundle.join("model.safetensors")).unwrap();
+    let manifest = std::fs::read_to_string(model.join("model.toml")).unwrap();
+    std::fs::write(bundle.join("model.toml"), format!("{manifest}\n[fallback]\nendpoint = \"digits\"\n")).unwrap();
+    let settings = Settings::load(None)
+        .unwrap()
+        .set("model.dir", &bundle)
+        .set("inference.backend", "sagemaker")
+        .set("inference.sagemaker.endpoint_url", xgboost_endpoint().url)
+        .set("store.aws.region", "us-east-1")
+        .set("store.aws.access_key_id", "testing")
+        .set("store.aws.secret_access_key", "testing");
+    let stage = InferenceStage::build(&settings, &backend).unwrap();
+    let outcomes = stage.process(&ids[..2].iter().map(|id| delivery(id)).collect::<Vec<_>>()).await;
+    for (outcome, want) in outcomes.iter().zip(&expected) {
+        let p = forwarded(outcome).prediction;
+        assert_eq!(p.backend, "sagemaker-xgboost");
+        assert!((p.probabilities[0] - want[0]).abs() <= 1e-6, "{:?} != {want:?}", p.probabilities);
     }
 }

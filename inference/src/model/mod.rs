@@ -196,7 +196,15 @@ impl CandleClassifier {
     /// fails here, before the worker says it is ready.
     pub fn warm_up(&self) -> Result<(), SluiceError> {
         let started = std::time::Instant::now();
-        self.predict_batch(FeatureVector::Pixels(vec![0; self.vector_len()]), 1)?;
+        let output = self.predict_batch(FeatureVector::Pixels(vec![0; self.vector_len()]), 1)?;
+        // Weights gone to NaN or infinity (a training run that diverged) load without complaint
+        // and answer every record with output no threshold can judge.
+        if output.iter().flatten().any(|p| !p.is_finite()) {
+            return Err(SluiceError::permanent(
+                ReasonCode::InvalidModelOutput,
+                format!("the model's output for a blank input is not finite: {output:?} (are its weights?)"),
+            ));
+        }
         tracing::info!(backend = self.backend, elapsed_ms = started.elapsed().as_millis() as u64, "model warmed up");
         Ok(())
     }

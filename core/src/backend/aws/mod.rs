@@ -263,19 +263,8 @@ where
             let detail = format!("{operation}: {code} ({status}): {message}");
             if RETRYABLE_CODES.contains(&code.as_str()) || transient_status(status) {
                 SluiceError::retryable(ReasonCode::StoreBusy, detail)
-            } else if code.contains("NotFound")
-                || code.contains("NonExistent")
-                || matches!(code.as_str(), "NoSuchBucket" | "QueueDoesNotExist")
-            {
-                SluiceError::permanent(
-                    ReasonCode::Misconfigured,
-                    format!("{detail} (has `sluice aws bootstrap` created the resources?)"),
-                )
-            } else if refused(&code, status) {
-                SluiceError::permanent(
-                    ReasonCode::Misconfigured,
-                    format!("{detail} (do the task's role and its keys allow this call?)"),
-                )
+            } else if let Some(hint) = misconfiguration(&code, status) {
+                SluiceError::permanent(ReasonCode::Misconfigured, format!("{detail} ({hint})"))
             } else {
                 SluiceError::permanent(ReasonCode::StoreUnavailable, detail)
             }
@@ -284,6 +273,19 @@ where
             SluiceError::permanent(ReasonCode::Internal, format!("{operation}: {}", display_chain(&error)))
         }
         _ => SluiceError::retryable(ReasonCode::StoreUnavailable, format!("{operation}: {}", display_chain(&error))),
+    }
+}
+
+/// What to look at when an answer is the deployment's to fix, not the request's: a resource
+/// that is not there, or a caller refused. Retryable answers are matched before this.
+pub fn misconfiguration(code: &str, status: u16) -> Option<&'static str> {
+    if code.contains("NotFound") || code.contains("NonExistent") || matches!(code, "NoSuchBucket" | "QueueDoesNotExist")
+    {
+        Some("has `sluice aws bootstrap` created the resources?")
+    } else if refused(code, status) {
+        Some("do the task's role and its keys allow this call?")
+    } else {
+        None
     }
 }
 
