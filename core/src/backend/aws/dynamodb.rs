@@ -42,8 +42,16 @@ const BATCH_WRITE_ITEMS: usize = 25;
 const INLINE_VECTOR_BYTES: usize = 380_000;
 /// 100 items per transaction, one of them the counter update.
 const TRANSACT_RESULTS: usize = 99;
-/// The counters item that holds result counts by status.
+/// The counters items that hold result counts by status: `results`, `results#1` …
+/// `results#15`, summed on read. Every results transaction updates one of them, and DynamoDB
+/// cancels a transaction that touches an item another one is changing
+/// (`TransactionConflict`): on one item, results workers running side by side would cancel
+/// each other's batches. A batch's item is chosen by its first record id.
 const RESULT_COUNTERS: &str = "results";
+const RESULT_COUNTER_ITEMS: u64 = 16;
+/// How many times in all a transaction cancelled only by conflicts is sent, a moment apart (the
+/// SDK does not retry a cancelled transaction); past that the batch goes back to its queue.
+const CONFLICT_ATTEMPTS: usize = 3;
 pub(super) const COUNTER_KEY: &str = "name";
 
 type Item = HashMap<String, AttributeValue>;
@@ -243,9 +251,10 @@ impl DynamoResultStore {
 
     fn count_update(&self, results: &[&PredictionResult]) -> Result<TransactWriteItem> {
         let n = |status| results.iter().filter(|r| r.status == status).count().to_string();
+        let item = results.first().map_or_else(|| RESULT_COUNTERS.to_owned(), |r| result_counters_item(&r.record_id));
         let update = Update::builder()
             .table_name(&self.counters)
-            .key(COUNTER_KEY, AttributeValue::S(RESULT_COUNTERS.to_owned()))
+            .key(COUNTER_KEY, AttributeValue::S(item))
             .update_expression("ADD accepted :a, review :r, reviewed :d")
             .expression_attribute_values(":a", AttributeValue::N(n(ResultStatus::Accepted)))
             .expression_attribute_values(":r", AttributeValue::N(n(ResultStatus::Review)))
@@ -259,6 +268,7 @@ impl DynamoResultStore {
     async fn insert_new(&self, results: &[PredictionResult]) -> Result<Vec<usize>> {
         let mut candidates: Vec<usize> = (0..results.len()).collect();
         let mut present = Vec::new();
+        let mut conflicts = 0;
         while !candidates.is_empty() {
             let mut items = candidates.iter().map(|&i| self.put_item(&results[i])).collect::<Result<Vec<_>>>()?;
             items.push(self.count_update(&candidates.iter().map(|&i| &results[i]).collect::<Vec<_>>())?);
@@ -272,6 +282,14 @@ impl DynamoResultStore {
                         _ => return Err(classify("TransactWriteItems", e)),
                     };
                     let code = |i: usize| reasons.get(i).and_then(|r| r.code()).unwrap_or("None");
+                    let only_conflicts = (0..=candidates.len()).any(|i| code(i) == "TransactionConflict")
+                        && (0..=candidates.len()).all(|i| matches!(code(i), "None" | "TransactionConflict"));
+                    if only_conflicts && conflicts + 1 < CONFLICT_ATTEMPTS {
+                        // Another transaction held an item a moment: nothing was written.
+                        conflicts += 1;
+                        tokio::time::sleep(Duration::from_millis(20 * conflicts as u64)).await;
+                        continue;
+                    }
                     if !(0..candidates.len()).any(|i| code(i) == "ConditionalCheckFailed") {
                         // Conflicts or throttling: nothing was written; the caller retries.
                         return Err(SluiceError::retryable(
@@ -316,7 +334,7 @@ impl DynamoResultStore {
         let one = |status| AttributeValue::N(u8::from(to == Some(status)).to_string());
         let counts = Update::builder()
             .table_name(&self.counters)
-            .key(COUNTER_KEY, AttributeValue::S(RESULT_COUNTERS.to_owned()))
+            .key(COUNTER_KEY, AttributeValue::S(result_counters_item(id)))
             .update_expression("ADD review :minus, accepted :a, reviewed :d")
             .expression_attribute_values(":minus", AttributeValue::N("-1".to_owned()))
             .expression_attribute_values(":a", one(ResultStatus::Accepted))
@@ -339,6 +357,59 @@ impl DynamoResultStore {
                 Err(SluiceError::retryable(ReasonCode::StoreBusy, format!("TransactWriteItems cancelled: {e}")))
             }
             Err(e) => Err(classify("TransactWriteItems", e)),
+        }
+    }
+}
+
+/// The counters item a result's counts go to.
+fn result_counters_item(id: &RecordId) -> String {
+    // Any spread will do (the sums are over every item): a plain polynomial hash of the id.
+    let hash = id.as_str().bytes().fold(0u64, |h, b| h.wrapping_mul(31).wrapping_add(u64::from(b)));
+    result_counters_item_number(hash % RESULT_COUNTER_ITEMS)
+}
+
+fn result_counters_item_number(n: u64) -> String {
+    // The first is the one item counts went to before there were several.
+    if n == 0 { RESULT_COUNTERS.to_owned() } else { format!("{RESULT_COUNTERS}#{n}") }
+}
+
+/// The sums of the numeric attributes of the counters items `names`, read consistently.
+async fn read_counter_items(
+    client: &aws_sdk_dynamodb::Client,
+    table: &str,
+    names: &[String],
+) -> Result<BTreeMap<String, i64>> {
+    let keys = names.iter().map(|n| HashMap::from([(COUNTER_KEY.to_owned(), AttributeValue::S(n.clone()))]));
+    let mut request = KeysAndAttributes::builder()
+        .set_keys(Some(keys.collect()))
+        .consistent_read(true)
+        .build()
+        .map_err(build_error)?;
+    let mut sums = BTreeMap::new();
+    let mut delays = unprocessed_backoff();
+    loop {
+        let output = client
+            .batch_get_item()
+            .request_items(table, request)
+            .send()
+            .await
+            .map_err(|e| classify("BatchGetItem", e))?;
+        for item in output.responses.unwrap_or_default().remove(table).unwrap_or_default() {
+            for (k, v) in item {
+                if let Some(n) = v.as_n().ok().and_then(|n| n.parse::<i64>().ok()) {
+                    *sums.entry(k).or_insert(0) += n;
+                }
+            }
+        }
+        match output.unprocessed_keys.unwrap_or_default().remove(table) {
+            Some(left) if !left.keys().is_empty() => {
+                let Some(delay) = delays.next() else {
+                    return Err(unprocessed_error("BatchGetItem", left.keys().len()));
+                };
+                tokio::time::sleep(delay).await;
+                request = left;
+            }
+            _ => return Ok(sums),
         }
     }
 }
@@ -413,8 +484,11 @@ impl ResultStore for DynamoResultStore {
     }
 
     async fn counts(&self) -> Result<ResultCounts> {
-        let counters = read_counters(&self.client, &self.counters, RESULT_COUNTERS).await?;
-        let n = |k: &str| counters.get(k).copied().unwrap_or(0);
+        let items: Vec<String> = (0..RESULT_COUNTER_ITEMS).map(result_counters_item_number).collect();
+        let counters = read_counter_items(&self.client, &self.counters, &items).await?;
+        // An item may hold a negative count (a review settled on another item than it was
+        // counted on); the sums are right.
+        let n = |k: &str| counters.get(k).copied().unwrap_or(0).max(0) as u64;
         Ok(ResultCounts { accepted: n("accepted"), review: n("review"), reviewed: n("reviewed") })
     }
 
@@ -603,8 +677,9 @@ impl ResultStore for DynamoResultStore {
 /// The counters item where worker processes add up their AWS requests.
 const REQUEST_COUNTERS: &str = "requests";
 
-/// A counters item (`results`, `requests`, one per name in the counters table):
-/// its numeric attributes, read consistently; empty if the item does not exist yet.
+/// A counters item (one per name in the counters table: `requests`; results are counted over
+/// several, [`read_counter_items`]): its numeric attributes, read consistently; empty if the
+/// item does not exist yet.
 pub(super) async fn read_counters(
     client: &aws_sdk_dynamodb::Client,
     table: &str,

@@ -236,11 +236,16 @@ const RETRYABLE_CODES: &[&str] = &[
     "InternalFailure",
     "InternalError",
     "TransactionConflictException",
+    // A transaction retried with its idempotency token while the first try still runs.
+    "TransactionInProgressException",
+    // SQS: 120,000 messages in flight on one queue; some will be acknowledged.
+    "OverLimit",
     "KMSThrottlingException",
     "KMS.ThrottlingException",
     "KmsThrottled",
     "SlowDown",
     "RequestTimeout",
+    "RequestTimeoutException",
 ];
 
 /// Whether an AWS answer's HTTP status is worth another try whatever its error code says: a 5xx
@@ -354,6 +359,9 @@ mod tests {
             assert!(answer(kms_busy, 400).is_retryable(), "{kms_busy}");
         }
         assert!(answer("Gateway", 504).is_retryable());
+        for busy in ["TransactionInProgressException", "OverLimit", "RequestTimeoutException"] {
+            assert!(answer(busy, 400).is_retryable(), "{busy}");
+        }
         for (code, status) in [
             ("AccessDeniedException", 400),
             ("AccessDenied", 403),
