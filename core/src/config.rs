@@ -289,6 +289,13 @@ pub struct AwsConfig {
     pub lease_failover_ms: u64,
     /// Results expire this many days after they are written (DynamoDB TTL); 0 keeps them.
     pub result_ttl_days: u64,
+    /// Feature vectors expire this many days after they are written (DynamoDB TTL; those
+    /// offloaded to the bucket expire by its lifecycle): a vector is read by inference moments
+    /// after it is written, and again only by a replay of an inference DLQ entry or a review.
+    /// Longer than a message is kept in a work queue (4 days) and its DLQ (14 days), so that a
+    /// replay finds its vector. 0 keeps them (they would pile up for good: 147 KiB an
+    /// ImageNet-sized image).
+    pub feature_ttl_days: u64,
     /// Static credentials, for local endpoints only (they accept any). On AWS leave these
     /// unset: the standard chain (environment, profile, ECS task role…) is used.
     pub access_key_id: Option<String>,
@@ -305,6 +312,7 @@ impl Default for AwsConfig {
             claim_check_buckets: Vec::new(),
             lease_failover_ms: 10_000,
             result_ttl_days: 0,
+            feature_ttl_days: 21,
             access_key_id: None,
             secret_access_key: None,
         }

@@ -204,3 +204,38 @@ async fn a_large_vector_whose_object_is_gone_fails_only_its_record() {
     assert_eq!(got[&small].as_ref().unwrap(), &FeatureVector::Values(vec![0.5; 4]));
     teardown(&config).await.unwrap();
 }
+
+/// Feature vectors expire (DynamoDB TTL) once no replay could want them: bootstrap turns the
+/// features table's TTL on, on the attribute the features stage writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn feature_vectors_expire() {
+    use sluice_core::backend::aws::Names;
+    use sluice_core::envelope::{RecordId, now_ms};
+    use sluice_core::vector::FeatureVector;
+
+    let config = aws_store_config(&unique_prefix("ttl"));
+    assert_eq!(config.aws.feature_ttl_days, 21, "longer than a work queue and its DLQ keep a message (4 + 14 days)");
+    bootstrap(&config).await.unwrap();
+    let dynamodb = Clients::load(&config.aws, Default::default()).await.unwrap().dynamodb;
+    let table = Names::new(&config.aws.prefix).features_table();
+    let ttl = dynamodb.describe_time_to_live().table_name(&table).send().await.unwrap();
+    let ttl = ttl.time_to_live_description.unwrap();
+    assert_eq!(ttl.attribute_name(), Some("expires_at"));
+
+    let backend = Backend::open(&config).await.unwrap();
+    let id = RecordId::parse("expiring").unwrap();
+    backend.features.put_if_absent(vec![(id.clone(), FeatureVector::Values(vec![0.5; 4]))]).await.unwrap();
+    let item = dynamodb
+        .get_item()
+        .table_name(&table)
+        .key("record_id", aws_sdk_dynamodb::types::AttributeValue::S(id.to_string()))
+        .send()
+        .await
+        .unwrap()
+        .item
+        .unwrap();
+    let expires: u64 = item["expires_at"].as_n().unwrap().parse().unwrap();
+    let days = (expires - now_ms() / 1000) as f64 / 86_400.0;
+    assert!((20.9..=21.0).contains(&days), "{days} days");
+    teardown(&config).await.unwrap();
+}

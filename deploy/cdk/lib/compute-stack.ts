@@ -159,6 +159,9 @@ export class ComputeStack extends Stack {
       SLUICE__STORE__VISIBILITY_TIMEOUT_MS: String(configNumber('store.visibility_timeout_ms')),
       SLUICE__WORKER__SHUTDOWN_GRACE_MS: String(SHUTDOWN_GRACE.toMilliseconds()),
       SLUICE__STORE__AWS__RESULT_TTL_DAYS: String(config.resultTtlDays),
+      // Feature vectors live as long as claim-checks (offloaded ones are claim-checks), which
+      // outlive a message in a work queue and its DLQ: a replay finds its vector.
+      SLUICE__STORE__AWS__FEATURE_TTL_DAYS: String(config.claimCheckExpiry.toDays()),
       SLUICE__MODEL__DIR: MODEL_DIR,
       RUST_LOG: 'info',
     };

@@ -127,10 +127,21 @@ for (const [env, synthed] of [['beta', beta], ['prod', prod]] as const) {
         assert.equal(table.Properties.BillingMode, 'PAY_PER_REQUEST');
         assert.equal(table.Properties.SSESpecification.SSEEnabled, true);
       }
-      data.hasResourceProperties('AWS::DynamoDB::Table', {
-        TableName: resourceName(prefix, RESOURCES.tables.results.name),
-        TimeToLiveSpecification: { AttributeName: RESOURCES.tables.results.ttl_attribute, Enabled: true },
-      });
+      for (const table of [RESOURCES.tables.results, RESOURCES.tables.features]) {
+        data.hasResourceProperties('AWS::DynamoDB::Table', {
+          TableName: resourceName(prefix, table.name),
+          TimeToLiveSpecification: { AttributeName: table.ttl_attribute, Enabled: true },
+        });
+      }
+      // Feature vectors expire with the claim-checks (which outlive a work queue and its DLQ):
+      // a replay of an inference DLQ entry finds its vector.
+      for (const { stage, worker } of workerTasks(compute)) {
+        assert.equal(
+          variable(worker, 'SLUICE__STORE__AWS__FEATURE_TTL_DAYS'),
+          String(ENVIRONMENTS[env].claimCheckExpiry.toDays()),
+          stage,
+        );
+      }
     });
 
     it('indexes results by status in store order, as the results API queries them', () => {

@@ -94,7 +94,12 @@ pub async fn bootstrap(config: &StoreConfig) -> Result<Bootstrapped> {
         made.tables.push(table);
     }
     if config.aws.result_ttl_days > 0 {
-        enable_ttl(&clients.dynamodb, &names.results_table()).await?;
+        let attribute = super::resources::result_ttl_attribute();
+        enable_ttl(&clients.dynamodb, &names.results_table(), attribute, "store.aws.result_ttl_days").await?;
+    }
+    if config.aws.feature_ttl_days > 0 {
+        let attribute = super::resources::feature_ttl_attribute();
+        enable_ttl(&clients.dynamodb, &names.features_table(), attribute, "store.aws.feature_ttl_days").await?;
     }
     Ok(made)
 }
@@ -150,10 +155,10 @@ async fn create_queue(sqs: &aws_sdk_sqs::Client, name: &str, wanted: &[(QueueAtt
     }
 }
 
-/// Turns on the result table's time to live, on its expiry attribute. One on another attribute
-/// is named, not changed: results would never expire where the workers expect them to.
-async fn enable_ttl(dynamodb: &aws_sdk_dynamodb::Client, table: &str) -> Result<()> {
-    let attribute = super::resources::result_ttl_attribute();
+/// Turns on a table's time to live, on the expiry `attribute` the workers write (as `setting`
+/// says). One on another attribute is named, not changed: items would never expire where the
+/// workers expect them to.
+async fn enable_ttl(dynamodb: &aws_sdk_dynamodb::Client, table: &str, attribute: &str, setting: &str) -> Result<()> {
     let described = dynamodb
         .describe_time_to_live()
         .table_name(table)
@@ -168,8 +173,8 @@ async fn enable_ttl(dynamodb: &aws_sdk_dynamodb::Client, table: &str) -> Result<
             other => Err(SluiceError::permanent(
                 ReasonCode::Misconfigured,
                 format!(
-                    "table {table} expires items by {other:?}, not by {attribute:?} as the results stage writes: \
-                     results would never expire (store.aws.result_ttl_days)"
+                    "table {table} expires items by {other:?}, not by {attribute:?} as the workers write: \
+                     its items would never expire ({setting})"
                 ),
             )),
         };

@@ -65,6 +65,11 @@ fn unprocessed_error(operation: &str, left: usize) -> SluiceError {
     SluiceError::retryable(ReasonCode::StoreBusy, format!("{operation}: {left} items still unprocessed after retries"))
 }
 
+/// A TTL attribute's value: `days` after `now_ms`, in seconds since the epoch.
+fn expires_at(now_ms: u64, days: u64) -> AttributeValue {
+    AttributeValue::N((now_ms / 1000 + days.saturating_mul(86_400)).to_string())
+}
+
 fn key(id: &RecordId) -> Item {
     HashMap::from([(RECORD_KEY.to_owned(), AttributeValue::S(id.to_string()))])
 }
@@ -111,11 +116,13 @@ pub(super) struct DynamoFeatureStore {
     table: String,
     /// Where vectors too large for an item go.
     blobs: Arc<S3BlobStore>,
+    /// `store.aws.feature_ttl_days`.
+    ttl_days: u64,
 }
 
 impl DynamoFeatureStore {
-    pub(super) fn new(client: aws_sdk_dynamodb::Client, table: String, blobs: Arc<S3BlobStore>) -> Self {
-        Self { client, table, blobs }
+    pub(super) fn new(client: aws_sdk_dynamodb::Client, table: String, blobs: Arc<S3BlobStore>, ttl_days: u64) -> Self {
+        Self { client, table, blobs, ttl_days }
     }
 
     /// The vector's attribute: its bytes, or where in S3 they are.
@@ -149,7 +156,9 @@ impl DynamoFeatureStore {
 #[async_trait]
 impl FeatureStore for DynamoFeatureStore {
     async fn put_if_absent(&self, items: Vec<(RecordId, FeatureVector)>) -> Result<()> {
-        let now = now_ms().to_string();
+        let now = now_ms();
+        let expires = (self.ttl_days > 0).then(|| expires_at(now, self.ttl_days));
+        let now = now.to_string();
         let mut requests: Vec<WriteRequest> = Vec::with_capacity(items.len());
         let mut seen = std::collections::HashSet::new();
         let mut pending = Vec::with_capacity(items.len());
@@ -167,6 +176,9 @@ impl FeatureStore for DynamoFeatureStore {
             let mut item = key(&id);
             item.insert(name.to_owned(), value);
             item.insert("created_ms".to_owned(), AttributeValue::N(now.clone()));
+            if let Some(expires) = &expires {
+                item.insert(super::resources::feature_ttl_attribute().to_owned(), expires.clone());
+            }
             let put = PutRequest::builder()
                 .set_item(Some(item))
                 .build()
@@ -237,8 +249,7 @@ impl DynamoResultStore {
             AttributeValue::S(PageToken::after(created_ms, &result.record_id).to_string()),
         );
         if self.ttl_days > 0 {
-            let expires = now_ms() / 1000 + self.ttl_days * 86_400;
-            item.insert(super::resources::result_ttl_attribute().to_owned(), AttributeValue::N(expires.to_string()));
+            item.insert(super::resources::result_ttl_attribute().to_owned(), expires_at(created_ms, self.ttl_days));
         }
         let put = Put::builder()
             .table_name(&self.table)

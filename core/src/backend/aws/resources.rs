@@ -145,6 +145,11 @@ pub(super) fn result_ttl_attribute() -> &'static str {
     RESOURCES.tables.results.ttl_attribute.as_deref().expect("resources.json names the results TTL attribute")
 }
 
+/// The attribute DynamoDB's TTL reads on the features table.
+pub(super) fn feature_ttl_attribute() -> &'static str {
+    RESOURCES.tables.features.ttl_attribute.as_deref().expect("resources.json names the features TTL attribute")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -160,6 +165,7 @@ mod tests {
         assert_eq!(names.bucket(), "p-claims");
         assert_eq!(names.tables().map(|(name, _)| name), ["p-features", "p-results", "p-leases", "p-counters"]);
         assert_eq!(result_ttl_attribute(), "expires_at");
+        assert_eq!(feature_ttl_attribute(), "expires_at");
         assert!(claim_check_key_prefix().ends_with('/'));
     }
 
