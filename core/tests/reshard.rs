@@ -103,3 +103,65 @@ async fn a_reshard_loses_nothing_and_children_wait_for_their_parents() {
     }
     assert!(read.iter().any(|r| !parents[&r.shard].is_empty()), "children were read");
 }
+
+/// A closed parent shard past the stream's retention is gone from the stream (GetShardIterator
+/// answers ResourceNotFound, ListShards no longer names it): it is taken as ended, so that its
+/// child is read, rather than stopping every worker that takes its lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parent_shard_gone_past_retention_lets_its_child_be_read() {
+    let endpoint = kinesis_endpoint();
+    let mut config = aws_store_config(&unique_prefix("gone"));
+    config.aws.kinesis_endpoint_url = Some(endpoint.clone());
+    config.shards = 1;
+    config.aws.lease_failover_ms = 1_000;
+    bootstrap(&config).await.unwrap();
+    let backend = Backend::open_observer(&config).await.unwrap();
+    let kinesis = kinesis_client(&endpoint).await;
+    let stream = format!("{}-records", config.aws.prefix);
+    let listed = kinesis.list_shards().stream_name(&stream).send().await.unwrap();
+    let child = listed.shards()[0].shard_id().to_owned();
+
+    // The leases as a reshard long ago left them: the stream's one shard is the child of one
+    // that has aged out.
+    let shared = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .region(aws_config::Region::new("us-east-1"))
+        .endpoint_url(config.aws.endpoint_url.clone().unwrap())
+        .credentials_provider(aws_credential_types::Credentials::from_keys("testing", "testing", None))
+        .load()
+        .await;
+    let dynamodb = aws_sdk_dynamodb::Client::new(&shared);
+    let lease = |shard: &str| {
+        use aws_sdk_dynamodb::types::AttributeValue::{N, S};
+        dynamodb
+            .put_item()
+            .table_name(format!("{}-leases", config.aws.prefix))
+            .item("leaseKey", S(shard.to_owned()))
+            .item("leaseCounter", N("0".into()))
+            .item("checkpoint", S("TRIM_HORIZON".into()))
+            .item("ownerSwitchesSinceCheckpoint", N("0".into()))
+    };
+    let gone = "shardId-000000000099";
+    lease(gone).send().await.unwrap();
+    lease(&child)
+        .item("parentShardIds", aws_sdk_dynamodb::types::AttributeValue::Ss(vec![gone.to_owned()]))
+        .send()
+        .await
+        .unwrap();
+
+    backend.stream.put_records(inputs("after", 10)).await.unwrap();
+    let mut consumer = backend.stream.consumer("w1").await.unwrap();
+    let mut read = 0;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while read < 10 {
+        assert!(tokio::time::Instant::now() < deadline, "read {read} of 10 records");
+        let batch = consumer.poll(20).await.expect("a shard gone past retention stops nobody");
+        if batch.is_empty() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        for record in batch {
+            assert_eq!(record.shard, child);
+            consumer.checkpoint(&record.shard, &record.sequence, 1).await.unwrap();
+            read += 1;
+        }
+    }
+}

@@ -76,7 +76,7 @@ pub struct StreamStats {
     /// Those records by shard.
     pub arrived: BTreeMap<String, u64>,
     /// Records past every shard's checkpoint (on Kinesis, which counts nothing, what one read
-    /// past each checkpoint finds: a lower bound).
+    /// of at most 1,000 records past each checkpoint finds: a lower bound).
     pub pending: u64,
     /// How far the oldest checkpoint is behind the tip of the stream, where the stream says.
     #[serde(skip_serializing_if = "Option::is_none")]

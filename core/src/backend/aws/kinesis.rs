@@ -1,7 +1,7 @@
 //! The record stream on Kinesis: a `PutRecords` producer that retries only the records that
 //! failed, and a consumer that reads the shards its leases (see `lease_coordinator`) give it.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -28,6 +28,13 @@ const SHARD_SYNC_INTERVAL: Duration = Duration::from_secs(30);
 /// Pause for a shard whose read throughput is exceeded (the SDK has already retried).
 const THROTTLED_PAUSE: Duration = Duration::from_secs(1);
 const GET_RECORDS_LIMIT: usize = 10_000;
+/// The fewest records one GetRecords call asks for, whatever the poll wants: what is left over
+/// waits in the shard's reader for the next polls. Five calls a second of only what a batch
+/// takes (ingest's 100) would cap a shard at 500 records a second, half what it accepts. (One
+/// call returns at most 10 MB: what a reader may hold.)
+const READ_AHEAD: usize = 1_000;
+/// The most records `stats` reads past a shard's checkpoint to count what waits there.
+const STATS_READ_LIMIT: usize = 1_000;
 
 pub(super) struct KinesisStream {
     clients: Clients,
@@ -107,6 +114,7 @@ impl RecordStream for KinesisStream {
             next_shard_sync: Instant::now(),
             rebalance_every: self.failover / 3,
             lag_ms: None,
+            turn: 0,
         }))
     }
 
@@ -125,7 +133,9 @@ impl RecordStream for KinesisStream {
         }
         let arrived: BTreeMap<String, u64> = all.iter().map(|l| (l.shard.clone(), l.arrived)).collect();
         let leases: BTreeMap<String, String> = all.into_iter().map(|l| (l.shard, l.checkpoint)).collect();
-        // Kinesis does not count records: pending is what one read past each checkpoint finds.
+        // Kinesis does not count records: pending is what one read past each checkpoint finds,
+        // of at most STATS_READ_LIMIT records (the shard's 2 MB/s of reads are ingest's too,
+        // and `sluice top` asks every 2 s).
         let mut pending = 0u64;
         let mut lag = None::<u64>;
         for (shard, _) in &shards {
@@ -139,7 +149,7 @@ impl RecordStream for KinesisStream {
                 .kinesis
                 .get_records()
                 .shard_iterator(iterator)
-                .limit(GET_RECORDS_LIMIT as i32)
+                .limit(STATS_READ_LIMIT as i32)
                 .send()
                 .await
                 .map_err(|e| classify("GetRecords", e))?;
@@ -212,6 +222,11 @@ impl KinesisStream {
     }
 }
 
+/// Whether `shard` is no longer among the stream's shards, the stream being there.
+async fn shard_is_gone(client: &aws_sdk_kinesis::Client, stream: &str, shard: &str) -> bool {
+    list_shards(client, stream).await.is_ok_and(|shards| shards.iter().all(|(s, _)| s != shard))
+}
+
 async fn shard_iterator(
     client: &aws_sdk_kinesis::Client,
     stream: &str,
@@ -232,18 +247,44 @@ async fn shard_iterator(
 
 /// Where reading one held shard stands.
 struct ShardReader {
+    /// Where the next GetRecords reads: after the last record fetched (in `ahead` or handed out).
     iterator: Option<String>,
     /// Last sequence handed out, and last one checkpointed.
     read: Option<String>,
     checkpointed: String,
-    /// The shard is closed and everything in it has been read.
+    /// Records fetched and not handed out yet, in order.
+    ahead: VecDeque<StreamRecord>,
+    /// The shard is closed and everything in it has been fetched.
     ended: bool,
     next_read: Instant,
 }
 
 impl ShardReader {
     fn starting_at(checkpoint: String) -> Self {
-        Self { iterator: None, read: None, checkpointed: checkpoint, ended: false, next_read: Instant::now() }
+        Self {
+            iterator: None,
+            read: None,
+            checkpointed: checkpoint,
+            ahead: VecDeque::new(),
+            ended: false,
+            next_read: Instant::now(),
+        }
+    }
+
+    /// Hands out up to `max` of the records read ahead.
+    fn hand_out(&mut self, max: usize, out: &mut Vec<StreamRecord>) {
+        let take = max.min(self.ahead.len());
+        out.extend(self.ahead.drain(..take));
+        if let Some(last) = out.last().filter(|_| take > 0) {
+            self.read = Some(last.sequence.clone());
+        }
+    }
+
+    /// Forgets what was read ahead: the next read starts after the last record handed out.
+    fn forget_ahead(&mut self) {
+        self.ahead.clear();
+        self.iterator = None;
+        self.ended = false;
     }
 }
 
@@ -256,6 +297,9 @@ struct KinesisConsumer {
     next_shard_sync: Instant,
     rebalance_every: Duration,
     lag_ms: Option<i64>,
+    /// Which held shard the next poll takes first: each in turn, so that one with a backlog
+    /// does not keep the others unread.
+    turn: usize,
 }
 
 impl KinesisConsumer {
@@ -301,7 +345,7 @@ impl KinesisConsumer {
         let done: Vec<String> = self
             .readers
             .iter()
-            .filter(|(_, r)| r.ended && r.read.as_ref().is_none_or(|seq| *seq == r.checkpointed))
+            .filter(|(_, r)| r.ended && r.ahead.is_empty() && r.read.as_ref().is_none_or(|seq| *seq == r.checkpointed))
             .map(|(s, _)| s.clone())
             .collect();
         for shard in done {
@@ -322,10 +366,20 @@ impl StreamConsumer for KinesisConsumer {
         self.maintain_leases().await?;
         self.finish_ended_shards().await?;
         let mut out = Vec::new();
-        let shards: Vec<String> = self.readers.keys().cloned().collect();
+        let mut shards: Vec<String> = self.readers.keys().cloned().collect();
+        if !shards.is_empty() {
+            let first = self.turn % shards.len();
+            shards.rotate_left(first);
+            self.turn = self.turn.wrapping_add(1);
+        }
+        // Each shard in turn hands out what it read ahead, or, with nothing ahead, is read.
         for shard in shards {
             let remaining = max.saturating_sub(out.len());
             let reader = self.readers.get_mut(&shard).expect("listed above");
+            if !reader.ahead.is_empty() {
+                reader.hand_out(remaining, &mut out);
+                continue;
+            }
             if remaining == 0 || reader.ended || Instant::now() < reader.next_read {
                 continue;
             }
@@ -333,6 +387,18 @@ impl StreamConsumer for KinesisConsumer {
                 let from = reader.read.clone().unwrap_or_else(|| reader.checkpointed.clone());
                 match shard_iterator(&self.kinesis, &self.stream, &shard, &from).await {
                     Ok(iterator) => reader.iterator = Some(iterator),
+                    // A closed shard past the stream's retention is gone (ResourceNotFound) and
+                    // no longer listed: it has ended, or its children would wait for it for ever.
+                    Err(e) if e.is_misconfiguration() && shard_is_gone(&self.kinesis, &self.stream, &shard).await => {
+                        tracing::error!(
+                            shard,
+                            error = %e,
+                            "the shard is past the stream's retention and gone: records it held that were not \
+                             read are lost; it is finished so that its children are read"
+                        );
+                        reader.ended = true;
+                        continue;
+                    }
                     // As below: what other shards gave is handed out first.
                     Err(e) if !out.is_empty() => {
                         tracing::warn!(shard, error = %e, "GetShardIterator failed; this shard is read again next poll");
@@ -346,7 +412,7 @@ impl StreamConsumer for KinesisConsumer {
                 .kinesis
                 .get_records()
                 .shard_iterator(reader.iterator.clone().expect("set above"))
-                .limit(remaining.min(GET_RECORDS_LIMIT) as i32)
+                .limit(remaining.clamp(READ_AHEAD, GET_RECORDS_LIMIT) as i32)
                 .send()
                 .await;
             let output = match result {
@@ -356,7 +422,7 @@ impl StreamConsumer for KinesisConsumer {
                     continue;
                 }
                 Err(e) if error_code(&e) == Some("ExpiredIteratorException") => {
-                    reader.iterator = None;
+                    reader.forget_ahead();
                     continue;
                 }
                 // What other shards gave this poll is handed out (their readers have moved past
@@ -377,17 +443,14 @@ impl StreamConsumer for KinesisConsumer {
             // End of a closed shard: no next iterator, or the children are named.
             reader.ended = output.next_shard_iterator().is_none() || !output.child_shards().is_empty();
             reader.iterator = output.next_shard_iterator().map(str::to_owned);
-            for record in output.records() {
-                reader.read = Some(record.sequence_number().to_owned());
-                out.push(StreamRecord {
-                    shard: shard.clone(),
-                    sequence: record.sequence_number().to_owned(),
-                    partition_key: record.partition_key().to_owned(),
-                    data: record.data().as_ref().to_vec(),
-                    arrived_ms: record.approximate_arrival_timestamp().and_then(|t| t.to_millis().ok()).unwrap_or(0)
-                        as u64,
-                });
-            }
+            reader.ahead.extend(output.records().iter().map(|record| StreamRecord {
+                shard: shard.clone(),
+                sequence: record.sequence_number().to_owned(),
+                partition_key: record.partition_key().to_owned(),
+                data: record.data().as_ref().to_vec(),
+                arrived_ms: record.approximate_arrival_timestamp().and_then(|t| t.to_millis().ok()).unwrap_or(0) as u64,
+            }));
+            reader.hand_out(remaining, &mut out);
         }
         if let Some(lag) = self.lag_ms {
             tracing::debug!(millis_behind_latest = lag, "stream lag");
