@@ -139,6 +139,35 @@ async fn sends_and_the_acknowledgement_commit_together_or_not_at_all() {
     assert_eq!(depths(&backend, queues).await, [(1, 0), (1, 1), (0, 0)], "none of it happened");
 }
 
+/// A worker whose message was received again while it worked (its visibility ran out, a
+/// heartbeat failed) sends nothing with a stale acknowledgement: the message is another
+/// worker's now, or in the DLQ, and its result beside a DLQ entry would be two outcomes.
+#[tokio::test]
+async fn sends_with_a_stale_acknowledgement_are_not_made() {
+    let (_dir, _, backend) = fresh(StoreConfig::default()).await;
+    let features = backend.queue(QueueName::Features);
+    let queues = [QueueName::Features, QueueName::Inference, QueueName::Results];
+    features.send_batch(vec![byte(1), byte(2)]).await.unwrap();
+    let slow = features.receive_hidden(2, Duration::ZERO, Duration::from_millis(1)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let again = features.receive_hidden(1, Duration::ZERO, Duration::from_secs(30)).await.unwrap();
+    assert_eq!(again.len(), 1);
+
+    let receipts: Vec<_> = slow.iter().map(|m| m.receipt.clone()).collect();
+    let refused = features.forward_and_ack(vec![(QueueName::Inference, vec![byte(10), byte(11)])], &receipts).await;
+    let error = refused.expect_err("one receipt is stale");
+    assert!(error.is_retryable() && error.detail().contains("received again"), "{error}");
+    assert_eq!(depths(&backend, queues).await, [(1, 1), (0, 0), (0, 0)], "nothing sent, nothing acknowledged");
+
+    // The one still held by the slow worker, and the new receive, each go through.
+    let held = slow.iter().find(|m| m.body != again[0].body).unwrap();
+    for (body, receipt) in [(10, &held.receipt), (11, &again[0].receipt)] {
+        let sends = vec![(QueueName::Inference, vec![byte(body)])];
+        features.forward_and_ack(sends, std::slice::from_ref(receipt)).await.unwrap();
+    }
+    assert_eq!(depths(&backend, queues).await, [(0, 0), (2, 0), (0, 0)]);
+}
+
 /// A stage that forwards each delivery to `to`, but one whose body starts with "retry" fails
 /// (retryable): every time, or with `once` only the first time.
 struct Forward {

@@ -132,6 +132,8 @@ const WRITER_CHECKPOINT_PAGES: i64 = 65_536;
 /// `RESTART_WAIT`); below it, a passive checkpoint holds nobody up.
 const RESTART_PAST_PAGES: i64 = 16_384;
 const RESTART_WAIT: Duration = Duration::from_millis(100);
+/// The bytes of write-ahead log kept on disk once it starts over (the restart threshold's 64 MiB).
+const JOURNAL_SIZE_LIMIT: i64 = RESTART_PAST_PAGES * 4096;
 /// After a restart that readers kept from finishing, the next waits at least this long.
 const RESTART_BACKOFF: Duration = Duration::from_secs(2);
 
@@ -218,6 +220,9 @@ fn connect(config: &StoreConfig) -> Result<Connection> {
     conn.pragma_update(None, "journal_mode", "WAL").map_err(classify)?;
     conn.pragma_update(None, "synchronous", "NORMAL").map_err(classify)?;
     conn.pragma_update(None, "wal_autocheckpoint", WRITER_CHECKPOINT_PAGES).map_err(classify)?;
+    // A log that grew during a backlog is cut back to this when it starts over, rather than
+    // kept at its largest size on disk for good.
+    conn.pragma_update(None, "journal_size_limit", JOURNAL_SIZE_LIMIT).map_err(classify)?;
     // 16 MiB of page cache (negative: KiB) against SQLite's 2 MiB, for the queues' and tables'
     // hot pages. Not more: each commit scans the cache's hash table for pages past the end of
     // the file, which showed in profiles at 64 MiB.

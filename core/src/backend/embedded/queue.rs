@@ -369,7 +369,9 @@ impl EmbeddedQueue {
     async fn set_visible_at(&self, receipts: &[Receipt], from_now: Duration) -> Result<()> {
         let named = parse_receipts(receipts);
         self.db
-            .write(move |tx| settle(tx, named, Settle::VisibleAt(now_ms() as i64 + from_now.as_millis() as i64)))
+            .write(move |tx| {
+                settle(tx, named, Settle::VisibleAt(now_ms() as i64 + from_now.as_millis() as i64)).map(drop)
+            })
             .await
     }
 }
@@ -543,20 +545,26 @@ enum Settle {
 /// Applies `settle` to the messages that `named` (batch, place, receive count) name, where no
 /// later receive made the receipt stale (a [`WHOLE_BATCH`] place: every message of the batch).
 /// A run that is named, wholly or in part, is written again as runs each named wholly or not at
-/// all (the named ones deleted, or with their new visibility).
-fn settle(tx: &rusqlite::Transaction<'_>, named: Vec<(i64, i64, u32)>, settle: Settle) -> rusqlite::Result<()> {
+/// all (the named ones deleted, or with their new visibility). Returns how many of `named`
+/// named nothing: stale (received again since, or redriven to the DLQ).
+fn settle(tx: &rusqlite::Transaction<'_>, named: Vec<(i64, i64, u32)>, settle: Settle) -> rusqlite::Result<usize> {
+    let mut stale = 0;
     let mut by_batch: BTreeMap<i64, Vec<(i64, u32)>> = BTreeMap::new();
     for (batch, place, count) in named {
         by_batch.entry(batch).or_default().push((place, count));
     }
     for (batch, named) in by_batch {
         let whole = named.iter().any(|&(place, _)| place == WHOLE_BATCH);
+        let mut found = vec![false; named.len()];
         for run in runs_of(tx, batch)? {
             let end = run.first + run.count;
             let mut hit = vec![whole; run.count as usize];
-            for &(place, count) in &named {
-                if count == run.receive_count && (run.first..end).contains(&place) {
+            for (n, &(place, count)) in named.iter().enumerate() {
+                if place == WHOLE_BATCH {
+                    found[n] = true;
+                } else if count == run.receive_count && (run.first..end).contains(&place) {
                     hit[(place - run.first) as usize] = true;
+                    found[n] = true;
                 }
             }
             if !hit.contains(&true) {
@@ -578,8 +586,9 @@ fn settle(tx: &rusqlite::Transaction<'_>, named: Vec<(i64, i64, u32)>, settle: S
         if matches!(settle, Settle::Delete) {
             drop_batch_if_done(tx, batch)?;
         }
+        stale += found.iter().filter(|f| !**f).count();
     }
-    Ok(())
+    Ok(stale)
 }
 
 /// A receipt names one receive of one message: `batch:place:receive count` (the place
@@ -630,7 +639,7 @@ impl WorkQueue for EmbeddedQueue {
 
     async fn ack(&self, receipts: &[Receipt]) -> Result<()> {
         let named = parse_receipts(receipts);
-        self.db.write(move |tx| settle(tx, named, Settle::Delete)).await
+        self.db.write(move |tx| settle(tx, named, Settle::Delete)).await.map(drop)
     }
 
     fn forwards_with_ack(&self) -> bool {
@@ -641,15 +650,34 @@ impl WorkQueue for EmbeddedQueue {
         let outgoing: Vec<Outgoing> =
             sends.into_iter().map(|(queue, messages)| Outgoing::new(queue, messages)).collect();
         let named = parse_receipts(receipts);
-        self.db
-            .write(move |tx| {
+        let stale = self
+            .db
+            .call(move |conn| {
+                let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
                 let now = now_ms() as i64;
                 for messages in outgoing {
-                    messages.insert(tx, now)?;
+                    messages.insert(&tx, now)?;
                 }
-                settle(tx, named, Settle::Delete)
+                let stale = settle(&tx, named, Settle::Delete)?;
+                // A message whose receipt went stale is another worker's now, or in the DLQ:
+                // its sends must not go too (a result beside its DLQ entry). Nothing is kept.
+                if stale == 0 {
+                    tx.commit()?;
+                }
+                Ok(stale)
             })
-            .await
+            .await?;
+        if stale > 0 {
+            return Err(SluiceError::retryable(
+                ReasonCode::StoreBusy,
+                format!(
+                    "{}: {stale} of the batch's messages were received again or dead-lettered while it ran \
+                     (their visibility ran out): nothing sent, the batch is redone",
+                    self.name
+                ),
+            ));
+        }
+        Ok(())
     }
 
     async fn extend_visibility(&self, receipts: &[Receipt], by: Duration) -> Result<()> {
