@@ -199,6 +199,10 @@ pub struct StoreConfig {
     pub max_receives: u32,
     /// How long a shard lease lasts without renewal before another worker may take it.
     pub lease_duration_ms: u64,
+    /// The embedded stream keeps a record this long once ingest has checkpointed it (as
+    /// Kinesis keeps records 24 hours by default), then deletes it: the store file stops
+    /// growing. A record not yet checkpointed is kept however old. 0 keeps every record.
+    pub stream_retention_hours: u64,
     /// How long a write waits for another process's write to finish.
     pub busy_timeout_ms: u64,
     /// The embedded store: how often its checkpoint thread copies the write-ahead log into the
@@ -328,6 +332,7 @@ impl Default for StoreConfig {
             visibility_timeout_ms: 30_000,
             max_receives: 5,
             lease_duration_ms: 10_000,
+            stream_retention_hours: 24,
             busy_timeout_ms: 10_000,
             checkpoint_interval_ms: 100,
             aws: AwsConfig::default(),

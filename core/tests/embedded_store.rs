@@ -1,6 +1,7 @@
 //! The embedded store's own upkeep: its write-ahead log is copied into the database file by a
 //! thread of its own, not by a writer. And its queues' own edges.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -366,6 +367,73 @@ async fn a_record_the_stage_panics_on_is_dead_lettered_and_the_worker_goes_on() 
 async fn on_the_stream(backend: &Backend, bodies: &[&str]) {
     let inputs = bodies.iter().map(|b| StreamInput { partition_key: (*b).to_owned(), data: b.as_bytes().to_vec() });
     backend.stream.put_records(inputs.collect()).await.unwrap();
+}
+
+/// The stream forgets what ingest has checkpointed once it is older than the retention (the
+/// store file stops growing), keeps what is not checkpointed however old, and still counts
+/// what came in.
+#[tokio::test]
+async fn checkpointed_records_past_the_retention_are_deleted_and_still_counted() {
+    let (_dir, config, backend) = fresh(StoreConfig { shards: 1, ..StoreConfig::default() }).await;
+    let keys: Vec<String> = (0..10).map(|i| format!("r{i}")).collect();
+    on_the_stream(&backend, &keys.iter().map(String::as_str).collect::<Vec<_>>()).await;
+    let mut consumer = backend.stream.consumer("w1").await.unwrap();
+    let read = consumer.poll(10).await.unwrap();
+    assert_eq!(read.len(), 10);
+    consumer.checkpoint(&read[5].shard, &read[5].sequence, 6).await.unwrap();
+    consumer.release().await.unwrap();
+
+    // Two days pass.
+    let conn = rusqlite::Connection::open(&config.path).unwrap();
+    conn.execute("UPDATE stream_records SET arrived_ms = arrived_ms - 2 * 86400000", []).unwrap();
+    let left = || conn.query_row("SELECT COUNT(*) FROM stream_records", [], |r| r.get::<_, i64>(0)).unwrap();
+    assert_eq!(left(), 10);
+    // The next consumer to hold the shard deletes what is past the retention.
+    let mut next = backend.stream.consumer("w2").await.unwrap();
+    let again = next.poll(10).await.unwrap();
+    assert_eq!(
+        again.iter().map(|r| r.sequence.clone()).collect::<Vec<_>>(),
+        read[6..].iter().map(|r| r.sequence.clone()).collect::<Vec<_>>()
+    );
+    assert_eq!(left(), 4, "the six checkpointed records went; the four not checkpointed stay");
+    let stats = backend.stream.stats().await.unwrap();
+    assert_eq!((stats.records, stats.pending), (6, 4), "what came in is still counted");
+}
+
+/// A store made before shards counted their arrivals is given the count, from its log, when it
+/// is opened.
+#[tokio::test]
+async fn a_store_made_before_arrivals_were_counted_counts_them_from_its_log() {
+    let (_dir, config, backend) = fresh(StoreConfig { shards: 1, ..StoreConfig::default() }).await;
+    on_the_stream(&backend, &["a", "b", "c"]).await;
+    let mut consumer = backend.stream.consumer("w1").await.unwrap();
+    let read = consumer.poll(10).await.unwrap();
+    consumer.checkpoint(&read[1].shard, &read[1].sequence, 2).await.unwrap();
+    drop((consumer, backend));
+    let conn = rusqlite::Connection::open(&config.path).unwrap();
+    conn.execute_batch("ALTER TABLE stream_shards DROP COLUMN arrived").unwrap();
+    drop(conn);
+
+    let reopened = Backend::open(&config).await.unwrap();
+    let stats = reopened.stream.stats().await.unwrap();
+    assert_eq!((stats.records, stats.pending), (2, 1));
+}
+
+/// A worker's polls take its shards in turn: one with a backlog of more than a poll takes does
+/// not keep the others unread until it is drained.
+#[tokio::test]
+async fn polls_take_the_shards_in_turn() {
+    let (_dir, _, backend) = fresh(StoreConfig { shards: 4, ..StoreConfig::default() }).await;
+    let keys: Vec<String> = (0..400).map(|i| format!("key-{i}")).collect();
+    on_the_stream(&backend, &keys.iter().map(String::as_str).collect::<Vec<_>>()).await;
+    let mut consumer = backend.stream.consumer("w1").await.unwrap();
+    let mut first_shards = BTreeSet::new();
+    for _ in 0..4 {
+        let read = consumer.poll(5).await.unwrap();
+        assert_eq!(read.len(), 5);
+        first_shards.insert(read[0].shard.clone());
+    }
+    assert_eq!(first_shards.len(), 4, "four polls began at four shards: {first_shards:?}");
 }
 
 /// A stream's checkpoints commit with the sends: both, or neither when a send fails; a shard

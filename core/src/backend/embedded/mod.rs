@@ -263,6 +263,7 @@ fn apply_schema(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<()> {
     let keyed = set_aside_keyed_tables(tx)?;
     tx.execute_batch(SCHEMA)?;
     queue::move_message_rows(tx)?;
+    stream::count_arrivals(tx)?;
     for (table, columns) in keyed {
         tx.execute_batch(&format!(
             "INSERT INTO {table} ({columns}) SELECT {columns} FROM {table}{KEYED_SUFFIX} ORDER BY created_ms, record_id; \

@@ -9,13 +9,17 @@ CREATE TABLE IF NOT EXISTS stream_records (
 );
 CREATE INDEX IF NOT EXISTS stream_records_by_shard ON stream_records (shard, seq);
 
--- One row per shard: its lease and its checkpoint (the last sequence durably handled).
+-- One row per shard: its lease, its checkpoint (the last sequence durably handled) and how many
+-- records it has taken in (replays not counted): records checkpointed and older than
+-- `store.stream_retention_hours` are deleted, so the log cannot count them. A store made before
+-- 2026-12-07 has no `arrived`: `connect` adds it, counted from the log.
 CREATE TABLE IF NOT EXISTS stream_shards (
     shard            INTEGER PRIMARY KEY,
     lease_owner      TEXT,
     lease_counter    INTEGER NOT NULL DEFAULT 0,
     lease_expires_ms INTEGER NOT NULL DEFAULT 0,
-    checkpoint       INTEGER NOT NULL DEFAULT 0
+    checkpoint       INTEGER NOT NULL DEFAULT 0,
+    arrived          INTEGER NOT NULL DEFAULT 0
 );
 
 -- The work queues (queue.rs): each send's messages packed in one batch row, written once; what is

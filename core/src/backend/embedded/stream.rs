@@ -23,12 +23,40 @@ use crate::topology::QueueName;
 pub(super) struct EmbeddedStream {
     db: Db,
     lease_ms: u64,
+    retention_ms: u64,
 }
 
 impl EmbeddedStream {
     pub(super) fn new(db: Db, config: &StoreConfig) -> Self {
-        Self { db, lease_ms: config.lease_duration_ms }
+        Self {
+            db,
+            lease_ms: config.lease_duration_ms,
+            retention_ms: config.stream_retention_hours.saturating_mul(3_600_000),
+        }
     }
+}
+
+/// How often a consumer deletes what its shards hold past the retention, and how many records a
+/// shard at most each time (the write lock is held while they go).
+const SWEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+const SWEEP_RECORDS: i64 = 20_000;
+
+/// Gives a store made before shards counted their arrivals the count: what lies at or below each
+/// checkpoint, less replays, which arrived before (a `REPLAY_KEY_PREFIX` partition key).
+pub(super) fn count_arrivals(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<()> {
+    let counted: bool =
+        tx.query_row("SELECT COUNT(*) FROM pragma_table_info('stream_shards') WHERE name = 'arrived'", [], |r| {
+            r.get::<_, i64>(0).map(|n| n > 0)
+        })?;
+    if counted {
+        return Ok(());
+    }
+    tx.execute_batch(
+        "ALTER TABLE stream_shards ADD COLUMN arrived INTEGER NOT NULL DEFAULT 0; \
+         UPDATE stream_shards SET arrived = (SELECT COUNT(*) FROM stream_records r \
+           WHERE r.shard = stream_shards.shard AND r.seq <= stream_shards.checkpoint \
+           AND r.partition_key NOT LIKE 'sluice-replay/%');",
+    )
 }
 
 fn shard_name(shard: i64) -> String {
@@ -86,6 +114,9 @@ impl RecordStream for EmbeddedStream {
             lease_ms: self.lease_ms,
             positions: BTreeMap::new(),
             balanced: None,
+            turn: 0,
+            retention_ms: self.retention_ms,
+            swept: None,
         }))
     }
 
@@ -93,13 +124,8 @@ impl RecordStream for EmbeddedStream {
         self.db
             .call(|conn| {
                 let shards: i64 = conn.query_row("SELECT COUNT(*) FROM stream_shards", [], |r| r.get(0))?;
-                // The log counts itself: what ingest has taken in is what lies at or below each
-                // shard's checkpoint, less replays (`REPLAY_KEY_PREFIX`), which arrived before.
-                let mut by_shard = conn.prepare(
-                    "SELECT s.shard, COUNT(r.seq) FROM stream_shards s \
-                     LEFT JOIN stream_records r ON r.shard = s.shard AND r.seq <= s.checkpoint \
-                     AND r.partition_key NOT LIKE 'sluice-replay/%' GROUP BY s.shard",
-                )?;
+                // What ingest has taken in, counted as it checkpointed (replays not counted).
+                let mut by_shard = conn.prepare("SELECT shard, arrived FROM stream_shards")?;
                 let arrived: BTreeMap<String, u64> = by_shard
                     .query_map([], |r| Ok((shard_name(r.get(0)?), r.get::<_, i64>(1)? as u64)))?
                     .collect::<rusqlite::Result<_>>()?;
@@ -138,6 +164,13 @@ struct EmbeddedConsumer {
     positions: BTreeMap<i64, i64>,
     /// When the leases were last renewed and balanced.
     balanced: Option<std::time::Instant>,
+    /// Which held shard the next poll reads first: each in turn, so that a shard with a backlog
+    /// of more than a poll takes does not keep the others unread.
+    turn: usize,
+    /// `store.stream_retention_hours`, and when this consumer last deleted what its shards hold
+    /// past it.
+    retention_ms: u64,
+    swept: Option<std::time::Instant>,
 }
 
 impl EmbeddedConsumer {
@@ -152,12 +185,60 @@ impl EmbeddedConsumer {
     }
 
     /// Balances the leases (see [`Self::balance_leases`]) when a tenth of a lease has passed
-    /// since the last time, or `now`.
-    async fn keep_leases(&mut self, now: bool) -> Result<()> {
+    /// since the last time. A worker that holds no shard looks no more often: every poll (every
+    /// 25 ms while idle) would take the store's write lock, for ever where there are more
+    /// workers than shards.
+    async fn keep_leases(&mut self) -> Result<()> {
         let due = self.balanced.is_none_or(|at| at.elapsed() >= self.rebalance_every());
-        if due || now {
+        if due {
             self.balance_leases().await?;
             self.balanced = Some(std::time::Instant::now());
+        }
+        if self.retention_ms > 0 && self.swept.is_none_or(|at| at.elapsed() >= SWEEP_EVERY) {
+            self.swept = Some(std::time::Instant::now());
+            self.sweep().await?;
+        }
+        Ok(())
+    }
+
+    /// Deletes the records of the shards held that are checkpointed and older than the
+    /// retention, the oldest first, at most [`SWEEP_RECORDS`] a shard.
+    async fn sweep(&self) -> Result<()> {
+        let shards: Vec<i64> = self.positions.keys().copied().collect();
+        if shards.is_empty() {
+            return Ok(());
+        }
+        let before = now_ms().saturating_sub(self.retention_ms) as i64;
+        let deleted = self
+            .db
+            .write(move |tx| {
+                // The oldest checkpointed records first, up to the first one young enough to keep
+                // (records arrive in sequence order): no more is read than goes.
+                let mut oldest = tx.prepare_cached(
+                    "SELECT seq, arrived_ms FROM stream_records WHERE shard = ?1 AND seq <= \
+                     (SELECT checkpoint FROM stream_shards WHERE shard = ?1) ORDER BY seq LIMIT ?2",
+                )?;
+                let mut delete = tx.prepare_cached("DELETE FROM stream_records WHERE shard = ?1 AND seq <= ?2")?;
+                let mut deleted = 0;
+                for shard in shards {
+                    let mut upto = None;
+                    let mut rows = oldest.query(params![shard, SWEEP_RECORDS])?;
+                    while let Some(row) = rows.next()? {
+                        if row.get::<_, i64>(1)? >= before {
+                            break;
+                        }
+                        upto = Some(row.get::<_, i64>(0)?);
+                    }
+                    drop(rows);
+                    if let Some(upto) = upto {
+                        deleted += delete.execute(params![shard, upto])?;
+                    }
+                }
+                Ok(deleted)
+            })
+            .await?;
+        if deleted > 0 {
+            tracing::debug!(deleted, "stream records past the retention deleted");
         }
         Ok(())
     }
@@ -247,10 +328,14 @@ fn steal_one(tx: &rusqlite::Transaction<'_>, owner: &str, target: i64, expires: 
 impl StreamConsumer for EmbeddedConsumer {
     async fn poll(&mut self, max: usize) -> Result<Vec<StreamRecord>> {
         // A write each poll held every stage up (a tenth of a busy ingest's store time); leases
-        // are renewed (and checkpoints extend them) well before they run out, and a worker that
-        // holds none looks at every poll.
-        self.keep_leases(self.positions.is_empty()).await?;
-        let positions = self.positions.clone();
+        // are renewed (and checkpoints extend them) well before they run out.
+        self.keep_leases().await?;
+        let mut positions: Vec<(i64, i64)> = self.positions.iter().map(|(&s, &p)| (s, p)).collect();
+        if !positions.is_empty() {
+            let first = self.turn % positions.len();
+            positions.rotate_left(first);
+            self.turn = self.turn.wrapping_add(1);
+        }
         // Each shard read, and whether its read stopped at the limit (so more may wait there).
         let (records, visited): (Vec<StreamRecord>, Vec<(i64, bool)>) = self
             .db
@@ -319,14 +404,14 @@ impl StreamConsumer for EmbeddedConsumer {
         sends: Vec<(QueueName, Vec<OutgoingMessage>)>,
         checkpoints: &[Checkpoint],
     ) -> Result<Vec<bool>> {
-        let at: Vec<(i64, i64)> = checkpoints
+        let at: Vec<(i64, i64, i64)> = checkpoints
             .iter()
-            .map(|c| Ok((parse_shard(&c.shard)?, parse_sequence(&c.sequence)?)))
+            .map(|c| Ok((parse_shard(&c.shard)?, parse_sequence(&c.sequence)?, c.records as i64)))
             .collect::<Result<_>>()?;
         // Packed before taking the connection, which every stage waits for.
         let outgoing: Vec<Outgoing> =
             sends.into_iter().map(|(queue, messages)| Outgoing::new(queue, messages)).collect();
-        let shards: Vec<i64> = at.iter().map(|&(shard, _)| shard).collect();
+        let shards: Vec<i64> = at.iter().map(|&(shard, _, _)| shard).collect();
         let owner = self.owner.clone();
         let lease_ms = self.lease_ms as i64;
         let recorded = self
@@ -336,12 +421,16 @@ impl StreamConsumer for EmbeddedConsumer {
                 for messages in outgoing {
                     messages.insert(tx, now)?;
                 }
+                // Arrivals count only where the checkpoint moves on (both read the row as it was).
                 let mut update = tx.prepare_cached(
-                    "UPDATE stream_shards SET checkpoint = MAX(checkpoint, ?1), lease_expires_ms = ?2 \
+                    "UPDATE stream_shards SET checkpoint = MAX(checkpoint, ?1), lease_expires_ms = ?2, \
+                     arrived = arrived + CASE WHEN ?1 > checkpoint THEN ?5 ELSE 0 END \
                      WHERE shard = ?3 AND lease_owner = ?4",
                 )?;
                 at.iter()
-                    .map(|&(shard, seq)| Ok(update.execute(params![seq, now + lease_ms, shard, owner])? == 1))
+                    .map(|&(shard, seq, records)| {
+                        Ok(update.execute(params![seq, now + lease_ms, shard, owner, records])? == 1)
+                    })
                     .collect::<rusqlite::Result<Vec<bool>>>()
             })
             .await?;
@@ -376,7 +465,7 @@ impl StreamConsumer for EmbeddedConsumer {
     }
 
     async fn renew_leases(&mut self) -> Result<()> {
-        self.keep_leases(false).await
+        self.keep_leases().await
     }
 
     async fn release(&mut self) -> Result<()> {
