@@ -16,9 +16,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::backend::{Backend, Checkpoint, OutgoingMessage, Receipt, StreamConsumer, WorkQueue};
 use crate::config::{BackendKind, StoreConfig, WorkerConfig};
-use crate::envelope::{Envelope, REPLAY_KEY_PREFIX, RecordId};
+use crate::envelope::{REPLAY_KEY_PREFIX, RecordId};
 use crate::error::{ReasonCode, Result, SluiceError};
-use crate::record::{DlqEntry, InferredRecord};
+use crate::record::DlqEntry;
 use crate::telemetry::health::Health;
 use crate::telemetry::metrics::{FailureAction, metrics};
 use crate::telemetry::traces::{self, BatchTrace, Destination, TRACEPARENT};
@@ -47,8 +47,9 @@ pub struct Delivery {
     pub attributes: BTreeMap<String, String>,
     /// 1 on first delivery.
     pub receive_count: u32,
-    /// When a queue first handed this message out (`None` for a stream record, or where the
-    /// queue does not say): a DLQ entry's first failure, where the failures came one a receive.
+    /// When a queue first handed this message out, or this worker first read the stream record
+    /// (`None` where the queue does not say): a DLQ entry's first failure, where the failures
+    /// came one a receive.
     pub first_received_ms: Option<u64>,
     pub origin: Origin,
 }
@@ -112,6 +113,13 @@ pub trait Stage: Send + Sync {
     /// Any write to the stage's own sink (feature store, result store) must be durable before
     /// this returns; the loop acknowledges right after forwarding.
     async fn process(&self, batch: &[Delivery]) -> Vec<Outcome>;
+
+    /// The record a delivery is of, for a failure that named none (the stage panicked on it, or
+    /// failed its whole batch): its DLQ entry is filed, and replayed, under it. By default what
+    /// a queue delivery's body names; a stage reading the stream says what a record's id is.
+    fn record_id_of(&self, delivery: &Delivery) -> Option<RecordId> {
+        record_id_in(delivery)
+    }
 
     /// Called once when the worker stops (after its last batch): write out anything the stage
     /// gathers across batches.
@@ -244,7 +252,8 @@ pub struct StreamSource {
     /// How often each record (shard, sequence) read and not yet settled has been read: a
     /// stream keeps no receive counts, and one that fails every time would otherwise hold its
     /// shard up for good (nothing past it checkpointed, until the stream's retention drops it).
-    reads: HashMap<(String, String), u32>,
+    /// With each, when it was first read (a DLQ entry's first failure).
+    reads: HashMap<(String, String), (u32, u64)>,
     /// After a retry, when the next read may be: the records rewound are not read again at once.
     resume_at: Option<tokio::time::Instant>,
     /// Records (shard, sequence) handled, sent on or dead-lettered, that no checkpoint covers yet:
@@ -347,13 +356,15 @@ impl Source for StreamSource {
                 return Ok(records
                     .into_iter()
                     .map(|r| {
-                        let read = reads.entry((r.shard.clone(), r.sequence.clone())).or_insert(0);
+                        let (read, first) = reads
+                            .entry((r.shard.clone(), r.sequence.clone()))
+                            .or_insert((0, crate::envelope::now_ms()));
                         *read += 1;
                         Delivery {
                             body: r.data,
                             origin: stream_origin(r.shard, r.sequence, r.arrived_ms, &r.partition_key),
                             attributes: BTreeMap::from([(PARTITION_KEY.to_owned(), r.partition_key)]),
-                            first_received_ms: None,
+                            first_received_ms: Some(*first),
                             receive_count: *read,
                         }
                     })
@@ -532,6 +543,9 @@ pub struct Worker {
     backend: Backend,
     config: WorkerConfig,
     heartbeat_every: Duration,
+    /// When the batch in hand was last kept (its processing began, or a heartbeat): the sends'
+    /// heartbeats go on from there.
+    kept_at: tokio::time::Instant,
     /// The longest a batch is filled after its first delivery: a quarter of the visibility
     /// timeout, so that the heartbeat, every half of it once work starts, comes before what
     /// was received first becomes visible to other workers.
@@ -571,6 +585,7 @@ impl Worker {
             backend,
             config,
             heartbeat_every,
+            kept_at: tokio::time::Instant::now(),
             fill_within: Duration::from_millis(store.visibility_timeout_ms / 4),
             health: None,
             abandon: CancellationToken::new(),
@@ -692,7 +707,7 @@ impl Worker {
                     } else {
                         error
                     };
-                    let record_id = record_id.or_else(|| record_id_in(delivery));
+                    let record_id = record_id.or_else(|| self.stage.record_id_of(delivery));
                     let permanent = !error.is_retryable();
                     let action = if permanent { FailureAction::DeadLettered } else { FailureAction::Retried };
                     metrics().failed(stage, error.code().as_str(), action);
@@ -792,18 +807,38 @@ impl Worker {
             }
             return Ok(true);
         }
-        for (queue, records, messages) in outgoing {
-            let span = span(queue, &records);
-            let count = messages.len();
-            if let Err(e) = self.backend.queue(queue).send_batch(messages).await {
-                if let Some(span) = &span {
-                    span.failed(&e);
+        let backend = &self.backend;
+        let sending = async move {
+            for (queue, records, messages) in outgoing {
+                let span = span(queue, &records);
+                let count = messages.len();
+                if let Err(e) = backend.queue(queue).send_batch(messages).await {
+                    if let Some(span) = &span {
+                        span.failed(&e);
+                    }
+                    return Err(e);
                 }
-                return Err(e);
+                metrics().sent(queue, count);
             }
-            metrics().sent(queue, count);
+            Ok(false)
+        };
+        // Sends that take their time (a throttled queue, claim-checks to S3: the SDK's retries)
+        // keep the batch's visibility and leases as its processing did; else another worker could
+        // take its messages, or the shard, and do them again meanwhile.
+        tokio::pin!(sending);
+        // On the processing's beat: at once if one is due.
+        let mut ticks = tokio::time::interval_at(self.kept_at + self.heartbeat_every, self.heartbeat_every);
+        let in_flight: Vec<&Origin> = done.iter().chain(retry).copied().collect();
+        loop {
+            tokio::select! {
+                sent = &mut sending => return sent,
+                _ = ticks.tick() => {
+                    if let Err(e) = self.source.heartbeat(&in_flight).await {
+                        tracing::warn!(error = %e, "visibility heartbeat failed");
+                    }
+                }
+            }
         }
-        Ok(false)
     }
 
     /// Starts the batch's spans and hands each delivery the trace context its record carries on
@@ -887,6 +922,7 @@ impl Worker {
         tokio::pin!(process);
         let mut ticks = tokio::time::interval(self.heartbeat_every);
         ticks.tick().await;
+        self.kept_at = tokio::time::Instant::now();
         loop {
             tokio::select! {
                 outcomes = &mut process => return Some(outcomes),
@@ -896,6 +932,7 @@ impl Worker {
                     if let Err(e) = self.source.heartbeat(&in_flight).await {
                         tracing::warn!(error = %e, "visibility heartbeat failed");
                     }
+                    self.kept_at = tokio::time::Instant::now();
                 }
             }
         }
@@ -979,14 +1016,20 @@ fn new_backoff() -> impl Iterator<Item = Duration> {
 /// The record id a queue delivery's body names (an envelope, or an inferred record's), for a
 /// failure its stage named none for (a store write that failed for the whole batch): its DLQ
 /// entry is then found by it, as one the queue's redrive moved is.
+/// Read leniently: a body the stage refused (an unknown field, a number out of range) may still
+/// name its record.
 fn record_id_in(delivery: &Delivery) -> Option<RecordId> {
+    /// An envelope's `record_id`, or an inferred record's `envelope.record_id`; nothing else.
+    #[derive(serde::Deserialize)]
+    struct Named {
+        record_id: Option<RecordId>,
+        envelope: Option<Box<Named>>,
+    }
     if !matches!(delivery.origin, Origin::Queue(_)) {
         return None;
     }
-    InferredRecord::from_json(&delivery.body)
-        .map(|record| record.envelope.record_id)
-        .or_else(|_| Envelope::from_json(&delivery.body).map(|envelope| envelope.record_id))
-        .ok()
+    let named: Named = serde_json::from_slice(&delivery.body).ok()?;
+    named.record_id.or_else(|| named.envelope.and_then(|e| e.record_id))
 }
 
 /// The DLQ message for a permanent failure: the body as received, the reason in attributes.
@@ -1025,6 +1068,7 @@ fn in_whole_calls(max: usize, per_call: Option<usize>) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::envelope::Envelope;
 
     /// A failure its stage named no record for is still filed under the record its body names.
     #[test]
@@ -1043,6 +1087,12 @@ mod tests {
         let streamed =
             delivery(Origin::Stream { shard: "s".into(), sequence: "1".into(), arrived_ms: 0, replay: false });
         assert_eq!(record_id_in(&streamed), None, "a stream record's id is ingest's to read");
+        // Bodies a stage refuses may still name their record.
+        let odd = Delivery { body: br#"{"record_id":"r-8","colour":"red"}"#.to_vec(), ..queued.clone() };
+        assert_eq!(record_id_in(&odd).unwrap().as_str(), "r-8");
+        let inferred = br#"{"envelope":{"record_id":"r-9"},"prediction":{"probabilities":[3e110]}}"#;
+        let inferred = Delivery { body: inferred.to_vec(), ..queued.clone() };
+        assert_eq!(record_id_in(&inferred).unwrap().as_str(), "r-9");
         let garbage = Delivery { body: b"not a record".to_vec(), ..queued };
         assert_eq!(record_id_in(&garbage), None);
     }

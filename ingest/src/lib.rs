@@ -59,12 +59,7 @@ impl IngestStage {
             let error = SluiceError::permanent(ReasonCode::Internal, "ingest reads the stream, not a queue");
             return Err(Outcome::failed(error, None));
         };
-        // A replayed raw record keeps the id its first stream position gave it.
-        let position = delivery
-            .attributes
-            .get(PARTITION_KEY)
-            .and_then(|key| RecordId::from_replay_partition_key(key))
-            .unwrap_or_else(|| RecordId::from_stream_position(shard, sequence));
+        let position = position_id(delivery, shard, sequence);
         let mut envelope = validate::parse(&delivery.body, &position, *arrived_ms, &self.config)
             .map_err(|error| Outcome::failed(error, Some(validate::claimed_id(&delivery.body).unwrap_or(position))))?;
         // With tracing on, the worker gave the delivery this stage's span: the record carries it on.
@@ -95,6 +90,15 @@ impl IngestStage {
     }
 }
 
+/// A raw record's id: its stream position's, or, replayed, the one its first position gave it.
+fn position_id(delivery: &Delivery, shard: &str, sequence: &str) -> RecordId {
+    delivery
+        .attributes
+        .get(PARTITION_KEY)
+        .and_then(|key| RecordId::from_replay_partition_key(key))
+        .unwrap_or_else(|| RecordId::from_stream_position(shard, sequence))
+}
+
 #[async_trait]
 impl Stage for IngestStage {
     fn name(&self) -> StageName {
@@ -103,6 +107,13 @@ impl Stage for IngestStage {
 
     fn batch_policy(&self) -> BatchPolicy {
         BatchPolicy::up_to(self.config.batch_size)
+    }
+
+    /// The id a record failing as a whole (a panic on it) is dead-lettered, and replayed, under:
+    /// the one its envelope claims, else its stream position's.
+    fn record_id_of(&self, delivery: &Delivery) -> Option<RecordId> {
+        let Origin::Stream { shard, sequence, .. } = &delivery.origin else { return None };
+        Some(validate::claimed_id(&delivery.body).unwrap_or_else(|| position_id(delivery, shard, sequence)))
     }
 
     async fn process(&self, batch: &[Delivery]) -> Vec<Outcome> {

@@ -151,3 +151,26 @@ async fn a_json_event_must_carry_the_model_fields_and_a_string_id() {
     assert_eq!(ids.len(), 2);
     assert!(ids.contains(&"fine".to_owned()), "a string id is the record's id: {ids:?}");
 }
+
+/// A record that fails as a whole (the stage panicked on it) is dead-lettered under the id it
+/// would have had: the one its envelope claims, else its stream position's (a replay then
+/// keeps it, not a new position's).
+#[tokio::test]
+async fn a_record_failing_whole_is_named_as_ingest_would_name_it() {
+    use sluice_core::worker::{Delivery, Origin, Stage};
+    let dir = tempfile::tempdir().unwrap();
+    let store = StoreConfig { path: dir.path().join("s.sqlite"), ..StoreConfig::default() };
+    let backend = Backend::open(&store).await.unwrap();
+    let stage = IngestStage::new(IngestConfig::default(), Arc::clone(&backend.blobs));
+    let delivery = |body: Vec<u8>| Delivery {
+        body,
+        attributes: Default::default(),
+        receive_count: 1,
+        first_received_ms: None,
+        origin: Origin::Stream { shard: "shard-0".into(), sequence: "42".into(), arrived_ms: 0, replay: false },
+    };
+    let raw = stage.record_id_of(&delivery(png(8, 8))).unwrap();
+    assert_eq!(raw, RecordId::from_stream_position("shard-0", "42"));
+    let envelope = Envelope::inline(RecordId::parse("claimed-1").unwrap(), "t", ContentType::Png, png(8, 8));
+    assert_eq!(stage.record_id_of(&delivery(envelope.to_json())).unwrap().as_str(), "claimed-1");
+}
