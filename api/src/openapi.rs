@@ -151,7 +151,7 @@ pub(crate) fn document(labels: &[String]) -> Value {
                     "type": "object", "required": ["results"], "additionalProperties": false,
                     "properties": {
                         "results": { "type": "array", "items": { "$ref": "#/components/schemas/Result" } },
-                        "next_page_token": { "type": "string", "description": "Pass as page_token for the next page; absent on the last" }
+                        "next_page_token": { "type": "string", "description": "Pass as page_token for the next page; absent on the last. A page reads at most 10,000 results: one whose filters few of them pass holds fewer than limit, or none, and this token" }
                     }
                 },
                 "Timestamps": {

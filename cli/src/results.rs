@@ -85,6 +85,7 @@ impl ListArgs {
             max_confidence: self.max_confidence,
             limit: self.limit.unwrap_or(20).max(1),
             page_token: self.page_token.as_deref().map(PageToken::parse).transpose()?,
+            examine_at_most: None,
         })
     }
 }

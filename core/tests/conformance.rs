@@ -506,6 +506,11 @@ async fn result_store_lists_by_status_class_and_time_in_pages(f: Fixture) {
     assert_eq!(review, ["q00", "q03", "q06", "q09"]);
     let odd = all_pages(ResultQuery { class: Some("odd".into()), limit: 4, ..ResultQuery::default() }).await;
     assert_eq!(odd.len(), 6);
+    // A page reads no more than it may: a filter few pass ends pages early, and the pages still
+    // hold every match, once each, in order.
+    let a_few_at_a_time =
+        ResultQuery { class: Some("odd".into()), limit: 4, examine_at_most: Some(3), ..ResultQuery::default() };
+    assert_eq!(all_pages(a_few_at_a_time).await, odd);
     let late = all_pages(ResultQuery { since_ms: Some(since), limit: 10, ..ResultQuery::default() }).await;
     assert_eq!(late, ["z-late"]);
     let none = all_pages(ResultQuery { min_confidence: Some(0.95), limit: 10, ..ResultQuery::default() }).await;

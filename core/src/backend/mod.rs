@@ -321,9 +321,21 @@ pub struct ResultQuery {
     pub limit: usize,
     /// Where the previous page ended.
     pub page_token: Option<PageToken>,
+    /// The most results a page reads past its start (none: [`EXAMINE_AT_MOST`]).
+    pub examine_at_most: Option<usize>,
 }
 
+/// The most results one page of a listing reads: a filter few results pass (a class, a
+/// confidence band) ends its page early, with fewer results or none and a page token to go on
+/// from, rather than read the whole store for one answer.
+pub const EXAMINE_AT_MOST: usize = 10_000;
+
 impl ResultQuery {
+    /// How many results a page may read.
+    pub fn examined_at_most(&self) -> usize {
+        self.examine_at_most.unwrap_or(EXAMINE_AT_MOST).max(1)
+    }
+
     /// Whether `result` passes the filters that are not part of the store order.
     pub fn matches(&self, result: &PredictionResult) -> bool {
         self.status.is_none_or(|s| s == result.status)

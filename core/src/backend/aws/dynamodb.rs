@@ -513,10 +513,14 @@ impl ResultStore for DynamoResultStore {
             .map_or(vec![ResultStatus::Accepted, ResultStatus::Review, ResultStatus::Reviewed], |s| vec![s]);
         let start = query.start().to_string();
         let limit = query.limit.max(1);
+        let budget = query.examined_at_most().div_ceil(statuses.len());
         let mut found: Vec<(String, PredictionResult)> = Vec::new();
+        // Of the statuses read up to their budget, the least position reached: past it some
+        // status was not read, so the page ends there.
+        let mut cut: Option<String> = None;
         for status in statuses {
             let mut exclusive_start = None;
-            let mut matched = 0;
+            let (mut matched, mut examined) = (0, 0);
             loop {
                 let output = self
                     .client
@@ -529,13 +533,16 @@ impl ResultStore for DynamoResultStore {
                     .expression_attribute_values(":status", AttributeValue::S(status.as_str().to_owned()))
                     .expression_attribute_values(":start", AttributeValue::S(start.clone()))
                     .set_exclusive_start_key(exclusive_start.take())
-                    .limit(limit.saturating_add(1).saturating_mul(2).min(1000) as i32)
+                    .limit(limit.saturating_add(1).saturating_mul(2).min(1000).min(budget - examined) as i32)
                     .send()
                     .await
                     .map_err(|e| classify("Query", e))?;
+                let mut last = None;
                 for item in output.items() {
+                    examined += 1;
                     let result = decode_result(item)?;
                     let Some(position) = item.get(&index.sort).and_then(|v| v.as_s().ok()) else { continue };
+                    last = Some(position.clone());
                     if query.matches(&result) {
                         matched += 1;
                         found.push((position.clone(), result));
@@ -545,13 +552,23 @@ impl ResultStore for DynamoResultStore {
                 if matched > limit || exclusive_start.is_none() {
                     break;
                 }
+                if examined >= budget {
+                    if let Some(last) = last {
+                        cut = Some(cut.map_or(last.clone(), |c| c.min(last)));
+                    }
+                    break;
+                }
             }
+        }
+        if let Some(cut) = &cut {
+            found.retain(|(position, _)| position <= cut);
         }
         found.sort_by(|a, b| a.0.cmp(&b.0));
         let more = found.len() > limit;
         found.truncate(limit);
-        let next_page_token = match found.last() {
-            Some((position, _)) if more => Some(PageToken::parse(position)?),
+        let next_page_token = match (found.last(), &cut) {
+            (Some((position, _)), _) if more => Some(PageToken::parse(position)?),
+            (_, Some(cut)) => Some(PageToken::parse(cut)?),
             _ => None,
         };
         Ok(ResultPage { results: found.into_iter().map(|(_, r)| r).collect(), next_page_token })

@@ -198,6 +198,7 @@ impl ResultStore for EmbeddedResultStore {
                 let mut page = ResultPage::default();
                 let limit = query.limit.max(1);
                 let chunk = limit.saturating_mul(2).clamp(50, 1000);
+                let (budget, mut examined) = (query.examined_at_most(), 0);
                 loop {
                     let after = from.record_id.as_ref().map_or("", |id| id.as_str()).to_owned();
                     let rows: Vec<(u64, PredictionResult)> = stmt
@@ -207,6 +208,12 @@ impl ResultStore for EmbeddedResultStore {
                         .collect::<rusqlite::Result<_>>()?;
                     let exhausted = rows.len() < chunk;
                     for (stored_ms, result) in rows {
+                        if examined == budget {
+                            // Read as much as a page may: it ends here, to go on from.
+                            page.next_page_token = Some(from);
+                            return Ok(page);
+                        }
+                        examined += 1;
                         from = PageToken::after(stored_ms, &result.record_id);
                         if !query.matches(&result) {
                             continue;
