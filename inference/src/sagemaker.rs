@@ -148,6 +148,13 @@ pub fn parse_response(
     if scores.len() != rows {
         return Err(invalid(format!("{} predictions for {rows} rows", scores.len())));
     }
+    // Probabilities, as binary:logistic and multi:softprob give them: a margin (binary:logitraw)
+    // or a regression's value would be taken for a confidence.
+    if let Some(v) = scores.iter().flatten().find(|v| !(0.0..=1.0).contains(*v)) {
+        return Err(invalid(format!(
+            "score {v} is not a probability (the endpoint must be trained with binary:logistic or multi:softprob)"
+        )));
+    }
     scores
         .into_iter()
         .map(|score| match score.len() {
@@ -294,6 +301,9 @@ mod tests {
             ("3\n1\n", 2, 10),
             ("0.1,x", 1, 2),
             ("not json {", 1, 2),
+            // A margin, not a probability (binary:logitraw).
+            ("2.5\n-1.0\n", 2, 2),
+            ("NaN", 1, 2),
         ] {
             let error = parse_response(body, None, rows, classes).unwrap_err();
             assert_eq!(error.code(), ReasonCode::InvalidModelOutput, "{body}");
