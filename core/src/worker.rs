@@ -828,6 +828,8 @@ impl Worker {
         tokio::pin!(sending);
         // On the processing's beat: at once if one is due.
         let mut ticks = tokio::time::interval_at(self.kept_at + self.heartbeat_every, self.heartbeat_every);
+        // Beats missed (a stage that kept its task busy) are one beat, not a burst of them.
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let in_flight: Vec<&Origin> = done.iter().chain(retry).copied().collect();
         loop {
             tokio::select! {

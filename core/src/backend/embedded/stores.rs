@@ -201,12 +201,14 @@ impl ResultStore for EmbeddedResultStore {
                 let (budget, mut examined) = (query.examined_at_most(), 0);
                 loop {
                     let after = from.record_id.as_ref().map_or("", |id| id.as_str()).to_owned();
+                    // No more than the budget leaves, and one to tell whether the page ends there.
+                    let want = chunk.min(budget - examined + 1);
                     let rows: Vec<(u64, PredictionResult)> = stmt
-                        .query_map(params![status, from.stored_ms as i64, after, chunk as i64], |r| {
+                        .query_map(params![status, from.stored_ms as i64, after, want as i64], |r| {
                             Ok((r.get::<_, i64>(0)? as u64, decode_result(&r.get::<_, String>(1)?)?))
                         })?
                         .collect::<rusqlite::Result<_>>()?;
-                    let exhausted = rows.len() < chunk;
+                    let exhausted = rows.len() < want;
                     for (stored_ms, result) in rows {
                         if examined == budget {
                             // Read as much as a page may: it ends here, to go on from.

@@ -36,10 +36,12 @@ impl EmbeddedStream {
     }
 }
 
-/// How often a consumer deletes what its shards hold past the retention, and how many records a
-/// shard at most each time (the write lock is held while they go).
+/// How often a consumer deletes what its shards hold past the retention; and how much of a shard
+/// at most in one transaction (every writer waits while it runs): what is left goes at the next
+/// poll.
 const SWEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
-const SWEEP_RECORDS: i64 = 20_000;
+const SWEEP_RECORDS: i64 = 1_000;
+const SWEEP_BYTES: i64 = 16 << 20;
 
 /// Gives a store made before shards counted their arrivals the count: what lies at or below each
 /// checkpoint, less replays, which arrived before (a `REPLAY_KEY_PREFIX` partition key).
@@ -117,6 +119,7 @@ impl RecordStream for EmbeddedStream {
             turn: 0,
             retention_ms: self.retention_ms,
             swept: None,
+            sweep_left: false,
         }))
     }
 
@@ -171,6 +174,8 @@ struct EmbeddedConsumer {
     /// past it.
     retention_ms: u64,
     swept: Option<std::time::Instant>,
+    /// The last sweep stopped at its limit: the next poll sweeps on.
+    sweep_left: bool,
 }
 
 impl EmbeddedConsumer {
@@ -194,53 +199,56 @@ impl EmbeddedConsumer {
             self.balance_leases().await?;
             self.balanced = Some(std::time::Instant::now());
         }
-        if self.retention_ms > 0 && self.swept.is_none_or(|at| at.elapsed() >= SWEEP_EVERY) {
+        let due = self.swept.is_none_or(|at| at.elapsed() >= SWEEP_EVERY);
+        if self.retention_ms > 0 && (due || self.sweep_left) {
             self.swept = Some(std::time::Instant::now());
-            self.sweep().await?;
+            self.sweep_left = self.sweep().await?;
         }
         Ok(())
     }
 
     /// Deletes the records of the shards held that are checkpointed and older than the
-    /// retention, the oldest first, at most [`SWEEP_RECORDS`] a shard.
-    async fn sweep(&self) -> Result<()> {
-        let shards: Vec<i64> = self.positions.keys().copied().collect();
-        if shards.is_empty() {
-            return Ok(());
-        }
+    /// retention, the oldest first, a shard a transaction, at most [`SWEEP_RECORDS`] records and
+    /// [`SWEEP_BYTES`] each; whether more is left to delete.
+    async fn sweep(&self) -> Result<bool> {
         let before = now_ms().saturating_sub(self.retention_ms) as i64;
-        let deleted = self
-            .db
-            .write(move |tx| {
-                // The oldest checkpointed records first, up to the first one young enough to keep
-                // (records arrive in sequence order): no more is read than goes.
-                let mut oldest = tx.prepare_cached(
-                    "SELECT seq, arrived_ms FROM stream_records WHERE shard = ?1 AND seq <= \
-                     (SELECT checkpoint FROM stream_shards WHERE shard = ?1) ORDER BY seq LIMIT ?2",
-                )?;
-                let mut delete = tx.prepare_cached("DELETE FROM stream_records WHERE shard = ?1 AND seq <= ?2")?;
-                let mut deleted = 0;
-                for shard in shards {
-                    let mut upto = None;
+        let mut left = false;
+        for &shard in self.positions.keys() {
+            let (deleted, full) = self
+                .db
+                .write(move |tx| {
+                    // The oldest checkpointed records first, up to the first one young enough to
+                    // keep (records arrive in sequence order): no more is read than goes. A
+                    // blob's length is in its row's header: its pages are not read to know it.
+                    let mut oldest = tx.prepare_cached(
+                        "SELECT seq, arrived_ms, length(data) FROM stream_records WHERE shard = ?1 AND seq <= \
+                         (SELECT checkpoint FROM stream_shards WHERE shard = ?1) ORDER BY seq LIMIT ?2",
+                    )?;
+                    let (mut upto, mut records, mut bytes) = (None, 0, 0);
                     let mut rows = oldest.query(params![shard, SWEEP_RECORDS])?;
                     while let Some(row) = rows.next()? {
-                        if row.get::<_, i64>(1)? >= before {
+                        if row.get::<_, i64>(1)? >= before || bytes >= SWEEP_BYTES {
                             break;
                         }
                         upto = Some(row.get::<_, i64>(0)?);
+                        records += 1;
+                        bytes += row.get::<_, i64>(2)?;
                     }
                     drop(rows);
-                    if let Some(upto) = upto {
-                        deleted += delete.execute(params![shard, upto])?;
-                    }
-                }
-                Ok(deleted)
-            })
-            .await?;
-        if deleted > 0 {
-            tracing::debug!(deleted, "stream records past the retention deleted");
+                    let full = records == SWEEP_RECORDS || bytes >= SWEEP_BYTES;
+                    let Some(upto) = upto else { return Ok((0, false)) };
+                    let deleted = tx
+                        .prepare_cached("DELETE FROM stream_records WHERE shard = ?1 AND seq <= ?2")?
+                        .execute(params![shard, upto])?;
+                    Ok((deleted, full))
+                })
+                .await?;
+            if deleted > 0 {
+                tracing::debug!(shard, deleted, "stream records past the retention deleted");
+            }
+            left |= full;
         }
-        Ok(())
+        Ok(left)
     }
 
     /// Renews held leases and takes a fair share of the rest: free and expired shards first,
@@ -294,8 +302,10 @@ impl EmbeddedConsumer {
             .await?;
         let mut positions = BTreeMap::new();
         for (shard, checkpoint) in held {
-            // Keep the read position of shards already held; a new one starts at its checkpoint.
-            positions.insert(shard, self.positions.get(&shard).copied().unwrap_or(checkpoint));
+            // Keep the read position of shards already held, unless another worker checkpointed
+            // past it meanwhile (the shard was lost and taken back); a new one starts at its
+            // checkpoint.
+            positions.insert(shard, self.positions.get(&shard).map_or(checkpoint, |&kept| kept.max(checkpoint)));
         }
         self.positions = positions;
         Ok(())
@@ -404,14 +414,14 @@ impl StreamConsumer for EmbeddedConsumer {
         sends: Vec<(QueueName, Vec<OutgoingMessage>)>,
         checkpoints: &[Checkpoint],
     ) -> Result<Vec<bool>> {
-        let at: Vec<(i64, i64, i64)> = checkpoints
+        let at: Vec<(i64, i64)> = checkpoints
             .iter()
-            .map(|c| Ok((parse_shard(&c.shard)?, parse_sequence(&c.sequence)?, c.records as i64)))
+            .map(|c| Ok((parse_shard(&c.shard)?, parse_sequence(&c.sequence)?)))
             .collect::<Result<_>>()?;
         // Packed before taking the connection, which every stage waits for.
         let outgoing: Vec<Outgoing> =
             sends.into_iter().map(|(queue, messages)| Outgoing::new(queue, messages)).collect();
-        let shards: Vec<i64> = at.iter().map(|&(shard, _, _)| shard).collect();
+        let shards: Vec<i64> = at.iter().map(|&(shard, _)| shard).collect();
         let owner = self.owner.clone();
         let lease_ms = self.lease_ms as i64;
         let recorded = self
@@ -421,16 +431,19 @@ impl StreamConsumer for EmbeddedConsumer {
                 for messages in outgoing {
                     messages.insert(tx, now)?;
                 }
-                // Arrivals count only where the checkpoint moves on (both read the row as it was).
+                // Arrivals: the records the checkpoint moves past, counted in the log (the row's
+                // `checkpoint` is read as it was), replays not counted. Not the worker's count:
+                // one whose read position lagged a checkpoint another worker made meanwhile
+                // would count some twice.
                 let mut update = tx.prepare_cached(
                     "UPDATE stream_shards SET checkpoint = MAX(checkpoint, ?1), lease_expires_ms = ?2, \
-                     arrived = arrived + CASE WHEN ?1 > checkpoint THEN ?5 ELSE 0 END \
+                     arrived = arrived + (SELECT COUNT(*) FROM stream_records r WHERE r.shard = ?3 \
+                       AND r.seq > stream_shards.checkpoint AND r.seq <= ?1 \
+                       AND r.partition_key NOT LIKE 'sluice-replay/%') \
                      WHERE shard = ?3 AND lease_owner = ?4",
                 )?;
                 at.iter()
-                    .map(|&(shard, seq, records)| {
-                        Ok(update.execute(params![seq, now + lease_ms, shard, owner, records])? == 1)
-                    })
+                    .map(|&(shard, seq)| Ok(update.execute(params![seq, now + lease_ms, shard, owner])? == 1))
                     .collect::<rusqlite::Result<Vec<bool>>>()
             })
             .await?;
