@@ -94,6 +94,9 @@ const DEMO_AWS_SHARDS: u32 = 1;
 pub async fn demo(args: &DemoArgs, settings: Settings) -> anyhow::Result<Summary> {
     let temp = tempfile::tempdir()?;
     let mut settings = args.inference.apply(args.store.apply(settings));
+    // Before anything is made: a run that cannot load its model would leave AWS resources behind.
+    sluice_core::model::ModelBundle::load(settings.model()?.dir)?;
+    let mut made = None;
     match settings.store()?.backend {
         BackendKind::Embedded => {
             let path = match &args.store.store {
@@ -125,9 +128,24 @@ pub async fn demo(args: &DemoArgs, settings: Settings) -> anyhow::Result<Summary
                         "bootstrapping prefix {prefix}: `sluice aws teardown --prefix {prefix}` deletes what it made"
                     )
                 })?;
+                made = Some(prefix.clone());
             }
         }
     }
+    let ran = run(args, &settings).await;
+    // What the run made stays, and bills: a run that failed says which prefix to tear down.
+    match made {
+        Some(prefix) => ran.with_context(|| {
+            format!(
+                "the demo's resources stay under prefix {prefix}: `sluice aws teardown --prefix {prefix}` deletes them"
+            )
+        }),
+        None => ran,
+    }
+}
+
+/// The demo on the store `settings` name, made or checked already.
+async fn run(args: &DemoArgs, settings: &Settings) -> anyhow::Result<Summary> {
     let store = settings.store()?;
     let backend = Backend::open(&store).await?;
     if store.backend == BackendKind::Aws {
@@ -166,7 +184,7 @@ pub async fn demo(args: &DemoArgs, settings: Settings) -> anyhow::Result<Summary
     put_all(&backend, records, &ingest).await?;
     // As a producer that checks nothing writes them: the oversized one inline, not claim-checked.
     backend.stream.put_records(bad.into_iter().map(|b| b.input).collect()).await?;
-    crate::pipeline::run_all(&settings, CancellationToken::new(), true, &Health::new(StageName::ALL.len())).await?;
+    crate::pipeline::run_all(settings, CancellationToken::new(), true, &Health::new(StageName::ALL.len())).await?;
     let elapsed = started.elapsed().as_secs_f64();
     let pipeline_requests = requests().snapshot();
     let mut summary = summarise(&Backend::open_observer(&store).await?, elapsed).await?;

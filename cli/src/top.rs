@@ -18,8 +18,8 @@ use sluice_core::topology::{QueueName, StageName};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct TopArgs {
-    /// Seconds between refreshes.
-    #[arg(long, default_value_t = 2.0)]
+    /// Seconds between refreshes (0.2 to 3600).
+    #[arg(long, default_value_t = 2.0, value_parser = seconds)]
     pub interval: f64,
     /// A worker's health/metrics address to read (repeatable). Default: the default port of
     /// every worker kind and of `sluice run` on this host, where one answers.
@@ -76,9 +76,16 @@ pub fn endpoints(args: &TopArgs, telemetry: &TelemetryConfig) -> Vec<SocketAddr>
     out
 }
 
+fn seconds(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if (0.2..=3600.0).contains(&v) => Ok(v),
+        _ => Err(format!("{s:?}: seconds, 0.2 to 3600")),
+    }
+}
+
 /// Runs until Ctrl-C (or one view with `--once`).
 pub async fn top(backend: &Backend, store: &str, args: &TopArgs, endpoints: &[SocketAddr]) -> anyhow::Result<()> {
-    let interval = Duration::from_secs_f64(args.interval.max(0.2));
+    let interval = Duration::from_secs_f64(args.interval.clamp(0.2, 3600.0));
     let mut before = read(backend, store, endpoints).await?;
     loop {
         tokio::select! {

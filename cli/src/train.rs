@@ -26,10 +26,10 @@ pub struct TrainArgs {
     /// Where to write the bundle.
     #[arg(long, default_value = "models/digits")]
     pub out: std::path::PathBuf,
-    #[arg(long, default_value_t = 20)]
+    #[arg(long, default_value_t = 20, value_parser = at_least_one)]
     pub epochs: usize,
     /// Share of the target mass spread over all classes; keeps confidences honest.
-    #[arg(long, default_value_t = 0.1)]
+    #[arg(long, default_value_t = 0.1, value_parser = share_under_one)]
     pub label_smoothing: f64,
     #[arg(long, default_value_t = 32)]
     pub batch_size: usize,
@@ -38,8 +38,31 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 7)]
     pub seed: u64,
     /// The accuracy a class's accepted validation predictions must reach to set its threshold.
-    #[arg(long, default_value_t = 0.995)]
+    #[arg(long, default_value_t = 0.995, value_parser = precision)]
     pub target_precision: f64,
+}
+
+// Arguments that would write a useless bundle over the real one (untrained weights, thresholds
+// no confidence reaches) are refused before training.
+fn at_least_one(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err(format!("{s:?}: a whole number, at least 1")),
+    }
+}
+
+fn share_under_one(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if (0.0..1.0).contains(&v) => Ok(v),
+        _ => Err(format!("{s:?}: a number from 0 up to (not including) 1")),
+    }
+}
+
+fn precision(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v > 0.0 && v <= 1.0 => Ok(v),
+        _ => Err(format!("{s:?}: a number over 0, at most 1")),
+    }
 }
 
 /// What training measured.

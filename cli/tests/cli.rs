@@ -178,6 +178,33 @@ fn noise_png(width: u32, height: u32) -> Vec<u8> {
     out
 }
 
+/// Arguments a command cannot work with are refused as usage errors (exit 2, the flag named),
+/// not a panic or a useless result: an endless refresh, a bundle of untrained weights or
+/// thresholds no confidence reaches written over the real one, a demo whose model is missing
+/// (refused before it makes anything).
+#[test]
+fn arguments_no_command_can_work_with_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let out_dir = dir.path().join("bundle");
+    let out_dir = out_dir.to_str().unwrap();
+    for (args, names) in [
+        (&["top", "--interval", "inf", "--once"][..], "--interval"),
+        (&["train", "--out", out_dir, "--epochs", "0"], "--epochs"),
+        (&["train", "--out", out_dir, "--target-precision", "1.5"], "--target-precision"),
+    ] {
+        let out = test_env(&mut Command::new(bin("sluice"))).args(args).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "sluice {args:?}: {stderr}");
+        assert!(stderr.contains(names), "sluice {args:?}: {stderr}");
+    }
+    assert!(!dir.path().join("bundle").exists(), "nothing was trained");
+    let missing = dir.path().join("no-model");
+    let out =
+        test_env(&mut Command::new(bin("sluice"))).args(["demo"]).env("SLUICE__MODEL__DIR", &missing).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("no-model"), "{stderr}");
+}
+
 /// Commands that read a store refuse a path with no store, rather than make an empty one there
 /// that would look like an idle pipeline.
 #[test]
