@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use sluice_core::backend::{Backend, Checkpoint, OutgoingMessage, StreamInput};
+use sluice_core::backend::{Backend, Checkpoint, OutgoingMessage, StreamInput, StreamRecord};
 use sluice_core::config::{StoreConfig, WorkerConfig};
 use sluice_core::error::{ReasonCode, SluiceError};
 use sluice_core::record::DlqEntry;
@@ -369,6 +369,18 @@ async fn on_the_stream(backend: &Backend, bodies: &[&str]) {
     backend.stream.put_records(inputs.collect()).await.unwrap();
 }
 
+/// Records `keys` on the stream, reads them all and checkpoints through the one at `through`,
+/// letting the shards go; what was read.
+async fn checkpointed_through(backend: &Backend, keys: &[&str], through: usize) -> Vec<StreamRecord> {
+    on_the_stream(backend, keys).await;
+    let mut consumer = backend.stream.consumer("w1").await.unwrap();
+    let read = consumer.poll(keys.len()).await.unwrap();
+    assert_eq!(read.len(), keys.len());
+    consumer.checkpoint(&read[through].shard, &read[through].sequence, through as u64 + 1).await.unwrap();
+    consumer.release().await.unwrap();
+    read
+}
+
 /// The stream forgets what ingest has checkpointed once it is older than the retention (the
 /// store file stops growing), keeps what is not checkpointed however old, and still counts
 /// what came in.
@@ -376,12 +388,7 @@ async fn on_the_stream(backend: &Backend, bodies: &[&str]) {
 async fn checkpointed_records_past_the_retention_are_deleted_and_still_counted() {
     let (_dir, config, backend) = fresh(StoreConfig { shards: 1, ..StoreConfig::default() }).await;
     let keys: Vec<String> = (0..10).map(|i| format!("r{i}")).collect();
-    on_the_stream(&backend, &keys.iter().map(String::as_str).collect::<Vec<_>>()).await;
-    let mut consumer = backend.stream.consumer("w1").await.unwrap();
-    let read = consumer.poll(10).await.unwrap();
-    assert_eq!(read.len(), 10);
-    consumer.checkpoint(&read[5].shard, &read[5].sequence, 6).await.unwrap();
-    consumer.release().await.unwrap();
+    let read = checkpointed_through(&backend, &keys.iter().map(String::as_str).collect::<Vec<_>>(), 5).await;
 
     // Two days pass.
     let conn = rusqlite::Connection::open(&config.path).unwrap();
@@ -405,11 +412,8 @@ async fn checkpointed_records_past_the_retention_are_deleted_and_still_counted()
 #[tokio::test]
 async fn a_store_made_before_arrivals_were_counted_counts_them_from_its_log() {
     let (_dir, config, backend) = fresh(StoreConfig { shards: 1, ..StoreConfig::default() }).await;
-    on_the_stream(&backend, &["a", "b", "c"]).await;
-    let mut consumer = backend.stream.consumer("w1").await.unwrap();
-    let read = consumer.poll(10).await.unwrap();
-    consumer.checkpoint(&read[1].shard, &read[1].sequence, 2).await.unwrap();
-    drop((consumer, backend));
+    checkpointed_through(&backend, &["a", "b", "c"], 1).await;
+    drop(backend);
     let conn = rusqlite::Connection::open(&config.path).unwrap();
     conn.execute_batch("ALTER TABLE stream_shards DROP COLUMN arrived").unwrap();
     drop(conn);

@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use aws_sdk_kinesis::types::{ScalingType, StreamStatus};
 use sluice_core::backend::aws::bootstrap::bootstrap;
+use sluice_core::backend::aws::{Clients, Names};
 use sluice_core::backend::{Backend, StreamInput, StreamRecord};
+use sluice_core::config::StoreConfig;
 use sluice_core::testing::{aws_store_config, kinesis_endpoint, unique_prefix};
 
 fn inputs(tag: &str, n: usize) -> Vec<StreamInput> {
@@ -16,27 +18,24 @@ fn inputs(tag: &str, n: usize) -> Vec<StreamInput> {
         .collect()
 }
 
-async fn kinesis_client(endpoint: &str) -> aws_sdk_kinesis::Client {
-    let config = aws_config::defaults(aws_config::BehaviorVersion::latest())
-        .region(aws_config::Region::new("us-east-1"))
-        .endpoint_url(endpoint)
-        .credentials_provider(aws_credential_types::Credentials::from_keys("testing", "testing", None))
-        .load()
-        .await;
-    aws_sdk_kinesis::Client::new(&config)
+/// Fresh resources of `shards` shards on kinesis-local (leases on moto), a failover of 1 s: the
+/// configuration, an observer's backend, the SDK clients, and the stream's name.
+async fn on_kinesis_local(name: &str, shards: u32) -> (StoreConfig, Backend, Clients, String) {
+    let mut config = aws_store_config(&unique_prefix(name));
+    config.aws.kinesis_endpoint_url = Some(kinesis_endpoint());
+    config.shards = shards;
+    config.aws.lease_failover_ms = 1_000;
+    bootstrap(&config).await.unwrap();
+    let backend = Backend::open_observer(&config).await.unwrap();
+    let clients = Clients::load(&config.aws, Default::default()).await.unwrap();
+    let stream = Names::new(&config.aws.prefix).stream();
+    (config, backend, clients, stream)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reshard_loses_nothing_and_children_wait_for_their_parents() {
-    let endpoint = kinesis_endpoint();
-    let mut config = aws_store_config(&unique_prefix("reshard"));
-    config.aws.kinesis_endpoint_url = Some(endpoint.clone());
-    config.shards = 2;
-    config.aws.lease_failover_ms = 1_000;
-    bootstrap(&config).await.unwrap();
-    let backend = Backend::open_observer(&config).await.unwrap();
-    let kinesis = kinesis_client(&endpoint).await;
-    let stream = format!("{}-records", config.aws.prefix);
+    let (_, backend, clients, stream) = on_kinesis_local("reshard", 2).await;
+    let kinesis = clients.kinesis;
 
     backend.stream.put_records(inputs("before", 100)).await.unwrap();
     let mut consumer = backend.stream.consumer("w1").await.unwrap();
@@ -109,32 +108,18 @@ async fn a_reshard_loses_nothing_and_children_wait_for_their_parents() {
 /// child is read, rather than stopping every worker that takes its lease.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_parent_shard_gone_past_retention_lets_its_child_be_read() {
-    let endpoint = kinesis_endpoint();
-    let mut config = aws_store_config(&unique_prefix("gone"));
-    config.aws.kinesis_endpoint_url = Some(endpoint.clone());
-    config.shards = 1;
-    config.aws.lease_failover_ms = 1_000;
-    bootstrap(&config).await.unwrap();
-    let backend = Backend::open_observer(&config).await.unwrap();
-    let kinesis = kinesis_client(&endpoint).await;
-    let stream = format!("{}-records", config.aws.prefix);
-    let listed = kinesis.list_shards().stream_name(&stream).send().await.unwrap();
+    let (config, backend, clients, stream) = on_kinesis_local("gone", 1).await;
+    let listed = clients.kinesis.list_shards().stream_name(&stream).send().await.unwrap();
     let child = listed.shards()[0].shard_id().to_owned();
 
     // The leases as a reshard long ago left them: the stream's one shard is the child of one
     // that has aged out.
-    let shared = aws_config::defaults(aws_config::BehaviorVersion::latest())
-        .region(aws_config::Region::new("us-east-1"))
-        .endpoint_url(config.aws.endpoint_url.clone().unwrap())
-        .credentials_provider(aws_credential_types::Credentials::from_keys("testing", "testing", None))
-        .load()
-        .await;
-    let dynamodb = aws_sdk_dynamodb::Client::new(&shared);
     let lease = |shard: &str| {
         use aws_sdk_dynamodb::types::AttributeValue::{N, S};
-        dynamodb
+        clients
+            .dynamodb
             .put_item()
-            .table_name(format!("{}-leases", config.aws.prefix))
+            .table_name(Names::new(&config.aws.prefix).lease_table())
             .item("leaseKey", S(shard.to_owned()))
             .item("leaseCounter", N("0".into()))
             .item("checkpoint", S("TRIM_HORIZON".into()))

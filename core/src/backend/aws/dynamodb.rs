@@ -82,33 +82,39 @@ async fn batch_get(client: &aws_sdk_dynamodb::Client, table: &str, ids: &[Record
         let mut unique: Vec<&RecordId> = chunk.iter().collect();
         unique.sort();
         unique.dedup();
-        let mut request = KeysAndAttributes::builder()
-            .set_keys(Some(unique.into_iter().map(key).collect()))
-            .consistent_read(true)
-            .build()
-            .map_err(|e| SluiceError::permanent(ReasonCode::Internal, e.to_string()))?;
-        let mut out = Vec::with_capacity(chunk.len());
-        let mut delays = unprocessed_backoff();
-        loop {
-            let output = client
-                .batch_get_item()
-                .request_items(table, request)
-                .send()
-                .await
-                .map_err(|e| classify("BatchGetItem", e))?;
-            out.extend(output.responses.unwrap_or_default().remove(table).unwrap_or_default());
-            match output.unprocessed_keys.unwrap_or_default().remove(table) {
-                Some(left) if !left.keys.is_empty() => {
-                    let delay = delays.next().ok_or_else(|| unprocessed_error("BatchGetItem", left.keys.len()))?;
-                    tokio::time::sleep(delay).await;
-                    request = left;
-                }
-                _ => return Ok(out),
-            }
-        }
+        get_keys(client, table, unique.into_iter().map(key).collect()).await
     }))
     .await?;
     Ok(found.into_iter().flatten().collect())
+}
+
+/// One `BatchGetItem` of up to 100 `keys`, read consistently, retrying what it leaves
+/// unprocessed; the items found.
+async fn get_keys(client: &aws_sdk_dynamodb::Client, table: &str, keys: Vec<Item>) -> Result<Vec<Item>> {
+    let mut request = KeysAndAttributes::builder()
+        .set_keys(Some(keys))
+        .consistent_read(true)
+        .build()
+        .map_err(|e| SluiceError::permanent(ReasonCode::Internal, e.to_string()))?;
+    let mut out = Vec::new();
+    let mut delays = unprocessed_backoff();
+    loop {
+        let output = client
+            .batch_get_item()
+            .request_items(table, request)
+            .send()
+            .await
+            .map_err(|e| classify("BatchGetItem", e))?;
+        out.extend(output.responses.unwrap_or_default().remove(table).unwrap_or_default());
+        match output.unprocessed_keys.unwrap_or_default().remove(table) {
+            Some(left) if !left.keys.is_empty() => {
+                let delay = delays.next().ok_or_else(|| unprocessed_error("BatchGetItem", left.keys.len()))?;
+                tokio::time::sleep(delay).await;
+                request = left;
+            }
+            _ => return Ok(out),
+        }
+    }
 }
 
 pub(super) struct DynamoFeatureStore {
@@ -391,38 +397,15 @@ async fn read_counter_items(
     names: &[String],
 ) -> Result<BTreeMap<String, i64>> {
     let keys = names.iter().map(|n| HashMap::from([(COUNTER_KEY.to_owned(), AttributeValue::S(n.clone()))]));
-    let mut request = KeysAndAttributes::builder()
-        .set_keys(Some(keys.collect()))
-        .consistent_read(true)
-        .build()
-        .map_err(build_error)?;
     let mut sums = BTreeMap::new();
-    let mut delays = unprocessed_backoff();
-    loop {
-        let output = client
-            .batch_get_item()
-            .request_items(table, request)
-            .send()
-            .await
-            .map_err(|e| classify("BatchGetItem", e))?;
-        for item in output.responses.unwrap_or_default().remove(table).unwrap_or_default() {
-            for (k, v) in item {
-                if let Some(n) = v.as_n().ok().and_then(|n| n.parse::<i64>().ok()) {
-                    *sums.entry(k).or_insert(0) += n;
-                }
+    for item in get_keys(client, table, keys.collect()).await? {
+        for (k, v) in item {
+            if let Some(n) = v.as_n().ok().and_then(|n| n.parse::<i64>().ok()) {
+                *sums.entry(k).or_insert(0) += n;
             }
-        }
-        match output.unprocessed_keys.unwrap_or_default().remove(table) {
-            Some(left) if !left.keys().is_empty() => {
-                let Some(delay) = delays.next() else {
-                    return Err(unprocessed_error("BatchGetItem", left.keys().len()));
-                };
-                tokio::time::sleep(delay).await;
-                request = left;
-            }
-            _ => return Ok(sums),
         }
     }
+    Ok(sums)
 }
 
 /// How many times a true label is written over a result that keeps changing under it.
