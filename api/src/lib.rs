@@ -69,9 +69,20 @@ pub fn router(state: ApiState) -> Router {
         .with_state(state)
 }
 
-/// Serves the API on `address` until `shutdown`.
-pub async fn serve(address: SocketAddr, state: ApiState, shutdown: CancellationToken) -> std::io::Result<()> {
-    let listener = tokio::net::TcpListener::bind(address).await?;
+/// Listens on `address`; a port another program holds is said with the address and the way out.
+pub async fn bind(address: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(address).await.map_err(|e| {
+        let hint = if e.kind() == std::io::ErrorKind::AddrInUse { " (choose another with --port)" } else { "" };
+        std::io::Error::new(e.kind(), format!("the results API cannot listen on {address}: {e}{hint}"))
+    })
+}
+
+/// Serves the API on `listener` until `shutdown`.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: ApiState,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
     tracing::info!(address = %listener.local_addr()?, "results API: /results, /review, /openapi.json");
     axum::serve(listener, router(state)).with_graceful_shutdown(shutdown.cancelled_owned()).await
 }
@@ -101,8 +112,11 @@ impl IntoResponse for ApiError {
 
 impl From<sluice_core::SluiceError> for ApiError {
     fn from(e: sluice_core::SluiceError) -> Self {
+        // The cause goes to the log, not to the client: it can name the account's resources and
+        // roles, and the API authenticates no one.
         tracing::warn!(error = %e, "results API: store error");
-        Self::new(StatusCode::SERVICE_UNAVAILABLE, format!("the result store cannot answer now: {e}"))
+        let when = if e.is_retryable() { "now: try again shortly" } else { "now: the server's log says why" };
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, format!("the result store cannot answer {when}"))
     }
 }
 

@@ -559,8 +559,8 @@ fn run_torch(args: &BenchCudaArgs, subject: &Subject, scratch: &Path, rows: usiz
 }
 
 impl Report {
-    pub fn print_text(&self) {
-        println!(
+    pub fn print_text(&self) -> std::io::Result<()> {
+        outln!(
             "sluice bench: {} ({}), {} against {}, {} CPU threads{}; outputs agree (max relative error {:.1e})",
             self.model,
             self.architecture.name(),
@@ -572,32 +572,38 @@ impl Report {
                 n => format!(", each side's fastest of {n} rounds taken in turn"),
             },
             self.max_relative_error
-        );
-        println!("  weights: {}", self.weights);
+        )?;
+        outln!("  weights: {}", self.weights)?;
         if let Some(a) = &self.accuracy {
-            println!(
+            outln!(
                 "  {} against the CPU's f32: max relative error {:.1e} (bound {:.0e}{}), top-1 agreement {:.1}%",
                 if self.baseline.starts_with("pytorch") { "PyTorch" } else { "Candle" },
                 a.max_relative_error,
                 a.bound,
                 if a.within_bound { "" } else { ", OVER IT" },
                 a.top1_agreement * 100.0
-            );
+            )?;
         }
-        println!();
+        outln!()?;
         let (ours, theirs) = (&self.runtime, &self.baseline);
-        println!(
+        outln!(
             "  batch   {:>14}   {:>16}   {:>16}   {:>18}   ratio",
             format!("{ours} img/s"),
             format!("{ours} ms/batch"),
             format!("{theirs} img/s"),
             format!("{theirs} ms/batch")
-        );
+        )?;
         for r in &self.rows {
-            println!(
+            outln!(
                 "  {:>5}   {:>14.1}   {:>16.3}   {:>16.1}   {:>18.3}   {:>5.2}×",
-                r.batch, r.images_per_s, r.ms_per_batch, r.baseline_images_per_s, r.baseline_ms_per_batch, r.ratio
-            );
+                r.batch,
+                r.images_per_s,
+                r.ms_per_batch,
+                r.baseline_images_per_s,
+                r.baseline_ms_per_batch,
+                r.ratio
+            )?;
         }
+        Ok(())
     }
 }

@@ -272,47 +272,48 @@ pub(crate) fn percentile(sorted: &[u64], q: f64) -> f64 {
 }
 
 impl Summary {
-    pub fn print_text(&self) {
+    pub fn print_text(&self) -> std::io::Result<()> {
         let dlq_total: u64 = self.dlq.values().sum();
-        println!("sluice demo: {} records through ingest → features → inference → results", self.records_in);
-        println!();
-        println!("  records in      {:>8}", self.records_in);
-        println!("  results         {:>8}   (accepted above their class threshold)", self.results);
-        println!("  review          {:>8}   (below threshold, waiting for a person)", self.review);
+        outln!("sluice demo: {} records through ingest → features → inference → results", self.records_in)?;
+        outln!()?;
+        outln!("  records in      {:>8}", self.records_in)?;
+        outln!("  results         {:>8}   (accepted above their class threshold)", self.results)?;
+        outln!("  review          {:>8}   (below threshold, waiting for a person)", self.review)?;
         for (stage, n) in &self.dlq {
-            println!("  dlq {:<11} {:>8}", stage.as_str(), n);
+            outln!("  dlq {:<11} {:>8}", stage.as_str(), n)?;
         }
-        println!("  accounted       {:>8}   (results + review + dlq)", self.results + self.review + dlq_total);
-        println!();
-        println!("  accuracy        {:>8.2}%  over all labelled results", self.accuracy * 100.0);
-        println!("  accepted acc.   {:>8.2}%  over accepted results", self.accepted_accuracy * 100.0);
-        println!("  throughput      {:>8.0} records/s  ({:.2} s end to end)", self.throughput_rps, self.elapsed_s);
-        println!("  latency p50     {:>8.0} ms  (produced → result stored)", self.latency_ms.p50);
-        println!("  latency p99     {:>8.0} ms", self.latency_ms.p99);
+        outln!("  accounted       {:>8}   (results + review + dlq)", self.results + self.review + dlq_total)?;
+        outln!()?;
+        outln!("  accuracy        {:>8.2}%  over all labelled results", self.accuracy * 100.0)?;
+        outln!("  accepted acc.   {:>8.2}%  over accepted results", self.accepted_accuracy * 100.0)?;
+        outln!("  throughput      {:>8.0} records/s  ({:.2} s end to end)", self.throughput_rps, self.elapsed_s)?;
+        outln!("  latency p50     {:>8.0} ms  (produced → result stored)", self.latency_ms.p50)?;
+        outln!("  latency p99     {:>8.0} ms", self.latency_ms.p99)?;
         let served: Vec<String> = self.served_by.iter().map(|(backend, n)| format!("{backend} {n}")).collect();
-        println!("  served by       {}", served.join(", "));
+        outln!("  served by       {}", served.join(", "))?;
         if let Some(per_record) = self.aws_requests_per_record {
-            println!("  AWS requests    {per_record:>8.2} per record");
+            outln!("  AWS requests    {per_record:>8.2} per record")?;
         }
         if let (Some(moving), Some(per_s)) = (self.aws_record_requests_per_record, self.aws_coordination_requests_per_s)
         {
-            println!("    moving records{moving:>8.2} per record  (queues, feature store, results, capture)");
-            println!(
+            outln!("    moving records{moving:>8.2} per record  (queues, feature store, results, capture)")?;
+            outln!(
                 "    coordination  {per_s:>8.2} per second  (leases, stream reads, queue depths: with time, not records)"
-            );
+            )?;
         }
         if !self.dlq_reasons.is_empty() {
-            println!();
-            println!("  dead-lettered, by reason:");
+            outln!()?;
+            outln!("  dead-lettered, by reason:")?;
             for (reason, n) in &self.dlq_reasons {
-                println!("    {reason:<40} {n}");
+                outln!("    {reason:<40} {n}")?;
             }
         }
         if let Some(prefix) = &self.aws_prefix {
-            println!();
-            println!("  The AWS resources of prefix {prefix} stay (a stream bills by the hour); to delete them:");
-            println!("    sluice aws teardown --prefix {prefix} (with the same --endpoint-url, if any)");
+            outln!()?;
+            outln!("  The AWS resources of prefix {prefix} stay (a stream bills by the hour); to delete them:")?;
+            outln!("    sluice aws teardown --prefix {prefix} (with the same --endpoint-url, if any)")?;
         }
+        Ok(())
     }
 }
 

@@ -8,10 +8,12 @@
 use std::fmt;
 use std::time::{Duration, Instant};
 
+use anyhow::Context;
 use serde::Serialize;
 use sluice_core::backend::{Backend, PutReport};
+use tokio_util::sync::CancellationToken;
 
-use crate::produce::{Catalogue, PUT_BATCH, put_batch};
+use crate::produce::{Catalogue, PUT_BATCH, put_batch, written_before};
 
 /// How the rate moves over a run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
@@ -99,6 +101,7 @@ pub async fn run(
     duration: Duration,
     pattern: Pattern,
     ingest: &sluice_ingest::IngestConfig,
+    stop: &CancellationToken,
 ) -> anyhow::Result<LoadReport> {
     anyhow::ensure!(rate > 0.0 && rate.is_finite(), "--rate must be a positive number of records a second");
     let length = duration.as_secs_f64();
@@ -107,7 +110,7 @@ pub async fn run(
     let progress = crate::progress::bar(total, "records");
     let started = Instant::now();
     let (mut put, mut most_behind) = (PutReport::default(), 0);
-    while put.records < total {
+    while put.records < total && !stop.is_cancelled() {
         let due = (pattern.due(rate, length, started.elapsed().as_secs_f64()).floor() as u64).min(total);
         if due <= put.records {
             tokio::time::sleep(TICK).await;
@@ -116,7 +119,7 @@ pub async fn run(
         most_behind = most_behind.max(due - put.records);
         let n = (due - put.records).min(PUT_BATCH as u64);
         let records = (put.records..put.records + n).map(|i| catalogue.record(i)).collect();
-        put += put_batch(backend, records, ingest).await?;
+        put += put_batch(backend, records, ingest).await.with_context(|| written_before(put.records, total))?;
         progress.set_position(put.records);
         progress.set_message(format!("{} refused and resent", put.retried));
     }

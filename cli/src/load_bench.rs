@@ -219,8 +219,16 @@ async fn run_at(settings: &Settings, load: f64, rate: f64, duration: Duration) -
         })
     };
     let catalogue = Catalogue::digits(load_split(Split::Test)?, Split::Test, DigitForm::Png, &run_tag());
-    let produced =
-        crate::load::run(&backend, &catalogue, rate, duration, Pattern::Steady, &settings.section("ingest")?).await?;
+    let produced = crate::load::run(
+        &backend,
+        &catalogue,
+        rate,
+        duration,
+        Pattern::Steady,
+        &settings.section("ingest")?,
+        &Default::default(),
+    )
+    .await?;
     let load_ended_ms = sluice_core::envelope::now_ms();
     let backlog_at_end = backlog(&PipelineStats::collect(&observer).await?);
     sampling.cancel();

@@ -168,6 +168,20 @@ fn all_stages_model_threads(store: &StoreArgs, settings: &Settings) -> usize {
 }
 
 fn main() -> anyhow::Result<()> {
+    match sluice() {
+        // The reader of the output went away (`| head`): it has what it wanted.
+        Err(e)
+            if e.chain().any(|c| {
+                c.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+            }) =>
+        {
+            Ok(())
+        }
+        other => other,
+    }
+}
+
+fn sluice() -> anyhow::Result<()> {
     let cli = Cli::parse();
     // The demo's and the benches' output is their summary; the workers' logs would bury it.
     let quiet = matches!(cli.command, Command::Demo(_) | Command::Bench { .. });
@@ -218,7 +232,7 @@ fn main() -> anyhow::Result<()> {
             outln!("{}", serde_json::to_string_pretty(&reports)?)?;
         } else {
             for report in &reports {
-                report.print_text();
+                report.print_text()?;
                 outln!()?;
             }
         }
@@ -228,17 +242,7 @@ fn main() -> anyhow::Result<()> {
     let ran = runtime.block_on(run(cli.command, settings));
     // As a worker binary does: a model call still running does not hold the exit past the grace.
     runtime.shutdown_timeout(sluice_core::service::RUNTIME_WIND_DOWN);
-    match ran {
-        // The reader of a listing went away (`| head`): it has what it wanted.
-        Err(e)
-            if e.chain().any(|c| {
-                c.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
-            }) =>
-        {
-            Ok(())
-        }
-        other => other,
-    }
+    ran
 }
 
 async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
@@ -251,7 +255,7 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
             if args.json {
                 outln!("{}", serde_json::to_string(&summary)?)?;
             } else {
-                summary.print_text();
+                summary.print_text()?;
             }
         }
         Command::Produce { store, args } => {
@@ -259,13 +263,20 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
             let backend = Backend::open_to_produce(&settings.store()?).await?;
             // Written as ingest will take them: what it refuses inline travels as a claim-check.
             let ingest: sluice_ingest::IngestConfig = settings.section("ingest")?;
+            // Ctrl-C stops between two stream calls, and says how far it got.
+            let stop = sluice_core::shutdown::on_signal();
             if let (Some(rate), Some(duration)) = (args.rate, args.duration) {
                 let catalogue = produce::catalogue_for(&args)?;
-                let report = load::run(&backend, &catalogue, rate, duration, args.pattern, &ingest).await?;
-                outln!("{report}")?;
+                let report = load::run(&backend, &catalogue, rate, duration, args.pattern, &ingest, &stop).await?;
+                outln!("{report}{}", if stop.is_cancelled() { " (stopped before the end)" } else { "" })?;
             } else {
-                let report = produce::put_all(&backend, produce::records_for(&args)?, &ingest).await?;
+                let records = produce::records_for(&args)?;
+                let total = records.len();
+                let report = produce::put_until(&backend, records, &ingest, &stop).await?;
                 outln!("produced {} records", report.records)?;
+                if stop.is_cancelled() && report.records < total as u64 {
+                    outln!("stopped before the end: {} of {total} were not written", total as u64 - report.records)?;
+                }
                 if report.retried > 0 {
                     outln!(
                         "the stream refused {} of them at first ({} throttled); all were sent again",
@@ -327,12 +338,14 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
         Command::Results(args) => results::run(args, settings).await?,
         Command::Serve { store, address, port } => {
             let settings = store.apply(settings);
+            // The port first: one that is taken is said at once, not after the store has answered.
+            let listener = sluice_api::bind(std::net::SocketAddr::new(address, port)).await?;
             let state = sluice_api::ApiState::new(
                 Backend::open_watcher(&settings.store()?).await?,
                 sluice_core::model::ModelBundle::load(settings.model()?.dir)?.manifest.labels,
             );
             let shutdown = sluice_core::shutdown::on_signal();
-            sluice_api::serve(std::net::SocketAddr::new(address, port), state, shutdown).await?;
+            sluice_api::serve(listener, state, shutdown).await?;
         }
         Command::Dlq { command } => dlq::run(command, settings).await?,
         Command::Feedback(args) => {

@@ -8,6 +8,7 @@ use sluice_core::config::BackendKind;
 use sluice_core::envelope::{ContentType, Envelope, Payload, RecordId};
 use sluice_core::telemetry::traces;
 use sluice_ingest::IngestConfig;
+use tokio_util::sync::CancellationToken;
 
 use crate::digits::{self, Digit, Split};
 
@@ -154,17 +155,34 @@ pub fn inline_most(ingest: &IngestConfig) -> usize {
 /// record over [`inline_most`] bytes goes to the blob store first and travels as an envelope
 /// holding the claim-check reference.
 pub async fn put_all(backend: &Backend, records: Vec<StreamInput>, ingest: &IngestConfig) -> anyhow::Result<PutReport> {
-    let progress = crate::progress::bar(records.len() as u64, "records");
+    put_until(backend, records, ingest, &CancellationToken::new()).await
+}
+
+/// Writes `records` a batch at a time until they are all written or `stop` is cancelled (looked
+/// at between batches: a batch sent is seen through). An error says how many were written before it.
+pub async fn put_until(
+    backend: &Backend,
+    records: Vec<StreamInput>,
+    ingest: &IngestConfig,
+    stop: &CancellationToken,
+) -> anyhow::Result<PutReport> {
+    let total = records.len() as u64;
+    let progress = crate::progress::bar(total, "records");
     let mut report = PutReport::default();
     let mut records = records;
-    while !records.is_empty() {
+    while !records.is_empty() && !stop.is_cancelled() {
         let rest = records.split_off(records.len().min(PUT_BATCH));
-        report += put_batch(backend, records, ingest).await?;
+        report += put_batch(backend, records, ingest).await.with_context(|| written_before(report.records, total))?;
         progress.set_position(report.records);
         records = rest;
     }
     progress.finish_and_clear();
     Ok(report)
+}
+
+/// What a write that failed part way had done: every record is written again by a rerun.
+pub fn written_before(written: u64, total: u64) -> String {
+    format!("{written} of {total} records were written before this error (a rerun writes all {total} again)")
 }
 
 /// Writes up to [`PUT_BATCH`] records in one stream call (claim-checks and trace context first).

@@ -44,7 +44,7 @@ struct Reading {
 
 /// Reads the store, and the `/metrics` of those `endpoints` that work on `store` (by its
 /// [identity](sluice_core::config::StoreConfig::identity); one that does not say counts as ours).
-async fn read(backend: &Backend, store: &str, endpoints: &[SocketAddr]) -> anyhow::Result<Reading> {
+async fn read(backend: &Backend, store: &str, endpoints: &[SocketAddr]) -> sluice_core::error::Result<Reading> {
     let stats = PipelineStats::collect(backend).await?;
     let mut samples = Vec::new();
     let (mut answered, mut elsewhere) = (0, 0);
@@ -83,16 +83,35 @@ fn seconds(s: &str) -> Result<f64, String> {
     }
 }
 
-/// Runs until Ctrl-C (or one view with `--once`).
+/// Runs until Ctrl-C (or one view with `--once`). A store that does not answer for a moment is
+/// said on a line and read again at the next refresh, as `monitor --watch` does.
 pub async fn top(backend: &Backend, store: &str, args: &TopArgs, endpoints: &[SocketAddr]) -> anyhow::Result<()> {
     let interval = Duration::from_secs_f64(args.interval.clamp(0.2, 3600.0));
-    let mut before = read(backend, store, endpoints).await?;
+    // One listener for the whole run: a Ctrl-C pressed while the store is read counts too.
+    let shutdown = sluice_core::shutdown::on_signal();
+    let mut before = tokio::select! {
+        _ = shutdown.cancelled() => return Ok(()),
+        reading = read(backend, store, endpoints) => reading?,
+    };
     loop {
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => return Ok(()),
-            _ = tokio::time::sleep(interval) => {}
-        }
-        let now = read(backend, store, endpoints).await?;
+        let now = tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            reading = async {
+                tokio::time::sleep(interval).await;
+                read(backend, store, endpoints).await
+            } => reading,
+        };
+        let now = match now {
+            Ok(now) => now,
+            Err(error) if !args.once && error.is_retryable() => {
+                crate::outln!(
+                    "sluice top: the store did not answer ({error}); reading again in {:.1} s",
+                    args.interval
+                )?;
+                continue;
+            }
+            Err(error) => return Err(error.into()),
+        };
         let view = render(&before, &now, args.once);
         if args.once {
             crate::out!("{view}")?;

@@ -291,6 +291,66 @@ fn produce_keeps_to_a_rate_for_a_duration() {
     assert_eq!(stats["stream"]["pending"], 2400, "distinct records, all on the stream");
 }
 
+/// A load run stopped with Ctrl-C stops between two stream calls, exits 0 and says so; what it
+/// wrote is on the stream.
+#[test]
+fn produce_stopped_with_ctrl_c_says_how_far_it_got() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("stopped.sqlite");
+    let store = store.to_str().unwrap();
+    let run = test_env(&mut Command::new(bin("sluice")))
+        .args(["produce", "--store", store, "--digits", "test", "--rate", "200", "--duration", "60s"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    assert!(Command::new("kill").args(["-INT", &run.id().to_string()]).status().unwrap().success());
+    let out = run.wait_with_output().unwrap();
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{report}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(report.contains("(stopped before the end)"), "{report}");
+    let written: u64 =
+        report.split_whitespace().nth(1).and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("{report}"));
+    assert!((1..12_000).contains(&written), "{report}");
+    let stats = json(&sluice(&["stats", "--store", store, "--json"]));
+    assert_eq!(stats["stream"]["pending"], written, "what it said it wrote is on the stream");
+}
+
+/// `sluice demo | head`: a reader that goes away is no panic and no error.
+#[test]
+fn the_demo_passes_over_a_reader_gone_away() {
+    let mut demo = test_env(&mut Command::new(bin("sluice")))
+        .arg("demo")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(demo.stdout.take());
+    let out = demo.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && !stderr.contains("panicked"), "{stderr}");
+}
+
+/// `sluice serve` on a port another program holds says which, at once (before it waits for a
+/// store, here one that is not there).
+#[test]
+fn serve_on_a_taken_port_says_so_at_once() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("none.sqlite");
+    let started = std::time::Instant::now();
+    let out = test_env(&mut Command::new(bin("sluice")))
+        .args(["serve", "--port", &port, "--store", missing.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains(&format!("cannot listen on 127.0.0.1:{port}")) && stderr.contains("--port"), "{stderr}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(20), "it waited for the store first");
+}
+
 /// `sluice top` reads the `/metrics` of its own store's workers only: one of another pipeline
 /// on this host (the same default ports) is left out, and said to be.
 #[test]
