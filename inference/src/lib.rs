@@ -82,6 +82,9 @@ impl InferenceArgs {
 pub struct InjectFailures {
     pub after_batches: u64,
     pub batches: u64,
+    /// The failing batches panic in the model's thread, as a model that cannot take an input
+    /// would, rather than return an error.
+    pub panic: bool,
 }
 
 /// `[inference]`.
@@ -304,15 +307,44 @@ impl InferenceStage {
     ) -> Result<Vec<Vec<f32>>, SluiceError> {
         let batch = self.model_batches.fetch_add(1, Ordering::Relaxed);
         let inject = &self.config.inject_failures;
-        if batch >= inject.after_batches && batch < inject.after_batches + inject.batches {
+        let injected = batch >= inject.after_batches && batch < inject.after_batches + inject.batches;
+        if injected && !inject.panic {
             return Err(SluiceError::retryable(ReasonCode::ModelFailure, format!("injected failure (batch {batch})")));
         }
         let classifier = Arc::clone(classifier);
         // Model math is CPU-bound: keep it off the async threads.
-        tokio::task::spawn_blocking(move || classifier.predict_batch(inputs, rows))
-            .await
-            .map_err(|e| SluiceError::retryable(ReasonCode::ModelFailure, format!("model task: {e}")))?
+        tokio::task::spawn_blocking(move || {
+            if injected {
+                panic!("injected panic (batch {batch})");
+            }
+            classifier.predict_batch(inputs, rows)
+        })
+        .await
+        .map_err(model_task_failed)?
     }
+}
+
+/// What a panic in the model's thread says first (see [`panicked`]).
+const MODEL_PANICKED: &str = "the model panicked";
+
+/// The model's thread ended without an answer. A panic is the model failing on what it was
+/// given, every time it is given it: permanent, and kept to the records that cause it, as
+/// `process` runs a batch that panicked one record at a time.
+fn model_task_failed(e: tokio::task::JoinError) -> SluiceError {
+    if !e.is_panic() {
+        return SluiceError::retryable(ReasonCode::ModelFailure, format!("model task: {e}"));
+    }
+    let payload = e.into_panic();
+    let text = payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "no message".to_owned());
+    SluiceError::permanent(ReasonCode::ModelFailure, format!("{MODEL_PANICKED}: {text}"))
+}
+
+fn panicked(error: &SluiceError) -> bool {
+    error.code() == ReasonCode::ModelFailure && error.detail().starts_with(MODEL_PANICKED)
 }
 
 /// The model's output, or its failure when none of it is a number.
@@ -409,6 +441,20 @@ impl Stage for InferenceStage {
                 Ok((probabilities, served)) => {
                     for ((i, mut envelope), probabilities) in rows.into_iter().zip(probabilities) {
                         outcomes[i] = Some(self.forward(&batch[i], &mut envelope, probabilities, &served));
+                    }
+                }
+                // One record the model cannot take would fail its whole batch, receive after
+                // receive: each is run on its own, and only those that panic alone fail.
+                Err(error) if rows.len() > 1 && panicked(&error) => {
+                    tracing::warn!(%error, records = rows.len(), "running the batch's records one at a time");
+                    for ((i, mut envelope), vector) in rows.into_iter().zip(found) {
+                        outcomes[i] = Some(match self.predict(self.batch_inputs(&[vector]), 1).await {
+                            Ok((probabilities, served)) => {
+                                let probabilities = probabilities.into_iter().next().unwrap_or_default();
+                                self.forward(&batch[i], &mut envelope, probabilities, &served)
+                            }
+                            Err(error) => Outcome::failed(error, Some(envelope.record_id)),
+                        });
                     }
                 }
                 Err(error) => {

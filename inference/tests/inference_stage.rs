@@ -22,12 +22,17 @@ fn one() -> FeatureVector {
 
 /// The stage on the shipped bundle, over a fresh embedded store (kept while the directory lives).
 async fn stage() -> (tempfile::TempDir, Backend, InferenceStage) {
+    stage_with(|settings| settings).await
+}
+
+/// [`stage`], its settings changed by `configure`.
+async fn stage_with(configure: impl FnOnce(Settings) -> Settings) -> (tempfile::TempDir, Backend, InferenceStage) {
     let dir = tempfile::tempdir().unwrap();
     let backend =
         Backend::open(&StoreConfig { path: dir.path().join("s.sqlite"), ..StoreConfig::default() }).await.unwrap();
     let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/digits");
     let settings = Settings::load(None).unwrap().set("model.dir", model).set("inference.device", "cpu");
-    let stage = InferenceStage::build(&settings, &backend).unwrap();
+    let stage = InferenceStage::build(&configure(settings), &backend).unwrap();
     (dir, backend, stage)
 }
 
@@ -72,6 +77,36 @@ async fn predicts_a_batch_and_classifies_missing_or_misshapen_vectors() {
     };
     assert_eq!(code(&outcomes[1]), ReasonCode::MissingFeatures);
     assert_eq!(code(&outcomes[3]), ReasonCode::FeatureShapeMismatch);
+}
+
+/// A record the model panics on does not take its batch with it: the batch is run a record at a
+/// time, those the model takes alone are scored, and the one it panics on alone is dead-lettered
+/// at once (it would panic on every receive).
+#[tokio::test]
+async fn a_panic_in_the_model_is_kept_to_the_record_that_causes_it() {
+    // The first model call (the whole batch) and the second (its first record, alone) panic.
+    let (_dir, backend, stage) = stage_with(|settings| {
+        settings.set("inference.inject_failures.batches", 2).set("inference.inject_failures.panic", true)
+    })
+    .await;
+    let records = ["poison", "b", "c"].map(|id| (RecordId::parse(id).unwrap(), one()));
+    backend.features.put_if_absent(records.to_vec()).await.unwrap();
+
+    let outcomes = stage.process(&[delivery("poison"), delivery("b"), delivery("c")]).await;
+    match &outcomes[0] {
+        Outcome::Failed { error, .. } => {
+            assert!(!error.is_retryable(), "{error}");
+            assert_eq!(error.code(), ReasonCode::ModelFailure);
+            assert!(error.detail().contains("panicked") && error.detail().contains("injected panic"), "{error}");
+        }
+        other => panic!("expected a permanent failure, got {other:?}"),
+    }
+    for outcome in &outcomes[1..] {
+        let Outcome::Forward(messages) = outcome else { panic!("expected a forward, got {outcome:?}") };
+        let p = InferredRecord::from_json(&messages[0].1.body).unwrap().prediction.probabilities;
+        let best = p.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).unwrap().0;
+        assert_eq!(best, 1, "scored as it would be in any batch: {p:?}");
+    }
 }
 
 /// At-least-once transport can put one record in a batch twice: both copies are scored (the
