@@ -138,14 +138,17 @@ async fn a_run_is_seen_in_traces_metrics_health_and_stats() {
             .env("SLUICE__TELEMETRY__PORT", address.port().to_string())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(dir.path().join(format!("{stage}.log"))).unwrap());
-        let child = cmd.spawn().unwrap();
+        let mut child = cmd.spawn().unwrap();
         if stage == StageName::Inference {
             // The endpoint answers at once; readiness waits for the model and the first receive.
+            let deadline = Instant::now() + Duration::from_secs(60);
             let first = loop {
                 match probe(address, "/readyz").await {
                     Ok(ready) => break ready,
                     Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
                 }
+                assert!(child.try_wait().unwrap().is_none(), "the inference worker exited before it answered");
+                assert!(Instant::now() < deadline, "the inference worker's endpoint never answered");
             };
             assert!(!first, "the inference worker was ready before its model had loaded");
         }

@@ -112,12 +112,21 @@ async fn operators_loop(target: Target) {
     assert_eq!(shown["queue"], "ingest");
     let review = lines(&target.sluice(&model, &["dlq", "list", "--stage", "review", "--limit", "1000", "--json"]));
     assert_eq!(review.len() as u64, start.review);
-    let unsure = review.iter().map(|r| r["verdict"]["confidence"].as_f64().unwrap()).fold(1.0, f64::min);
-    let low = lines(&target.sluice(
-        &model,
-        &["dlq", "list", "--stage", "review", "--max-confidence", &format!("{}", unsure + 1e-4), "--json"],
-    ));
-    assert!(!low.is_empty() && (low.len() as u64) <= start.review);
+    // Filtered at the median confidence: exactly the items at or under it.
+    let confidence = |r: &serde_json::Value| r["verdict"]["confidence"].as_f64().unwrap();
+    let mut confidences: Vec<f64> = review.iter().map(confidence).collect();
+    confidences.sort_by(f64::total_cmp);
+    let median = confidences[confidences.len() / 2];
+    let ids = |items: &mut dyn Iterator<Item = &serde_json::Value>| {
+        items.map(|r| r["record_id"].as_str().unwrap().to_owned()).collect::<std::collections::BTreeSet<_>>()
+    };
+    let expected = ids(&mut review.iter().filter(|r| confidence(r) <= median));
+    let low = lines(
+        &target
+            .sluice(&model, &["dlq", "list", "--stage", "review", "--max-confidence", &median.to_string(), "--json"]),
+    );
+    assert_eq!(ids(&mut low.iter()), expected, "the review items at or under {median}");
+    assert!(confidences[0] == median || expected.len() < review.len(), "the filter left some out: {confidences:?}");
     let none = lines(
         &target.sluice(&model, &["dlq", "list", "--stage", "ingest", "--since", "2099-01-01T00:00:00Z", "--json"]),
     );

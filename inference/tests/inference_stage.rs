@@ -93,6 +93,7 @@ async fn a_panic_in_the_model_is_kept_to_the_record_that_causes_it() {
     backend.features.put_if_absent(records.to_vec()).await.unwrap();
 
     let outcomes = stage.process(&[delivery("poison"), delivery("b"), delivery("c")]).await;
+    assert_eq!(outcomes.len(), 3);
     match &outcomes[0] {
         Outcome::Failed { error, .. } => {
             assert!(!error.is_retryable(), "{error}");
@@ -117,6 +118,7 @@ async fn a_record_delivered_twice_in_one_batch_is_scored_both_times() {
     backend.features.put_if_absent(vec![(RecordId::parse("twice").unwrap(), one())]).await.unwrap();
 
     let outcomes = stage.process(&[delivery("twice"), delivery("twice")]).await;
+    assert_eq!(outcomes.len(), 2);
     assert!(outcomes.iter().all(|o| matches!(o, Outcome::Forward(_))), "{outcomes:?}");
 }
 
@@ -162,6 +164,7 @@ async fn batches_grow_as_the_model_is_timed_and_stay_within_the_configured_most(
         sizes.push(size);
         let batch: Vec<_> = next.by_ref().take(size).map(|id| delivery(id)).collect();
         let outcomes = stage.process(&batch).await;
+        assert_eq!(outcomes.len(), size);
         assert!(outcomes.iter().all(|o| matches!(o, Outcome::Forward(_))), "{outcomes:?}");
     }
     assert_eq!(sizes, [64, 128, 256, 256, 256]);

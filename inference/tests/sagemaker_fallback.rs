@@ -72,9 +72,11 @@ async fn the_forced_fallback_returns_xgboosts_own_predictions() {
     let mut checked = 0;
     for (chunk, want) in ids.chunks(128).zip(expected.chunks(128)) {
         let outcomes = stage.process(&chunk.iter().map(|id| delivery(id)).collect::<Vec<_>>()).await;
+        assert_eq!(outcomes.len(), chunk.len());
         for (outcome, want) in outcomes.iter().zip(want) {
             let p = forwarded(outcome).prediction;
             assert_eq!((p.model.as_str(), p.backend.as_str()), ("digits-xgboost", "sagemaker-xgboost"));
+            assert_eq!(p.probabilities.len(), want.len());
             for (got, want) in p.probabilities.iter().zip(want) {
                 assert!((got - want).abs() <= 1e-6 * want.abs().max(1e-3), "{got} != {want}");
             }

@@ -58,6 +58,15 @@ function workerTasks(template: Template): { stage: Stage; worker: Container; oth
     .filter((task) => STAGES.includes(task.stage));
 }
 
+/** The scalable target of the ECS service whose logical id starts with `service` ('Ingest'…). */
+function scalingOf(template: Template, service: string): [string, Resource] {
+  const found = resources(template, 'AWS::ApplicationAutoScaling::ScalableTarget').find(([, t]) =>
+    JSON.stringify(t.Properties.ResourceId).includes(`{"Fn::GetAtt":["${service}Service`),
+  );
+  assert.ok(found, `no scalable target for the ${service} service`);
+  return found;
+}
+
 function variable(container: Container, name: string): any {
   return container.Environment.find((e) => e.Name === name)?.Value;
 }
@@ -201,13 +210,17 @@ for (const [env, synthed] of [['beta', beta], ['prod', prod]] as const) {
 
     it('runs ingest with at most one task per shard and scales it on iterator age', () => {
       const shards = ENVIRONMENTS[env].shards as number;
-      const targets = resources(compute, 'AWS::ApplicationAutoScaling::ScalableTarget');
-      const maxes = targets.map(([, t]) => t.Properties.MaxCapacity);
-      assert.ok(maxes.includes(Math.min(shards, ENVIRONMENTS[env].workers.ingest.maxTasks)));
-      compute.hasResourceProperties('AWS::ApplicationAutoScaling::ScalingPolicy', {
-        PolicyType: 'StepScaling',
-      });
+      const [targetId, target] = scalingOf(compute, 'Ingest');
+      assert.equal(target.Properties.MaxCapacity, Math.min(shards, ENVIRONMENTS[env].workers.ingest.maxTasks));
+      const policies = resources(compute, 'AWS::ApplicationAutoScaling::ScalingPolicy')
+        .filter(([, p]) => p.Properties.ScalingTargetId?.Ref === targetId)
+        .map(([, p]) => p.Properties.PolicyType);
+      assert.deepEqual(policies, ['StepScaling', 'StepScaling'], 'ingest scales up and down on iterator age');
       compute.hasResourceProperties('AWS::CloudWatch::Alarm', { MetricName: 'GetRecords.IteratorAgeMilliseconds', Threshold: 60000 });
+      // More ingest tasks allowed than there are shards: one a shard, the rest would sit idle.
+      const workers = { ...ENVIRONMENTS[env].workers, ingest: { ...ENVIRONMENTS[env].workers.ingest, maxTasks: shards + 3 } };
+      const [, capped] = scalingOf(synth(env, {}, { workers }).compute, 'Ingest');
+      assert.equal(capped.Properties.MaxCapacity, shards);
     });
 
     it('grants each worker only its own stage queues, and consuming only from its input', () => {
@@ -244,8 +257,8 @@ for (const [env, synthed] of [['beta', beta], ['prod', prod]] as const) {
       const [, service] = resources(compute, 'AWS::ECS::Service').find(([, r]) => r.Properties.CapacityProviderStrategy)!;
       assert.deepEqual(service.Properties.DeploymentConfiguration.MinimumHealthyPercent, 50);
       assert.deepEqual(service.Properties.DeploymentConfiguration.MaximumPercent, 100);
-      const maxes = resources(compute, 'AWS::ApplicationAutoScaling::ScalableTarget').map(([, t]) => t.Properties.MaxCapacity);
-      assert.ok(maxes.includes(Math.min(ENVIRONMENTS[env].workers.inference.maxTasks, ENVIRONMENTS[env].gpu.maxInstances)));
+      const [, target] = scalingOf(compute, 'Inference');
+      assert.equal(target.Properties.MaxCapacity, Math.min(ENVIRONMENTS[env].workers.inference.maxTasks, ENVIRONMENTS[env].gpu.maxInstances));
       compute.hasResourceProperties('AWS::AutoScaling::AutoScalingGroup', { MaxSize: String(ENVIRONMENTS[env].gpu.maxInstances) });
     });
 
