@@ -203,6 +203,10 @@ pub struct StoreConfig {
     /// Kinesis keeps records 24 hours by default), then deletes it: the store file stops
     /// growing. A record not yet checkpointed is kept however old. 0 keeps every record.
     pub stream_retention_hours: u64,
+    /// The embedded store keeps a feature vector this long after it was written (as the
+    /// DynamoDB table's TTL, `store.aws.feature_ttl_days`: past a DLQ entry's replay), then
+    /// deletes it: an image's vector is 147 KiB. 0 keeps every vector.
+    pub feature_retention_days: u64,
     /// How long a write waits for another process's write to finish.
     pub busy_timeout_ms: u64,
     /// The embedded store: how often its checkpoint thread copies the write-ahead log into the
@@ -333,6 +337,7 @@ impl Default for StoreConfig {
             max_receives: 5,
             lease_duration_ms: 10_000,
             stream_retention_hours: 24,
+            feature_retention_days: 21,
             busy_timeout_ms: 10_000,
             checkpoint_interval_ms: 100,
             aws: AwsConfig::default(),

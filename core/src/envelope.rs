@@ -57,9 +57,24 @@ impl RecordId {
         format!("{REPLAY_KEY_PREFIX}{}", self.0)
     }
 
-    /// The record a replay's partition key names, if it is one.
+    /// The record a replay's partition key names, if it is one. Only a stream position's id is
+    /// taken from a key (a replayed record that names its id names it in its body): a producer's
+    /// own key that happened to start with the prefix cannot give its record another's id.
     pub fn from_replay_partition_key(partition_key: &str) -> Option<Self> {
-        partition_key.strip_prefix(REPLAY_KEY_PREFIX).and_then(|id| Self::parse(id).ok())
+        partition_key
+            .strip_prefix(REPLAY_KEY_PREFIX)
+            .and_then(|id| Self::parse(id).ok())
+            .filter(Self::is_stream_position)
+    }
+
+    /// Whether the id has the form [`from_stream_position`](Self::from_stream_position) gives:
+    /// a shard (Kinesis `shardId-…`, embedded `shard-…`), a colon, the sequence's digits. Ids of
+    /// that form are kept for records that name none; a producer's would be another record's.
+    pub fn is_stream_position(&self) -> bool {
+        let Some((shard, sequence)) = self.0.rsplit_once(':') else { return false };
+        (shard.starts_with("shardId-") || shard.starts_with("shard-"))
+            && !sequence.is_empty()
+            && sequence.bytes().all(|b| b.is_ascii_digit())
     }
 
     pub fn as_str(&self) -> &str {
@@ -335,6 +350,20 @@ mod base64_bytes {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A replay's partition key names a stream position's id, and only that: a producer's key
+    /// that starts with the prefix gives its record no other record's id.
+    #[test]
+    fn a_replay_key_names_only_a_stream_position() {
+        let position = RecordId::from_stream_position("shardId-000000000001", "4959033827149025660855");
+        assert!(position.is_stream_position());
+        assert_eq!(RecordId::from_replay_partition_key(&position.replay_partition_key()), Some(position));
+        let embedded = RecordId::from_stream_position("shard-0003", "12");
+        assert_eq!(RecordId::from_replay_partition_key(&embedded.replay_partition_key()), Some(embedded));
+        for forged in ["sluice-replay/victim-7", "sluice-replay/order:12", "sluice-replay/", "victim"] {
+            assert_eq!(RecordId::from_replay_partition_key(forged), None, "{forged}");
+        }
+    }
 
     #[test]
     fn record_ids_are_parsed_not_trusted() {

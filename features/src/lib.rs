@@ -36,6 +36,8 @@ pub struct FeaturesConfig {
     /// Largest claim-checked payload read (as `ingest.max_claim_check_bytes`): ingest checked
     /// the object, but a producer's object can be written again after that.
     pub max_claim_check_bytes: usize,
+    /// Largest JSON event read from behind a claim-check (as `ingest.max_event_bytes`).
+    pub max_event_bytes: usize,
 }
 
 impl Default for FeaturesConfig {
@@ -45,6 +47,7 @@ impl Default for FeaturesConfig {
             max_wait_ms: 20,
             image_limits: ImageLimits::default(),
             max_claim_check_bytes: 32 * 1024 * 1024,
+            max_event_bytes: 1024 * 1024,
         }
     }
 }
@@ -96,7 +99,11 @@ impl FeaturesStage {
         match std::mem::replace(&mut envelope.payload, Payload::Released) {
             Payload::Inline { data } => Ok(data),
             Payload::ClaimCheck { reference } => {
-                self.blobs.get_at_most(&reference, self.config.max_claim_check_bytes).await
+                let most = match envelope.content_type {
+                    ContentType::Json => self.config.max_event_bytes.min(self.config.max_claim_check_bytes),
+                    _ => self.config.max_claim_check_bytes,
+                };
+                self.blobs.get_at_most(&reference, most).await
             }
             Payload::Released => {
                 Err(SluiceError::permanent(ReasonCode::SchemaMismatch, "the record carries no payload"))

@@ -12,6 +12,10 @@ pub struct IngestConfig {
     pub max_payload_bytes: usize,
     /// Largest payload accepted behind a claim-check.
     pub max_claim_check_bytes: usize,
+    /// Largest JSON event accepted, inline or behind a claim-check: read, an event takes up to
+    /// some 16 times its size in memory (a value for every number of an array), and a tabular
+    /// event the model reads a few fields of is kilobytes.
+    pub max_event_bytes: usize,
     /// Payloads over this size travel on as claim-checks, to stay under queue message limits
     /// (SQS: 1 MiB on the queues sluice makes, and the envelope base64-encodes its payload; on
     /// a queue that takes less, the queue's client moves a larger message to S3 itself).
@@ -32,6 +36,7 @@ impl Default for IngestConfig {
             batch_size: 100,
             max_payload_bytes: 1_000_000,
             max_claim_check_bytes: 32 * 1024 * 1024,
+            max_event_bytes: 1024 * 1024,
             inline_limit_bytes: 700 * 1024,
             record_id_field: None,
             image_limits: ImageLimits::default(),

@@ -27,19 +27,24 @@ pub(crate) fn parse(body: &[u8], position: &RecordId, arrived_ms: u64, config: &
             // else (a raw event, an envelope with something wrong) is read as a JSON value first,
             // to tell which it is and what is wrong; an envelope read here is one that way would
             // have given too.
-            if let Ok(envelope) = serde_json::from_slice::<Envelope>(body)
-                && envelope.schema_version == SCHEMA_VERSION
-            {
-                return Ok(stamped(envelope, arrived_ms));
-            }
-            let value: serde_json::Value = serde_json::from_slice(body).map_err(|e| {
-                SluiceError::permanent(ReasonCode::InvalidJson, format!("record is not valid JSON: {e}"))
-            })?;
-            if Envelope::looks_like_envelope(&value) {
-                Envelope::from_value(value)?
-            } else {
-                let id = raw_event_id(&value, config)?.unwrap_or_else(|| position.clone());
-                Envelope::inline(id, RAW_SOURCE, ContentType::Json, body.to_vec())
+            match serde_json::from_slice::<Envelope>(body) {
+                Ok(envelope) if envelope.schema_version == SCHEMA_VERSION => envelope,
+                // Read as a value, the last of the two would win, where another reader may take
+                // the first: which record this is must not depend on the reader.
+                Err(e) if e.to_string().starts_with("duplicate field") => {
+                    return Err(SluiceError::permanent(ReasonCode::SchemaMismatch, format!("the envelope has a {e}")));
+                }
+                _ => {
+                    let value: serde_json::Value = serde_json::from_slice(body).map_err(|e| {
+                        SluiceError::permanent(ReasonCode::InvalidJson, format!("record is not valid JSON: {e}"))
+                    })?;
+                    if Envelope::looks_like_envelope(&value) {
+                        Envelope::from_value(value)?
+                    } else {
+                        let id = raw_event_id(&value, config)?.unwrap_or_else(|| position.clone());
+                        Envelope::inline(id, RAW_SOURCE, ContentType::Json, body.to_vec())
+                    }
+                }
             }
         }
         Some(image) => Envelope::inline(position.clone(), RAW_SOURCE, image, body.to_vec()),
@@ -57,6 +62,16 @@ pub(crate) fn parse(body: &[u8], position: &RecordId, arrived_ms: u64, config: &
             ));
         }
     };
+    if envelope.record_id != *position && envelope.record_id.is_stream_position() {
+        return Err(SluiceError::permanent(
+            ReasonCode::SchemaMismatch,
+            format!(
+                "record id {:?} has the form of a stream position (shard:sequence), which names records that \
+                 name no id of their own: it could be another record's",
+                envelope.record_id.as_str()
+            ),
+        ));
+    }
     Ok(stamped(envelope, arrived_ms))
 }
 
@@ -73,7 +88,7 @@ pub(crate) fn claimed_id(body: &[u8]) -> Option<RecordId> {
     if !Envelope::looks_like_envelope(&value) {
         return None;
     }
-    RecordId::parse(value.get("record_id")?.as_str()?.to_owned()).ok()
+    RecordId::parse(value.get("record_id")?.as_str()?.to_owned()).ok().filter(|id| !id.is_stream_position())
 }
 
 /// The envelope stamped as ingested now, with a trace if it came without one or with one that
@@ -130,7 +145,12 @@ pub(crate) async fn check_claim_checked(
 ) -> Result<()> {
     match &envelope.payload {
         Payload::ClaimCheck { reference } => {
-            let data = blobs.get_at_most(reference, config.max_claim_check_bytes).await?;
+            // A JSON event over its limit is refused before its bytes are read, where the store can tell.
+            let most = match envelope.content_type {
+                ContentType::Json => config.max_event_bytes.min(config.max_claim_check_bytes),
+                _ => config.max_claim_check_bytes,
+            };
+            let data = blobs.get_at_most(reference, most).await?;
             check_bytes(&data, envelope.content_type, config.max_claim_check_bytes, config, tabular)
         }
         Payload::Inline { data } if data.len() > config.inline_limit_bytes => {
@@ -157,6 +177,16 @@ fn check_bytes(
     }
     match content_type {
         ContentType::Json => {
+            if data.len() > config.max_event_bytes {
+                return Err(SluiceError::permanent(
+                    ReasonCode::PayloadTooLarge,
+                    format!(
+                        "a JSON event of {} bytes; the limit is {} (ingest.max_event_bytes)",
+                        data.len(),
+                        config.max_event_bytes
+                    ),
+                ));
+            }
             let value: serde_json::Value = serde_json::from_slice(data).map_err(|e| {
                 SluiceError::permanent(ReasonCode::InvalidJson, format!("payload is not valid JSON: {e}"))
             })?;
@@ -211,6 +241,61 @@ mod tests {
         assert_eq!(claimed(&with("content_type", "image/gif".into())).unwrap().as_str(), "r-1");
         assert_eq!(claimed(&with("record_id", "has space".into())), None);
         assert_eq!(claimed(&serde_json::json!({"record_id": "r-2"})), None, "a raw event is no envelope");
+    }
+
+    /// An id of a stream position's form could be another record's (one that names no id): a
+    /// producer may not claim one, and its refused record is filed under its own position.
+    #[test]
+    fn a_producer_may_not_claim_a_stream_position_for_an_id() {
+        let sent = Envelope::inline(RecordId::parse("r-1").unwrap(), "test", ContentType::Png, vec![1, 2, 3]);
+        let claiming = |id: &str| {
+            let mut body = serde_json::to_value(&sent).unwrap();
+            body["record_id"] = id.into();
+            body
+        };
+        for taken in ["shard-0000:17", "shardId-000000000003:49590338271490256608559692538361571095921575989136588898"]
+        {
+            assert_eq!(read(&claiming(taken)).unwrap_err(), ReasonCode::SchemaMismatch, "{taken}");
+            assert_eq!(claimed_id(&serde_json::to_vec(&claiming(taken)).unwrap()), None, "{taken}");
+        }
+        for free in ["order:123", "shard-0000:17a", "shard-0000:", "my-shard-1:2"] {
+            assert_eq!(read(&claiming(free)).unwrap().record_id.as_str(), free);
+        }
+        // Its own position is its own.
+        assert_eq!(read(&claiming("shard-0:1")).unwrap().record_id.as_str(), "shard-0:1");
+        // A raw event's id field too.
+        let config = IngestConfig { record_id_field: Some("id".to_owned()), ..IngestConfig::default() };
+        let position = RecordId::parse("shard-0:1").unwrap();
+        let event = br#"{"id": "shard-0002:5", "amount": 3}"#;
+        assert_eq!(parse(event, &position, 7, &config).unwrap_err().code(), ReasonCode::SchemaMismatch);
+    }
+
+    /// An envelope that names a field twice is refused: read as a value, the last would win,
+    /// where another reader of the record may take the first.
+    #[test]
+    fn an_envelope_naming_a_field_twice_is_refused() {
+        let sent = Envelope::inline(RecordId::parse("r-1").unwrap(), "test", ContentType::Png, vec![1, 2, 3]);
+        let twice = String::from_utf8(sent.to_json()).unwrap().replacen('{', "{\"record_id\":\"r-2\",", 1);
+        let position = RecordId::parse("shard-0:1").unwrap();
+        let err = parse(twice.as_bytes(), &position, 7, &IngestConfig::default()).unwrap_err();
+        assert_eq!(err.code(), ReasonCode::SchemaMismatch, "{err}");
+        assert!(err.detail().contains("duplicate field `record_id`"), "{err}");
+    }
+
+    /// A JSON event past `max_event_bytes` is refused before it is read (read, it would take many
+    /// times its size in memory); an image of that size is not an event.
+    #[test]
+    fn json_events_past_their_limit_are_refused_unread() {
+        let config = IngestConfig { max_event_bytes: 64, ..IngestConfig::default() };
+        let event = |len: usize| format!("{{\"amount\": [{}0]}}", "0,".repeat((len - 15) / 2)).into_bytes();
+        let check = |data: Vec<u8>, content_type| {
+            let envelope = Envelope::inline(RecordId::parse("e-1").unwrap(), "test", content_type, data);
+            check_inline(&envelope, &config, None).map_err(|e| e.code())
+        };
+        assert!(event(64).len() <= 64 && check(event(64), ContentType::Json).is_ok());
+        assert!(event(200).len() > 64);
+        assert_eq!(check(event(200), ContentType::Json), Err(ReasonCode::PayloadTooLarge));
+        assert_eq!(check(sluice_core::testing::images::png(8, 8), ContentType::Png), Ok(()));
     }
 
     #[test]

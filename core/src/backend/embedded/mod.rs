@@ -66,7 +66,7 @@ impl EmbeddedStore {
             .collect::<BTreeMap<_, _>>();
         Backend {
             stream: Arc::new(stream::EmbeddedStream::new(self.db.clone(), &self.config)),
-            features: Arc::new(stores::EmbeddedFeatureStore::new(self.db.clone())),
+            features: Arc::new(stores::EmbeddedFeatureStore::new(self.db.clone(), &self.config)),
             results: Arc::new(stores::EmbeddedResultStore::new(self.db.clone())),
             blobs: Arc::new(blobs::EmbeddedBlobStore::new(self.db.clone())),
             requests: Arc::new(NoRequests),
@@ -76,6 +76,13 @@ impl EmbeddedStore {
         }
     }
 }
+
+/// How often what is kept past its retention is deleted (a consumer its shards' stream records,
+/// the feature store its vectors), and how much at most in one transaction (every writer waits
+/// while it runs): what is left goes at the next chance.
+const SWEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+const SWEEP_RECORDS: i64 = 1_000;
+const SWEEP_BYTES: i64 = 16 << 20;
 
 /// The embedded store sends no AWS requests, so it keeps no ledger of them.
 struct NoRequests;

@@ -2,17 +2,19 @@
 
 use std::collections::HashMap;
 use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use async_trait::async_trait;
 use rusqlite::types::Value;
 use rusqlite::vtab::array::Array;
 use rusqlite::{OptionalExtension, params};
 
-use super::Db;
+use super::{Db, SWEEP_BYTES, SWEEP_EVERY, SWEEP_RECORDS};
 use crate::backend::{
     FeatureStore, FeedbackOutcome, PageToken, PutOutcome, ResultCounts, ResultPage, ResultQuery, ResultStore,
     ReviewOutcome, StoredVector,
 };
+use crate::config::StoreConfig;
 use crate::envelope::{RecordId, now_ms};
 use crate::error::Result;
 use crate::record::{PredictionResult, Resolution, ResultStatus};
@@ -20,12 +22,57 @@ use crate::vector::FeatureVector;
 
 pub(super) struct EmbeddedFeatureStore {
     db: Db,
+    /// `store.feature_retention_days`; 0: vectors are kept.
+    retention_ms: u64,
+    /// When this handle last deleted vectors past the retention (ms since the epoch)…
+    swept_ms: AtomicU64,
+    /// …and whether that stopped at its limit, so that the next write deletes on.
+    sweep_left: AtomicBool,
 }
 
 impl EmbeddedFeatureStore {
-    pub(super) fn new(db: Db) -> Self {
-        Self { db }
+    pub(super) fn new(db: Db, config: &StoreConfig) -> Self {
+        Self {
+            db,
+            retention_ms: config.feature_retention_days.saturating_mul(24 * 3_600_000),
+            swept_ms: AtomicU64::new(0),
+            sweep_left: AtomicBool::new(false),
+        }
     }
+
+    /// Whether a write at `now` deletes what is past the retention too (and notes that it does).
+    fn sweep_due(&self, now: u64) -> bool {
+        let due = self.retention_ms > 0
+            && (self.sweep_left.load(Ordering::Relaxed)
+                || now.saturating_sub(self.swept_ms.load(Ordering::Relaxed)) >= SWEEP_EVERY.as_millis() as u64);
+        if due {
+            self.swept_ms.store(now, Ordering::Relaxed);
+        }
+        due
+    }
+}
+
+/// Deletes the oldest vectors written before `before` (ms), in the order they were written, at
+/// most [`SWEEP_RECORDS`] and [`SWEEP_BYTES`]; whether more may be left. Rows are in write order
+/// (rowid): no more is read than goes, up to the first one young enough to keep.
+fn sweep_features(tx: &rusqlite::Transaction<'_>, before: i64) -> rusqlite::Result<bool> {
+    let mut oldest =
+        tx.prepare_cached("SELECT rowid, created_ms, length(vector) FROM features ORDER BY rowid LIMIT ?1")?;
+    let (mut upto, mut records, mut bytes) = (None, 0, 0);
+    let mut rows = oldest.query([SWEEP_RECORDS])?;
+    while let Some(row) = rows.next()? {
+        if row.get::<_, i64>(1)? >= before || bytes >= SWEEP_BYTES {
+            break;
+        }
+        upto = Some(row.get::<_, i64>(0)?);
+        records += 1;
+        bytes += row.get::<_, i64>(2)?;
+    }
+    drop(rows);
+    let Some(upto) = upto else { return Ok(false) };
+    let deleted = tx.prepare_cached("DELETE FROM features WHERE rowid <= ?1")?.execute([upto])?;
+    tracing::debug!(deleted, "feature vectors past the retention deleted");
+    Ok(records == SWEEP_RECORDS || bytes >= SWEEP_BYTES)
 }
 
 /// Runs `query`, whose `?1` is the list of `ids` (`… IN rarray(?1)`: SQLite's table-valued
@@ -48,18 +95,26 @@ impl FeatureStore for EmbeddedFeatureStore {
     async fn put_if_absent(&self, items: Vec<(RecordId, FeatureVector)>) -> Result<()> {
         // Encoded before taking the connection, which every stage waits for.
         let items: Vec<(RecordId, Vec<u8>)> = items.into_iter().map(|(id, vector)| (id, vector.to_bytes())).collect();
-        self.db
+        let now = now_ms();
+        // Now and then the write deletes what is past the retention too, in its transaction.
+        let sweep = self.sweep_due(now);
+        let before = now.saturating_sub(self.retention_ms) as i64;
+        let left = self
+            .db
             .write(move |tx| {
                 let mut insert = tx.prepare_cached(
                     "INSERT OR IGNORE INTO features (record_id, vector, created_ms) VALUES (?1, ?2, ?3)",
                 )?;
-                let now = now_ms() as i64;
                 for (id, vector) in items {
-                    insert.execute(params![id.as_str(), vector, now])?;
+                    insert.execute(params![id.as_str(), vector, now as i64])?;
                 }
-                Ok(())
+                if sweep { sweep_features(tx, before) } else { Ok(false) }
             })
-            .await
+            .await?;
+        if sweep {
+            self.sweep_left.store(left, Ordering::Relaxed);
+        }
+        Ok(())
     }
 
     async fn get_batch(&self, ids: &[RecordId]) -> Result<HashMap<RecordId, StoredVector>> {
@@ -325,6 +380,48 @@ mod tests {
     /// [`plan`] of the result listings, with a status, a position and a limit bound.
     fn listing_plan(conn: &rusqlite::Connection, sql: &str) -> String {
         plan(conn, sql, params![None::<String>, 0, "", 10])
+    }
+
+    /// A write now and then deletes the vectors past `store.feature_retention_days`, oldest
+    /// first, a bounded number at a time, and keeps the younger ones; 0 keeps them all.
+    #[tokio::test]
+    async fn vectors_past_their_retention_are_deleted_by_later_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = StoreConfig { path: dir.path().join("s.sqlite"), feature_retention_days: 1, ..Default::default() };
+        let store = EmbeddedStore::open(&config).unwrap();
+        let id = |i: usize| RecordId::parse(format!("r{i}")).unwrap();
+        let old = (SWEEP_RECORDS + 5) as usize;
+        let vectors = (0..old + 3).map(|i| (id(i), FeatureVector::Pixels(vec![1, 2, 3]))).collect();
+        store.clone().into_backend().features.put_if_absent(vectors).await.unwrap();
+        // The first `old` written two days ago.
+        let two_days_ago = (now_ms() - 2 * 24 * 3_600_000) as i64;
+        let backdate = move |tx: &rusqlite::Transaction<'_>| {
+            tx.execute("UPDATE features SET created_ms = ?1 WHERE rowid <= ?2", params![two_days_ago, old as i64])
+        };
+        store.db.write(backdate).await.unwrap();
+        let count = || async {
+            store
+                .db
+                .call(|conn| conn.query_row("SELECT COUNT(*) FROM features", [], |r| r.get::<_, i64>(0)))
+                .await
+                .unwrap()
+        };
+
+        let kept = EmbeddedStore::open(&StoreConfig { feature_retention_days: 0, ..config.clone() }).unwrap();
+        kept.into_backend().features.put_if_absent(vec![(id(9_000), FeatureVector::Pixels(vec![1]))]).await.unwrap();
+        assert_eq!(count().await, old as i64 + 4, "0 keeps every vector");
+
+        // A fresh handle's first write sweeps: a bounded number; the next write goes on at once.
+        let features = store.clone().into_backend().features;
+        features.put_if_absent(vec![(id(9_001), FeatureVector::Pixels(vec![1]))]).await.unwrap();
+        assert_eq!(count().await, old as i64 + 5 - SWEEP_RECORDS);
+        features.put_if_absent(vec![(id(9_002), FeatureVector::Pixels(vec![1]))]).await.unwrap();
+        assert_eq!(count().await, 3 + 3, "the three young ones and the three written since");
+        let left = features.get_batch(&[id(0), id(old - 1), id(old), id(old + 2), id(9_002)]).await.unwrap();
+        assert_eq!(
+            left.keys().map(RecordId::as_str).collect::<std::collections::BTreeSet<_>>(),
+            ["r1005", "r1007", "r9002"].into()
+        );
     }
 
     /// Look-ups by record id take any number of ids on one statement, each id found through

@@ -36,12 +36,7 @@ impl EmbeddedStream {
     }
 }
 
-/// How often a consumer deletes what its shards hold past the retention; and how much of a shard
-/// at most in one transaction (every writer waits while it runs): what is left goes at the next
-/// poll.
-const SWEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
-const SWEEP_RECORDS: i64 = 1_000;
-const SWEEP_BYTES: i64 = 16 << 20;
+use super::{SWEEP_BYTES, SWEEP_EVERY, SWEEP_RECORDS};
 
 /// Gives a store made before shards counted their arrivals the count: what lies at or below each
 /// checkpoint, less replays, which arrived before (a `REPLAY_KEY_PREFIX` partition key).
