@@ -203,7 +203,7 @@ async fn run_at(settings: &Settings, load: f64, rate: f64, duration: Duration) -
     // Looks at the backlog and the results on a connection of their own (embedded) and
     // uncounted (AWS), so that watching the run costs its stages nothing.
     let observer = Backend::open_observer(&settings.store()?).await?;
-    let mut pipeline = crate::pipeline::InProcess::start(&settings);
+    let mut pipeline = crate::pipeline::InProcess::start(&settings).await?;
     let sampling = CancellationToken::new();
     let sampler = {
         let (backend, stop) = (observer.clone(), sampling.clone());

@@ -37,13 +37,22 @@ pub async fn run_all(
     until_drained: bool,
     health: &Health,
 ) -> anyhow::Result<()> {
-    let store = settings.store()?;
-    let mut workers = JoinSet::new();
-    // One handle for every stage: on the embedded store the process's one connection, on AWS
-    // one set of SDK clients (one connection pool) and one look-up of each queue's URL.
-    let shared = Backend::open(&store).await?;
-    // Every stage built before any starts: a stage that cannot be built (a missing model, say)
-    // stops the run before the others have done work whose AWS requests would go unrecorded.
+    run_built(settings, build_all(settings).await?, shutdown, until_drained, health).await
+}
+
+/// Every stage, built on one handle before any starts.
+pub struct Built {
+    /// On the embedded store the process's one connection, on AWS one set of SDK clients (one
+    /// connection pool) and one look-up of each queue's URL.
+    shared: Backend,
+    stages: Vec<(StageName, Arc<dyn Stage>)>,
+}
+
+/// Builds every stage (the model loaded and warmed up) before any starts: a stage that cannot be
+/// built (a missing model, say) stops the run before the others have done work whose AWS
+/// requests would go unrecorded.
+pub async fn build_all(settings: &Settings) -> anyhow::Result<Built> {
+    let shared = Backend::open(&settings.store()?).await?;
     let stages = StageName::ALL
         .into_iter()
         .map(|stage_name| {
@@ -51,6 +60,20 @@ pub async fn run_all(
             Ok((stage_name, stage))
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
+    Ok(Built { shared, stages })
+}
+
+/// [`run_all`] of stages built already.
+async fn run_built(
+    settings: &Settings,
+    built: Built,
+    shutdown: CancellationToken,
+    until_drained: bool,
+    health: &Health,
+) -> anyhow::Result<()> {
+    let store = settings.store()?;
+    let mut workers = JoinSet::new();
+    let Built { shared, stages } = built;
     for (stage_name, stage) in stages {
         let backend = shared.clone();
         let (settings, token, health) = (settings.clone(), shutdown.clone(), health.clone());
@@ -130,11 +153,14 @@ pub struct InProcess {
 }
 
 impl InProcess {
-    pub fn start(settings: &Settings) -> Self {
+    /// Builds the stages and starts them; returns once they are built (the model loaded and
+    /// warmed up), so that a bench times the stages' work, as it does the bare loop's.
+    pub async fn start(settings: &Settings) -> anyhow::Result<Self> {
+        let built = build_all(settings).await?;
         let shutdown = CancellationToken::new();
         let (settings, stop) = (settings.clone(), shutdown.clone());
-        let task = tokio::spawn(async move { run_all(&settings, stop, false, &Health::new(4)).await });
-        Self { task, shutdown }
+        let task = tokio::spawn(async move { run_built(&settings, built, stop, false, &Health::new(4)).await });
+        Ok(Self { task, shutdown })
     }
 
     /// Returns once `records` are accounted for (results, review, DLQs); fails if the pipeline
