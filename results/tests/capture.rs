@@ -68,7 +68,9 @@ async fn captures_every_result_a_chunk_per_batch_at_most((backend, requests): (B
     if backend.kind() == sluice_core::config::BackendKind::Aws {
         assert_eq!(sent.get("S3.PutObject"), Some(&3), "three batches, one object each: {sent:?}");
     }
-    assert_eq!(backend.capture.read(0, u64::MAX).await.unwrap().len(), 3, "three batches, a chunk each");
+    // A chunk a batch at most (the embedded store appends them to one file, read as one).
+    let chunks = backend.capture.read(0, u64::MAX).await.unwrap().len();
+    assert!((1..=3).contains(&chunks), "three batches, {chunks} chunks");
 
     let records = captured(&backend).await;
     assert_eq!(records.len(), 65, "the redelivered batch is captured again");
