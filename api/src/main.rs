@@ -38,12 +38,15 @@ fn main() -> ExitCode {
     };
     let served = runtime.block_on(async {
         let settings = args.store.apply(Settings::load(args.config.as_deref())?);
-        // The port first: one that is taken is said at once, not after the store has answered.
-        let listener = sluice_api::bind(SocketAddr::new(args.address, args.port)).await?;
+        // A taken port is said at once, not after the store has answered; it is held only once
+        // the API can answer on it (a client meanwhile is refused, not left waiting).
+        let address = SocketAddr::new(args.address, args.port);
+        drop(sluice_api::bind(address).await?);
         let state = sluice_api::ApiState::new(
             Backend::open_watcher(&settings.store()?).await?,
             ModelBundle::load(settings.model()?.dir)?.manifest.labels,
         );
+        let listener = sluice_api::bind(address).await?;
         sluice_api::serve(listener, state, sluice_core::shutdown::on_signal()).await?;
         Ok::<(), Box<dyn std::error::Error>>(())
     });

@@ -263,8 +263,8 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
             let backend = Backend::open_to_produce(&settings.store()?).await?;
             // Written as ingest will take them: what it refuses inline travels as a claim-check.
             let ingest: sluice_ingest::IngestConfig = settings.section("ingest")?;
-            // Ctrl-C stops between two stream calls, and says how far it got.
-            let stop = sluice_core::shutdown::on_signal();
+            // Ctrl-C stops between two stream calls, and says how far it got; twice, at once.
+            let stop = sluice_core::shutdown::stop_on_signal();
             if let (Some(rate), Some(duration)) = (args.rate, args.duration) {
                 let catalogue = produce::catalogue_for(&args)?;
                 let report = load::run(&backend, &catalogue, rate, duration, args.pattern, &ingest, &stop).await?;
@@ -338,12 +338,15 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
         Command::Results(args) => results::run(args, settings).await?,
         Command::Serve { store, address, port } => {
             let settings = store.apply(settings);
-            // The port first: one that is taken is said at once, not after the store has answered.
-            let listener = sluice_api::bind(std::net::SocketAddr::new(address, port)).await?;
+            // A taken port is said at once, not after the store has answered; it is held only once
+            // the API can answer on it (a client meanwhile is refused, not left waiting).
+            let address = std::net::SocketAddr::new(address, port);
+            drop(sluice_api::bind(address).await?);
             let state = sluice_api::ApiState::new(
                 Backend::open_watcher(&settings.store()?).await?,
                 sluice_core::model::ModelBundle::load(settings.model()?.dir)?.manifest.labels,
             );
+            let listener = sluice_api::bind(address).await?;
             let shutdown = sluice_core::shutdown::on_signal();
             sluice_api::serve(listener, state, shutdown).await?;
         }

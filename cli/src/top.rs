@@ -89,15 +89,16 @@ pub async fn top(backend: &Backend, store: &str, args: &TopArgs, endpoints: &[So
     let interval = Duration::from_secs_f64(args.interval.clamp(0.2, 3600.0));
     // One listener for the whole run: a Ctrl-C pressed while the store is read counts too.
     let shutdown = sluice_core::shutdown::on_signal();
-    let mut before = tokio::select! {
-        _ = shutdown.cancelled() => return Ok(()),
-        reading = read(backend, store, endpoints) => reading?,
-    };
+    let mut before: Option<Reading> = None;
+    // Every reading but the first waits for the interval.
+    let mut first = true;
     loop {
         let now = tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
             reading = async {
-                tokio::time::sleep(interval).await;
+                if !std::mem::take(&mut first) {
+                    tokio::time::sleep(interval).await;
+                }
                 read(backend, store, endpoints).await
             } => reading,
         };
@@ -112,7 +113,9 @@ pub async fn top(backend: &Backend, store: &str, args: &TopArgs, endpoints: &[So
             }
             Err(error) => return Err(error.into()),
         };
-        let view = render(&before, &now, args.once);
+        // The first reading is what the next one's rates are taken against.
+        let Some(previous) = before.replace(now) else { continue };
+        let view = render(&previous, before.as_ref().expect("just replaced"), args.once);
         if args.once {
             crate::out!("{view}")?;
             return Ok(());
@@ -123,7 +126,6 @@ pub async fn top(backend: &Backend, store: &str, args: &TopArgs, endpoints: &[So
             crate::out!("\x1b[2J\x1b[H")?;
         }
         crate::out!("{view}")?;
-        before = now;
     }
 }
 

@@ -62,6 +62,22 @@ impl Signals {
     }
 }
 
+/// For a command that stops between steps (`sluice produce`): the first SIGINT or SIGTERM
+/// cancels the token (the step under way is seen through), a second ends the process at once,
+/// as it would without a handler.
+pub fn stop_on_signal() -> CancellationToken {
+    let token = CancellationToken::new();
+    let trigger = token.clone();
+    let mut signals = Signals::new();
+    tokio::spawn(async move {
+        signals.next().await;
+        eprintln!("stopping once the stream call under way is done (again to quit at once)");
+        trigger.cancel();
+        std::process::exit(signals.next().await);
+    });
+    token
+}
+
 /// Cancelled by the first signal that comes while something is [`Holding`] entries.
 static INTERRUPT: LazyLock<CancellationToken> = LazyLock::new(CancellationToken::new);
 /// How many [`Holding`]s are alive.

@@ -266,12 +266,17 @@ impl InferenceStage {
         // overflow in f16) are judged each on its own, as without a fallback.
         let result = self.run_candle(classifier, inputs, rows).await.and_then(finite_or_failure);
         let elapsed = started.elapsed();
-        self.breaker.record(route, result.is_ok(), elapsed);
+        // A panic is an input's doing, not the model being down: the breaker is told the model
+        // ran, and a batch of several goes back to `process`, which runs its records one at a
+        // time (the one that panics alone then goes to the fallback).
+        let input_panicked = matches!(&result, Err(error) if panicked(error));
+        self.breaker.record(route, result.is_ok() || input_panicked, elapsed);
         if result.is_ok() {
             self.batch_size.observe(rows, elapsed);
         }
         match result {
             Ok(probabilities) => Ok((probabilities, self.served(classifier))),
+            Err(error) if input_panicked && rows > 1 => Err(error),
             Err(error) => {
                 tracing::warn!(%error, endpoint = fallback.endpoint(), "Candle failed; this batch goes to the SageMaker fallback");
                 self.predict_fallback(&keep).await.map_err(|e| while_the_model_is_down(Some(&error), e))

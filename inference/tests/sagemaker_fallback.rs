@@ -121,6 +121,28 @@ async fn candle_failures_go_to_the_fallback_and_the_breaker_closes_again() {
     assert_eq!(served.last().unwrap(), "candle-cpu", "{served:?}");
 }
 
+/// A record the model panics on is no outage: its batch goes back to be run a record at a time
+/// (Candle takes the others), the record that panics alone goes to the fallback, and the breaker
+/// stays closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_the_model_panics_on_alone_goes_to_the_fallback_and_its_batch_to_candle() {
+    let dir = tempfile::tempdir().unwrap();
+    let (backend, ids, _) = held_out(dir.path()).await;
+    // The batch (Candle's first call) and its first record alone (the second) panic.
+    let settings = settings("digits")
+        .set("inference.inject_failures.batches", 2)
+        .set("inference.inject_failures.panic", true)
+        .set("inference.breaker.window", 2)
+        .set("inference.breaker.min_batches", 1);
+    let stage = InferenceStage::build(&settings, &backend).unwrap();
+    let batch: Vec<Delivery> = ids[..3].iter().map(|id| delivery(id)).collect();
+    let backends: Vec<String> = stage.process(&batch).await.iter().map(|o| forwarded(o).prediction.backend).collect();
+    assert_eq!(backends, ["sagemaker-xgboost", "candle-cpu", "candle-cpu"]);
+    // Had the panics counted, two failures in a window of two would have opened the breaker.
+    let again: Vec<String> = stage.process(&batch).await.iter().map(|o| forwarded(o).prediction.backend).collect();
+    assert_eq!(again, ["candle-cpu"; 3], "the breaker stayed closed");
+}
+
 /// A batch Candle failed on for the moment, which the fallback then refuses (a ModelError), is
 /// retried, not dead-lettered: Candle takes it on the next receive.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -29,16 +29,21 @@ pub(crate) fn parse(body: &[u8], position: &RecordId, arrived_ms: u64, config: &
             // have given too.
             match serde_json::from_slice::<Envelope>(body) {
                 Ok(envelope) if envelope.schema_version == SCHEMA_VERSION => envelope,
-                // Read as a value, the last of the two would win, where another reader may take
-                // the first: which record this is must not depend on the reader.
-                Err(e) if e.to_string().starts_with("duplicate field") => {
-                    return Err(SluiceError::permanent(ReasonCode::SchemaMismatch, format!("the envelope has a {e}")));
-                }
-                _ => {
+                typed => {
                     let value: serde_json::Value = serde_json::from_slice(body).map_err(|e| {
                         SluiceError::permanent(ReasonCode::InvalidJson, format!("record is not valid JSON: {e}"))
                     })?;
                     if Envelope::looks_like_envelope(&value) {
+                        // Read as a value, the last of a field named twice wins, where another
+                        // reader may take the first: which record this is must not depend on that.
+                        if let Err(e) = typed
+                            && e.to_string().starts_with("duplicate field")
+                        {
+                            return Err(SluiceError::permanent(
+                                ReasonCode::SchemaMismatch,
+                                format!("the envelope has a {e}"),
+                            ));
+                        }
                         Envelope::from_value(value)?
                     } else {
                         let id = raw_event_id(&value, config)?.unwrap_or_else(|| position.clone());
