@@ -27,8 +27,12 @@ pub fn preprocess(img: &DynamicImage, spec: &ImageInput) -> Vec<u8> {
 
 /// [`preprocess`] with the resampler chosen.
 pub fn preprocess_with(img: &DynamicImage, spec: &ImageInput, resampler: Resampler) -> Vec<u8> {
-    match spec.channels {
-        1 => planes(&img.to_luma8(), spec, resampler),
+    // Borrowed where the decoder gave the pixels the model takes (a JPEG's RGB, a grey PNG's
+    // luma): converted, they would be copied whole first (48 MiB for a 4096×4096 photo).
+    match (spec.channels, img) {
+        (1, DynamicImage::ImageLuma8(grey)) => planes(grey, spec, resampler),
+        (1, _) => planes(&img.to_luma8(), spec, resampler),
+        (_, DynamicImage::ImageRgb8(rgb)) => planes(rgb, spec, resampler),
         _ => planes(&img.to_rgb8(), spec, resampler),
     }
 }
