@@ -57,6 +57,19 @@ impl Pattern {
             }
         }
     }
+
+    /// Seconds into the run at which the `n`-th record (from 1) is due: the first time [`due`]
+    /// reaches `n` (bisected: every pattern's count only grows).
+    ///
+    /// [`due`]: Self::due
+    pub fn due_at(self, rate: f64, length: f64, n: u64) -> f64 {
+        let (mut early, mut late) = (0.0, length);
+        for _ in 0..48 {
+            let middle = (early + late) / 2.0;
+            if self.due(rate, length, middle) >= n as f64 { late = middle } else { early = middle }
+        }
+        late
+    }
 }
 
 /// What a load run did.
@@ -108,7 +121,7 @@ pub async fn run(
     // Rounded down as `due` is below, so the last record due is the last one written.
     let total = pattern.due(rate, length, length).floor() as u64;
     let progress = crate::progress::bar(total, "records");
-    let started = Instant::now();
+    let (started, started_ms) = (Instant::now(), sluice_core::envelope::now_ms());
     let (mut put, mut most_behind) = (PutReport::default(), 0);
     while put.records < total && !stop.is_cancelled() {
         let due = (pattern.due(rate, length, started.elapsed().as_secs_f64()).floor() as u64).min(total);
@@ -118,7 +131,14 @@ pub async fn run(
         }
         most_behind = most_behind.max(due - put.records);
         let n = (due - put.records).min(PUT_BATCH as u64);
-        let records = (put.records..put.records + n).map(|i| catalogue.record(i)).collect();
+        // Each record says it was produced when it was due, not when a producer that fell behind
+        // got to it: a latency measured from it counts the wait (no coordinated omission).
+        let records = (put.records..put.records + n)
+            .map(|i| {
+                let due_ms = started_ms + (pattern.due_at(rate, length, i + 1) * 1000.0) as u64;
+                catalogue.record_produced_at(i, Some(due_ms))
+            })
+            .collect();
         put += put_batch(backend, records, ingest).await.with_context(|| written_before(put.records, total))?;
         progress.set_position(put.records);
         progress.set_message(format!("{} refused and resent", put.retried));
@@ -142,5 +162,21 @@ mod tests {
         assert_eq!(Pattern::Spikes.due(100.0, 60.0, 1.0), 500.0);
         assert_eq!(Pattern::Spikes.due(100.0, 60.0, 10.0), 1400.0);
         assert_eq!(Pattern::Spikes.due(100.0, 60.0, 10.5), 1400.0 + 250.0);
+    }
+
+    #[test]
+    fn a_record_is_due_when_its_pattern_first_counts_it() {
+        let close = |a: f64, b: f64| (a - b).abs() < 1e-6;
+        assert!(close(Pattern::Steady.due_at(100.0, 60.0, 1), 0.01));
+        assert!(close(Pattern::Steady.due_at(100.0, 60.0, 3000), 30.0));
+        // Steps: the 251st record comes in the second quarter, at 50 a second.
+        assert!(close(Pattern::Steps.due_at(100.0, 40.0, 251), 10.02));
+        // Spikes: the first second at five times the rate.
+        assert!(close(Pattern::Spikes.due_at(100.0, 60.0, 500), 1.0));
+        for n in [1, 17, 999, 1400] {
+            let at = Pattern::Spikes.due_at(100.0, 60.0, n);
+            assert!(Pattern::Spikes.due(100.0, 60.0, at) >= n as f64 - 1e-6);
+            assert!(Pattern::Spikes.due(100.0, 60.0, at - 1e-3) < n as f64);
+        }
     }
 }

@@ -62,7 +62,12 @@ pub struct LoadBenchReport {
 #[derive(Debug, Clone, Serialize)]
 pub struct LoadRun {
     pub load: f64,
+    /// The rate asked…
     pub rate: f64,
+    /// …and the rate the producer wrote at; the most records it was ever behind its schedule.
+    /// Each record is stamped with when it was due, so a producer behind counts in the latency.
+    pub achieved_rate: f64,
+    pub most_behind: u64,
     pub records: u64,
     /// Arrival to stored result, in milliseconds.
     pub latency_ms: Percentiles,
@@ -109,7 +114,15 @@ impl fmt::Display for LoadBenchReport {
         writeln!(f, "capacity (backlog run): {:.0} records/s", self.capacity)?;
         for run in &self.runs {
             writeln!(f)?;
-            writeln!(f, "{:.0}% load: {:.0} records/s, {} records", run.load * 100.0, run.rate, run.records)?;
+            writeln!(
+                f,
+                "{:.0}% load: {:.0} records/s asked, {:.0} written, {} records (at most {} behind schedule)",
+                run.load * 100.0,
+                run.rate,
+                run.achieved_rate,
+                run.records,
+                run.most_behind
+            )?;
             let l = run.latency_ms;
             writeln!(
                 f,
@@ -241,6 +254,8 @@ async fn run_at(settings: &Settings, load: f64, rate: f64, duration: Duration) -
     Ok(LoadRun {
         load,
         rate,
+        achieved_rate: produced.put.records as f64 / produced.seconds.max(1e-9),
+        most_behind: produced.most_behind,
         records: produced.put.records,
         latency_ms,
         stage_ms,

@@ -120,6 +120,12 @@ impl Catalogue {
     }
 
     pub fn record(&self, i: u64) -> StreamInput {
+        self.record_produced_at(i, None)
+    }
+
+    /// [`record`](Self::record), an envelope saying it was produced at `produced_ms` (default:
+    /// now). A raw file has no envelope to say it in: its time is its arrival's.
+    pub fn record_produced_at(&self, i: u64, produced_ms: Option<u64>) -> StreamInput {
         let (copy, at) = (i / self.len().max(1) as u64, (i % self.len().max(1) as u64) as usize);
         match self {
             Self::Digits { set, payloads, split, run } => {
@@ -130,6 +136,9 @@ impl Catalogue {
                 let (content_type, data) = &payloads[at];
                 let mut envelope = Envelope::inline(id.clone(), "sluice-produce", *content_type, data.clone());
                 envelope.attributes.insert("label".to_owned(), digit.label.to_string());
+                if produced_ms.is_some() {
+                    envelope.timestamps.produced_ms = produced_ms;
+                }
                 StreamInput { partition_key: id.to_string(), data: envelope.to_json() }
             }
             Self::Files(files) => {

@@ -119,6 +119,10 @@ fn the_load_bench_reports_latency_stages_and_backlog_at_each_load() {
         assert!(latency["p50"].as_f64().unwrap() > 0.0 && latency["p50"].as_f64() <= latency["p99"].as_f64(), "{run}");
         assert_eq!(run["stage_ms"].as_object().unwrap().len(), 4, "{run}");
         assert_eq!(run["bounded"], true, "a quarter and a half of 200/s is no strain: {run}");
+        // Written at the rate asked (over ~2 s: the last record is due at the end).
+        let (asked, written) = (run["rate"].as_f64().unwrap(), run["achieved_rate"].as_f64().unwrap());
+        assert!((0.8 * asked..=1.3 * asked).contains(&written), "{run}");
+        assert!(run["most_behind"].as_u64().is_some(), "{run}");
     }
 }
 
