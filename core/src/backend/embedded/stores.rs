@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 
 use async_trait::async_trait;
 use rusqlite::types::Value;
@@ -18,6 +18,7 @@ use crate::config::StoreConfig;
 use crate::envelope::{RecordId, now_ms};
 use crate::error::Result;
 use crate::record::{PredictionResult, Resolution, ResultStatus};
+use crate::topology::QueueName;
 use crate::vector::FeatureVector;
 
 pub(super) struct EmbeddedFeatureStore {
@@ -26,8 +27,10 @@ pub(super) struct EmbeddedFeatureStore {
     retention_ms: u64,
     /// When this handle last deleted vectors past the retention (ms since the epoch)…
     swept_ms: AtomicU64,
-    /// …and whether that stopped at its limit, so that the next write deletes on.
+    /// …and whether that stopped at its limit, so that the next write deletes on, after the
+    /// last row it looked at (0: from the oldest).
     sweep_left: AtomicBool,
+    swept_to: AtomicI64,
 }
 
 impl EmbeddedFeatureStore {
@@ -37,6 +40,7 @@ impl EmbeddedFeatureStore {
             retention_ms: config.feature_retention_days.saturating_mul(24 * 3_600_000),
             swept_ms: AtomicU64::new(0),
             sweep_left: AtomicBool::new(false),
+            swept_to: AtomicI64::new(0),
         }
     }
 
@@ -52,27 +56,56 @@ impl EmbeddedFeatureStore {
     }
 }
 
-/// Deletes the oldest vectors written before `before` (ms), in the order they were written, at
-/// most [`SWEEP_RECORDS`] and [`SWEEP_BYTES`]; whether more may be left. Rows are in write order
-/// (rowid): no more is read than goes, up to the first one young enough to keep.
-fn sweep_features(tx: &rusqlite::Transaction<'_>, before: i64) -> rusqlite::Result<bool> {
-    let mut oldest =
-        tx.prepare_cached("SELECT rowid, created_ms, length(vector) FROM features ORDER BY rowid LIMIT ?1")?;
-    let (mut upto, mut records, mut bytes) = (None, 0, 0);
-    let mut rows = oldest.query([SWEEP_RECORDS])?;
-    while let Some(row) = rows.next()? {
-        if row.get::<_, i64>(1)? >= before || bytes >= SWEEP_BYTES {
-            break;
+/// Where a sweep stopped: the last row it looked at, and whether it stopped at its limit (rows
+/// older than the retention may be left after it).
+struct Swept {
+    to: i64,
+    full: bool,
+}
+
+/// Deletes the oldest vectors written before `before` (ms), after row `after`, in the order they
+/// were written, looking at most at [`SWEEP_RECORDS`] rows and deleting at most [`SWEEP_BYTES`].
+/// Rows are in write order (rowid): no more is read than goes, up to the first one young enough
+/// to keep. A vector something still waits on is kept however old: a review item's (its result
+/// is in review, and the reviewer is shown its image) and a DLQ entry's (a replay needs it).
+fn sweep_features(tx: &rusqlite::Transaction<'_>, before: i64, after: i64) -> rusqlite::Result<Swept> {
+    let dlqs: Array = Rc::new(
+        QueueName::ALL
+            .into_iter()
+            .filter(|q| q.dlq_stage().is_some())
+            .map(|q| Value::from(q.as_str().to_owned()))
+            .collect(),
+    );
+    let mut oldest = tx.prepare_cached(
+        "SELECT f.rowid, f.created_ms, length(f.vector), \
+         EXISTS (SELECT 1 FROM results r WHERE r.record_id = f.record_id AND r.status = 'review') \
+         OR EXISTS (SELECT 1 FROM queue_runs q WHERE q.queue IN rarray(?3) AND q.dedup_key = f.record_id) \
+         FROM features f WHERE f.rowid > ?2 ORDER BY f.rowid LIMIT ?1",
+    )?;
+    let (mut gone, mut looked, mut bytes, mut to) = (Vec::new(), 0, 0, after);
+    let mut rows = oldest.query(params![SWEEP_RECORDS, after, dlqs])?;
+    let full = loop {
+        let Some(row) = rows.next()? else { break looked == SWEEP_RECORDS };
+        if row.get::<_, i64>(1)? >= before {
+            break false;
         }
-        upto = Some(row.get::<_, i64>(0)?);
-        records += 1;
-        bytes += row.get::<_, i64>(2)?;
-    }
+        if bytes >= SWEEP_BYTES {
+            break true;
+        }
+        to = row.get(0)?;
+        looked += 1;
+        if !row.get::<_, bool>(3)? {
+            gone.push(Value::from(to));
+            bytes += row.get::<_, i64>(2)?;
+        }
+    };
     drop(rows);
-    let Some(upto) = upto else { return Ok(false) };
-    let deleted = tx.prepare_cached("DELETE FROM features WHERE rowid <= ?1")?.execute([upto])?;
-    tracing::debug!(deleted, "feature vectors past the retention deleted");
-    Ok(records == SWEEP_RECORDS || bytes >= SWEEP_BYTES)
+    if !gone.is_empty() {
+        let deleted =
+            tx.prepare_cached("DELETE FROM features WHERE rowid IN rarray(?1)")?.execute([Rc::new(gone) as Array])?;
+        tracing::debug!(deleted, "feature vectors past the retention deleted");
+    }
+    Ok(Swept { to, full })
 }
 
 /// Runs `query`, whose `?1` is the list of `ids` (`… IN rarray(?1)`: SQLite's table-valued
@@ -99,7 +132,8 @@ impl FeatureStore for EmbeddedFeatureStore {
         // Now and then the write deletes what is past the retention too, in its transaction.
         let sweep = self.sweep_due(now);
         let before = now.saturating_sub(self.retention_ms) as i64;
-        let left = self
+        let after = self.swept_to.load(Ordering::Relaxed);
+        let swept = self
             .db
             .write(move |tx| {
                 let mut insert = tx.prepare_cached(
@@ -108,11 +142,14 @@ impl FeatureStore for EmbeddedFeatureStore {
                 for (id, vector) in items {
                     insert.execute(params![id.as_str(), vector, now as i64])?;
                 }
-                if sweep { sweep_features(tx, before) } else { Ok(false) }
+                if sweep { sweep_features(tx, before, after).map(Some) } else { Ok(None) }
             })
             .await?;
-        if sweep {
-            self.sweep_left.store(left, Ordering::Relaxed);
+        if let Some(swept) = swept {
+            // Stopped at its limit: the next write goes on after it; else the next sweep starts
+            // from the oldest again (what was kept may have been let go meanwhile).
+            self.sweep_left.store(swept.full, Ordering::Relaxed);
+            self.swept_to.store(if swept.full { swept.to } else { 0 }, Ordering::Relaxed);
         }
         Ok(())
     }
@@ -383,22 +420,31 @@ mod tests {
     }
 
     /// A write now and then deletes the vectors past `store.feature_retention_days`, oldest
-    /// first, a bounded number at a time, and keeps the younger ones; 0 keeps them all.
+    /// first, a bounded number at a time, and keeps the younger ones and those a review item or
+    /// a DLQ entry still waits on; 0 keeps them all.
     #[tokio::test]
     async fn vectors_past_their_retention_are_deleted_by_later_writes() {
         let dir = tempfile::tempdir().unwrap();
         let config = StoreConfig { path: dir.path().join("s.sqlite"), feature_retention_days: 1, ..Default::default() };
         let store = EmbeddedStore::open(&config).unwrap();
+        let backend = store.clone().into_backend();
         let id = |i: usize| RecordId::parse(format!("r{i}")).unwrap();
         let old = (SWEEP_RECORDS + 5) as usize;
         let vectors = (0..old + 3).map(|i| (id(i), FeatureVector::Pixels(vec![1, 2, 3]))).collect();
-        store.clone().into_backend().features.put_if_absent(vectors).await.unwrap();
-        // The first `old` written two days ago.
+        backend.features.put_if_absent(vectors).await.unwrap();
+        // The first `old` written two days ago; r3 waits for review, r7 in a DLQ.
         let two_days_ago = (now_ms() - 2 * 24 * 3_600_000) as i64;
         let backdate = move |tx: &rusqlite::Transaction<'_>| {
-            tx.execute("UPDATE features SET created_ms = ?1 WHERE rowid <= ?2", params![two_days_ago, old as i64])
+            tx.execute("UPDATE features SET created_ms = ?1 WHERE rowid <= ?2", params![two_days_ago, old as i64])?;
+            tx.execute("INSERT INTO results (record_id, status, body, created_ms) VALUES ('r3', 'review', '{}', 0)", [])
         };
         store.db.write(backdate).await.unwrap();
+        let entry = crate::backend::OutgoingMessage {
+            body: b"{}".to_vec(),
+            attributes: Default::default(),
+            dedup_key: Some("r7".to_owned()),
+        };
+        backend.queue(QueueName::InferenceDlq).send_batch(vec![entry]).await.unwrap();
         let count = || async {
             store
                 .db
@@ -411,17 +457,26 @@ mod tests {
         kept.into_backend().features.put_if_absent(vec![(id(9_000), FeatureVector::Pixels(vec![1]))]).await.unwrap();
         assert_eq!(count().await, old as i64 + 4, "0 keeps every vector");
 
-        // A fresh handle's first write sweeps: a bounded number; the next write goes on at once.
+        // A fresh handle's first write sweeps: a bounded number of rows looked at, the two held
+        // kept; the next write goes on at once after them.
         let features = store.clone().into_backend().features;
         features.put_if_absent(vec![(id(9_001), FeatureVector::Pixels(vec![1]))]).await.unwrap();
-        assert_eq!(count().await, old as i64 + 5 - SWEEP_RECORDS);
+        assert_eq!(count().await, old as i64 + 5 - (SWEEP_RECORDS - 2));
         features.put_if_absent(vec![(id(9_002), FeatureVector::Pixels(vec![1]))]).await.unwrap();
-        assert_eq!(count().await, 3 + 3, "the three young ones and the three written since");
-        let left = features.get_batch(&[id(0), id(old - 1), id(old), id(old + 2), id(9_002)]).await.unwrap();
+        assert_eq!(count().await, 2 + 3 + 3, "the two held, the three young ones and the three written since");
+        let ids = [id(0), id(3), id(7), id(old - 1), id(old), id(old + 2), id(9_002)];
+        let left = features.get_batch(&ids).await.unwrap();
         assert_eq!(
             left.keys().map(RecordId::as_str).collect::<std::collections::BTreeSet<_>>(),
-            ["r1005", "r1007", "r9002"].into()
+            ["r3", "r7", "r1005", "r1007", "r9002"].into()
         );
+
+        // Its review settled, r3's vector goes at a later sweep, which starts from the oldest again.
+        store.db.write(|tx| tx.execute("DELETE FROM results WHERE record_id = 'r3'", [])).await.unwrap();
+        let features = store.clone().into_backend().features;
+        features.put_if_absent(vec![(id(9_003), FeatureVector::Pixels(vec![1]))]).await.unwrap();
+        let left = features.get_batch(&[id(3), id(7)]).await.unwrap();
+        assert_eq!(left.keys().map(RecordId::as_str).collect::<Vec<_>>(), ["r7"]);
     }
 
     /// Look-ups by record id take any number of ids on one statement, each id found through
