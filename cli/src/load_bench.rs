@@ -221,14 +221,17 @@ async fn run_at(settings: &Settings, load: f64, rate: f64, duration: Duration) -
     let sampler = {
         let (backend, stop) = (observer.clone(), sampling.clone());
         tokio::spawn(async move {
-            let mut most = 0;
+            // The most seen, and how many looks failed of how many.
+            let (mut most, mut failed, mut looks) = (0, 0, 0);
             while !stop.is_cancelled() {
-                if let Ok(stats) = PipelineStats::collect(&backend).await {
-                    most = most.max(backlog(&stats));
+                looks += 1;
+                match PipelineStats::collect(&backend).await {
+                    Ok(stats) => most = most.max(backlog(&stats)),
+                    Err(_) => failed += 1,
                 }
                 tokio::time::sleep(Duration::from_millis(250)).await;
             }
-            most
+            (most, failed, looks)
         })
     };
     let catalogue = Catalogue::digits(load_split(Split::Test)?, Split::Test, DigitForm::Png, &run_tag());
@@ -245,7 +248,12 @@ async fn run_at(settings: &Settings, load: f64, rate: f64, duration: Duration) -
     let load_ended_ms = sluice_core::envelope::now_ms();
     let backlog_at_end = backlog(&PipelineStats::collect(&observer).await?);
     sampling.cancel();
-    let max_backlog = sampler.await?;
+    let (max_backlog, failed, looks) = sampler.await?;
+    // A backlog never read is no backlog of 0.
+    anyhow::ensure!(
+        looks == 0 || failed < looks,
+        "the backlog could not be read during the run ({failed} looks failed)"
+    );
     pipeline.wait_accounted(&observer, produced.put.records).await?;
     pipeline.stop().await?;
 

@@ -225,9 +225,17 @@ impl InferenceStage {
 
     /// Class probabilities for `rows` vectors, from Candle or, when it cannot serve, the fallback;
     /// reports the call's latency by backend and the breaker's state.
-    async fn predict(&self, inputs: FeatureVector, rows: usize) -> Result<(Vec<Vec<f32>>, Served), SluiceError> {
+    /// The batch's probabilities and who served them. `sized`: the batch sizer learns from the
+    /// model's time (not from the one-record re-runs of a batch that panicked, whose per-call
+    /// cost would read as a record's).
+    async fn predict(
+        &self,
+        inputs: FeatureVector,
+        rows: usize,
+        sized: bool,
+    ) -> Result<(Vec<Vec<f32>>, Served), SluiceError> {
         let started = Instant::now();
-        let result = self.predict_routed(inputs, rows).await;
+        let result = self.predict_routed(inputs, rows, sized).await;
         if let Ok((_, served)) = &result {
             metrics().inference(&served.backend, rows, started.elapsed().as_secs_f64());
         }
@@ -241,7 +249,12 @@ impl InferenceStage {
         result
     }
 
-    async fn predict_routed(&self, inputs: FeatureVector, rows: usize) -> Result<(Vec<Vec<f32>>, Served), SluiceError> {
+    async fn predict_routed(
+        &self,
+        inputs: FeatureVector,
+        rows: usize,
+        sized: bool,
+    ) -> Result<(Vec<Vec<f32>>, Served), SluiceError> {
         let Some(classifier) = &self.classifier else {
             return self.predict_fallback(&inputs).await;
         };
@@ -250,7 +263,7 @@ impl InferenceStage {
             // on its own (`forward`).
             let started = Instant::now();
             let result = self.run_candle(classifier, inputs, rows).await;
-            if result.is_ok() {
+            if result.is_ok() && sized {
                 self.batch_size.observe(rows, started.elapsed());
             }
             return result.map(|probabilities| (probabilities, self.served(classifier)));
@@ -271,7 +284,7 @@ impl InferenceStage {
         // time (the one that panics alone then goes to the fallback).
         let input_panicked = matches!(&result, Err(error) if panicked(error));
         self.breaker.record(route, result.is_ok() || input_panicked, elapsed);
-        if result.is_ok() {
+        if result.is_ok() && sized {
             self.batch_size.observe(rows, elapsed);
         }
         match result {
@@ -442,7 +455,7 @@ impl Stage for InferenceStage {
         let inputs = self.batch_inputs(&found);
 
         if !rows.is_empty() {
-            match self.predict(inputs, rows.len()).await {
+            match self.predict(inputs, rows.len(), true).await {
                 Ok((probabilities, served)) => {
                     for ((i, mut envelope), probabilities) in rows.into_iter().zip(probabilities) {
                         outcomes[i] = Some(self.forward(&batch[i], &mut envelope, probabilities, &served));
@@ -453,7 +466,7 @@ impl Stage for InferenceStage {
                 Err(error) if rows.len() > 1 && panicked(&error) => {
                     tracing::warn!(%error, records = rows.len(), "running the batch's records one at a time");
                     for ((i, mut envelope), vector) in rows.into_iter().zip(found) {
-                        outcomes[i] = Some(match self.predict(self.batch_inputs(&[vector]), 1).await {
+                        outcomes[i] = Some(match self.predict(self.batch_inputs(&[vector]), 1, false).await {
                             Ok((probabilities, served)) => {
                                 let probabilities = probabilities.into_iter().next().unwrap_or_default();
                                 self.forward(&batch[i], &mut envelope, probabilities, &served)

@@ -108,6 +108,7 @@ async fn a_panic_in_the_model_is_kept_to_the_record_that_causes_it() {
         let best = p.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).unwrap().0;
         assert_eq!(best, 1, "scored as it would be in any batch: {p:?}");
     }
+    assert_eq!(stage.batch_policy().max_size, 64, "the one-record re-runs are no batches to size by");
 }
 
 /// At-least-once transport can put one record in a batch twice: both copies are scored (the
