@@ -84,6 +84,40 @@ const SWEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 const SWEEP_RECORDS: i64 = 1_000;
 const SWEEP_BYTES: i64 = 16 << 20;
 
+/// What a sweep's look at the oldest rows found.
+struct Oldest {
+    /// The rows to delete: past the retention, and not held.
+    gone: Vec<i64>,
+    /// The last row looked at, if any.
+    last: Option<i64>,
+    /// Whether the look stopped at its limit: more past the retention may follow `last`.
+    full: bool,
+}
+
+/// Reads `rows` — (key, written ms, bytes, held), in the order written, at most
+/// [`SWEEP_RECORDS`] of them — up to the first one written at or after `before` or until
+/// [`SWEEP_BYTES`] are to go: no more is read than goes. A held row is looked at but kept.
+fn oldest_past(mut rows: rusqlite::Rows<'_>, before: i64) -> rusqlite::Result<Oldest> {
+    let (mut gone, mut last, mut looked, mut bytes) = (Vec::new(), None, 0, 0);
+    let full = loop {
+        let Some(row) = rows.next()? else { break looked == SWEEP_RECORDS };
+        if row.get::<_, i64>(1)? >= before {
+            break false;
+        }
+        if bytes >= SWEEP_BYTES {
+            break true;
+        }
+        let key = row.get(0)?;
+        last = Some(key);
+        looked += 1;
+        if !row.get::<_, bool>(3)? {
+            gone.push(key);
+            bytes += row.get::<_, i64>(2)?;
+        }
+    };
+    Ok(Oldest { gone, last, full })
+}
+
 /// The embedded store sends no AWS requests, so it keeps no ledger of them.
 struct NoRequests;
 

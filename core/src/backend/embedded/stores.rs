@@ -2,14 +2,14 @@
 
 use std::collections::HashMap;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
 use async_trait::async_trait;
 use rusqlite::types::Value;
 use rusqlite::vtab::array::Array;
 use rusqlite::{OptionalExtension, params};
 
-use super::{Db, SWEEP_BYTES, SWEEP_EVERY, SWEEP_RECORDS};
+use super::{Db, SWEEP_EVERY, SWEEP_RECORDS, oldest_past};
 use crate::backend::{
     FeatureStore, FeedbackOutcome, PageToken, PutOutcome, ResultCounts, ResultPage, ResultQuery, ResultStore,
     ReviewOutcome, StoredVector,
@@ -27,9 +27,8 @@ pub(super) struct EmbeddedFeatureStore {
     retention_ms: u64,
     /// When this handle last deleted vectors past the retention (ms since the epoch)…
     swept_ms: AtomicU64,
-    /// …and whether that stopped at its limit, so that the next write deletes on, after the
-    /// last row it looked at (0: from the oldest).
-    sweep_left: AtomicBool,
+    /// …and, where that stopped at its limit, the last row it looked at, after which the next
+    /// write deletes on at once (0: it did not stop there; the next sweep is from the oldest).
     swept_to: AtomicI64,
 }
 
@@ -39,7 +38,6 @@ impl EmbeddedFeatureStore {
             db,
             retention_ms: config.feature_retention_days.saturating_mul(24 * 3_600_000),
             swept_ms: AtomicU64::new(0),
-            sweep_left: AtomicBool::new(false),
             swept_to: AtomicI64::new(0),
         }
     }
@@ -47,7 +45,7 @@ impl EmbeddedFeatureStore {
     /// Whether a write at `now` deletes what is past the retention too (and notes that it does).
     fn sweep_due(&self, now: u64) -> bool {
         let due = self.retention_ms > 0
-            && (self.sweep_left.load(Ordering::Relaxed)
+            && (self.swept_to.load(Ordering::Relaxed) > 0
                 || now.saturating_sub(self.swept_ms.load(Ordering::Relaxed)) >= SWEEP_EVERY.as_millis() as u64);
         if due {
             self.swept_ms.store(now, Ordering::Relaxed);
@@ -56,19 +54,12 @@ impl EmbeddedFeatureStore {
     }
 }
 
-/// Where a sweep stopped: the last row it looked at, and whether it stopped at its limit (rows
-/// older than the retention may be left after it).
-struct Swept {
-    to: i64,
-    full: bool,
-}
-
-/// Deletes the oldest vectors written before `before` (ms), after row `after`, in the order they
-/// were written, looking at most at [`SWEEP_RECORDS`] rows and deleting at most [`SWEEP_BYTES`].
-/// Rows are in write order (rowid): no more is read than goes, up to the first one young enough
-/// to keep. A vector something still waits on is kept however old: a review item's (its result
-/// is in review, and the reviewer is shown its image) and a DLQ entry's (a replay needs it).
-fn sweep_features(tx: &rusqlite::Transaction<'_>, before: i64, after: i64) -> rusqlite::Result<Swept> {
+/// Deletes the oldest vectors written before `before` (ms), after row `after`, as much as
+/// [`oldest_past`] lets go (rows are in write order: rowid); where it stopped at its limit, the
+/// last row it looked at. A vector something still waits on is kept however old: a review
+/// item's (its result is in review, and the reviewer is shown its image) and a DLQ entry's (a
+/// replay needs it).
+fn sweep_features(tx: &rusqlite::Transaction<'_>, before: i64, after: i64) -> rusqlite::Result<Option<i64>> {
     let dlqs: Array = Rc::new(
         QueueName::ALL
             .into_iter()
@@ -82,30 +73,13 @@ fn sweep_features(tx: &rusqlite::Transaction<'_>, before: i64, after: i64) -> ru
          OR EXISTS (SELECT 1 FROM queue_runs q WHERE q.queue IN rarray(?3) AND q.dedup_key = f.record_id) \
          FROM features f WHERE f.rowid > ?2 ORDER BY f.rowid LIMIT ?1",
     )?;
-    let (mut gone, mut looked, mut bytes, mut to) = (Vec::new(), 0, 0, after);
-    let mut rows = oldest.query(params![SWEEP_RECORDS, after, dlqs])?;
-    let full = loop {
-        let Some(row) = rows.next()? else { break looked == SWEEP_RECORDS };
-        if row.get::<_, i64>(1)? >= before {
-            break false;
-        }
-        if bytes >= SWEEP_BYTES {
-            break true;
-        }
-        to = row.get(0)?;
-        looked += 1;
-        if !row.get::<_, bool>(3)? {
-            gone.push(Value::from(to));
-            bytes += row.get::<_, i64>(2)?;
-        }
-    };
-    drop(rows);
-    if !gone.is_empty() {
-        let deleted =
-            tx.prepare_cached("DELETE FROM features WHERE rowid IN rarray(?1)")?.execute([Rc::new(gone) as Array])?;
+    let oldest = oldest_past(oldest.query(params![SWEEP_RECORDS, after, dlqs])?, before)?;
+    if !oldest.gone.is_empty() {
+        let gone: Array = Rc::new(oldest.gone.into_iter().map(Value::from).collect());
+        let deleted = tx.prepare_cached("DELETE FROM features WHERE rowid IN rarray(?1)")?.execute([gone])?;
         tracing::debug!(deleted, "feature vectors past the retention deleted");
     }
-    Ok(Swept { to, full })
+    Ok(oldest.last.filter(|_| oldest.full))
 }
 
 /// Runs `query`, whose `?1` is the list of `ids` (`… IN rarray(?1)`: SQLite's table-valued
@@ -145,11 +119,10 @@ impl FeatureStore for EmbeddedFeatureStore {
                 if sweep { sweep_features(tx, before, after).map(Some) } else { Ok(None) }
             })
             .await?;
-        if let Some(swept) = swept {
+        if let Some(stopped_at) = swept {
             // Stopped at its limit: the next write goes on after it; else the next sweep starts
             // from the oldest again (what was kept may have been let go meanwhile).
-            self.sweep_left.store(swept.full, Ordering::Relaxed);
-            self.swept_to.store(if swept.full { swept.to } else { 0 }, Ordering::Relaxed);
+            self.swept_to.store(stopped_at.unwrap_or(0), Ordering::Relaxed);
         }
         Ok(())
     }

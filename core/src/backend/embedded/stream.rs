@@ -15,7 +15,7 @@ use crate::backend::{
     Checkpoint, OutgoingMessage, PutReport, RecordStream, StreamConsumer, StreamInput, StreamRecord, StreamStats,
 };
 use crate::config::StoreConfig;
-use crate::envelope::now_ms;
+use crate::envelope::{REPLAY_KEY_PREFIX, now_ms};
 use crate::error::{ReasonCode, Result, SluiceError};
 use crate::telemetry::metrics::metrics;
 use crate::topology::QueueName;
@@ -36,10 +36,10 @@ impl EmbeddedStream {
     }
 }
 
-use super::{SWEEP_BYTES, SWEEP_EVERY, SWEEP_RECORDS};
+use super::{SWEEP_EVERY, SWEEP_RECORDS, oldest_past};
 
 /// Gives a store made before shards counted their arrivals the count: what lies at or below each
-/// checkpoint, less replays, which arrived before (a `REPLAY_KEY_PREFIX` partition key).
+/// checkpoint, less replays, which arrived before (a [`REPLAY_KEY_PREFIX`] partition key).
 pub(super) fn count_arrivals(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<()> {
     let counted: bool =
         tx.query_row("SELECT COUNT(*) FROM pragma_table_info('stream_shards') WHERE name = 'arrived'", [], |r| {
@@ -48,12 +48,19 @@ pub(super) fn count_arrivals(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result
     if counted {
         return Ok(());
     }
-    tx.execute_batch(
-        "ALTER TABLE stream_shards ADD COLUMN arrived INTEGER NOT NULL DEFAULT 0; \
-         UPDATE stream_shards SET arrived = (SELECT COUNT(*) FROM stream_records r \
+    tx.execute_batch("ALTER TABLE stream_shards ADD COLUMN arrived INTEGER NOT NULL DEFAULT 0")?;
+    tx.execute(
+        "UPDATE stream_shards SET arrived = (SELECT COUNT(*) FROM stream_records r \
            WHERE r.shard = stream_shards.shard AND r.seq <= stream_shards.checkpoint \
-           AND r.partition_key NOT LIKE 'sluice-replay/%');",
-    )
+           AND r.partition_key NOT LIKE ?1)",
+        [replays()],
+    )?;
+    Ok(())
+}
+
+/// The partition keys of replays, as a `LIKE` pattern: arrivals leave them out.
+fn replays() -> String {
+    format!("{REPLAY_KEY_PREFIX}%")
 }
 
 fn shard_name(shard: i64) -> String {
@@ -203,8 +210,8 @@ impl EmbeddedConsumer {
     }
 
     /// Deletes the records of the shards held that are checkpointed and older than the
-    /// retention, the oldest first, a shard a transaction, at most [`SWEEP_RECORDS`] records and
-    /// [`SWEEP_BYTES`] each; whether more is left to delete.
+    /// retention, the oldest first, a shard a transaction, as much as [`oldest_past`] lets go
+    /// each; whether more is left to delete.
     async fn sweep(&self) -> Result<bool> {
         let before = now_ms().saturating_sub(self.retention_ms) as i64;
         let mut left = false;
@@ -212,30 +219,19 @@ impl EmbeddedConsumer {
             let (deleted, full) = self
                 .db
                 .write(move |tx| {
-                    // The oldest checkpointed records first, up to the first one young enough to
-                    // keep (records arrive in sequence order): no more is read than goes. A
-                    // blob's length is in its row's header: its pages are not read to know it.
+                    // The oldest checkpointed records first (records arrive in sequence order);
+                    // none is held. A blob's length is in its row's header: its pages are not
+                    // read to know it.
                     let mut oldest = tx.prepare_cached(
-                        "SELECT seq, arrived_ms, length(data) FROM stream_records WHERE shard = ?1 AND seq <= \
+                        "SELECT seq, arrived_ms, length(data), 0 FROM stream_records WHERE shard = ?1 AND seq <= \
                          (SELECT checkpoint FROM stream_shards WHERE shard = ?1) ORDER BY seq LIMIT ?2",
                     )?;
-                    let (mut upto, mut records, mut bytes) = (None, 0, 0);
-                    let mut rows = oldest.query(params![shard, SWEEP_RECORDS])?;
-                    while let Some(row) = rows.next()? {
-                        if row.get::<_, i64>(1)? >= before || bytes >= SWEEP_BYTES {
-                            break;
-                        }
-                        upto = Some(row.get::<_, i64>(0)?);
-                        records += 1;
-                        bytes += row.get::<_, i64>(2)?;
-                    }
-                    drop(rows);
-                    let full = records == SWEEP_RECORDS || bytes >= SWEEP_BYTES;
-                    let Some(upto) = upto else { return Ok((0, false)) };
+                    let oldest = oldest_past(oldest.query(params![shard, SWEEP_RECORDS])?, before)?;
+                    let Some(upto) = oldest.last else { return Ok((0, false)) };
                     let deleted = tx
                         .prepare_cached("DELETE FROM stream_records WHERE shard = ?1 AND seq <= ?2")?
                         .execute(params![shard, upto])?;
-                    Ok((deleted, full))
+                    Ok((deleted, oldest.full))
                 })
                 .await?;
             if deleted > 0 {
@@ -434,11 +430,12 @@ impl StreamConsumer for EmbeddedConsumer {
                     "UPDATE stream_shards SET checkpoint = MAX(checkpoint, ?1), lease_expires_ms = ?2, \
                      arrived = arrived + (SELECT COUNT(*) FROM stream_records r WHERE r.shard = ?3 \
                        AND r.seq > stream_shards.checkpoint AND r.seq <= ?1 \
-                       AND r.partition_key NOT LIKE 'sluice-replay/%') \
+                       AND r.partition_key NOT LIKE ?5) \
                      WHERE shard = ?3 AND lease_owner = ?4",
                 )?;
+                let replays = replays();
                 at.iter()
-                    .map(|&(shard, seq)| Ok(update.execute(params![seq, now + lease_ms, shard, owner])? == 1))
+                    .map(|&(shard, seq)| Ok(update.execute(params![seq, now + lease_ms, shard, owner, replays])? == 1))
                     .collect::<rusqlite::Result<Vec<bool>>>()
             })
             .await?;
