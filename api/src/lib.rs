@@ -25,7 +25,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use serde::{Deserialize, Serialize};
 use sluice_core::backend::{Backend, PageToken, ResultQuery, ReviewOutcome};
+use sluice_core::config::Settings;
 use sluice_core::envelope::RecordId;
+use sluice_core::model::ModelBundle;
 use sluice_core::record::{PredictionResult, ResultStatus};
 use tokio_util::sync::CancellationToken;
 
@@ -69,8 +71,22 @@ pub fn router(state: ApiState) -> Router {
         .with_state(state)
 }
 
+/// Serves the API of the store `settings` name on `address` until SIGTERM or SIGINT: `sluice
+/// serve` and `sluice-api`. A taken port is said at once, not after the store has answered; it
+/// is held only once the API can answer on it (a client meanwhile is refused, not left waiting).
+pub async fn run(settings: &Settings, address: SocketAddr) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    drop(bind(address).await?);
+    let state = ApiState::new(
+        Backend::open_watcher(&settings.store()?).await?,
+        ModelBundle::load(settings.model()?.dir)?.manifest.labels,
+    );
+    let listener = bind(address).await?;
+    serve(listener, state, sluice_core::shutdown::on_signal()).await?;
+    Ok(())
+}
+
 /// Listens on `address`; a port another program holds is said with the address and the way out.
-pub async fn bind(address: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+async fn bind(address: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
     tokio::net::TcpListener::bind(address).await.map_err(|e| {
         let hint = if e.kind() == std::io::ErrorKind::AddrInUse { " (choose another with --port)" } else { "" };
         std::io::Error::new(e.kind(), format!("the results API cannot listen on {address}: {e}{hint}"))
@@ -78,11 +94,7 @@ pub async fn bind(address: SocketAddr) -> std::io::Result<tokio::net::TcpListene
 }
 
 /// Serves the API on `listener` until `shutdown`.
-pub async fn serve(
-    listener: tokio::net::TcpListener,
-    state: ApiState,
-    shutdown: CancellationToken,
-) -> std::io::Result<()> {
+async fn serve(listener: tokio::net::TcpListener, state: ApiState, shutdown: CancellationToken) -> std::io::Result<()> {
     tracing::info!(address = %listener.local_addr()?, "results API: /results, /review, /openapi.json");
     axum::serve(listener, router(state)).with_graceful_shutdown(shutdown.cancelled_owned()).await
 }

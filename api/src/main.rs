@@ -5,9 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use sluice_core::backend::Backend;
 use sluice_core::config::{Settings, StoreArgs};
-use sluice_core::model::ModelBundle;
 
 /// The results and review HTTP API (`GET /results`, `POST /review/{id}`, `/openapi.json`), as
 /// `sluice serve` serves it.
@@ -38,17 +36,7 @@ fn main() -> ExitCode {
     };
     let served = runtime.block_on(async {
         let settings = args.store.apply(Settings::load(args.config.as_deref())?);
-        // A taken port is said at once, not after the store has answered; it is held only once
-        // the API can answer on it (a client meanwhile is refused, not left waiting).
-        let address = SocketAddr::new(args.address, args.port);
-        drop(sluice_api::bind(address).await?);
-        let state = sluice_api::ApiState::new(
-            Backend::open_watcher(&settings.store()?).await?,
-            ModelBundle::load(settings.model()?.dir)?.manifest.labels,
-        );
-        let listener = sluice_api::bind(address).await?;
-        sluice_api::serve(listener, state, sluice_core::shutdown::on_signal()).await?;
-        Ok::<(), Box<dyn std::error::Error>>(())
+        sluice_api::run(&settings, SocketAddr::new(args.address, args.port)).await
     });
     match served {
         Ok(()) => ExitCode::SUCCESS,

@@ -337,18 +337,9 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
         }
         Command::Results(args) => results::run(args, settings).await?,
         Command::Serve { store, address, port } => {
-            let settings = store.apply(settings);
-            // A taken port is said at once, not after the store has answered; it is held only once
-            // the API can answer on it (a client meanwhile is refused, not left waiting).
-            let address = std::net::SocketAddr::new(address, port);
-            drop(sluice_api::bind(address).await?);
-            let state = sluice_api::ApiState::new(
-                Backend::open_watcher(&settings.store()?).await?,
-                sluice_core::model::ModelBundle::load(settings.model()?.dir)?.manifest.labels,
-            );
-            let listener = sluice_api::bind(address).await?;
-            let shutdown = sluice_core::shutdown::on_signal();
-            sluice_api::serve(listener, state, shutdown).await?;
+            sluice_api::run(&store.apply(settings), std::net::SocketAddr::new(address, port))
+                .await
+                .map_err(|e| anyhow!(e))?;
         }
         Command::Dlq { command } => dlq::run(command, settings).await?,
         Command::Feedback(args) => {
