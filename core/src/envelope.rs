@@ -127,6 +127,15 @@ impl ContentType {
         }
     }
 
+    /// The most bytes of a claim-checked payload of this type to read: `most`, or for a JSON
+    /// event `event_most` where that is less (an event is read whole, at many times its size).
+    pub fn read_at_most(self, most: usize, event_most: usize) -> usize {
+        match self {
+            Self::Json => event_most.min(most),
+            Self::Png | Self::Jpeg => most,
+        }
+    }
+
     /// Recognises a raw payload by its first bytes, as a producer that sends bare data needs.
     pub fn sniff(bytes: &[u8]) -> Option<Self> {
         const PNG_MAGIC: &[u8] = b"\x89PNG\r\n\x1a\n";

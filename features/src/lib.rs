@@ -99,10 +99,8 @@ impl FeaturesStage {
         match std::mem::replace(&mut envelope.payload, Payload::Released) {
             Payload::Inline { data } => Ok(data),
             Payload::ClaimCheck { reference } => {
-                let most = match envelope.content_type {
-                    ContentType::Json => self.config.max_event_bytes.min(self.config.max_claim_check_bytes),
-                    _ => self.config.max_claim_check_bytes,
-                };
+                let most =
+                    envelope.content_type.read_at_most(self.config.max_claim_check_bytes, self.config.max_event_bytes);
                 self.blobs.get_at_most(&reference, most).await
             }
             Payload::Released => {

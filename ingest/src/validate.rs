@@ -151,10 +151,7 @@ pub(crate) async fn check_claim_checked(
     match &envelope.payload {
         Payload::ClaimCheck { reference } => {
             // A JSON event over its limit is refused before its bytes are read, where the store can tell.
-            let most = match envelope.content_type {
-                ContentType::Json => config.max_event_bytes.min(config.max_claim_check_bytes),
-                _ => config.max_claim_check_bytes,
-            };
+            let most = envelope.content_type.read_at_most(config.max_claim_check_bytes, config.max_event_bytes);
             let data = blobs.get_at_most(reference, most).await?;
             check_bytes(&data, envelope.content_type, config.max_claim_check_bytes, config, tabular)
         }
@@ -213,6 +210,11 @@ fn check_bytes(
 mod tests {
     use super::*;
 
+    /// An envelope as a producer sends it: record `r-1`, a PNG.
+    fn sent() -> Envelope {
+        Envelope::inline(RecordId::parse("r-1").unwrap(), "test", ContentType::Png, vec![1, 2, 3])
+    }
+
     /// What ingest makes of `body`: the envelope, or the reason code it is refused with.
     fn read(body: &serde_json::Value) -> std::result::Result<Envelope, ReasonCode> {
         let position = RecordId::parse("shard-0:1").unwrap();
@@ -221,7 +223,7 @@ mod tests {
 
     #[test]
     fn envelopes_read_straight_or_by_way_of_a_json_value_end_alike() {
-        let sent = Envelope::inline(RecordId::parse("r-1").unwrap(), "test", ContentType::Png, vec![1, 2, 3]);
+        let sent = sent();
         let good = serde_json::to_value(&sent).unwrap();
         let envelope = read(&good).unwrap();
         assert_eq!((envelope.record_id.as_str(), envelope.payload), ("r-1", sent.payload.clone()));
@@ -252,7 +254,7 @@ mod tests {
     /// producer may not claim one, and its refused record is filed under its own position.
     #[test]
     fn a_producer_may_not_claim_a_stream_position_for_an_id() {
-        let sent = Envelope::inline(RecordId::parse("r-1").unwrap(), "test", ContentType::Png, vec![1, 2, 3]);
+        let sent = sent();
         let claiming = |id: &str| {
             let mut body = serde_json::to_value(&sent).unwrap();
             body["record_id"] = id.into();
@@ -279,7 +281,7 @@ mod tests {
     /// where another reader of the record may take the first.
     #[test]
     fn an_envelope_naming_a_field_twice_is_refused() {
-        let sent = Envelope::inline(RecordId::parse("r-1").unwrap(), "test", ContentType::Png, vec![1, 2, 3]);
+        let sent = sent();
         let twice = String::from_utf8(sent.to_json()).unwrap().replacen('{', "{\"record_id\":\"r-2\",", 1);
         let position = RecordId::parse("shard-0:1").unwrap();
         let err = parse(twice.as_bytes(), &position, 7, &IngestConfig::default()).unwrap_err();
@@ -305,7 +307,7 @@ mod tests {
 
     #[test]
     fn a_producer_trace_goes_on_only_as_a_w3c_traceparent() {
-        let sent = Envelope::inline(RecordId::parse("r-1").unwrap(), "test", ContentType::Png, vec![1, 2, 3]);
+        let sent = sent();
         let with_trace = |trace: &str| {
             let mut body = serde_json::to_value(&sent).unwrap();
             body["trace"] = trace.into();
