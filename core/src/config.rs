@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
+use figment::value::{Dict, Value};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
@@ -20,6 +21,54 @@ pub const SECTIONS: [&str; 9] =
 /// The environment variables that override the file: `SLUICE__SECTION__KEY`.
 fn env() -> Env {
     Env::prefixed("SLUICE__").split("__")
+}
+
+/// The `SLUICE__…` variables as written: figment's own `Env` reads a value that looks like a
+/// number as one, so a setting that is text could not be set to `2` (a model version,
+/// `SLUICE__INFERENCE__SAGEMAKER__MODEL_VERSION=2`: "found unsigned int, expected a string")
+/// and `1.10` would arrive as `1.1`. Here a value is text unless it is written as a list, a
+/// table or a quoted string; [`Settings::section`] reads text as a number or a boolean where one
+/// is wanted (`extract_lossy`).
+struct EnvText(Env);
+
+impl figment::Provider for EnvText {
+    fn metadata(&self) -> figment::Metadata {
+        figment::Provider::metadata(&self.0)
+    }
+
+    fn data(&self) -> Result<figment::value::Map<figment::Profile, Dict>, figment::Error> {
+        let mut dict = Dict::new();
+        for (key, text) in self.0.iter() {
+            let value = if text.trim_start().starts_with(['[', '{', '"']) {
+                text.parse().expect("figment's parse is infallible")
+            } else {
+                Value::from(text)
+            };
+            insert(&mut dict, &key.as_str().split('.').collect::<Vec<_>>(), value);
+        }
+        Ok(figment::Profile::Default.collect(dict))
+    }
+}
+
+/// Puts `value` at `path` (`store.aws.prefix`) in `dict`, making the tables on the way. Values
+/// are left untagged, for the figment that merges them to tag as this provider's (a figment
+/// merged into another keeps its own tags, and an error would not name its variable).
+fn insert(dict: &mut Dict, path: &[&str], value: Value) {
+    match path {
+        [] => {}
+        [key] => {
+            dict.insert((*key).to_owned(), value);
+        }
+        [key, rest @ ..] => {
+            let entry = dict.entry((*key).to_owned()).or_insert_with(|| Value::from(Dict::new()));
+            if !matches!(entry, Value::Dict(..)) {
+                *entry = Value::from(Dict::new());
+            }
+            if let Value::Dict(_, inner) = entry {
+                insert(inner, rest, value);
+            }
+        }
+    }
 }
 
 /// Each of figment's errors in a section, by the name its user wrote: `inference.batch_sise`
@@ -61,7 +110,7 @@ impl Settings {
             }
             figment = figment.merge(Toml::file_exact(path));
         }
-        figment = figment.merge(env());
+        figment = figment.merge(EnvText(env()));
         // A section no binary reads is a typo (`[inferenc]`, `SLUICE__INFERNCE__BATCH_SIZE`):
         // passed over, its settings would be lost without a word.
         let data = figment::Provider::data(&figment).map_err(|e| ConfigError(e.to_string()))?;
@@ -96,11 +145,19 @@ impl Settings {
 
     /// One section, with defaults for whatever it leaves out. Unknown keys are errors.
     pub fn section<T: DeserializeOwned>(&self, name: &str) -> Result<T, ConfigError> {
-        self.figment.focus(name).extract().map_err(|e| ConfigError(describe(name, e)))
+        self.figment.focus(name).extract_lossy().map_err(|e| ConfigError(describe(name, e)))
     }
 
     pub fn store(&self) -> Result<StoreConfig, ConfigError> {
-        self.section("store")
+        let store: StoreConfig = self.section("store")?;
+        // One key without the other would be passed over for the standard chain: against a
+        // local endpoint, an account's own credentials.
+        if store.aws.access_key_id.is_some() != store.aws.secret_access_key.is_some() {
+            return Err(ConfigError(
+                "store.aws.access_key_id and store.aws.secret_access_key are set together or not at all".to_owned(),
+            ));
+        }
+        Ok(store)
     }
 
     pub fn worker(&self) -> Result<WorkerConfig, ConfigError> {
@@ -144,7 +201,8 @@ pub enum BackendKind {
 /// The command-line flags that choose the store, shared by every binary.
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct StoreArgs {
-    /// The embedded store file (overrides `store.path`).
+    /// The embedded store file (overrides `store.path`; without `--backend`, means `--backend
+    /// embedded`).
     #[arg(long, conflicts_with_all = ["endpoint_url", "prefix"])]
     pub store: Option<PathBuf>,
     /// `embedded` or `aws` (overrides `store.backend`).
@@ -166,11 +224,14 @@ impl StoreArgs {
             settings = settings.set("store.path", path);
         }
         // An AWS prefix or endpoint named alone means AWS: the embedded default would pass
-        // them over and open (or miss) sluice.sqlite.
+        // them over and open (or miss) sluice.sqlite. A store file named alone means that file,
+        // whatever backend the file or the environment names (the images set
+        // `SLUICE__STORE__BACKEND=aws`: `sluice dlq purge --store copy.sqlite` would purge AWS).
         let aws_named = self.prefix.is_some() || self.endpoint_url.is_some();
         match self.backend {
             Some(backend) => settings = settings.set("store.backend", backend),
             None if aws_named => settings = settings.set("store.backend", BackendKind::Aws),
+            None if self.store.is_some() => settings = settings.set("store.backend", BackendKind::Embedded),
             None => {}
         }
         if let Some(url) = &self.endpoint_url {
@@ -193,11 +254,14 @@ pub struct StoreConfig {
     /// Shards of the stream (1 to [`MAX_SHARDS`]), fixed when the store or stream is made.
     #[serde(deserialize_with = "shard_count")]
     pub shards: u32,
-    /// How long a received message stays invisible to other receivers.
+    /// How long a received message stays invisible to other receivers (1 s at least).
+    #[serde(deserialize_with = "a_second_or_more")]
     pub visibility_timeout_ms: u64,
     /// Receives after which an unacknowledged message moves to its stage's DLQ.
     pub max_receives: u32,
-    /// How long a shard lease lasts without renewal before another worker may take it.
+    /// How long a shard lease lasts without renewal before another worker may take it (1 s at
+    /// least).
+    #[serde(deserialize_with = "a_second_or_more")]
     pub lease_duration_ms: u64,
     /// The embedded stream keeps a record this long once ingest has checkpointed it (as
     /// Kinesis keeps records 24 hours by default), then deletes it: the store file stops
@@ -293,7 +357,8 @@ pub struct AwsConfig {
     /// Buckets claim-check references may point into, besides `<prefix>-claims`.
     pub claim_check_buckets: Vec<String>,
     /// A shard lease whose counter has not moved for this long (on the observer's clock) has
-    /// expired and may be taken.
+    /// expired and may be taken (1 s at least).
+    #[serde(deserialize_with = "a_second_or_more")]
     pub lease_failover_ms: u64,
     /// Results expire this many days after they are written (DynamoDB TTL); 0 keeps them.
     pub result_ttl_days: u64,
@@ -363,13 +428,27 @@ fn shard_count<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<u32,
     Ok(shards)
 }
 
+/// A time in milliseconds of at least a second. Less, and the workers of a stage take one
+/// another's messages (a visibility of 0 shows a message again the moment it is taken) or shard
+/// leases, or an idle worker polls without pause (a busy core on the embedded store; short polls,
+/// billed, on SQS).
+fn a_second_or_more<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<u64, D::Error> {
+    let ms = u64::deserialize(deserializer)?;
+    if ms < 1000 {
+        return Err(serde::de::Error::custom(format!("{ms} ms: at least 1000")));
+    }
+    Ok(ms)
+}
+
 /// `[worker]`: the shared loop's timing.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct WorkerConfig {
     /// Long-poll wait for the first message of a batch: while a queue is empty a worker sends one
     /// receive per wait (SQS waits at most 20 s). It returns as soon as a message arrives, and a
-    /// stopping worker stops waiting at once.
+    /// stopping worker stops waiting at once, so a shorter wait only polls more often: 1 s at
+    /// least (SQS waits in whole seconds).
+    #[serde(deserialize_with = "a_second_or_more")]
     pub poll_wait_ms: u64,
     /// How long a worker may take to finish in-flight work after SIGTERM; the default stays under
     /// ECS's default 30 s stop timeout, so SIGKILL never cuts a batch short.
@@ -406,6 +485,41 @@ mod tests {
         );
         let said = StoreArgs { prefix: prefix(), backend: Some(BackendKind::Embedded), ..StoreArgs::default() };
         assert_eq!(backend(said), BackendKind::Embedded);
+    }
+
+    /// `--store` alone is that file, whatever backend the file or the environment names.
+    #[test]
+    fn a_store_file_named_alone_means_embedded() {
+        let aws = || Settings::from_toml("[store]\nbackend = \"aws\"\n");
+        let file = || Some(PathBuf::from("copy.sqlite"));
+        let store = StoreArgs { store: file(), ..StoreArgs::default() }.apply(aws()).store().unwrap();
+        assert_eq!((store.backend, store.path), (BackendKind::Embedded, PathBuf::from("copy.sqlite")));
+        assert_eq!(StoreArgs::default().apply(aws()).store().unwrap().backend, BackendKind::Aws);
+        let said = StoreArgs { store: file(), backend: Some(BackendKind::Aws), ..StoreArgs::default() };
+        assert_eq!(said.apply(aws()).store().unwrap().backend, BackendKind::Aws);
+    }
+
+    #[test]
+    fn timings_under_a_second_and_half_a_key_pair_are_refused() {
+        for (section, key) in [
+            ("store", "visibility_timeout_ms"),
+            ("store", "lease_duration_ms"),
+            ("store.aws", "lease_failover_ms"),
+            ("worker", "poll_wait_ms"),
+        ] {
+            let settings = |ms: u64| Settings::from_toml(&format!("[{section}]\n{key} = {ms}\n"));
+            let read = |ms| match section {
+                "worker" => settings(ms).worker().map(drop),
+                _ => settings(ms).store().map(drop),
+            };
+            let err = read(999).unwrap_err().to_string();
+            assert!(err.contains(&format!("{section}.{key}")) && err.contains("999 ms: at least 1000"), "{err}");
+            assert!(read(1000).is_ok(), "{section}.{key} = 1000");
+        }
+        let half = Settings::from_toml("[store.aws]\naccess_key_id = \"local\"\n").store().unwrap_err();
+        assert!(half.to_string().contains("set together or not at all"), "{half}");
+        let both = "[store.aws]\naccess_key_id = \"local\"\nsecret_access_key = \"local\"\n";
+        assert!(Settings::from_toml(both).store().is_ok());
     }
 
     /// A store file and an AWS prefix or endpoint named together: one of them would be passed over.

@@ -27,6 +27,7 @@ use tokio::sync::Mutex;
 pub struct CaptureConfig {
     pub enabled: bool,
     /// The share of records captured (0 to 1), chosen by record id.
+    #[serde(deserialize_with = "a_share")]
     pub sample_rate: f64,
     /// A chunk is written once it holds this many bytes…
     pub flush_bytes: usize,
@@ -38,6 +39,16 @@ impl Default for CaptureConfig {
     fn default() -> Self {
         Self { enabled: true, sample_rate: 1.0, flush_bytes: 1 << 20, flush_after_ms: 30_000 }
     }
+}
+
+/// A share from 0 to 1: anything else (a negative rate, `nan`) would capture nothing without a
+/// word, and the monitor would judge nothing for want of captures.
+fn a_share<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<f64, D::Error> {
+    let share = f64::deserialize(deserializer)?;
+    if !(0.0..=1.0).contains(&share) {
+        return Err(serde::de::Error::custom(format!("{share}: a share of the records, from 0 to 1")));
+    }
+    Ok(share)
 }
 
 /// What a stored result is captured with.
