@@ -137,6 +137,9 @@ pub trait Source: Send {
         None
     }
 
+    /// A first receive of a batch waited its whole wait and found nothing.
+    fn found_nothing(&self) {}
+
     /// Acknowledges `done` (their downstream writes are durable) and schedules `retry` again.
     async fn settle(&mut self, done: &[&Origin], retry: &[&Origin], retry_delay: Duration) -> Result<()>;
 
@@ -194,8 +197,17 @@ impl Source for QueueSource {
         self.queue.per_call()
     }
 
+    /// Nothing waits: the age falls to 0 rather than stay at the last batch's (a gauge is
+    /// exported at its last value until it is set again).
+    fn found_nothing(&self) {
+        metrics().oldest_message_age(self.queue.name(), 0.0);
+    }
+
     async fn receive(&mut self, max: usize, wait: Duration) -> Result<Vec<Delivery>> {
-        let messages = self.queue.receive(max, wait).await?;
+        // The visibility this worker heartbeats by, asked for on every receive: SQS would
+        // otherwise hide a message for the queue's own timeout, set when the queue was made,
+        // and one raised in the configuration would let it show again mid-batch.
+        let messages = self.queue.receive_hidden(max, wait, self.visibility).await?;
         if let Some(oldest) = messages.iter().map(|m| m.sent_at_ms).min() {
             let age_ms = crate::envelope::now_ms().saturating_sub(oldest);
             metrics().oldest_message_age(self.queue.name(), age_ms as f64 / 1000.0);
@@ -878,6 +890,9 @@ impl Worker {
             batch = self.source.receive(policy.max_size, wait) => batch?,
             () = shutdown.cancelled() => return Ok(Vec::new()),
         };
+        if batch.is_empty() {
+            self.source.found_nothing();
+        }
         if batch.is_empty() || policy.max_wait.is_zero() {
             return Ok(batch);
         }

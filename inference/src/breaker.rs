@@ -10,6 +10,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
+use sluice_core::telemetry::metrics::{BreakerGauge, BreakerReading};
 
 /// `[inference.breaker]`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -53,6 +54,16 @@ impl BreakerConfig {
     }
 }
 
+impl BreakerReading for CircuitBreaker {
+    fn reading(&self) -> BreakerGauge {
+        match self.state() {
+            State::Closed => BreakerGauge::Closed,
+            State::HalfOpen => BreakerGauge::HalfOpen,
+            State::Open => BreakerGauge::Open,
+        }
+    }
+}
+
 /// Where one batch goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Route {
@@ -89,11 +100,12 @@ impl CircuitBreaker {
         Self { config, inner: Mutex::new(Inner::Closed { recent: VecDeque::new() }) }
     }
 
+    /// Its state now: an open breaker whose time is up is half-open, as the next batch probes.
     pub fn state(&self) -> State {
         match *self.lock() {
             Inner::Closed { .. } => State::Closed,
-            Inner::Open { .. } => State::Open,
-            Inner::HalfOpen => State::HalfOpen,
+            Inner::Open { until } if Instant::now() < until => State::Open,
+            Inner::Open { .. } | Inner::HalfOpen => State::HalfOpen,
         }
     }
 
@@ -186,15 +198,30 @@ mod tests {
 
     #[test]
     fn a_failed_probe_opens_it_again() {
-        let b = breaker(30);
+        let b = breaker(200);
         for _ in 0..4 {
             b.record(Route::Model, false, FAST);
         }
-        std::thread::sleep(Duration::from_millis(40));
+        std::thread::sleep(Duration::from_millis(250));
         assert_eq!(b.route(), Route::Probe);
         b.record(Route::Probe, false, FAST);
         assert_eq!(b.state(), State::Open);
         assert_eq!(b.route(), Route::Fallback);
+    }
+
+    /// With no batch to take it half-open, the gauge still reads it so once its time is up: an
+    /// open breaker with no traffic is not an open breaker for ever.
+    #[test]
+    fn an_open_breaker_reads_half_open_once_its_time_is_up() {
+        let b = breaker(200);
+        for _ in 0..4 {
+            b.record(Route::Model, false, FAST);
+        }
+        assert_eq!((b.state(), b.reading()), (State::Open, BreakerGauge::Open));
+        std::thread::sleep(Duration::from_millis(250));
+        assert_eq!((b.state(), b.reading()), (State::HalfOpen, BreakerGauge::HalfOpen));
+        assert_eq!(b.route(), Route::Probe, "the next batch probes");
+        assert_eq!(b.reading(), BreakerGauge::HalfOpen);
     }
 
     #[test]

@@ -23,7 +23,7 @@ use sluice_core::envelope::{Envelope, now_ms};
 use sluice_core::model::{ModelBundle, ModelManifest};
 use sluice_core::record::{InferredRecord, Prediction};
 use sluice_core::service::BuildError;
-use sluice_core::telemetry::metrics::{BreakerGauge, metrics};
+use sluice_core::telemetry::metrics::metrics;
 use sluice_core::topology::{QueueName, StageName};
 use sluice_core::vector::FeatureVector;
 use sluice_core::worker::{BatchPolicy, Delivery, Outcome, Stage};
@@ -143,7 +143,7 @@ pub struct InferenceStage {
     /// None when Candle could not load (or is not wanted) and the fallback serves alone.
     classifier: Option<Arc<CandleClassifier>>,
     fallback: Option<SageMakerFallback>,
-    breaker: CircuitBreaker,
+    breaker: Arc<CircuitBreaker>,
     batch_size: BatchSizer,
     model_batches: AtomicU64,
     features: Arc<dyn FeatureStore>,
@@ -212,7 +212,13 @@ impl InferenceStage {
             );
         }
         Ok(Self {
-            breaker: CircuitBreaker::new(config.breaker.clone()),
+            // Without a fallback nothing is recorded in the breaker: it stays closed, as every
+            // batch goes to the model.
+            breaker: {
+                let breaker = Arc::new(CircuitBreaker::new(config.breaker.clone()));
+                sluice_core::telemetry::metrics::watch_breaker(&breaker);
+                breaker
+            },
             batch_size: BatchSizer::new(config.batch_size, Duration::from_millis(target)),
             config,
             manifest: bundle.manifest,
@@ -239,13 +245,6 @@ impl InferenceStage {
         if let Ok((_, served)) = &result {
             metrics().inference(&served.backend, rows, started.elapsed().as_secs_f64());
         }
-        // Without a fallback nothing is recorded in the breaker: it stays closed, as every batch
-        // goes to the model.
-        metrics().breaker(match self.breaker.state() {
-            breaker::State::Closed => BreakerGauge::Closed,
-            breaker::State::HalfOpen => BreakerGauge::HalfOpen,
-            breaker::State::Open => BreakerGauge::Open,
-        });
         result
     }
 

@@ -7,7 +7,7 @@
 //! worker's `/metrics`, and OTLP when `OTEL_EXPORTER_OTLP_*` says so). Without it (library
 //! tests) every instrument is a no-op.
 
-use std::sync::OnceLock;
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 use opentelemetry::KeyValue;
 use opentelemetry::metrics::{Counter, Gauge, Histogram, Meter};
@@ -70,11 +70,47 @@ impl FailureAction {
 }
 
 /// The circuit breaker's state as [`BREAKER_STATE`] reports it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum BreakerGauge {
     Closed = 0,
     HalfOpen = 1,
     Open = 2,
+}
+
+/// A circuit breaker whose state [`BREAKER_STATE`] reports, read each time metrics are
+/// collected (an inference stage's; see [`watch_breaker`]).
+pub trait BreakerReading: Send + Sync {
+    fn reading(&self) -> BreakerGauge;
+}
+
+/// The breakers of this process's inference stages, for as long as each is there.
+static BREAKERS: Mutex<Vec<Weak<dyn BreakerReading>>> = Mutex::new(Vec::new());
+
+/// Reports `breaker`'s state from now on, until it is dropped: read when metrics are collected,
+/// not recorded after each batch, which left the last value standing once batches stopped (an
+/// open breaker read as open all through a quiet night, though the next batch would probe).
+pub fn watch_breaker(breaker: &Arc<impl BreakerReading + 'static>) {
+    let breaker: Arc<dyn BreakerReading> = breaker.clone();
+    BREAKERS.lock().unwrap_or_else(|e| e.into_inner()).push(Arc::downgrade(&breaker));
+}
+
+/// The gauge of [`watch_breaker`]'s breakers: the worst of them (a process running several
+/// inference workers has one each); none, and nothing is reported.
+pub(super) fn observe_breakers(meter: &Meter) {
+    meter
+        .u64_observable_gauge(BREAKER_STATE)
+        .with_description(
+            "The model's circuit breaker: 0 closed, 1 half-open (the next batch probes the model), \
+             2 open (batches go to the fallback)",
+        )
+        .with_callback(|observer| {
+            let mut breakers = BREAKERS.lock().unwrap_or_else(|e| e.into_inner());
+            breakers.retain(|b| b.strong_count() > 0);
+            if let Some(worst) = breakers.iter().filter_map(Weak::upgrade).map(|b| b.reading()).max() {
+                observer.observe(worst as u64, &[]);
+            }
+        })
+        .build();
 }
 
 /// The instruments, created once from the global meter provider.
@@ -93,7 +129,6 @@ pub struct Metrics {
     stream_leases: Gauge<u64>,
     inference_duration: Histogram<f64>,
     inference_records: Counter<u64>,
-    breaker_state: Gauge<u64>,
     confidence: Histogram<f64>,
     record_latency: Histogram<f64>,
     capture_records: Counter<u64>,
@@ -158,7 +193,7 @@ impl Metrics {
             queue_oldest_age: meter
                 .f64_gauge(QUEUE_OLDEST_AGE)
                 .with_unit("s")
-                .with_description("Age of the oldest message in the last batch received from a queue")
+                .with_description("Age of the oldest message in the last batch received from a queue; 0 once a receive finds none")
                 .build(),
             stream_lag: meter
                 .u64_gauge(STREAM_LAG)
@@ -172,12 +207,6 @@ impl Metrics {
                 .build(),
             inference_duration: seconds(INFERENCE_DURATION, "Time one inference call took, by backend"),
             inference_records: counter(INFERENCE_RECORDS, "{record}", "Records scored, by backend"),
-            breaker_state: meter
-                .u64_gauge(BREAKER_STATE)
-                .with_description(
-                    "The model's circuit breaker: 0 closed, 1 half-open, 2 open (batches go to the fallback)",
-                )
-                .build(),
             confidence: meter
                 .f64_histogram(PREDICTION_CONFIDENCE)
                 .with_unit("1")
@@ -200,7 +229,7 @@ impl Metrics {
                 .with_unit("1")
                 .with_description("Population stability index against the reference: predicted classes, confidences, the most moved feature")
                 .build(),
-            monitor_alerts: counter(MONITOR_ALERTS, "{alert}", "Alerts the monitor raised (state=firing) or closed (state=resolved), by check"),
+            monitor_alerts: counter(MONITOR_ALERTS, "{alert}", "Alerts the monitor sent, raised (state=firing) or closed (state=resolved), by check: one a crossing, counted once delivered"),
         }
     }
 
@@ -272,10 +301,6 @@ impl Metrics {
         let labels = [KeyValue::new(BACKEND, backend.to_owned())];
         self.inference_duration.record(seconds, &labels);
         self.inference_records.add(records as u64, &labels);
-    }
-
-    pub fn breaker(&self, state: BreakerGauge) {
-        self.breaker_state.record(state as u64, &[]);
     }
 
     pub fn prediction(&self, class: &str, confidence: f64) {

@@ -86,7 +86,9 @@ pub fn init(service: &str, default_level: &str) -> TelemetryGuard {
     }
     let meters = meters.build();
     opentelemetry::global::set_meter_provider(meters.clone());
-    metrics::observe_aws_requests(&opentelemetry::global::meter(metrics::METER));
+    let meter = opentelemetry::global::meter(metrics::METER);
+    metrics::observe_aws_requests(&meter);
+    metrics::observe_breakers(&meter);
 
     let tracer = otlp_wanted("TRACES").then(|| opentelemetry_otlp::SpanExporter::builder().with_http().build());
     let tracer = match tracer {

@@ -631,7 +631,8 @@ export class ComputeStack extends Stack {
   /**
    * Alarms on the workers' own metrics (from the collectors, through EMF): the SageMaker
    * fallback scoring more than its share of records, and the model's breaker staying open.
-   * Periods without inference count as fine.
+   * Periods without inference count as fine (the breaker's gauge is read at each collection: with
+   * no batches it reads half-open once its open time is up).
    */
   private inferenceAlarms(
     prefix: string,
