@@ -137,7 +137,6 @@ impl Notifier {
             }
             AlertStatus::Resolved => tracing::info!(check = %alert.check, value = alert.value, "{}", alert.text),
         }
-        metrics().monitor_alert(&alert.check, matches!(alert.status, AlertStatus::Firing));
         let mut failed = Vec::new();
         if let Some((client, url)) = &self.webhook {
             let body = serde_json::json!({ "text": alert.text, "sluice": alert });
@@ -162,11 +161,14 @@ pub async fn notify(state: &mut AlertState, alerts: &[Alert], notifier: &Notifie
     let mut failures = Vec::new();
     for alert in alerts {
         match notifier.send(alert).await {
+            // Counted once it went out: one undelivered is sent again by every pass until it is.
             Ok(()) => match alert.status {
                 AlertStatus::Firing => {
+                    metrics().monitor_alert(&alert.check, true);
                     state.firing.insert(alert.check.clone(), now_ms);
                 }
                 AlertStatus::Resolved => {
+                    metrics().monitor_alert(&alert.check, false);
                     state.firing.remove(&alert.check);
                 }
             },

@@ -181,10 +181,10 @@ fn report_metrics(quality: &Quality, drift: Option<&Drift>) {
         }
     }
     if let Some(d) = drift {
-        metrics().drift_psi("prediction", d.prediction_psi);
-        metrics().drift_psi("confidence", d.confidence_psi);
+        metrics().drift_psi("prediction_drift", d.prediction_psi);
+        metrics().drift_psi("confidence_drift", d.confidence_psi);
         if let Some((_, worst)) = d.worst_feature() {
-            metrics().drift_psi("feature_max", *worst);
+            metrics().drift_psi("feature_drift", *worst);
         }
     }
 }

@@ -52,6 +52,7 @@ export const EMF_UNITS: Record<string, 'Count' | 'None'> = {
   'sluice.stream.leases': 'Count',
   'sluice.inference.records': 'Count',
   'sluice.aws.requests': 'Count',
+  'sluice.capture.records': 'Count',
   'sluice.prediction.confidence': 'None',
 };
 

@@ -482,6 +482,21 @@ describe('environments', () => {
     for (const label of ['stage', 'backend']) assert.ok(metrics.has(label), `label ${label}`);
   });
 
+  it('tells CloudWatch the unit of every worker metric whose unit it would not take', () => {
+    const source = fs.readFileSync(path.join(REPO_ROOT, 'core/src/telemetry/metrics.rs'), 'utf8');
+    const names = new Map([...source.matchAll(/pub const ([A-Z_]+): &str = "(sluice\.[a-z0-9_.]+)";/g)].map((m) => [m[1], m[2]]));
+    // Given as `counter(NAME, "{unit}", …)` or `…(NAME).with_unit("{unit}")`.
+    const units = [
+      ...source.matchAll(/counter\(\s*([A-Z_]+),\s*"([^"]*)"/g),
+      ...source.matchAll(/\(([A-Z_]+)\)\s*\.with_unit\("([^"]*)"\)/g),
+    ].map((m) => [names.get(m[1]), m[2]] as const);
+    // The scheduled monitor's own: its task exports no metrics (no OTEL_* variables).
+    const monitorOnly = new Set(['sluice.model.accuracy', 'sluice.drift.psi', 'sluice.monitor.alerts']);
+    const annotated = units.filter(([name, unit]) => name && !monitorOnly.has(name) && (unit === '1' || unit.startsWith('{')));
+    assert.ok(annotated.length >= 10, `units found: ${JSON.stringify(units)}`);
+    for (const [name] of annotated) assert.ok(name! in EMF_UNITS, `${name} in EMF_UNITS`);
+  });
+
   it('names both stacks after the prefix, so two deployments of one environment can share an account', () => {
     assert.deepEqual([beta.stacks.data.stackName, beta.stacks.compute.stackName], ['sluice-beta-data', 'sluice-beta-compute']);
     const other = synth('beta', { prefix: 'team-a' });
