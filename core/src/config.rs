@@ -39,10 +39,11 @@ impl figment::Provider for EnvText {
     fn data(&self) -> Result<figment::value::Map<figment::Profile, Dict>, figment::Error> {
         let mut dict = Dict::new();
         for (key, text) in self.0.iter() {
-            let value = if text.trim_start().starts_with(['[', '{', '"']) {
+            let text = text.trim();
+            let value = if text.starts_with(['[', '{', '"']) {
                 text.parse().expect("figment's parse is infallible")
             } else {
-                Value::from(text)
+                Value::from(text.to_owned())
             };
             insert(&mut dict, &key.as_str().split('.').collect::<Vec<_>>(), value);
         }
@@ -50,15 +51,23 @@ impl figment::Provider for EnvText {
     }
 }
 
-/// Puts `value` at `path` (`store.aws.prefix`) in `dict`, making the tables on the way. Values
-/// are left untagged, for the figment that merges them to tag as this provider's (a figment
-/// merged into another keeps its own tags, and an error would not name its variable).
+/// Puts `value` at `path` (`store.aws.prefix`) in `dict`, making the tables on the way; a table
+/// where one is already (`SLUICE__STORE__AWS={…}` beside `SLUICE__STORE__AWS__REGION`) is merged
+/// into it. Values are left untagged, for the figment that merges them to tag as this provider's
+/// (a figment merged into another keeps its own tags, and an error would not name its variable).
 fn insert(dict: &mut Dict, path: &[&str], value: Value) {
     match path {
         [] => {}
-        [key] => {
-            dict.insert((*key).to_owned(), value);
-        }
+        [key] => match (dict.get_mut(*key), value) {
+            (Some(Value::Dict(_, old)), Value::Dict(_, new)) => {
+                for (inner, value) in new {
+                    insert(old, &[inner.as_str()], value);
+                }
+            }
+            (_, value) => {
+                dict.insert((*key).to_owned(), value);
+            }
+        },
         [key, rest @ ..] => {
             let entry = dict.entry((*key).to_owned()).or_insert_with(|| Value::from(Dict::new()));
             if !matches!(entry, Value::Dict(..)) {
@@ -426,6 +435,32 @@ fn shard_count<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<u32,
         return Err(serde::de::Error::custom(format!("{shards} shards: a stream has 1 to {MAX_SHARDS}")));
     }
     Ok(shards)
+}
+
+/// A decimal setting (a share, a threshold) read as written: from the environment it comes as
+/// text, which figment's lossy reading takes as an `f32` when it is short (`0.85` would be
+/// 0.8500000238…, and 85 of 100 would fall under it); here the text is parsed as an `f64`.
+pub fn decimal<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<f64, D::Error> {
+    struct Decimal;
+    impl serde::de::Visitor<'_> for Decimal {
+        type Value = f64;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a number")
+        }
+        fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<f64, E> {
+            Ok(v)
+        }
+        fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<f64, E> {
+            Ok(v as f64)
+        }
+        fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<f64, E> {
+            Ok(v as f64)
+        }
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<f64, E> {
+            v.trim().parse().map_err(|_| E::invalid_value(serde::de::Unexpected::Str(v), &self))
+        }
+    }
+    deserializer.deserialize_any(Decimal)
 }
 
 /// A time in milliseconds of at least a second. Less, and the workers of a stage take one

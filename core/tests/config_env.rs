@@ -22,6 +22,12 @@ struct Drill {
     panic: bool,
 }
 
+#[derive(Debug, Deserialize)]
+struct Monitor {
+    #[serde(deserialize_with = "sluice_core::config::decimal")]
+    accuracy_baseline: f64,
+}
+
 #[test]
 #[allow(unsafe_code)] // setting the environment; sound as this test is the binary's only one
 fn settings_from_the_environment_are_read_as_written() {
@@ -30,6 +36,9 @@ fn settings_from_the_environment_are_read_as_written() {
         ("SLUICE__INFERENCE__SAGEMAKER__MODEL_NAME", "007"),
         ("SLUICE__INFERENCE__INJECT_FAILURES__PANIC", "true"),
         ("SLUICE__STORE__AWS__PREFIX", "2024"),
+        ("SLUICE__STORE__AWS", "{region=eu-west-1}"),
+        ("SLUICE__STORE__BACKEND", " aws "),
+        ("SLUICE__MONITOR__ACCURACY_BASELINE", "0.85"),
         ("SLUICE__STORE__SHARDS", "2"),
         ("SLUICE__STORE__AWS__CLAIM_CHECK_BUCKETS", "[inbox, \"2025\"]"),
         ("SLUICE__WORKER__POLL_WAIT_MS", "0"),
@@ -45,8 +54,13 @@ fn settings_from_the_environment_are_read_as_written() {
     assert_eq!(inference.sagemaker.model_name, "007", "not the number 7");
     assert!(inference.inject_failures.panic);
 
+    let monitor: Monitor = settings.section("monitor").unwrap();
+    assert_eq!(monitor.accuracy_baseline, 0.85, "not the f32 0.85 widened");
+
     let store = settings.store().unwrap();
+    assert_eq!(store.backend, sluice_core::config::BackendKind::Aws, "trimmed");
     assert_eq!(store.aws.prefix, "2024");
+    assert_eq!(store.aws.region.as_deref(), Some("eu-west-1"), "a table beside one of its keys: both kept");
     assert_eq!(store.shards, 2);
     assert_eq!(store.aws.claim_check_buckets, ["inbox", "2025"]);
 

@@ -21,6 +21,7 @@ pub struct BreakerConfig {
     /// No judgement before this many batches are in the window.
     pub min_batches: usize,
     /// Open when at least this share of the window failed or was too slow.
+    #[serde(deserialize_with = "sluice_core::config::decimal")]
     pub max_error_rate: f64,
     /// A batch slower than this counts as a failure.
     pub max_latency_ms: u64,
@@ -178,7 +179,7 @@ mod tests {
 
     #[test]
     fn opens_on_errors_and_closes_after_a_good_probe() {
-        let b = breaker(50);
+        let b = breaker(200);
         for ok in [true, false, true] {
             assert_eq!(b.route(), Route::Model);
             b.record(Route::Model, ok, FAST);
@@ -188,7 +189,7 @@ mod tests {
         assert_eq!(b.state(), State::Open, "2 of 4 failed");
         assert_eq!(b.route(), Route::Fallback);
 
-        std::thread::sleep(Duration::from_millis(60));
+        std::thread::sleep(Duration::from_millis(250));
         assert_eq!(b.route(), Route::Probe);
         assert_eq!(b.route(), Route::Fallback, "one probe at a time");
         b.record(Route::Probe, true, FAST);

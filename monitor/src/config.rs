@@ -8,11 +8,13 @@ pub struct MonitorConfig {
     /// The rolling window every check looks at, in hours (default: seven days).
     pub window_hours: u64,
     /// Accuracy against true labels under which an alert goes out.
+    #[serde(deserialize_with = "sluice_core::config::decimal")]
     pub accuracy_baseline: f64,
     /// Fewer labelled predictions in the window than this, and accuracy is not judged.
     pub min_labelled: u64,
     /// Population stability index over which a distribution has drifted (0.1 is commonly read
     /// as "some change", 0.2 as "a significant shift").
+    #[serde(deserialize_with = "sluice_core::config::decimal")]
     pub psi_threshold: f64,
     /// Fewer captured predictions in the window than this, and drift is not judged.
     pub min_records: u64,

@@ -44,7 +44,7 @@ impl Default for CaptureConfig {
 /// A share from 0 to 1: anything else (a negative rate, `nan`) would capture nothing without a
 /// word, and the monitor would judge nothing for want of captures.
 fn a_share<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<f64, D::Error> {
-    let share = f64::deserialize(deserializer)?;
+    let share = sluice_core::config::decimal(deserializer)?;
     if !(0.0..=1.0).contains(&share) {
         return Err(serde::de::Error::custom(format!("{share}: a share of the records, from 0 to 1")));
     }
