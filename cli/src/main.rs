@@ -137,8 +137,9 @@ enum AwsCommand {
         #[command(flatten)]
         store: StoreArgs,
     },
-    /// Check that every resource the workers of a prefix use exists (a deployed stack, say),
-    /// creating nothing; exits non-zero naming whatever is missing.
+    /// Check that every resource the workers of a prefix use exists (a deployed stack, say) and
+    /// that the work queues redrive after `store.max_receives` receives, creating nothing; exits
+    /// non-zero naming whatever is missing or differs.
     Check {
         #[command(flatten)]
         store: StoreArgs,

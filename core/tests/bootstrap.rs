@@ -41,6 +41,13 @@ async fn bootstrap_again_is_harmless_and_other_settings_are_named() {
     assert!(err.contains("RedrivePolicy"), "{err}");
     assert!(!err.contains("VisibilityTimeout is"), "only what differs is named: {err}");
     check(&config).await.unwrap();
+    // Workers configured to give up later than the queues redrive are told so before they start.
+    let err = check(&stricter).await.unwrap_err().to_string();
+    let features = format!(
+        "queue {}-features redrives after {} receives, the workers give up after {}",
+        config.aws.prefix, config.max_receives, stricter.max_receives
+    );
+    assert!(err.contains("do not match the configuration") && err.contains(&features), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

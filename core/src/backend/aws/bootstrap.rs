@@ -2,7 +2,7 @@
 //! and bucket a pipeline needs, for local development and tests. Running it again is harmless.
 //! `sluice aws teardown` deletes them again (a demo's, say: a stream bills by the hour).
 //! Production infrastructure is declared under `deploy/cdk`; `sluice aws check` tells whether a
-//! deployed stack holds everything the workers will look for.
+//! deployed stack holds everything the workers will look for, its queues redriving as they count.
 
 use std::time::Duration;
 
@@ -211,9 +211,18 @@ pub async fn check(config: &StoreConfig) -> Result<Bootstrapped> {
         }
         missing.push(format!("stream {}: {error}", names.stream()));
     }
+    let mut differ = Vec::new();
     for queue in QueueName::ALL {
         match clients.sqs.get_queue_url().queue_name(names.queue(queue)).send().await {
-            Ok(_) => found.queues.push(names.queue(queue)),
+            Ok(got) => {
+                found.queues.push(names.queue(queue));
+                if let Some(dlq) = queue.redrive_target() {
+                    let url = got.queue_url.unwrap_or_default();
+                    differ.extend(
+                        redrive_differs(&clients.sqs, &url, &names.queue(queue), &names.queue(dlq), config).await?,
+                    );
+                }
+            }
             Err(e) => missing.push(format!("queue {}: {}", names.queue(queue), classify("GetQueueUrl", e))),
         }
     }
@@ -226,10 +235,8 @@ pub async fn check(config: &StoreConfig) -> Result<Bootstrapped> {
     if let Err(e) = clients.s3.head_bucket().bucket(names.bucket()).send().await {
         missing.push(format!("bucket {}: {}", names.bucket(), classify("HeadBucket", e)));
     }
-    if missing.is_empty() {
-        Ok(found)
-    } else {
-        Err(SluiceError::permanent(
+    if !missing.is_empty() {
+        return Err(SluiceError::permanent(
             ReasonCode::StoreUnavailable,
             format!(
                 "the resources of prefix {:?} in region {} are incomplete: {}",
@@ -237,8 +244,67 @@ pub async fn check(config: &StoreConfig) -> Result<Bootstrapped> {
                 found.region,
                 missing.join("; ")
             ),
-        ))
+        ));
     }
+    if !differ.is_empty() {
+        return Err(SluiceError::permanent(
+            ReasonCode::Misconfigured,
+            format!(
+                "the queues of prefix {:?} do not match the configuration: {}",
+                config.aws.prefix,
+                differ.join("; ")
+            ),
+        ));
+    }
+    Ok(found)
+}
+
+/// What of a work queue's redrive policy the workers would not agree with: it must move a message
+/// to its stage's DLQ after `store.max_receives` receives, the count at which a worker gives a
+/// failing record up with its failure's reason. Redriven sooner, a retryable failure ends as
+/// `max_receives_exceeded` with its cause lost; later, records are given up before the queue
+/// would.
+async fn redrive_differs(
+    sqs: &aws_sdk_sqs::Client,
+    url: &str,
+    name: &str,
+    dlq: &str,
+    config: &StoreConfig,
+) -> Result<Option<String>> {
+    let attributes = sqs
+        .get_queue_attributes()
+        .queue_url(url)
+        .attribute_names(QueueAttributeName::RedrivePolicy)
+        .send()
+        .await
+        .map_err(|e| classify("GetQueueAttributes", e))?
+        .attributes
+        .unwrap_or_default();
+    let Some(policy) = attributes.get(&QueueAttributeName::RedrivePolicy) else {
+        return Ok(Some(format!(
+            "queue {name} has no redrive policy (to {dlq} after {} receives)",
+            config.max_receives
+        )));
+    };
+    let policy: serde_json::Value = serde_json::from_str(policy).unwrap_or_default();
+    // A number, or (as some tools write it) a number in a string.
+    let count = match &policy["maxReceiveCount"] {
+        serde_json::Value::String(text) => text.parse::<u64>().ok(),
+        value => value.as_u64(),
+    };
+    let target = policy["deadLetterTargetArn"].as_str().unwrap_or_default();
+    let mut wrong = Vec::new();
+    if count != Some(u64::from(config.max_receives)) {
+        wrong.push(format!(
+            "redrives after {} receives, the workers give up after {} (store.max_receives)",
+            count.map_or("?".to_owned(), |c| c.to_string()),
+            config.max_receives
+        ));
+    }
+    if target.rsplit(':').next() != Some(dlq) {
+        wrong.push(format!("redrives to {target:?}, not {dlq}"));
+    }
+    Ok((!wrong.is_empty()).then(|| format!("queue {name} {}", wrong.join(" and "))))
 }
 
 /// What teardown deleted, and what of the prefix's resources was not there.
