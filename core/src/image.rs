@@ -27,6 +27,21 @@ impl Default for ImageLimits {
     }
 }
 
+impl ImageLimits {
+    /// What of these limits lets through an image `stricter` would refuse, by setting name.
+    pub fn looser_than(&self, stricter: &Self) -> Vec<String> {
+        [
+            ("max_width", u64::from(self.max_width), u64::from(stricter.max_width)),
+            ("max_height", u64::from(self.max_height), u64::from(stricter.max_height)),
+            ("max_alloc_bytes", self.max_alloc_bytes, stricter.max_alloc_bytes),
+        ]
+        .into_iter()
+        .filter(|(_, ours, theirs)| ours > theirs)
+        .map(|(name, ours, theirs)| format!("{name} {ours} > {theirs}"))
+        .collect()
+    }
+}
+
 /// How ingest checks an image before passing it on (`ingest.image_check`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -269,6 +284,20 @@ pub fn png_header_only(width: u32, height: u32) -> Vec<u8> {
 mod tests {
     use super::*;
     use crate::testing::images::{jpeg, png};
+
+    /// Ingest's limits against features': what lets through more is named (ingest warns at
+    /// start), read from either stage's section of one configuration.
+    #[test]
+    fn looser_limits_are_named() {
+        let ingest = ImageLimits { max_width: 8192, ..ImageLimits::default() };
+        assert_eq!(ingest.looser_than(&ImageLimits::default()), ["max_width 8192 > 4096"]);
+        assert!(ImageLimits::default().looser_than(&ingest).is_empty());
+        let settings = crate::config::Settings::from_toml("[features.image_limits]\nmax_height = 8192\n");
+        let features: ImageLimits = settings.section("features.image_limits").unwrap();
+        assert_eq!(features, ImageLimits { max_height: 8192, ..ImageLimits::default() });
+        let absent: ImageLimits = crate::config::Settings::from_toml("").section("features.image_limits").unwrap();
+        assert_eq!(absent, ImageLimits::default());
+    }
 
     fn checked(bytes: &[u8], content_type: ContentType, how: ImageCheck) -> Result<()> {
         check(bytes, content_type, &ImageLimits::default(), how)

@@ -12,6 +12,7 @@ use async_trait::async_trait;
 use sluice_core::backend::{Backend, BlobStore, OutgoingMessage};
 use sluice_core::config::Settings;
 use sluice_core::envelope::{Envelope, RecordId};
+use sluice_core::image::ImageLimits;
 use sluice_core::model::{ModelBundle, TabularSpec};
 use sluice_core::service::BuildError;
 use sluice_core::telemetry::traces::TRACEPARENT;
@@ -32,7 +33,18 @@ pub struct IngestStage {
 
 impl IngestStage {
     pub fn build(settings: &Settings, backend: &Backend) -> Result<Self, BuildError> {
-        let stage = Self::new(settings.section("ingest")?, Arc::clone(&backend.blobs));
+        let config: IngestConfig = settings.section("ingest")?;
+        // Both stages' limits are one configuration's: said at start, not found out from a DLQ.
+        let features: ImageLimits = settings.section("features.image_limits")?;
+        let looser = config.image_limits.looser_than(&features);
+        if !looser.is_empty() {
+            tracing::warn!(
+                looser = looser.join(", "),
+                "ingest.image_limits pass images that features.image_limits refuse: they will be dead-lettered \
+                 at features as image_too_large; raise features' limits as well"
+            );
+        }
+        let stage = Self::new(config, Arc::clone(&backend.blobs));
         match ModelBundle::load(settings.model()?.dir) {
             Ok(bundle) => Ok(stage.with_tabular(bundle.manifest.input.tabular)),
             Err(e) => {
