@@ -231,20 +231,25 @@ async fn claim_check_if_large(
     if size <= inline_most(ingest) && record.fits() {
         return Ok(record);
     }
-    // An envelope already: its payload goes to the blob store, and it keeps its record id, label
-    // and attributes (wrapped whole in another envelope, it would be read as a raw JSON event).
-    if let Ok(mut envelope) = Envelope::from_json(&record.data)
-        && let Payload::Inline { data } = &mut envelope.payload
-    {
-        let reference = blobs.put(std::mem::take(data)).await?;
-        envelope.payload = Payload::ClaimCheck { reference };
-        return Ok(StreamInput { partition_key: record.partition_key, data: envelope.to_json() });
-    }
     // JSON after a byte-order mark is JSON, as ingest reads an inline record; the blob holds it
     // without the mark, which the features stage would not read past.
     let mut data = record.data;
     if data.starts_with(b"\xEF\xBB\xBF") {
         data.drain(..3);
+    }
+    let json = serde_json::from_slice::<serde_json::Value>(&data).ok();
+    // An envelope already (as ingest tells one): its payload goes to the blob store, and it keeps
+    // its record id, label and attributes (wrapped whole in another envelope, it would be read as
+    // a raw JSON event, under an id of sluice's). One ingest would refuse stops the run, as it
+    // cannot travel as it is.
+    if let Some(value) = json.as_ref().filter(|v| Envelope::looks_like_envelope(v)) {
+        let mut envelope = Envelope::from_value(value.clone())
+            .map_err(|e| anyhow::anyhow!("the envelope {}: {}", record.partition_key, e.detail()))?;
+        if let Payload::Inline { data } = &mut envelope.payload {
+            let reference = blobs.put(std::mem::take(data)).await?;
+            envelope.payload = Payload::ClaimCheck { reference };
+        }
+        return Ok(StreamInput { partition_key: record.partition_key, data: envelope.to_json() });
     }
     let content_type = ContentType::sniff(&data).map_or("application/octet-stream", ContentType::as_str);
     // A raw JSON event names its id as ingest would read it (`ingest.record_id_field`), and one
@@ -252,10 +257,10 @@ async fn claim_check_if_large(
     // own, as a small file is by its stream position: the content's hash names it for people,
     // and a nonce keeps a copy (`--repeat`) or another file with the same bytes from sharing its
     // result. The id is in the envelope, so a redelivery keeps it.
-    let named = match serde_json::from_slice::<serde_json::Value>(&data) {
-        Ok(event) => sluice_ingest::raw_event_id(&event, ingest)
+    let named = match &json {
+        Some(event) => sluice_ingest::raw_event_id(event, ingest)
             .map_err(|e| anyhow::anyhow!("the JSON event {}: {}", record.partition_key, e.detail()))?,
-        Err(_) => None,
+        None => None,
     };
     let id = match named {
         Some(id) => id.to_string(),
