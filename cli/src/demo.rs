@@ -132,7 +132,13 @@ pub async fn demo(args: &DemoArgs, settings: Settings) -> anyhow::Result<Summary
             }
         }
     }
-    let ran = run(args, &settings).await;
+    // Stopped by Ctrl-C, it ends as a failed run does: the prefix it made is named (and a
+    // temporary store deleted), where the signal's default would end it without a word.
+    let stop = sluice_core::shutdown::on_signal();
+    let ran = tokio::select! {
+        ran = run(args, &settings) => ran,
+        () = stop.cancelled() => Err(anyhow::anyhow!("stopped by a signal before the demo was done")),
+    };
     // What the run made stays, and bills: a run that failed says which prefix to tear down.
     match made {
         Some(prefix) => ran.with_context(|| {

@@ -119,6 +119,10 @@ fn large_files_travel_by_claim_check_under_their_own_ids() {
     let envelope =
         Envelope::inline(RecordId::parse("big-envelope").unwrap(), "test", ContentType::Png, noise_png(700, 600));
     std::fs::write(files.join("envelope.json"), envelope.to_json()).unwrap();
+    // The same after a byte-order mark (once read as a raw event, under a hash of sluice's).
+    let marked =
+        Envelope::inline(RecordId::parse("big-bom-envelope").unwrap(), "test", ContentType::Png, noise_png(700, 600));
+    std::fs::write(files.join("envelope-bom.json"), [&b"\xEF\xBB\xBF"[..], &marked.to_json()].concat()).unwrap();
     let mut event: serde_json::Map<String, serde_json::Value> =
         (0..64).map(|i| (format!("p{i:02}"), serde_json::Value::from(i % 17))).collect();
     event.insert("event_id".into(), "big-event".into());
@@ -143,8 +147,8 @@ fn large_files_travel_by_claim_check_under_their_own_ids() {
     run(&["run", "--store", store, "--until-drained"]);
     let stats = json(&run(&["stats", "--store", store, "--json"]));
     assert_eq!(stats["dlq"]["ingest"], 0, "{stats}");
-    assert_eq!(stats["results"].as_u64().unwrap() + stats["review"].as_u64().unwrap(), 4, "{stats}");
-    for id in ["big-envelope", "big-event", "big-bom-event"] {
+    assert_eq!(stats["results"].as_u64().unwrap() + stats["review"].as_u64().unwrap(), 5, "{stats}");
+    for id in ["big-envelope", "big-bom-envelope", "big-event", "big-bom-event"] {
         assert_eq!(json(&run(&["results", "get", id, "--store", store, "--json"]))["record_id"], id);
     }
     // An id field that holds no record id is refused, as ingest refuses it inline.
@@ -159,6 +163,22 @@ fn large_files_travel_by_claim_check_under_their_own_ids() {
         .unwrap();
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert!(!refused.status.success() && stderr.contains("event.json-0") && stderr.contains("event_id"), "{stderr}");
+    // So is an envelope ingest would refuse, rather than sent on as a JSON event.
+    std::fs::remove_file(bad.join("event.json")).unwrap();
+    let mut wrong: serde_json::Value = serde_json::from_slice(&envelope.to_json()).unwrap();
+    wrong["schema_version"] = 9.into();
+    std::fs::write(bad.join("envelope.json"), serde_json::to_vec(&wrong).unwrap()).unwrap();
+    let refused = test_env(&mut Command::new(bin("sluice")))
+        .args(["produce", "--store", store, "--dir", bad.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success()
+            && stderr.contains("the envelope envelope.json-0")
+            && stderr.contains("schema_version 9"),
+        "{stderr}"
+    );
 }
 
 /// A PNG of noise, which does not compress: over a stream record's 1 MiB at 700×600, about
@@ -316,6 +336,25 @@ fn produce_stopped_with_ctrl_c_says_how_far_it_got() {
     assert!((1..12_000).contains(&written), "{report}");
     let stats = json(&sluice(&["stats", "--store", store, "--json"]));
     assert_eq!(stats["stream"]["pending"], written, "what it said it wrote is on the stream");
+}
+
+/// A demo stopped with Ctrl-C stops at once and says so, as a failed run does (on AWS, naming
+/// the prefix to tear down), rather than ending without a word.
+#[test]
+fn the_demo_stopped_with_ctrl_c_says_so() {
+    let demo = test_env(&mut Command::new(bin("sluice")))
+        .args(["demo", "--repeat", "200"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    let signalled = std::time::Instant::now();
+    assert!(Command::new("kill").args(["-INT", &demo.id().to_string()]).status().unwrap().success());
+    let out = demo.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("stopped by a signal before the demo was done"), "{stderr}");
+    assert!(signalled.elapsed() < std::time::Duration::from_secs(20), "stopped at once: {:?}", signalled.elapsed());
 }
 
 /// `sluice demo | head`: a reader that goes away is no panic and no error.

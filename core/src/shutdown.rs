@@ -7,20 +7,20 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use tokio_util::sync::CancellationToken;
 
-/// A token cancelled on the first SIGTERM or SIGINT.
+/// A token cancelled on the first SIGTERM or SIGINT; a second ends the process at once, as it
+/// would without a handler (once listened for, a signal no longer ends the process by itself:
+/// a second Ctrl-C during a worker's grace did nothing).
 pub fn on_signal() -> CancellationToken {
     let token = CancellationToken::new();
     let trigger = token.clone();
+    let mut signals = Signals::new();
     tokio::spawn(async move {
-        wait_for_signal().await;
-        tracing::info!("shutdown signal received: finishing in-flight work");
+        signals.next().await;
+        tracing::info!("shutdown signal received: finishing in-flight work (again to quit at once)");
         trigger.cancel();
+        std::process::exit(signals.next().await);
     });
     token
-}
-
-async fn wait_for_signal() {
-    Signals::new().next().await;
 }
 
 /// SIGTERM and SIGINT, listened for from when this is made (none is missed between two `next`s).
