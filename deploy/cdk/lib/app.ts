@@ -22,7 +22,9 @@ export interface SluiceStacks {
  * `<prefix>-data` and `<prefix>-compute`, so two deployments of one environment can share an
  * account and region; `stacks` names them otherwise), `inference` (gpu |
  * cpu, default gpu), `fallbackModel` (a model.tar.gz, or `none`), `fallbackImage`, `alarmEmail`,
- * `image`/`cudaImage` (image URIs already pushed; default: built from deploy/docker).
+ * `image`/`cudaImage` (image URIs already pushed; default: built from deploy/docker),
+ * `recordIdField` (a raw JSON event's id field, `ingest.record_id_field`) and `claimCheckBuckets`
+ * (producers' buckets claim-checks may point into, comma-separated; ingest and features may read them).
  * `overrides` replace settings of the chosen environment (tests).
  */
 export function buildStacks(app: App, env?: Environment, overrides: Partial<EnvironmentConfig> = {}): SluiceStacks {
@@ -47,6 +49,15 @@ export function buildStacks(app: App, env?: Environment, overrides: Partial<Envi
     );
   }
 
+  const claimCheckBuckets = (context('claimCheckBuckets') ?? '').split(',').map((b) => b.trim()).filter((b) => b);
+  for (const bucket of claimCheckBuckets) {
+    if (!/^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$/.test(bucket)) throw new Error(`-c claimCheckBuckets: ${JSON.stringify(bucket)} is no bucket name`);
+  }
+  const recordIdField = context('recordIdField');
+  if (recordIdField !== undefined && !/^\S+$/.test(recordIdField)) {
+    throw new Error(`-c recordIdField: ${JSON.stringify(recordIdField)} is no field name`);
+  }
+
   const data = new DataStack(app, `${stacks}-data`, {
     env,
     config,
@@ -66,6 +77,7 @@ export function buildStacks(app: App, env?: Environment, overrides: Partial<Envi
     fallbackModel: fallbackModel === 'none' ? undefined : fallbackModel,
     fallbackImage: context('fallbackImage'),
     alarmEmail: context('alarmEmail'),
+    producers: { recordIdField, claimCheckBuckets },
     description: `sluice ${name}: the four workers on ECS, their scaling, alarms and the SageMaker fallback`,
     terminationProtection: config.retain,
   });

@@ -50,6 +50,19 @@ export interface ComputeStackProps extends StackProps {
   fallbackImage?: string;
   /** Subscribed to the alarm topic, if given. */
   alarmEmail?: string;
+  /** What the producers' raw records and claim-checks need of ingest and features. */
+  producers?: ProducerOptions;
+}
+
+/** Producer settings the workers take from the stack (docs/producers.md). */
+export interface ProducerOptions {
+  /** A raw JSON event's field naming its record id (`ingest.record_id_field`). */
+  recordIdField?: string;
+  /**
+   * Producers' own buckets claim-checks may point into (`store.aws.claim_check_buckets`): ingest
+   * and features may read (and list) them. A bucket of another account must grant that too.
+   */
+  claimCheckBuckets?: string[];
 }
 
 /** An image pushed already, or to build from a Dockerfile of the repository (a CDK asset). */
@@ -165,6 +178,12 @@ export class ComputeStack extends Stack {
       SLUICE__MODEL__DIR: MODEL_DIR,
       RUST_LOG: 'info',
     };
+    const producers = props.producers ?? {};
+    const producerBuckets = producers.claimCheckBuckets ?? [];
+    if (producerBuckets.length > 0) {
+      // A list as the configuration reads one from the environment, each name quoted (text).
+      environment.SLUICE__STORE__AWS__CLAIM_CHECK_BUCKETS = JSON.stringify(producerBuckets);
+    }
 
     for (const stage of STAGES) {
       const sizing = config.workers[stage];
@@ -172,7 +191,7 @@ export class ComputeStack extends Stack {
         assumedBy: new iam.ServicePrincipal('ecs-tasks.amazonaws.com'),
         description: `sluice-${stage}: only what the ${stage} worker calls`,
       });
-      for (const statement of this.workerStatements(stage, data, fallback)) role.addToPolicy(statement);
+      for (const statement of this.workerStatements(stage, data, fallback, producerBuckets)) role.addToPolicy(statement);
       Validations.of(role).acknowledge(
         {
           id: `AwsSolutions-IAM5[Resource::${claimCheckObjects(data, '<AWS::Partition>')}]`,
@@ -183,12 +202,21 @@ export class ComputeStack extends Stack {
           reason: 'Capture objects are keyed by the time they are written under one prefix: the results worker cannot know the keys in advance, and writes nothing else there.',
         },
       );
+      if (readsProducerObjects(stage)) {
+        for (const bucket of producerBuckets) {
+          Validations.of(role).acknowledge({
+            id: `AwsSolutions-IAM5[Resource::arn:<AWS::Partition>:s3:::${bucket}/*]`,
+            reason: "A producer's claim-checks are keyed as the producer chooses: read only, in the bucket it names.",
+          });
+        }
+      }
       if (this.telemetry) this.grantTelemetry(role, this.telemetry);
       this.taskRoles.set(stage, role);
       const logGroup = new logs.LogGroup(this, `${pascal(stage)}Logs`, { retention: config.logRetention });
       const stageEnvironment = {
         ...environment,
         ...(stage === 'inference' && fallback ? { SLUICE__INFERENCE__SAGEMAKER__ENDPOINT_NAME: fallback.attrEndpointName } : {}),
+        ...(stage === 'ingest' && producers.recordIdField ? { SLUICE__INGEST__RECORD_ID_FIELD: producers.recordIdField } : {}),
         ...(this.telemetry ? otelEnvironment(stage, config) : {}),
       };
       const gpu = stage === 'inference' && props.inference === 'gpu';
@@ -319,7 +347,12 @@ export class ComputeStack extends Stack {
   }
 
   /** Exactly the calls a worker of `stage` makes, on exactly its resources. */
-  private workerStatements(stage: Stage, data: DataStack, fallback?: sagemaker.CfnEndpoint): iam.PolicyStatement[] {
+  private workerStatements(
+    stage: Stage,
+    data: DataStack,
+    fallback: sagemaker.CfnEndpoint | undefined,
+    producerBuckets: string[],
+  ): iam.PolicyStatement[] {
     const spec = RESOURCES.stages[stage];
     const statements: iam.PolicyStatement[] = [];
     const allow = (sid: string, actions: string[], resources: string[]) =>
@@ -337,6 +370,12 @@ export class ComputeStack extends Stack {
     // workers take for a deployment that may not read its own bucket, and stop. Unconditioned:
     // a GetObject carries no s3:prefix, so a condition on it would never hold (as the monitor's).
     allow('ClaimCheckKeys', ['s3:ListBucket'], [claimCheckBucket(data)]);
+    if (readsProducerObjects(stage) && producerBuckets.length > 0) {
+      // Read only; listed for the same reason as the own bucket (a key gone is NoSuchKey).
+      const buckets = producerBuckets.map((b) => `arn:${Aws.PARTITION}:s3:::${b}`);
+      allow('ProducerClaimChecks', ['s3:GetObject'], buckets.map((b) => `${b}/*`));
+      allow('ProducerClaimCheckKeys', ['s3:ListBucket'], buckets);
+    }
     // Every worker adds its AWS request counts to the counters table (`sluice stats`).
     const counters = data.table('counters').tableArn;
     switch (stage) {
@@ -793,6 +832,11 @@ function otelEnvironment(stage: Stage, config: EnvironmentConfig): Record<string
 }
 
 /** The claim-check objects, by the bucket's name (so the ARN reads the same in every template). */
+/** The stages that read a producer's claim-checked object: ingest checks it, features decodes it. */
+function readsProducerObjects(stage: Stage): boolean {
+  return stage === 'ingest' || stage === 'features';
+}
+
 function claimCheckObjects(data: DataStack, partition: string = Aws.PARTITION): string {
   return `${claimCheckBucket(data, partition)}/${RESOURCES.claim_check_key_prefix}*`;
 }

@@ -505,6 +505,23 @@ describe('environments', () => {
     assert.deepEqual([kept.stacks.data.stackName, kept.stacks.compute.stackName], ['sluice-beta-data', 'sluice-beta-compute']);
   });
 
+  it("gives ingest a producer's id field, and ingest and features read of its buckets, where asked", () => {
+    const { stacks, compute } = synth('beta', { recordIdField: 'event_id', claimCheckBuckets: 'producer-a, producer-b' });
+    for (const { stage, worker } of workerTasks(compute)) {
+      assert.equal(variable(worker, 'SLUICE__INGEST__RECORD_ID_FIELD'), stage === 'ingest' ? 'event_id' : undefined, stage);
+      assert.equal(variable(worker, 'SLUICE__STORE__AWS__CLAIM_CHECK_BUCKETS'), '["producer-a","producer-b"]', stage);
+      const policy = JSON.stringify(taskRolePolicy(stacks, compute, stage));
+      const reads = stage === 'ingest' || stage === 'features';
+      assert.equal(policy.includes(':s3:::producer-b/*'), reads, stage);
+      assert.equal(policy.includes(':s3:::producer-b"'), reads, `${stage} lists the bucket`);
+    }
+    for (const { worker } of workerTasks(beta.compute)) {
+      assert.equal(variable(worker, 'SLUICE__STORE__AWS__CLAIM_CHECK_BUCKETS'), undefined);
+      assert.equal(variable(worker, 'SLUICE__INGEST__RECORD_ID_FIELD'), undefined);
+    }
+    assert.throws(() => synth('beta', { claimCheckBuckets: 'Not_A_Bucket' }), /no bucket name/);
+  });
+
   it('refuses to synthesize without an environment', () => {
     assert.throws(() => buildStacks(new App()), /-c env=beta or -c env=prod/);
   });
