@@ -373,9 +373,11 @@ impl LeaseCoordinator {
             .unwrap_or_else(|| TRIM_HORIZON.to_owned()))
     }
 
-    /// Gives every held lease up so another worker can take it at once.
+    /// Gives every held lease up so another worker can take it at once; one that cannot be given
+    /// up (the first error is returned) does not keep the others held until their failover.
     pub(super) async fn release_all(&mut self) -> Result<()> {
         let held: Vec<String> = self.held.keys().cloned().collect();
+        let mut first_error = None;
         for shard in held {
             let result = self
                 .client
@@ -393,10 +395,13 @@ impl LeaseCoordinator {
             match result {
                 Ok(_) => {}
                 Err(e) if error_code(&e) == Some("ConditionalCheckFailedException") => {}
-                Err(e) => return Err(classify("UpdateItem", e)),
+                Err(e) => {
+                    first_error.get_or_insert(classify("UpdateItem", e));
+                    continue;
+                }
             }
             self.held.remove(&shard);
         }
-        Ok(())
+        first_error.map_or(Ok(()), Err)
     }
 }
