@@ -78,20 +78,12 @@ pub async fn run(args: &MonitorArgs, settings: Settings) -> anyhow::Result<()> {
         None
     };
     loop {
-        // A pass is not seen through on a signal (the one-shot pass is the scheduled task's, whose
-        // stop would otherwise wait for SIGKILL): what it found is not recorded, and the next
-        // pass judges the window again.
-        let pass = tokio::select! {
-            pass = run_once(&backend, &config, &manifest, &notifier, now_ms()) => pass,
-            () = shutdown.cancelled() => {
-                if args.watch {
-                    return Ok(());
-                }
-                anyhow::bail!("stopped by a signal before the pass was done: nothing recorded")
-            }
-        };
-        let pass = match pass {
-            Ok(pass) => pass,
+        // A signal stops a pass while it reads (the one-shot pass is the scheduled task's, whose
+        // stop would otherwise wait for SIGKILL); alerts under way are sent and recorded first.
+        let pass = match run_once(&backend, &config, &manifest, &notifier, now_ms(), shutdown.cancelled()).await {
+            Ok(Some(pass)) => pass,
+            Ok(None) if args.watch => return Ok(()),
+            Ok(None) => anyhow::bail!("stopped by a signal before the pass was judged: nothing sent or recorded"),
             // Watching, a store that is busy for a moment is tried again at the next pass.
             Err(error) if args.watch && error.is_retryable() => {
                 tracing::warn!(%error, "monitor pass failed; trying again at the next");

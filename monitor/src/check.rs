@@ -72,24 +72,34 @@ pub async fn run_once(
     manifest: &ModelManifest,
     notifier: &Notifier,
     now_ms: u64,
-) -> Result<MonitorRun> {
+    stop: impl std::future::Future<Output = ()>,
+) -> Result<Option<MonitorRun>> {
     let since_ms = config.window_start(now_ms);
-    let window = Window::read(backend, since_ms, now_ms).await?;
+    // Reading and judging stop at `stop` (`None`: nothing was sent or recorded); sending the
+    // alerts and recording them is seen through, as one sent and not recorded would go again.
+    let read = async {
+        let window = Window::read(backend, since_ms, now_ms).await?;
+        let reference = load_reference(backend).await?;
+        let state = AlertState::load(backend.capture.as_ref()).await?;
+        Ok::<_, sluice_core::SluiceError>((window, reference, state))
+    };
+    let (window, reference, mut state) = tokio::select! {
+        read = read => read?,
+        () = stop => return Ok(None),
+    };
     let quality = quality(&window.observations);
-    let reference = load_reference(backend).await?;
     let profile = Profile::of(window.captures());
     let reference = reference.filter(|r| r.profile.records > 0);
     let drift = reference.as_ref().map(|r| compare(&r.profile, &profile, &feature_names(manifest)));
     let checks = judge(config, &quality, drift.as_ref(), profile.records, reference.is_some());
     report_metrics(&quality, drift.as_ref());
 
-    let mut state = AlertState::load(backend.capture.as_ref()).await?;
     let alerts = crossings(&state, &checks, &manifest.name);
     let undelivered = notify(&mut state, &alerts, notifier, now_ms).await;
     if !alerts.is_empty() {
         state.save(backend.capture.as_ref()).await?;
     }
-    Ok(MonitorRun {
+    Ok(Some(MonitorRun {
         since_ms,
         until_ms: now_ms,
         records: profile.records,
@@ -99,7 +109,7 @@ pub async fn run_once(
         alerts,
         undelivered,
         skipped_lines: window.skipped_lines,
-    })
+    }))
 }
 
 fn judge(
