@@ -229,11 +229,11 @@ impl InferenceStage {
         })
     }
 
-    /// Class probabilities for `rows` vectors, from Candle or, when it cannot serve, the fallback;
-    /// reports the call's latency by backend and the breaker's state.
-    /// The batch's probabilities and who served them. `sized`: the batch sizer learns from the
-    /// model's time (not from the one-record re-runs of a batch that panicked, whose per-call
-    /// cost would read as a record's).
+    /// Class probabilities for `rows` vectors and who served them, from Candle or, when it cannot
+    /// serve, the fallback; reports the call's latency by backend (the breaker's state is read by
+    /// the metrics, `watch_breaker`). `sized`: the batch sizer learns from the model's time (not
+    /// from the one-record re-runs of a batch that panicked, whose per-call cost would read as a
+    /// record's).
     async fn predict(
         &self,
         inputs: FeatureVector,

@@ -271,22 +271,13 @@ async fn redrive_differs(
     dlq: &str,
     config: &StoreConfig,
 ) -> Result<Option<String>> {
-    let attributes = sqs
-        .get_queue_attributes()
-        .queue_url(url)
-        .attribute_names(QueueAttributeName::RedrivePolicy)
-        .send()
-        .await
-        .map_err(|e| classify("GetQueueAttributes", e))?
-        .attributes
-        .unwrap_or_default();
-    let Some(policy) = attributes.get(&QueueAttributeName::RedrivePolicy) else {
+    let Some(policy) = queue_attribute(sqs, url, QueueAttributeName::RedrivePolicy).await? else {
         return Ok(Some(format!(
             "queue {name} has no redrive policy (to {dlq} after {} receives)",
             config.max_receives
         )));
     };
-    let policy: serde_json::Value = serde_json::from_str(policy).unwrap_or_default();
+    let policy: serde_json::Value = serde_json::from_str(&policy).unwrap_or_default();
     // A number, or (as some tools write it) a number in a string.
     let count = match &policy["maxReceiveCount"] {
         serde_json::Value::String(text) => text.parse::<u64>().ok(),
@@ -567,17 +558,25 @@ async fn settled_otherwise(
 
 async fn queue_arn(sqs: &aws_sdk_sqs::Client, name: &str) -> Result<String> {
     let url = sqs.get_queue_url().queue_name(name).send().await.map_err(|e| classify("GetQueueUrl", e))?.queue_url;
-    let attrs = sqs
+    queue_attribute(sqs, url.as_deref().unwrap_or_default(), QueueAttributeName::QueueArn)
+        .await?
+        .ok_or_else(|| SluiceError::permanent(ReasonCode::StoreUnavailable, format!("no ARN for queue {name}")))
+}
+
+/// One attribute of the queue at `url`, where it has it.
+async fn queue_attribute(
+    sqs: &aws_sdk_sqs::Client,
+    url: &str,
+    attribute: QueueAttributeName,
+) -> Result<Option<String>> {
+    let found = sqs
         .get_queue_attributes()
-        .set_queue_url(url)
-        .attribute_names(QueueAttributeName::QueueArn)
+        .queue_url(url)
+        .attribute_names(attribute.clone())
         .send()
         .await
         .map_err(|e| classify("GetQueueAttributes", e))?;
-    attrs
-        .attributes
-        .and_then(|a| a.get(&QueueAttributeName::QueueArn).cloned())
-        .ok_or_else(|| SluiceError::permanent(ReasonCode::StoreUnavailable, format!("no ARN for queue {name}")))
+    Ok(found.attributes.and_then(|mut a| a.remove(&attribute)))
 }
 
 /// Creates the stream, or finds it, and waits until it takes records: one being deleted (a
