@@ -200,8 +200,9 @@ async fn list_results(
     query.status = params
         .status
         .map(|s| {
-            ResultStatus::parse(&s)
-                .ok_or_else(|| ApiError::bad_request(format!("status {s:?} is none of accepted, review, reviewed")))
+            ResultStatus::parse(&s).ok_or_else(|| {
+                ApiError::bad_request(format!("status {s:?} is none of accepted, review, reviewed, rejected"))
+            })
         })
         .transpose()?;
     query.class = params.class;

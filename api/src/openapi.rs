@@ -77,7 +77,8 @@ pub(crate) fn document(labels: &[String]) -> Value {
                     "summary": "Results in the order they were stored, a page at a time",
                     "parameters": [
                         { "name": "status", "in": "query", "required": false,
-                          "schema": { "type": "string", "enum": ["accepted", "review", "reviewed"] } },
+                          "description": "Without it, every status but rejected (the marker a reviewer's rejection leaves: that record's end is its results DLQ entry)",
+                          "schema": { "type": "string", "enum": ["accepted", "review", "reviewed", "rejected"] } },
                         { "name": "class", "in": "query", "required": false, "description": "The predicted class",
                           "schema": { "type": "string" } },
                         { "name": "since", "in": "query", "required": false,
@@ -177,7 +178,7 @@ pub(crate) fn document(labels: &[String]) -> Value {
                         "model": { "type": "string" },
                         "model_version": { "type": "string" },
                         "backend": { "type": "string", "description": "candle-cpu, candle-cuda or sagemaker-xgboost" },
-                        "status": { "type": "string", "enum": ["accepted", "review", "reviewed"] },
+                        "status": { "type": "string", "enum": ["accepted", "review", "reviewed", "rejected"] },
                         "ground_truth": { "type": "string" },
                         "reviewed_label": { "type": "string", "description": "The label a person gave it" },
                         "reviewed_ms": { "type": "integer", "minimum": 0 },

@@ -42,7 +42,8 @@ pub enum ResultsCommand {
 
 #[derive(Debug, Clone, Default, PartialEq, clap::Args)]
 pub struct ListArgs {
-    /// accepted, review (waiting for a person) or reviewed.
+    /// accepted, review (waiting for a person), reviewed, or rejected (records a reviewer sent to
+    /// the results DLQ: listed only when asked for).
     #[arg(long)]
     pub status: Option<String>,
     /// The predicted class.
@@ -76,7 +77,7 @@ impl ListArgs {
                 .as_deref()
                 .map(|s| {
                     ResultStatus::parse(s)
-                        .with_context(|| format!("unknown status {s:?}: accepted, review or reviewed"))
+                        .with_context(|| format!("unknown status {s:?}: accepted, review, reviewed or rejected"))
                 })
                 .transpose()?,
             class: self.class.clone(),

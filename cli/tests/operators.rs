@@ -178,7 +178,10 @@ async fn operators_loop(target: Target) {
     assert_eq!(rejected.len(), 1);
     assert_eq!(rejected[0]["record_id"], second.as_str());
     let record = RecordId::parse(&second).unwrap();
-    assert!(backend.results.get_batch(std::slice::from_ref(&record)).await.unwrap().is_empty());
+    let marker = backend.results.get_batch(std::slice::from_ref(&record)).await.unwrap().remove(&record).unwrap();
+    assert_eq!(marker.status.as_str(), "rejected", "its result is gone: a marker of its end is in its place");
+    let markers = lines(&target.sluice(&model, &["results", "list", "--status", "rejected", "--json"]));
+    assert_eq!((markers.len(), markers[0]["record_id"].as_str()), (1, Some(second.as_str())), "{markers:?}");
     assert_eq!(stats(&backend).await.accounted(), 361, "one DLQ entry instead of one result");
     // A rejected record has ended: a replay of the results DLQ leaves it where it is.
     let left = json(&target.sluice(&model, &["dlq", "replay", "--stage", "results", "--json"]));

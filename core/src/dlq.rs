@@ -14,7 +14,9 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::backend::{Backend, OutgoingMessage, Receipt, ReceivedMessage, ReviewOutcome, StreamInput, WorkQueue};
+use crate::backend::{
+    Backend, OutgoingMessage, PutOutcome, Receipt, ReceivedMessage, ReviewOutcome, StreamInput, WorkQueue,
+};
 use crate::config::BackendKind;
 use crate::envelope::{Envelope, RecordId, now_ms};
 use crate::error::{ReasonCode, Result, SluiceError};
@@ -754,8 +756,9 @@ fn one() -> ReplayOptions {
 
 /// A reviewer's "not fit for a result": the record's result is taken away (if it still waits
 /// for review) and it goes to the results DLQ (reason `rejected_in_review`, the review item's
-/// body as it was), so it ends in exactly one DLQ entry. Stopped between the two steps, the item
-/// is still in review with no result, and a second `reject` finishes the job.
+/// body as it was), so it ends in exactly one DLQ entry; a `rejected` marker takes the result's
+/// place (see [`send_rejected`]). Stopped between the steps, the item is still in review with no
+/// result, and a second `reject` finishes the job.
 pub struct Reject;
 
 #[async_trait::async_trait]
@@ -768,10 +771,17 @@ impl Action for Reject {
                 continue;
             };
             out.push(match backend.results.withdraw_review(id).await? {
-                // Settled by someone else in the meantime: nothing to reject, nothing to wait for.
+                // Settled by someone else in the meantime (or rejected: a copy of this item):
+                // nothing to reject, nothing to wait for.
                 ReviewOutcome::NotWaiting(_) => Fate::Stale,
-                ReviewOutcome::Resolved(_) | ReviewOutcome::Missing => {
-                    send_rejected(backend, id, item.entry.body.clone(), item.entry.attempts).await?;
+                outcome @ (ReviewOutcome::Resolved(_) | ReviewOutcome::Missing) => {
+                    // The result as it was, or (withdrawn by a rejection stopped halfway) as the
+                    // item carries it.
+                    let result = match outcome {
+                        ReviewOutcome::Resolved(result) => Some(*result),
+                        _ => serde_json::from_slice(&item.entry.body).ok(),
+                    };
+                    send_rejected(backend, id, item.entry.body.clone(), item.entry.attempts, result).await?;
                     Fate::Done
                 }
             });
@@ -780,12 +790,37 @@ impl Action for Reject {
     }
 }
 
-async fn send_rejected(backend: &Backend, id: &RecordId, body: Vec<u8>, attempts: u32) -> Result<()> {
+/// Sends `id`, its result withdrawn, to the results DLQ, then leaves `result` marked
+/// [`ResultStatus::Rejected`] in the result store: a copy of the record reaching the results stage
+/// later (at-least-once delivery, a replay) finds the marker and is given no result, and a copy
+/// of its review item met later is stale, not rejected twice. Stopped before the marker, the
+/// item is still in the queue with no result, and rejecting it again sends it again (one entry
+/// on the embedded store, which keeps one a record; two on SQS).
+async fn send_rejected(
+    backend: &Backend,
+    id: &RecordId,
+    body: Vec<u8>,
+    attempts: u32,
+    result: Option<PredictionResult>,
+) -> Result<()> {
     let error =
         SluiceError::permanent(ReasonCode::RejectedInReview, "a reviewer sent it to the DLQ instead of labelling it");
     let entry = DlqEntry::new(StageName::Results, &error, attempts, Some(id.clone()), Vec::new());
     let message = OutgoingMessage { body, attributes: entry.attributes(), dedup_key: Some(id.to_string()) };
-    backend.queue(StageName::Results.dlq()).send_batch(vec![message]).await
+    backend.queue(StageName::Results.dlq()).send_batch(vec![message]).await?;
+    let Some(result) = result.filter(|r| r.record_id == *id) else {
+        tracing::warn!(record_id = %id, "rejected with no result to leave a marker of: a later copy of it may be given one");
+        return Ok(());
+    };
+    match backend.results.put_if_absent(vec![result.rejected()]).await?.pop() {
+        Some(PutOutcome::AlreadyPresent(now)) if now.status != ResultStatus::Rejected => tracing::warn!(
+            record_id = %id,
+            status = now.status.as_str(),
+            "a copy of the record was given a result while it was being rejected: it has that result and a DLQ entry"
+        ),
+        _ => {}
+    }
+    Ok(())
 }
 
 /// What rejecting one record came to.
@@ -840,7 +875,8 @@ pub async fn reject(backend: &Backend, id: &RecordId) -> Result<Rejected> {
     // Not in the queue at all (purged, say): the result's own body goes to the DLQ.
     match backend.results.withdraw_review(id).await? {
         ReviewOutcome::Resolved(result) => {
-            send_rejected(backend, id, serde_json::to_vec(&result).expect("a result serialises"), 0).await?;
+            let body = serde_json::to_vec(&result).expect("a result serialises");
+            send_rejected(backend, id, body, 0, Some(*result)).await?;
             Ok(Rejected::Rejected)
         }
         ReviewOutcome::NotWaiting(result) => Ok(Rejected::NotWaiting(result)),

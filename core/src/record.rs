@@ -55,6 +55,10 @@ pub enum ResultStatus {
     Review,
     /// A person has looked at it.
     Reviewed,
+    /// A person sent it to the results DLQ instead (`rejected_in_review`): no result, but a
+    /// marker that the record has ended there, so that a copy of it reaching results later is
+    /// not given one. Left out of listings unless asked for, and out of the result counts.
+    Rejected,
 }
 
 impl ResultStatus {
@@ -63,11 +67,12 @@ impl ResultStatus {
             Self::Accepted => "accepted",
             Self::Review => "review",
             Self::Reviewed => "reviewed",
+            Self::Rejected => "rejected",
         }
     }
 
     pub fn parse(raw: &str) -> Option<Self> {
-        [Self::Accepted, Self::Review, Self::Reviewed].into_iter().find(|s| s.as_str() == raw)
+        [Self::Accepted, Self::Review, Self::Reviewed, Self::Rejected].into_iter().find(|s| s.as_str() == raw)
     }
 }
 
@@ -119,6 +124,14 @@ impl PredictionResult {
             }
             Resolution::Accept => self.status = ResultStatus::Accepted,
         }
+        self.reviewed_ms = Some(now_ms());
+        self
+    }
+
+    /// The marker a reviewer's rejection leaves in place of this result (see
+    /// [`ResultStatus::Rejected`]).
+    pub fn rejected(mut self) -> Self {
+        self.status = ResultStatus::Rejected;
         self.reviewed_ms = Some(now_ms());
         self
     }

@@ -219,8 +219,11 @@ impl Stage for ResultsStage {
                 }
             };
             outcomes[i] = Some(self.route(&stored));
-            stored_all.push(stored);
-            stored_origins.push(origin);
+            // A copy of a record a reviewer rejected: it has ended in the DLQ, not in a result.
+            if stored.status != ResultStatus::Rejected {
+                stored_all.push(stored);
+                stored_origins.push(origin);
+            }
         }
         // Redeliveries are captured again (their first capture may have been lost with a killed
         // worker); readers keep one line per record.

@@ -97,6 +97,39 @@ async fn applies_thresholds_routes_review_and_keeps_the_first_result() {
     assert_eq!(backend.results.get_batch(std::slice::from_ref(&foreign)).await.unwrap()[&foreign].ground_truth, None);
 }
 
+/// A record a reviewer rejected has ended in the results DLQ: a copy of it reaching results later
+/// (at-least-once delivery, a replay upstream) finds the rejection's marker and is given no
+/// result and no review item, so the record keeps exactly one end.
+#[tokio::test]
+async fn a_copy_of_a_rejected_record_is_given_no_result() {
+    let dir = tempfile::tempdir().unwrap();
+    let backend =
+        Backend::open(&StoreConfig { path: dir.path().join("s.sqlite"), ..StoreConfig::default() }).await.unwrap();
+    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/digits");
+    let settings = Settings::load(None).unwrap().set("model.dir", model);
+    let stage = ResultsStage::build(&settings, &backend).unwrap();
+    let Outcome::Forward(mut review) = stage.process(&[delivery("unfit", peaked(5, 0.3))]).await.remove(0) else {
+        panic!("not forwarded")
+    };
+    let (queue, item) = review.remove(0);
+    backend.queue(queue).send_batch(vec![item]).await.unwrap();
+    let id = RecordId::parse("unfit").unwrap();
+    assert_eq!(sluice_core::dlq::reject(&backend, &id).await.unwrap(), sluice_core::dlq::Rejected::Rejected);
+
+    let copy = stage.process(&[delivery("unfit", peaked(5, 0.3))]).await;
+    assert_eq!(copy[0], Outcome::Forward(vec![]), "no review item for the copy");
+    let stored = backend.results.get_batch(std::slice::from_ref(&id)).await.unwrap();
+    assert_eq!(stored[&id].status, ResultStatus::Rejected);
+    let counts = backend.results.counts().await.unwrap();
+    assert_eq!((counts.accepted, counts.review, counts.reviewed, counts.rejected), (0, 0, 0, 1));
+    assert_eq!(backend.queue(QueueName::ResultsDlq).depth().await.unwrap().total(), 1);
+    assert_eq!(backend.queue(QueueName::Review).depth().await.unwrap().total(), 0);
+    let listed = backend.results.query(&ResultQuery { limit: 10, ..ResultQuery::default() }).await.unwrap();
+    assert!(listed.results.is_empty(), "a rejection's marker is no result: {listed:?}");
+    let asked = ResultQuery { status: Some(ResultStatus::Rejected), limit: 10, ..ResultQuery::default() };
+    assert_eq!(backend.results.query(&asked).await.unwrap().results.len(), 1, "listed when asked for");
+}
+
 /// A result store that stores the first of a batch and then fails, as DynamoDB's transactions
 /// of 99 can leave a batch of 200: the first stored, the write failing after.
 struct PartlyStored(std::sync::Arc<dyn ResultStore>);

@@ -338,7 +338,8 @@ impl ResultQuery {
 
     /// Whether `result` passes the filters that are not part of the store order.
     pub fn matches(&self, result: &PredictionResult) -> bool {
-        self.status.is_none_or(|s| s == result.status)
+        // With no status asked for, every result: a rejection's marker is none.
+        self.status.map_or(result.status != ResultStatus::Rejected, |s| s == result.status)
             && self.class.as_ref().is_none_or(|c| *c == result.label)
             && self.min_confidence.is_none_or(|min| result.confidence >= min)
             && self.max_confidence.is_none_or(|max| result.confidence <= max)
@@ -405,6 +406,8 @@ pub struct ResultCounts {
     pub accepted: u64,
     pub review: u64,
     pub reviewed: u64,
+    /// Markers of records a reviewer rejected (their end is a DLQ entry, not a result).
+    pub rejected: u64,
 }
 
 /// The one result per record.

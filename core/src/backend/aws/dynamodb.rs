@@ -272,10 +272,11 @@ impl DynamoResultStore {
         let update = Update::builder()
             .table_name(&self.counters)
             .key(COUNTER_KEY, AttributeValue::S(item))
-            .update_expression("ADD accepted :a, review :r, reviewed :d")
+            .update_expression("ADD accepted :a, review :r, reviewed :d, rejected :x")
             .expression_attribute_values(":a", AttributeValue::N(n(ResultStatus::Accepted)))
             .expression_attribute_values(":r", AttributeValue::N(n(ResultStatus::Review)))
             .expression_attribute_values(":d", AttributeValue::N(n(ResultStatus::Reviewed)))
+            .expression_attribute_values(":x", AttributeValue::N(n(ResultStatus::Rejected)))
             .build()
             .map_err(|e| SluiceError::permanent(ReasonCode::Internal, e.to_string()))?;
         Ok(TransactWriteItem::builder().update(update).build())
@@ -483,7 +484,12 @@ impl ResultStore for DynamoResultStore {
         // An item may hold a negative count (a review settled on another item than it was
         // counted on); the sums are right.
         let n = |k: &str| counters.get(k).copied().unwrap_or(0).max(0) as u64;
-        Ok(ResultCounts { accepted: n("accepted"), review: n("review"), reviewed: n("reviewed") })
+        Ok(ResultCounts {
+            accepted: n("accepted"),
+            review: n("review"),
+            reviewed: n("reviewed"),
+            rejected: n("rejected"),
+        })
     }
 
     /// Queries the index by status (each status in turn when none is asked for) from the page

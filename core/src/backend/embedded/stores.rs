@@ -245,6 +245,7 @@ impl ResultStore for EmbeddedResultStore {
                         Some(ResultStatus::Accepted) => counts.accepted = n as u64,
                         Some(ResultStatus::Review) => counts.review = n as u64,
                         Some(ResultStatus::Reviewed) => counts.reviewed = n as u64,
+                        Some(ResultStatus::Rejected) => counts.rejected = n as u64,
                         None => {}
                     }
                 }
