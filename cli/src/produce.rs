@@ -234,9 +234,7 @@ async fn claim_check_if_large(
     // JSON after a byte-order mark is JSON, as ingest reads an inline record; the blob holds it
     // without the mark, which the features stage would not read past.
     let mut data = record.data;
-    if data.starts_with(b"\xEF\xBB\xBF") {
-        data.drain(..3);
-    }
+    data.drain(..data.len() - sluice_core::envelope::without_bom(&data).len());
     let json = serde_json::from_slice::<serde_json::Value>(&data).ok();
     // An envelope already (as ingest tells one): its payload goes to the blob store, and it keeps
     // its record id, label and attributes (wrapped whole in another envelope, it would be read as

@@ -308,6 +308,12 @@ pub fn now_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or_default()
 }
 
+/// `body` without a UTF-8 byte-order mark, which some editors and producers put before JSON
+/// (serde_json reads past whitespace, not past the mark).
+pub fn without_bom(body: &[u8]) -> &[u8] {
+    body.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(body)
+}
+
 /// A fresh W3C `traceparent` for a record that arrived without one.
 pub fn new_traceparent() -> String {
     let trace = uuid::Uuid::new_v4().simple().to_string();

@@ -1001,8 +1001,10 @@ fn arrived_traceparent(delivery: &Delivery) -> Option<String> {
     struct TraceOnly {
         trace: Option<String>,
     }
-    if matches!(delivery.origin, Origin::Stream { .. }) && delivery.body.first() == Some(&b'{') {
-        return serde_json::from_slice::<TraceOnly>(&delivery.body).ok().and_then(|t| t.trace);
+    // As ingest reads an envelope: past a byte-order mark and whitespace.
+    let body = crate::envelope::without_bom(&delivery.body);
+    if matches!(delivery.origin, Origin::Stream { .. }) && body.trim_ascii_start().first() == Some(&b'{') {
+        return serde_json::from_slice::<TraceOnly>(body).ok().and_then(|t| t.trace);
     }
     None
 }
@@ -1112,6 +1114,32 @@ mod tests {
         assert_eq!(record_id_in(&inferred).unwrap().as_str(), "r-9");
         let garbage = Delivery { body: b"not a record".to_vec(), ..queued };
         assert_eq!(record_id_in(&garbage), None);
+    }
+
+    /// A producer's trace goes on from an envelope on the stream however its JSON starts (ingest
+    /// reads past a byte-order mark and whitespace); a queue message's comes from its attribute.
+    #[test]
+    fn a_producer_trace_is_read_past_a_byte_order_mark_and_whitespace() {
+        let parent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+        let envelope = format!(r#"{{"schema_version":1,"trace":"{parent}"}}"#);
+        let streamed = |body: Vec<u8>| Delivery {
+            body,
+            attributes: BTreeMap::new(),
+            receive_count: 1,
+            first_received_ms: None,
+            origin: Origin::Stream { shard: "s".into(), sequence: "1".into(), arrived_ms: 0, replay: false },
+        };
+        for prefix in [&b""[..], b"\xEF\xBB\xBF", b" \r\n\t", b"\xEF\xBB\xBF\n"] {
+            let delivery = streamed([prefix, envelope.as_bytes()].concat());
+            assert_eq!(arrived_traceparent(&delivery).as_deref(), Some(parent), "{prefix:?}");
+        }
+        assert_eq!(arrived_traceparent(&streamed(b"\x89PNG".to_vec())), None);
+        let queued = Delivery {
+            attributes: BTreeMap::from([(TRACEPARENT.to_owned(), parent.to_owned())]),
+            origin: Origin::Queue(Receipt("q".into())),
+            ..streamed(b"{}".to_vec())
+        };
+        assert_eq!(arrived_traceparent(&queued).as_deref(), Some(parent));
     }
 
     /// A delivery given up on after failing on every receive failed first when first received.

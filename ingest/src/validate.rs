@@ -1,7 +1,9 @@
 //! Turning stream bytes into a checked envelope.
 
 use sluice_core::backend::BlobStore;
-use sluice_core::envelope::{ContentType, Envelope, Payload, RecordId, SCHEMA_VERSION, new_traceparent, now_ms};
+use sluice_core::envelope::{
+    ContentType, Envelope, Payload, RecordId, SCHEMA_VERSION, new_traceparent, now_ms, without_bom,
+};
 use sluice_core::model::TabularSpec;
 use sluice_core::telemetry::traces;
 use sluice_core::{ReasonCode, Result, SluiceError};
@@ -78,11 +80,6 @@ pub(crate) fn parse(body: &[u8], position: &RecordId, arrived_ms: u64, config: &
         ));
     }
     Ok(stamped(envelope, arrived_ms))
-}
-
-/// `body` without a UTF-8 byte-order mark, which some editors and producers put before JSON.
-fn without_bom(body: &[u8]) -> &[u8] {
-    body.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(body)
 }
 
 /// The record id an envelope names, when the record is one that [`parse`] refused (a schema
