@@ -750,8 +750,10 @@ impl Worker {
         let acknowledged = match self.forward(trace.as_ref(), sends, &done, &retry).await {
             Ok(acknowledged) => acknowledged,
             Err(e) => {
-                // Nothing is acknowledged: the whole batch comes back and is redone; sinks are idempotent.
-                self.hand_back(&batch, retry_delay).await?;
+                // Nothing is acknowledged: the whole batch comes back and is redone; sinks are
+                // idempotent. Handed back at the end of a grace period, it is visible at once.
+                let delay = if self.abandon.is_cancelled() { Duration::ZERO } else { retry_delay };
+                self.hand_back(&batch, delay).await?;
                 return Err(e);
             }
         };
@@ -843,9 +845,17 @@ impl Worker {
         // Beats missed (a stage that kept its task busy) are one beat, not a burst of them.
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let in_flight: Vec<&Origin> = done.iter().chain(retry).copied().collect();
+        let abandon = self.abandon.clone();
         loop {
             tokio::select! {
                 sent = &mut sending => return sent,
+                // Out of time (a queue throttled, the SDK retrying): cut short, the batch is
+                // handed back as after a failed send, and the worker still lets go of its leases
+                // before the process is killed.
+                () = abandon.cancelled() => return Err(SluiceError::retryable(
+                    ReasonCode::Internal,
+                    "the grace period ran out while the batch was being sent on",
+                )),
                 _ = ticks.tick() => {
                     if let Err(e) = self.source.heartbeat(&in_flight).await {
                         tracing::warn!(error = %e, "visibility heartbeat failed");

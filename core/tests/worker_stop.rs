@@ -1,6 +1,7 @@
 //! A worker told to stop while a batch is still being processed, once its grace period is
 //! nearly up, hands the batch back at once (visible again, not after a visibility timeout) and
-//! stops; nothing is acknowledged that was not done. One told to stop while it fills a batch
+//! stops; nothing is acknowledged that was not done (so too one whose sends on do not finish).
+//! One told to stop while it fills a batch
 //! from a slow store stops filling and finishes what it holds; filling never outlasts a quarter
 //! of the visibility timeout.
 
@@ -9,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use sluice_core::backend::{Backend, OutgoingMessage, Receipt};
+use sluice_core::backend::{Backend, OutgoingMessage, QueueDepth, Receipt, ReceivedMessage, WorkQueue};
 use sluice_core::config::{StoreConfig, WorkerConfig};
 use sluice_core::error::Result;
 use sluice_core::topology::{QueueName, StageName};
@@ -67,6 +68,109 @@ async fn an_unfinished_batch_is_handed_back_when_the_grace_period_runs_out() {
     assert_eq!(report.handled, 0);
     let depth = queue.depth().await.unwrap();
     assert_eq!((depth.visible, depth.in_flight), (3, 0), "handed back, visible at once");
+}
+
+/// The queue it wraps, sent to and committed to one call at a time, as SQS is (no sends and
+/// acknowledgements in one transaction); with `hang_sends`, a send never finishes (a queue
+/// throttled, the SDK retrying on and on).
+struct Wrapped {
+    inner: Arc<dyn WorkQueue>,
+    hang_sends: bool,
+}
+
+#[async_trait]
+impl WorkQueue for Wrapped {
+    fn name(&self) -> QueueName {
+        self.inner.name()
+    }
+    async fn send_batch(&self, messages: Vec<OutgoingMessage>) -> Result<()> {
+        if self.hang_sends {
+            std::future::pending::<()>().await;
+        }
+        self.inner.send_batch(messages).await
+    }
+    async fn receive(&self, max: usize, wait: Duration) -> Result<Vec<ReceivedMessage>> {
+        self.inner.receive(max, wait).await
+    }
+    async fn receive_hidden(&self, max: usize, wait: Duration, hidden: Duration) -> Result<Vec<ReceivedMessage>> {
+        self.inner.receive_hidden(max, wait, hidden).await
+    }
+    async fn ack(&self, receipts: &[Receipt]) -> Result<()> {
+        self.inner.ack(receipts).await
+    }
+    async fn extend_visibility(&self, receipts: &[Receipt], by: Duration) -> Result<()> {
+        self.inner.extend_visibility(receipts, by).await
+    }
+    async fn release(&self, receipts: &[Receipt], delay: Duration) -> Result<()> {
+        self.inner.release(receipts, delay).await
+    }
+    async fn depth(&self) -> Result<QueueDepth> {
+        self.inner.depth().await
+    }
+    async fn peek(&self, max: usize) -> Result<Vec<ReceivedMessage>> {
+        self.inner.peek(max).await
+    }
+}
+
+/// Forwards each record to the inference queue.
+struct ForwardsOn;
+
+#[async_trait]
+impl Stage for ForwardsOn {
+    fn name(&self) -> StageName {
+        StageName::Features
+    }
+
+    fn batch_policy(&self) -> BatchPolicy {
+        BatchPolicy::up_to(10)
+    }
+
+    async fn process(&self, batch: &[Delivery]) -> Vec<Outcome> {
+        let on = |d: &Delivery| {
+            Outcome::forward(QueueName::Inference, OutgoingMessage { body: d.body.clone(), ..Default::default() })
+        };
+        batch.iter().map(on).collect()
+    }
+}
+
+/// Done processing but stuck sending on when the grace period runs out, the worker hands the
+/// batch back (visible at once, none of it acknowledged) and stops, rather than be killed
+/// holding it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_whose_sends_hang_is_handed_back_when_the_grace_period_runs_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let store =
+        StoreConfig { path: dir.path().join("s.sqlite"), visibility_timeout_ms: 600_000, ..StoreConfig::default() };
+    let backend = Backend::open(&store).await.unwrap();
+    let (input, next) = (backend.queue(QueueName::Features), backend.queue(QueueName::Inference));
+    let backend = backend.with_queue(Arc::new(Wrapped { inner: next.clone(), hang_sends: true }));
+    let messages = (0..3).map(|i| OutgoingMessage { body: format!("m{i}").into_bytes(), ..Default::default() });
+    input.send_batch(messages.collect()).await.unwrap();
+
+    let abandon = CancellationToken::new();
+    let source = QueueSource::new(Arc::new(Wrapped { inner: input.clone(), hang_sends: false }), &store);
+    let worker = Worker::new(Arc::new(ForwardsOn), Box::new(source), backend, WorkerConfig::default(), &store)
+        .abandoning_on(abandon.clone());
+    let shutdown = CancellationToken::new();
+    let running = tokio::spawn(worker.run(shutdown.clone()));
+    for _ in 0..100 {
+        if input.depth().await.unwrap().in_flight == 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(input.depth().await.unwrap().in_flight, 3, "the worker holds the batch, sending it on");
+
+    shutdown.cancel();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!running.is_finished(), "a stopping worker first tries to finish its batch");
+    abandon.cancel();
+    let report = tokio::time::timeout(Duration::from_secs(5), running).await.unwrap().unwrap().unwrap();
+    assert_eq!(report.handled, 0);
+    let depth = input.depth().await.unwrap();
+    assert_eq!((depth.visible, depth.in_flight), (3, 0), "handed back, visible at once");
+    assert_eq!(next.depth().await.unwrap().total(), 0, "nothing was sent on");
 }
 
 /// A deep backlog behind a slow store: every receive takes `delay` and comes back full (ten,

@@ -596,4 +596,13 @@ impl Backend {
     pub fn queue(&self, name: QueueName) -> Arc<dyn WorkQueue> {
         Arc::clone(&self.queues[&name])
     }
+
+    /// This backend with `queue` in place of the queue of its name: a wrapper that injects
+    /// faults, for tests.
+    pub fn with_queue(mut self, queue: Arc<dyn WorkQueue>) -> Self {
+        let mut queues = (*self.queues).clone();
+        queues.insert(queue.name(), queue);
+        self.queues = Arc::new(queues);
+        self
+    }
 }
