@@ -32,7 +32,8 @@ pub struct MonitorArgs {
     /// With `--set-reference`: the window's end (default now).
     #[arg(long, requires = "set_reference")]
     pub until: Option<String>,
-    /// POST alerts here (overrides `monitor.webhook_url`).
+    /// POST alerts here (overrides `monitor.webhook_url`). A hook's URL is its secret and a flag
+    /// shows in `ps`: on a shared machine prefer `SLUICE__MONITOR__WEBHOOK_URL`.
     #[arg(long)]
     pub webhook_url: Option<String>,
     /// Print each pass as JSON.

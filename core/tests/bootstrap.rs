@@ -178,6 +178,38 @@ async fn resources_gone_are_a_misconfiguration_and_a_claim_check_stays_the_recor
     assert_eq!((error.is_retryable(), error.code()), (false, ReasonCode::ClaimCheckRejected), "{error}");
 }
 
+/// Producers write sluice's claim-check bucket too (`sluice produce`): an object there the
+/// workers may not read when they may read the others (archived, or under a KMS key of the
+/// producer's) is that record's `claim_check_rejected`, not a misconfiguration that would stop
+/// ingest on it for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_object_refused_alone_in_sluices_bucket_is_the_records_failure() {
+    use aws_sdk_s3::types::StorageClass;
+    use sluice_core::ReasonCode;
+
+    let config = aws_store_config(&unique_prefix("refused"));
+    bootstrap(&config).await.unwrap();
+    let backend = Backend::open(&config).await.unwrap();
+    let readable = backend.blobs.put(b"a claim-checked payload".to_vec()).await.unwrap();
+    let archived = backend.blobs.put(b"another payload, archived".to_vec()).await.unwrap();
+    let (bucket, key) = archived.strip_prefix("s3://").unwrap().split_once('/').unwrap();
+    let s3 = Clients::load(&config.aws, Default::default()).await.unwrap().s3;
+    s3.put_object()
+        .bucket(bucket)
+        .key(key)
+        .storage_class(StorageClass::Glacier)
+        .body(b"another payload, archived".to_vec().into())
+        .send()
+        .await
+        .unwrap();
+
+    assert_eq!(backend.blobs.get(&readable).await.unwrap(), b"a claim-checked payload");
+    let error = backend.blobs.get(&archived).await.unwrap_err();
+    assert_eq!((error.is_retryable(), error.code()), (false, ReasonCode::ClaimCheckRejected), "{error}");
+    assert!(error.detail().contains("GLACIER"), "{error}");
+    teardown(&config).await.unwrap();
+}
+
 /// A feature vector too large for its item lives in S3, under claim-checks that the bucket
 /// expires: one whose object is gone fails its own record (`missing_features`), not the batch
 /// asking for it with others.

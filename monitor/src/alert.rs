@@ -142,7 +142,9 @@ impl Notifier {
             let body = serde_json::json!({ "text": alert.text, "sluice": alert });
             match client.post(url).json(&body).send().await.and_then(reqwest::Response::error_for_status) {
                 Ok(_) => {}
-                Err(e) => failed.push(format!("webhook: {e}")),
+                // Named by its host: a webhook's URL is its secret (anyone who has it can post),
+                // and the error goes to the log, the exit message and `--json`.
+                Err(e) => failed.push(format!("webhook ({}): {}", host_of(url), e.without_url())),
             }
         }
         if let Some((client, arn)) = &self.sns {
@@ -154,6 +156,11 @@ impl Notifier {
         }
         if failed.is_empty() { Ok(()) } else { Err(failed.join("; ")) }
     }
+}
+
+/// The host a URL names, for messages that must not show the whole of it.
+fn host_of(url: &str) -> String {
+    reqwest::Url::parse(url).ok().and_then(|u| u.host_str().map(str::to_owned)).unwrap_or_else(|| "?".to_owned())
 }
 
 /// Sends each crossing and records in `state` the ones that went out.
@@ -188,6 +195,20 @@ mod tests {
     fn check(name: &str, breached: Option<bool>) -> Check {
         let clear = breached == Some(false);
         Check { name: name.into(), value: Some(0.5), threshold: 0.85, breached, clear, detail: "d".into() }
+    }
+
+    /// A webhook that cannot be reached is named by its host: its URL (whose path is the secret
+    /// of a Slack-style hook) goes to no log or message.
+    #[tokio::test]
+    async fn a_webhook_that_fails_is_named_by_its_host_not_its_url() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let webhook_url = Some(format!("http://127.0.0.1:{port}/services/T000/SECRET"));
+        let notifier =
+            Notifier::new(&MonitorConfig { webhook_url, ..MonitorConfig::default() }, &AwsConfig::default()).await;
+        let alert = crossings(&AlertState::default(), &[check("accuracy", Some(true))], "m").remove(0);
+        let error = notifier.send(&alert).await.unwrap_err();
+        assert!(error.starts_with("webhook (127.0.0.1): "), "{error}");
+        assert!(!error.contains("SECRET") && !error.contains("services"), "{error}");
     }
 
     #[test]

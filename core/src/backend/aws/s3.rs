@@ -36,15 +36,45 @@ impl S3BlobStore {
     /// encrypted with a key sluice may not use; taken as a misconfiguration, one such reference
     /// would stop ingest and stall its shard for good. Refused among sluice's own claim-checks
     /// (its bucket, under the prefix whose keys the workers may read and list, so that a missing
-    /// one is `claim_check_missing`), it is the deployment's.
+    /// one is `claim_check_missing`), it is the deployment's, unless the object itself is the
+    /// one refused: producers write there too (`sluice produce`), and one put there under a KMS
+    /// key of its own, or in an archive storage class, would otherwise stop ingest on it for
+    /// good (a stream has no redrive to move it aside).
     async fn get_claim_checked(&self, reference: &str, limit: Option<usize>) -> Result<Vec<u8>> {
+        let rejected = |e: SluiceError| {
+            SluiceError::permanent(ReasonCode::ClaimCheckRejected, format!("claim-check {reference}: {}", e.detail()))
+        };
         match self.get_within(reference, limit).await {
-            Err(e) if e.is_misconfiguration() && !self.is_own(reference) => Err(SluiceError::permanent(
-                ReasonCode::ClaimCheckRejected,
-                format!("claim-check {reference}: {}", e.detail()),
-            )),
+            Err(e) if e.is_misconfiguration() && !self.is_own(reference) => Err(rejected(e)),
+            Err(e) if e.is_misconfiguration() => match self.refused_alone(reference).await {
+                Some(why) => Err(SluiceError::permanent(
+                    ReasonCode::ClaimCheckRejected,
+                    format!("claim-check {reference}: {why}; {}", e.detail()),
+                )),
+                None => Err(e),
+            },
             read => read,
         }
+    }
+
+    /// Why the object `reference` names is refused when objects beside it are not: this role
+    /// may look at it (HeadObject needs what GetObject does, but neither the object's KMS key
+    /// nor a restore), so the refusal is the object's. `None` when it may not, or the look fails:
+    /// the refusal is the deployment's.
+    async fn refused_alone(&self, reference: &str) -> Option<String> {
+        let (bucket, key) = self.parse(reference).ok()?;
+        let head = self.client.head_object().bucket(bucket).key(key).send().await.ok()?;
+        let mut why = vec!["this object alone is refused".to_owned()];
+        if let Some(class) = head.storage_class() {
+            why.push(format!("storage class {}", class.as_str()));
+        }
+        if let Some(encryption) = head.server_side_encryption() {
+            why.push(format!("encrypted with {}", encryption.as_str()));
+        }
+        if let Some(kms_key) = head.ssekms_key_id() {
+            why.push(format!("key {kms_key}"));
+        }
+        Some(why.join(", "))
     }
 
     fn is_own(&self, reference: &str) -> bool {
