@@ -13,14 +13,16 @@
 
 mod openapi;
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 
 use axum::Json;
 use axum::Router;
+use axum::extract::Request;
 use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
-use axum::http::StatusCode;
+use axum::http::{StatusCode, header};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use serde::{Deserialize, Serialize};
@@ -40,17 +42,70 @@ pub const BODY_LIMIT: usize = 4 * 1024;
 pub const MAX_LIMIT: usize = 1000;
 pub const DEFAULT_LIMIT: usize = 100;
 
-/// What the handlers share: the store, and the labels a person may give.
+/// Where the API listens, and the names it answers to: `sluice serve` and `sluice-api`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, default_value_t = IpAddr::V4(Ipv4Addr::LOCALHOST))]
+    pub address: IpAddr,
+    #[arg(long, default_value_t = DEFAULT_PORT)]
+    pub port: u16,
+    /// A host name clients reach the API by (a load balancer's, a proxy's), besides an IP
+    /// address and `localhost`, which are always answered; repeat for several. A request naming
+    /// any other host is refused (421): a web page that rebinds its own name to this machine
+    /// would otherwise read and label results through the reviewer's browser.
+    #[arg(long = "allow-host", value_name = "NAME")]
+    pub allow_hosts: Vec<String>,
+}
+
+/// What the handlers share: the store, the labels a person may give, and the host names
+/// answered besides addresses and `localhost`.
 #[derive(Clone)]
 pub struct ApiState {
     backend: Backend,
     labels: Arc<Vec<String>>,
+    hosts: Arc<Vec<String>>,
 }
 
 impl ApiState {
     pub fn new(backend: Backend, labels: Vec<String>) -> Self {
-        Self { backend, labels: Arc::new(labels) }
+        Self { backend, labels: Arc::new(labels), hosts: Arc::default() }
     }
+
+    /// Answers requests naming `hosts` too (see [`ServeArgs::allow_hosts`]).
+    pub fn answering(mut self, hosts: Vec<String>) -> Self {
+        self.hosts = Arc::new(hosts);
+        self
+    }
+}
+
+/// Refuses a request whose `Host` is a name the API was not told it goes by (DNS rebinding).
+async fn check_host(State(state): State<ApiState>, request: Request, next: Next) -> Response {
+    match request.headers().get(header::HOST).map(|h| h.to_str().unwrap_or("?")) {
+        Some(host) if !host_allowed(host, &state.hosts) => ApiError::new(
+            StatusCode::MISDIRECTED_REQUEST,
+            format!(
+                "this API does not answer to the host {host:?}: start it with --allow-host NAME for a name of its own"
+            ),
+        )
+        .into_response(),
+        _ => next.run(request).await,
+    }
+}
+
+/// Whether `host` (a `Host` header: a name or address, perhaps with a port) is an IP address,
+/// `localhost`, or one of `names`.
+fn host_allowed(host: &str, names: &[String]) -> bool {
+    if let Some(bracketed) = host.strip_prefix('[') {
+        return bracketed.split_once(']').is_some_and(|(ip, _)| ip.parse::<std::net::Ipv6Addr>().is_ok());
+    }
+    let name = match host.rsplit_once(':') {
+        Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
+        _ => host,
+    };
+    name.parse::<std::net::Ipv4Addr>().is_ok()
+        || name.eq_ignore_ascii_case("localhost")
+        || names.iter().any(|n| n.eq_ignore_ascii_case(name))
 }
 
 pub fn router(state: ApiState) -> Router {
@@ -68,18 +123,21 @@ pub fn router(state: ApiState) -> Router {
             ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "this endpoint takes another method: see /openapi.json")
         })
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), check_host))
         .with_state(state)
 }
 
 /// Serves the API of the store `settings` name on `address` until SIGTERM or SIGINT: `sluice
 /// serve` and `sluice-api`. A taken port is said at once, not after the store has answered; it
 /// is held only once the API can answer on it (a client meanwhile is refused, not left waiting).
-pub async fn run(settings: &Settings, address: SocketAddr) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+pub async fn run(settings: &Settings, args: &ServeArgs) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let address = SocketAddr::new(args.address, args.port);
     drop(bind(address).await?);
     let state = ApiState::new(
         Backend::open_watcher(&settings.store()?).await?,
         ModelBundle::load(settings.model()?.dir)?.manifest.labels,
-    );
+    )
+    .answering(args.allow_hosts.clone());
     let listener = bind(address).await?;
     serve(listener, state, sluice_core::shutdown::on_signal()).await?;
     Ok(())
@@ -261,5 +319,25 @@ async fn label_review(
             format!("{id} is not waiting for review (status {})", result.status.as_str()),
         )),
         ReviewOutcome::Missing => Err(ApiError::new(StatusCode::NOT_FOUND, format!("no result for {id}"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::host_allowed;
+
+    #[test]
+    fn addresses_localhost_and_names_given_are_answered() {
+        let names = ["results.internal".to_owned()];
+        for host in
+            ["127.0.0.1", "127.0.0.1:9105", "[::1]:9105", "[::1]", "10.0.3.7", "LOCALHOST:80", "results.internal"]
+        {
+            assert!(host_allowed(host, &names), "{host}");
+        }
+        for host in
+            ["rebound.example", "rebound.example:9105", "127.0.0.1.nip.io", "[not-v6]", "", "results.internal.evil"]
+        {
+            assert!(!host_allowed(host, &names), "{host}");
+        }
     }
 }

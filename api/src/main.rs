@@ -1,6 +1,5 @@
 //! `sluice-api`: the results and review HTTP API on its own (`sluice serve` is the same).
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -17,11 +16,8 @@ struct Args {
     config: Option<PathBuf>,
     #[command(flatten)]
     store: StoreArgs,
-    /// Address to listen on.
-    #[arg(long, default_value_t = IpAddr::V4(Ipv4Addr::LOCALHOST))]
-    address: IpAddr,
-    #[arg(long, default_value_t = sluice_api::DEFAULT_PORT)]
-    port: u16,
+    #[command(flatten)]
+    serve: sluice_api::ServeArgs,
 }
 
 fn main() -> ExitCode {
@@ -36,7 +32,7 @@ fn main() -> ExitCode {
     };
     let served = runtime.block_on(async {
         let settings = args.store.apply(Settings::load(args.config.as_deref())?);
-        sluice_api::run(&settings, SocketAddr::new(args.address, args.port)).await
+        sluice_api::run(&settings, &args.serve).await
     });
     match served {
         Ok(()) => ExitCode::SUCCESS,

@@ -82,10 +82,8 @@ enum Command {
     Serve {
         #[command(flatten)]
         store: StoreArgs,
-        #[arg(long, default_value_t = std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST))]
-        address: std::net::IpAddr,
-        #[arg(long, default_value_t = sluice_api::DEFAULT_PORT)]
-        port: u16,
+        #[command(flatten)]
+        serve: sluice_api::ServeArgs,
     },
     /// Work with AWS resources.
     Aws {
@@ -337,10 +335,8 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
             outln!("{}", serde_json::to_string_pretty(&found)?)?;
         }
         Command::Results(args) => results::run(args, settings).await?,
-        Command::Serve { store, address, port } => {
-            sluice_api::run(&store.apply(settings), std::net::SocketAddr::new(address, port))
-                .await
-                .map_err(|e| anyhow!(e))?;
+        Command::Serve { store, serve } => {
+            sluice_api::run(&store.apply(settings), &serve).await.map_err(|e| anyhow!(e))?;
         }
         Command::Dlq { command } => dlq::run(command, settings).await?,
         Command::Feedback(args) => {

@@ -109,6 +109,18 @@ async fn the_api_answers_as_its_document_says() {
     assert_eq!(status, 200);
     assert_eq!(document["openapi"], "3.0.3");
 
+    // A request naming a host the API was not told it goes by is refused (a page that rebinds
+    // its own name to 127.0.0.1, read through a reviewer's browser); addresses and localhost
+    // are answered.
+    for (host, want) in [("rebound.example", "421"), ("rebound.example:9105", "421"), ("localhost:1", "200")] {
+        let mut stream = tokio::net::TcpStream::connect(api.address).await.unwrap();
+        let head = format!("GET /results?limit=1 HTTP/1.0\r\nHost: {host}\r\n\r\n");
+        stream.write_all(head.as_bytes()).await.unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await.unwrap();
+        assert_eq!(response.split_whitespace().nth(1), Some(want), "{host}: {response}");
+    }
+
     // Every result, two pages at a time, none twice.
     let total = demo["results"].as_u64().unwrap() + demo["review"].as_u64().unwrap();
     let (mut seen, mut path) = (std::collections::BTreeSet::new(), "/results?limit=100".to_owned());
