@@ -522,7 +522,7 @@ fn warn_lease_lost(shard: &str) {
 }
 
 /// Sequence numbers are decimal strings of any length (Kinesis's exceed 64 bits).
-fn compare_sequences(a: &str, b: &str) -> std::cmp::Ordering {
+pub(crate) fn compare_sequences(a: &str, b: &str) -> std::cmp::Ordering {
     a.len().cmp(&b.len()).then_with(|| a.cmp(b))
 }
 

@@ -223,8 +223,8 @@ impl KinesisStream {
 }
 
 /// Whether `shard` is no longer among the stream's shards, the stream being there.
-async fn shard_is_gone(client: &aws_sdk_kinesis::Client, stream: &str, shard: &str) -> bool {
-    list_shards(client, stream).await.is_ok_and(|shards| shards.iter().all(|(s, _)| s != shard))
+async fn shard_is_gone(client: &aws_sdk_kinesis::Client, stream: &str, shard: &str) -> Result<bool> {
+    Ok(list_shards(client, stream).await?.iter().all(|(s, _)| s != shard))
 }
 
 async fn shard_iterator(
@@ -323,6 +323,13 @@ impl KinesisConsumer {
                 leases = self.coordinator.rebalance().await?;
             }
         }
+        // A shard lost and taken back meanwhile (in this very rebalance, say) starts again from
+        // its stored checkpoint: another worker may have read and checkpointed past where this
+        // one's reader was, and reading on from there would redo those records and move the
+        // checkpoint back.
+        for shard in self.coordinator.take_lost() {
+            self.readers.remove(&shard);
+        }
         let held: Vec<String> = self.coordinator.held().cloned().collect();
         self.readers.retain(|shard, _| held.contains(shard));
         for shard in held {
@@ -385,26 +392,39 @@ impl StreamConsumer for KinesisConsumer {
             }
             if reader.iterator.is_none() {
                 let from = reader.read.clone().unwrap_or_else(|| reader.checkpointed.clone());
-                match shard_iterator(&self.kinesis, &self.stream, &shard, &from).await {
-                    Ok(iterator) => reader.iterator = Some(iterator),
+                let failed = match shard_iterator(&self.kinesis, &self.stream, &shard, &from).await {
+                    Ok(iterator) => {
+                        reader.iterator = Some(iterator);
+                        None
+                    }
                     // A closed shard past the stream's retention is gone (ResourceNotFound) and
                     // no longer listed: it has ended, or its children would wait for it for ever.
-                    Err(e) if e.is_misconfiguration() && shard_is_gone(&self.kinesis, &self.stream, &shard).await => {
-                        tracing::error!(
-                            shard,
-                            error = %e,
-                            "the shard is past the stream's retention and gone: records it held that were not \
-                             read are lost; it is finished so that its children are read"
-                        );
-                        reader.ended = true;
-                        continue;
-                    }
+                    Err(e) if e.is_misconfiguration() => match shard_is_gone(&self.kinesis, &self.stream, &shard).await
+                    {
+                        Ok(true) => {
+                            tracing::error!(
+                                shard,
+                                error = %e,
+                                "the shard is past the stream's retention and gone: records it held that were not \
+                                 read are lost; it is finished so that its children are read"
+                            );
+                            reader.ended = true;
+                            continue;
+                        }
+                        Ok(false) => Some(e),
+                        // Whether it is gone is not known now (ListShards throttled, say): the
+                        // listing's error, retryable where it is, and asked again next poll.
+                        Err(listing) => Some(listing),
+                    },
+                    Err(e) => Some(e),
+                };
+                if let Some(e) = failed {
                     // As below: what other shards gave is handed out first.
-                    Err(e) if !out.is_empty() => {
+                    if !out.is_empty() {
                         tracing::warn!(shard, error = %e, "GetShardIterator failed; this shard is read again next poll");
                         break;
                     }
-                    Err(e) => return Err(e),
+                    return Err(e);
                 }
             }
             reader.next_read = Instant::now() + GET_RECORDS_INTERVAL;
@@ -422,6 +442,13 @@ impl StreamConsumer for KinesisConsumer {
                     continue;
                 }
                 Err(e) if error_code(&e) == Some("ExpiredIteratorException") => {
+                    reader.forget_ahead();
+                    continue;
+                }
+                // The shard aged out of the stream while it was read (a closed parent near the
+                // retention's end): a fresh iterator next poll says whether it is gone.
+                Err(e) if error_code(&e) == Some("ResourceNotFoundException") => {
+                    tracing::warn!(shard, "GetRecords: the shard was not found; asking for a fresh iterator");
                     reader.forget_ahead();
                     continue;
                 }
@@ -459,6 +486,17 @@ impl StreamConsumer for KinesisConsumer {
     }
 
     async fn checkpoint(&mut self, shard: &str, sequence: &str, records: u64) -> Result<()> {
+        // Records read before the shard was lost and taken back, behind where its reader starts
+        // now: their checkpoint would move the shard's back (another worker's progress undone).
+        if let Some(reader) = self.readers.get(shard)
+            && reader.checkpointed.bytes().all(|b| b.is_ascii_digit())
+            && crate::worker::compare_sequences(sequence, &reader.checkpointed).is_lt()
+        {
+            return Err(SluiceError::retryable(
+                ReasonCode::LeaseLost,
+                format!("{shard}: records read before the lease was lost and taken back are checkpointed past"),
+            ));
+        }
         let result = self.coordinator.checkpoint(shard, sequence, records).await;
         match (&result, self.readers.get_mut(shard)) {
             (Ok(()), Some(reader)) => reader.checkpointed = sequence.to_owned(),

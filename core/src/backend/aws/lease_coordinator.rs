@@ -78,6 +78,10 @@ pub(super) struct LeaseCoordinator {
     held: BTreeMap<String, (u64, Instant)>,
     /// Every shard with a lease, as of the last scan (and the leases created since).
     known: HashSet<String>,
+    /// Shards this worker lost (taken, or its write refused) since [`Self::take_lost`] was last
+    /// asked: one taken back since is read again from its stored checkpoint, not on from where
+    /// this worker's reader was (another worker may have checkpointed past it meanwhile).
+    lost: Vec<String>,
     /// When [`Self::rebalance`] next reads the table.
     next_scan: Instant,
 }
@@ -100,8 +104,41 @@ impl LeaseCoordinator {
             observed: HashMap::new(),
             held: BTreeMap::new(),
             known: Default::default(),
+            lost: Vec::new(),
             next_scan: Instant::now(),
         }
+    }
+
+    /// The shards lost since this was last asked (see [`Self::lost`]).
+    pub(super) fn take_lost(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.lost)
+    }
+
+    /// `shard` is no longer held: taken by another worker, or a write of ours refused.
+    fn lose(&mut self, shard: &str) {
+        self.held.remove(shard);
+        self.lost.push(shard.to_owned());
+        self.scan_soon();
+    }
+
+    /// Whether the lease of `shard` reads as ours at `counter` (a consistent read): a write of
+    /// ours whose answer was lost and whose retry by the SDK then failed its condition was
+    /// carried out, and the lease is still ours.
+    async fn written_by_us(&self, shard: &str, counter: u64) -> Result<bool> {
+        let output = self
+            .client
+            .get_item()
+            .table_name(&self.table)
+            .key(LEASE_KEY, s(shard))
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(|e| classify("GetItem", e))?;
+        Ok(output
+            .item
+            .as_ref()
+            .and_then(Lease::from_item)
+            .is_some_and(|l| l.owner.as_deref() == Some(self.owner.as_str()) && l.counter == counter))
     }
 
     /// The shards that have a lease, as of the last scan.
@@ -184,6 +221,7 @@ impl LeaseCoordinator {
             if self.held.contains_key(&lease.shard) && lease.owner.as_deref() != Some(&self.owner) {
                 tracing::warn!(shard = lease.shard, thief = ?lease.owner, "lease taken by another worker");
                 self.held.remove(&lease.shard);
+                self.lost.push(lease.shard.clone());
             }
         }
 
@@ -294,9 +332,12 @@ impl LeaseCoordinator {
                     self.held.insert(shard, (counter + 1, Instant::now()));
                 }
                 Err(e) if error_code(&e) == Some("ConditionalCheckFailedException") => {
+                    if self.written_by_us(&shard, counter + 1).await? {
+                        self.held.insert(shard, (counter + 1, Instant::now()));
+                        continue;
+                    }
                     tracing::warn!(shard, "lease lost before renewal");
-                    self.held.remove(&shard);
-                    self.scan_soon();
+                    self.lose(&shard);
                 }
                 Err(e) => return Err(classify("UpdateItem", e)),
             }
@@ -345,9 +386,17 @@ impl LeaseCoordinator {
                 }
                 Ok(())
             }
+            // Written, its answer lost, and the SDK's retry refused: done (SHARD_END: given up).
+            Err(e)
+                if error_code(&e) == Some("ConditionalCheckFailedException")
+                    && checkpoint != SHARD_END
+                    && self.written_by_us(shard, counter + 1).await? =>
+            {
+                self.held.insert(shard.to_owned(), (counter + 1, Instant::now()));
+                Ok(())
+            }
             Err(e) if error_code(&e) == Some("ConditionalCheckFailedException") => {
-                self.held.remove(shard);
-                self.scan_soon();
+                self.lose(shard);
                 Err(SluiceError::retryable(ReasonCode::LeaseLost, format!("{shard} is now held by another worker")))
             }
             Err(e) => Err(classify("UpdateItem", e)),
