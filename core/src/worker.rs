@@ -637,10 +637,7 @@ impl Worker {
                 Err(e) if e.is_retryable() => {
                     let delay = backoff.next().unwrap_or(Duration::from_secs(10));
                     tracing::warn!(error = %e, ?delay, "batch failed; backing off");
-                    tokio::select! {
-                        _ = shutdown.cancelled() => {}
-                        _ = tokio::time::sleep(delay) => {}
-                    }
+                    self.back_off(delay, &shutdown).await;
                 }
                 Err(e) => {
                     self.stage.finish().await;
@@ -653,6 +650,28 @@ impl Worker {
         self.source.close().await?;
         tracing::info!(?report, "worker stopped");
         Ok(report)
+    }
+
+    /// Waits `delay`, or until `shutdown`, keeping a stream's shard leases meanwhile: backing off
+    /// for seconds (up to 20 with the jitter) would let them run out (10 s by default) and other
+    /// workers take them and redo what this one read.
+    async fn back_off(&mut self, delay: Duration, shutdown: &CancellationToken) {
+        let reads_stream = self.stage.name().input_queue().is_none();
+        let sleep = tokio::time::sleep(delay);
+        tokio::pin!(sleep);
+        let mut ticks =
+            tokio::time::interval_at(tokio::time::Instant::now() + self.heartbeat_every, self.heartbeat_every);
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = &mut sleep => return,
+                _ = ticks.tick(), if reads_stream => {
+                    if let Err(e) = self.source.heartbeat(&[]).await {
+                        tracing::warn!(error = %e, "lease renewal failed while backing off");
+                    }
+                }
+            }
+        }
     }
 
     async fn run_once(&mut self, report: &mut WorkerReport, shutdown: &CancellationToken) -> Result<()> {

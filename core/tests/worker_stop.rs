@@ -173,6 +173,76 @@ async fn a_batch_whose_sends_hang_is_handed_back_when_the_grace_period_runs_out(
     assert_eq!(next.depth().await.unwrap().total(), 0, "nothing was sent on");
 }
 
+/// A stream whose every read fails (a throttled or unreachable stream), counting lease renewals.
+struct FailingStream {
+    renewals: Arc<AtomicUsize>,
+}
+
+#[async_trait]
+impl Source for FailingStream {
+    async fn receive(&mut self, _max: usize, _wait: Duration) -> Result<Vec<Delivery>> {
+        Err(sluice_core::SluiceError::retryable(sluice_core::ReasonCode::StoreUnavailable, "GetRecords failed"))
+    }
+
+    async fn settle(&mut self, _done: &[&Origin], _retry: &[&Origin], _retry_delay: Duration) -> Result<()> {
+        Ok(())
+    }
+
+    async fn heartbeat(&mut self, _in_flight: &[&Origin]) -> Result<()> {
+        self.renewals.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+
+    async fn close(&mut self) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// Ingest.
+struct Ingests;
+
+#[async_trait]
+impl Stage for Ingests {
+    fn name(&self) -> StageName {
+        StageName::Ingest
+    }
+
+    fn batch_policy(&self) -> BatchPolicy {
+        BatchPolicy::up_to(10)
+    }
+
+    async fn process(&self, batch: &[Delivery]) -> Vec<Outcome> {
+        batch.iter().map(|_| Outcome::Forward(Vec::new())).collect()
+    }
+}
+
+/// A stream worker backing off after failed reads (for seconds, as the failures go on) keeps
+/// renewing its shard leases meanwhile: let run out, other workers would take them and redo
+/// what it had read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_worker_backing_off_keeps_its_leases() {
+    let dir = tempfile::tempdir().unwrap();
+    // Leases renewed every 100 ms.
+    let store = StoreConfig {
+        path: dir.path().join("s.sqlite"),
+        lease_duration_ms: 1_000,
+        visibility_timeout_ms: 1_000,
+        ..StoreConfig::default()
+    };
+    let backend = Backend::open(&store).await.unwrap();
+    let renewals = Arc::new(AtomicUsize::new(0));
+    let source = FailingStream { renewals: Arc::clone(&renewals) };
+    let worker = Worker::new(Arc::new(Ingests), Box::new(source), backend, WorkerConfig::default(), &store);
+    let shutdown = CancellationToken::new();
+    let running = tokio::spawn(worker.run(shutdown.clone()));
+    // Backing off 0.1, 0.2, 0.4, 0.8, 1.6 s… (each up to twice that with the jitter).
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(5), running).await.unwrap().unwrap().unwrap();
+    let renewals = renewals.load(Ordering::SeqCst);
+    assert!(renewals >= 10, "renewed {renewals} times in 2.5 s of backing off");
+}
+
 /// A deep backlog behind a slow store: every receive takes `delay` and comes back full (ten,
 /// as SQS's most). Counts what it handed out and what was acknowledged.
 struct SlowBacklog {

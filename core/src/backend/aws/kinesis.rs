@@ -25,7 +25,10 @@ const IDLE_READ_INTERVAL: Duration = Duration::from_millis(1500);
 /// How often the shard list is read again to find new shards (a reshard) even when no shard
 /// this worker reads has ended.
 const SHARD_SYNC_INTERVAL: Duration = Duration::from_secs(30);
-/// Pause for a shard whose read throughput is exceeded (the SDK has already retried).
+/// Pause for a shard whose read throughput is exceeded. GetRecords is not retried by the SDK
+/// (`read_once`): a shard over its 2 MB/s stays throttled for seconds after a large read, and
+/// the SDK's attempts would hold every other shard's reads, and the lease renewals that run
+/// between polls, for as long.
 const THROTTLED_PAUSE: Duration = Duration::from_secs(1);
 const GET_RECORDS_LIMIT: usize = 10_000;
 /// The fewest records one GetRecords call asks for, whatever the poll wants: what is left over
@@ -220,6 +223,12 @@ impl KinesisStream {
             pending = failed;
         }
     }
+}
+
+/// A GetRecords call tried once: a throttled shard is paused on its own (`THROTTLED_PAUSE`), and
+/// any other failure is read again next poll, while the other shards are read meanwhile.
+fn read_once() -> aws_sdk_kinesis::config::Builder {
+    aws_sdk_kinesis::config::Builder::default().retry_config(aws_sdk_kinesis::config::retry::RetryConfig::disabled())
 }
 
 /// Whether `shard` is no longer among the stream's shards, the stream being there.
@@ -433,6 +442,8 @@ impl StreamConsumer for KinesisConsumer {
                 .get_records()
                 .shard_iterator(reader.iterator.clone().expect("set above"))
                 .limit(remaining.clamp(READ_AHEAD, GET_RECORDS_LIMIT) as i32)
+                .customize()
+                .config_override(read_once())
                 .send()
                 .await;
             let output = match result {
