@@ -6,8 +6,8 @@
 //! those writes are durable does it acknowledge (delete, checkpoint). A retryable failure is left
 //! unacknowledged and comes back after a delay, until the queue's redrive policy moves it to the DLQ.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::Arc;
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use async_trait::async_trait;
@@ -517,6 +517,13 @@ fn settlements(done: &[&Origin], retry: &[&Origin]) -> Vec<ShardSettlement> {
         .collect()
 }
 
+/// A forward that stopped short: why, and the deliveries with a message that may not have gone
+/// out (to be redone; the others' messages all went out).
+struct ForwardFailed {
+    error: SluiceError,
+    unsent: BTreeSet<usize>,
+}
+
 fn warn_lease_lost(shard: &str) {
     tracing::warn!(shard, "lease lost before checkpoint; the new owner re-reads from the last checkpoint");
 }
@@ -712,6 +719,8 @@ impl Worker {
         // Messages by queue, each with the index of the delivery it came from.
         let mut sends: BTreeMap<QueueName, Vec<(usize, OutgoingMessage)>> = BTreeMap::new();
         let (mut done, mut retry) = (Vec::new(), Vec::new());
+        // The delivery each of `done` is.
+        let mut done_index = Vec::new();
         let mut processed = 0;
         for (index, (delivery, outcome)) in batch.iter().zip(outcomes).enumerate() {
             match outcome {
@@ -726,6 +735,7 @@ impl Worker {
                     }
                     processed += 1;
                     done.push(&delivery.origin);
+                    done_index.push(index);
                 }
                 Outcome::Failed { error, record_id } => {
                     // A stream record's receives are the reads its source counted.
@@ -757,6 +767,7 @@ impl Worker {
                             .push((index, dlq_message(stage, delivery, &error, record_id)));
                         report.dead_lettered += 1;
                         done.push(&delivery.origin);
+                        done_index.push(index);
                     } else {
                         tracing::warn!(%stage, record_id = id, %error, "will retry");
                         report.retried += 1;
@@ -768,12 +779,17 @@ impl Worker {
 
         let acknowledged = match self.forward(trace.as_ref(), sends, &done, &retry).await {
             Ok(acknowledged) => acknowledged,
-            Err(e) => {
-                // Nothing is acknowledged: the whole batch comes back and is redone; sinks are
-                // idempotent. Handed back at the end of a grace period, it is visible at once.
+            Err(ForwardFailed { error, unsent }) => {
+                // What went out whole is acknowledged (done again, a dead-lettered record would
+                // be dead-lettered twice: SQS keeps both); the rest comes back to be redone, and
+                // sinks are idempotent. At the end of a grace period it is visible at once.
                 let delay = if self.abandon.is_cancelled() { Duration::ZERO } else { retry_delay };
-                self.hand_back(&batch, delay).await?;
-                return Err(e);
+                let (mut went, mut redo) = (Vec::new(), retry.clone());
+                for (origin, index) in done.iter().zip(&done_index) {
+                    if unsent.contains(index) { redo.push(*origin) } else { went.push(*origin) }
+                }
+                self.source.settle(&went, &redo, delay).await?;
+                return Err(error);
             }
         };
         let settle = if acknowledged { &[][..] } else { &done[..] };
@@ -797,14 +813,15 @@ impl Worker {
     /// Sends each queue's messages (`(delivery index, message)`), each queue's in a span of its
     /// own: in one transaction with the acknowledgement of `done` where the source's store has
     /// them ([`Source::forwards_with_ack`]), else one queue after another, stopping at the first
-    /// that fails. `Ok(true)`: `done` is acknowledged too.
+    /// that fails, each queue's in calls of at most what one takes (SQS: 10), so that what
+    /// went out before a failure is known. `Ok(true)`: `done` is acknowledged too.
     async fn forward(
         &mut self,
         trace: Option<&BatchTrace>,
         sends: BTreeMap<QueueName, Vec<(usize, OutgoingMessage)>>,
         done: &[&Origin],
         retry: &[&Origin],
-    ) -> Result<bool> {
+    ) -> std::result::Result<bool, ForwardFailed> {
         let system = self.queue_system;
         let span = |queue: QueueName, records: &[usize]| {
             trace.map(|trace| trace.send(&Destination { system, name: queue.as_str().to_owned() }, records))
@@ -825,6 +842,17 @@ impl Worker {
             })
             .collect();
 
+        // Deliveries with a message not (yet) known to have gone out, and how many each has.
+        let unsent: Mutex<BTreeMap<usize, usize>> = Mutex::new(BTreeMap::new());
+        for (_, records, _) in &outgoing {
+            for index in records {
+                *unsent.lock().expect("not poisoned").entry(*index).or_default() += 1;
+            }
+        }
+        let failed = |error: SluiceError, unsent: &Mutex<BTreeMap<usize, usize>>| ForwardFailed {
+            error,
+            unsent: unsent.lock().expect("not poisoned").keys().copied().collect(),
+        };
         if self.source.forwards_with_ack() && !(outgoing.is_empty() && done.is_empty()) {
             let spans: Vec<_> = outgoing.iter().map(|(queue, records, _)| span(*queue, records)).collect();
             let counts: Vec<(QueueName, usize)> = outgoing.iter().map(|(queue, _, m)| (*queue, m.len())).collect();
@@ -833,7 +861,7 @@ impl Worker {
                 for span in spans.iter().flatten() {
                     span.failed(&e);
                 }
-                return Err(e);
+                return Err(failed(e, &unsent));
             }
             for (queue, count) in counts {
                 metrics().sent(queue, count);
@@ -841,17 +869,35 @@ impl Worker {
             return Ok(true);
         }
         let backend = &self.backend;
+        let unsent_ref = &unsent;
         let sending = async move {
             for (queue, records, messages) in outgoing {
                 let span = span(queue, &records);
-                let count = messages.len();
-                if let Err(e) = backend.queue(queue).send_batch(messages).await {
-                    if let Some(span) = &span {
-                        span.failed(&e);
+                let target = backend.queue(queue);
+                let per_call = target.per_call().unwrap_or(usize::MAX).max(1);
+                let mut records = records.into_iter();
+                let mut messages = messages.into_iter().peekable();
+                while messages.peek().is_some() {
+                    let call: Vec<OutgoingMessage> = messages.by_ref().take(per_call).collect();
+                    let count = call.len();
+                    if let Err(e) = target.send_batch(call).await {
+                        if let Some(span) = &span {
+                            span.failed(&e);
+                        }
+                        return Err(e);
                     }
-                    return Err(e);
+                    let mut left = unsent_ref.lock().expect("not poisoned");
+                    for index in records.by_ref().take(count) {
+                        if let Some(n) = left.get_mut(&index) {
+                            *n -= 1;
+                            if *n == 0 {
+                                left.remove(&index);
+                            }
+                        }
+                    }
+                    drop(left);
+                    metrics().sent(queue, count);
                 }
-                metrics().sent(queue, count);
             }
             Ok(false)
         };
@@ -867,14 +913,14 @@ impl Worker {
         let abandon = self.abandon.clone();
         loop {
             tokio::select! {
-                sent = &mut sending => return sent,
-                // Out of time (a queue throttled, the SDK retrying): cut short, the batch is
-                // handed back as after a failed send, and the worker still lets go of its leases
-                // before the process is killed.
-                () = abandon.cancelled() => return Err(SluiceError::retryable(
+                sent = &mut sending => return sent.map_err(|e| failed(e, &unsent)),
+                // Out of time (a queue throttled, the SDK retrying): cut short, what did not go
+                // out is handed back as after a failed send, and the worker still lets go of its
+                // leases before the process is killed.
+                () = abandon.cancelled() => return Err(failed(SluiceError::retryable(
                     ReasonCode::Internal,
                     "the grace period ran out while the batch was being sent on",
-                )),
+                ), &unsent)),
                 _ = ticks.tick() => {
                     if let Err(e) = self.source.heartbeat(&in_flight).await {
                         tracing::warn!(error = %e, "visibility heartbeat failed");

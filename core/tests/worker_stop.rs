@@ -72,43 +72,65 @@ async fn an_unfinished_batch_is_handed_back_when_the_grace_period_runs_out() {
 
 /// The queue it wraps, sent to and committed to one call at a time, as SQS is (no sends and
 /// acknowledgements in one transaction); with `hang_sends`, a send never finishes (a queue
-/// throttled, the SDK retrying on and on).
+/// throttled, the SDK retrying on and on); with `fail_call`, that send call (the first is 1)
+/// fails; `per_call`, the most messages one send takes.
+#[derive(Default)]
 struct Wrapped {
-    inner: Arc<dyn WorkQueue>,
+    inner: Option<Arc<dyn WorkQueue>>,
     hang_sends: bool,
+    fail_call: Option<usize>,
+    per_call: Option<usize>,
+    calls: AtomicUsize,
+}
+
+impl Wrapped {
+    fn new(inner: &Arc<dyn WorkQueue>) -> Self {
+        Self { inner: Some(Arc::clone(inner)), ..Self::default() }
+    }
+
+    fn inner(&self) -> &Arc<dyn WorkQueue> {
+        self.inner.as_ref().expect("a queue to wrap")
+    }
 }
 
 #[async_trait]
 impl WorkQueue for Wrapped {
     fn name(&self) -> QueueName {
-        self.inner.name()
+        self.inner().name()
+    }
+    fn per_call(&self) -> Option<usize> {
+        self.per_call
     }
     async fn send_batch(&self, messages: Vec<OutgoingMessage>) -> Result<()> {
         if self.hang_sends {
             std::future::pending::<()>().await;
         }
-        self.inner.send_batch(messages).await
+        assert!(messages.len() <= self.per_call.unwrap_or(usize::MAX), "more than a call takes");
+        if Some(self.calls.fetch_add(1, Ordering::SeqCst) + 1) == self.fail_call {
+            return Err(sluice_core::SluiceError::retryable(sluice_core::ReasonCode::StoreBusy, "throttled"));
+        }
+        self.inner().send_batch(messages).await
     }
     async fn receive(&self, max: usize, wait: Duration) -> Result<Vec<ReceivedMessage>> {
-        self.inner.receive(max, wait).await
+        self.inner().receive(max, wait).await
     }
     async fn receive_hidden(&self, max: usize, wait: Duration, hidden: Duration) -> Result<Vec<ReceivedMessage>> {
-        self.inner.receive_hidden(max, wait, hidden).await
+        self.inner().receive_hidden(max, wait, hidden).await
     }
     async fn ack(&self, receipts: &[Receipt]) -> Result<()> {
-        self.inner.ack(receipts).await
+        self.inner().ack(receipts).await
     }
     async fn extend_visibility(&self, receipts: &[Receipt], by: Duration) -> Result<()> {
-        self.inner.extend_visibility(receipts, by).await
+        self.inner().extend_visibility(receipts, by).await
     }
     async fn release(&self, receipts: &[Receipt], delay: Duration) -> Result<()> {
-        self.inner.release(receipts, delay).await
+        self.inner().release(receipts, delay).await
     }
     async fn depth(&self) -> Result<QueueDepth> {
-        self.inner.depth().await
+        self.inner().depth().await
     }
     async fn peek(&self, max: usize) -> Result<Vec<ReceivedMessage>> {
-        self.inner.peek(max).await
+        self.inner().peek(max).await
     }
 }
 
@@ -143,12 +165,12 @@ async fn a_batch_whose_sends_hang_is_handed_back_when_the_grace_period_runs_out(
         StoreConfig { path: dir.path().join("s.sqlite"), visibility_timeout_ms: 600_000, ..StoreConfig::default() };
     let backend = Backend::open(&store).await.unwrap();
     let (input, next) = (backend.queue(QueueName::Features), backend.queue(QueueName::Inference));
-    let backend = backend.with_queue(Arc::new(Wrapped { inner: next.clone(), hang_sends: true }));
+    let backend = backend.with_queue(Arc::new(Wrapped { hang_sends: true, ..Wrapped::new(&next) }));
     let messages = (0..3).map(|i| OutgoingMessage { body: format!("m{i}").into_bytes(), ..Default::default() });
     input.send_batch(messages.collect()).await.unwrap();
 
     let abandon = CancellationToken::new();
-    let source = QueueSource::new(Arc::new(Wrapped { inner: input.clone(), hang_sends: false }), &store);
+    let source = QueueSource::new(Arc::new(Wrapped::new(&input)), &store);
     let worker = Worker::new(Arc::new(ForwardsOn), Box::new(source), backend, WorkerConfig::default(), &store)
         .abandoning_on(abandon.clone());
     let shutdown = CancellationToken::new();
@@ -171,6 +193,41 @@ async fn a_batch_whose_sends_hang_is_handed_back_when_the_grace_period_runs_out(
     let depth = input.depth().await.unwrap();
     assert_eq!((depth.visible, depth.in_flight), (3, 0), "handed back, visible at once");
     assert_eq!(next.depth().await.unwrap().total(), 0, "nothing was sent on");
+}
+
+/// A batch whose sends on fail part way (the second call of two messages refused, as SQS
+/// throttled past the SDK's attempts): what went out is acknowledged, only the rest is redone,
+/// so no message is sent twice (a dead-lettered record would have two DLQ entries on SQS).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_sent_on_in_part_redoes_only_what_did_not_go_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let store =
+        StoreConfig { path: dir.path().join("s.sqlite"), visibility_timeout_ms: 600_000, ..StoreConfig::default() };
+    let backend = Backend::open(&store).await.unwrap();
+    let (input, next) = (backend.queue(QueueName::Features), backend.queue(QueueName::Inference));
+    let on = Wrapped { fail_call: Some(2), per_call: Some(2), ..Wrapped::new(&next) };
+    let backend = backend.with_queue(Arc::new(on));
+    let messages = (0..5).map(|i| OutgoingMessage { body: format!("m{i}").into_bytes(), ..Default::default() });
+    input.send_batch(messages.collect()).await.unwrap();
+
+    let source = QueueSource::new(Arc::new(Wrapped::new(&input)), &store);
+    let config = WorkerConfig { retry_delay_ms: 10, ..WorkerConfig::default() };
+    let worker = Worker::new(Arc::new(ForwardsOn), Box::new(source), backend, config, &store);
+    let shutdown = CancellationToken::new();
+    let running = tokio::spawn(worker.run(shutdown.clone()));
+    for _ in 0..200 {
+        if input.depth().await.unwrap().total() == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(5), running).await.unwrap().unwrap().unwrap();
+    assert_eq!(input.depth().await.unwrap().total(), 0, "all done");
+    let mut sent: Vec<Vec<u8>> = next.peek(100).await.unwrap().into_iter().map(|m| m.body).collect();
+    sent.sort();
+    let expected: Vec<Vec<u8>> = (0..5).map(|i| format!("m{i}").into_bytes()).collect();
+    assert_eq!(sent, expected, "each sent on once");
 }
 
 /// A stream whose every read fails (a throttled or unreachable stream), counting lease renewals.
