@@ -363,7 +363,9 @@ pub struct AwsConfig {
     /// Every resource is named `<prefix>-…`: stream `<prefix>-records`, queue
     /// `<prefix>-features`, table `<prefix>-results`, bucket `<prefix>-claims`, and so on.
     pub prefix: String,
-    /// Buckets claim-check references may point into, besides `<prefix>-claims`.
+    /// Buckets claim-check references may point into, besides `<prefix>-claims`: `bucket` (any
+    /// key in it), or `bucket/prefix` (only keys under that prefix: one producer's part of a
+    /// bucket others write too).
     pub claim_check_buckets: Vec<String>,
     /// A shard lease whose counter has not moved for this long (on the observer's clock) has
     /// expired and may be taken (1 s at least).

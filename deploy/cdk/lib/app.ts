@@ -50,8 +50,11 @@ export function buildStacks(app: App, env?: Environment, overrides: Partial<Envi
   }
 
   const claimCheckBuckets = (context('claimCheckBuckets') ?? '').split(',').map((b) => b.trim()).filter((b) => b);
-  for (const bucket of claimCheckBuckets) {
-    if (!/^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$/.test(bucket)) throw new Error(`-c claimCheckBuckets: ${JSON.stringify(bucket)} is no bucket name`);
+  for (const entry of claimCheckBuckets) {
+    // A bucket, or a bucket and a key prefix in it (one producer's part of a shared bucket).
+    const bucket = entry.split('/')[0];
+    if (!/^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$/.test(bucket)) throw new Error(`-c claimCheckBuckets: ${JSON.stringify(entry)} names no bucket`);
+    if (/[*?]/.test(entry)) throw new Error(`-c claimCheckBuckets: ${JSON.stringify(entry)}: a key prefix, not a pattern`);
   }
   const recordIdField = context('recordIdField');
   if (recordIdField !== undefined && !/^\S+$/.test(recordIdField)) {

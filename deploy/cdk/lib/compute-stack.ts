@@ -203,9 +203,9 @@ export class ComputeStack extends Stack {
         },
       );
       if (readsProducerObjects(stage)) {
-        for (const bucket of producerBuckets) {
+        for (const entry of producerBuckets) {
           Validations.of(role).acknowledge({
-            id: `AwsSolutions-IAM5[Resource::arn:<AWS::Partition>:s3:::${bucket}/*]`,
+            id: `AwsSolutions-IAM5[Resource::${producerObjects(entry, '<AWS::Partition>')}]`,
             reason: "A producer's claim-checks are keyed as the producer chooses: read only, in the bucket it names.",
           });
         }
@@ -372,9 +372,9 @@ export class ComputeStack extends Stack {
     allow('ClaimCheckKeys', ['s3:ListBucket'], [claimCheckBucket(data)]);
     if (readsProducerObjects(stage) && producerBuckets.length > 0) {
       // Read only; listed for the same reason as the own bucket (a key gone is NoSuchKey).
-      const buckets = producerBuckets.map((b) => `arn:${Aws.PARTITION}:s3:::${b}`);
-      allow('ProducerClaimChecks', ['s3:GetObject'], buckets.map((b) => `${b}/*`));
-      allow('ProducerClaimCheckKeys', ['s3:ListBucket'], buckets);
+      allow('ProducerClaimChecks', ['s3:GetObject'], producerBuckets.map((entry) => producerObjects(entry)));
+      const buckets = [...new Set(producerBuckets.map((entry) => entry.split('/')[0]))];
+      allow('ProducerClaimCheckKeys', ['s3:ListBucket'], buckets.map((b) => `arn:${Aws.PARTITION}:s3:::${b}`));
     }
     // Every worker adds its AWS request counts to the counters table (`sluice stats`).
     const counters = data.table('counters').tableArn;
@@ -829,6 +829,15 @@ function otelEnvironment(stage: Stage, config: EnvironmentConfig): Record<string
     OTEL_TRACES_SAMPLER: 'parentbased_traceidratio',
     OTEL_TRACES_SAMPLER_ARG: String(config.telemetry.traceSampleRatio),
   };
+}
+
+/**
+ * The objects a `claimCheckBuckets` entry lets the workers read: every key of `bucket`, or those
+ * under `prefix` of `bucket/prefix`.
+ */
+function producerObjects(entry: string, partition: string = Aws.PARTITION): string {
+  const [bucket, ...rest] = entry.split('/');
+  return `arn:${partition}:s3:::${bucket}/${rest.join('/')}*`;
 }
 
 /** The claim-check objects, by the bucket's name (so the ARN reads the same in every template). */

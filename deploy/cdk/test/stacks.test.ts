@@ -519,7 +519,20 @@ describe('environments', () => {
       assert.equal(variable(worker, 'SLUICE__STORE__AWS__CLAIM_CHECK_BUCKETS'), undefined);
       assert.equal(variable(worker, 'SLUICE__INGEST__RECORD_ID_FIELD'), undefined);
     }
-    assert.throws(() => synth('beta', { claimCheckBuckets: 'Not_A_Bucket' }), /no bucket name/);
+    assert.throws(() => synth('beta', { claimCheckBuckets: 'Not_A_Bucket' }), /names no bucket/);
+    assert.throws(() => synth('beta', { claimCheckBuckets: 'shared/team-*' }), /not a pattern/);
+  });
+
+  it("reads only a producer's part of a shared bucket where the entry names a key prefix", () => {
+    const { stacks, compute } = synth('beta', { claimCheckBuckets: 'shared/team-a/' });
+    for (const { stage, worker } of workerTasks(compute)) {
+      assert.equal(variable(worker, 'SLUICE__STORE__AWS__CLAIM_CHECK_BUCKETS'), '["shared/team-a/"]', stage);
+      const policy = JSON.stringify(taskRolePolicy(stacks, compute, stage));
+      const reads = stage === 'ingest' || stage === 'features';
+      assert.equal(policy.includes(':s3:::shared/team-a/*'), reads, stage);
+      assert.equal(policy.includes(':s3:::shared/*'), false, `${stage} reads nothing else of it`);
+      assert.equal(policy.includes(':s3:::shared"'), reads, `${stage} lists the bucket`);
+    }
   });
 
   it('refuses to synthesize without an environment', () => {

@@ -93,10 +93,19 @@ impl S3BlobStore {
         if key.is_empty() {
             return Err(rejected("no key"));
         }
-        if !self.allowed.iter().any(|b| b == bucket) {
-            return Err(rejected(&format!("bucket {bucket:?} is not in the allowlist")));
+        if !self.allowed.iter().any(|entry| allows(entry, bucket, key)) {
+            return Err(rejected(&format!("bucket {bucket:?} (or that key in it) is not in the allowlist")));
         }
         Ok((bucket, key))
+    }
+}
+
+/// Whether an allowlist entry, `bucket` (any key in it) or `bucket/prefix` (keys under that
+/// prefix only: one producer's part of a shared bucket), lets `key` in `bucket` be read.
+fn allows(entry: &str, bucket: &str, key: &str) -> bool {
+    match entry.split_once('/') {
+        Some((allowed, prefix)) => allowed == bucket && key.starts_with(prefix),
+        None => entry == bucket,
     }
 }
 
@@ -148,4 +157,19 @@ pub(super) async fn get_object(
         .await
         .map_err(|e| SluiceError::retryable(ReasonCode::StoreUnavailable, format!("GetObject body: {e}")))?;
     Ok(Some(bytes.into_bytes().to_vec()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::allows;
+
+    #[test]
+    fn an_entry_allows_a_bucket_or_the_keys_under_a_prefix_of_it() {
+        assert!(allows("photos", "photos", "a/b.jpg"));
+        assert!(!allows("photos", "photos-b", "a/b.jpg"));
+        assert!(allows("shared/team-a/", "shared", "team-a/b.jpg"));
+        assert!(!allows("shared/team-a/", "shared", "team-b/b.jpg"));
+        assert!(!allows("shared/team-a/", "shared", "team-a"));
+        assert!(!allows("shared/team-a/", "other", "team-a/b.jpg"));
+    }
 }
