@@ -401,6 +401,17 @@ impl Action for SendTo {
     async fn apply(&self, backend: &Backend, items: &[Item]) -> Result<Vec<Fate>> {
         let Some(queue) = self.0.input_queue() else { return replay_to_the_stream(backend, items).await };
         let sent: Vec<Fate> = items.iter().map(|item| if self.sends(item) { Fate::Done } else { Fate::Kept }).collect();
+        if self.0 == StageName::Inference {
+            // Inference reads their vectors: once their entries are gone nothing holds those
+            // from the store's retention, and they may be past it already.
+            let ids: Vec<RecordId> = items
+                .iter()
+                .zip(&sent)
+                .filter(|(_, sent)| sent.leaves())
+                .filter_map(|(item, _)| item.record_id().cloned())
+                .collect();
+            backend.features.refresh(&ids).await?;
+        }
         let messages: Vec<OutgoingMessage> =
             items.iter().zip(&sent).filter(|(_, sent)| sent.leaves()).map(|(item, _)| item.replay_message()).collect();
         if !messages.is_empty() {

@@ -75,6 +75,27 @@ pub struct InputSpec {
     pub tabular: Option<TabularSpec>,
 }
 
+impl InputSpec {
+    /// What the features stage's vectors depend on, in 16 hex digits: the image size and crop,
+    /// the tabular fields, their ranges and categories; not the image mean and std, which the
+    /// model applies on its device. The features stage sends it with each record; inference
+    /// refuses a record made for another, whose vector it would read wrong (a bundle changed
+    /// while its queues still held records featured by the old one).
+    pub fn fingerprint(&self) -> String {
+        let mut made_of = self.clone();
+        if let Some(image) = &mut made_of.image {
+            image.mean.clear();
+            image.std.clear();
+        }
+        let bytes = serde_json::to_vec(&made_of).expect("an input spec serialises");
+        // FNV-1a: stable across builds and machines (std's hashers promise neither); no
+        // adversary chooses a bundle's spec.
+        let hash =
+            bytes.iter().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3));
+        format!("{hash:016x}")
+    }
+}
+
 /// Images are resized to `width`×`height` (or, with `resize_shorter_side`, resized so their
 /// shorter side has that length, aspect kept, and then centre-cropped to `width`×`height`, as
 /// ImageNet models expect), converted to `channels`, scaled to 0..1 and then normalised per
@@ -466,6 +487,11 @@ fn check_tabular(spec: &TabularSpec) -> Result<usize, String> {
                 if max <= min {
                     return Err(format!("field {name:?}: max must exceed min"));
                 }
+                if !(max - min).is_finite() {
+                    return Err(format!(
+                        "field {name:?}: max - min must be a finite number (the field is scaled by it)"
+                    ));
+                }
                 if !(min..=max).contains(&default) {
                     return Err(format!("field {name:?}: default must lie within min..max"));
                 }
@@ -574,6 +600,24 @@ mod tests {
     }
 
     /// Bundle mistakes that would start and then serve wrong answers: each refused, named.
+    /// The fingerprint follows what the vectors are made of, and only that.
+    #[test]
+    fn an_input_fingerprint_moves_with_what_the_vectors_are_made_of() {
+        let spec = manifest().input;
+        assert_eq!(spec.fingerprint(), manifest().input.fingerprint(), "stable");
+        assert_eq!(spec.fingerprint().len(), 16);
+        let mut normalised = spec.clone();
+        normalised.image.as_mut().unwrap().mean = vec![0.5];
+        normalised.image.as_mut().unwrap().std = vec![0.25];
+        assert_eq!(normalised.fingerprint(), spec.fingerprint(), "the model normalises on its device");
+        let mut wider = spec.clone();
+        wider.image.as_mut().unwrap().width += 1;
+        assert_ne!(wider.fingerprint(), spec.fingerprint());
+        let mut no_events = spec.clone();
+        no_events.tabular = None;
+        assert_ne!(no_events.fingerprint(), spec.fingerprint());
+    }
+
     #[test]
     fn a_bundle_that_would_serve_wrong_answers_is_refused() {
         fn refused(change: impl Fn(&mut ModelManifest), says: &str) {
@@ -604,6 +648,7 @@ mod tests {
         refused(|m| fields(m, ("x", "x"), (0.0, 1.0)), "field \"x\" comes twice");
         refused(|m| fields(m, ("", "y"), (0.0, 1.0)), "needs a name");
         refused(|m| fields(m, ("x", "y"), (f32::NEG_INFINITY, 1.0)), "finite numbers");
+        refused(|m| fields(m, ("x", "y"), (-3e38, 3e38)), "max - min must be a finite number");
         refused(
             |m| {
                 tabular(m).fields[0] =

@@ -141,6 +141,13 @@ impl PredictionResult {
     }
 }
 
+/// Attribute keys of the messages between stages.
+pub mod message_attr {
+    /// On the inference queue's messages: the [`crate::model::InputSpec::fingerprint`] of the
+    /// bundle the features stage made the record's vector with.
+    pub const INPUT_SPEC: &str = "sluice.input_spec";
+}
+
 /// Attribute keys under which a DLQ message carries why it is there. The message body is the
 /// original, byte for byte: nothing a DLQ receives is rewritten.
 pub mod dlq_attr {

@@ -86,11 +86,19 @@ impl FeatureVector {
         let [version, kind, payload @ ..] = rest else {
             return Err(refuse("stored feature vector is cut short in its header".to_owned()));
         };
+        if *version > VERSION {
+            // Written by a newer build: during a rolling upgrade another worker, of that build,
+            // reads it; past the receives, the record is dead-lettered with this cause.
+            return Err(SluiceError::retryable(
+                ReasonCode::FeatureShapeMismatch,
+                format!(
+                    "stored feature vector has encoding version {version}; this build reads up to {VERSION} \
+                     (written by a newer sluice?)"
+                ),
+            ));
+        }
         if *version != VERSION {
-            return Err(refuse(format!(
-                "stored feature vector has encoding version {version}; this build reads up to {VERSION} \
-                 (written by a newer sluice?)"
-            )));
+            return Err(refuse(format!("stored feature vector has encoding version {version}, which no build wrote")));
         }
         match *kind {
             KIND_VALUES => values(payload).map(Self::Values),

@@ -946,6 +946,40 @@ async fn a_failing_action_gives_every_entry_back() {
     }
 }
 
+/// An inference DLQ entry replayed after its record's vector passed the store's retention (the
+/// entry held it until then): the replay starts the vector's retention again, since once the
+/// entry is gone nothing holds it, and a sweep before inference reads it would lose the record
+/// for good (inference's DLQ entries carry no payload to make it again).
+#[tokio::test]
+async fn a_replay_to_inference_keeps_its_records_vectors() {
+    use sluice_core::dlq::{self, Filter, Letters, ReplayOptions, SendTo};
+    use sluice_core::envelope::RecordId;
+    use sluice_core::vector::FeatureVector;
+    let (_dir, config, backend) = fresh(StoreConfig { feature_retention_days: 1, ..StoreConfig::default() }).await;
+    let (held, free) = (RecordId::parse("held").unwrap(), RecordId::parse("free").unwrap());
+    let vectors = [&held, &free].map(|id| (id.clone(), FeatureVector::Pixels(vec![1, 2, 3])));
+    backend.features.put_if_absent(vectors.to_vec()).await.unwrap();
+    let two_days_ago = sluice_core::envelope::now_ms() as i64 - 2 * 24 * 3_600_000;
+    let file = rusqlite::Connection::open(&config.path).unwrap();
+    file.execute("UPDATE features SET created_ms = ?1", [two_days_ago]).unwrap();
+    let error = SluiceError::permanent(ReasonCode::ModelFailure, "the model failed");
+    let entry = DlqEntry::new(StageName::Inference, &error, 5, Some(held.clone()), Vec::new());
+    let message =
+        OutgoingMessage { body: b"{}".to_vec(), attributes: entry.attributes(), dedup_key: Some("held".into()) };
+    backend.queue(QueueName::InferenceDlq).send_batch(vec![message]).await.unwrap();
+
+    let letters = Letters::Stage(StageName::Inference);
+    let to = SendTo(StageName::Inference);
+    let done =
+        dlq::apply(&backend, letters, &Filter::default(), &to, &ReplayOptions::default(), &|_| {}).await.unwrap();
+    assert_eq!(done.moved, 1);
+    // A fresh handle's first write sweeps what is past the retention.
+    let features = Backend::open(&config).await.unwrap().features;
+    features.put_if_absent(vec![(RecordId::parse("later").unwrap(), FeatureVector::Pixels(vec![1]))]).await.unwrap();
+    let left = features.get_batch(&[held.clone(), free.clone()]).await.unwrap();
+    assert_eq!(left.keys().collect::<Vec<_>>(), [&held], "the replayed record's vector kept, the other swept");
+}
+
 /// A rejection stopped halfway (the result withdrawn, the DLQ entry not written) leaves a review
 /// item with no result. A review replay keeps it, however lenient its thresholds; `reject`
 /// finishes the job: one DLQ entry, no item, nothing lost.

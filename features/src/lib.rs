@@ -15,6 +15,7 @@ use sluice_core::config::Settings;
 use sluice_core::envelope::{ContentType, Envelope, Payload, RecordId, now_ms};
 use sluice_core::image::ImageLimits;
 use sluice_core::model::{ModelBundle, ModelManifest};
+use sluice_core::record::message_attr;
 use sluice_core::service::BuildError;
 use sluice_core::threads;
 use sluice_core::topology::{QueueName, StageName};
@@ -52,11 +53,18 @@ impl Default for FeaturesConfig {
     }
 }
 
+/// Claim-checked payloads fetched at once, at most: each is a request that waits on the network
+/// (a batch of 200 photos fetched one after another took 200 round trips), and each may hold up
+/// to `features.max_claim_check_bytes` in memory.
+const FETCHES_AT_ONCE: usize = 8;
+
 pub struct FeaturesStage {
     config: FeaturesConfig,
     manifest: ModelManifest,
     blobs: Arc<dyn BlobStore>,
     store: Arc<dyn FeatureStore>,
+    /// The bundle's input fingerprint, sent with each record to inference.
+    input_spec: String,
 }
 
 impl FeaturesStage {
@@ -64,6 +72,7 @@ impl FeaturesStage {
         let bundle = ModelBundle::load(settings.model()?.dir)?;
         Ok(Self {
             config: settings.section("features")?,
+            input_spec: bundle.manifest.input.fingerprint(),
             manifest: bundle.manifest,
             blobs: Arc::clone(&backend.blobs),
             store: Arc::clone(&backend.features),
@@ -73,13 +82,19 @@ impl FeaturesStage {
     /// Each envelope's feature vector (its payload fetched first where claim-checked), made on
     /// every core, with the envelope's place in the batch.
     async fn vectorise_all(&self, envelopes: Vec<(usize, Envelope)>) -> Vec<(usize, Made)> {
-        let mut inputs = Vec::with_capacity(envelopes.len());
-        for (at, mut envelope) in envelopes {
-            inputs.push(match self.take_payload(&mut envelope).await {
-                Ok(data) => Ok((at, envelope, data)),
-                Err(error) => Err((at, Outcome::failed(error, Some(envelope.record_id)))),
-            });
-        }
+        use futures_util::StreamExt as _;
+        // Collected first: a lazily mapped iterator in the stream trips the compiler's check that
+        // the stage's (`async_trait`, `Send`) future is Send for every lifetime.
+        let fetches: Vec<_> = envelopes
+            .into_iter()
+            .map(|(at, mut envelope)| async move {
+                match self.take_payload(&mut envelope).await {
+                    Ok(data) => Ok((at, envelope, data)),
+                    Err(error) => Err((at, Outcome::failed(error, Some(envelope.record_id)))),
+                }
+            })
+            .collect();
+        let inputs: Vec<_> = futures_util::stream::iter(fetches).buffered(FETCHES_AT_ONCE).collect().await;
         let (manifest, limits) = (&self.manifest, &self.config.image_limits);
         threads::on_every_core(inputs, |input| {
             let (at, envelope, data) = match input {
@@ -183,9 +198,11 @@ impl Stage for FeaturesStage {
             };
             vectors.push((envelope.record_id.clone(), vector));
             envelope.timestamps.featured_ms = Some(now_ms());
+            let mut attributes = delivery.attributes.clone();
+            attributes.insert(message_attr::INPUT_SPEC.to_owned(), self.input_spec.clone());
             let message = OutgoingMessage {
                 body: envelope.to_json(),
-                attributes: delivery.attributes.clone(),
+                attributes,
                 dedup_key: Some(envelope.record_id.to_string()),
             };
             outcomes.push(Outcome::forward(QueueName::Inference, message));

@@ -75,6 +75,13 @@ async fn images_and_events_become_the_same_vector() {
         let forwarded = Envelope::from_json(&messages[0].1.body).unwrap();
         assert_eq!(forwarded.payload, Payload::Released, "the payload is not carried past features");
         assert!(forwarded.timestamps.featured_ms.is_some());
+        let bundle = sluice_core::model::ModelBundle::load(concat!(env!("CARGO_MANIFEST_DIR"), "/../models/digits"));
+        let said = messages[0].1.attributes.get(sluice_core::record::message_attr::INPUT_SPEC);
+        assert_eq!(
+            said,
+            Some(&bundle.unwrap().manifest.input.fingerprint()),
+            "inference is told what input it was made for"
+        );
     }
     let ids: Vec<RecordId> =
         ["png", "event", "gradient", "big-gradient"].iter().map(|s| RecordId::parse(*s).unwrap()).collect();

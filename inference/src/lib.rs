@@ -21,7 +21,7 @@ use sluice_core::backend::{Backend, FeatureStore, OutgoingMessage};
 use sluice_core::config::Settings;
 use sluice_core::envelope::{Envelope, now_ms};
 use sluice_core::model::{ModelBundle, ModelManifest};
-use sluice_core::record::{InferredRecord, Prediction};
+use sluice_core::record::{InferredRecord, Prediction, message_attr};
 use sluice_core::service::BuildError;
 use sluice_core::telemetry::metrics::metrics;
 use sluice_core::topology::{QueueName, StageName};
@@ -147,9 +147,25 @@ pub struct InferenceStage {
     batch_size: BatchSizer,
     model_batches: AtomicU64,
     features: Arc<dyn FeatureStore>,
+    /// The bundle's input fingerprint: a record whose vector was made for another is refused.
+    input_spec: String,
 }
 
 impl InferenceStage {
+    /// A record whose vector the features stage made for another input than this bundle's (a
+    /// bundle changed while the queue held records featured by the old one): read as this one's,
+    /// it would be judged on features it does not mean. Retryable: a worker still serving that
+    /// bundle takes it; past its receives it is dead-lettered, saying so.
+    fn made_for_another(&self, made_for: &str) -> SluiceError {
+        SluiceError::retryable(
+            ReasonCode::FeatureShapeMismatch,
+            format!(
+                "its features were made for another model input (fingerprint {made_for}); model {} {} takes {}",
+                self.manifest.name, self.manifest.version, self.input_spec
+            ),
+        )
+    }
+
     pub fn build(settings: &Settings, backend: &Backend) -> Result<Self, BuildError> {
         let config: InferenceConfig = settings.section("inference")?;
         let bundle = ModelBundle::load(settings.model()?.dir)?;
@@ -221,6 +237,7 @@ impl InferenceStage {
             },
             batch_size: BatchSizer::new(config.batch_size, Duration::from_millis(target)),
             config,
+            input_spec: bundle.manifest.input.fingerprint(),
             manifest: bundle.manifest,
             classifier,
             fallback,
@@ -406,9 +423,15 @@ impl Stage for InferenceStage {
         let mut envelopes: BTreeMap<usize, Envelope> = BTreeMap::new();
         for (i, delivery) in batch.iter().enumerate() {
             match Envelope::from_json(&delivery.body) {
-                Ok(envelope) => {
-                    envelopes.insert(i, envelope);
-                }
+                Ok(envelope) => match delivery.attributes.get(message_attr::INPUT_SPEC) {
+                    Some(made_for) if *made_for != self.input_spec => {
+                        outcomes[i] = Some(Outcome::failed(self.made_for_another(made_for), Some(envelope.record_id)));
+                    }
+                    // Made for this bundle's input, or sent by a build that did not say.
+                    _ => {
+                        envelopes.insert(i, envelope);
+                    }
+                },
                 Err(error) => outcomes[i] = Some(Outcome::failed(error, None)),
             }
         }

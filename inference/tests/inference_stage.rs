@@ -79,6 +79,35 @@ async fn predicts_a_batch_and_classifies_missing_or_misshapen_vectors() {
     assert_eq!(code(&outcomes[3]), ReasonCode::FeatureShapeMismatch);
 }
 
+/// A record whose vector the features stage made for another model input (a bundle changed
+/// while the queue held records featured by the old one) is refused, for a worker still serving
+/// that bundle; one made for this bundle's input, or sent without saying, is scored.
+#[tokio::test]
+async fn a_record_featured_for_another_input_is_refused() {
+    use sluice_core::record::message_attr::INPUT_SPEC;
+    let (_dir, backend, stage) = stage().await;
+    let ids = ["ours", "theirs", "unsaid"].map(|s| RecordId::parse(s).unwrap());
+    backend.features.put_if_absent(ids.iter().map(|id| (id.clone(), one())).collect()).await.unwrap();
+    let bundle = sluice_core::model::ModelBundle::load(Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/digits"));
+    let said = |id: &str, spec: String| {
+        let mut d = delivery(id);
+        d.attributes.insert(INPUT_SPEC.to_owned(), spec);
+        d
+    };
+    let batch = [
+        said("ours", bundle.unwrap().manifest.input.fingerprint()),
+        said("theirs", "0123456789abcdef".into()),
+        delivery("unsaid"),
+    ];
+    let outcomes = stage.process(&batch).await;
+    assert!(matches!(&outcomes[0], Outcome::Forward(_)), "{:?}", outcomes[0]);
+    assert!(matches!(&outcomes[2], Outcome::Forward(_)), "{:?}", outcomes[2]);
+    let Outcome::Failed { error, record_id } = &outcomes[1] else { panic!("{:?}", outcomes[1]) };
+    assert_eq!((error.code(), error.is_retryable()), (ReasonCode::FeatureShapeMismatch, true), "{error}");
+    assert!(error.detail().contains("0123456789abcdef"), "{error}");
+    assert_eq!(record_id.as_ref(), Some(&ids[1]));
+}
+
 /// A record the model panics on does not take its batch with it: the batch is run a record at a
 /// time, those the model takes alone are scored, and the one it panics on alone is dead-lettered
 /// at once (it would panic on every receive).
@@ -185,6 +214,10 @@ impl sluice_core::backend::FeatureStore for Unreachable {
         _: &[RecordId],
     ) -> sluice_core::Result<std::collections::HashMap<RecordId, sluice_core::backend::StoredVector>> {
         Err(sluice_core::SluiceError::retryable(ReasonCode::StoreBusy, "throttled"))
+    }
+
+    async fn refresh(&self, _: &[RecordId]) -> sluice_core::Result<()> {
+        unreachable!("inference only reads")
     }
 }
 

@@ -255,6 +255,9 @@ mod tests {
         ) -> sluice_core::Result<std::collections::HashMap<RecordId, sluice_core::backend::StoredVector>> {
             Ok(Default::default())
         }
+        async fn refresh(&self, _: &[RecordId]) -> sluice_core::Result<()> {
+            Ok(())
+        }
     }
 
     fn result(id: &str) -> PredictionResult {

@@ -273,6 +273,11 @@ pub trait FeatureStore: Send + Sync {
     /// The vectors that exist among `ids`; missing ones are simply absent from the map. A vector
     /// that is stored but cannot be read (written by a newer build) is there as its error.
     async fn get_batch(&self, ids: &[RecordId]) -> Result<HashMap<RecordId, StoredVector>>;
+
+    /// Starts the retention of the vectors of `ids` (those that exist) again from now: a replay
+    /// of inference's DLQ sends their records to be read again, once nothing holds them any
+    /// more (their entries gone) and perhaps past their first retention.
+    async fn refresh(&self, ids: &[RecordId]) -> Result<()>;
 }
 
 /// A stored vector as read back: the vector, or why it cannot be read.

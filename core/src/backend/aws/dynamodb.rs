@@ -152,6 +152,12 @@ impl DynamoFeatureStore {
                     ReasonCode::MissingFeatures,
                     format!("the stored vector's object is gone: {}", e.detail()),
                 )))),
+                // Refused alone (archived, say): this record's failure too, not every record's
+                // of the batch; a store that cannot be reached, or a deployment at fault, is.
+                Err(e) if !e.is_retryable() && !e.is_misconfiguration() => Ok(Some(Err(SluiceError::permanent(
+                    ReasonCode::MissingFeatures,
+                    format!("the stored vector's object cannot be read: {}", e.detail()),
+                )))),
                 Err(e) => Err(e),
             },
             _ => Ok(None),
@@ -209,6 +215,40 @@ impl FeatureStore for DynamoFeatureStore {
                         pending = left;
                     }
                     _ => return Ok(()),
+                }
+            }
+        }))
+        .await?;
+        Ok(())
+    }
+
+    /// A new expiry for each vector there is (one gone is left gone). A vector offloaded to S3
+    /// keeps its object's lifecycle, which counts from the object's write.
+    async fn refresh(&self, ids: &[RecordId]) -> Result<()> {
+        if self.ttl_days == 0 {
+            return Ok(());
+        }
+        let expires = expires_at(now_ms(), self.ttl_days);
+        let attribute = super::resources::feature_ttl_attribute();
+        concurrently(ids.iter().map(|id| {
+            let expires = expires.clone();
+            async move {
+                let result = self
+                    .client
+                    .update_item()
+                    .table_name(&self.table)
+                    .set_key(Some(key(id)))
+                    .update_expression("SET #e = :e")
+                    .condition_expression("attribute_exists(#k)")
+                    .expression_attribute_names("#e", attribute)
+                    .expression_attribute_names("#k", RECORD_KEY)
+                    .expression_attribute_values(":e", expires)
+                    .send()
+                    .await;
+                match result {
+                    Ok(_) => Ok(()),
+                    Err(e) if error_code(&e) == Some("ConditionalCheckFailedException") => Ok(()),
+                    Err(e) => Err(classify("UpdateItem", e)),
                 }
             }
         }))

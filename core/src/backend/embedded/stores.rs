@@ -127,6 +127,25 @@ impl FeatureStore for EmbeddedFeatureStore {
         Ok(())
     }
 
+    /// Written again as of now, under a new row: rows stay in the order of their times, which
+    /// the sweep relies on (it stops at the first young one).
+    async fn refresh(&self, ids: &[RecordId]) -> Result<()> {
+        let ids = ids.to_vec();
+        let now = now_ms() as i64;
+        self.db
+            .write(move |tx| {
+                let mut again = tx.prepare_cached(
+                    "INSERT OR REPLACE INTO features (record_id, vector, created_ms) \
+                     SELECT record_id, vector, ?2 FROM features WHERE record_id = ?1",
+                )?;
+                for id in ids {
+                    again.execute(params![id.as_str(), now])?;
+                }
+                Ok(())
+            })
+            .await
+    }
+
     async fn get_batch(&self, ids: &[RecordId]) -> Result<HashMap<RecordId, StoredVector>> {
         let ids = ids.to_vec();
         self.db
