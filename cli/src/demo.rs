@@ -241,15 +241,15 @@ pub async fn summarise(backend: &Backend, elapsed_s: f64) -> anyhow::Result<Summ
     })
 }
 
-/// Every stored result, in record id order.
+/// Every stored result, in record id order (a reviewer's rejection's marker is none).
 pub async fn all_results(backend: &Backend) -> anyhow::Result<Vec<PredictionResult>> {
     let mut out: Vec<PredictionResult> = Vec::new();
+    let mut after = None;
     loop {
-        let page = backend.results.scan(out.last().map(|r| &r.record_id), 1000, None).await?;
-        if page.is_empty() {
-            return Ok(out);
-        }
-        out.extend(page);
+        let page = backend.results.scan(after.as_ref(), 1000, None).await?;
+        let Some(last) = page.last() else { return Ok(out) };
+        after = Some(last.record_id.clone());
+        out.extend(page.into_iter().filter(|r| r.status != sluice_core::record::ResultStatus::Rejected));
     }
 }
 

@@ -175,9 +175,11 @@ impl Item {
     }
 }
 
-/// A message's attributes less the ones a DLQ added (`sluice.*`).
+/// A message's attributes less the ones a DLQ added (`sluice.*`, but for those the stages send
+/// each other: an inference entry replayed keeps the input its vector was made for).
 fn record_message_attributes(attributes: &BTreeMap<String, String>) -> BTreeMap<String, String> {
-    attributes.iter().filter(|(k, _)| !k.starts_with("sluice.")).map(|(k, v)| (k.clone(), v.clone())).collect()
+    let kept = |k: &str| !k.starts_with("sluice.") || k == crate::record::message_attr::INPUT_SPEC;
+    attributes.iter().filter(|(k, _)| kept(k)).map(|(k, v)| (k.clone(), v.clone())).collect()
 }
 
 /// Which entries an operation applies to; an unset field matches everything.

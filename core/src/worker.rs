@@ -517,6 +517,9 @@ fn settlements(done: &[&Origin], retry: &[&Origin]) -> Vec<ShardSettlement> {
         .collect()
 }
 
+/// Calls of one queue's sends in flight at once (as SQS's own batch sends go).
+const SENDS_AT_ONCE: usize = 4;
+
 /// A forward that stopped short: why, and the deliveries with a message that may not have gone
 /// out (to be redone; the others' messages all went out).
 struct ForwardFailed {
@@ -871,32 +874,52 @@ impl Worker {
         let backend = &self.backend;
         let unsent_ref = &unsent;
         let sending = async move {
+            use futures_util::StreamExt as _;
             for (queue, records, messages) in outgoing {
                 let span = span(queue, &records);
                 let target = backend.queue(queue);
                 let per_call = target.per_call().unwrap_or(usize::MAX).max(1);
+                // One call a chunk, a few at a time; each, once it went out, says whose messages
+                // it carried. Collected first: a lazily mapped iterator in the stream trips the
+                // compiler's check that the (`Send`) future is Send for every lifetime.
                 let mut records = records.into_iter();
                 let mut messages = messages.into_iter().peekable();
+                let mut calls = Vec::new();
                 while messages.peek().is_some() {
                     let call: Vec<OutgoingMessage> = messages.by_ref().take(per_call).collect();
-                    let count = call.len();
-                    if let Err(e) = target.send_batch(call).await {
-                        if let Some(span) = &span {
-                            span.failed(&e);
+                    let carried: Vec<usize> = records.by_ref().take(call.len()).collect();
+                    let target = Arc::clone(&target);
+                    calls.push(async move { target.send_batch(call).await.map(|()| carried) });
+                }
+                // A call that fails does not stop the others: each that goes out is counted, so
+                // that only the failed one's records are redone.
+                let mut calls = futures_util::stream::iter(calls).buffer_unordered(SENDS_AT_ONCE);
+                let mut failed = None;
+                while let Some(sent) = calls.next().await {
+                    let carried = match sent {
+                        Ok(carried) => carried,
+                        Err(e) => {
+                            failed.get_or_insert(e);
+                            continue;
                         }
-                        return Err(e);
-                    }
+                    };
                     let mut left = unsent_ref.lock().expect("not poisoned");
-                    for index in records.by_ref().take(count) {
-                        if let Some(n) = left.get_mut(&index) {
+                    for index in &carried {
+                        if let Some(n) = left.get_mut(index) {
                             *n -= 1;
                             if *n == 0 {
-                                left.remove(&index);
+                                left.remove(index);
                             }
                         }
                     }
                     drop(left);
-                    metrics().sent(queue, count);
+                    metrics().sent(queue, carried.len());
+                }
+                if let Some(e) = failed {
+                    if let Some(span) = &span {
+                        span.failed(&e);
+                    }
+                    return Err(e);
                 }
             }
             Ok(false)

@@ -964,8 +964,11 @@ async fn a_replay_to_inference_keeps_its_records_vectors() {
     file.execute("UPDATE features SET created_ms = ?1", [two_days_ago]).unwrap();
     let error = SluiceError::permanent(ReasonCode::ModelFailure, "the model failed");
     let entry = DlqEntry::new(StageName::Inference, &error, 5, Some(held.clone()), Vec::new());
-    let message =
-        OutgoingMessage { body: b"{}".to_vec(), attributes: entry.attributes(), dedup_key: Some("held".into()) };
+    let mut attributes = entry.attributes();
+    // The input the vector was made for, as the features stage said it: it goes back with it.
+    let input = sluice_core::record::message_attr::INPUT_SPEC.to_owned();
+    attributes.insert(input.clone(), "0123456789abcdef".into());
+    let message = OutgoingMessage { body: b"{}".to_vec(), attributes, dedup_key: Some("held".into()) };
     backend.queue(QueueName::InferenceDlq).send_batch(vec![message]).await.unwrap();
 
     let letters = Letters::Stage(StageName::Inference);
@@ -973,6 +976,9 @@ async fn a_replay_to_inference_keeps_its_records_vectors() {
     let done =
         dlq::apply(&backend, letters, &Filter::default(), &to, &ReplayOptions::default(), &|_| {}).await.unwrap();
     assert_eq!(done.moved, 1);
+    let replayed = backend.queue(QueueName::Inference).peek(1).await.unwrap().remove(0);
+    assert_eq!(replayed.attributes.get(&input).map(String::as_str), Some("0123456789abcdef"));
+    assert!(!replayed.attributes.contains_key(sluice_core::record::dlq_attr::REASON), "none of the DLQ's");
     // A fresh handle's first write sweeps what is past the retention.
     let features = Backend::open(&config).await.unwrap().features;
     features.put_if_absent(vec![(RecordId::parse("later").unwrap(), FeatureVector::Pixels(vec![1]))]).await.unwrap();

@@ -163,8 +163,8 @@ impl Stage for FeaturesStage {
     async fn process(&self, batch: &[Delivery]) -> Vec<Outcome> {
         // The envelopes are read and the vectors made on every core (decoding and resizing an
         // image is the stage's work). Payloads that travel inline are at hand already;
-        // claim-checked ones are fetched a core's worth at a time, so that a batch of large
-        // payloads is never all in memory at once.
+        // claim-checked ones are fetched a core's worth (at least FETCHES_AT_ONCE) at a time, so
+        // that a batch of large payloads is never all in memory at once.
         let envelopes = threads::on_every_core(batch.iter().collect(), |delivery: &Delivery| {
             Envelope::from_json(&delivery.body).map_err(|error| Outcome::failed(error, None))
         });
@@ -182,7 +182,7 @@ impl Stage for FeaturesStage {
         made.extend(self.vectorise_all(inline).await);
         let mut claim_checked = claim_checked.into_iter().peekable();
         while claim_checked.peek().is_some() {
-            let some = claim_checked.by_ref().take(threads::stage_threads()).collect();
+            let some = claim_checked.by_ref().take(threads::stage_threads().max(FETCHES_AT_ONCE)).collect();
             made.extend(self.vectorise_all(some).await);
         }
         made.sort_unstable_by_key(|(at, _)| *at);

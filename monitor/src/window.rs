@@ -62,7 +62,8 @@ impl Window {
             let ids: Vec<RecordId> = chunk.iter().map(|r| r.record_id.clone()).collect();
             let results = backend.results.get_batch(&ids).await?;
             observations.extend(chunk.iter().map(|capture| {
-                let result = results.get(&capture.record_id);
+                // A reviewer's rejection leaves a marker, no result: the record is not scored.
+                let result = results.get(&capture.record_id).filter(|r| r.status != ResultStatus::Rejected);
                 let truth = result.and_then(|r| r.ground_truth.clone().or_else(|| r.reviewed_label.clone()));
                 Observation { capture: capture.clone(), truth, status_now: result.map(|r| r.status) }
             }));

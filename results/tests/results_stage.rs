@@ -128,6 +128,8 @@ async fn a_copy_of_a_rejected_record_is_given_no_result() {
     assert!(listed.results.is_empty(), "a rejection's marker is no result: {listed:?}");
     let asked = ResultQuery { status: Some(ResultStatus::Rejected), limit: 10, ..ResultQuery::default() };
     assert_eq!(backend.results.query(&asked).await.unwrap().results.len(), 1, "listed when asked for");
+    let fed = backend.results.set_ground_truth(&id, "5").await.unwrap();
+    assert_eq!(fed, FeedbackOutcome::Missing, "no result to label");
 }
 
 /// A result store that stores the first of a batch and then fails, as DynamoDB's transactions

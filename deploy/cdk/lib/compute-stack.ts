@@ -369,7 +369,9 @@ export class ComputeStack extends Stack {
     // with NoSuchKey, the record's `claim_check_missing`, rather than AccessDenied, which the
     // workers take for a deployment that may not read its own bucket, and stop. Unconditioned:
     // a GetObject carries no s3:prefix, so a condition on it would never hold (as the monitor's).
-    allow('ClaimCheckKeys', ['s3:ListBucket'], [claimCheckBucket(data)]);
+    // GetEncryptionConfiguration: an object refused alone under another KMS key than the
+    // bucket's (a producer's) is that record's failure, not the deployment's.
+    allow('ClaimCheckKeys', ['s3:ListBucket', 's3:GetEncryptionConfiguration'], [claimCheckBucket(data)]);
     if (readsProducerObjects(stage) && producerBuckets.length > 0) {
       // Read only; listed for the same reason as the own bucket (a key gone is NoSuchKey).
       allow('ProducerClaimChecks', ['s3:GetObject'], producerBuckets.map((entry) => producerObjects(entry)));
@@ -837,7 +839,9 @@ function otelEnvironment(stage: Stage, config: EnvironmentConfig): Record<string
  */
 function producerObjects(entry: string, partition: string = Aws.PARTITION): string {
   const [bucket, ...rest] = entry.split('/');
-  return `arn:${partition}:s3:::${bucket}/${rest.join('/')}*`;
+  // A prefix is a folder, as sluice reads it: `team-a` is `team-a/`, not `team-ab/`.
+  const folder = rest.join('/').replace(/\/+$/, '');
+  return `arn:${partition}:s3:::${bucket}/${folder ? `${folder}/` : ''}*`;
 }
 
 /** The claim-check objects, by the bucket's name (so the ARN reads the same in every template). */

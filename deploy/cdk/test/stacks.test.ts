@@ -533,6 +533,9 @@ describe('environments', () => {
       assert.equal(policy.includes(':s3:::shared/*'), false, `${stage} reads nothing else of it`);
       assert.equal(policy.includes(':s3:::shared"'), reads, `${stage} lists the bucket`);
     }
+    const folder = synth('beta', { claimCheckBuckets: 'shared/team-b' });
+    const policy = JSON.stringify(taskRolePolicy(folder.stacks, folder.compute, 'ingest'));
+    assert.ok(policy.includes(':s3:::shared/team-b/*'), 'a prefix is a folder: team-b/, not team-b*');
   });
 
   it('refuses to synthesize without an environment', () => {

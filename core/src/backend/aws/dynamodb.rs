@@ -670,6 +670,10 @@ impl ResultStore for DynamoResultStore {
                 return Ok(FeedbackOutcome::Missing);
             };
             let mut result = decode_result(&item)?;
+            // A reviewer's rejection's marker: no result to label.
+            if result.status == ResultStatus::Rejected {
+                return Ok(FeedbackOutcome::Missing);
+            }
             if result.ground_truth.as_deref() == Some(label) {
                 return Ok(FeedbackOutcome::Unchanged);
             }

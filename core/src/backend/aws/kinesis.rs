@@ -318,6 +318,7 @@ impl KinesisConsumer {
         }
         self.next_rebalance = Instant::now() + self.rebalance_every;
         let mut leases = self.coordinator.rebalance().await?;
+        self.drop_lost_readers();
         if Instant::now() >= self.next_shard_sync {
             self.next_shard_sync = Instant::now() + SHARD_SYNC_INTERVAL;
             let mut created = false;
@@ -330,14 +331,8 @@ impl KinesisConsumer {
             if created {
                 // A new lease makes the coordinator read the table again: take it now.
                 leases = self.coordinator.rebalance().await?;
+                self.drop_lost_readers();
             }
-        }
-        // A shard lost and taken back meanwhile (in this very rebalance, say) starts again from
-        // its stored checkpoint: another worker may have read and checkpointed past where this
-        // one's reader was, and reading on from there would redo those records and move the
-        // checkpoint back.
-        for shard in self.coordinator.take_lost() {
-            self.readers.remove(&shard);
         }
         let held: Vec<String> = self.coordinator.held().cloned().collect();
         self.readers.retain(|shard, _| held.contains(shard));
@@ -354,6 +349,17 @@ impl KinesisConsumer {
             self.readers.insert(shard, ShardReader::starting_at(checkpoint));
         }
         Ok(())
+    }
+
+    /// Drops the reader of each shard lost since this was last done: one taken back meanwhile
+    /// (in the very rebalance that found it lost, say) starts again from its stored checkpoint,
+    /// as another worker may have read and checkpointed past where this one's reader was, and
+    /// reading on from there would redo those records and move the checkpoint back. Done right
+    /// after each rebalance, before anything else can fail and leave the old reader in place.
+    fn drop_lost_readers(&mut self) {
+        for shard in self.coordinator.take_lost() {
+            self.readers.remove(&shard);
+        }
     }
 
     /// A closed shard whose every record is checkpointed is finished: say so in its lease.
@@ -537,7 +543,9 @@ impl StreamConsumer for KinesisConsumer {
     }
 
     async fn renew_leases(&mut self) -> Result<()> {
-        self.coordinator.renew().await
+        let renewed = self.coordinator.renew().await;
+        self.drop_lost_readers();
+        renewed
     }
 
     async fn release(&mut self) -> Result<()> {

@@ -121,10 +121,11 @@ impl LeaseCoordinator {
         self.scan_soon();
     }
 
-    /// Whether the lease of `shard` reads as ours at `counter` (a consistent read): a write of
-    /// ours whose answer was lost and whose retry by the SDK then failed its condition was
-    /// carried out, and the lease is still ours.
-    async fn written_by_us(&self, shard: &str, counter: u64) -> Result<bool> {
+    /// Whether the lease of `shard` reads as ours at `counter`, holding `checkpoint` where one is
+    /// given (a consistent read): a write of ours whose answer was lost and whose retry by the
+    /// SDK then failed its condition was carried out, and the lease is still ours. (The
+    /// checkpoint too: an earlier write of ours whose answer was lost moves the counter alike.)
+    async fn written_by_us(&self, shard: &str, counter: u64, checkpoint: Option<&str>) -> Result<bool> {
         let output = self
             .client
             .get_item()
@@ -134,11 +135,11 @@ impl LeaseCoordinator {
             .send()
             .await
             .map_err(|e| classify("GetItem", e))?;
-        Ok(output
-            .item
-            .as_ref()
-            .and_then(Lease::from_item)
-            .is_some_and(|l| l.owner.as_deref() == Some(self.owner.as_str()) && l.counter == counter))
+        Ok(output.item.as_ref().and_then(Lease::from_item).is_some_and(|l| {
+            l.owner.as_deref() == Some(self.owner.as_str())
+                && l.counter == counter
+                && checkpoint.is_none_or(|c| l.checkpoint == c)
+        }))
     }
 
     /// The shards that have a lease, as of the last scan.
@@ -332,7 +333,7 @@ impl LeaseCoordinator {
                     self.held.insert(shard, (counter + 1, Instant::now()));
                 }
                 Err(e) if error_code(&e) == Some("ConditionalCheckFailedException") => {
-                    if self.written_by_us(&shard, counter + 1).await? {
+                    if self.written_by_us(&shard, counter + 1, None).await? {
                         self.held.insert(shard, (counter + 1, Instant::now()));
                         continue;
                     }
@@ -390,7 +391,7 @@ impl LeaseCoordinator {
             Err(e)
                 if error_code(&e) == Some("ConditionalCheckFailedException")
                     && checkpoint != SHARD_END
-                    && self.written_by_us(shard, counter + 1).await? =>
+                    && self.written_by_us(shard, counter + 1, Some(checkpoint)).await? =>
             {
                 self.held.insert(shard.to_owned(), (counter + 1, Instant::now()));
                 Ok(())

@@ -59,22 +59,29 @@ impl S3BlobStore {
 
     /// Why the object `reference` names is refused when objects beside it are not: this role
     /// may look at it (HeadObject needs what GetObject does, but neither the object's KMS key
-    /// nor a restore), so the refusal is the object's. `None` when it may not, or the look fails:
-    /// the refusal is the deployment's.
+    /// nor a restore), and it is archived, or encrypted under another KMS key than the bucket's
+    /// own (which sluice's objects are written under). `None` otherwise, or when either look
+    /// fails: the refusal is the deployment's (its own key disabled, its role short of a right).
     async fn refused_alone(&self, reference: &str) -> Option<String> {
+        use aws_sdk_s3::types::StorageClass;
         let (bucket, key) = self.parse(reference).ok()?;
         let head = self.client.head_object().bucket(bucket).key(key).send().await.ok()?;
-        let mut why = vec!["this object alone is refused".to_owned()];
-        if let Some(class) = head.storage_class() {
-            why.push(format!("storage class {}", class.as_str()));
+        let class = head.storage_class();
+        if matches!(class, Some(StorageClass::Glacier | StorageClass::DeepArchive)) || head.archive_status().is_some() {
+            let class = class.map_or("an archive tier", StorageClass::as_str);
+            return Some(format!("this object alone is refused: it is archived ({class}) and must be restored first"));
         }
-        if let Some(encryption) = head.server_side_encryption() {
-            why.push(format!("encrypted with {}", encryption.as_str()));
+        let object_key = head.ssekms_key_id()?;
+        let encryption = self.client.get_bucket_encryption().bucket(bucket).send().await.ok()?;
+        let bucket_key = encryption.server_side_encryption_configuration().and_then(|c| {
+            c.rules().iter().find_map(|r| r.apply_server_side_encryption_by_default()?.kms_master_key_id())
+        });
+        match bucket_key {
+            Some(ours) if same_kms_key(ours, object_key) => None,
+            _ => Some(format!(
+                "this object alone is refused: it is encrypted under KMS key {object_key}, not the bucket's own"
+            )),
         }
-        if let Some(kms_key) = head.ssekms_key_id() {
-            why.push(format!("key {kms_key}"));
-        }
-        Some(why.join(", "))
     }
 
     fn is_own(&self, reference: &str) -> bool {
@@ -101,12 +108,26 @@ impl S3BlobStore {
 }
 
 /// Whether an allowlist entry, `bucket` (any key in it) or `bucket/prefix` (keys under that
-/// prefix only: one producer's part of a shared bucket), lets `key` in `bucket` be read.
+/// prefix, as a folder: `team-a` is `team-a/`, not `team-ab/`; one producer's part of a shared
+/// bucket), lets `key` in `bucket` be read.
 fn allows(entry: &str, bucket: &str, key: &str) -> bool {
     match entry.split_once('/') {
-        Some((allowed, prefix)) => allowed == bucket && key.starts_with(prefix),
+        Some((allowed, prefix)) => {
+            let folder = prefix.trim_end_matches('/');
+            allowed == bucket
+                && (folder.is_empty() || key.strip_prefix(folder).is_some_and(|rest| rest.starts_with('/')))
+        }
         None => entry == bucket,
     }
+}
+
+/// Whether two names of KMS keys (a key id, a key ARN) may be the same key. An alias cannot be
+/// told apart from the key it names without asking KMS: taken as the same (the refusal is then
+/// the deployment's, and the worker stops rather than dead-letter records it may not be at
+/// fault for).
+fn same_kms_key(a: &str, b: &str) -> bool {
+    let id = |k: &str| k.rsplit_once("key/").map_or(k, |(_, id)| id).to_owned();
+    a.contains("alias/") || b.contains("alias/") || id(a) == id(b)
 }
 
 #[async_trait]
@@ -171,5 +192,18 @@ mod tests {
         assert!(!allows("shared/team-a/", "shared", "team-b/b.jpg"));
         assert!(!allows("shared/team-a/", "shared", "team-a"));
         assert!(!allows("shared/team-a/", "other", "team-a/b.jpg"));
+        assert!(allows("shared/team-a", "shared", "team-a/b.jpg"), "a prefix is a folder");
+        assert!(!allows("shared/team-a", "shared", "team-ab/b.jpg"), "not another folder it begins");
+        assert!(allows("shared/", "shared", "any/b.jpg"));
+    }
+
+    #[test]
+    fn kms_keys_named_by_id_or_arn_are_told_apart() {
+        use super::same_kms_key;
+        let arn = "arn:aws:kms:eu-west-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab";
+        assert!(same_kms_key(arn, "1234abcd-12ab-34cd-56ef-1234567890ab"));
+        assert!(same_kms_key(arn, arn));
+        assert!(!same_kms_key(arn, "arn:aws:kms:eu-west-1:444455556666:key/0000abcd-12ab-34cd-56ef-1234567890ab"));
+        assert!(same_kms_key("alias/sluice", arn), "an alias cannot be told apart: taken as the same");
     }
 }

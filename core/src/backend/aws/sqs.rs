@@ -446,8 +446,9 @@ impl WorkQueue for SqsQueue {
                 .send()
                 .await
                 .map_err(|e| classify("SendMessageBatch", e))?;
-            // Entries SQS could not take are failures of the whole send: the caller acknowledges
-            // nothing and the batch is redone (sinks are idempotent).
+            // Entries SQS could not take are failures of the whole send: the caller counts every
+            // message of it as not gone out, and redoes their records (sinks are idempotent; a
+            // DLQ entry taken beside one refused is sent again, and SQS keeps both).
             check_failed("SendMessageBatch", output.failed.iter().map(|f| (f.code.as_str(), f.sender_fault)))
         }))
         .await?;

@@ -361,6 +361,10 @@ impl ResultStore for EmbeddedResultStore {
                     tx.query_row("SELECT body FROM results WHERE record_id = ?1", [&id], |r| r.get(0)).optional()?;
                 let Some(stored) = stored else { return Ok(FeedbackOutcome::Missing) };
                 let mut result = decode_result(&stored)?;
+                // A reviewer's rejection's marker: no result to label.
+                if result.status == ResultStatus::Rejected {
+                    return Ok(FeedbackOutcome::Missing);
+                }
                 if result.ground_truth.as_deref() == Some(label.as_str()) {
                     return Ok(FeedbackOutcome::Unchanged);
                 }
