@@ -126,6 +126,15 @@ impl LeaseCoordinator {
     /// SDK then failed its condition was carried out, and the lease is still ours. (The
     /// checkpoint too: an earlier write of ours whose answer was lost moves the counter alike.)
     async fn written_by_us(&self, shard: &str, counter: u64, checkpoint: Option<&str>) -> Result<bool> {
+        Ok(self.stored_lease(shard).await?.is_some_and(|l| {
+            l.owner.as_deref() == Some(self.owner.as_str())
+                && l.counter == counter
+                && checkpoint.is_none_or(|c| l.checkpoint == c)
+        }))
+    }
+
+    /// The lease of `shard` as stored (a consistent read); `None` where there is none.
+    async fn stored_lease(&self, shard: &str) -> Result<Option<Lease>> {
         let output = self
             .client
             .get_item()
@@ -135,11 +144,7 @@ impl LeaseCoordinator {
             .send()
             .await
             .map_err(|e| classify("GetItem", e))?;
-        Ok(output.item.as_ref().and_then(Lease::from_item).is_some_and(|l| {
-            l.owner.as_deref() == Some(self.owner.as_str())
-                && l.counter == counter
-                && checkpoint.is_none_or(|c| l.checkpoint == c)
-        }))
+        Ok(output.item.as_ref().and_then(Lease::from_item))
     }
 
     /// The shards that have a lease, as of the last scan.
@@ -221,8 +226,7 @@ impl LeaseCoordinator {
             }
             if self.held.contains_key(&lease.shard) && lease.owner.as_deref() != Some(&self.owner) {
                 tracing::warn!(shard = lease.shard, thief = ?lease.owner, "lease taken by another worker");
-                self.held.remove(&lease.shard);
-                self.lost.push(lease.shard.clone());
+                self.lose(&lease.shard);
             }
         }
 
@@ -406,21 +410,7 @@ impl LeaseCoordinator {
 
     /// The checkpoint stored for `shard`.
     pub(super) async fn stored_checkpoint(&self, shard: &str) -> Result<String> {
-        let output = self
-            .client
-            .get_item()
-            .table_name(&self.table)
-            .key(LEASE_KEY, s(shard))
-            .consistent_read(true)
-            .send()
-            .await
-            .map_err(|e| classify("GetItem", e))?;
-        Ok(output
-            .item
-            .as_ref()
-            .and_then(Lease::from_item)
-            .map(|l| l.checkpoint)
-            .unwrap_or_else(|| TRIM_HORIZON.to_owned()))
+        Ok(self.stored_lease(shard).await?.map_or_else(|| TRIM_HORIZON.to_owned(), |l| l.checkpoint))
     }
 
     /// Gives every held lease up so another worker can take it at once; one that cannot be given
