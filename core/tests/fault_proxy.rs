@@ -2,6 +2,7 @@
 //! each answer for what it is: throttling and 5xx are retried (three attempts, the SDK's
 //! standard mode), then reach sluice as retryable errors naming the service's code.
 
+use aws_sdk_dynamodb::types::AttributeValue;
 use sluice_core::backend::{Backend, OutgoingMessage, StreamConsumer, StreamInput, StreamRecord};
 use sluice_core::envelope::RecordId;
 use sluice_core::testing::{FaultProxy, FaultRates, aws_endpoint, aws_store_config, unique_prefix};
@@ -114,6 +115,49 @@ async fn read(consumer: &mut Box<dyn StreamConsumer>, n: usize) -> Vec<StreamRec
     read
 }
 
+/// The lease table of a prefix, reached directly: written as another worker, or a write whose
+/// answer was lost, would leave it.
+struct LeaseTable {
+    client: aws_sdk_dynamodb::Client,
+    table: String,
+}
+
+impl LeaseTable {
+    async fn of(config: &sluice_core::config::StoreConfig) -> Self {
+        let shared = sluice_core::backend::aws::sdk_config(&config.aws, config.aws.endpoint_url.as_deref()).await;
+        let table = sluice_core::backend::aws::Names::new(&config.aws.prefix).lease_table();
+        Self { client: aws_sdk_dynamodb::Client::new(&shared), table }
+    }
+
+    /// Applies the update `expression`, its `values` bound, to the lease of `shard`.
+    async fn update(&self, shard: &str, expression: &str, values: &[(&str, AttributeValue)]) {
+        let values = values.iter().map(|(name, value)| ((*name).to_owned(), value.clone())).collect();
+        self.client
+            .update_item()
+            .table_name(&self.table)
+            .key("leaseKey", AttributeValue::S(shard.to_owned()))
+            .update_expression(expression)
+            .set_expression_attribute_values(Some(values))
+            .send()
+            .await
+            .unwrap();
+    }
+
+    /// The lease of `shard` as stored.
+    async fn get(&self, shard: &str) -> std::collections::HashMap<String, AttributeValue> {
+        let output = self
+            .client
+            .get_item()
+            .table_name(&self.table)
+            .key("leaseKey", AttributeValue::S(shard.to_owned()))
+            .consistent_read(true)
+            .send()
+            .await
+            .unwrap();
+        output.item.unwrap()
+    }
+}
+
 /// A lease renewal carried out by DynamoDB whose answer was lost (the counter moved, the owner
 /// is still this worker, and the retry fails its condition): the worker finds the lease still
 /// its own and keeps reading (it used to let the shard go and have to take it back, since no
@@ -128,30 +172,10 @@ async fn a_lease_whose_renewal_answer_was_lost_is_kept() {
     let shard = consumer.shards()[0].clone();
 
     // The renewal DynamoDB carried out but whose answer never came: counter + 1, owner unchanged.
-    let shared = sluice_core::backend::aws::sdk_config(&config.aws, config.aws.endpoint_url.as_deref()).await;
-    let dynamodb = aws_sdk_dynamodb::Client::new(&shared);
-    let table = sluice_core::backend::aws::Names::new(&config.aws.prefix).lease_table();
-    let switches = || async {
-        let lease = dynamodb
-            .get_item()
-            .table_name(&table)
-            .key("leaseKey", aws_sdk_dynamodb::types::AttributeValue::S(shard.clone()))
-            .consistent_read(true)
-            .send()
-            .await
-            .unwrap();
-        lease.item().unwrap()["ownerSwitchesSinceCheckpoint"].as_n().unwrap().clone()
-    };
+    let leases = LeaseTable::of(&config).await;
+    let switches = || async { leases.get(&shard).await["ownerSwitchesSinceCheckpoint"].as_n().unwrap().clone() };
     let before = switches().await;
-    dynamodb
-        .update_item()
-        .table_name(&table)
-        .key("leaseKey", aws_sdk_dynamodb::types::AttributeValue::S(shard.clone()))
-        .update_expression("ADD leaseCounter :one")
-        .expression_attribute_values(":one", aws_sdk_dynamodb::types::AttributeValue::N("1".into()))
-        .send()
-        .await
-        .unwrap();
+    leases.update(&shard, "ADD leaseCounter :one", &[(":one", AttributeValue::N("1".into()))]).await;
 
     backend.stream.put_records(inputs("b", 2)).await.unwrap();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
@@ -167,16 +191,8 @@ async fn a_lease_whose_renewal_answer_was_lost_is_kept() {
     // A checkpoint carried out whose answer never came (counter + 1, the checkpoint written),
     // whose retry then failed its condition: done, and the lease still held.
     let last = later.last().unwrap().sequence.clone();
-    dynamodb
-        .update_item()
-        .table_name(&table)
-        .key("leaseKey", aws_sdk_dynamodb::types::AttributeValue::S(shard.clone()))
-        .update_expression("SET checkpoint = :cp ADD leaseCounter :one")
-        .expression_attribute_values(":cp", aws_sdk_dynamodb::types::AttributeValue::S(last.clone()))
-        .expression_attribute_values(":one", aws_sdk_dynamodb::types::AttributeValue::N("1".into()))
-        .send()
-        .await
-        .unwrap();
+    let values = [(":cp", AttributeValue::S(last.clone())), (":one", AttributeValue::N("1".into()))];
+    leases.update(&shard, "SET checkpoint = :cp ADD leaseCounter :one", &values).await;
     consumer.checkpoint(&shard, &last, 2).await.unwrap();
     assert_eq!(consumer.shards(), [shard], "still held");
 }
@@ -187,7 +203,6 @@ async fn a_lease_whose_renewal_answer_was_lost_is_kept() {
 /// before is refused rather than move the shard's back.
 #[tokio::test]
 async fn a_lease_lost_and_taken_back_reads_on_from_the_other_workers_checkpoint() {
-    use aws_sdk_dynamodb::types::AttributeValue;
     let (backend, config) = one_shard("taken-back", 600).await;
     let mut consumer = backend.stream.consumer("worker-a").await.unwrap();
     backend.stream.put_records(inputs("a", 3)).await.unwrap();
@@ -216,19 +231,9 @@ async fn a_lease_lost_and_taken_back_reads_on_from_the_other_workers_checkpoint(
     let theirs = kinesis.get_records().shard_iterator(iterator).send().await.unwrap();
     assert_eq!(theirs.records().len(), 2);
     let their_checkpoint = theirs.records()[1].sequence_number().to_owned();
-    let shared = sluice_core::backend::aws::sdk_config(&config.aws, config.aws.endpoint_url.as_deref()).await;
-    let dynamodb = aws_sdk_dynamodb::Client::new(&shared);
-    let table = sluice_core::backend::aws::Names::new(&config.aws.prefix).lease_table();
-    dynamodb
-        .update_item()
-        .table_name(&table)
-        .key("leaseKey", AttributeValue::S(shard.clone()))
-        .update_expression("SET checkpoint = :cp ADD leaseCounter :three REMOVE leaseOwner")
-        .expression_attribute_values(":cp", AttributeValue::S(their_checkpoint.clone()))
-        .expression_attribute_values(":three", AttributeValue::N("3".into()))
-        .send()
-        .await
-        .unwrap();
+    let leases = LeaseTable::of(&config).await;
+    let values = [(":cp", AttributeValue::S(their_checkpoint.clone())), (":three", AttributeValue::N("3".into()))];
+    leases.update(&shard, "SET checkpoint = :cp ADD leaseCounter :three REMOVE leaseOwner", &values).await;
 
     // Past this worker's next scan (alone, every twice the failover time): taken back, nothing
     // read again.
@@ -242,15 +247,7 @@ async fn a_lease_lost_and_taken_back_reads_on_from_the_other_workers_checkpoint(
     assert!(again.is_empty(), "read again what the other worker did: {:?}", again.len());
     let late = consumer.checkpoint(&shard, &first[2].sequence, 3).await.unwrap_err();
     assert_eq!(late.code(), sluice_core::ReasonCode::LeaseLost, "{late}");
-    let lease = dynamodb
-        .get_item()
-        .table_name(&table)
-        .key("leaseKey", AttributeValue::S(shard.clone()))
-        .consistent_read(true)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(lease.item().unwrap()["checkpoint"].as_s().unwrap(), &their_checkpoint, "not moved back");
+    assert_eq!(leases.get(&shard).await["checkpoint"].as_s().unwrap(), &their_checkpoint, "not moved back");
 
     backend.stream.put_records(inputs("c", 1)).await.unwrap();
     let later = read(&mut consumer, 1).await;

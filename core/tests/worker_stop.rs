@@ -38,13 +38,7 @@ impl Stage for Stuck {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unfinished_batch_is_handed_back_when_the_grace_period_runs_out() {
     let dir = tempfile::tempdir().unwrap();
-    // A visibility timeout far longer than the test: only an explicit hand-back makes them visible.
-    let store =
-        StoreConfig { path: dir.path().join("s.sqlite"), visibility_timeout_ms: 600_000, ..StoreConfig::default() };
-    let backend = Backend::open(&store).await.unwrap();
-    let queue = backend.queue(QueueName::Features);
-    let messages = (0..3).map(|i| OutgoingMessage { body: format!("m{i}").into_bytes(), ..Default::default() });
-    queue.send_batch(messages.collect()).await.unwrap();
+    let (store, backend, queue) = features_queue_of(dir.path(), 3).await;
 
     let abandon = CancellationToken::new();
     let source = QueueSource::new(Arc::clone(&queue), &store);
@@ -52,22 +46,48 @@ async fn an_unfinished_batch_is_handed_back_when_the_grace_period_runs_out() {
         .abandoning_on(abandon.clone());
     let shutdown = CancellationToken::new();
     let running = tokio::spawn(worker.run(shutdown.clone()));
-    for _ in 0..100 {
-        if queue.depth().await.unwrap().in_flight == 3 {
-            break;
+    wait_for(&queue, 100, |d| d.in_flight == 3).await;
+    assert_eq!(queue.depth().await.unwrap().in_flight, 3, "the worker holds the batch");
+
+    let report = stop_then_abandon(&shutdown, &abandon, running).await;
+    assert_eq!(report.handled, 0);
+    let depth = queue.depth().await.unwrap();
+    assert_eq!((depth.visible, depth.in_flight), (3, 0), "handed back, visible at once");
+}
+
+/// A store whose received messages stay hidden far longer than a test (only an explicit
+/// hand-back makes them visible), with `n` messages (`m0`, `m1`…) in its features queue.
+async fn features_queue_of(dir: &std::path::Path, n: usize) -> (StoreConfig, Backend, Arc<dyn WorkQueue>) {
+    let store = StoreConfig { path: dir.join("s.sqlite"), visibility_timeout_ms: 600_000, ..StoreConfig::default() };
+    let backend = Backend::open(&store).await.unwrap();
+    let queue = backend.queue(QueueName::Features);
+    let messages = (0..n).map(|i| OutgoingMessage { body: format!("m{i}").into_bytes(), ..Default::default() });
+    queue.send_batch(messages.collect()).await.unwrap();
+    (store, backend, queue)
+}
+
+/// Waits, 20 ms at a time and at most `tries` times, until `queue`'s depth is as `wanted`.
+async fn wait_for(queue: &Arc<dyn WorkQueue>, tries: usize, wanted: impl Fn(&QueueDepth) -> bool) {
+    for _ in 0..tries {
+        if wanted(&queue.depth().await.unwrap()) {
+            return;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert_eq!(queue.depth().await.unwrap().in_flight, 3, "the worker holds the batch");
+}
 
+/// Tells a worker holding a batch it cannot finish to stop, checks it first tries to finish,
+/// then says its grace is nearly up; what it reports once it stopped.
+async fn stop_then_abandon(
+    shutdown: &CancellationToken,
+    abandon: &CancellationToken,
+    running: tokio::task::JoinHandle<Result<sluice_core::worker::WorkerReport>>,
+) -> sluice_core::worker::WorkerReport {
     shutdown.cancel();
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(!running.is_finished(), "a stopping worker first tries to finish its batch");
     abandon.cancel();
-    let report = tokio::time::timeout(Duration::from_secs(5), running).await.unwrap().unwrap().unwrap();
-    assert_eq!(report.handled, 0);
-    let depth = queue.depth().await.unwrap();
-    assert_eq!((depth.visible, depth.in_flight), (3, 0), "handed back, visible at once");
+    tokio::time::timeout(Duration::from_secs(5), running).await.unwrap().unwrap().unwrap()
 }
 
 /// The queue it wraps, sent to and committed to one call at a time, as SQS is (no sends and
@@ -134,13 +154,16 @@ impl WorkQueue for Wrapped {
     }
 }
 
-/// Forwards each record to the inference queue.
-struct ForwardsOn;
+/// `stage`, forwarding each record to `to`, or nowhere (its end).
+struct Forwards {
+    stage: StageName,
+    to: Option<QueueName>,
+}
 
 #[async_trait]
-impl Stage for ForwardsOn {
+impl Stage for Forwards {
     fn name(&self) -> StageName {
-        StageName::Features
+        self.stage
     }
 
     fn batch_policy(&self) -> BatchPolicy {
@@ -148,8 +171,9 @@ impl Stage for ForwardsOn {
     }
 
     async fn process(&self, batch: &[Delivery]) -> Vec<Outcome> {
-        let on = |d: &Delivery| {
-            Outcome::forward(QueueName::Inference, OutgoingMessage { body: d.body.clone(), ..Default::default() })
+        let on = |d: &Delivery| match self.to {
+            Some(to) => Outcome::forward(to, OutgoingMessage { body: d.body.clone(), ..Default::default() }),
+            None => Outcome::Forward(Vec::new()),
         };
         batch.iter().map(on).collect()
     }
@@ -161,34 +185,22 @@ impl Stage for ForwardsOn {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_whose_sends_hang_is_handed_back_when_the_grace_period_runs_out() {
     let dir = tempfile::tempdir().unwrap();
-    let store =
-        StoreConfig { path: dir.path().join("s.sqlite"), visibility_timeout_ms: 600_000, ..StoreConfig::default() };
-    let backend = Backend::open(&store).await.unwrap();
-    let (input, next) = (backend.queue(QueueName::Features), backend.queue(QueueName::Inference));
+    let (store, backend, input) = features_queue_of(dir.path(), 3).await;
+    let next = backend.queue(QueueName::Inference);
     let backend = backend.with_queue(Arc::new(Wrapped { hang_sends: true, ..Wrapped::new(&next) }));
-    let messages = (0..3).map(|i| OutgoingMessage { body: format!("m{i}").into_bytes(), ..Default::default() });
-    input.send_batch(messages.collect()).await.unwrap();
 
     let abandon = CancellationToken::new();
     let source = QueueSource::new(Arc::new(Wrapped::new(&input)), &store);
-    let worker = Worker::new(Arc::new(ForwardsOn), Box::new(source), backend, WorkerConfig::default(), &store)
+    let stage = Forwards { stage: StageName::Features, to: Some(QueueName::Inference) };
+    let worker = Worker::new(Arc::new(stage), Box::new(source), backend, WorkerConfig::default(), &store)
         .abandoning_on(abandon.clone());
     let shutdown = CancellationToken::new();
     let running = tokio::spawn(worker.run(shutdown.clone()));
-    for _ in 0..100 {
-        if input.depth().await.unwrap().in_flight == 3 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_for(&input, 100, |d| d.in_flight == 3).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(input.depth().await.unwrap().in_flight, 3, "the worker holds the batch, sending it on");
 
-    shutdown.cancel();
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    assert!(!running.is_finished(), "a stopping worker first tries to finish its batch");
-    abandon.cancel();
-    let report = tokio::time::timeout(Duration::from_secs(5), running).await.unwrap().unwrap().unwrap();
+    let report = stop_then_abandon(&shutdown, &abandon, running).await;
     assert_eq!(report.handled, 0);
     let depth = input.depth().await.unwrap();
     assert_eq!((depth.visible, depth.in_flight), (3, 0), "handed back, visible at once");
@@ -201,26 +213,18 @@ async fn a_batch_whose_sends_hang_is_handed_back_when_the_grace_period_runs_out(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_sent_on_in_part_redoes_only_what_did_not_go_out() {
     let dir = tempfile::tempdir().unwrap();
-    let store =
-        StoreConfig { path: dir.path().join("s.sqlite"), visibility_timeout_ms: 600_000, ..StoreConfig::default() };
-    let backend = Backend::open(&store).await.unwrap();
-    let (input, next) = (backend.queue(QueueName::Features), backend.queue(QueueName::Inference));
+    let (store, backend, input) = features_queue_of(dir.path(), 5).await;
+    let next = backend.queue(QueueName::Inference);
     let on = Wrapped { fail_call: Some(2), per_call: Some(2), ..Wrapped::new(&next) };
     let backend = backend.with_queue(Arc::new(on));
-    let messages = (0..5).map(|i| OutgoingMessage { body: format!("m{i}").into_bytes(), ..Default::default() });
-    input.send_batch(messages.collect()).await.unwrap();
 
     let source = QueueSource::new(Arc::new(Wrapped::new(&input)), &store);
     let config = WorkerConfig { retry_delay_ms: 10, ..WorkerConfig::default() };
-    let worker = Worker::new(Arc::new(ForwardsOn), Box::new(source), backend, config, &store);
+    let stage = Forwards { stage: StageName::Features, to: Some(QueueName::Inference) };
+    let worker = Worker::new(Arc::new(stage), Box::new(source), backend, config, &store);
     let shutdown = CancellationToken::new();
     let running = tokio::spawn(worker.run(shutdown.clone()));
-    for _ in 0..200 {
-        if input.depth().await.unwrap().total() == 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_for(&input, 200, |d| d.total() == 0).await;
     shutdown.cancel();
     tokio::time::timeout(Duration::from_secs(5), running).await.unwrap().unwrap().unwrap();
     assert_eq!(input.depth().await.unwrap().total(), 0, "all done");
@@ -255,24 +259,6 @@ impl Source for FailingStream {
     }
 }
 
-/// Ingest.
-struct Ingests;
-
-#[async_trait]
-impl Stage for Ingests {
-    fn name(&self) -> StageName {
-        StageName::Ingest
-    }
-
-    fn batch_policy(&self) -> BatchPolicy {
-        BatchPolicy::up_to(10)
-    }
-
-    async fn process(&self, batch: &[Delivery]) -> Vec<Outcome> {
-        batch.iter().map(|_| Outcome::Forward(Vec::new())).collect()
-    }
-}
-
 /// A stream worker backing off after failed reads (for seconds, as the failures go on) keeps
 /// renewing its shard leases meanwhile: let run out, other workers would take them and redo
 /// what it had read.
@@ -289,7 +275,8 @@ async fn a_stream_worker_backing_off_keeps_its_leases() {
     let backend = Backend::open(&store).await.unwrap();
     let renewals = Arc::new(AtomicUsize::new(0));
     let source = FailingStream { renewals: Arc::clone(&renewals) };
-    let worker = Worker::new(Arc::new(Ingests), Box::new(source), backend, WorkerConfig::default(), &store);
+    let stage = Forwards { stage: StageName::Ingest, to: None };
+    let worker = Worker::new(Arc::new(stage), Box::new(source), backend, WorkerConfig::default(), &store);
     let shutdown = CancellationToken::new();
     let running = tokio::spawn(worker.run(shutdown.clone()));
     // Backing off 0.1, 0.2, 0.4, 0.8, 1.6 s… (each up to twice that with the jitter).

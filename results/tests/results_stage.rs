@@ -45,14 +45,25 @@ fn peaked(class: usize, p: f32) -> Vec<f32> {
     (0..10).map(|i| if i == class { p } else { (1.0 - p) / 9.0 }).collect()
 }
 
-#[tokio::test]
-async fn applies_thresholds_routes_review_and_keeps_the_first_result() {
+/// A fresh embedded store (kept while the directory lives).
+async fn store() -> (tempfile::TempDir, Backend) {
     let dir = tempfile::tempdir().unwrap();
     let backend =
         Backend::open(&StoreConfig { path: dir.path().join("s.sqlite"), ..StoreConfig::default() }).await.unwrap();
+    (dir, backend)
+}
+
+/// The results stage of the shipped digits bundle on `backend`.
+fn stage_on(backend: &Backend) -> ResultsStage {
     let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/digits");
     let settings = Settings::load(None).unwrap().set("model.dir", model);
-    let stage = ResultsStage::build(&settings, &backend).unwrap();
+    ResultsStage::build(&settings, backend).unwrap()
+}
+
+#[tokio::test]
+async fn applies_thresholds_routes_review_and_keeps_the_first_result() {
+    let (_dir, backend) = store().await;
+    let stage = stage_on(&backend);
 
     let outcomes = stage
         .process(&[
@@ -102,12 +113,8 @@ async fn applies_thresholds_routes_review_and_keeps_the_first_result() {
 /// result and no review item, so the record keeps exactly one end.
 #[tokio::test]
 async fn a_copy_of_a_rejected_record_is_given_no_result() {
-    let dir = tempfile::tempdir().unwrap();
-    let backend =
-        Backend::open(&StoreConfig { path: dir.path().join("s.sqlite"), ..StoreConfig::default() }).await.unwrap();
-    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/digits");
-    let settings = Settings::load(None).unwrap().set("model.dir", model);
-    let stage = ResultsStage::build(&settings, &backend).unwrap();
+    let (_dir, backend) = store().await;
+    let stage = stage_on(&backend);
     let Outcome::Forward(mut review) = stage.process(&[delivery("unfit", peaked(5, 0.3))]).await.remove(0) else {
         panic!("not forwarded")
     };
@@ -176,13 +183,9 @@ impl ResultStore for PartlyStored {
 /// dead-lettered with a result stored too, in two places.
 #[tokio::test]
 async fn a_batch_stored_in_part_fails_only_the_records_left_unstored() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut backend =
-        Backend::open(&StoreConfig { path: dir.path().join("s.sqlite"), ..StoreConfig::default() }).await.unwrap();
+    let (_dir, mut backend) = store().await;
     backend.results = std::sync::Arc::new(PartlyStored(backend.results.clone()));
-    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/digits");
-    let settings = Settings::load(None).unwrap().set("model.dir", model);
-    let stage = ResultsStage::build(&settings, &backend).unwrap();
+    let stage = stage_on(&backend);
 
     let outcomes = stage.process(&[delivery("stored", peaked(5, 0.3)), delivery("not-stored", peaked(3, 0.97))]).await;
     let Outcome::Forward(review) = &outcomes[0] else { panic!("{:?}", outcomes[0]) };
