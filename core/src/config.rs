@@ -383,7 +383,30 @@ pub struct AwsConfig {
     /// Static credentials, for local endpoints only (they accept any). On AWS leave these
     /// unset: the standard chain (environment, profile, ECS task role…) is used.
     pub access_key_id: Option<String>,
-    pub secret_access_key: Option<String>,
+    pub secret_access_key: Option<Secret>,
+}
+
+/// A credential: read from the configuration like a string, but shown as `***` by `Debug`, so
+/// that a settings value in a log line, an error or a panic does not give it away.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    /// The credential itself, for the one place that hands it to the SDK.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("***")
+    }
 }
 
 impl Default for AwsConfig {
@@ -555,8 +578,11 @@ mod tests {
         }
         let half = Settings::from_toml("[store.aws]\naccess_key_id = \"local\"\n").store().unwrap_err();
         assert!(half.to_string().contains("set together or not at all"), "{half}");
-        let both = "[store.aws]\naccess_key_id = \"local\"\nsecret_access_key = \"local\"\n";
-        assert!(Settings::from_toml(both).store().is_ok());
+        let both = "[store.aws]\naccess_key_id = \"local\"\nsecret_access_key = \"s3cr3t-value\"\n";
+        let store = Settings::from_toml(both).store().unwrap();
+        assert_eq!(store.aws.secret_access_key.as_ref().map(Secret::expose), Some("s3cr3t-value"));
+        let shown = format!("{store:?}");
+        assert!(!shown.contains("s3cr3t") && shown.contains("secret_access_key: Some(***)"), "{shown}");
     }
 
     /// A store file and an AWS prefix or endpoint named together: one of them would be passed over.

@@ -113,7 +113,7 @@ pub fn aws_store_config(prefix: &str) -> crate::config::StoreConfig {
     config.aws.region = Some("us-east-1".to_owned());
     config.aws.prefix = prefix.to_owned();
     config.aws.access_key_id = Some("testing".to_owned());
-    config.aws.secret_access_key = Some("testing".to_owned());
+    config.aws.secret_access_key = Some(crate::config::Secret::new("testing"));
     config
 }
 

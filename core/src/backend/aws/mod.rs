@@ -145,7 +145,7 @@ pub async fn sdk_config(config: &AwsConfig, endpoint_url: Option<&str>) -> aws_c
         loader = loader.endpoint_url(endpoint);
     }
     if let (Some(id), Some(secret)) = (&config.access_key_id, &config.secret_access_key) {
-        loader = loader.credentials_provider(aws_credential_types::Credentials::from_keys(id, secret, None));
+        loader = loader.credentials_provider(aws_credential_types::Credentials::from_keys(id, secret.expose(), None));
     }
     let shared = loader.load().await;
     if shared.region().is_some() {
