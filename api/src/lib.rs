@@ -10,18 +10,21 @@
 //!
 //! Bad input (an unknown parameter, a malformed id, a body over 4 KiB or not JSON) gets a 4xx
 //! with `{"error": "..."}` saying what is wrong; only a store that cannot be reached is a 5xx.
+//! So is a request past the API's bounds ([`Limits`]): more than 64 at once, or one the store
+//! has not answered in 30 s (503, with `Retry-After` when it is only busy).
 
 mod openapi;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Json;
 use axum::Router;
 use axum::extract::Request;
 use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -41,6 +44,24 @@ pub const BODY_LIMIT: usize = 4 * 1024;
 /// The most results one page holds, and how many without `limit`.
 pub const MAX_LIMIT: usize = 1000;
 pub const DEFAULT_LIMIT: usize = 100;
+
+/// How much the API takes on at once, so that a flood of requests, or a store that hangs (an SDK
+/// call may take 90 s an attempt), holds neither the store nor the API's memory without end.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Requests served at once; one more is answered 503 with `Retry-After` straight away (a
+    /// client waiting in a queue it cannot see is worse than one told to come back).
+    pub in_flight: usize,
+    /// How long a request may take before it is answered 503. A label given past this may still
+    /// be stored: a client trying again is told 409 if it was.
+    pub timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self { in_flight: 64, timeout: Duration::from_secs(30) }
+    }
+}
 
 /// Where the API listens, and the names it answers to: `sluice serve` and `sluice-api`.
 #[derive(Debug, Clone, clap::Args)]
@@ -65,11 +86,18 @@ pub struct ApiState {
     backend: Backend,
     labels: Arc<Vec<String>>,
     hosts: Arc<Vec<String>>,
+    limits: Limits,
 }
 
 impl ApiState {
     pub fn new(backend: Backend, labels: Vec<String>) -> Self {
-        Self { backend, labels: Arc::new(labels), hosts: Arc::default() }
+        Self { backend, labels: Arc::new(labels), hosts: Arc::default(), limits: Limits::default() }
+    }
+
+    /// Serves within `limits` rather than the default ones.
+    pub fn limited(mut self, limits: Limits) -> Self {
+        self.limits = limits;
+        self
     }
 
     /// Answers requests naming `hosts` too (see [`ServeArgs::allow_hosts`]).
@@ -91,6 +119,36 @@ async fn check_host(State(state): State<ApiState>, request: Request, next: Next)
         .into_response(),
         _ => next.run(request).await,
     }
+}
+
+/// What [`bound`] keeps to: [`Limits`] and the permits of the requests being served.
+struct Bounds {
+    permits: Arc<tokio::sync::Semaphore>,
+    limits: Limits,
+}
+
+impl Bounds {
+    fn new(limits: Limits) -> Arc<Self> {
+        Arc::new(Self { permits: Arc::new(tokio::sync::Semaphore::new(limits.in_flight)), limits })
+    }
+}
+
+/// Keeps requests within their bounds: more at once than they allow are turned away, and one that
+/// runs past its time is answered for. (tower's limit and timeout layers queue a request rather
+/// than refuse it, and answer without the API's `{"error": ...}` body.)
+async fn bound(State(bounds): State<Arc<Bounds>>, request: Request, next: Next) -> Response {
+    let Ok(_permit) = bounds.permits.clone().try_acquire_owned() else {
+        let message = format!("the API is serving {} requests already: try again shortly", bounds.limits.in_flight);
+        let mut busy = ApiError::new(StatusCode::SERVICE_UNAVAILABLE, message).into_response();
+        busy.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        return busy;
+    };
+    let timeout = bounds.limits.timeout;
+    tokio::time::timeout(timeout, next.run(request)).await.unwrap_or_else(|_| {
+        tracing::warn!(?timeout, "results API: a request ran past its time");
+        let message = format!("the result store did not answer within {timeout:?}: try again shortly");
+        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, message).into_response()
+    })
 }
 
 /// Whether `host` (a `Host` header: a name or address, perhaps with a port) is an IP address,
@@ -123,6 +181,7 @@ pub fn router(state: ApiState) -> Router {
             ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "this endpoint takes another method: see /openapi.json")
         })
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .layer(axum::middleware::from_fn_with_state(Bounds::new(state.limits), bound))
         .layer(axum::middleware::from_fn_with_state(state.clone(), check_host))
         .with_state(state)
 }
@@ -324,7 +383,65 @@ async fn label_review(
 
 #[cfg(test)]
 mod tests {
-    use super::host_allowed;
+    use std::time::Instant;
+
+    use sluice_core::telemetry::health::fetch;
+
+    use super::*;
+
+    /// Serves `app` on a free port of 127.0.0.1 for the rest of the test.
+    async fn served(app: Router) -> SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        address
+    }
+
+    #[tokio::test]
+    async fn a_request_past_the_limits_is_answered_503_and_the_next_one_is_served() {
+        let started = Arc::new(tokio::sync::Notify::new());
+        let slow = {
+            let started = started.clone();
+            move || async move {
+                started.notify_one();
+                tokio::time::sleep(Duration::from_secs(60)).await;
+                "late"
+            }
+        };
+        let limits = Limits { in_flight: 1, timeout: Duration::from_secs(2) };
+        let app = Router::new()
+            .route("/slow", get(slow))
+            .route("/fast", get(|| async { "ok" }))
+            .layer(axum::middleware::from_fn_with_state(Bounds::new(limits), bound));
+        let address = served(app).await;
+
+        let begun = Instant::now();
+        let hanging = tokio::spawn(fetch(address, "/slow"));
+        started.notified().await;
+        let (status, body) = fetch(address, "/fast").await.unwrap();
+        assert_eq!(status, 503, "{body}");
+        assert!(body.contains("serving 1 requests already"), "{body}");
+
+        let (status, body) = hanging.await.unwrap().unwrap();
+        assert_eq!(status, 503, "{body}");
+        assert!(body.contains("did not answer within 2s"), "{body}");
+        assert!(begun.elapsed() < Duration::from_secs(5), "answered after {:?}", begun.elapsed());
+        assert_eq!(fetch(address, "/fast").await.unwrap(), (200, "ok".to_owned()), "the permit was not given back");
+    }
+
+    /// The API's router is bounded: with room for no request, each is turned away.
+    #[tokio::test]
+    async fn the_router_keeps_to_its_limits() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = sluice_core::config::StoreConfig { path: dir.path().join("api.sqlite"), ..Default::default() };
+        let backend = Backend::open(&config).await.unwrap();
+        let full = Limits { in_flight: 0, ..Limits::default() };
+        let address = served(router(ApiState::new(backend.clone(), vec!["cat".to_owned()]).limited(full))).await;
+        let (status, body) = fetch(address, "/openapi.json").await.unwrap();
+        assert_eq!(status, 503, "{body}");
+        let address = served(router(ApiState::new(backend, vec!["cat".to_owned()]))).await;
+        assert_eq!(fetch(address, "/openapi.json").await.unwrap().0, 200);
+    }
 
     #[test]
     fn addresses_localhost_and_names_given_are_answered() {

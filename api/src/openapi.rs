@@ -67,7 +67,7 @@ pub(crate) fn document(labels: &[String]) -> Value {
                         "200": ok("The record's result", "Result"),
                         "400": error("The id is not a record id"),
                         "404": error("No result for that record"),
-                        "503": error("The result store cannot answer now")
+                        "503": error("The result store cannot answer now, or the API is busy (`Retry-After`)")
                     }
                 }
             },
@@ -92,7 +92,7 @@ pub(crate) fn document(labels: &[String]) -> Value {
                     "responses": {
                         "200": ok("A page of results", "Page"),
                         "400": error("A parameter is unknown or out of range"),
-                        "503": error("The result store cannot answer now")
+                        "503": error("The result store cannot answer now, or the API is busy (`Retry-After`)")
                     }
                 }
             },
@@ -104,7 +104,7 @@ pub(crate) fn document(labels: &[String]) -> Value {
                     "responses": {
                         "200": ok("A page of results with status review", "Page"),
                         "400": error("A parameter is unknown or out of range"),
-                        "503": error("The result store cannot answer now")
+                        "503": error("The result store cannot answer now, or the API is busy (`Retry-After`)")
                     }
                 }
             },
@@ -125,7 +125,7 @@ pub(crate) fn document(labels: &[String]) -> Value {
                         "413": error(&format!("The body is over {BODY_LIMIT} bytes")),
                         "415": error("The body is not declared as JSON"),
                         "422": error("The body is JSON but not a label"),
-                        "503": error("The result store cannot answer now")
+                        "503": error("The result store cannot answer now, or the API is busy (`Retry-After`)")
                     }
                 }
             },
