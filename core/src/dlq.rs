@@ -326,6 +326,9 @@ pub struct ReplayOptions {
     /// Only entries sent before this (milliseconds since the epoch); default, when the run
     /// begins. A purge asks first, and takes only what was there when it asked.
     pub sent_before_ms: Option<u64>,
+    /// Stop once this many of the entries there when the run began have been looked at: a
+    /// label's search for its item, which may give up (see [`label`]).
+    pub look_at_most: Option<u64>,
 }
 
 /// What a replay or purge did.
@@ -542,7 +545,8 @@ pub async fn apply(
     }
     let begun_ms = begun_ms + if aws { SENT_CLOCK_SKEW_MS } else { 0 };
     let result = async {
-        while (done.moved as usize) < limit && !crate::shutdown::interrupted() {
+        let look_at_most = options.look_at_most.unwrap_or(u64::MAX);
+        while (done.moved as usize) < limit && looked_at < look_at_most && !crate::shutdown::interrupted() {
             // A whole round even when fewer entries are wanted: what was looked at stays hidden
             // to the end either way, and a search for one entry (a label, a reject) then reads a
             // deep queue in rounds of BATCH rather than a message a round.
@@ -742,21 +746,28 @@ impl Action for Rejudge {
 }
 
 /// A person's label for `id`: settles its result (a conditional write: the first label wins)
-/// and takes its item off the review queue. What the result store answered is the answer. With
-/// no result at all there is no item to look for (a rejection stopped halfway is finished by
-/// `reject`), so the queue is not searched: each search shows every item before the one wanted
-/// to this process, and counts a receive of each.
+/// and takes its item off the review queue. What the result store answered is the answer.
+///
+/// Only a label that settled the result searches the queue for its item, and looks at no more
+/// than [`LABEL_SEARCH`] items: each search reads the queue from its front, showing every item
+/// before the one wanted to this process and counting a receive of each, so a deep queue (or a
+/// second click on a label given already) would make every label a walk of it all. An item left
+/// behind waits for nothing: its result is settled, the next review replay or walk takes it off
+/// unseen, and `GET /review` lists results, not items.
 pub async fn label(backend: &Backend, id: &RecordId, label: &str) -> Result<ReviewOutcome> {
     let outcome = backend.results.resolve_review(id, &Resolution::Label(label.to_owned())).await?;
-    // The label stands whatever happens to the item: one left behind is taken off, unseen, by
-    // the next walk or review replay (its result is settled).
-    if !matches!(outcome, ReviewOutcome::Missing)
-        && let Err(error) = apply(backend, Letters::Review, &only(id.as_str()), &Delete, &one(), &|_| {}).await
+    let search = ReplayOptions { look_at_most: Some(LABEL_SEARCH), ..one() };
+    if matches!(outcome, ReviewOutcome::Resolved(_))
+        && let Err(error) = apply(backend, Letters::Review, &only(id.as_str()), &Delete, &search, &|_| {}).await
     {
         tracing::warn!(record_id = %id, %error, "labelled; its review item stays in the queue for now");
     }
     Ok(outcome)
 }
+
+/// The most review items a label's search looks at for its item (see [`label`]): fifty rounds,
+/// a few seconds on SQS, well inside the API's time for a request.
+pub const LABEL_SEARCH: u64 = 500;
 
 /// The filter for one record's entries.
 fn only(id: &str) -> Filter {

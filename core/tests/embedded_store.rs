@@ -1105,3 +1105,44 @@ async fn copies_of_a_review_item_are_each_judged_once() {
     assert_eq!(purged.moved, 2, "a purge takes every copy");
     assert_eq!(review.depth().await.unwrap().total(), 0);
 }
+
+/// A label searches the review queue for its item only when it settled the result, and looks at
+/// no more than `LABEL_SEARCH` items: an item deeper than that, or one of a result labelled
+/// before (a second click), stays for a later replay to take off, and the label stands.
+#[tokio::test]
+async fn a_labels_search_for_its_item_is_bounded_and_only_for_a_label_that_settled() {
+    use sluice_core::dlq::{self, LABEL_SEARCH};
+    use sluice_core::backend::ReviewOutcome;
+    use sluice_core::record::ResultStatus;
+    let (_dir, _config, backend) = fresh(StoreConfig::default()).await;
+    let review = backend.queue(QueueName::Review);
+    let ids: Vec<String> = (0..LABEL_SEARCH + 20).map(|i| format!("item-{i:04}")).collect();
+    let results: Vec<_> =
+        ids.iter().map(|id| sluice_core::testing::prediction_result(id, "1", ResultStatus::Review)).collect();
+    backend.results.put_if_absent(results.clone()).await.unwrap();
+    let items = results
+        .iter()
+        .map(|r| OutgoingMessage { body: serde_json::to_vec(r).unwrap(), ..OutgoingMessage::default() })
+        .collect();
+    review.send_batch(items).await.unwrap();
+    let total = ids.len() as u64;
+    let depth = || async { review.depth().await.unwrap() };
+
+    // The queue hands items out oldest first: the last sent is past the search.
+    let last = &results.last().unwrap().record_id;
+    assert!(matches!(dlq::label(&backend, last, "0").await.unwrap(), ReviewOutcome::Resolved(_)));
+    let after = depth().await;
+    assert_eq!((after.total(), after.in_flight), (total, 0), "past the search: left, and everything given back");
+    let stored = backend.results.get_batch(std::slice::from_ref(last)).await.unwrap();
+    assert_eq!(stored[last].status, ResultStatus::Reviewed, "the label stands");
+
+    // Given back, the items looked at went to the back of the queue: the first is found now.
+    let first = &results[0].record_id;
+    assert!(matches!(dlq::label(&backend, first, "0").await.unwrap(), ReviewOutcome::Resolved(_)));
+    assert_eq!(depth().await.total(), total - 1, "an item within the search is found and taken off");
+    // Labelled again: nothing settled, nothing searched. A copy of its item sent since stays.
+    let copy = OutgoingMessage { body: serde_json::to_vec(&results[0]).unwrap(), ..OutgoingMessage::default() };
+    review.send_batch(vec![copy]).await.unwrap();
+    assert!(matches!(dlq::label(&backend, first, "0").await.unwrap(), ReviewOutcome::NotWaiting(_)));
+    assert_eq!(depth().await.total(), total);
+}
