@@ -725,6 +725,10 @@ impl Worker {
         // The delivery each of `done` is.
         let mut done_index = Vec::new();
         let mut processed = 0;
+        // Records to retry, by reason: how many, and the first's id and error. Said in one line a
+        // reason, not one a record: a store that cannot be reached fails every record of every
+        // batch, again at each receive.
+        let mut retrying: BTreeMap<&'static str, (usize, Option<RecordId>, SluiceError)> = BTreeMap::new();
         for (index, (delivery, outcome)) in batch.iter().zip(outcomes).enumerate() {
             match outcome {
                 Outcome::Forward(messages) => {
@@ -772,12 +776,21 @@ impl Worker {
                         done.push(&delivery.origin);
                         done_index.push(index);
                     } else {
-                        tracing::warn!(%stage, record_id = id, %error, "will retry");
+                        tracing::debug!(%stage, record_id = id, %error, "will retry");
+                        retrying
+                            .entry(error.code().as_str())
+                            .or_insert_with(|| (0, record_id.clone(), error.clone()))
+                            .0 += 1;
                         report.retried += 1;
                         retry.push(&delivery.origin);
                     }
                 }
             }
+        }
+
+        for (code, (records, first, error)) in retrying {
+            let first = first.as_ref().map(RecordId::as_str);
+            tracing::warn!(%stage, code, records, first_record_id = first, %error, "will retry");
         }
 
         let acknowledged = match self.forward(trace.as_ref(), sends, &done, &retry).await {

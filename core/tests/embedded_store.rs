@@ -303,6 +303,48 @@ async fn a_worker_acknowledges_only_with_its_sends_and_never_loses_a_refused_bat
     tokio::time::timeout(Duration::from_secs(5), running).await.unwrap().unwrap().unwrap();
 }
 
+/// What a test's log subscriber wrote.
+#[derive(Clone, Default)]
+struct Logged(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Logged {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A batch whose records all fail for one retryable reason says so in one warning (how many,
+/// the first's id and error), not one a record: a store that cannot be reached would otherwise
+/// log every record of every batch at each receive. Each is dead-lettered in a line of its own.
+#[tokio::test]
+async fn records_a_batch_retries_are_logged_a_line_a_reason() {
+    let logged = Logged::default();
+    let writer = logged.clone();
+    let subscriber = tracing_subscriber::fmt().with_writer(move || writer.clone()).with_ansi(false).finish();
+    let _logging = tracing::subscriber::set_default(subscriber);
+    let (_dir, store, backend) = fresh(StoreConfig { max_receives: 2, ..StoreConfig::default() }).await;
+    let stage = Forward::new(StageName::Features, QueueName::Inference, false);
+    let worker = on_features(&backend, &store, stage, &["retry-1", "retry-2", "retry-3", "retry-4"]).await;
+    let shutdown = CancellationToken::new();
+    let running = tokio::spawn(worker.run(shutdown.clone()));
+    settle_at(&backend, [QueueName::Features, QueueName::Inference, QueueName::FeaturesDlq], [0, 0, 4]).await;
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(5), running).await.unwrap().unwrap().unwrap();
+
+    let text = String::from_utf8(logged.0.lock().unwrap().clone()).unwrap();
+    let lines = |what: &str| text.lines().filter(|l| l.contains(what)).collect::<Vec<_>>();
+    let retries = lines("will retry");
+    assert_eq!(retries.len(), 1, "{text}");
+    assert!(retries[0].contains("code=\"internal\"") && retries[0].contains("records=4"), "{text}");
+    assert!(retries[0].contains("WARN") && retries[0].contains("not yet"), "{text}");
+    assert_eq!(lines("dead-lettered").len(), 4, "{text}");
+}
+
 /// A store that refuses the deployment (access denied, a table missing) is not the records'
 /// fault: the batch goes back whole, nothing is dead-lettered or sent on, and the worker stops
 /// with the error.
@@ -1111,8 +1153,8 @@ async fn copies_of_a_review_item_are_each_judged_once() {
 /// before (a second click), stays for a later replay to take off, and the label stands.
 #[tokio::test]
 async fn a_labels_search_for_its_item_is_bounded_and_only_for_a_label_that_settled() {
-    use sluice_core::dlq::{self, LABEL_SEARCH};
     use sluice_core::backend::ReviewOutcome;
+    use sluice_core::dlq::{self, LABEL_SEARCH};
     use sluice_core::record::ResultStatus;
     let (_dir, _config, backend) = fresh(StoreConfig::default()).await;
     let review = backend.queue(QueueName::Review);
