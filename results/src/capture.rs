@@ -110,6 +110,8 @@ impl CaptureWriter {
             pending.lines.extend(lines);
             pending.records += kept.len() as u64;
             pending.since.get_or_insert_with(Instant::now);
+            // Bounded while a chunk is written or the log backs off, as after a failure.
+            pending.trim(self.pending_limit());
         }
         self.flush(false).await;
     }
@@ -182,18 +184,29 @@ impl CaptureWriter {
         pending.records += records;
         pending.since = Some(Instant::now());
         pending.retry_at = Some(Instant::now() + self.flush_interval());
-        let limit = self.config.flush_bytes.saturating_mul(PENDING_LIMIT_FLUSHES);
-        if pending.lines.len() > limit {
-            let cut = pending.lines.len() - limit;
-            // Whole lines only: cut after the newline at or past `cut`.
-            let end =
-                pending.lines[cut..].iter().position(|&b| b == b'\n').map_or(pending.lines.len(), |i| cut + i + 1);
-            let dropped = pending.lines[..end].iter().filter(|&&b| b == b'\n').count() as u64;
-            pending.lines.drain(..end);
-            pending.records = pending.records.saturating_sub(dropped);
-            metrics().captured(0, dropped);
-            tracing::error!(dropped, "capture: too much unwritten; the oldest lines dropped");
+        pending.trim(self.pending_limit());
+    }
+
+    /// The most bytes of lines kept unwritten.
+    fn pending_limit(&self) -> usize {
+        self.config.flush_bytes.saturating_mul(PENDING_LIMIT_FLUSHES)
+    }
+}
+
+impl Pending {
+    /// Drops the oldest whole lines past `limit` bytes, and counts them dropped.
+    fn trim(&mut self, limit: usize) {
+        if self.lines.len() <= limit {
+            return;
         }
+        let cut = self.lines.len() - limit;
+        // Whole lines only: cut after the newline at or past `cut`.
+        let end = self.lines[cut..].iter().position(|&b| b == b'\n').map_or(self.lines.len(), |i| cut + i + 1);
+        let dropped = self.lines[..end].iter().filter(|&&b| b == b'\n').count() as u64;
+        self.lines.drain(..end);
+        self.records = self.records.saturating_sub(dropped);
+        metrics().captured(0, dropped);
+        tracing::error!(dropped, "capture: too much unwritten; the oldest lines dropped");
     }
 }
 
@@ -228,8 +241,11 @@ mod tests {
             self.written.lock().unwrap().push(lines);
             Ok(())
         }
-        async fn read(&self, _: u64, _: u64) -> sluice_core::Result<Vec<Vec<u8>>> {
+        async fn chunks(&self, _: u64, _: u64) -> sluice_core::Result<Vec<String>> {
             Ok(Vec::new())
+        }
+        async fn chunk(&self, _: &str) -> sluice_core::Result<Option<Vec<u8>>> {
+            Ok(None)
         }
         async fn get_meta(&self, _: &str) -> sluice_core::Result<Option<Vec<u8>>> {
             Ok(None)
@@ -304,6 +320,34 @@ mod tests {
         writer.flush(true).await;
         assert_eq!(ids(&log.written.lock().unwrap().concat()), ["a"]);
         batch.await.unwrap();
+    }
+
+    /// While a chunk is being written (a PUT that hangs), the lines batches go on capturing are
+    /// bounded too, not only once the write has failed.
+    #[tokio::test]
+    async fn lines_gathered_while_a_chunk_is_written_are_bounded() {
+        let log =
+            Arc::new(FlakyLog { failures: AtomicUsize::new(1), slow: Duration::from_secs(60), ..Default::default() });
+        let line = CaptureRecord::new(&result("x0"), "image/png", None, BTreeMap::new()).to_line().len();
+        let config = CaptureConfig {
+            flush_after_ms: 0,
+            flush_bytes: line * 3 / PENDING_LIMIT_FLUSHES + 1,
+            ..CaptureConfig::default()
+        };
+        let writer = Arc::new(CaptureWriter::new(log.clone(), Arc::new(NoFeatures), config));
+        let hanging = tokio::spawn({
+            let writer = writer.clone();
+            async move { capture(&writer, "first").await }
+        });
+        while writer.writing.try_lock().is_ok() {
+            tokio::task::yield_now().await;
+        }
+        for i in 0..20 {
+            capture(&writer, &format!("x{i}")).await;
+        }
+        let kept = ids(&writer.pending.lock().await.lines.clone());
+        assert!(kept.len() <= 4 && kept.last().map(String::as_str) == Some("x19"), "the newest are kept: {kept:?}");
+        hanging.abort();
     }
 
     #[tokio::test]
