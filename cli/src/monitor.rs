@@ -53,7 +53,7 @@ pub async fn run(args: &MonitorArgs, settings: Settings) -> anyhow::Result<()> {
         if args.watch { Backend::open_watcher(&store).await? } else { Backend::open_observer(&store).await? };
     if args.set_reference {
         let (since, until) = window(args.since.as_deref(), args.until.as_deref(), &config)?;
-        let reference = set_reference(&backend, since, until, config.min_records).await?;
+        let reference = set_reference(&backend, since, until, &config).await?;
         outln!(
             "reference saved in {}: {} predictions ({} with feature vectors)",
             backend.capture.location(),

@@ -83,7 +83,19 @@ pub fn sampled(id: &RecordId, rate: f64) -> bool {
     if rate >= 1.0 {
         return true;
     }
-    f64::from(crc32fast::hash(id.as_str().as_bytes())) / f64::from(u32::MAX) < rate
+    f64::from(id_hash(id)) / f64::from(u32::MAX) < rate
+}
+
+/// The hash [`sampled`] judges a record by: the records sampled at any rate are those whose
+/// hash is lowest.
+pub fn id_hash(id: &RecordId) -> u32 {
+    crc32fast::hash(id.as_str().as_bytes())
+}
+
+/// The rate at which [`sampled`] takes exactly the records whose [`id_hash`] is `highest` or
+/// lower.
+pub fn rate_through(highest: u32) -> f64 {
+    (f64::from(highest) + 0.5) / f64::from(u32::MAX)
 }
 
 /// Reads captured lines back, skipping what does not parse (a line cut short by a crash, a
@@ -124,6 +136,13 @@ mod tests {
         assert!(ids.iter().all(|id| sampled(id, 0.25) == sampled(id, 0.25)));
         assert!(ids.iter().all(|id| sampled(id, 1.0)));
         assert!(!ids.iter().any(|id| sampled(id, 0.0)));
+        // The records of the lowest hashes are those a rate takes.
+        let mut hashes: Vec<u32> = ids.iter().map(id_hash).collect();
+        hashes.sort_unstable();
+        for k in [1, 10, 999] {
+            let taken = ids.iter().filter(|id| sampled(id, rate_through(hashes[k - 1]))).count();
+            assert_eq!(taken, k);
+        }
     }
 
     #[test]

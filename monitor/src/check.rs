@@ -40,10 +40,16 @@ pub async fn load_reference(backend: &Backend) -> Result<Option<Reference>> {
 }
 
 /// Saves the profile of `since_ms..=until_ms` as the reference later windows are compared with.
-/// A window with fewer than `min_records` predictions is refused: drift against next to
+/// A window with fewer than `monitor.min_records` predictions is refused: drift against next to
 /// nothing would read as no drift.
-pub async fn set_reference(backend: &Backend, since_ms: u64, until_ms: u64, min_records: u64) -> Result<Reference> {
-    let window = Window::read(backend, since_ms, until_ms).await?;
+pub async fn set_reference(
+    backend: &Backend,
+    since_ms: u64,
+    until_ms: u64,
+    config: &MonitorConfig,
+) -> Result<Reference> {
+    let min_records = config.min_records;
+    let window = Window::read(backend, since_ms, until_ms, config.max_records).await?;
     if (window.observations.len() as u64) < min_records.max(1) {
         return Err(SluiceError::permanent(
             ReasonCode::SchemaMismatch,
@@ -78,7 +84,7 @@ pub async fn run_once(
     // Reading and judging stop at `stop` (`None`: nothing was sent or recorded); sending the
     // alerts and recording them is seen through, as one sent and not recorded would go again.
     let read = async {
-        let window = Window::read(backend, since_ms, now_ms).await?;
+        let window = Window::read(backend, since_ms, now_ms, config.max_records).await?;
         let reference = load_reference(backend).await?;
         let state = AlertState::load(backend.capture.as_ref()).await?;
         Ok::<_, sluice_core::SluiceError>((window, reference, state))

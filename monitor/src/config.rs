@@ -18,6 +18,9 @@ pub struct MonitorConfig {
     pub psi_threshold: f64,
     /// Fewer captured predictions in the window than this, and drift is not judged.
     pub min_records: u64,
+    /// The most records a pass reads from the window; past that, it judges a sample of them,
+    /// chosen by record id (the monitor holds about a kilobyte a record it keeps).
+    pub max_records: usize,
     /// How often `sluice monitor --watch` runs the checks.
     pub interval_s: u64,
     /// Alerts are POSTed here as Slack-compatible JSON (`{"text": …}`).
@@ -34,6 +37,7 @@ impl Default for MonitorConfig {
             min_labelled: 50,
             psi_threshold: 0.2,
             min_records: 100,
+            max_records: 200_000,
             interval_s: 3600,
             webhook_url: None,
             sns_topic_arn: None,

@@ -1,11 +1,11 @@
 //! The captured predictions of a time window, one per record, each with its true label when
 //! one is known.
 
-use std::collections::HashSet;
+use std::collections::BTreeMap;
 
 use sluice_core::Result;
 use sluice_core::backend::Backend;
-use sluice_core::capture::{CaptureRecord, parse_lines};
+use sluice_core::capture::{CaptureRecord, id_hash, parse_lines, rate_through};
 use sluice_core::envelope::RecordId;
 use sluice_core::record::ResultStatus;
 
@@ -27,48 +27,90 @@ impl Observation {
     }
 }
 
-/// The predictions captured in `since_ms..=until_ms`, oldest first.
-#[derive(Debug, Clone, Default)]
+/// The predictions captured in `since_ms..=until_ms`, oldest first: all of them, or a sample of
+/// them where there were more than a pass keeps (see [`Window::read`]).
+#[derive(Debug, Clone)]
 pub struct Window {
     pub since_ms: u64,
     pub until_ms: u64,
     pub observations: Vec<Observation>,
     /// Capture lines that did not parse (cut short by a crash, or of a later schema).
     pub skipped_lines: u64,
+    /// The share of records the window's observations are, by record id as
+    /// [`sluice_core::capture::sampled`] takes them: 1 where it kept every record captured.
+    pub sample_rate: f64,
+}
+
+impl Default for Window {
+    fn default() -> Self {
+        Self { since_ms: 0, until_ms: 0, observations: Vec::new(), skipped_lines: 0, sample_rate: 1.0 }
+    }
 }
 
 /// Results looked up per request when joining true labels.
 const JOIN_BATCH: usize = 100;
 
 impl Window {
-    /// Reads the window from the capture log and joins each record's true label from the
-    /// result store. A record captured twice (redelivered) counts once.
-    pub async fn read(backend: &Backend, since_ms: u64, until_ms: u64) -> Result<Self> {
+    /// Reads the window from the capture log, a chunk at a time, and joins each record's true
+    /// label from the result store. A record captured twice (redelivered) counts once.
+    ///
+    /// At most `most` records are kept (`monitor.max_records`): past that, those whose id hashes
+    /// lowest, a uniform sample the results stage's capture sampling would take at a lower rate
+    /// ([`Self::sample_rate`]), the same whichever pass reads the window. So a week of a busy
+    /// pipeline fits the monitor's memory, and accuracy and drift are judged on the sample. The
+    /// class probabilities, which no check reads, are not kept (a thousand for ImageNet).
+    pub async fn read(backend: &Backend, since_ms: u64, until_ms: u64, most: usize) -> Result<Self> {
+        let most = most.max(1);
         let mut skipped_lines = 0;
-        let mut captured: Vec<CaptureRecord> = Vec::new();
-        for chunk in backend.capture.read(since_ms, until_ms).await? {
-            captured.extend(
-                parse_lines(&chunk, &mut skipped_lines)
-                    .into_iter()
-                    .filter(|r| (since_ms..=until_ms).contains(&r.captured_ms)),
-            );
+        // By the id's hash: the `most` lowest stay.
+        let mut kept: BTreeMap<(u32, RecordId), CaptureRecord> = BTreeMap::new();
+        let mut cut = false;
+        for name in backend.capture.chunks(since_ms, until_ms).await? {
+            let Some(chunk) = backend.capture.chunk(&name).await? else { continue };
+            for mut record in parse_lines(&chunk, &mut skipped_lines) {
+                if !(since_ms..=until_ms).contains(&record.captured_ms) {
+                    continue;
+                }
+                record.probabilities = Vec::new();
+                let key = (id_hash(&record.record_id), record.record_id.clone());
+                if let Some(held) = kept.get_mut(&key) {
+                    // The first capture of a record stands for it.
+                    if record.captured_ms < held.captured_ms {
+                        *held = record;
+                    }
+                    continue;
+                }
+                if kept.len() == most && kept.last_key_value().is_some_and(|(last, _)| key > *last) {
+                    continue;
+                }
+                kept.insert(key, record);
+                if kept.len() > most {
+                    kept.pop_last();
+                    cut = true;
+                }
+            }
         }
+        let sample_rate = match kept.last_key_value() {
+            Some(((highest, _), _)) if cut => rate_through(*highest),
+            _ => 1.0,
+        };
+        let mut captured: Vec<CaptureRecord> = kept.into_values().collect();
         captured.sort_by(|a, b| a.captured_ms.cmp(&b.captured_ms).then_with(|| a.record_id.cmp(&b.record_id)));
-        let mut seen: HashSet<RecordId> = HashSet::with_capacity(captured.len());
-        captured.retain(|r| seen.insert(r.record_id.clone()));
 
         let mut observations = Vec::with_capacity(captured.len());
-        for chunk in captured.chunks(JOIN_BATCH) {
+        let mut captured = captured.into_iter().peekable();
+        while captured.peek().is_some() {
+            let chunk: Vec<CaptureRecord> = captured.by_ref().take(JOIN_BATCH).collect();
             let ids: Vec<RecordId> = chunk.iter().map(|r| r.record_id.clone()).collect();
             let results = backend.results.get_batch(&ids).await?;
-            observations.extend(chunk.iter().map(|capture| {
+            observations.extend(chunk.into_iter().map(|capture| {
                 // A reviewer's rejection leaves a marker, no result: the record is not scored.
                 let result = results.get(&capture.record_id).filter(|r| r.status != ResultStatus::Rejected);
                 let truth = result.and_then(|r| r.ground_truth.clone().or_else(|| r.reviewed_label.clone()));
-                Observation { capture: capture.clone(), truth, status_now: result.map(|r| r.status) }
+                Observation { capture, truth, status_now: result.map(|r| r.status) }
             }));
         }
-        Ok(Self { since_ms, until_ms, observations, skipped_lines })
+        Ok(Self { since_ms, until_ms, observations, skipped_lines, sample_rate })
     }
 
     pub fn captures(&self) -> impl Iterator<Item = &CaptureRecord> {

@@ -489,9 +489,22 @@ pub trait CaptureLog: Send + Sync {
     /// `at_ms`: one file append on the embedded store, one S3 object on AWS.
     async fn append(&self, lines: Vec<u8>, at_ms: u64) -> Result<()>;
 
-    /// The chunks (files, objects) that may hold lines captured between `since_ms` and
-    /// `until_ms`; the caller filters the lines by their own time.
-    async fn read(&self, since_ms: u64, until_ms: u64) -> Result<Vec<Vec<u8>>>;
+    /// The names of the chunks (files, objects) that may hold lines captured between `since_ms`
+    /// and `until_ms`, oldest first; the caller filters the lines by their own time.
+    async fn chunks(&self, since_ms: u64, until_ms: u64) -> Result<Vec<String>>;
+
+    /// One chunk [`Self::chunks`] named; `None` if it has gone since (expired, deleted). A reader
+    /// of a long window takes them one at a time, holding no more than one.
+    async fn chunk(&self, name: &str) -> Result<Option<Vec<u8>>>;
+
+    /// Every chunk that may hold lines captured between `since_ms` and `until_ms`, oldest first.
+    async fn read(&self, since_ms: u64, until_ms: u64) -> Result<Vec<Vec<u8>>> {
+        let mut chunks = Vec::new();
+        for name in self.chunks(since_ms, until_ms).await? {
+            chunks.extend(self.chunk(&name).await?);
+        }
+        Ok(chunks)
+    }
 
     /// A small named document kept beside the capture (the monitor's alert state, its
     /// reference statistics); `None` when there is none yet.

@@ -72,8 +72,9 @@ pub async fn write(
     if since_ms > until_ms {
         return Err(SluiceError::permanent(ReasonCode::SchemaMismatch, "a report's window must start before it ends"));
     }
-    let window = Window::read(backend, since_ms, until_ms).await?;
-    let sample_rate = if sample_rate > 0.0 { sample_rate.min(1.0) } else { 1.0 };
+    let window = Window::read(backend, since_ms, until_ms, config.max_records).await?;
+    // A window cut to a sample is a lower rate of the same sampling.
+    let sample_rate = if sample_rate > 0.0 { sample_rate.min(1.0) } else { 1.0 }.min(window.sample_rate);
     let mut dead = Vec::new();
     for letters in Letters::ALL.into_iter().filter(|l| *l != Letters::Review) {
         for item in sluice_core::dlq::list(backend, letters, &Filter::default(), usize::MAX).await? {
@@ -246,7 +247,7 @@ impl<'a> Page<'a> {
         out.push((
             self.time_chart("Throughput", "results / s", 1.0, vec![Series::line("results stored", throughput)]),
             if self.sample_rate < 1.0 {
-                "Predictions stored per second, estimated from the captured sample (results.capture.sample_rate)."
+                "Predictions stored per second, estimated from the sample (results.capture.sample_rate, monitor.max_records)."
             } else {
                 "Predictions stored per second."
             },

@@ -54,7 +54,7 @@ impl CaptureLog for S3CaptureLog {
         self.put(&key, lines, "application/x-ndjson").await
     }
 
-    async fn read(&self, since_ms: u64, until_ms: u64) -> Result<Vec<Vec<u8>>> {
+    async fn chunks(&self, since_ms: u64, until_ms: u64) -> Result<Vec<String>> {
         let prefix = resources::capture_key_prefix();
         // Keys sort by hour, then by write time: start just before the window's first hour.
         let start_after = format!("{prefix}{}/", hour_path(since_ms));
@@ -84,14 +84,12 @@ impl CaptureLog for S3CaptureLog {
                 _ => break,
             }
         }
-        let mut chunks = Vec::with_capacity(keys.len());
-        for key in keys {
-            // An object expired between the listing and now is simply not there.
-            if let Some(chunk) = self.get(&key).await? {
-                chunks.push(chunk);
-            }
-        }
-        Ok(chunks)
+        Ok(keys)
+    }
+
+    async fn chunk(&self, name: &str) -> Result<Option<Vec<u8>>> {
+        // An object expired between the listing and now is simply not there.
+        self.get(name).await
     }
 
     async fn get_meta(&self, name: &str) -> Result<Option<Vec<u8>>> {

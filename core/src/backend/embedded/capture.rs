@@ -51,6 +51,16 @@ fn started_ms(name: &str) -> Option<u64> {
     name.strip_prefix("capture-")?.strip_suffix(".jsonl")?.split('-').next()?.parse().ok()
 }
 
+/// A file's bytes; `None` if there is no such file.
+async fn read_if_there(path: PathBuf) -> Result<Option<Vec<u8>>> {
+    blocking(move || match std::fs::read(&path) {
+        Ok(data) => Ok(Some(data)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(io_error(&path, e)),
+    })
+    .await
+}
+
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
     tokio::task::spawn_blocking(f)
         .await
@@ -89,7 +99,7 @@ impl CaptureLog for CaptureFiles {
         .await
     }
 
-    async fn read(&self, since_ms: u64, until_ms: u64) -> Result<Vec<Vec<u8>>> {
+    async fn chunks(&self, since_ms: u64, until_ms: u64) -> Result<Vec<String>> {
         let dir = self.dir.clone();
         blocking(move || {
             let entries = match std::fs::read_dir(&dir) {
@@ -97,7 +107,7 @@ impl CaptureLog for CaptureFiles {
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
                 Err(e) => return Err(io_error(&dir, e)),
             };
-            let mut wanted: Vec<(u64, PathBuf)> = Vec::new();
+            let mut wanted: Vec<(u64, String)> = Vec::new();
             for entry in entries {
                 let entry = entry.map_err(|e| io_error(&dir, e))?;
                 let name = entry.file_name().to_string_lossy().into_owned();
@@ -112,23 +122,21 @@ impl CaptureLog for CaptureFiles {
                 // a chunk is written a little after its lines were stored, so a file begun just
                 // past the window's end may still hold some of its lines.
                 if started <= until_ms.saturating_add(WRITE_DELAY_MARGIN_MS) && modified_ms >= since_ms {
-                    wanted.push((started, entry.path()));
+                    wanted.push((started, name));
                 }
             }
             wanted.sort();
-            wanted.into_iter().map(|(_, path)| std::fs::read(&path).map_err(|e| io_error(&path, e))).collect()
+            Ok(wanted.into_iter().map(|(_, name)| name).collect())
         })
         .await
     }
 
+    async fn chunk(&self, name: &str) -> Result<Option<Vec<u8>>> {
+        read_if_there(self.dir.join(name)).await
+    }
+
     async fn get_meta(&self, name: &str) -> Result<Option<Vec<u8>>> {
-        let path = self.dir.join("monitor").join(name);
-        blocking(move || match std::fs::read(&path) {
-            Ok(data) => Ok(Some(data)),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(io_error(&path, e)),
-        })
-        .await
+        read_if_there(self.dir.join("monitor").join(name)).await
     }
 
     async fn put_meta(&self, name: &str, data: Vec<u8>) -> Result<()> {
