@@ -272,8 +272,8 @@ pub struct StoreConfig {
     /// least).
     #[serde(deserialize_with = "a_second_or_more")]
     pub lease_duration_ms: u64,
-    /// The embedded stream keeps a record this long once ingest has checkpointed it (as
-    /// Kinesis keeps records 24 hours by default), then deletes it: the store file stops
+    /// The embedded stream deletes a record ingest has checkpointed once it is this old (from
+    /// its arrival, as Kinesis keeps records 24 hours by default): the store file stops
     /// growing. A record not yet checkpointed is kept however old. 0 keeps every record.
     pub stream_retention_hours: u64,
     /// The embedded store keeps a feature vector this long after it was written (as the
