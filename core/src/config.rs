@@ -278,7 +278,8 @@ pub struct StoreConfig {
     pub stream_retention_hours: u64,
     /// The embedded store keeps a feature vector this long after it was written (as the
     /// DynamoDB table's TTL, `store.aws.feature_ttl_days`: past a DLQ entry's replay), then
-    /// deletes it: an image's vector is 147 KiB. 0 keeps every vector.
+    /// deletes it: an image's vector is 147 KiB. A claim-checked payload too, once nothing
+    /// refers to it (as the claim-check bucket's expiry on AWS). 0 keeps every vector and payload.
     pub feature_retention_days: u64,
     /// How long a write waits for another process's write to finish.
     pub busy_timeout_ms: u64,

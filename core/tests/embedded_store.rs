@@ -1188,3 +1188,65 @@ async fn a_labels_search_for_its_item_is_bounded_and_only_for_a_label_that_settl
     assert!(matches!(dlq::label(&backend, first, "0").await.unwrap(), ReviewOutcome::NotWaiting(_)));
     assert_eq!(depth().await.total(), total);
 }
+
+/// Claim-checked payloads go once they are older than the feature retention and nothing refers
+/// to them any more (a checkpointed stream record does not); one a stream record still to be
+/// read or a DLQ entry refers to is kept, and dated anew; one stored again is young again.
+#[tokio::test]
+async fn claim_checked_payloads_past_the_retention_go_unless_something_refers_to_them() {
+    let config = StoreConfig { shards: 1, feature_retention_days: 1, ..StoreConfig::default() };
+    let (_dir, config, backend) = fresh(config).await;
+    let mut refs = Vec::new();
+    for name in ["alone", "read", "unread", "dead-lettered", "stored-again"] {
+        refs.push(backend.blobs.put(format!("payload {name}").into_bytes()).await.unwrap());
+    }
+    let envelope = |r: &str| format!(r#"{{"payload":{{"kind":"claim_check","reference":"{r}"}}}}"#);
+    let (read, unread) = (envelope(&refs[1]), envelope(&refs[2]));
+    checkpointed_through(&backend, &[read.as_str(), unread.as_str()], 0).await;
+    let entry = OutgoingMessage { body: envelope(&refs[3]).into_bytes(), ..OutgoingMessage::default() };
+    backend.queue(QueueName::IngestDlq).send_batch(vec![entry]).await.unwrap();
+    // Two days pass; then the last is stored again.
+    let conn = rusqlite::Connection::open(&config.path).unwrap();
+    conn.execute("UPDATE blobs SET stored_ms = stored_ms - 2 * 86400000", []).unwrap();
+    backend.blobs.put(b"payload stored-again".to_vec()).await.unwrap();
+
+    // The next put of a fresh handle sweeps.
+    let later = Backend::open(&config).await.unwrap();
+    later.blobs.put(b"payload new".to_vec()).await.unwrap();
+    let mut kept = Vec::new();
+    for reference in &refs {
+        match later.blobs.get(reference).await {
+            Ok(_) => kept.push(true),
+            Err(e) if e.code() == ReasonCode::ClaimCheckMissing => kept.push(false),
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert_eq!(kept, [false, false, true, true, true]);
+    let day_ago = sluice_core::envelope::now_ms() as i64 - 86_400_000;
+    let young: i64 =
+        conn.query_row("SELECT COUNT(*) FROM blobs WHERE stored_ms > ?1", [day_ago], |r| r.get(0)).unwrap();
+    assert_eq!(young, 4, "those kept are dated anew, not looked at again for a retention");
+}
+
+/// A store made before blobs were dated (keyed by id, `WITHOUT ROWID`) keeps them, dated as of
+/// the move, whatever the retention.
+#[tokio::test]
+async fn blobs_of_a_store_made_before_they_were_dated_are_kept_and_dated() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = StoreConfig { path: dir.path().join("s.sqlite"), feature_retention_days: 1, ..StoreConfig::default() };
+    let id = sluice_core::envelope::RecordId::from_content(b"old payload").to_string();
+    let old = rusqlite::Connection::open(&config.path).unwrap();
+    old.execute_batch("CREATE TABLE blobs (id TEXT PRIMARY KEY, data BLOB NOT NULL) WITHOUT ROWID").unwrap();
+    old.execute("INSERT INTO blobs VALUES (?1, CAST('old payload' AS BLOB))", [&id]).unwrap();
+    drop(old);
+    let backend = Backend::open(&config).await.unwrap();
+    backend.blobs.put(b"a new one, which sweeps".to_vec()).await.unwrap();
+    assert_eq!(backend.blobs.get(&format!("blob:{id}")).await.unwrap(), b"old payload");
+    let conn = rusqlite::Connection::open(&config.path).unwrap();
+    let sql: String = conn
+        .query_row("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'blobs'", [], |r| r.get(0))
+        .unwrap();
+    assert!(!sql.to_ascii_uppercase().contains("WITHOUT ROWID"), "{sql}");
+    let dated: i64 = conn.query_row("SELECT MIN(stored_ms) FROM blobs", [], |r| r.get(0)).unwrap();
+    assert!(dated > sluice_core::envelope::now_ms() as i64 - 60_000, "{dated}");
+}

@@ -1,33 +1,90 @@
-//! Claim-check blobs inside the store file, named by the hash of their content.
+//! Claim-check blobs inside the store file, named by the hash of their content, kept as long as
+//! feature vectors (`store.feature_retention_days`) and for as long after that as something
+//! refers to them.
 
 use async_trait::async_trait;
 use rusqlite::{OptionalExtension, params};
 
-use super::Db;
+use super::{Db, Sweeps, oldest_past};
 use crate::backend::{BlobStore, blob_too_large};
-use crate::envelope::RecordId;
+use crate::config::StoreConfig;
+use crate::envelope::{RecordId, now_ms};
 use crate::error::{ReasonCode, Result, SluiceError};
 
 const SCHEME: &str = "blob:";
 
+/// The most blobs a sweep looks at: each one past the retention is looked for in every message
+/// and stream record still to be read.
+const SWEEP_BLOBS: i64 = 16;
+
 pub(super) struct EmbeddedBlobStore {
     db: Db,
+    /// `store.feature_retention_days`: a blob is what its record's features are made from.
+    sweeps: Sweeps,
 }
 
 impl EmbeddedBlobStore {
-    pub(super) fn new(db: Db) -> Self {
-        Self { db }
+    pub(super) fn new(db: Db, config: &StoreConfig) -> Self {
+        Self { db, sweeps: Sweeps::new(config.feature_retention_days) }
     }
+}
+
+/// Deletes the oldest blobs stored before `before` (ms), as much as [`oldest_past`] lets go of
+/// [`SWEEP_BLOBS`]; whether it stopped at that limit. One something still refers to — a stream
+/// record not yet checkpointed, a message in any queue, a DLQ entry, whose bytes hold its
+/// reference — is stored anew instead: kept another retention, and not looked for again before
+/// then (rows are in store order, and the sweep starts from the oldest each time).
+fn sweep_blobs(tx: &rusqlite::Transaction<'_>, before: i64, now: i64) -> rusqlite::Result<bool> {
+    let mut oldest = tx.prepare_cached(
+        "SELECT b.rowid, b.stored_ms, length(b.data), \
+         EXISTS (SELECT 1 FROM queue_batches q WHERE instr(q.data, CAST(?2 || b.id AS BLOB)) > 0) \
+         OR EXISTS (SELECT 1 FROM stream_shards h JOIN stream_records s ON s.shard = h.shard \
+                    AND s.seq > h.checkpoint WHERE instr(s.data, CAST(?2 || b.id AS BLOB)) > 0) \
+         FROM blobs b ORDER BY b.rowid LIMIT ?1",
+    )?;
+    let oldest = oldest_past(oldest.query(params![SWEEP_BLOBS, SCHEME])?, before, SWEEP_BLOBS)?;
+    for rowid in &oldest.held {
+        tx.prepare_cached(
+            "INSERT OR REPLACE INTO blobs (id, data, stored_ms) SELECT id, data, ?2 FROM blobs WHERE rowid = ?1",
+        )?
+        .execute(params![rowid, now])?;
+    }
+    let mut delete = tx.prepare_cached("DELETE FROM blobs WHERE rowid = ?1")?;
+    for rowid in &oldest.gone {
+        delete.execute([rowid])?;
+    }
+    if !oldest.gone.is_empty() || !oldest.held.is_empty() {
+        tracing::debug!(
+            deleted = oldest.gone.len(),
+            kept = oldest.held.len(),
+            "claim-checked payloads past the retention"
+        );
+    }
+    Ok(oldest.full)
 }
 
 #[async_trait]
 impl BlobStore for EmbeddedBlobStore {
+    /// Stored again, the same content moves to the end of the table (its retention starts again).
     async fn put(&self, data: Vec<u8>) -> Result<String> {
         let id = RecordId::from_content(&data).to_string();
         let reference = format!("{SCHEME}{id}");
-        self.db
-            .write(move |tx| tx.execute("INSERT OR IGNORE INTO blobs (id, data) VALUES (?1, ?2)", params![id, data]))
+        let now = now_ms();
+        // Now and then the write deletes what is past the retention too, in its transaction.
+        let sweep = self.sweeps.due(now);
+        let more = self
+            .db
+            .write(move |tx| {
+                tx.prepare_cached("INSERT OR REPLACE INTO blobs (id, data, stored_ms) VALUES (?1, ?2, ?3)")?
+                    .execute(params![id, data, now as i64])?;
+                sweep.map(|sweep| sweep_blobs(tx, sweep.before, now as i64)).transpose()
+            })
             .await?;
+        if let Some(more) = more {
+            // Stopped at its limit: the next put sweeps on, from the oldest (what it looked at
+            // was deleted or moved to the end).
+            self.sweeps.stopped(more.then_some(0));
+        }
         Ok(reference)
     }
 

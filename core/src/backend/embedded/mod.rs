@@ -16,6 +16,7 @@ mod stream;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, LazyLock, Mutex, Weak};
 use std::time::{Duration, Instant};
@@ -68,7 +69,7 @@ impl EmbeddedStore {
             stream: Arc::new(stream::EmbeddedStream::new(self.db.clone(), &self.config)),
             features: Arc::new(stores::EmbeddedFeatureStore::new(self.db.clone(), &self.config)),
             results: Arc::new(stores::EmbeddedResultStore::new(self.db.clone())),
-            blobs: Arc::new(blobs::EmbeddedBlobStore::new(self.db.clone())),
+            blobs: Arc::new(blobs::EmbeddedBlobStore::new(self.db.clone(), &self.config)),
             requests: Arc::new(NoRequests),
             capture: Arc::new(capture::CaptureFiles::new(&self.config)),
             queues: Arc::new(queues),
@@ -88,19 +89,21 @@ const SWEEP_BYTES: i64 = 16 << 20;
 struct Oldest {
     /// The rows to delete: past the retention, and not held.
     gone: Vec<i64>,
+    /// The rows past the retention that something still holds.
+    held: Vec<i64>,
     /// The last row looked at, if any.
     last: Option<i64>,
     /// Whether the look stopped at its limit: more past the retention may follow `last`.
     full: bool,
 }
 
-/// Reads `rows` — (key, written ms, bytes, held), in the order written, at most
-/// [`SWEEP_RECORDS`] of them — up to the first one written at or after `before` or until
-/// [`SWEEP_BYTES`] are to go: no more is read than goes. A held row is looked at but kept.
-fn oldest_past(mut rows: rusqlite::Rows<'_>, before: i64) -> rusqlite::Result<Oldest> {
-    let (mut gone, mut last, mut looked, mut bytes) = (Vec::new(), None, 0, 0);
+/// Reads `rows` — (key, written ms, bytes, held), in the order written, at most `limit` of them
+/// — up to the first one written at or after `before` or until [`SWEEP_BYTES`] are to go: no
+/// more is read than goes. A held row is looked at but kept.
+fn oldest_past(mut rows: rusqlite::Rows<'_>, before: i64, limit: i64) -> rusqlite::Result<Oldest> {
+    let (mut gone, mut held, mut last, mut looked, mut bytes) = (Vec::new(), Vec::new(), None, 0, 0);
     let full = loop {
-        let Some(row) = rows.next()? else { break looked == SWEEP_RECORDS };
+        let Some(row) = rows.next()? else { break looked == limit };
         if row.get::<_, i64>(1)? >= before {
             break false;
         }
@@ -110,12 +113,63 @@ fn oldest_past(mut rows: rusqlite::Rows<'_>, before: i64) -> rusqlite::Result<Ol
         let key = row.get(0)?;
         last = Some(key);
         looked += 1;
-        if !row.get::<_, bool>(3)? {
+        if row.get::<_, bool>(3)? {
+            held.push(key);
+        } else {
             gone.push(key);
             bytes += row.get::<_, i64>(2)?;
         }
     };
-    Ok(Oldest { gone, last, full })
+    Ok(Oldest { gone, held, last, full })
+}
+
+/// When a store that sweeps as it writes (see [`SWEEP_EVERY`]) sweeps: its retention, when it
+/// last swept, and whether it stopped at its limit, and where.
+struct Sweeps {
+    retention_ms: u64,
+    swept_ms: AtomicU64,
+    /// The last sweep stopped at its limit: the next write sweeps on at once…
+    more: AtomicBool,
+    /// …after this row.
+    after: AtomicI64,
+}
+
+/// A sweep a write is to make: of what was written before `before` (ms), from the row after
+/// `after`.
+struct Sweep {
+    before: i64,
+    after: i64,
+}
+
+impl Sweeps {
+    /// `retention_days`: 0 keeps everything.
+    fn new(retention_days: u64) -> Self {
+        Self {
+            retention_ms: retention_days.saturating_mul(24 * 3_600_000),
+            swept_ms: AtomicU64::new(0),
+            more: AtomicBool::new(false),
+            after: AtomicI64::new(0),
+        }
+    }
+
+    /// The sweep a write at `now` makes too, if one is due (and notes that it is made).
+    fn due(&self, now: u64) -> Option<Sweep> {
+        let due = self.retention_ms > 0
+            && (self.more.load(Ordering::Relaxed)
+                || now.saturating_sub(self.swept_ms.load(Ordering::Relaxed)) >= SWEEP_EVERY.as_millis() as u64);
+        due.then(|| {
+            self.swept_ms.store(now, Ordering::Relaxed);
+            Sweep { before: now.saturating_sub(self.retention_ms) as i64, after: self.after.load(Ordering::Relaxed) }
+        })
+    }
+
+    /// A sweep made: where it stopped at its limit, if it did (the next write goes on after that
+    /// row); else the next sweep starts from the oldest again (what was kept may have been let go
+    /// meanwhile).
+    fn stopped(&self, at: Option<i64>) {
+        self.more.store(at.is_some(), Ordering::Relaxed);
+        self.after.store(at.unwrap_or(0), Ordering::Relaxed);
+    }
 }
 
 /// The embedded store sends no AWS requests, so it keeps no ledger of them.
@@ -290,11 +344,41 @@ fn connect(config: &StoreConfig) -> Result<Connection> {
     Ok(conn)
 }
 
-/// The tables that stores made before 2026-12-05 keyed by record id (`WITHOUT ROWID`), and their
-/// columns; `schema.sql` says why they are rowid tables now.
-const ONCE_KEYED: [(&str, &str); 2] =
-    [("features", "record_id, vector, created_ms"), ("results", "record_id, status, body, created_ms")];
-const KEYED_SUFFIX: &str = "_keyed_by_record_id";
+/// A table that stores made before a date kept keyed by id (`WITHOUT ROWID`): `schema.sql` says why
+/// each is a rowid table now.
+struct OnceKeyed {
+    table: &'static str,
+    /// Its columns now…
+    columns: &'static str,
+    /// …what each is copied from, in the old table…
+    from: &'static str,
+    /// …and in what order rows are copied (the new table's rows are in that order).
+    order: &'static str,
+}
+
+/// The tables of stores made before 2026-12-05 (features, results) and 2026-12-08 (blobs, which
+/// had no time: they are dated as of the move).
+const ONCE_KEYED: [OnceKeyed; 3] = [
+    OnceKeyed {
+        table: "features",
+        columns: "record_id, vector, created_ms",
+        from: "record_id, vector, created_ms",
+        order: "created_ms, record_id",
+    },
+    OnceKeyed {
+        table: "results",
+        columns: "record_id, status, body, created_ms",
+        from: "record_id, status, body, created_ms",
+        order: "created_ms, record_id",
+    },
+    OnceKeyed {
+        table: "blobs",
+        columns: "id, data, stored_ms",
+        from: "id, data, CAST(unixepoch('subsec') * 1000 AS INTEGER)",
+        order: "id",
+    },
+];
+const KEYED_SUFFIX: &str = "_keyed_by_id";
 
 /// Creates what `schema.sql` has and the store lacks, in the caller's transaction, moving the rows
 /// of any [`ONCE_KEYED`] table still keyed by record id into the schema's table of that name.
@@ -305,9 +389,9 @@ fn apply_schema(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<()> {
     tx.execute_batch(SCHEMA)?;
     queue::move_message_rows(tx)?;
     stream::count_arrivals(tx)?;
-    for (table, columns) in keyed {
+    for OnceKeyed { table, columns, from, order } in keyed {
         tx.execute_batch(&format!(
-            "INSERT INTO {table} ({columns}) SELECT {columns} FROM {table}{KEYED_SUFFIX} ORDER BY created_ms, record_id; \
+            "INSERT INTO {table} ({columns}) SELECT {from} FROM {table}{KEYED_SUFFIX} ORDER BY {order}; \
              DROP TABLE {table}{KEYED_SUFFIX};"
         ))?;
     }
@@ -317,9 +401,10 @@ fn apply_schema(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<()> {
 /// Renames those of [`ONCE_KEYED`] that are still keyed by record id out of the schema's way and
 /// drops their indexes (the schema makes them again under the same names); returns them, for
 /// [`apply_schema`] to copy their rows and drop them.
-fn set_aside_keyed_tables(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<Vec<(&'static str, &'static str)>> {
+fn set_aside_keyed_tables(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<Vec<&'static OnceKeyed>> {
     let mut keyed = Vec::new();
-    for (table, columns) in ONCE_KEYED {
+    for keyed_table in &ONCE_KEYED {
+        let table = keyed_table.table;
         let sql: Option<String> = tx
             .query_row("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = ?1", [table], |r| r.get(0))
             .optional()?;
@@ -334,8 +419,8 @@ fn set_aside_keyed_tables(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<Ve
         for index in indexes {
             tx.execute_batch(&format!("DROP INDEX \"{index}\""))?;
         }
-        tracing::info!(table, "moving the table to the rowid layout (rows in arrival order, record ids indexed)");
-        keyed.push((table, columns));
+        tracing::info!(table, "moving the table to the rowid layout (rows in arrival order, ids indexed)");
+        keyed.push(keyed_table);
     }
     Ok(keyed)
 }

@@ -73,7 +73,12 @@ CREATE INDEX IF NOT EXISTS results_by_time ON results (created_ms, record_id);
 CREATE INDEX IF NOT EXISTS results_by_status_time ON results (status, created_ms, record_id);
 DROP INDEX IF EXISTS results_by_status;
 
+-- Claim-checked payloads (blobs.rs), named by their content's hash, in the order stored (rowid): one
+-- stored again (the same content) moves to the end. Those older than `store.feature_retention_days`
+-- that nothing refers to any more are deleted as later ones are stored. A store made before
+-- 2026-12-08 kept them keyed by id (`WITHOUT ROWID`) and undated: `connect` moves them, dated then.
 CREATE TABLE IF NOT EXISTS blobs (
-    id   TEXT PRIMARY KEY,
-    data BLOB NOT NULL
-) WITHOUT ROWID;
+    id        TEXT    NOT NULL UNIQUE,
+    data      BLOB    NOT NULL,
+    stored_ms INTEGER NOT NULL
+);

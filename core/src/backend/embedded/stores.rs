@@ -2,14 +2,13 @@
 
 use std::collections::HashMap;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
 use async_trait::async_trait;
 use rusqlite::types::Value;
 use rusqlite::vtab::array::Array;
 use rusqlite::{OptionalExtension, params};
 
-use super::{Db, SWEEP_EVERY, SWEEP_RECORDS, oldest_past};
+use super::{Db, SWEEP_RECORDS, Sweeps, oldest_past};
 use crate::backend::{
     FeatureStore, FeedbackOutcome, PageToken, PutOutcome, ResultCounts, ResultPage, ResultQuery, ResultStore,
     ReviewOutcome, StoredVector,
@@ -23,34 +22,13 @@ use crate::vector::FeatureVector;
 
 pub(super) struct EmbeddedFeatureStore {
     db: Db,
-    /// `store.feature_retention_days`; 0: vectors are kept.
-    retention_ms: u64,
-    /// When this handle last deleted vectors past the retention (ms since the epoch)…
-    swept_ms: AtomicU64,
-    /// …and, where that stopped at its limit, the last row it looked at, after which the next
-    /// write deletes on at once (0: it did not stop there; the next sweep is from the oldest).
-    swept_to: AtomicI64,
+    /// `store.feature_retention_days`.
+    sweeps: Sweeps,
 }
 
 impl EmbeddedFeatureStore {
     pub(super) fn new(db: Db, config: &StoreConfig) -> Self {
-        Self {
-            db,
-            retention_ms: config.feature_retention_days.saturating_mul(24 * 3_600_000),
-            swept_ms: AtomicU64::new(0),
-            swept_to: AtomicI64::new(0),
-        }
-    }
-
-    /// Whether a write at `now` deletes what is past the retention too (and notes that it does).
-    fn sweep_due(&self, now: u64) -> bool {
-        let due = self.retention_ms > 0
-            && (self.swept_to.load(Ordering::Relaxed) > 0
-                || now.saturating_sub(self.swept_ms.load(Ordering::Relaxed)) >= SWEEP_EVERY.as_millis() as u64);
-        if due {
-            self.swept_ms.store(now, Ordering::Relaxed);
-        }
-        due
+        Self { db, sweeps: Sweeps::new(config.feature_retention_days) }
     }
 }
 
@@ -73,7 +51,7 @@ fn sweep_features(tx: &rusqlite::Transaction<'_>, before: i64, after: i64) -> ru
          OR EXISTS (SELECT 1 FROM queue_runs q WHERE q.queue IN rarray(?3) AND q.dedup_key = f.record_id) \
          FROM features f WHERE f.rowid > ?2 ORDER BY f.rowid LIMIT ?1",
     )?;
-    let oldest = oldest_past(oldest.query(params![SWEEP_RECORDS, after, dlqs])?, before)?;
+    let oldest = oldest_past(oldest.query(params![SWEEP_RECORDS, after, dlqs])?, before, SWEEP_RECORDS)?;
     if !oldest.gone.is_empty() {
         let gone: Array = Rc::new(oldest.gone.into_iter().map(Value::from).collect());
         let deleted = tx.prepare_cached("DELETE FROM features WHERE rowid IN rarray(?1)")?.execute([gone])?;
@@ -104,9 +82,7 @@ impl FeatureStore for EmbeddedFeatureStore {
         let items: Vec<(RecordId, Vec<u8>)> = items.into_iter().map(|(id, vector)| (id, vector.to_bytes())).collect();
         let now = now_ms();
         // Now and then the write deletes what is past the retention too, in its transaction.
-        let sweep = self.sweep_due(now);
-        let before = now.saturating_sub(self.retention_ms) as i64;
-        let after = self.swept_to.load(Ordering::Relaxed);
+        let sweep = self.sweeps.due(now);
         let swept = self
             .db
             .write(move |tx| {
@@ -116,13 +92,11 @@ impl FeatureStore for EmbeddedFeatureStore {
                 for (id, vector) in items {
                     insert.execute(params![id.as_str(), vector, now as i64])?;
                 }
-                if sweep { sweep_features(tx, before, after).map(Some) } else { Ok(None) }
+                sweep.map(|sweep| sweep_features(tx, sweep.before, sweep.after)).transpose()
             })
             .await?;
         if let Some(stopped_at) = swept {
-            // Stopped at its limit: the next write goes on after it; else the next sweep starts
-            // from the oldest again (what was kept may have been let go meanwhile).
-            self.swept_to.store(stopped_at.unwrap_or(0), Ordering::Relaxed);
+            self.sweeps.stopped(stopped_at);
         }
         Ok(())
     }

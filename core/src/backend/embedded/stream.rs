@@ -226,7 +226,7 @@ impl EmbeddedConsumer {
                         "SELECT seq, arrived_ms, length(data), 0 FROM stream_records WHERE shard = ?1 AND seq <= \
                          (SELECT checkpoint FROM stream_shards WHERE shard = ?1) ORDER BY seq LIMIT ?2",
                     )?;
-                    let oldest = oldest_past(oldest.query(params![shard, SWEEP_RECORDS])?, before)?;
+                    let oldest = oldest_past(oldest.query(params![shard, SWEEP_RECORDS])?, before, SWEEP_RECORDS)?;
                     let Some(upto) = oldest.last else { return Ok((0, false)) };
                     let deleted = tx
                         .prepare_cached("DELETE FROM stream_records WHERE shard = ?1 AND seq <= ?2")?
