@@ -308,11 +308,15 @@ pub struct CaptureFilesConfig {
     pub rotate_bytes: u64,
     /// …or once it is this old.
     pub rotate_after_s: u64,
+    /// A file last written this long ago is deleted when the next one is started (as the
+    /// claim-check bucket's lifecycle expires capture on AWS): at 100 records a second the
+    /// files grow by a few GiB a day. Longer than `monitor.window_hours`. 0 keeps them all.
+    pub retention_days: u64,
 }
 
 impl Default for CaptureFilesConfig {
     fn default() -> Self {
-        Self { dir: None, rotate_bytes: 64 << 20, rotate_after_s: 3600 }
+        Self { dir: None, rotate_bytes: 64 << 20, rotate_after_s: 3600, retention_days: 30 }
     }
 }
 

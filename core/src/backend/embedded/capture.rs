@@ -22,6 +22,8 @@ pub(super) struct CaptureFiles {
     dir: PathBuf,
     rotate_bytes: u64,
     rotate_after_ms: u64,
+    /// `store.capture.retention_days`; 0: files are kept.
+    retention_ms: u64,
     current: Arc<Mutex<Option<OpenFile>>>,
 }
 
@@ -37,6 +39,7 @@ impl CaptureFiles {
             dir: config.capture_dir(),
             rotate_bytes: config.capture.rotate_bytes.max(1),
             rotate_after_ms: config.capture.rotate_after_s.saturating_mul(1000).max(1),
+            retention_ms: config.capture.retention_days.saturating_mul(24 * 3_600_000),
             current: Arc::default(),
         }
     }
@@ -49,6 +52,29 @@ fn io_error(path: &Path, e: std::io::Error) -> SluiceError {
 /// The first-write time in a capture file's name.
 fn started_ms(name: &str) -> Option<u64> {
     name.strip_prefix("capture-")?.strip_suffix(".jsonl")?.split('-').next()?.parse().ok()
+}
+
+/// Deletes the capture files of `dir` last written before `before_ms`. Not being able to is said,
+/// not an error: the capture goes on.
+fn delete_older(dir: &Path, before_ms: u64) {
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    let mut deleted = 0;
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let modified_ms =
+            entry.metadata().and_then(|m| m.modified()).ok().and_then(|t| t.duration_since(UNIX_EPOCH).ok());
+        if started_ms(&name).is_none() || modified_ms.is_none_or(|ms| ms.as_millis() as u64 >= before_ms) {
+            continue;
+        }
+        match std::fs::remove_file(entry.path()) {
+            Ok(()) => deleted += 1,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => tracing::warn!(error = %io_error(&entry.path(), e), "capture: an old file could not be deleted"),
+        }
+    }
+    if deleted > 0 {
+        tracing::info!(deleted, dir = %dir.display(), "capture: files past store.capture.retention_days deleted");
+    }
 }
 
 /// A file's bytes; `None` if there is no such file.
@@ -71,7 +97,8 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'sta
 impl CaptureLog for CaptureFiles {
     async fn append(&self, lines: Vec<u8>, at_ms: u64) -> Result<()> {
         let (dir, current) = (self.dir.clone(), Arc::clone(&self.current));
-        let (rotate_bytes, rotate_after_ms) = (self.rotate_bytes, self.rotate_after_ms);
+        let (rotate_bytes, rotate_after_ms, retention_ms) =
+            (self.rotate_bytes, self.rotate_after_ms, self.retention_ms);
         blocking(move || {
             let mut current = current.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
             let due = current.as_ref().is_none_or(|file| {
@@ -88,6 +115,9 @@ impl CaptureLog for CaptureFiles {
                     n += 1;
                 };
                 *current = Some(OpenFile { path, started_ms: at_ms, bytes: 0 });
+                if retention_ms > 0 {
+                    delete_older(&dir, at_ms.saturating_sub(retention_ms));
+                }
             }
             let file = current.as_mut().expect("a file is open");
             let mut out =
@@ -189,5 +219,29 @@ mod tests {
         log.put_meta("state.json", b"{}".to_vec()).await.unwrap();
         assert_eq!(log.get_meta("state.json").await.unwrap(), Some(b"{}".to_vec()));
         assert_eq!(log.read(0, u64::MAX).await.unwrap().len(), 3, "meta documents are not capture");
+    }
+
+    /// Starting a file deletes those last written past the retention; the others and what is not
+    /// a capture file stay.
+    #[tokio::test]
+    async fn a_new_file_deletes_those_past_the_retention() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = StoreConfig { path: dir.path().join("s.sqlite"), ..Default::default() };
+        config.capture.retention_days = 2;
+        let log = CaptureFiles::new(&config);
+        let day = 24 * 3_600_000;
+        let now = crate::envelope::now_ms();
+        log.append(b"old\n".to_vec(), now - 3 * day).await.unwrap();
+        log.append(b"recent\n".to_vec(), now - day).await.unwrap();
+        let names = log.chunks(0, u64::MAX).await.unwrap();
+        assert_eq!(names.len(), 2);
+        for (name, age) in names.iter().zip([3 * day, day]) {
+            let file = std::fs::File::options().append(true).open(config.capture_dir().join(name)).unwrap();
+            file.set_modified(UNIX_EPOCH + std::time::Duration::from_millis(now - age)).unwrap();
+        }
+        std::fs::write(config.capture_dir().join("notes.txt"), "kept").unwrap();
+        log.append(b"now\n".to_vec(), now).await.unwrap();
+        assert_eq!(log.read(0, u64::MAX).await.unwrap().concat(), b"recent\nnow\n");
+        assert!(config.capture_dir().join("notes.txt").exists());
     }
 }
