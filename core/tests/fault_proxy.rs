@@ -318,3 +318,29 @@ async fn a_rewind_that_fails_still_reads_again_from_the_checkpoint() {
     let sequences = |records: &[StreamRecord]| records.iter().map(|r| r.sequence.clone()).collect::<Vec<_>>();
     assert_eq!(sequences(&again), sequences(&first), "read again from the checkpoint, not passed over");
 }
+
+/// A SendMessageBatch SQS takes in part is sent on with only what it refused, so what it took is
+/// not sent twice: a DLQ entry sent twice would be two entries.
+#[tokio::test]
+async fn a_batch_sqs_takes_in_part_is_sent_on_with_only_what_it_refused() {
+    let (backend, proxy, prefix) = through(only(|r| {
+        r.partial = 1.0;
+        r.clean_first = 1;
+    }))
+    .await;
+    let messages: Vec<OutgoingMessage> =
+        (0..10).map(|i| OutgoingMessage { body: format!("m{i}").into_bytes(), ..OutgoingMessage::default() }).collect();
+    backend.queue(QueueName::FeaturesDlq).send_batch(messages).await.unwrap();
+    // The call took nine; the tenth alone went again (after the queue's URL was looked up).
+    let counts = proxy.counts();
+    assert_eq!((counts.requests, counts.partial), (3, 1), "{counts:?}");
+    let direct = Backend::open(&aws_store_config(&prefix)).await.unwrap();
+    let mut bodies = std::collections::BTreeSet::new();
+    for _ in 0..5 {
+        for message in direct.queue(QueueName::FeaturesDlq).receive(10, std::time::Duration::ZERO).await.unwrap() {
+            assert!(bodies.insert(message.body.clone()), "sent twice: {:?}", String::from_utf8_lossy(&message.body));
+        }
+    }
+    assert_eq!(bodies.len(), 10);
+    assert_eq!(direct.queue(QueueName::FeaturesDlq).depth().await.unwrap().total(), 10);
+}

@@ -4,7 +4,9 @@
 //! (`ProvisionedThroughputExceededException` for Kinesis and DynamoDB, `RequestThrottled` for
 //! SQS, `SlowDown` for S3), a 500 or a 503, added latency, or a dropped connection, before the
 //! request reaches the stand-in or after it was carried out there (the response lost: the case
-//! that makes non-idempotent calls happen twice).
+//! that makes non-idempotent calls happen twice). On its own (not in [`FaultRates::spread`]): an
+//! SQS SendMessageBatch carried out for all its entries but the last, which is answered as failed
+//! (`InternalError`, not the sender's fault), as SQS may answer a batch it takes in part.
 //!
 //! Written here rather than taken from the registries: the proxies there (toxiproxy and the
 //! like) cut and slow TCP, but none answers with AWS's error shapes per service.
@@ -32,6 +34,8 @@ pub struct FaultRates {
     pub latency: f64,
     pub drop_before: f64,
     pub drop_after: f64,
+    /// An SQS SendMessageBatch of two entries or more taken in part (its last entry failed).
+    pub partial: f64,
     /// How long a delayed request waits.
     pub delay: Duration,
     /// This many requests pass untouched before faults begin.
@@ -48,6 +52,7 @@ impl FaultRates {
             latency: each,
             drop_before: each,
             drop_after: each,
+            partial: 0.0,
             delay: Duration::from_millis(300),
             clean_first: 0,
         }
@@ -63,6 +68,7 @@ pub struct FaultCounts {
     pub delayed: u64,
     pub dropped_before: u64,
     pub dropped_after: u64,
+    pub partial: u64,
 }
 
 impl FaultCounts {
@@ -80,6 +86,7 @@ struct Counters {
     delayed: AtomicU64,
     dropped_before: AtomicU64,
     dropped_after: AtomicU64,
+    partial: AtomicU64,
 }
 
 /// A running proxy; it stops when dropped.
@@ -210,6 +217,7 @@ enum Fault {
     Delay,
     DropBefore,
     DropAfter,
+    Partial,
 }
 
 impl Proxy {
@@ -224,6 +232,7 @@ impl Proxy {
             (rates.latency, Fault::Delay),
             (rates.drop_before, Fault::DropBefore),
             (rates.drop_after, Fault::DropAfter),
+            (rates.partial, Fault::Partial),
         ] {
             edge += rate;
             if r < edge {
@@ -262,13 +271,47 @@ impl Proxy {
                 c.dropped_after.fetch_add(1, Ordering::Relaxed);
                 Err(Dropped)
             }
-            Fault::None => self.forward(request).await,
+            Fault::Partial if service == Service::Sqs => self.take_in_part(request).await,
+            Fault::None | Fault::Partial => self.forward(request).await,
         }
     }
 
     async fn forward(&self, request: Request<Incoming>) -> Result<Response<Full<Bytes>>, Dropped> {
         let (parts, body) = request.into_parts();
         let body = body.collect().await.map_err(|_| Dropped)?.to_bytes();
+        self.send(parts, body).await
+    }
+
+    /// A SendMessageBatch of two entries or more passed on without its last entry, which the
+    /// answer says failed; any other request passed on as it is.
+    async fn take_in_part(&self, request: Request<Incoming>) -> Result<Response<Full<Bytes>>, Dropped> {
+        let batch = request.headers().get("x-amz-target").is_some_and(|t| t == "AmazonSQS.SendMessageBatch");
+        let (parts, body) = request.into_parts();
+        let body = body.collect().await.map_err(|_| Dropped)?.to_bytes();
+        let mut json: serde_json::Value = match serde_json::from_slice(&body) {
+            Ok(json) if batch => json,
+            _ => return self.send(parts, body).await,
+        };
+        let Some(entries) = json.get_mut("Entries").and_then(|e| e.as_array_mut()).filter(|e| e.len() >= 2) else {
+            return self.send(parts, body).await;
+        };
+        let failed = entries.pop().expect("two entries or more");
+        self.counters.partial.fetch_add(1, Ordering::Relaxed);
+        let response = self.send(parts, Bytes::from(json.to_string())).await?;
+        let (parts, body) = response.into_parts();
+        let mut answer: serde_json::Value =
+            serde_json::from_slice(&body.collect().await.map_err(|_| Dropped)?.to_bytes()).map_err(|_| Dropped)?;
+        let failure = serde_json::json!({
+            "Id": failed["Id"], "SenderFault": false, "Code": "InternalError", "Message": "taken in part by the fault proxy"
+        });
+        match answer.get_mut("Failed").and_then(|f| f.as_array_mut()) {
+            Some(list) => list.push(failure),
+            None => answer["Failed"] = serde_json::json!([failure]),
+        }
+        Ok(Response::from_parts(parts, Full::new(Bytes::from(answer.to_string()))))
+    }
+
+    async fn send(&self, parts: hyper::http::request::Parts, body: Bytes) -> Result<Response<Full<Bytes>>, Dropped> {
         let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
         let mut outgoing = self.client.request(parts.method, format!("{}{path}", self.upstream)).body(body);
         for (name, value) in &parts.headers {
@@ -349,6 +392,7 @@ impl FaultProxy {
             delayed: n(&c.delayed),
             dropped_before: n(&c.dropped_before),
             dropped_after: n(&c.dropped_after),
+            partial: n(&c.partial),
         }
     }
 }

@@ -413,6 +413,41 @@ fn check_failed<'a>(operation: &str, failed: impl Iterator<Item = (&'a str, bool
     Ok(())
 }
 
+impl SqsQueue {
+    /// One SendMessageBatch call, then again with only the entries SQS did not take (the SDK
+    /// retries whole calls, not those), until it has taken them all: sent again whole, those it
+    /// took would be sent twice, and a DLQ entry twice is two entries. An entry refused as the
+    /// sender's fault fails the send at once. Entries still refused after the retries fail the
+    /// send, and the caller counts every message of the call as not gone out (sinks are
+    /// idempotent; a DLQ entry taken beside one refused is then sent again).
+    async fn send_call(&self, url: &str, entries: Vec<SendMessageBatchRequestEntry>) -> Result<()> {
+        let mut pending = entries;
+        let mut delays = super::dynamodb::unprocessed_backoff();
+        loop {
+            let output = self
+                .client
+                .send_message_batch()
+                .queue_url(url)
+                .set_entries(Some(pending.clone()))
+                .send()
+                .await
+                .map_err(|e| classify("SendMessageBatch", e))?;
+            if output.failed.is_empty() {
+                return Ok(());
+            }
+            let senders = output.failed.iter().filter(|f| f.sender_fault);
+            check_failed("SendMessageBatch", senders.map(|f| (f.code.as_str(), true)))?;
+            let refused: std::collections::HashSet<&str> = output.failed.iter().map(|f| f.id.as_str()).collect();
+            pending.retain(|entry| refused.contains(entry.id()));
+            let Some(delay) = delays.next() else {
+                return check_failed("SendMessageBatch", output.failed.iter().map(|f| (f.code.as_str(), false)));
+            };
+            tracing::debug!(refused = pending.len(), ?delay, "sending again the entries SendMessageBatch refused");
+            tokio::time::sleep(delay).await;
+        }
+    }
+}
+
 #[async_trait]
 impl WorkQueue for SqsQueue {
     fn name(&self) -> QueueName {
@@ -437,21 +472,7 @@ impl WorkQueue for SqsQueue {
         let calls: Vec<Vec<SendMessageBatchRequestEntry>> =
             calls_for(&sizes, limit).into_iter().map(|n| entries.by_ref().take(n).collect()).collect();
         let url = self.url().await?;
-        concurrently(calls.into_iter().map(|entries| async move {
-            let output = self
-                .client
-                .send_message_batch()
-                .queue_url(url)
-                .set_entries(Some(entries))
-                .send()
-                .await
-                .map_err(|e| classify("SendMessageBatch", e))?;
-            // Entries SQS could not take are failures of the whole send: the caller counts every
-            // message of it as not gone out, and redoes their records (sinks are idempotent; a
-            // DLQ entry taken beside one refused is sent again, and SQS keeps both).
-            check_failed("SendMessageBatch", output.failed.iter().map(|f| (f.code.as_str(), f.sender_fault)))
-        }))
-        .await?;
+        concurrently(calls.into_iter().map(|entries| self.send_call(url, entries))).await?;
         Ok(())
     }
 
