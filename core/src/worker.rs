@@ -565,9 +565,6 @@ pub struct Worker {
     backend: Backend,
     config: WorkerConfig,
     heartbeat_every: Duration,
-    /// When the batch in hand was last kept (its processing began, or a heartbeat): the sends'
-    /// heartbeats go on from there.
-    kept_at: tokio::time::Instant,
     /// The longest a batch is filled after its first delivery: a quarter of the visibility
     /// timeout, so that the heartbeat, every half of it once work starts, comes before what
     /// was received first becomes visible to other workers.
@@ -607,7 +604,6 @@ impl Worker {
             backend,
             config,
             heartbeat_every,
-            kept_at: tokio::time::Instant::now(),
             fill_within: Duration::from_millis(store.visibility_timeout_ms / 4),
             health: None,
             abandon: CancellationToken::new(),
@@ -666,22 +662,25 @@ impl Worker {
     /// for seconds (up to 20 with the jitter) would let them run out (10 s by default) and other
     /// workers take them and redo what this one read.
     async fn back_off(&mut self, delay: Duration, shutdown: &CancellationToken) {
-        let reads_stream = self.stage.name().input_queue().is_none();
         let sleep = tokio::time::sleep(delay);
-        tokio::pin!(sleep);
-        let mut ticks =
-            tokio::time::interval_at(tokio::time::Instant::now() + self.heartbeat_every, self.heartbeat_every);
-        loop {
+        if self.stage.name().input_queue().is_none() {
+            let mut beats = self.beats();
+            keeping(self.source.as_mut(), &[], &mut beats, shutdown, sleep).await;
+        } else {
             tokio::select! {
-                () = shutdown.cancelled() => return,
-                () = &mut sleep => return,
-                _ = ticks.tick(), if reads_stream => {
-                    if let Err(e) = self.source.heartbeat(&[]).await {
-                        tracing::warn!(error = %e, "lease renewal failed while backing off");
-                    }
-                }
+                () = shutdown.cancelled() => {}
+                () = sleep => {}
             }
         }
+    }
+
+    /// A heartbeat every [`Self::heartbeat_every`], the first one that long from now; beats
+    /// missed (a stage that kept its task busy) are one beat, not a burst of them.
+    fn beats(&self) -> tokio::time::Interval {
+        let every = self.heartbeat_every;
+        let mut beats = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        beats.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        beats
     }
 
     async fn run_once(&mut self, report: &mut WorkerReport, shutdown: &CancellationToken) -> Result<()> {
@@ -694,7 +693,9 @@ impl Worker {
         let stage = self.stage.name();
         metrics().received(stage, batch.len());
         let trace = traces::enabled().then(|| self.start_trace(&mut batch, received_at));
-        let Some(outcomes) = self.process_with_heartbeat(&batch).await else {
+        // One beat for the batch, from its processing through its sends.
+        let mut beats = self.beats();
+        let Some(outcomes) = self.process_with_heartbeat(&batch, &mut beats).await else {
             // Out of time to finish: hand the batch back at once, for another worker to redo.
             tracing::warn!(%stage, records = batch.len(), "stopping before the batch finished; it is handed back");
             return self.hand_back(&batch, Duration::ZERO).await;
@@ -793,7 +794,7 @@ impl Worker {
             tracing::warn!(%stage, code, records, first_record_id = first, %error, "will retry");
         }
 
-        let acknowledged = match self.forward(trace.as_ref(), sends, &done, &retry).await {
+        let acknowledged = match self.forward(trace.as_ref(), sends, &done, &retry, &mut beats).await {
             Ok(acknowledged) => acknowledged,
             Err(ForwardFailed { error, unsent }) => {
                 // What went out whole is acknowledged (done again, a dead-lettered record would
@@ -837,6 +838,7 @@ impl Worker {
         sends: BTreeMap<QueueName, Vec<(usize, OutgoingMessage)>>,
         done: &[&Origin],
         retry: &[&Origin],
+        beats: &mut tokio::time::Interval,
     ) -> std::result::Result<bool, ForwardFailed> {
         let system = self.queue_system;
         let span = |queue: QueueName, records: &[usize]| {
@@ -938,31 +940,21 @@ impl Worker {
             Ok(false)
         };
         // Sends that take their time (a throttled queue, claim-checks to S3: the SDK's retries)
-        // keep the batch's visibility and leases as its processing did; else another worker could
-        // take its messages, or the shard, and do them again meanwhile.
-        tokio::pin!(sending);
-        // On the processing's beat: at once if one is due.
-        let mut ticks = tokio::time::interval_at(self.kept_at + self.heartbeat_every, self.heartbeat_every);
-        // Beats missed (a stage that kept its task busy) are one beat, not a burst of them.
-        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // keep the batch's visibility and leases on the processing's beat; else another worker
+        // could take its messages, or the shard, and do them again meanwhile.
         let in_flight: Vec<&Origin> = done.iter().chain(retry).copied().collect();
-        let abandon = self.abandon.clone();
-        loop {
-            tokio::select! {
-                sent = &mut sending => return sent.map_err(|e| failed(e, &unsent)),
-                // Out of time (a queue throttled, the SDK retrying): cut short, what did not go
-                // out is handed back as after a failed send, and the worker still lets go of its
-                // leases before the process is killed.
-                () = abandon.cancelled() => return Err(failed(SluiceError::retryable(
+        match keeping(self.source.as_mut(), &in_flight, beats, &self.abandon, sending).await {
+            Some(sent) => sent.map_err(|e| failed(e, &unsent)),
+            // Out of time (a queue throttled, the SDK retrying): cut short, what did not go out
+            // is handed back as after a failed send, and the worker still lets go of its leases
+            // before the process is killed.
+            None => Err(failed(
+                SluiceError::retryable(
                     ReasonCode::Internal,
                     "the grace period ran out while the batch was being sent on",
-                ), &unsent)),
-                _ = ticks.tick() => {
-                    if let Err(e) = self.source.heartbeat(&in_flight).await {
-                        tracing::warn!(error = %e, "visibility heartbeat failed");
-                    }
-                }
-            }
+                ),
+                &unsent,
+            )),
         }
     }
 
@@ -1042,25 +1034,38 @@ impl Worker {
         Ok(batch)
     }
 
-    /// Runs the stage, extending the batch's visibility while it works; `None` if told to
-    /// abandon it first.
-    async fn process_with_heartbeat(&mut self, batch: &[Delivery]) -> Option<Vec<Outcome>> {
+    /// Runs the stage, extending the batch's visibility (and the stream's leases) at each of
+    /// `beats` while it works; `None` if told to abandon it first.
+    async fn process_with_heartbeat(
+        &mut self,
+        batch: &[Delivery],
+        beats: &mut tokio::time::Interval,
+    ) -> Option<Vec<Outcome>> {
         let stage = Arc::clone(&self.stage);
-        let process = process_guarded(stage.as_ref(), batch);
-        tokio::pin!(process);
-        let mut ticks = tokio::time::interval(self.heartbeat_every);
-        ticks.tick().await;
-        self.kept_at = tokio::time::Instant::now();
-        loop {
-            tokio::select! {
-                outcomes = &mut process => return Some(outcomes),
-                _ = self.abandon.cancelled() => return None,
-                _ = ticks.tick() => {
-                    let in_flight: Vec<&Origin> = batch.iter().map(|d| &d.origin).collect();
-                    if let Err(e) = self.source.heartbeat(&in_flight).await {
-                        tracing::warn!(error = %e, "visibility heartbeat failed");
-                    }
-                    self.kept_at = tokio::time::Instant::now();
+        let in_flight: Vec<&Origin> = batch.iter().map(|d| &d.origin).collect();
+        keeping(self.source.as_mut(), &in_flight, beats, &self.abandon, process_guarded(stage.as_ref(), batch)).await
+    }
+}
+
+/// Awaits `work`, keeping what `in_flight` names (its messages' visibility, the stream's shard
+/// leases, which a heartbeat renews with or without records) at each of `beats` meanwhile: what
+/// `work` gives, or `None` if `stop` comes first. A heartbeat that fails is said, and the next
+/// beat tries again.
+async fn keeping<T>(
+    source: &mut dyn Source,
+    in_flight: &[&Origin],
+    beats: &mut tokio::time::Interval,
+    stop: &CancellationToken,
+    work: impl Future<Output = T>,
+) -> Option<T> {
+    tokio::pin!(work);
+    loop {
+        tokio::select! {
+            out = &mut work => return Some(out),
+            () = stop.cancelled() => return None,
+            _ = beats.tick() => {
+                if let Err(e) = source.heartbeat(in_flight).await {
+                    tracing::warn!(error = %e, records = in_flight.len(), "heartbeat failed: visibility or leases not renewed");
                 }
             }
         }
