@@ -53,7 +53,9 @@ pub struct Limits {
     /// client waiting in a queue it cannot see is worse than one told to come back).
     pub in_flight: usize,
     /// How long a request may take before it is answered 503. A label given past this may still
-    /// be stored: a client trying again is told 409 if it was.
+    /// be stored: a client trying again is told 409 if it was. (A call to the embedded store
+    /// already begun runs on, on its blocking thread, up to `store.busy_timeout_ms`: the bound is
+    /// on requests, and such calls wait their turn on the store's one connection.)
     pub timeout: Duration,
 }
 

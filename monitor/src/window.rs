@@ -62,17 +62,22 @@ impl Window {
     pub async fn read(backend: &Backend, since_ms: u64, until_ms: u64, most: usize) -> Result<Self> {
         let most = most.max(1);
         let mut skipped_lines = 0;
-        // By the id's hash: the `most` lowest stay.
+        // By the id's hash: the `most` lowest stay. Once one has gone, every record whose hash is
+        // that one's or higher goes (`cut`): what stays is exactly the records under it.
         let mut kept: BTreeMap<(u32, RecordId), CaptureRecord> = BTreeMap::new();
-        let mut cut = false;
+        let mut cut: Option<u32> = None;
         for name in backend.capture.chunks(since_ms, until_ms).await? {
             let Some(chunk) = backend.capture.chunk(&name).await? else { continue };
             for mut record in parse_lines(&chunk, &mut skipped_lines) {
                 if !(since_ms..=until_ms).contains(&record.captured_ms) {
                     continue;
                 }
+                let hash = id_hash(&record.record_id);
+                if cut.is_some_and(|cut| hash >= cut) {
+                    continue;
+                }
                 record.probabilities = Vec::new();
-                let key = (id_hash(&record.record_id), record.record_id.clone());
+                let key = (hash, record.record_id.clone());
                 if let Some(held) = kept.get_mut(&key) {
                     // The first capture of a record stands for it.
                     if record.captured_ms < held.captured_ms {
@@ -80,19 +85,21 @@ impl Window {
                     }
                     continue;
                 }
-                if kept.len() == most && kept.last_key_value().is_some_and(|(last, _)| key > *last) {
-                    continue;
-                }
                 kept.insert(key, record);
-                if kept.len() > most {
-                    kept.pop_last();
-                    cut = true;
+                if kept.len() > most
+                    && let Some(((highest, _), _)) = kept.pop_last()
+                {
+                    while kept.last_key_value().is_some_and(|((hash, _), _)| *hash == highest) {
+                        kept.pop_last();
+                    }
+                    cut = Some(highest);
                 }
             }
         }
-        let sample_rate = match kept.last_key_value() {
-            Some(((highest, _), _)) if cut => rate_through(*highest),
-            _ => 1.0,
+        let sample_rate = match cut {
+            None => 1.0,
+            Some(0) => 0.0,
+            Some(cut) => rate_through(cut - 1),
         };
         let mut captured: Vec<CaptureRecord> = kept.into_values().collect();
         captured.sort_by(|a, b| a.captured_ms.cmp(&b.captured_ms).then_with(|| a.record_id.cmp(&b.record_id)));

@@ -55,8 +55,9 @@ async fn a_window_past_the_most_a_pass_keeps_is_a_sample_by_record_id() {
         }
         backend.capture.append(lines, t0 + chunk * 10).await.unwrap();
     }
-    // A redelivered record captured again, later.
-    let mut again = all[7].clone();
+    // A redelivered record captured again, later: the one a sample keeps first.
+    let lowest = all.iter().min_by_key(|r| sluice_core::capture::id_hash(&r.record_id)).unwrap();
+    let mut again = lowest.clone();
     again.timestamps.stored_ms = Some(t0 + 100);
     backend
         .capture
@@ -75,10 +76,51 @@ async fn a_window_past_the_most_a_pass_keeps_is_a_sample_by_record_id() {
     assert_eq!(kept, expected);
     let times: Vec<u64> = cut.captures().map(|c| c.captured_ms).collect();
     assert!(times.windows(2).all(|w| w[0] <= w[1]) && times.iter().all(|&t| t < t0 + 100), "{times:?}");
+    assert!(kept.contains(&lowest.record_id), "the redelivered record is kept, with its first capture");
+    assert!(whole.captures().all(|c| c.captured_ms < t0 + 100), "each record once, with its first capture");
     assert!(cut.captures().all(|c| c.probabilities.is_empty()), "probabilities are not kept");
     let again = Window::read(&backend, 0, t0 + 60_000, 30).await.unwrap();
     assert_eq!(
         again.captures().map(|c| &c.record_id).collect::<Vec<_>>(),
         cut.captures().map(|c| &c.record_id).collect::<Vec<_>>()
     );
+}
+
+/// Two records whose ids share a hash at the sample's edge go together: the sample is exactly
+/// what `capture::sampled` takes at its rate, the one or the other alone would not be.
+#[tokio::test]
+async fn records_sharing_a_hash_at_the_edge_of_a_sample_go_together() {
+    use sluice_core::capture::{id_hash, sampled};
+    use sluice_core::envelope::RecordId;
+    // Found once by search (CRC-32 of the two ids).
+    let (first, second) = (RecordId::parse("c699378").unwrap(), RecordId::parse("c18020006").unwrap());
+    assert_eq!(id_hash(&first), id_hash(&second));
+    let edge = id_hash(&first);
+    let mut others = (0..).map(|i| RecordId::parse(format!("o{i}")).unwrap());
+    let below: Vec<RecordId> = others.by_ref().filter(|id| id_hash(id) < edge).take(5).collect();
+    let above: Vec<RecordId> = others.filter(|id| id_hash(id) > edge).take(5).collect();
+
+    let dir = tempfile::tempdir().unwrap();
+    let backend =
+        Backend::open(&StoreConfig { path: dir.path().join("s.sqlite"), ..StoreConfig::default() }).await.unwrap();
+    let t0 = now_ms();
+    let mut lines = Vec::new();
+    for id in below.iter().chain(&above).chain([&first, &second]) {
+        let mut result = sluice_core::testing::prediction_result(id.as_str(), "1", ResultStatus::Accepted);
+        result.timestamps.stored_ms = Some(t0);
+        lines.extend(CaptureRecord::new(&result, "image/png", None, Default::default()).to_line());
+    }
+    backend.capture.append(lines, t0).await.unwrap();
+
+    let window = Window::read(&backend, 0, t0 + 60_000, 6).await.unwrap();
+    let kept: std::collections::BTreeSet<RecordId> = window.captures().map(|c| c.record_id.clone()).collect();
+    let taken: std::collections::BTreeSet<RecordId> = below
+        .iter()
+        .chain(&above)
+        .chain([&first, &second])
+        .filter(|id| sampled(id, window.sample_rate))
+        .cloned()
+        .collect();
+    assert_eq!(kept, taken);
+    assert_eq!(kept, below.into_iter().collect());
 }

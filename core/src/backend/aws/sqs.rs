@@ -439,7 +439,9 @@ impl SqsQueue {
             check_failed("SendMessageBatch", senders.map(|f| (f.code.as_str(), true)))?;
             let refused: std::collections::HashSet<&str> = output.failed.iter().map(|f| f.id.as_str()).collect();
             pending.retain(|entry| refused.contains(entry.id()));
-            let Some(delay) = delays.next() else {
+            let Some(delay) = delays.next().filter(|_| !pending.is_empty()) else {
+                // Out of retries, or failures naming none of the entries sent (sent again empty,
+                // the call would be refused as the sender's fault).
                 return check_failed("SendMessageBatch", output.failed.iter().map(|f| (f.code.as_str(), false)));
             };
             tracing::debug!(refused = pending.len(), ?delay, "sending again the entries SendMessageBatch refused");

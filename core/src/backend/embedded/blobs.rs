@@ -35,14 +35,16 @@ impl EmbeddedBlobStore {
 /// reference — is stored anew instead: kept another retention, and not looked for again before
 /// then (rows are in store order, and the sweep starts from the oldest each time).
 fn sweep_blobs(tx: &rusqlite::Transaction<'_>, before: i64, now: i64) -> rusqlite::Result<bool> {
+    // Looked for only past the retention: the first young row, where the sweep stops, is read
+    // too, and the look reads every message and unread stream record.
     let mut oldest = tx.prepare_cached(
-        "SELECT b.rowid, b.stored_ms, length(b.data), \
+        "SELECT b.rowid, b.stored_ms, length(b.data), CASE WHEN b.stored_ms < ?3 THEN ( \
          EXISTS (SELECT 1 FROM queue_batches q WHERE instr(q.data, CAST(?2 || b.id AS BLOB)) > 0) \
          OR EXISTS (SELECT 1 FROM stream_shards h JOIN stream_records s ON s.shard = h.shard \
-                    AND s.seq > h.checkpoint WHERE instr(s.data, CAST(?2 || b.id AS BLOB)) > 0) \
+                    AND s.seq > h.checkpoint WHERE instr(s.data, CAST(?2 || b.id AS BLOB)) > 0)) ELSE 0 END \
          FROM blobs b ORDER BY b.rowid LIMIT ?1",
     )?;
-    let oldest = oldest_past(oldest.query(params![SWEEP_BLOBS, SCHEME])?, before, SWEEP_BLOBS)?;
+    let oldest = oldest_past(oldest.query(params![SWEEP_BLOBS, SCHEME, before])?, before, SWEEP_BLOBS)?;
     for rowid in &oldest.held {
         tx.prepare_cached(
             "INSERT OR REPLACE INTO blobs (id, data, stored_ms) SELECT id, data, ?2 FROM blobs WHERE rowid = ?1",
