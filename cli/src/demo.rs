@@ -94,6 +94,14 @@ const DEMO_AWS_SHARDS: u32 = 1;
 pub async fn demo(args: &DemoArgs, settings: Settings) -> anyhow::Result<Summary> {
     let temp = tempfile::tempdir()?;
     let mut settings = args.inference.apply(args.store.apply(settings));
+    let model_dir = settings.model()?.dir;
+    if model_dir == sluice_core::config::ModelConfig::default().dir && !model_dir.exists() {
+        // Run away from the repository (an installed binary): its own digits model, as its data.
+        let built_in = temp.path().join("digits-model");
+        crate::digits::write_model(&built_in)?;
+        eprintln!("{} is not here: the demo runs the digits model built into sluice", model_dir.display());
+        settings = settings.set("model.dir", &built_in);
+    }
     // Before anything is made: a run that cannot load its model would leave AWS resources behind.
     sluice_core::model::ModelBundle::load(settings.model()?.dir)?;
     let mut made = None;

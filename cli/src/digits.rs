@@ -10,6 +10,17 @@ use image::{GrayImage, ImageFormat, Luma, Rgb, RgbImage};
 
 const DATA: &[u8] = include_bytes!("../../data/digits/digits.csv.gz");
 
+/// The shipped digits bundle (`models/digits`), for a demo run away from the repository.
+const MODEL_MANIFEST: &[u8] = include_bytes!("../../models/digits/model.toml");
+const MODEL_WEIGHTS: &[u8] = include_bytes!("../../models/digits/model.safetensors");
+
+/// Writes the digits bundle built into the binary into `dir` (created).
+pub fn write_model(dir: &std::path::Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    std::fs::write(dir.join(sluice_core::model::MANIFEST_FILE), MODEL_MANIFEST)?;
+    std::fs::write(dir.join(sluice_core::model::WEIGHTS_FILE), MODEL_WEIGHTS)
+}
+
 /// Pixel intensities run 0..=16 (counts of set pixels in 4×4 blocks).
 pub const MAX_INTENSITY: u8 = 16;
 pub const SIDE: u32 = 8;

@@ -166,17 +166,24 @@ fn all_stages_model_threads(store: &StoreArgs, settings: &Settings) -> usize {
     }
 }
 
-fn main() -> anyhow::Result<()> {
+/// The error on one line, its causes after it (`Error: a: b`), and exit status 1: not the
+/// `Debug` form a `main` returning the error prints, which adds a backtrace wherever
+/// `RUST_BACKTRACE` is set, as many Rust developers keep it.
+fn main() -> std::process::ExitCode {
     match sluice() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
         // The reader of the output went away (`| head`): it has what it wanted.
         Err(e)
             if e.chain().any(|c| {
                 c.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
             }) =>
         {
-            Ok(())
+            std::process::ExitCode::SUCCESS
         }
-        other => other,
+        Err(e) => {
+            eprintln!("Error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
     }
 }
 

@@ -39,9 +39,17 @@ fn a_trained_bundle_serves_the_demo() {
     assert!(summary["accuracy"].as_f64().unwrap() >= 0.95, "{summary}");
 }
 
+/// Run away from the repository (an installed binary), as the README's first command: its
+/// data and its model are built in.
 #[test]
 fn demo_accounts_for_every_record_and_meets_the_accuracy_bar() {
-    let summary = demo_summary(test_env(&mut Command::new(bin("sluice"))).args(["demo", "--json"]));
+    let elsewhere = tempfile::tempdir().unwrap();
+    let summary = demo_summary(
+        test_env(&mut Command::new(bin("sluice")))
+            .env_remove("SLUICE__MODEL__DIR")
+            .current_dir(elsewhere.path())
+            .args(["demo", "--json"]),
+    );
     for key in ["records_in", "results", "review", "dlq", "accuracy", "throughput_rps", "latency_ms"] {
         assert!(summary.get(key).is_some(), "missing {key} in {summary}");
     }
@@ -61,7 +69,13 @@ fn produce_run_and_stats_as_separate_commands() {
     std::fs::create_dir(&files).unwrap();
     std::fs::write(files.join("empty.png"), b"").unwrap();
     std::fs::write(files.join("notes.txt"), b"not an image").unwrap();
-    sluice(&["produce", "--store", store, "--dir", files.to_str().unwrap()]);
+    // A JSON-lines file is a record a line; a hidden file and a subdirectory are passed over.
+    std::fs::write(files.join("events.jsonl"), b"{\"p00\": 3}\r\n\n{\"p01\": 5}\n").unwrap();
+    std::fs::write(files.join(".DS_Store"), b"\0\0\0\x01Bud1").unwrap();
+    std::fs::create_dir(files.join("sub")).unwrap();
+    let produced = sluice(&["produce", "--store", store, "--dir", files.to_str().unwrap()]);
+    let said = String::from_utf8_lossy(&produced.stderr);
+    assert!(said.contains("passed over (hidden, or not a file): .DS_Store, sub"), "{said}");
     // A file too large for a stream record travels by claim-check; each copy is a record still.
     let large = dir.path().join("large");
     std::fs::create_dir(&large).unwrap();
@@ -70,14 +84,14 @@ fn produce_run_and_stats_as_separate_commands() {
 
     let before = json(&sluice(&["stats", "--store", store, "--json"]));
     assert_eq!(before["records_in"], 0, "nothing has reached ingest yet");
-    assert_eq!(before["stream"]["pending"], 355 * 2 + 185 + 2 + 2);
+    assert_eq!(before["stream"]["pending"], 355 * 2 + 185 + 4 + 2);
     assert_eq!(before["results"], 0);
 
     sluice(&["run", "--store", store, "--until-drained"]);
     let after = json(&sluice(&["stats", "--store", store, "--json"]));
     let n = |k: &str| after[k].as_u64().unwrap();
-    assert_eq!(n("records_in"), 355 * 2 + 185 + 2 + 2);
-    assert_eq!(n("results") + n("review"), 355 * 2 + 185 + 2, "repeats and JSON events are distinct records");
+    assert_eq!(n("records_in"), 355 * 2 + 185 + 4 + 2);
+    assert_eq!(n("results") + n("review"), 355 * 2 + 185 + 2 + 2, "repeats and JSON events are distinct records");
     assert_eq!(after["dlq"]["ingest"], 2);
 
     let review = String::from_utf8(
@@ -220,10 +234,16 @@ fn arguments_no_command_can_work_with_are_refused() {
     }
     assert!(!dir.path().join("bundle").exists(), "nothing was trained");
     let missing = dir.path().join("no-model");
-    let out =
-        test_env(&mut Command::new(bin("sluice"))).args(["demo"]).env("SLUICE__MODEL__DIR", &missing).output().unwrap();
+    // Said on one line, where to set the bundle too, however the user's shell is set up.
+    let out = test_env(&mut Command::new(bin("sluice")))
+        .args(["demo"])
+        .env("SLUICE__MODEL__DIR", &missing)
+        .env("RUST_BACKTRACE", "1")
+        .output()
+        .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && stderr.contains("no-model"), "{stderr}");
+    assert!(!out.status.success() && stderr.contains("no-model") && stderr.contains("SLUICE__MODEL__DIR"), "{stderr}");
+    assert!(stderr.trim().lines().count() == 1 && stderr.starts_with("Error: "), "{stderr}");
 }
 
 /// Commands that read a store refuse a path with no store, rather than make an empty one there

@@ -16,6 +16,10 @@ pub const WEIGHTS_FILE: &str = "model.safetensors";
 /// A bundle that cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum BundleError {
+    #[error(
+        "model bundle {path}: not there (a relative directory is read from where the command runs: set [model] dir, or SLUICE__MODEL__DIR, to the bundle's directory)"
+    )]
+    Missing { path: PathBuf },
     #[error("model bundle {path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
     #[error("model bundle {path}: {source}")]
@@ -361,7 +365,10 @@ impl ModelBundle {
     pub fn load(dir: impl AsRef<Path>) -> Result<Self, BundleError> {
         let dir = dir.as_ref().to_path_buf();
         let path = dir.join(MANIFEST_FILE);
-        let text = std::fs::read_to_string(&path).map_err(|source| BundleError::Io { path: path.clone(), source })?;
+        let text = std::fs::read_to_string(&path).map_err(|source| match source.kind() {
+            std::io::ErrorKind::NotFound => BundleError::Missing { path: path.clone() },
+            _ => BundleError::Io { path: path.clone(), source },
+        })?;
         let manifest: ModelManifest =
             toml::from_str(&text).map_err(|source| BundleError::Parse { path: path.clone(), source })?;
         manifest.check().map_err(|problem| BundleError::Invalid { path: path.clone(), problem })?;
