@@ -530,6 +530,13 @@ async fn result_store_lists_by_status_class_and_time_in_pages(f: Fixture) {
     let none = all_pages(ResultQuery { min_confidence: Some(0.95), limit: 10, ..ResultQuery::default() }).await;
     assert!(none.is_empty());
     assert!(PageToken::parse("nonsense").is_err());
+    // A token handed out is URL-safe, and one of the form handed out before (`#`) still reads.
+    let token = PageToken::after(1_796_686_941_493, &RecordId::parse("digits-fda25399-test-0040-0").unwrap());
+    assert_eq!(token.to_string(), "1796686941493.digits-fda25399-test-0040-0");
+    assert_eq!(PageToken::parse(&token.to_string()).unwrap(), token);
+    assert_eq!(PageToken::parse(&token.key()).unwrap(), token);
+    let cut = PageToken::parse("1796686941493").unwrap_err();
+    assert!(cut.detail().contains("%23"), "{cut}");
 
     // A review settles once: a second settle finds it settled.
     let id = RecordId::parse("q03").unwrap();

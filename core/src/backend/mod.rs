@@ -378,22 +378,42 @@ impl PageToken {
         Self { stored_ms, record_id: Some(record_id.clone()) }
     }
 
+    /// A token as [`Display`](std::fmt::Display) writes it (`<13-digit ms>.<record id>`), or as
+    /// [`Self::key`] does (`#` for the `.`: tokens before 2026-12-08, and the DynamoDB index's
+    /// sort keys).
     pub fn parse(raw: &str) -> Result<Self> {
-        let bad =
-            || crate::error::SluiceError::permanent(ReasonCode::SchemaMismatch, format!("{raw:?} is not a page token"));
-        let (ms, id) = raw.split_once('#').ok_or_else(bad)?;
-        if ms.len() != 13 {
-            return Err(bad());
-        }
+        let bad = || {
+            let hint = if raw.len() <= 14 && raw.bytes().all(|b| b.is_ascii_digit()) {
+                " (cut short? a `#` in a URL must be written %23)"
+            } else {
+                ""
+            };
+            crate::error::SluiceError::permanent(
+                ReasonCode::SchemaMismatch,
+                format!("{raw:?} is not a page token{hint}"),
+            )
+        };
+        let (ms, id) = match (raw.get(..13), raw.get(13..14), raw.get(14..)) {
+            (Some(ms), Some("." | "#"), Some(id)) => (ms, id),
+            _ => return Err(bad()),
+        };
         let stored_ms = ms.parse().map_err(|_| bad())?;
         let record_id = if id.is_empty() { None } else { Some(RecordId::parse(id).map_err(|_| bad())?) };
         Ok(Self { stored_ms, record_id })
     }
+
+    /// The position as the DynamoDB results index sorts it (its `created_key`): `#` between the
+    /// time and the id, as tables written before 2026-12-08 hold it.
+    pub fn key(&self) -> String {
+        format!("{:013}#{}", self.stored_ms, self.record_id.as_ref().map_or("", |id| id.as_str()))
+    }
 }
 
+/// URL-safe (`.`, not the `#` of [`PageToken::key`], which a URL reads as its fragment): what
+/// listings hand out.
 impl std::fmt::Display for PageToken {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{:013}#{}", self.stored_ms, self.record_id.as_ref().map_or("", |id| id.as_str()))
+        write!(f, "{:013}.{}", self.stored_ms, self.record_id.as_ref().map_or("", |id| id.as_str()))
     }
 }
 

@@ -292,7 +292,7 @@ impl DynamoResultStore {
         // The index by status sorts on this: store time, then record id.
         item.insert(
             super::resources::results_index().sort.clone(),
-            AttributeValue::S(PageToken::after(created_ms, &result.record_id).to_string()),
+            AttributeValue::S(PageToken::after(created_ms, &result.record_id).key()),
         );
         if self.ttl_days > 0 {
             item.insert(super::resources::result_ttl_attribute().to_owned(), expires_at(created_ms, self.ttl_days));
@@ -540,7 +540,7 @@ impl ResultStore for DynamoResultStore {
         let statuses = query
             .status
             .map_or(vec![ResultStatus::Accepted, ResultStatus::Review, ResultStatus::Reviewed], |s| vec![s]);
-        let start = query.start().to_string();
+        let start = query.start().key();
         let limit = query.limit.max(1);
         let budget = query.examined_at_most().div_ceil(statuses.len());
         let mut found: Vec<(String, PredictionResult)> = Vec::new();
