@@ -18,7 +18,9 @@ pub const PUT_BATCH: usize = 500;
 #[derive(Debug, Clone, clap::Args)]
 #[command(group(clap::ArgGroup::new("what").required(true).args(["dir", "digits"])))]
 pub struct ProduceArgs {
-    /// Write every file in this directory as a raw record (as any Kinesis producer would).
+    /// Write every file in this directory as a raw record (as any Kinesis producer would); a
+    /// JSON-lines file (`.jsonl`, `.ndjson`) as a record a line. Hidden files and subdirectories
+    /// are passed over (and said).
     #[arg(long)]
     pub dir: Option<PathBuf>,
     /// Write the bundled digits of this split as PNG records, labelled.
@@ -296,16 +298,32 @@ pub fn catalogue_for(args: &ProduceArgs) -> anyhow::Result<Catalogue> {
         !args.json && !args.photos,
         "--json and --photos shape the bundled digits; --dir writes files as they are"
     );
-    let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)
-        .with_context(|| format!("reading {}", dir.display()))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.is_file())
-        .collect();
+    let (mut paths, mut passed_over) = (Vec::new(), Vec::new());
+    for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+        let path = entry.with_context(|| format!("reading {}", dir.display()))?.path();
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        // A `.DS_Store` is no record; a subdirectory's files are not this directory's.
+        if name.starts_with('.') || !path.is_file() {
+            passed_over.push(name);
+        } else {
+            paths.push((name, path));
+        }
+    }
+    if !passed_over.is_empty() {
+        passed_over.sort();
+        eprintln!("passed over (hidden, or not a file): {}", passed_over.join(", "));
+    }
     paths.sort();
     let mut files = Vec::with_capacity(paths.len());
-    for path in &paths {
-        let data = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-        files.push((path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(), data));
+    for (name, path) in paths {
+        let data = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+        if name.ends_with(".jsonl") || name.ends_with(".ndjson") {
+            let lines = data.split(|&b| b == b'\n').enumerate();
+            let lines = lines.filter(|(_, line)| !line.trim_ascii().is_empty());
+            files.extend(lines.map(|(i, line)| (format!("{name}:{}", i + 1), line.trim_ascii_end().to_vec())));
+        } else {
+            files.push((name, data));
+        }
     }
     anyhow::ensure!(!files.is_empty(), "{} holds no files", dir.display());
     Ok(Catalogue::Files(files))

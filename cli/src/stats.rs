@@ -45,6 +45,10 @@ pub fn render(stats: &PipelineStats) -> String {
     } else {
         let _ = writeln!(out, "  not yet done  {not_yet_done:>10}");
     }
+    if stats.stream.pending > 0 {
+        // Counted in once ingest has taken them: until then they are the stream's only.
+        let _ = writeln!(out, "waiting         {:>10}   (in the stream, not yet taken in)", stats.stream.pending);
+    }
 
     let stream = &stats.stream;
     let behind = stream.millis_behind_latest.map(|ms| format!(", {ms} ms behind")).unwrap_or_default();
@@ -116,6 +120,12 @@ mod tests {
             assert!(text.contains(&format!("  {:<13}          2          1", queue.as_str())), "{queue}: {text}");
         }
         assert!(!text.contains("AWS requests"));
+        assert!(!text.contains("not yet taken in"), "nothing waits in the stream: {text}");
+        // Records produced and not yet taken in are said at the top too, not only per shard.
+        let mut produced = sample();
+        produced.stream.pending = 7;
+        let text = render(&produced);
+        assert!(text.contains(&format!("waiting         {:>10}   (in the stream, not yet taken in)", 7)), "{text}");
     }
 
     /// Drained with records unaccounted for: they were purged or written twice, not in progress.

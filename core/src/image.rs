@@ -71,7 +71,7 @@ pub fn check(bytes: &[u8], content_type: ContentType, limits: &ImageLimits, how:
 /// whole ([`is_whole`]): the decoders pass a JPEG cut short (the missing rows grey) and a PNG
 /// missing the end of its last chunk.
 pub fn decode(bytes: &[u8], content_type: ContentType, limits: &ImageLimits) -> Result<DynamicImage> {
-    let image = reader(bytes, content_type, limits)?.decode().map_err(|e| classify(e, limits))?;
+    let image = reader(bytes, content_type, limits)?.decode().map_err(|e| classify(e, limits, bytes))?;
     if image.width() == 0 || image.height() == 0 {
         return Err(no_pixels());
     }
@@ -108,7 +108,7 @@ fn no_pixels() -> SluiceError {
 /// [`ImageCheck::Structure`]: the header through the decoder, the rest by walking the file
 /// ([`is_whole`]).
 fn check_structure(bytes: &[u8], content_type: ContentType, limits: &ImageLimits) -> Result<()> {
-    let decoder = reader(bytes, content_type, limits)?.into_decoder().map_err(|e| classify(e, limits))?;
+    let decoder = reader(bytes, content_type, limits)?.into_decoder().map_err(|e| classify(e, limits, bytes))?;
     let (width, height) = decoder.dimensions();
     if width == 0 || height == 0 {
         return Err(no_pixels());
@@ -226,12 +226,27 @@ fn scan_end(bytes: &[u8], from: usize) -> usize {
     bytes.len()
 }
 
-fn classify(error: ImageError, limits: &ImageLimits) -> SluiceError {
+/// An image's width and height as its header gives them, its pixels unread: a PNG's from its
+/// IHDR chunk, which comes first (the decoders will not read a header past the limits); else as
+/// the decoder reads them.
+fn header_size(bytes: &[u8]) -> Option<(u32, u32)> {
+    if bytes.starts_with(b"\x89PNG\r\n\x1a\n") && bytes.get(12..16) == Some(b"IHDR") {
+        let word = |at: usize| bytes.get(at..at + 4).map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]));
+        return Some((word(16)?, word(20)?));
+    }
+    let mut reader = ImageReader::new(Cursor::new(bytes)).with_guessed_format().ok()?;
+    reader.no_limits();
+    reader.into_dimensions().ok()
+}
+
+fn classify(error: ImageError, limits: &ImageLimits, bytes: &[u8]) -> SluiceError {
     let mut detail = error.to_string();
     let code = match &error {
         ImageError::Limits(_) => {
+            // Its own size, from its header alone (read without the limits: no pixels are).
+            let size = header_size(bytes).map_or_else(String::new, |(w, h)| format!("{w}×{h} pixels; "));
             detail += &format!(
-                " (the image limits: at most {}×{} pixels, {} bytes decoded)",
+                " ({size}at most {}×{} pixels, {} bytes decoded: `image_limits` of [ingest] and [features])",
                 limits.max_width, limits.max_height, limits.max_alloc_bytes
             );
             ReasonCode::ImageTooLarge
@@ -404,6 +419,11 @@ mod tests {
     fn rejects_a_decompression_bomb_by_its_header() {
         let err = decode(&png_header_only(100_000, 100_000), ContentType::Png, &ImageLimits::default()).unwrap_err();
         assert_eq!(err.code(), ReasonCode::ImageTooLarge, "{err}");
+        // Said with its own size, the limits, and where they are set.
+        assert!(
+            err.detail().contains("100000×100000 pixels; at most 4096×4096") && err.detail().contains("image_limits"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -33,7 +33,13 @@ pub(crate) fn parse(body: &[u8], position: &RecordId, arrived_ms: u64, config: &
                 Ok(envelope) if envelope.schema_version == SCHEMA_VERSION => envelope,
                 typed => {
                     let value: serde_json::Value = serde_json::from_slice(body).map_err(|e| {
-                        SluiceError::permanent(ReasonCode::InvalidJson, format!("record is not valid JSON: {e}"))
+                        // A whole value and more after it: JSON lines written as one record.
+                        let hint = if e.to_string().starts_with("trailing characters") {
+                            " (several JSON values in one record: write one event a record; `sluice produce --dir` sends a .jsonl file a line a record)"
+                        } else {
+                            ""
+                        };
+                        SluiceError::permanent(ReasonCode::InvalidJson, format!("record is not valid JSON: {e}{hint}"))
                     })?;
                     if Envelope::looks_like_envelope(&value) {
                         // Read as a value, the last of a field named twice wins, where another
@@ -332,5 +338,10 @@ mod tests {
             assert!(err.to_string().contains("must be an object"), "{err}");
         }
         assert_eq!(parse(b"GIF89a").unwrap_err().code(), ReasonCode::UnsupportedContentType);
+        // JSON lines written as one record: refused, saying how to send them.
+        let err = parse(b"{\"p00\": 3}\n{\"p01\": 5}\n").unwrap_err();
+        assert_eq!(err.code(), ReasonCode::InvalidJson);
+        assert!(err.detail().contains("one event a record"), "{err}");
+        assert!(!parse(b"{\"p00\": 3,").unwrap_err().detail().contains("one event a record"));
     }
 }
