@@ -1,7 +1,8 @@
 //! The results and review HTTP API, for applications that read predictions and for review tools:
 //!
 //! - `GET /results/{id}`: one record's result;
-//! - `GET /results?status=&class=&since=&min_confidence=&max_confidence=&limit=&page_token=`:
+//! - `GET /results?status=&class=&since=&min_confidence=&max_confidence=&limit=&page_token=`
+//!   (`since`: milliseconds since the epoch, an RFC 3339 time, or an age such as `2h`):
 //!   results in the order they were stored, a page at a time;
 //! - `GET /review?limit=&page_token=`: the results waiting for a person;
 //! - `POST /review/{id}` with `{"label": "..."}`: a person's label, which settles the result
@@ -273,8 +274,8 @@ struct Page {
 struct ListParams {
     status: Option<String>,
     class: Option<String>,
-    /// Stored at or after, milliseconds since the epoch.
-    since: Option<u64>,
+    /// Stored at or after: milliseconds since the epoch, an RFC 3339 time, or an age.
+    since: Option<String>,
     min_confidence: Option<f32>,
     max_confidence: Option<f32>,
     limit: Option<usize>,
@@ -325,10 +326,12 @@ async fn list_results(
         })
         .transpose()?;
     query.class = params.class;
-    if params.since.is_some_and(|since| since > sluice_core::backend::MAX_STORED_MS) {
+    let since = params.since.as_deref().map(sluice_core::envelope::parse_time).transpose();
+    let since = since.map_err(|e| ApiError::bad_request(format!("since: {e}")))?;
+    if since.is_some_and(|since| since > sluice_core::backend::MAX_STORED_MS) {
         return Err(ApiError::bad_request(format!("since must be at most {}", sluice_core::backend::MAX_STORED_MS)));
     }
-    query.since_ms = params.since;
+    query.since_ms = since;
     query.min_confidence = confidence("min_confidence", params.min_confidence)?;
     query.max_confidence = confidence("max_confidence", params.max_confidence)?;
     page(&state, &query).await

@@ -82,8 +82,13 @@ pub(crate) fn document(labels: &[String]) -> Value {
                         { "name": "class", "in": "query", "required": false, "description": "The predicted class",
                           "schema": { "type": "string" } },
                         { "name": "since", "in": "query", "required": false,
-                          "description": "Stored at or after this time, milliseconds since the Unix epoch",
-                          "schema": { "type": "integer", "minimum": 0, "maximum": 9_999_999_999_999u64 } },
+                          "description": "Stored at or after this time: milliseconds since the Unix epoch, an RFC 3339 time in UTC (2026-11-26T09:00:00Z), or an age (2h, 90m, 7d)",
+                          "schema": { "anyOf": [
+                              { "type": "integer", "minimum": 0, "maximum": 9_999_999_999_999u64 },
+                              { "type": "string",
+                                "pattern": "^(19[7-9][0-9]|2[01][0-9][0-9])-(0[1-9]|1[0-2])-(0[1-9]|1[0-9]|2[0-8])T([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9]Z$" },
+                              { "type": "string", "pattern": "^[1-9][0-9]{0,4}[smhd]$" }
+                          ] } },
                         confidence("min_confidence"),
                         confidence("max_confidence"),
                         limit(),

@@ -3,7 +3,7 @@
 
 use std::io::{BufRead, IsTerminal, Write};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
 use sluice_core::ReasonCode;
@@ -180,12 +180,7 @@ pub fn parse_reason(raw: &str) -> anyhow::Result<ReasonCode> {
 
 /// Milliseconds since the epoch of an RFC 3339 time, or of now less an age (`90s`, `2h`, `3d`).
 pub fn parse_time(raw: &str) -> anyhow::Result<u64> {
-    let time = match humantime::parse_duration(raw) {
-        Ok(age) => SystemTime::now() - age,
-        Err(_) => humantime::parse_rfc3339_weak(raw)
-            .with_context(|| format!("{raw:?} is neither a time (2026-11-26T09:00:00Z) nor an age (2h)"))?,
-    };
-    Ok(time.duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as u64)
+    sluice_core::envelope::parse_time(raw).map_err(anyhow::Error::msg)
 }
 
 /// A rate given on the command line: a number above 0 (none means as fast as it goes).

@@ -308,6 +308,22 @@ pub fn now_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or_default()
 }
 
+/// A time as people and programs give one (`--since`, `?since=`): milliseconds since the Unix
+/// epoch (`1796686941493`), an RFC 3339 time (`2026-11-26T09:00:00Z`), or an age (`2h`, `90m`).
+pub fn parse_time(raw: &str) -> Result<u64, String> {
+    let raw = raw.trim();
+    if !raw.is_empty() && raw.bytes().all(|b| b.is_ascii_digit()) {
+        return raw.parse().map_err(|_| format!("{raw:?} is too large for milliseconds since the epoch"));
+    }
+    let time = match humantime::parse_duration(raw) {
+        Ok(age) => std::time::SystemTime::now().checked_sub(age).unwrap_or(std::time::UNIX_EPOCH),
+        Err(_) => humantime::parse_rfc3339_weak(raw).map_err(|_| {
+            format!("{raw:?} is neither a time (2026-11-26T09:00:00Z, or milliseconds since the epoch) nor an age (2h)")
+        })?,
+    };
+    Ok(time.duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis() as u64)
+}
+
 /// `body` without a UTF-8 byte-order mark, which some editors and producers put before JSON
 /// (serde_json reads past whitespace, not past the mark).
 pub fn without_bom(body: &[u8]) -> &[u8] {
@@ -365,6 +381,18 @@ mod base64_bytes {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `--since` and `?since=` take milliseconds, an RFC 3339 time or an age alike.
+    #[test]
+    fn times_are_read_as_milliseconds_times_or_ages() {
+        assert_eq!(parse_time("1796686941493"), Ok(1_796_686_941_493));
+        assert_eq!(parse_time("2026-11-26T09:00:00Z"), Ok(1_795_683_600_000));
+        let two_hours_ago = parse_time("2h").unwrap();
+        assert!(now_ms().abs_diff(two_hours_ago + 7_200_000) < 60_000, "{two_hours_ago}");
+        for bad in ["", "yesterday", "99999999999999999999999"] {
+            assert!(parse_time(bad).is_err(), "{bad:?}");
+        }
+    }
 
     /// A replay's partition key names a stream position's id, and only that: a producer's key
     /// that starts with the prefix gives its record no other record's id.
