@@ -2,10 +2,11 @@
 //! capture log, a chunk at a time: lines gather across batches and go out when the chunk is
 //! big enough or old enough, never one request per record.
 //!
-//! Capture is for watching the model, not part of a record's delivery: a chunk that cannot be
-//! written is kept and tried again a flush interval later (up to a bound, then the oldest lines
-//! are dropped and counted), and a batch never waits on a failing log more than once per
-//! interval. A worker killed without SIGTERM loses what it had gathered (at most
+//! Capture is for watching the model, not part of a record's delivery: a batch only adds its
+//! lines; the stage's flusher task writes them out (when told a chunk is due, or a flush interval
+//! on), so no batch waits on the log, even one that hangs. A chunk that cannot be written is kept
+//! and tried again a flush interval later (up to a bound, then the oldest lines are dropped and
+//! counted). A worker killed without SIGTERM loses what it had gathered (at most
 //! `flush_after_ms` of lines); SIGTERM writes it out.
 
 use std::collections::BTreeMap;
@@ -67,6 +68,8 @@ pub(crate) struct CaptureWriter {
     /// Held while a chunk is written: a flush at stop waits for one in flight (which may fail and
     /// put its lines back), rather than find nothing pending and let the process exit under it.
     writing: Mutex<()>,
+    /// Told when a batch has made a chunk due: the flusher writes it.
+    due: Arc<tokio::sync::Notify>,
 }
 
 #[derive(Default)]
@@ -84,14 +87,20 @@ const PENDING_LIMIT_FLUSHES: usize = 8;
 
 impl CaptureWriter {
     pub(crate) fn new(log: Arc<dyn CaptureLog>, features: Arc<dyn FeatureStore>, config: CaptureConfig) -> Self {
-        Self { log, features, config, pending: Mutex::default(), writing: Mutex::default() }
+        Self { log, features, config, pending: Mutex::default(), writing: Mutex::default(), due: Arc::default() }
+    }
+
+    /// What the flusher waits on besides its interval (see [`Self::capture`]).
+    pub(crate) fn due(&self) -> Arc<tokio::sync::Notify> {
+        Arc::clone(&self.due)
     }
 
     pub(crate) fn flush_interval(&self) -> Duration {
         Duration::from_millis(self.config.flush_after_ms.max(1))
     }
 
-    /// Adds the sampled ones of a batch's stored results, and writes the chunk if it is due.
+    /// Adds the sampled ones of a batch's stored results, and tells the flusher if that makes a
+    /// chunk due: the batch does not wait for the write.
     pub(crate) async fn capture(&self, stored: &[Captured<'_>]) {
         let kept: Vec<&Captured<'_>> =
             stored.iter().filter(|c| sampled(&c.result.record_id, self.config.sample_rate)).collect();
@@ -112,8 +121,19 @@ impl CaptureWriter {
             pending.since.get_or_insert_with(Instant::now);
             // Bounded while a chunk is written or the log backs off, as after a failure.
             pending.trim(self.pending_limit());
+            if self.is_due(&pending, Instant::now()) {
+                self.due.notify_one();
+            }
         }
-        self.flush(false).await;
+    }
+
+    /// Whether what has gathered is to be written now: big or old enough, and not backing off
+    /// after a failure.
+    fn is_due(&self, pending: &Pending, now: Instant) -> bool {
+        let due = pending.lines.len() >= self.config.flush_bytes
+            || pending.since.is_some_and(|since| now >= since + Duration::from_millis(self.config.flush_after_ms));
+        let backing_off = pending.retry_at.is_some_and(|at| now < at);
+        !pending.lines.is_empty() && due && !backing_off
     }
 
     /// The feature vectors of the tabular records among `kept`: what input drift is measured on.
@@ -153,11 +173,7 @@ impl CaptureWriter {
         };
         let (lines, records) = {
             let mut pending = self.pending.lock().await;
-            let now = Instant::now();
-            let due = pending.lines.len() >= self.config.flush_bytes
-                || pending.since.is_some_and(|since| now >= since + Duration::from_millis(self.config.flush_after_ms));
-            let backing_off = pending.retry_at.is_some_and(|at| now < at);
-            if pending.lines.is_empty() || !(all || (due && !backing_off)) {
+            if pending.lines.is_empty() || !(all || self.is_due(&pending, Instant::now())) {
                 return;
             }
             let taken = std::mem::take(&mut *pending);
@@ -285,6 +301,25 @@ mod tests {
         writer.capture(&[Captured { result: &r, content_type: ContentType::Png, attributes: &BTreeMap::new() }]).await;
     }
 
+    /// A batch's capture, then the flusher's turn.
+    async fn capture_then_flush(writer: &CaptureWriter, id: &str) {
+        capture(writer, id).await;
+        writer.flush(false).await;
+    }
+
+    /// A batch adds its lines and tells the flusher: it never waits on the log, even one that
+    /// hangs.
+    #[tokio::test]
+    async fn a_batch_does_not_wait_on_the_log() {
+        let log =
+            Arc::new(FlakyLog { failures: AtomicUsize::new(1), slow: Duration::from_secs(60), ..Default::default() });
+        let config = CaptureConfig { flush_after_ms: 0, ..CaptureConfig::default() };
+        let writer = CaptureWriter::new(log.clone(), Arc::new(NoFeatures), config);
+        tokio::time::timeout(Duration::from_secs(5), capture(&writer, "a")).await.expect("the batch went on");
+        tokio::time::timeout(Duration::from_secs(5), writer.due().notified()).await.expect("the flusher was told");
+        assert_eq!(ids(&writer.pending.lock().await.lines.clone()), ["a"]);
+    }
+
     fn ids(chunk: &[u8]) -> Vec<String> {
         let mut skipped = 0;
         sluice_core::capture::parse_lines(chunk, &mut skipped).into_iter().map(|r| r.record_id.to_string()).collect()
@@ -295,11 +330,11 @@ mod tests {
         let log = Arc::new(FlakyLog { failures: AtomicUsize::new(1), ..Default::default() });
         let config = CaptureConfig { flush_after_ms: 0, ..CaptureConfig::default() };
         let writer = CaptureWriter::new(log.clone(), Arc::new(NoFeatures), config);
-        capture(&writer, "a").await; // refused: kept, backing off a flush interval (1 ms)
-        capture(&writer, "b").await; // within the back-off: gathered, not written
+        capture_then_flush(&writer, "a").await; // refused: kept, backing off a flush interval (1 ms)
+        capture_then_flush(&writer, "b").await; // within the back-off: gathered, not written
         assert!(log.written.lock().unwrap().is_empty());
         tokio::time::sleep(Duration::from_millis(5)).await;
-        capture(&writer, "c").await;
+        capture_then_flush(&writer, "c").await;
         let written = log.written.lock().unwrap().concat();
         assert_eq!(ids(&written), ["a", "b", "c"], "the oldest first, none lost");
     }
@@ -314,7 +349,7 @@ mod tests {
         let writer = Arc::new(CaptureWriter::new(log.clone(), Arc::new(NoFeatures), config));
         let batch = tokio::spawn({
             let writer = writer.clone();
-            async move { capture(&writer, "a").await }
+            async move { capture_then_flush(&writer, "a").await }
         });
         tokio::time::sleep(Duration::from_millis(50)).await;
         writer.flush(true).await;
@@ -337,7 +372,7 @@ mod tests {
         let writer = Arc::new(CaptureWriter::new(log.clone(), Arc::new(NoFeatures), config));
         let hanging = tokio::spawn({
             let writer = writer.clone();
-            async move { capture(&writer, "first").await }
+            async move { capture_then_flush(&writer, "first").await }
         });
         while writer.writing.try_lock().is_ok() {
             tokio::task::yield_now().await;
@@ -362,7 +397,7 @@ mod tests {
         };
         let writer = CaptureWriter::new(log.clone(), Arc::new(NoFeatures), config);
         for i in 0..10 {
-            capture(&writer, &format!("x{i}")).await;
+            capture_then_flush(&writer, &format!("x{i}")).await;
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
         let kept = writer.pending.lock().await.lines.clone();

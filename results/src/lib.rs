@@ -54,7 +54,8 @@ pub struct ResultsStage {
     manifest: ModelManifest,
     store: Arc<dyn ResultStore>,
     capture: Option<Arc<CaptureWriter>>,
-    /// Writes gathered capture lines out when they are old enough, between batches too.
+    /// Writes gathered capture lines out when a batch says a chunk is due, or a flush interval on:
+    /// the batches themselves never wait for the log.
     flusher: std::sync::Once,
 }
 
@@ -257,10 +258,13 @@ impl ResultsStage {
     async fn capture(&self, stored: &[PredictionResult], origins: &[(ContentType, BTreeMap<String, String>)]) {
         let Some(capture) = &self.capture else { return };
         self.flusher.call_once(|| {
-            let (writer, every) = (Arc::downgrade(capture), capture.flush_interval());
+            let (writer, every, due) = (Arc::downgrade(capture), capture.flush_interval(), capture.due());
             tokio::spawn(async move {
                 loop {
-                    tokio::time::sleep(every).await;
+                    tokio::select! {
+                        () = tokio::time::sleep(every) => {}
+                        () = due.notified() => {}
+                    }
                     let Some(writer) = writer.upgrade() else { return };
                     writer.flush(false).await;
                 }

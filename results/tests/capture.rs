@@ -64,9 +64,12 @@ async fn captures_every_result_a_chunk_per_batch_at_most((backend, requests): (B
         .await
         .unwrap();
     stage.process(&batch("evt", 5, ContentType::Json)).await;
+    // The flusher writes what the batches made due; the stop, what is left.
+    stage.finish().await;
     let sent = requests.snapshot();
     if backend.kind() == sluice_core::config::BackendKind::Aws {
-        assert_eq!(sent.get("S3.PutObject"), Some(&3), "three batches, one object each: {sent:?}");
+        let puts = sent.get("S3.PutObject").copied().unwrap_or(0);
+        assert!((1..=3).contains(&puts), "three batches, an object each at most: {sent:?}");
     }
     // A chunk a batch at most (the embedded store appends them to one file, read as one).
     let chunks = backend.capture.read(0, u64::MAX).await.unwrap().len();
