@@ -149,9 +149,10 @@ fn render(before: &Reading, now: &Reading, once: bool) -> String {
     );
     let _ = writeln!(
         out,
-        "results      {:>10}  {:>8.1}/s   of them for review {} ({:+.1}/s)",
-        n.results + n.review,
-        rate(b.results + b.review, n.results + n.review),
+        // As `sluice stats` counts them: a result waiting for a person is under review only.
+        "results      {:>10}  {:>8.1}/s   review {} ({:+.1}/s)",
+        n.results,
+        rate(b.results, n.results),
         n.review,
         rate(b.review, n.review)
     );
