@@ -39,8 +39,8 @@ fn limit() -> Value {
 fn page_token() -> Value {
     json!({
         "name": "page_token", "in": "query", "required": false,
-        "description": "The `next_page_token` of the previous page.",
-        "schema": { "type": "string", "pattern": "^[0-9]{13}#[!-~]{0,200}$" }
+        "description": "The `next_page_token` of the previous page, percent-encoded as any query value (a record id may hold `#`, `&` or `+`).",
+        "schema": { "type": "string", "pattern": "^[0-9]{13}[.#][!-~]{0,200}$" }
     })
 }
 

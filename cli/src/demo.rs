@@ -99,7 +99,11 @@ pub async fn demo(args: &DemoArgs, settings: Settings) -> anyhow::Result<Summary
         // Run away from the repository (an installed binary): its own digits model, as its data.
         let built_in = temp.path().join("digits-model");
         crate::digits::write_model(&built_in)?;
-        eprintln!("{} is not here: the demo runs the digits model built into sluice", model_dir.display());
+        eprintln!(
+            "{} is not here: the demo runs the digits model built into sluice (the other commands read [model] dir, \
+             or SLUICE__MODEL__DIR: `sluice train --out DIR` makes a bundle)",
+            model_dir.display()
+        );
         settings = settings.set("model.dir", &built_in);
     }
     // Before anything is made: a run that cannot load its model would leave AWS resources behind.

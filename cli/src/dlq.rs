@@ -180,6 +180,12 @@ pub fn parse_reason(raw: &str) -> anyhow::Result<ReasonCode> {
 
 /// Milliseconds since the epoch of an RFC 3339 time, or of now less an age (`90s`, `2h`, `3d`).
 pub fn parse_time(raw: &str) -> anyhow::Result<u64> {
+    // A bare number short of a time in milliseconds is an age whose unit was left out (`30`):
+    // read as milliseconds, it would reach back to 1970, and a purge take everything.
+    let digits = raw.trim();
+    if !digits.is_empty() && digits.len() < 12 && digits.bytes().all(|b| b.is_ascii_digit()) {
+        bail!("{raw:?}: give an age a unit (30m, 2h) or a time in milliseconds since the epoch (13 digits)");
+    }
     sluice_core::envelope::parse_time(raw).map_err(anyhow::Error::msg)
 }
 
@@ -540,6 +546,18 @@ mod tests {
     use sluice_core::topology::StageName;
 
     use super::*;
+
+    /// `--since 30` (its unit left out) is refused: read as milliseconds it would mean 1970, and
+    /// a purge would take everything. A time in milliseconds, an RFC 3339 time and an age read.
+    #[test]
+    fn a_bare_number_short_of_a_time_is_refused() {
+        for bare in ["30", "0", " 7 "] {
+            let err = parse_time(bare).unwrap_err().to_string();
+            assert!(err.contains("give an age a unit"), "{bare:?}: {err}");
+        }
+        assert_eq!(parse_time("1796686941493").unwrap(), 1_796_686_941_493);
+        assert!(parse_time("2h").is_ok() && parse_time("2026-11-26T09:00:00Z").is_ok());
+    }
 
     #[test]
     fn a_filter_that_could_match_nothing_is_refused() {

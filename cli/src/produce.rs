@@ -317,7 +317,8 @@ pub fn catalogue_for(args: &ProduceArgs) -> anyhow::Result<Catalogue> {
     let mut files = Vec::with_capacity(paths.len());
     for (name, path) in paths {
         let data = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
-        if name.ends_with(".jsonl") || name.ends_with(".ndjson") {
+        let lower = name.to_ascii_lowercase();
+        if lower.ends_with(".jsonl") || lower.ends_with(".ndjson") {
             let lines = data.split(|&b| b == b'\n').enumerate();
             let lines = lines.filter(|(_, line)| !line.trim_ascii().is_empty());
             files.extend(lines.map(|(i, line)| (format!("{name}:{}", i + 1), line.trim_ascii_end().to_vec())));

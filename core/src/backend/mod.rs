@@ -364,8 +364,8 @@ impl ResultQuery {
 /// The latest store time a position can name (13 digits of milliseconds: the year 2286).
 pub const MAX_STORED_MS: u64 = 9_999_999_999_999;
 
-/// A position in store order. Written `<store ms, 13 digits>#<record id>`: what the DynamoDB
-/// index sorts by, and what pages hand back as their `next_page_token`.
+/// A position in store order: handed back as a page's `next_page_token`, written
+/// `<store ms, 13 digits>.<record id>`; the DynamoDB index sorts by its [`PageToken::key`].
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct PageToken {
     pub stored_ms: u64,
@@ -409,8 +409,9 @@ impl PageToken {
     }
 }
 
-/// URL-safe (`.`, not the `#` of [`PageToken::key`], which a URL reads as its fragment): what
-/// listings hand out.
+/// What listings hand out: `.`, not the `#` of [`PageToken::key`], which a URL reads as its
+/// fragment. The id is as it is: in a URL, a token is percent-encoded as any query value (most
+/// ids, sluice's own and stream positions, need none).
 impl std::fmt::Display for PageToken {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{:013}.{}", self.stored_ms, self.record_id.as_ref().map_or("", |id| id.as_str()))
