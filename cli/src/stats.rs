@@ -47,15 +47,19 @@ pub fn render(stats: &PipelineStats) -> String {
     }
     if stats.stream.pending > 0 {
         // Counted in once ingest has taken them: until then they are the stream's only.
-        let _ = writeln!(out, "waiting         {:>10}   (in the stream, not yet taken in)", stats.stream.pending);
+        let at_least = if stats.stream.pending_at_least { "at least that many " } else { "" };
+        let _ =
+            writeln!(out, "waiting         {:>10}   ({at_least}in the stream, not yet taken in)", stats.stream.pending);
     }
 
     let stream = &stats.stream;
     let behind = stream.millis_behind_latest.map(|ms| format!(", {ms} ms behind")).unwrap_or_default();
     let _ = writeln!(
         out,
-        "\nstream          {} shards, {} records past the checkpoints{behind}",
-        stream.shards, stream.pending
+        "\nstream          {} shards, {}{} records past the checkpoints{behind}",
+        stream.shards,
+        if stream.pending_at_least { "at least " } else { "" },
+        stream.pending
     );
     for (shard, records) in &stream.arrived {
         let _ = writeln!(out, "  {shard:<13} {records:>10} taken in");
@@ -101,6 +105,7 @@ mod tests {
                 records: 10,
                 arrived: BTreeMap::from([("shard-0".to_owned(), 10)]),
                 pending: 0,
+                pending_at_least: false,
                 millis_behind_latest: Some(20),
                 leases: BTreeMap::from([("ingest-a".to_owned(), 4)]),
             },
@@ -126,6 +131,13 @@ mod tests {
         produced.stream.pending = 7;
         let text = render(&produced);
         assert!(text.contains(&format!("waiting         {:>10}   (in the stream, not yet taken in)", 7)), "{text}");
+        // On Kinesis one read past each checkpoint counts them: a lower bound, said so.
+        produced.stream.pending_at_least = true;
+        let text = render(&produced);
+        assert!(
+            text.contains("(at least that many in the stream") && text.contains("at least 7 records past"),
+            "{text}"
+        );
     }
 
     /// Drained with records unaccounted for: they were purged or written twice, not in progress.

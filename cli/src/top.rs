@@ -142,9 +142,10 @@ fn render(before: &Reading, now: &Reading, once: bool) -> String {
     let lag = n.stream.millis_behind_latest.map(|ms| format!(", {ms} ms behind")).unwrap_or_default();
     let _ = writeln!(
         out,
-        "records in   {:>10}  {:>8.1}/s   {} waiting in the stream{lag}",
+        "records in   {:>10}  {:>8.1}/s   {}{} waiting in the stream{lag}",
         n.records_in,
         rate(b.records_in, n.records_in),
+        if n.stream.pending_at_least { "at least " } else { "" },
         n.stream.pending
     );
     let _ = writeln!(

@@ -78,6 +78,9 @@ pub struct StreamStats {
     /// Records past every shard's checkpoint (on Kinesis, which counts nothing, what one read
     /// of at most 1,000 records past each checkpoint finds: a lower bound).
     pub pending: u64,
+    /// Whether `pending` is only a lower bound (Kinesis): "at least" that many.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub pending_at_least: bool,
     /// How far the oldest checkpoint is behind the tip of the stream, where the stream says.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub millis_behind_latest: Option<u64>,

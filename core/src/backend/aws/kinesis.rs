@@ -166,6 +166,7 @@ impl RecordStream for KinesisStream {
             records: arrived.values().sum(),
             arrived,
             pending,
+            pending_at_least: true,
             millis_behind_latest: lag,
             leases: owners,
         })

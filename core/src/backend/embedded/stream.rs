@@ -152,6 +152,7 @@ impl RecordStream for EmbeddedStream {
                     records: arrived.values().sum(),
                     arrived,
                     pending: pending as u64,
+                    pending_at_least: false,
                     millis_behind_latest: None,
                     leases,
                 })
