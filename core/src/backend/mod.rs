@@ -408,7 +408,12 @@ impl PageToken {
     /// The position as the DynamoDB results index sorts it (its `created_key`): `#` between the
     /// time and the id, as tables written before 2026-12-08 hold it.
     pub fn key(&self) -> String {
-        format!("{:013}#{}", self.stored_ms, self.record_id.as_ref().map_or("", |id| id.as_str()))
+        self.joined_by('#')
+    }
+
+    /// The time (13 digits) and the id, `separator` between them.
+    fn joined_by(&self, separator: char) -> String {
+        format!("{:013}{separator}{}", self.stored_ms, self.record_id.as_ref().map_or("", |id| id.as_str()))
     }
 }
 
@@ -417,7 +422,7 @@ impl PageToken {
 /// ids, sluice's own and stream positions, need none).
 impl std::fmt::Display for PageToken {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{:013}.{}", self.stored_ms, self.record_id.as_ref().map_or("", |id| id.as_str()))
+        f.write_str(&self.joined_by('.'))
     }
 }
 

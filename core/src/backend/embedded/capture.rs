@@ -54,6 +54,12 @@ fn started_ms(name: &str) -> Option<u64> {
     name.strip_prefix("capture-")?.strip_suffix(".jsonl")?.split('-').next()?.parse().ok()
 }
 
+/// When a file was last written (ms since the epoch), where the file system says.
+fn modified_ms(entry: &std::fs::DirEntry) -> Option<u64> {
+    let modified = entry.metadata().and_then(|m| m.modified()).ok()?;
+    modified.duration_since(UNIX_EPOCH).ok().map(|d| d.as_millis() as u64)
+}
+
 /// Deletes the capture files of `dir` last written before `before_ms`. Not being able to is said,
 /// not an error: the capture goes on.
 fn delete_older(dir: &Path, before_ms: u64) {
@@ -61,9 +67,7 @@ fn delete_older(dir: &Path, before_ms: u64) {
     let mut deleted = 0;
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        let modified_ms =
-            entry.metadata().and_then(|m| m.modified()).ok().and_then(|t| t.duration_since(UNIX_EPOCH).ok());
-        if started_ms(&name).is_none() || modified_ms.is_none_or(|ms| ms.as_millis() as u64 >= before_ms) {
+        if started_ms(&name).is_none() || modified_ms(&entry).is_none_or(|ms| ms >= before_ms) {
             continue;
         }
         match std::fs::remove_file(entry.path()) {
@@ -142,12 +146,7 @@ impl CaptureLog for CaptureFiles {
                 let entry = entry.map_err(|e| io_error(&dir, e))?;
                 let name = entry.file_name().to_string_lossy().into_owned();
                 let Some(started) = started_ms(&name) else { continue };
-                let modified_ms = entry
-                    .metadata()
-                    .and_then(|m| m.modified())
-                    .ok()
-                    .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-                    .map_or(u64::MAX, |d| d.as_millis() as u64);
+                let modified_ms = modified_ms(&entry).unwrap_or(u64::MAX);
                 // A file holds lines from its first write to its last (its modification time);
                 // a chunk is written a little after its lines were stored, so a file begun just
                 // past the window's end may still hold some of its lines.
