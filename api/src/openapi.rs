@@ -187,7 +187,11 @@ pub(crate) fn document(labels: &[String]) -> Value {
                         "ground_truth": { "type": "string" },
                         "reviewed_label": { "type": "string", "description": "The label a person gave it" },
                         "reviewed_ms": { "type": "integer", "minimum": 0 },
-                        "timestamps": { "$ref": "#/components/schemas/Timestamps" }
+                        "timestamps": { "$ref": "#/components/schemas/Timestamps" },
+                        "attributes": {
+                            "type": "object", "additionalProperties": { "type": "string" },
+                            "description": "The producer's attributes of the record (its envelope's); a raw stream record's partition key as partition_key"
+                        }
                     }
                 }
             }

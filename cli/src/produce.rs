@@ -268,13 +268,15 @@ async fn claim_check_if_large(
     };
     let reference = blobs.put(data).await?;
     // Built as JSON, not as an `Envelope`: the content type may be one sluice does not take,
-    // and ingest is where that is judged and dead-lettered.
+    // and ingest is where that is judged and dead-lettered. The partition key is kept as ingest
+    // keeps a raw record's.
     let envelope = serde_json::json!({
         "schema_version": sluice_core::envelope::SCHEMA_VERSION,
         "record_id": id,
         "source": "sluice-produce",
         "content_type": content_type,
         "payload": { "kind": "claim_check", "reference": reference },
+        "attributes": { sluice_core::envelope::PARTITION_KEY_ATTRIBUTE: &record.partition_key },
         "timestamps": { "produced_ms": sluice_core::envelope::now_ms() },
     });
     Ok(StreamInput { partition_key: record.partition_key, data: serde_json::to_vec(&envelope)? })

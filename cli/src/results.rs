@@ -97,9 +97,10 @@ fn print(result: &PredictionResult, json: bool) -> anyhow::Result<()> {
         writeln!(out, "{}", serde_json::to_string(result)?)?;
     } else {
         let reviewed = result.reviewed_label.as_ref().map(|l| format!("\treviewed as {l}")).unwrap_or_default();
+        let attributes: String = result.attributes.iter().map(|(name, value)| format!("\t{name}={value}")).collect();
         writeln!(
             out,
-            "{}\t{}\t{:.4}\t{}\t{}{reviewed}",
+            "{}\t{}\t{:.4}\t{}\t{}{reviewed}{attributes}",
             result.record_id,
             result.label,
             result.confidence,

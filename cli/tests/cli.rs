@@ -114,6 +114,19 @@ fn produce_run_and_stats_as_separate_commands() {
     assert!(!mixed.status.success() && String::from_utf8_lossy(&mixed.stderr).contains("go after `list`"));
     let listed = String::from_utf8(sluice(&["dlq", "list", "--store", store, "--stage", "ingest"]).stdout).unwrap();
     assert!(listed.contains("empty_payload") && listed.contains("unsupported_content_type"), "{listed}");
+    // A file's result says which file it was: its record's partition key (a line's, for JSON
+    // lines; a copy's, claim-checked or not).
+    let all = String::from_utf8(sluice(&["results", "--store", store, "--limit", "100000", "--json"]).stdout).unwrap();
+    let mut keys: Vec<String> = all
+        .lines()
+        .filter_map(|line| {
+            serde_json::from_str::<serde_json::Value>(line).unwrap()["attributes"]["partition_key"]
+                .as_str()
+                .map(str::to_owned)
+        })
+        .collect();
+    keys.sort();
+    assert_eq!(keys, ["events.jsonl:1-0", "events.jsonl:3-0", "noise.png-0", "noise.png-1"]);
 }
 
 /// Files over what ingest takes inline travel by claim-check, and keep the ids they name: a PNG

@@ -112,6 +112,8 @@ async fn operators_loop(target: Target) {
     assert_eq!(shown["queue"], "ingest");
     let review = lines(&target.sluice(&model, &["dlq", "list", "--stage", "review", "--limit", "1000", "--json"]));
     assert_eq!(review.len() as u64, start.review);
+    // A review item shows the record's attributes, as its result holds them.
+    assert!(review.iter().all(|r| r["attributes"]["label"].is_string()), "{:?}", review[0]);
     // Filtered at the median confidence: exactly the items at or under it.
     let confidence = |r: &serde_json::Value| r["verdict"]["confidence"].as_f64().unwrap();
     let mut confidences: Vec<f64> = review.iter().map(confidence).collect();

@@ -39,7 +39,7 @@ pub struct CaptureRecord {
     /// bundle's tabular spec; absent for images.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub features: Option<Vec<f32>>,
-    /// The producer's attributes of the record (its envelope's; a raw record has none).
+    /// The producer's attributes of the record (its envelope's; a raw record's partition key).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub attributes: BTreeMap<String, String>,
 }

@@ -128,7 +128,7 @@ impl Item {
                     confidence: r.confidence,
                     probabilities: r.probabilities.clone(),
                 });
-                (BTreeMap::new(), verdict)
+                (result.as_ref().map(|r| r.attributes.clone()).unwrap_or_default(), verdict)
             }
             Letters::Stage(_) => {
                 let attributes = match InferredRecord::from_json(&body) {

@@ -11,6 +11,14 @@ use crate::error::{ReasonCode, Result, SluiceError};
 /// The envelope schema this build writes and reads.
 pub const SCHEMA_VERSION: u32 = 1;
 
+/// The attribute ingest keeps a raw stream record's partition key in: what ties its result back
+/// to what the producer sent, its id being its stream position.
+pub const PARTITION_KEY_ATTRIBUTE: &str = "partition_key";
+
+/// The most bytes an envelope's attributes may take, names and values together: they go with the
+/// record to its result (on AWS a DynamoDB item of at most 400 KB), so they are for tags, not data.
+pub const MAX_ATTRIBUTE_BYTES: usize = 16 * 1024;
+
 /// Longest record id accepted: DynamoDB and SQS dedup keys stay well within their limits.
 const MAX_RECORD_ID_LEN: usize = 200;
 
@@ -257,6 +265,21 @@ impl Envelope {
             trace: None,
             timestamps: StageTimes { produced_ms: Some(now_ms()), ..StageTimes::default() },
         }
+    }
+
+    /// Refuses attributes past [`MAX_ATTRIBUTE_BYTES`].
+    pub fn check_attributes(&self) -> Result<()> {
+        let bytes: usize = self.attributes.iter().map(|(name, value)| name.len() + value.len()).sum();
+        if bytes > MAX_ATTRIBUTE_BYTES {
+            return Err(SluiceError::permanent(
+                ReasonCode::SchemaMismatch,
+                format!(
+                    "the envelope's attributes take {bytes} bytes, over the {MAX_ATTRIBUTE_BYTES} they may: \
+                     attributes are tags that go with the result; data goes in the payload"
+                ),
+            ));
+        }
+        Ok(())
     }
 
     /// Whether these bytes are meant to be a sluice envelope (as opposed to a raw JSON event).

@@ -105,6 +105,11 @@ pub struct PredictionResult {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reviewed_ms: Option<u64>,
     pub timestamps: StageTimes,
+    /// The producer's attributes of the record (the envelope's; a raw stream record's partition
+    /// key as [`PARTITION_KEY_ATTRIBUTE`](crate::envelope::PARTITION_KEY_ATTRIBUTE)): what ties
+    /// the result back to what was sent.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub attributes: BTreeMap<String, String>,
 }
 
 impl PredictionResult {

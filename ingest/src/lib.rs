@@ -72,7 +72,8 @@ impl IngestStage {
             return Err(Outcome::failed(error, None));
         };
         let position = position_id(delivery, shard, sequence);
-        let mut envelope = validate::parse(&delivery.body, &position, *arrived_ms, &self.config)
+        let partition_key = delivery.attributes.get(PARTITION_KEY).map(String::as_str);
+        let mut envelope = validate::parse(&delivery.body, &position, partition_key, *arrived_ms, &self.config)
             .map_err(|error| Outcome::failed(error, Some(validate::claimed_id(&delivery.body).unwrap_or(position))))?;
         // With tracing on, the worker gave the delivery this stage's span: the record carries it on.
         if let Some(traceparent) = delivery.attributes.get(TRACEPARENT) {

@@ -2,7 +2,8 @@
 
 use sluice_core::backend::BlobStore;
 use sluice_core::envelope::{
-    ContentType, Envelope, Payload, RecordId, SCHEMA_VERSION, new_traceparent, now_ms, without_bom,
+    ContentType, Envelope, PARTITION_KEY_ATTRIBUTE, Payload, RecordId, SCHEMA_VERSION, new_traceparent, now_ms,
+    without_bom,
 };
 use sluice_core::model::TabularSpec;
 use sluice_core::telemetry::traces;
@@ -14,8 +15,15 @@ use crate::IngestConfig;
 const RAW_SOURCE: &str = "stream";
 
 /// Reads a stream record as an envelope: either it is one, or it is a raw image or JSON event
-/// that gets wrapped in one. `position` is the record id of last resort.
-pub(crate) fn parse(body: &[u8], position: &RecordId, arrived_ms: u64, config: &IngestConfig) -> Result<Envelope> {
+/// that gets wrapped in one, keeping the record's `partition_key` (a producer's, not a replay's)
+/// in its attributes. `position` is the record id of last resort.
+pub(crate) fn parse(
+    body: &[u8],
+    position: &RecordId,
+    partition_key: Option<&str>,
+    arrived_ms: u64,
+    config: &IngestConfig,
+) -> Result<Envelope> {
     let body = without_bom(body);
     if body.is_empty() {
         return Err(SluiceError::permanent(ReasonCode::EmptyPayload, "the record has no bytes"));
@@ -23,6 +31,13 @@ pub(crate) fn parse(body: &[u8], position: &RecordId, arrived_ms: u64, config: &
     if body.len() > config.max_payload_bytes {
         return Err(too_large(body.len(), config.max_payload_bytes));
     }
+    let wrap = |id: RecordId, content_type: ContentType| {
+        let mut envelope = Envelope::inline(id, RAW_SOURCE, content_type, body.to_vec());
+        if let Some(key) = partition_key.filter(|key| RecordId::from_replay_partition_key(key).is_none()) {
+            envelope.attributes.insert(PARTITION_KEY_ATTRIBUTE.to_owned(), key.to_owned());
+        }
+        envelope
+    };
     let envelope = match ContentType::sniff(body) {
         Some(ContentType::Json) => {
             // Most records are envelopes as sluice writes them: read straight into one. Anything
@@ -55,12 +70,12 @@ pub(crate) fn parse(body: &[u8], position: &RecordId, arrived_ms: u64, config: &
                         Envelope::from_value(value)?
                     } else {
                         let id = raw_event_id(&value, config)?.unwrap_or_else(|| position.clone());
-                        Envelope::inline(id, RAW_SOURCE, ContentType::Json, body.to_vec())
+                        wrap(id, ContentType::Json)
                     }
                 }
             }
         }
-        Some(image) => Envelope::inline(position.clone(), RAW_SOURCE, image, body.to_vec()),
+        Some(image) => wrap(position.clone(), image),
         // JSON, but no object: not an event.
         None if serde_json::from_slice::<serde_json::Value>(body).is_ok() => {
             return Err(SluiceError::permanent(
@@ -75,6 +90,7 @@ pub(crate) fn parse(body: &[u8], position: &RecordId, arrived_ms: u64, config: &
             ));
         }
     };
+    envelope.check_attributes()?;
     if envelope.record_id != *position && envelope.record_id.is_stream_position() {
         return Err(SluiceError::permanent(
             ReasonCode::SchemaMismatch,
@@ -212,6 +228,7 @@ fn check_bytes(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use sluice_core::envelope::MAX_ATTRIBUTE_BYTES;
 
     /// An envelope as a producer sends it: record `r-1`, a PNG.
     fn sent() -> Envelope {
@@ -221,7 +238,7 @@ mod tests {
     /// What ingest makes of `body`: the envelope, or the reason code it is refused with.
     fn read(body: &serde_json::Value) -> std::result::Result<Envelope, ReasonCode> {
         let position = RecordId::parse("shard-0:1").unwrap();
-        parse(&serde_json::to_vec(body).unwrap(), &position, 7, &IngestConfig::default()).map_err(|e| e.code())
+        parse(&serde_json::to_vec(body).unwrap(), &position, None, 7, &IngestConfig::default()).map_err(|e| e.code())
     }
 
     #[test]
@@ -277,7 +294,7 @@ mod tests {
         let config = IngestConfig { record_id_field: Some("id".to_owned()), ..IngestConfig::default() };
         let position = RecordId::parse("shard-0:1").unwrap();
         let event = br#"{"id": "shard-0002:5", "amount": 3}"#;
-        assert_eq!(parse(event, &position, 7, &config).unwrap_err().code(), ReasonCode::SchemaMismatch);
+        assert_eq!(parse(event, &position, None, 7, &config).unwrap_err().code(), ReasonCode::SchemaMismatch);
     }
 
     /// An envelope that names a field twice is refused: read as a value, the last would win,
@@ -287,7 +304,7 @@ mod tests {
         let sent = sent();
         let twice = String::from_utf8(sent.to_json()).unwrap().replacen('{', "{\"record_id\":\"r-2\",", 1);
         let position = RecordId::parse("shard-0:1").unwrap();
-        let err = parse(twice.as_bytes(), &position, 7, &IngestConfig::default()).unwrap_err();
+        let err = parse(twice.as_bytes(), &position, None, 7, &IngestConfig::default()).unwrap_err();
         assert_eq!(err.code(), ReasonCode::SchemaMismatch, "{err}");
         assert!(err.detail().contains("duplicate field `record_id`"), "{err}");
     }
@@ -329,7 +346,7 @@ mod tests {
     #[test]
     fn json_after_a_byte_order_mark_is_json_and_a_bare_value_is_no_event() {
         let position = RecordId::parse("shard-0:1").unwrap();
-        let parse = |body: &[u8]| parse(body, &position, 7, &IngestConfig::default());
+        let parse = |body: &[u8]| parse(body, &position, None, 7, &IngestConfig::default());
         let event = parse(b"\xEF\xBB\xBF{\"amount\": 3}").unwrap();
         assert_eq!(event.content_type, ContentType::Json);
         for scalar in [&b"42"[..], b"\"hello\"", b"\xEF\xBB\xBFtrue"] {
@@ -343,5 +360,28 @@ mod tests {
         assert_eq!(err.code(), ReasonCode::InvalidJson);
         assert!(err.detail().contains("one event a record"), "{err}");
         assert!(!parse(b"{\"p00\": 3,").unwrap_err().detail().contains("one event a record"));
+    }
+
+    #[test]
+    fn a_raw_records_partition_key_is_kept_in_its_attributes_and_an_envelopes_are_bounded() {
+        let position = RecordId::parse("shard-0:1").unwrap();
+        let config = IngestConfig::default();
+        let png = sluice_core::testing::images::png(2, 2);
+        for body in [&png[..], b"{\"amount\": 3}"] {
+            let raw = parse(body, &position, Some("camera-7/frame-12.png"), 7, &config).unwrap();
+            assert_eq!(raw.attributes.get(PARTITION_KEY_ATTRIBUTE).map(String::as_str), Some("camera-7/frame-12.png"));
+            // A replay's key names the record, not what its producer sent.
+            let replayed = parse(body, &position, Some(&position.replay_partition_key()), 7, &config).unwrap();
+            assert!(replayed.attributes.is_empty(), "{:?}", replayed.attributes);
+        }
+        // An envelope's own attributes stand as sent, up to MAX_ATTRIBUTE_BYTES.
+        let mut envelope = sent();
+        envelope.attributes.insert("camera".to_owned(), "7".to_owned());
+        let read = parse(&envelope.to_json(), &position, Some("key"), 7, &config).unwrap();
+        assert_eq!(read.attributes, envelope.attributes);
+        envelope.attributes.insert("notes".to_owned(), "x".repeat(MAX_ATTRIBUTE_BYTES));
+        let err = parse(&envelope.to_json(), &position, None, 7, &config).unwrap_err();
+        assert_eq!(err.code(), ReasonCode::SchemaMismatch, "{err}");
+        assert!(err.detail().contains("attributes take"), "{err}");
     }
 }

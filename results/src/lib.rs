@@ -120,6 +120,7 @@ impl ResultsStage {
             reviewed_label: None,
             reviewed_ms: None,
             timestamps: envelope.timestamps,
+            attributes: envelope.attributes,
         })
     }
 

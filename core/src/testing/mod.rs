@@ -198,5 +198,6 @@ pub fn prediction_result(
         reviewed_label: None,
         reviewed_ms: None,
         timestamps: crate::envelope::StageTimes::default(),
+        attributes: std::collections::BTreeMap::new(),
     }
 }
