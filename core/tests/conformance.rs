@@ -88,8 +88,11 @@ fn bodies(messages: &[sluice_core::backend::ReceivedMessage]) -> Vec<String> {
     messages.iter().map(|m| String::from_utf8(m.body.clone()).unwrap()).collect()
 }
 
+/// A result, with an attribute that each store keeps as it was given.
 fn result(record: &str, label: &str, status: ResultStatus) -> PredictionResult {
-    sluice_core::testing::prediction_result(record, label, status)
+    let mut result = sluice_core::testing::prediction_result(record, label, status);
+    result.attributes.insert("partition_key".to_owned(), format!("{record}.png"));
+    result
 }
 
 async fn queue_round_trip(f: Fixture) {
