@@ -381,7 +381,7 @@ pub struct AwsConfig {
     /// Feature vectors expire this many days after they are written (DynamoDB TTL; those
     /// offloaded to the bucket expire by its lifecycle): a vector is read by inference moments
     /// after it is written, and again only by a replay of an inference DLQ entry or a review.
-    /// Longer than a message is kept in a work queue (4 days) and its DLQ (14 days), so that a
+    /// Longer than a message is kept in a work queue and its DLQ (14 days together), so that a
     /// replay finds its vector. 0 keeps them (they would pile up for good: 147 KiB an
     /// ImageNet-sized image).
     pub feature_ttl_days: u64,

@@ -31,7 +31,7 @@ async fn bootstrap_again_is_harmless_and_other_settings_are_named() {
             attributes.attributes.unwrap()[&QueueAttributeName::MessageRetentionPeriod].parse::<u64>().unwrap()
         }
     };
-    assert_eq!(retention("features").await, 4 * 24 * 3600);
+    assert_eq!(retention("features").await, 14 * 24 * 3600);
     assert_eq!(retention("features-dlq").await, 14 * 24 * 3600);
     assert_eq!(retention("review").await, 14 * 24 * 3600);
 
@@ -253,7 +253,10 @@ async fn feature_vectors_expire() {
     use sluice_core::vector::FeatureVector;
 
     let config = aws_store_config(&unique_prefix("ttl"));
-    assert_eq!(config.aws.feature_ttl_days, 21, "longer than a work queue and its DLQ keep a message (4 + 14 days)");
+    assert_eq!(
+        config.aws.feature_ttl_days, 21,
+        "longer than a work queue and its DLQ keep a message (14 days together)"
+    );
     bootstrap(&config).await.unwrap();
     let dynamodb = Clients::load(&config.aws, Default::default()).await.unwrap().dynamodb;
     let table = Names::new(&config.aws.prefix).features_table();

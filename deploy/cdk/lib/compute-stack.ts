@@ -23,7 +23,7 @@ import * as subs from 'aws-cdk-lib/aws-sns-subscriptions';
 import { Construct } from 'constructs';
 import { backlogPerTaskTarget } from './capacity';
 import { ScheduledMonitor, bucketObjects } from './monitor';
-import { DataStack, pascal } from './data-stack';
+import { DataStack, QUEUE_RETENTION, pascal } from './data-stack';
 import { EnvironmentConfig } from './environments';
 import { REPO_ROOT, RESOURCES, STAGES, Stage, configNumber, resourceName } from './resources';
 import {
@@ -36,6 +36,9 @@ import {
   OTLP_HTTP_PORT,
   collectorConfig,
 } from './telemetry';
+
+/** How old a queue's oldest message gets before its `…-near-expiry` alarm: 4 days before SQS drops it. */
+const NEAR_EXPIRY = Duration.days(10);
 
 export interface ComputeStackProps extends StackProps {
   config: EnvironmentConfig;
@@ -642,6 +645,20 @@ export class ComputeStack extends Stack {
         alarmDescription: `A message has waited over 15 minutes in ${queue.queueName}: are the ${stage} workers running? A worker that AWS refuses logs "the deployment refuses this stage's work" and exits`,
         metric: queue.metricApproximateAgeOfOldestMessage({ statistic: 'Maximum', period: Duration.minutes(5) }),
         threshold: 15 * 60,
+        comparisonOperator: cloudwatch.ComparisonOperator.GREATER_THAN_THRESHOLD,
+        evaluationPeriods: 1,
+        treatMissingData: cloudwatch.TreatMissingData.NOT_BREACHING,
+      });
+    }
+    // SQS drops a message past its retention without a DLQ entry: a record waiting anywhere
+    // (stage stopped, DLQ entry unreplayed, review item unsettled) is warned of 4 days before.
+    for (const queue of Object.keys(RESOURCES.queues)) {
+      const held = data.queue(queue);
+      alarm(`${pascal(queue)}NearExpiry`, {
+        alarmName: `${data.prefix}-${queue}-near-expiry`,
+        alarmDescription: `A message has waited over ${NEAR_EXPIRY.toDays()} days in ${held.queueName}; SQS deletes it at ${QUEUE_RETENTION.toDays()} (from when its record entered a work queue), with no DLQ entry: process, replay or settle it now (docs/operations.md)`,
+        metric: held.metricApproximateAgeOfOldestMessage({ statistic: 'Maximum', period: Duration.hours(1) }),
+        threshold: NEAR_EXPIRY.toSeconds(),
         comparisonOperator: cloudwatch.ComparisonOperator.GREATER_THAN_THRESHOLD,
         evaluationPeriods: 1,
         treatMissingData: cloudwatch.TreatMissingData.NOT_BREACHING,

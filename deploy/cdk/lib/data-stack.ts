@@ -17,10 +17,15 @@ export interface DataStackProps extends StackProps {
   prefix: string;
 }
 
-/** SQS keeps a message at most 14 days: DLQ and review entries wait that long for people. */
-export const DLQ_RETENTION = Duration.days(14);
-/** Work queues keep a message 4 days (SQS's default): less than their DLQs, as SQS requires. */
-export const WORK_RETENTION = Duration.days(4);
+/**
+ * Every queue keeps a message SQS's most, 14 days. SQS drops a message past its retention without
+ * a DLQ entry, so a work queue keeps it as long as it can: a stage stopped for days loses nothing
+ * in that time (with SQS's default of 4 days, a long weekend would). A message SQS moves to a DLQ
+ * keeps its first enqueue time: a work queue and its DLQ hold it 14 days together, and an entry
+ * that waited long in its work queue has that much less in its DLQ (the `…-near-expiry` alarms
+ * warn at 10 days).
+ */
+export const QUEUE_RETENTION = Duration.days(14);
 
 export class DataStack extends Stack {
   readonly prefix: string;
@@ -35,8 +40,10 @@ export class DataStack extends Stack {
     const { config, prefix } = props;
     this.prefix = prefix;
     const removalPolicy = config.retain ? RemovalPolicy.RETAIN : RemovalPolicy.DESTROY;
-    if (config.claimCheckExpiry.toDays() <= WORK_RETENTION.toDays() + DLQ_RETENTION.toDays()) {
-      throw new Error(`claim-checks must outlive a message in a work queue and its DLQ (${config.name})`);
+    // A claim-check is stored before its record enters the stream, which keeps it up to its
+    // retention; then a work queue and its DLQ, up to QUEUE_RETENTION.
+    if (config.claimCheckExpiry.toDays() <= config.streamRetention.toDays() + QUEUE_RETENTION.toDays()) {
+      throw new Error(`claim-checks must outlive a record in the stream, then a work queue and its DLQ (${config.name})`);
     }
     const name = (n: string) => resourceName(prefix, n);
 
@@ -53,12 +60,10 @@ export class DataStack extends Stack {
     const maxReceiveCount = configNumber('store.max_receives');
     const visibilityTimeout = Duration.millis(configNumber('store.visibility_timeout_ms'));
     // DLQs (and review) first: the work queues' redrive policies name them.
-    const redriveTargets = new Set(Object.values(RESOURCES.redrive));
     const all = Object.keys(RESOURCES.queues);
     const order = [...all.filter((q) => !(q in RESOURCES.redrive)), ...all.filter((q) => q in RESOURCES.redrive)];
     for (const queue of order) {
       const dlqName = RESOURCES.redrive[queue];
-      const held = redriveTargets.has(queue) || !dlqName;
       const created = new sqs.Queue(this, pascal(queue), {
         queueName: name(RESOURCES.queues[queue]),
         encryption: sqs.QueueEncryption.SQS_MANAGED,
@@ -66,7 +71,7 @@ export class DataStack extends Stack {
         visibilityTimeout,
         // SQS's most (since 2025): photo-sized envelopes travel eight to a call, not in S3.
         maxMessageSizeBytes: 1024 * 1024,
-        retentionPeriod: held ? DLQ_RETENTION : WORK_RETENTION,
+        retentionPeriod: QUEUE_RETENTION,
         deadLetterQueue: dlqName ? { queue: this.queues.get(dlqName)!, maxReceiveCount } : undefined,
         removalPolicy,
       });

@@ -27,7 +27,8 @@ export interface EnvironmentConfig {
   logRetention: RetentionDays;
   /**
    * Claim-checks and offloaded vectors are deleted this long after they were written: longer than
-   * a message can live in a work queue and then its DLQ (4 + 14 days), so a replay finds them.
+   * a record can live in the stream and then a work queue and its DLQ (the stream's retention + 14
+   * days), so a replay finds them.
    */
   claimCheckExpiry: Duration;
   /** How long prediction capture is kept (longer than the monitor's window, 7 days by default). */

@@ -112,7 +112,7 @@ for (const [env, synthed] of [['beta', beta], ['prod', prod]] as const) {
       }
     });
 
-    it('gives every work queue a DLQ that keeps messages longer, and encrypts every queue and lets it take 1 MiB messages', () => {
+    it('gives every work queue a DLQ, keeps every message 14 days with an alarm before, and encrypts every queue and lets it take 1 MiB messages', () => {
       for (const [queue, dlq] of Object.entries(RESOURCES.redrive)) {
         const dlqId = logicalIdOf(data, 'AWS::SQS::Queue', 'QueueName', resourceName(prefix, dlq));
         const [, work] = resources(data, 'AWS::SQS::Queue').find(([, r]) => r.Properties.QueueName === resourceName(prefix, queue))!;
@@ -120,10 +120,10 @@ for (const [env, synthed] of [['beta', beta], ['prod', prod]] as const) {
           deadLetterTargetArn: { 'Fn::GetAtt': [dlqId, 'Arn'] },
           maxReceiveCount: configNumber('store.max_receives'),
         });
-        const dlqRetention = data.toJSON().Resources[dlqId].Properties.MessageRetentionPeriod;
-        assert.ok(dlqRetention > work.Properties.MessageRetentionPeriod, `${dlq} outlives ${queue}`);
       }
+      // SQS drops a message past its retention without a DLQ entry: every queue keeps SQS's most.
       for (const [, queue] of resources(data, 'AWS::SQS::Queue')) {
+        assert.equal(queue.Properties.MessageRetentionPeriod, 14 * 24 * 3600, queue.Properties.QueueName);
         assert.equal(queue.Properties.SqsManagedSseEnabled, true, queue.Properties.QueueName);
         // SQS's largest messages: photo-sized envelopes travel inline, eight to a batch call.
         assert.equal(queue.Properties.MaximumMessageSize, 1048576, queue.Properties.QueueName);
@@ -181,7 +181,7 @@ for (const [env, synthed] of [['beta', beta], ['prod', prod]] as const) {
           ],
         },
       });
-      assert.ok(ENVIRONMENTS[env].claimCheckExpiry.toDays() > 4 + 14, 'claim-checks outlive work queue + DLQ');
+      assert.ok(ENVIRONMENTS[env].claimCheckExpiry.toDays() > ENVIRONMENTS[env].streamRetention.toDays() + 14, 'claim-checks outlive the stream, then a work queue and its DLQ');
       assert.ok(ENVIRONMENTS[env].captureExpiry.toDays() > 7, 'capture outlives the monitor window');
       const [, policy] = resources(data, 'AWS::S3::BucketPolicy')[0];
       const denyInsecure = policy.Properties.PolicyDocument.Statement.find((s: any) => s.Effect === 'Deny');
@@ -303,7 +303,7 @@ for (const [env, synthed] of [['beta', beta], ['prod', prod]] as const) {
       for (const [, group] of resources(compute, 'AWS::Logs::LogGroup')) assert.ok(group.Properties.RetentionInDays > 0);
     });
 
-    it('alarms on every DLQ, a stalled input queue, the review backlog and iterator age, to one topic', () => {
+    it('alarms on every DLQ, a stalled input queue, a message near its expiry, the review backlog and iterator age, to one topic', () => {
       for (const stage of STAGES) {
         compute.hasResourceProperties('AWS::CloudWatch::Alarm', { AlarmName: `${prefix}-${stage}-dlq-not-empty`, Threshold: 0 });
       }
@@ -313,6 +313,14 @@ for (const [env, synthed] of [['beta', beta], ['prod', prod]] as const) {
           AlarmName: `${prefix}-${stage}-queue-stalled`,
           MetricName: 'ApproximateAgeOfOldestMessage',
           Threshold: 900,
+        });
+      }
+      // Every queue, work, DLQ and review: 4 days before SQS drops a message unrecorded.
+      for (const queue of Object.keys(RESOURCES.queues)) {
+        compute.hasResourceProperties('AWS::CloudWatch::Alarm', {
+          AlarmName: `${prefix}-${queue}-near-expiry`,
+          MetricName: 'ApproximateAgeOfOldestMessage',
+          Threshold: 10 * 24 * 3600,
         });
       }
       for (const [, alarm] of resources(compute, 'AWS::CloudWatch::Alarm')) assert.equal(alarm.Properties.AlarmActions.length, 1);

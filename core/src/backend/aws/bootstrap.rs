@@ -36,10 +36,8 @@ pub struct Bootstrapped {
     pub bucket: String,
 }
 
-/// How long a work queue keeps a message (SQS's default).
-const WORK_RETENTION: std::time::Duration = std::time::Duration::from_secs(4 * 24 * 3600);
-/// How long a DLQ or the review queue keeps one (SQS's most).
-const HELD_RETENTION: std::time::Duration = std::time::Duration::from_secs(14 * 24 * 3600);
+/// How long every queue keeps a message: SQS's most (see below).
+const QUEUE_RETENTION: std::time::Duration = std::time::Duration::from_secs(14 * 24 * 3600);
 
 pub async fn bootstrap(config: &StoreConfig) -> Result<Bootstrapped> {
     let names = Names::new(&config.aws.prefix);
@@ -68,11 +66,12 @@ pub async fn bootstrap(config: &StoreConfig) -> Result<Bootstrapped> {
         QueueName::Results,
     ];
     for queue in order {
-        // DLQ and review entries wait for people: they keep the 14 days SQS allows. A work queue
-        // keeps SQS's default 4, less than its DLQ: a message keeps its first enqueue time when it
-        // is dead-lettered, so a DLQ no longer than its queue could drop it at once. (As the CDK
-        // data stack does; `aws bootstrap` on its prefix finds nothing to differ.)
-        let retention = if queue.redrive_target().is_some() { WORK_RETENTION } else { HELD_RETENTION };
+        // Every queue keeps the 14 days SQS allows: SQS drops a message past its retention
+        // without a DLQ entry, so a work queue keeps it as long as it can (SQS's default 4 days
+        // would lose the backlog of a stage stopped over a long weekend). A message SQS moves to
+        // a DLQ keeps its first enqueue time: a work queue and its DLQ hold it 14 days together.
+        // (As the CDK data stack does; `aws bootstrap` on its prefix finds nothing to differ.)
+        let retention = QUEUE_RETENTION;
         let mut wanted = vec![
             (QueueAttributeName::VisibilityTimeout, visibility.clone()),
             (QueueAttributeName::MessageRetentionPeriod, retention.as_secs().to_string()),
