@@ -216,9 +216,10 @@ pub struct StageTimes {
     pub stored_ms: Option<u64>,
 }
 
-/// A record as it travels through the pipeline.
+/// A record as it travels through the pipeline. Read off a queue, fields it does not know are
+/// passed over (a newer build's, during a rolling upgrade: [`Envelope::from_json`]); a producer's
+/// are refused ([`Envelope::from_value`], [`Envelope::from_producer`]).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Envelope {
     pub schema_version: u32,
     pub record_id: RecordId,
@@ -319,11 +320,68 @@ impl Envelope {
         serde_json::to_vec(self).expect("an envelope always serialises")
     }
 
-    /// Decodes an envelope that a sluice stage wrote onto a queue.
-    pub fn from_json(bytes: &[u8]) -> Result<Self> {
-        serde_json::from_slice(bytes)
-            .map_err(|e| SluiceError::permanent(ReasonCode::MalformedMessage, format!("envelope: {e}")))
+    /// A producer's envelope read straight from its bytes, as [`from_value`](Self::from_value)
+    /// would read it (this build's schema version, no field it does not know), or `None` where it
+    /// does not read so (the error, where the bytes did not read as one): read as a JSON value,
+    /// [`from_value`](Self::from_value) then says what is wrong.
+    pub fn from_producer(bytes: &[u8]) -> std::result::Result<Option<Self>, serde_json::Error> {
+        let wire: WireEnvelope = serde_json::from_slice(bytes)?;
+        if wire.schema_version != SCHEMA_VERSION {
+            return Ok(None);
+        }
+        let (Ok(record_id), Ok(content_type)) =
+            (RecordId::parse(wire.record_id), ContentType::parse(&wire.content_type))
+        else {
+            return Ok(None);
+        };
+        Ok(Some(Self {
+            schema_version: wire.schema_version,
+            record_id,
+            source: wire.source,
+            content_type,
+            payload: wire.payload,
+            attributes: wire.attributes,
+            trace: wire.trace,
+            timestamps: wire.timestamps,
+        }))
     }
+
+    /// Decodes an envelope that a sluice stage wrote onto a queue. A rolling upgrade runs two
+    /// builds on one queue: fields a newer build added are passed over, and an envelope of a
+    /// newer schema version is handed back (retryable) for a worker of that build to take.
+    pub fn from_json(bytes: &[u8]) -> Result<Self> {
+        match serde_json::from_slice::<Self>(bytes) {
+            Ok(envelope) if envelope.schema_version <= SCHEMA_VERSION => Ok(envelope),
+            Ok(envelope) => Err(newer_schema(u64::from(envelope.schema_version))),
+            Err(e) => Err(match schema_version_of(bytes) {
+                Some(version) if version > u64::from(SCHEMA_VERSION) => newer_schema(version),
+                _ => SluiceError::permanent(ReasonCode::MalformedMessage, format!("envelope: {e}")),
+            }),
+        }
+    }
+}
+
+/// The `schema_version` a message's envelope says, where one can be read: at its top, or, in an
+/// inferred record, under `envelope`.
+pub(crate) fn schema_version_of(bytes: &[u8]) -> Option<u64> {
+    #[derive(Deserialize)]
+    struct Versioned {
+        schema_version: Option<u64>,
+        envelope: Option<Box<Versioned>>,
+    }
+    let read: Versioned = serde_json::from_slice(bytes).ok()?;
+    read.schema_version.or_else(|| read.envelope?.schema_version)
+}
+
+/// A message of a newer build than this one: left (retryable) for a worker of that build.
+pub(crate) fn newer_schema(version: u64) -> SluiceError {
+    SluiceError::retryable(
+        ReasonCode::UnsupportedSchemaVersion,
+        format!(
+            "a message of schema_version {version}, from a newer build (this one reads up to {SCHEMA_VERSION}): \
+             left for a worker of that build"
+        ),
+    )
 }
 
 /// Milliseconds since the Unix epoch, now.
@@ -404,6 +462,36 @@ mod base64_bytes {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A rolling upgrade runs two builds on one queue: a field a newer build added is passed
+    /// over, and a newer schema version is handed back (retryable) for that build's workers;
+    /// a producer's envelope is read strictly.
+    #[test]
+    fn a_queue_reads_a_newer_builds_envelope_as_far_as_it_can() {
+        let envelope = Envelope::inline(RecordId::parse("r-1").unwrap(), "t", ContentType::Png, vec![1, 2]);
+        let mut newer = serde_json::to_value(&envelope).unwrap();
+        newer["priority"] = "high".into();
+        let bytes = serde_json::to_vec(&newer).unwrap();
+        assert_eq!(Envelope::from_json(&bytes).unwrap(), envelope);
+        assert!(Envelope::from_producer(&bytes).is_err());
+        assert_eq!(Envelope::from_value(newer.clone()).unwrap_err().code(), ReasonCode::SchemaMismatch);
+
+        for changed in [None, Some(serde_json::json!(2)), Some(serde_json::json!("a shape this build cannot read"))] {
+            let mut later = newer.clone();
+            later["schema_version"] = 2.into();
+            if let Some(payload) = changed {
+                later["payload"] = payload;
+            }
+            let err = Envelope::from_json(&serde_json::to_vec(&later).unwrap()).unwrap_err();
+            assert!(err.is_retryable() && err.code() == ReasonCode::UnsupportedSchemaVersion, "{err}");
+            let inferred = serde_json::json!({"envelope": later, "prediction": {"probabilities": [1.0]}});
+            let err = crate::record::InferredRecord::from_json(&serde_json::to_vec(&inferred).unwrap()).unwrap_err();
+            assert!(err.is_retryable() && err.code() == ReasonCode::UnsupportedSchemaVersion, "{err}");
+        }
+        // Malformed as ever where no newer build wrote it.
+        let err = Envelope::from_json(br#"{"schema_version": 1, "payload": 3}"#).unwrap_err();
+        assert!(!err.is_retryable() && err.code() == ReasonCode::MalformedMessage, "{err}");
+    }
 
     /// `--since` and `?since=` take milliseconds, an RFC 3339 time or an age alike.
     #[test]

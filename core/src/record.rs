@@ -33,9 +33,18 @@ impl InferredRecord {
 
     /// Parses a message of the results queue. Probabilities must be finite numbers: one too
     /// large for an f32 would read as infinity, and write back out as `null`.
+    /// A newer build's record is treated as [`Envelope::from_json`] treats its envelope.
     pub fn from_json(bytes: &[u8]) -> Result<Self> {
-        let record: Self = serde_json::from_slice(bytes)
-            .map_err(|e| SluiceError::permanent(ReasonCode::MalformedMessage, format!("inferred record: {e}")))?;
+        let record: Self =
+            serde_json::from_slice(bytes).map_err(|e| match crate::envelope::schema_version_of(bytes) {
+                Some(version) if version > u64::from(crate::envelope::SCHEMA_VERSION) => {
+                    crate::envelope::newer_schema(version)
+                }
+                _ => SluiceError::permanent(ReasonCode::MalformedMessage, format!("inferred record: {e}")),
+            })?;
+        if record.envelope.schema_version > crate::envelope::SCHEMA_VERSION {
+            return Err(crate::envelope::newer_schema(u64::from(record.envelope.schema_version)));
+        }
         if let Some(bad) = record.prediction.probabilities.iter().find(|p| !p.is_finite()) {
             return Err(SluiceError::permanent(
                 ReasonCode::MalformedMessage,
@@ -110,6 +119,10 @@ pub struct PredictionResult {
     /// the result back to what was sent.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub attributes: BTreeMap<String, String>,
+    /// Fields a newer build wrote that this one does not know: kept, so that settling a result
+    /// (read, changed, written back whole) during a rolling upgrade does not drop them.
+    #[serde(flatten)]
+    pub unknown: serde_json::Map<String, serde_json::Value>,
 }
 
 impl PredictionResult {
@@ -284,6 +297,23 @@ impl DlqEntry {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A result a newer build stored, with a field this build does not know, settled here and
+    /// written back whole: the field is still there.
+    #[test]
+    fn a_result_settled_keeps_the_fields_a_newer_build_wrote() {
+        let mut stored =
+            serde_json::to_value(crate::testing::prediction_result("r-1", "cat", ResultStatus::Review)).unwrap();
+        stored["explanation"] = serde_json::json!({"saliency": [0.1, 0.9]});
+        let read: PredictionResult = serde_json::from_value(stored.clone()).unwrap();
+        let written = serde_json::to_value(read.resolved(&Resolution::Label("dog".into()))).unwrap();
+        assert_eq!(written["explanation"], stored["explanation"]);
+        assert_eq!((&written["status"], &written["reviewed_label"]), (&"reviewed".into(), &"dog".into()));
+        // A result of this build's has nothing more than it wrote.
+        let ours = crate::testing::prediction_result("r-2", "cat", ResultStatus::Accepted);
+        let again: PredictionResult = serde_json::from_slice(&serde_json::to_vec(&ours).unwrap()).unwrap();
+        assert_eq!(again, ours);
+    }
 
     #[test]
     fn an_inferred_record_with_an_overflowing_probability_is_malformed() {

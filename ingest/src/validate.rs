@@ -2,8 +2,7 @@
 
 use sluice_core::backend::BlobStore;
 use sluice_core::envelope::{
-    ContentType, Envelope, PARTITION_KEY_ATTRIBUTE, Payload, RecordId, SCHEMA_VERSION, new_traceparent, now_ms,
-    without_bom,
+    ContentType, Envelope, PARTITION_KEY_ATTRIBUTE, Payload, RecordId, new_traceparent, now_ms, without_bom,
 };
 use sluice_core::model::TabularSpec;
 use sluice_core::telemetry::traces;
@@ -44,8 +43,8 @@ pub(crate) fn parse(
             // else (a raw event, an envelope with something wrong) is read as a JSON value first,
             // to tell which it is and what is wrong; an envelope read here is one that way would
             // have given too.
-            match serde_json::from_slice::<Envelope>(body) {
-                Ok(envelope) if envelope.schema_version == SCHEMA_VERSION => envelope,
+            match Envelope::from_producer(body) {
+                Ok(Some(envelope)) => envelope,
                 typed => {
                     let value: serde_json::Value = serde_json::from_slice(body).map_err(|e| {
                         // A whole value and more after it: JSON lines written as one record.

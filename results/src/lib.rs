@@ -121,6 +121,7 @@ impl ResultsStage {
             reviewed_ms: None,
             timestamps: envelope.timestamps,
             attributes: envelope.attributes,
+            unknown: serde_json::Map::new(),
         })
     }
 

@@ -199,5 +199,6 @@ pub fn prediction_result(
         reviewed_ms: None,
         timestamps: crate::envelope::StageTimes::default(),
         attributes: std::collections::BTreeMap::new(),
+        unknown: serde_json::Map::new(),
     }
 }
