@@ -333,7 +333,21 @@ fn connect(config: &StoreConfig) -> Result<Connection> {
     // `rarray(?)`: a list of any length bound as one value (the stores' look-ups by record id).
     rusqlite::vtab::array::load_module(&conn).map_err(classify)?;
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).map_err(classify)?;
+    let layout: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(classify)?;
+    if layout > LAYOUT {
+        return Err(SluiceError::permanent(
+            ReasonCode::Misconfigured,
+            format!(
+                "{} was laid out by a newer sluice (layout {layout}; this build knows up to {LAYOUT}): open it with \
+                 that build or a later one (an older one would misread it, or drop what it cannot write)",
+                config.path.display()
+            ),
+        ));
+    }
     apply_schema(&tx).map_err(classify)?;
+    if layout < LAYOUT {
+        tx.pragma_update(None, "user_version", LAYOUT).map_err(classify)?;
+    }
     let existing: i64 = tx.query_row("SELECT COUNT(*) FROM stream_shards", [], |r| r.get(0)).map_err(classify)?;
     if existing == 0 {
         for shard in 0..config.shards.max(1) {
@@ -343,6 +357,12 @@ fn connect(config: &StoreConfig) -> Result<Connection> {
     tx.commit().map_err(classify)?;
     Ok(conn)
 }
+
+/// The layout of the store this build writes, kept in the file (`PRAGMA user_version`): one more
+/// with each change to `schema.sql` or to what a table's rows hold, so that an older build opening
+/// a store a newer one laid out refuses it rather than misread it. (Builds before 2026-12-08 wrote
+/// none, and read none: layout 1 is theirs from 2026-12-08 on.)
+const LAYOUT: i64 = 1;
 
 /// A table that stores made before a date kept keyed by id (`WITHOUT ROWID`): `schema.sql` says why
 /// each is a rowid table now.
@@ -503,5 +523,25 @@ mod tests {
         }
         let stmt = conn.prepare_cached(sql).unwrap();
         assert_eq!(stmt.get_status(StatementStatus::RePrepare), 0, "prepared again when bound anew");
+    }
+
+    /// A store says which layout it has; one a newer build laid out is refused, not misread.
+    #[test]
+    fn a_store_a_newer_build_laid_out_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = StoreConfig { path: dir.path().join("s.sqlite"), ..Default::default() };
+        let conn = connect(&config).unwrap();
+        let layout = |conn: &Connection| conn.query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0)).unwrap();
+        assert_eq!(layout(&conn), LAYOUT);
+        conn.pragma_update(None, "user_version", LAYOUT + 1).unwrap();
+        drop(conn);
+        let err = connect(&config).unwrap_err();
+        assert_eq!(err.code(), ReasonCode::Misconfigured, "{err}");
+        assert!(err.to_string().contains("laid out by a newer sluice"), "{err}");
+        // A store of a build that wrote no layout (0) is given this one.
+        let conn = Connection::open(&config.path).unwrap();
+        conn.pragma_update(None, "user_version", 0).unwrap();
+        drop(conn);
+        assert_eq!(layout(&connect(&config).unwrap()), LAYOUT);
     }
 }

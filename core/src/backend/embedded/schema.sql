@@ -1,4 +1,5 @@
 -- The embedded store: one SQLite file in WAL mode, shared by every worker process.
+-- A change here (or to what a table's rows hold) is a new layout: raise `LAYOUT` in mod.rs.
 
 CREATE TABLE IF NOT EXISTS stream_records (
     seq           INTEGER PRIMARY KEY AUTOINCREMENT,
