@@ -483,7 +483,8 @@ fn not_replayable(n: usize) -> String {
         "{n} entries left where they are: no stage can read them again. A record a reviewer rejected \
          (rejected_in_review) has ended; a queue's unreadable stored batch (--stored-batches) is no record \
          at all; an ingest record too large for a stream record under its replay key (over 1 MiB) cannot be \
-         written back (docs/operations.md). Keep what matters of them, then purge them."
+         written back; an entry under a reason this build does not know (unrecognised) is a newer build's, \
+         for that build to replay (docs/operations.md). Keep what matters of them, then purge them."
     )
 }
 

@@ -151,12 +151,13 @@ impl Item {
     /// Whether a replay can send this entry back to work. Not a queue's unreadable stored batch
     /// (no record at all), nor a message whose body could not be read back (what it holds is
     /// not what was sent), nor a record a reviewer rejected (its body is the review item, which
-    /// no stage reads, and a person judged it unfit for a result): those can only be kept or
-    /// purged.
+    /// no stage reads, and a person judged it unfit for a result), nor one whose reason this
+    /// build does not know (a newer build's, which may be one of those): those can only be kept
+    /// or purged (or replayed by the newer build).
     pub fn replayable(&self) -> bool {
         self.entry.stored_batch.is_none()
             && !self.message_attributes.contains_key(crate::record::dlq_attr::UNREADABLE)
-            && self.entry.reason != ReasonCode::RejectedInReview
+            && !matches!(self.entry.reason, ReasonCode::RejectedInReview | ReasonCode::Unrecognised)
     }
 
     pub fn record_id(&self) -> Option<&RecordId> {

@@ -65,6 +65,9 @@ pub enum ReasonCode {
     LeaseLost,
     /// Anything that should not happen; details in the message.
     Internal,
+    /// A DLQ entry's reason this build does not know (a newer build's): the detail names it.
+    /// Matches no reason but itself, and is not replayed (it may be one a replay should leave).
+    Unrecognised,
 }
 
 impl ReasonCode {
@@ -97,6 +100,7 @@ impl ReasonCode {
             Self::Misconfigured => "misconfigured",
             Self::LeaseLost => "lease_lost",
             Self::Internal => "internal",
+            Self::Unrecognised => "unrecognised",
         }
     }
 }

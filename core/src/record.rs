@@ -270,17 +270,23 @@ impl DlqEntry {
         sent_at_ms: u64,
     ) -> Self {
         let num = |key: &str| attrs.get(key).and_then(|v| v.parse::<u64>().ok());
-        let reason = attrs
-            .get(dlq_attr::REASON)
-            .and_then(|r| serde_json::from_value(serde_json::Value::String(r.clone())).ok())
-            .unwrap_or(ReasonCode::MaxReceivesExceeded);
+        let detail = attrs
+            .get(dlq_attr::DETAIL)
+            .cloned()
+            .unwrap_or_else(|| "received more than max_receives times without being acknowledged".to_owned());
+        // A reason this build does not know stays apart, under its own name, rather than pass
+        // for the redrive's (a replay or a purge of those would take it along).
+        let (reason, detail) = match attrs.get(dlq_attr::REASON) {
+            None => (ReasonCode::MaxReceivesExceeded, detail),
+            Some(raw) => match serde_json::from_value(serde_json::Value::String(raw.clone())) {
+                Ok(reason) => (reason, detail),
+                Err(_) => (ReasonCode::Unrecognised, format!("reason {raw:?}, unknown to this build: {detail}")),
+            },
+        };
         Self {
             stage,
             reason,
-            detail: attrs
-                .get(dlq_attr::DETAIL)
-                .cloned()
-                .unwrap_or_else(|| "received more than max_receives times without being acknowledged".to_owned()),
+            detail,
             attempts: num(dlq_attr::ATTEMPTS).map(|n| n as u32).unwrap_or(receive_count),
             first_failure_ms: num(dlq_attr::FIRST_FAILURE_MS).unwrap_or(sent_at_ms),
             last_failure_ms: num(dlq_attr::LAST_FAILURE_MS).unwrap_or(sent_at_ms),
@@ -348,6 +354,23 @@ mod tests {
         assert_eq!(entry.reason, ReasonCode::MaxReceivesExceeded);
         assert_eq!(entry.attempts, 5);
         assert_eq!(entry.first_failure_ms, 1234);
+    }
+
+    /// A reason a newer build wrote is kept apart under its own name, not read as the redrive's.
+    #[test]
+    fn a_reason_this_build_does_not_know_is_unrecognised_and_named() {
+        let mut attrs = DlqEntry::new(
+            StageName::Features,
+            &SluiceError::permanent(ReasonCode::SchemaMismatch, "bad"),
+            2,
+            None,
+            Vec::new(),
+        )
+        .attributes();
+        attrs.insert(dlq_attr::REASON.to_owned(), "quarantined".to_owned());
+        let entry = DlqEntry::from_message(StageName::Features, vec![], &attrs, 0, 0);
+        assert_eq!(entry.reason, ReasonCode::Unrecognised);
+        assert_eq!(entry.detail, "reason \"quarantined\", unknown to this build: bad");
     }
 
     /// An unreadable batch's entry says so in an attribute; one a redrive wrote before that
