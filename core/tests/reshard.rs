@@ -150,3 +150,72 @@ async fn a_parent_shard_gone_past_retention_lets_its_child_be_read() {
         }
     }
 }
+
+/// A lease says through when its shard has been read and checkpointed (`readThroughMs`, written
+/// with renewals and checkpoints), so that a worker taking the shard up once the stream's
+/// retention has passed that time can say which records may have been trimmed unread.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_says_through_when_its_shard_is_read() {
+    let (config, backend, clients, _) = on_kinesis_local("through", 1).await;
+    backend.stream.put_records(inputs("r", 5)).await.unwrap();
+    let mut consumer = backend.stream.consumer("w1").await.unwrap();
+    let mut read: Vec<StreamRecord> = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while read.len() < 5 {
+        assert!(tokio::time::Instant::now() < deadline, "read {} of 5 records", read.len());
+        read.extend(consumer.poll(10).await.unwrap());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let last = read.last().unwrap().clone();
+    let through = || async {
+        let item = clients
+            .dynamodb
+            .get_item()
+            .table_name(Names::new(&config.aws.prefix).lease_table())
+            .key("leaseKey", aws_sdk_dynamodb::types::AttributeValue::S(last.shard.clone()))
+            .consistent_read(true)
+            .send()
+            .await
+            .unwrap()
+            .item
+            .unwrap();
+        item.get("readThroughMs").map(|v| v.as_n().unwrap().parse::<u64>().unwrap())
+    };
+    assert_eq!(through().await, None, "read, not yet checkpointed");
+    consumer.checkpoint(&last.shard, &last.sequence, 5).await.unwrap();
+    // The next renewal (a third of the failover time on) says it.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    consumer.renew_leases().await.unwrap();
+    let written = through().await.expect("a renewal writes it");
+    assert!(
+        written >= last.arrived_ms && written <= sluice_core::envelope::now_ms(),
+        "read through {written}, the last record arrived at {}",
+        last.arrived_ms
+    );
+
+    // Taken up again as if two days later (past the stream's 24 h): said, and read on as ever.
+    consumer.release().await.unwrap();
+    let long_ago = sluice_core::envelope::now_ms() - 48 * 3_600_000;
+    clients
+        .dynamodb
+        .update_item()
+        .table_name(Names::new(&config.aws.prefix).lease_table())
+        .key("leaseKey", aws_sdk_dynamodb::types::AttributeValue::S(last.shard.clone()))
+        .update_expression("SET readThroughMs = :t")
+        .expression_attribute_values(":t", aws_sdk_dynamodb::types::AttributeValue::N(long_ago.to_string()))
+        .send()
+        .await
+        .unwrap();
+    backend.stream.put_records(inputs("later", 1)).await.unwrap();
+    let mut later = backend.stream.consumer("w2").await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let batch = later.poll(10).await.unwrap();
+        if let Some(record) = batch.first() {
+            assert_eq!(record.partition_key, "later-0", "read on after its checkpoint");
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the shard was not read again");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -29,6 +29,7 @@ pub const QUEUE_MESSAGES: &str = "sluice.queue.messages";
 pub const QUEUE_OLDEST_AGE: &str = "sluice.queue.oldest_message.age";
 pub const STREAM_LAG: &str = "sluice.stream.lag";
 pub const STREAM_LEASES: &str = "sluice.stream.leases";
+pub const STREAM_TRIMMED: &str = "sluice.stream.trimmed";
 pub const INFERENCE_DURATION: &str = "sluice.inference.duration";
 pub const INFERENCE_RECORDS: &str = "sluice.inference.records";
 pub const BREAKER_STATE: &str = "sluice.breaker.state";
@@ -127,6 +128,7 @@ pub struct Metrics {
     queue_oldest_age: Gauge<f64>,
     stream_lag: Gauge<u64>,
     stream_leases: Gauge<u64>,
+    stream_trimmed: Counter<u64>,
     inference_duration: Histogram<f64>,
     inference_records: Counter<u64>,
     confidence: Histogram<f64>,
@@ -205,6 +207,12 @@ impl Metrics {
                 .with_unit("{lease}")
                 .with_description("1 for each shard whose lease this worker holds, 0 once let go")
                 .build(),
+            stream_trimmed: counter(
+                STREAM_TRIMMED,
+                "{shard}",
+                "Shards taken up again past a checkpoint older than the stream keeps records: records \
+                 written after it may have been trimmed before ingest read them",
+            ),
             inference_duration: seconds(INFERENCE_DURATION, "Time one inference call took, by backend"),
             inference_records: counter(INFERENCE_RECORDS, "{record}", "Records scored, by backend"),
             confidence: meter
@@ -291,6 +299,12 @@ impl Metrics {
 
     pub fn stream_lag(&self, shard: &str, millis: u64) {
         self.stream_lag.record(millis, &[KeyValue::new(SHARD, shard.to_owned())]);
+    }
+
+    /// A shard taken up: `trimmed` if past the stream's retention (0 otherwise, so that the
+    /// series is there to alert on its first increase).
+    pub fn stream_taken_up(&self, shard: &str, trimmed: bool) {
+        self.stream_trimmed.add(u64::from(trimmed), &[KeyValue::new(SHARD, shard.to_owned())]);
     }
 
     pub fn lease(&self, shard: &str, held: bool) {

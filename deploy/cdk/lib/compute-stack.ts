@@ -682,17 +682,18 @@ export class ComputeStack extends Stack {
       evaluationPeriods: 5,
       treatMissingData: cloudwatch.TreatMissingData.BREACHING,
     });
-    if (this.telemetry) this.inferenceAlarms(data.prefix, this.telemetry.namespace, config, alarm);
+    if (this.telemetry) this.telemetryAlarms(data.prefix, this.telemetry.namespace, config, alarm);
     return topic;
   }
 
   /**
    * Alarms on the workers' own metrics (from the collectors, through EMF): the SageMaker
-   * fallback scoring more than its share of records, and the model's breaker staying open.
+   * fallback scoring more than its share of records, the model's breaker staying open, and a
+   * shard taken up past the stream's retention.
    * Periods without inference count as fine (the breaker's gauge is read at each collection: with
    * no batches it reads half-open once its open time is up).
    */
-  private inferenceAlarms(
+  private telemetryAlarms(
     prefix: string,
     namespace: string,
     config: EnvironmentConfig,
@@ -723,6 +724,18 @@ export class ComputeStack extends Stack {
       comparisonOperator: cloudwatch.ComparisonOperator.GREATER_THAN_THRESHOLD,
       evaluationPeriods: 3,
       datapointsToAlarm: 3,
+      treatMissingData: cloudwatch.TreatMissingData.NOT_BREACHING,
+    });
+    alarm('StreamTrimmed', {
+      alarmName: `${prefix}-stream-trimmed`,
+      alarmDescription:
+        'An ingest worker took a shard up after no worker had read it for longer than the stream keeps records: records ' +
+        'that arrived meanwhile may have been trimmed unread, with no result and no DLQ entry. The sluice-ingest logs ' +
+        '("no worker read this shard") name the shard and the times; docs/operations.md says what can be done.',
+      metric: new cloudwatch.Metric({ namespace, metricName: METRICS.streamTrimmed, statistic: 'Sum', period }),
+      threshold: 0,
+      comparisonOperator: cloudwatch.ComparisonOperator.GREATER_THAN_THRESHOLD,
+      evaluationPeriods: 1,
       treatMissingData: cloudwatch.TreatMissingData.NOT_BREACHING,
     });
     alarm('BreakerOpen', {

@@ -16,6 +16,7 @@ export const COLLECTOR_RESOURCES = { cpu: 128, memoryReservationMiB: 128, memory
 export const METRICS = {
   inferenceRecords: 'sluice.inference.records',
   breakerState: 'sluice.breaker.state',
+  streamTrimmed: 'sluice.stream.trimmed',
 } as const;
 
 /** `backend` of `sluice.inference.records`: what scored a batch. */
@@ -50,6 +51,7 @@ export const EMF_UNITS: Record<string, 'Count' | 'None'> = {
   'sluice.batch.size': 'Count',
   'sluice.queue.messages': 'Count',
   'sluice.stream.leases': 'Count',
+  'sluice.stream.trimmed': 'Count',
   'sluice.inference.records': 'Count',
   'sluice.aws.requests': 'Count',
   'sluice.capture.records': 'Count',

@@ -413,6 +413,13 @@ for (const [env, synthed] of [['beta', beta], ['prod', prod]] as const) {
         ComparisonOperator: 'GreaterThanOrEqualToThreshold',
         EvaluationPeriods: 3,
       });
+      compute.hasResourceProperties('AWS::CloudWatch::Alarm', {
+        AlarmName: `${prefix}-stream-trimmed`,
+        Namespace: namespace,
+        MetricName: METRICS.streamTrimmed,
+        Statistic: 'Sum',
+        Threshold: 0,
+      });
     });
 
     it('runs no collector, and no alarm on its metrics, with telemetry.collector off', () => {

@@ -118,6 +118,7 @@ impl RecordStream for KinesisStream {
             rebalance_every: self.failover / 3,
             lag_ms: None,
             turn: 0,
+            retention_ms: None,
         }))
     }
 
@@ -267,6 +268,9 @@ struct ShardReader {
     /// The shard is closed and everything in it has been fetched.
     ended: bool,
     next_read: Instant,
+    /// Every record that arrived before this (ms since the epoch) has been fetched: the last
+    /// read's time less how far behind the tip it was.
+    fetched_through_ms: Option<u64>,
 }
 
 impl ShardReader {
@@ -278,7 +282,15 @@ impl ShardReader {
             ahead: VecDeque::new(),
             ended: false,
             next_read: Instant::now(),
+            fetched_through_ms: None,
         }
+    }
+
+    /// The time before which every record that arrived is checkpointed, when this reader knows
+    /// one: all it fetched has been handed out and checkpointed.
+    fn checkpointed_through(&self) -> Option<u64> {
+        let settled = self.ahead.is_empty() && self.read.as_ref().is_none_or(|read| *read == self.checkpointed);
+        self.fetched_through_ms.filter(|_| settled)
     }
 
     /// Hands out up to `max` of the records read ahead.
@@ -310,6 +322,8 @@ struct KinesisConsumer {
     /// Which held shard the next poll takes first: each in turn, so that one with a backlog
     /// does not keep the others unread.
     turn: usize,
+    /// How long the stream keeps records (ms), once asked; none where it could not be read.
+    retention_ms: Option<Option<u64>>,
 }
 
 impl KinesisConsumer {
@@ -341,15 +355,53 @@ impl KinesisConsumer {
             if self.readers.contains_key(&shard) {
                 continue;
             }
-            let checkpoint = match leases.iter().flatten().find(|l| l.shard == shard) {
-                Some(lease) => lease.checkpoint.clone(),
+            let (checkpoint, read_through) = match leases.iter().flatten().find(|l| l.shard == shard) {
+                Some(lease) => (lease.checkpoint.clone(), lease.read_through_ms),
                 // Held, but its reader was dropped since the last scan (a checkpoint failed):
                 // it goes on from its stored checkpoint, never from the start.
                 None => self.coordinator.stored_checkpoint(&shard).await?,
             };
+            let trimmed = match read_through {
+                Some(read_through) => self.say_if_trimmed(&shard, read_through).await,
+                None => false,
+            };
+            metrics().stream_taken_up(&shard, trimmed);
             self.readers.insert(shard, ShardReader::starting_at(checkpoint));
         }
         Ok(())
+    }
+
+    /// Says (an error; `sluice.stream.trimmed` counts it) when a shard is taken up past the stream's
+    /// retention: no worker read it from `read_through_ms` for longer than Kinesis keeps records,
+    /// so records that arrived then may have been trimmed before ingest read them, and have no
+    /// result and no DLQ entry. Kinesis reads on from the oldest record it still has without a
+    /// word, and the records themselves are gone: this is all that can be said of them.
+    async fn say_if_trimmed(&mut self, shard: &str, read_through_ms: u64) -> bool {
+        if self.retention_ms.is_none() {
+            let summary = self.kinesis.describe_stream_summary().stream_name(&self.stream).send().await;
+            let hours = summary.map_err(
+                |e| tracing::debug!(error = %classify("DescribeStreamSummary", e), "the stream's retention is unknown"),
+            );
+            self.retention_ms = Some(
+                hours
+                    .ok()
+                    .and_then(|s| s.stream_description_summary)
+                    .map(|s| s.retention_period_hours.max(0) as u64 * 3_600_000),
+            );
+        }
+        let Some(Some(retention_ms)) = self.retention_ms else { return false };
+        let Some(gap_ms) = trimmed_for(read_through_ms, crate::envelope::now_ms(), retention_ms) else { return false };
+        let at = |ms: u64| humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_millis(ms));
+        tracing::error!(
+            shard,
+            read_through = %at(read_through_ms),
+            retention_hours = retention_ms / 3_600_000,
+            "no worker read this shard for longer than the stream keeps records: those that arrived from {} to {} \
+             may have been trimmed unread, and have no result and no DLQ entry (docs/operations.md)",
+            at(read_through_ms),
+            at(read_through_ms + gap_ms),
+        );
+        true
     }
 
     /// Drops the reader of each shard lost since this was last done: one taken back meanwhile
@@ -481,6 +533,7 @@ impl StreamConsumer for KinesisConsumer {
             self.lag_ms = output.millis_behind_latest();
             if let Some(lag) = output.millis_behind_latest() {
                 metrics().stream_lag(&shard, lag.max(0) as u64);
+                reader.fetched_through_ms = Some(crate::envelope::now_ms().saturating_sub(lag.max(0) as u64));
             }
             if output.records().is_empty() && output.millis_behind_latest().unwrap_or(0) == 0 {
                 reader.next_read = Instant::now() + IDLE_READ_INTERVAL;
@@ -496,6 +549,9 @@ impl StreamConsumer for KinesisConsumer {
                 arrived_ms: record.approximate_arrival_timestamp().and_then(|t| t.to_millis().ok()).unwrap_or(0) as u64,
             }));
             reader.hand_out(remaining, &mut out);
+            if let Some(ms) = reader.checkpointed_through() {
+                self.coordinator.read_through(&shard, ms);
+            }
         }
         if let Some(lag) = self.lag_ms {
             tracing::debug!(millis_behind_latest = lag, "stream lag");
@@ -517,7 +573,12 @@ impl StreamConsumer for KinesisConsumer {
         }
         let result = self.coordinator.checkpoint(shard, sequence, records).await;
         match (&result, self.readers.get_mut(shard)) {
-            (Ok(()), Some(reader)) => reader.checkpointed = sequence.to_owned(),
+            (Ok(()), Some(reader)) => {
+                reader.checkpointed = sequence.to_owned();
+                if let Some(ms) = reader.checkpointed_through() {
+                    self.coordinator.read_through(shard, ms);
+                }
+            }
             (Err(_), _) => {
                 self.readers.remove(shard);
             }
@@ -528,7 +589,7 @@ impl StreamConsumer for KinesisConsumer {
 
     async fn rewind(&mut self, shard: &str) -> Result<()> {
         match self.coordinator.stored_checkpoint(shard).await {
-            Ok(checkpoint) => {
+            Ok((checkpoint, _)) => {
                 if let Some(reader) = self.readers.get_mut(shard) {
                     *reader = ShardReader::starting_at(checkpoint);
                 }
@@ -556,5 +617,54 @@ impl StreamConsumer for KinesisConsumer {
 
     fn shards(&self) -> Vec<String> {
         self.coordinator.held().cloned().collect()
+    }
+}
+
+/// How long before `now_ms` the stream's retention passed a shard read through `read_through_ms`
+/// (see `say_if_trimmed`): none while it has not.
+fn trimmed_for(read_through_ms: u64, now_ms: u64, retention_ms: u64) -> Option<u64> {
+    now_ms.checked_sub(retention_ms)?.checked_sub(read_through_ms).filter(|&gap| gap > 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HOUR: u64 = 3_600_000;
+
+    /// A shard read through a time the stream's retention has since passed may have lost what
+    /// arrived in between; one read within the retention has lost nothing.
+    #[test]
+    fn a_shard_unread_past_the_retention_is_said_to_have_lost_what_arrived_meanwhile() {
+        let now = 1_000 * HOUR;
+        assert_eq!(trimmed_for(now - 30 * HOUR, now, 24 * HOUR), Some(6 * HOUR));
+        assert_eq!(trimmed_for(now - 24 * HOUR, now, 24 * HOUR), None);
+        assert_eq!(trimmed_for(now - HOUR, now, 24 * HOUR), None);
+        assert_eq!(trimmed_for(now + HOUR, now, 24 * HOUR), None, "a clock ahead of this one");
+    }
+
+    /// A reader knows through when the shard is checkpointed only once all it fetched has been
+    /// handed out and checkpointed.
+    #[test]
+    fn a_reader_is_checkpointed_through_its_last_read_only_when_settled() {
+        let record = |sequence: &str| StreamRecord {
+            shard: "s".into(),
+            sequence: sequence.into(),
+            partition_key: "k".into(),
+            data: vec![],
+            arrived_ms: 1,
+        };
+        let mut reader = ShardReader::starting_at("10".into());
+        assert_eq!(reader.checkpointed_through(), None, "nothing read yet");
+        reader.fetched_through_ms = Some(500);
+        assert_eq!(reader.checkpointed_through(), Some(500), "read, and nothing there");
+        reader.ahead.extend([record("11"), record("12")]);
+        assert_eq!(reader.checkpointed_through(), None, "fetched, not handed out");
+        let mut out = Vec::new();
+        reader.hand_out(1, &mut out);
+        reader.hand_out(1, &mut out);
+        assert_eq!(reader.checkpointed_through(), None, "handed out, not checkpointed");
+        reader.checkpointed = "12".into();
+        assert_eq!(reader.checkpointed_through(), Some(500));
     }
 }

@@ -18,6 +18,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
+use aws_sdk_dynamodb::operation::update_item::builders::UpdateItemFluentBuilder;
 use aws_sdk_dynamodb::types::AttributeValue;
 
 use super::{classify, error_code};
@@ -36,6 +37,10 @@ const SWITCHES: &str = "ownerSwitchesSinceCheckpoint";
 /// Records checkpointed in the shard so far: what arrived from any producer, counted once
 /// because it moves in the same conditional write as the checkpoint.
 const ARRIVED: &str = "recordsCheckpointed";
+/// Every record that arrived in the shard before this time (ms since the epoch) is checkpointed:
+/// a shard taken up again once the stream's retention has passed it may have lost records to
+/// trimming, unread (`kinesis.rs`). Written with checkpoints and renewals.
+const READ_THROUGH: &str = "readThroughMs";
 
 /// One shard's lease as read from the table.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -46,6 +51,8 @@ pub(super) struct Lease {
     pub(super) checkpoint: String,
     pub(super) parents: Vec<String>,
     pub(super) arrived: u64,
+    /// See [`READ_THROUGH`]; none where no worker has said.
+    pub(super) read_through_ms: Option<u64>,
 }
 
 impl Lease {
@@ -57,6 +64,7 @@ impl Lease {
             owner: s(OWNER),
             counter: n(COUNTER),
             arrived: n(ARRIVED),
+            read_through_ms: Some(n(READ_THROUGH)).filter(|&ms| ms > 0),
             checkpoint: s(CHECKPOINT).unwrap_or_else(|| TRIM_HORIZON.to_owned()),
             parents: item.get(PARENTS).and_then(|v| v.as_ss().ok()).cloned().unwrap_or_default(),
         })
@@ -84,6 +92,8 @@ pub(super) struct LeaseCoordinator {
     lost: Vec<String>,
     /// When [`Self::rebalance`] next reads the table.
     next_scan: Instant,
+    /// Held shard → its [`READ_THROUGH`] time, to write with its next checkpoint or renewal.
+    read_through: HashMap<String, u64>,
 }
 
 fn n(value: u64) -> AttributeValue {
@@ -106,7 +116,26 @@ impl LeaseCoordinator {
             known: Default::default(),
             lost: Vec::new(),
             next_scan: Instant::now(),
+            read_through: HashMap::new(),
         }
+    }
+
+    /// Every record of `shard` that arrived before `ms` is checkpointed: said in its lease at the
+    /// next checkpoint or renewal.
+    pub(super) fn read_through(&mut self, shard: &str, ms: u64) {
+        self.read_through.insert(shard.to_owned(), ms);
+    }
+
+    /// `update` also setting the shard's [`READ_THROUGH`] time, where this worker knows one.
+    fn with_read_through(
+        &self,
+        shard: &str,
+        update: UpdateItemFluentBuilder,
+        set: &mut String,
+    ) -> UpdateItemFluentBuilder {
+        let Some(&ms) = self.read_through.get(shard) else { return update };
+        set.push_str(", #t = :t");
+        update.expression_attribute_names("#t", READ_THROUGH).expression_attribute_values(":t", n(ms))
     }
 
     /// The shards lost since this was last asked (see [`Self::lost`]).
@@ -117,6 +146,7 @@ impl LeaseCoordinator {
     /// `shard` is no longer held: taken by another worker, or a write of ours refused.
     fn lose(&mut self, shard: &str) {
         self.held.remove(shard);
+        self.read_through.remove(shard);
         self.lost.push(shard.to_owned());
         self.scan_soon();
     }
@@ -318,12 +348,11 @@ impl LeaseCoordinator {
         let held: Vec<(String, u64)> =
             self.held.iter().filter(|(_, (_, at))| *at <= stale).map(|(k, (c, _))| (k.clone(), *c)).collect();
         for (shard, counter) in held {
+            let mut set = "SET #c = :next".to_owned();
+            let update = self.client.update_item().table_name(&self.table).key(LEASE_KEY, s(&shard));
             let result = self
-                .client
-                .update_item()
-                .table_name(&self.table)
-                .key(LEASE_KEY, s(&shard))
-                .update_expression("SET #c = :next")
+                .with_read_through(&shard, update, &mut set)
+                .update_expression(set)
                 .condition_expression("#o = :me AND #c = :held")
                 .expression_attribute_names("#o", OWNER)
                 .expression_attribute_names("#c", COUNTER)
@@ -358,11 +387,10 @@ impl LeaseCoordinator {
         let Some(&(counter, _)) = self.held.get(shard) else {
             return Err(SluiceError::retryable(ReasonCode::LeaseLost, format!("{shard} is not held by this worker")));
         };
+        let mut set = "SET #p = :cp, #w = :zero, #c = :next".to_owned();
+        let update = self.client.update_item().table_name(&self.table).key(LEASE_KEY, s(shard));
         let mut update = self
-            .client
-            .update_item()
-            .table_name(&self.table)
-            .key(LEASE_KEY, s(shard))
+            .with_read_through(shard, update, &mut set)
             .condition_expression("#o = :me AND #c = :held")
             .expression_attribute_names("#o", OWNER)
             .expression_attribute_names("#c", COUNTER)
@@ -376,14 +404,15 @@ impl LeaseCoordinator {
             .expression_attribute_values(":zero", n(0))
             .expression_attribute_values(":arrived", n(arrived));
         update = if checkpoint == SHARD_END {
-            update.update_expression("SET #p = :cp, #w = :zero, #c = :next ADD #a :arrived REMOVE #o")
+            update.update_expression(format!("{set} ADD #a :arrived REMOVE #o"))
         } else {
-            update.update_expression("SET #p = :cp, #w = :zero, #c = :next ADD #a :arrived")
+            update.update_expression(format!("{set} ADD #a :arrived"))
         };
         match update.send().await {
             Ok(_) => {
                 if checkpoint == SHARD_END {
                     self.held.remove(shard);
+                    self.read_through.remove(shard);
                     // Its children may be taken now.
                     self.scan_soon();
                 } else {
@@ -408,9 +437,12 @@ impl LeaseCoordinator {
         }
     }
 
-    /// The checkpoint stored for `shard`.
-    pub(super) async fn stored_checkpoint(&self, shard: &str) -> Result<String> {
-        Ok(self.stored_lease(shard).await?.map_or_else(|| TRIM_HORIZON.to_owned(), |l| l.checkpoint))
+    /// The checkpoint stored for `shard`, and its [`READ_THROUGH`] time where one is.
+    pub(super) async fn stored_checkpoint(&self, shard: &str) -> Result<(String, Option<u64>)> {
+        Ok(self
+            .stored_lease(shard)
+            .await?
+            .map_or_else(|| (TRIM_HORIZON.to_owned(), None), |l| (l.checkpoint, l.read_through_ms)))
     }
 
     /// Gives every held lease up so another worker can take it at once; one that cannot be given
