@@ -32,12 +32,23 @@ impl EmbeddedFeatureStore {
     }
 }
 
+/// How long before its message is sent a vector may have been written: the features stage writes
+/// a batch's vectors, then sends its messages on, moments later; an hour covers any batch.
+const SENT_AFTER_WRITTEN_MS: i64 = 3_600_000;
+
 /// Deletes the oldest vectors written before `before` (ms), after row `after`, as much as
 /// [`oldest_past`] lets go (rows are in write order: rowid); where it stopped at its limit, the
 /// last row it looked at. A vector something still waits on is kept however old: a review
 /// item's (its result is in review, and the reviewer is shown its image) and a DLQ entry's (a
-/// replay needs it).
+/// replay needs it). Nor does it go past the oldest message waiting in the inference queue (a
+/// pipeline stopped past the retention with a backlog: inference reads their vectors once it
+/// runs again), less [`SENT_AFTER_WRITTEN_MS`]; the messages themselves are packed in batches,
+/// which a look for each vector's id would read whole.
 fn sweep_features(tx: &rusqlite::Transaction<'_>, before: i64, after: i64) -> rusqlite::Result<Option<i64>> {
+    let waiting: Option<i64> = tx
+        .prepare_cached("SELECT MIN(sent_at_ms) FROM queue_runs WHERE queue = ?1")?
+        .query_row([QueueName::Inference.as_str()], |r| r.get(0))?;
+    let before = waiting.map_or(before, |sent| before.min(sent - SENT_AFTER_WRITTEN_MS));
     let dlqs: Array = Rc::new(
         QueueName::ALL
             .into_iter()
@@ -448,6 +459,61 @@ mod tests {
         features.put_if_absent(vec![(id(9_003), FeatureVector::Pixels(vec![1]))]).await.unwrap();
         let left = features.get_batch(&[id(3), id(7)]).await.unwrap();
         assert_eq!(left.keys().map(RecordId::as_str).collect::<Vec<_>>(), ["r7"]);
+    }
+
+    /// A pipeline stopped past the retention with a backlog in the inference queue: the sweep
+    /// keeps the vectors from the oldest message waiting there on, which inference reads once it
+    /// runs again; those are swept once the queue has moved on.
+    #[tokio::test]
+    async fn vectors_of_records_waiting_in_the_inference_queue_are_kept_past_the_retention() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = StoreConfig { path: dir.path().join("s.sqlite"), feature_retention_days: 1, ..Default::default() };
+        let store = EmbeddedStore::open(&config).unwrap();
+        let backend = store.clone().into_backend();
+        let id = |i: usize| RecordId::parse(format!("r{i}")).unwrap();
+        backend
+            .features
+            .put_if_absent((0..5).map(|i| (id(i), FeatureVector::Pixels(vec![1]))).collect())
+            .await
+            .unwrap();
+        let message = |i: usize| crate::backend::OutgoingMessage {
+            body: id(i).to_string().into_bytes(),
+            attributes: Default::default(),
+            dedup_key: Some(id(i).to_string()),
+        };
+        backend.queue(QueueName::Inference).send_batch(vec![message(3)]).await.unwrap();
+        // r0–r2 written three days ago; r3 two days ago and sent on at once; r4 just after.
+        let day = 24 * 3_600_000;
+        let now = now_ms() as i64;
+        store
+            .db
+            .write(move |tx| {
+                tx.execute(
+                    "UPDATE features SET created_ms = ?1 WHERE record_id IN ('r0', 'r1', 'r2')",
+                    [now - 3 * day],
+                )?;
+                tx.execute("UPDATE features SET created_ms = ?1 WHERE record_id = 'r3'", [now - 2 * day])?;
+                tx.execute("UPDATE features SET created_ms = ?1 WHERE record_id = 'r4'", [now - 2 * day + 2])?;
+                tx.execute("UPDATE queue_runs SET sent_at_ms = ?1", [now - 2 * day + 1])
+            })
+            .await
+            .unwrap();
+        let left = |features: std::sync::Arc<dyn FeatureStore>| async move {
+            let found = features.get_batch(&(0..5).map(id).collect::<Vec<_>>()).await.unwrap();
+            found.keys().map(RecordId::to_string).collect::<std::collections::BTreeSet<_>>()
+        };
+        // A fresh handle's first write sweeps.
+        let features = store.clone().into_backend().features;
+        features.put_if_absent(vec![(id(100), FeatureVector::Pixels(vec![1]))]).await.unwrap();
+        assert_eq!(left(features).await, ["r3".to_owned(), "r4".to_owned()].into(), "kept from the oldest waiting on");
+
+        // Taken and done with, the queue holds nothing: the next sweep takes them.
+        let queue = backend.queue(QueueName::Inference);
+        let taken = queue.receive(10, std::time::Duration::ZERO).await.unwrap();
+        queue.ack(&taken.iter().map(|m| m.receipt.clone()).collect::<Vec<_>>()).await.unwrap();
+        let features = store.clone().into_backend().features;
+        features.put_if_absent(vec![(id(101), FeatureVector::Pixels(vec![1]))]).await.unwrap();
+        assert!(left(features).await.is_empty());
     }
 
     /// Look-ups by record id take any number of ids on one statement, each id found through
