@@ -385,6 +385,14 @@ pub struct AwsConfig {
     /// replay finds its vector. 0 keeps them (they would pile up for good: 147 KiB an
     /// ImageNet-sized image).
     pub feature_ttl_days: u64,
+    /// The largest feature vector kept in its DynamoDB item (at most 380,000 bytes: the item
+    /// limit is 400 KB); a larger one goes to the bucket and the item holds its reference.
+    /// DynamoDB bills a write unit per KB, S3 a request per object: a 147 KiB ImageNet-sized
+    /// vector costs ~148 write units and ~37 read units in its item (~$0.097 a thousand records
+    /// on demand) against a PUT and a GET in S3 (~$0.0054 a thousand), for two more requests a
+    /// record and S3's latency. Digits-sized vectors (under 1 KB) cost a unit either way.
+    #[serde(deserialize_with = "an_item_or_less")]
+    pub inline_vector_bytes: usize,
     /// Static credentials, for local endpoints only (they accept any). On AWS leave these
     /// unset: the standard chain (environment, profile, ECS task role…) is used.
     pub access_key_id: Option<String>,
@@ -425,6 +433,7 @@ impl Default for AwsConfig {
             lease_failover_ms: 10_000,
             result_ttl_days: 0,
             feature_ttl_days: 21,
+            inline_vector_bytes: INLINE_VECTOR_MOST,
             access_key_id: None,
             secret_access_key: None,
         }
@@ -497,6 +506,20 @@ pub fn decimal<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<f64,
 /// another's messages (a visibility of 0 shows a message again the moment it is taken) or shard
 /// leases, or an idle worker polls without pause (a busy core on the embedded store; short polls,
 /// billed, on SQS).
+/// The most [`AwsConfig::inline_vector_bytes`] may be: DynamoDB's 400 KB item limit, less room
+/// for the key and the other attributes.
+pub const INLINE_VECTOR_MOST: usize = 380_000;
+
+fn an_item_or_less<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<usize, D::Error> {
+    let bytes = usize::deserialize(deserializer)?;
+    if bytes > INLINE_VECTOR_MOST {
+        return Err(serde::de::Error::custom(format!(
+            "{bytes} bytes: at most {INLINE_VECTOR_MOST} (a DynamoDB item holds 400 KB)"
+        )));
+    }
+    Ok(bytes)
+}
+
 fn a_second_or_more<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<u64, D::Error> {
     let ms = u64::deserialize(deserializer)?;
     if ms < 1000 {

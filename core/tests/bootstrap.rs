@@ -241,6 +241,20 @@ async fn a_large_vector_whose_object_is_gone_fails_only_its_record() {
     let error = got[&large].as_ref().unwrap_err();
     assert_eq!((error.is_retryable(), error.code()), (false, ReasonCode::MissingFeatures), "{error}");
     assert_eq!(got[&small].as_ref().unwrap(), &FeatureVector::Values(vec![0.5; 4]));
+
+    // A lower `store.aws.inline_vector_bytes` sends an ImageNet-sized image's pixels (147 KiB,
+    // kept in its item by default) to S3 too, trading write units for two requests.
+    let mut lower = config.clone();
+    lower.aws.inline_vector_bytes = 100_000;
+    let pixels = FeatureVector::Pixels(vec![7; 3 * 224 * 224]);
+    let photo = RecordId::parse("photo").unwrap();
+    Backend::open(&lower).await.unwrap().features.put_if_absent(vec![(photo.clone(), pixels.clone())]).await.unwrap();
+    let listed = s3.list_objects_v2().bucket(&bucket).send().await.unwrap();
+    assert_eq!(listed.contents().len(), 1, "the photo's vector went to S3");
+    assert_eq!(
+        backend.features.get_batch(std::slice::from_ref(&photo)).await.unwrap()[&photo].as_ref().unwrap(),
+        &pixels
+    );
     teardown(&config).await.unwrap();
 }
 

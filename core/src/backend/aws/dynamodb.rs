@@ -3,8 +3,9 @@
 //! Features: `BatchWriteItem` (25 a call) with the vector as a binary attribute; a vector is a
 //! pure function of the record's payload and bundle, so a redelivery rewriting it is harmless.
 //! An item may not exceed 400 KB. An ImageNet-sized image is stored as its pixels (3×224×224
-//! bytes, 147 KiB) and fits; a vector over [`INLINE_VECTOR_BYTES`] (bigger inputs, or f32 values
-//! of that size) goes to S3 as a claim-check and the item keeps its reference.
+//! bytes, 147 KiB) and fits; a vector over `store.aws.inline_vector_bytes` (380,000 at most and by
+//! default: bigger inputs, or f32 values of that size; set lower, it trades DynamoDB's write
+//! units for S3 requests) goes to S3 as a claim-check and the item keeps its reference.
 //! Results: `BatchWriteItem` cannot carry conditions, so results go in `TransactWriteItems`
 //! calls, each item a put conditional on `attribute_not_exists(record_id)`, together with an
 //! update of the per-status counters: one request per batch, and a redelivered record never
@@ -37,9 +38,6 @@ use crate::vector::FeatureVector;
 pub(super) const RECORD_KEY: &str = "record_id";
 const BATCH_GET_KEYS: usize = 100;
 const BATCH_WRITE_ITEMS: usize = 25;
-/// The largest vector kept in its item: DynamoDB's 400 KB item limit, less room for the key and
-/// the other attributes.
-const INLINE_VECTOR_BYTES: usize = 380_000;
 /// 100 items per transaction, one of them the counter update.
 const TRANSACT_RESULTS: usize = 99;
 /// The counters items that hold result counts by status: `results`, `results#1` …
@@ -124,17 +122,24 @@ pub(super) struct DynamoFeatureStore {
     blobs: Arc<S3BlobStore>,
     /// `store.aws.feature_ttl_days`.
     ttl_days: u64,
+    /// `store.aws.inline_vector_bytes`: the largest vector kept in its item.
+    inline_most: usize,
 }
 
 impl DynamoFeatureStore {
-    pub(super) fn new(client: aws_sdk_dynamodb::Client, table: String, blobs: Arc<S3BlobStore>, ttl_days: u64) -> Self {
-        Self { client, table, blobs, ttl_days }
+    pub(super) fn new(
+        client: aws_sdk_dynamodb::Client,
+        table: String,
+        blobs: Arc<S3BlobStore>,
+        aws: &crate::config::AwsConfig,
+    ) -> Self {
+        Self { client, table, blobs, ttl_days: aws.feature_ttl_days, inline_most: aws.inline_vector_bytes }
     }
 
     /// The vector's attribute: its bytes, or where in S3 they are.
     async fn vector_attribute(&self, vector: &FeatureVector) -> Result<(&'static str, AttributeValue)> {
         let bytes = vector.to_bytes();
-        if bytes.len() <= INLINE_VECTOR_BYTES {
+        if bytes.len() <= self.inline_most {
             return Ok(("vector", AttributeValue::B(Blob::new(bytes))));
         }
         // Content-addressed, so a redelivery rewrites the same object.

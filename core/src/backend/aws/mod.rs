@@ -179,7 +179,7 @@ pub async fn open(config: &StoreConfig, counter: RequestCounter) -> Result<Backe
             clients.dynamodb.clone(),
             names.features_table(),
             Arc::clone(&blobs),
-            aws.feature_ttl_days,
+            aws,
         )),
         results: Arc::new(dynamodb::DynamoResultStore::new(
             clients.dynamodb.clone(),
