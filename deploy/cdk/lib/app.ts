@@ -23,8 +23,9 @@ export interface SluiceStacks {
  * account and region; `stacks` names them otherwise), `inference` (gpu |
  * cpu, default gpu), `fallbackModel` (a model.tar.gz, or `none`), `fallbackImage`, `alarmEmail`,
  * `image`/`cudaImage` (image URIs already pushed; default: built from deploy/docker),
- * `recordIdField` (a raw JSON event's id field, `ingest.record_id_field`) and `claimCheckBuckets`
- * (producers' buckets claim-checks may point into, comma-separated; ingest and features may read them).
+ * `recordIdField` (a raw JSON event's id field, `ingest.record_id_field`), `claimCheckBuckets`
+ * (producers' buckets claim-checks may point into, comma-separated; ingest and features may read them)
+ * and `inlineVectorBytes` (`store.aws.inline_vector_bytes`: larger feature vectors go to S3).
  * `overrides` replace settings of the chosen environment (tests).
  */
 export function buildStacks(app: App, env?: Environment, overrides: Partial<EnvironmentConfig> = {}): SluiceStacks {
@@ -56,6 +57,10 @@ export function buildStacks(app: App, env?: Environment, overrides: Partial<Envi
     if (!/^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$/.test(bucket)) throw new Error(`-c claimCheckBuckets: ${JSON.stringify(entry)} names no bucket`);
     if (/[*?]/.test(entry)) throw new Error(`-c claimCheckBuckets: ${JSON.stringify(entry)}: a key prefix, not a pattern`);
   }
+  const inlineVectorBytes = context('inlineVectorBytes');
+  if (inlineVectorBytes !== undefined && !(/^\d+$/.test(String(inlineVectorBytes)) && Number(inlineVectorBytes) <= 380_000)) {
+    throw new Error(`-c inlineVectorBytes: ${JSON.stringify(inlineVectorBytes)}: bytes, at most 380000 (a DynamoDB item holds 400 KB)`);
+  }
   const recordIdField = context('recordIdField');
   if (recordIdField !== undefined && !/^\S+$/.test(recordIdField)) {
     throw new Error(`-c recordIdField: ${JSON.stringify(recordIdField)} is no field name`);
@@ -81,6 +86,7 @@ export function buildStacks(app: App, env?: Environment, overrides: Partial<Envi
     fallbackImage: context('fallbackImage'),
     alarmEmail: context('alarmEmail'),
     producers: { recordIdField, claimCheckBuckets },
+    inlineVectorBytes: inlineVectorBytes === undefined ? undefined : Number(inlineVectorBytes),
     description: `sluice ${name}: the four workers on ECS, their scaling, alarms and the SageMaker fallback`,
     terminationProtection: config.retain,
   });

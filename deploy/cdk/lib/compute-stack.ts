@@ -55,6 +55,11 @@ export interface ComputeStackProps extends StackProps {
   alarmEmail?: string;
   /** What the producers' raw records and claim-checks need of ingest and features. */
   producers?: ProducerOptions;
+  /**
+   * `store.aws.inline_vector_bytes`: feature vectors larger than this go to S3 rather than stay
+   * in their DynamoDB item (cheaper for image models; docs/deploy.md). Default: the workers'.
+   */
+  inlineVectorBytes?: number;
 }
 
 /** Producer settings the workers take from the stack (docs/producers.md). */
@@ -178,6 +183,7 @@ export class ComputeStack extends Stack {
       // Feature vectors live as long as claim-checks (offloaded ones are claim-checks), which
       // outlive a message in a work queue and its DLQ: a replay finds its vector.
       SLUICE__STORE__AWS__FEATURE_TTL_DAYS: String(config.claimCheckExpiry.toDays()),
+      ...(props.inlineVectorBytes === undefined ? {} : { SLUICE__STORE__AWS__INLINE_VECTOR_BYTES: String(props.inlineVectorBytes) }),
       SLUICE__MODEL__DIR: MODEL_DIR,
       RUST_LOG: 'info',
     };

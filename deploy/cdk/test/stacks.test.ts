@@ -538,6 +538,16 @@ describe('environments', () => {
     assert.throws(() => synth('beta', { claimCheckBuckets: 'shared/team-*' }), /not a pattern/);
   });
 
+  it('moves feature vectors over -c inlineVectorBytes to S3, and refuses more than an item holds', () => {
+    const { compute } = synth('beta', { inlineVectorBytes: '20000' });
+    for (const { stage, worker } of workerTasks(compute)) {
+      assert.equal(variable(worker, 'SLUICE__STORE__AWS__INLINE_VECTOR_BYTES'), '20000', stage);
+    }
+    for (const { worker } of workerTasks(beta.compute)) assert.equal(variable(worker, 'SLUICE__STORE__AWS__INLINE_VECTOR_BYTES'), undefined);
+    assert.throws(() => synth('beta', { inlineVectorBytes: '400000' }), /at most 380000/);
+    assert.throws(() => synth('beta', { inlineVectorBytes: '20k' }), /at most 380000/);
+  });
+
   it("reads only a producer's part of a shared bucket where the entry names a key prefix", () => {
     const { stacks, compute } = synth('beta', { claimCheckBuckets: 'shared/team-a/' });
     for (const { stage, worker } of workerTasks(compute)) {
