@@ -613,6 +613,10 @@ mod tests {
         let spec = manifest().input;
         assert_eq!(spec.fingerprint(), manifest().input.fingerprint(), "stable");
         assert_eq!(spec.fingerprint().len(), 16);
+        // Pinned: records in flight and inference DLQ entries carry the fingerprint they were
+        // featured under, for months. A build that computed it otherwise would refuse them all
+        // as made for another input: change the computation only with a way to read the old.
+        assert_eq!(spec.fingerprint(), "dd748e09c63258c0", "the fingerprint's computation changed");
         let mut normalised = spec.clone();
         normalised.image.as_mut().unwrap().mean = vec![0.5];
         normalised.image.as_mut().unwrap().std = vec![0.25];
