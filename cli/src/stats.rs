@@ -8,8 +8,8 @@ use sluice_core::topology::{QueueName, StageName};
 
 /// Records in that have reached no end yet: `(not yet done, none of these)`. Once the pipeline
 /// is drained nothing is left to do, so what is missing then ended in no result and no DLQ
-/// entry: purged from a DLQ, or a record id a producer wrote more than once (its copies share a
-/// result).
+/// entry: purged from a DLQ, a record id a producer wrote more than once (its copies share a
+/// result), or, on AWS, a message SQS deleted at the end of its retention (14 days).
 fn unended(stats: &PipelineStats) -> (u64, u64) {
     let missing = stats.records_in.saturating_sub(stats.accounted());
     if stats.is_drained() { (0, missing) } else { (missing, 0) }
@@ -40,7 +40,7 @@ pub fn render(stats: &PipelineStats) -> String {
         let _ = writeln!(out, "  dlq {:<9} {:>10}", stage.as_str(), stats.dlq.get(&stage).copied().unwrap_or(0));
     }
     if none_of_these > 0 {
-        let why = "(drained: DLQ entries purged, or record ids written more than once)";
+        let why = "(drained: DLQ entries purged, record ids written more than once, or on AWS messages SQS deleted after 14 days)";
         let _ = writeln!(out, "  none of these {none_of_these:>10}   {why}");
     } else {
         let _ = writeln!(out, "  not yet done  {not_yet_done:>10}");
@@ -149,7 +149,7 @@ mod tests {
         }
         let text = render(&stats);
         assert!(!text.contains("not yet done"), "{text}");
-        assert!(text.contains("none of these          3   (drained: DLQ entries purged"), "{text}");
+        assert!(text.contains("none of these          3   (drained: DLQ entries purged, record ids"), "{text}");
     }
 
     #[test]
