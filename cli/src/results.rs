@@ -97,7 +97,12 @@ fn print(result: &PredictionResult, json: bool) -> anyhow::Result<()> {
         writeln!(out, "{}", serde_json::to_string(result)?)?;
     } else {
         let reviewed = result.reviewed_label.as_ref().map(|l| format!("\treviewed as {l}")).unwrap_or_default();
-        let attributes: String = result.attributes.iter().map(|(name, value)| format!("\t{name}={value}")).collect();
+        // Escaped: a tab or a line break in a producer's attribute would break the line into others.
+        let attributes: String = result
+            .attributes
+            .iter()
+            .map(|(name, value)| format!("\t{}={}", name.escape_debug(), value.escape_debug()))
+            .collect();
         writeln!(
             out,
             "{}\t{}\t{:.4}\t{}\t{}{reviewed}{attributes}",

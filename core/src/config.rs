@@ -381,8 +381,8 @@ pub struct AwsConfig {
     /// Feature vectors expire this many days after they are written (DynamoDB TTL; those
     /// offloaded to the bucket expire by its lifecycle): a vector is read by inference moments
     /// after it is written, and again only by a replay of an inference DLQ entry or a review.
-    /// Longer than a message is kept in a work queue and its DLQ (14 days together), so that a
-    /// replay finds its vector. 0 keeps them (they would pile up for good: 147 KiB an
+    /// Longer than a message is kept in a work queue and then its DLQ (14 days each: an entry a
+    /// worker dead-letters is a new message), so that a replay finds its vector. 0 keeps them (they would pile up for good: 147 KiB an
     /// ImageNet-sized image).
     pub feature_ttl_days: u64,
     /// The largest feature vector kept in its DynamoDB item (at most 380,000 bytes: the item
@@ -432,7 +432,7 @@ impl Default for AwsConfig {
             claim_check_buckets: Vec::new(),
             lease_failover_ms: 10_000,
             result_ttl_days: 0,
-            feature_ttl_days: 21,
+            feature_ttl_days: 30,
             inline_vector_bytes: INLINE_VECTOR_MOST,
             access_key_id: None,
             secret_access_key: None,
@@ -502,10 +502,6 @@ pub fn decimal<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<f64,
     deserializer.deserialize_any(Decimal)
 }
 
-/// A time in milliseconds of at least a second. Less, and the workers of a stage take one
-/// another's messages (a visibility of 0 shows a message again the moment it is taken) or shard
-/// leases, or an idle worker polls without pause (a busy core on the embedded store; short polls,
-/// billed, on SQS).
 /// The most [`AwsConfig::inline_vector_bytes`] may be: DynamoDB's 400 KB item limit, less room
 /// for the key and the other attributes.
 pub const INLINE_VECTOR_MOST: usize = 380_000;
@@ -520,6 +516,10 @@ fn an_item_or_less<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<
     Ok(bytes)
 }
 
+/// A time in milliseconds of at least a second. Less, and the workers of a stage take one
+/// another's messages (a visibility of 0 shows a message again the moment it is taken) or shard
+/// leases, or an idle worker polls without pause (a busy core on the embedded store; short polls,
+/// billed, on SQS).
 fn a_second_or_more<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<u64, D::Error> {
     let ms = u64::deserialize(deserializer)?;
     if ms < 1000 {

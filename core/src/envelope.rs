@@ -348,7 +348,9 @@ impl Envelope {
 
     /// Decodes an envelope that a sluice stage wrote onto a queue. A rolling upgrade runs two
     /// builds on one queue: fields a newer build added are passed over, and an envelope of a
-    /// newer schema version is handed back (retryable) for a worker of that build to take.
+    /// newer schema version is handed back (retryable) for a worker of that build to take (one
+    /// this worker keeps receiving is dead-lettered at its last receive, as
+    /// `unsupported_schema_version`, for the newer build to replay).
     pub fn from_json(bytes: &[u8]) -> Result<Self> {
         match serde_json::from_slice::<Self>(bytes) {
             Ok(envelope) if envelope.schema_version <= SCHEMA_VERSION => Ok(envelope),

@@ -268,8 +268,8 @@ async fn feature_vectors_expire() {
 
     let config = aws_store_config(&unique_prefix("ttl"));
     assert_eq!(
-        config.aws.feature_ttl_days, 21,
-        "longer than a work queue and its DLQ keep a message (14 days together)"
+        config.aws.feature_ttl_days, 30,
+        "longer than a work queue and then its DLQ keep a message (14 days each)"
     );
     bootstrap(&config).await.unwrap();
     let dynamodb = Clients::load(&config.aws, Default::default()).await.unwrap().dynamodb;
@@ -292,6 +292,6 @@ async fn feature_vectors_expire() {
         .unwrap();
     let expires: u64 = item["expires_at"].as_n().unwrap().parse().unwrap();
     let days = (expires - now_ms() / 1000) as f64 / 86_400.0;
-    assert!((20.9..=21.0).contains(&days), "{days} days");
+    assert!((29.9..=30.0).contains(&days), "{days} days");
     teardown(&config).await.unwrap();
 }

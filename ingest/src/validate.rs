@@ -2,7 +2,8 @@
 
 use sluice_core::backend::BlobStore;
 use sluice_core::envelope::{
-    ContentType, Envelope, PARTITION_KEY_ATTRIBUTE, Payload, RecordId, new_traceparent, now_ms, without_bom,
+    ContentType, Envelope, PARTITION_KEY_ATTRIBUTE, Payload, REPLAY_KEY_PREFIX, RecordId, new_traceparent, now_ms,
+    without_bom,
 };
 use sluice_core::model::TabularSpec;
 use sluice_core::telemetry::traces;
@@ -32,7 +33,7 @@ pub(crate) fn parse(
     }
     let wrap = |id: RecordId, content_type: ContentType| {
         let mut envelope = Envelope::inline(id, RAW_SOURCE, content_type, body.to_vec());
-        if let Some(key) = partition_key.filter(|key| RecordId::from_replay_partition_key(key).is_none()) {
+        if let Some(key) = partition_key.filter(|key| !key.starts_with(REPLAY_KEY_PREFIX)) {
             envelope.attributes.insert(PARTITION_KEY_ATTRIBUTE.to_owned(), key.to_owned());
         }
         envelope
@@ -369,9 +370,12 @@ mod tests {
         for body in [&png[..], b"{\"amount\": 3}"] {
             let raw = parse(body, &position, Some("camera-7/frame-12.png"), 7, &config).unwrap();
             assert_eq!(raw.attributes.get(PARTITION_KEY_ATTRIBUTE).map(String::as_str), Some("camera-7/frame-12.png"));
-            // A replay's key names the record, not what its producer sent.
-            let replayed = parse(body, &position, Some(&position.replay_partition_key()), 7, &config).unwrap();
-            assert!(replayed.attributes.is_empty(), "{:?}", replayed.attributes);
+            // A replay's key names the record, not what its producer sent (whatever id it names).
+            for replay in [position.replay_partition_key(), RecordId::parse("order-17").unwrap().replay_partition_key()]
+            {
+                let replayed = parse(body, &position, Some(&replay), 7, &config).unwrap();
+                assert!(replayed.attributes.is_empty(), "{replay}: {:?}", replayed.attributes);
+            }
         }
         // An envelope's own attributes stand as sent, up to MAX_ATTRIBUTE_BYTES.
         let mut envelope = sent();

@@ -662,7 +662,7 @@ export class ComputeStack extends Stack {
       const held = data.queue(queue);
       alarm(`${pascal(queue)}NearExpiry`, {
         alarmName: `${data.prefix}-${queue}-near-expiry`,
-        alarmDescription: `A message has waited over ${NEAR_EXPIRY.toDays()} days in ${held.queueName}; SQS deletes it at ${QUEUE_RETENTION.toDays()} (from when its record entered a work queue), with no DLQ entry: process, replay or settle it now (docs/operations.md)`,
+        alarmDescription: `A message has waited over ${NEAR_EXPIRY.toDays()} days in ${held.queueName}; SQS deletes it ${QUEUE_RETENTION.toDays()} days after it was sent (one SQS moved to a DLQ: after it was first sent to its work queue), with no DLQ entry: process, replay or settle it now (docs/operations.md)`,
         metric: held.metricApproximateAgeOfOldestMessage({ statistic: 'Maximum', period: Duration.hours(1) }),
         threshold: NEAR_EXPIRY.toSeconds(),
         comparisonOperator: cloudwatch.ComparisonOperator.GREATER_THAN_THRESHOLD,

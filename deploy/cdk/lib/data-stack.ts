@@ -20,10 +20,10 @@ export interface DataStackProps extends StackProps {
 /**
  * Every queue keeps a message SQS's most, 14 days. SQS drops a message past its retention without
  * a DLQ entry, so a work queue keeps it as long as it can: a stage stopped for days loses nothing
- * in that time (with SQS's default of 4 days, a long weekend would). A message SQS moves to a DLQ
- * keeps its first enqueue time: a work queue and its DLQ hold it 14 days together, and an entry
- * that waited long in its work queue has that much less in its DLQ (the `…-near-expiry` alarms
- * warn at 10 days).
+ * in that time (with SQS's default of 4 days, a long weekend would). An entry a worker
+ * dead-letters is a new message, kept 14 days more; one SQS moves to a DLQ (max receives) keeps
+ * its first enqueue time, and has in its DLQ what is left of its 14 days (the `…-near-expiry`
+ * alarms warn at 10 days in a queue).
  */
 export const QUEUE_RETENTION = Duration.days(14);
 
@@ -41,8 +41,9 @@ export class DataStack extends Stack {
     this.prefix = prefix;
     const removalPolicy = config.retain ? RemovalPolicy.RETAIN : RemovalPolicy.DESTROY;
     // A claim-check is stored before its record enters the stream, which keeps it up to its
-    // retention; then a work queue and its DLQ, up to QUEUE_RETENTION.
-    if (config.claimCheckExpiry.toDays() <= config.streamRetention.toDays() + QUEUE_RETENTION.toDays()) {
+    // retention; then a work queue and its DLQ, up to QUEUE_RETENTION each (an entry a worker
+    // dead-letters is a new message).
+    if (config.claimCheckExpiry.toDays() <= config.streamRetention.toDays() + 2 * QUEUE_RETENTION.toDays()) {
       throw new Error(`claim-checks must outlive a record in the stream, then a work queue and its DLQ (${config.name})`);
     }
     const name = (n: string) => resourceName(prefix, n);

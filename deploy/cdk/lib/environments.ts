@@ -28,7 +28,7 @@ export interface EnvironmentConfig {
   /**
    * Claim-checks and offloaded vectors are deleted this long after they were written: longer than
    * a record can live in the stream and then a work queue and its DLQ (the stream's retention + 14
-   * days), so a replay finds them.
+   * + 14 days: an entry a worker dead-letters is a new message), so a replay finds them.
    */
   claimCheckExpiry: Duration;
   /** How long prediction capture is kept (longer than the monitor's window, 7 days by default). */
@@ -73,7 +73,7 @@ export const ENVIRONMENTS: Record<'beta' | 'prod', EnvironmentConfig> = {
     reviewBacklogAlarm: 1000,
     natGateways: 1,
     logRetention: RetentionDays.ONE_MONTH,
-    claimCheckExpiry: Duration.days(21),
+    claimCheckExpiry: Duration.days(30),
     captureExpiry: Duration.days(30),
     resultTtlDays: 30,
     retain: false,
@@ -95,7 +95,7 @@ export const ENVIRONMENTS: Record<'beta' | 'prod', EnvironmentConfig> = {
     reviewBacklogAlarm: 5000,
     natGateways: 2,
     logRetention: RetentionDays.ONE_YEAR,
-    claimCheckExpiry: Duration.days(30),
+    claimCheckExpiry: Duration.days(36),
     captureExpiry: Duration.days(400),
     resultTtlDays: 0,
     retain: true,

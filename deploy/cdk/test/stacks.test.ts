@@ -181,7 +181,7 @@ for (const [env, synthed] of [['beta', beta], ['prod', prod]] as const) {
           ],
         },
       });
-      assert.ok(ENVIRONMENTS[env].claimCheckExpiry.toDays() > ENVIRONMENTS[env].streamRetention.toDays() + 14, 'claim-checks outlive the stream, then a work queue and its DLQ');
+      assert.ok(ENVIRONMENTS[env].claimCheckExpiry.toDays() > ENVIRONMENTS[env].streamRetention.toDays() + 14 + 14, 'claim-checks outlive the stream, then a work queue and its DLQ');
       assert.ok(ENVIRONMENTS[env].captureExpiry.toDays() > 7, 'capture outlives the monitor window');
       const [, policy] = resources(data, 'AWS::S3::BucketPolicy')[0];
       const denyInsecure = policy.Properties.PolicyDocument.Statement.find((s: any) => s.Effect === 'Deny');

@@ -68,8 +68,9 @@ pub async fn bootstrap(config: &StoreConfig) -> Result<Bootstrapped> {
     for queue in order {
         // Every queue keeps the 14 days SQS allows: SQS drops a message past its retention
         // without a DLQ entry, so a work queue keeps it as long as it can (SQS's default 4 days
-        // would lose the backlog of a stage stopped over a long weekend). A message SQS moves to
-        // a DLQ keeps its first enqueue time: a work queue and its DLQ hold it 14 days together.
+        // would lose the backlog of a stage stopped over a long weekend). An entry a worker
+        // dead-letters is a new message, kept 14 days more; one SQS moves keeps its first
+        // enqueue time.
         // (As the CDK data stack does; `aws bootstrap` on its prefix finds nothing to differ.)
         let retention = QUEUE_RETENTION;
         let mut wanted = vec![

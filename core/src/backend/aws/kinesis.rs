@@ -307,6 +307,7 @@ impl ShardReader {
         self.ahead.clear();
         self.iterator = None;
         self.ended = false;
+        self.fetched_through_ms = None;
     }
 }
 
@@ -322,8 +323,8 @@ struct KinesisConsumer {
     /// Which held shard the next poll takes first: each in turn, so that one with a backlog
     /// does not keep the others unread.
     turn: usize,
-    /// How long the stream keeps records (ms), once asked; none where it could not be read.
-    retention_ms: Option<Option<u64>>,
+    /// How long the stream keeps records (ms), once Kinesis has said.
+    retention_ms: Option<u64>,
 }
 
 impl KinesisConsumer {
@@ -378,18 +379,19 @@ impl KinesisConsumer {
     /// word, and the records themselves are gone: this is all that can be said of them.
     async fn say_if_trimmed(&mut self, shard: &str, read_through_ms: u64) -> bool {
         if self.retention_ms.is_none() {
-            let summary = self.kinesis.describe_stream_summary().stream_name(&self.stream).send().await;
-            let hours = summary.map_err(
-                |e| tracing::debug!(error = %classify("DescribeStreamSummary", e), "the stream's retention is unknown"),
-            );
-            self.retention_ms = Some(
-                hours
-                    .ok()
-                    .and_then(|s| s.stream_description_summary)
-                    .map(|s| s.retention_period_hours.max(0) as u64 * 3_600_000),
-            );
+            // Asked again at the next take-up if this fails (a throttle, say): only an answer is kept.
+            match self.kinesis.describe_stream_summary().stream_name(&self.stream).send().await {
+                Ok(summary) => {
+                    self.retention_ms =
+                        summary.stream_description_summary.map(|s| s.retention_period_hours.max(0) as u64 * 3_600_000)
+                }
+                Err(e) => {
+                    let error = classify("DescribeStreamSummary", e);
+                    tracing::warn!(shard, %error, "the stream's retention is unknown: whether records were trimmed unread is not checked");
+                }
+            }
         }
-        let Some(Some(retention_ms)) = self.retention_ms else { return false };
+        let Some(retention_ms) = self.retention_ms else { return false };
         let Some(gap_ms) = trimmed_for(read_through_ms, crate::envelope::now_ms(), retention_ms) else { return false };
         let at = |ms: u64| humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_millis(ms));
         tracing::error!(
