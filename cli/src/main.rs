@@ -66,6 +66,15 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Write a consistent copy of the embedded store to a new file, workers running or not (a
+    /// `cp` of the file is not one: the store is in WAL mode). On AWS the tables have
+    /// point-in-time recovery instead.
+    Backup {
+        #[command(flatten)]
+        store: StoreArgs,
+        /// The copy: a file that does not exist yet.
+        to: PathBuf,
+    },
     /// Walk the review queue in a terminal and label what the model was unsure about (or label
     /// one item with `--label ID LABEL`).
     Review(review::ReviewArgs),
@@ -308,6 +317,16 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
                 sluice_cli::stats::render(&stats)
             };
             std::io::Write::write_all(&mut std::io::stdout(), text.as_bytes())?;
+        }
+        Command::Backup { store, to } => {
+            let config = store.apply(settings).store()?;
+            anyhow::ensure!(
+                config.backend == BackendKind::Embedded,
+                "backup copies the embedded store; on AWS the DynamoDB tables have point-in-time recovery \
+                 (docs/operations.md)"
+            );
+            sluice_core::backend::embedded::EmbeddedStore::open_separate(&config)?.backup(&to).await?;
+            eprintln!("{} backed up to {}", config.path.display(), to.display());
         }
         Command::Top { store, args } => {
             let settings = store.apply(settings);

@@ -89,6 +89,11 @@ fn produce_run_and_stats_as_separate_commands() {
 
     sluice(&["run", "--store", store, "--until-drained"]);
     let after = json(&sluice(&["stats", "--store", store, "--json"]));
+    // A backup is a store that says the same.
+    let copy = dir.path().join("backup.sqlite");
+    sluice(&["backup", "--store", store, copy.to_str().unwrap()]);
+    let copied = json(&sluice(&["stats", "--store", copy.to_str().unwrap(), "--json"]));
+    assert_eq!((&copied["records_in"], &copied["results"]), (&after["records_in"], &after["results"]));
     let n = |k: &str| after[k].as_u64().unwrap();
     assert_eq!(n("records_in"), 355 * 2 + 185 + 4 + 2);
     assert_eq!(n("results") + n("review"), 355 * 2 + 185 + 2 + 2, "repeats and JSON events are distinct records");
