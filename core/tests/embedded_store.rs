@@ -303,30 +303,12 @@ async fn a_worker_acknowledges_only_with_its_sends_and_never_loses_a_refused_bat
     tokio::time::timeout(Duration::from_secs(5), running).await.unwrap().unwrap().unwrap();
 }
 
-/// What a test's log subscriber wrote.
-#[derive(Clone, Default)]
-struct Logged(Arc<std::sync::Mutex<Vec<u8>>>);
-
-impl std::io::Write for Logged {
-    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(bytes);
-        Ok(bytes.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 /// A batch whose records all fail for one retryable reason says so in one warning (how many,
 /// the first's id and error), not one a record: a store that cannot be reached would otherwise
 /// log every record of every batch at each receive. Each is dead-lettered in a line of its own.
 #[tokio::test]
 async fn records_a_batch_retries_are_logged_a_line_a_reason() {
-    let logged = Logged::default();
-    let writer = logged.clone();
-    let subscriber = tracing_subscriber::fmt().with_writer(move || writer.clone()).with_ansi(false).finish();
-    let _logging = tracing::subscriber::set_default(subscriber);
+    let (logged, _logging) = sluice_core::testing::Logged::on_this_thread();
     let (_dir, store, backend) = fresh(StoreConfig { max_receives: 2, ..StoreConfig::default() }).await;
     let stage = Forward::new(StageName::Features, QueueName::Inference, false);
     let worker = on_features(&backend, &store, stage, &["retry-1", "retry-2", "retry-3", "retry-4"]).await;
@@ -336,7 +318,7 @@ async fn records_a_batch_retries_are_logged_a_line_a_reason() {
     shutdown.cancel();
     tokio::time::timeout(Duration::from_secs(5), running).await.unwrap().unwrap().unwrap();
 
-    let text = String::from_utf8(logged.0.lock().unwrap().clone()).unwrap();
+    let text = logged.text();
     let lines = |what: &str| text.lines().filter(|l| l.contains(what)).collect::<Vec<_>>();
     let retries = lines("will retry");
     assert_eq!(retries.len(), 1, "{text}");

@@ -208,10 +208,7 @@ async fn a_lease_says_through_when_its_shard_is_read() {
         .unwrap();
     backend.stream.put_records(inputs("later", 1)).await.unwrap();
     // What the worker logs, from here on (the consumer is polled on this thread).
-    let logged = Logged::default();
-    let _logging = tracing::subscriber::set_default(
-        tracing_subscriber::fmt().with_writer(logged.clone()).with_ansi(false).finish(),
-    );
+    let (logged, _logging) = sluice_core::testing::Logged::on_this_thread();
     let mut later = backend.stream.consumer("w2").await.unwrap();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
@@ -225,31 +222,4 @@ async fn a_lease_says_through_when_its_shard_is_read() {
     }
     let said = logged.text();
     assert!(said.contains("ERROR") && said.contains("no worker read this shard"), "{said}");
-}
-
-/// A log written to memory.
-#[derive(Clone, Default)]
-struct Logged(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
-
-impl Logged {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
-    }
-}
-
-impl std::io::Write for Logged {
-    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(bytes);
-        Ok(bytes.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Logged {
-    type Writer = Logged;
-    fn make_writer(&'a self) -> Self::Writer {
-        self.clone()
-    }
 }

@@ -6,10 +6,12 @@
 //! watched so that it stops when the test process does. The Kinesis emulator and the local
 //! SageMaker XGBoost endpoint are found, or started, the same way. [`FaultProxy`] puts
 //! AWS's bad days (throttling, 5xx, latency, dropped connections) between a test and the stand-in.
-//! [`images`] makes the small images tests feed the image stages.
+//! [`images`] makes the small images tests feed the image stages; [`Logged`] keeps what a test logs.
 
 mod fault_proxy;
 pub mod images;
+mod logged;
+pub use logged::Logged;
 
 pub use fault_proxy::{FaultCounts, FaultProxy, FaultRates};
 
