@@ -92,7 +92,8 @@ pub(super) struct LeaseCoordinator {
     lost: Vec<String>,
     /// When [`Self::rebalance`] next reads the table.
     next_scan: Instant,
-    /// Held shard → its [`READ_THROUGH`] time, to write with its next checkpoint or renewal.
+    /// Held shard → its [`READ_THROUGH`] time, to write with its next checkpoint or renewal
+    /// (forgotten when a lease is taken: only a held lease is written).
     read_through: HashMap<String, u64>,
 }
 
@@ -146,7 +147,6 @@ impl LeaseCoordinator {
     /// `shard` is no longer held: taken by another worker, or a write of ours refused.
     fn lose(&mut self, shard: &str) {
         self.held.remove(shard);
-        self.read_through.remove(shard);
         self.lost.push(shard.to_owned());
         self.scan_soon();
     }
@@ -334,6 +334,9 @@ impl LeaseCoordinator {
             Ok(_) => {
                 tracing::info!(shard = lease.shard, previous = ?lease.owner, "lease taken");
                 self.held.insert(lease.shard.clone(), (next, Instant::now()));
+                // What this worker knew of the shard before it last let it go is not so now:
+                // another may have read it further since.
+                self.read_through.remove(&lease.shard);
                 Ok(true)
             }
             Err(e) if error_code(&e) == Some("ConditionalCheckFailedException") => Ok(false),
@@ -412,7 +415,6 @@ impl LeaseCoordinator {
             Ok(_) => {
                 if checkpoint == SHARD_END {
                     self.held.remove(shard);
-                    self.read_through.remove(shard);
                     // Its children may be taken now.
                     self.scan_soon();
                 } else {
