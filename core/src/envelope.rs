@@ -253,6 +253,22 @@ struct WireEnvelope {
     timestamps: StageTimes,
 }
 
+impl WireEnvelope {
+    /// The envelope, its record id and content type checked.
+    fn into_envelope(self) -> Result<Envelope> {
+        Ok(Envelope {
+            schema_version: self.schema_version,
+            record_id: RecordId::parse(self.record_id)?,
+            source: self.source,
+            content_type: ContentType::parse(&self.content_type)?,
+            payload: self.payload,
+            attributes: self.attributes,
+            trace: self.trace,
+            timestamps: self.timestamps,
+        })
+    }
+}
+
 impl Envelope {
     /// A new envelope with an inline payload, stamped as produced now.
     pub fn inline(record_id: RecordId, source: &str, content_type: ContentType, data: Vec<u8>) -> Self {
@@ -304,16 +320,7 @@ impl Envelope {
         }
         let wire: WireEnvelope = serde_json::from_value(value)
             .map_err(|e| SluiceError::permanent(ReasonCode::SchemaMismatch, format!("envelope: {e}")))?;
-        Ok(Self {
-            schema_version: wire.schema_version,
-            record_id: RecordId::parse(wire.record_id)?,
-            source: wire.source,
-            content_type: ContentType::parse(&wire.content_type)?,
-            payload: wire.payload,
-            attributes: wire.attributes,
-            trace: wire.trace,
-            timestamps: wire.timestamps,
-        })
+        wire.into_envelope()
     }
 
     pub fn to_json(&self) -> Vec<u8> {
@@ -326,24 +333,7 @@ impl Envelope {
     /// [`from_value`](Self::from_value) then says what is wrong.
     pub fn from_producer(bytes: &[u8]) -> std::result::Result<Option<Self>, serde_json::Error> {
         let wire: WireEnvelope = serde_json::from_slice(bytes)?;
-        if wire.schema_version != SCHEMA_VERSION {
-            return Ok(None);
-        }
-        let (Ok(record_id), Ok(content_type)) =
-            (RecordId::parse(wire.record_id), ContentType::parse(&wire.content_type))
-        else {
-            return Ok(None);
-        };
-        Ok(Some(Self {
-            schema_version: wire.schema_version,
-            record_id,
-            source: wire.source,
-            content_type,
-            payload: wire.payload,
-            attributes: wire.attributes,
-            trace: wire.trace,
-            timestamps: wire.timestamps,
-        }))
+        Ok(Some(wire).filter(|w| w.schema_version == SCHEMA_VERSION).and_then(|w| w.into_envelope().ok()))
     }
 
     /// Decodes an envelope that a sluice stage wrote onto a queue. A rolling upgrade runs two
@@ -352,31 +342,35 @@ impl Envelope {
     /// this worker keeps receiving is dead-lettered at its last receive, as
     /// `unsupported_schema_version`, for the newer build to replay).
     pub fn from_json(bytes: &[u8]) -> Result<Self> {
-        match serde_json::from_slice::<Self>(bytes) {
-            Ok(envelope) if envelope.schema_version <= SCHEMA_VERSION => Ok(envelope),
-            Ok(envelope) => Err(newer_schema(u64::from(envelope.schema_version))),
-            Err(e) => Err(match schema_version_of(bytes) {
-                Some(version) if version > u64::from(SCHEMA_VERSION) => newer_schema(version),
-                _ => SluiceError::permanent(ReasonCode::MalformedMessage, format!("envelope: {e}")),
-            }),
-        }
+        let envelope: Self = serde_json::from_slice(bytes).map_err(|e| unread(bytes, "envelope", &e))?;
+        readable(envelope.schema_version)?;
+        Ok(envelope)
     }
 }
 
-/// The `schema_version` a message's envelope says, where one can be read: at its top, or, in an
-/// inferred record, under `envelope`.
-pub(crate) fn schema_version_of(bytes: &[u8]) -> Option<u64> {
+/// Why a queue message (`what`) did not read as this build reads one: written by a newer build
+/// (its envelope's schema version, at its top or under `envelope`, is past this build's), or
+/// malformed.
+pub(crate) fn unread(bytes: &[u8], what: &str, error: &serde_json::Error) -> SluiceError {
     #[derive(Deserialize)]
     struct Versioned {
         schema_version: Option<u64>,
         envelope: Option<Box<Versioned>>,
     }
-    let read: Versioned = serde_json::from_slice(bytes).ok()?;
-    read.schema_version.or_else(|| read.envelope?.schema_version)
+    let read = serde_json::from_slice::<Versioned>(bytes).ok();
+    match read.and_then(|read| read.schema_version.or_else(|| read.envelope?.schema_version)) {
+        Some(version) if version > u64::from(SCHEMA_VERSION) => newer_schema(version),
+        _ => SluiceError::permanent(ReasonCode::MalformedMessage, format!("{what}: {error}")),
+    }
+}
+
+/// A queue message's envelope of `version`, read: refused when a newer build wrote it.
+pub(crate) fn readable(version: u32) -> Result<()> {
+    if version > SCHEMA_VERSION { Err(newer_schema(u64::from(version))) } else { Ok(()) }
 }
 
 /// A message of a newer build than this one: left (retryable) for a worker of that build.
-pub(crate) fn newer_schema(version: u64) -> SluiceError {
+fn newer_schema(version: u64) -> SluiceError {
     SluiceError::retryable(
         ReasonCode::UnsupportedSchemaVersion,
         format!(

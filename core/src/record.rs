@@ -36,15 +36,8 @@ impl InferredRecord {
     /// A newer build's record is treated as [`Envelope::from_json`] treats its envelope.
     pub fn from_json(bytes: &[u8]) -> Result<Self> {
         let record: Self =
-            serde_json::from_slice(bytes).map_err(|e| match crate::envelope::schema_version_of(bytes) {
-                Some(version) if version > u64::from(crate::envelope::SCHEMA_VERSION) => {
-                    crate::envelope::newer_schema(version)
-                }
-                _ => SluiceError::permanent(ReasonCode::MalformedMessage, format!("inferred record: {e}")),
-            })?;
-        if record.envelope.schema_version > crate::envelope::SCHEMA_VERSION {
-            return Err(crate::envelope::newer_schema(u64::from(record.envelope.schema_version)));
-        }
+            serde_json::from_slice(bytes).map_err(|e| crate::envelope::unread(bytes, "inferred record", &e))?;
+        crate::envelope::readable(record.envelope.schema_version)?;
         if let Some(bad) = record.prediction.probabilities.iter().find(|p| !p.is_finite()) {
             return Err(SluiceError::permanent(
                 ReasonCode::MalformedMessage,
